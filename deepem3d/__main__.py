@@ -1,0 +1,3 @@
+from deepem3d.cli.main import main
+
+main()

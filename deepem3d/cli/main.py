@@ -1,0 +1,51 @@
+"""The `deepem3d` command group.
+
+Expected mistakes (InputError, click usage errors) print one line and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+import deepem3d
+from deepem3d.cli.downsample import downsample
+from deepem3d.cli.evaluate import evaluate
+from deepem3d.cli.ingest import ingest
+from deepem3d.cli.queue import status, worker
+from deepem3d.cli.sample import sample
+from deepem3d.cli.view import view
+from deepem3d.errors import InputError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(deepem3d.__version__, prog_name="deepem3d")
+def cli() -> None:
+    """DeepEM3D neuron segmentation of EM volumes, as queue tasks over precomputed layers."""
+
+
+for command in (sample, ingest, worker, status, downsample, evaluate, view):
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors with exit status 2 for expected mistakes."""
+    try:
+        rv = cli.main(args=argv, prog_name="deepem3d", standalone_mode=False)
+    except InputError as err:
+        click.echo(f"deepem3d: error: {err}", err=True)
+        sys.exit(2)
+    except click.UsageError as err:
+        click.echo(f"deepem3d: error: {err.format_message()}", err=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        click.echo(f"deepem3d: error: {err.format_message()}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,143 @@
+"""Precomputed layers through CloudVolume: open, create, check, and record provenance.
+
+Everything that touches a layer's info file goes through here, so the conventions of
+DESIGN.md (dtypes, encodings, mesh/skeleton directories, provenance) live in one place.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import platform
+import socket
+import time
+from collections.abc import Sequence
+
+from cloudfiles import CloudFiles
+from cloudvolume import CloudVolume
+from cloudvolume.exceptions import InfoUnavailableError
+
+import deepem3d
+from deepem3d.errors import InputError
+
+IMAGE_DTYPES = ("uint8", "uint16", "uint32", "float32")
+SEGMENTATION_DTYPES = ("uint32", "uint64")
+DEFAULT_ENCODING = {"image": "raw", "segmentation": "compressed_segmentation"}
+
+
+def cloudpath(path: str) -> str:
+    """A CloudVolume path: plain local paths become absolute file:// paths."""
+    if "://" in path:
+        return path
+    return "file://" + os.path.abspath(os.path.expanduser(path))
+
+
+def info_exists(path: str) -> bool:
+    return CloudFiles(cloudpath(path)).exists("info")
+
+
+def open_layer(path: str, mip: int = 0, **kwargs) -> CloudVolume:
+    """Open an existing layer, or fail with a one-line InputError that says what to do."""
+    path = cloudpath(path)
+    try:
+        return CloudVolume(path, mip=mip, progress=False, **kwargs)
+    except InfoUnavailableError:
+        raise InputError(
+            f"no precomputed layer at {path} (no info file): check the path, or create the "
+            "layer with `deepem3d ingest` or `deepem3d sample`"
+        ) from None
+    except ValueError as err:  # CloudVolume's "mip N not found"
+        raise InputError(f"cannot open {path} at mip {mip}: {err}") from None
+
+
+def layer_holds_data(path: str) -> bool:
+    """True when the layer has an info file and at least one chunk file at any scale."""
+    path = cloudpath(path)
+    cf = CloudFiles(path)
+    info = cf.get_json("info")
+    if info is None:
+        return False
+    for scale in info.get("scales", []):
+        prefix = scale["key"].rstrip("/") + "/"
+        if next(iter(cf.list(prefix=prefix)), None) is not None:
+            return True
+    return False
+
+
+def create_layer(
+    path: str,
+    *,
+    layer_type: str,
+    dtype: str,
+    resolution: Sequence[float],
+    size: Sequence[int],
+    voxel_offset: Sequence[int] = (0, 0, 0),
+    chunk_size: Sequence[int] = (128, 128, 16),
+    encoding: str | None = None,
+    num_channels: int = 1,
+    overwrite: bool = False,
+    provenance: dict | None = None,
+) -> CloudVolume:
+    """Write the info of a new layer and return it opened at mip 0.
+
+    Refuses (InputError) to touch a layer that already holds data unless `overwrite`.
+    Segmentation layers get `mesh` and `skeletons` directories so igneous and
+    Neuroglancer find them.
+    """
+    path = cloudpath(path)
+    if layer_type not in DEFAULT_ENCODING:
+        raise InputError(f"layer type must be image or segmentation, not {layer_type!r}")
+    allowed = IMAGE_DTYPES if layer_type == "image" else SEGMENTATION_DTYPES
+    if dtype not in allowed:
+        raise InputError(
+            f"a {layer_type} layer cannot hold {dtype}: use one of {', '.join(allowed)}"
+        )
+    encoding = encoding or DEFAULT_ENCODING[layer_type]
+    if encoding == "compressed_segmentation" and layer_type != "segmentation":
+        raise InputError("compressed_segmentation encoding is for segmentation layers only")
+    if not overwrite and layer_holds_data(path):
+        raise InputError(f"{path} already holds data: pass --overwrite to replace it")
+
+    info = CloudVolume.create_new_info(
+        num_channels=num_channels,
+        layer_type=layer_type,
+        data_type=dtype,
+        encoding=encoding,
+        resolution=[float(r) for r in resolution],
+        voxel_offset=[int(v) for v in voxel_offset],
+        volume_size=[int(s) for s in size],
+        chunk_size=[int(c) for c in chunk_size],
+        mesh="mesh" if layer_type == "segmentation" else None,
+        skeletons="skeletons" if layer_type == "segmentation" else None,
+    )
+    vol = CloudVolume(path, info=info, progress=False)
+    vol.commit_info()
+    if provenance is not None:
+        record_provenance(vol, provenance, replace=overwrite)
+    return vol
+
+
+def record_provenance(vol: CloudVolume, method: dict, replace: bool = False) -> None:
+    """Append what wrote the layer, and with which parameters, to its provenance file."""
+    if replace:
+        vol.provenance.processing = []
+    vol.provenance.processing.append(
+        {
+            "method": method,
+            "by": f"deepem3d {deepem3d.__version__}",
+            "user": _user(),
+            "host": socket.gethostname(),
+            "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
+    )
+    if not vol.provenance.description:
+        vol.provenance.description = "written by deepem3d"
+    vol.commit_provenance()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

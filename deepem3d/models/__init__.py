@@ -1,0 +1,1 @@
+"""The DeepEM3D network, its presets, training and checkpoints (see issue 4)."""

@@ -1,0 +1,1 @@
+"""Pure array algorithms: supervoxels, region graph, agglomeration, metrics. No I/O."""
