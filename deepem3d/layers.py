@@ -103,7 +103,7 @@ def create_layer(
         layer_type=layer_type,
         data_type=dtype,
         encoding=encoding,
-        resolution=[float(r) for r in resolution],
+        resolution=[_number(r) for r in resolution],
         voxel_offset=[int(v) for v in voxel_offset],
         volume_size=[int(s) for s in size],
         chunk_size=[int(c) for c in chunk_size],
@@ -134,6 +134,11 @@ def record_provenance(vol: CloudVolume, method: dict, replace: bool = False) -> 
     if not vol.provenance.description:
         vol.provenance.description = "written by deepem3d"
     vol.commit_provenance()
+
+
+def _number(value: float) -> int | float:
+    """4.0 -> 4 so scale keys read 4_4_50, as other tools write them."""
+    return int(value) if float(value).is_integer() else float(value)
 
 
 def _user() -> str:

@@ -1,9 +1,64 @@
-"""Placeholder: being written; replaced by the real command."""
+"""`deepem3d downsample LAYER`: add mip levels with igneous, as queue tasks."""
+
+from __future__ import annotations
 
 import click
+from cloudvolume.lib import Bbox
+
+from deepem3d.cli.options import (
+    dry_run_option,
+    parallel_option,
+    parse_bounds,
+    parse_triple,
+    queue_option,
+)
+from deepem3d.layers import cloudpath
+from deepem3d.queues import check_queue_url, run_stage
+from deepem3d.tasks.downsample import create_downsample_tasks, plan_downsample
 
 
 @click.command()
-def downsample() -> None:
-    """(not yet available)"""
-    raise click.ClickException("downsample is not available yet")
+@click.argument("layer")
+@queue_option
+@parallel_option
+@dry_run_option
+@click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Read this mip; write the levels above it.")
+@click.option("--num-mips", type=click.IntRange(min=1), default=None,
+              help="Mip levels to add (default: as many as one task's memory allows).")
+@click.option("--factor", default=None,
+              help="Downsampling factor per level, x,y,z (default 2,2,1 for anisotropic data).")
+@click.option("--bounds", default=None, help="x0,y0,z0,x1,y1,z1 at --mip (default: all).")
+@click.option("--memory", "memory_mb", type=click.IntRange(min=1), default=3500, show_default=True,
+              help="Memory target of one task in MB: larger tasks make more levels at once.")
+@click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros.")
+@click.option("--sparse", is_flag=True, help="Segmentation: ignore 0 when taking the mode.")
+def downsample(
+    layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip: int,
+    num_mips: int | None, factor: str | None, bounds: str | None, fill_missing: bool,
+    memory_mb: int, sparse: bool,
+) -> None:
+    """Add downsampled mip levels to LAYER (image or segmentation) with igneous tasks.
+
+    The data at --mip and below is left untouched. Each task writes a completion marker under
+    LAYER/tasks/downsample-mipN/; a re-run skips finished tasks.
+    """
+    if queue is not None:
+        check_queue_url(queue)
+    region = parse_bounds(bounds)
+    plan = plan_downsample(
+        cloudpath(layer),
+        mip=mip,
+        num_mips=num_mips,
+        factor=parse_triple(factor, "--factor", int) if factor else None,
+        bounds=Bbox(*region) if region else None,
+        memory_target=memory_mb * 10**6,
+    )
+    click.echo(plan.describe())
+    if dry_run:
+        return
+    stage, tasks = create_downsample_tasks(plan, fill_missing=fill_missing, sparse=sparse)
+    if not tasks:
+        click.echo(f"stage {stage.name} already complete: nothing to do")
+        return
+    click.echo(run_stage(stage, [t for _, t in tasks], queue=queue, parallel=parallel))

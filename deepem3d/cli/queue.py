@@ -1,13 +1,100 @@
-"""Placeholder: being written."""
+"""`deepem3d worker QUEUE` and `deepem3d status QUEUE`."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
 
 import click
+from tqdm import tqdm
+
+from deepem3d.errors import InputError
+from deepem3d.queues import open_queue, queue_counts
 
 
 @click.command()
-def worker() -> None:
-    """(not yet available)"""
+@click.argument("queue")
+@click.option(
+    "--lease-seconds", type=click.IntRange(min=1), default=600, show_default=True,
+    help="Lease per task; renewed in the background while a task runs.",
+)
+@click.option("--exit-when-empty", is_flag=True, help="Exit once the queue holds no task.")
+@click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Exit after N tasks.")
+@click.option(
+    "--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
+    help="fq:// only: move a task leased more often than this to DIR/failed/.",
+)
+@click.option(
+    "--import", "imports", multiple=True, metavar="MODULE",
+    help="Also import MODULE, which registers tasks of your own (repeatable).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
+def worker(
+    queue: str, lease_seconds: int, exit_when_empty: bool, max_tasks: int | None,
+    max_attempts: int, imports: tuple[str, ...], quiet: bool,
+) -> None:
+    """Execute tasks from QUEUE (fq://DIR or sqs://NAME) until stopped.
+
+    SIGTERM or Ctrl-C: the task at hand is finished and deleted, then the worker exits 0.
+    Exit status 1 if any task raised.
+    """
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    from deepem3d.worker import Worker  # imports every task module: only workers need that
+
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise InputError(f"--import {module}: {err}") from None
+
+    report = Worker(
+        queue, lease_seconds=lease_seconds, exit_when_empty=exit_when_empty,
+        max_tasks=max_tasks, max_attempts=max_attempts,
+    ).run()
+    logging.getLogger("deepem3d.worker").info(
+        "exiting: %d task(s) executed, %d error(s), %d given up%s",
+        report.executed, report.errors, report.given_up,
+        " (stopped by signal)" if report.stopped_by_signal else "",
+    )
+    if report.errors or report.given_up:
+        sys.exit(1)
+
+
+def _show(value: int | None) -> str:
+    return "n/a" if value is None else str(value)
 
 
 @click.command()
-def status() -> None:
-    """(not yet available)"""
+@click.argument("queue")
+@click.option("--watch", is_flag=True, help="Show a progress bar until the queue is empty.")
+@click.option(
+    "--interval", type=float, default=2.0, show_default=True, help="Seconds between polls."
+)
+def status(queue: str, watch: bool, interval: float) -> None:
+    """Show inserted / enqueued / leased / completed for QUEUE.
+
+    SQS keeps no inserted or completed counts and its enqueued count is approximate: whether
+    a stage is finished is decided by its tasks' completion markers, not by this.
+    """
+    tq = open_queue(queue)
+    counts = queue_counts(tq)
+    click.echo(
+        f"inserted: {_show(counts.inserted)}  enqueued: {counts.enqueued}  "
+        f"leased: {counts.leased}  completed: {_show(counts.completed)}"
+    )
+    if not watch:
+        return
+    total = counts.inserted if counts.inserted else counts.enqueued
+    with tqdm(total=total, desc="tasks done", file=sys.stderr) as bar:
+        while True:
+            counts = queue_counts(tq)
+            bar.update(max(0, total - counts.enqueued) - bar.n)
+            if counts.enqueued == 0:
+                break
+            time.sleep(interval)

@@ -1,9 +1,58 @@
-"""Placeholder: being written; replaced by the real command."""
+"""`deepem3d view LAYER...`: look at layers in Neuroglancer, offline, until Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
 
 import click
 
 
 @click.command()
-def view() -> None:
-    """(not yet available)"""
-    raise click.ClickException("view is not available yet")
+@click.argument("layers", nargs=-1, required=True, metavar="LAYER [LAYER...]")
+@click.option("--bind-address", default="127.0.0.1", show_default=True,
+              help="Address both servers listen on (0.0.0.0: reachable from other machines).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0,
+              help="Port of the Neuroglancer viewer, the URL to open (default: a free one).")
+@click.option("--data-port", type=click.IntRange(0, 65535), default=0,
+              help="Port of the file server of local layers (default: a free one).")
+@click.option("--layout", type=click.Choice(["4panel", "xy", "xz", "yz", "3d", "xy-3d"]),
+              default=None, help="Neuroglancer panel layout (default: 4panel).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Log every request to the local layers' file server on stderr.")
+def view(
+    layers: tuple[str, ...], bind_address: str, port: int, data_port: int,
+    layout: str | None, verbose: bool,
+) -> None:
+    """Open LAYERs (local paths, file://, gs://, s3://, http(s)://) in Neuroglancer.
+
+    Prints the viewer's URL and serves until Ctrl-C or SIGTERM. Local layers are served
+    read-only by a small file server; remote ones are fetched by the browser itself.
+    Image layers show as grey (three channels as RGB), segmentation layers in colour.
+    """
+    from deepem3d.viewer import serve
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    session = serve(
+        layers, bind_address=bind_address, port=port, data_port=data_port, layout=layout,
+        log=log if verbose else None,
+    )
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        for layer in session.layers:
+            click.echo(f"{layer.kind:<12} {layer.name}: {layer.path}", err=True)
+        click.echo(f"Neuroglancer: {session.url}")
+        sys.stdout.flush()
+        click.echo("serving until Ctrl-C", err=True)
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        session.stop()
+    click.echo("viewer stopped", err=True)

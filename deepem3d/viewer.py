@@ -1,0 +1,501 @@
+"""Look at layers in Neuroglancer, offline: the bundled client plus a small file server.
+
+`serve(layers)` starts the Neuroglancer viewer of the `neuroglancer` Python package (it
+bundles the client, so nothing is fetched from the internet) with one Neuroglancer layer per
+precomputed layer. Remote layers (gs://, s3://, http(s)://) are handed to Neuroglancer as
+``precomputed://`` sources that the browser fetches itself. Local layers (file:// or plain
+paths) are served read-only by `LayerFileServer`, a threaded HTTP server on the same bind
+address: CloudVolume stores their chunks gzipped as ``NAME.gz`` while Neuroglancer asks for
+``NAME``, so such files go out as they are with ``Content-Encoding: gzip`` (``br`` for
+``.br``), with CORS headers; anything else is a 404.
+
+Nothing here starts at import time; `ViewerSession.stop()` shuts both servers down.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import os
+import posixpath
+import re
+import shutil
+import socket
+import threading
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from deepem3d.errors import InputError
+
+REMOTE_SCHEMES = ("gs://", "s3://", "http://", "https://")
+ENCODINGS = (("gzip", ".gz"), ("br", ".br"))  # (Content-Encoding, file suffix)
+LAYOUTS = ("4panel", "xy", "xz", "yz", "3d", "xy-3d", "xz-3d", "yz-3d")
+
+# Three channels (affinities x, y, z; or any RGB-like map) as red, green, blue.
+RGB_SHADER = """\
+void main() {
+  emitRGB(vec3(toNormalized(getDataValue(0)),
+               toNormalized(getDataValue(1)),
+               toNormalized(getDataValue(2))));
+}
+"""
+
+
+# --------------------------------------------------------------------------- file server
+
+
+def _decompress(data: bytes, encoding: str) -> bytes | None:
+    """The identity bytes of an encoded file, or None where no decoder is installed."""
+    if encoding == "gzip":
+        return gzip.decompress(data)
+    try:
+        import brotli
+    except ImportError:
+        return None
+    return brotli.decompress(data)
+
+
+def _accepts(accept_encoding: str | None, encoding: str) -> bool:
+    """Whether an Accept-Encoding header admits `encoding` (no header admits anything)."""
+    if accept_encoding is None:
+        return True
+    for item in accept_encoding.split(","):
+        token, _, params = item.strip().partition(";")
+        if token.strip().lower() in (encoding, "*"):
+            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """A single `bytes=a-b` range as (start, end exclusive); None when unsatisfiable."""
+    match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.groups()
+    if first == "":  # the last N bytes
+        start, end = max(0, size - int(last)), size
+    else:
+        start = int(first)
+        end = size if last == "" else min(size, int(last) + 1)
+    if start >= end:
+        return None
+    return start, end
+
+
+class _LayerRequestHandler(http.server.BaseHTTPRequestHandler):
+    server: _LayerHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "deepem3d-layers"
+
+    # -- HTTP verbs -------------------------------------------------------------------------
+
+    def do_OPTIONS(self) -> None:
+        self.send_response(204)
+        self._cors()
+        self.send_header("Access-Control-Max-Age", "86400")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def _method_not_allowed(self) -> None:
+        self._error(405, "only GET, HEAD and OPTIONS", extra={"Allow": "GET, HEAD, OPTIONS"})
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = _method_not_allowed
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def log_message(self, format: str, *args) -> None:
+        log = self.server.log
+        if log is not None:
+            log(f"{self.address_string()} - {format % args}")
+
+    def _cors(self) -> None:
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Range, Content-Type")
+        self.send_header(
+            "Access-Control-Expose-Headers",
+            "Content-Length, Content-Range, Content-Encoding, Accept-Ranges",
+        )
+
+    def _error(self, status: int, message: str, extra: Mapping[str, str] | None = None) -> None:
+        body = f"{status} {message}\n".encode()
+        self.send_response(status)
+        self._cors()
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _resolve(self) -> tuple[str | None, str | None, int]:
+        """(file, content encoding, 200) for the file a request names, else (None, None, status).
+
+        The plain name wins; otherwise NAME.gz or NAME.br, sent with their encoding.
+        """
+        path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        parts = path.split("/")[1:]
+        if any(part in ("..", ".") or "\\" in part or "\0" in part for part in parts):
+            return None, None, 403
+        if len(parts) < 2 or not all(parts):
+            return None, None, 404
+        root = self.server.roots.get(parts[0])
+        if root is None:
+            return None, None, 404
+        plain = os.path.join(root, *parts[1:])
+        for encoding, suffix in ((None, ""), *ENCODINGS):
+            target = os.path.realpath(plain + suffix)
+            if os.path.commonpath([root, target]) != root:
+                return None, None, 403  # e.g. a link that points out of the layer
+            if os.path.isfile(target):
+                return target, encoding, 200
+        return None, None, 404
+
+    def _serve(self, body: bool) -> None:
+        target, encoding, status = self._resolve()
+        if target is None:
+            self._error(status, "forbidden" if status == 403 else "not found")
+            return
+        try:
+            with open(target, "rb") as f:
+                if encoding is None:
+                    self._send_file(f, body)
+                else:
+                    self._send_encoded(f.read(), encoding, body)
+        except OSError:
+            self._error(404, "not found")
+
+    def _headers(self, status: int, length: int, extra: Mapping[str, str]) -> None:
+        self.send_response(status)
+        self._cors()
+        is_info = posixpath.basename(urllib.parse.urlsplit(self.path).path) == "info"
+        self.send_header(
+            "Content-Type", "application/json" if is_info else "application/octet-stream"
+        )
+        self.send_header("Content-Length", str(length))
+        self.send_header("Cache-Control", "no-cache")  # layers change while a run writes them
+        for key, value in extra.items():
+            self.send_header(key, value)
+        self.end_headers()
+
+    def _send_file(self, f, body: bool) -> None:
+        size = os.fstat(f.fileno()).st_size
+        requested = self.headers.get("Range")
+        if requested is None:
+            self._headers(200, size, {"Accept-Ranges": "bytes"})
+            if body:
+                shutil.copyfileobj(f, self.wfile)
+            return
+        span = _parse_range(requested, size)
+        if span is None:
+            self._error(416, "range not satisfiable", extra={"Content-Range": f"bytes */{size}"})
+            return
+        start, end = span
+        self._headers(
+            206,
+            end - start,
+            {"Accept-Ranges": "bytes", "Content-Range": f"bytes {start}-{end - 1}/{size}"},
+        )
+        if body:
+            f.seek(start)
+            self.wfile.write(f.read(end - start))
+
+    def _send_encoded(self, data: bytes, encoding: str, body: bool) -> None:
+        requested = self.headers.get("Range")
+        wants_identity = requested is not None or not _accepts(
+            self.headers.get("Accept-Encoding"), encoding
+        )
+        plain = _decompress(data, encoding) if wants_identity else None
+        if plain is None:  # the client takes the stored bytes (or we cannot decode them)
+            self._headers(200, len(data), {"Content-Encoding": encoding, "Vary": "Accept-Encoding"})
+            if body:
+                self.wfile.write(data)
+            return
+        if requested is None:
+            self._headers(200, len(plain), {"Vary": "Accept-Encoding"})
+            if body:
+                self.wfile.write(plain)
+            return
+        span = _parse_range(requested, len(plain))
+        if span is None:
+            self._error(
+                416, "range not satisfiable", extra={"Content-Range": f"bytes */{len(plain)}"}
+            )
+            return
+        start, end = span
+        self._headers(206, end - start, {"Content-Range": f"bytes {start}-{end - 1}/{len(plain)}"})
+        if body:
+            self.wfile.write(plain[start:end])
+
+
+class _LayerHTTPServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    roots: dict[str, str]
+    log: Callable[[str], None] | None
+
+
+class _LayerHTTPServer6(_LayerHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def _host_for_url(bind_address: str) -> str:
+    """The host part a browser should use to reach a server bound to `bind_address`."""
+    if bind_address in ("0.0.0.0", "::", ""):
+        return socket.getfqdn()  # as neuroglancer does for its own URL
+    if ":" in bind_address:
+        return f"[{bind_address}]"
+    return bind_address
+
+
+class LayerFileServer:
+    """Serves local layer directories read-only over HTTP, one URL prefix per layer.
+
+    `roots` maps a URL-safe name to a directory: ``GET /NAME/PATH`` answers the file
+    ``DIR/PATH``, or ``DIR/PATH.gz`` / ``DIR/PATH.br`` with its Content-Encoding. Only GET,
+    HEAD and OPTIONS; no directory listings; no path above a root; CORS on every answer.
+    `log`, when given, receives one access-log line per request.
+    """
+
+    def __init__(
+        self,
+        roots: Mapping[str, str],
+        bind_address: str = "127.0.0.1",
+        port: int = 0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        for name in roots:
+            if not name or "/" in name or name in (".", ".."):
+                raise ValueError(f"not a URL-safe layer name: {name!r}")
+        server_class = _LayerHTTPServer6 if ":" in bind_address else _LayerHTTPServer
+        try:
+            self._httpd = server_class((bind_address, port), _LayerRequestHandler)
+        except OSError as err:
+            raise InputError(
+                f"cannot serve layers on {bind_address}:{port} ({err.strerror}): "
+                "pick another --data-port or --bind-address"
+            ) from None
+        self._httpd.roots = {name: os.path.realpath(path) for name, path in roots.items()}
+        self._httpd.log = log
+        self.port: int = self._httpd.server_address[1]
+        self.url = f"http://{_host_for_url(bind_address)}:{self.port}"
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="deepem3d-layer-server",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def layer_url(self, name: str) -> str:
+        return f"{self.url}/{urllib.parse.quote(name)}"
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+            self._thread.join(timeout=10)
+        self._httpd.server_close()
+
+    def __enter__(self) -> LayerFileServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class ViewedLayer:
+    """One layer as the viewer shows it."""
+
+    name: str  # the Neuroglancer layer name (and URL prefix of a local layer)
+    path: str  # the CloudVolume path it came from
+    kind: str  # "image" or "segmentation", from the info's `type`
+    source: str  # the Neuroglancer source URL (precomputed://...)
+    num_channels: int
+    resolution: tuple[float, float, float]  # nm, mip 0
+    center: tuple[float, float, float]  # voxels, mip 0
+    local_dir: str | None = None
+
+
+def _local_dir(path: str) -> str | None:
+    """The directory of a local layer path (file:// or plain), None for a remote one."""
+    if path.startswith("file://"):
+        return os.path.abspath(os.path.expanduser(path[len("file://") :]))
+    if "://" in path:
+        return None
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _base_name(path: str) -> str:
+    tail = path.split("://", 1)[-1].rstrip("/")
+    name = posixpath.basename(tail) or "layer"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".") or "layer"
+    return name
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _describe(path: str, name: str) -> dict:
+    """Read a layer's info (InputError when it is missing) and what the viewer needs of it."""
+    from deepem3d.layers import open_layer
+
+    local = _local_dir(path)
+    if local is not None and not os.path.isdir(local):
+        raise InputError(f"no layer directory at {local}: check the path")
+    if local is None and not path.startswith(REMOTE_SCHEMES):
+        scheme = path.split("://", 1)[0]
+        raise InputError(
+            f"cannot view {path}: {scheme}:// is not supported; use a local path, file://, "
+            "gs://, s3://, http:// or https://"
+        )
+    vol = open_layer(path)
+    kind = "segmentation" if vol.info.get("type") == "segmentation" else "image"
+    offset = [float(v) for v in vol.voxel_offset]
+    size = [float(s) for s in vol.volume_size]
+    return {
+        "name": name,
+        "path": vol.cloudpath if local is None else "file://" + local,
+        "kind": kind,
+        "num_channels": int(vol.num_channels),
+        "resolution": tuple(float(r) for r in vol.resolution),
+        "center": tuple(o + s / 2 for o, s in zip(offset, size)),
+        "local_dir": local,
+    }
+
+
+def describe_layers(paths: Sequence[str]) -> list[dict]:
+    """Check every layer and give each a unique name (from its directory name)."""
+    if not paths:
+        raise InputError("name at least one layer to view")
+    taken: set[str] = set()
+    described = []
+    for path in paths:
+        path = path.removeprefix("precomputed://")
+        described.append(_describe(path, _unique(_base_name(path), taken)))
+    return described
+
+
+# --------------------------------------------------------------------------- viewer
+
+
+@dataclass
+class ViewerSession:
+    """A running viewer: open `url` in a browser; `stop()` ends it."""
+
+    url: str
+    layers: list[ViewedLayer]
+    data_url: str | None = None  # the file server of the local layers, if any
+    viewer: object = field(default=None, repr=False)  # the neuroglancer.Viewer
+    _file_server: LayerFileServer | None = field(default=None, repr=False)
+    _stop_neuroglancer: bool = field(default=False, repr=False)
+
+    def stop(self) -> None:
+        if self._file_server is not None:
+            self._file_server.stop()
+            self._file_server = None
+        if self._stop_neuroglancer:
+            import neuroglancer
+
+            neuroglancer.stop()
+            self._stop_neuroglancer = False
+
+    def __enter__(self) -> ViewerSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(
+    layers: Sequence[str],
+    bind_address: str = "127.0.0.1",
+    port: int = 0,
+    data_port: int = 0,
+    layout: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ViewerSession:
+    """Start Neuroglancer showing `layers`; return the session (its `.url` to open).
+
+    `port` is the Neuroglancer viewer's port, `data_port` the local layers' file server's;
+    0 picks a free one. Both listen on `bind_address` (use 0.0.0.0 to reach them from other
+    machines). The view is centred on the first layer, in nm at its mip-0 resolution.
+    `log` receives the file server's access log, one line per request.
+    Raises InputError for a missing layer or a port that cannot be bound.
+    """
+    if layout is not None and layout not in LAYOUTS:
+        raise InputError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    described = describe_layers(layers)
+    roots = {d["name"]: d["local_dir"] for d in described if d["local_dir"] is not None}
+    file_server = LayerFileServer(roots, bind_address, data_port, log) if roots else None
+
+    viewed = []
+    for d in described:
+        if d["local_dir"] is not None:
+            source = "precomputed://" + file_server.layer_url(d["name"])
+        else:
+            source = "precomputed://" + d["path"]
+        viewed.append(ViewedLayer(source=source, **d))
+
+    try:
+        import neuroglancer
+
+        started_here = not neuroglancer.server.is_server_running()
+        if started_here:
+            neuroglancer.set_server_bind_address(bind_address, bind_port=port)
+        try:
+            viewer = neuroglancer.Viewer()
+        except OSError as err:
+            raise InputError(
+                f"cannot start Neuroglancer on {bind_address}:{port} ({err.strerror}): "
+                "pick another --port or --bind-address"
+            ) from None
+        _show(neuroglancer, viewer, viewed, layout)
+        url = viewer.get_viewer_url()
+    except BaseException:
+        if file_server is not None:
+            file_server.stop()
+        raise
+    return ViewerSession(
+        url=url,
+        layers=viewed,
+        data_url=file_server.url if file_server is not None else None,
+        viewer=viewer,
+        _file_server=file_server,
+        _stop_neuroglancer=started_here,
+    )
+
+
+def _show(neuroglancer, viewer, viewed: Sequence[ViewedLayer], layout: str | None) -> None:
+    first = viewed[0]
+    with viewer.txn() as s:
+        s.dimensions = neuroglancer.CoordinateSpace(
+            names=["x", "y", "z"], units="nm", scales=list(first.resolution)
+        )
+        s.position = list(first.center)
+        for layer in viewed:
+            if layer.kind == "segmentation":
+                s.layers[layer.name] = neuroglancer.SegmentationLayer(source=layer.source)
+            elif layer.num_channels == 3:
+                s.layers[layer.name] = neuroglancer.ImageLayer(
+                    source=layer.source, shader=RGB_SHADER
+                )
+            else:
+                s.layers[layer.name] = neuroglancer.ImageLayer(source=layer.source)
+        if layout is not None:
+            s.layout = layout

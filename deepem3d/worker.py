@@ -1,0 +1,190 @@
+"""The worker loop: lease a task, keep its lease alive, run it, delete it; stop cleanly.
+
+taskqueue's own `poll` neither handles SIGTERM nor renews leases nor counts attempts; this
+loop does all three:
+
+- SIGTERM (what Kubernetes sends) or Ctrl-C: finish the task at hand, delete it, exit 0.
+  A second Ctrl-C stops at once; the unfinished task comes back when its lease expires.
+- A background thread renews the lease of a long task every third of the lease time, so a
+  task that outlives its lease is not handed to a second worker.
+- On fq:// queues, leases are counted per task; a task leased more than `max_attempts` times
+  is moved to DIR/failed/ instead of coming back forever. On SQS, give the queue a redrive
+  policy (a dead-letter queue) for the same effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import orjson
+from taskqueue import QueueEmptyError
+
+import deepem3d.tasks  # noqa: F401  (registers every deepem3d task and the igneous ones)
+from deepem3d.queues import open_queue
+
+log = logging.getLogger("deepem3d.worker")
+
+
+@dataclass
+class WorkerReport:
+    executed: int = 0
+    errors: int = 0
+    given_up: int = 0
+    stopped_by_signal: bool = False
+
+
+class _LeaseKeeper:
+    """Renews a task's lease in the background until stopped."""
+
+    def __init__(self, queue, task, seconds: int):
+        self._queue, self._task, self._seconds = queue, task, seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = max(1.0, self._seconds / 3)
+        while not self._stop.wait(interval):
+            try:
+                self._queue.renew(self._task, self._seconds)
+            except Exception as err:  # a failed renewal must not kill the task
+                log.warning("could not renew the lease of task %s: %s", self._task.id, err)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Worker:
+    """Drains one queue. `run()` returns a WorkerReport."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease_seconds: int = 600,
+        exit_when_empty: bool = False,
+        max_tasks: int | None = None,
+        max_attempts: int = 5,
+        poll_seconds: float = 1.0,
+    ):
+        self.url = url
+        self.queue = open_queue(url)
+        self.lease_seconds = int(lease_seconds)
+        self.exit_when_empty = exit_when_empty
+        self.max_tasks = max_tasks
+        self.max_attempts = max_attempts
+        self.poll_seconds = poll_seconds
+        self.stop_requested = threading.Event()
+        self._file_queue_dir = url[len("fq://"):] if url.startswith("fq://") else None
+
+    # signals -------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_requested.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.info("received %s: stopping after the current task", signal.Signals(signum).name)
+        self.stop_requested.set()
+
+    def _install_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, self._on_signal)
+        return previous
+
+    # fq:// attempt accounting -------------------------------------------------------
+    def _attempts_path(self, task) -> str | None:
+        if self._file_queue_dir is None:
+            return None
+        return os.path.join(self._file_queue_dir, "attempts", str(task.id))
+
+    def _count_attempt(self, task) -> int:
+        path = self._attempts_path(task)
+        if path is None:
+            return 1
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab") as f:
+            f.write(b".")
+        return os.path.getsize(path)
+
+    def _forget_attempts(self, task) -> None:
+        path = self._attempts_path(task)
+        if path is not None:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+
+    def _give_up(self, task, attempts: int) -> None:
+        failed_dir = os.path.join(self._file_queue_dir, "failed")
+        os.makedirs(failed_dir, exist_ok=True)
+        with open(os.path.join(failed_dir, f"{task.id}.json"), "wb") as f:
+            f.write(orjson.dumps(task.payload(), option=orjson.OPT_SERIALIZE_NUMPY))
+        self.queue.delete(task)
+        self._forget_attempts(task)
+        log.error(
+            "task %s failed %d times: moved to %s", task.id, attempts - 1, failed_dir
+        )
+
+    # the loop -----------------------------------------------------------------------
+    def _lease(self):
+        wait = 0 if self._file_queue_dir is not None else 2
+        return self.queue.lease(seconds=self.lease_seconds, wait_sec=wait)
+
+    def run(self) -> WorkerReport:
+        report = WorkerReport()
+        previous = self._install_handlers()
+        idle = 0
+        try:
+            while not self.stop_requested.is_set():
+                if self.max_tasks is not None and report.executed >= self.max_tasks:
+                    break
+                try:
+                    task = self._lease()
+                except QueueEmptyError:
+                    if self.exit_when_empty and self.queue.enqueued == 0:
+                        break
+                    idle += 1
+                    self.stop_requested.wait(min(10.0, self.poll_seconds * idle))
+                    continue
+                idle = 0
+                self._execute(task, report)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        report.stopped_by_signal = self.stop_requested.is_set()
+        return report
+
+    def _execute(self, task, report: WorkerReport) -> None:
+        attempts = self._count_attempt(task)
+        if attempts > self.max_attempts:
+            self._give_up(task, attempts)
+            report.given_up += 1
+            return
+        name = ".".join(task.key) if hasattr(task, "key") else type(task).__name__
+        log.info("running task %s (%s, attempt %d)", task.id, name, attempts)
+        start = time.time()
+        keeper = _LeaseKeeper(self.queue, task, self.lease_seconds)
+        try:
+            task.execute()
+        except Exception:
+            keeper.stop()
+            report.errors += 1
+            log.error("task %s raised:\n%s", task.id, traceback.format_exc().rstrip())
+            try:
+                self.queue.cancel(task)  # let it be retried now rather than at lease expiry
+            except Exception as err:
+                log.warning("could not release task %s: %s", task.id, err)
+            return
+        keeper.stop()
+        self.queue.delete(task, tally=True)
+        self._forget_attempts(task)
+        report.executed += 1
+        log.info("finished task %s in %.2f s", task.id, time.time() - start)
