@@ -64,6 +64,21 @@ def layer_holds_data(path: str) -> bool:
     return False
 
 
+def delete_layer_data(path: str) -> None:
+    """Remove what a layer holds (chunks of every scale, meshes, skeletons, task markers).
+
+    Called only by an explicit overwrite, so stale chunks or completion markers of the old
+    layer can never be mistaken for the new one's.
+    """
+    path = cloudpath(path)
+    cf = CloudFiles(path)
+    info = cf.get_json("info") or {}
+    prefixes = [scale["key"].rstrip("/") + "/" for scale in info.get("scales", [])]
+    prefixes += [f"{info.get(k) or k}/" for k in ("mesh", "skeletons")] + ["tasks/"]
+    for prefix in prefixes:
+        cf.delete(cf.list(prefix=prefix))
+
+
 def create_layer(
     path: str,
     *,
@@ -95,8 +110,10 @@ def create_layer(
     encoding = encoding or DEFAULT_ENCODING[layer_type]
     if encoding == "compressed_segmentation" and layer_type != "segmentation":
         raise InputError("compressed_segmentation encoding is for segmentation layers only")
-    if not overwrite and layer_holds_data(path):
-        raise InputError(f"{path} already holds data: pass --overwrite to replace it")
+    if layer_holds_data(path):
+        if not overwrite:
+            raise InputError(f"{path} already holds data: pass --overwrite to replace it")
+        delete_layer_data(path)
 
     info = CloudVolume.create_new_info(
         num_channels=num_channels,

@@ -22,8 +22,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
-import orjson
 from taskqueue import QueueEmptyError
+from taskqueue.lib import jsonify
 
 import deepem3d.tasks  # noqa: F401  (registers every deepem3d task and the igneous ones)
 from deepem3d.queues import open_queue
@@ -125,8 +125,8 @@ class Worker:
     def _give_up(self, task, attempts: int) -> None:
         failed_dir = os.path.join(self._file_queue_dir, "failed")
         os.makedirs(failed_dir, exist_ok=True)
-        with open(os.path.join(failed_dir, f"{task.id}.json"), "wb") as f:
-            f.write(orjson.dumps(task.payload(), option=orjson.OPT_SERIALIZE_NUMPY))
+        with open(os.path.join(failed_dir, f"{task.id}.json"), "w") as f:
+            f.write(jsonify(list(task.payload())))
         self.queue.delete(task)
         self._forget_attempts(task)
         log.error(

@@ -1,9 +1,79 @@
-"""Placeholder: being written; replaced by the real command."""
+"""`deepem3d ingest SRC DEST`: a 3D volume from a file into a new precomputed layer."""
+
+from __future__ import annotations
 
 import click
 
+from deepem3d.cli.options import parse_triple
+from deepem3d.errors import InputError
+from deepem3d.ingest import AXES, ENCODINGS
+from deepem3d.ingest import ingest as ingest_volume
+from deepem3d.layers import cloudpath
+
+
+def parse_offset(text: str, name: str = "--voxel-offset") -> tuple[int, int, int]:
+    """'0,0,100' -> (0, 0, 100): three integers, zero and negative allowed."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise InputError(
+            f"malformed {name} {text!r}: expected three comma-separated integers x,y,z "
+            "such as 0,0,0"
+        ) from None
+
 
 @click.command()
-def ingest() -> None:
-    """(not yet available)"""
-    raise click.ClickException("ingest is not available yet")
+@click.argument("src")
+@click.argument("dest")
+@click.option("--resolution", required=True,
+              help="Voxel size in nm, x,y,z (e.g. 4,4,40).")
+@click.option("--layer-type", type=click.Choice(["image", "segmentation"]), default="image",
+              show_default=True, help="Image (grayscale) or segmentation (integer labels).")
+@click.option("--chunk-size", default=None,
+              help="Storage chunk, x,y,z (default 128,128,16, clamped to the volume).")
+@click.option("--encoding", type=click.Choice(list(ENCODINGS)), default=None,
+              help="Chunk encoding (default: raw for images, compressed_segmentation for "
+              "segmentations).")
+@click.option("--axes", type=click.Choice(list(AXES)), default="zyx", show_default=True,
+              help="Axis order of an HDF5 or .npy array (TIFF pages are always z).")
+@click.option("--voxel-offset", default="0,0,0", show_default=True,
+              help="Position of the first voxel, x,y,z in voxels.")
+@click.option("--dtype", type=click.Choice(["uint32", "uint64"]), default=None,
+              help="Stored dtype of a segmentation (default uint64); images keep theirs.")
+@click.option("--overwrite", is_flag=True, help="Replace a layer that already holds data.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar on stderr.")
+def ingest(
+    src: str, dest: str, resolution: str, layer_type: str, chunk_size: str | None,
+    encoding: str | None, axes: str, voxel_offset: str, dtype: str | None, overwrite: bool,
+    progress: bool,
+) -> None:
+    """Write the 3D volume SRC to a new precomputed layer at DEST.
+
+    SRC is a multi-page TIFF (pages are z), a directory of single-page TIFFs (sorted by
+    name, numbers in natural order), FILE.h5:/DATASET, or a .npy file; HDF5 and .npy are
+    z,y,x unless --axes xyz. DEST is any CloudVolume path (file://, gs://, s3://) or a local
+    directory. SRC is only read; it is streamed slab by slab along z.
+    """
+    vol = ingest_volume(
+        src,
+        cloudpath(dest),
+        resolution=parse_triple(resolution, "--resolution"),
+        layer_type=layer_type,
+        chunk_size=parse_triple(chunk_size, "--chunk-size", int) if chunk_size else None,
+        encoding=encoding,
+        axes=axes,
+        voxel_offset=parse_offset(voxel_offset),
+        dtype=dtype,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    size = ",".join(str(int(s)) for s in vol.volume_size)
+    chunks = ",".join(str(int(c)) for c in vol.chunk_size)
+    click.echo(
+        f"ingested {src} -> {vol.cloudpath}: {layer_type} {size} (x,y,z) {vol.dtype}, "
+        f"chunks {chunks}, {vol.encoding}"
+    )

@@ -1,0 +1,28 @@
+"""A task for worker tests: stalls on its first attempt so a test can kill or stop the worker
+in the middle of it, then runs a real (marked) deepem3d task. Imported by workers through
+`deepem3d worker --import tests.queue_helpers`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from taskqueue import queueable
+from taskqueue.queueables import totask
+
+
+@queueable
+def StallOnce(flag_path: str, seconds: float, task: list) -> None:  # noqa: N802
+    """First attempt: write flag_path, then sleep `seconds` (the test interrupts here)."""
+    if not os.path.exists(flag_path):
+        with open(flag_path, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(seconds)
+    totask(task).execute()
+
+
+@queueable
+def AlwaysFails(message: str) -> None:  # noqa: N802
+    """A task with a bug that no retry fixes."""
+    raise RuntimeError(message)

@@ -1,0 +1,73 @@
+"""`deepem3d downsample` through the CLI, with local workers, against igneous in-process."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from cloudfiles import CloudFiles
+
+from deepem3d.tasks.downsample import downsample_stage
+from tests.conftest import assert_one_line_error, run_cli
+from tests.test_workers import (
+    assert_same_mips,
+    file_digests,
+    igneous_reference,
+    make_layer,
+)
+
+
+@pytest.mark.parametrize("layer_type", ["image", "segmentation"])
+def test_downsample_cli_equals_igneous(tmp_path, layer_type):
+    layer = make_layer(tmp_path / "layer", layer_type)
+    full_res = file_digests(tmp_path / "layer" / "4_4_50")
+    info_before = CloudFiles(layer).get_json("info")
+
+    dry = run_cli("downsample", layer, "--num-mips", "2", "--dry-run", check=True)
+    # one task per chunk row in z: the memory target allows the whole 256 x 256 plane
+    assert re.match(r"2 DownsampleTask\(s\) of \d+ x \d+ x 10 voxels at mip 0, adding 2 mip",
+                    dry.stdout), dry.stdout
+    assert "MiB per task" in dry.stdout
+    assert CloudFiles(layer).get_json("info") == info_before, "--dry-run wrote nothing"
+    assert not (tmp_path / "layer" / "tasks").exists()
+
+    reference = igneous_reference(
+        tmp_path / "layer", tmp_path / "reference", 2, (2, 2, 1), memory_target=3500 * 10**6
+    )
+    queue = f"fq://{tmp_path / 'queue'}"
+    out = run_cli("downsample", layer, "--queue", queue, "--parallel", "2", "--num-mips", "2",
+                  check=True)
+    assert "complete" in out.stdout
+    assert downsample_stage(layer).is_complete()
+    assert_same_mips(layer, reference, range(1, 3))
+    assert file_digests(tmp_path / "layer" / "4_4_50") == full_res
+
+    again = run_cli("downsample", layer, "--queue", queue, "--parallel", "2", "--num-mips", "2",
+                    check=True)
+    assert "already complete" in again.stdout
+
+    status = run_cli("status", queue, check=True)
+    assert "enqueued: 0" in status.stdout
+
+
+def test_downsample_on_a_queue_without_local_workers(tmp_path):
+    layer = make_layer(tmp_path / "layer")
+    queue = f"fq://{tmp_path / 'queue'}"
+    out = run_cli("downsample", layer, "--queue", queue, "--num-mips", "1", check=True)
+    assert "deepem3d worker" in out.stdout
+    status = run_cli("status", queue, check=True)
+    assert "inserted: 2  enqueued: 2" in status.stdout
+    assert not downsample_stage(layer).is_complete()
+    run_cli("worker", queue, "--exit-when-empty", check=True)
+    assert downsample_stage(layer).is_complete()
+    assert "enqueued: 0" in run_cli("status", queue, "--watch", check=True).stdout
+
+
+def test_downsample_bad_input(tmp_path):
+    assert_one_line_error(run_cli("downsample", tmp_path / "nothing"), "no precomputed layer")
+    layer = make_layer(tmp_path / "layer")
+    assert_one_line_error(
+        run_cli("downsample", layer, "--queue", "redis://somewhere"), "unknown queue"
+    )
+    assert_one_line_error(run_cli("downsample", layer, "--factor", "2,2"), "malformed --factor")
+    assert_one_line_error(run_cli("downsample", layer, "--bounds", "0,0,0,10"), "--bounds")

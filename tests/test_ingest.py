@@ -1,0 +1,369 @@
+"""deepem3d ingest: TIFF / TIFF directory / HDF5 / .npy into real file:// layers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from deepem3d import ingest as ingest_module
+from deepem3d.errors import InputError
+from deepem3d.ingest import ingest, natural_key, open_source, slab_ranges, split_hdf5
+from deepem3d.layers import open_layer
+
+SHAPE_ZYX = (7, 33, 50)  # non-cubic: any transposition shows
+
+
+def volume(shape=SHAPE_ZYX, dtype=np.uint8, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    if info is None:
+        return rng.random(shape, dtype=np.float32)
+    return rng.integers(0, min(info.max, 2**20), size=shape, dtype=dtype, endpoint=True)
+
+
+def xyz(zyx: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(zyx.transpose(2, 1, 0))
+
+
+def fingerprint(path) -> list:
+    """Bytes and mtime of a file, or of every file under a directory."""
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, n) for n in os.listdir(path)
+    )
+    return [
+        (p, hashlib.sha256(open(p, "rb").read()).hexdigest(), os.stat(p).st_mtime_ns)
+        for p in paths
+    ]
+
+
+def read_back(path) -> np.ndarray:
+    vol = open_layer(str(path))
+    return vol[:, :, :][..., 0]
+
+
+def write_npy(tmp_path, data, name="vol.npy"):
+    path = tmp_path / name
+    np.save(path, data)
+    return str(path)
+
+
+def write_h5(tmp_path, data, dataset="/volumes/raw", name="vol.h5"):
+    path = tmp_path / name
+    with h5py.File(path, "w") as f:
+        f.create_dataset(dataset, data=data, chunks=True, compression="gzip")
+    return str(path)
+
+
+def write_tiff_dir(tmp_path, data, name="slices"):
+    folder = tmp_path / name
+    folder.mkdir()
+    for z, plane in enumerate(data):  # unpadded numbers: natural order != plain sort
+        tifffile.imwrite(folder / f"slice_{z}.tif", plane)
+    return str(folder)
+
+
+def cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "deepem3d", "ingest", *map(str, args)],
+        capture_output=True, text=True,
+    )
+
+
+# --- round trips -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", [None, "zlib"])  # memmap path, page-reading path
+def test_multipage_tiff_round_trip(tmp_path, compression):
+    data = volume()
+    src = tmp_path / "stack.tif"
+    tifffile.imwrite(src, data, compression=compression)
+    before = fingerprint(src)
+    vol = ingest(str(src), str(tmp_path / "layer"), resolution=(4, 4, 40),
+                 chunk_size=(32, 32, 2), progress=False)
+    assert tuple(vol.volume_size) == (50, 33, 7)
+    got = read_back(tmp_path / "layer")
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, xyz(data))
+    assert fingerprint(src) == before
+
+
+def test_tiff_without_metadata_read_page_by_page(tmp_path):
+    data = volume(dtype=np.uint16)
+    src = tmp_path / "pages.tiff"
+    with tifffile.TiffWriter(src) as tif:
+        for plane in data:
+            tif.write(plane, metadata=None, compression="zlib")
+    ingest(str(src), str(tmp_path / "layer"), resolution=(4, 4, 40), chunk_size=(64, 64, 3),
+           progress=False)
+    got = read_back(tmp_path / "layer")
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, xyz(data))
+
+
+def test_tiff_directory_round_trip_natural_order(tmp_path):
+    data = volume(shape=(11, 33, 50), dtype=np.uint16)
+    src = write_tiff_dir(tmp_path, data)
+    (tmp_path / "slices" / "notes.txt").write_text("not an image")
+    before = fingerprint(src)
+    ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), chunk_size=(64, 64, 4),
+           progress=False)
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(data))
+    assert fingerprint(src) == before
+
+
+def test_hdf5_round_trip(tmp_path):
+    data = volume()
+    src = write_h5(tmp_path, data)
+    before = fingerprint(src)
+    ingest(f"{src}:/volumes/raw", str(tmp_path / "layer"), resolution=(4, 4, 40),
+           progress=False)
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(data))
+    assert fingerprint(src) == before
+
+
+def test_npy_round_trip_float32(tmp_path):
+    data = volume(dtype=np.float32)
+    src = write_npy(tmp_path, data)
+    before = fingerprint(src)
+    ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), progress=False)
+    got = read_back(tmp_path / "layer")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, xyz(data))
+    assert fingerprint(src) == before
+
+
+def test_big_endian_npy(tmp_path):
+    data = volume(dtype=np.uint16)
+    src = write_npy(tmp_path, data.astype(">u2"))
+    ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), progress=False)
+    got = read_back(tmp_path / "layer")
+    assert got.dtype == np.uint16
+    np.testing.assert_array_equal(got, xyz(data))
+
+
+@pytest.mark.parametrize("kind", ["npy", "hdf5"])
+def test_axes_xyz(tmp_path, kind):
+    data_xyz = xyz(volume())  # stored already x,y,z: 50, 33, 7
+    src = write_npy(tmp_path, data_xyz) if kind == "npy" else (
+        write_h5(tmp_path, data_xyz) + ":/volumes/raw"
+    )
+    vol = ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), axes="xyz",
+                 chunk_size=(16, 16, 2), progress=False)
+    assert tuple(vol.volume_size) == (50, 33, 7)
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), data_xyz)
+
+
+def test_segmentation_round_trip(tmp_path):
+    labels = volume(dtype=np.int32, seed=3) % 40  # signed but non-negative
+    src = write_h5(tmp_path, labels, dataset="labels")
+    vol = ingest(f"{src}:labels", str(tmp_path / "seg"), resolution=(4, 4, 40),
+                 layer_type="segmentation", chunk_size=(32, 32, 4), progress=False)
+    assert vol.layer_type == "segmentation"
+    assert vol.encoding == "compressed_segmentation"
+    assert vol.info["mesh"] == "mesh"
+    got = read_back(tmp_path / "seg")
+    assert got.dtype == np.uint64
+    np.testing.assert_array_equal(got, xyz(labels).astype(np.uint64))
+    processing = vol.provenance.processing[-1]["method"]
+    assert processing["axes"] == "zyx"
+    assert processing["shape"] == list(SHAPE_ZYX)
+    assert processing["dtype"] == "int32"
+    assert processing["source"].endswith("vol.h5:/labels")
+
+
+def test_segmentation_refuses_negative_labels_and_writes_nothing(tmp_path):
+    labels = volume(dtype=np.int16) % 5
+    labels[6, 0, 0] = -1  # in the last slab
+    src = write_npy(tmp_path, labels)
+    with pytest.raises(InputError, match="negative labels"):
+        ingest(src, str(tmp_path / "seg"), resolution=(4, 4, 40), layer_type="segmentation",
+               chunk_size=(64, 64, 2), progress=False)
+    assert not (tmp_path / "seg").exists()
+
+
+def test_segmentation_uint32_must_fit(tmp_path):
+    labels = np.zeros(SHAPE_ZYX, dtype=np.uint64)
+    labels[1, 2, 3] = 2**40
+    src = write_npy(tmp_path, labels)
+    with pytest.raises(InputError, match="store it as uint64"):
+        ingest(src, str(tmp_path / "seg"), resolution=(4, 4, 40), layer_type="segmentation",
+               dtype="uint32", progress=False)
+    labels[1, 2, 3] = 7
+    src = write_npy(tmp_path, labels, name="ok.npy")
+    vol = ingest(src, str(tmp_path / "seg"), resolution=(4, 4, 40),
+                 layer_type="segmentation", dtype="uint32", progress=False)
+    assert vol.dtype == np.uint32
+    np.testing.assert_array_equal(read_back(tmp_path / "seg"), xyz(labels))
+
+
+def test_streams_aligned_slabs(tmp_path, monkeypatch):
+    data = volume(shape=(11, 33, 50))
+    src = write_npy(tmp_path, data)
+    calls = []
+    real_read = ingest_module.VolumeSource.read
+
+    def spy(self, z0, z1):
+        calls.append((z0, z1))
+        return real_read(self, z0, z1)
+
+    monkeypatch.setattr(ingest_module.VolumeSource, "read", spy)
+    vol = ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), chunk_size=(64, 64, 4),
+                 voxel_offset=(10, 0, 3), slab_bytes=1, progress=False)
+    assert calls == [(0, 4), (4, 8), (8, 11)]  # one chunk row each, the last one short
+    assert list(vol.bounds.minpt) == [10, 0, 3] and list(vol.bounds.maxpt) == [60, 33, 14]
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(data))
+
+
+def test_slab_ranges():
+    assert slab_ranges(11, 4) == [(0, 4), (4, 8), (8, 11)]
+    assert slab_ranges(11, 4, 2) == [(0, 8), (8, 11)]
+    assert slab_ranges(8, 4, 0) == [(0, 4), (4, 8)]
+    assert slab_ranges(3, 16, 5) == [(0, 3)]
+
+
+def test_default_chunk_clamped_and_encodings(tmp_path):
+    src = write_npy(tmp_path, volume())
+    vol = ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), progress=False)
+    assert list(vol.chunk_size) == [50, 33, 7]
+    assert vol.encoding == "raw"
+    with pytest.raises(InputError, match="jpeg encoding cannot hold a uint16"):
+        ingest(write_npy(tmp_path, volume(dtype=np.uint16), "u16.npy"),
+               str(tmp_path / "j"), resolution=(4, 4, 40), encoding="jpeg", progress=False)
+
+
+def test_natural_key_and_split_hdf5():
+    names = ["z10.tif", "z2.tif", "z1.tif", "Z3.tif"]
+    assert sorted(names, key=natural_key) == ["z1.tif", "z2.tif", "Z3.tif", "z10.tif"]
+    assert split_hdf5("a/b.h5:/raw/x") == ("a/b.h5", "/raw/x")
+    assert split_hdf5("b.HDF5:raw") == ("b.HDF5", "/raw")
+    assert split_hdf5("b.h5") == ("b.h5", None)
+    assert split_hdf5("b.npy") is None
+
+
+def not_a_volume(tmp_path, kind: str) -> str:
+    if kind == "2d":
+        return write_npy(tmp_path, np.zeros((33, 50), np.uint8))
+    if kind == "4d":
+        return write_npy(tmp_path, np.zeros((2, 3, 4, 1), np.uint8))
+    if kind == "empty":
+        return write_npy(tmp_path, np.zeros((0, 3, 4), np.uint8))
+    if kind == "unknown":
+        (tmp_path / "x.zarr").write_text("")
+        return str(tmp_path / "x.zarr")
+    if kind == "one-page":
+        tifffile.imwrite(tmp_path / "one.tif", np.zeros((5, 6), np.uint8))
+        return str(tmp_path / "one.tif")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 5, 6, 3), np.uint8))
+    return str(tmp_path / "rgb.tif")
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("2d", "2D"),
+        ("4d", "4D"),
+        ("empty", "empty"),
+        ("unknown", "cannot tell"),
+        ("one-page", "single 2D image"),
+        ("rgb", "channels"),
+    ],
+)
+def test_sources_that_are_not_3d_volumes(tmp_path, kind, match):
+    with pytest.raises(InputError, match=match):
+        open_source(not_a_volume(tmp_path, kind))
+
+
+def test_tiff_refuses_axes_xyz(tmp_path):
+    tifffile.imwrite(tmp_path / "stack.tif", volume())
+    with pytest.raises(InputError, match="always z,y,x"):
+        open_source(str(tmp_path / "stack.tif"), axes="xyz")
+
+
+def test_tiff_directory_with_mismatched_slices(tmp_path):
+    src = write_tiff_dir(tmp_path, volume(shape=(3, 8, 9)))
+    tifffile.imwrite(tmp_path / "slices" / "slice_3.tif", np.zeros((8, 10), np.uint8))
+    with pytest.raises(InputError, match="same size and dtype"):
+        open_source(src)
+
+
+def test_image_dtype_refused(tmp_path):
+    src = write_npy(tmp_path, np.zeros(SHAPE_ZYX, np.int16))
+    with pytest.raises(InputError, match="int16: convert it first.*segmentation"):
+        ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), progress=False)
+    src = write_npy(tmp_path, np.zeros(SHAPE_ZYX, np.float32), "f.npy")
+    with pytest.raises(InputError, match="integer labels"):
+        ingest(src, str(tmp_path / "seg"), resolution=(4, 4, 40), layer_type="segmentation",
+               progress=False)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("deepem3d: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_cli_ingest_and_overwrite(tmp_path):
+    data = volume()
+    src = write_npy(tmp_path, data)
+    dest = tmp_path / "layer"
+    result = cli(src, dest, "--resolution", "4,4,40", "--chunk-size", "32,32,4",
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()
+    assert len(summary) == 1
+    assert f"file://{dest}" in summary[0] and "50,33,7" in summary[0]
+    assert "uint8" in summary[0] and "32,32,4" in summary[0]
+    np.testing.assert_array_equal(read_back(dest), xyz(data))
+
+    data2 = volume(seed=9)
+    src2 = write_npy(tmp_path, data2, "other.npy")
+    result = cli(src2, dest, "--resolution", "4,4,40", "--no-progress")
+    assert_one_line_error(result, "already holds data", "--overwrite")
+    np.testing.assert_array_equal(read_back(dest), xyz(data))  # untouched
+
+    result = cli(src2, dest, "--resolution", "4,4,40", "--overwrite", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(read_back(dest), xyz(data2))
+
+
+def test_cli_segmentation(tmp_path):
+    labels = volume(dtype=np.uint32, seed=2) % 9
+    src = write_npy(tmp_path, xyz(labels))
+    result = cli(src, tmp_path / "seg", "--resolution", "8,8,40", "--layer-type",
+                 "segmentation", "--axes", "xyz", "--voxel-offset", "0,0,5", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "segmentation" in result.stdout and "uint64" in result.stdout
+    vol = open_layer(str(tmp_path / "seg"))
+    assert vol.encoding == "compressed_segmentation" and list(vol.voxel_offset) == [0, 0, 5]
+    np.testing.assert_array_equal(vol[:, :, :][..., 0], xyz(labels))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    npy = write_npy(tmp_path, volume())
+    h5 = write_h5(tmp_path, volume())
+    dest = tmp_path / "layer"
+    assert_one_line_error(cli(tmp_path / "missing.npy", dest, "--resolution", "4,4,40"),
+                          "missing.npy")
+    assert_one_line_error(cli(f"{h5}:/volumes/nope", dest, "--resolution", "4,4,40"),
+                          "no dataset /volumes/nope", "/volumes/raw")
+    assert_one_line_error(cli(h5, dest, "--resolution", "4,4,40"), ":/DATASET",
+                          "/volumes/raw")
+    assert_one_line_error(cli(npy, dest, "--resolution", "4,4"), "--resolution")
+    assert_one_line_error(cli(npy, dest, "--resolution", "4,4,40", "--voxel-offset", "a,0,0"),
+                          "--voxel-offset")
+    assert_one_line_error(cli(npy, dest, "--resolution", "4,4,40", "--axes", "yxz"), "axes")
+    assert not dest.exists()

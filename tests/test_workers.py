@@ -1,0 +1,165 @@
+"""Real worker processes on a real fq:// queue, running igneous downsampling tasks.
+
+The reference is igneous itself, run in-process on a copy of the same layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from cloudvolume import CloudVolume
+from igneous.task_creation.image import create_downsampling_tasks
+from taskqueue import LocalTaskQueue, TaskQueue
+
+from deepem3d.axes import xyz_from_zyx
+from deepem3d.layers import create_layer
+from deepem3d.sample import load_sample
+from deepem3d.tasks.downsample import create_downsample_tasks, plan_downsample
+from deepem3d.tasks.markers import payload_of
+from tests.conftest import ROOT
+from tests.queue_helpers import AlwaysFails, StallOnce
+
+MEMORY = 200_000  # bytes: small tasks (128 x 128 x 10), so there are 8 of them
+
+
+def make_layer(path: Path, layer_type: str = "image") -> str:
+    image, ids = load_sample()
+    array = image[:20, :256, :256] if layer_type == "image" else ids[:20, :256, :256]
+    dtype = "uint8" if layer_type == "image" else "uint64"
+    vol = create_layer(
+        f"file://{path}", layer_type=layer_type, dtype=dtype, resolution=(4, 4, 50),
+        size=(256, 256, 20), chunk_size=(64, 64, 10),
+    )
+    vol[:, :, :] = xyz_from_zyx(array.astype(dtype))
+    return f"file://{path}"
+
+
+def igneous_reference(
+    src: Path, dest: Path, num_mips: int, factor, memory_target: int = MEMORY
+) -> str:
+    shutil.copytree(src, dest)
+    tq = LocalTaskQueue(parallel=1, progress=False)
+    tq.insert(create_downsampling_tasks(
+        f"file://{dest}", mip=0, num_mips=num_mips, factor=factor, memory_target=memory_target,
+    ))
+    tq.execute(progress=False)
+    return f"file://{dest}"
+
+
+def assert_same_mips(a: str, b: str, mips: range) -> None:
+    for mip in mips:
+        va, vb = CloudVolume(a, mip=mip), CloudVolume(b, mip=mip)
+        assert tuple(va.volume_size) == tuple(vb.volume_size)
+        np.testing.assert_array_equal(va[:, :, :], vb[:, :, :], err_msg=f"mip {mip}")
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
+    }
+
+
+def start_worker(queue: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "deepem3d", "worker", queue, "--import", "tests.queue_helpers",
+         *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for(path: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_killed_worker_task_is_redone_and_result_is_exact(tmp_path):
+    layer = make_layer(tmp_path / "layer")
+    plan = plan_downsample(layer, memory_target=MEMORY)
+    assert plan.task_count == 8 and plan.task_shape == (128, 128, 10)
+    reference = igneous_reference(tmp_path / "layer", tmp_path / "reference", plan.num_mips,
+                                  plan.factor)
+    full_res = file_digests(tmp_path / "layer" / "4_4_50")
+
+    stage, tasks = create_downsample_tasks(plan)
+    assert len(tasks) == 8
+    queue = f"fq://{tmp_path / 'queue'}"
+    tq = TaskQueue(queue, progress=False)
+    flag = tmp_path / "stalled"
+    first_id, first = tasks[0]
+    tq.insert([partial(StallOnce, flag_path=str(flag), seconds=120, task=payload_of(first))])
+
+    doomed = start_worker(queue, "--lease-seconds", "3")
+    wait_for(flag)  # the worker is now in the middle of the task
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(timeout=30)
+    assert not stage.is_done(first_id)
+
+    tq.insert([task for _, task in tasks[1:]])
+    workers = [start_worker(queue, "--lease-seconds", "3", "--exit-when-empty")
+               for _ in range(2)]
+    logs = [w.communicate(timeout=120)[1] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    assert all("finished task" in log for log in logs), "both workers took part"
+    assert tq.enqueued == 0
+    assert stage.is_complete()
+    assert_same_mips(layer, reference, range(1, plan.num_mips + 1))
+    assert file_digests(tmp_path / "layer" / "4_4_50") == full_res
+
+
+def test_sigterm_finishes_the_task_at_hand_and_loses_nothing(tmp_path):
+    layer = make_layer(tmp_path / "layer", "segmentation")
+    plan = plan_downsample(layer, memory_target=MEMORY)
+    reference = igneous_reference(tmp_path / "layer", tmp_path / "reference", plan.num_mips,
+                                  plan.factor)
+    stage, tasks = create_downsample_tasks(plan)
+    queue = f"fq://{tmp_path / 'queue'}"
+    tq = TaskQueue(queue, progress=False)
+    flag = tmp_path / "stalled"
+    first_id, first = tasks[0]
+    tq.insert([partial(StallOnce, flag_path=str(flag), seconds=2, task=payload_of(first))])
+    tq.insert([task for _, task in tasks[1:]])
+
+    worker = start_worker(queue, "--lease-seconds", "60")
+    while not flag.exists():  # it may run other tasks before it reaches the stalling one
+        assert worker.poll() is None
+        time.sleep(0.05)
+    done_before = len(stage.done_ids())
+    worker.send_signal(signal.SIGTERM)
+    _, log = worker.communicate(timeout=60)
+    assert worker.returncode == 0, log
+    assert "stopping after the current task" in log
+    assert stage.is_done(first_id), "the interrupted task was finished, not dropped"
+    finished = len(stage.done_ids())
+    assert finished == done_before + 1, "no new task taken after SIGTERM"
+    assert tq.enqueued == len(tasks) - finished, "the rest are still on the queue"
+
+    drain = start_worker(queue, "--exit-when-empty")
+    assert drain.wait(timeout=120) == 0
+    assert stage.is_complete()
+    assert_same_mips(layer, reference, range(1, plan.num_mips + 1))
+
+
+def test_a_task_that_always_fails_is_set_aside(tmp_path):
+    queue_dir = tmp_path / "queue"
+    tq = TaskQueue(f"fq://{queue_dir}", progress=False)
+    tq.insert([partial(AlwaysFails, message="boom")])
+    worker = start_worker(f"fq://{queue_dir}", "--exit-when-empty", "--max-attempts", "2")
+    _, log = worker.communicate(timeout=60)
+    assert worker.returncode == 1
+    assert log.count("RuntimeError: boom") == 2
+    assert "Traceback" not in log.split("RuntimeError: boom")[-1], log
+    assert tq.enqueued == 0
+    failed = list((queue_dir / "failed").iterdir())
+    assert len(failed) == 1 and "AlwaysFails" in failed[0].read_text()
+    assert os.listdir(queue_dir / "attempts") == []
