@@ -40,7 +40,9 @@ def test_sample_refuses_to_overwrite(tmp_path):
     assert_one_line_error(run_cli("sample", tmp_path), "already holds data", "--overwrite")
     stale = tmp_path / "image" / "4_4_50" / "0-1_0-1_0-1.gz"  # a chunk the new layer lacks
     stale.write_bytes(b"old")
-    (tmp_path / "image" / "tasks" / "old-stage" / "done").mkdir(parents=True)
+    marker = tmp_path / "image" / "tasks" / "old-stage" / "done" / "x.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
     run_cli("sample", tmp_path, "--overwrite", check=True)
     assert not stale.exists(), "overwrite removes the old layer's chunks"
-    assert not (tmp_path / "image" / "tasks").exists(), "and its completion markers"
+    assert not marker.exists(), "and its completion markers"
