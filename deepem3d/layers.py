@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
-from cloudvolume.exceptions import InfoUnavailableError
+from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
 
 import deepem3d
 from deepem3d.errors import InputError
@@ -46,7 +46,7 @@ def open_layer(path: str, mip: int = 0, **kwargs) -> CloudVolume:
             f"no precomputed layer at {path} (no info file): check the path, or create the "
             "layer with `deepem3d ingest` or `deepem3d sample`"
         ) from None
-    except ValueError as err:  # CloudVolume's "mip N not found"
+    except (ScaleUnavailableError, ValueError) as err:  # "MIP N not found. M available: ..."
         raise InputError(f"cannot open {path} at mip {mip}: {err}") from None
 
 

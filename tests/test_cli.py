@@ -25,3 +25,10 @@ def test_worker_import_of_a_missing_module(tmp_path):
     assert_one_line_error(
         run_cli("worker", f"fq://{tmp_path}", "--import", "no_such_module_here"), "--import"
     )
+
+
+def test_a_mip_that_does_not_exist(tmp_path):
+    run_cli("sample", tmp_path, check=True)
+    assert_one_line_error(
+        run_cli("downsample", tmp_path / "image", "--mip", "5", "--dry-run"), "mip 5"
+    )

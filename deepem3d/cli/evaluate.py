@@ -1,9 +1,226 @@
-"""Placeholder: being written; replaced by the real command."""
+"""`deepem3d evaluate SEG GT`: score a segmentation layer against a ground-truth layer.
+
+The layers are read block by block (z slabs on the ground truth's chunk grid, cut further in y
+and x when a slab is large) and only the contingency table of (gt, seg) id pairs is kept, so a
+volume of any size is scored in bounded memory. The scores are those of
+`deepem3d.segmentation.metrics`: SNEMI3D adapted Rand error, and VOI split/merge in bits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
 
 import click
+import numpy as np
+from cloudvolume import CloudVolume
+from cloudvolume.exceptions import EmptyVolumeException
+from cloudvolume.lib import Bbox
+from tqdm import tqdm
+
+from deepem3d.cli.options import parse_bounds
+from deepem3d.errors import InputError
+from deepem3d.layers import open_layer
+from deepem3d.segmentation.metrics import Contingency, accumulate, contingency, scores
+
+# Voxels read per block: 2**24 uint64 voxels are 128 MiB per layer, and counting the pairs
+# takes about five times that again, so one block peaks near 1 GiB.
+MAX_BLOCK_VOXELS = 2**24
 
 
 @click.command()
-def evaluate() -> None:
-    """(not yet available)"""
-    raise click.ClickException("evaluate is not available yet")
+@click.argument("seg")
+@click.argument("gt")
+@click.option("--bounds", default=None,
+              help="x0,y0,z0,x1,y1,z1 at --mip, end exclusive (default: all of GT).")
+@click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Compare the layers at this mip level.")
+@click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def evaluate(
+    seg: str, gt: str, bounds: str | None, mip: int, fill_missing: bool, as_json: bool
+) -> None:
+    """Score segmentation layer SEG against ground-truth layer GT.
+
+    Prints the SNEMI3D adapted Rand error with its precision and recall, and the variation of
+    information split H(seg|gt) and merge H(gt|seg) in bits. Voxels where GT is 0 are not
+    scored; SEG's 0 counts as SNEMI3D's script counts it.
+    """
+    region = parse_bounds(bounds)
+    seg_vol = _open_labels(seg, "SEG", mip, fill_missing)
+    gt_vol = _open_labels(gt, "GT", mip, fill_missing)
+    if not np.array_equal(np.asarray(seg_vol.resolution), np.asarray(gt_vol.resolution)):
+        raise InputError(
+            f"SEG and GT differ in resolution at mip {mip}: {_triple(seg_vol.resolution)} and "
+            f"{_triple(gt_vol.resolution)} nm; compare them at a --mip where they agree"
+        )
+    bbox = _check_bounds(region, seg_vol, gt_vol, mip)
+
+    blocks = plan_blocks(bbox, gt_vol.chunk_size, gt_vol.voxel_offset, MAX_BLOCK_VOXELS)
+    table = _read_table(seg_vol, gt_vol, blocks)
+    if table.labelled_voxels == 0:
+        raise InputError(
+            f"GT is 0 everywhere in {_fmt(bbox)}: nothing to score; pick --bounds that hold "
+            "labelled voxels"
+        )
+    result = scores(table)
+
+    if as_json:
+        click.echo(json.dumps({
+            "seg": seg_vol.cloudpath,
+            "gt": gt_vol.cloudpath,
+            "mip": mip,
+            "bounds": [int(v) for v in (*bbox.minpt, *bbox.maxpt)],
+            "voxels": table.voxels,
+            "labelled_voxels": table.labelled_voxels,
+            "voi_units": "bits",
+            **result,
+        }))
+        return
+    click.echo(_describe(seg_vol, gt_vol, bbox, mip, table, result))
+
+
+def plan_blocks(
+    bbox: Bbox, chunk_size, voxel_offset, max_voxels: int = MAX_BLOCK_VOXELS
+) -> list[Bbox]:
+    """Cut `bbox` into blocks on the chunk grid: one chunk thick in z, whole in y and x unless
+    that exceeds `max_voxels`, then as many whole chunk rows (and columns) as fit."""
+    (x0, y0, z0), (x1, y1, z1) = (tuple(int(v) for v in p) for p in (bbox.minpt, bbox.maxpt))
+    cx, cy, cz = (int(c) for c in chunk_size)
+    ox, oy, oz = (int(o) for o in voxel_offset)
+    sx, sy = x1 - x0, y1 - y0
+    step_y = step_x = None  # None: whole extent
+    if sx * sy * cz > max_voxels:
+        step_y = cy * max(1, max_voxels // (sx * cy * cz))
+        if sx * cy * cz > max_voxels:
+            step_y = cy
+            step_x = cx * max(1, max_voxels // (cx * cy * cz))
+    blocks = []
+    for za, zb in _pairs(_cuts(z0, z1, oz, cz)):
+        for ya, yb in _pairs(_cuts(y0, y1, oy, step_y)):
+            for xa, xb in _pairs(_cuts(x0, x1, ox, step_x)):
+                blocks.append(Bbox((xa, ya, za), (xb, yb, zb)))
+    return blocks
+
+
+def _cuts(lo: int, hi: int, origin: int, step: int | None) -> list[int]:
+    """lo, the grid lines origin + k * step strictly inside (lo, hi), and hi."""
+    if step is None:
+        return [int(lo), int(hi)]
+    first = origin + ((lo - origin) // step + 1) * step
+    return [int(lo), *range(int(first), int(hi), step), int(hi)]
+
+
+def _pairs(cuts: list[int]) -> list[tuple[int, int]]:
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _open_labels(path: str, name: str, mip: int, fill_missing: bool) -> CloudVolume:
+    """Open a layer of integer ids with one channel, or fail with a one-line InputError."""
+    vol = open_layer(path, fill_missing=fill_missing)
+    mips = list(vol.available_mips)
+    if mip not in mips:
+        raise InputError(
+            f"{name} {vol.cloudpath} has no mip {mip} (it has {', '.join(map(str, mips))}): "
+            "pass one of those with --mip, or downsample the layer with `deepem3d downsample`"
+        )
+    vol.mip = mip
+    if vol.num_channels != 1:
+        raise InputError(
+            f"{name} {vol.cloudpath} has {vol.num_channels} channels: evaluate compares "
+            "single-channel label layers; pass a segmentation layer"
+        )
+    if not np.issubdtype(np.dtype(vol.dtype), np.integer):
+        raise InputError(
+            f"{name} {vol.cloudpath} holds {vol.dtype}, not integer ids: pass a segmentation "
+            "layer (a boundary or affinity map must be segmented first)"
+        )
+    return vol
+
+
+def _check_bounds(
+    region: tuple[tuple[int, int, int], tuple[int, int, int]] | None,
+    seg_vol: CloudVolume,
+    gt_vol: CloudVolume,
+    mip: int,
+) -> Bbox:
+    """The region to score: --bounds, or all of GT; it must lie inside both layers."""
+    if region is None:
+        bbox = gt_vol.bounds.clone()
+        if not seg_vol.bounds.contains_bbox(bbox):
+            raise InputError(
+                f"GT's bounds {_fmt(bbox)} are not inside SEG's bounds {_fmt(seg_vol.bounds)} "
+                f"at mip {mip}: pass --bounds x0,y0,z0,x1,y1,z1 inside both"
+            )
+        return bbox
+    bbox = Bbox(*region)
+    for name, vol in (("SEG", seg_vol), ("GT", gt_vol)):
+        if not vol.bounds.contains_bbox(bbox):
+            raise InputError(
+                f"--bounds {_fmt(bbox)} reach outside {name}'s bounds {_fmt(vol.bounds)} at "
+                f"mip {mip}: pass bounds inside both layers"
+            )
+    return bbox
+
+
+def _read_table(seg_vol: CloudVolume, gt_vol: CloudVolume, blocks: list[Bbox]) -> Contingency:
+    """Accumulate the contingency table block by block, merging in batches (amortised sort)."""
+    table = Contingency.empty()
+    pending: list[Contingency] = []
+    pending_size = 0
+    # disable=None: a bar on a terminal, none in logs and pipes
+    # (updated by hand: iterating the bar would close it, leave=True, as an error unwinds)
+    bar = tqdm(total=len(blocks), desc="evaluate", unit="block", file=sys.stderr, disable=None)
+    try:
+        for block in blocks:
+            seg_block = _download(seg_vol, "SEG", block)
+            gt_block = _download(gt_vol, "GT", block)
+            pending.append(contingency(seg_block, gt_block))
+            pending_size += pending[-1].counts.size
+            if pending_size >= max(table.counts.size, 2**20):
+                table = accumulate([table, *pending])
+                pending, pending_size = [], 0
+            bar.update()
+    except BaseException:
+        bar.leave = False  # erase the bar, so an error message stands on its own line
+        raise
+    finally:
+        bar.close()
+    return accumulate([table, *pending])
+
+
+def _download(vol: CloudVolume, name: str, block: Bbox) -> np.ndarray:
+    try:
+        return np.asarray(vol[block.to_slices()])[..., 0]
+    except EmptyVolumeException:
+        raise InputError(
+            f"{name} {vol.cloudpath} has missing chunks in {_fmt(block)}: finish writing the "
+            "layer, or pass --fill-missing to read them as 0"
+        ) from None
+
+
+def _describe(
+    seg_vol: CloudVolume, gt_vol: CloudVolume, bbox: Bbox, mip: int, table: Contingency,
+    result: dict[str, float],
+) -> str:
+    return "\n".join([
+        f"SEG     {seg_vol.cloudpath}",
+        f"GT      {gt_vol.cloudpath}",
+        f"bounds  {_fmt(bbox)} at mip {mip} ({_triple(gt_vol.resolution)} nm): "
+        f"{table.voxels:,} voxels, {table.labelled_voxels:,} with GT != 0",
+        "",
+        f"adapted Rand error  {result['adapted_rand_error']:.6f}   SNEMI3D, 0 = perfect",
+        f"  Rand precision    {result['rand_precision']:.6f}   false merges lower it",
+        f"  Rand recall       {result['rand_recall']:.6f}   false splits lower it",
+        f"VOI split           {result['voi_split']:.6f}   bits, H(SEG|GT)",
+        f"VOI merge           {result['voi_merge']:.6f}   bits, H(GT|SEG)",
+        f"VOI                 {result['voi']:.6f}   bits",
+    ])
+
+
+def _fmt(bbox: Bbox) -> str:
+    return ",".join(str(int(v)) for v in (*bbox.minpt, *bbox.maxpt))
+
+
+def _triple(values) -> str:
+    return ",".join(f"{float(v):g}" for v in values)

@@ -1,4 +1,4 @@
-"""Segmentation scores against ground truth: SNEMI3D adapted Rand error and variation of information.
+"""Scores of a segmentation against ground truth: SNEMI3D adapted Rand error and VOI.
 
 Everything is computed from a contingency table, the counts of (gt id, seg id) pairs over the
 voxels where gt != 0. Tables of disjoint blocks add up, so a volume too large to hold is scored
@@ -11,7 +11,8 @@ Definitions, and how they relate to the usual reference implementations:
 - **Adapted Rand error** is the SNEMI3D challenge's own script, reproduced literally: gt 0 is
   ignored; predicted-0 voxels inside gt objects still count in the gt object sizes and add
   sum(c)/n to both the predicted-pair sum and the agreeing-pair sum, where c counts them and n is
-  every voxel scored, gt 0 included. With no predicted 0 inside gt objects, precision and recall
+  the number of voxels compared, gt 0 included (so that term depends on how much background the
+  bounds hold). With no predicted 0 inside gt objects, precision and recall
   equal waterz's `rand_merge` and `rand_split`. scikit-image's `adapted_rand_error` counts pairs
   of distinct voxels (x^2 - x instead of x^2) and returns precision and recall swapped
   (scikit-image issue #6485), so it is close to these numbers on large objects but not equal.

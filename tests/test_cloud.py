@@ -1,0 +1,88 @@
+"""The cloud path against a real local endpoint: moto's S3 + SQS server on 127.0.0.1.
+
+A layer ingested to s3://, downsampled by tasks on sqs:// drained by two local workers, equals
+igneous run in-process on a local copy.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import boto3
+import numpy as np
+import pytest
+from cloudvolume import CloudVolume
+
+from deepem3d.sample import load_sample
+from deepem3d.tasks.downsample import downsample_stage
+from tests.conftest import run_cli
+from tests.test_workers import igneous_reference
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def moto_endpoint(monkeypatch):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+            break
+        except OSError:
+            assert server.poll() is None, "moto server exited"
+            assert time.time() < deadline, "moto server did not start"
+            time.sleep(0.2)
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": url, "AWS_ENDPOINT_URL_SQS": url,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)  # subprocesses (the CLI, workers) inherit these
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_s3_layer_downsampled_through_sqs(tmp_path, moto_endpoint):
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="em-data")
+    boto3.client("sqs", endpoint_url=moto_endpoint).create_queue(QueueName="deepem3d-test")
+
+    image, _ = load_sample()
+    npy = tmp_path / "crop.npy"
+    np.save(npy, image[:20, :256, :192])
+    layer = "s3://em-data/crop/image"
+    run_cli("ingest", npy, layer, "--resolution", "4,4,50", "--chunk-size", "64,64,10",
+            check=True)
+
+    local = tmp_path / "local"
+    run_cli("ingest", npy, local, "--resolution", "4,4,50", "--chunk-size", "64,64,10",
+            check=True)
+    reference = igneous_reference(local, tmp_path / "reference", 2, (2, 2, 1),
+                                  memory_target=3500 * 10**6)
+
+    out = run_cli("downsample", layer, "--queue", "sqs://deepem3d-test", "--parallel", "2",
+                  "--num-mips", "2", check=True)
+    assert "complete" in out.stdout, out.stdout
+    assert downsample_stage(layer).is_complete()
+    mips = CloudVolume(layer).available_mips
+    assert mips == CloudVolume(reference).available_mips and len(mips) >= 2
+    for mip in mips:
+        np.testing.assert_array_equal(
+            CloudVolume(layer, mip=mip)[:, :, :], CloudVolume(reference, mip=mip)[:, :, :]
+        )
+    assert "enqueued: 0" in run_cli("status", "sqs://deepem3d-test", check=True).stdout
