@@ -16,6 +16,7 @@ from deepem3d.cli.evaluate import evaluate
 from deepem3d.cli.ingest import ingest
 from deepem3d.cli.queue import status, worker
 from deepem3d.cli.sample import sample
+from deepem3d.cli.train import train
 from deepem3d.cli.view import view
 from deepem3d.errors import InputError
 
@@ -26,7 +27,7 @@ def cli() -> None:
     """DeepEM3D neuron segmentation of EM volumes, as queue tasks over precomputed layers."""
 
 
-for command in (sample, ingest, worker, status, downsample, evaluate, view):
+for command in (sample, ingest, worker, status, downsample, evaluate, view, train):
     cli.add_command(command)
 
 

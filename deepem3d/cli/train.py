@@ -1,0 +1,72 @@
+"""`deepem3d train`: train the DeepEM3D network from layers or files."""
+
+from __future__ import annotations
+
+import click
+
+from deepem3d.cli.options import parse_triple
+from deepem3d.errors import InputError
+
+
+@click.command()
+@click.option("--image", required=True,
+              help="EM image: a layer path, `file.h5:/dataset`, a .npy or a TIFF stack.")
+@click.option("--labels", required=True, help="Dense neuron ids (0 = boundary), same geometry.")
+@click.option("--train-sections", required=True, help="START:END (end exclusive), e.g. 0:15.")
+@click.option("--val-sections", default=None, help="START:END for validation, e.g. 15:20.")
+@click.option("--out", "out_dir", required=True, help="Directory for checkpoints and plots.")
+@click.option("--preset", default="tiny", show_default=True, help="Network size: see README.")
+@click.option("--head", type=click.Choice(["boundary", "affinity"]), default="boundary",
+              show_default=True)
+@click.option("--in-sections", type=int, default=5, show_default=True,
+              help="Input sections per prediction (1 or 5).")
+@click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--patch", type=click.IntRange(min=16), default=128, show_default=True,
+              help="In-plane patch size (a multiple of 16).")
+@click.option("--lr", type=float, default=0.01, show_default=True,
+              help="Base learning rate (poly schedule, power 0.8).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-every", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Validate, checkpoint and plot every N iterations.")
+@click.option("--resolution", default=None,
+              help="Voxel size x,y,z in nm (default: the image layer's; required for files).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+def train(image, labels, train_sections, val_sections, out_dir, preset, head, in_sections,
+          iterations, batch_size, patch, lr, seed, val_every, resolution, threads, device,
+          resume) -> None:
+    """Train a DeepEM3D network; writes OUT/last.pt, OUT/best.pt, history.json and
+    learning_curve.png."""
+    from deepem3d.models.data import is_file_source, parse_sections
+    from deepem3d.models.train import TrainConfig, Trainer
+
+    if patch % 16:
+        raise InputError(f"--patch {patch} must be a multiple of 16")
+    train_range = parse_sections(train_sections, "--train-sections")
+    val_range = parse_sections(val_sections, "--val-sections") if val_sections else None
+    if val_range and max(train_range[0], val_range[0]) < min(train_range[1], val_range[1]):
+        raise InputError("--train-sections and --val-sections overlap: keep them apart")
+    if resolution:
+        res = parse_triple(resolution, "--resolution")
+    elif is_file_source(image):
+        raise InputError("--resolution is required when --image is a file (e.g. 4,4,50)")
+    else:
+        from deepem3d.layers import open_layer
+
+        res = tuple(float(r) for r in open_layer(image).resolution)
+    cfg = TrainConfig(
+        image=image, labels=labels, train_sections=train_range, val_sections=val_range,
+        out_dir=out_dir, preset=preset, head=head, in_sections=in_sections,
+        iterations=iterations, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
+        val_every=val_every, resolution=res, threads=threads,
+    )
+    try:
+        trainer = Trainer(cfg, resume=resume, device=device)
+    except ValueError as err:  # build_model's unknown preset / section count
+        if isinstance(err, InputError):
+            raise
+        raise InputError(str(err)) from None
+    final = trainer.run()
+    click.echo(f"checkpoints in {out_dir}: last.pt, best.pt; final {final}")

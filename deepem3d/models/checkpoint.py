@@ -1,0 +1,114 @@
+"""Checkpoints: the weights and everything needed to rebuild and run the model.
+
+A checkpoint is a torch file holding only tensors, numbers, strings, lists and dicts, so it is
+loaded with `torch.load(weights_only=True)` and never unpickles arbitrary objects: checkpoints
+may come from a cloud path. Its `meta` (a JSON string) records the model config (preset, head,
+input sections), the input normalisation, the context the model needs, the voxel resolution
+it was trained at, and the training provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+import deepem3d
+from deepem3d.errors import InputError
+
+FORMAT = "deepem3d-checkpoint"
+VERSION = 1
+PRETRAINED = {"isbi2012-small": "isbi2012-small.pt", "isbi2012-tiny": "isbi2012-tiny.pt"}
+DEFAULT_MODEL = "isbi2012-tiny"
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: torch.nn.Module, meta: dict, *,
+    optimizer: torch.optim.Optimizer | None = None, iteration: int = 0,
+) -> None:
+    """Write atomically (temp file + rename) so an interrupted save leaves the old file."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "deepem3d": deepem3d.__version__,
+        "meta": json.dumps(meta, sort_keys=True),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "iteration": int(iteration),
+    }
+    if optimizer is not None:
+        payload["optimizer"] = optimizer.state_dict()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """A shipped model's name (e.g. isbi2012-tiny) or a path/URL -> a loadable location."""
+    name = name_or_path or DEFAULT_MODEL
+    if name in PRETRAINED:
+        ref = resources.files("deepem3d") / "models" / "pretrained" / PRETRAINED[name]
+        return str(ref)
+    return name
+
+
+def read_bytes(location: str) -> bytes:
+    if "://" in location and not location.startswith("file://"):
+        from cloudfiles import CloudFile
+
+        data = CloudFile(location).get()
+        if data is None:
+            raise InputError(f"no checkpoint at {location}")
+        return data
+    path = location[len("file://"):] if location.startswith("file://") else location
+    if not os.path.isfile(path):
+        known = ", ".join(sorted(PRETRAINED))
+        raise InputError(f"no checkpoint at {path}: give a file, a cloud path or one of {known}")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load_checkpoint(name_or_path: str | None) -> dict:
+    """The checkpoint's contents, `meta` parsed, plus its `sha256` and `location`."""
+    location = resolve_model(name_or_path)
+    data = read_bytes(location)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or holding disallowed objects
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise InputError(f"{location} is not a readable deepem3d checkpoint ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise InputError(f"{location} is not a deepem3d checkpoint")
+    if payload.get("version") != VERSION:
+        raise InputError(
+            f"{location} is checkpoint format {payload.get('version')}; this deepem3d "
+            f"({deepem3d.__version__}) reads format {VERSION}: retrain or use a matching version"
+        )
+    payload["meta"] = json.loads(payload["meta"])
+    payload["sha256"] = hashlib.sha256(data).hexdigest()
+    payload["location"] = location
+    return payload
+
+
+def load_model(name_or_path: str | None = None, device: str = "cpu"):
+    """(model in eval mode, meta) from a checkpoint."""
+    from deepem3d.models import build_model
+
+    payload = load_checkpoint(name_or_path)
+    meta = payload["meta"]
+    model = build_model(**meta["model"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as err:
+        raise InputError(
+            f"{payload['location']}: weights do not fit the {meta['model']} network "
+            f"({str(err).splitlines()[0]})"
+        ) from None
+    model.to(device).eval()
+    return model, meta

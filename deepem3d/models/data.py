@@ -1,0 +1,147 @@
+"""Training data: volumes read from layers or files, and random patches drawn from them.
+
+Arrays here are z,y,x (files' order); the one transposition from CloudVolume's x,y,z is
+deepem3d.axes. A training or validation volume is a section range on its own: context beyond
+its ends is made by reflection at the split, never read from the sections on the other side.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from deepem3d.axes import zyx_from_xyz
+from deepem3d.errors import InputError
+from deepem3d.models.augment import augment
+from deepem3d.models.targets import affinity_target, boundary_target
+
+FILE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".npy", ".tif", ".tiff")
+
+
+def is_file_source(source: str) -> bool:
+    base = source.split(":/")[0] if ":/" in source and "://" not in source else source
+    return base.lower().endswith(FILE_SUFFIXES) or os.path.isdir(source) and not os.path.exists(
+        os.path.join(source, "info")
+    )
+
+
+def parse_sections(text: str, name: str) -> tuple[int, int]:
+    """'0:15' -> (0, 15), end exclusive."""
+    try:
+        start, end = (int(p) for p in text.split(":"))
+    except ValueError:
+        raise InputError(f"malformed {name} {text!r}: expected START:END such as 0:15") from None
+    if not 0 <= start < end:
+        raise InputError(f"{name} {text!r} is empty or negative")
+    return start, end
+
+
+def volume_depth(source: str) -> int:
+    if is_file_source(source):
+        from deepem3d.ingest import open_source
+
+        with open_source(source) as src:
+            return src.shape[2]
+    from deepem3d.layers import open_layer
+
+    return int(open_layer(source).volume_size[2])
+
+
+def read_sections(source: str, sections: tuple[int, int], name: str) -> np.ndarray:
+    """Sections [start, end) of a layer (any CloudVolume path) or a file (HDF5 `file.h5:/path`,
+    .npy, TIFF stack) as a z,y,x array."""
+    depth = volume_depth(source)
+    start, end = sections
+    if end > depth:
+        raise InputError(f"{name} {start}:{end} is outside {source}, which has {depth} sections")
+    if is_file_source(source):
+        from deepem3d.ingest import open_source
+
+        with open_source(source) as src:
+            return np.ascontiguousarray(zyx_from_xyz(src.read(start, end)))
+    from deepem3d.layers import open_layer
+
+    vol = open_layer(source)
+    if vol.num_channels != 1:
+        raise InputError(f"{source} has {vol.num_channels} channels: expected 1")
+    lo = vol.voxel_offset
+    cutout = vol[:, :, lo[2] + start : lo[2] + end][..., 0]
+    return np.ascontiguousarray(zyx_from_xyz(np.asarray(cutout)))
+
+
+def load_pair(image: str, labels: str, sections: tuple[int, int], name: str):
+    """(image uint8, ids int64), both z,y,x, checked to agree."""
+    img = read_sections(image, sections, name)
+    ids = read_sections(labels, sections, name)
+    if img.shape != ids.shape:
+        raise InputError(
+            f"image {image} and labels {labels} differ in shape: "
+            f"{img.shape[::-1]} vs {ids.shape[::-1]} (x,y,z)"
+        )
+    if img.dtype != np.uint8:
+        raise InputError(f"image {image} is {img.dtype}: deepem3d trains on uint8 EM images")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"labels {labels} are {ids.dtype}: expected integer ids")
+    return img, ids.astype(np.int64)
+
+
+def reflect_sections(volume: np.ndarray, half: int) -> np.ndarray:
+    """Pad z by `half` sections at both ends by reflection (the split's own bounds)."""
+    if half == 0:
+        return volume
+    if volume.shape[0] <= half:
+        raise InputError(
+            f"a section range of {volume.shape[0]} is too short for a {2 * half + 1}-section "
+            f"model: give at least {half + 1} sections"
+        )
+    return np.pad(volume, ((half, half), (0, 0), (0, 0)), mode="reflect")
+
+
+class PatchSampler:
+    """Random training patches: `in_sections` sections around a middle one, `patch` pixels
+    square, and the target of the middle section."""
+
+    def __init__(
+        self, image: np.ndarray, ids: np.ndarray, *, in_sections: int, patch: int,
+        head: str = "boundary", augment: bool = True,
+    ):
+        self.half = in_sections // 2
+        self.in_sections = in_sections
+        self.patch = patch
+        self.head = head
+        self.augment = augment
+        self.depth = image.shape[0]
+        if min(image.shape[1:]) < patch:
+            raise InputError(f"patch {patch} is larger than the sections {image.shape[1:]}")
+        self.image = reflect_sections(image, self.half + (head == "affinity"))
+        self.ids = reflect_sections(ids, self.half + (head == "affinity"))
+        self.pad = self.half + (head == "affinity")
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        z = int(rng.integers(self.depth)) + self.pad  # the middle section, in padded indices
+        y = int(rng.integers(self.image.shape[1] - self.patch + 1))
+        x = int(rng.integers(self.image.shape[2] - self.patch + 1))
+        # one extra section on each side for the affinity head (z affinity of the middle)
+        extra = int(self.head == "affinity")
+        zs = slice(z - self.half - extra, z + self.half + 1 + extra)
+        box = (zs, slice(y, y + self.patch), slice(x, x + self.patch))
+        image = self.image[box].astype(np.float32)
+        ids = self.ids[box]
+        if self.augment:
+            image, ids = augment(image, ids, rng)
+        middle = self.half + extra
+        if self.head == "boundary":
+            target = boundary_target(ids)[middle].astype(np.int64)
+        else:
+            target = affinity_target(ids)[:, middle]
+        if extra:
+            image = image[extra:-extra]
+        return image, target
+
+    def batch(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 1, Z, P, P) float32 on the 0..255 scale, and the targets."""
+        pairs = [self.sample(rng) for _ in range(size)]
+        images = np.stack([p[0] for p in pairs])[:, None]
+        targets = np.stack([p[1] for p in pairs])
+        return np.ascontiguousarray(images), np.ascontiguousarray(targets)

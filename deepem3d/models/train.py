@@ -1,0 +1,262 @@
+"""Training DeepEM3D: SGD with momentum, poly learning rate, class-balanced loss, augmentation.
+
+The run is a function of its configuration: the batch of iteration i is drawn from
+`np.random.default_rng([seed, i])`, so a run resumed from its last checkpoint continues
+exactly as if it had never stopped (on the same device and thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import deepem3d
+from deepem3d.errors import InputError
+from deepem3d.models.checkpoint import load_checkpoint, save_checkpoint
+from deepem3d.models.data import PatchSampler, load_pair
+from deepem3d.models.losses import loss_for
+from deepem3d.models.predict import predict_sections
+
+LAST, BEST = "last.pt", "best.pt"
+
+
+@dataclass
+class TrainConfig:
+    image: str
+    labels: str
+    train_sections: tuple[int, int]
+    val_sections: tuple[int, int] | None
+    out_dir: str
+    preset: str = "tiny"
+    head: str = "boundary"
+    in_sections: int = 5
+    iterations: int = 2000
+    batch_size: int = 4
+    patch: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    power: float = 0.8
+    seed: int = 0
+    val_every: int = 200
+    resolution: tuple[float, float, float] = (4.0, 4.0, 50.0)
+    threads: int | None = None
+
+    def run_identity(self) -> dict:
+        """What must match for a resume to continue the same run."""
+        d = asdict(self)
+        for k in ("out_dir", "iterations", "val_every", "threads"):
+            d.pop(k)
+        return json.loads(json.dumps(d))
+
+
+def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
+    return base * (1 - iteration / total) ** power
+
+
+def segment_for_validation(boundary: np.ndarray) -> np.ndarray:
+    """A whole-array segmentation of a boundary map (z,y,x) to score validation with."""
+    import cc3d
+
+    labels = cc3d.connected_components(
+        np.ascontiguousarray(boundary < 0.5), connectivity=6, out_dtype=np.uint64
+    )
+    return labels
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, device: str | None = None,
+                 progress: bool = True):
+        from deepem3d.models import build_model
+
+        self.cfg = cfg
+        self.progress = progress
+        self.device = _device(device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.iterations < 1:
+            raise InputError("--iterations must be at least 1")
+        self.out = Path(cfg.out_dir)
+        image, ids = load_pair(cfg.image, cfg.labels, cfg.train_sections, "--train-sections")
+        self.sampler = PatchSampler(image, ids, in_sections=cfg.in_sections, patch=cfg.patch,
+                                    head=cfg.head)
+        self.val = None
+        if cfg.val_sections:
+            self.val = load_pair(cfg.image, cfg.labels, cfg.val_sections, "--val-sections")
+            val_sampler = PatchSampler(*self.val, in_sections=cfg.in_sections, patch=cfg.patch,
+                                       head=cfg.head, augment=False)
+            self.val_batch = val_sampler.batch(np.random.default_rng([cfg.seed, 2**31]), 8)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.preset, head=cfg.head, in_sections=cfg.in_sections)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
+        self.loss_fn = loss_for(cfg.head)
+        self.iteration = 0
+        self.history: list[dict] = []
+        self.best = math.inf
+        self.amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
+        last = self.out / LAST
+        if last.exists():
+            if not resume:
+                raise InputError(
+                    f"{self.out} already holds a training run: pass --resume to continue it, "
+                    "or choose another --out"
+                )
+            self._resume(last)
+
+    def _resume(self, path: Path) -> None:
+        payload = load_checkpoint(str(path))
+        meta = payload["meta"]
+        if meta["training"]["config"] != self.cfg.run_identity():
+            raise InputError(
+                f"{path} was trained with other settings: resume with the same ones, "
+                "or choose another --out"
+            )
+        self.model.load_state_dict(payload["state_dict"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.iteration = payload["iteration"]
+        self.history = meta["training"]["history"]
+        self.best = min(
+            (h["val_are"] for h in self.history if h.get("val_are") is not None),
+            default=math.inf,
+        )
+
+    def meta(self) -> dict:
+        return {
+            "model": self.model.config,
+            "normalization": self.model.normalization,
+            "context": list(self.model.context),
+            "divisor": self.model.divisor,
+            "resolution": list(self.cfg.resolution),
+            "training": {
+                "config": self.cfg.run_identity(),
+                "iteration": self.iteration,
+                "history": self.history,
+                "by": f"deepem3d {deepem3d.__version__}",
+                "host": socket.gethostname(),
+                "device": str(self.device),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
+        }
+
+    def step(self) -> float:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, self.iteration])
+        images, targets = self.sampler.batch(rng, cfg.batch_size)
+        x = self.model.normalize(torch.from_numpy(images).to(self.device))
+        t = torch.from_numpy(targets).to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = poly_lr(cfg.lr, self.iteration, cfg.iterations, cfg.power)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.amp:
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = self.model(x)
+            loss = self.loss_fn(logits.float(), t)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss = self.loss_fn(self.model(x), t)
+            loss.backward()
+            self.optimizer.step()
+        self.iteration += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        from deepem3d.segmentation.metrics import evaluate
+
+        self.model.eval()
+        images, targets = self.val_batch
+        x = self.model.normalize(torch.from_numpy(images).to(self.device))
+        loss = float(self.loss_fn(self.model(x), torch.from_numpy(targets).to(self.device)))
+        image, ids = self.val
+        probs = predict_sections(self.model, image, device=self.device)
+        if self.cfg.head != "boundary":
+            probs = 1 - probs.min(axis=0)
+        scores = evaluate(segment_for_validation(probs), ids.astype(np.uint64))
+        return {"val_loss": loss, "val_are": scores["adapted_rand_error"],
+                "val_voi": scores["voi"]}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        losses: list[float] = []
+        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="training",
+                   disable=not self.progress, dynamic_ncols=True)
+        while self.iteration < cfg.iterations:
+            losses.append(self.step())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations:
+                record = {"iteration": self.iteration, "train_loss": float(np.mean(losses)),
+                          "seconds": round(time.time() - start, 1)}
+                losses = []
+                if self.val is not None:
+                    record.update(self.validate())
+                    bar.write(
+                        f"iteration {self.iteration}: train loss {record['train_loss']:.4f}, "
+                        f"val loss {record['val_loss']:.4f}, val adapted Rand error "
+                        f"{record['val_are']:.4f}"
+                    )
+                self.history.append(record)
+                self.save(record)
+        bar.close()
+        return self.history[-1] if self.history else {}
+
+    def save(self, record: dict) -> None:
+        meta = self.meta()
+        save_checkpoint(self.out / LAST, self.model, meta, optimizer=self.optimizer,
+                        iteration=self.iteration)
+        are = record.get("val_are")
+        if are is None or are <= self.best:
+            self.best = are if are is not None else self.best
+            save_checkpoint(self.out / BEST, self.model, meta, iteration=self.iteration)
+        (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
+        plot_learning_curve(self.history, self.out / "learning_curve.png")
+
+
+def plot_learning_curve(history: list[dict], path: Path) -> None:
+    """Training and validation loss, and validation adapted Rand error, by iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [h["iteration"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(its, [h["train_loss"] for h in history], label="training loss")
+    if any("val_loss" in h for h in history):
+        ax.plot(its, [h.get("val_loss") for h in history], label="validation loss")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("class-balanced loss")
+    if any("val_are" in h for h in history):
+        ax2 = ax.twinx()
+        ax2.plot(its, [h.get("val_are") for h in history], "g--", label="val adapted Rand error")
+        ax2.set_ylabel("adapted Rand error")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
