@@ -129,6 +129,9 @@ def create_layer(
     )
     vol = CloudVolume(path, info=info, progress=False)
     vol.commit_info()
+    if layer_type == "segmentation":
+        # Neuroglancer refuses the whole layer when its skeleton source has no info file
+        vol.skeleton.meta.commit_info()
     if provenance is not None:
         record_provenance(vol, provenance, replace=overwrite)
     return vol

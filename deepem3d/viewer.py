@@ -14,17 +14,22 @@ Nothing here starts at import time; `ViewerSession.stop()` shuts both servers do
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import http.server
+import json
 import os
 import posixpath
 import re
 import shutil
 import socket
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import brotli  # a dependency of cloud-files, which stores .br files
 
 from deepem3d.errors import InputError
 
@@ -45,26 +50,28 @@ void main() {
 # --------------------------------------------------------------------------- file server
 
 
-def _decompress(data: bytes, encoding: str) -> bytes | None:
-    """The identity bytes of an encoded file, or None where no decoder is installed."""
-    if encoding == "gzip":
-        return gzip.decompress(data)
-    try:
-        import brotli
-    except ImportError:
-        return None
-    return brotli.decompress(data)
+def _decompress(data: bytes, encoding: str) -> bytes:
+    """The identity bytes of a file stored with `encoding` (gzip or br)."""
+    return gzip.decompress(data) if encoding == "gzip" else brotli.decompress(data)
 
 
 def _accepts(accept_encoding: str | None, encoding: str) -> bool:
     """Whether an Accept-Encoding header admits `encoding` (no header admits anything)."""
     if accept_encoding is None:
         return True
+    weights = {}
     for item in accept_encoding.split(","):
-        token, _, params = item.strip().partition(";")
-        if token.strip().lower() in (encoding, "*"):
-            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
-    return False
+        token, *params = (part.strip() for part in item.split(";"))
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[token.lower()] = weight
+    return weights.get(encoding, weights.get("*", 0.0)) > 0
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -160,18 +167,27 @@ class _LayerRequestHandler(http.server.BaseHTTPRequestHandler):
         return None, None, 404
 
     def _serve(self, body: bool) -> None:
+        parts = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).split("/", 2)[1:]
+        override = self.server.overrides.get(tuple(parts)) if len(parts) == 2 else None
+        if override is not None:
+            self._headers(200, len(override), {})
+            if body:
+                self.wfile.write(override)
+            return
         target, encoding, status = self._resolve()
         if target is None:
             self._error(status, "forbidden" if status == 403 else "not found")
             return
         try:
-            with open(target, "rb") as f:
-                if encoding is None:
-                    self._send_file(f, body)
-                else:
-                    self._send_encoded(f.read(), encoding, body)
-        except OSError:
+            f = open(target, "rb")  # closed by the `with` below
+        except OSError:  # gone since _resolve looked (a layer being rewritten)
             self._error(404, "not found")
+            return
+        with f:
+            if encoding is None:
+                self._send_file(f, body)
+            else:
+                self._send_encoded(f.read(), encoding, body)
 
     def _headers(self, status: int, length: int, extra: Mapping[str, str]) -> None:
         self.send_response(status)
@@ -213,12 +229,12 @@ class _LayerRequestHandler(http.server.BaseHTTPRequestHandler):
         wants_identity = requested is not None or not _accepts(
             self.headers.get("Accept-Encoding"), encoding
         )
-        plain = _decompress(data, encoding) if wants_identity else None
-        if plain is None:  # the client takes the stored bytes (or we cannot decode them)
+        if not wants_identity:  # the client takes the stored bytes
             self._headers(200, len(data), {"Content-Encoding": encoding, "Vary": "Accept-Encoding"})
             if body:
                 self.wfile.write(data)
             return
+        plain = _decompress(data, encoding)
         if requested is None:
             self._headers(200, len(plain), {"Vary": "Accept-Encoding"})
             if body:
@@ -239,7 +255,14 @@ class _LayerRequestHandler(http.server.BaseHTTPRequestHandler):
 class _LayerHTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     roots: dict[str, str]
+    overrides: dict[tuple[str, str], bytes]
     log: Callable[[str], None] | None
+
+    def handle_error(self, request, client_address) -> None:
+        # Neuroglancer drops requests for chunks that left the view: not worth a traceback.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _LayerHTTPServer6(_LayerHTTPServer):
@@ -261,7 +284,8 @@ class LayerFileServer:
     `roots` maps a URL-safe name to a directory: ``GET /NAME/PATH`` answers the file
     ``DIR/PATH``, or ``DIR/PATH.gz`` / ``DIR/PATH.br`` with its Content-Encoding. Only GET,
     HEAD and OPTIONS; no directory listings; no path above a root; CORS on every answer.
-    `log`, when given, receives one access-log line per request.
+    `overrides` maps (name, path) to bytes served instead of that file (the file is never
+    written). `log`, when given, receives one access-log line per request.
     """
 
     def __init__(
@@ -270,6 +294,7 @@ class LayerFileServer:
         bind_address: str = "127.0.0.1",
         port: int = 0,
         log: Callable[[str], None] | None = None,
+        overrides: Mapping[tuple[str, str], bytes] | None = None,
     ) -> None:
         for name in roots:
             if not name or "/" in name or name in (".", ".."):
@@ -284,6 +309,7 @@ class LayerFileServer:
             ) from None
         self._httpd.roots = {name: os.path.realpath(path) for name, path in roots.items()}
         self._httpd.log = log
+        self._httpd.overrides = dict(overrides or {})
         self.port: int = self._httpd.server_address[1]
         self.url = f"http://{_host_for_url(bind_address)}:{self.port}"
         self._thread = threading.Thread(
@@ -323,8 +349,15 @@ class ViewedLayer:
     source: str  # the Neuroglancer source URL (precomputed://...)
     num_channels: int
     resolution: tuple[float, float, float]  # nm, mip 0
-    center: tuple[float, float, float]  # voxels, mip 0
+    offset: tuple[int, int, int]  # voxels, mip 0
+    size: tuple[int, int, int]  # voxels, mip 0
+    num_mips: int
     local_dir: str | None = None
+    note: str | None = None  # something the user should know (e.g. what was left out)
+
+    @property
+    def center(self) -> tuple[float, float, float]:
+        return tuple(o + s / 2 for o, s in zip(self.offset, self.size))
 
 
 def _local_dir(path: str) -> str | None:
@@ -351,8 +384,32 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _describe(path: str, name: str) -> dict:
-    """Read a layer's info (InputError when it is missing) and what the viewer needs of it."""
+def _missing_skeleton_info(vol, local_dir: str | None) -> str | None:
+    """The `skeletons` directory an info names but that has no info file yet, else None.
+
+    Neuroglancer fails to load the whole layer, volume included, when the skeleton source's
+    info is missing (a mesh info may be missing: it falls back to legacy meshes).
+    """
+    skeletons = vol.info.get("skeletons")
+    if not skeletons or "://" in skeletons:
+        return None
+    key = posixpath.join(skeletons, "info")
+    if local_dir is not None:
+        plain = os.path.join(local_dir, *key.split("/"))
+        present = any(os.path.isfile(plain + suffix) for suffix in ("", ".gz", ".br"))
+    else:
+        from cloudfiles import CloudFiles
+
+        present = CloudFiles(vol.cloudpath).exists(key)
+    return None if present else skeletons
+
+
+def _describe(path: str, name: str) -> tuple[ViewedLayer, dict | None]:
+    """Check a layer (InputError when it is missing).
+
+    Returns it (its `source` still empty) and, where the viewer must see another info than
+    the one stored, that info (else None).
+    """
     from deepem3d.layers import open_layer
 
     local = _local_dir(path)
@@ -365,21 +422,38 @@ def _describe(path: str, name: str) -> dict:
             "gs://, s3://, http:// or https://"
         )
     vol = open_layer(path)
-    kind = "segmentation" if vol.info.get("type") == "segmentation" else "image"
-    offset = [float(v) for v in vol.voxel_offset]
-    size = [float(s) for s in vol.volume_size]
-    return {
-        "name": name,
-        "path": vol.cloudpath if local is None else "file://" + local,
-        "kind": kind,
-        "num_channels": int(vol.num_channels),
-        "resolution": tuple(float(r) for r in vol.resolution),
-        "center": tuple(o + s / 2 for o, s in zip(offset, size)),
-        "local_dir": local,
-    }
+    info = dict(vol.info)
+    changed = False
+    kind = "segmentation" if info.get("type") == "segmentation" else "image"
+    note = None
+    skeletons = _missing_skeleton_info(vol, local) if kind == "segmentation" else None
+    if skeletons is not None:
+        if local is not None:
+            del info["skeletons"]
+            changed = True
+            note = f"no {skeletons}/info yet: skeletons left out of the view"
+        else:
+            note = (
+                f"no {skeletons}/info yet: Neuroglancer cannot load this layer until "
+                "skeletons are made (or `skeletons` is removed from its info)"
+            )
+    layer = ViewedLayer(
+        name=name,
+        path=vol.cloudpath if local is None else "file://" + local,
+        kind=kind,
+        source="",
+        num_channels=int(vol.num_channels),
+        resolution=tuple(float(r) for r in vol.resolution),
+        offset=tuple(int(v) for v in vol.voxel_offset),
+        size=tuple(int(s) for s in vol.volume_size),
+        num_mips=len(info.get("scales", [])) or 1,
+        local_dir=local,
+        note=note,
+    )
+    return layer, (info if changed else None)
 
 
-def describe_layers(paths: Sequence[str]) -> list[dict]:
+def describe_layers(paths: Sequence[str]) -> list[tuple[ViewedLayer, dict | None]]:
     """Check every layer and give each a unique name (from its directory name)."""
     if not paths:
         raise InputError("name at least one layer to view")
@@ -406,6 +480,7 @@ class ViewerSession:
     _stop_neuroglancer: bool = field(default=False, repr=False)
 
     def stop(self) -> None:
+        """Stop serving (both servers); the URL stops working. Safe to call twice."""
         if self._file_server is not None:
             self._file_server.stop()
             self._file_server = None
@@ -434,23 +509,37 @@ def serve(
 
     `port` is the Neuroglancer viewer's port, `data_port` the local layers' file server's;
     0 picks a free one. Both listen on `bind_address` (use 0.0.0.0 to reach them from other
-    machines). The view is centred on the first layer, in nm at its mip-0 resolution.
-    `log` receives the file server's access log, one line per request.
-    Raises InputError for a missing layer or a port that cannot be bound.
+    machines). The view is centred on the first layer, in nm at its mip-0 resolution, zoomed
+    to show its whole xy extent. `log` receives the file server's access log, one line per
+    request. Raises InputError for a missing layer or a port that cannot be bound.
+
+    Neuroglancer's server is process-wide: when one is already running (another session),
+    the new viewer joins it and `bind_address` / `port` do not apply to it.
     """
     if layout is not None and layout not in LAYOUTS:
         raise InputError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     described = describe_layers(layers)
-    roots = {d["name"]: d["local_dir"] for d in described if d["local_dir"] is not None}
-    file_server = LayerFileServer(roots, bind_address, data_port, log) if roots else None
-
+    local = [(layer, info) for layer, info in described if layer.local_dir is not None]
+    file_server = None
+    if local:
+        file_server = LayerFileServer(
+            {layer.name: layer.local_dir for layer, _ in local},
+            bind_address,
+            data_port,
+            log,
+            overrides={
+                (layer.name, "info"): json.dumps(info).encode()
+                for layer, info in local
+                if info is not None
+            },
+        )
     viewed = []
-    for d in described:
-        if d["local_dir"] is not None:
-            source = "precomputed://" + file_server.layer_url(d["name"])
+    for layer, _ in described:
+        if layer.local_dir is not None:
+            source = "precomputed://" + file_server.layer_url(layer.name)
         else:
-            source = "precomputed://" + d["path"]
-        viewed.append(ViewedLayer(source=source, **d))
+            source = "precomputed://" + layer.path
+        viewed.append(dataclasses.replace(layer, source=source))
 
     try:
         import neuroglancer
@@ -481,6 +570,17 @@ def serve(
     )
 
 
+def _zoom(layer: ViewedLayer) -> float:
+    """Cross-section scale (x voxels per screen pixel) that shows the layer's xy extent.
+
+    Capped where the coarsest mip would need more than a few voxels per pixel, so that a
+    large layer without downsamples does not start by loading all of its chunks.
+    """
+    extent = max(layer.size[0], layer.size[1] * layer.resolution[1] / layer.resolution[0])
+    fit = extent / 320.0  # a 4panel quadrant of a laptop window is about 350 pixels high
+    return min(max(fit, 1 / 16), 4.0 * 2 ** (layer.num_mips - 1))
+
+
 def _show(neuroglancer, viewer, viewed: Sequence[ViewedLayer], layout: str | None) -> None:
     first = viewed[0]
     with viewer.txn() as s:
@@ -488,6 +588,8 @@ def _show(neuroglancer, viewer, viewed: Sequence[ViewedLayer], layout: str | Non
             names=["x", "y", "z"], units="nm", scales=list(first.resolution)
         )
         s.position = list(first.center)
+        s.cross_section_scale = _zoom(first)
+        s.projection_scale = 2.5 * 320 * _zoom(first)
         for layer in viewed:
             if layer.kind == "segmentation":
                 s.layers[layer.name] = neuroglancer.SegmentationLayer(source=layer.source)

@@ -8,6 +8,8 @@ import threading
 
 import click
 
+from deepem3d.viewer import LAYOUTS, serve
+
 
 @click.command()
 @click.argument("layers", nargs=-1, required=True, metavar="LAYER [LAYER...]")
@@ -17,7 +19,7 @@ import click
               help="Port of the Neuroglancer viewer, the URL to open (default: a free one).")
 @click.option("--data-port", type=click.IntRange(0, 65535), default=0,
               help="Port of the file server of local layers (default: a free one).")
-@click.option("--layout", type=click.Choice(["4panel", "xy", "xz", "yz", "3d", "xy-3d"]),
+@click.option("--layout", type=click.Choice(LAYOUTS),
               default=None, help="Neuroglancer panel layout (default: 4panel).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Log every request to the local layers' file server on stderr.")
@@ -31,28 +33,31 @@ def view(
     read-only by a small file server; remote ones are fetched by the browser itself.
     Image layers show as grey (three channels as RGB), segmentation layers in colour.
     """
-    from deepem3d.viewer import serve
-
     def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+        sys.stderr.write(line + "\n")  # one write: lines from several threads stay whole
+        sys.stderr.flush()
 
-    session = serve(
-        layers, bind_address=bind_address, port=port, data_port=data_port, layout=layout,
-        log=log if verbose else None,
-    )
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     try:
-        for layer in session.layers:
-            click.echo(f"{layer.kind:<12} {layer.name}: {layer.path}", err=True)
-        click.echo(f"Neuroglancer: {session.url}")
-        sys.stdout.flush()
-        click.echo("serving until Ctrl-C", err=True)
-        while not stop.wait(0.5):
+        session = serve(
+            layers, bind_address=bind_address, port=port, data_port=data_port, layout=layout,
+            log=log if verbose else None,
+        )
+        try:
+            for layer in session.layers:
+                click.echo(f"{layer.kind:<12} {layer.name}: {layer.path}", err=True)
+                if layer.note:
+                    click.echo(f"  note: {layer.note}", err=True)
+            click.echo(f"Neuroglancer: {session.url}")
+            sys.stdout.flush()
+            click.echo("serving until Ctrl-C", err=True)
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
             pass
-    except KeyboardInterrupt:
-        pass
+        finally:
+            session.stop()
     finally:
         signal.signal(signal.SIGTERM, previous)
-        session.stop()
     click.echo("viewer stopped", err=True)

@@ -1,0 +1,320 @@
+"""`deepem3d view`: the layer file server over HTTP, the viewer session, and a real browser.
+
+The browser test drives Debian's chromium (apt-get install chromium) with PyPI's playwright;
+Neuroglancer draws with WebGL through SwiftShader. It is skipped where either is missing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import io
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import brotli  # a dependency of cloud-files
+import numpy as np
+import pytest
+
+from deepem3d.layers import create_layer
+from deepem3d.viewer import LayerFileServer, serve
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SHAPE = (64, 64, 8)
+CHUNK = (32, 32, 8)
+
+
+def make_layers(root: Path) -> tuple[Path, Path]:
+    """A uint8 image with a pattern and a uint64 segmentation of 16 blocks, on file://."""
+    x, y, z = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1], 0 : SHAPE[2]]
+    image = ((x * 4 + (y // 8) * 20 + z * 10) % 256).astype(np.uint8)
+    labels = (1 + x // 16 + 4 * (y // 16)).astype(np.uint64)
+    common = dict(resolution=(8, 8, 40), size=SHAPE, chunk_size=CHUNK)
+    vol = create_layer(str(root / "image"), layer_type="image", dtype="uint8", **common)
+    vol[:, :, :] = image
+    vol = create_layer(str(root / "seg"), layer_type="segmentation", dtype="uint64", **common)
+    vol[:, :, :] = labels
+    return root / "image", root / "seg"
+
+
+def request(port: int, path: str, method: str = "GET", headers: dict | None = None):
+    """One raw request (http.client keeps `..` in the path as it is)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response, response.read()
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- file server
+
+
+def test_file_server_serves_layers_read_only(tmp_path):
+    image, _ = make_layers(tmp_path / "layers")
+    (tmp_path / "layers" / "secret.txt").write_text("not part of any layer")
+    os.symlink(tmp_path / "layers" / "secret.txt", image / "link")
+    chunk = "8_8_40/0-32_0-32_0-8"
+    stored = (image / (chunk + ".gz")).read_bytes()
+    assert not (image / chunk).exists()
+
+    with LayerFileServer({"image": str(image)}) as server:
+        port = server.port
+        assert server.url == f"http://127.0.0.1:{port}"
+
+        response, body = request(port, "/image/info")
+        assert response.status == 200
+        assert json.loads(body)["type"] == "image"
+        assert response.getheader("Access-Control-Allow-Origin") == "*"
+        assert response.getheader("Content-Type") == "application/json"
+
+        # The chunk goes out as stored, gzipped, for a client that takes gzip.
+        response, body = request(port, f"/image/{chunk}", headers={"Accept-Encoding": "gzip"})
+        assert response.status == 200
+        assert response.getheader("Content-Encoding") == "gzip"
+        assert response.getheader("Access-Control-Allow-Origin") == "*"
+        assert body == stored
+        assert gzip.decompress(body) == gzip.decompress(stored)
+        assert len(gzip.decompress(body)) == 32 * 32 * 8  # raw uint8 chunk
+
+        # A client that refuses gzip gets the identity bytes; a Range gets a slice of them.
+        response, body = request(port, f"/image/{chunk}", headers={"Accept-Encoding": "identity"})
+        assert response.status == 200 and response.getheader("Content-Encoding") is None
+        assert body == gzip.decompress(stored)
+        response, body = request(port, f"/image/{chunk}", headers={"Range": "bytes=10-19"})
+        assert response.status == 206 and body == gzip.decompress(stored)[10:20]
+        response, body = request(port, "/image/info", headers={"Range": "bytes=0-0"})
+        assert response.status == 206 and body == b"{"
+
+        # A plain file wins over its .gz; .br goes out with Content-Encoding br.
+        (image / "both").write_bytes(b"plain")
+        (image / "both.gz").write_bytes(gzip.compress(b"gzipped"))
+        response, body = request(port, "/image/both", headers={"Accept-Encoding": "gzip"})
+        assert response.getheader("Content-Encoding") is None and body == b"plain"
+        (image / "extra.br").write_bytes(brotli.compress(b"brotli bytes"))
+        response, body = request(port, "/image/extra", headers={"Accept-Encoding": "gzip, br"})
+        assert response.getheader("Content-Encoding") == "br"
+        assert brotli.decompress(body) == b"brotli bytes"
+
+        # HEAD: the headers, no body. OPTIONS: the CORS preflight.
+        response, body = request(port, "/image/info", method="HEAD")
+        assert response.status == 200 and body == b""
+        assert int(response.getheader("Content-Length")) == (image / "info").stat().st_size
+        response, _ = request(port, f"/image/{chunk}", method="OPTIONS")
+        assert response.status == 204
+        assert response.getheader("Access-Control-Allow-Origin") == "*"
+        assert "GET" in response.getheader("Access-Control-Allow-Methods")
+        assert "range" in response.getheader("Access-Control-Allow-Headers").lower()
+
+        # Nothing above the served root, by `..` (plain or %-encoded) or by a link.
+        for escape in (
+            "/image/../secret.txt",
+            "/image/%2e%2e/secret.txt",
+            "/image/8_8_40/../../secret.txt",
+            "/../layers/secret.txt",
+            "/image/link",
+        ):
+            response, body = request(port, escape)
+            assert response.status == 403, escape
+            assert b"not part of any layer" not in body
+            assert response.getheader("Access-Control-Allow-Origin") == "*"
+
+        # Missing files, unknown layers and directories are 404; writes are refused.
+        for missing in ("/image/8_8_40/0-32_0-32_8-16", "/other/info", "/image/8_8_40", "/"):
+            response, _ = request(port, missing)
+            assert response.status == 404, missing
+        response, _ = request(port, "/image/info", method="PUT")
+        assert response.status == 405
+        assert (image / "info").is_file()
+
+
+def test_serve_without_browser(tmp_path):
+    """The session: names, kinds, URLs; the stored info left alone; skeletons left out of a
+    layer whose skeletons/info another tool never wrote."""
+    image, seg = make_layers(tmp_path / "a")
+    other_image, _ = make_layers(tmp_path / "b")
+    (seg / "skeletons" / "info").unlink()  # create_layer writes it; other tools may not
+    session = serve([str(image), "file://" + str(seg), str(other_image)])
+    try:
+        assert session.url.startswith("http://127.0.0.1:") and "/v/" in session.url
+        names = [layer.name for layer in session.layers]
+        assert names == ["image", "seg", "image-2"]
+        assert [layer.kind for layer in session.layers] == ["image", "segmentation", "image"]
+        assert session.layers[0].center == (32.0, 32.0, 4.0)
+        assert session.layers[1].source == f"precomputed://{session.data_url}/seg"
+        assert session.layers[1].note is not None and "skeletons" in session.layers[1].note
+
+        port = int(session.data_url.rsplit(":", 1)[1])
+        served = json.loads(request(port, "/seg/info")[1])
+        assert "skeletons" not in served and served["mesh"] == "mesh"
+        assert json.loads((seg / "info").read_text())["skeletons"] == "skeletons"
+        state = session.viewer.state
+        assert np.allclose(state.dimensions.scales, [8e-9, 8e-9, 40e-9])  # in metres
+        assert tuple(state.dimensions.units) == ("m", "m", "m")
+        assert list(state.position) == [32.0, 32.0, 4.0]
+    finally:
+        session.stop()
+    with pytest.raises(OSError):
+        request(port, "/image/info")
+
+
+def test_serve_remote_layers_as_they_are(tmp_path):
+    """http(s)://, gs://, s3:// layers go to Neuroglancer as precomputed:// URLs, unserved."""
+    image, seg = make_layers(tmp_path)
+    (seg / "skeletons" / "info").unlink()  # as a layer from a tool that names but never writes it
+    with LayerFileServer({"image": str(image), "seg": str(seg)}) as remote:
+        session = serve([f"{remote.url}/image/", f"precomputed://{remote.url}/seg"])
+        try:
+            assert session.data_url is None  # nothing local to serve
+            assert [layer.source for layer in session.layers] == [
+                f"precomputed://{remote.url}/image",
+                f"precomputed://{remote.url}/seg",
+            ]
+            assert [layer.kind for layer in session.layers] == ["image", "segmentation"]
+            # The remote info cannot be amended: the user is told why the layer will not load.
+            assert "cannot load" in session.layers[1].note
+        finally:
+            session.stop()
+
+
+# --------------------------------------------------------------------------- CLI errors
+
+
+def test_view_missing_layer(tmp_path):
+    assert_one_line_error(run_cli("view", str(tmp_path / "nope"), timeout=60), "no layer")
+    assert_one_line_error(run_cli("view", str(tmp_path), timeout=60), "no precomputed layer")
+
+
+# --------------------------------------------------------------------------- browser
+
+
+def _reader(stream, lines: queue.Queue, log: list[str]) -> None:
+    for line in stream:
+        log.append(line)
+        lines.put(line)
+    lines.put(None)
+
+
+def _data_drawn(png: bytes) -> tuple[bool, int]:
+    """Whether the centre of the xy panel shows the segmentation's colours over the image."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    h, w, _ = pixels.shape
+    centre = pixels[int(h * 0.4) : int(h * 0.6), int(w * 0.4) : int(w * 0.6)]
+    colours = {tuple(p) for p in centre.reshape(-1, 3)}
+    saturated = (centre.max(axis=2) - centre.min(axis=2) > 30).mean()
+    return len(colours) >= 16 and saturated > 0.5, len(colours)
+
+
+def test_view_in_headless_chromium(tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian chromium not installed: apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright not installed: pip install playwright")
+    image, seg = make_layers(tmp_path)
+
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepem3d", "view", "--layout", "xy", "-v", str(image), str(seg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    stdout_lines: queue.Queue = queue.Queue()
+    stdout_log: list[str] = []
+    stderr_log: list[str] = []
+    for stream, lines, log in (
+        (proc.stdout, stdout_lines, stdout_log),
+        (proc.stderr, queue.Queue(), stderr_log),
+    ):
+        threading.Thread(target=_reader, args=(stream, lines, log), daemon=True).start()
+    try:
+        url = None
+        while url is None:
+            try:
+                line = stdout_lines.get(timeout=max(1.0, 30 - (time.monotonic() - started)))
+            except queue.Empty:
+                line = None
+            assert line is not None, f"no URL printed; stderr: {''.join(stderr_log)}"
+            if line.startswith("Neuroglancer: "):
+                url = line.split(": ", 1)[1].strip()
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v/\w+/", url), url
+
+        responses = []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 800})
+                page.on("response", lambda response: responses.append(response))
+                page.goto(url, timeout=30_000)
+                deadline = time.monotonic() + 40
+                drawn, colours, png = False, 0, b""
+                while time.monotonic() < deadline:
+                    chunks = [r for r in responses if re.search(r"/(image|seg)/8_8_40/", r.url)]
+                    if len(chunks) >= 8:  # 4 chunks per layer
+                        png = page.screenshot()
+                        drawn, colours = _data_drawn(png)
+                        if drawn:
+                            break
+                    page.wait_for_timeout(500)
+                (tmp_path / "screenshot.png").write_bytes(png)
+                assert drawn, (
+                    f"no data drawn ({colours} colours; screenshot {tmp_path / 'screenshot.png'})"
+                )
+                # What the browser got: every chunk of both layers, gzip undone by the browser.
+                by_path = {re.sub(r"^http://[^/]+", "", r.url): r for r in chunks}
+                for layer in ("image", "seg"):
+                    for name in ("0-32_0-32_0-8", "32-64_0-32_0-8", "0-32_32-64_0-8"):
+                        response = by_path[f"/{layer}/8_8_40/{name}"]
+                        assert response.status == 200
+                        assert response.headers.get("content-encoding") == "gzip"
+                image_chunk = by_path["/image/8_8_40/0-32_0-32_0-8"].body()
+                assert image_chunk == gzip.decompress(
+                    (image / "8_8_40" / "0-32_0-32_0-8.gz").read_bytes()
+                )
+            finally:
+                browser.close()
+
+        # The file server's own access log (stderr, --verbose) saw the same requests.
+        log = "".join(stderr_log)
+        assert '"GET /image/8_8_40/0-32_0-32_0-8 HTTP/1.1" 200' in log, log
+        assert '"GET /seg/8_8_40/0-32_0-32_0-8 HTTP/1.1" 200' in log, log
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, "".join(stderr_log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in "".join(stderr_log)
+    # Keep a copy for people who want to look at what the browser drew.
+    if os.environ.get("DEEPEM3D_SCREENSHOT"):
+        shutil.copy(tmp_path / "screenshot.png", os.environ["DEEPEM3D_SCREENSHOT"])
