@@ -142,7 +142,8 @@ class Trainer:
     def meta(self) -> dict:
         return {
             "model": self.model.config,
-            "normalization": self.model.normalization,
+            "normalization": {"mean": self.model.config["input_mean"],
+                              "std": self.model.config["input_std"]},
             "context": list(self.model.context),
             "divisor": self.model.divisor,
             "resolution": list(self.cfg.resolution),
