@@ -1,0 +1,147 @@
+"""Training: the loss goes down on real EM, checkpoints round-trip, resume continues the run,
+and bad input is refused with one line."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from deepem3d.errors import InputError
+from deepem3d.models import build_model
+from deepem3d.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from deepem3d.models.data import PatchSampler, load_pair
+from deepem3d.models.losses import balanced_cross_entropy
+from deepem3d.models.train import Trainer, TrainConfig
+from deepem3d.sample import load_sample
+from tests.conftest import assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def sample_h5(tmp_path_factory):
+    """The embedded sample's first 8 sections, cropped, as an HDF5 file (z,y,x)."""
+    path = tmp_path_factory.mktemp("data") / "sample.h5"
+    image, ids = load_sample()
+    with h5py.File(path, "w") as f:
+        f["raw"] = image[:8, :96, :96]
+        f["ids"] = ids[:8, :96, :96]
+    return path
+
+
+def config(h5, out, **kw) -> TrainConfig:
+    base = dict(
+        image=f"{h5}:/raw", labels=f"{h5}:/ids", train_sections=(0, 6), val_sections=None,
+        out_dir=str(out), preset="tiny", iterations=6, batch_size=2, patch=64, val_every=3,
+        threads=1,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_lowers_the_loss_on_fib_sem(shared_data, tmp_path):
+    h5 = shared_data / "gala_fib_small" / "gala_fib_small.h5"
+    image, ids = load_pair(f"{h5}:/train/raw", f"{h5}:/train/neuron_ids", (0, 20), "sections")
+    fixed = PatchSampler(image, ids, in_sections=5, patch=64, augment=False)
+    x, t = fixed.batch(np.random.default_rng(123), 4)
+    cfg = TrainConfig(
+        image=f"{h5}:/train/raw", labels=f"{h5}:/train/neuron_ids", train_sections=(0, 20),
+        val_sections=None, out_dir=str(tmp_path), preset="tiny", iterations=30, batch_size=4,
+        patch=64, val_every=30, resolution=(10, 10, 10), threads=1,
+    )
+    trainer = Trainer(cfg, progress=False)
+
+    def fixed_loss() -> float:
+        # batch statistics, as in training: running BN averages lag after a few steps
+        trainer.model.train()
+        with torch.no_grad():
+            logits = trainer.model(trainer.model.normalize(torch.from_numpy(x)))
+        return float(balanced_cross_entropy(logits, torch.from_numpy(t)))
+
+    before = fixed_loss()
+    trainer.run()
+    after = fixed_loss()
+    assert after < 0.97 * before, (before, after)
+    assert (tmp_path / "learning_curve.png").stat().st_size > 1000
+    assert (tmp_path / "best.pt").exists()
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny", in_sections=5).eval()
+    x = model.normalize(torch.randint(0, 256, (1, 1, 5, 64, 64)).float())
+    meta = {"model": model.config, "resolution": [4, 4, 50]}
+    save_checkpoint(tmp_path / "m.pt", model, meta)
+    loaded, loaded_meta = load_model(str(tmp_path / "m.pt"))
+    assert loaded_meta["resolution"] == [4, 4, 50]
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_resume_continues_the_same_run(sample_h5, tmp_path):
+    straight = Trainer(config(sample_h5, tmp_path / "a"), progress=False)
+    straight.run()
+    first = Trainer(config(sample_h5, tmp_path / "b", iterations=6), progress=False)
+    first.cfg.iterations = 6
+    # stop after 3 iterations: run with the same total, interrupted at the first checkpoint
+    while first.iteration < 3:
+        first.step()
+    first.save({"iteration": 3, "train_loss": 0.0})
+    resumed = Trainer(config(sample_h5, tmp_path / "b"), resume=True, progress=False)
+    assert resumed.iteration == 3
+    resumed.run()
+    a = straight.model.state_dict()
+    b = resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refuses_to_clobber_or_resume_with_other_settings(sample_h5, tmp_path):
+    Trainer(config(sample_h5, tmp_path), progress=False).run()
+    with pytest.raises(InputError, match="--resume"):
+        Trainer(config(sample_h5, tmp_path), progress=False)
+    with pytest.raises(InputError, match="other settings"):
+        Trainer(config(sample_h5, tmp_path, lr=0.5), resume=True, progress=False)
+
+
+def test_train_bad_input(sample_h5, tmp_path):
+    h5 = sample_h5
+    with h5py.File(tmp_path / "short.h5", "w") as f:
+        f["ids"] = np.ones((8, 64, 96), dtype=np.uint16)
+    args = ["train", "--image", f"{h5}:/raw", "--out", tmp_path / "o", "--resolution", "4,4,50",
+            "--iterations", "2", "--patch", "32"]
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{tmp_path / 'short.h5'}:/ids", "--train-sections", "0:6"),
+        "differ in shape",
+    )
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:60"), "outside"
+    )
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0-6"), "malformed"
+    )
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
+                "--val-sections", "5:8"), "overlap"
+    )
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--preset", "huge"),
+        "preset",
+    )
+
+
+def test_corrupted_and_incompatible_checkpoints(tmp_path):
+    model = build_model("tiny")
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, model, {"model": model.config})
+    corrupted = tmp_path / "corrupted.pt"
+    corrupted.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(InputError, match="not a readable deepem3d checkpoint"):
+        load_checkpoint(str(corrupted))
+    payload = torch.load(good, weights_only=True)
+    payload["version"] = 99
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    with pytest.raises(InputError, match="format 99"):
+        load_checkpoint(str(old))
+    with pytest.raises(InputError, match="no checkpoint"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
