@@ -49,6 +49,22 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
+def export_checkpoint(src: str, dest: str | os.PathLike, *, half: bool = True) -> None:
+    """A shippable copy of a training checkpoint: weights (float16 by default, loaded back
+    into float32) and meta, without the optimizer state."""
+    payload = load_checkpoint(src)
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v)
+        for k, v in payload["state_dict"].items()
+    }
+    out = {key: payload[key] for key in ("format", "version", "deepem3d", "iteration")}
+    meta = dict(payload["meta"], exported_from={"sha256": payload["sha256"], "half": half})
+    out.update(meta=json.dumps(meta, sort_keys=True), state_dict=state)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, dest)
+
+
 def resolve_model(name_or_path: str | None) -> str:
     """A shipped model's name (e.g. isbi2012-tiny) or a path/URL -> a loadable location."""
     name = name_or_path or DEFAULT_MODEL
