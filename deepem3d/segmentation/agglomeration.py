@@ -1,0 +1,612 @@
+"""Agglomeration on the merged region graph, and the remap of supervoxels to segments.
+
+Everything here works on the global `RegionGraph` (one per dataset), so merge decisions cannot
+depend on chunking. Results are tables parallel to `graph.ids`: entry i is the segment id of
+supervoxel `graph.ids[i]`. A segment's id is the smallest supervoxel id in it (a supervoxel id is
+1 + a global voxel index, so segment ids are chunk-independent too, and never 0).
+
+- `mean`: waterz's ``OneMinus<MeanAffinity>``: while the edge of lowest score
+  1 - mean affinity is below the threshold, merge it; the merged region's edges to a common
+  neighbour combine their affinity sums and counts. Ties on the score go to the edge whose
+  smallest constituent (u, v) supervoxel pair comes first. Several thresholds are one run,
+  snapshotted at each (ascending), as waterz does.
+- `watershed`: DeepEM3D's h-minima watershed, on the graph. Each region has a floor and the
+  lowest voxel (id) where it is attained; regions compare by (floor, id). Edges are taken by
+  increasing saddle (ties: the order of (u, v)). When an edge joins two different regions, the
+  one that is higher by (floor, id) has just met a deeper region for the first time at this
+  saddle s, so its dynamic is s - floor. If that dynamic is below h * 255 it is merged into the
+  deeper one, which keeps its floor; otherwise both stay, and since later saddles are not lower
+  they stay separate for good. The result is the catchment basins of the minima whose dynamic
+  is at least h: the h-minima of skimage/MATLAB (`imhmin`), each grown over whole supervoxels.
+- dust: segments of fewer voxels than `size` (global sizes, from the merged graph) are, from
+  the smallest up (ties: smaller id), merged into the neighbouring segment they share most
+  contact with (ties: the smaller id), sizes updated as they go, until every segment with a
+  neighbour has at least `size` voxels (mode "merge", default; a segment with no neighbour at
+  all, a whole connected component, is kept); or set to 0 (mode "zero").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import fastremap
+import numpy as np
+from numba import njit
+
+from deepem3d.segmentation.region_graph import RegionGraph
+
+__all__ = [
+    "agglomerate",
+    "agglomerate_mean",
+    "agglomerate_watershed",
+    "merge_dust",
+    "remap",
+]
+
+Method = Literal["mean", "watershed"]
+
+
+# --------------------------------------------------------------------------- numba kernels
+
+
+@njit(cache=True)
+def _find(parent, i):
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+@njit(cache=True)
+def _less(hf, hi, i, j):
+    return hf[i, 0] < hf[j, 0] or (hf[i, 0] == hf[j, 0] and hi[i, 1] < hi[j, 1])
+
+
+@njit(cache=True)
+def _swap(hi, i, j):
+    for c in range(4):
+        hi[i, c], hi[j, c] = hi[j, c], hi[i, c]
+
+
+@njit(cache=True)
+def _push(hf, hi, hn, score, tie, item, version):
+    """Min-heap on (score, tie); a row is (score as float64 bits, tie, item, version).
+
+    hf and hi are float64 and int64 views of the same (capacity, 4) buffer: one row per
+    entry keeps a sift to one cache line per level. Returns the new size.
+    """
+    i = hn
+    hf[i, 0] = score
+    hi[i, 1] = tie
+    hi[i, 2] = item
+    hi[i, 3] = version
+    while i > 0:
+        p = (i - 1) // 2
+        if _less(hf, hi, i, p):
+            _swap(hi, i, p)
+            i = p
+        else:
+            break
+    return hn + 1
+
+
+@njit(cache=True)
+def _pop(hf, hi, hn):
+    """Drop the top of the heap; returns the new size."""
+    hn -= 1
+    if hn > 0:
+        _swap(hi, 0, hn)
+        i = 0
+        while True:
+            left = 2 * i + 1
+            if left >= hn:
+                break
+            c = left
+            if left + 1 < hn and _less(hf, hi, left + 1, left):
+                c = left + 1
+            if _less(hf, hi, c, i):
+                _swap(hi, c, i)
+                i = c
+            else:
+                break
+    return hn
+
+
+@njit(cache=True)
+def _heap(capacity):
+    hi = np.empty((capacity, 4), np.int64)
+    return hi.view(np.float64), hi
+
+
+# edge rows: (a, b, count, affinity sum, tie, alive, version, spare); 64 bytes, one cache line
+_A, _B, _CNT, _TOT, _TIE, _ALIVE, _VER = 0, 1, 2, 3, 4, 5, 6
+
+
+@njit(cache=True)
+def _edge_rows(ea, eb, cnt, tot):
+    m = ea.size
+    rows = np.zeros((m, 8), np.int64)
+    for e in range(m):
+        rows[e, _A] = ea[e]
+        rows[e, _B] = eb[e]
+        rows[e, _CNT] = cnt[e]
+        rows[e, _TOT] = tot[e]
+        rows[e, _TIE] = e
+        rows[e, _ALIVE] = 1
+    return rows
+
+
+@njit(cache=True)
+def _adjacency(n, rows):
+    """Per-node edge lists in one pool: start, length, capacity, pool, top."""
+    m = rows.shape[0]
+    deg = np.zeros(n, np.int64)
+    for e in range(m):
+        deg[rows[e, _A]] += 1
+        deg[rows[e, _B]] += 1
+    start = np.empty(n, np.int64)
+    acc = 0
+    for i in range(n):
+        start[i] = acc
+        acc += deg[i]
+    length = np.zeros(n, np.int64)
+    pool = np.empty(max(2 * acc, 16), np.int64)
+    for e in range(m):
+        a = rows[e, _A]
+        b = rows[e, _B]
+        pool[start[a] + length[a]] = e
+        length[a] += 1
+        pool[start[b] + length[b]] = e
+        length[b] += 1
+    return start, length, deg.copy(), pool, acc
+
+
+@njit(cache=True)
+def _append(s, g, start, length, cap, pool, top):
+    """Add edge g to node s's list, moving the list to the pool's end when it is full."""
+    if length[s] == cap[s]:
+        newcap = max(2 * cap[s], 4)
+        if top + newcap > pool.size:
+            bigger = np.empty(max(2 * pool.size, top + newcap), np.int64)
+            bigger[:top] = pool[:top]
+            pool = bigger
+        pool[top : top + length[s]] = pool[start[s] : start[s] + length[s]]
+        start[s] = top
+        cap[s] = newcap
+        top += newcap
+    pool[start[s] + length[s]] = g
+    length[s] += 1
+    return pool, top
+
+
+@njit(cache=True)
+def _other(rows, e, node):
+    return rows[e, _B] if rows[e, _A] == node else rows[e, _A]
+
+
+@njit(cache=True)
+def _merge_regions(x, y, rows, start, length, cap, pool, top, mark, changed):
+    """Merge region y with x (their edge already dead); returns survivor, pool, top, #changed.
+
+    The survivor keeps the longer edge list. An edge of the other region to a neighbour the
+    survivor also touches is folded into the survivor's edge (sums and counts add, the tie is
+    the smaller) and listed in `changed`; any other edge is moved over. The survivor's edge to
+    a neighbour is found by marking the survivor's neighbours, or, when that is cheaper (a large
+    region absorbing a small one), by scanning each neighbour's own list: the same edges either
+    way, so the result does not depend on which.
+    """
+    if length[x] >= length[y]:
+        s, o = x, y
+    else:
+        s, o = y, x
+    # compact o's list, and price the two ways of finding s's edges
+    through_neighbours = 0
+    k = 0
+    st = start[o]
+    for j in range(length[o]):
+        g = pool[st + j]
+        if rows[g, _ALIVE]:
+            pool[st + k] = g
+            k += 1
+            through_neighbours += length[_other(rows, g, o)]
+    length[o] = k
+    by_marks = through_neighbours >= length[s] + length[o]
+    if by_marks:
+        k = 0
+        st = start[s]
+        for j in range(length[s]):
+            f = pool[st + j]
+            if rows[f, _ALIVE]:
+                pool[st + k] = f
+                k += 1
+                mark[_other(rows, f, s)] = f
+        length[s] = k
+    nch = 0
+    for j in range(length[o]):
+        g = pool[start[o] + j]
+        z = _other(rows, g, o)
+        if by_marks:
+            f = mark[z]
+        else:
+            f = -1
+            k = 0
+            st = start[z]
+            for i in range(length[z]):
+                h = pool[st + i]
+                if rows[h, _ALIVE]:
+                    pool[st + k] = h
+                    k += 1
+                    if _other(rows, h, z) == s:
+                        f = h
+            length[z] = k
+        if f >= 0:
+            rows[f, _CNT] += rows[g, _CNT]
+            rows[f, _TOT] += rows[g, _TOT]
+            if rows[g, _TIE] < rows[f, _TIE]:
+                rows[f, _TIE] = rows[g, _TIE]
+            rows[g, _ALIVE] = 0
+            changed[nch] = f
+            nch += 1
+        else:
+            if rows[g, _A] == o:
+                rows[g, _A] = s
+            else:
+                rows[g, _B] = s
+            pool, top = _append(s, g, start, length, cap, pool, top)
+            if by_marks:
+                mark[z] = g
+    if by_marks:
+        for j in range(length[s]):
+            mark[_other(rows, pool[start[s] + j], s)] = -1
+    length[o] = 0
+    return s, pool, top, nch
+
+
+@njit(cache=True)
+def _score(rows, e):
+    return 1.0 - (float(rows[e, _TOT]) / float(rows[e, _CNT])) / 255.0
+
+
+_BINS = 65536
+
+
+@njit(cache=True)
+def _mean(n, ea, eb, cnt, tot, thresholds):
+    """Greedy mean-affinity merging; row t: min node index of each node's region.
+
+    The queue is monotone: a merged edge's mean lies between those of its parts, so no score
+    pushed is below the last one popped (IEEE rounding is monotone too). Hence a bucket queue
+    on the score (`_BINS` bins) with an exact (score, tie) heap only for the current bin: the
+    same order as one global heap, at O(1) per push into a later bin. Edges scoring at or
+    above the largest threshold are never queued: they can only enter through a merge.
+    """
+    rows = _edge_rows(ea, eb, cnt, tot)
+    m = rows.shape[0]
+    start, length, cap, pool, top = _adjacency(n, rows)
+    limit = thresholds[thresholds.size - 1] if thresholds.size else 0.0
+    # later bins: singly linked lists of (score bits, tie, edge, version, next)
+    head = np.full(_BINS + 1, -1, np.int64)
+    items = np.empty((max(m, 16), 5), np.int64)
+    itemf = items.view(np.float64)
+    nitems = 0
+    hf, hi = _heap(4096)  # holds one bin at a time; grows if a bin is larger
+    hn = 0
+    current = 0
+    for e in range(m):
+        score = _score(rows, e)
+        if score < limit:
+            b = min(int(score * _BINS), _BINS)
+            if nitems == items.shape[0]:
+                items = _grow_rows(items, 2 * nitems)
+                itemf = items.view(np.float64)
+            itemf[nitems, 0] = score
+            items[nitems, 1] = e
+            items[nitems, 2] = e
+            items[nitems, 3] = 0
+            items[nitems, 4] = head[b]
+            head[b] = nitems
+            nitems += 1
+    parent = np.arange(n)
+    minidx = np.arange(n)
+    mark = np.full(n, -1, np.int64)
+    changed = np.empty(m + 1, np.int64)
+    out = np.empty((thresholds.size, n), np.int64)
+    for ti in range(thresholds.size):
+        t = thresholds[ti]
+        while True:
+            if hn == 0:
+                # move on to the next non-empty bin, whose entries become the exact heap
+                while current <= _BINS and head[current] < 0:
+                    current += 1
+                if current > _BINS:
+                    break
+                k = head[current]
+                head[current] = -1
+                while k >= 0:
+                    if hn == hi.shape[0]:
+                        hf, hi = _grow_heap(hi, 2 * hn)
+                    hn = _push(hf, hi, hn, itemf[k, 0], items[k, 1], items[k, 2], items[k, 3])
+                    k = items[k, 4]
+                continue
+            e = hi[0, 2]
+            if rows[e, _ALIVE] == 0 or hi[0, 3] != rows[e, _VER]:
+                hn = _pop(hf, hi, hn)
+                continue
+            if not hf[0, 0] < t:
+                break
+            hn = _pop(hf, hi, hn)
+            rows[e, _ALIVE] = 0
+            x = rows[e, _A]
+            y = rows[e, _B]
+            s, pool, top, nch = _merge_regions(
+                x, y, rows, start, length, cap, pool, top, mark, changed
+            )
+            o = y if s == x else x
+            parent[o] = s
+            minidx[s] = min(minidx[s], minidx[o])
+            for k in range(nch):
+                f = changed[k]
+                rows[f, _VER] += 1
+                score = _score(rows, f)
+                if not score < limit:
+                    continue
+                b = min(int(score * _BINS), _BINS)
+                if b <= current:  # == current: monotone, never below
+                    if hn == hi.shape[0]:
+                        hf, hi = _grow_heap(hi, 2 * hn)
+                    hn = _push(hf, hi, hn, score, rows[f, _TIE], f, rows[f, _VER])
+                else:
+                    if nitems == items.shape[0]:
+                        items = _grow_rows(items, 2 * nitems)
+                        itemf = items.view(np.float64)
+                    itemf[nitems, 0] = score
+                    items[nitems, 1] = rows[f, _TIE]
+                    items[nitems, 2] = f
+                    items[nitems, 3] = rows[f, _VER]
+                    items[nitems, 4] = head[b]
+                    head[b] = nitems
+                    nitems += 1
+        for i in range(n):
+            out[ti, i] = minidx[_find(parent, i)]
+    return out
+
+
+@njit(cache=True)
+def _grow_rows(rows, size):
+    out = np.empty((size, rows.shape[1]), rows.dtype)
+    out[: rows.shape[0]] = rows
+    return out
+
+
+@njit(cache=True)
+def _grow_heap(hi, size):
+    bigger = _grow_rows(hi, size)
+    return bigger.view(np.float64), bigger
+
+
+@njit(cache=True)
+def _watershed(n, ea, eb, order, saddle, floors, h255):
+    """Merge by dynamics in saddle order; returns the min node index of each node's region."""
+    parent = np.arange(n)
+    floor = floors.astype(np.int64)
+    lowest = np.arange(n)  # node holding the region's floor; node order is id order
+    minidx = np.arange(n)
+    for k in range(order.size):
+        e = order[k]
+        a = _find(parent, ea[e])
+        b = _find(parent, eb[e])
+        if a == b:
+            continue
+        if floor[a] > floor[b] or (floor[a] == floor[b] and lowest[a] > lowest[b]):
+            high, deep = a, b
+        else:
+            high, deep = b, a
+        if saddle[e] - floor[high] < h255:
+            parent[high] = deep
+            minidx[deep] = min(minidx[deep], minidx[high])
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = minidx[_find(parent, i)]
+    return out
+
+
+@njit(cache=True)
+def _dust(n, sizes_in, ea, eb, cnt, size):
+    """Merge segments below `size` into their best neighbour, smallest first."""
+    rows = _edge_rows(ea, eb, cnt, np.zeros(ea.size, np.int64))
+    sizes = sizes_in.astype(np.int64)
+    start, length, cap, pool, top = _adjacency(n, rows)
+    parent = np.arange(n)
+    minidx = np.arange(n)
+    mark = np.full(n, -1, np.int64)
+    changed = np.empty(rows.shape[0] + 1, np.int64)
+    hf, hi = _heap(2 * n + 1)
+    hn = 0
+    for i in range(n):
+        if sizes[i] < size:
+            hn = _push(hf, hi, hn, float(sizes[i]), minidx[i], i, sizes[i])
+    while hn > 0:
+        i = hi[0, 2]
+        stale = parent[i] != i or hi[0, 3] != sizes[i]
+        hn = _pop(hf, hi, hn)
+        if stale:
+            continue
+        best = -1
+        bz = -1
+        for j in range(length[i]):
+            f = pool[start[i] + j]
+            if rows[f, _ALIVE] == 0:
+                continue
+            z = _other(rows, f, i)
+            if (
+                best < 0
+                or rows[f, _CNT] > rows[best, _CNT]
+                or (rows[f, _CNT] == rows[best, _CNT] and minidx[z] < minidx[bz])
+            ):
+                best = f
+                bz = z
+        if best < 0:
+            continue  # no neighbour: a whole connected component, kept
+        rows[best, _ALIVE] = 0
+        s, pool, top, _ = _merge_regions(i, bz, rows, start, length, cap, pool, top, mark, changed)
+        o = bz if s == i else i
+        parent[o] = s
+        minidx[s] = min(minidx[s], minidx[o])
+        sizes[s] += sizes[o]
+        if sizes[s] < size:
+            hn = _push(hf, hi, hn, float(sizes[s]), minidx[s], s, sizes[s])
+    out = np.empty(n, np.int64)
+    for i in range(n):
+        out[i] = minidx[_find(parent, i)]
+    return out
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def _check_unit(values: Sequence[float], name: str) -> np.ndarray:
+    out = np.asarray(values, dtype=np.float64).reshape(-1)
+    if out.size == 0:
+        raise ValueError(f"give at least one {name}")
+    if not np.all(np.isfinite(out)) or np.any(out < 0) or np.any(out > 1):
+        raise ValueError(f"{name} must lie in [0, 1], not {list(map(float, out))}")
+    return out
+
+
+def _endpoints(graph: RegionGraph) -> tuple[np.ndarray, np.ndarray]:
+    """Edge endpoints as node indices into graph.ids."""
+    return (
+        np.searchsorted(graph.ids, graph.u).astype(np.int64),
+        np.searchsorted(graph.ids, graph.v).astype(np.int64),
+    )
+
+
+def agglomerate_mean(graph: RegionGraph, thresholds: Sequence[float]) -> list[np.ndarray]:
+    """Mean-affinity agglomeration: per threshold (in the order given), segment id per node.
+
+    A threshold is on waterz's score, 1 - mean affinity: edges merge while their score is
+    below it (threshold 0 merges nothing, 1 everything with a mean affinity above 0).
+    """
+    t = _check_unit(thresholds, "thresholds")
+    order = np.argsort(t, kind="stable")
+    ea, eb = _endpoints(graph)
+    rows = _mean(
+        graph.ids.size,
+        ea,
+        eb,
+        graph.count.astype(np.int64),
+        graph.affinity_sum.astype(np.int64),
+        np.ascontiguousarray(t[order]),
+    )
+    out: list[np.ndarray] = [np.empty(0)] * t.size
+    for k, i in enumerate(order):
+        out[i] = graph.ids[rows[k]]
+    return out
+
+
+def agglomerate_watershed(graph: RegionGraph, h: float) -> np.ndarray:
+    """h-minima watershed by dynamics (see the module docstring): segment id per node.
+
+    `h` is in [0, 1] and compared on the 0..255 scale: a basin whose dynamic (saddle - floor)
+    is below h * 255 is merged into the deeper basin it meets at that saddle.
+    """
+    (h,) = _check_unit([h], "h")
+    ea, eb = _endpoints(graph)
+    order = np.lexsort((np.arange(graph.n_edges), graph.saddle))
+    rows = _watershed(graph.ids.size, ea, eb, order, graph.saddle, graph.floors, h * 255.0)
+    return graph.ids[rows]
+
+
+def merge_dust(
+    graph: RegionGraph,
+    segments: np.ndarray,
+    size: int,
+    mode: Literal["merge", "zero"] = "merge",
+) -> np.ndarray:
+    """Segments (parallel to graph.ids) after removing those smaller than `size` voxels.
+
+    "merge": into the neighbour of largest contact, smallest first (see the module docstring);
+    "zero": set to 0, the background.
+    """
+    segments = np.asarray(segments, dtype=np.uint64)
+    if segments.shape != graph.ids.shape:
+        raise ValueError("segments must be parallel to graph.ids")
+    if mode not in ("merge", "zero"):
+        raise ValueError(f"dust mode must be 'merge' or 'zero', not {mode!r}")
+    size = int(size)
+    if size <= 0 or segments.size == 0:
+        return segments.copy()
+    seg_ids, seg_index = fastremap.unique(segments, return_inverse=True)
+    seg_index = np.asarray(seg_index, dtype=np.int64)
+    seg_sizes = np.zeros(seg_ids.size, np.uint64)
+    np.add.at(seg_sizes, seg_index, graph.sizes)
+    if mode == "zero":
+        keep = seg_sizes >= size
+        return np.where(keep[seg_index], segments, np.uint64(0)).astype(np.uint64)
+    ea, eb = _endpoints(graph)
+    su, sv = seg_index[ea], seg_index[eb]
+    between = su != sv
+    lo = np.minimum(su[between], sv[between])
+    hi = np.maximum(su[between], sv[between])
+    key = lo * seg_ids.size + hi
+    keys, inverse = np.unique(key, return_inverse=True)
+    counts = np.zeros(keys.size, np.uint64)
+    np.add.at(counts, inverse, graph.count[between])
+    rows = _dust(
+        seg_ids.size,
+        seg_sizes.astype(np.int64),
+        keys // seg_ids.size,
+        keys % seg_ids.size,
+        counts.astype(np.int64),
+        size,
+    )
+    return seg_ids[rows][seg_index]
+
+
+def agglomerate(
+    graph: RegionGraph,
+    method: Method = "mean",
+    thresholds: float | Sequence[float] = 0.5,
+    dust_size: int = 0,
+    dust_mode: Literal["merge", "zero"] = "merge",
+) -> list[np.ndarray]:
+    """Segment tables (parallel to graph.ids), one per threshold: the AgglomerateTask's work.
+
+    `method` "mean": thresholds on 1 - mean affinity (waterz); "watershed": thresholds are h.
+    Dust removal, if `dust_size` > 0, runs on each result.
+    """
+    values = [thresholds] if np.isscalar(thresholds) else list(thresholds)  # type: ignore[list-item]
+    if method == "mean":
+        tables = agglomerate_mean(graph, values)
+    elif method == "watershed":
+        _check_unit(values, "thresholds")
+        tables = [agglomerate_watershed(graph, h) for h in values]
+    else:
+        raise ValueError(f"method must be 'mean' or 'watershed', not {method!r}")
+    if dust_size > 0:
+        tables = [merge_dust(graph, t, dust_size, dust_mode) for t in tables]
+    return tables
+
+
+def remap(supervoxel_ids: np.ndarray, ids: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Segment ids (uint64, same shape) of an array of supervoxel ids: the RemapTask's work.
+
+    `ids` (sorted, as graph.ids) and `segments` are the agglomeration's table; 0 stays 0.
+    """
+    arr = np.asarray(supervoxel_ids)
+    flat = arr.ravel(order="K")
+    # supervoxels come in runs along x: the unique ids of the run starts are the unique ids
+    runs = flat[np.r_[True, flat[1:] != flat[:-1]]] if flat.size else flat
+    present = fastremap.unique(runs).astype(np.uint64, copy=False)
+    present = present[present != 0]
+    pos = np.searchsorted(ids, present)
+    ok = pos < ids.size
+    ok[ok] = ids[pos[ok]] == present[ok]
+    if not ok.all():
+        raise ValueError(f"supervoxel {int(present[~ok][0])} is not in the region graph")
+    mapping = dict(zip(present.tolist(), np.asarray(segments)[pos].tolist()))
+    mapping[0] = 0
+    return fastremap.remap(
+        arr.astype(np.uint64, copy=False), mapping, preserve_missing_labels=False
+    ).astype(np.uint64, copy=False)

@@ -1,0 +1,121 @@
+"""One-call segmentation of a map: the whole array at once, or chunk by chunk in memory.
+
+`segment` is the public face (like `waterz.agglomerate`): a uint8 or float map in, uint64
+segmentations out. `segment_chunked` runs the very functions the queue tasks will run, one
+chunk at a time with the halo each stage declares, and must give the same arrays bit for bit.
+
+Arrays are x, y, z (CloudVolume order): a boundary map is (x, y, z), an affinity map
+(x, y, z, 3) with channel c the affinity between v and v - e_c (c = 0 for x).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from deepem3d.segmentation.agglomeration import Method, agglomerate, remap
+from deepem3d.segmentation.chunks import GRAPH_HALO, SUPERVOXEL_HALO, as_map, chunk_grid
+from deepem3d.segmentation.region_graph import (
+    RegionGraph,
+    merge_graphs,
+    region_graph,
+    region_graph_chunk,
+)
+from deepem3d.segmentation.supervoxels import (
+    relabel,
+    resolve_supervoxels,
+    supervoxel_chunk,
+    supervoxels,
+)
+
+__all__ = ["segment", "segment_chunked", "supervoxels_chunked"]
+
+Thresholds = float | Sequence[float]
+
+
+def _finish(
+    sv: np.ndarray,
+    graph: RegionGraph,
+    method: Method,
+    threshold: Thresholds,
+    dust_size: int,
+    dust_mode: Literal["merge", "zero"],
+    chunks: list | None,
+) -> np.ndarray | list[np.ndarray]:
+    tables = agglomerate(graph, method, threshold, dust_size, dust_mode)
+    results = []
+    for table in tables:
+        if chunks is None:
+            results.append(remap(sv, graph.ids, table))
+            continue
+        out = np.zeros(sv.shape, dtype=np.uint64, order="F")
+        for chunk in chunks:
+            out[chunk.slices()] = remap(sv[chunk.slices()], graph.ids, table)
+        results.append(out)
+    return results[0] if np.isscalar(threshold) else results
+
+
+def segment(
+    boundary_or_affinity: np.ndarray,
+    method: Method = "mean",
+    threshold: Thresholds = 0.5,
+    *,
+    dust_size: int = 0,
+    dust_mode: Literal["merge", "zero"] = "merge",
+) -> np.ndarray | list[np.ndarray]:
+    """Segment a whole map in one go: supervoxels, region graph, agglomeration, remap.
+
+    `method` "mean": `threshold` on 1 - mean affinity, as waterz; "watershed": `threshold` is
+    h, the h-minima depth in [0, 1] (DeepEM3D used 0.19). A list of thresholds gives a list of
+    uint64 (x, y, z) segmentations; a single one gives one array.
+    """
+    values, _ = as_map(boundary_or_affinity)
+    sv = supervoxels(values)
+    return _finish(sv, region_graph(sv, values), method, threshold, dust_size, dust_mode, None)
+
+
+def supervoxels_chunked(boundary_or_affinity: np.ndarray, chunk_shape: Sequence[int]) -> np.ndarray:
+    """Supervoxel ids (uint64, x, y, z) computed chunk by chunk: SupervoxelTask + reduce."""
+    values, kind = as_map(boundary_or_affinity)
+    chunks = chunk_grid(values.shape[:3], chunk_shape)
+    low, high = SUPERVOXEL_HALO[kind]
+    labels, exits = [], []
+    for chunk in chunks:
+        start, _ = chunk.bounds(low, high)
+        lab, ex = supervoxel_chunk(values[chunk.slices(low, high)], start, chunk)
+        labels.append(lab)
+        exits.append(ex)
+    tables = resolve_supervoxels(exits)
+    sv = np.zeros(values.shape[:3], dtype=np.uint64, order="F")
+    for chunk, lab, table in zip(chunks, labels, tables):
+        sv[chunk.slices()] = relabel(lab, table)
+    return sv
+
+
+def segment_chunked(
+    boundary_or_affinity: np.ndarray,
+    chunk_shape: Sequence[int],
+    method: Method = "mean",
+    threshold: Thresholds = 0.5,
+    *,
+    dust_size: int = 0,
+    dust_mode: Literal["merge", "zero"] = "merge",
+) -> np.ndarray | list[np.ndarray]:
+    """`segment`, run as the queue tasks will: per-chunk stages with halos, in memory.
+
+    Supervoxels per chunk (halo `SUPERVOXEL_HALO`), the reduce, a region graph per chunk
+    (halo `GRAPH_HALO`), one merge, one agglomeration, a remap per chunk. `chunk_shape` need not
+    divide the volume. The result equals `segment(...)` bit for bit.
+    """
+    values, _ = as_map(boundary_or_affinity)
+    sv = supervoxels_chunked(values, chunk_shape)
+    chunks = chunk_grid(values.shape[:3], chunk_shape)
+    graphs = []
+    for chunk in chunks:
+        start, _ = chunk.bounds(*GRAPH_HALO)
+        box = chunk.slices(*GRAPH_HALO)
+        graphs.append(region_graph_chunk(sv[box], values[box], start, chunk))
+    graph = merge_graphs(graphs)
+    return _finish(sv, graph, method, threshold, dust_size, dust_mode, chunks)
