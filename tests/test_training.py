@@ -24,8 +24,8 @@ def sample_h5(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "sample.h5"
     image, ids = load_sample()
     with h5py.File(path, "w") as f:
-        f["raw"] = image[:8, :96, :96]
-        f["ids"] = ids[:8, :96, :96]
+        f["raw"] = image[:10, :96, :96]
+        f["ids"] = ids[:10, :96, :96]
     return path
 
 
@@ -93,6 +93,14 @@ def test_resume_continues_the_same_run(sample_h5, tmp_path):
     a = straight.model.state_dict()
     b = resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_scores_the_held_apart_sections(sample_h5, tmp_path):
+    trainer = Trainer(config(sample_h5, tmp_path, val_sections=(7, 10)), progress=False)
+    final = trainer.run()
+    assert 0 <= final["val_are"] <= 1 and final["val_loss"] > 0
+    history = load_checkpoint(str(tmp_path / "last.pt"))["meta"]["training"]["history"]
+    assert [h["iteration"] for h in history] == [3, 6]
 
 
 def test_refuses_to_clobber_or_resume_with_other_settings(sample_h5, tmp_path):

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 import deepem3d
+from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
 from deepem3d.errors import InputError
 from deepem3d.models.checkpoint import load_checkpoint, save_checkpoint
 from deepem3d.models.data import PatchSampler, load_pair
@@ -62,14 +63,17 @@ def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
     return base * (1 - iteration / total) ** power
 
 
-def segment_for_validation(boundary: np.ndarray) -> np.ndarray:
-    """A whole-array segmentation of a boundary map (z,y,x) to score validation with."""
-    import cc3d
+VALIDATION_H = 0.1
 
-    labels = cc3d.connected_components(
-        np.ascontiguousarray(boundary < 0.5), connectivity=6, out_dtype=np.uint64
-    )
-    return labels
+
+def segment_for_validation(boundary: np.ndarray) -> np.ndarray:
+    """Segment a boundary map (z,y,x) in one piece with deepem3d's h-minima watershed (h 0.1)
+    to score validation with; returns z,y,x ids."""
+    from deepem3d.segmentation.pipeline import segment
+
+    quantised = np.round(255 * np.clip(boundary, 0, 1)).astype(np.uint8)
+    seg = segment(np.asfortranarray(xyz_from_zyx(quantised)), "watershed", VALIDATION_H)
+    return np.ascontiguousarray(zyx_from_xyz(seg))
 
 
 def _device(name: str | None) -> torch.device:
