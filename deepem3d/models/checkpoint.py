@@ -23,8 +23,8 @@ from deepem3d.errors import InputError
 
 FORMAT = "deepem3d-checkpoint"
 VERSION = 1
-PRETRAINED = {"isbi2012-small": "isbi2012-small.pt", "isbi2012-tiny": "isbi2012-tiny.pt"}
-DEFAULT_MODEL = "isbi2012-tiny"
+PRETRAINED = {"isbi2012-small": "isbi2012-small.pt"}
+DEFAULT_MODEL = "isbi2012-small"
 
 
 def save_checkpoint(
