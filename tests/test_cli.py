@@ -7,7 +7,8 @@ from tests.conftest import assert_one_line_error, run_cli
 
 def test_help_lists_every_command():
     out = run_cli("--help", check=True).stdout
-    for command in ("sample", "ingest", "worker", "status", "downsample", "evaluate", "view"):
+    for command in ("sample", "ingest", "worker", "status", "downsample", "evaluate", "view",
+                    "train", "infer"):
         assert command in out
 
 

@@ -13,7 +13,7 @@ from deepem3d.models import build_model
 from deepem3d.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from deepem3d.models.data import PatchSampler, load_pair
 from deepem3d.models.losses import balanced_cross_entropy
-from deepem3d.models.train import Trainer, TrainConfig
+from deepem3d.models.train import TrainConfig, Trainer
 from deepem3d.sample import load_sample
 from tests.conftest import assert_one_line_error, run_cli
 

@@ -13,6 +13,7 @@ import click
 import deepem3d
 from deepem3d.cli.downsample import downsample
 from deepem3d.cli.evaluate import evaluate
+from deepem3d.cli.infer import infer
 from deepem3d.cli.ingest import ingest
 from deepem3d.cli.queue import status, worker
 from deepem3d.cli.sample import sample
@@ -27,7 +28,9 @@ def cli() -> None:
     """DeepEM3D neuron segmentation of EM volumes, as queue tasks over precomputed layers."""
 
 
-for command in (sample, ingest, worker, status, downsample, evaluate, view, train):
+for command in (
+    sample, ingest, worker, status, downsample, infer, evaluate, view, train,
+):
     cli.add_command(command)
 
 

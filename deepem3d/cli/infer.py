@@ -1,0 +1,111 @@
+"""`deepem3d infer IMAGE OUTPUT`: the boundary (or affinity) map of an image layer, as tasks."""
+
+from __future__ import annotations
+
+import click
+from cloudvolume.lib import Bbox
+
+from deepem3d.cli.options import (
+    dry_run_option,
+    parallel_option,
+    parse_bounds,
+    parse_triple,
+    queue_option,
+)
+from deepem3d.inference import TTA_CHOICES, WINDOWS, PatchGeometry
+from deepem3d.queues import check_queue_url, run_stage
+from deepem3d.tasks.inference import DEVICES, create_inference_tasks, plan_inference
+
+
+@click.command()
+@click.argument("image")
+@click.argument("output")
+@click.option("--model", "models", multiple=True, metavar="CKPT|NAME",
+              help="Checkpoint file, cloud path or shipped model name (default: the shipped "
+              "model). Repeat to combine models by voxel-wise maximum of boundary probability.")
+@queue_option
+@parallel_option
+@dry_run_option
+@click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Read the image at this mip; the output layer has its resolution.")
+@click.option("--bounds", default=None,
+              help="x0,y0,z0,x1,y1,z1 at --mip, absolute voxels (default: the whole volume); "
+              "expanded to whole output chunks.")
+@click.option("--task-shape", default=None,
+              help="Block per task, x,y,z, a multiple of the chunk size (default: about "
+              "1024 x 1024 x one chunk).")
+@click.option("--chunk-size", default=None,
+              help="Output chunk size x,y,z (default: the image's at --mip).")
+@click.option("--tta", type=click.Choice([str(t) for t in TTA_CHOICES]), default="1",
+              show_default=True, help="Test-time augmentation: 1, 8 (in-plane rotations and "
+              "flips) or 16 (x z-reversal) variants, undone and averaged.")
+@click.option("--patch-size", type=click.IntRange(min=16), default=PatchGeometry.size,
+              show_default=True, help="Network input per patch, in-plane (multiple of 16).")
+@click.option("--patch-output", type=click.IntRange(min=1), default=PatchGeometry.output,
+              show_default=True, help="Output window in the middle of each patch; the rest is "
+              "context.")
+@click.option("--overlap", type=click.IntRange(min=0), default=PatchGeometry.overlap,
+              show_default=True, help="Pixels shared by neighbouring output windows.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=PatchGeometry.batch,
+              show_default=True, help="Patches per forward pass.")
+@click.option("--window", type=click.Choice(WINDOWS), default=PatchGeometry.window,
+              show_default=True, help="Blending window.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Where workers run the model (auto: CUDA when present).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads per task. Fixed on purpose: identical bytes across tasks need "
+              "one thread setting; run one worker per core instead.")
+@click.option("--no-amp", is_flag=True, help="On CUDA, run in float32 instead of float16 "
+              "autocast (slower, closer to CPU results).")
+@click.option("--mask", default=None, help="Layer whose non-zero voxels are tissue: blocks "
+              "without any are written as background without running the model.")
+@click.option("--mask-mip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Mip of --mask to read.")
+@click.option("--fill-missing", is_flag=True, help="Read missing image chunks as zeros "
+              "(default: a task with a missing chunk fails).")
+@click.option("--float32", is_flag=True, help="Write float32 probabilities instead of uint8 "
+              "round(255 p).")
+@click.option("--overwrite", is_flag=True, help="Replace an OUTPUT that holds data.")
+@click.option("--force", is_flag=True, help="Run a model trained at another resolution "
+              "(warn instead of failing).")
+def infer(
+    image: str, output: str, models: tuple[str, ...], queue: str | None,
+    parallel: int | None, dry_run: bool, mip: int, bounds: str | None,
+    task_shape: str | None, chunk_size: str | None, tta: str, patch_size: int,
+    patch_output: int, overlap: int, batch_size: int, window: str, device: str,
+    threads: int, no_amp: bool, mask: str | None, mask_mip: int, fill_missing: bool,
+    float32: bool, overwrite: bool, force: bool,
+) -> None:
+    """Predict the boundary (or affinity) map of IMAGE into a new layer OUTPUT.
+
+    One InferenceTask per output block. Patches lie on one grid anchored to the dataset's
+    origin, so the map is the same bytes whatever --task-shape (on one device class and
+    thread setting). Each task writes a marker under OUTPUT/tasks/inference/; a re-run skips
+    finished tasks.
+    """
+    if queue is not None:
+        check_queue_url(queue)
+    region = parse_bounds(bounds)
+    plan = plan_inference(
+        image, output,
+        models=list(models) or None,
+        mip=mip,
+        task_shape=parse_triple(task_shape, "--task-shape", int) if task_shape else None,
+        chunk_size=parse_triple(chunk_size, "--chunk-size", int) if chunk_size else None,
+        tta=int(tta),
+        bounds=Bbox(*region) if region else None,
+        geometry=PatchGeometry(size=patch_size, output=patch_output, overlap=overlap,
+                               batch=batch_size, window=window),
+        float32=float32, fill_missing=fill_missing, mask=mask, mask_mip=mask_mip,
+        threads=threads, device=device, amp=not no_amp, force=force, overwrite=overwrite,
+    )
+    for warning in plan.warnings:
+        click.echo(f"deepem3d: warning: {warning}", err=True)
+    click.echo(plan.describe())
+    if dry_run:
+        return
+    stage, tasks = create_inference_tasks(plan, overwrite=overwrite)
+    if not tasks:
+        click.echo(f"stage {stage.name} already complete: nothing to do")
+        return
+    click.echo(run_stage(stage, [t for _, t in tasks], queue=queue, parallel=parallel))

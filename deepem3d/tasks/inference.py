@@ -1,0 +1,681 @@
+"""Inference: the network over an image layer as queue tasks, one per output block.
+
+Each InferenceTask reads its block plus the context the model's patches need (reflected only
+at the dataset's own bounds), runs the pure sliding window of deepem3d.models.sliding, writes
+the block (aligned to the output layer's chunk grid) and its completion marker. Because the
+patch grid belongs to the dataset, not to the task, the output is the same bytes whatever the
+task shape (on one device class and thread setting; see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+import weakref
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
+from typing import TYPE_CHECKING
+
+import numpy as np
+from cloudvolume import CloudVolume
+from cloudvolume.exceptions import EmptyVolumeException
+from cloudvolume.lib import Bbox
+from taskqueue import queueable
+
+from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
+from deepem3d.errors import InputError
+from deepem3d.inference import (
+    HEAD_CHANNELS,
+    TTA_CHOICES,
+    ModelPredictor,
+    PatchGeometry,
+    Stats,
+    input_box,
+    patch_count,
+    predict_block,
+    quantize,
+)
+from deepem3d.layers import cloudpath, create_layer, info_exists, layer_holds_data, open_layer
+from deepem3d.tasks.markers import Stage
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and deepem3d.models load inside the functions that need them: every worker and CLI
+# command imports this module (deepem3d.tasks registers it), most never predict.
+
+STAGE = "inference"
+DEVICES = ("auto", "cpu", "cuda")
+# In-plane task size (rounded up to whole chunks): wide blocks share fewer patches with their
+# neighbours; a block's depth costs no shared patch at all (each section is its own patches).
+DEFAULT_TASK_XY = 1024
+RESOLUTION_TOLERANCE = 0.05  # relative: 4 nm and 4.1 nm are the same resolution
+# What a task's process holds beyond its arrays and the model's activations (allocator and
+# oneDNN caches, decompression buffers): the gap measured by benchmarks/inference.py.
+RUNTIME_BYTES = 64 * 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: referenced by location + content hash, loaded once per worker process
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A checkpoint as tasks name it: a shipped model's name, an absolute path or a URL, and
+    the sha256 of its bytes when the tasks were made (a task refuses other weights)."""
+
+    location: str
+    sha256: str
+    meta: dict = field(compare=False, hash=False, repr=False, default_factory=dict)
+
+    def to_json(self) -> list:
+        return [self.location, self.sha256]
+
+
+def model_location(name: str) -> str:
+    """What a task should load: shipped names stay names (each worker has its own copy),
+    local paths become absolute, URLs stay as given."""
+    from deepem3d.models.checkpoint import PRETRAINED
+
+    if name in PRETRAINED or "://" in name:
+        return name
+    return os.path.abspath(os.path.expanduser(name))
+
+
+def _build(payload: dict) -> torch.nn.Module:
+    from deepem3d.models import build_model
+
+    meta = payload["meta"]
+    try:
+        model = build_model(**meta["model"])
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{payload['location']}: weights do not fit the network its meta "
+                         f"describes ({reason[:200]}): the checkpoint is corrupted") from None
+    return model.eval()
+
+
+def inspect_model(name: str | None) -> tuple[ModelRef, torch.nn.Module]:
+    """Load and check a checkpoint (InputError when missing, corrupted or incompatible)."""
+    from deepem3d.models.checkpoint import DEFAULT_MODEL, load_checkpoint
+
+    payload = load_checkpoint(name)
+    model = _build(payload)
+    location = model_location(name or DEFAULT_MODEL)
+    return ModelRef(location, payload["sha256"], payload["meta"]), model
+
+
+@lru_cache(maxsize=4)
+def cached_model(location: str, sha256: str, device: str) -> torch.nn.Module:
+    """The model at `location` on `device`, loaded once per worker process; the bytes must
+    still hash to `sha256` (weights changed after the tasks were made are refused)."""
+    from deepem3d.models.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(location)
+    if payload["sha256"] != sha256:
+        raise InputError(f"checkpoint {location} changed since the tasks were created (sha256 "
+                         f"{payload['sha256'][:12]}, expected {sha256[:12]}): create them again")
+    return _build(payload).to(device)
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda, but this worker has no CUDA device")
+    return torch.device(device)
+
+
+def device_label(device: torch.device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+
+
+def block_id(bounds: Bbox) -> str:
+    """A task's id: its block, as CloudVolume names chunks (x0-x1_y0-y1_z0-z1)."""
+    lo, hi = bounds.minpt, bounds.maxpt
+    return "_".join(f"{int(a)}-{int(b)}" for a, b in zip(lo, hi))
+
+
+@queueable
+def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
+    image_path: str,
+    output_path: str,
+    bounds: list[int],
+    models: list[list[str]],
+    mip: int = 0,
+    tta: int = 1,
+    patch: dict | None = None,
+    dtype: str = "uint8",
+    fill_missing: bool = False,
+    threads: int = 1,
+    device: str = "auto",
+    amp: bool = True,
+    mask: str | None = None,
+    mask_mip: int = 0,
+) -> None:
+    """Predict one output block (bounds: x0,y0,z0,x1,y1,z1 in absolute voxels at `mip`).
+
+    A duplicate or retried copy whose marker exists does nothing; one that runs again
+    rewrites the same bytes.
+    """
+    import torch
+
+    bbox = Bbox(bounds[:3], bounds[3:])
+    task_id = block_id(bbox)
+    stage = Stage(output_path, STAGE)
+    if stage.is_done(task_id):
+        return
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(int(threads))
+    geometry = PatchGeometry(**(patch or {}))
+    out_vol = CloudVolume(output_path, mip=0, progress=False, non_aligned_writes=False)
+    channels = int(out_vol.num_channels)
+    stats = Stats()
+    masked = mask is not None and not has_tissue(mask, mask_mip, bbox, image_path, mip)
+    if masked:  # no tissue: no objects here (boundary everywhere, no affinity)
+        value = 1.0 if channels == 1 else 0.0
+        shape = (channels, *(int(s) for s in bbox.size3()[::-1]))
+        probs = np.full(shape, value, dtype=np.float32)
+    else:
+        predictors = [
+            ModelPredictor(cached_model(loc, sha, str(dev)), dev, amp=amp and dev.type == "cuda")
+            for loc, sha in models
+        ]
+        vol = CloudVolume(image_path, mip=mip, fill_missing=fill_missing, progress=False)
+        offset = np.asarray(vol.voxel_offset, dtype=int)
+        dataset = tuple(int(s) for s in vol.volume_size[::-1])  # z,y,x
+        lo = np.asarray(bbox.minpt, dtype=int) - offset
+        hi = np.asarray(bbox.maxpt, dtype=int) - offset
+        block = (tuple(int(v) for v in lo[::-1]), tuple(int(v) for v in hi[::-1]))
+        box_lo, box_hi = input_box(predictors, block, dataset, geometry, tta)
+        read_lo = offset + np.asarray(box_lo[::-1])
+        read_hi = offset + np.asarray(box_hi[::-1])
+        try:
+            cutout = vol[read_lo[0]:read_hi[0], read_lo[1]:read_hi[1], read_lo[2]:read_hi[2]]
+        except EmptyVolumeException:
+            raise InputError(f"{image_path} has missing chunks in {read_lo}..{read_hi}: "
+                             "re-create the tasks with --fill-missing to read them as zeros"
+                             ) from None
+        image = np.ascontiguousarray(zyx_from_xyz(np.asarray(cutout)[..., 0]))
+        probs = predict_block(predictors, image, box_lo, block, dataset, geometry, tta=tta,
+                              stats=stats)
+    data = quantize(probs) if dtype == "uint8" else probs.astype(np.float32)
+    out_vol[bbox] = xyz_from_zyx(np.moveaxis(data, 0, -1))
+    seconds = time.perf_counter() - start
+    stage.mark_done(task_id, {
+        "task": "InferenceTask",
+        "device": device_label(dev),
+        "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        "amp": bool(amp and dev.type == "cuda"),
+        "torch": torch.__version__,
+        "masked": masked,
+        "patches": stats.patches,
+        "batches": stats.batches,
+        "seconds": round(seconds, 3),
+        "forward_seconds": round(stats.predict_seconds, 3),
+        "forward_share": round(stats.predict_seconds / seconds, 4) if seconds else None,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+
+
+def has_tissue(mask: str, mask_mip: int, bbox: Bbox, image_path: str, mip: int) -> bool:
+    """Whether the mask layer holds a non-zero voxel in the block's physical region."""
+    image = CloudVolume(image_path, mip=mip, progress=False)
+    res = np.asarray(image.resolution, dtype=float)
+    mvol = CloudVolume(mask, mip=mask_mip, fill_missing=True, bounded=False, progress=False)
+    mres = np.asarray(mvol.resolution, dtype=float)
+    lo = np.floor(np.asarray(bbox.minpt) * res / mres).astype(int)
+    hi = np.maximum(np.ceil(np.asarray(bbox.maxpt) * res / mres).astype(int), lo + 1)
+    return bool(np.any(mvol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning and creating the tasks
+
+
+@dataclass
+class InferencePlan:
+    """What an inference run will do, computed without writing anything."""
+
+    image_path: str
+    output_path: str
+    mip: int
+    models: list[ModelRef]
+    head: str
+    in_sections: list[int]
+    dtype: str
+    tta: int
+    geometry: PatchGeometry
+    resolution: tuple[float, float, float]
+    voxel_offset: tuple[int, int, int]
+    size: tuple[int, int, int]
+    chunk_size: tuple[int, int, int]
+    task_shape: tuple[int, int, int]
+    bounds: Bbox
+    blocks: list[Bbox]
+    memory_bytes: int
+    compute_factor: float
+    fill_missing: bool = False
+    mask: str | None = None
+    mask_mip: int = 0
+    threads: int = 1
+    device: str = "auto"
+    amp: bool = True
+    warnings: list[str] = field(default_factory=list)
+    output_exists: bool = False
+
+    @property
+    def channels(self) -> int:
+        return HEAD_CHANNELS[self.head]
+
+    @property
+    def task_count(self) -> int:
+        return len(self.blocks)
+
+    def describe(self) -> str:
+        shape = " x ".join(str(s) for s in self.task_shape)
+        g = self.geometry
+        names = ", ".join(os.path.basename(m.location) for m in self.models)
+        return (
+            f"{self.task_count} InferenceTask(s) of {shape} voxels (x,y,z) at mip {self.mip}, "
+            f"{self.head} map ({self.channels} channel(s), {self.dtype}) from {names}; "
+            f"tta {self.tta}; patches {g.size} px in, {g.output} px out, overlap {g.overlap}, "
+            f"batch {g.batch}, {g.window} window; about {self.memory_bytes / 2**20:.0f} MiB "
+            f"per task; patch compute x{self.compute_factor:.2f} of one whole-volume pass"
+        )
+
+    def values(self) -> dict:
+        """The parameters that decide the output's values (a resumed run must share them)."""
+        return {
+            "image": self.image_path,
+            "mip": self.mip,
+            "models": [m.to_json() for m in self.models],
+            "tta": self.tta,
+            "patch": self.geometry.to_dict(),
+            "dtype": self.dtype,
+            "fill_missing": self.fill_missing,
+            "mask": self.mask,
+            "mask_mip": self.mask_mip,
+        }
+
+    def parameters(self) -> dict:
+        """Everything the run was given: manifest and provenance."""
+        return {
+            **self.values(),
+            "task": "InferenceTask",
+            "head": self.head,
+            "task_shape": list(self.task_shape),
+            "bounds": [int(v) for v in (*self.bounds.minpt, *self.bounds.maxpt)],
+            "threads": self.threads,
+            "device": self.device,
+            "amp": self.amp,
+        }
+
+
+def _fmt(values) -> str:
+    return "x".join(f"{float(v):g}" for v in values)
+
+
+def check_resolution(ref: ModelRef, vol: CloudVolume, mip: int) -> str | None:
+    """A message when the model was trained at another resolution or anisotropy, else None."""
+    trained = ref.meta.get("resolution")
+    layer = [float(r) for r in vol.meta.resolution(mip)]
+    name = os.path.basename(ref.location)
+    if not trained:
+        return f"model {name} records no training resolution: cannot check it against the layer"
+    trained = [float(r) for r in trained]
+    if all(abs(a - b) <= RESOLUTION_TOLERANCE * b for a, b in zip(layer, trained)):
+        return None
+    aniso = trained[2] / min(trained[:2]), layer[2] / min(layer[:2])
+    what = "anisotropy" if abs(aniso[0] - aniso[1]) > RESOLUTION_TOLERANCE * aniso[0] else \
+        "resolution"
+    better = [
+        m for m in vol.available_mips
+        if all(abs(float(a) - b) <= RESOLUTION_TOLERANCE * b
+               for a, b in zip(vol.meta.resolution(m), trained))
+    ]
+    fix = f"use --mip {better[0]}" if better else "resample the image"
+    return (f"model {name} was trained at {_fmt(trained)} nm (anisotropy {aniso[0]:.3g}) but "
+            f"{vol.cloudpath} at mip {mip} is {_fmt(layer)} nm (anisotropy {aniso[1]:.3g}): "
+            f"{what} differs; {fix}, or pass --force to run anyway")
+
+
+def _align_bounds(bounds: Bbox, offset, size, chunk) -> Bbox:
+    """Bounds expanded to the output chunk grid (which starts at the voxel offset)."""
+    offset, size, chunk = (np.asarray(v, dtype=int) for v in (offset, size, chunk))
+    lo = offset + (np.asarray(bounds.minpt) - offset) // chunk * chunk
+    hi = offset + -(-(np.asarray(bounds.maxpt) - offset) // chunk) * chunk
+    return Bbox(lo, np.minimum(hi, offset + size))
+
+
+def _blocks(bounds: Bbox, task_shape) -> list[Bbox]:
+    lo, hi = np.asarray(bounds.minpt, dtype=int), np.asarray(bounds.maxpt, dtype=int)
+    ranges = [range(int(a), int(b), int(s)) for a, b, s in zip(lo, hi, task_shape)]
+    out = []
+    for z in ranges[2]:
+        for y in ranges[1]:
+            for x in ranges[0]:
+                start = np.array([x, y, z])
+                out.append(Bbox(start, np.minimum(start + np.asarray(task_shape), hi)))
+    return out
+
+
+def _zyx_box(bbox: Bbox, offset) -> tuple:
+    lo = np.asarray(bbox.minpt, dtype=int) - np.asarray(offset, dtype=int)
+    hi = np.asarray(bbox.maxpt, dtype=int) - np.asarray(offset, dtype=int)
+    return tuple(int(v) for v in lo[::-1]), tuple(int(v) for v in hi[::-1])
+
+
+def activation_bytes(config: dict, size: int, batch: int) -> int:
+    """Peak bytes of the activations alive at once in one forward pass (float32), found by
+    following tensor lifetimes on a shape-only (meta) copy of the model. The CPU process
+    measured about twice this (allocator and oneDNN workspaces), hence the factor below."""
+    import torch
+
+    from deepem3d.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(**config).eval()
+        x = torch.empty(batch, 1, model.in_sections, size, size)
+    live: dict[int, int] = {}
+    peak = 0
+
+    def hook(module, args, output) -> None:
+        nonlocal peak
+        key = id(output)
+        live[key] = output.numel() * 4
+        weakref.finalize(output, live.pop, key, None)
+        peak = max(peak, sum(live.values()))
+
+    for module in model.modules():
+        module.register_forward_hook(hook)
+    with torch.no_grad():
+        model(x)
+    return peak
+
+
+def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) -> int:
+    (z0, y0, x0), (z1, y1, x1) = block
+    voxels = (z1 - z0) * (y1 - y0) * (x1 - x0)
+    channels = HEAD_CHANNELS[predictors_meta[0].head]
+    box_lo, box_hi = input_box(predictors_meta, block, dataset, geometry, tta)
+    read = math.prod(b - a for a, b in zip(box_lo, box_hi))
+    per_patch = patch_count(dataset, block, geometry)
+    maps = len(models) + (len(models) > 1)
+    total = 2 * read  # the cutout and its reflected, gathered copy (uint8)
+    total += maps * channels * voxels * 4  # float32 maps per model (+ their combination)
+    total += 2 * channels * voxels * np.dtype(dtype).itemsize  # the output and its transpose
+    total += 2 * per_patch * channels * geometry.output**2 * 4  # open patches (2 sections)
+    g = geometry
+    total += g.batch * (max(p.in_sections for p in predictors_meta) + channels) * g.size**2 * 4
+    for ref in models:
+        weights = sum(p.numel() * 4 for p in _meta_model(ref.meta["model"]).parameters())
+        total += weights + 2 * activation_bytes(ref.meta["model"], g.size, g.batch)
+    return int(total) + RUNTIME_BYTES
+
+
+def _meta_model(config: dict) -> torch.nn.Module:
+    import torch
+
+    from deepem3d.models import build_model
+
+    with torch.device("meta"):
+        return build_model(**config)
+
+
+@dataclass
+class _Shape:
+    """Just what input_box needs from a predictor (no weights at planning time)."""
+
+    in_sections: int
+    head: str
+
+    def __call__(self, batch):  # pragma: no cover - never called
+        raise NotImplementedError
+
+
+def plan_inference(
+    image_path: str,
+    output_path: str,
+    *,
+    models: list[str | None] | None = None,
+    mip: int = 0,
+    task_shape: tuple[int, int, int] | None = None,
+    chunk_size: tuple[int, int, int] | None = None,
+    tta: int = 1,
+    bounds: Bbox | None = None,
+    geometry: PatchGeometry | None = None,
+    float32: bool = False,
+    fill_missing: bool = False,
+    mask: str | None = None,
+    mask_mip: int = 0,
+    threads: int = 1,
+    device: str = "auto",
+    amp: bool = True,
+    force: bool = False,
+    overwrite: bool = False,
+) -> InferencePlan:
+    """Check every input and work out the tasks; reads infos and checkpoints, writes nothing."""
+    image_path, output_path = cloudpath(image_path), cloudpath(output_path)
+    if image_path.rstrip("/") == output_path.rstrip("/"):
+        raise InputError("OUTPUT is the image layer itself: give another path")
+    vol = open_layer(image_path, mip=mip)
+    if vol.dtype != np.uint8:
+        raise InputError(f"{image_path} holds {vol.dtype}: deepem3d infers on uint8 EM images "
+                         "(re-ingest it as uint8 with `deepem3d ingest`)")
+    if vol.num_channels != 1:
+        raise InputError(f"{image_path} has {vol.num_channels} channels: the network reads "
+                         "one-channel (grey) EM images")
+    if tta not in TTA_CHOICES:
+        raise InputError(f"--tta {tta}: choose one of {', '.join(map(str, TTA_CHOICES))}")
+    if device not in DEVICES:
+        raise InputError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if threads < 1:
+        raise InputError(f"--threads {threads} must be at least 1")
+    geometry = geometry or PatchGeometry()
+    try:
+        geometry.check()
+    except ValueError as err:
+        raise InputError(f"patch geometry: {err}") from None
+
+    refs, nets = [], []
+    for name in models or [None]:
+        ref, net = inspect_model(name)
+        refs.append(ref)
+        nets.append(net)
+    heads = {net.head for net in nets}
+    if len(heads) > 1:
+        raise InputError("the models have different heads (boundary and affinity): an "
+                         "ensemble combines maps of one kind; run them separately")
+    head = heads.pop()
+    warnings = []
+    for ref in refs:
+        problem = check_resolution(ref, vol, mip)
+        if problem is None:
+            continue
+        if force or "records no training resolution" in problem:
+            warnings.append(problem.replace(", or pass --force to run anyway", ""))
+        else:
+            raise InputError(problem)
+    if head == "affinity" and tta > 1 and geometry.margin < 1:
+        raise InputError("affinity test-time augmentation needs --patch-output smaller than "
+                         "--patch-size")
+
+    offset = tuple(int(v) for v in vol.voxel_offset)
+    size = tuple(int(v) for v in vol.volume_size)
+    resolution = tuple(float(r) for r in vol.resolution)
+    chunk = tuple(int(c) for c in (chunk_size or vol.meta.chunk_size(mip)))
+    if task_shape is None:
+        task_shape = (-(-DEFAULT_TASK_XY // chunk[0]) * chunk[0],
+                      -(-DEFAULT_TASK_XY // chunk[1]) * chunk[1], chunk[2])
+    task_shape = tuple(int(t) for t in task_shape)
+    if any(t % c for t, c in zip(task_shape, chunk)):
+        raise InputError(
+            f"--task-shape {','.join(map(str, task_shape))} is not a multiple of the output "
+            f"chunk size {','.join(map(str, chunk))}: each task must write whole chunks"
+        )
+    volume = Bbox(offset, np.asarray(offset) + np.asarray(size))
+    if bounds is None:
+        bounds = volume
+    elif not (np.all(np.asarray(bounds.minpt) >= volume.minpt)
+              and np.all(np.asarray(bounds.maxpt) <= volume.maxpt)):
+        raise InputError(
+            f"--bounds {bounds.minpt.tolist()}..{bounds.maxpt.tolist()} reach outside "
+            f"{image_path} at mip {mip}, which spans {volume.minpt.tolist()}.."
+            f"{volume.maxpt.tolist()} (x,y,z, end exclusive)"
+        )
+    bounds = _align_bounds(bounds, offset, size, chunk)
+    task_shape = tuple(min(t, int(b)) for t, b in zip(task_shape, bounds.size3()))
+    blocks = _blocks(bounds, task_shape)
+    dtype = "float32" if float32 else "uint8"
+
+    shapes = [_Shape(net.in_sections, net.head) for net in nets]
+    dataset = size[::-1]
+    whole = _zyx_box(bounds, offset)
+    computed = sum(patch_count(dataset, _zyx_box(b, offset), geometry) * int(b.size3()[2])
+                   for b in blocks)
+    single = patch_count(dataset, whole, geometry) * int(bounds.size3()[2])
+    # memory of the largest block (blocks differ only where they are cut at the bounds)
+    biggest = max(blocks, key=lambda b: (int(np.prod(b.size3())),
+                                         patch_count(dataset, _zyx_box(b, offset), geometry)))
+    memory = _task_memory(refs, shapes, _zyx_box(biggest, offset), dataset, geometry, tta, dtype)
+
+    plan = InferencePlan(
+        image_path=image_path, output_path=output_path, mip=mip, models=refs, head=head,
+        in_sections=[net.in_sections for net in nets], dtype=dtype, tta=tta, geometry=geometry,
+        resolution=resolution, voxel_offset=offset, size=size, chunk_size=chunk,
+        task_shape=task_shape, bounds=bounds, blocks=blocks, memory_bytes=memory,
+        compute_factor=computed / single, fill_missing=fill_missing,
+        mask=cloudpath(mask) if mask else None, mask_mip=mask_mip, threads=threads,
+        device=device, amp=amp, warnings=warnings,
+    )
+    if mask:
+        open_layer(plan.mask, mip=mask_mip)  # fails now, not in every task
+    plan.output_exists = _check_output(plan, overwrite)
+    return plan
+
+
+def _wanted_info(plan: InferencePlan) -> dict:
+    return {
+        "data_type": plan.dtype,
+        "num_channels": plan.channels,
+        "resolution": [float(r) for r in plan.resolution],
+        "voxel_offset": list(plan.voxel_offset),
+        "size": list(plan.size),
+        "chunk_size": list(plan.chunk_size),
+    }
+
+
+def _existing_info(path: str) -> dict | None:
+    from cloudfiles import CloudFiles
+
+    info = CloudFiles(path).get_json("info")
+    if info is None or not info.get("scales"):
+        return None
+    scale = info["scales"][0]
+    return {
+        "data_type": info.get("data_type"),
+        "num_channels": info.get("num_channels"),
+        "resolution": [float(r) for r in scale.get("resolution", [])],
+        "voxel_offset": list(scale.get("voxel_offset", [])),
+        "size": list(scale.get("size", [])),
+        "chunk_size": list(scale.get("chunk_sizes", [[]])[0]),
+    }
+
+
+def _check_output(plan: InferencePlan, overwrite: bool) -> bool:
+    """Whether this is a resumed run (OUTPUT holds a map of this geometry and these
+    parameters); InputError when OUTPUT exists with another geometry or holds other data."""
+    if not info_exists(plan.output_path) or overwrite:
+        return False
+    existing = _existing_info(plan.output_path)
+    wanted = _wanted_info(plan)
+    if existing != wanted:
+        diffs = [f"{k} {existing.get(k) if existing else None} (want {v})"
+                 for k, v in wanted.items() if not existing or existing.get(k) != v]
+        raise InputError(f"{plan.output_path} exists with another geometry: "
+                         f"{'; '.join(diffs)}: pass --overwrite to replace it, or choose "
+                         "another OUTPUT")
+    if not layer_holds_data(plan.output_path):
+        return False  # an empty layer of the same geometry: (re)write its info and provenance
+    manifest = Stage(plan.output_path, STAGE).manifest()
+    if manifest is None:
+        raise InputError(f"{plan.output_path} holds data that `deepem3d infer` did not write: "
+                         "pass --overwrite to replace it, or choose another OUTPUT")
+    previous = manifest.get("parameters", {})
+    values = {k: previous.get(k) for k in plan.values()}
+    if values != plan.values():
+        changed = sorted(k for k in values if values[k] != plan.values()[k])
+        raise InputError(f"{plan.output_path} holds a map made with other parameters "
+                         f"({', '.join(changed)}): pass --overwrite to replace it")
+    return True
+
+
+def inference_stage(output_path: str) -> Stage:
+    return Stage(output_path, STAGE)
+
+
+def create_inference_tasks(
+    plan: InferencePlan, *, overwrite: bool = False,
+) -> tuple[Stage, list[tuple[str, partial]]]:
+    """Create (or resume) the output layer and return (stage, [(task_id, task), ...]).
+
+    Tasks whose marker exists are left out, so a re-run does only what is missing.
+    """
+    if not plan.output_exists:
+        create_layer(
+            plan.output_path, layer_type="image", dtype=plan.dtype, resolution=plan.resolution,
+            size=plan.size, voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
+            num_channels=plan.channels, overwrite=overwrite, provenance=provenance(plan),
+        )
+    stage = inference_stage(plan.output_path)
+    ids = [block_id(b) for b in plan.blocks]
+    stage.write_manifest(ids, plan.parameters())
+    done = stage.done_ids()
+    common = dict(
+        image_path=plan.image_path, output_path=plan.output_path,
+        models=[m.to_json() for m in plan.models], mip=plan.mip, tta=plan.tta,
+        patch=plan.geometry.to_dict(), dtype=plan.dtype, fill_missing=plan.fill_missing,
+        threads=plan.threads, device=plan.device, amp=plan.amp, mask=plan.mask,
+        mask_mip=plan.mask_mip,
+    )
+    tasks = []
+    for task_id, block in zip(ids, plan.blocks):
+        if task_id in done:
+            continue
+        bounds = [int(v) for v in (*block.minpt, *block.maxpt)]
+        tasks.append((task_id, partial(InferenceTask, bounds=bounds, **common)))
+    return stage, tasks
+
+
+def provenance(plan: InferencePlan) -> dict:
+    return {
+        **plan.parameters(),
+        "models": [
+            {"location": m.location, "sha256": m.sha256, "model": m.meta.get("model"),
+             "resolution": m.meta.get("resolution")}
+            for m in plan.models
+        ],
+        "combine": "voxel-wise maximum of boundary probability" if len(plan.models) > 1
+        else None,
+        "value": "round(255 * p)" if plan.dtype == "uint8" else "p",
+        "devices": "each task records its device, threads and precision in its marker, "
+                   f"tasks/{STAGE}/done/<block>.json",
+    }

@@ -1,0 +1,375 @@
+"""Seam-free chunked inference: tasks of any shape write the bytes of one whole-array call.
+
+Real file:// layers cut from the embedded ISBI 2012 volume (96 x 80 x 7 voxels, x,y,z, at a
+non-zero voxel offset: not a cube, no side a multiple of the task shapes), a tiny random-init
+network with a fixed seed and small patches, so each run takes a second. Every equality below is
+exact (bit for bit): the patch grid, the reflection, the batch size, the summation order and the
+thread count (1) are the same in every run, so there is no float summation-order difference
+to bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cloudfiles import CloudFiles
+from cloudvolume import CloudVolume
+from cloudvolume.lib import Bbox
+
+import deepem3d.inference as core
+from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
+from deepem3d.cli.main import main
+from deepem3d.errors import InputError
+from deepem3d.inference import (
+    FunctionPredictor,
+    ModelPredictor,
+    PatchGeometry,
+    input_box,
+    predict_block,
+    predict_volume,
+    quantize,
+)
+from deepem3d.layers import create_layer
+from deepem3d.models import build_model
+from deepem3d.models.checkpoint import save_checkpoint
+from deepem3d.models.targets import affinity_target
+from deepem3d.sample import load_sample
+from deepem3d.tasks.inference import (
+    create_inference_tasks,
+    inference_stage,
+    plan_inference,
+)
+from tests.conftest import assert_one_line_error, run_cli
+
+GEOMETRY = PatchGeometry(size=64, output=32, overlap=8, batch=4)
+PATCH_ARGS = ("--patch-size", "64", "--patch-output", "32", "--overlap", "8", "--batch-size", "4")
+OFFSET = (10, 20, 3)  # x,y,z
+CHUNK = (16, 16, 2)
+SHAPES = {"one": (96, 80, 8), "A": (32, 48, 4), "B": (48, 32, 2)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def crop() -> np.ndarray:
+    image, _ = load_sample()
+    return np.ascontiguousarray(image[5:12, 100:180, 200:296])  # z,y,x (7, 80, 96)
+
+
+def make_image(path: Path, array: np.ndarray, dtype: str = "uint8", channels: int = 1) -> str:
+    vol = create_layer(
+        f"file://{path}", layer_type="image", dtype=dtype, resolution=(4, 4, 50),
+        size=array.shape[::-1], voxel_offset=OFFSET, chunk_size=(32, 32, 4),
+        num_channels=channels,
+    )
+    data = xyz_from_zyx(array.astype(dtype))
+    vol[:] = np.repeat(data[..., None], channels, axis=-1) if channels > 1 else data
+    return f"file://{path}"
+
+
+def make_model(path: Path, head: str = "boundary", in_sections: int = 5, seed: int = 0,
+               resolution=(4, 4, 50)) -> tuple[str, torch.nn.Module]:
+    torch.manual_seed(seed)
+    model = build_model("tiny", head, in_sections).eval()
+    save_checkpoint(path, model, {"model": model.config, "resolution": list(resolution)})
+    return str(path), model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, crop):
+    root = tmp_path_factory.mktemp("inference")
+    image = make_image(root / "image", crop)
+    ckpt, model = make_model(root / "tiny.pt")
+    reference = predict_volume(ModelPredictor(model), crop, GEOMETRY)
+    return {"root": root, "image": image, "ckpt": ckpt, "model": model, "reference": reference}
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    """`deepem3d ARGS` through the same entry point, in this process (no interpreter start-up
+    per call; run_cli is used where real processes matter)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def read_map(path: str) -> np.ndarray:
+    """(C, z, y, x) from an output layer."""
+    return np.moveaxis(zyx_from_xyz(np.asarray(CloudVolume(path)[:])), -1, 0)
+
+
+def run_in_process(setup, output: str, task_shape, *, float32=False, order=1, **kwargs):
+    plan = plan_inference(setup["image"], output, models=[setup["ckpt"]], task_shape=task_shape,
+                          chunk_size=CHUNK, geometry=GEOMETRY, float32=float32, **kwargs)
+    stage, tasks = create_inference_tasks(plan)
+    for _, task in tasks[::order]:
+        task()
+    assert stage.is_complete()
+    return plan, None if "bounds" in kwargs else read_map(output)
+
+
+def digests(path: str) -> dict[str, str]:
+    directory = Path(path[len("file://"):]) / "4_4_50"
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
+
+
+def test_task_shapes_give_the_bytes_of_one_in_memory_call(setup):
+    expected = quantize(setup["reference"])
+    maps = {}
+    for name, shape in SHAPES.items():
+        output = f"file://{setup['root'] / ('out_' + name)}"
+        plan, maps[name] = run_in_process(setup, output, shape, order=-1 if name == "B" else 1)
+        assert plan.task_count == {"one": 1, "A": 2 * 3 * 2, "B": 2 * 3 * 4}[name]
+        assert maps[name].dtype == np.uint8 and maps[name].shape == (1, 7, 80, 96)
+    for name in SHAPES:
+        np.testing.assert_array_equal(maps[name], expected, err_msg=name)
+    # the map is not trivially constant: the test would see a seam
+    assert len(np.unique(expected)) > 10
+
+
+def test_float32_blocks_equal_the_in_memory_floats(setup):
+    output = f"file://{setup['root'] / 'out_float'}"
+    _, floats = run_in_process(setup, output, SHAPES["B"], float32=True)
+    assert floats.dtype == np.float32
+    np.testing.assert_array_equal(floats, setup["reference"])
+
+
+def test_bounds_write_the_same_bytes_as_the_whole_run(setup):
+    output = f"file://{setup['root'] / 'out_bounds'}"
+    bounds = Bbox((30, 40, 4), (70, 70, 8))  # expanded to the chunk grid: x 26..74, y 36..84
+    plan, _ = run_in_process(setup, output, SHAPES["A"], bounds=bounds)
+    assert plan.bounds == Bbox((26, 36, 3), (74, 84, 9))
+    written = np.moveaxis(zyx_from_xyz(np.asarray(
+        CloudVolume(output, fill_missing=True)[26:74, 36:84, 3:9])), -1, 0)
+    np.testing.assert_array_equal(written, quantize(setup["reference"])[:, 0:6, 16:64, 16:64])
+
+
+def test_retried_and_duplicated_tasks_rewrite_the_same_bytes(setup):
+    output = f"file://{setup['root'] / 'out_retry'}"
+    run_in_process(setup, output, SHAPES["A"])
+    before = digests(output)
+    stage = inference_stage(output)
+    CloudFiles(output).delete(list(CloudFiles(output).list(prefix="tasks/inference/done/")))
+    assert not stage.is_complete()
+    plan = plan_inference(setup["image"], output, models=[setup["ckpt"]],
+                          task_shape=SHAPES["A"], chunk_size=CHUNK, geometry=GEOMETRY)
+    assert plan.output_exists  # resumed: same geometry, same parameters
+    _, tasks = create_inference_tasks(plan)
+    assert len(tasks) == plan.task_count
+    for _, task in tasks[::-1] + tasks[:3]:  # every task again, in another order, some twice
+        task()
+    assert digests(output) == before
+    assert create_inference_tasks(plan)[1] == []  # a re-run skips finished tasks
+
+
+def test_cli_with_worker_processes(setup, tmp_path):
+    output = f"file://{tmp_path / 'out'}"
+    second, second_model = make_model(tmp_path / "second.pt", seed=1)
+    args = ("infer", setup["image"], output, "--model", setup["ckpt"], "--model", second,
+            "--task-shape", "48,48,4", "--chunk-size", "16,16,2", *PATCH_ARGS)
+    dry = cli(*args, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "8 InferenceTask(s) of 48 x 48 x 4 voxels" in dry.stdout, dry.stdout
+    assert "MiB per task" in dry.stdout
+    assert not (tmp_path / "out").exists(), "--dry-run wrote nothing"
+
+    out = run_cli(*args, "--queue", f"fq://{tmp_path / 'queue'}", "--parallel", "2",
+                  check=True)
+    assert "complete" in out.stdout
+    # two models: voxel-wise maximum of boundary probability, then one rounding
+    ensemble = predict_block([ModelPredictor(setup["model"]), ModelPredictor(second_model)],
+                             setup_image(setup), (0, 0, 0), ((0, 0, 0), (7, 80, 96)),
+                             (7, 80, 96), GEOMETRY)
+    np.testing.assert_array_equal(ensemble, np.maximum(
+        setup["reference"], predict_volume(ModelPredictor(second_model), setup_image(setup),
+                                           GEOMETRY)))
+    np.testing.assert_array_equal(read_map(output), quantize(ensemble))
+    markers = inference_stage(output)
+    record = CloudFiles(output).get_json(markers.marker_key(markers.task_ids()[0]))
+    assert record["device"] == "cpu" and record["threads"] == 1
+    provenance = CloudVolume(output).provenance.processing[-1]["method"]
+    assert [m["sha256"] for m in provenance["models"]] == [
+        hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (setup["ckpt"], second)]
+    assert provenance["patch"] == GEOMETRY.to_dict() and provenance["tta"] == 1
+
+    again = cli(*args, "--parallel", "2")
+    assert "already complete" in again.stdout
+
+
+def setup_image(setup) -> np.ndarray:
+    return np.ascontiguousarray(zyx_from_xyz(np.asarray(CloudVolume(setup["image"])[:])[..., 0]))
+
+
+def test_mask_skips_blocks_without_tissue(setup, tmp_path, crop):
+    mask = np.zeros(crop.shape, dtype=np.uint8)
+    mask[:, :, :40] = 1  # tissue in x < 40 only: blocks x >= 48 hold none
+    mask_path = make_image(tmp_path / "mask", mask)
+    output = f"file://{tmp_path / 'out'}"
+    _, result = run_in_process(setup, output, SHAPES["B"], mask=mask_path)
+    expected = quantize(setup["reference"])
+    np.testing.assert_array_equal(result[..., :48], expected[..., :48])
+    assert np.all(result[..., 48:] == 255)  # no tissue: boundary everywhere
+
+
+def test_missing_chunks_fail_or_read_as_zeros(setup, tmp_path, crop):
+    image = make_image(tmp_path / "image", crop)
+    missing = next((tmp_path / "image" / "4_4_50").glob("42-74_52-84_7-10*"))
+    missing.unlink()  # x 42..74, y 52..84, z 7..10 (absolute voxels)
+    plan = plan_inference(image, f"file://{tmp_path / 'fail'}", models=[setup["ckpt"]],
+                          task_shape=SHAPES["one"], chunk_size=CHUNK, geometry=GEOMETRY)
+    _, tasks = create_inference_tasks(plan)
+    with pytest.raises(InputError, match="--fill-missing"):
+        tasks[0][1]()
+    output = f"file://{tmp_path / 'zeros'}"
+    plan = plan_inference(image, output, models=[setup["ckpt"]], task_shape=SHAPES["A"],
+                          chunk_size=CHUNK, geometry=GEOMETRY, fill_missing=True)
+    for _, task in create_inference_tasks(plan)[1]:
+        task()
+    zeroed = crop.copy()
+    zeroed[4:7, 32:64, 32:64] = 0  # the missing chunk, in the crop's z,y,x
+    expected = quantize(predict_volume(ModelPredictor(setup["model"]), zeroed, GEOMETRY))
+    np.testing.assert_array_equal(read_map(output), expected)
+
+
+def test_bump_window_is_seam_free_too(setup, crop):
+    geometry = PatchGeometry(size=64, output=48, overlap=16, batch=2, window="bump")
+    weights = core.window(geometry)
+    assert weights.max() == 1 and weights.min() >= core.WINDOW_FLOOR
+    np.testing.assert_array_equal(weights, weights[::-1, ::-1])
+    predictor = ModelPredictor(setup["model"])
+    image = crop[:, :60, :70]
+    np.testing.assert_array_equal(chunked(predictor, image, geometry, 1, (3, 32, 32)),
+                                  predict_volume(predictor, image, geometry))
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation of affinities
+
+
+def affinities_of_labels(batch: np.ndarray) -> np.ndarray:
+    """A fake 3-section affinity 'model': the exact affinities of its (label) input's middle
+    section, channel z with the section below. Equivariant by construction, so every TTA
+    variant, once undone with its offsets restored, must give the same map."""
+    return np.stack([affinity_target(stack)[:, 1] for stack in batch])
+
+
+@pytest.fixture(scope="module")
+def labels() -> np.ndarray:
+    _, ids = load_sample()
+    return ids[3:8, 150:190, 60:104].astype(np.int64)  # z,y,x (5, 40, 44)
+
+
+def blocks(shape, step):
+    for z in range(0, shape[0], step[0]):
+        for y in range(0, shape[1], step[1]):
+            for x in range(0, shape[2], step[2]):
+                hi = (min(z + step[0], shape[0]), min(y + step[1], shape[1]),
+                      min(x + step[2], shape[2]))
+                yield (z, y, x), hi
+
+
+def chunked(predictors, image, geometry, tta, step) -> np.ndarray:
+    """predict_block over blocks of `step`, each given only its input_box of the image."""
+    shape = image.shape
+    out = None
+    for block in blocks(shape, step):
+        lo, hi = input_box(predictors, block, shape, geometry, tta)
+        sub = image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        part = predict_block(predictors, sub, lo, block, shape, geometry, tta=tta)
+        if out is None:
+            out = np.full((part.shape[0], *shape), np.nan, dtype=np.float32)
+        (z0, y0, x0), (z1, y1, x1) = block
+        out[:, z0:z1, y0:y1, x0:x1] = part
+    return out
+
+
+@pytest.mark.parametrize("tta", [1, 8, 16])
+def test_tta_restores_affinity_offsets(labels, tta):
+    fake = FunctionPredictor(affinities_of_labels, in_sections=3, head="affinity")
+    geometry = PatchGeometry(size=32, output=16, overlap=4, batch=3)
+    # the dataset reflected at its bounds, as the sliding window reads it
+    expected = affinity_target(np.pad(labels, 1, mode="reflect"))[:, 1:-1, 1:-1, 1:-1]
+    np.testing.assert_array_equal(predict_volume(fake, labels, geometry, tta=tta), expected)
+    np.testing.assert_array_equal(chunked(fake, labels, geometry, tta, (2, 24, 16)), expected)
+
+
+def test_tta_check_fails_without_offset_restoration(labels, monkeypatch):
+    """The TTA test has teeth: without the channel swaps and shifts it fails."""
+    fake = FunctionPredictor(affinities_of_labels, in_sections=3, head="affinity")
+    geometry = PatchGeometry(size=32, output=16, overlap=4, batch=3)
+    monkeypatch.setattr(core, "affinity_channel_fix", lambda k: ((0, 0), (1, 0)))
+    expected = affinity_target(np.pad(labels, 1, mode="reflect"))[:, 1:-1, 1:-1, 1:-1]
+    assert not np.array_equal(predict_volume(fake, labels, geometry, tta=8), expected)
+
+
+def test_affinity_model_with_16_variants_is_seam_free(tmp_path, crop):
+    _, model = make_model(tmp_path / "aff.pt", head="affinity", in_sections=3)
+    predictor = ModelPredictor(model)
+    image = crop[:3, :40, :44]
+    geometry = PatchGeometry(size=48, output=24, overlap=8, batch=4)
+    whole = predict_volume(predictor, image, geometry, tta=16)
+    assert whole.shape == (3, 3, 40, 44)
+    np.testing.assert_array_equal(chunked(predictor, image, geometry, 16, (2, 24, 32)), whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2
+
+
+def test_bad_input(setup, tmp_path, crop):
+    image, ckpt = setup["image"], setup["ckpt"]
+    base = ("--chunk-size", "16,16,2", *PATCH_ARGS, "--dry-run")
+
+    wide = make_image(tmp_path / "wide", crop, dtype="uint16")
+    # one through a real process, the rest through the same entry point in this process
+    assert_one_line_error(run_cli("infer", wide, tmp_path / "o", "--model", ckpt, *base),
+                          "holds uint16")
+    two = make_image(tmp_path / "two", crop, channels=2)
+    assert_one_line_error(cli("infer", two, tmp_path / "o", "--model", ckpt, *base),
+                          "2 channels")
+
+    coarse, _ = make_model(tmp_path / "coarse.pt", resolution=(4, 4, 40))
+    assert_one_line_error(cli("infer", image, tmp_path / "o", "--model", coarse, *base),
+                          "anisotropy differs", "--force")
+    forced = cli("infer", image, tmp_path / "o", "--model", coarse, *base, "--force")
+    assert forced.returncode == 0 and "warning: model coarse.pt was trained at 4x4x40" in \
+        forced.stderr, forced.stderr
+
+    other = tmp_path / "other"
+    create_layer(f"file://{other}", layer_type="image", dtype="uint8", resolution=(4, 4, 50),
+                 size=(96, 80, 7), voxel_offset=OFFSET, chunk_size=(32, 32, 4))
+    assert_one_line_error(cli("infer", image, other, "--model", ckpt, *base),
+                          "exists with another geometry", "chunk_size")
+
+    assert_one_line_error(
+        cli("infer", image, tmp_path / "o", "--model", ckpt, *base,
+                "--bounds", "10,20,3,200,100,10"), "--bounds", "reach outside")
+
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(Path(ckpt).read_bytes()[:5000])
+    assert_one_line_error(cli("infer", image, tmp_path / "o", "--model", broken, *base),
+                          "not a readable deepem3d checkpoint")
+
+    assert_one_line_error(
+        cli("infer", image, tmp_path / "o", "--model", ckpt, *base, "--task-shape", "20,16,2"),
+        "not a multiple of the output chunk size")
+    assert not (tmp_path / "o").exists()
+    assert os.path.exists(ckpt)
