@@ -26,7 +26,7 @@ from deepem3d.sample import load_sample
 from deepem3d.segmentation.metrics import evaluate
 from deepem3d.segmentation.pipeline import segment
 
-HELD_OUT = slice(20, 30)
+HELD_OUT = "20:30"
 
 
 def main() -> None:
@@ -38,14 +38,18 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1.0,
                         help="in-plane Gaussian on the boundary map before segmenting (0: none)")
     parser.add_argument("--dust", type=int, default=0, help="merge segments below N voxels")
+    parser.add_argument("--sections", default=HELD_OUT,
+                        help="START:END; 20:30 is the held-out set, 15:20 the validation set "
+                        "(choose thresholds there)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    start_z, end_z = (int(v) for v in args.sections.split(":"))
     image, ids = load_sample()
-    image, ids = image[HELD_OUT], ids[HELD_OUT].astype(np.uint64)
+    image, ids = image[start_z:end_z], ids[start_z:end_z].astype(np.uint64)
     model, meta = load_model(args.model)
     start = time.time()
     boundary = predict_sections(model, image, tta=args.tta, margin=64)
@@ -67,14 +71,14 @@ def main() -> None:
         scores = evaluate(np.ascontiguousarray(zyx_from_xyz(seg)), ids)
         rows.append({"threshold": t, "segments": int(len(np.unique(seg))), **scores})
     result = {
-        "model": meta.get("model"), "tta": args.tta, "predict_seconds": round(seconds, 1),
+        "model": meta.get("model"), "sections": args.sections, "tta": args.tta, "predict_seconds": round(seconds, 1),
         "boundary_precision": precision, "boundary_recall": recall,
         "method": args.method, "sigma": args.sigma, "dust": args.dust, "scores": rows,
     }
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"model {meta['model']}, tta {args.tta}, predicted in {seconds:.1f} s; boundary "
+    print(f"sections {args.sections}; model {meta['model']}, tta {args.tta}, predicted in {seconds:.1f} s; boundary "
           f"precision {precision:.3f}, recall {recall:.3f} (p > 0.5 vs the DeepEM3D target)")
     print(f"{args.method} (sigma {args.sigma}, dust {args.dust})")
     print(f"{'threshold':>9} {'segments':>8} {'ARE':>7} {'VOI':>7} {'split':>7} {'merge':>7}")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train the shipped `isbi2012-small` weights: ISBI 2012 sections 0..14 for training, 15..19 for
 # validation (model selection), never 20..29 (held out; training reflects at the split).
-# Then export best.pt (float16, no optimizer state) into the package.
+# Then export the final last.pt (float16, no optimizer state) into the package, choose h on
+# the validation sections and score the held-out ones.
 # Usage: bash scripts/train_isbi2012.sh [RUN_DIR] [ITERATIONS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ H5=../shared/data/isbi2012/isbi2012_neuron3d.h5
   --val-every 500 --seed 0 --out "$RUN" --resume
 .venv/bin/python -c "
 from deepem3d.models.checkpoint import export_checkpoint
-export_checkpoint('$RUN/best.pt', 'deepem3d/models/pretrained/isbi2012-small.pt')
+export_checkpoint('$RUN/last.pt', 'deepem3d/models/pretrained/isbi2012-small.pt')
 "
-.venv/bin/python scripts/evaluate_isbi2012.py --model isbi2012-small --tta 16
+.venv/bin/python scripts/evaluate_isbi2012.py --model isbi2012-small --sections 15:20 --tta 16
+.venv/bin/python scripts/evaluate_isbi2012.py --model isbi2012-small --tta 16 --thresholds 0.1
