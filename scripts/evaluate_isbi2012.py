@@ -71,15 +71,17 @@ def main() -> None:
         scores = evaluate(np.ascontiguousarray(zyx_from_xyz(seg)), ids)
         rows.append({"threshold": t, "segments": int(len(np.unique(seg))), **scores})
     result = {
-        "model": meta.get("model"), "sections": args.sections, "tta": args.tta, "predict_seconds": round(seconds, 1),
+        "model": meta.get("model"), "sections": args.sections, "tta": args.tta,
+        "predict_seconds": round(seconds, 1),
         "boundary_precision": precision, "boundary_recall": recall,
         "method": args.method, "sigma": args.sigma, "dust": args.dust, "scores": rows,
     }
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"sections {args.sections}; model {meta['model']}, tta {args.tta}, predicted in {seconds:.1f} s; boundary "
-          f"precision {precision:.3f}, recall {recall:.3f} (p > 0.5 vs the DeepEM3D target)")
+    print(f"sections {args.sections}; model {meta['model']}, tta {args.tta}, predicted in "
+          f"{seconds:.1f} s; boundary precision {precision:.3f}, recall {recall:.3f} "
+          "(p > 0.5 vs the DeepEM3D target)")
     print(f"{args.method} (sigma {args.sigma}, dust {args.dust})")
     print(f"{'threshold':>9} {'segments':>8} {'ARE':>7} {'VOI':>7} {'split':>7} {'merge':>7}")
     for r in rows:
