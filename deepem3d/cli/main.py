@@ -17,6 +17,7 @@ from deepem3d.cli.infer import infer
 from deepem3d.cli.ingest import ingest
 from deepem3d.cli.queue import status, worker
 from deepem3d.cli.sample import sample
+from deepem3d.cli.segment import segment
 from deepem3d.cli.train import train
 from deepem3d.cli.view import view
 from deepem3d.errors import InputError
@@ -29,7 +30,7 @@ def cli() -> None:
 
 
 for command in (
-    sample, ingest, worker, status, downsample, infer, evaluate, view, train,
+    sample, ingest, worker, status, downsample, infer, segment, evaluate, view, train,
 ):
     cli.add_command(command)
 

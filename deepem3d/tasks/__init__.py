@@ -3,4 +3,4 @@
 Importing this package registers every task with taskqueue, which is what a worker needs.
 """
 
-from deepem3d.tasks import downsample, inference, markers  # noqa: F401  (registers the tasks)
+from deepem3d.tasks import downsample, inference, markers, segmentation  # noqa: F401  (registers the tasks)

@@ -1,0 +1,437 @@
+"""deepem3d's segmentation tasks beside waterz on the same affinities: accuracy, throughput,
+memory, and how the cost per voxel grows with the volume.
+
+    python benchmarks/segmentation.py [--sizes 128,256,512] [--workdir DIR] [--json FILE]
+
+1. ISBI 2012 (the embedded 512 x 512 x 30 sample): affinities from the ground truth plus seeded
+   noise (the map contract of DESIGN.md, quantised to uint8). Adapted Rand error and VOI
+   against the ground truth, waterz (its own fragments, OneMinus<MeanAffinity>) and deepem3d
+   (`mean` and `watershed`) at several thresholds each. Throughput: voxels / the sum of every
+   task's own seconds (from the completion markers: no process start, no queue), against
+   waterz's one whole-array call. Memory: the first task of each stage runs in a fresh
+   process and reports its peak RSS above the same process just before the task (imports and
+   numba's compiled code already loaded), against waterz's whole-array peak measured the same
+   way (its input included in both; peaks from Linux's VmHWM, reset just before).
+2. Synthetic cells (Voronoi, about 32 voxels across, a map shaped like a network's output, see
+   `cell_map`) at 128^3, 256^3, 512^3, tasks of 128^3:
+   seconds per voxel of each stage and of waterz, the memory of a block task (it should not
+   grow with the volume), and the single tasks' memory against the graph's edge count.
+3. How many region-graph edges one AgglomerateTask holds in 24 GiB, and so the largest volume
+   before the agglomeration itself must be split.
+
+All tasks run in this process or a child of it, one at a time, on the CPU; the numbers are as
+good as the machine is quiet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+MEAN_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+WATERSHED_THRESHOLDS = [0.05, 0.1, 0.19, 0.3, 0.5]
+GIB24 = 24 * 2**30
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Silence what C++ code (waterz) prints on file descriptor 1."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> int:
+    """Start a fresh peak-memory measurement here; returns the resident bytes now.
+
+    Linux resets the peak (VmHWM) to the current RSS on `echo 5 > /proc/self/clear_refs`;
+    malloc_trim first hands freed heap back, so what the task allocates shows as growth.
+    Elsewhere the process's lifetime peak (ru_maxrss) is all there is.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status("VmRSS") or peak_rss()
+
+
+def peak_rss() -> int:
+    """Peak resident bytes since the last `reset_peak` (or since the process began)."""
+    hwm = _status("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes: one task, or one waterz call, with the peak memory it adds
+
+
+def child_task(payload: str) -> None:
+    """Run one task (a JSON payload) after warming every numba kernel; print its memory."""
+    from taskqueue.queueables import totask
+
+    import deepem3d.tasks  # noqa: F401  (registers the tasks)
+    from deepem3d.segmentation.pipeline import segment
+
+    warm = np.random.default_rng(0).integers(0, 256, (6, 5, 4, 3)).astype(np.uint8)
+    for m in (warm, warm[..., 0]):
+        segment(m, "mean", 0.5, dust_size=3)
+        segment(m, "watershed", 0.2, dust_size=3, dust_mode="zero")
+    before = reset_peak()
+    start = time.perf_counter()
+    totask(json.loads(payload)).execute()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "baseline": before, "peak": peak_rss(),
+                      "added": peak_rss() - before}))
+
+
+def child_waterz(npy: str, threshold: float) -> None:
+    """waterz on x,y,z,3 uint8 affinities from `npy`: seconds and the peak memory it adds."""
+    import waterz
+
+    tiny = np.random.default_rng(0).random((3, 4, 5, 6)).astype(np.float32)
+    with quiet_stdout():
+        [s.copy() for s in waterz.agglomerate(tiny, [0.5])]  # loads its compiled module
+    before = reset_peak()
+    start = time.perf_counter()
+    a = np.load(npy)
+    affs = np.ascontiguousarray(a.transpose(3, 2, 1, 0)[::-1]).astype(np.float32) / 255
+    del a
+    loaded = time.perf_counter()
+    with quiet_stdout():
+        segs = [s.copy() for s in waterz.agglomerate(affs, [threshold])]
+    seconds = time.perf_counter() - loaded
+    print(json.dumps({"seconds": seconds, "load_seconds": loaded - start, "baseline": before,
+                      "peak": peak_rss(), "added": peak_rss() - before,
+                      "segments": int(np.unique(segs[0]).size)}))
+
+
+def in_child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
+                         cwd=ROOT, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {args[0]} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the stages
+
+
+class Runner:
+    """Runs a stage's tasks here; the first one of each stage in a child when measuring."""
+
+    def __init__(self, measure: bool) -> None:
+        self.measure = measure
+        self.memory: dict[str, dict] = {}
+
+    def __call__(self, stage, tasks: list) -> str:
+        from taskqueue.queueables import totask
+
+        from deepem3d.tasks.markers import payload_of
+
+        for k, task in enumerate(tasks):
+            payload = payload_of(task)
+            if k == 0 and self.measure:
+                self.memory[stage.name] = in_child("--run-task", json.dumps(payload))
+            else:
+                totask(payload).execute()
+        return f"{stage.name}: {len(tasks)}"
+
+
+def records(output: str, stage: str) -> list[dict]:
+    from cloudfiles import CloudFiles
+
+    files = CloudFiles(output)
+    return [files.get_json(k) for k in files.list(prefix=f"tasks/{stage}/done/")]
+
+
+def run(map_path: str, output: str, method: str, threshold: float, task_shape, measure: bool,
+        overwrite: bool) -> tuple[dict, dict]:
+    """Run (or retune) the pipeline; (seconds per stage, memory per stage)."""
+    from deepem3d.tasks.segmentation import STAGES
+    from deepem3d.tasks.segmentation_stages import plan_segment, run_segmentation
+
+    plan = plan_segment(map_path, output, method=method, threshold=threshold,
+                        task_shape=task_shape, overwrite=overwrite)
+    runner = Runner(measure)
+    run_segmentation(plan, runner=runner, echo=lambda line: None)
+    seconds = {s: sum(r["seconds"] for r in records(output, s)) for s in STAGES}
+    return seconds, runner.memory
+
+
+def read(path: str) -> np.ndarray:
+    from cloudvolume import CloudVolume
+
+    return np.asarray(CloudVolume(path, progress=False)[:, :, :])[..., 0]
+
+
+def write_map(path: str, array: np.ndarray, chunk) -> str:
+    from deepem3d.layers import create_layer
+
+    vol = create_layer(path, layer_type="image", dtype="uint8", resolution=(4, 4, 40),
+                       size=array.shape[:3], chunk_size=chunk, num_channels=array.shape[3],
+                       overwrite=True)
+    vol[:, :, :] = array
+    return path
+
+
+def mib(value: float) -> str:
+    return f"{value / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. ISBI 2012
+
+
+def isbi(work: Path) -> dict:
+    import waterz
+
+    from deepem3d.axes import xyz_from_zyx
+    from deepem3d.sample import load_sample
+    from deepem3d.segmentation.metrics import evaluate
+    from deepem3d.segmentation.pipeline import segment
+    from deepem3d.segmentation.synthetic import affinity_map, boundary_map
+
+    _, ids = load_sample()
+    gt = np.asfortranarray(xyz_from_zyx(ids))
+    affinities = affinity_map(boundary_map(gt, noise=0.1, seed=0))
+    voxels = int(gt.size)
+    gt_zyx = np.ascontiguousarray(ids)
+    map_path = write_map(f"file://{work / 'isbi_map'}", affinities, (128, 128, 10))
+    output = f"file://{work / 'isbi_seg'}"
+    task_shape = (256, 256, 10)
+
+    rows = []
+    seconds, memory = run(map_path, output, "mean", 0.5, task_shape, True, True)
+    first = read(output)
+    identical = bool(np.array_equal(first, segment(affinities, "mean", 0.5)))
+    total_seconds = sum(seconds.values())
+    for method, thresholds in (("mean", MEAN_THRESHOLDS), ("watershed", WATERSHED_THRESHOLDS)):
+        for t in thresholds:
+            measure = method == "watershed" and t == thresholds[0]
+            secs, mem = run(map_path, output, method, t, task_shape, measure, True)
+            memory.update({f"{k} ({method})": v for k, v in mem.items()})
+            seg = np.ascontiguousarray(read(output).transpose(2, 1, 0))
+            score = evaluate(seg, gt_zyx)
+            rows.append({"tool": f"deepem3d {method}", "threshold": t,
+                         "adapted_rand_error": score["adapted_rand_error"], "voi": score["voi"],
+                         "voi_split": score["voi_split"], "voi_merge": score["voi_merge"],
+                         "retune_seconds": secs["agglomerate"] + secs["remap"]})
+    affs = np.ascontiguousarray(affinities.transpose(3, 2, 1, 0)[::-1]).astype(np.float32) / 255
+    with quiet_stdout():
+        waterz_segs = [s.copy() for s in waterz.agglomerate(affs, MEAN_THRESHOLDS)]
+    for t, seg in zip(MEAN_THRESHOLDS, waterz_segs):
+        score = evaluate(seg, gt_zyx)
+        rows.append({"tool": "waterz", "threshold": t,
+                     "adapted_rand_error": score["adapted_rand_error"], "voi": score["voi"],
+                     "voi_split": score["voi_split"], "voi_merge": score["voi_merge"]})
+    npy = work / "isbi_affinities.npy"
+    np.save(npy, affinities)
+    wz = in_child("--waterz", str(npy), "0.5")
+    edges = records(output, "merge-graph")[0]["edges"]
+    return {
+        "voxels": voxels, "task_shape": task_shape, "blocks": len(records(output, "remap")),
+        "identical_to_whole_array": identical, "stage_seconds": seconds,
+        "deepem3d_seconds": total_seconds, "deepem3d_voxels_per_s": voxels / total_seconds,
+        "waterz": wz, "waterz_voxels_per_s": voxels / wz["seconds"], "edges": edges,
+        "memory": memory, "scores": rows,
+    }
+
+
+def print_isbi(result: dict) -> None:
+    print(f"\n== ISBI 2012 sample, {result['voxels']} voxels, affinities = ground truth + noise "
+          f"0.1 (uint8); {result['blocks']} tasks of {result['task_shape']} per block stage")
+    print(f"chunked == whole-array pipeline.segment: {result['identical_to_whole_array']}")
+    print(f"{'tool':<20}{'threshold':>10}{'adapted Rand':>14}{'VOI':>8}{'split':>8}{'merge':>8}")
+    for r in result["scores"]:
+        print(f"{r['tool']:<20}{r['threshold']:>10}{r['adapted_rand_error']:>14.4f}"
+              f"{r['voi']:>8.3f}{r['voi_split']:>8.3f}{r['voi_merge']:>8.3f}")
+    for tool in ("waterz", "deepem3d mean", "deepem3d watershed"):
+        best = min((r for r in result["scores"] if r["tool"] == tool),
+                   key=lambda r: r["adapted_rand_error"])
+        print(f"best {tool}: adapted Rand {best['adapted_rand_error']:.4f} at {best['threshold']}"
+              f" (VOI {best['voi']:.3f})")
+    wz = result["waterz"]
+    print(f"throughput: deepem3d {result['deepem3d_voxels_per_s'] / 1e6:.2f} Mvoxel/s (all "
+          f"task seconds summed: {result['deepem3d_seconds']:.2f} s), waterz "
+          f"{result['waterz_voxels_per_s'] / 1e6:.2f} Mvoxel/s ({wz['seconds']:.2f} s); ratio "
+          f"{result['deepem3d_voxels_per_s'] / result['waterz_voxels_per_s']:.2f}")
+    print("  per stage (s): " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                           result["stage_seconds"].items()))
+    print(f"memory added by one task (fresh process; its baseline ~"
+          f"{mib(next(iter(result['memory'].values()))['baseline'])}):")
+    for stage, m in result["memory"].items():
+        print(f"  {stage:<28}{mib(m['added']):>10}")
+    print(f"  {'waterz whole array':<28}{mib(wz['added']):>10}  (baseline {mib(wz['baseline'])})")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Synthetic volumes
+
+
+def cell_map(size: int, spacing: int = 32) -> np.ndarray:
+    """Affinities of Voronoi cells that look like a network's output: membranes at 0.9, the
+    inside rising from 0.05 at the cell's seed to 0.55 at its edge, plus smooth noise (a
+    Gaussian of sigma 1.5, standard deviation 0.04). About one supervoxel per 400 voxels and
+    0.02 region-graph edges per voxel, where the white noise of the ISBI map gives 0.3."""
+    from scipy.ndimage import gaussian_filter
+
+    from deepem3d.segmentation.synthetic import affinity_map, boundary_map, voronoi_cells
+
+    labels, dist, _ = voronoi_cells((size,) * 3, spacing, seed=size)
+    edge = boundary_map(labels, noise=0, low=0, high=1) > 127
+    del labels
+    noise = np.random.default_rng(size).normal(0, 1, edge.shape).astype(np.float32)
+    noise = gaussian_filter(noise, 1.5)
+    noise *= np.float32(0.04 / noise.std())
+    p = np.where(edge, np.float32(0.9), 0.05 + 0.5 * np.minimum(dist / spacing, 1)) + noise
+    del noise, dist, edge
+    return affinity_map(np.asfortranarray(np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)))
+
+
+def synthetic(work: Path, size: int) -> dict:
+    start = time.perf_counter()
+    affinities = cell_map(size)
+    map_path = write_map(f"file://{work / f'syn{size}_map'}", affinities, (64, 64, 64))
+    npy = work / f"syn{size}.npy"
+    np.save(npy, affinities)
+    del affinities
+    made = time.perf_counter() - start
+    output = f"file://{work / f'syn{size}_seg'}"
+    seconds, memory = run(map_path, output, "mean", 0.5, (128, 128, 128), True, True)
+    merged = records(output, "merge-graph")[0]
+    reduce = records(output, "reduce")[0]
+    wz = in_child("--waterz", str(npy), "0.5")
+    npy.unlink()
+    voxels = size**3
+    return {"size": size, "voxels": voxels, "setup_seconds": made, "stage_seconds": seconds,
+            "deepem3d_seconds": sum(seconds.values()), "waterz": wz, "memory": memory,
+            "edges": merged["edges"], "supervoxels": merged["supervoxels"],
+            "exits_bytes": reduce["exits_bytes"]}
+
+
+def print_synthetic(results: list[dict]) -> None:
+    print("\n== synthetic cells (Voronoi, ~32 voxels across, smooth noise), tasks of 128^3, "
+          "mean 0.5; ns per voxel")
+    stages = list(results[0]["stage_seconds"])
+    head = f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages)
+    print(head + f"{'deepem3d':>10}{'waterz':>9}{'ratio':>7}")
+    for r in results:
+        ns = {s: 1e9 * v / r["voxels"] for s, v in r["stage_seconds"].items()}
+        ours = 1e9 * r["deepem3d_seconds"] / r["voxels"]
+        theirs = 1e9 * r["waterz"]["seconds"] / r["voxels"]
+        print(f"{r['size']:>5}^3" + "".join(f"{ns[s]:>13.1f}" for s in stages)
+              + f"{ours:>10.1f}{theirs:>9.1f}{theirs / ours:>7.2f}")
+    print("memory added by one task (MiB; block stages: one 128^3 block):")
+    print(f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages) + f"{'waterz':>9}")
+    for r in results:
+        print(f"{r['size']:>5}^3" + "".join(
+            f"{r['memory'].get(s, {}).get('added', float('nan')) / 2**20:>13.0f}"
+            for s in stages) + f"{r['waterz']['added'] / 2**20:>9.0f}")
+    print("single tasks against the whole volume:")
+    for r in results:
+        m, edges = r["memory"], max(r["edges"], 1)
+        print(f"  {r['size']}^3: {r['edges']} edges ({r['edges'] / r['voxels']:.4f}/voxel), "
+              f"{r['supervoxels']} supervoxels; agglomerate "
+              f"{m['agglomerate']['added'] / edges:.0f} B/edge, merge-graph "
+              f"{m['merge-graph']['added'] / edges:.0f} B/edge, "
+              f"reduce {m['reduce']['added'] / r['voxels']:.2f} B/voxel (exits "
+              f"{r['exits_bytes'] / r['voxels']:.2f} B/voxel), remap {mib(m['remap']['added'])}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Capacity of one AgglomerateTask
+
+
+def capacity(isbi_result: dict | None, synthetic_results: list[dict]) -> None:
+    print("\n== one AgglomerateTask on 24 GiB")
+    measured = {}
+    for r in synthetic_results[-1:]:
+        m = r["memory"]
+        measured["mean (measured here)"] = m["agglomerate"]["added"] / r["edges"]
+    if isbi_result:
+        m = isbi_result["memory"]
+        measured["mean, ISBI (measured here)"] = m["agglomerate"]["added"] / isbi_result["edges"]
+        if "agglomerate (watershed)" in m:
+            measured["watershed, ISBI (measured here)"] = (
+                m["agglomerate (watershed)"]["added"] / isbi_result["edges"])
+    measured["mean (helper measurement)"] = 245
+    measured["watershed (helper measurement)"] = 75
+    densities = {f"synthetic {r['size']}^3": r["edges"] / r["voxels"] for r in synthetic_results}
+    if isbi_result:
+        densities["ISBI"] = isbi_result["edges"] / isbi_result["voxels"]
+    for name, per_edge in measured.items():
+        edges = GIB24 / per_edge
+        sizes = ", ".join(f"{edges / d / 1e9:.1f} Gvoxel ({(edges / d) ** (1 / 3):.0f}^3) at "
+                          f"{name2}" for name2, d in densities.items())
+        print(f"  {name}: {per_edge:.0f} B/edge -> {edges / 1e9:.2f} G edges; {sizes}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-task", help=argparse.SUPPRESS)
+    parser.add_argument("--waterz", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", default="128,256,512")
+    parser.add_argument("--skip-isbi", action="store_true")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--json", default=None, help="Also write every figure to this file.")
+    args = parser.parse_args()
+    if args.run_task:
+        return child_task(args.run_task)
+    if args.waterz:
+        return child_waterz(args.waterz[0], float(args.waterz[1]))
+    with tempfile.TemporaryDirectory(prefix="deepem3d-bench-", dir=args.workdir) as tmp:
+        work = Path(tmp)
+        print(f"machine: {os.cpu_count()} CPU(s); load average {os.getloadavg()[0]:.1f} at start")
+        result: dict = {}
+        if not args.skip_isbi:
+            result["isbi"] = isbi(work)
+            print_isbi(result["isbi"])
+        result["synthetic"] = []
+        for size in [int(s) for s in args.sizes.split(",") if s]:
+            start = time.perf_counter()
+            result["synthetic"].append(synthetic(work, size))
+            print_synthetic(result["synthetic"])
+            print(f"({size}^3 took {time.perf_counter() - start:.0f} s in all)", flush=True)
+        capacity(result.get("isbi"), result["synthetic"])
+        print(f"load average {os.getloadavg()[0]:.1f} at the end")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""`deepem3d segment MAP OUTPUT`: the chunk-invariant segmentation of a boundary/affinity map."""
+
+from __future__ import annotations
+
+import click
+from cloudvolume.lib import Bbox
+
+from deepem3d.cli.options import (
+    dry_run_option,
+    parallel_option,
+    parse_bounds,
+    parse_triple,
+    queue_option,
+)
+from deepem3d.queues import check_queue_url
+
+
+@click.command()
+@click.argument("map_layer", metavar="MAP")
+@click.argument("output")
+@queue_option
+@parallel_option
+@dry_run_option
+@click.option("--method", type=click.Choice(["mean", "watershed"]), required=True,
+              help="mean: greedy mean-affinity merging (waterz's OneMinus<MeanAffinity>); "
+              "watershed: DeepEM3D's h-minima watershed.")
+@click.option("--threshold", type=float, required=True,
+              help="In [0, 1]. mean: merge while 1 - mean affinity is below it; watershed: "
+              "h, the minimum depth of a basin (DeepEM3D used 0.19).")
+@click.option("--dust-size", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Merge segments of fewer voxels (whole-volume sizes) into their neighbour "
+              "of largest contact; 0: off.")
+@click.option("--dust-mode", type=click.Choice(["merge", "zero"]), default="merge",
+              show_default=True, help="What happens to dust: merged, or set to 0 (background).")
+@click.option("--task-shape", default=None,
+              help="Block per task, x,y,z, a multiple of the chunk size (default: about "
+              "512 x 512 x 64). The result does not depend on it.")
+@click.option("--chunk-size", default=None,
+              help="Chunk size of OUTPUT, x,y,z (default: the map's at --mip).")
+@click.option("--bounds", default=None,
+              help="x0,y0,z0,x1,y1,z1 at --mip, absolute voxels (default: the whole map); "
+              "expanded to whole chunks. The region is segmented as if it were the volume.")
+@click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Read the map at this mip; OUTPUT has its resolution.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an OUTPUT that holds a segmentation. With the same map, --bounds "
+              "and --task-shape, its supervoxels and region graph are kept and reused.")
+def segment(
+    map_layer: str, output: str, queue: str | None, parallel: int | None, dry_run: bool,
+    method: str, threshold: float, dust_size: int, dust_mode: str, task_shape: str | None,
+    chunk_size: str | None, bounds: str | None, mip: int, overwrite: bool,
+) -> None:
+    """Segment the boundary (1 channel) or affinity (3 channels) map MAP into OUTPUT.
+
+    Seven stages of queue tasks, each finished (its completion markers) before the next:
+    supervoxels, reduce, relabel, region-graph, merge-graph, agglomerate, remap. OUTPUT is a
+    uint64 compressed_segmentation layer, the same bytes whatever --task-shape. The work
+    (a supervoxel layer, the merged region graph) stays under OUTPUT/segmentation/, so
+    another --method, --threshold or --dust-size with --overwrite redoes only agglomerate and
+    remap. With --queue and no --parallel, the command waits for workers elsewhere
+    (`deepem3d worker QUEUE`); Ctrl-C stops waiting, and the same command goes on later.
+    """
+    from deepem3d.tasks.segmentation_stages import plan_segment, run_segmentation
+
+    if queue is not None:
+        check_queue_url(queue)
+    region = parse_bounds(bounds)
+    plan = plan_segment(
+        map_layer, output, method=method, threshold=threshold, dust_size=dust_size,
+        dust_mode=dust_mode,
+        task_shape=parse_triple(task_shape, "--task-shape", int) if task_shape else None,
+        chunk_size=parse_triple(chunk_size, "--chunk-size", int) if chunk_size else None,
+        bounds=Bbox(*region) if region else None, mip=mip, overwrite=overwrite,
+    )
+    click.echo(plan.describe())
+    if dry_run:
+        return
+    run_segmentation(plan, queue=queue, parallel=parallel, echo=click.echo)
+    click.echo(f"segmentation written to {plan.output_path}")

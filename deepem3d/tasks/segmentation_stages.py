@@ -1,0 +1,523 @@
+"""Planning and running `deepem3d segment`: check the inputs, decide what a run reuses, create
+each stage's tasks and run the stages in order, each to completion before the next.
+
+The tasks themselves, and the layout of the work directory, are in deepem3d.tasks.segmentation.
+A plan is "new", "resume" (same parameters: finished tasks are skipped), "retune" (same map,
+--bounds and --task-shape, another method, threshold or dust: the supervoxels and the merged
+region graph are kept, agglomerate and remap run again) or "rebuild". Which one is read from the
+stages' manifests, whose parameters carry a key: a digest of what decides that stage's output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+from cloudfiles import CloudFiles
+from cloudvolume.lib import Bbox
+from tqdm import tqdm
+
+from deepem3d.errors import InputError
+from deepem3d.layers import (
+    cloudpath,
+    create_layer,
+    info_exists,
+    layer_holds_data,
+    open_layer,
+    record_provenance,
+)
+from deepem3d.segmentation.chunks import SUPERVOXEL_HALO
+from deepem3d.tasks.markers import Stage
+from deepem3d.tasks.segmentation import (
+    CHUNK_STAGES,
+    STAGES,
+    SUPERVOXEL_LAYER,
+    TUNING_STAGES,
+    WORK,
+    AgglomerateTask,
+    MergeGraphTask,
+    ReduceTask,
+    RegionGraphTask,
+    RelabelTask,
+    RemapTask,
+    SupervoxelTask,
+    block_id,
+    supervoxel_layer_path,
+)
+
+METHODS = ("mean", "watershed")
+DUST_MODES = ("merge", "zero")
+MAP_DTYPES = ("uint8", "float32")
+DEFAULT_TASK_SHAPE = (512, 512, 64)  # rounded up to whole output chunks
+# Peak bytes per voxel of the largest block task, above a worker's imports, measured by
+# benchmarks/segmentation.py on uint8 affinity maps: up to 68 (region-graph, 128^3 block of a
+# white-noise map with 0.3 graph edges per voxel), 19 (remap) on a smooth map with 0.02.
+# A float32 map adds 4 bytes per channel and voxel.
+BYTES_PER_VOXEL = 70
+# Peak bytes per region-graph edge of the agglomerate task (benchmarks/segmentation.py: mean
+# 191-243, watershed 76)
+BYTES_PER_EDGE = {"mean": 245, "watershed": 76}
+POLL_SECONDS = 1.0  # how often a run waiting for workers elsewhere reads the markers
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: check everything, decide what a run reuses; writes nothing
+
+
+@dataclass
+class SegmentPlan:
+    """What `deepem3d segment` will do, computed without writing anything."""
+
+    map_path: str
+    output_path: str
+    mip: int
+    kind: str
+    map_dtype: str
+    method: str
+    threshold: float
+    dust_size: int
+    dust_mode: str
+    resolution: tuple[float, float, float]
+    voxel_offset: tuple[int, int, int]
+    size: tuple[int, int, int]
+    chunk_size: tuple[int, int, int]
+    task_shape: tuple[int, int, int]
+    bounds: Bbox
+    blocks: list[Bbox]
+    map_fingerprint: str
+    #: "new" (nothing there), "resume" (same parameters), "retune" (keep the supervoxels and
+    #: graph, redo agglomerate + remap), "rebuild" (everything again)
+    action: str = "new"
+    reset_layer: bool = False
+    reset_chunk_stages: bool = False
+    reset_tuning_stages: bool = False
+    graph_edges: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def region(self) -> list[int]:
+        return [int(v) for v in (*self.bounds.minpt, *self.bounds.maxpt)]
+
+    @property
+    def volume(self) -> list[int]:
+        return [*self.voxel_offset, *self.size]
+
+    def chunk_parameters(self) -> dict:
+        """What decides the supervoxels and the region graph."""
+        return {
+            "map": self.map_path,
+            "map_fingerprint": self.map_fingerprint,
+            "mip": self.mip,
+            "kind": self.kind,
+            "region": self.region,
+            "task_shape": list(self.task_shape),
+            "chunk_size": list(self.chunk_size),
+        }
+
+    def tuning_parameters(self) -> dict:
+        """What decides the segments, given the graph."""
+        return {"method": self.method, "threshold": self.threshold,
+                "dust_size": self.dust_size, "dust_mode": self.dust_mode}
+
+    @property
+    def chunk_key(self) -> str:
+        return _digest(self.chunk_parameters())
+
+    @property
+    def tuning_key(self) -> str:
+        return _digest({**self.chunk_parameters(), **self.tuning_parameters()})
+
+    def key(self, stage: str) -> str:
+        return self.chunk_key if stage in CHUNK_STAGES else self.tuning_key
+
+    def task_count(self, stage: str) -> int:
+        return 1 if stage in ("reduce", "merge-graph", "agglomerate") else len(self.blocks)
+
+    @property
+    def task_memory_bytes(self) -> int:
+        """Peak bytes of the largest block task (a model measured by the benchmark)."""
+        per_voxel = BYTES_PER_VOXEL + (4 * (1 if self.kind == "boundary" else 3)
+                                       if self.map_dtype == "float32" else 0)
+        low, high = SUPERVOXEL_HALO[self.kind]
+        voxels = math.prod(min(t, int(s)) + low + high
+                           for t, s in zip(self.task_shape, self.bounds.size3()))
+        return per_voxel * voxels
+
+    def describe(self) -> str:
+        shape = " x ".join(map(str, self.task_shape))
+        counts = ", ".join(f"{s} {self.task_count(s)}" for s in STAGES)
+        what = {
+            "new": "computing every stage",
+            "resume": "resuming: finished tasks are skipped",
+            "retune": "reusing the supervoxels and region graph; redoing agglomerate and remap",
+            "rebuild": "replacing everything OUTPUT held",
+        }[self.action]
+        dust = f", dust < {self.dust_size} voxels ({self.dust_mode})" if self.dust_size else ""
+        lines = [
+            f"segment {self.map_path} ({self.kind} map, {self.map_dtype}) into "
+            f"{self.output_path}: {self.method}, threshold {self.threshold:g}{dust}; {what}",
+            f"{len(self.blocks)} block(s) of {shape} voxels (x,y,z) over "
+            f"{self.bounds.minpt.tolist()}..{self.bounds.maxpt.tolist()}; tasks per stage: "
+            f"{counts}; about {self.task_memory_bytes / 2**20:.3g} MiB per block task",
+        ]
+        if self.graph_edges is not None:
+            need = self.graph_edges * BYTES_PER_EDGE[self.method]
+            lines.append(f"region graph: {self.graph_edges} edges; the agglomerate task needs "
+                         f"about {need / 2**20:.0f} MiB")
+        return "\n".join(lines + self.notes)
+
+
+def _digest(value: dict) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def map_fingerprint(map_path: str) -> str:
+    """A digest of the map layer's info and provenance: a re-made map is another map."""
+    files = CloudFiles(cloudpath(map_path))
+    parts = [files.get(name) or b"" for name in ("info", "provenance")]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def _align(bounds: Bbox, offset, size, chunk) -> Bbox:
+    """Bounds grown to the chunk grid (anchored at the voxel offset), clipped to the volume."""
+    offset, size, chunk = (np.asarray(v, dtype=int) for v in (offset, size, chunk))
+    lo = offset + (np.asarray(bounds.minpt) - offset) // chunk * chunk
+    hi = offset + -(-(np.asarray(bounds.maxpt) - offset) // chunk) * chunk
+    return Bbox(lo, np.minimum(hi, offset + size))
+
+
+def _blocks(bounds: Bbox, task_shape) -> list[Bbox]:
+    lo, hi = np.asarray(bounds.minpt, dtype=int), np.asarray(bounds.maxpt, dtype=int)
+    ranges = [range(int(a), int(b), int(s)) for a, b, s in zip(lo, hi, task_shape)]
+    return [
+        Bbox([x, y, z], np.minimum(np.array([x, y, z]) + np.asarray(task_shape), hi))
+        for z in ranges[2] for y in ranges[1] for x in ranges[0]
+    ]
+
+
+def _geometry(info: dict) -> dict:
+    scale = (info.get("scales") or [{}])[0]
+    return {
+        "type": info.get("type"),
+        "data_type": info.get("data_type"),
+        "num_channels": info.get("num_channels"),
+        "resolution": [float(r) for r in scale.get("resolution", [])],
+        "voxel_offset": [int(v) for v in scale.get("voxel_offset", [])],
+        "size": [int(v) for v in scale.get("size", [])],
+        "chunk_size": [int(v) for v in (scale.get("chunk_sizes") or [[]])[0]],
+    }
+
+
+def _manifest_key(output_path: str, stage: str) -> str | None:
+    manifest = Stage(output_path, stage).manifest()
+    return None if manifest is None else manifest.get("parameters", {}).get("key")
+
+
+def plan_segment(
+    map_path: str,
+    output_path: str,
+    *,
+    method: str,
+    threshold: float,
+    dust_size: int = 0,
+    dust_mode: str = "merge",
+    task_shape: tuple[int, int, int] | None = None,
+    chunk_size: tuple[int, int, int] | None = None,
+    bounds: Bbox | None = None,
+    mip: int = 0,
+    overwrite: bool = False,
+) -> SegmentPlan:
+    """Check every input and decide what the run does; reads infos and manifests only."""
+    map_path, output_path = cloudpath(map_path).rstrip("/"), cloudpath(output_path).rstrip("/")
+    if map_path == output_path:
+        raise InputError("OUTPUT is the map layer itself: give another path")
+    if method not in METHODS:
+        raise InputError(f"--method {method!r}: choose mean or watershed")
+    if not (isinstance(threshold, int | float) and math.isfinite(threshold)
+            and 0 <= threshold <= 1):
+        raise InputError(f"--threshold {threshold} is outside [0, 1]: mean thresholds are on "
+                         "1 - mean affinity, watershed thresholds are h; both lie in [0, 1]")
+    if dust_size < 0:
+        raise InputError(f"--dust-size {dust_size} must be 0 (off) or a number of voxels")
+    if dust_mode not in DUST_MODES:
+        raise InputError(f"--dust-mode {dust_mode!r}: choose merge or zero")
+    vol = open_layer(map_path, mip=mip)
+    dtype = str(np.dtype(vol.dtype))
+    if dtype not in MAP_DTYPES:
+        raise InputError(f"{map_path} holds {dtype}: a boundary or affinity map is uint8 "
+                         "(round(255 p)) or float32 probabilities")
+    channels = int(vol.num_channels)
+    if channels not in (1, 3):
+        raise InputError(f"{map_path} has {channels} channels: a boundary map has 1, an "
+                         "affinity map 3 (x, y, z)")
+    offset = tuple(int(v) for v in vol.voxel_offset)
+    size = tuple(int(v) for v in vol.volume_size)
+    chunk = tuple(int(c) for c in (chunk_size or vol.meta.chunk_size(mip)))
+    if task_shape is None:
+        task_shape = tuple(-(-t // c) * c for t, c in zip(DEFAULT_TASK_SHAPE, chunk))
+    task_shape = tuple(int(t) for t in task_shape)
+    if any(t % c for t, c in zip(task_shape, chunk)):
+        raise InputError(
+            f"--task-shape {','.join(map(str, task_shape))} is not a multiple of the output "
+            f"chunk size {','.join(map(str, chunk))}: each task must write whole chunks"
+        )
+    volume = Bbox(offset, np.asarray(offset) + np.asarray(size))
+    if bounds is None:
+        bounds = volume
+    elif not (np.all(np.asarray(bounds.minpt) >= volume.minpt)
+              and np.all(np.asarray(bounds.maxpt) <= volume.maxpt)):
+        raise InputError(
+            f"--bounds {bounds.minpt.tolist()}..{bounds.maxpt.tolist()} reach outside "
+            f"{map_path} at mip {mip}, which spans {volume.minpt.tolist()}.."
+            f"{volume.maxpt.tolist()} (x,y,z, end exclusive)"
+        )
+    bounds = _align(bounds, offset, size, chunk)
+    plan = SegmentPlan(
+        map_path=map_path, output_path=output_path, mip=mip,
+        kind="boundary" if channels == 1 else "affinity", map_dtype=dtype, method=method,
+        threshold=float(threshold), dust_size=int(dust_size), dust_mode=dust_mode,
+        resolution=tuple(float(r) for r in vol.resolution), voxel_offset=offset, size=size,
+        chunk_size=chunk, task_shape=task_shape, bounds=bounds,
+        blocks=_blocks(bounds, task_shape), map_fingerprint=map_fingerprint(map_path),
+    )
+    _decide(plan, overwrite)
+    return plan
+
+
+def _decide(plan: SegmentPlan, overwrite: bool) -> None:
+    """Fill in plan.action and the resets, or refuse (InputError) what would lose data."""
+    out = plan.output_path
+    wanted = {
+        "type": "segmentation", "data_type": "uint64", "num_channels": 1,
+        "resolution": list(plan.resolution), "voxel_offset": list(plan.voxel_offset),
+        "size": list(plan.size), "chunk_size": list(plan.chunk_size),
+    }
+    info = CloudFiles(out).get_json("info") if info_exists(out) else None
+    existing = _geometry(info) if info else None
+    holds = info is not None and layer_holds_data(out)
+    if existing is not None and existing != wanted:
+        if holds and not overwrite:
+            diffs = "; ".join(f"{k} {existing.get(k)} (want {v})"
+                              for k, v in wanted.items() if existing.get(k) != v)
+            raise InputError(f"{out} holds a layer of another geometry ({diffs}): pass "
+                             "--overwrite to replace it, or choose another OUTPUT")
+        plan.reset_layer = plan.reset_chunk_stages = plan.reset_tuning_stages = True
+        plan.action = "rebuild" if holds else "new"
+        return
+    chunks_same = _manifest_key(out, "supervoxels") == plan.chunk_key
+    # --overwrite replaces the segmentation even when made the same way; the chunk stages are
+    # a cache of the map, kept whenever their key matches
+    tuning_same = (_manifest_key(out, "remap") == plan.tuning_key and chunks_same
+                   and not overwrite)
+    if holds and not tuning_same and not overwrite:
+        previous = Stage(out, "remap").manifest()
+        if previous is None:
+            raise InputError(f"{out} holds data that `deepem3d segment` did not write: pass "
+                             "--overwrite to replace it, or choose another OUTPUT")
+        raise InputError(f"{out} holds a segmentation made with other parameters: pass "
+                         "--overwrite to replace it (the supervoxels and region graph are "
+                         "reused when the map, --bounds and --task-shape are the same)")
+    plan.reset_chunk_stages = not chunks_same
+    plan.reset_tuning_stages = not tuning_same
+    if tuning_same:
+        plan.action = "resume"
+    elif chunks_same:
+        plan.action = "retune"
+    else:
+        plan.action = "rebuild" if holds else "new"
+    if chunks_same and Stage(out, "merge-graph").is_complete():
+        record = CloudFiles(out).get_json(Stage(out, "merge-graph").marker_key("merge-graph"))
+        plan.graph_edges = (record or {}).get("edges")
+
+
+# ---------------------------------------------------------------------------------------------
+# Creating the tasks and running the stages
+
+
+def provenance(plan: SegmentPlan) -> dict:
+    return {
+        "task": "deepem3d segment",
+        **plan.tuning_parameters(),
+        "map": plan.map_path,
+        "map_kind": plan.kind,
+        "map_dtype": plan.map_dtype,
+        "mip": plan.mip,
+        "bounds": plan.region,
+        "task_shape": list(plan.task_shape),
+        "stages": list(STAGES),
+        "work_dir": f"{WORK}/ (supervoxel layer {SUPERVOXEL_LAYER}, merged region graph "
+                    f"{WORK}/graph.npz, segment table {WORK}/segments.npz)",
+        "ids": "1 + the global voxel index (x + X * (y + Y * z)) of a voxel of the segment",
+    }
+
+
+def _delete_prefixes(path: str, prefixes: Iterable[str]) -> None:
+    files = CloudFiles(path)
+    keys = [key for prefix in prefixes for key in files.list(prefix=prefix)]
+    if keys:  # deleting nothing still starts a thread pool
+        files.delete(keys)
+
+
+def _segmentation_prefixes(info: dict | None) -> list[str]:
+    """What a segmentation layer's data occupies: every scale, its meshes and skeletons."""
+    info = info or {}
+    prefixes = [scale["key"].rstrip("/") + "/" for scale in info.get("scales", [])]
+    return prefixes + [f"{info.get(k) or k}/" for k in ("mesh", "skeletons")]
+
+
+def prepare_output(plan: SegmentPlan) -> None:
+    """Apply the plan's resets, then (re)write the output and supervoxel layers' infos."""
+    out = plan.output_path
+    info = CloudFiles(out).get_json("info")
+    if plan.reset_chunk_stages:
+        _delete_prefixes(out, [f"tasks/{s}/" for s in CHUNK_STAGES] + [f"{WORK}/"])
+    if plan.reset_tuning_stages:
+        _delete_prefixes(out, [f"tasks/{s}/" for s in TUNING_STAGES] + [f"{WORK}/segments.npz"]
+                         + _segmentation_prefixes(info))
+    if plan.reset_layer or plan.reset_tuning_stages:
+        vol = create_layer(
+            out, layer_type="segmentation", dtype="uint64", resolution=plan.resolution,
+            size=plan.size, voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
+            overwrite=plan.reset_layer,
+        )
+        record_provenance(vol, provenance(plan), replace=True)
+    sv_path = supervoxel_layer_path(out)
+    if plan.reset_chunk_stages or not info_exists(sv_path):
+        create_layer(
+            sv_path, layer_type="segmentation", dtype="uint64", resolution=plan.resolution,
+            size=plan.size, voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
+            overwrite=True, provenance={
+                "task": "deepem3d segment (supervoxels)", **plan.chunk_parameters(),
+                "ids": "1 + the global voxel index of the supervoxel's lowest voxel",
+            },
+        )
+
+
+def create_stage_tasks(plan: SegmentPlan, name: str) -> tuple[Stage, list[partial]]:
+    """Write the stage's manifest and return (stage, the tasks that have no marker yet)."""
+    stage = Stage(plan.output_path, name)
+    key = plan.key(name)
+    common = {"output_path": plan.output_path, "key": key}
+    chunked = {"map_path": plan.map_path, "dataset": plan.region, "mip": plan.mip}
+    blocks = {block_id(b): [int(v) for v in (*b.minpt, *b.maxpt)] for b in plan.blocks}
+    if name == "supervoxels":
+        tasks = {i: partial(SupervoxelTask, bounds=b, **chunked, **common)
+                 for i, b in blocks.items()}
+    elif name == "reduce":
+        tasks = {"reduce": partial(ReduceTask, dataset=plan.region, volume=plan.volume,
+                                   **common)}
+    elif name == "relabel":
+        tasks = {i: partial(RelabelTask, bounds=b, **common) for i, b in blocks.items()}
+    elif name == "region-graph":
+        tasks = {i: partial(RegionGraphTask, bounds=b, **chunked, **common)
+                 for i, b in blocks.items()}
+    elif name == "merge-graph":
+        tasks = {"merge-graph": partial(MergeGraphTask, **common)}
+    elif name == "agglomerate":
+        tasks = {"agglomerate": partial(AgglomerateTask, method=plan.method,
+                                        threshold=plan.threshold, dust_size=plan.dust_size,
+                                        dust_mode=plan.dust_mode, **common)}
+    elif name == "remap":
+        tasks = {i: partial(RemapTask, bounds=b, **common) for i, b in blocks.items()}
+    else:
+        raise ValueError(f"unknown stage {name!r}")
+    parameters = plan.chunk_parameters() if name in CHUNK_STAGES else {
+        **plan.chunk_parameters(), **plan.tuning_parameters()}
+    manifest = stage.manifest()
+    if manifest is None or manifest.get("parameters", {}).get("key") != key:
+        stage.write_manifest(list(tasks), {"key": key, **parameters})
+    done = stage.done_ids()
+    return stage, [task for task_id, task in tasks.items() if task_id not in done]
+
+
+def clean_intermediates(plan: SegmentPlan) -> None:
+    """Delete what no later stage reads: per-block labels, exits and tables once the
+    supervoxel layer is complete, per-block graphs once the merged graph is."""
+    out = plan.output_path
+    if Stage(out, "relabel").is_complete():
+        _delete_prefixes(out, [f"{WORK}/labels/", f"{WORK}/exits/", f"{WORK}/tables/"])
+    if Stage(out, "merge-graph").is_complete():
+        _delete_prefixes(out, [f"{WORK}/graphs/"])
+
+
+def await_stage(
+    stage: Stage, queue: str, *, progress: bool = True, poll: float | None = None
+) -> None:
+    """Wait, polling the stage's markers, while workers elsewhere drain `queue`.
+
+    On a file queue, an empty queue with tasks still unmarked means they failed (the worker
+    moved them to DIR/failed/): say so instead of waiting forever. SQS counters are
+    approximate, so there the wait ends only with the markers (or Ctrl-C; re-running the same
+    command goes on where it stopped).
+    """
+    from deepem3d.queues import open_queue
+
+    total = len(stage.task_ids())
+    with tqdm(total=total, desc=stage.name, disable=not progress, file=sys.stderr) as bar:
+        while True:
+            remaining = stage.remaining()
+            bar.update(total - len(remaining) - bar.n)
+            if not remaining:
+                return
+            if queue.startswith("fq://") and open_queue(queue).enqueued == 0:
+                remaining = stage.remaining()  # a task marks done before leaving the queue
+                if remaining:
+                    raise InputError(
+                        f"stage {stage.name}: {queue} is empty but {len(remaining)} task(s) "
+                        f"have no completion marker: they failed (see "
+                        f"{queue[len('fq://'):]}/failed/ and the worker logs); fix the cause "
+                        "and re-run the same command: finished stages are kept"
+                    )
+            time.sleep(POLL_SECONDS if poll is None else poll)
+
+
+Runner = Callable[[Stage, list], str]
+
+
+def run_segmentation(
+    plan: SegmentPlan,
+    *,
+    queue: str | None = None,
+    parallel: int | None = None,
+    progress: bool = True,
+    runner: Runner | None = None,
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Run the stages in order, each to completion (read from its markers) before the next.
+
+    Without `runner`, each stage goes through `deepem3d.queues.run_stage` (local workers on a
+    temporary queue without `queue`); with a queue and no `parallel`, the tasks wait there for
+    workers elsewhere and this waits for their markers. A `runner(stage, tasks)` replaces that
+    (tests run tasks in-process).
+    """
+    from deepem3d.queues import run_stage
+
+    prepare_output(plan)
+    for name in STAGES:
+        stage, tasks = create_stage_tasks(plan, name)
+        if not tasks:
+            echo(f"stage {name}: complete ({len(stage.task_ids())} task(s) done before)")
+        elif runner is not None:
+            echo(runner(stage, tasks))
+        else:
+            # no more local workers than tasks: the one-task stages start one process
+            workers = min(parallel, len(tasks)) if parallel else parallel
+            summary = run_stage(stage, tasks, queue=queue, parallel=workers, progress=progress)
+            if queue is not None and not parallel:
+                echo(f"stage {name}: {len(tasks)} task(s) on {queue}; waiting for workers "
+                     f"(`deepem3d worker {queue}`)")
+                await_stage(stage, queue, progress=progress)
+                summary = f"stage {name} complete: {len(stage.task_ids())} task(s)"
+            echo(summary)
+        if not stage.is_complete():
+            raise InputError(f"stage {name} is incomplete: {len(stage.remaining())} task(s) "
+                             "without a completion marker; re-run the same command")
+        clean_intermediates(plan)

@@ -1,0 +1,275 @@
+"""`deepem3d segment` as queue tasks on real file:// layers: the segmentation layer is the same
+bytes whatever the task shape, and equal to `pipeline.segment` on the whole array.
+
+The map is a 96 x 80 x 10 (x,y,z) crop of the embedded ISBI 2012 sample: ground truth turned
+into a noisy boundary map, and its affinities. Most runs execute the tasks in this process
+(each through its JSON payload, as a worker would); one goes through `--parallel 2` worker
+processes, one through a worker that drains a --queue the command waits on.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cloudfiles import CloudFiles
+from cloudvolume import CloudVolume
+from cloudvolume.lib import Bbox
+from taskqueue.queueables import totask
+
+from deepem3d.axes import xyz_from_zyx
+from deepem3d.errors import InputError
+from deepem3d.layers import create_layer
+from deepem3d.queues import insert_tasks
+from deepem3d.sample import load_sample
+from deepem3d.segmentation.pipeline import segment
+from deepem3d.segmentation.synthetic import affinity_map, boundary_map
+from deepem3d.tasks import segmentation_stages
+from deepem3d.tasks.markers import Stage, payload_of
+from deepem3d.tasks.segmentation import CHUNK_STAGES, STAGES, volume_ids
+from deepem3d.tasks.segmentation_stages import await_stage, plan_segment, run_segmentation
+from deepem3d.worker import Worker
+from tests.conftest import assert_one_line_error, run_cli
+
+SHAPE = (96, 80, 10)  # x, y, z
+CHUNK = (8, 8, 2)
+
+
+@pytest.fixture(scope="module")
+def maps(tmp_path_factory) -> dict[str, tuple[str, np.ndarray]]:
+    """Map layers by name: (path, the array in it)."""
+    root = tmp_path_factory.mktemp("maps")
+    _, ids = load_sample()
+    labels = np.asfortranarray(xyz_from_zyx(ids[: SHAPE[2], : SHAPE[1], : SHAPE[0]]))
+    b = boundary_map(labels, noise=0.1, seed=3)
+    arrays = {"boundary": b, "affinity": affinity_map(b),
+              "float32": (b / np.float32(255)).astype(np.float32)}
+    out = {}
+    for name, array in arrays.items():
+        path = f"file://{root / name}"
+        vol = create_layer(path, layer_type="image", dtype=str(array.dtype), resolution=(4, 4, 40),
+                           size=SHAPE, chunk_size=CHUNK, num_channels=1 if array.ndim == 3 else 3)
+        vol[:, :, :] = array
+        out[name] = (path, array)
+    return out
+
+
+class InProcess:
+    """Runs a stage's tasks here, each from its JSON payload; counts them per stage."""
+
+    def __init__(self) -> None:
+        self.ran: dict[str, int] = {}
+
+    def __call__(self, stage: Stage, tasks: list) -> str:
+        for task in tasks:
+            totask(payload_of(task)).execute()
+        self.ran[stage.name] = self.ran.get(stage.name, 0) + len(tasks)
+        return f"stage {stage.name}: {len(tasks)} task(s) run"
+
+
+def run(map_path: str, output: str, method: str, threshold: float, task_shape=None,
+        **kwargs) -> InProcess:
+    plan = plan_segment(map_path, output, method=method, threshold=threshold,
+                        task_shape=task_shape, chunk_size=CHUNK, **kwargs)
+    runner = InProcess()
+    run_segmentation(plan, runner=runner, echo=lambda line: None)
+    return runner
+
+
+def read(path: str) -> np.ndarray:
+    vol = CloudVolume(path, progress=False, fill_missing=True)
+    assert vol.dtype == np.uint64 and vol.encoding == "compressed_segmentation"
+    return np.asarray(vol[:, :, :])[..., 0]
+
+
+def chunk_files(path: str) -> dict[str, bytes]:
+    files = CloudFiles(path)
+    return {k: files.get(k) for k in files.list(prefix="4_4_40/")}
+
+
+@pytest.mark.parametrize(
+    "name, method, threshold, dust",
+    [("boundary", "mean", 0.5, 0), ("affinity", "watershed", 0.19, 20), ("float32", "mean", 0.3,
+                                                                          5)],
+)
+def test_layer_is_the_same_bytes_for_every_task_shape(tmp_path, maps, name, method, threshold,
+                                                      dust):
+    path, array = maps[name]
+    expected = segment(array, method, threshold, dust_size=dust)
+    # one task, 90 tiny ones, shapes that do not divide the volume (40 x 24 x 6: 3 x 4 x 2)
+    shapes = {"boundary": [SHAPE, (40, 24, 6)], "affinity": [(16, 16, 4), (40, 24, 6)],
+              "float32": [(40, 24, 6)]}[name]
+    reference = None
+    for k, shape in enumerate(shapes):
+        output = f"file://{tmp_path / f'seg{k}'}"
+        runner = run(path, output, method, threshold, shape, dust_size=dust)
+        blocks = np.prod([-(-s // t) for s, t in zip(SHAPE, shape)])
+        assert runner.ran["supervoxels"] == runner.ran["remap"] == blocks
+        assert runner.ran["reduce"] == runner.ran["agglomerate"] == 1
+        np.testing.assert_array_equal(read(output), expected, err_msg=f"task shape {shape}")
+        files = chunk_files(output)
+        assert len(files) == np.prod([-(-s // c) for s, c in zip(SHAPE, CHUNK)])
+        reference = reference or files
+        assert files == reference, f"task shape {shape}: other chunk bytes"
+        work = CloudFiles(output).list(prefix="segmentation/")
+        assert not [k for k in work if k.split("/")[1] in ("labels", "exits", "graphs")]
+    info = CloudFiles(output).get_json("info")
+    assert info["type"] == "segmentation" and info["data_type"] == "uint64"
+    assert info["mesh"] == "mesh"
+    prov = CloudFiles(output).get_json("provenance")["processing"][-1]["method"]
+    assert prov["method"] == method and prov["threshold"] == threshold
+    assert prov["dust_size"] == dust and prov["map"] == path
+    assert prov["task_shape"] == list(shapes[-1])
+
+
+def test_another_threshold_redoes_only_agglomerate_and_remap(tmp_path, maps):
+    path, array = maps["affinity"]
+    output = f"file://{tmp_path / 'seg'}"
+    first = run(path, output, "mean", 0.5, (40, 24, 6))
+    assert set(first.ran) == set(STAGES)
+    markers = Path(output[len("file://"):]) / "tasks"
+    kept = {p: p.stat().st_mtime_ns for s in CHUNK_STAGES for p in (markers / s).rglob("*")
+            if p.is_file()}
+    assert len(kept) > 5 * len(CHUNK_STAGES)
+
+    same = run(path, output, "mean", 0.5, (40, 24, 6))  # a resumed run: nothing left to do
+    assert same.ran == {}
+    with pytest.raises(InputError, match="--overwrite"):
+        run(path, output, "mean", 0.3, (40, 24, 6))
+    plan = plan_segment(path, output, method="watershed", threshold=0.1, task_shape=(40, 24, 6),
+                        chunk_size=CHUNK, overwrite=True)
+    assert plan.action == "retune" and plan.graph_edges > 0
+    assert "reusing the supervoxels and region graph" in plan.describe()
+    for method, threshold in [("mean", 0.3), ("watershed", 0.1)]:
+        again = run(path, output, method, threshold, (40, 24, 6), overwrite=True)
+        assert set(again.ran) == {"agglomerate", "remap"}, again.ran
+        np.testing.assert_array_equal(read(output), segment(array, method, threshold))
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept, "chunk stages were rewritten"
+
+    # another task shape is another chunking: everything again, same answer
+    other = run(path, output, "watershed", 0.1, SHAPE, overwrite=True)
+    assert set(other.ran) == set(STAGES)
+    np.testing.assert_array_equal(read(output), segment(array, "watershed", 0.1))
+
+
+def test_bounds_segment_the_crop_with_whole_volume_ids(tmp_path, maps):
+    path, array = maps["boundary"]
+    output = f"file://{tmp_path / 'seg'}"
+    lo, hi = (8, 16, 2), (72, 56, 8)
+    run(path, output, "mean", 0.4, (24, 16, 4), bounds=Bbox(lo, hi))
+    crop = array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    expected = volume_ids(segment(crop, "mean", 0.4), lo, crop.shape, SHAPE)
+    got = read(output)
+    np.testing.assert_array_equal(got[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], expected)
+    got[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = 0
+    assert not got.any(), "wrote outside --bounds"
+    # an id is 1 + the global index of one of the segment's voxels
+    x, y, z = np.unravel_index(expected - np.uint64(1), SHAPE, order="F")
+    assert np.all((x >= lo[0]) & (y >= lo[1]) & (z >= lo[2]))
+
+
+def test_cli_with_two_worker_processes(tmp_path, maps):
+    path, array = maps["affinity"]
+    output = tmp_path / "seg"
+    args = ["segment", path, output, "--method", "mean", "--threshold", "0.6", "--dust-size",
+            "10", "--task-shape", "48,40,6", "--chunk-size", "8,8,2"]
+    dry = run_cli(*args, "--dry-run", check=True)
+    assert "8 block(s) of 48 x 40 x 6 voxels" in dry.stdout, dry.stdout
+    assert "MiB per block task" in dry.stdout and not output.exists()
+
+    out = run_cli(*args, "--parallel", "2", check=True)
+    assert "stage remap complete: 8 task(s)" in out.stdout, out.stdout
+    np.testing.assert_array_equal(read(f"file://{output}"), segment(array, "mean", 0.6,
+                                                                    dust_size=10))
+    records = [CloudFiles(f"file://{output}").get_json(k) for k in
+               CloudFiles(f"file://{output}").list(prefix="tasks/supervoxels/done/")]
+    assert len({r["pid"] for r in records}) >= 1 and all(r["seconds"] >= 0 for r in records)
+
+    taken = run_cli(*args[:6], "0.3", *args[7:])
+    assert_one_line_error(taken, "holds a segmentation made with other parameters",
+                          "--overwrite")
+
+
+def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch):
+    """--queue without --parallel: the run waits on the markers while a worker drains it."""
+    monkeypatch.setattr(segmentation_stages, "POLL_SECONDS", 0.1)
+    path, array = maps["boundary"]
+    output = f"file://{tmp_path / 'seg'}"
+    queue = f"fq://{tmp_path / 'queue'}"
+    plan = plan_segment(path, output, method="watershed", threshold=0.19,
+                        task_shape=(48, 40, 10), chunk_size=CHUNK)
+    worker = Worker(queue, poll_seconds=0.05)
+    lines: list[str] = []
+    failure: list[BaseException] = []
+
+    def drive() -> None:
+        try:
+            run_segmentation(plan, queue=queue, progress=False, echo=lines.append)
+        except BaseException as err:  # reported by the test below
+            failure.append(err)
+        finally:
+            worker.stop_requested.set()
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    report = worker.run()
+    driver.join()
+    assert not failure, failure
+    assert report.executed == 4 + 1 + 4 + 4 + 1 + 1 + 4 and report.errors == 0
+    assert sum("waiting for workers" in line for line in lines) == len(STAGES)
+    np.testing.assert_array_equal(read(output), segment(array, "watershed", 0.19))
+
+
+def test_an_empty_queue_with_unfinished_tasks_fails_instead_of_waiting(tmp_path, maps):
+    path, _ = maps["boundary"]
+    output = f"file://{tmp_path / 'seg'}"
+    queue = f"fq://{tmp_path / 'queue'}"
+    insert_tasks(queue, [])
+    (tmp_path / "queue").mkdir(exist_ok=True)
+    Stage(output, "supervoxels").write_manifest(["0-8_0-8_0-2"], {"key": "k"})
+    with pytest.raises(InputError, match="have no completion marker: they failed"):
+        await_stage(Stage(output, "supervoxels"), queue, progress=False, poll=0.01)
+
+
+@pytest.fixture(scope="module")
+def bad_maps(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad")
+    out = {}
+    for name, dtype, channels in [("uint16", "uint16", 1), ("two", "uint8", 2)]:
+        out[name] = f"file://{root / name}"
+        create_layer(out[name], layer_type="image", dtype=dtype, resolution=(4, 4, 40),
+                     size=(8, 8, 2), chunk_size=(8, 8, 2), num_channels=channels)
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, fragments",
+    [
+        ("threshold-high", ("--threshold 1.5 is outside [0, 1]",)),
+        ("threshold-negative", ("--threshold -0.1 is outside [0, 1]",)),
+        ("uint16", ("holds uint16", "uint8")),
+        ("channels", ("has 2 channels", "affinity map 3")),
+        ("bounds", ("--bounds", "reach outside")),
+        ("holds-data", ("holds data that `deepem3d segment` did not write", "--overwrite")),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, maps, bad_maps, case, fragments):
+    path = maps["boundary"][0]
+    output = tmp_path / "seg"
+    threshold = {"threshold-high": "1.5", "threshold-negative": "-0.1"}.get(case, "0.5")
+    extra: list[str] = []
+    if case == "uint16":
+        path = bad_maps["uint16"]
+    elif case == "channels":
+        path = bad_maps["two"]
+    elif case == "bounds":
+        extra = ["--bounds", "0,0,0,96,80,11"]
+    elif case == "holds-data":
+        vol = create_layer(f"file://{output}", layer_type="segmentation", dtype="uint64",
+                           resolution=(4, 4, 40), size=SHAPE, chunk_size=CHUNK)
+        vol[0:8, 0:8, 0:2] = np.ones((8, 8, 2), np.uint64)
+    result = run_cli("segment", path, output, "--method", "mean", "--threshold", threshold,
+                     *extra)
+    assert_one_line_error(result, *fragments)
