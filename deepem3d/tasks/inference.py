@@ -38,6 +38,7 @@ from deepem3d.inference import (
     quantize,
 )
 from deepem3d.layers import cloudpath, create_layer, info_exists, layer_holds_data, open_layer
+from deepem3d.tasks.blocks import align_to_chunks, block_grid, check_bounds, check_task_shape
 from deepem3d.tasks.markers import Stage
 
 if TYPE_CHECKING:
@@ -357,26 +358,6 @@ def check_resolution(ref: ModelRef, vol: CloudVolume, mip: int) -> str | None:
             f"{what} differs; {fix}, or pass --force to run anyway")
 
 
-def _align_bounds(bounds: Bbox, offset, size, chunk) -> Bbox:
-    """Bounds expanded to the output chunk grid (which starts at the voxel offset)."""
-    offset, size, chunk = (np.asarray(v, dtype=int) for v in (offset, size, chunk))
-    lo = offset + (np.asarray(bounds.minpt) - offset) // chunk * chunk
-    hi = offset + -(-(np.asarray(bounds.maxpt) - offset) // chunk) * chunk
-    return Bbox(lo, np.minimum(hi, offset + size))
-
-
-def _blocks(bounds: Bbox, task_shape) -> list[Bbox]:
-    lo, hi = np.asarray(bounds.minpt, dtype=int), np.asarray(bounds.maxpt, dtype=int)
-    ranges = [range(int(a), int(b), int(s)) for a, b, s in zip(lo, hi, task_shape)]
-    out = []
-    for z in ranges[2]:
-        for y in ranges[1]:
-            for x in ranges[0]:
-                start = np.array([x, y, z])
-                out.append(Bbox(start, np.minimum(start + np.asarray(task_shape), hi)))
-    return out
-
-
 def _zyx_box(bbox: Bbox, offset) -> tuple:
     lo = np.asarray(bbox.minpt, dtype=int) - np.asarray(offset, dtype=int)
     hi = np.asarray(bbox.maxpt, dtype=int) - np.asarray(offset, dtype=int)
@@ -525,25 +506,11 @@ def plan_inference(
     if task_shape is None:
         task_shape = (-(-DEFAULT_TASK_XY // chunk[0]) * chunk[0],
                       -(-DEFAULT_TASK_XY // chunk[1]) * chunk[1], chunk[2])
-    task_shape = tuple(int(t) for t in task_shape)
-    if any(t % c for t, c in zip(task_shape, chunk)):
-        raise InputError(
-            f"--task-shape {','.join(map(str, task_shape))} is not a multiple of the output "
-            f"chunk size {','.join(map(str, chunk))}: each task must write whole chunks"
-        )
-    volume = Bbox(offset, np.asarray(offset) + np.asarray(size))
-    if bounds is None:
-        bounds = volume
-    elif not (np.all(np.asarray(bounds.minpt) >= volume.minpt)
-              and np.all(np.asarray(bounds.maxpt) <= volume.maxpt)):
-        raise InputError(
-            f"--bounds {bounds.minpt.tolist()}..{bounds.maxpt.tolist()} reach outside "
-            f"{image_path} at mip {mip}, which spans {volume.minpt.tolist()}.."
-            f"{volume.maxpt.tolist()} (x,y,z, end exclusive)"
-        )
-    bounds = _align_bounds(bounds, offset, size, chunk)
+    task_shape = check_task_shape(task_shape, chunk)
+    bounds = check_bounds(bounds, offset, size, image_path, mip)
+    bounds = align_to_chunks(bounds, offset, size, chunk)
     task_shape = tuple(min(t, int(b)) for t, b in zip(task_shape, bounds.size3()))
-    blocks = _blocks(bounds, task_shape)
+    blocks = block_grid(bounds, task_shape)
     dtype = "float32" if float32 else "uint8"
 
     shapes = [_Shape(net.in_sections, net.head) for net in nets]

@@ -34,6 +34,7 @@ from deepem3d.layers import (
     record_provenance,
 )
 from deepem3d.segmentation.chunks import SUPERVOXEL_HALO
+from deepem3d.tasks.blocks import align_to_chunks, block_grid, check_bounds, check_task_shape
 from deepem3d.tasks.markers import Stage
 from deepem3d.tasks.segmentation import (
     CHUNK_STAGES,
@@ -186,23 +187,6 @@ def map_fingerprint(map_path: str) -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
-def _align(bounds: Bbox, offset, size, chunk) -> Bbox:
-    """Bounds grown to the chunk grid (anchored at the voxel offset), clipped to the volume."""
-    offset, size, chunk = (np.asarray(v, dtype=int) for v in (offset, size, chunk))
-    lo = offset + (np.asarray(bounds.minpt) - offset) // chunk * chunk
-    hi = offset + -(-(np.asarray(bounds.maxpt) - offset) // chunk) * chunk
-    return Bbox(lo, np.minimum(hi, offset + size))
-
-
-def _blocks(bounds: Bbox, task_shape) -> list[Bbox]:
-    lo, hi = np.asarray(bounds.minpt, dtype=int), np.asarray(bounds.maxpt, dtype=int)
-    ranges = [range(int(a), int(b), int(s)) for a, b, s in zip(lo, hi, task_shape)]
-    return [
-        Bbox([x, y, z], np.minimum(np.array([x, y, z]) + np.asarray(task_shape), hi))
-        for z in ranges[2] for y in ranges[1] for x in ranges[0]
-    ]
-
-
 def _geometry(info: dict) -> dict:
     scale = (info.get("scales") or [{}])[0]
     return {
@@ -263,30 +247,16 @@ def plan_segment(
     chunk = tuple(int(c) for c in (chunk_size or vol.meta.chunk_size(mip)))
     if task_shape is None:
         task_shape = tuple(-(-t // c) * c for t, c in zip(DEFAULT_TASK_SHAPE, chunk))
-    task_shape = tuple(int(t) for t in task_shape)
-    if any(t % c for t, c in zip(task_shape, chunk)):
-        raise InputError(
-            f"--task-shape {','.join(map(str, task_shape))} is not a multiple of the output "
-            f"chunk size {','.join(map(str, chunk))}: each task must write whole chunks"
-        )
-    volume = Bbox(offset, np.asarray(offset) + np.asarray(size))
-    if bounds is None:
-        bounds = volume
-    elif not (np.all(np.asarray(bounds.minpt) >= volume.minpt)
-              and np.all(np.asarray(bounds.maxpt) <= volume.maxpt)):
-        raise InputError(
-            f"--bounds {bounds.minpt.tolist()}..{bounds.maxpt.tolist()} reach outside "
-            f"{map_path} at mip {mip}, which spans {volume.minpt.tolist()}.."
-            f"{volume.maxpt.tolist()} (x,y,z, end exclusive)"
-        )
-    bounds = _align(bounds, offset, size, chunk)
+    task_shape = check_task_shape(task_shape, chunk)
+    bounds = check_bounds(bounds, offset, size, map_path, mip)
+    bounds = align_to_chunks(bounds, offset, size, chunk)
     plan = SegmentPlan(
         map_path=map_path, output_path=output_path, mip=mip,
         kind="boundary" if channels == 1 else "affinity", map_dtype=dtype, method=method,
         threshold=float(threshold), dust_size=int(dust_size), dust_mode=dust_mode,
         resolution=tuple(float(r) for r in vol.resolution), voxel_offset=offset, size=size,
         chunk_size=chunk, task_shape=task_shape, bounds=bounds,
-        blocks=_blocks(bounds, task_shape), map_fingerprint=map_fingerprint(map_path),
+        blocks=block_grid(bounds, task_shape), map_fingerprint=map_fingerprint(map_path),
     )
     _decide(plan, overwrite)
     return plan

@@ -1,0 +1,58 @@
+"""Task blocks: the checks and the grid that every chunk-aligned stage shares.
+
+A stage's tasks each write whole chunks of its output layer, so the task shape is a multiple
+of the chunk size and the region is grown to the chunk grid (anchored at the voxel offset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from cloudvolume.lib import Bbox
+
+from deepem3d.errors import InputError
+
+
+def check_task_shape(task_shape: Sequence[int], chunk: Sequence[int]) -> tuple[int, int, int]:
+    """The task shape as ints, or an InputError if it would split a chunk."""
+    task_shape = tuple(int(t) for t in task_shape)
+    if any(t % c for t, c in zip(task_shape, chunk)):
+        raise InputError(
+            f"--task-shape {','.join(map(str, task_shape))} is not a multiple of the output "
+            f"chunk size {','.join(map(str, chunk))}: each task must write whole chunks"
+        )
+    return task_shape
+
+
+def check_bounds(bounds: Bbox | None, offset, size, path: str, mip: int) -> Bbox:
+    """The bounds (default: the whole volume), or an InputError if they reach outside it."""
+    volume = Bbox(offset, np.asarray(offset) + np.asarray(size))
+    if bounds is None:
+        return volume
+    if not (np.all(np.asarray(bounds.minpt) >= volume.minpt)
+            and np.all(np.asarray(bounds.maxpt) <= volume.maxpt)):
+        raise InputError(
+            f"--bounds {bounds.minpt.tolist()}..{bounds.maxpt.tolist()} reach outside "
+            f"{path} at mip {mip}, which spans {volume.minpt.tolist()}.."
+            f"{volume.maxpt.tolist()} (x,y,z, end exclusive)"
+        )
+    return bounds
+
+
+def align_to_chunks(bounds: Bbox, offset, size, chunk) -> Bbox:
+    """Bounds grown to the chunk grid (anchored at the voxel offset), clipped to the volume."""
+    offset, size, chunk = (np.asarray(v, dtype=int) for v in (offset, size, chunk))
+    lo = offset + (np.asarray(bounds.minpt) - offset) // chunk * chunk
+    hi = offset + -(-(np.asarray(bounds.maxpt) - offset) // chunk) * chunk
+    return Bbox(lo, np.minimum(hi, offset + size))
+
+
+def block_grid(bounds: Bbox, task_shape) -> list[Bbox]:
+    """The task blocks covering `bounds`, x fastest; the last ones clipped to it."""
+    lo, hi = np.asarray(bounds.minpt, dtype=int), np.asarray(bounds.maxpt, dtype=int)
+    ranges = [range(int(a), int(b), int(s)) for a, b, s in zip(lo, hi, task_shape)]
+    return [
+        Bbox([x, y, z], np.minimum(np.array([x, y, z]) + np.asarray(task_shape), hi))
+        for z in ranges[2] for y in ranges[1] for x in ranges[0]
+    ]
