@@ -34,7 +34,7 @@ import fastremap
 import numpy as np
 from numba import njit
 
-from deepem3d.segmentation.region_graph import RegionGraph
+from deepem3d.segmentation.region_graph import RegionGraph, index_of
 
 __all__ = [
     "agglomerate",
@@ -476,10 +476,7 @@ def _check_unit(values: Sequence[float], name: str) -> np.ndarray:
 
 def _endpoints(graph: RegionGraph) -> tuple[np.ndarray, np.ndarray]:
     """Edge endpoints as node indices into graph.ids."""
-    return (
-        np.searchsorted(graph.ids, graph.u).astype(np.int64),
-        np.searchsorted(graph.ids, graph.v).astype(np.int64),
-    )
+    return index_of(graph.ids, graph.u), index_of(graph.ids, graph.v)
 
 
 def agglomerate_mean(graph: RegionGraph, thresholds: Sequence[float]) -> list[np.ndarray]:
@@ -595,7 +592,8 @@ def remap(supervoxel_ids: np.ndarray, ids: np.ndarray, segments: np.ndarray) -> 
     `ids` (sorted, as graph.ids) and `segments` are the agglomeration's table; 0 stays 0.
     """
     arr = np.asarray(supervoxel_ids)
-    flat = arr.ravel(order="K")
+    order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
+    flat = arr.ravel(order=order)  # a view of a contiguous array
     # supervoxels come in runs along x: the unique ids of the run starts are the unique ids
     runs = flat[np.r_[True, flat[1:] != flat[:-1]]] if flat.size else flat
     present = fastremap.unique(runs).astype(np.uint64, copy=False)
@@ -605,8 +603,7 @@ def remap(supervoxel_ids: np.ndarray, ids: np.ndarray, segments: np.ndarray) -> 
     ok[ok] = ids[pos[ok]] == present[ok]
     if not ok.all():
         raise ValueError(f"supervoxel {int(present[~ok][0])} is not in the region graph")
-    mapping = dict(zip(present.tolist(), np.asarray(segments)[pos].tolist()))
-    mapping[0] = 0
-    return fastremap.remap(
-        arr.astype(np.uint64, copy=False), mapping, preserve_missing_labels=False
-    ).astype(np.uint64, copy=False)
+    # segment of each present id, and 0 for background (index -1 of the lookup)
+    values = np.append(np.asarray(segments, dtype=np.uint64)[pos], np.uint64(0))
+    rows = index_of(present, flat)
+    return values[rows].reshape(arr.shape, order=order)
