@@ -128,7 +128,7 @@ def test_another_threshold_redoes_only_agglomerate_and_remap(tmp_path, maps):
     path, array = maps["affinity"]
     output = f"file://{tmp_path / 'seg'}"
     first = run(path, output, "mean", 0.5, (40, 24, 6))
-    assert set(first.ran) == set(STAGES)
+    assert set(first.ran) == set(STAGES) - {"smooth"}  # no --sigma: no smooth tasks
     markers = Path(output[len("file://"):]) / "tasks"
     kept = {p: p.stat().st_mtime_ns for s in CHUNK_STAGES for p in (markers / s).rglob("*")
             if p.is_file()}
@@ -150,7 +150,7 @@ def test_another_threshold_redoes_only_agglomerate_and_remap(tmp_path, maps):
 
     # another task shape is another chunking: everything again, same answer
     other = run(path, output, "watershed", 0.1, SHAPE, overwrite=True)
-    assert set(other.ran) == set(STAGES)
+    assert set(other.ran) == set(STAGES) - {"smooth"}
     np.testing.assert_array_equal(read(output), segment(array, "watershed", 0.1))
 
 
@@ -218,7 +218,8 @@ def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch):
     driver.join()
     assert not failure, failure
     assert report.executed == 4 + 1 + 4 + 4 + 1 + 1 + 4 and report.errors == 0
-    assert sum("waiting for workers" in line for line in lines) == len(STAGES)
+    assert sum("waiting for workers" in line for line in lines) == len(STAGES) - 1
+    assert "stage smooth: off (--sigma 0)" in lines
     np.testing.assert_array_equal(read(output), segment(array, "watershed", 0.19))
 
 

@@ -32,6 +32,10 @@ from deepem3d.queues import check_queue_url
               "of largest contact; 0: off.")
 @click.option("--dust-mode", type=click.Choice(["merge", "zero"]), default="merge",
               show_default=True, help="What happens to dust: merged, or set to 0 (background).")
+@click.option("--sigma", type=float, default=0.0, show_default=True,
+              help="In-plane Gaussian (x, y) on the map first, standard deviation in voxels; "
+              "0: off. DeepEM3D smoothed the boundary map in-plane with a Gaussian before its "
+              "watershed; the smoothed map is kept at OUTPUT/segmentation/smoothed.")
 @click.option("--task-shape", default=None,
               help="Block per task, x,y,z, a multiple of the chunk size (default: about "
               "512 x 512 x 64). The result does not depend on it.")
@@ -43,22 +47,25 @@ from deepem3d.queues import check_queue_url
 @click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
               help="Read the map at this mip; OUTPUT has its resolution.")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an OUTPUT that holds a segmentation. With the same map, --bounds "
-              "and --task-shape, its supervoxels and region graph are kept and reused.")
+              help="Replace an OUTPUT that holds a segmentation. With the same map, --sigma, "
+              "--bounds and --task-shape, its supervoxels and region graph are kept and "
+              "reused.")
 def segment(
     map_layer: str, output: str, queue: str | None, parallel: int | None, dry_run: bool,
-    method: str, threshold: float, dust_size: int, dust_mode: str, task_shape: str | None,
-    chunk_size: str | None, bounds: str | None, mip: int, overwrite: bool,
+    method: str, threshold: float, dust_size: int, dust_mode: str, sigma: float,
+    task_shape: str | None, chunk_size: str | None, bounds: str | None, mip: int,
+    overwrite: bool,
 ) -> None:
     """Segment the boundary (1 channel) or affinity (3 channels) map MAP into OUTPUT.
 
-    Seven stages of queue tasks, each finished (its completion markers) before the next:
-    supervoxels, reduce, relabel, region-graph, merge-graph, agglomerate, remap. OUTPUT is a
-    uint64 compressed_segmentation layer, the same bytes whatever --task-shape. The work
-    (a supervoxel layer, the merged region graph) stays under OUTPUT/segmentation/, so
-    another --method, --threshold or --dust-size with --overwrite redoes only agglomerate and
-    remap. With --queue and no --parallel, the command waits for workers elsewhere
-    (`deepem3d worker QUEUE`); Ctrl-C stops waiting, and the same command goes on later.
+    Stages of queue tasks, each finished (its completion markers) before the next: smooth
+    (with --sigma > 0), supervoxels, reduce, relabel, region-graph, merge-graph, agglomerate,
+    remap. OUTPUT is a uint64 compressed_segmentation layer, the same bytes whatever
+    --task-shape. The work (the smoothed map, a supervoxel layer, the merged region graph)
+    stays under OUTPUT/segmentation/, so another --method, --threshold or --dust-size with
+    --overwrite redoes only agglomerate and remap. With --queue and no --parallel, the
+    command waits for workers elsewhere (`deepem3d worker QUEUE`); Ctrl-C stops waiting, and
+    the same command goes on later.
     """
     from deepem3d.tasks.segmentation_stages import plan_segment, run_segmentation
 
@@ -70,7 +77,7 @@ def segment(
         dust_mode=dust_mode,
         task_shape=parse_triple(task_shape, "--task-shape", int) if task_shape else None,
         chunk_size=parse_triple(chunk_size, "--chunk-size", int) if chunk_size else None,
-        bounds=Bbox(*region) if region else None, mip=mip, overwrite=overwrite,
+        bounds=Bbox(*region) if region else None, mip=mip, overwrite=overwrite, sigma=sigma,
     )
     click.echo(plan.describe())
     if dry_run:

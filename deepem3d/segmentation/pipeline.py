@@ -3,6 +3,8 @@
 `segment` is the public face (like `waterz.agglomerate`): a uint8 or float map in, uint64
 segmentations out. `segment_chunked` runs the very functions the queue tasks will run, one
 chunk at a time with the halo each stage declares, and must give the same arrays bit for bit.
+Both take `sigma`: DeepEM3D's optional in-plane Gaussian on the map before the watershed
+(`deepem3d.segmentation.smoothing`), 0 for none.
 
 Arrays are x, y, z (CloudVolume order): a boundary map is (x, y, z), an affinity map
 (x, y, z, 3) with channel c the affinity between v and v - e_c (c = 0 for x).
@@ -23,6 +25,7 @@ from deepem3d.segmentation.region_graph import (
     region_graph,
     region_graph_chunk,
 )
+from deepem3d.segmentation.smoothing import smooth_chunk, smooth_map, smoothing_bounds
 from deepem3d.segmentation.supervoxels import (
     relabel,
     resolve_supervoxels,
@@ -30,7 +33,7 @@ from deepem3d.segmentation.supervoxels import (
     supervoxels,
 )
 
-__all__ = ["segment", "segment_chunked", "supervoxels_chunked"]
+__all__ = ["segment", "segment_chunked", "smooth_chunked", "supervoxels_chunked"]
 
 Thresholds = float | Sequence[float]
 
@@ -64,16 +67,31 @@ def segment(
     *,
     dust_size: int = 0,
     dust_mode: Literal["merge", "zero"] = "merge",
+    sigma: float = 0.0,
 ) -> np.ndarray | list[np.ndarray]:
     """Segment a whole map in one go: supervoxels, region graph, agglomeration, remap.
 
     `method` "mean": `threshold` on 1 - mean affinity, as waterz; "watershed": `threshold` is
     h, the h-minima depth in [0, 1] (DeepEM3D used 0.19). A list of thresholds gives a list of
-    uint64 (x, y, z) segmentations; a single one gives one array.
+    uint64 (x, y, z) segmentations; a single one gives one array. `sigma` > 0 first smooths
+    the map in x and y (`smooth_map`), as DeepEM3D did.
     """
-    values, _ = as_map(boundary_or_affinity)
+    values = smooth_map(boundary_or_affinity, sigma)
     sv = supervoxels(values)
     return _finish(sv, region_graph(sv, values), method, threshold, dust_size, dust_mode, None)
+
+
+def smooth_chunked(
+    boundary_or_affinity: np.ndarray, chunk_shape: Sequence[int], sigma: float
+) -> np.ndarray:
+    """`smooth_map` computed chunk by chunk (SmoothTask), each from its box with halo."""
+    values, _ = as_map(boundary_or_affinity)
+    out = np.zeros_like(values, order="F")
+    for chunk in chunk_grid(values.shape[:3], chunk_shape):
+        start, stop = smoothing_bounds(chunk, sigma)
+        box = values[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
+        out[chunk.slices()] = smooth_chunk(box, start, chunk, sigma)
+    return out
 
 
 def supervoxels_chunked(boundary_or_affinity: np.ndarray, chunk_shape: Sequence[int]) -> np.ndarray:
@@ -102,14 +120,18 @@ def segment_chunked(
     *,
     dust_size: int = 0,
     dust_mode: Literal["merge", "zero"] = "merge",
+    sigma: float = 0.0,
 ) -> np.ndarray | list[np.ndarray]:
     """`segment`, run as the queue tasks will: per-chunk stages with halos, in memory.
 
-    Supervoxels per chunk (halo `SUPERVOXEL_HALO`), the reduce, a region graph per chunk
-    (halo `GRAPH_HALO`), one merge, one agglomeration, a remap per chunk. `chunk_shape` need not
+    Smoothing per chunk when `sigma` > 0 (x, y halo `smoothing_halo(sigma)`), supervoxels per
+    chunk (halo `SUPERVOXEL_HALO`), the reduce, a region graph per chunk (halo `GRAPH_HALO`),
+    one merge, one agglomeration, a remap per chunk. `chunk_shape` need not
     divide the volume. The result equals `segment(...)` bit for bit.
     """
     values, _ = as_map(boundary_or_affinity)
+    if sigma != 0:  # a bad sigma (negative, nan) raises there, as in `segment`
+        values = smooth_chunked(values, chunk_shape, sigma)
     sv = supervoxels_chunked(values, chunk_shape)
     chunks = chunk_grid(values.shape[:3], chunk_shape)
     graphs = []

@@ -1,6 +1,7 @@
-"""Segmentation as queue tasks: supervoxels, reduce, relabel, region graph, merge, agglomerate,
-remap. Each task reads, calls a pure function of deepem3d.segmentation, writes, then marks done;
-the stages run in this order with a barrier (their completion markers) between them.
+"""Segmentation as queue tasks: smooth (optional), supervoxels, reduce, relabel, region graph,
+merge, agglomerate, remap. Each task reads, calls a pure function of deepem3d.segmentation,
+writes, then marks done; the stages run in this order with a barrier (their completion
+markers) between them.
 
 The stages do, with I/O, exactly what `deepem3d.segmentation.pipeline.segment_chunked` does in
 memory, so the segmentation layer is the same bytes whatever the task shape, and equal to
@@ -9,6 +10,8 @@ memory, so the segmentation layer is the same bytes whatever the task shape, and
 ==============  =====  ==========================================================================
 stage           tasks  reads -> writes (under OUTPUT/)
 ==============  =====  ==========================================================================
+smooth          block  map block + x,y halo -> the smoothed map layer segmentation/smoothed
+                       (only with --sigma > 0; the stages below then read it as their map)
 supervoxels     block  map block + halo -> segmentation/labels/B.npz, segmentation/exits/B.npz
 reduce          1      every exits/B.npz -> segmentation/tables/B.npy (local label -> id)
 relabel         block  labels/B.npz + tables/B.npy -> the supervoxel layer segmentation/supervoxels
@@ -23,7 +26,8 @@ B is a block id, x0-x1_y0-y1_z0-z1 in absolute voxels. Markers: OUTPUT/tasks/STA
 manifests: OUTPUT/tasks/STAGE/manifest.json (their parameters hold the run's key). Once relabel is
 complete, labels/, exits/ and tables/ are deleted (the supervoxel layer holds the ids); once
 merge-graph is complete, graphs/ is. What stays, the supervoxel layer and graph.npz, lets a run
-with another method, threshold or dust size redo only agglomerate and remap.
+with another method, threshold or dust size redo only agglomerate and remap (the smoothed map
+stays too: it is a result worth viewing, and what a sigma's supervoxels were computed from).
 
 Why a relabel stage: a region-graph task needs *global* supervoxel ids in its low halo, which
 lies in neighbouring blocks. Writing them once as a precomputed layer makes that halo a plain
@@ -60,6 +64,7 @@ from deepem3d.layers import cloudpath
 from deepem3d.segmentation.agglomeration import agglomerate, remap
 from deepem3d.segmentation.chunks import GRAPH_HALO, SUPERVOXEL_HALO, Chunk
 from deepem3d.segmentation.region_graph import RegionGraph, merge_graphs, region_graph_chunk
+from deepem3d.segmentation.smoothing import smooth_chunk, smoothing_bounds
 from deepem3d.segmentation.supervoxels import (
     ChunkExits,
     relabel,
@@ -70,13 +75,14 @@ from deepem3d.tasks.markers import Stage
 
 log = logging.getLogger("deepem3d.tasks.segmentation")
 
-#: the stages, in order; the first five depend only on the map and the chunking
-STAGES = ("supervoxels", "reduce", "relabel", "region-graph", "merge-graph", "agglomerate",
-          "remap")
-CHUNK_STAGES = STAGES[:5]
-TUNING_STAGES = STAGES[5:]
+#: the stages, in order; the first six depend only on the map, sigma and the chunking
+STAGES = ("smooth", "supervoxels", "reduce", "relabel", "region-graph", "merge-graph",
+          "agglomerate", "remap")
+CHUNK_STAGES = STAGES[:6]
+TUNING_STAGES = STAGES[6:]
 WORK = "segmentation"  # the work directory, OUTPUT/segmentation/
 SUPERVOXEL_LAYER = f"{WORK}/supervoxels"
+SMOOTHED_LAYER = f"{WORK}/smoothed"
 COMPRESS = "zstd"  # how the work directory's files are compressed
 
 
@@ -98,6 +104,11 @@ def parse_block_id(task_id: str) -> Bbox:
 def supervoxel_layer_path(output_path: str) -> str:
     """The layer of global supervoxel ids that the relabel stage writes, inside OUTPUT."""
     return f"{cloudpath(output_path).rstrip('/')}/{SUPERVOXEL_LAYER}"
+
+
+def smoothed_layer_path(output_path: str) -> str:
+    """The smoothed map layer that the smooth stage writes, inside OUTPUT."""
+    return f"{cloudpath(output_path).rstrip('/')}/{SMOOTHED_LAYER}"
 
 
 def _files(output_path: str) -> CloudFiles:
@@ -122,16 +133,36 @@ def _get_npz(files: CloudFiles, key: str) -> dict[str, np.ndarray]:
         return {name: npz[name] for name in npz.files}
 
 
+def _local(files: CloudFiles) -> bool:
+    """file:// paths: CloudFiles' batch calls run a thread pool that polls with sleeps
+    (about 0.1 s per call, measured), where a loop of plain reads or writes takes 2 ms."""
+    return files.protocol == "file"
+
+
 def _get_many_npz(files: CloudFiles, keys: list[str]) -> Iterable[dict[str, np.ndarray]]:
-    """npz files in the order of `keys`, fetched in parallel batches."""
-    for start in range(0, len(keys), 64):
-        batch = keys[start:start + 64]
-        fetched = {r["path"]: r["content"] for r in files.get(batch, parallel=1)}
+    """npz files in the order of `keys`, fetched in parallel batches (one by one on file://)."""
+    step = 1 if _local(files) else 64
+    for start in range(0, len(keys), step):
+        batch = keys[start:start + step]
+        if step == 1:
+            fetched = {batch[0]: files.get(batch[0])}
+        else:
+            fetched = {r["path"]: r["content"] for r in files.get(batch, parallel=1)}
         for key in batch:
             if fetched.get(key) is None:
                 raise FileNotFoundError(f"{files.cloudpath}/{key} is missing")
             with np.load(io.BytesIO(fetched[key]), allow_pickle=False) as npz:
                 yield {name: npz[name] for name in npz.files}
+
+
+def _put_many(files: CloudFiles, items: list[dict]) -> None:
+    """Write {"path", "content", "compress"} items: one batch, or a loop on file://."""
+    if _local(files):
+        for item in items:
+            files.put(item["path"], item["content"], compress=item["compress"],
+                      content_type="application/octet-stream")
+    else:
+        files.puts(items, content_type="application/octet-stream")
 
 
 def _cutout(vol: CloudVolume, lo, hi) -> np.ndarray:
@@ -148,9 +179,17 @@ def _map_box(vol: CloudVolume, lo, hi) -> np.ndarray:
     return box[..., 0] if box.shape[3] == 1 else box
 
 
-def _volume(path: str, mip: int) -> CloudVolume:
+def _volume(path: str, mip: int, compress: bool | None = None) -> CloudVolume:
     # not cached: a layer re-created by --overwrite must not be seen with its old info
-    return CloudVolume(path, mip=mip, progress=False, non_aligned_writes=False)
+    return CloudVolume(path, mip=mip, progress=False, non_aligned_writes=False,
+                       compress=compress)
+
+
+def _supervoxel_volume(output_path: str) -> CloudVolume:
+    """The supervoxel layer, written without gzip: it is scratch, written once and read twice,
+    and CloudVolume gzips at level 9 whatever level it is given (measured on ISBI: gzip was
+    60% of the relabel stage; compressed_segmentation alone keeps it ~3x the gzipped size)."""
+    return _volume(supervoxel_layer_path(output_path), 0, compress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +239,31 @@ def _chunk(bounds: list[int], dataset: list[int]) -> tuple[Chunk, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------
 # The tasks (taskqueue registers them by module and function name: N802 is on purpose)
+
+
+@queueable
+def SmoothTask(  # noqa: N802
+    map_path: str, output_path: str, bounds: list[int], dataset: list[int], mip: int,
+    sigma: float, key: str,
+) -> None:
+    """DeepEM3D's in-plane Gaussian on one block of the map (read with its x, y halo).
+
+    Writes the block, uint8 round(255 p), to the smoothed layer (mip 0 there: it has the map's
+    geometry at `mip`). The halo stops at the segmented region, which is smoothed as if it were
+    the volume, so every block's voxels equal the whole region's `smooth_map` bit for bit.
+    """
+    stage, task_id = Stage(output_path, "smooth"), block_id(Bbox(bounds[:3], bounds[3:]))
+    if not _should_run(stage, task_id, key):
+        return
+    start = time.perf_counter()
+    chunk, origin = _chunk(bounds, dataset)
+    lo, hi = smoothing_bounds(chunk, sigma)
+    box = _map_box(_volume(map_path, mip), origin + lo, origin + hi)
+    smoothed = smooth_chunk(box, lo, chunk, sigma)
+    vol = _volume(smoothed_layer_path(output_path), 0)
+    vol[bounds[0]:bounds[3], bounds[1]:bounds[4], bounds[2]:bounds[5]] = smoothed
+    _mark(stage, task_id, "SmoothTask", start, voxels=int(np.prod(chunk.shape)),
+          read_voxels=int(np.prod(np.subtract(hi, lo))))
 
 
 @queueable
@@ -279,7 +343,7 @@ def ReduceTask(  # noqa: N802
         puts.append({"path": f"tables/{task_id}.npy", "content": buffer.getvalue(),
                      "compress": COMPRESS})
         supervoxels += int(table.size) - 1
-    files.puts(puts, content_type="application/octet-stream")
+    _put_many(files, puts)
     _mark(stage, "reduce", "ReduceTask", start, blocks=len(ids),
           exits_bytes=sum(e.nbytes for e in exits), local_labels=supervoxels)
 
@@ -299,7 +363,7 @@ def RelabelTask(output_path: str, bounds: list[int], key: str) -> None:  # noqa:
                                 "`deepem3d segment`")
     table = np.load(io.BytesIO(data), allow_pickle=False)
     ids = relabel(labels, table)
-    vol = _volume(supervoxel_layer_path(output_path), 0)
+    vol = _supervoxel_volume(output_path)
     vol[bounds[0]:bounds[3], bounds[1]:bounds[4], bounds[2]:bounds[5]] = ids
     _mark(stage, task_id, "RelabelTask", start, voxels=int(ids.size))
 
@@ -315,7 +379,7 @@ def RegionGraphTask(  # noqa: N802
     start = time.perf_counter()
     chunk, origin = _chunk(bounds, dataset)
     lo, hi = chunk.bounds(*GRAPH_HALO)
-    sv = _cutout(_volume(supervoxel_layer_path(output_path), 0), origin + lo, origin + hi)
+    sv = _cutout(_supervoxel_volume(output_path), origin + lo, origin + hi)
     values = _map_box(_volume(map_path, mip), origin + lo, origin + hi)
     graph = region_graph_chunk(sv[..., 0], values, lo, chunk)
     stored = _put_npz(_files(output_path), f"graphs/{task_id}.npz", graph.to_arrays())
@@ -395,7 +459,7 @@ def RemapTask(output_path: str, bounds: list[int], key: str) -> None:  # noqa: N
         return
     start = time.perf_counter()
     ids, segments = _segments(cloudpath(output_path), key)
-    sv = _cutout(_volume(supervoxel_layer_path(output_path), 0), bounds[:3], bounds[3:])
+    sv = _cutout(_supervoxel_volume(output_path), bounds[:3], bounds[3:])
     seg = remap(sv[..., 0], ids, segments)
     vol = _volume(cloudpath(output_path), 0)
     vol[bounds[0]:bounds[3], bounds[1]:bounds[4], bounds[2]:bounds[5]] = seg

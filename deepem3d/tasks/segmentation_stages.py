@@ -3,9 +3,10 @@ each stage's tasks and run the stages in order, each to completion before the ne
 
 The tasks themselves, and the layout of the work directory, are in deepem3d.tasks.segmentation.
 A plan is "new", "resume" (same parameters: finished tasks are skipped), "retune" (same map,
---bounds and --task-shape, another method, threshold or dust: the supervoxels and the merged
-region graph are kept, agglomerate and remap run again) or "rebuild". Which one is read from the
-stages' manifests, whose parameters carry a key: a digest of what decides that stage's output.
+--sigma, --bounds and --task-shape, another method, threshold or dust: the smoothed map, the
+supervoxels and the merged region graph are kept, agglomerate and remap run again) or
+"rebuild". Which one is read from the stages' manifests, whose parameters carry a key: a digest
+of what decides that stage's output.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from deepem3d.layers import (
     record_provenance,
 )
 from deepem3d.segmentation.chunks import SUPERVOXEL_HALO
+from deepem3d.segmentation.smoothing import smoothing_halo
 from deepem3d.tasks.blocks import align_to_chunks, block_grid, check_bounds, check_task_shape
 from deepem3d.tasks.markers import Stage
 from deepem3d.tasks.segmentation import (
     CHUNK_STAGES,
+    SMOOTHED_LAYER,
     STAGES,
     SUPERVOXEL_LAYER,
     TUNING_STAGES,
@@ -48,8 +51,10 @@ from deepem3d.tasks.segmentation import (
     RegionGraphTask,
     RelabelTask,
     RemapTask,
+    SmoothTask,
     SupervoxelTask,
     block_id,
+    smoothed_layer_path,
     supervoxel_layer_path,
 )
 
@@ -62,9 +67,13 @@ DEFAULT_TASK_SHAPE = (512, 512, 64)  # rounded up to whole output chunks
 # white-noise map with 0.3 graph edges per voxel), 19 (remap) on a smooth map with 0.02.
 # A float32 map adds 4 bytes per channel and voxel.
 BYTES_PER_VOXEL = 70
+# Peak bytes per voxel (and channel) of a smooth task's box with its halo: the uint8 map, its
+# float64 copy and scipy's float64 output; a float32 map read adds 4 + 8 (its quantisation)
+SMOOTH_BYTES_PER_VOXEL = 17
 # Peak bytes per region-graph edge of the agglomerate task (benchmarks/segmentation.py: mean
 # 191-243, watershed 76)
 BYTES_PER_EDGE = {"mean": 245, "watershed": 76}
+MAX_SIGMA = 16.0  # a halo of 64 voxels; beyond it the map is blurred past any membrane
 POLL_SECONDS = 1.0  # how often a run waiting for workers elsewhere reads the markers
 
 
@@ -93,6 +102,8 @@ class SegmentPlan:
     bounds: Bbox
     blocks: list[Bbox]
     map_fingerprint: str
+    #: DeepEM3D's in-plane Gaussian on the map before the watershed, in voxels; 0: none
+    sigma: float = 0.0
     #: "new" (nothing there), "resume" (same parameters), "retune" (keep the supervoxels and
     #: graph, redo agglomerate + remap), "rebuild" (everything again)
     action: str = "new"
@@ -120,7 +131,20 @@ class SegmentPlan:
             "region": self.region,
             "task_shape": list(self.task_shape),
             "chunk_size": list(self.chunk_size),
+            "sigma": self.sigma,
         }
+
+    @property
+    def smoothed(self) -> bool:
+        return self.sigma > 0
+
+    @property
+    def segmented_map(self) -> tuple[str, int]:
+        """(path, mip) of the map the supervoxel and region-graph tasks read: the smoothed
+        layer (at mip 0, it has the map's geometry at --mip) when --sigma > 0."""
+        if self.smoothed:
+            return smoothed_layer_path(self.output_path), 0
+        return self.map_path, self.mip
 
     def tuning_parameters(self) -> dict:
         """What decides the segments, given the graph."""
@@ -139,17 +163,26 @@ class SegmentPlan:
         return self.chunk_key if stage in CHUNK_STAGES else self.tuning_key
 
     def task_count(self, stage: str) -> int:
+        if stage == "smooth" and not self.smoothed:
+            return 0
         return 1 if stage in ("reduce", "merge-graph", "agglomerate") else len(self.blocks)
 
     @property
     def task_memory_bytes(self) -> int:
         """Peak bytes of the largest block task (a model measured by the benchmark)."""
-        per_voxel = BYTES_PER_VOXEL + (4 * (1 if self.kind == "boundary" else 3)
-                                       if self.map_dtype == "float32" else 0)
+        channels = 1 if self.kind == "boundary" else 3
+        float_map = self.map_dtype == "float32"
+        # the smoothed layer that the later stages read is uint8
+        per_voxel = BYTES_PER_VOXEL + (4 * channels if float_map and not self.smoothed else 0)
         low, high = SUPERVOXEL_HALO[self.kind]
-        voxels = math.prod(min(t, int(s)) + low + high
-                           for t, s in zip(self.task_shape, self.bounds.size3()))
-        return per_voxel * voxels
+        extent = [min(t, int(s)) for t, s in zip(self.task_shape, self.bounds.size3())]
+        peak = per_voxel * math.prod(e + low + high for e in extent)
+        if self.smoothed:
+            halo = 2 * smoothing_halo(self.sigma)
+            box = (extent[0] + halo) * (extent[1] + halo) * extent[2]
+            per_voxel = channels * (SMOOTH_BYTES_PER_VOXEL + (12 if float_map else 0))
+            peak = max(peak, per_voxel * box)
+        return peak
 
     def describe(self) -> str:
         shape = " x ".join(map(str, self.task_shape))
@@ -157,13 +190,18 @@ class SegmentPlan:
         what = {
             "new": "computing every stage",
             "resume": "resuming: finished tasks are skipped",
-            "retune": "reusing the supervoxels and region graph; redoing agglomerate and remap",
+            "retune": ("reusing the smoothed map, " if self.smoothed else "reusing ")
+            + "the supervoxels and region graph; redoing agglomerate and remap",
             "rebuild": "replacing everything OUTPUT held",
         }[self.action]
         dust = f", dust < {self.dust_size} voxels ({self.dust_mode})" if self.dust_size else ""
+        smooth = (f", in-plane Gaussian sigma {self.sigma:g} first (halo "
+                  f"{smoothing_halo(self.sigma)}; kept at {smoothed_layer_path(self.output_path)})"
+                  if self.smoothed else "")
         lines = [
             f"segment {self.map_path} ({self.kind} map, {self.map_dtype}) into "
-            f"{self.output_path}: {self.method}, threshold {self.threshold:g}{dust}; {what}",
+            f"{self.output_path}: {self.method}, threshold {self.threshold:g}{dust}{smooth}; "
+            f"{what}",
             f"{len(self.blocks)} block(s) of {shape} voxels (x,y,z) over "
             f"{self.bounds.minpt.tolist()}..{self.bounds.maxpt.tolist()}; tasks per stage: "
             f"{counts}; about {self.task_memory_bytes / 2**20:.3g} MiB per block task",
@@ -218,8 +256,13 @@ def plan_segment(
     bounds: Bbox | None = None,
     mip: int = 0,
     overwrite: bool = False,
+    sigma: float = 0.0,
 ) -> SegmentPlan:
-    """Check every input and decide what the run does; reads infos and manifests only."""
+    """Check every input and decide what the run does; reads infos and manifests only.
+
+    `sigma` > 0 adds the smooth stage: DeepEM3D's in-plane Gaussian (in voxels) on the map,
+    written to OUTPUT/segmentation/smoothed, which the later stages then segment.
+    """
     map_path, output_path = cloudpath(map_path).rstrip("/"), cloudpath(output_path).rstrip("/")
     if map_path == output_path:
         raise InputError("OUTPUT is the map layer itself: give another path")
@@ -233,6 +276,11 @@ def plan_segment(
         raise InputError(f"--dust-size {dust_size} must be 0 (off) or a number of voxels")
     if dust_mode not in DUST_MODES:
         raise InputError(f"--dust-mode {dust_mode!r}: choose merge or zero")
+    if not (isinstance(sigma, int | float) and not isinstance(sigma, bool)
+            and math.isfinite(sigma) and 0 <= sigma <= MAX_SIGMA):
+        raise InputError(f"--sigma {sigma} must lie in [0, {MAX_SIGMA}]: the in-plane "
+                         "Gaussian's standard deviation in voxels (0: no smoothing; DeepEM3D "
+                         "used about 1; each task reads a halo of 4 sigma)")
     vol = open_layer(map_path, mip=mip)
     dtype = str(np.dtype(vol.dtype))
     if dtype not in MAP_DTYPES:
@@ -257,32 +305,55 @@ def plan_segment(
         resolution=tuple(float(r) for r in vol.resolution), voxel_offset=offset, size=size,
         chunk_size=chunk, task_shape=task_shape, bounds=bounds,
         blocks=block_grid(bounds, task_shape), map_fingerprint=map_fingerprint(map_path),
+        sigma=float(sigma),
     )
     _decide(plan, overwrite)
     return plan
 
 
-def _decide(plan: SegmentPlan, overwrite: bool) -> None:
-    """Fill in plan.action and the resets, or refuse (InputError) what would lose data."""
-    out = plan.output_path
-    wanted = {
-        "type": "segmentation", "data_type": "uint64", "num_channels": 1,
+def _layer_geometry(plan: SegmentPlan, layer_type: str) -> dict:
+    """The geometry (as `_geometry` reads it) of a layer the run writes: the map's at --mip,
+    with OUTPUT's chunk size."""
+    return {
+        "type": layer_type,
+        "data_type": "uint64" if layer_type == "segmentation" else "uint8",
+        "num_channels": 1 if layer_type == "segmentation" or plan.kind == "boundary" else 3,
         "resolution": list(plan.resolution), "voxel_offset": list(plan.voxel_offset),
         "size": list(plan.size), "chunk_size": list(plan.chunk_size),
     }
-    info = CloudFiles(out).get_json("info") if info_exists(out) else None
+
+
+def _check_geometry(path: str, wanted: dict, overwrite: bool) -> tuple[bool, bool]:
+    """(differs, holds data) for the layer at `path`; an InputError for a layer of another
+    geometry that holds data, without --overwrite."""
+    info = CloudFiles(path).get_json("info") if info_exists(path) else None
     existing = _geometry(info) if info else None
-    holds = info is not None and layer_holds_data(out)
-    if existing is not None and existing != wanted:
-        if holds and not overwrite:
-            diffs = "; ".join(f"{k} {existing.get(k)} (want {v})"
-                              for k, v in wanted.items() if existing.get(k) != v)
-            raise InputError(f"{out} holds a layer of another geometry ({diffs}): pass "
-                             "--overwrite to replace it, or choose another OUTPUT")
+    holds = info is not None and layer_holds_data(path)
+    differs = existing is not None and existing != wanted
+    if differs and holds and not overwrite:
+        diffs = "; ".join(f"{k} {existing.get(k)} (want {v})"
+                          for k, v in wanted.items() if existing.get(k) != v)
+        raise InputError(f"{path} holds a layer of another geometry ({diffs}): pass "
+                         "--overwrite to replace it, or choose another OUTPUT")
+    return differs, holds
+
+
+def _decide(plan: SegmentPlan, overwrite: bool) -> None:
+    """Fill in plan.action and the resets, or refuse (InputError) what would lose data."""
+    out = plan.output_path
+    differs, holds = _check_geometry(out, _layer_geometry(plan, "segmentation"), overwrite)
+    # the smoothed map is kept, and the later stages read it: one of another geometry (a run
+    # at another --mip or --chunk-size, or a layer put there by hand) is not reused
+    smoothed_differs = plan.smoothed and _check_geometry(
+        smoothed_layer_path(out), _layer_geometry(plan, "image"), overwrite)[0]
+    if differs:
         plan.reset_layer = plan.reset_chunk_stages = plan.reset_tuning_stages = True
         plan.action = "rebuild" if holds else "new"
         return
-    chunks_same = _manifest_key(out, "supervoxels") == plan.chunk_key
+    # the first stage's manifest is written first: a run stopped during it resumes too
+    chunks_same = (_manifest_key(out, CHUNK_STAGES[0]) == plan.chunk_key
+                   and _manifest_key(out, "supervoxels") in (None, plan.chunk_key)
+                   and not smoothed_differs)
     # --overwrite replaces the segmentation even when made the same way; the chunk stages are
     # a cache of the map, kept whenever their key matches
     tuning_same = (_manifest_key(out, "remap") == plan.tuning_key and chunks_same
@@ -294,7 +365,8 @@ def _decide(plan: SegmentPlan, overwrite: bool) -> None:
                              "--overwrite to replace it, or choose another OUTPUT")
         raise InputError(f"{out} holds a segmentation made with other parameters: pass "
                          "--overwrite to replace it (the supervoxels and region graph are "
-                         "reused when the map, --bounds and --task-shape are the same)")
+                         "reused when the map, --sigma, --bounds and --task-shape are the "
+                         "same)")
     plan.reset_chunk_stages = not chunks_same
     plan.reset_tuning_stages = not tuning_same
     if tuning_same:
@@ -316,6 +388,7 @@ def provenance(plan: SegmentPlan) -> dict:
     return {
         "task": "deepem3d segment",
         **plan.tuning_parameters(),
+        "sigma": plan.sigma,
         "map": plan.map_path,
         "map_kind": plan.kind,
         "map_dtype": plan.map_dtype,
@@ -324,7 +397,8 @@ def provenance(plan: SegmentPlan) -> dict:
         "task_shape": list(plan.task_shape),
         "stages": list(STAGES),
         "work_dir": f"{WORK}/ (supervoxel layer {SUPERVOXEL_LAYER}, merged region graph "
-                    f"{WORK}/graph.npz, segment table {WORK}/segments.npz)",
+                    f"{WORK}/graph.npz, segment table {WORK}/segments.npz"
+                    + (f", smoothed map {SMOOTHED_LAYER})" if plan.smoothed else ")"),
         "ids": "1 + the global voxel index (x + X * (y + Y * z)) of a voxel of the segment",
     }
 
@@ -344,7 +418,8 @@ def _segmentation_prefixes(info: dict | None) -> list[str]:
 
 
 def prepare_output(plan: SegmentPlan) -> None:
-    """Apply the plan's resets, then (re)write the output and supervoxel layers' infos."""
+    """Apply the plan's resets, then (re)write the output, supervoxel and smoothed layers'
+    infos."""
     out = plan.output_path
     info = CloudFiles(out).get_json("info")
     if plan.reset_chunk_stages:
@@ -369,6 +444,18 @@ def prepare_output(plan: SegmentPlan) -> None:
                 "ids": "1 + the global voxel index of the supervoxel's lowest voxel",
             },
         )
+    smoothed_path = smoothed_layer_path(out)
+    if plan.smoothed and (plan.reset_chunk_stages or not info_exists(smoothed_path)):
+        create_layer(
+            smoothed_path, layer_type="image", dtype="uint8", resolution=plan.resolution,
+            size=plan.size, voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
+            num_channels=1 if plan.kind == "boundary" else 3, overwrite=True, provenance={
+                "task": "deepem3d segment (smooth)", **plan.chunk_parameters(),
+                "filter": "scipy.ndimage.gaussian_filter on x and y (sigma 0 on z), mode "
+                          "reflect at the bounds of the segmented region, truncate 4, on the "
+                          "uint8 map; stored as uint8 round(value)",
+            },
+        )
 
 
 def create_stage_tasks(plan: SegmentPlan, name: str) -> tuple[Stage, list[partial]]:
@@ -376,9 +463,14 @@ def create_stage_tasks(plan: SegmentPlan, name: str) -> tuple[Stage, list[partia
     stage = Stage(plan.output_path, name)
     key = plan.key(name)
     common = {"output_path": plan.output_path, "key": key}
-    chunked = {"map_path": plan.map_path, "dataset": plan.region, "mip": plan.mip}
+    segmented, segmented_mip = plan.segmented_map
+    chunked = {"map_path": segmented, "dataset": plan.region, "mip": segmented_mip}
     blocks = {block_id(b): [int(v) for v in (*b.minpt, *b.maxpt)] for b in plan.blocks}
-    if name == "supervoxels":
+    if name == "smooth":  # no tasks without --sigma: the stage is complete as soon as made
+        tasks = {i: partial(SmoothTask, map_path=plan.map_path, bounds=b, dataset=plan.region,
+                            mip=plan.mip, sigma=plan.sigma, **common)
+                 for i, b in blocks.items()} if plan.smoothed else {}
+    elif name == "supervoxels":
         tasks = {i: partial(SupervoxelTask, bounds=b, **chunked, **common)
                  for i, b in blocks.items()}
     elif name == "reduce":
@@ -410,7 +502,8 @@ def create_stage_tasks(plan: SegmentPlan, name: str) -> tuple[Stage, list[partia
 
 def clean_intermediates(plan: SegmentPlan) -> None:
     """Delete what no later stage reads: per-block labels, exits and tables once the
-    supervoxel layer is complete, per-block graphs once the merged graph is."""
+    supervoxel layer is complete, per-block graphs once the merged graph is. The smoothed map
+    is kept (a result to view, and the input of the supervoxels a retune reuses)."""
     out = plan.output_path
     if Stage(out, "relabel").is_complete():
         _delete_prefixes(out, [f"{WORK}/labels/", f"{WORK}/exits/", f"{WORK}/tables/"])
@@ -473,7 +566,9 @@ def run_segmentation(
     prepare_output(plan)
     for name in STAGES:
         stage, tasks = create_stage_tasks(plan, name)
-        if not tasks:
+        if name == "smooth" and not plan.smoothed:  # its manifest lists no task: complete
+            echo("stage smooth: off (--sigma 0)")
+        elif not tasks:
             echo(f"stage {name}: complete ({len(stage.task_ids())} task(s) done before)")
         elif runner is not None:
             echo(runner(stage, tasks))
