@@ -14,17 +14,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from cloudvolume.lib import Bbox, Vec
-from igneous import downsample_scales
-from igneous.task_creation.common import get_bounds
-from igneous.task_creation.image import (
-    MEMORY_TARGET,
-    create_downsampling_tasks,
-    num_mips_from_memory_target,
-)
 
 from deepem3d.errors import InputError
 from deepem3d.layers import cloudpath, open_layer
 from deepem3d.tasks.markers import Stage, marked
+
+# igneous is imported where it is used: importing it costs a worker ~0.3 s at start-up, and
+# every local stage starts its own workers (a DownsampleTask payload imports it when run).
+MEMORY_TARGET = int(3.5e9)  # igneous.task_creation.image.MEMORY_TARGET, its default
 
 
 @dataclass
@@ -68,6 +65,10 @@ def plan_downsample(
     memory_target: int = MEMORY_TARGET,
 ) -> DownsamplePlan:
     """Mirror igneous's task geometry so `--dry-run` can report it without touching the info."""
+    from igneous import downsample_scales
+    from igneous.task_creation.common import get_bounds
+    from igneous.task_creation.image import num_mips_from_memory_target
+
     layer_path = cloudpath(layer_path)
     vol = open_layer(layer_path, mip=mip)
     factor = tuple(factor) if factor else default_factor(vol.meta.resolution(mip))
@@ -122,6 +123,8 @@ def create_downsample_tasks(
 
     Tasks whose marker already exists are left out, so a re-run does only what is missing.
     """
+    from igneous.task_creation.image import create_downsampling_tasks
+
     stage = downsample_stage(plan.layer_path, plan.mip)
     with contextlib.redirect_stdout(sys.stderr):
         tasks = create_downsampling_tasks(

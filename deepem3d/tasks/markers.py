@@ -13,6 +13,7 @@ this (SQS's are approximate). Re-running a stage skips tasks whose marker exists
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import socket
@@ -98,6 +99,7 @@ def MarkedTask(layer_path: str, stage: str, task_id: str, task: list) -> None:  
     if markers.is_done(task_id):
         return
     start = time.time()
+    importlib.import_module(task[0][0])  # registers the task's function (igneous's, lazily)
     totask(task).execute()
     markers.mark_done(
         task_id,
