@@ -17,22 +17,23 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The main job on the embedded ISBI 2012 sample: write the layers, predict the boundary map
-# with the shipped weights, segment it (h-minima watershed), score the held-out sections 20..29
+# The main job on the embedded ISBI 2012 sample: write the layers, predict affinities with the
+# shipped default weights, segment them (in-plane smoothing, mean-affinity agglomeration, dust
+# merged), score sections 20..29
 # against the ground truth, and add mip levels; every stage is queue tasks drained from a file
 # queue by two local worker processes.
 demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/deepem3d sample $(DEMO)
-	$(BIN)/deepem3d infer $(DEMO)/image $(DEMO)/boundary --queue fq://$(DEMO)/queue --parallel 2
-	$(BIN)/deepem3d segment $(DEMO)/boundary $(DEMO)/segmentation --method watershed \
-	  --threshold 0.1 --queue fq://$(DEMO)/queue --parallel 2
+	$(BIN)/deepem3d infer $(DEMO)/image $(DEMO)/affinity --queue fq://$(DEMO)/queue --parallel 2
+	$(BIN)/deepem3d segment $(DEMO)/affinity $(DEMO)/segmentation --method mean --threshold 0.5 \
+	  --sigma 2 --dust-size 200 --queue fq://$(DEMO)/queue --parallel 2
 	$(BIN)/deepem3d evaluate $(DEMO)/segmentation $(DEMO)/ground_truth --bounds 0,0,20,512,512,30
 	$(BIN)/deepem3d downsample $(DEMO)/image --queue fq://$(DEMO)/queue --parallel 2
 	$(BIN)/deepem3d downsample $(DEMO)/segmentation --queue fq://$(DEMO)/queue --parallel 2
 	$(BIN)/deepem3d status fq://$(DEMO)/queue
 	@echo "done: layers in $(DEMO)/; look at them with:"
-	@echo "  $(BIN)/deepem3d view $(DEMO)/image $(DEMO)/boundary $(DEMO)/segmentation $(DEMO)/ground_truth"
+	@echo "  $(BIN)/deepem3d view $(DEMO)/image $(DEMO)/affinity $(DEMO)/segmentation $(DEMO)/ground_truth"
 
 # Debian's chromium for the Neuroglancer browser test (skipped, with its reason, without it).
 browser:

@@ -1,11 +1,13 @@
 """Held-out scores of a model on ISBI 2012 sections 20..29 (the protocol of shared/data/README):
 the held-out sections as their own volume (reflected at their own z bounds), predicted with
-the whole-array predictor, segmented in one piece with deepem3d's segmentation, scored against
-/labels/neuron_ids[20:30] with the SNEMI3D adapted Rand error and VOI; plus pixel boundary
-precision / recall against DeepEM3D's boundary target.
+the sliding-window predictor of `deepem3d infer` (deepem3d.inference.predict_volume, so a
+chunked run gives the same map), segmented in one piece with deepem3d's segmentation, scored
+against /labels/neuron_ids[20:30] with the SNEMI3D adapted Rand error and VOI; plus pixel
+precision / recall of the map (p > 0.5) against the training target of the model's head
+(DeepEM3D's boundary target, or the nearest-neighbour affinities).
 
     python scripts/evaluate_isbi2012.py [--model isbi2012-small] [--tta 16]
-        [--method watershed --thresholds 0.1,0.19,0.3] [--json]
+        [--method mean --thresholds 0.3,0.5,0.7] [--sigma 0] [--json]
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import time
 
 import numpy as np
 import torch
-from scipy.ndimage import gaussian_filter
 
 from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
-from deepem3d.models.checkpoint import load_model
-from deepem3d.models.predict import predict_sections
-from deepem3d.models.targets import boundary_target
+from deepem3d.inference import ModelPredictor, PatchGeometry, predict_volume
+from deepem3d.models.checkpoint import DEFAULT_MODEL, load_model
+from deepem3d.models.targets import affinity_target, boundary_target
 from deepem3d.sample import load_sample
 from deepem3d.segmentation.metrics import evaluate
 from deepem3d.segmentation.pipeline import segment
@@ -33,11 +34,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint path or shipped name")
     parser.add_argument("--tta", type=int, default=16)
-    parser.add_argument("--method", default="watershed", choices=["watershed", "mean"])
-    parser.add_argument("--thresholds", default="0.05,0.1,0.19,0.3")
-    parser.add_argument("--sigma", type=float, default=1.0,
-                        help="in-plane Gaussian on the boundary map before segmenting (0: none)")
-    parser.add_argument("--dust", type=int, default=0, help="merge segments below N voxels")
+    parser.add_argument("--method", default=None, choices=["watershed", "mean"],
+                        help="default: watershed for a boundary model, mean for affinities")
+    parser.add_argument("--thresholds", default=None,
+                        help="default: 0.05,0.1,0.19,0.3 (watershed), 0.4,0.45,...,0.6 (mean)")
+    parser.add_argument("--sigma", type=float, default=None,
+                        help="in-plane Gaussian on the uint8 map before segmenting, as "
+                        "`deepem3d segment --sigma` (0: none; default 1 for a boundary model, "
+                        "2 for affinities)")
+    parser.add_argument("--dust", type=int, default=None,
+                        help="merge segments below N voxels (default 0 for a boundary model, "
+                        "200 for affinities)")
     parser.add_argument("--sections", default=HELD_OUT,
                         help="START:END; 20:30 is the held-out set, 15:20 the validation set "
                         "(choose thresholds there)")
@@ -51,21 +58,34 @@ def main() -> None:
     image, ids = load_sample()
     image, ids = image[start_z:end_z], ids[start_z:end_z].astype(np.uint64)
     model, meta = load_model(args.model)
+    head = model.head
+    method = args.method or ("watershed" if head == "boundary" else "mean")
+    dust = args.dust if args.dust is not None else (0 if head == "boundary" else 200)
+    sigma = args.sigma if args.sigma is not None else (1.0 if head == "boundary" else 2.0)
     start = time.time()
-    boundary = predict_sections(model, image, tta=args.tta, margin=64)
+    probabilities = predict_volume(ModelPredictor(model), image, PatchGeometry(), tta=args.tta)
     seconds = time.time() - start
 
-    target = boundary_target(ids.astype(np.int64)).astype(bool)
-    predicted = boundary > 0.5
+    if head == "boundary":
+        target = boundary_target(ids.astype(np.int64)).astype(bool)[None]
+    else:
+        target = affinity_target(ids.astype(np.int64)) < 0.5  # "cut" edges
+        probabilities = 1 - probabilities  # compare p(cut) with the cut edges
+    predicted = probabilities > 0.5
     precision = float((predicted & target).sum() / max(predicted.sum(), 1))
     recall = float((predicted & target).sum() / max(target.sum(), 1))
+    if head == "affinity":
+        probabilities = 1 - probabilities
 
-    if args.sigma > 0:
-        boundary = gaussian_filter(boundary, sigma=(0, args.sigma, args.sigma))
-    quantised = np.round(255 * np.clip(boundary, 0, 1)).astype(np.uint8)
-    thresholds = [float(t) for t in args.thresholds.split(",")]
-    segs = segment(np.ascontiguousarray(xyz_from_zyx(quantised)), args.method, thresholds,
-                   dust_size=args.dust)
+    # (C, z, y, x) -> x, y, z(, C), the segmentation's order
+    quantised = np.round(255 * np.clip(probabilities, 0, 1)).astype(np.uint8)
+    quantised = quantised[0] if head == "boundary" else quantised
+    values = (np.ascontiguousarray(xyz_from_zyx(quantised)) if head == "boundary"
+              else np.ascontiguousarray(quantised.transpose(3, 2, 1, 0)))
+    default = "0.05,0.1,0.19,0.3" if method == "watershed" else "0.4,0.45,0.5,0.55,0.6"
+    thresholds = [float(t) for t in (args.thresholds or default).split(",")]
+    # smoothing inside `segment`: on the uint8 map, as `deepem3d segment --sigma` does
+    segs = segment(values, method, thresholds, dust_size=dust, sigma=sigma)
     rows = []
     for t, seg in zip(thresholds, segs):
         scores = evaluate(np.ascontiguousarray(zyx_from_xyz(seg)), ids)
@@ -73,16 +93,18 @@ def main() -> None:
     result = {
         "model": meta.get("model"), "sections": args.sections, "tta": args.tta,
         "predict_seconds": round(seconds, 1),
-        "boundary_precision": precision, "boundary_recall": recall,
-        "method": args.method, "sigma": args.sigma, "dust": args.dust, "scores": rows,
+        "head": head, "map_precision": precision, "map_recall": recall,
+        "method": method, "sigma": sigma, "dust": dust, "scores": rows,
     }
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"sections {args.sections}; model {meta['model']}, tta {args.tta}, predicted in "
-          f"{seconds:.1f} s; boundary precision {precision:.3f}, recall {recall:.3f} "
-          "(p > 0.5 vs the DeepEM3D target)")
-    print(f"{args.method} (sigma {args.sigma}, dust {args.dust})")
+    print(f"sections {args.sections}; model {args.model or DEFAULT_MODEL} ({head} head), "
+          f"tta {args.tta}, predicted in {seconds:.1f} s; {head} precision {precision:.3f}, "
+          f"recall {recall:.3f} "
+          f"({'p(boundary)' if head == 'boundary' else '1 - affinity'} > 0.5 vs the "
+          "training target)")
+    print(f"{method} (sigma {sigma}, dust {dust})")
     print(f"{'threshold':>9} {'segments':>8} {'ARE':>7} {'VOI':>7} {'split':>7} {'merge':>7}")
     for r in rows:
         print(f"{r['threshold']:>9.3f} {r['segments']:>8} {r['adapted_rand_error']:>7.4f} "

@@ -23,8 +23,11 @@ from deepem3d.errors import InputError
 
 FORMAT = "deepem3d-checkpoint"
 VERSION = 1
-PRETRAINED = {"isbi2012-small": "isbi2012-small.pt"}
-DEFAULT_MODEL = "isbi2012-small"
+PRETRAINED = {
+    "isbi2012-small": "isbi2012-small.pt",
+    "isbi2012-small-affinity": "isbi2012-small-affinity.pt",
+}
+DEFAULT_MODEL = "isbi2012-small-affinity"
 
 
 def save_checkpoint(
