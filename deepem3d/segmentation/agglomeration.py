@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit
 
 from deepem3d.segmentation.region_graph import RegionGraph, index_of
+from deepem3d.segmentation.supervoxels import find_root
 
 __all__ = [
     "agglomerate",
@@ -48,14 +49,6 @@ Method = Literal["mean", "watershed"]
 
 
 # --------------------------------------------------------------------------- numba kernels
-
-
-@njit(cache=True)
-def _find(parent, i):
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
 
 
 @njit(cache=True)
@@ -368,7 +361,7 @@ def _mean(n, ea, eb, cnt, tot, thresholds):
                     head[b] = nitems
                     nitems += 1
         for i in range(n):
-            out[ti, i] = minidx[_find(parent, i)]
+            out[ti, i] = minidx[find_root(parent, i)]
     return out
 
 
@@ -394,8 +387,8 @@ def _watershed(n, ea, eb, order, saddle, floors, h255):
     minidx = np.arange(n)
     for k in range(order.size):
         e = order[k]
-        a = _find(parent, ea[e])
-        b = _find(parent, eb[e])
+        a = find_root(parent, ea[e])
+        b = find_root(parent, eb[e])
         if a == b:
             continue
         if floor[a] > floor[b] or (floor[a] == floor[b] and lowest[a] > lowest[b]):
@@ -407,7 +400,7 @@ def _watershed(n, ea, eb, order, saddle, floors, h255):
             minidx[deep] = min(minidx[deep], minidx[high])
     out = np.empty(n, np.int64)
     for i in range(n):
-        out[i] = minidx[_find(parent, i)]
+        out[i] = minidx[find_root(parent, i)]
     return out
 
 
@@ -458,7 +451,7 @@ def _dust(n, sizes_in, ea, eb, cnt, size):
             hn = _push(hf, hi, hn, float(sizes[s]), minidx[s], s, sizes[s])
     out = np.empty(n, np.int64)
     for i in range(n):
-        out[i] = minidx[_find(parent, i)]
+        out[i] = minidx[find_root(parent, i)]
     return out
 
 
@@ -476,7 +469,8 @@ def _check_unit(values: Sequence[float], name: str) -> np.ndarray:
 
 def _endpoints(graph: RegionGraph) -> tuple[np.ndarray, np.ndarray]:
     """Edge endpoints as node indices into graph.ids."""
-    return index_of(graph.ids, graph.u), index_of(graph.ids, graph.v)
+    ea, eb = index_of(graph.ids, graph.u, graph.v)
+    return ea, eb
 
 
 def agglomerate_mean(graph: RegionGraph, thresholds: Sequence[float]) -> list[np.ndarray]:
@@ -605,5 +599,5 @@ def remap(supervoxel_ids: np.ndarray, ids: np.ndarray, segments: np.ndarray) -> 
         raise ValueError(f"supervoxel {int(present[~ok][0])} is not in the region graph")
     # segment of each present id, and 0 for background (index -1 of the lookup)
     values = np.append(np.asarray(segments, dtype=np.uint64)[pos], np.uint64(0))
-    rows = index_of(present, flat)
+    (rows,) = index_of(present, flat)
     return values[rows].reshape(arr.shape, order=order)

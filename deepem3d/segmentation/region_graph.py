@@ -267,20 +267,22 @@ def _index_lookup(keys, needles):
     return out
 
 
-def index_of(ids: np.ndarray, needles: np.ndarray) -> np.ndarray:
-    """Index of each needle in the distinct uint64 `ids` (int64), -1 where absent."""
-    return _index_lookup(np.ascontiguousarray(ids, dtype=_U64),
-                         np.ascontiguousarray(needles, dtype=_U64))
+def index_of(ids: np.ndarray, *needles: np.ndarray) -> list[np.ndarray]:
+    """Index of each needle in the distinct uint64 `ids` (int64), -1 where absent; one array
+    per needle array, from one hash table."""
+    flat = [np.ascontiguousarray(n, dtype=_U64).ravel() for n in needles]
+    joined = flat[0] if len(flat) == 1 else np.concatenate(flat)  # no copy for one array
+    rows = _index_lookup(np.ascontiguousarray(ids, dtype=_U64), joined)
+    return np.split(rows, np.cumsum([n.size for n in flat])[:-1])
 
 
 def _positions(ids: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Compact indices of u and v among the sorted ids that occur (ids, plus any halo ids)."""
-    pu, pv = index_of(ids, u), index_of(ids, v)
-    missing = (pu < 0) | (pv < 0)
-    if not missing.any():
+    pu, pv = index_of(ids, u, v)
+    if pu.min(initial=0) >= 0 and pv.min(initial=0) >= 0:
         return pu, pv, ids.size
     known = np.union1d(ids, np.concatenate([u[pu < 0], v[pv < 0]]))
-    return index_of(known, u), index_of(known, v), known.size
+    return (*index_of(known, u, v), known.size)
 
 
 def _aggregate(

@@ -480,7 +480,8 @@ def _min_per_label(label_of_src, dst, n_labels):
 
 
 @njit(cache=True)
-def _root(parent, i):
+def find_root(parent, i):
+    """Union-find root of i with path halving (numba; the agglomeration's too)."""
     while parent[i] != i:
         parent[i] = parent[parent[i]]
         i = parent[i]
@@ -498,8 +499,8 @@ def _resolve(exit_next, link_a, link_b, rim_src, rim_index, rim_dst, root_index)
     n = exit_next.size
     parent = np.arange(n)
     for k in range(link_a.size):
-        a = _root(parent, link_a[k])
-        b = _root(parent, link_b[k])
+        a = find_root(parent, link_a[k])
+        b = find_root(parent, link_b[k])
         if a < b:
             parent[b] = a
         elif b < a:
@@ -508,19 +509,19 @@ def _resolve(exit_next, link_a, link_b, rim_src, rim_index, rim_dst, root_index)
     best_index = np.full(n, none, np.uint64)
     best_node = np.full(n, -1, np.int64)
     for k in range(rim_src.size):
-        r = _root(parent, rim_src[k])
+        r = find_root(parent, rim_src[k])
         if rim_index[k] < best_index[r]:
             best_index[r] = rim_index[k]
             best_node[r] = rim_dst[k]
     lowest = np.full(n, none, np.uint64)
     for i in range(n):
-        r = _root(parent, i)
+        r = find_root(parent, i)
         if root_index[i] < lowest[r]:
             lowest[r] = root_index[i]
     nxt = exit_next.copy()
     for i in range(n):
         if nxt[i] == i:  # a flat node: drains if its flat set has a rim
-            r = _root(parent, i)
+            r = find_root(parent, i)
             if best_node[r] >= 0:
                 nxt[i] = best_node[r]
     ids = np.zeros(n, np.uint64)
@@ -537,7 +538,7 @@ def _resolve(exit_next, link_a, link_b, rim_src, rim_index, rim_dst, root_index)
             k = nxt[j]
             nxt[j] = r
             j = k
-        ids[i] = lowest[_root(parent, r)] + np.uint64(1)
+        ids[i] = lowest[find_root(parent, r)] + np.uint64(1)
     return ids
 
 
