@@ -21,3 +21,10 @@ def xyz_from_zyx(array: np.ndarray) -> np.ndarray:
 def zyx_from_xyz(array: np.ndarray) -> np.ndarray:
     """An x,y,z(,c) array as z,y,x(,c) (a view, no copy)."""
     return xyz_from_zyx(array)  # the permutation is its own inverse
+
+
+def xyzc_from_czyx(array: np.ndarray) -> np.ndarray:
+    """A channels-first c,z,y,x map (a network's output) as a layer's x,y,z,c (a view)."""
+    if array.ndim != 4:
+        raise ValueError(f"expected a c,z,y,x array, got {array.ndim}D")
+    return array.transpose(3, 2, 1, 0)

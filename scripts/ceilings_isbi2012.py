@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
+from deepem3d.axes import xyz_from_zyx, xyzc_from_czyx, zyx_from_xyz
 from deepem3d.models.targets import affinity_target, boundary_target
 from deepem3d.sample import load_sample
 from deepem3d.segmentation.metrics import evaluate
@@ -33,7 +33,7 @@ def main() -> None:
             seg = segment(boundary, "watershed", h, sigma=sigma)
             print(f"perfect boundary map, sigma {sigma}, watershed h {h}: {score(seg, ids)}")
     affinities = (255 * affinity_target(ids.astype(np.int64))).astype(np.uint8)
-    seg = segment(np.ascontiguousarray(affinities.transpose(3, 2, 1, 0)), "mean", 0.5)
+    seg = segment(np.ascontiguousarray(xyzc_from_czyx(affinities)), "mean", 0.5)
     print(f"perfect affinities, mean 0.5: {score(seg, ids)}")
 
 

@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
-from deepem3d.inference import ModelPredictor, PatchGeometry, predict_volume
+from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
+from deepem3d.inference import ModelPredictor, PatchGeometry, predict_volume, quantize
 from deepem3d.models.checkpoint import DEFAULT_MODEL, load_model
 from deepem3d.models.targets import affinity_target, boundary_target
 from deepem3d.sample import load_sample
@@ -68,20 +68,15 @@ def main() -> None:
 
     if head == "boundary":
         target = boundary_target(ids.astype(np.int64)).astype(bool)[None]
-    else:
-        target = affinity_target(ids.astype(np.int64)) < 0.5  # "cut" edges
-        probabilities = 1 - probabilities  # compare p(cut) with the cut edges
-    predicted = probabilities > 0.5
+        predicted = probabilities > 0.5
+    else:  # edges the ground truth cuts, against affinity < 0.5
+        target = affinity_target(ids.astype(np.int64)) < 0.5
+        predicted = probabilities < 0.5
     precision = float((predicted & target).sum() / max(predicted.sum(), 1))
     recall = float((predicted & target).sum() / max(target.sum(), 1))
-    if head == "affinity":
-        probabilities = 1 - probabilities
 
-    # (C, z, y, x) -> x, y, z(, C), the segmentation's order
-    quantised = np.round(255 * np.clip(probabilities, 0, 1)).astype(np.uint8)
-    quantised = quantised[0] if head == "boundary" else quantised
-    values = (np.ascontiguousarray(xyz_from_zyx(quantised)) if head == "boundary"
-              else np.ascontiguousarray(quantised.transpose(3, 2, 1, 0)))
+    # the uint8 layer `deepem3d infer` would write, as x, y, z, c
+    values = np.ascontiguousarray(xyzc_from_czyx(quantize(probabilities)))
     default = "0.05,0.1,0.19,0.3" if method == "watershed" else "0.4,0.45,0.5,0.55,0.6"
     thresholds = [float(t) for t in (args.thresholds or default).split(",")]
     # smoothing inside `segment`: on the uint8 map, as `deepem3d segment --sigma` does

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 import deepem3d
-from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
+from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.errors import InputError
 from deepem3d.models.checkpoint import load_checkpoint, save_checkpoint
 from deepem3d.models.data import PatchSampler, load_pair
@@ -74,11 +74,11 @@ VALIDATION_SEGMENTATION = {
 def segment_for_validation(probabilities: np.ndarray, head: str = "boundary") -> np.ndarray:
     """Segment a map in one piece with deepem3d's segmentation to score validation with:
     a boundary map (z,y,x) or affinities (3,z,y,x, channels x,y,z); returns z,y,x ids."""
+    from deepem3d.inference import quantize
     from deepem3d.segmentation.pipeline import segment
 
-    quantised = np.round(255 * np.clip(probabilities, 0, 1)).astype(np.uint8)
-    values = (xyz_from_zyx(quantised) if head == "boundary"
-              else quantised.transpose(3, 2, 1, 0))  # (3,z,y,x) -> x,y,z,3
+    maps = probabilities[None] if head == "boundary" else probabilities  # c,z,y,x
+    values = xyzc_from_czyx(quantize(maps))
     settings = VALIDATION_SEGMENTATION[head]
     seg = segment(np.asfortranarray(values), settings["method"], settings["threshold"],
                   sigma=settings["sigma"], dust_size=settings["dust_size"])

@@ -24,7 +24,7 @@ from cloudvolume.exceptions import EmptyVolumeException
 from cloudvolume.lib import Bbox
 from taskqueue import queueable
 
-from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
+from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.errors import InputError
 from deepem3d.inference import (
     HEAD_CHANNELS,
@@ -216,7 +216,7 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
         probs = predict_block(predictors, image, box_lo, block, dataset, geometry, tta=tta,
                               stats=stats)
     data = quantize(probs) if dtype == "uint8" else probs.astype(np.float32)
-    out_vol[bbox] = xyz_from_zyx(np.moveaxis(data, 0, -1))
+    out_vol[bbox] = xyzc_from_czyx(data)
     seconds = time.perf_counter() - start
     stage.mark_done(task_id, {
         "task": "InferenceTask",
