@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Sequence
 
+import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
@@ -48,6 +49,52 @@ def open_layer(path: str, mip: int = 0, **kwargs) -> CloudVolume:
         ) from None
     except (ScaleUnavailableError, ValueError) as err:  # "MIP N not found. M available: ..."
         raise InputError(f"cannot open {path} at mip {mip}: {err}") from None
+
+
+#: gzip level of the chunks `write_block` writes: zlib's default. CloudVolume's own upload
+#: always uses 9 (it drops `compress_level` before compressing), four times as slow as 6 for
+#: chunks 1% smaller (measured on compressed_segmentation chunks of ISBI 2012).
+GZIP_LEVEL = 6
+
+
+def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
+    """`vol[lo:lo + shape] = array` for a block of whole chunks (clipped at the layer's end),
+    gzipped at `GZIP_LEVEL`: the same chunk files CloudVolume writes, encoded by CloudVolume's
+    own codecs. Anything else (sharded layers, unaligned blocks) goes through CloudVolume."""
+    from cloudvolume import chunks
+    from cloudvolume.datasource.precomputed.common import content_type, should_compress
+    from cloudvolume.lib import Bbox
+
+    meta, mip = vol.meta, vol.mip
+    data = array if array.ndim == 4 else array[..., np.newaxis]
+    block = Bbox(lo, [int(a) + int(s) for a, s in zip(lo, data.shape[:3])])
+    bounds = meta.bounds(mip)
+    chunk = np.asarray(meta.chunk_size(mip))
+    offset = np.asarray(meta.voxel_offset(mip))
+    start = np.asarray(block.minpt) - offset
+    aligned = not np.any(start % chunk) and all(
+        (int(e) - o) % c == 0 or int(e) == int(b)
+        for e, o, c, b in zip(block.maxpt, offset, chunk, bounds.maxpt)
+    )
+    compress = should_compress(meta.encoding(mip), vol.compress, vol.cache)
+    if meta.sharding(mip) is not None or not aligned or compress not in ("gzip", None):
+        vol[block.to_slices()] = data
+        return
+    files = CloudFiles(meta.cloudpath)
+    for x in range(block.minpt[0], block.maxpt[0], chunk[0]):
+        for y in range(block.minpt[1], block.maxpt[1], chunk[1]):
+            for z in range(block.minpt[2], block.maxpt[2], chunk[2]):
+                part = Bbox((x, y, z), np.minimum((x, y, z) + chunk, block.maxpt))
+                cut = Bbox.intersection(part, block) - block.minpt
+                encoded = chunks.encode(
+                    np.asfortranarray(data[cut.to_slices()]), meta.encoding(mip),
+                    meta.compressed_segmentation_block_size(mip),
+                    compression_params=meta.compression_params(mip),
+                )
+                name = "_".join(f"{a}-{b}" for a, b in zip(part.minpt, part.maxpt))
+                files.put(meta.join(meta.key(mip), name), encoded,
+                          content_type=content_type(meta.encoding(mip)), compress=compress,
+                          compression_level=GZIP_LEVEL if compress else None)
 
 
 def layer_holds_data(path: str) -> bool:

@@ -112,8 +112,9 @@ def _heap(capacity):
     return hi.view(np.float64), hi
 
 
-# edge rows: (a, b, count, affinity sum, tie, alive, version, spare); 64 bytes, one cache line
-_A, _B, _CNT, _TOT, _TIE, _ALIVE, _VER = 0, 1, 2, 3, 4, 5, 6
+# edge rows: (a, b, count, affinity sum, tie, version, spare, spare); 64 bytes, one cache
+# line. a and b are the edge's endpoints when it was made: its regions are their roots now.
+_A, _B, _CNT, _TOT, _TIE, _VER = 0, 1, 2, 3, 4, 5
 
 
 @njit(cache=True)
@@ -126,18 +127,20 @@ def _edge_rows(ea, eb, cnt, tot):
         rows[e, _CNT] = cnt[e]
         rows[e, _TOT] = tot[e]
         rows[e, _TIE] = e
-        rows[e, _ALIVE] = 1
     return rows
 
 
 @njit(cache=True)
-def _adjacency(n, rows):
-    """Per-node edge lists in one pool: start, length, capacity, pool, top."""
-    m = rows.shape[0]
+def _adjacency(n, ea, eb):
+    """Per-node lists of (edge, neighbour) in two parallel pools: start, length, capacity,
+    edge pool, neighbour pool, top. A neighbour entry may name a node merged since: the
+    region is its root. Looking neighbours up here, in arrays of a few bytes per node and
+    edge, instead of in the 64-byte edge rows, keeps a merge's scans in cache."""
+    m = ea.size
     deg = np.zeros(n, np.int64)
     for e in range(m):
-        deg[rows[e, _A]] += 1
-        deg[rows[e, _B]] += 1
+        deg[ea[e]] += 1
+        deg[eb[e]] += 1
     start = np.empty(n, np.int64)
     acc = 0
     for i in range(n):
@@ -145,64 +148,71 @@ def _adjacency(n, rows):
         acc += deg[i]
     length = np.zeros(n, np.int64)
     pool = np.empty(max(2 * acc, 16), np.int64)
+    nbr = np.empty(pool.size, np.int64)
     for e in range(m):
-        a = rows[e, _A]
-        b = rows[e, _B]
+        a = ea[e]
+        b = eb[e]
         pool[start[a] + length[a]] = e
+        nbr[start[a] + length[a]] = b
         length[a] += 1
         pool[start[b] + length[b]] = e
+        nbr[start[b] + length[b]] = a
         length[b] += 1
-    return start, length, deg.copy(), pool, acc
+    return start, length, deg.copy(), pool, nbr, acc
 
 
 @njit(cache=True)
-def _append(s, g, start, length, cap, pool, top):
-    """Add edge g to node s's list, moving the list to the pool's end when it is full."""
-    if length[s] == cap[s]:
-        newcap = max(2 * cap[s], 4)
-        if top + newcap > pool.size:
-            bigger = np.empty(max(2 * pool.size, top + newcap), np.int64)
-            bigger[:top] = pool[:top]
-            pool = bigger
-        pool[top : top + length[s]] = pool[start[s] : start[s] + length[s]]
-        start[s] = top
-        cap[s] = newcap
-        top += newcap
-    pool[start[s] + length[s]] = g
-    length[s] += 1
-    return pool, top
+def _room(x, y, cap, pool, nbr, top):
+    """Pools with room for the merge of x and y (it moves the survivor's list at most once,
+    to at most 2 * (cap[x] + cap[y]) entries): grown here, rarely, outside the merge."""
+    need = top + 2 * (cap[x] + cap[y]) + 8
+    if need <= pool.size:
+        return pool, nbr
+    size = max(2 * pool.size, need)
+    bigger = np.empty(size, np.int64)
+    bigger[:top] = pool[:top]
+    bigger_nbr = np.empty(size, np.int64)
+    bigger_nbr[:top] = nbr[:top]
+    return bigger, bigger_nbr
 
 
 @njit(cache=True)
-def _other(rows, e, node):
-    return rows[e, _B] if rows[e, _A] == node else rows[e, _A]
-
-
-@njit(cache=True)
-def _merge_regions(x, y, rows, start, length, cap, pool, top, mark, changed):
-    """Merge region y with x (their edge already dead); returns survivor, pool, top, #changed.
+def _merge_regions(x, y, rows, alive, parent, start, length, cap, pool, nbr, top, mark, changed):
+    """Merge region y with x (their edge already dead); returns survivor, top, #changed.
 
     The survivor keeps the longer edge list. An edge of the other region to a neighbour the
     survivor also touches is folded into the survivor's edge (sums and counts add, the tie is
     the smaller) and listed in `changed`; any other edge is moved over. The survivor's edge to
     a neighbour is found by marking the survivor's neighbours, or, when that is cheaper (a large
     region absorbing a small one), by scanning each neighbour's own list: the same edges either
-    way, so the result does not depend on which.
+    way, so the result does not depend on which. The caller sets parent[other] = survivor.
     """
     if length[x] >= length[y]:
         s, o = x, y
     else:
         s, o = y, x
-    # compact o's list, and price the two ways of finding s's edges
+    need = length[s] + length[o]
+    if need > cap[s]:  # move s's list to the pool's end, once, with room for o's edges
+        newcap = max(2 * cap[s], need)
+        st = start[s]
+        for j in range(length[s]):
+            pool[top + j] = pool[st + j]
+            nbr[top + j] = nbr[st + j]
+        start[s] = top
+        cap[s] = newcap
+        top += newcap
+    # compact o's list, resolve its neighbours, and price the two ways of finding s's edges
     through_neighbours = 0
     k = 0
     st = start[o]
     for j in range(length[o]):
         g = pool[st + j]
-        if rows[g, _ALIVE]:
+        if alive[g]:
+            z = find_root(parent, nbr[st + j])
             pool[st + k] = g
+            nbr[st + k] = z
             k += 1
-            through_neighbours += length[_other(rows, g, o)]
+            through_neighbours += length[z]
     length[o] = k
     by_marks = through_neighbours >= length[s] + length[o]
     if by_marks:
@@ -210,15 +220,18 @@ def _merge_regions(x, y, rows, start, length, cap, pool, top, mark, changed):
         st = start[s]
         for j in range(length[s]):
             f = pool[st + j]
-            if rows[f, _ALIVE]:
+            if alive[f]:
+                z = find_root(parent, nbr[st + j])
                 pool[st + k] = f
+                nbr[st + k] = z
                 k += 1
-                mark[_other(rows, f, s)] = f
+                mark[z] = f
         length[s] = k
     nch = 0
+    so = start[o]
     for j in range(length[o]):
-        g = pool[start[o] + j]
-        z = _other(rows, g, o)
+        g = pool[so + j]
+        z = nbr[so + j]
         if by_marks:
             f = mark[z]
         else:
@@ -227,10 +240,12 @@ def _merge_regions(x, y, rows, start, length, cap, pool, top, mark, changed):
             st = start[z]
             for i in range(length[z]):
                 h = pool[st + i]
-                if rows[h, _ALIVE]:
+                if alive[h]:
+                    w = find_root(parent, nbr[st + i])
                     pool[st + k] = h
+                    nbr[st + k] = w
                     k += 1
-                    if _other(rows, h, z) == s:
+                    if w == s:
                         f = h
             length[z] = k
         if f >= 0:
@@ -238,22 +253,20 @@ def _merge_regions(x, y, rows, start, length, cap, pool, top, mark, changed):
             rows[f, _TOT] += rows[g, _TOT]
             if rows[g, _TIE] < rows[f, _TIE]:
                 rows[f, _TIE] = rows[g, _TIE]
-            rows[g, _ALIVE] = 0
+            alive[g] = 0
             changed[nch] = f
             nch += 1
-        else:
-            if rows[g, _A] == o:
-                rows[g, _A] = s
-            else:
-                rows[g, _B] = s
-            pool, top = _append(s, g, start, length, cap, pool, top)
+        else:  # z's own entry for g names o, whose root becomes s
+            pool[start[s] + length[s]] = g
+            nbr[start[s] + length[s]] = z
+            length[s] += 1
             if by_marks:
                 mark[z] = g
     if by_marks:
         for j in range(length[s]):
-            mark[_other(rows, pool[start[s] + j], s)] = -1
+            mark[nbr[start[s] + j]] = -1
     length[o] = 0
-    return s, pool, top, nch
+    return s, top, nch
 
 
 @njit(cache=True)
@@ -276,7 +289,8 @@ def _mean(n, ea, eb, cnt, tot, thresholds):
     """
     rows = _edge_rows(ea, eb, cnt, tot)
     m = rows.shape[0]
-    start, length, cap, pool, top = _adjacency(n, rows)
+    alive = np.ones(m, np.uint8)
+    start, length, cap, pool, nbr, top = _adjacency(n, ea, eb)
     limit = thresholds[thresholds.size - 1] if thresholds.size else 0.0
     # later bins: singly linked lists of (score bits, tie, edge, version, next)
     head = np.full(_BINS + 1, -1, np.int64)
@@ -323,17 +337,18 @@ def _mean(n, ea, eb, cnt, tot, thresholds):
                     k = items[k, 4]
                 continue
             e = hi[0, 2]
-            if rows[e, _ALIVE] == 0 or hi[0, 3] != rows[e, _VER]:
+            if alive[e] == 0 or hi[0, 3] != rows[e, _VER]:
                 hn = _pop(hf, hi, hn)
                 continue
             if not hf[0, 0] < t:
                 break
             hn = _pop(hf, hi, hn)
-            rows[e, _ALIVE] = 0
-            x = rows[e, _A]
-            y = rows[e, _B]
-            s, pool, top, nch = _merge_regions(
-                x, y, rows, start, length, cap, pool, top, mark, changed
+            alive[e] = 0
+            x = find_root(parent, rows[e, _A])
+            y = find_root(parent, rows[e, _B])
+            pool, nbr = _room(x, y, cap, pool, nbr, top)
+            s, top, nch = _merge_regions(
+                x, y, rows, alive, parent, start, length, cap, pool, nbr, top, mark, changed
             )
             o = y if s == x else x
             parent[o] = s
@@ -408,8 +423,9 @@ def _watershed(n, ea, eb, order, saddle, floors, h255):
 def _dust(n, sizes_in, ea, eb, cnt, size):
     """Merge segments below `size` into their best neighbour, smallest first."""
     rows = _edge_rows(ea, eb, cnt, np.zeros(ea.size, np.int64))
+    alive = np.ones(ea.size, np.uint8)
     sizes = sizes_in.astype(np.int64)
-    start, length, cap, pool, top = _adjacency(n, rows)
+    start, length, cap, pool, nbr, top = _adjacency(n, ea, eb)
     parent = np.arange(n)
     minidx = np.arange(n)
     mark = np.full(n, -1, np.int64)
@@ -429,9 +445,9 @@ def _dust(n, sizes_in, ea, eb, cnt, size):
         bz = -1
         for j in range(length[i]):
             f = pool[start[i] + j]
-            if rows[f, _ALIVE] == 0:
+            if alive[f] == 0:
                 continue
-            z = _other(rows, f, i)
+            z = find_root(parent, nbr[start[i] + j])
             if (
                 best < 0
                 or rows[f, _CNT] > rows[best, _CNT]
@@ -441,8 +457,11 @@ def _dust(n, sizes_in, ea, eb, cnt, size):
                 bz = z
         if best < 0:
             continue  # no neighbour: a whole connected component, kept
-        rows[best, _ALIVE] = 0
-        s, pool, top, _ = _merge_regions(i, bz, rows, start, length, cap, pool, top, mark, changed)
+        alive[best] = 0
+        pool, nbr = _room(i, bz, cap, pool, nbr, top)
+        s, top, _ = _merge_regions(
+            i, bz, rows, alive, parent, start, length, cap, pool, nbr, top, mark, changed
+        )
         o = bz if s == i else i
         parent[o] = s
         minidx[s] = min(minidx[s], minidx[o])
@@ -580,6 +599,38 @@ def agglomerate(
     return tables
 
 
+@njit(cache=True)
+def _remap_flat(flat, ids, segments):
+    """Segment of each supervoxel id in `flat` (0 stays 0); (out, 0), or (out, id) for the
+    first id not in `ids`. Ids come in runs along x and recur row after row: the last id and
+    a small direct-mapped cache answer almost every voxel, a binary search the rest."""
+    out = np.empty(flat.size, np.uint64)
+    zero = np.uint64(0)
+    cache_id = np.zeros(4096, np.uint64)  # id 0 never needs the cache: an empty slot
+    cache_seg = np.zeros(4096, np.uint64)
+    prev = zero
+    seg = zero
+    for i in range(flat.size):
+        v = flat[i]
+        if v != prev:
+            prev = v
+            if v == zero:
+                seg = zero
+            else:
+                slot = np.int64((v * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(52))
+                if cache_id[slot] == v:
+                    seg = cache_seg[slot]
+                else:
+                    k = np.searchsorted(ids, v)
+                    if k >= ids.size or ids[k] != v:
+                        return out, v
+                    seg = segments[k]
+                    cache_id[slot] = v
+                    cache_seg[slot] = seg
+        out[i] = seg
+    return out, zero
+
+
 def remap(supervoxel_ids: np.ndarray, ids: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """Segment ids (uint64, same shape) of an array of supervoxel ids: the RemapTask's work.
 
@@ -587,17 +638,12 @@ def remap(supervoxel_ids: np.ndarray, ids: np.ndarray, segments: np.ndarray) -> 
     """
     arr = np.asarray(supervoxel_ids)
     order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-    flat = arr.ravel(order=order)  # a view of a contiguous array
-    # supervoxels come in runs along x: the unique ids of the run starts are the unique ids
-    runs = flat[np.r_[True, flat[1:] != flat[:-1]]] if flat.size else flat
-    present = fastremap.unique(runs).astype(np.uint64, copy=False)
-    present = present[present != 0]
-    pos = np.searchsorted(ids, present)
-    ok = pos < ids.size
-    ok[ok] = ids[pos[ok]] == present[ok]
-    if not ok.all():
-        raise ValueError(f"supervoxel {int(present[~ok][0])} is not in the region graph")
-    # segment of each present id, and 0 for background (index -1 of the lookup)
-    values = np.append(np.asarray(segments, dtype=np.uint64)[pos], np.uint64(0))
-    (rows,) = index_of(present, flat)
-    return values[rows].reshape(arr.shape, order=order)
+    flat = np.ravel(arr, order=order).astype(np.uint64, copy=False)
+    out, missing = _remap_flat(
+        flat,
+        np.ascontiguousarray(ids, dtype=np.uint64),
+        np.ascontiguousarray(segments, dtype=np.uint64),
+    )
+    if missing:
+        raise ValueError(f"supervoxel {int(missing)} is not in the region graph")
+    return out.reshape(arr.shape, order=order)

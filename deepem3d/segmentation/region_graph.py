@@ -34,6 +34,7 @@ from deepem3d.segmentation.chunks import GRAPH_HALO, Chunk, as_map
 __all__ = ["RegionGraph", "merge_graphs", "region_graph", "region_graph_chunk"]
 
 _U64 = np.uint64
+_UINT8 = ("floors", "saddle")
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,8 +77,12 @@ class RegionGraph:
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> RegionGraph:
-        """The inverse of `to_arrays`."""
-        return cls(**{f.name: np.asarray(arrays[f.name]) for f in fields(cls)})
+        """The inverse of `to_arrays`; arrays stored in narrower types come back in the
+        graph's own (uint8 floors and saddles, uint64 the rest)."""
+        return cls(**{
+            f.name: np.asarray(arrays[f.name], dtype=np.uint8 if f.name in _UINT8 else _U64)
+            for f in fields(cls)
+        })
 
     def equals(self, other: RegionGraph) -> bool:
         """Same nodes, edges and statistics, bit for bit."""
@@ -137,90 +142,120 @@ def _graph_pass(sv, vals, affinity, bxn, byn, bzn, c0x, c0y, c0z, nx, ny, nz, hx
     pairs into one record; a pair evicted from the cache starts a new record, and `_aggregate`
     sums those. The caches change how many records there are, never the sums.
     Records are rows: nodes (id, count, floor), edges (lo, hi, count, sum, saddle).
+
+    `_graph_scan` stops when the record arrays are full; they grow here, outside its loop,
+    because an array reassigned inside a numba loop is reference-counted on every voxel.
     """
+    ncache = np.full(4096, -1, np.int64)
+    ecache = np.full(65536, -1, np.int64)
+    nodes = np.zeros((4096, 3), np.uint64)
+    nodes[:, 2] = 255
+    edges = np.zeros((4096, 5), np.uint64)
+    edges[:, 4] = 255
+    # position, nodes, edges, current node row, its id, last edge row per direction
+    state = np.array([0, 0, 0, -1, 0, -1, -1, -1], np.int64)
+    zero = np.uint64(0)
+    while _graph_scan(sv, vals, affinity, bxn, byn, bzn, c0x, c0y, c0z, nx, ny, nz, hx, hy, hz,
+                      nodes, edges, ncache, ecache, state):
+        if state[1] == nodes.shape[0]:
+            nodes = _grow_rows(nodes, 2 * nodes.shape[0], zero)
+            nodes[state[1]:, 2] = 255
+        if state[2] + 3 > edges.shape[0]:
+            edges = _grow_rows(edges, 2 * edges.shape[0], zero)
+            edges[state[2]:, 4] = 255
+    return nodes[: state[1]], edges[: state[2]]
+
+
+@njit(cache=True)
+def _graph_scan(sv, vals, affinity, bxn, byn, bzn, c0x, c0y, c0z, nx, ny, nz, hx, hy, hz,
+                nodes, edges, ncache, ecache, state):
+    """Records from voxel state[0] on; returns True when the arrays must grow first."""
     sy = bxn
     sz = bxn * byn
     vol = bxn * byn * bzn
-    nmask = 4095
-    ncache = np.full(nmask + 1, -1, np.int64)
-    nodes = np.zeros((4096, 3), np.uint64)
-    nodes[:, 2] = 255
-    nn = 0
-    emask = 65535
-    ecache = np.full(emask + 1, -1, np.int64)
-    edges = np.zeros((4096, 5), np.uint64)
-    edges[:, 4] = 255
-    ne = 0
-    last = np.full(3, -1, np.int64)
+    nmask = ncache.size - 1
+    emask = ecache.size - 1
     zero = np.uint64(0)
-    r = -1
-    prev = zero
-    for z in range(nz):
-        for y in range(ny):
+    p, nn, ne, r = state[0], state[1], state[2], state[3]
+    prev = np.uint64(state[4])
+    last = state[5:8]
+    n = nx * ny * nz
+    x = p % nx
+    y = (p // nx) % ny
+    z = p // (nx * ny)
+    j = c0x + x + sy * (c0y + y) + sz * (c0z + z)
+    hy_ = y > 0 or hy
+    hz_ = z > 0 or hz
+    while p < n:
+        if nn == nodes.shape[0] or ne + 3 > edges.shape[0]:
+            state[0], state[1], state[2], state[3], state[4] = p, nn, ne, r, np.int64(prev)
+            return True
+        a = sv[j]
+        if r < 0 or a != prev:
+            slot = _slot(a, zero, nmask)
+            r = ncache[slot]
+            if r < 0 or nodes[r, 0] != a:
+                r = nn
+                nodes[r, 0] = a
+                ncache[slot] = r
+                nn += 1
+            prev = a
+        nodes[r, 1] += 1
+        if not affinity and vals[j] < nodes[r, 2]:
+            nodes[r, 2] = vals[j]
+        for c in range(3):
+            if c == 0:
+                if not (x > 0 or hx):
+                    continue
+                k = j - 1
+            elif c == 1:
+                if not hy_:
+                    continue
+                k = j - sy
+            else:
+                if not hz_:
+                    continue
+                k = j - sz
+            b = sv[k]
+            if affinity:
+                w = np.uint64(255 - vals[j + c * vol])
+            else:
+                w = np.uint64(max(vals[j], vals[k]))
+            if a == b:
+                if affinity and w < nodes[r, 2]:
+                    nodes[r, 2] = w
+                continue
+            lo = min(a, b)
+            hi = max(a, b)
+            q = last[c]
+            if q < 0 or edges[q, 0] != lo or edges[q, 1] != hi:
+                slot = _slot(lo, hi, emask)
+                q = ecache[slot]
+                if q < 0 or edges[q, 0] != lo or edges[q, 1] != hi:
+                    q = ne
+                    edges[q, 0] = lo
+                    edges[q, 1] = hi
+                    ecache[slot] = q
+                    ne += 1
+                last[c] = q
+            edges[q, 2] += 1
+            edges[q, 3] += np.uint64(255) - w
+            if w < edges[q, 4]:
+                edges[q, 4] = w
+        p += 1
+        x += 1
+        j += 1
+        if x == nx:
+            x = 0
+            y += 1
+            if y == ny:
+                y = 0
+                z += 1
             j = c0x + sy * (c0y + y) + sz * (c0z + z)
             hy_ = y > 0 or hy
             hz_ = z > 0 or hz
-            for x in range(nx):
-                a = sv[j]
-                if r < 0 or a != prev:
-                    slot = _slot(a, zero, nmask)
-                    r = ncache[slot]
-                    if r < 0 or nodes[r, 0] != a:
-                        if nn == nodes.shape[0]:
-                            nodes = _grow_rows(nodes, 2 * nn, zero)
-                            nodes[nn:, 2] = 255
-                        r = nn
-                        nodes[r, 0] = a
-                        ncache[slot] = r
-                        nn += 1
-                    prev = a
-                nodes[r, 1] += 1
-                if not affinity and vals[j] < nodes[r, 2]:
-                    nodes[r, 2] = vals[j]
-                for c in range(3):
-                    if c == 0:
-                        if not (x > 0 or hx):
-                            continue
-                        k = j - 1
-                    elif c == 1:
-                        if not hy_:
-                            continue
-                        k = j - sy
-                    else:
-                        if not hz_:
-                            continue
-                        k = j - sz
-                    b = sv[k]
-                    if affinity:
-                        w = np.uint64(255 - vals[j + c * vol])
-                    else:
-                        w = np.uint64(max(vals[j], vals[k]))
-                    if a == b:
-                        if affinity and w < nodes[r, 2]:
-                            nodes[r, 2] = w
-                        continue
-                    lo = min(a, b)
-                    hi = max(a, b)
-                    q = last[c]
-                    if q < 0 or edges[q, 0] != lo or edges[q, 1] != hi:
-                        slot = _slot(lo, hi, emask)
-                        q = ecache[slot]
-                        if q < 0 or edges[q, 0] != lo or edges[q, 1] != hi:
-                            if ne == edges.shape[0]:
-                                edges = _grow_rows(edges, 2 * ne, zero)
-                                edges[ne:, 4] = 255
-                            q = ne
-                            edges[q, 0] = lo
-                            edges[q, 1] = hi
-                            ecache[slot] = q
-                            ne += 1
-                        last[c] = q
-                    edges[q, 2] += 1
-                    edges[q, 3] += np.uint64(255) - w
-                    if w < edges[q, 4]:
-                        edges[q, 4] = w
-                j += 1
-    return nodes[:nn], edges[:ne]
+    state[0], state[1], state[2] = p, nn, ne
+    return False
 
 
 def _starts(*keys: np.ndarray) -> np.ndarray:
@@ -257,6 +292,9 @@ def _index_lookup(keys, needles):
         slot_row[s] = i
     out = np.empty(needles.size, np.int64)
     for j in range(needles.size):
+        if j > 0 and needles[j] == needles[j - 1]:  # runs: ids along x in a block
+            out[j] = out[j - 1]
+            continue
         s = np.int64((needles[j] * _GOLDEN) >> shift)
         while True:
             row = slot_row[s]

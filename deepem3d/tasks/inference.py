@@ -37,7 +37,14 @@ from deepem3d.inference import (
     predict_block,
     quantize,
 )
-from deepem3d.layers import cloudpath, create_layer, info_exists, layer_holds_data, open_layer
+from deepem3d.layers import (
+    cloudpath,
+    create_layer,
+    info_exists,
+    layer_holds_data,
+    open_layer,
+    write_block,
+)
 from deepem3d.tasks.blocks import align_to_chunks, block_grid, check_bounds, check_task_shape
 from deepem3d.tasks.markers import Stage
 
@@ -216,7 +223,7 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
         probs = predict_block(predictors, image, box_lo, block, dataset, geometry, tta=tta,
                               stats=stats)
     data = quantize(probs) if dtype == "uint8" else probs.astype(np.float32)
-    out_vol[bbox] = xyzc_from_czyx(data)
+    write_block(out_vol, bbox.minpt, xyzc_from_czyx(data))
     seconds = time.perf_counter() - start
     stage.mark_done(task_id, {
         "task": "InferenceTask",
