@@ -13,7 +13,7 @@ memory, and how the cost per voxel grows with the volume.
    numba's compiled code already loaded), against waterz's whole-array peak measured the same
    way (its input included in both; peaks from Linux's VmHWM, reset just before).
 2. Synthetic cells (Voronoi, about 32 voxels across, a map shaped like a network's output, see
-   `cell_map`) at 128^3, 256^3, 512^3, tasks of 128^3:
+   `cell_map`) at 128^3, 256^3, 512^3, tasks of 128^3 (`--task-size`) on 64^3 map chunks:
    seconds per voxel of each stage and of waterz, the memory of a block task (it should not
    grow with the volume), and the single tasks' memory against the graph's edge count.
 3. How many region-graph edges one AgglomerateTask holds in 24 GiB, and so the largest volume
@@ -323,7 +323,7 @@ def cell_map(size: int, spacing: int = 32) -> np.ndarray:
     return affinity_map(np.asfortranarray(np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)))
 
 
-def synthetic(work: Path, size: int) -> dict:
+def synthetic(work: Path, size: int, task: int = 128) -> dict:
     start = time.perf_counter()
     affinities = cell_map(size)
     map_path = write_map(f"file://{work / f'syn{size}_map'}", affinities, (64, 64, 64))
@@ -332,20 +332,22 @@ def synthetic(work: Path, size: int) -> dict:
     del affinities
     made = time.perf_counter() - start
     output = f"file://{work / f'syn{size}_seg'}"
-    seconds, memory = run(map_path, output, "mean", 0.5, (128, 128, 128), True, True)
+    seconds, memory = run(map_path, output, "mean", 0.5, (task,) * 3, True, True)
     merged = records(output, "merge-graph")[0]
     reduce = records(output, "reduce")[0]
     wz = in_child("--waterz", str(npy), "0.5")
     npy.unlink()
     voxels = size**3
-    return {"size": size, "voxels": voxels, "setup_seconds": made, "stage_seconds": seconds,
+    return {"size": size, "task": task, "voxels": voxels, "setup_seconds": made,
+            "stage_seconds": seconds,
             "deepem3d_seconds": sum(seconds.values()), "waterz": wz, "memory": memory,
             "edges": merged["edges"], "supervoxels": merged["supervoxels"],
             "exits_bytes": reduce["exits_bytes"]}
 
 
 def print_synthetic(results: list[dict]) -> None:
-    print("\n== synthetic cells (Voronoi, ~32 voxels across, smooth noise), tasks of 128^3, "
+    task = results[0]["task"]
+    print(f"\n== synthetic cells (Voronoi, ~32 voxels across, smooth noise), tasks of {task}^3, "
           "mean 0.5; ns per voxel")
     stages = list(results[0]["stage_seconds"])
     head = f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages)
@@ -356,7 +358,7 @@ def print_synthetic(results: list[dict]) -> None:
         theirs = 1e9 * r["waterz"]["seconds"] / r["voxels"]
         print(f"{r['size']:>5}^3" + "".join(f"{ns[s]:>13.1f}" for s in stages)
               + f"{ours:>10.1f}{theirs:>9.1f}{theirs / ours:>7.2f}")
-    print("memory added by one task (MiB; block stages: one 128^3 block):")
+    print(f"memory added by one task (MiB; block stages: one {task}^3 block):")
     print(f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages) + f"{'waterz':>9}")
     for r in results:
         print(f"{r['size']:>5}^3" + "".join(
@@ -406,6 +408,9 @@ def main() -> None:
     parser.add_argument("--run-task", help=argparse.SUPPRESS)
     parser.add_argument("--waterz", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--sizes", default="128,256,512")
+    parser.add_argument("--task-size", type=int, default=128,
+                        help="edge of the synthetic volumes' task blocks (map chunks: 64^3); a "
+                        "block reads up to (task / 64 + 2)^3 chunks for its halo")
     parser.add_argument("--skip-isbi", action="store_true")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None, help="Also write every figure to this file.")
@@ -424,7 +429,7 @@ def main() -> None:
         result["synthetic"] = []
         for size in [int(s) for s in args.sizes.split(",") if s]:
             start = time.perf_counter()
-            result["synthetic"].append(synthetic(work, size))
+            result["synthetic"].append(synthetic(work, size, args.task_size))
             print_synthetic(result["synthetic"])
             print(f"({size}^3 took {time.perf_counter() - start:.0f} s in all)", flush=True)
         capacity(result.get("isbi"), result["synthetic"])
