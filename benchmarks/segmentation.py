@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-MEAN_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+MEAN_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.875, 0.9, 0.91, 0.92, 0.95]
 WATERSHED_THRESHOLDS = [0.05, 0.1, 0.19, 0.3, 0.5]
 GIB24 = 24 * 2**30
 
