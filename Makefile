@@ -26,8 +26,8 @@ demo: setup
 	rm -rf $(DEMO)
 	$(BIN)/deepem3d sample $(DEMO)
 	$(BIN)/deepem3d infer $(DEMO)/image $(DEMO)/affinity --queue fq://$(DEMO)/queue --parallel 2
-	$(BIN)/deepem3d segment $(DEMO)/affinity $(DEMO)/segmentation --method mean --threshold 0.5 \
-	  --sigma 2 --dust-size 200 --queue fq://$(DEMO)/queue --parallel 2
+	$(BIN)/deepem3d segment $(DEMO)/affinity $(DEMO)/segmentation --method mean --threshold 0.55 \
+	  --sigma 4 --dust-size 200 --queue fq://$(DEMO)/queue --parallel 2
 	$(BIN)/deepem3d evaluate $(DEMO)/segmentation $(DEMO)/ground_truth --bounds 0,0,20,512,512,30
 	$(BIN)/deepem3d downsample $(DEMO)/image --queue fq://$(DEMO)/queue --parallel 2
 	$(BIN)/deepem3d downsample $(DEMO)/segmentation --queue fq://$(DEMO)/queue --parallel 2

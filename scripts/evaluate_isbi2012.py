@@ -32,16 +32,18 @@ HELD_OUT = "20:30"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="checkpoint path or shipped name")
+    parser.add_argument("--model", action="append", default=None,
+                        help="checkpoint path or shipped name; repeat to combine models as "
+                        "`deepem3d infer` does (voxel-wise maximum of boundary probability)")
     parser.add_argument("--tta", type=int, default=16)
     parser.add_argument("--method", default=None, choices=["watershed", "mean"],
                         help="default: watershed for a boundary model, mean for affinities")
     parser.add_argument("--thresholds", default=None,
-                        help="default: 0.05,0.1,0.19,0.3 (watershed), 0.4,0.45,...,0.6 (mean)")
+                        help="default: 0.05,0.1,0.19,0.3 (watershed), 0.5,0.55,...,0.7 (mean)")
     parser.add_argument("--sigma", type=float, default=None,
                         help="in-plane Gaussian on the uint8 map before segmenting, as "
                         "`deepem3d segment --sigma` (0: none; default 1 for a boundary model, "
-                        "2 for affinities)")
+                        "3 for affinities)")
     parser.add_argument("--dust", type=int, default=None,
                         help="merge segments below N voxels (default 0 for a boundary model, "
                         "200 for affinities)")
@@ -57,13 +59,18 @@ def main() -> None:
     start_z, end_z = (int(v) for v in args.sections.split(":"))
     image, ids = load_sample()
     image, ids = image[start_z:end_z], ids[start_z:end_z].astype(np.uint64)
-    model, meta = load_model(args.model)
+    names = args.model or [None]
+    loaded = [load_model(name) for name in names]
+    model, meta = loaded[0]
     head = model.head
+    if any(m.head != head for m, _ in loaded):
+        raise SystemExit("combined models must share one head")
     method = args.method or ("watershed" if head == "boundary" else "mean")
     dust = args.dust if args.dust is not None else (0 if head == "boundary" else 200)
-    sigma = args.sigma if args.sigma is not None else (1.0 if head == "boundary" else 2.0)
+    sigma = args.sigma if args.sigma is not None else (1.0 if head == "boundary" else 3.0)
     start = time.time()
-    probabilities = predict_volume(ModelPredictor(model), image, PatchGeometry(), tta=args.tta)
+    predictors = [ModelPredictor(m) for m, _ in loaded]
+    probabilities = predict_volume(predictors, image, PatchGeometry(), tta=args.tta)
     seconds = time.time() - start
 
     if head == "boundary":
@@ -77,7 +84,7 @@ def main() -> None:
 
     # the uint8 layer `deepem3d infer` would write, as x, y, z, c
     values = np.ascontiguousarray(xyzc_from_czyx(quantize(probabilities)))
-    default = "0.05,0.1,0.19,0.3" if method == "watershed" else "0.4,0.45,0.5,0.55,0.6"
+    default = "0.05,0.1,0.19,0.3" if method == "watershed" else "0.5,0.55,0.6,0.65,0.7"
     thresholds = [float(t) for t in (args.thresholds or default).split(",")]
     # smoothing inside `segment`: on the uint8 map, as `deepem3d segment --sigma` does
     segs = segment(values, method, thresholds, dust_size=dust, sigma=sigma)
@@ -94,7 +101,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"sections {args.sections}; model {args.model or DEFAULT_MODEL} ({head} head), "
+    print(f"sections {args.sections}; model {' + '.join(n or DEFAULT_MODEL for n in names)} "
+          f"({head} head), "
           f"tta {args.tta}, predicted in {seconds:.1f} s; {head} precision {precision:.3f}, "
           f"recall {recall:.3f} "
           f"({'p(boundary)' if head == 'boundary' else '1 - affinity'} > 0.5 vs the "
