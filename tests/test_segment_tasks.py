@@ -274,3 +274,27 @@ def test_bad_input_is_one_line_exit_2(tmp_path, maps, bad_maps, case, fragments)
     result = run_cli("segment", path, output, "--method", "mean", "--threshold", threshold,
                      *extra)
     assert_one_line_error(result, *fragments)
+
+
+def test_work_files_are_stored_narrow_and_read_back_in_full(tmp_path):
+    """Stored npz arrays take the narrowest unsigned type; readers get the canonical types."""
+    from deepem3d.segmentation.chunks import Chunk
+    from deepem3d.segmentation.region_graph import RegionGraph, region_graph
+    from deepem3d.segmentation.supervoxels import ChunkExits, supervoxel_chunk, supervoxels
+    from deepem3d.tasks.segmentation import _get_npz, _put_npz
+
+    rng = np.random.default_rng(5)
+    m = rng.integers(0, 256, (9, 8, 6, 3)).astype(np.uint8)
+    graph = region_graph(supervoxels(m), m)
+    _, exits = supervoxel_chunk(m, (0, 0, 0), Chunk((0, 0, 0), (9, 8, 6), (9, 8, 6)))
+    files = CloudFiles(f"file://{tmp_path}")
+    _put_npz(files, "graph.npz", graph.to_arrays())
+    _put_npz(files, "exits.npz", exits.to_arrays())
+    stored = _get_npz(files, "graph.npz")
+    assert stored["u"].dtype == np.uint16 and stored["count"].dtype == np.uint8  # 432 voxels
+    back = RegionGraph.from_arrays(stored)
+    assert back.equals(graph)  # values and dtypes (uint64, uint8 floors and saddles)
+    again = ChunkExits.from_arrays(_get_npz(files, "exits.npz"))
+    for name, value in exits.to_arrays().items():
+        np.testing.assert_array_equal(getattr(again, name), value)
+        assert np.asarray(getattr(again, name)).dtype == value.dtype, name
