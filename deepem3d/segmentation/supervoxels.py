@@ -476,6 +476,10 @@ def _label_chunk(ptr, flat, nx, ny, nz, gx0, gy0, gz0, dx_, dy_):
     labels = np.zeros(n, np.uint32)
     nlab = 0
     for i in range(n):
+        k = ptr[i]
+        if 0 <= k < i:  # descends to an earlier voxel: its terminal is labelled already
+            labels[i] = labels[k]
+            continue
         t = _find(ptr, i)
         if labels[t] == 0:
             nlab += 1
