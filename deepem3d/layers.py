@@ -60,7 +60,8 @@ GZIP_LEVEL = 6
 def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
     """`vol[lo:lo + shape] = array` for a block of whole chunks (clipped at the layer's end),
     gzipped at `GZIP_LEVEL`: the same chunk files CloudVolume writes, encoded by CloudVolume's
-    own codecs. Anything else (sharded layers, unaligned blocks) goes through CloudVolume."""
+    own codecs. Anything else (sharded layers, unaligned blocks, a local cache) goes through
+    CloudVolume."""
     from cloudvolume import chunks
     from cloudvolume.datasource.precomputed.common import content_type, should_compress
     from cloudvolume.lib import Bbox
@@ -77,7 +78,8 @@ def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
         for e, o, c, b in zip(block.maxpt, offset, chunk, bounds.maxpt)
     )
     compress = should_compress(meta.encoding(mip), vol.compress, vol.cache)
-    if meta.sharding(mip) is not None or not aligned or compress not in ("gzip", None):
+    if (meta.sharding(mip) is not None or not aligned or compress not in ("gzip", None)
+            or vol.cache.enabled):
         vol[block.to_slices()] = data
         return
     files = CloudFiles(meta.cloudpath)

@@ -55,3 +55,12 @@ def test_unaligned_blocks_go_through_cloudvolume(tmp_path):
     ours, _ = _pair(tmp_path, "image", "uint8", 1)
     with pytest.raises(AlignmentError):
         write_block(ours, (6, 6, 7), np.zeros((9, 5, 3, 1), np.uint8))
+
+
+def test_a_local_cache_is_written_by_cloudvolume(tmp_path):
+    ours, _ = _pair(tmp_path, "image", "uint8", 1)
+    cached = CloudVolume(ours.cloudpath, cache=str(tmp_path / "cache"), progress=False)
+    data = np.arange(32 * 32 * 8, dtype=np.uint8).reshape(32, 32, 8, 1)
+    write_block(cached, (5, 6, 7), data)
+    assert any((tmp_path / "cache").rglob("5-37_6-38_7-15*"))  # CloudVolume kept its copy
+    np.testing.assert_array_equal(np.asarray(CloudVolume(ours.cloudpath)[5:37, 6:38, 7:15]), data)
