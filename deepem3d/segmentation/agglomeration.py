@@ -164,11 +164,13 @@ def _adjacency(n, ea, eb):
 @njit(cache=True)
 def _room(x, y, cap, pool, nbr, top):
     """Pools with room for the merge of x and y (it moves the survivor's list at most once,
-    to at most 2 * (cap[x] + cap[y]) entries): grown here, rarely, outside the merge."""
+    to at most 2 * (cap[x] + cap[y]) entries): grown here, rarely, outside the merge, by a
+    quarter (not doubled: they start at twice the edge lists, and on the ISBI 2012 graph at
+    1 - mean affinity 0.9 outgrow that by an eighth)."""
     need = top + 2 * (cap[x] + cap[y]) + 8
     if need <= pool.size:
         return pool, nbr
-    size = max(2 * pool.size, need)
+    size = max(pool.size + pool.size // 4, need)
     bigger = np.empty(size, np.int64)
     bigger[:top] = pool[:top]
     bigger_nbr = np.empty(size, np.int64)
