@@ -87,7 +87,7 @@ def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
         for y in range(block.minpt[1], block.maxpt[1], chunk[1]):
             for z in range(block.minpt[2], block.maxpt[2], chunk[2]):
                 part = Bbox((x, y, z), np.minimum((x, y, z) + chunk, block.maxpt))
-                cut = Bbox.intersection(part, block) - block.minpt
+                cut = part - block.minpt  # part lies inside block
                 encoded = chunks.encode(
                     np.asfortranarray(data[cut.to_slices()]), meta.encoding(mip),
                     meta.compressed_segmentation_block_size(mip),

@@ -34,7 +34,7 @@ import fastremap
 import numpy as np
 from numba import njit
 
-from deepem3d.segmentation.region_graph import RegionGraph, index_of
+from deepem3d.segmentation.region_graph import _GOLDEN, RegionGraph, index_of
 from deepem3d.segmentation.supervoxels import find_root
 
 __all__ = [
@@ -619,7 +619,7 @@ def _remap_flat(flat, ids, segments):
             if v == zero:
                 seg = zero
             else:
-                slot = np.int64((v * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(52))
+                slot = np.int64((v * _GOLDEN) >> np.uint64(52))  # 12 bits: 4096 slots
                 if cache_id[slot] == v:
                     seg = cache_seg[slot]
                 else:
