@@ -111,6 +111,22 @@ def test_refuses_to_clobber_or_resume_with_other_settings(sample_h5, tmp_path):
         Trainer(config(sample_h5, tmp_path, lr=0.5), resume=True, progress=False)
 
 
+def test_init_starts_from_another_checkpoints_weights(sample_h5, tmp_path):
+    Trainer(config(sample_h5, tmp_path / "a"), progress=False).run()
+    source = str(tmp_path / "a" / "last.pt")
+    tuned = Trainer(config(sample_h5, tmp_path / "b", init=source, seed=1), progress=False)
+    start = load_checkpoint(source)["state_dict"]
+    assert all(torch.equal(tuned.model.state_dict()[k], start[k]) for k in start)
+    scratch = Trainer(config(sample_h5, tmp_path / "c", seed=1), progress=False)
+    assert not all(torch.equal(scratch.model.state_dict()[k], start[k]) for k in start)
+    tuned.run()
+    meta = load_checkpoint(str(tmp_path / "b" / "last.pt"))["meta"]["training"]
+    assert meta["init_sha256"] == load_checkpoint(source)["sha256"]
+    assert meta["config"]["init"] == source
+    with pytest.raises(InputError, match="--init .* network"):
+        Trainer(config(sample_h5, tmp_path / "d", init=source, head="affinity"), progress=False)
+
+
 def test_train_bad_input(sample_h5, tmp_path):
     h5 = sample_h5
     with h5py.File(tmp_path / "short.h5", "w") as f:

@@ -34,9 +34,12 @@ from deepem3d.errors import InputError
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--init", default=None,
+              help="Start from this checkpoint's weights (a shipped name, file or cloud path) "
+                   "with a fresh optimizer and schedule: fine-tuning. Same network flags.")
 def train(image, labels, train_sections, val_sections, out_dir, preset, head, in_sections,
           iterations, batch_size, patch, lr, seed, val_every, resolution, threads, device,
-          resume) -> None:
+          resume, init) -> None:
     """Train a DeepEM3D network; writes OUT/last.pt, OUT/best.pt, history.json and
     learning_curve.png."""
     from deepem3d.models.data import is_file_source, parse_sections
@@ -60,7 +63,7 @@ def train(image, labels, train_sections, val_sections, out_dir, preset, head, in
         image=image, labels=labels, train_sections=train_range, val_sections=val_range,
         out_dir=out_dir, preset=preset, head=head, in_sections=in_sections,
         iterations=iterations, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
-        val_every=val_every, resolution=res, threads=threads,
+        val_every=val_every, resolution=res, threads=threads, init=init,
     )
     try:
         trainer = Trainer(cfg, resume=resume, device=device)

@@ -50,6 +50,7 @@ class TrainConfig:
     val_every: int = 200
     resolution: tuple[float, float, float] = (4.0, 4.0, 50.0)
     threads: int | None = None
+    init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
 
     def run_identity(self) -> dict:
         """What must match for a resume to continue the same run."""
@@ -115,6 +116,7 @@ class Trainer:
             self.val_batch = val_sampler.batch(np.random.default_rng([cfg.seed, 2**31]), 8)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.preset, head=cfg.head, in_sections=cfg.in_sections)
+        self.init_sha256 = self._load_init(cfg.init) if cfg.init else None
         self.model.to(self.device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -134,6 +136,21 @@ class Trainer:
                     "or choose another --out"
                 )
             self._resume(last)
+
+    def _load_init(self, name_or_path: str) -> str:
+        """Start from another checkpoint's weights (a fresh optimizer and schedule): the
+        network it holds must be the one this run trains."""
+        payload = load_checkpoint(name_or_path)
+        theirs = {k: payload["meta"]["model"].get(k) for k in ("preset", "head", "in_sections")}
+        ours = {k: self.model.config[k] for k in theirs}
+        if theirs != ours:
+            raise InputError(
+                f"--init {name_or_path} holds a {theirs} network, not {ours}: "
+                "give the same --preset, --head and --in-sections"
+            )
+        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                    for k, v in payload["state_dict"].items()})
+        return payload["sha256"]
 
     def _resume(self, path: Path) -> None:
         payload = load_checkpoint(str(path))
@@ -169,6 +186,7 @@ class Trainer:
                 "device": str(self.device),
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
+                "init_sha256": self.init_sha256,
             },
         }
 
