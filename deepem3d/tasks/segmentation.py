@@ -414,16 +414,17 @@ def RegionGraphTask(  # noqa: N802
 
 def merge_in_batches(graphs: Iterable[RegionGraph]) -> RegionGraph:
     """`merge_graphs` of many chunk graphs with bounded memory: pending graphs are merged
-    into the total once they hold as many edges as it does (so the total is sorted O(log n)
-    times, and memory stays within a small multiple of the result). Merging is associative
-    and order-free, so the result is the same arrays bit for bit."""
+    into the total once they hold as many edges as it does, and at least 8 M entries (so the
+    total is merged O(log n) times, and memory stays within a small multiple of the result or
+    about 300 MB). Merging is associative and order-free, so the result is the same arrays
+    bit for bit."""
     total = RegionGraph.empty()
     pending: list[RegionGraph] = []
     size = 0
     for graph in graphs:
         pending.append(graph)
         size += graph.n_edges + graph.ids.size
-        if size >= max(total.n_edges + total.ids.size, 1 << 20):
+        if size >= max(total.n_edges + total.ids.size, 1 << 23):
             total, pending, size = merge_graphs([total, *pending]), [], 0
     return merge_graphs([total, *pending]) if pending else total
 
