@@ -605,11 +605,12 @@ def agglomerate(
 def _remap_flat(flat, ids, segments):
     """Segment of each supervoxel id in `flat` (0 stays 0); (out, 0), or (out, id) for the
     first id not in `ids`. Ids come in runs along x and recur row after row: the last id and
-    a small direct-mapped cache answer almost every voxel, a binary search the rest."""
+    a direct-mapped cache (as large as L2 holds: blocks of small supervoxels touch tens of
+    thousands) answer almost every voxel, a binary search the rest."""
     out = np.empty(flat.size, np.uint64)
     zero = np.uint64(0)
-    cache_id = np.zeros(4096, np.uint64)  # id 0 never needs the cache: an empty slot
-    cache_seg = np.zeros(4096, np.uint64)
+    cache_id = np.zeros(1 << 16, np.uint64)  # id 0 never needs the cache: an empty slot
+    cache_seg = np.zeros(1 << 16, np.uint64)
     prev = zero
     seg = zero
     for i in range(flat.size):
@@ -619,7 +620,7 @@ def _remap_flat(flat, ids, segments):
             if v == zero:
                 seg = zero
             else:
-                slot = np.int64((v * _GOLDEN) >> np.uint64(52))  # 12 bits: 4096 slots
+                slot = np.int64((v * _GOLDEN) >> np.uint64(48))  # 16 bits: 65536 slots, 1 MiB
                 if cache_id[slot] == v:
                     seg = cache_seg[slot]
                 else:
