@@ -109,6 +109,8 @@ def test_layer_is_the_same_bytes_for_every_task_shape(tmp_path, maps, name, meth
         assert runner.ran["supervoxels"] == runner.ran["remap"] == blocks
         assert runner.ran["reduce"] == runner.ran["agglomerate"] == 1
         np.testing.assert_array_equal(read(output), expected, err_msg=f"task shape {shape}")
+        marker = CloudFiles(output).get_json("tasks/agglomerate/done/agglomerate.json")
+        assert marker["segments"] == np.unique(expected[expected != 0]).size
         files = chunk_files(output)
         assert len(files) == np.prod([-(-s // c) for s, c in zip(SHAPE, CHUNK)])
         reference = reference or files

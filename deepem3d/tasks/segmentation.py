@@ -463,7 +463,7 @@ def AgglomerateTask(  # noqa: N802
     seconds = time.perf_counter() - loaded
     _put_npz(files, "segments.npz", {"ids": graph.ids, "segments": segments,
                                      "key": np.array(key)})
-    count = int(np.unique(segments[segments != 0]).size)
+    count = int(np.count_nonzero(segments == graph.ids))  # a segment's id is one of its own
     _mark(stage, "agglomerate", "AgglomerateTask", start, supervoxels=int(graph.ids.size),
           edges=graph.n_edges, segments=count, agglomerate_seconds=round(seconds, 4))
 
