@@ -8,7 +8,8 @@
 #   HEAD affinity: isbi2012-small-affinity, nearest-neighbour affinities, mean agglomeration
 #   CHECKPOINT last (default) or best (lowest validation adapted Rand error of the run)
 # The run resumes from RUN_DIR/last.pt when there is one; a larger ITERATIONS extends it (the
-# poly schedule is recomputed for the new total). The shipped weights:
+# poly schedule is recomputed for the new total). INIT (a checkpoint or shipped name), SEED and
+# LR in the environment start a fine-tuning run from INIT's weights instead. The shipped weights:
 #   bash scripts/train_isbi2012.sh runs/isbi2012-small                       # 6,000, last
 #   bash scripts/train_isbi2012.sh runs/isbi2012-small-affinity 10000 affinity
 #   bash scripts/train_isbi2012.sh runs/isbi2012-small-affinity 25000 affinity best
@@ -22,11 +23,16 @@ if [ "$HEAD" = affinity ]; then
   NAME=isbi2012-small-affinity; DEFAULT_ITERATIONS=25000; VAL_EVERY=1000; THRESHOLDS=0.6; SIGMA=3
 fi
 ITERATIONS=${2:-$DEFAULT_ITERATIONS}
+SEED=${SEED:-0}
+LR=${LR:-0.01}
+INIT_ARGS=()
+if [ -n "${INIT:-}" ]; then INIT_ARGS=(--init "$INIT"); fi
 H5=../shared/data/isbi2012/isbi2012_neuron3d.h5
 .venv/bin/deepem3d train --image "$H5:/raw" --labels "$H5:/labels/neuron_ids" \
   --train-sections 0:15 --val-sections 15:20 --resolution 4,4,50 \
   --preset small --head "$HEAD" --in-sections 5 --batch-size 4 --patch 128 \
-  --iterations "$ITERATIONS" --val-every "$VAL_EVERY" --seed 0 --threads 1 --out "$RUN" --resume
+  --iterations "$ITERATIONS" --val-every "$VAL_EVERY" --seed "$SEED" --lr "$LR" --threads 1 \
+  --out "$RUN" --resume "${INIT_ARGS[@]}"
 .venv/bin/python -c "
 from deepem3d.models.checkpoint import export_checkpoint
 export_checkpoint('$RUN/$CHECKPOINT.pt', 'deepem3d/models/pretrained/$NAME.pt')

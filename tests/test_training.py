@@ -123,6 +123,14 @@ def test_init_starts_from_another_checkpoints_weights(sample_h5, tmp_path):
     meta = load_checkpoint(str(tmp_path / "b" / "last.pt"))["meta"]["training"]
     assert meta["init_sha256"] == load_checkpoint(source)["sha256"]
     assert meta["config"]["init"] == source
+    first = meta["init_sha256"]
+    Trainer(config(sample_h5, tmp_path / "a", iterations=9), resume=True, progress=False).run()
+    assert load_checkpoint(source)["sha256"] != first  # the init file now holds other weights
+    resumed = Trainer(config(sample_h5, tmp_path / "b", init=source, seed=1, iterations=9),
+                      resume=True, progress=False)
+    resumed.run()  # continues from its own last.pt, and keeps the provenance of its start
+    meta = load_checkpoint(str(tmp_path / "b" / "last.pt"))["meta"]["training"]
+    assert meta["init_sha256"] == first and meta["iteration"] == 9
     with pytest.raises(InputError, match="--init .* network"):
         Trainer(config(sample_h5, tmp_path / "d", init=source, head="affinity"), progress=False)
 

@@ -116,7 +116,15 @@ class Trainer:
             self.val_batch = val_sampler.batch(np.random.default_rng([cfg.seed, 2**31]), 8)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.preset, head=cfg.head, in_sections=cfg.in_sections)
-        self.init_sha256 = self._load_init(cfg.init) if cfg.init else None
+        last = self.out / LAST
+        resuming = last.exists()
+        if resuming and not resume:
+            raise InputError(
+                f"{self.out} already holds a training run: pass --resume to continue it, "
+                "or choose another --out"
+            )
+        # a resumed run keeps the sha256 its start recorded (a shipped name may since hold others)
+        self.init_sha256 = self._load_init(cfg.init) if cfg.init and not resuming else None
         self.model.to(self.device)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -128,13 +136,7 @@ class Trainer:
         self.best = math.inf
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
-        last = self.out / LAST
-        if last.exists():
-            if not resume:
-                raise InputError(
-                    f"{self.out} already holds a training run: pass --resume to continue it, "
-                    "or choose another --out"
-                )
+        if resuming:
             self._resume(last)
 
     def _load_init(self, name_or_path: str) -> str:
@@ -164,6 +166,7 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.iteration = payload["iteration"]
         self.history = meta["training"]["history"]
+        self.init_sha256 = meta["training"].get("init_sha256")
         self.best = min(
             (h["val_are"] for h in self.history if h.get("val_are") is not None),
             default=math.inf,
