@@ -159,6 +159,14 @@ def test_train_bad_input(sample_h5, tmp_path):
         run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--preset", "huge"),
         "preset",
     )
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--init",
+                tmp_path / "missing.pt"), "no checkpoint at",
+    )
+    assert_one_line_error(  # the shipped default is the small preset, not tiny
+        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--init",
+                "isbi2012-small-affinity"), "--init isbi2012-small-affinity holds",
+    )
 
 
 def test_corrupted_and_incompatible_checkpoints(tmp_path):
