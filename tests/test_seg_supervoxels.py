@@ -50,9 +50,11 @@ def brute_supervoxels(array: np.ndarray) -> np.ndarray:
             else:
                 flat.add(p)
         else:
-            up = [(gi(q), q) for d, q in nbrs(p) if affinity(p, d, q) == top[p] and top[q] > top[p]]
+            # in-plane edges before z edges, then the lower global index
+            up = [(d[2] != 0, gi(q), q) for d, q in nbrs(p)
+                  if affinity(p, d, q) == top[p] and top[q] > top[p]]
             if up:
-                pointer[p] = min(up)[1]
+                pointer[p] = min(up)[2]
             else:
                 flat.add(p)
     parent = {p: p for p in flat}
