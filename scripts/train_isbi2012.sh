@@ -18,9 +18,10 @@ cd "$(dirname "$0")/.."
 RUN=${1:-runs/isbi2012-small}
 HEAD=${3:-boundary}
 CHECKPOINT=${4:-last}
-NAME=isbi2012-small; DEFAULT_ITERATIONS=6000; VAL_EVERY=500; THRESHOLDS=0.1; SIGMA=1
+NAME=isbi2012-small; DEFAULT_ITERATIONS=6000; VAL_EVERY=500; THRESHOLDS=0.1; SIGMA=1; DUST=0
 if [ "$HEAD" = affinity ]; then
-  NAME=isbi2012-small-affinity; DEFAULT_ITERATIONS=25000; VAL_EVERY=1000; THRESHOLDS=0.6; SIGMA=3
+  NAME=isbi2012-small-affinity; DEFAULT_ITERATIONS=25000; VAL_EVERY=1000; THRESHOLDS=0.55
+  SIGMA=5; DUST=0
 fi
 ITERATIONS=${2:-$DEFAULT_ITERATIONS}
 SEED=${SEED:-0}
@@ -38,6 +39,6 @@ from deepem3d.models.checkpoint import export_checkpoint
 export_checkpoint('$RUN/$CHECKPOINT.pt', 'deepem3d/models/pretrained/$NAME.pt')
 "
 .venv/bin/python scripts/evaluate_isbi2012.py --model "$NAME" --sections 15:20 --tta 16 \
-  --sigma "$SIGMA"
+  --sigma "$SIGMA" --dust "$DUST"
 .venv/bin/python scripts/evaluate_isbi2012.py --model "$NAME" --tta 16 --sigma "$SIGMA" \
-  --thresholds "$THRESHOLDS"
+  --dust "$DUST" --thresholds "$THRESHOLDS"
