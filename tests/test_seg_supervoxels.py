@@ -156,6 +156,21 @@ def test_a_plateau_with_an_exit_drains_whole_through_its_lowest_rim_voxel() -> N
         )
 
 
+def test_affinity_descent_breaks_ties_in_plane_before_z() -> None:
+    """v = (1, 0, 1) has two strongest edges (100): to (1, 0, 0) below it, the lower index,
+    and to (2, 0, 1) beside it; both lead on to stronger edges. It follows the in-plane one."""
+    a = np.zeros((3, 1, 2, 3), np.uint8)  # x, y, z, channel c: affinity of w and w - e_c
+    a[1, 0, 1, 2] = 100  # v - (1, 0, 0)
+    a[2, 0, 1, 0] = 100  # v - (2, 0, 1)
+    a[1, 0, 1, 0] = 10   # v - (0, 0, 1)
+    a[1, 0, 0, 0] = 200  # (1, 0, 0) - (0, 0, 0): basin of index 0
+    a[2, 0, 1, 2] = 200  # (2, 0, 1) - (2, 0, 0): basin of index 2
+    a[0, 0, 1, 2] = 50   # (0, 0, 1) descends to (0, 0, 0)
+    sv = supervoxels(a)
+    assert sv[1, 0, 0] == 1 and sv[2, 0, 1] == 3
+    assert sv[1, 0, 1] == 3  # in-plane; by the global index alone it would be 1
+
+
 def test_boundary_descent_breaks_ties_on_the_global_index() -> None:
     """The centre has two lowest neighbours of equal value: it follows the lower index."""
     m = np.full((3, 3, 1), 100, np.uint8)
