@@ -44,8 +44,7 @@ def main() -> None:
                         help="in-plane Gaussian on the uint8 map before segmenting, as "
                         "`deepem3d segment --sigma` (0: none; default 1 for a boundary model, "
                         "5 for affinities)")
-    parser.add_argument("--dust", type=int, default=None,
-                        help="merge segments below N voxels (default 0)")
+    parser.add_argument("--dust", type=int, default=0, help="merge segments below N voxels")
     parser.add_argument("--sections", default=HELD_OUT,
                         help="START:END; 20:30 is the held-out set, 15:20 the validation set "
                         "(choose thresholds there)")
@@ -65,7 +64,7 @@ def main() -> None:
     if any(m.head != head for m, _ in loaded):
         raise SystemExit("combined models must share one head")
     method = args.method or ("watershed" if head == "boundary" else "mean")
-    dust = args.dust if args.dust is not None else 0
+    dust = args.dust
     sigma = args.sigma if args.sigma is not None else (1.0 if head == "boundary" else 5.0)
     start = time.time()
     predictors = [ModelPredictor(m) for m, _ in loaded]

@@ -150,8 +150,7 @@ class Trainer:
                 f"--init {name_or_path} holds a {theirs} network, not {ours}: "
                 "give the same --preset, --head and --in-sections"
             )
-        self.model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                                    for k, v in payload["state_dict"].items()})
+        self.model.load_state_dict(payload["state_dict"])  # float16 weights copy in as float32
         return payload["sha256"]
 
     def _resume(self, path: Path) -> None:

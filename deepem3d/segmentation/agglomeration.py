@@ -601,6 +601,9 @@ def agglomerate(
     return tables
 
 
+_REMAP_CACHE_BITS = 16  # 65536 slots, 1 MiB
+
+
 @njit(cache=True)
 def _remap_flat(flat, ids, segments):
     """Segment of each supervoxel id in `flat` (0 stays 0); (out, 0), or (out, id) for the
@@ -609,8 +612,9 @@ def _remap_flat(flat, ids, segments):
     thousands) answer almost every voxel, a binary search the rest."""
     out = np.empty(flat.size, np.uint64)
     zero = np.uint64(0)
-    cache_id = np.zeros(1 << 16, np.uint64)  # id 0 never needs the cache: an empty slot
-    cache_seg = np.zeros(1 << 16, np.uint64)
+    cache_id = np.zeros(1 << _REMAP_CACHE_BITS, np.uint64)  # id 0: never cached, an empty slot
+    cache_seg = np.zeros(1 << _REMAP_CACHE_BITS, np.uint64)
+    shift = np.uint64(64 - _REMAP_CACHE_BITS)
     prev = zero
     seg = zero
     for i in range(flat.size):
@@ -620,7 +624,7 @@ def _remap_flat(flat, ids, segments):
             if v == zero:
                 seg = zero
             else:
-                slot = np.int64((v * _GOLDEN) >> np.uint64(48))  # 16 bits: 65536 slots, 1 MiB
+                slot = np.int64((v * _GOLDEN) >> shift)
                 if cache_id[slot] == v:
                     seg = cache_seg[slot]
                 else:
