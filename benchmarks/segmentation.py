@@ -106,12 +106,18 @@ def child_task(payload: str) -> None:
     from taskqueue.queueables import totask
 
     import deepem3d.tasks  # noqa: F401  (registers the tasks)
-    from deepem3d.segmentation.pipeline import segment
+    from deepem3d.segmentation.pipeline import segment, segment_chunked
+    from deepem3d.segmentation.supervoxels import relabel
 
+    # every kernel a task calls, as a worker that has run one task before has them (numba
+    # loads each compiled signature from its cache on first use: ~0.1 s per process, once)
     warm = np.random.default_rng(0).integers(0, 256, (6, 5, 4, 3)).astype(np.uint8)
     for m in (warm, warm[..., 0]):
         segment(m, "mean", 0.5, dust_size=3)
         segment(m, "watershed", 0.2, dust_size=3, dust_mode="zero")
+        segment_chunked(m, (3, 3, 2), "mean", 0.5, dust_size=3)
+    for dtype in (np.uint8, np.uint16, np.uint32):  # labels are stored narrow
+        relabel(np.ones((2, 2, 2), dtype, order="F"), np.arange(2, dtype=np.uint64))
     before = reset_peak()
     start = time.perf_counter()
     totask(json.loads(payload)).execute()

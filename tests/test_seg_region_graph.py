@@ -5,15 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepem3d.segmentation.chunks import GRAPH_HALO, Chunk, chunk_grid
-from deepem3d.segmentation.pipeline import supervoxels_chunked
+from deepem3d.segmentation.chunks import GRAPH_HALO, SUPERVOXEL_HALO, Chunk, as_map, chunk_grid
+from deepem3d.segmentation.pipeline import chunk_stages, supervoxels_chunked
 from deepem3d.segmentation.region_graph import (
+    ChunkGraph,
     RegionGraph,
+    chunk_graph,
+    finish_chunk_graph,
     merge_graphs,
     region_graph,
     region_graph_chunk,
 )
-from deepem3d.segmentation.supervoxels import supervoxels
+from deepem3d.segmentation.supervoxels import supervoxel_chunk, supervoxels
 
 
 def brute_graph(sv: np.ndarray, m: np.ndarray) -> dict:
@@ -124,3 +127,43 @@ def test_box_must_hold_the_low_halo() -> None:
         region_graph_chunk(sv[2:6, 2:6, 2:6], m[2:6, 2:6, 2:6], (2, 2, 2), chunk)
     with pytest.raises(ValueError, match="differ"):
         region_graph_chunk(sv[1:6, 1:6, 1:6], m[1:6, 1:6, 1:7], (1, 1, 1), chunk)
+
+
+@pytest.mark.parametrize("affinity", [False, True], ids=["boundary", "affinity"])
+def test_local_graphs_finished_with_tables_and_faces_equal_each_chunks_graph(affinity) -> None:
+    """What the supervoxel task counts over local labels, renamed by the reduce's tables and
+    closed with the low neighbours' faces, is `region_graph_chunk` of the supervoxel ids, chunk
+    by chunk, bit for bit: plateaus and ties (few values), labels that become one supervoxel
+    (their pairs lower its floor), chunks of one voxel and shapes that do not divide."""
+    rng = np.random.default_rng(11)
+    for trial in range(12):
+        shape = tuple(int(v) for v in rng.integers(3, 13, 3))
+        m = (rng.integers(0, 5, shape + ((3,) if affinity else ())) * 50).astype(np.uint8)
+        chunk_shape = (1, 1, 1) if trial == 0 else tuple(int(v) for v in rng.integers(1, 7, 3))
+        chunks, _, _, graphs = chunk_stages(m, chunk_shape)
+        sv = supervoxels_chunked(m, chunk_shape)
+        values, _ = as_map(m)
+        for chunk, graph in zip(chunks, graphs):
+            start, _ = chunk.bounds(*GRAPH_HALO)
+            box = chunk.slices(*GRAPH_HALO)
+            assert graph.equals(region_graph_chunk(sv[box], values[box], start, chunk)), (
+                f"trial {trial}, chunk {chunk.offset}")
+
+
+def test_a_stored_chunk_graph_comes_back_whole() -> None:
+    m = np.random.default_rng(2).integers(0, 255, (9, 8, 7, 3)).astype(np.uint8)
+    chunk = Chunk((3, 4, 0), (3, 4, 7), (9, 8, 7))
+    start, _ = chunk.bounds(*SUPERVOXEL_HALO["affinity"])
+    box = m[chunk.slices(*SUPERVOXEL_HALO["affinity"])]
+    labels, exits = supervoxel_chunk(box, start, chunk)
+    local = chunk_graph(labels, box, start, chunk)
+    back = ChunkGraph.from_arrays(local.to_arrays())
+    assert back.graph.equals(local.graph) and back.affinity
+    for name in ("low_labels", "low_values", "high_labels"):
+        for mine, theirs in zip(getattr(local, name), getattr(back, name)):
+            assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
+    assert [p.size > 0 for p in local.low_labels] == [True, True, False]
+    assert [p.size > 0 for p in local.high_labels] == [True, False, False]
+    table = np.arange(exits.n_labels + 1, dtype=np.uint64)
+    with pytest.raises(ValueError, match="low neighbour on axis x"):
+        finish_chunk_graph(local, table, [None, None, None])

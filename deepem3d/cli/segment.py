@@ -59,9 +59,9 @@ def segment(
     """Segment the boundary (1 channel) or affinity (3 channels) map MAP into OUTPUT.
 
     Stages of queue tasks, each finished (its completion markers) before the next: smooth
-    (with --sigma > 0), supervoxels, reduce, relabel, region-graph, merge-graph, agglomerate,
-    remap. OUTPUT is a uint64 compressed_segmentation layer, the same bytes whatever
-    --task-shape. The work (the smoothed map, a supervoxel layer, the merged region graph)
+    (with --sigma > 0), supervoxels, reduce, region-graph, merge-graph, agglomerate, remap.
+    OUTPUT is a uint64 compressed_segmentation layer, the same bytes whatever --task-shape.
+    The work (the smoothed map, the supervoxels' labels and tables, the merged region graph)
     stays under OUTPUT/segmentation/, so another --method, --threshold or --dust-size with
     --overwrite redoes only agglomerate and remap. With --queue and no --parallel, the
     command waits for workers elsewhere (`deepem3d worker QUEUE`); Ctrl-C stops waiting, and

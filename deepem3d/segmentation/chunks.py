@@ -26,6 +26,7 @@ __all__ = [
     "MapKind",
     "as_map",
     "chunk_grid",
+    "chunks_below",
     "global_index",
 ]
 
@@ -102,6 +103,15 @@ def chunk_grid(dataset_shape: Sequence[int], chunk_shape: Sequence[int]) -> list
                 shape = tuple(min(c, d - o) for c, d, o in zip(chunk_shape, dataset_shape, offset))
                 out.append(Chunk(offset, shape, dataset_shape))  # type: ignore[arg-type]
     return out
+
+
+def chunks_below(chunks: Sequence[Chunk], chunk_shape: Sequence[int]) -> list[list[int | None]]:
+    """Per chunk of a `chunk_grid`, per axis (x, y, z), the index of the chunk under it (None at
+    the dataset's low face): the neighbour whose high face closes its low-face pairs."""
+    step = _shape3(chunk_shape, "chunk_shape")
+    where = {chunk.offset: k for k, chunk in enumerate(chunks)}
+    return [[where.get(tuple(o - step[c] if d == c else o for d, o in enumerate(chunk.offset)))
+             if chunk.offset[c] > 0 else None for c in range(3)] for chunk in chunks]
 
 
 def global_index(coords: np.ndarray, dataset_shape: Sequence[int]) -> np.ndarray:

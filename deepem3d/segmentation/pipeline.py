@@ -18,12 +18,13 @@ from typing import Literal
 import numpy as np
 
 from deepem3d.segmentation.agglomeration import Method, agglomerate, remap
-from deepem3d.segmentation.chunks import GRAPH_HALO, SUPERVOXEL_HALO, as_map, chunk_grid
+from deepem3d.segmentation.chunks import SUPERVOXEL_HALO, Chunk, as_map, chunk_grid, chunks_below
 from deepem3d.segmentation.region_graph import (
     RegionGraph,
+    chunk_graph,
+    finish_chunk_graph,
     merge_graphs,
     region_graph,
-    region_graph_chunk,
 )
 from deepem3d.segmentation.smoothing import smooth_chunk, smooth_map, smoothing_bounds
 from deepem3d.segmentation.supervoxels import (
@@ -33,7 +34,7 @@ from deepem3d.segmentation.supervoxels import (
     supervoxels,
 )
 
-__all__ = ["segment", "segment_chunked", "smooth_chunked", "supervoxels_chunked"]
+__all__ = ["chunk_stages", "segment", "segment_chunked", "smooth_chunked", "supervoxels_chunked"]
 
 Thresholds = float | Sequence[float]
 
@@ -45,18 +46,9 @@ def _finish(
     threshold: Thresholds,
     dust_size: int,
     dust_mode: Literal["merge", "zero"],
-    chunks: list | None,
 ) -> np.ndarray | list[np.ndarray]:
     tables = agglomerate(graph, method, threshold, dust_size, dust_mode)
-    results = []
-    for table in tables:
-        if chunks is None:
-            results.append(remap(sv, graph.ids, table))
-            continue
-        out = np.zeros(sv.shape, dtype=np.uint64, order="F")
-        for chunk in chunks:
-            out[chunk.slices()] = remap(sv[chunk.slices()], graph.ids, table)
-        results.append(out)
+    results = [remap(sv, graph.ids, table) for table in tables]
     return results[0] if np.isscalar(threshold) else results
 
 
@@ -78,7 +70,7 @@ def segment(
     """
     values = smooth_map(boundary_or_affinity, sigma)
     sv = supervoxels(values)
-    return _finish(sv, region_graph(sv, values), method, threshold, dust_size, dust_mode, None)
+    return _finish(sv, region_graph(sv, values), method, threshold, dust_size, dust_mode)
 
 
 def smooth_chunked(
@@ -92,6 +84,34 @@ def smooth_chunked(
         box = values[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]]
         out[chunk.slices()] = smooth_chunk(box, start, chunk, sigma)
     return out
+
+
+def chunk_stages(
+    boundary_or_affinity: np.ndarray, chunk_shape: Sequence[int]
+) -> tuple[list[Chunk], list[np.ndarray], list[np.ndarray], list[RegionGraph]]:
+    """The chunk stages in memory: per chunk, supervoxel labels and its `ChunkGraph` from one
+    box with halo (SupervoxelTask); the reduce; per chunk, the graph finished with its table
+    and the faces of its low neighbours (RegionGraphTask). Returns, per chunk of
+    `chunk_grid`, (chunks, local labels, tables, graphs over supervoxel ids)."""
+    values, kind = as_map(boundary_or_affinity)
+    chunks = chunk_grid(values.shape[:3], chunk_shape)
+    low, high = SUPERVOXEL_HALO[kind]
+    labels, exits, local = [], [], []
+    for chunk in chunks:
+        start, _ = chunk.bounds(low, high)
+        box = values[chunk.slices(low, high)]
+        lab, ex = supervoxel_chunk(box, start, chunk)
+        labels.append(lab)
+        exits.append(ex)
+        local.append(chunk_graph(lab, box, start, chunk))
+    tables = resolve_supervoxels(exits)
+    graphs = [
+        finish_chunk_graph(local[i], tables[i], [
+            None if j is None else (local[j].high_labels[c], tables[j]) for c, j in enumerate(below)
+        ])
+        for i, below in enumerate(chunks_below(chunks, chunk_shape))
+    ]
+    return chunks, labels, tables, graphs
 
 
 def supervoxels_chunked(boundary_or_affinity: np.ndarray, chunk_shape: Sequence[int]) -> np.ndarray:
@@ -124,20 +144,22 @@ def segment_chunked(
 ) -> np.ndarray | list[np.ndarray]:
     """`segment`, run as the queue tasks will: per-chunk stages with halos, in memory.
 
-    Smoothing per chunk when `sigma` > 0 (x, y halo `smoothing_halo(sigma)`), supervoxels per
-    chunk (halo `SUPERVOXEL_HALO`), the reduce, a region graph per chunk (halo `GRAPH_HALO`),
-    one merge, one agglomeration, a remap per chunk. `chunk_shape` need not
-    divide the volume. The result equals `segment(...)` bit for bit.
+    Smoothing per chunk when `sigma` > 0 (x, y halo `smoothing_halo(sigma)`); per chunk,
+    supervoxel labels and the local region graph from one box (halo `SUPERVOXEL_HALO`); the
+    reduce; per chunk, the graph over supervoxel ids (its own records, its table and its low
+    neighbours' faces and tables); one merge, one agglomeration; a remap per chunk, local
+    label -> supervoxel -> segment. `chunk_shape` need not divide the volume. The result
+    equals `segment(...)` bit for bit.
     """
     values, _ = as_map(boundary_or_affinity)
     if sigma != 0:  # a bad sigma (negative, nan) raises there, as in `segment`
         values = smooth_chunked(values, chunk_shape, sigma)
-    sv = supervoxels_chunked(values, chunk_shape)
-    chunks = chunk_grid(values.shape[:3], chunk_shape)
-    graphs = []
-    for chunk in chunks:
-        start, _ = chunk.bounds(*GRAPH_HALO)
-        box = chunk.slices(*GRAPH_HALO)
-        graphs.append(region_graph_chunk(sv[box], values[box], start, chunk))
+    chunks, labels, tables, graphs = chunk_stages(values, chunk_shape)
     graph = merge_graphs(graphs)
-    return _finish(sv, graph, method, threshold, dust_size, dust_mode, chunks)
+    results = []
+    for segments in agglomerate(graph, method, threshold, dust_size, dust_mode):
+        out = np.zeros(values.shape[:3], dtype=np.uint64, order="F")
+        for chunk, lab, table in zip(chunks, labels, tables):
+            out[chunk.slices()] = relabel(lab, remap(table, graph.ids, segments))
+        results.append(out)
+    return results[0] if np.isscalar(threshold) else results

@@ -31,7 +31,15 @@ from numba import njit
 
 from deepem3d.segmentation.chunks import GRAPH_HALO, Chunk, as_map
 
-__all__ = ["RegionGraph", "merge_graphs", "region_graph", "region_graph_chunk"]
+__all__ = [
+    "ChunkGraph",
+    "RegionGraph",
+    "chunk_graph",
+    "finish_chunk_graph",
+    "merge_graphs",
+    "region_graph",
+    "region_graph_chunk",
+]
 
 _U64 = np.uint64
 _UINT8 = ("floors", "saddle")
@@ -414,6 +422,285 @@ def region_graph_chunk(
         *has_low,
     )
     return _aggregate(*nodes.T, *edges.T)
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkGraph:
+    """A chunk's region graph before the reduce has named its supervoxels.
+
+    The supervoxel task knows its voxels' local labels and the map, not yet the supervoxel
+    ids, which the reduce decides across chunks. It computes what it can now, so that no
+    later stage reads the map or a label volume again:
+
+    - `graph`: the `RegionGraph` of the pairs with both voxels in the chunk, over local labels
+      (ids 1..n), with the sizes and floors of the chunk's voxels;
+    - `low_labels[c]`, `low_values[c]`: for each axis c (x, y, z) whose low face has a
+      neighbour in the dataset, the local labels of the face's voxels (a plane) and the
+      boundary value w of each of their pairs (v - e_c, v), which this chunk owns; empty
+      planes where there is no neighbour;
+    - `high_labels[c]`: the local labels of the high face, which the chunk above in c needs
+      for its own low-face pairs; empty where there is none;
+    - `affinity`: the map's kind (a pair inside one supervoxel lowers its floor only then).
+
+    `finish_chunk_graph` turns it, with the reduce's tables, into `region_graph_chunk` of the
+    supervoxel ids, bit for bit.
+    """
+
+    graph: RegionGraph
+    low_labels: tuple[np.ndarray, np.ndarray, np.ndarray]
+    low_values: tuple[np.ndarray, np.ndarray, np.ndarray]
+    high_labels: tuple[np.ndarray, np.ndarray, np.ndarray]
+    affinity: bool
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays by name, for `np.savez` by a task."""
+        planes = {f"{name}_{c}": getattr(self, name)[c]
+                  for name in ("low_labels", "low_values", "high_labels") for c in range(3)}
+        return {**self.graph.to_arrays(), **planes, "affinity": np.array(self.affinity)}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ChunkGraph:
+        """The inverse of `to_arrays` (labels come back uint32, values uint8). The high faces
+        may be stored apart (a task finishing its own graph reads only its low ones): absent,
+        they come back empty."""
+        def planes(name: str, dtype: type) -> tuple:
+            return tuple(np.asarray(arrays.get(f"{name}_{c}", _NO_PLANE), dtype=dtype)
+                         for c in range(3))
+
+        return cls(RegionGraph.from_arrays(arrays), planes("low_labels", np.uint32),
+                   planes("low_values", np.uint8), planes("high_labels", np.uint32),
+                   bool(arrays["affinity"]))
+
+
+_NO_PLANE = np.zeros((0, 0), np.uint32)
+
+
+@njit(cache=True)
+def _pair_slot(key, shift):
+    return np.int64((key * _GOLDEN) >> shift)
+
+
+@njit(cache=True)
+def _local_scan(labels, vals, affinity, nx, ny, nz, sizes, floors, table, state):
+    """`_local_graph_pass`'s loop from voxel state[0] on; returns True when the pair table
+    is half full and must grow first (state holds where to resume)."""
+    sy = nx
+    sz = nx * ny
+    vol = nx * ny * nz
+    bits = 0
+    while (1 << bits) < table.shape[0]:
+        bits += 1
+    shift = np.uint64(64 - bits)
+    mask = table.shape[0] - 1
+    limit = table.shape[0] // 2
+    used = state[1]
+    last_key = state[2:5]
+    last_slot = state[5:8]
+    p = state[0]
+    x = p % nx  # divisions once per call, not per voxel: they were half of its time
+    y = (p // nx) % ny
+    z = p // sz
+    while p < vol:
+        if used >= limit:
+            state[0], state[1] = p, used
+            return True
+        a = labels[p]
+        sizes[a] += 1
+        if not affinity and vals[p] < floors[a]:
+            floors[a] = vals[p]
+        for c in range(3):
+            if c == 0:
+                if x == 0:
+                    continue
+                q = p - 1
+            elif c == 1:
+                if y == 0:
+                    continue
+                q = p - sy
+            else:
+                if z == 0:
+                    continue
+                q = p - sz
+            b = labels[q]
+            if affinity:
+                w = np.uint8(255 - vals[p + c * vol])
+            else:
+                w = max(vals[p], vals[q])
+            if a == b:
+                if affinity and w < floors[a]:
+                    floors[a] = w
+                continue
+            key = (np.uint64(min(a, b)) << np.uint64(32)) | np.uint64(max(a, b))
+            if np.int64(key) == last_key[c]:
+                k = last_slot[c]
+            else:
+                k = _pair_slot(key, shift)
+                while table[k, 0] != 0 and table[k, 0] != key:
+                    k = (k + 1) & mask
+                if table[k, 0] == 0:
+                    table[k, 0] = key
+                    table[k, 3] = 255
+                    used += 1
+                last_key[c] = np.int64(key)
+                last_slot[c] = k
+            table[k, 1] += 1
+            table[k, 2] += np.uint64(255) - np.uint64(w)
+            if np.uint64(w) < table[k, 3]:
+                table[k, 3] = np.uint64(w)
+        p += 1
+        x += 1
+        if x == nx:
+            x = 0
+            y += 1
+            if y == ny:
+                y = 0
+                z += 1
+    state[0], state[1] = vol, used
+    return False
+
+
+@njit(cache=True)
+def _rehash(table, size):
+    out = np.zeros((size, 4), np.uint64)
+    bits = 0
+    while (1 << bits) < size:
+        bits += 1
+    shift = np.uint64(64 - bits)
+    for i in range(table.shape[0]):
+        if table[i, 0] != 0:
+            k = _pair_slot(table[i, 0], shift)
+            while out[k, 0] != 0:
+                k = (k + 1) & (size - 1)
+            out[k] = table[i]
+    return out
+
+
+@njit(cache=True)
+def _local_graph_pass(labels, vals, affinity, nx, ny, nz, n_labels):
+    """The graph of the pairs inside a chunk over its dense local labels 1..n: node sizes and
+    floors in arrays indexed by label, edges in an open-addressing table of rows (key, count,
+    sum, saddle), keyed by lo << 32 | hi, each pair aggregated where it is met (a row is half
+    a cache line: one miss per lookup; the last pair per direction skips the lookup along
+    runs). Returns the node arrays and the table's used rows."""
+    sizes = np.zeros(n_labels + 1, np.uint64)
+    floors = np.full(n_labels + 1, 255, np.uint8)
+    table = np.zeros((1 << 14, 4), np.uint64)
+    state = np.array([0, 0, -1, -1, -1, -1, -1, -1], np.int64)
+    while _local_scan(labels, vals, affinity, nx, ny, nz, sizes, floors, table, state):
+        table = _rehash(table, 2 * table.shape[0])
+        state[2:8] = -1
+    return sizes, floors, table[table[:, 0] != 0]
+
+
+def chunk_graph(
+    labels: np.ndarray, map_box: np.ndarray, box_offset: Sequence[int], chunk: Chunk
+) -> ChunkGraph:
+    """The `ChunkGraph` of one chunk: its local labels (uint32, x, y, z, the chunk's shape, as
+    `supervoxel_chunk` returns them) and the map cut out over a region holding the chunk and
+    its low halo (`GRAPH_HALO`; the supervoxel stage's box does), with global origin
+    `box_offset`."""
+    values, kind = as_map(map_box)
+    labels = np.asarray(labels)
+    if labels.shape != chunk.shape:
+        raise ValueError(f"labels of shape {labels.shape} for a chunk of shape {chunk.shape}")
+    offset = tuple(int(v) for v in box_offset)
+    start, stop = chunk.bounds(*GRAPH_HALO)
+    end = tuple(o + s for o, s in zip(offset, values.shape[:3]))
+    if any(o > s for o, s in zip(offset, start)) or any(e < s for e, s in zip(end, stop)):
+        raise ValueError(f"the box at {offset} of shape {values.shape[:3]} does not cover "
+                         f"{start}..{stop}, the chunk and its low halo")
+    own = tuple(slice(o - b, o - b + n) for o, b, n in zip(chunk.offset, offset, chunk.shape))
+    chunk_values = np.asfortranarray(values[own])
+    affinity = kind == "affinity"
+    flat_labels = np.ravel(np.asarray(labels, np.uint32), order="F")
+    n_labels = int(flat_labels.max(initial=0))
+    sizes, floors, rows = _local_graph_pass(
+        flat_labels, np.ravel(chunk_values, order="F"), affinity, *chunk.shape, n_labels)
+    rows = rows[np.argsort(rows[:, 0])]
+    keys, stats = rows[:, 0], rows[:, 1:]
+    present = np.flatnonzero(sizes)
+    graph = RegionGraph(
+        present.astype(_U64), sizes[present], floors[present], keys >> _U64(32),
+        keys & _U64(0xFFFFFFFF), stats[:, 0].copy(), stats[:, 1].copy(),
+        stats[:, 2].astype(np.uint8),
+    )
+    low_labels, low_values, high_labels = [], [], []
+    for c in range(3):
+        if chunk.offset[c] > 0:  # the pairs (v - e_c, v) of the low face: this chunk's
+            face = [slice(None)] * 3
+            face[c] = 0
+            plane = labels[tuple(face)].astype(np.uint32)
+            if affinity:
+                w = 255 - chunk_values[tuple(face) + (c,)]
+            else:
+                below = list(own)
+                below[c] = slice(own[c].start - 1, own[c].start)
+                w = np.maximum(chunk_values[tuple(face)],
+                               np.take(values[tuple(below)], 0, axis=c))
+            low_labels.append(plane)
+            low_values.append(np.asarray(w, np.uint8))
+        else:
+            low_labels.append(_NO_PLANE)
+            low_values.append(_NO_PLANE.astype(np.uint8))
+        if chunk.stop[c] < chunk.dataset_shape[c]:
+            high_labels.append(np.take(labels, chunk.shape[c] - 1, axis=c).astype(np.uint32))
+        else:
+            high_labels.append(_NO_PLANE)
+    return ChunkGraph(graph, tuple(low_labels), tuple(low_values), tuple(high_labels),
+                      affinity)
+
+
+def finish_chunk_graph(
+    local: ChunkGraph,
+    table: np.ndarray,
+    below: Sequence[tuple[np.ndarray, np.ndarray] | None],
+) -> RegionGraph:
+    """The chunk's `RegionGraph` over supervoxel ids: `region_graph_chunk` of the reduce's ids,
+    bit for bit, from the `ChunkGraph` alone.
+
+    `table` is the chunk's local label -> supervoxel id table (from `resolve_supervoxels`);
+    `below[c]` is, for each axis with a low neighbour, that neighbour's (high_labels[c], table),
+    else None. Local pairs whose labels became one supervoxel, and face pairs within one, count
+    towards its floor (affinity maps) instead of an edge.
+    """
+    table = np.asarray(table, dtype=_U64)
+    g = local.graph
+    node_ids = [table[g.ids]]
+    node_sizes = [g.sizes]
+    node_floors = [g.floors]
+    us, vs, counts, totals, saddles = [], [], [], [], []
+
+    def add(a, b, count, total, saddle):
+        same = a == b
+        if local.affinity and same.any():
+            node_ids.append(a[same])
+            node_sizes.append(np.zeros(int(same.sum()), _U64))
+            node_floors.append(saddle[same])
+        keep = ~same
+        a, b = a[keep], b[keep]
+        us.append(np.minimum(a, b))
+        vs.append(np.maximum(a, b))
+        counts.append(count[keep])
+        totals.append(total[keep])
+        saddles.append(saddle[keep])
+
+    add(table[g.u], table[g.v], g.count, g.affinity_sum, g.saddle)
+    for c in range(3):
+        plane = local.low_labels[c]
+        if plane.size == 0:
+            continue
+        if below[c] is None:
+            raise ValueError(f"the chunk has a low neighbour on axis {'xyz'[c]}: give its "
+                             "high face and table")
+        high, neighbour_table = below[c]
+        if np.shape(high) != plane.shape:
+            raise ValueError(f"the neighbour's face {np.shape(high)} does not meet this chunk's "
+                             f"{plane.shape} on axis {'xyz'[c]}")
+        w = local.low_values[c].ravel()
+        add(table[plane.ravel()], np.asarray(neighbour_table, _U64)[np.ravel(high)],
+            np.ones(w.size, _U64), (255 - w).astype(_U64), w)
+    return _aggregate(*(np.concatenate(x) for x in (node_ids, node_sizes, node_floors, us, vs,
+                                                      counts, totals, saddles)))
 
 
 @njit(cache=True)

@@ -1,7 +1,6 @@
-"""Segmentation as queue tasks: smooth (optional), supervoxels, reduce, relabel, region graph,
-merge, agglomerate, remap. Each task reads, calls a pure function of deepem3d.segmentation,
-writes, then marks done; the stages run in this order with a barrier (their completion
-markers) between them.
+"""Segmentation as queue tasks: smooth (optional), supervoxels, reduce, region graph, merge,
+agglomerate, remap. Each task reads, calls a pure function of deepem3d.segmentation, writes, then
+marks done; the stages run in this order with a barrier (their completion markers) between them.
 
 The stages do, with I/O, exactly what `deepem3d.segmentation.pipeline.segment_chunked` does in
 memory, so the segmentation layer is the same bytes whatever the task shape, and equal to
@@ -12,27 +11,34 @@ stage           tasks  reads -> writes (under OUTPUT/)
 ==============  =====  ==========================================================================
 smooth          block  map block + x,y halo -> the smoothed map layer segmentation/smoothed
                        (only with --sigma > 0; the stages below then read it as their map)
-supervoxels     block  map block + halo -> segmentation/labels/B.npz, segmentation/exits/B.npz
+supervoxels     block  map block + halo -> segmentation/labels/B.npz (local labels),
+                       exits/B.npz, local_graphs/B.npz (graph over local labels, low faces),
+                       faces/B.npz (high faces)
 reduce          1      every exits/B.npz -> segmentation/tables/B.npy (local label -> id)
-relabel         block  labels/B.npz + tables/B.npy -> the supervoxel layer segmentation/supervoxels
-region-graph    block  supervoxels + map, block + low halo -> segmentation/graphs/B.npz
+region-graph    block  local_graphs/B.npz + tables/B.npy + the low neighbours' faces and tables
+                       -> segmentation/graphs/B.npz (the block's graph over supervoxel ids)
 merge-graph     1      every graphs/B.npz -> segmentation/graph.npz (the merged region graph)
 agglomerate     1      graph.npz -> segmentation/segments.npz (supervoxel -> segment table)
-remap           block  supervoxels block + segments.npz -> the segmentation layer OUTPUT
+remap           block  labels/B.npz + tables/B.npy + segments.npz -> the segmentation layer
 ==============  =====  ==========================================================================
 
 Planning, creating the tasks and running the stages: deepem3d.tasks.segmentation_stages.
 B is a block id, x0-x1_y0-y1_z0-z1 in absolute voxels. Markers: OUTPUT/tasks/STAGE/done/*.json,
-manifests: OUTPUT/tasks/STAGE/manifest.json (their parameters hold the run's key). Once relabel is
-complete, labels/, exits/ and tables/ are deleted (the supervoxel layer holds the ids); once
-merge-graph is complete, graphs/ is. What stays, the supervoxel layer and graph.npz, lets a run
-with another method, threshold or dust size redo only agglomerate and remap (the smoothed map
-stays too: it is a result worth viewing, and what a sigma's supervoxels were computed from).
+manifests: OUTPUT/tasks/STAGE/manifest.json (their parameters hold the run's key). Once the
+reduce is complete, exits/ is deleted; once region-graph is, local_graphs/ and faces/; once
+merge-graph is, graphs/. What stays is the supervoxels, as labels/ (per block, uint32 local
+labels, zstd) and tables/ (local label -> supervoxel id), and graph.npz: a run with another
+method, threshold or dust size redoes only agglomerate and remap (the smoothed map stays too:
+it is a result worth viewing, and what a sigma's supervoxels were computed from).
 
-Why a relabel stage: a region-graph task needs *global* supervoxel ids in its low halo, which
-lies in neighbouring blocks. Writing them once as a precomputed layer makes that halo a plain
-CloudVolume cutout (and gives a supervoxel layer that Neuroglancer shows), where reading the
-neighbours' local labels and tables would fetch three whole neighbour blocks per task.
+Why the map is read once: the supervoxel task has the map and the labels in memory, so it
+accumulates the region graph of the pairs inside its block over local labels there, and keeps
+the planes of local labels on its faces. After the reduce, a region-graph task needs only those
+records, the tables and its three low neighbours' high faces (a few per cent of a block) to
+have the block's graph over supervoxel ids, and the remap composes local label -> supervoxel ->
+segment into one small table per block. No stage writes or reads a volume of uint64 supervoxel
+ids (that layer's compressed_segmentation encoding and decoding were a third of the
+segmentation's time on 128^3 blocks).
 
 Ids: the reduce numbers supervoxels by the segmented region (--bounds) and then translates them
 to 1 + the voxel's index in the whole layer (x + X * (y + Y * z) from its voxel offset). The map
@@ -62,8 +68,14 @@ from taskqueue import queueable
 from deepem3d.errors import InputError
 from deepem3d.layers import cloudpath, write_block
 from deepem3d.segmentation.agglomeration import agglomerate, remap
-from deepem3d.segmentation.chunks import GRAPH_HALO, SUPERVOXEL_HALO, Chunk
-from deepem3d.segmentation.region_graph import RegionGraph, merge_graphs, region_graph_chunk
+from deepem3d.segmentation.chunks import SUPERVOXEL_HALO, Chunk
+from deepem3d.segmentation.region_graph import (
+    ChunkGraph,
+    RegionGraph,
+    chunk_graph,
+    finish_chunk_graph,
+    merge_graphs,
+)
 from deepem3d.segmentation.smoothing import smooth_chunk, smoothing_bounds
 from deepem3d.segmentation.supervoxels import (
     ChunkExits,
@@ -75,13 +87,14 @@ from deepem3d.tasks.markers import Stage
 
 log = logging.getLogger("deepem3d.tasks.segmentation")
 
-#: the stages, in order; the first six depend only on the map, sigma and the chunking
-STAGES = ("smooth", "supervoxels", "reduce", "relabel", "region-graph", "merge-graph",
-          "agglomerate", "remap")
-CHUNK_STAGES = STAGES[:6]
-TUNING_STAGES = STAGES[6:]
+#: the stages, in order; the first five depend only on the map, sigma and the chunking
+STAGES = ("smooth", "supervoxels", "reduce", "region-graph", "merge-graph", "agglomerate",
+          "remap")
+CHUNK_STAGES = STAGES[:5]
+TUNING_STAGES = STAGES[5:]
 WORK = "segmentation"  # the work directory, OUTPUT/segmentation/
-SUPERVOXEL_LAYER = f"{WORK}/supervoxels"
+#: where the supervoxels are kept: per block, local labels and their table to supervoxel ids
+SUPERVOXEL_FILES = (f"{WORK}/labels/", f"{WORK}/tables/")
 SMOOTHED_LAYER = f"{WORK}/smoothed"
 COMPRESS = "zstd"  # how the work directory's files are compressed
 COMPRESS_LEVEL = 1
@@ -100,11 +113,6 @@ def parse_block_id(task_id: str) -> Bbox:
     """The inverse of `block_id`."""
     ranges = [tuple(int(v) for v in part.split("-")) for part in task_id.split("_")]
     return Bbox([r[0] for r in ranges], [r[1] for r in ranges])
-
-
-def supervoxel_layer_path(output_path: str) -> str:
-    """The layer of global supervoxel ids that the relabel stage writes, inside OUTPUT."""
-    return f"{cloudpath(output_path).rstrip('/')}/{SUPERVOXEL_LAYER}"
 
 
 def smoothed_layer_path(output_path: str) -> str:
@@ -202,13 +210,6 @@ def _volume(path: str, mip: int, compress: bool | None = None) -> CloudVolume:
                        compress=compress)
 
 
-def _supervoxel_volume(output_path: str) -> CloudVolume:
-    """The supervoxel layer, written without gzip: it is scratch, written once and read twice,
-    and CloudVolume gzips at level 9 whatever level it is given (measured on ISBI: gzip was
-    60% of the relabel stage; compressed_segmentation alone keeps it ~3x the gzipped size)."""
-    return _volume(supervoxel_layer_path(output_path), 0, compress=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # Task bookkeeping shared by every stage
 
@@ -287,10 +288,12 @@ def SmoothTask(  # noqa: N802
 def SupervoxelTask(  # noqa: N802
     map_path: str, output_path: str, bounds: list[int], dataset: list[int], mip: int, key: str,
 ) -> None:
-    """Steepest-descent basins of one block (map read with the 1-2 voxel halo they need).
+    """Steepest-descent basins of one block (map read with the 1-2 voxel halo they need), and
+    the block's region graph over their local labels (the only stage that reads the map).
 
     `bounds` is the block, `dataset` the segmented region, both x0,y0,z0,x1,y1,z1 absolute.
-    Writes the block's local labels and its exits (what the reduce needs) to the work dir.
+    Writes the block's local labels, its exits (what the reduce needs), its `ChunkGraph` and
+    its high faces (what the low neighbours' region-graph tasks need) to the work dir.
     """
     stage, task_id = Stage(output_path, "supervoxels"), block_id(Bbox(bounds[:3], bounds[3:]))
     if not _should_run(stage, task_id, key):
@@ -302,12 +305,16 @@ def SupervoxelTask(  # noqa: N802
     lo, hi = chunk.bounds(*SUPERVOXEL_HALO[kind])
     box = _map_box(vol, origin + lo, origin + hi)
     labels, exits = supervoxel_chunk(box, lo, chunk)
+    local = chunk_graph(labels, box, lo, chunk)
+    arrays = local.to_arrays()
+    faces = {name: arrays.pop(name) for name in [f"high_labels_{c}" for c in range(3)]}
     files = _files(output_path)
-    label_bytes = _put_npz(files, f"labels/{task_id}.npz", {"labels": labels})
-    exit_bytes = _put_npz(files, f"exits/{task_id}.npz", exits.to_arrays())
+    stored = sum(_put_npz(files, f"{kind}/{task_id}.npz", data) for kind, data in (
+        ("labels", {"labels": labels}), ("exits", exits.to_arrays()),
+        ("local_graphs", arrays), ("faces", faces)))
     _mark(stage, task_id, "SupervoxelTask", start, voxels=int(labels.size),
-          local_labels=exits.n_labels, exits_bytes=exits.nbytes, stored_bytes=label_bytes +
-          exit_bytes)
+          local_labels=exits.n_labels, local_edges=local.graph.n_edges,
+          exits_bytes=exits.nbytes, stored_bytes=stored)
 
 
 def volume_ids(table: np.ndarray, origin, region_shape, volume_shape) -> np.ndarray:
@@ -365,50 +372,41 @@ def ReduceTask(  # noqa: N802
           exits_bytes=sum(e.nbytes for e in exits), local_labels=supervoxels)
 
 
-@queueable
-def RelabelTask(output_path: str, bounds: list[int], key: str) -> None:  # noqa: N802
-    """Write one block of the supervoxel layer: its local labels through its table."""
-    stage, task_id = Stage(output_path, "relabel"), block_id(Bbox(bounds[:3], bounds[3:]))
-    if not _should_run(stage, task_id, key):
-        return
-    start = time.perf_counter()
-    files = _files(output_path)
-    labels = _get_npz(files, f"labels/{task_id}.npz")["labels"].astype(np.uint32, copy=False)
+def _get_table(files: CloudFiles, task_id: str) -> np.ndarray:
     data = files.get(f"tables/{task_id}.npy")
     if data is None:
-        raise FileNotFoundError(f"{files.cloudpath}/tables/{task_id}.npy is missing: re-run "
-                                "`deepem3d segment`")
-    table = np.load(io.BytesIO(data), allow_pickle=False)
-    ids = relabel(labels, table)
-    vol = _supervoxel_volume(output_path)
-    vol[bounds[0]:bounds[3], bounds[1]:bounds[4], bounds[2]:bounds[5]] = ids
-    _mark(stage, task_id, "RelabelTask", start, voxels=int(ids.size))
+        raise FileNotFoundError(f"{files.cloudpath}/tables/{task_id}.npy is missing: was its "
+                                "stage reset while this task waited? Re-run `deepem3d segment`")
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 @queueable
 def RegionGraphTask(  # noqa: N802
-    map_path: str, output_path: str, bounds: list[int], dataset: list[int], mip: int, key: str,
+    output_path: str, bounds: list[int], below: list[str | None], key: str,
 ) -> None:
-    """The region graph of the voxel pairs one block owns (ids and map, plus a low halo)."""
+    """The region graph of the voxel pairs one block owns, over supervoxel ids.
+
+    `below[c]` is the id of the block under this one on axis c (x, y, z), None at the
+    segmented region's low face. Reads the block's `ChunkGraph` and table and, per low
+    neighbour, its high face and table: no map, no label volume.
+    """
     stage, task_id = Stage(output_path, "region-graph"), block_id(Bbox(bounds[:3], bounds[3:]))
     if not _should_run(stage, task_id, key):
         return
     start = time.perf_counter()
-    chunk, origin = _chunk(bounds, dataset)
-    lo, hi = chunk.bounds(*GRAPH_HALO)
-    sv = _cutout(_supervoxel_volume(output_path), origin + lo, origin + hi)
-    vol = _volume(map_path, mip)
-    if vol.num_channels == 1:
-        values = _map_box(vol, origin + lo, origin + hi)
-    else:
-        # an affinity pair's value is stored at the voxel it owns: the halo's are never read,
-        # and not decompressing the neighbours' chunks for them saves a third of this task
-        values = np.zeros(sv.shape[:3] + (3,), np.uint8, order="F")
-        own = tuple(slice(a - b, a - b + n) for a, b, n in zip(chunk.offset, lo, chunk.shape))
-        values[own] = _map_box(vol, origin + chunk.offset, origin + chunk.offset + chunk.shape)
-    graph = region_graph_chunk(sv[..., 0], values, lo, chunk)
-    stored = _put_npz(_files(output_path), f"graphs/{task_id}.npz", graph.to_arrays())
-    _mark(stage, task_id, "RegionGraphTask", start, voxels=int(np.prod(chunk.shape)),
+    files = _files(output_path)
+    local = ChunkGraph.from_arrays(_get_npz(files, f"local_graphs/{task_id}.npz"))
+    neighbours = []
+    for c, other in enumerate(below):
+        if other is None:
+            neighbours.append(None)
+            continue
+        face = _get_npz(files, f"faces/{other}.npz")[f"high_labels_{c}"]
+        neighbours.append((face.astype(np.uint32, copy=False), _get_table(files, other)))
+    graph = finish_chunk_graph(local, _get_table(files, task_id), neighbours)
+    stored = _put_npz(files, f"graphs/{task_id}.npz", graph.to_arrays())
+    voxels = int(np.prod(np.subtract(bounds[3:], bounds[:3])))
+    _mark(stage, task_id, "RegionGraphTask", start, voxels=voxels,
           supervoxels=int(graph.ids.size), edges=graph.n_edges, stored_bytes=stored)
 
 
@@ -479,14 +477,17 @@ def _segments(output_path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 @queueable
 def RemapTask(output_path: str, bounds: list[int], key: str) -> None:  # noqa: N802
-    """Write one block of the segmentation layer: supervoxel ids through the table."""
+    """Write one block of the segmentation layer: its local labels through their table and
+    the agglomeration's."""
     stage, task_id = Stage(output_path, "remap"), block_id(Bbox(bounds[:3], bounds[3:]))
     if not _should_run(stage, task_id, key):
         return
     start = time.perf_counter()
     ids, segments = _segments(cloudpath(output_path), key)
-    sv = _cutout(_supervoxel_volume(output_path), bounds[:3], bounds[3:])
-    seg = remap(sv[..., 0], ids, segments)
+    files = _files(output_path)
+    labels = _get_npz(files, f"labels/{task_id}.npz")["labels"]
+    # local label -> supervoxel -> segment, composed into one table of the block's labels
+    seg = relabel(labels, remap(_get_table(files, task_id), ids, segments))
     vol = _volume(cloudpath(output_path), 0)
     write_block(vol, bounds[:3], seg)
     _mark(stage, task_id, "RemapTask", start, voxels=int(seg.size))

@@ -42,20 +42,18 @@ from deepem3d.tasks.segmentation import (
     CHUNK_STAGES,
     SMOOTHED_LAYER,
     STAGES,
-    SUPERVOXEL_LAYER,
+    SUPERVOXEL_FILES,
     TUNING_STAGES,
     WORK,
     AgglomerateTask,
     MergeGraphTask,
     ReduceTask,
     RegionGraphTask,
-    RelabelTask,
     RemapTask,
     SmoothTask,
     SupervoxelTask,
     block_id,
     smoothed_layer_path,
-    supervoxel_layer_path,
 )
 
 METHODS = ("mean", "watershed")
@@ -396,7 +394,8 @@ def provenance(plan: SegmentPlan) -> dict:
         "bounds": plan.region,
         "task_shape": list(plan.task_shape),
         "stages": list(STAGES),
-        "work_dir": f"{WORK}/ (supervoxel layer {SUPERVOXEL_LAYER}, merged region graph "
+        "work_dir": f"{WORK}/ (supervoxels: local labels {SUPERVOXEL_FILES[0]} and tables "
+                    f"{SUPERVOXEL_FILES[1]} per block, merged region graph "
                     f"{WORK}/graph.npz, segment table {WORK}/segments.npz"
                     + (f", smoothed map {SMOOTHED_LAYER})" if plan.smoothed else ")"),
         "ids": "1 + the global voxel index (x + X * (y + Y * z)) of a voxel of the segment",
@@ -434,16 +433,6 @@ def prepare_output(plan: SegmentPlan) -> None:
             overwrite=plan.reset_layer,
         )
         record_provenance(vol, provenance(plan), replace=True)
-    sv_path = supervoxel_layer_path(out)
-    if plan.reset_chunk_stages or not info_exists(sv_path):
-        create_layer(
-            sv_path, layer_type="segmentation", dtype="uint64", resolution=plan.resolution,
-            size=plan.size, voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
-            overwrite=True, provenance={
-                "task": "deepem3d segment (supervoxels)", **plan.chunk_parameters(),
-                "ids": "1 + the global voxel index of the supervoxel's lowest voxel",
-            },
-        )
     smoothed_path = smoothed_layer_path(out)
     if plan.smoothed and (plan.reset_chunk_stages or not info_exists(smoothed_path)):
         create_layer(
@@ -476,10 +465,8 @@ def create_stage_tasks(plan: SegmentPlan, name: str) -> tuple[Stage, list[partia
     elif name == "reduce":
         tasks = {"reduce": partial(ReduceTask, dataset=plan.region, volume=plan.volume,
                                    **common)}
-    elif name == "relabel":
-        tasks = {i: partial(RelabelTask, bounds=b, **common) for i, b in blocks.items()}
     elif name == "region-graph":
-        tasks = {i: partial(RegionGraphTask, bounds=b, **chunked, **common)
+        tasks = {i: partial(RegionGraphTask, bounds=b, below=_blocks_below(b, plan), **common)
                  for i, b in blocks.items()}
     elif name == "merge-graph":
         tasks = {"merge-graph": partial(MergeGraphTask, **common)}
@@ -500,13 +487,31 @@ def create_stage_tasks(plan: SegmentPlan, name: str) -> tuple[Stage, list[partia
     return stage, [task for task_id, task in tasks.items() if task_id not in done]
 
 
+def _blocks_below(bounds: list[int], plan: SegmentPlan) -> list[str | None]:
+    """Per axis, the id of the block under `bounds` in the plan's grid (None at the segmented
+    region's low face): blocks are task_shape apart from the region's corner, so the one
+    below is a whole task_shape long on that axis."""
+    below = []
+    for c in range(3):
+        if bounds[c] <= plan.region[c]:
+            below.append(None)
+            continue
+        lo, hi = list(bounds[:3]), list(bounds[3:])
+        lo[c], hi[c] = bounds[c] - plan.task_shape[c], bounds[c]
+        below.append(block_id(Bbox(lo, hi)))
+    return below
+
+
 def clean_intermediates(plan: SegmentPlan) -> None:
-    """Delete what no later stage reads: per-block labels, exits and tables once the
-    supervoxel layer is complete, per-block graphs once the merged graph is. The smoothed map
-    is kept (a result to view, and the input of the supervoxels a retune reuses)."""
+    """Delete what no later stage reads: the exits once the reduce is complete, local graphs
+    and faces once every block's graph is, per-block graphs once the merged graph is. The
+    supervoxels (labels/ and tables/) and the smoothed map are kept: the input of a retune's
+    remap, and a result to view."""
     out = plan.output_path
-    if Stage(out, "relabel").is_complete():
-        _delete_prefixes(out, [f"{WORK}/labels/", f"{WORK}/exits/", f"{WORK}/tables/"])
+    if Stage(out, "reduce").is_complete():
+        _delete_prefixes(out, [f"{WORK}/exits/"])
+    if Stage(out, "region-graph").is_complete():
+        _delete_prefixes(out, [f"{WORK}/local_graphs/", f"{WORK}/faces/"])
     if Stage(out, "merge-graph").is_complete():
         _delete_prefixes(out, [f"{WORK}/graphs/"])
 
