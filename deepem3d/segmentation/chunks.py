@@ -9,11 +9,17 @@ Each stage reads its chunk plus a halo, clipped at the dataset's bounds:
 - supervoxels, boundary map: 1 voxel on every side (a voxel's 6 neighbours);
 - supervoxels, affinity map: 1 low, 2 high (a neighbour's own strongest edge, read at v + e_c);
 - region graph: 1 voxel on the low side only (each edge (v - e_c, v) belongs to v's chunk).
+
+A halo of 1-2 voxels in a neighbour's map chunks costs decompressing those whole chunks (a
+128^3 block of 64^3 chunks: 64 chunks for the 8 it owns). `halo_slabs` and `assemble_halo_box`
+let each block publish, once, the few voxels its neighbours need, so that a block's task
+decompresses only its own chunks and reads the rest from small slabs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,9 +31,11 @@ __all__ = [
     "Chunk",
     "MapKind",
     "as_map",
+    "assemble_halo_box",
     "chunk_grid",
     "chunks_below",
     "global_index",
+    "halo_slabs",
 ]
 
 MapKind = Literal["boundary", "affinity"]
@@ -112,6 +120,64 @@ def chunks_below(chunks: Sequence[Chunk], chunk_shape: Sequence[int]) -> list[li
     where = {chunk.offset: k for k, chunk in enumerate(chunks)}
     return [[where.get(tuple(o - step[c] if d == c else o for d, o in enumerate(chunk.offset)))
              if chunk.offset[c] > 0 else None for c in range(3)] for chunk in chunks]
+
+
+def halo_slabs(values: np.ndarray, low: int, high: int) -> dict[str, np.ndarray]:
+    """The voxels of one block (x, y, z[, c], the block's own) that other blocks read as halo:
+    per axis c, its first `high` voxels ("x_first": the high halo of the block below it) and
+    its last `low` ones ("x_last": the low halo of the block above), over the block's whole
+    extent on the other axes. Keys x_first, x_last, y_first, ..."""
+    out = {}
+    for c, name in enumerate("xyz"):
+        n = values.shape[c]
+        for side, part in (("first", slice(0, min(high, n))), ("last", slice(max(n - low, 0), n))):
+            cut = [slice(None)] * values.ndim
+            cut[c] = part
+            out[f"{name}_{side}"] = np.asfortranarray(values[tuple(cut)])  # slices, not take
+    return out
+
+
+def assemble_halo_box(
+    own: np.ndarray,
+    block: tuple[Sequence[int], Sequence[int]],
+    box: tuple[Sequence[int], Sequence[int]],
+    region: tuple[Sequence[int], Sequence[int]],
+    task_shape: Sequence[int],
+    slab: Callable[[tuple[int, ...], tuple[int, ...], str], np.ndarray],
+) -> np.ndarray:
+    """The map over `box` (lo, hi: a block with its halo, clipped to the region), from the
+    block's own voxels `own` and the slabs of the blocks around it.
+
+    Blocks tile `region` (lo, hi) from its low corner, `task_shape` apart. `slab(lo, hi, key)`
+    returns the `halo_slabs` entry `key` of the block at lo..hi. Every voxel of the box
+    outside the block lies in another block, on a side of it whose slab holds it: for a block
+    beside this one on axis c (not in its column there), within `high` voxels of its low face
+    (the box ends `high` past this block's high face) or within `low` of its high face. So
+    the box holds exactly the map's values there, whatever the block and chunk sizes.
+    """
+    (b_lo, b_hi), (x_lo, x_hi), (r_lo, r_hi) = (
+        (np.asarray(lo, int), np.asarray(hi, int)) for lo, hi in (block, box, region))
+    step = np.asarray(task_shape, int)
+    out = np.empty(tuple(x_hi - x_lo) + own.shape[3:], own.dtype, order="F")
+    out[tuple(slice(a, b) for a, b in zip(b_lo - x_lo, b_hi - x_lo))] = own
+    first = (x_lo - r_lo) // step
+    last = (x_hi - 1 - r_lo) // step
+    for k in itertools.product(*(range(int(a), int(b) + 1) for a, b in zip(first, last))):
+        n_lo = r_lo + np.asarray(k) * step
+        n_hi = np.minimum(n_lo + step, r_hi)
+        if np.array_equal(n_lo, b_lo):
+            continue  # the block itself
+        c = int(np.flatnonzero(n_lo != b_lo)[0])  # an axis where it is beside this block
+        above = n_lo[c] > b_lo[c]
+        piece = slab(tuple(int(v) for v in n_lo), tuple(int(v) for v in n_hi),
+                     f"{'xyz'[c]}_{'first' if above else 'last'}")
+        p_lo = n_lo.copy()  # the slab's corner: the block's, or its high face less the slab
+        if not above:
+            p_lo[c] = n_hi[c] - piece.shape[c]
+        lo, hi = np.maximum(x_lo, n_lo), np.minimum(x_hi, n_hi)
+        out[tuple(slice(a, b) for a, b in zip(lo - x_lo, hi - x_lo))] = piece[
+            tuple(slice(a, b) for a, b in zip(lo - p_lo, hi - p_lo))]
+    return out
 
 
 def global_index(coords: np.ndarray, dataset_shape: Sequence[int]) -> np.ndarray:

@@ -634,16 +634,17 @@ def chunk_graph(
                 w = 255 - chunk_values[tuple(face) + (c,)]
             else:
                 below = list(own)
-                below[c] = slice(own[c].start - 1, own[c].start)
-                w = np.maximum(chunk_values[tuple(face)],
-                               np.take(values[tuple(below)], 0, axis=c))
+                below[c] = own[c].start - 1  # the halo plane under the face
+                w = np.maximum(chunk_values[tuple(face)], values[tuple(below)])
             low_labels.append(plane)
             low_values.append(np.asarray(w, np.uint8))
         else:
             low_labels.append(_NO_PLANE)
             low_values.append(_NO_PLANE.astype(np.uint8))
         if chunk.stop[c] < chunk.dataset_shape[c]:
-            high_labels.append(np.take(labels, chunk.shape[c] - 1, axis=c).astype(np.uint32))
+            face = [slice(None)] * 3
+            face[c] = chunk.shape[c] - 1  # a plane by slicing: np.take copied 25 ms per block
+            high_labels.append(labels[tuple(face)].astype(np.uint32))
         else:
             high_labels.append(_NO_PLANE)
     return ChunkGraph(graph, tuple(low_labels), tuple(low_values), tuple(high_labels),

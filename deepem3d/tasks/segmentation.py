@@ -10,8 +10,11 @@ memory, so the segmentation layer is the same bytes whatever the task shape, and
 stage           tasks  reads -> writes (under OUTPUT/)
 ==============  =====  ==========================================================================
 smooth          block  map block + x,y halo -> the smoothed map layer segmentation/smoothed
-                       (only with --sigma > 0; the stages below then read it as their map)
-supervoxels     block  map block + halo -> segmentation/labels/B.npz (local labels),
+                       (only with --sigma > 0; the stages below then read it as their map),
+                       and the smoothed block's halo slabs segmentation/halo/B/*.npz
+halo            block  map block -> its halo slabs segmentation/halo/B/*.npz (only without
+                       --sigma, and with more than one block)
+supervoxels     block  map block + the slabs around it -> segmentation/labels/B.npz (local labels),
                        exits/B.npz, local_graphs/B.npz (graph over local labels, low faces),
                        faces/B.npz (high faces)
 reduce          1      every exits/B.npz -> segmentation/tables/B.npy (local label -> id)
@@ -25,13 +28,21 @@ remap           block  labels/B.npz + tables/B.npy + segments.npz -> the segment
 Planning, creating the tasks and running the stages: deepem3d.tasks.segmentation_stages.
 B is a block id, x0-x1_y0-y1_z0-z1 in absolute voxels. Markers: OUTPUT/tasks/STAGE/done/*.json,
 manifests: OUTPUT/tasks/STAGE/manifest.json (their parameters hold the run's key). Once the
-reduce is complete, exits/ is deleted; once region-graph is, local_graphs/ and faces/; once
-merge-graph is, graphs/. What stays is the supervoxels, as labels/ (per block, uint32 local
-labels, zstd) and tables/ (local label -> supervoxel id), and graph.npz: a run with another
+supervoxels are complete, halo/ is deleted; once the reduce is, exits/; once region-graph is,
+local_graphs/ and faces/; once merge-graph is, graphs/. What stays is the supervoxels, as
+labels/ (per block, uint32 local labels, zstd) and tables/ (local label -> supervoxel id), and
+graph.npz: a run with another
 method, threshold or dust size redoes only agglomerate and remap (the smoothed map stays too:
 it is a result worth viewing, and what a sigma's supervoxels were computed from).
 
-Why the map is read once: the supervoxel task has the map and the labels in memory, so it
+Why halo slabs: a supervoxel task needs 1-2 voxels of the map beyond its block, and reading them
+from the map decompresses each whole chunk they lie in (an interior 128^3 block of 64^3 chunks:
+64 chunks for its 8). Each block publishes instead the few voxels its neighbours need
+(`chunks.halo_slabs`: its first 2 and last 1 voxels along each axis), and a supervoxel task
+decompresses only its own chunks and assembles the rest from slabs (`assemble_halo_box`). With
+--sigma the smooth task, which has the smoothed block in memory, publishes them.
+
+Why the map is read once more only: the supervoxel task has the map and the labels in memory, so it
 accumulates the region graph of the pairs inside its block over local labels there, and keeps
 the planes of local labels on its faces. After the reduce, a region-graph task needs only those
 records, the tables and its three low neighbours' high faces (a few per cent of a block) to
@@ -68,7 +79,12 @@ from taskqueue import queueable
 from deepem3d.errors import InputError
 from deepem3d.layers import cloudpath, write_block
 from deepem3d.segmentation.agglomeration import agglomerate, remap
-from deepem3d.segmentation.chunks import SUPERVOXEL_HALO, Chunk
+from deepem3d.segmentation.chunks import (
+    SUPERVOXEL_HALO,
+    Chunk,
+    assemble_halo_box,
+    halo_slabs,
+)
 from deepem3d.segmentation.region_graph import (
     ChunkGraph,
     RegionGraph,
@@ -87,11 +103,11 @@ from deepem3d.tasks.markers import Stage
 
 log = logging.getLogger("deepem3d.tasks.segmentation")
 
-#: the stages, in order; the first five depend only on the map, sigma and the chunking
-STAGES = ("smooth", "supervoxels", "reduce", "region-graph", "merge-graph", "agglomerate",
-          "remap")
-CHUNK_STAGES = STAGES[:5]
-TUNING_STAGES = STAGES[5:]
+#: the stages, in order; the first six depend only on the map, sigma and the chunking
+STAGES = ("smooth", "halo", "supervoxels", "reduce", "region-graph", "merge-graph",
+          "agglomerate", "remap")
+CHUNK_STAGES = STAGES[:6]
+TUNING_STAGES = STAGES[6:]
 WORK = "segmentation"  # the work directory, OUTPUT/segmentation/
 #: where the supervoxels are kept: per block, local labels and their table to supervoxel ids
 SUPERVOXEL_FILES = (f"{WORK}/labels/", f"{WORK}/tables/")
@@ -262,13 +278,14 @@ def _chunk(bounds: list[int], dataset: list[int]) -> tuple[Chunk, np.ndarray]:
 @queueable
 def SmoothTask(  # noqa: N802
     map_path: str, output_path: str, bounds: list[int], dataset: list[int], mip: int,
-    sigma: float, key: str,
+    sigma: float, key: str, publish_halo: bool = False,
 ) -> None:
     """DeepEM3D's in-plane Gaussian on one block of the map (read with its x, y halo).
 
     Writes the block, uint8 round(255 p), to the smoothed layer (mip 0 there: it has the map's
     geometry at `mip`). The halo stops at the segmented region, which is smoothed as if it were
     the volume, so every block's voxels equal the whole region's `smooth_map` bit for bit.
+    With `publish_halo`, also writes the smoothed block's halo slabs (the halo stage's work).
     """
     stage, task_id = Stage(output_path, "smooth"), block_id(Bbox(bounds[:3], bounds[3:]))
     if not _should_run(stage, task_id, key):
@@ -280,20 +297,67 @@ def SmoothTask(  # noqa: N802
     smoothed = smooth_chunk(box, lo, chunk, sigma)
     vol = _volume(smoothed_layer_path(output_path), 0)
     write_block(vol, bounds[:3], smoothed)
+    if publish_halo:
+        _put_halo(output_path, task_id, smoothed)
     _mark(stage, task_id, "SmoothTask", start, voxels=int(np.prod(chunk.shape)),
           read_voxels=int(np.prod(np.subtract(hi, lo))))
+
+
+def _halo_sides(values: np.ndarray) -> tuple[int, int]:
+    """(low, high) halo of the supervoxel stage for a map block (x, y, z or x, y, z, 3)."""
+    return SUPERVOXEL_HALO["boundary" if values.ndim == 3 else "affinity"]
+
+
+def _put_halo(output_path: str, task_id: str, block: np.ndarray) -> None:
+    files = _files(output_path)
+    for name, slab in halo_slabs(block, *_halo_sides(block)).items():
+        _put_npz(files, f"halo/{task_id}/{name}.npz", {"slab": slab})
+
+
+@queueable
+def HaloTask(  # noqa: N802
+    map_path: str, output_path: str, bounds: list[int], mip: int, key: str,
+) -> None:
+    """Publish the map voxels of one block that its neighbours' supervoxel tasks read as halo
+    (its first 2 and last 1 voxels along each axis), so that those decompress no chunk of it."""
+    stage, task_id = Stage(output_path, "halo"), block_id(Bbox(bounds[:3], bounds[3:]))
+    if not _should_run(stage, task_id, key):
+        return
+    start = time.perf_counter()
+    block = _map_box(_volume(map_path, mip), bounds[:3], bounds[3:])
+    _put_halo(output_path, task_id, block)
+    _mark(stage, task_id, "HaloTask", start, voxels=int(np.prod(block.shape[:3])))
+
+
+def _read_box(vol: CloudVolume, output_path: str, bounds: list[int], dataset: list[int],
+              task_shape: list[int] | None, box_lo, box_hi) -> np.ndarray:
+    """The map over box_lo..box_hi (absolute): the block from its own chunks and, with
+    `task_shape` (the halo stage or the smooth stage published slabs), the rest from the
+    slabs of the blocks around it; without, one cutout of the whole box."""
+    if task_shape is None:
+        return _map_box(vol, box_lo, box_hi)
+    files = _files(output_path)
+
+    def slab(lo, hi, name):
+        return _get_npz(files, f"halo/{block_id(Bbox(lo, hi))}/{name}.npz")["slab"]
+
+    return assemble_halo_box(_map_box(vol, bounds[:3], bounds[3:]), (bounds[:3], bounds[3:]),
+                             (box_lo, box_hi), (dataset[:3], dataset[3:]), task_shape, slab)
 
 
 @queueable
 def SupervoxelTask(  # noqa: N802
     map_path: str, output_path: str, bounds: list[int], dataset: list[int], mip: int, key: str,
+    task_shape: list[int] | None = None,
 ) -> None:
     """Steepest-descent basins of one block (map read with the 1-2 voxel halo they need), and
     the block's region graph over their local labels (the only stage that reads the map).
 
     `bounds` is the block, `dataset` the segmented region, both x0,y0,z0,x1,y1,z1 absolute.
-    Writes the block's local labels, its exits (what the reduce needs), its `ChunkGraph` and
-    its high faces (what the low neighbours' region-graph tasks need) to the work dir.
+    With `task_shape` (the grid's), the halo comes from the slabs the halo or smooth stage
+    published, else from the map. Writes the block's local labels, its exits (what the reduce
+    needs), its `ChunkGraph` and its high faces (what the low neighbours' region-graph tasks
+    need) to the work dir.
     """
     stage, task_id = Stage(output_path, "supervoxels"), block_id(Bbox(bounds[:3], bounds[3:]))
     if not _should_run(stage, task_id, key):
@@ -303,7 +367,7 @@ def SupervoxelTask(  # noqa: N802
     kind = "boundary" if vol.num_channels == 1 else "affinity"
     chunk, origin = _chunk(bounds, dataset)
     lo, hi = chunk.bounds(*SUPERVOXEL_HALO[kind])
-    box = _map_box(vol, origin + lo, origin + hi)
+    box = _read_box(vol, output_path, bounds, dataset, task_shape, origin + lo, origin + hi)
     labels, exits = supervoxel_chunk(box, lo, chunk)
     local = chunk_graph(labels, box, lo, chunk)
     arrays = local.to_arrays()

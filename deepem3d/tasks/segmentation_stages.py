@@ -46,6 +46,7 @@ from deepem3d.tasks.segmentation import (
     TUNING_STAGES,
     WORK,
     AgglomerateTask,
+    HaloTask,
     MergeGraphTask,
     ReduceTask,
     RegionGraphTask,
@@ -160,9 +161,16 @@ class SegmentPlan:
     def key(self, stage: str) -> str:
         return self.chunk_key if stage in CHUNK_STAGES else self.tuning_key
 
+    @property
+    def publishes_halo(self) -> bool:
+        """Whether blocks publish halo slabs: only when they have neighbours to read them."""
+        return len(self.blocks) > 1
+
     def task_count(self, stage: str) -> int:
         if stage == "smooth" and not self.smoothed:
             return 0
+        if stage == "halo" and (self.smoothed or not self.publishes_halo):
+            return 0  # the smooth tasks publish the slabs, or no block has a neighbour
         return 1 if stage in ("reduce", "merge-graph", "agglomerate") else len(self.blocks)
 
     @property
@@ -455,12 +463,20 @@ def create_stage_tasks(plan: SegmentPlan, name: str) -> tuple[Stage, list[partia
     segmented, segmented_mip = plan.segmented_map
     chunked = {"map_path": segmented, "dataset": plan.region, "mip": segmented_mip}
     blocks = {block_id(b): [int(v) for v in (*b.minpt, *b.maxpt)] for b in plan.blocks}
-    if name == "smooth":  # no tasks without --sigma: the stage is complete as soon as made
+    # a stage without tasks (smooth without --sigma, halo with it or with one block) is
+    # complete as soon as its manifest is written
+    halo = {"publish_halo": plan.publishes_halo}
+    if name == "smooth":
         tasks = {i: partial(SmoothTask, map_path=plan.map_path, bounds=b, dataset=plan.region,
-                            mip=plan.mip, sigma=plan.sigma, **common)
+                            mip=plan.mip, sigma=plan.sigma, **halo, **common)
                  for i, b in blocks.items()} if plan.smoothed else {}
+    elif name == "halo":
+        tasks = {i: partial(HaloTask, map_path=segmented, bounds=b, mip=segmented_mip,
+                            **common)
+                 for i, b in blocks.items()} if plan.task_count("halo") else {}
     elif name == "supervoxels":
-        tasks = {i: partial(SupervoxelTask, bounds=b, **chunked, **common)
+        grid = {"task_shape": list(plan.task_shape) if plan.publishes_halo else None}
+        tasks = {i: partial(SupervoxelTask, bounds=b, **chunked, **grid, **common)
                  for i, b in blocks.items()}
     elif name == "reduce":
         tasks = {"reduce": partial(ReduceTask, dataset=plan.region, volume=plan.volume,
@@ -503,11 +519,13 @@ def _blocks_below(bounds: list[int], plan: SegmentPlan) -> list[str | None]:
 
 
 def clean_intermediates(plan: SegmentPlan) -> None:
-    """Delete what no later stage reads: the exits once the reduce is complete, local graphs
-    and faces once every block's graph is, per-block graphs once the merged graph is. The
-    supervoxels (labels/ and tables/) and the smoothed map are kept: the input of a retune's
-    remap, and a result to view."""
+    """Delete what no later stage reads: the halo slabs once the supervoxels are complete, the
+    exits once the reduce is, local graphs and faces once every block's graph is, per-block
+    graphs once the merged graph is. The supervoxels (labels/ and tables/) and the smoothed map
+    are kept: the input of a retune's remap, and a result to view."""
     out = plan.output_path
+    if Stage(out, "supervoxels").is_complete():
+        _delete_prefixes(out, [f"{WORK}/halo/"])
     if Stage(out, "reduce").is_complete():
         _delete_prefixes(out, [f"{WORK}/exits/"])
     if Stage(out, "region-graph").is_complete():
@@ -573,6 +591,9 @@ def run_segmentation(
         stage, tasks = create_stage_tasks(plan, name)
         if name == "smooth" and not plan.smoothed:  # its manifest lists no task: complete
             echo("stage smooth: off (--sigma 0)")
+        elif name == "halo" and not plan.task_count("halo"):
+            echo("stage halo: " + ("published by smooth" if plan.smoothed else
+                                   "not needed (one block)"))
         elif not tasks:
             echo(f"stage {name}: complete ({len(stage.task_ids())} task(s) done before)")
         elif runner is not None:
