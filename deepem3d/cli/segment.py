@@ -59,7 +59,8 @@ def segment(
     """Segment the boundary (1 channel) or affinity (3 channels) map MAP into OUTPUT.
 
     Stages of queue tasks, each finished (its completion markers) before the next: smooth
-    (with --sigma > 0), supervoxels, reduce, region-graph, merge-graph, agglomerate, remap.
+    (with --sigma > 0), halo (without it, for more than one block), supervoxels, reduce,
+    region-graph, merge-graph, agglomerate, remap.
     OUTPUT is a uint64 compressed_segmentation layer, the same bytes whatever --task-shape.
     The work (the smoothed map, the supervoxels' labels and tables, the merged region graph)
     stays under OUTPUT/segmentation/, so another --method, --threshold or --dust-size with

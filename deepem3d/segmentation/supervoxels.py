@@ -474,6 +474,43 @@ def _affinity_pass(a, bxn, byn, bzn, c0x, c0y, c0z, nx, ny, nz, ox, oy, oz, dx_,
 
 
 @njit(cache=True)
+def _drain_local_plateaus(ptr, flat, j_src, r_src, r_dst):
+    """Drain, here, the flat sets that no plateau link joins to another chunk.
+
+    Such a set lies wholly inside the chunk, and no neighbour chunk links to it (plateau links
+    are symmetric), so its rim voxel of lowest global index is known now: point the set's root
+    there and mark its voxels not flat, as the reduce would have done. The chunk then has one
+    local label (and one basin in its region graph) where it had two, and hands the reduce
+    fewer rims (single-block ISBI-like maps: about a third of the local labels). Returns the
+    rims of the sets that stay, for the reduce.
+    """
+    n = ptr.size
+    linked = np.zeros(n, np.uint8)  # by set root
+    for k in range(j_src.size):
+        linked[_find(ptr, j_src[k])] = 1
+    best = np.full(n, -1, np.int32)  # by set root: its lowest rim voxel, if it drains here
+    rim_root = np.empty(r_src.size, np.int64)
+    for k in range(r_src.size):
+        r = _find(ptr, r_src[k])
+        rim_root[k] = r
+        if linked[r] == 0 and (best[r] < 0 or r_dst[k] < best[r]):
+            best[r] = r_dst[k]  # local order is global order: the lowest index wins
+    keep = np.zeros(r_src.size, np.bool_)
+    for k in range(r_src.size):
+        keep[k] = best[rim_root[k]] < 0
+    if r_src.size == keep.sum():
+        return r_src, r_dst
+    for i in range(n):
+        if flat[i] == 1 and best[_find(ptr, i)] >= 0:
+            flat[i] = 0
+    for k in range(r_src.size):
+        r = rim_root[k]
+        if best[r] >= 0:
+            ptr[r] = best[r]  # strictly downhill: the rim voxel descends, never back here
+    return r_src[keep], r_dst[keep]
+
+
+@njit(cache=True)
 def _label_chunk(ptr, flat, nx, ny, nz, gx0, gy0, gz0, dx_, dy_):
     """Local labels 1..n in scan order of first appearance, and each label's root index."""
     n = ptr.size
@@ -631,6 +668,7 @@ def supervoxel_chunk(
     else:
         passed = _affinity_pass(flat_box, bxn, byn, bzn, *c0, nx, ny, nz, *offset, *dataset)
     ptr, flat, ex_src, ex_tgt, j_src, j_tgt, r_src, r_dst, face = passed
+    r_src, r_dst = _drain_local_plateaus(ptr, flat, j_src, r_src, r_dst)
     labels, root = _label_chunk(ptr, flat, nx, ny, nz, *chunk.offset, dataset[0], dataset[1])
     best = _min_per_label(labels[r_src], r_dst, root.size)
     rim_labels = np.flatnonzero(best >= 0)
