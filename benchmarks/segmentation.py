@@ -8,15 +8,18 @@ memory, and how the cost per voxel grows with the volume.
    against the ground truth, waterz (its own fragments, OneMinus<MeanAffinity>) and deepem3d
    (`mean` and `watershed`) at several thresholds each. Throughput: voxels / the sum of every
    task's own seconds (from the completion markers: no process start, no queue), against
-   waterz's one whole-array call, medians of 3 runs each. Memory: the first task of each stage
-   runs in a fresh process and reports its peak RSS above the same process just before the
-   task (imports and numba's compiled code already loaded), against waterz's whole-array peak
-   measured the same way (its input included in both; peaks from Linux's VmHWM, reset just
-   before).
+   waterz's one whole-array call, medians of 3 runs each, both in warm processes (as a worker
+   that drains a queue is: imports done, numba's code loaded, the allocator used before;
+   waterz's module loaded and run once before on the same input). Memory, in a separate run:
+   the first task of each stage runs in a fresh process and reports its peak RSS above the
+   same process just before the task (imports and numba's compiled code already loaded),
+   against waterz's first whole-array call measured the same way (its input included in both;
+   peaks from Linux's VmHWM, reset just before).
 2. Synthetic cells (Voronoi, about 32 voxels across, a map shaped like a network's output, see
    `cell_map`) at 128^3, 256^3, 512^3, tasks of 128^3 (`--task-size`) on 64^3 map chunks:
-   seconds per voxel of each stage and of waterz, the memory of a block task (it should not
-   grow with the volume), and the single tasks' memory against the graph's edge count.
+   seconds per voxel of each stage and of waterz (timed as above), the memory of a block task
+   (it should not grow with the volume), and the single tasks' memory against the graph's
+   edge count.
 3. How many region-graph edges one AgglomerateTask holds in 24 GiB, and so the largest volume
    before the agglomeration itself must be split.
 
@@ -32,6 +35,7 @@ import ctypes
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MEAN_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.875, 0.9, 0.91, 0.92, 0.95]
 WATERSHED_THRESHOLDS = [0.05, 0.1, 0.19, 0.3, 0.5]
 GIB24 = 24 * 2**30
-REPEATS = 3  # ISBI throughput runs of each tool (medians reported)
+REPEATS = 3  # timed runs of each tool, after an untimed one (medians reported)
 
 
 @contextlib.contextmanager
@@ -101,16 +105,14 @@ def peak_rss() -> int:
 # Child processes: one task, or one waterz call, with the peak memory it adds
 
 
-def child_task(payload: str) -> None:
-    """Run one task (a JSON payload) after warming every numba kernel; print its memory."""
-    from taskqueue.queueables import totask
-
+def warm_kernels() -> None:
+    """Load every numba kernel a task calls, as a worker that has run one task before has
+    them (numba loads each compiled signature from its cache on first use: ~0.1 s per
+    process, once)."""
     import deepem3d.tasks  # noqa: F401  (registers the tasks)
     from deepem3d.segmentation.pipeline import segment, segment_chunked
     from deepem3d.segmentation.supervoxels import relabel
 
-    # every kernel a task calls, as a worker that has run one task before has them (numba
-    # loads each compiled signature from its cache on first use: ~0.1 s per process, once)
     warm = np.random.default_rng(0).integers(0, 256, (6, 5, 4, 3)).astype(np.uint8)
     for m in (warm, warm[..., 0]):
         segment(m, "mean", 0.5, dust_size=3)
@@ -118,6 +120,13 @@ def child_task(payload: str) -> None:
         segment_chunked(m, (3, 3, 2), "mean", 0.5, dust_size=3)
     for dtype in (np.uint8, np.uint16, np.uint32):  # labels are stored narrow
         relabel(np.ones((2, 2, 2), dtype, order="F"), np.arange(2, dtype=np.uint64))
+
+
+def child_task(payload: str) -> None:
+    """Run one task (a JSON payload) in this fresh process, kernels warmed; print its memory."""
+    from taskqueue.queueables import totask
+
+    warm_kernels()
     before = reset_peak()
     start = time.perf_counter()
     totask(json.loads(payload)).execute()
@@ -127,7 +136,8 @@ def child_task(payload: str) -> None:
 
 
 def child_waterz(npy: str, threshold: float) -> None:
-    """waterz on x,y,z,3 uint8 affinities from `npy`: seconds and the peak memory it adds."""
+    """waterz on x,y,z,3 uint8 affinities from `npy`: the peak memory its first call adds, and
+    the seconds of that call and of REPEATS more (warm: the allocator has served one)."""
     import waterz
 
     tiny = np.random.default_rng(0).random((3, 4, 5, 6)).astype(np.float32)
@@ -139,12 +149,19 @@ def child_waterz(npy: str, threshold: float) -> None:
     affs = np.ascontiguousarray(a.transpose(3, 2, 1, 0)[::-1]).astype(np.float32) / 255
     del a
     loaded = time.perf_counter()
-    with quiet_stdout():
-        segs = [s.copy() for s in waterz.agglomerate(affs, [threshold])]
-    seconds = time.perf_counter() - loaded
-    print(json.dumps({"seconds": seconds, "load_seconds": loaded - start, "baseline": before,
-                      "peak": peak_rss(), "added": peak_rss() - before,
-                      "segments": int(np.unique(segs[0]).size)}))
+    calls = []
+    for k in range(1 + REPEATS):
+        call = time.perf_counter()
+        with quiet_stdout():
+            segs = [s.copy() for s in waterz.agglomerate(affs, [threshold])]
+        calls.append(time.perf_counter() - call)
+        if k == 0:
+            added = peak_rss() - before
+            segments = int(np.unique(segs[0]).size)
+        del segs
+    print(json.dumps({"seconds": float(np.median(calls[1:])), "all_seconds": calls[1:],
+                      "cold_seconds": calls[0], "load_seconds": loaded - start,
+                      "baseline": before, "added": added, "segments": segments}))
 
 
 def in_child(*args: str) -> dict:
@@ -178,6 +195,22 @@ class Runner:
             else:
                 totask(payload).execute()
         return f"{stage.name}: {len(tasks)}"
+
+
+def timed_runs(map_path: str, output: str, method: str, threshold: float,
+               task_shape) -> tuple[dict, list[float]]:
+    """Seconds per stage (medians) and in all of REPEATS runs in this process, after one
+    untimed run: a worker that drains a queue is warm, and the race is decided by a few
+    percent. Each run writes a fresh layer beside `output`, deleted after."""
+    warm_kernels()
+    runs = []
+    for k in range(1 + REPEATS):
+        timed = f"{output}_timed{k}"
+        runs.append(run(map_path, timed, method, threshold, task_shape, False, True)[0])
+        shutil.rmtree(timed.removeprefix("file://"))
+    runs = runs[1:]
+    seconds = {s: float(np.median([r[s] for r in runs])) for s in runs[0]}
+    return seconds, [sum(r.values()) for r in runs]
 
 
 def records(output: str, stage: str) -> list[dict]:
@@ -247,12 +280,8 @@ def isbi(work: Path) -> dict:
     seconds, memory = run(map_path, output, "mean", 0.5, task_shape, True, True)
     first = read(output)
     identical = bool(np.array_equal(first, segment(affinities, "mean", 0.5)))
-    # the throughput race is decided by a few percent: the median of REPEATS fresh runs
-    runs = [seconds] + [run(map_path, f"{output}_repeat{k}", "mean", 0.5, task_shape, False,
-                            True)[0] for k in range(1, REPEATS)]
-    totals = [sum(r.values()) for r in runs]
+    seconds, totals = timed_runs(map_path, output, "mean", 0.5, task_shape)
     total_seconds = float(np.median(totals))
-    seconds = {s: float(np.median([r[s] for r in runs])) for s in seconds}
     for method, thresholds in (("mean", MEAN_THRESHOLDS), ("watershed", WATERSHED_THRESHOLDS)):
         for t in thresholds:
             measure = method == "watershed" and t == thresholds[0]
@@ -274,9 +303,7 @@ def isbi(work: Path) -> dict:
                      "voi_split": score["voi_split"], "voi_merge": score["voi_merge"]})
     npy = work / "isbi_affinities.npy"
     np.save(npy, affinities)
-    waterz_runs = [in_child("--waterz", str(npy), "0.5") for _ in range(REPEATS)]
-    wz = dict(waterz_runs[0], seconds=float(np.median([w["seconds"] for w in waterz_runs])),
-              all_seconds=[w["seconds"] for w in waterz_runs])
+    wz = in_child("--waterz", str(npy), "0.5")
     edges = records(output, "merge-graph")[0]["edges"]
     return {
         "voxels": voxels, "task_shape": task_shape, "blocks": len(records(output, "remap")),
@@ -308,7 +335,8 @@ def print_isbi(result: dict) -> None:
           f"{result['deepem3d_voxels_per_s'] / result['waterz_voxels_per_s']:.2f} (medians of "
           f"{REPEATS} runs each; deepem3d "
           f"{', '.join(f'{v:.2f}' for v in result['deepem3d_all_seconds'])} s, waterz "
-          f"{', '.join(f'{v:.2f}' for v in wz['all_seconds'])} s)")
+          f"{', '.join(f'{v:.2f}' for v in wz['all_seconds'])} s; waterz's first, cold call "
+          f"{wz['cold_seconds']:.2f} s)")
     print("  per stage, medians (s): " + ", ".join(f"{k} {v:.2f}" for k, v in
                                            result["stage_seconds"].items()))
     print(f"memory added by one task (fresh process; its baseline ~"
@@ -351,7 +379,8 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
     del affinities
     made = time.perf_counter() - start
     output = f"file://{work / f'syn{size}_seg'}"
-    seconds, memory = run(map_path, output, "mean", 0.5, (task,) * 3, True, True)
+    _, memory = run(map_path, output, "mean", 0.5, (task,) * 3, True, True)
+    seconds, totals = timed_runs(map_path, output, "mean", 0.5, (task,) * 3)
     merged = records(output, "merge-graph")[0]
     reduce = records(output, "reduce")[0]
     wz = in_child("--waterz", str(npy), "0.5")
@@ -359,7 +388,8 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
     voxels = size**3
     return {"size": size, "task": task, "voxels": voxels, "setup_seconds": made,
             "stage_seconds": seconds,
-            "deepem3d_seconds": sum(seconds.values()), "waterz": wz, "memory": memory,
+            "deepem3d_seconds": float(np.median(totals)), "deepem3d_all_seconds": totals,
+            "waterz": wz, "memory": memory,
             "edges": merged["edges"], "supervoxels": merged["supervoxels"],
             "exits_bytes": reduce["exits_bytes"]}
 
@@ -367,7 +397,7 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
 def print_synthetic(results: list[dict]) -> None:
     task = results[0]["task"]
     print(f"\n== synthetic cells (Voronoi, ~32 voxels across, smooth noise), tasks of {task}^3, "
-          "mean 0.5; ns per voxel")
+          f"mean 0.5; ns per voxel, medians of {REPEATS} warm runs")
     stages = list(results[0]["stage_seconds"])
     head = f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages)
     print(head + f"{'deepem3d':>10}{'waterz':>9}{'ratio':>7}")
