@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from deepem3d.segmentation.agglomeration import (
+    _pair_delete,
+    _pair_find,
+    _pair_key,
     agglomerate,
     agglomerate_mean,
     agglomerate_watershed,
@@ -68,6 +71,73 @@ def test_mean_matches_a_slow_greedy_reference_with_ties() -> None:
         ours = agglomerate_mean(g, thresholds)
         for t, table in zip(thresholds, ours):
             np.testing.assert_array_equal(table, slow_mean(g, t))
+
+
+def slow_dust(g: RegionGraph, segments: np.ndarray, size: int) -> np.ndarray:
+    """Dust merging step by step: the smallest segment under `size` (ties: smaller id) that
+    has a neighbour joins the one it shares most contact with (ties: smaller id)."""
+    seg = {int(i): int(s) for i, s in zip(g.ids, segments)}
+    while True:
+        sizes: dict[int, int] = {}
+        for i, n in zip(g.ids, g.sizes):
+            sizes[seg[int(i)]] = sizes.get(seg[int(i)], 0) + int(n)
+        contact: dict[int, dict[int, int]] = {}
+        for u, v, c in zip(g.u, g.v, g.count):
+            a, b = seg[int(u)], seg[int(v)]
+            if a != b:
+                for x, y in ((a, b), (b, a)):
+                    contact.setdefault(x, {})[y] = contact.get(x, {}).get(y, 0) + int(c)
+        small = sorted((n, s) for s, n in sizes.items() if n < size and s in contact)
+        if not small:
+            return np.array([seg[int(i)] for i in g.ids], np.uint64)
+        _, s = small[0]
+        into = min(contact[s].items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        merged = min(s, into)
+        seg = {i: merged if t in (s, into) else t for i, t in seg.items()}
+
+
+def test_mean_and_dust_match_the_references_on_graphs_with_hubs() -> None:
+    # a wide range of sums: some regions grow to neighbour most of the graph, so merges move
+    # long edge lists and fold many edges at once
+    rng = np.random.default_rng(5)
+    for trial in range(4):
+        affinity = bool(trial % 2)
+        shape = (12, 10, 5) + ((3,) if affinity else ())
+        m = rng.integers(0, 6, shape).astype(np.uint8) * 40
+        g = region_graph(supervoxels(m), m)
+        thresholds = [0.3, 0.6, 0.9]
+        for t, table in zip(thresholds, agglomerate_mean(g, thresholds)):
+            np.testing.assert_array_equal(table, slow_mean(g, t))
+            for size in (5, 40):
+                np.testing.assert_array_equal(merge_dust(g, table, size),
+                                              slow_dust(g, table, size))
+
+
+def test_pair_table_finds_and_deletes_like_a_dict() -> None:
+    # the agglomeration's open-addressing table (linear probing, backward-shift deletion),
+    # tiny so that probes collide and wrap around
+    rng = np.random.default_rng(6)
+    bits = 5
+    keys = np.zeros(1 << bits, np.uint64)
+    edges = np.zeros(1 << bits, np.int32)
+    shift = np.uint64(64 - bits)
+    model: dict[int, int] = {}
+    for step in range(3000):
+        a, b = (int(v) for v in rng.choice(40, 2, replace=False))
+        key = np.uint64(_pair_key(a, b))
+        assert key == _pair_key(b, a) != 0
+        k = _pair_find(keys, shift, key)
+        if int(key) in model:
+            assert keys[k] == key and edges[k] == model[int(key)]
+            if rng.random() < 0.6:
+                _pair_delete(keys, edges, shift, k)
+                del model[int(key)]
+        elif len(model) < 16:
+            assert keys[k] == 0
+            keys[k], edges[k] = key, step
+            model[int(key)] = step
+        live = {int(v): int(e) for v, e in zip(keys, edges) if v != 0}
+        assert live == model
 
 
 def test_thresholds_come_back_in_the_order_given_and_nest() -> None:
