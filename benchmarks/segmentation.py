@@ -440,8 +440,10 @@ def capacity(isbi_result: dict | None, synthetic_results: list[dict]) -> None:
         if "agglomerate (watershed)" in m:
             measured["watershed, ISBI (measured here)"] = (
                 m["agglomerate (watershed)"]["added"] / isbi_result["edges"])
-    measured["mean (helper measurement)"] = 245
-    measured["watershed (helper measurement)"] = 75
+    from deepem3d.tasks.segmentation_stages import BYTES_PER_EDGE
+
+    for method, per_edge in BYTES_PER_EDGE.items():
+        measured[f"{method} (the planner's sizing constant)"] = per_edge
     densities = {f"synthetic {r['size']}^3": r["edges"] / r["voxels"] for r in synthetic_results}
     if isbi_result:
         densities["ISBI"] = isbi_result["edges"] / isbi_result["voxels"]

@@ -6,9 +6,6 @@ import numpy as np
 import pytest
 
 from deepem3d.segmentation.agglomeration import (
-    _pair_delete,
-    _pair_find,
-    _pair_key,
     agglomerate,
     agglomerate_mean,
     agglomerate_watershed,
@@ -111,33 +108,6 @@ def test_mean_and_dust_match_the_references_on_graphs_with_hubs() -> None:
             for size in (5, 40):
                 np.testing.assert_array_equal(merge_dust(g, table, size),
                                               slow_dust(g, table, size))
-
-
-def test_pair_table_finds_and_deletes_like_a_dict() -> None:
-    # the agglomeration's open-addressing table (linear probing, backward-shift deletion),
-    # tiny so that probes collide and wrap around
-    rng = np.random.default_rng(6)
-    bits = 5
-    keys = np.zeros(1 << bits, np.uint64)
-    edges = np.zeros(1 << bits, np.int32)
-    shift = np.uint64(64 - bits)
-    model: dict[int, int] = {}
-    for step in range(3000):
-        a, b = (int(v) for v in rng.choice(40, 2, replace=False))
-        key = np.uint64(_pair_key(a, b))
-        assert key == _pair_key(b, a) != 0
-        k = _pair_find(keys, shift, key)
-        if int(key) in model:
-            assert keys[k] == key and edges[k] == model[int(key)]
-            if rng.random() < 0.6:
-                _pair_delete(keys, edges, shift, k)
-                del model[int(key)]
-        elif len(model) < 16:
-            assert keys[k] == 0
-            keys[k], edges[k] = key, step
-            model[int(key)] = step
-        live = {int(v): int(e) for v, e in zip(keys, edges) if v != 0}
-        assert live == model
 
 
 def test_thresholds_come_back_in_the_order_given_and_nest() -> None:
