@@ -8,9 +8,9 @@ memory, and how the cost per voxel grows with the volume.
    against the ground truth, waterz (its own fragments, OneMinus<MeanAffinity>) and deepem3d
    (`mean` and `watershed`) at several thresholds each. Throughput: voxels / the sum of every
    task's own seconds (from the completion markers: no process start, no queue), against
-   waterz's one whole-array call, medians of 3 runs each, both in warm processes (as a worker
-   that drains a queue is: imports done, numba's code loaded, the allocator used before;
-   waterz's module loaded and run once before on the same input). Memory, in a separate run:
+   waterz's one whole-array call, medians of 5 runs each in this process, warm (as a worker
+   that drains a queue is: imports done, numba's code loaded, one untimed run of each tool
+   first) and interleaved, so that the machine's drift falls on both. Memory, in a separate run:
    the first task of each stage runs in a fresh process and reports its peak RSS above the
    same process just before the task (imports and numba's compiled code already loaded),
    against waterz's first whole-array call measured the same way (its input included in both;
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MEAN_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.875, 0.9, 0.91, 0.92, 0.95]
 WATERSHED_THRESHOLDS = [0.05, 0.1, 0.19, 0.3, 0.5]
 GIB24 = 24 * 2**30
-REPEATS = 3  # timed runs of each tool, after an untimed one (medians reported)
+REPEATS = 5  # timed runs of each tool, interleaved, after an untimed one (medians)
 
 
 @contextlib.contextmanager
@@ -136,32 +136,22 @@ def child_task(payload: str) -> None:
 
 
 def child_waterz(npy: str, threshold: float) -> None:
-    """waterz on x,y,z,3 uint8 affinities from `npy`: the peak memory its first call adds, and
-    the seconds of that call and of REPEATS more (warm: the allocator has served one)."""
+    """waterz on x,y,z,3 uint8 affinities from `npy`, in this fresh process: the peak memory
+    its call adds (its input included) and that cold call's seconds."""
     import waterz
 
     tiny = np.random.default_rng(0).random((3, 4, 5, 6)).astype(np.float32)
     with quiet_stdout():
         [s.copy() for s in waterz.agglomerate(tiny, [0.5])]  # loads its compiled module
     before = reset_peak()
+    affs = waterz_input(np.load(npy))
     start = time.perf_counter()
-    a = np.load(npy)
-    affs = np.ascontiguousarray(a.transpose(3, 2, 1, 0)[::-1]).astype(np.float32) / 255
-    del a
-    loaded = time.perf_counter()
-    calls = []
-    for k in range(1 + REPEATS):
-        call = time.perf_counter()
-        with quiet_stdout():
-            segs = [s.copy() for s in waterz.agglomerate(affs, [threshold])]
-        calls.append(time.perf_counter() - call)
-        if k == 0:
-            added = peak_rss() - before
-            segments = int(np.unique(segs[0]).size)
-        del segs
-    print(json.dumps({"seconds": float(np.median(calls[1:])), "all_seconds": calls[1:],
-                      "cold_seconds": calls[0], "load_seconds": loaded - start,
-                      "baseline": before, "added": added, "segments": segments}))
+    with quiet_stdout():
+        segs = [s.copy() for s in waterz.agglomerate(affs, [threshold])]
+    seconds = time.perf_counter() - start
+    print(json.dumps({"cold_seconds": seconds, "baseline": before, "peak": peak_rss(),
+                      "added": peak_rss() - before,
+                      "segments": int(np.unique(segs[0]).size)}))
 
 
 def in_child(*args: str) -> dict:
@@ -197,20 +187,43 @@ class Runner:
         return f"{stage.name}: {len(tasks)}"
 
 
-def timed_runs(map_path: str, output: str, method: str, threshold: float,
-               task_shape) -> tuple[dict, list[float]]:
-    """Seconds per stage (medians) and in all of REPEATS runs in this process, after one
-    untimed run: a worker that drains a queue is warm, and the race is decided by a few
-    percent. Each run writes a fresh layer beside `output`, deleted after."""
+def waterz_input(affinities: np.ndarray) -> np.ndarray:
+    """waterz's layout of x,y,z,3 uint8 affinities: float32 (c, z, y, x), channels z, y, x."""
+    return np.ascontiguousarray(affinities.transpose(3, 2, 1, 0)[::-1]).astype(np.float32) / 255
+
+
+def race(map_path: str, output: str, task_shape, affinities: np.ndarray, threshold: float,
+         repeats: int) -> tuple[dict, list[float], list[float]]:
+    """Both tools timed in this process, warm (a worker that drains a queue is: one untimed
+    run of each first) and interleaved, deepem3d then waterz, `repeats` times, so that the
+    machine's drift (this VM's speed wanders by tens of percent over minutes) falls on both.
+    Returns deepem3d's median seconds per stage, its totals, and waterz's seconds. Each
+    deepem3d run writes a fresh layer beside `output`, deleted after."""
+    import waterz
+
     warm_kernels()
-    runs = []
-    for k in range(1 + REPEATS):
+    affs = waterz_input(affinities)
+
+    def ours(k: int) -> dict:
         timed = f"{output}_timed{k}"
-        runs.append(run(map_path, timed, method, threshold, task_shape, False, True)[0])
+        seconds = run(map_path, timed, "mean", threshold, task_shape, False, True)[0]
         shutil.rmtree(timed.removeprefix("file://"))
-    runs = runs[1:]
+        return seconds
+
+    def theirs() -> float:
+        start = time.perf_counter()
+        with quiet_stdout():
+            [seg.copy() for seg in waterz.agglomerate(affs, [threshold])]
+        return time.perf_counter() - start
+
+    ours(-1)
+    theirs()
+    runs, waterz_seconds = [], []
+    for k in range(repeats):
+        runs.append(ours(k))
+        waterz_seconds.append(theirs())
     seconds = {s: float(np.median([r[s] for r in runs])) for s in runs[0]}
-    return seconds, [sum(r.values()) for r in runs]
+    return seconds, [sum(r.values()) for r in runs], waterz_seconds
 
 
 def records(output: str, stage: str) -> list[dict]:
@@ -280,7 +293,8 @@ def isbi(work: Path) -> dict:
     seconds, memory = run(map_path, output, "mean", 0.5, task_shape, True, True)
     first = read(output)
     identical = bool(np.array_equal(first, segment(affinities, "mean", 0.5)))
-    seconds, totals = timed_runs(map_path, output, "mean", 0.5, task_shape)
+    seconds, totals, waterz_seconds = race(map_path, output, task_shape, affinities, 0.5,
+                                           REPEATS)
     total_seconds = float(np.median(totals))
     for method, thresholds in (("mean", MEAN_THRESHOLDS), ("watershed", WATERSHED_THRESHOLDS)):
         for t in thresholds:
@@ -293,9 +307,9 @@ def isbi(work: Path) -> dict:
                          "adapted_rand_error": score["adapted_rand_error"], "voi": score["voi"],
                          "voi_split": score["voi_split"], "voi_merge": score["voi_merge"],
                          "retune_seconds": secs["agglomerate"] + secs["remap"]})
-    affs = np.ascontiguousarray(affinities.transpose(3, 2, 1, 0)[::-1]).astype(np.float32) / 255
     with quiet_stdout():
-        waterz_segs = [s.copy() for s in waterz.agglomerate(affs, MEAN_THRESHOLDS)]
+        waterz_segs = [s.copy() for s in waterz.agglomerate(waterz_input(affinities),
+                                                            MEAN_THRESHOLDS)]
     for t, seg in zip(MEAN_THRESHOLDS, waterz_segs):
         score = evaluate(seg, gt_zyx)
         rows.append({"tool": "waterz", "threshold": t,
@@ -303,7 +317,8 @@ def isbi(work: Path) -> dict:
                      "voi_split": score["voi_split"], "voi_merge": score["voi_merge"]})
     npy = work / "isbi_affinities.npy"
     np.save(npy, affinities)
-    wz = in_child("--waterz", str(npy), "0.5")
+    wz = dict(in_child("--waterz", str(npy), "0.5"), seconds=float(np.median(waterz_seconds)),
+              all_seconds=waterz_seconds)
     edges = records(output, "merge-graph")[0]["edges"]
     return {
         "voxels": voxels, "task_shape": task_shape, "blocks": len(records(output, "remap")),
@@ -333,7 +348,7 @@ def print_isbi(result: dict) -> None:
           f"task seconds summed: {result['deepem3d_seconds']:.2f} s), waterz "
           f"{result['waterz_voxels_per_s'] / 1e6:.2f} Mvoxel/s ({wz['seconds']:.2f} s); ratio "
           f"{result['deepem3d_voxels_per_s'] / result['waterz_voxels_per_s']:.2f} (medians of "
-          f"{REPEATS} runs each; deepem3d "
+          f"{REPEATS} interleaved warm runs each; deepem3d "
           f"{', '.join(f'{v:.2f}' for v in result['deepem3d_all_seconds'])} s, waterz "
           f"{', '.join(f'{v:.2f}' for v in wz['all_seconds'])} s; waterz's first, cold call "
           f"{wz['cold_seconds']:.2f} s)")
@@ -376,14 +391,17 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
     map_path = write_map(f"file://{work / f'syn{size}_map'}", affinities, (64, 64, 64))
     npy = work / f"syn{size}.npy"
     np.save(npy, affinities)
-    del affinities
     made = time.perf_counter() - start
     output = f"file://{work / f'syn{size}_seg'}"
     _, memory = run(map_path, output, "mean", 0.5, (task,) * 3, True, True)
-    seconds, totals = timed_runs(map_path, output, "mean", 0.5, (task,) * 3)
+    repeats = REPEATS if size <= 256 else 3  # 512^3: about a minute a pair
+    seconds, totals, waterz_seconds = race(map_path, output, (task,) * 3, affinities, 0.5,
+                                           repeats)
+    del affinities
     merged = records(output, "merge-graph")[0]
     reduce = records(output, "reduce")[0]
-    wz = in_child("--waterz", str(npy), "0.5")
+    wz = dict(in_child("--waterz", str(npy), "0.5"), seconds=float(np.median(waterz_seconds)),
+              all_seconds=waterz_seconds)
     npy.unlink()
     voxels = size**3
     return {"size": size, "task": task, "voxels": voxels, "setup_seconds": made,
@@ -397,7 +415,7 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
 def print_synthetic(results: list[dict]) -> None:
     task = results[0]["task"]
     print(f"\n== synthetic cells (Voronoi, ~32 voxels across, smooth noise), tasks of {task}^3, "
-          f"mean 0.5; ns per voxel, medians of {REPEATS} warm runs")
+          f"mean 0.5; ns per voxel, medians of {REPEATS} (512^3: 3) interleaved warm runs")
     stages = list(results[0]["stage_seconds"])
     head = f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages)
     print(head + f"{'deepem3d':>10}{'waterz':>9}{'ratio':>7}")
