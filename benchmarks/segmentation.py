@@ -290,7 +290,7 @@ def isbi(work: Path) -> dict:
     task_shape = (256, 256, 10)
 
     rows = []
-    seconds, memory = run(map_path, output, "mean", 0.5, task_shape, True, True)
+    _, memory = run(map_path, output, "mean", 0.5, task_shape, True, True)
     first = read(output)
     identical = bool(np.array_equal(first, segment(affinities, "mean", 0.5)))
     seconds, totals, waterz_seconds = race(map_path, output, task_shape, affinities, 0.5,
@@ -405,7 +405,7 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
     npy.unlink()
     voxels = size**3
     return {"size": size, "task": task, "voxels": voxels, "setup_seconds": made,
-            "stage_seconds": seconds,
+            "repeats": repeats, "stage_seconds": seconds,
             "deepem3d_seconds": float(np.median(totals)), "deepem3d_all_seconds": totals,
             "waterz": wz, "memory": memory,
             "edges": merged["edges"], "supervoxels": merged["supervoxels"],
@@ -415,16 +415,16 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
 def print_synthetic(results: list[dict]) -> None:
     task = results[0]["task"]
     print(f"\n== synthetic cells (Voronoi, ~32 voxels across, smooth noise), tasks of {task}^3, "
-          f"mean 0.5; ns per voxel, medians of {REPEATS} (512^3: 3) interleaved warm runs")
+          "mean 0.5; ns per voxel, medians of `runs` interleaved warm runs of each tool")
     stages = list(results[0]["stage_seconds"])
     head = f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages)
-    print(head + f"{'deepem3d':>10}{'waterz':>9}{'ratio':>7}")
+    print(head + f"{'deepem3d':>10}{'waterz':>9}{'ratio':>7}{'runs':>6}")
     for r in results:
         ns = {s: 1e9 * v / r["voxels"] for s, v in r["stage_seconds"].items()}
         ours = 1e9 * r["deepem3d_seconds"] / r["voxels"]
         theirs = 1e9 * r["waterz"]["seconds"] / r["voxels"]
         print(f"{r['size']:>5}^3" + "".join(f"{ns[s]:>13.1f}" for s in stages)
-              + f"{ours:>10.1f}{theirs:>9.1f}{theirs / ours:>7.2f}")
+              + f"{ours:>10.1f}{theirs:>9.1f}{theirs / ours:>7.2f}{r['repeats']:>6}")
     print(f"memory added by one task (MiB; block stages: one {task}^3 block):")
     print(f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages) + f"{'waterz':>9}")
     for r in results:
