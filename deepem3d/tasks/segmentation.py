@@ -23,6 +23,7 @@ region-graph    block  local_graphs/B.npz + tables/B.npy + the low neighbours' f
 merge-graph     1      every graphs/B.npz -> segmentation/graph.npz (the merged region graph)
 agglomerate     1      graph.npz -> segmentation/segments.npz (supervoxel -> segment table)
 remap           block  labels/B.npz + tables/B.npy + segments.npz -> the segmentation layer
+                       (compressed_segmentation chunks encoded by deepem3d.cseg)
 ==============  =====  ==========================================================================
 
 Planning, creating the tasks and running the stages: deepem3d.tasks.segmentation_stages.
