@@ -20,8 +20,8 @@ from numba import njit
 
 __all__ = ["encode"]
 
-#: distinct values in a block up to which a linear scan finds them; more sort the block
-_FEW = 32
+#: distinct values in a block up to which a linear scan finds them; more go through a hash table
+_FEW = 8
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -67,36 +67,41 @@ def _distinct(flat, p0, sy, sz, ax, ay, az, bx, by, table, slot_of):
 
 
 @njit(cache=True)
-def _sorted_distinct(flat, p0, sy, sz, ax, ay, az, bx, by, table, slot_of, scratch):
-    """`_distinct` for blocks of many values, by sorting: table[:n] sorted, slot_of the
-    voxels' positions in it."""
-    k = 0
-    for z in range(az):
-        for y in range(ay):
-            p = p0 + y * sy + z * sz
-            for x in range(ax):
-                scratch[k] = flat[p + x]
-                k += 1
-    values = np.sort(scratch[:k])
+def _hashed_distinct(flat, p0, sy, sz, ax, ay, az, bx, by, table, slot_of, keys, slots):
+    """`_distinct` for blocks of many values, through an open-addressing table (`keys`,
+    `slots`: a power of two, at least twice the block, `slots` all -1, and left so)."""
+    mask = slots.size - 1
+    bits = 0
+    while (1 << bits) < slots.size:
+        bits += 1
+    shift = np.uint64(64 - bits)
     n = 0
-    for i in range(k):
-        if i == 0 or values[i] != values[i - 1]:
-            table[n] = values[i]
-            n += 1
+    k = 0
+    prev = flat[p0]
     for z in range(az):
         for y in range(ay):
             row = bx * (y + by * z)
             p = p0 + y * sy + z * sz
             for x in range(ax):
                 v = flat[p + x]
-                lo, hi = 0, n
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if table[mid] < v:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                slot_of[row + x] = lo
+                if n == 0 or v != prev:
+                    prev = v
+                    i = np.int64((np.uint64(v) * _GOLDEN) >> shift)
+                    while slots[i] >= 0 and keys[i] != v:
+                        i = (i + 1) & mask
+                    if slots[i] < 0:
+                        keys[i] = v
+                        slots[i] = n
+                        table[n] = v
+                        n += 1
+                    k = slots[i]
+                slot_of[row + x] = k
+    for j in range(n):  # clear the slots used, not the whole table
+        v = table[j]
+        i = np.int64((np.uint64(v) * _GOLDEN) >> shift)
+        while keys[i] != v or slots[i] < 0:
+            i = (i + 1) & mask
+        slots[i] = -1
     return n
 
 
@@ -118,6 +123,11 @@ def _encode_channel(flat, nx, ny, nz, bx, by, bz, out, base):
     scratch = np.empty(block_voxels, flat.dtype)
     slot_of = np.empty(block_voxels, np.int64)
     rank = np.empty(block_voxels + 1, np.int64)
+    size = 2
+    while size < 2 * block_voxels:
+        size *= 2
+    keys = np.empty(size, flat.dtype)
+    slots = np.full(size, -1, np.int64)
     rank[block_voxels] = 0
     for kz in range(gz):
         for ky in range(gy):
@@ -136,12 +146,14 @@ def _encode_channel(flat, nx, ny, nz, bx, by, bz, out, base):
                                 r += 1
                         rank[i] = r
                         scratch[r] = table[i]
-                    table[:n] = scratch[:n]
                 else:
-                    n = _sorted_distinct(flat, p0, nx, nx * ny, ax, ay, az, bx, by, table,
-                                         slot_of, scratch)
+                    n = _hashed_distinct(flat, p0, nx, nx * ny, ax, ay, az, bx, by, table,
+                                         slot_of, keys, slots)
+                    order = np.argsort(table[:n])
                     for i in range(n):
-                        rank[i] = i
+                        rank[order[i]] = i
+                        scratch[i] = table[order[i]]
+                table[:n] = scratch[:n]
                 bits = 0
                 if n != 1:
                     bits = 1
