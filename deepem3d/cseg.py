@@ -2,12 +2,13 @@
 
 The remap stage writes the whole segmentation layer, and encoding its chunks with the
 reference encoder (the `compressed_segmentation` package CloudVolume calls) was a third of
-that stage: it hashes every voxel's value twice. Here a block's few distinct values are found
-by a scan that skips runs, and each voxel's index by a search from the previous one's. The
-output is the reference encoder's, byte for byte (tests compare them), so nothing reading the
-layer can tell: per block, the sorted distinct values as the lookup table, indices packed at
-0, 1, 2, 4, 8, 16 or 32 bits (padding past the volume's end as index 0), and a table already
-written in the channel reused by offset. Format:
+that stage: it hashes every voxel's value twice. Here one scan of a block finds its distinct
+values (skipping runs; a linear search among up to 8, else a hash table) and notes each
+voxel's slot among them; the slots' ranks are then packed a word at a time. The output is the
+reference encoder's, byte for byte (tests compare them), so nothing reading the layer can
+tell: per block, the sorted distinct values as the lookup table, indices packed at 0, 1, 2,
+4, 8, 16 or 32 bits (padding past the volume's end as index 0), and a table already written
+in the channel reused by offset. Format:
 https://github.com/google/neuroglancer/tree/master/src/sliceview/compressed_segmentation
 """
 
