@@ -481,13 +481,16 @@ def main() -> None:
                         help="edge of the synthetic volumes' task blocks (map chunks: 64^3); a "
                         "block reads up to (task / 64 + 2)^3 chunks for its halo")
     parser.add_argument("--skip-isbi", action="store_true")
-    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--workdir", default=None,
+                        help="where the layers go (made if missing; default: the system's temp)")
     parser.add_argument("--json", default=None, help="Also write every figure to this file.")
     args = parser.parse_args()
     if args.run_task:
         return child_task(args.run_task)
     if args.waterz:
         return child_waterz(args.waterz[0], float(args.waterz[1]))
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deepem3d-bench-", dir=args.workdir) as tmp:
         work = Path(tmp)
         print(f"machine: {os.cpu_count()} CPU(s); load average {os.getloadavg()[0]:.1f} at start")
