@@ -249,6 +249,9 @@ def bad_maps(tmp_path_factory) -> dict[str, str]:
         out[name] = f"file://{root / name}"
         create_layer(out[name], layer_type="image", dtype=dtype, resolution=(4, 4, 40),
                      size=(8, 8, 2), chunk_size=(8, 8, 2), num_channels=channels)
+    out["big"] = f"file://{root / 'big'}"  # an info file only: planning reads no chunk
+    create_layer(out["big"], layer_type="image", dtype="uint8", resolution=(4, 4, 40),
+                 size=(1344, 1344, 1344), chunk_size=(64, 64, 64), num_channels=1)
     return out
 
 
@@ -261,6 +264,7 @@ def bad_maps(tmp_path_factory) -> dict[str, str]:
         ("channels", ("has 2 channels", "affinity map 3")),
         ("bounds", ("--bounds", "reach outside")),
         ("holds-data", ("holds data that `deepem3d segment` did not write", "--overwrite")),
+        ("block-too-big", ("1344 x 1344 x 1344 voxels", "fewer than 2**31")),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, maps, bad_maps, case, fragments):
@@ -274,6 +278,8 @@ def test_bad_input_is_one_line_exit_2(tmp_path, maps, bad_maps, case, fragments)
         path = bad_maps["two"]
     elif case == "bounds":
         extra = ["--bounds", "0,0,0,96,80,11"]
+    elif case == "block-too-big":
+        path, extra = bad_maps["big"], ["--task-shape", "1344,1344,1344"]
     elif case == "holds-data":
         vol = create_layer(f"file://{output}", layer_type="segmentation", dtype="uint64",
                            resolution=(4, 4, 40), size=SHAPE, chunk_size=CHUNK)

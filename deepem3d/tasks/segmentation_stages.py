@@ -250,6 +250,17 @@ def _manifest_key(output_path: str, stage: str) -> str | None:
     return None if manifest is None else manifest.get("parameters", {}).get("key")
 
 
+def _check_block_size(task_shape: tuple[int, int, int], bounds: Bbox) -> None:
+    """The supervoxel kernels index a block's voxels (halo included) with 32 bits."""
+    extent = [min(t, int(s)) for t, s in zip(task_shape, bounds.size3())]
+    if int(np.prod([e + 3 for e in extent])) >= 2**31:
+        raise InputError(
+            f"--task-shape {','.join(map(str, task_shape))} makes blocks of "
+            f"{' x '.join(map(str, extent))} voxels: a block with its halo must hold fewer "
+            "than 2**31 (about 1,290^3), and would need about 70 bytes per voxel anyway; "
+            "choose a smaller --task-shape")
+
+
 def plan_segment(
     map_path: str,
     output_path: str,
@@ -305,6 +316,7 @@ def plan_segment(
     task_shape = check_task_shape(task_shape, chunk)
     bounds = check_bounds(bounds, offset, size, map_path, mip)
     bounds = align_to_chunks(bounds, offset, size, chunk)
+    _check_block_size(task_shape, bounds)
     plan = SegmentPlan(
         map_path=map_path, output_path=output_path, mip=mip,
         kind="boundary" if channels == 1 else "affinity", map_dtype=dtype, method=method,
