@@ -59,6 +59,8 @@ def main() -> None:
         theirs_ms, ours_ms = (1e3 * float(np.median(times[f])) for f in (reference, ours))
         print(f"{name:<26}{theirs_ms:>13.2f}{ours_ms:>13.2f}{theirs_ms / ours_ms:>7.2f}"
               f"{str(same):>11}")
+        if not same:
+            raise SystemExit(f"deepem3d.cseg's bytes differ from the reference's on {name}")
 
 
 if __name__ == "__main__":
