@@ -19,7 +19,10 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-__all__ = ["encode"]
+__all__ = ["MAX_BLOCK_VOXELS", "encode"]
+
+#: the largest block encoded here: at most 2^16 values, indices of at most 16 bits
+MAX_BLOCK_VOXELS = 2**16
 
 #: distinct values in a block up to which a linear scan finds them; more go through a hash table
 _FEW = 8
@@ -222,6 +225,10 @@ def encode(array: np.ndarray, block_size: Sequence[int]) -> bytes:
         raise ValueError(f"compressed_segmentation encodes x, y, z[, 1] here, not {array.shape}")
     volume = array if array.ndim == 3 else array[..., 0]
     bx, by, bz = (int(b) for b in block_size)
+    if bx * by * bz > MAX_BLOCK_VOXELS:
+        raise ValueError(f"compressed_segmentation blocks of {bx} x {by} x {bz} voxels: at most "
+                         f"{MAX_BLOCK_VOXELS} here (more could need 32-bit indices, on which the "
+                         "reference encoder hangs and its decoder misreads)")
     blocks = int(np.prod([-(-int(s) // b) for s, b in zip(volume.shape, (bx, by, bz))]))
     words = volume.dtype.itemsize // 4
     per_block = 2 + bx * by * bz * (1 + words)  # header, 32-bit indices, a table entry each

@@ -91,7 +91,9 @@ def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
                 part = Bbox((x, y, z), np.minimum((x, y, z) + chunk, block.maxpt))
                 cut = part - block.minpt  # part lies inside block
                 part_data = data[cut.to_slices()]
-                if meta.encoding(mip) == "compressed_segmentation":
+                if (meta.encoding(mip) == "compressed_segmentation"
+                        and np.prod(meta.compressed_segmentation_block_size(mip))
+                        <= cseg.MAX_BLOCK_VOXELS):
                     encoded = cseg.encode(part_data, meta.compressed_segmentation_block_size(mip))
                 else:
                     encoded = chunks.encode(

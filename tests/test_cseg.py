@@ -58,3 +58,5 @@ def test_other_dtypes_and_channels_are_refused():
         cseg.encode(np.zeros((8, 8, 8), np.uint16), (8, 8, 8))
     with pytest.raises(ValueError, match="x, y, z"):
         cseg.encode(np.zeros((8, 8, 8, 2), np.uint32), (8, 8, 8))
+    with pytest.raises(ValueError, match="at most 65536"):
+        cseg.encode(np.zeros((64, 64, 32), np.uint64), (64, 64, 32))
