@@ -39,48 +39,31 @@ def _table_hash(table, n):
 
 
 @njit(cache=True)
-def _distinct(flat, p0, sy, sz, ax, ay, az, bx, by, table, slot_of):
-    """The block's distinct values into table[:n], in order of first sight, and each voxel's
-    position there into slot_of (by offset in the block; padding is left as is); returns n, or
-    -1 when there are more than `_FEW` (then nothing is complete)."""
-    prev = flat[p0]
-    table[0] = prev
-    n = 1
-    k = 0
-    for z in range(az):
-        for y in range(ay):
-            row = bx * (y + by * z)
-            p = p0 + y * sy + z * sz
-            for x in range(ax):
-                v = flat[p + x]
-                if v != prev:
-                    prev = v
-                    k = -1
-                    for i in range(n):
-                        if table[i] == v:
-                            k = i
-                            break
-                    if k < 0:
-                        if n == _FEW:
-                            return -1
-                        table[n] = v
-                        k = n
-                        n += 1
-                slot_of[row + x] = k
-    return n
+def _word(value, w):
+    """The w-th 32-bit word of a table value, little end first."""
+    return np.uint32((np.uint64(value) >> np.uint64(32 * w)) & np.uint64(0xFFFFFFFF))
 
 
 @njit(cache=True)
-def _hashed_distinct(flat, p0, sy, sz, ax, ay, az, bx, by, table, slot_of, keys, slots):
-    """`_distinct` for blocks of many values, through an open-addressing table (`keys`,
-    `slots`: a power of two, at least twice the block, `slots` all -1, and left so)."""
+def _slot(v, keys, slots, shift):
+    """Where v is, or would go, in the open-addressing table (`keys`, `slots`; free: -1)."""
     mask = slots.size - 1
-    bits = 0
-    while (1 << bits) < slots.size:
-        bits += 1
-    shift = np.uint64(64 - bits)
+    i = np.int64((np.uint64(v) * _GOLDEN) >> shift)
+    while slots[i] >= 0 and keys[i] != v:
+        i = (i + 1) & mask
+    return i
+
+
+@njit(cache=True)
+def _distinct(flat, p0, sy, sz, ax, ay, az, bx, by, table, slot_of, keys, slots, shift):
+    """The block's distinct values into table[:n], in order of first sight, and each voxel's
+    position there into slot_of (by offset in the block; padding is left as is). Values are
+    looked up by a linear search while there are at most `_FEW`, then through the
+    open-addressing table (`keys`, `slots`: a power of two, at least twice the block, `slots`
+    all -1, and left so). Returns n and whether the table was used."""
     n = 0
     k = 0
+    hashed = False
     prev = flat[p0]
     for z in range(az):
         for y in range(ay):
@@ -90,23 +73,35 @@ def _hashed_distinct(flat, p0, sy, sz, ax, ay, az, bx, by, table, slot_of, keys,
                 v = flat[p + x]
                 if n == 0 or v != prev:
                     prev = v
-                    i = np.int64((np.uint64(v) * _GOLDEN) >> shift)
-                    while slots[i] >= 0 and keys[i] != v:
-                        i = (i + 1) & mask
-                    if slots[i] < 0:
-                        keys[i] = v
-                        slots[i] = n
+                    if not hashed:
+                        k = -1
+                        for i in range(n):
+                            if table[i] == v:
+                                k = i
+                                break
+                        if k < 0 and n == _FEW:  # too many to search: hash those seen
+                            hashed = True
+                            for j in range(n):
+                                i = _slot(table[j], keys, slots, shift)
+                                keys[i] = table[j]
+                                slots[i] = j
+                    if hashed:
+                        i = _slot(v, keys, slots, shift)
+                        if slots[i] < 0:
+                            keys[i] = v
+                            slots[i] = n
+                            table[n] = v
+                            n += 1
+                        k = slots[i]
+                    elif k < 0:
                         table[n] = v
+                        k = n
                         n += 1
-                    k = slots[i]
                 slot_of[row + x] = k
-    for j in range(n):  # clear the slots used, not the whole table
-        v = table[j]
-        i = np.int64((np.uint64(v) * _GOLDEN) >> shift)
-        while keys[i] != v or slots[i] < 0:
-            i = (i + 1) & mask
-        slots[i] = -1
-    return n
+    if hashed:  # free the slots used, last inserted first: the probes before each are intact
+        for j in range(n - 1, -1, -1):
+            slots[_slot(table[j], keys, slots, shift)] = -1
+    return n, hashed
 
 
 @njit(cache=True)
@@ -132,6 +127,10 @@ def _encode_channel(flat, nx, ny, nz, bx, by, bz, out, base):
         size *= 2
     keys = np.empty(size, flat.dtype)
     slots = np.full(size, -1, np.int64)
+    bits = 0
+    while (1 << bits) < size:
+        bits += 1
+    shift = np.uint64(64 - bits)
     rank[block_voxels] = 0
     for kz in range(gz):
         for ky in range(gy):
@@ -141,8 +140,9 @@ def _encode_channel(flat, nx, ny, nz, bx, by, bz, out, base):
                 if ax < bx or ay < by or az < bz:
                     slot_of[:] = block_voxels  # padding: rank 0, the lowest value
                 p0 = x0 + nx * (y0 + ny * z0)
-                n = _distinct(flat, p0, nx, nx * ny, ax, ay, az, bx, by, table, slot_of)
-                if n > 0:  # rank the few values (distinct): a voxel's index is its slot's
+                n, hashed = _distinct(flat, p0, nx, nx * ny, ax, ay, az, bx, by, table,
+                                      slot_of, keys, slots, shift)
+                if not hashed:  # rank the few values (distinct): a voxel's index is its slot's
                     for i in range(n):
                         r = 0
                         for j in range(n):
@@ -151,8 +151,6 @@ def _encode_channel(flat, nx, ny, nz, bx, by, bz, out, base):
                         rank[i] = r
                         scratch[r] = table[i]
                 else:
-                    n = _hashed_distinct(flat, p0, nx, nx * ny, ax, ay, az, bx, by, table,
-                                         slot_of, keys, slots)
                     order = np.argsort(table[:n])
                     for i in range(n):
                         rank[order[i]] = i
@@ -173,10 +171,8 @@ def _encode_channel(flat, nx, ny, nz, bx, by, bz, out, base):
                         at = base + cache_offset[slot]
                         same = True
                         for i in range(n):
-                            v = np.uint64(table[i])
                             for w in range(words):
-                                if out[at + i * words + w] != np.uint32(
-                                        (v >> np.uint64(32 * w)) & np.uint64(0xFFFFFFFF)):
+                                if out[at + i * words + w] != _word(table[i], w):
                                     same = False
                                     break
                             if not same:
@@ -189,10 +185,8 @@ def _encode_channel(flat, nx, ny, nz, bx, by, bz, out, base):
                     table_at = values_at + encoded
                     at = top + encoded
                     for i in range(n):
-                        v = np.uint64(table[i])
                         for w in range(words):
-                            out[at + i * words + w] = np.uint32(
-                                (v >> np.uint64(32 * w)) & np.uint64(0xFFFFFFFF))
+                            out[at + i * words + w] = _word(table[i], w)
                     cache_hash[slot] = h
                     cache_size[slot] = n
                     cache_offset[slot] = table_at
