@@ -84,26 +84,24 @@ def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
             or vol.cache.enabled):
         vol[block.to_slices()] = data
         return
+    encoding, cseg_block = meta.encoding(mip), meta.compressed_segmentation_block_size(mip)
+    ours = encoding == "compressed_segmentation" and np.prod(cseg_block) <= cseg.MAX_BLOCK_VOXELS
     files = CloudFiles(meta.cloudpath)
     for x in range(block.minpt[0], block.maxpt[0], chunk[0]):
         for y in range(block.minpt[1], block.maxpt[1], chunk[1]):
             for z in range(block.minpt[2], block.maxpt[2], chunk[2]):
                 part = Bbox((x, y, z), np.minimum((x, y, z) + chunk, block.maxpt))
                 cut = part - block.minpt  # part lies inside block
-                part_data = data[cut.to_slices()]
-                if (meta.encoding(mip) == "compressed_segmentation"
-                        and np.prod(meta.compressed_segmentation_block_size(mip))
-                        <= cseg.MAX_BLOCK_VOXELS):
-                    encoded = cseg.encode(part_data, meta.compressed_segmentation_block_size(mip))
+                if ours:
+                    encoded = cseg.encode(data[cut.to_slices()], cseg_block)
                 else:
                     encoded = chunks.encode(
-                        np.asfortranarray(part_data), meta.encoding(mip),
-                        meta.compressed_segmentation_block_size(mip),
+                        np.asfortranarray(data[cut.to_slices()]), encoding, cseg_block,
                         compression_params=meta.compression_params(mip),
                     )
                 name = "_".join(f"{a}-{b}" for a, b in zip(part.minpt, part.maxpt))
                 files.put(meta.join(meta.key(mip), name), encoded,
-                          content_type=content_type(meta.encoding(mip)), compress=compress,
+                          content_type=content_type(encoding), compress=compress,
                           compression_level=GZIP_LEVEL if compress else None)
 
 
