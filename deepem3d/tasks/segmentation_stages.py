@@ -175,6 +175,11 @@ class SegmentPlan:
         return 1 if stage in ("reduce", "merge-graph", "agglomerate") else len(self.blocks)
 
     @property
+    def block_extent(self) -> list[int]:
+        """The largest block's shape: the task shape, clipped to the segmented region."""
+        return [min(t, int(s)) for t, s in zip(self.task_shape, self.bounds.size3())]
+
+    @property
     def task_memory_bytes(self) -> int:
         """Peak bytes of the largest block task (a model measured by the benchmark)."""
         channels = 1 if self.kind == "boundary" else 3
@@ -182,7 +187,7 @@ class SegmentPlan:
         # the smoothed layer that the later stages read is uint8
         per_voxel = BYTES_PER_VOXEL + (4 * channels if float_map and not self.smoothed else 0)
         low, high = SUPERVOXEL_HALO[self.kind]
-        extent = [min(t, int(s)) for t, s in zip(self.task_shape, self.bounds.size3())]
+        extent = self.block_extent
         peak = per_voxel * math.prod(e + low + high for e in extent)
         if self.smoothed:
             halo = 2 * smoothing_halo(self.sigma)
@@ -250,12 +255,12 @@ def _manifest_key(output_path: str, stage: str) -> str | None:
     return None if manifest is None else manifest.get("parameters", {}).get("key")
 
 
-def _check_block_size(task_shape: tuple[int, int, int], bounds: Bbox) -> None:
+def _check_block_size(plan: SegmentPlan) -> None:
     """The supervoxel kernels index a block's voxels (halo included) with 32 bits."""
-    extent = [min(t, int(s)) for t, s in zip(task_shape, bounds.size3())]
-    if int(np.prod([e + 3 for e in extent])) >= 2**31:
+    extent = plan.block_extent
+    if math.prod(e + 3 for e in extent) >= 2**31:
         raise InputError(
-            f"--task-shape {','.join(map(str, task_shape))} makes blocks of "
+            f"--task-shape {','.join(map(str, plan.task_shape))} makes blocks of "
             f"{' x '.join(map(str, extent))} voxels: a block with its halo must hold fewer "
             "than 2**31 (about 1,290^3), and would need about 70 bytes per voxel anyway; "
             "choose a smaller --task-shape")
@@ -316,7 +321,6 @@ def plan_segment(
     task_shape = check_task_shape(task_shape, chunk)
     bounds = check_bounds(bounds, offset, size, map_path, mip)
     bounds = align_to_chunks(bounds, offset, size, chunk)
-    _check_block_size(task_shape, bounds)
     plan = SegmentPlan(
         map_path=map_path, output_path=output_path, mip=mip,
         kind="boundary" if channels == 1 else "affinity", map_dtype=dtype, method=method,
@@ -326,6 +330,7 @@ def plan_segment(
         blocks=block_grid(bounds, task_shape), map_fingerprint=map_fingerprint(map_path),
         sigma=float(sigma),
     )
+    _check_block_size(plan)
     _decide(plan, overwrite)
     return plan
 
