@@ -6,7 +6,7 @@ against /labels/neuron_ids[20:30] with the SNEMI3D adapted Rand error and VOI; p
 precision / recall of the map (p > 0.5) against the training target of the model's head
 (DeepEM3D's boundary target, or the nearest-neighbour affinities).
 
-    python scripts/evaluate_isbi2012.py [--model isbi2012-small] [--tta 16]
+    python scripts/evaluate_isbi2012.py [--model isbi2012-small-affinity-x3] [--tta 16]
         [--method mean --thresholds 0.3,0.5,0.7] [--sigma 0] [--json]
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.inference import ModelPredictor, PatchGeometry, predict_volume, quantize
-from deepem3d.models.checkpoint import DEFAULT_MODEL, load_model
+from deepem3d.models.checkpoint import DEFAULT_MODEL, expand_models, load_model
 from deepem3d.models.targets import affinity_target, boundary_target
 from deepem3d.sample import load_sample
 from deepem3d.segmentation.metrics import evaluate
@@ -33,8 +33,8 @@ HELD_OUT = "20:30"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", default=None,
-                        help="checkpoint path or shipped name; repeat to combine models as "
-                        "`deepem3d infer` does (voxel-wise maximum of boundary probability)")
+                        help="checkpoint path or shipped name (default: the shipped default, "
+                        f"{DEFAULT_MODEL}); repeat to combine models as `deepem3d infer` does")
     parser.add_argument("--tta", type=int, default=16)
     parser.add_argument("--method", default=None, choices=["watershed", "mean"],
                         help="default: watershed for a boundary model, mean for affinities")
@@ -57,8 +57,8 @@ def main() -> None:
     start_z, end_z = (int(v) for v in args.sections.split(":"))
     image, ids = load_sample()
     image, ids = image[start_z:end_z], ids[start_z:end_z].astype(np.uint64)
-    names = args.model or [None]
-    loaded = [load_model(name) for name in names]
+    names = args.model or [DEFAULT_MODEL]
+    loaded = [load_model(name) for name in expand_models(names)]
     model, meta = loaded[0]
     head = model.head
     if any(m.head != head for m, _ in loaded):
@@ -99,7 +99,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=1))
         return
-    print(f"sections {args.sections}; model {' + '.join(n or DEFAULT_MODEL for n in names)} "
+    print(f"sections {args.sections}; model {' + '.join(names)} "
           f"({head} head), "
           f"tta {args.tta}, predicted in {seconds:.1f} s; {head} precision {precision:.3f}, "
           f"recall {recall:.3f} "

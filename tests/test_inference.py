@@ -330,6 +330,20 @@ def test_affinity_model_with_16_variants_is_seam_free(tmp_path, crop):
     np.testing.assert_array_equal(chunked(predictor, image, geometry, 16, (2, 24, 32)), whole)
 
 
+def test_affinity_ensemble_is_the_mean_and_seam_free(tmp_path, crop):
+    """Affinity maps combine by their mean (boundary maps by the maximum: the CLI test)."""
+    predictors = [ModelPredictor(make_model(tmp_path / f"aff{seed}.pt", seed=seed,
+                                            head="affinity", in_sections=3)[1])
+                  for seed in (0, 1)]
+    image = crop[:3, :40, :44]
+    geometry = PatchGeometry(size=48, output=24, overlap=8, batch=4)
+    one, two = (predict_volume(p, image, geometry, tta=8) for p in predictors)
+    both = predict_volume(predictors, image, geometry, tta=8)
+    np.testing.assert_array_equal(both, (one + two) / np.float32(2))
+    assert not np.array_equal(both, np.minimum(one, two))
+    np.testing.assert_array_equal(chunked(predictors, image, geometry, 8, (2, 24, 32)), both)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line, exit status 2
 

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from deepem3d.models.checkpoint import DEFAULT_MODEL, PRETRAINED, load_model
+from deepem3d.errors import InputError
+from deepem3d.models.checkpoint import (
+    DEFAULT_MODEL,
+    ENSEMBLES,
+    PRETRAINED,
+    expand_models,
+    load_model,
+)
 from deepem3d.models.predict import predict_sections
 from deepem3d.models.targets import affinity_target, boundary_target
 from deepem3d.sample import load_sample
@@ -14,8 +21,16 @@ from deepem3d.sample import load_sample
 CROP = (slice(20, 25), slice(128, 256), slice(128, 256))  # held-out sections
 
 
-def test_the_default_is_a_shipped_model():
-    assert DEFAULT_MODEL in PRETRAINED
+def test_the_default_is_a_shipped_ensemble_of_one_head():
+    members = expand_models(None)
+    assert DEFAULT_MODEL in ENSEMBLES and members == list(ENSEMBLES[DEFAULT_MODEL])
+    assert len(members) > 1 and all(m in PRETRAINED for m in members)
+    assert {load_model(m)[1]["model"]["head"] for m in members} == {"affinity"}
+    # an ensemble's name expands in place; other names and paths pass through
+    assert expand_models(["isbi2012-small", DEFAULT_MODEL, "/x.pt"]) == [
+        "isbi2012-small", *members, "/x.pt"]
+    with pytest.raises(InputError, match="is an ensemble of"):
+        load_model(DEFAULT_MODEL)  # one network cannot hold it
 
 
 @pytest.mark.parametrize("name", sorted(PRETRAINED))

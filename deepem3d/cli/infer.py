@@ -22,7 +22,8 @@ from deepem3d.tasks.inference import DEVICES, create_inference_tasks, plan_infer
 @click.argument("output")
 @click.option("--model", "models", multiple=True, metavar="CKPT|NAME",
               help="Checkpoint file, cloud path or shipped model name (default: the shipped "
-              "model). Repeat to combine models by voxel-wise maximum of boundary probability.")
+              "ensemble isbi2012-small-affinity-x3). Repeat to combine models: boundary maps "
+              "by voxel-wise maximum, affinities by their mean.")
 @queue_option
 @parallel_option
 @dry_run_option

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -26,8 +27,27 @@ VERSION = 1
 PRETRAINED = {
     "isbi2012-small": "isbi2012-small.pt",
     "isbi2012-small-affinity": "isbi2012-small-affinity.pt",
+    "isbi2012-small-affinity-s3": "isbi2012-small-affinity-s3.pt",
+    "isbi2012-small-affinity-s4": "isbi2012-small-affinity-s4.pt",
 }
-DEFAULT_MODEL = "isbi2012-small-affinity"
+# A shipped ensemble's name stands for several shipped models whose maps are combined
+# (deepem3d.inference.combine); three affinity models scored better than any one of them.
+ENSEMBLES = {
+    "isbi2012-small-affinity-x3": (
+        "isbi2012-small-affinity", "isbi2012-small-affinity-s3", "isbi2012-small-affinity-s4",
+    ),
+}
+DEFAULT_MODEL = "isbi2012-small-affinity-x3"
+
+
+def expand_models(names: Sequence[str | None] | None) -> list[str]:
+    """The checkpoints behind `--model` values: a shipped ensemble's name stands for its
+    members, and no value for the default."""
+    out: list[str] = []
+    for name in names or [None]:
+        name = name or DEFAULT_MODEL
+        out.extend(ENSEMBLES.get(name, (name,)))
+    return out
 
 
 def save_checkpoint(
@@ -69,8 +89,11 @@ def export_checkpoint(src: str, dest: str | os.PathLike, *, half: bool = True) -
 
 
 def resolve_model(name_or_path: str | None) -> str:
-    """A shipped model's name (e.g. isbi2012-tiny) or a path/URL -> a loadable location."""
+    """A shipped model's name (e.g. isbi2012-small) or a path/URL -> a loadable location."""
     name = name_or_path or DEFAULT_MODEL
+    if name in ENSEMBLES:
+        raise InputError(f"{name} is an ensemble of {', '.join(ENSEMBLES[name])}: "
+                         "load one of them (commands that take --model expand it)")
     if name in PRETRAINED:
         ref = resources.files("deepem3d") / "models" / "pretrained" / PRETRAINED[name]
         return str(ref)
@@ -87,7 +110,7 @@ def read_bytes(location: str) -> bytes:
         return data
     path = location[len("file://"):] if location.startswith("file://") else location
     if not os.path.isfile(path):
-        known = ", ".join(sorted(PRETRAINED))
+        known = ", ".join(sorted({*PRETRAINED, *ENSEMBLES}))
         raise InputError(f"no checkpoint at {path}: give a file, a cloud path or one of {known}")
     with open(path, "rb") as f:
         return f.read()

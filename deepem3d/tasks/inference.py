@@ -27,6 +27,7 @@ from taskqueue import queueable
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.errors import InputError
 from deepem3d.inference import (
+    COMBINE,
     HEAD_CHANNELS,
     TTA_CHOICES,
     ModelPredictor,
@@ -106,13 +107,13 @@ def _build(payload: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def inspect_model(name: str | None) -> tuple[ModelRef, torch.nn.Module]:
+def inspect_model(name: str) -> tuple[ModelRef, torch.nn.Module]:
     """Load and check a checkpoint (InputError when missing, corrupted or incompatible)."""
-    from deepem3d.models.checkpoint import DEFAULT_MODEL, load_checkpoint
+    from deepem3d.models.checkpoint import load_checkpoint
 
     payload = load_checkpoint(name)
     model = _build(payload)
-    location = model_location(name or DEFAULT_MODEL)
+    location = model_location(name)
     return ModelRef(location, payload["sha256"], payload["meta"]), model
 
 
@@ -483,8 +484,10 @@ def plan_inference(
     except ValueError as err:
         raise InputError(f"patch geometry: {err}") from None
 
+    from deepem3d.models.checkpoint import expand_models
+
     refs, nets = [], []
-    for name in models or [None]:
+    for name in expand_models(models):
         ref, net = inspect_model(name)
         refs.append(ref)
         nets.append(net)
@@ -647,8 +650,7 @@ def provenance(plan: InferencePlan) -> dict:
              "resolution": m.meta.get("resolution")}
             for m in plan.models
         ],
-        "combine": "voxel-wise maximum of boundary probability" if len(plan.models) > 1
-        else None,
+        "combine": COMBINE[plan.head] if len(plan.models) > 1 else None,
         "value": "round(255 * p)" if plan.dtype == "uint8" else "p",
         "devices": "each task records its device, threads and precision in its marker, "
                    f"tasks/{STAGE}/done/<block>.json",
