@@ -21,16 +21,20 @@ from deepem3d.sample import load_sample
 CROP = (slice(20, 25), slice(128, 256), slice(128, 256))  # held-out sections
 
 
-def test_the_default_is_a_shipped_ensemble_of_one_head():
-    members = expand_models(None)
-    assert DEFAULT_MODEL in ENSEMBLES and members == list(ENSEMBLES[DEFAULT_MODEL])
+def test_the_default_is_a_shipped_model():
+    assert DEFAULT_MODEL in PRETRAINED and expand_models(None) == [DEFAULT_MODEL]
+
+
+@pytest.mark.parametrize("name", sorted(ENSEMBLES))
+def test_shipped_ensembles_name_shipped_models_of_one_head(name):
+    members = expand_models([name])
     assert len(members) > 1 and all(m in PRETRAINED for m in members)
-    assert {load_model(m)[1]["model"]["head"] for m in members} == {"affinity"}
+    assert len({load_model(m)[1]["model"]["head"] for m in members}) == 1
     # an ensemble's name expands in place; other names and paths pass through
-    assert expand_models(["isbi2012-small", DEFAULT_MODEL, "/x.pt"]) == [
-        "isbi2012-small", *members, "/x.pt"]
+    assert expand_models(["isbi2012-small", name, "/x.pt"]) == ["isbi2012-small", *members,
+                                                              "/x.pt"]
     with pytest.raises(InputError, match="is an ensemble of"):
-        load_model(DEFAULT_MODEL)  # one network cannot hold it
+        load_model(name)  # one network cannot hold it
 
 
 @pytest.mark.parametrize("name", sorted(PRETRAINED))

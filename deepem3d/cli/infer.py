@@ -22,8 +22,8 @@ from deepem3d.tasks.inference import DEVICES, create_inference_tasks, plan_infer
 @click.argument("output")
 @click.option("--model", "models", multiple=True, metavar="CKPT|NAME",
               help="Checkpoint file, cloud path or shipped model name (default: the shipped "
-              "ensemble isbi2012-small-affinity-x3). Repeat to combine models: boundary maps "
-              "by voxel-wise maximum, affinities by their mean.")
+              "model; isbi2012-small-affinity-x3 names three, best with --tta 16). Repeat to "
+              "combine models: boundary maps by voxel-wise maximum, affinities by their mean.")
 @queue_option
 @parallel_option
 @dry_run_option
