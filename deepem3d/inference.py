@@ -413,13 +413,13 @@ def combine(maps: Sequence[np.ndarray], head: str) -> np.ndarray:
     if len(maps) == 1:
         return maps[0]
     out = maps[0].copy()
-    for other in maps[1:]:
-        if head == "boundary":
+    if head == "boundary":
+        for other in maps[1:]:
             np.maximum(out, other, out=out)
-        else:
-            out += other
-    if head != "boundary":
-        out /= np.float32(len(maps))
+        return out
+    for other in maps[1:]:
+        out += other
+    out /= np.float32(len(maps))
     return out
 
 
