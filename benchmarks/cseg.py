@@ -1,5 +1,5 @@
-"""deepem3d.cseg beside the reference compressed_segmentation encoder (what CloudVolume calls)
-on the same 64^3 uint64 chunks: milliseconds per chunk and their ratio, the two timed
+"""deepem3d.storage.cseg beside the reference compressed_segmentation encoder (what CloudVolume
+calls) on the same 64^3 uint64 chunks: milliseconds per chunk and their ratio, the two timed
 alternately in this process (this VM's speed drifts between minutes), and a check that the
 bytes are the same.
 
@@ -17,8 +17,8 @@ import time
 import numpy as np
 from cloudvolume import chunks
 
-from deepem3d import cseg
 from deepem3d.segmentation.synthetic import voronoi_cells
+from deepem3d.storage import cseg
 
 BLOCK = (8, 8, 8)
 
@@ -60,7 +60,7 @@ def main() -> None:
         print(f"{name:<26}{theirs_ms:>13.2f}{ours_ms:>13.2f}{theirs_ms / ours_ms:>7.2f}"
               f"{str(same):>11}")
         if not same:
-            raise SystemExit(f"deepem3d.cseg's bytes differ from the reference's on {name}")
+            raise SystemExit(f"deepem3d.storage.cseg's bytes differ from the reference's on {name}")
 
 
 if __name__ == "__main__":

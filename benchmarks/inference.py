@@ -71,13 +71,12 @@ def run_baseline(args) -> dict:
 def run_ours(args) -> dict:
     """One InferenceTask per block over a file:// copy of the volume, timed end to end."""
     import torch
-    from cloudfiles import CloudFiles
     from cloudvolume import CloudVolume
 
     from deepem3d.axes import zyx_from_xyz
-    from deepem3d.inference import PatchGeometry
     from deepem3d.models.checkpoint import save_checkpoint
-    from deepem3d.tasks.inference import cached_model, create_inference_tasks, plan_inference
+    from deepem3d.models.sliding import PatchGeometry
+    from deepem3d.stages.inference import cached_model, inference_stage, plan_inference
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(args)
@@ -91,16 +90,18 @@ def run_ours(args) -> dict:
                           geometry=geometry, threads=args.threads, device="cpu",
                           task_shape=task_shape, chunk_size=(128, 128, args.sections),
                           overwrite=True)
-    stage, tasks = create_inference_tasks(plan, overwrite=True)
+    stage = inference_stage(plan, overwrite=True)
+    stage.prepare()
+    stage.start()
+    tasks = list(stage.tasks())
     # a worker loads the model once for all its tasks (MONAI's time excludes loading it too)
     cached_model(plan.models[0].location, plan.models[0].sha256, "cpu")
     start = time.perf_counter()
-    for _, task in tasks:
+    for task in tasks:
         task()
     seconds = time.perf_counter() - start
-    files = CloudFiles(stage.layer_path)
-    records = [files.get_json(stage.marker_key(t)) for t in stage.task_ids()]
-    out = np.asarray(CloudVolume(stage.layer_path)[:])[..., 0]
+    records = stage.markers.records()
+    out = np.asarray(CloudVolume(stage.layer)[:])[..., 0]
     np.save(os.path.join(work, "ours.npy"), zyx_from_xyz(out))
     return {
         "seconds": seconds,
@@ -117,7 +118,7 @@ def run_monai(args) -> dict:
     import torch
     from monai.inferers import sliding_window_inference
 
-    from deepem3d.inference import quantize
+    from deepem3d.models.sliding import quantize
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(args)
@@ -185,7 +186,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deepem3d-bench-") as work:
         args.workdir = work
         from deepem3d.axes import xyz_from_zyx
-        from deepem3d.layers import create_layer
+        from deepem3d.storage.layers import create_layer
 
         image = volume(args)
         vol = create_layer(f"file://{work}/image", layer_type="image", dtype="uint8",

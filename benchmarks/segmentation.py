@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -43,6 +41,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from deepem3d.memory import peak_rss, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
 MEAN_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.875, 0.9, 0.91, 0.92, 0.95]
@@ -65,42 +65,6 @@ def quiet_stdout():
             os.close(saved)
 
 
-def _status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def reset_peak() -> int:
-    """Start a fresh peak-memory measurement here; returns the resident bytes now.
-
-    Linux resets the peak (VmHWM) to the current RSS on `echo 5 > /proc/self/clear_refs`;
-    malloc_trim first hands freed heap back, so what the task allocates shows as growth.
-    Elsewhere the process's lifetime peak (ru_maxrss) is all there is.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _status("VmRSS") or peak_rss()
-
-
-def peak_rss() -> int:
-    """Peak resident bytes since the last `reset_peak` (or since the process began)."""
-    hwm = _status("VmHWM")
-    if hwm is not None:
-        return hwm
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
-
-
 # ---------------------------------------------------------------------------------------------
 # Child processes: one task, or one waterz call, with the peak memory it adds
 
@@ -109,7 +73,10 @@ def warm_kernels() -> None:
     """Load every numba kernel a task calls, as a worker that has run one task before has
     them (numba loads each compiled signature from its cache on first use: ~0.1 s per
     process, once)."""
-    import deepem3d.tasks  # noqa: F401  (registers the tasks)
+    from deepem3d.run.worker import register_tasks
+
+    register_tasks()
+
     from deepem3d.segmentation.pipeline import segment, segment_chunked
     from deepem3d.segmentation.supervoxels import relabel
 
@@ -173,18 +140,20 @@ class Runner:
         self.measure = measure
         self.memory: dict[str, dict] = {}
 
-    def __call__(self, stage, tasks: list) -> str:
+    def __call__(self, stage, tasks) -> int:
         from taskqueue.queueables import totask
 
-        from deepem3d.tasks.markers import payload_of
+        from deepem3d.stages.frame import payload_of
 
+        count = 0
         for k, task in enumerate(tasks):
             payload = payload_of(task)
             if k == 0 and self.measure:
                 self.memory[stage.name] = in_child("--run-task", json.dumps(payload))
             else:
                 totask(payload).execute()
-        return f"{stage.name}: {len(tasks)}"
+            count += 1
+        return count
 
 
 def waterz_input(affinities: np.ndarray) -> np.ndarray:
@@ -237,7 +206,8 @@ def run(map_path: str, output: str, method: str, threshold: float, task_shape, m
         overwrite: bool) -> tuple[dict, dict]:
     """Run (or retune) the pipeline; (seconds per stage, memory per stage)."""
     from deepem3d.tasks.segmentation import STAGES
-    from deepem3d.tasks.segmentation_stages import plan_segment, run_segmentation
+
+    from deepem3d.stages.segmentation import plan_segment, run_segmentation
 
     plan = plan_segment(map_path, output, method=method, threshold=threshold,
                         task_shape=task_shape, overwrite=overwrite)
@@ -254,7 +224,7 @@ def read(path: str) -> np.ndarray:
 
 
 def write_map(path: str, array: np.ndarray, chunk) -> str:
-    from deepem3d.layers import create_layer
+    from deepem3d.storage.layers import create_layer
 
     vol = create_layer(path, layer_type="image", dtype="uint8", resolution=(4, 4, 40),
                        size=array.shape[:3], chunk_size=chunk, num_channels=array.shape[3],
@@ -458,7 +428,7 @@ def capacity(isbi_result: dict | None, synthetic_results: list[dict]) -> None:
         if "agglomerate (watershed)" in m:
             measured["watershed, ISBI (measured here)"] = (
                 m["agglomerate (watershed)"]["added"] / isbi_result["edges"])
-    from deepem3d.tasks.segmentation_stages import BYTES_PER_EDGE
+    from deepem3d.stages.segmentation import BYTES_PER_EDGE
 
     for method, per_edge in BYTES_PER_EDGE.items():
         measured[f"{method} (the planner's sizing constant)"] = per_edge

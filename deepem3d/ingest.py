@@ -26,9 +26,9 @@ import numpy as np
 from cloudvolume import CloudVolume
 from tqdm import tqdm
 
-from deepem3d import layers
 from deepem3d.axes import xyz_from_zyx
 from deepem3d.errors import InputError
+from deepem3d.storage import layers
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from deepem3d.axes import xyz_from_zyx
 from deepem3d.errors import InputError
-from deepem3d.layers import cloudpath, create_layer, layer_holds_data
+from deepem3d.storage.layers import cloudpath, create_layer, layer_holds_data
 
 RESOLUTION = (4, 4, 50)  # nm, x,y,z
 CHUNK_SIZE = (128, 128, 10)  # 30 sections = 3 chunks; the held-out z = 20..29 is one chunk row

@@ -410,7 +410,7 @@ def _describe(path: str, name: str) -> tuple[ViewedLayer, dict | None]:
     Returns it (its `source` still empty) and, where the viewer must see another info than
     the one stored, that info (else None).
     """
-    from deepem3d.layers import open_layer
+    from deepem3d.storage.layers import open_layer
 
     local = _local_dir(path)
     if local is not None and not os.path.isdir(local):

@@ -1,6 +1,6 @@
 """Held-out scores of a model on ISBI 2012 sections 20..29 (the protocol of shared/data/README):
 the held-out sections as their own volume (reflected at their own z bounds), predicted with
-the sliding-window predictor of `deepem3d infer` (deepem3d.inference.predict_volume, so a
+the sliding-window predictor of `deepem3d infer` (deepem3d.models.sliding.predict_volume, so a
 chunked run gives the same map), segmented in one piece with deepem3d's segmentation, scored
 against /labels/neuron_ids[20:30] with the SNEMI3D adapted Rand error and VOI; plus pixel
 precision / recall of the map (p > 0.5) against the training target of the model's head
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
-from deepem3d.inference import ModelPredictor, PatchGeometry, predict_volume, quantize
 from deepem3d.models.checkpoint import DEFAULT_MODEL, expand_models, load_model
+from deepem3d.models.sliding import ModelPredictor, PatchGeometry, predict_volume, quantize
 from deepem3d.models.targets import affinity_target, boundary_target
 from deepem3d.sample import load_sample
 from deepem3d.segmentation.metrics import evaluate

@@ -40,3 +40,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present: the shared EM volumes are not on this machine")
     return SHARED_DATA
+
+
+def start_stage(stage) -> list[tuple[str, object]]:
+    """Prepare a stage and record its run (as the runner does); its tasks as (task id, task)."""
+    if stage.prepare is not None:
+        stage.prepare()
+    stage.start()
+    return [(task.keywords["run"]["id"], task) for task in stage.tasks()]

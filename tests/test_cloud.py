@@ -18,7 +18,7 @@ import pytest
 from cloudvolume import CloudVolume
 
 from deepem3d.sample import load_sample
-from deepem3d.tasks.downsample import downsample_stage
+from deepem3d.stages.frame import Markers
 from tests.conftest import run_cli
 from tests.test_workers import igneous_reference
 
@@ -77,8 +77,8 @@ def test_s3_layer_downsampled_through_sqs(tmp_path, moto_endpoint):
 
     out = run_cli("downsample", layer, "--queue", "sqs://deepem3d-test", "--parallel", "2",
                   "--num-mips", "2", check=True)
-    assert "complete" in out.stdout, out.stdout
-    assert downsample_stage(layer).is_complete()
+    assert "stage downsample-mip0: 2 task(s) (2 run now)" in out.stdout, out.stdout
+    assert Markers(layer, "downsample-mip0").is_complete()
     mips = CloudVolume(layer).available_mips
     assert mips == CloudVolume(reference).available_mips and len(mips) >= 2
     for mip in mips:

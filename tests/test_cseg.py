@@ -1,4 +1,4 @@
-"""deepem3d.cseg: the reference compressed_segmentation encoder's bytes, exactly."""
+"""deepem3d.storage.cseg: the reference compressed_segmentation encoder's bytes, exactly."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from cloudvolume import chunks
 
-from deepem3d import cseg
 from deepem3d.segmentation.synthetic import voronoi_cells
+from deepem3d.storage import cseg
 
 
 def _reference(array: np.ndarray, block_size) -> bytes:

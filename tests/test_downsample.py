@@ -7,7 +7,7 @@ import re
 import pytest
 from cloudfiles import CloudFiles
 
-from deepem3d.tasks.downsample import downsample_stage
+from deepem3d.stages.frame import Markers
 from tests.conftest import assert_one_line_error, run_cli
 from tests.test_workers import (
     assert_same_mips,
@@ -37,14 +37,14 @@ def test_downsample_cli_equals_igneous(tmp_path, layer_type):
     queue = f"fq://{tmp_path / 'queue'}"
     out = run_cli("downsample", layer, "--queue", queue, "--parallel", "2", "--num-mips", "2",
                   check=True)
-    assert "complete" in out.stdout
-    assert downsample_stage(layer).is_complete()
+    assert "run now)" in out.stdout and "(0 run now)" not in out.stdout, out.stdout
+    assert Markers(layer, "downsample-mip0").is_complete()
     assert_same_mips(layer, reference, range(1, 3))
     assert file_digests(tmp_path / "layer" / "4_4_50") == full_res
 
     again = run_cli("downsample", layer, "--queue", queue, "--parallel", "2", "--num-mips", "2",
                     check=True)
-    assert "already complete" in again.stdout
+    assert "(0 run now)" in again.stdout, again.stdout
 
     status = run_cli("status", queue, check=True)
     assert "enqueued: 0" in status.stdout
@@ -57,9 +57,9 @@ def test_downsample_on_a_queue_without_local_workers(tmp_path):
     assert "deepem3d worker" in out.stdout
     status = run_cli("status", queue, check=True)
     assert "inserted: 2  enqueued: 2" in status.stdout
-    assert not downsample_stage(layer).is_complete()
+    assert not Markers(layer, "downsample-mip0").is_complete()
     run_cli("worker", queue, "--exit-when-empty", check=True)
-    assert downsample_stage(layer).is_complete()
+    assert Markers(layer, "downsample-mip0").is_complete()
     assert "enqueued: 0" in run_cli("status", queue, "--watch", check=True).stdout
 
 

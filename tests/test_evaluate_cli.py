@@ -12,8 +12,8 @@ from cloudvolume.lib import Bbox
 
 from deepem3d.cli.evaluate import plan_blocks
 from deepem3d.cli.main import main
-from deepem3d.layers import create_layer
 from deepem3d.segmentation.metrics import evaluate
+from deepem3d.storage.layers import create_layer
 from tests.conftest import assert_one_line_error, run_cli
 
 OFFSET = (8, 16, 4)

@@ -24,11 +24,13 @@ from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 from cloudvolume.lib import Bbox
 
-import deepem3d.inference as core
+import deepem3d.models.sliding as core
 from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
 from deepem3d.cli.main import main
 from deepem3d.errors import InputError
-from deepem3d.inference import (
+from deepem3d.models import build_model
+from deepem3d.models.checkpoint import save_checkpoint
+from deepem3d.models.sliding import (
     FunctionPredictor,
     ModelPredictor,
     PatchGeometry,
@@ -37,17 +39,12 @@ from deepem3d.inference import (
     predict_volume,
     quantize,
 )
-from deepem3d.layers import create_layer
-from deepem3d.models import build_model
-from deepem3d.models.checkpoint import save_checkpoint
 from deepem3d.models.targets import affinity_target
 from deepem3d.sample import load_sample
-from deepem3d.tasks.inference import (
-    create_inference_tasks,
-    inference_stage,
-    plan_inference,
-)
-from tests.conftest import assert_one_line_error, run_cli
+from deepem3d.stages.frame import Markers
+from deepem3d.stages.inference import inference_stage, plan_inference
+from deepem3d.storage.layers import create_layer
+from tests.conftest import assert_one_line_error, run_cli, start_stage
 
 GEOMETRY = PatchGeometry(size=64, output=32, overlap=8, batch=4)
 PATCH_ARGS = ("--patch-size", "64", "--patch-output", "32", "--overlap", "8", "--batch-size", "4")
@@ -119,7 +116,8 @@ def read_map(path: str) -> np.ndarray:
 def run_in_process(setup, output: str, task_shape, *, float32=False, order=1, **kwargs):
     plan = plan_inference(setup["image"], output, models=[setup["ckpt"]], task_shape=task_shape,
                           chunk_size=CHUNK, geometry=GEOMETRY, float32=float32, **kwargs)
-    stage, tasks = create_inference_tasks(plan)
+    stage = inference_stage(plan)
+    tasks = start_stage(stage)
     for _, task in tasks[::order]:
         task()
     assert stage.is_complete()
@@ -166,18 +164,18 @@ def test_retried_and_duplicated_tasks_rewrite_the_same_bytes(setup):
     output = f"file://{setup['root'] / 'out_retry'}"
     run_in_process(setup, output, SHAPES["A"])
     before = digests(output)
-    stage = inference_stage(output)
+    stage = Markers(output, "inference")
     CloudFiles(output).delete(list(CloudFiles(output).list(prefix="tasks/inference/done/")))
     assert not stage.is_complete()
     plan = plan_inference(setup["image"], output, models=[setup["ckpt"]],
                           task_shape=SHAPES["A"], chunk_size=CHUNK, geometry=GEOMETRY)
     assert plan.output_exists  # resumed: same geometry, same parameters
-    _, tasks = create_inference_tasks(plan)
+    tasks = start_stage(inference_stage(plan))
     assert len(tasks) == plan.task_count
     for _, task in tasks[::-1] + tasks[:3]:  # every task again, in another order, some twice
         task()
     assert digests(output) == before
-    assert create_inference_tasks(plan)[1] == []  # a re-run skips finished tasks
+    assert start_stage(inference_stage(plan)) == []  # a re-run skips finished tasks
 
 
 def test_cli_with_worker_processes(setup, tmp_path):
@@ -193,7 +191,7 @@ def test_cli_with_worker_processes(setup, tmp_path):
 
     out = run_cli(*args, "--queue", f"fq://{tmp_path / 'queue'}", "--parallel", "2",
                   check=True)
-    assert "complete" in out.stdout
+    assert "stage inference: 8 task(s) (8 run now)" in out.stdout, out.stdout
     # two models: voxel-wise maximum of boundary probability, then one rounding
     ensemble = predict_block([ModelPredictor(setup["model"]), ModelPredictor(second_model)],
                              setup_image(setup), (0, 0, 0), ((0, 0, 0), (7, 80, 96)),
@@ -202,7 +200,7 @@ def test_cli_with_worker_processes(setup, tmp_path):
         setup["reference"], predict_volume(ModelPredictor(second_model), setup_image(setup),
                                            GEOMETRY)))
     np.testing.assert_array_equal(read_map(output), quantize(ensemble))
-    markers = inference_stage(output)
+    markers = Markers(output, "inference")
     record = CloudFiles(output).get_json(markers.marker_key(markers.task_ids()[0]))
     assert record["device"] == "cpu" and record["threads"] == 1
     provenance = CloudVolume(output).provenance.processing[-1]["method"]
@@ -211,7 +209,7 @@ def test_cli_with_worker_processes(setup, tmp_path):
     assert provenance["patch"] == GEOMETRY.to_dict() and provenance["tta"] == 1
 
     again = cli(*args, "--parallel", "2")
-    assert "already complete" in again.stdout
+    assert "(0 run now)" in again.stdout
 
 
 def setup_image(setup) -> np.ndarray:
@@ -235,13 +233,13 @@ def test_missing_chunks_fail_or_read_as_zeros(setup, tmp_path, crop):
     missing.unlink()  # x 42..74, y 52..84, z 7..10 (absolute voxels)
     plan = plan_inference(image, f"file://{tmp_path / 'fail'}", models=[setup["ckpt"]],
                           task_shape=SHAPES["one"], chunk_size=CHUNK, geometry=GEOMETRY)
-    _, tasks = create_inference_tasks(plan)
+    tasks = start_stage(inference_stage(plan))
     with pytest.raises(InputError, match="--fill-missing"):
         tasks[0][1]()
     output = f"file://{tmp_path / 'zeros'}"
     plan = plan_inference(image, output, models=[setup["ckpt"]], task_shape=SHAPES["A"],
                           chunk_size=CHUNK, geometry=GEOMETRY, fill_missing=True)
-    for _, task in create_inference_tasks(plan)[1]:
+    for _, task in start_stage(inference_stage(plan)):
         task()
     zeroed = crop.copy()
     zeroed[4:7, 32:64, 32:64] = 0  # the missing chunk, in the crop's z,y,x

@@ -15,7 +15,7 @@ import tifffile
 from deepem3d import ingest as ingest_module
 from deepem3d.errors import InputError
 from deepem3d.ingest import ingest, natural_key, open_source, slab_ranges, split_hdf5
-from deepem3d.layers import open_layer
+from deepem3d.storage.layers import open_layer
 
 SHAPE_ZYX = (7, 33, 50)  # non-cubic: any transposition shows
 

@@ -20,7 +20,6 @@ from scipy.ndimage import gaussian_filter
 
 from deepem3d.axes import xyz_from_zyx
 from deepem3d.errors import InputError
-from deepem3d.layers import create_layer
 from deepem3d.sample import load_sample
 from deepem3d.segmentation.chunks import Chunk, chunk_grid
 from deepem3d.segmentation.pipeline import segment, segment_chunked, smooth_chunked
@@ -31,8 +30,10 @@ from deepem3d.segmentation.smoothing import (
     smoothing_halo,
 )
 from deepem3d.segmentation.synthetic import affinity_map, boundary_map
-from deepem3d.tasks.segmentation import CHUNK_STAGES, STAGES, smoothed_layer_path, volume_ids
-from deepem3d.tasks.segmentation_stages import plan_segment
+from deepem3d.stages.segmentation import CHUNK_STAGES, STAGES, plan_segment
+from deepem3d.stages.supervoxels import volume_ids
+from deepem3d.stages.workdir import smoothed_layer_path
+from deepem3d.storage.layers import create_layer
 from tests import test_segment_tasks
 from tests.conftest import assert_one_line_error, run_cli
 from tests.test_seg_chunked import check_invariance, synthetic_maps

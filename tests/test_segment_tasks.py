@@ -17,20 +17,20 @@ import pytest
 from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 from cloudvolume.lib import Bbox
-from taskqueue.queueables import totask
 
 from deepem3d.axes import xyz_from_zyx
 from deepem3d.errors import InputError
-from deepem3d.layers import create_layer
-from deepem3d.queues import insert_tasks
+from deepem3d.run import runner as runner_module
+from deepem3d.run.queues import insert_tasks
+from deepem3d.run.runner import Runner, execute_here, run_stages
+from deepem3d.run.worker import Worker
 from deepem3d.sample import load_sample
 from deepem3d.segmentation.pipeline import segment
 from deepem3d.segmentation.synthetic import affinity_map, boundary_map
-from deepem3d.tasks import segmentation_stages
-from deepem3d.tasks.markers import Stage, payload_of
-from deepem3d.tasks.segmentation import CHUNK_STAGES, STAGES, volume_ids
-from deepem3d.tasks.segmentation_stages import await_stage, plan_segment, run_segmentation
-from deepem3d.worker import Worker
+from deepem3d.stages.frame import Stage
+from deepem3d.stages.segmentation import CHUNK_STAGES, STAGES, plan_segment, segment_stages
+from deepem3d.stages.supervoxels import volume_ids
+from deepem3d.storage.layers import create_layer
 from tests.conftest import assert_one_line_error, run_cli
 
 SHAPE = (96, 80, 10)  # x, y, z
@@ -62,11 +62,11 @@ class InProcess:
     def __init__(self) -> None:
         self.ran: dict[str, int] = {}
 
-    def __call__(self, stage: Stage, tasks: list) -> str:
-        for task in tasks:
-            totask(payload_of(task)).execute()
-        self.ran[stage.name] = self.ran.get(stage.name, 0) + len(tasks)
-        return f"stage {stage.name}: {len(tasks)} task(s) run"
+    def __call__(self, stage: Stage, tasks) -> int:
+        count = execute_here(stage, tasks)
+        if count:
+            self.ran[stage.name] = self.ran.get(stage.name, 0) + count
+        return count
 
 
 def run(map_path: str, output: str, method: str, threshold: float, task_shape=None,
@@ -74,7 +74,7 @@ def run(map_path: str, output: str, method: str, threshold: float, task_shape=No
     plan = plan_segment(map_path, output, method=method, threshold=threshold,
                         task_shape=task_shape, chunk_size=CHUNK, **kwargs)
     runner = InProcess()
-    run_segmentation(plan, runner=runner, echo=lambda line: None)
+    run_stages(segment_stages(plan), execute=runner, echo=lambda line: None)
     return runner
 
 
@@ -186,7 +186,7 @@ def test_cli_with_two_worker_processes(tmp_path, maps):
     assert "MiB per block task" in dry.stdout and not output.exists()
 
     out = run_cli(*args, "--parallel", "2", check=True)
-    assert "stage remap complete: 8 task(s)" in out.stdout, out.stdout
+    assert "stage remap: 8 task(s) (8 run now)" in out.stdout, out.stdout
     np.testing.assert_array_equal(read(f"file://{output}"), segment(array, "mean", 0.6,
                                                                     dust_size=10))
     records = [CloudFiles(f"file://{output}").get_json(k) for k in
@@ -200,7 +200,7 @@ def test_cli_with_two_worker_processes(tmp_path, maps):
 
 def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch):
     """--queue without --parallel: the run waits on the markers while a worker drains it."""
-    monkeypatch.setattr(segmentation_stages, "POLL_SECONDS", 0.1)
+    monkeypatch.setattr(runner_module, "POLL_SECONDS", 0.1)
     path, array = maps["boundary"]
     output = f"file://{tmp_path / 'seg'}"
     queue = f"fq://{tmp_path / 'queue'}"
@@ -212,7 +212,7 @@ def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch):
 
     def drive() -> None:
         try:
-            run_segmentation(plan, queue=queue, progress=False, echo=lines.append)
+            run_stages(segment_stages(plan), queue=queue, progress=False, echo=lines.append)
         except BaseException as err:  # reported by the test below
             failure.append(err)
         finally:
@@ -236,9 +236,13 @@ def test_an_empty_queue_with_unfinished_tasks_fails_instead_of_waiting(tmp_path,
     queue = f"fq://{tmp_path / 'queue'}"
     insert_tasks(queue, [])
     (tmp_path / "queue").mkdir(exist_ok=True)
-    Stage(output, "supervoxels").write_manifest(["0-8_0-8_0-2"], {"key": "k"})
+    stage = Stage(name="supervoxels", layer=output, key="k", parameters={},
+                  make_tasks=lambda: iter([("0-8_0-8_0-2", None)]), task_count=1,
+                  memory_bytes=0)
+    stage.start()
+    runner = Runner(lambda s: queue, progress=False, poll=0.01, echo=lambda line: None)
     with pytest.raises(InputError, match="have no completion marker: they failed"):
-        await_stage(Stage(output, "supervoxels"), queue, progress=False, poll=0.01)
+        runner._wait(stage, queue, None, None)
 
 
 @pytest.fixture(scope="module")
@@ -294,20 +298,20 @@ def test_work_files_are_stored_narrow_and_read_back_in_full(tmp_path):
     from deepem3d.segmentation.chunks import Chunk
     from deepem3d.segmentation.region_graph import RegionGraph, region_graph
     from deepem3d.segmentation.supervoxels import ChunkExits, supervoxel_chunk, supervoxels
-    from deepem3d.tasks.segmentation import _get_npz, _put_npz
+    from deepem3d.storage.npz import get_npz, put_npz
 
     rng = np.random.default_rng(5)
     m = rng.integers(0, 256, (9, 8, 6, 3)).astype(np.uint8)
     graph = region_graph(supervoxels(m), m)
     _, exits = supervoxel_chunk(m, (0, 0, 0), Chunk((0, 0, 0), (9, 8, 6), (9, 8, 6)))
     files = CloudFiles(f"file://{tmp_path}")
-    _put_npz(files, "graph.npz", graph.to_arrays())
-    _put_npz(files, "exits.npz", exits.to_arrays())
-    stored = _get_npz(files, "graph.npz")
+    put_npz(files, "graph.npz", graph.to_arrays())
+    put_npz(files, "exits.npz", exits.to_arrays())
+    stored = get_npz(files, "graph.npz")
     assert stored["u"].dtype == np.uint16 and stored["count"].dtype == np.uint8  # 432 voxels
     back = RegionGraph.from_arrays(stored)
     assert back.equals(graph)  # values and dtypes (uint64, uint8 floors and saddles)
-    again = ChunkExits.from_arrays(_get_npz(files, "exits.npz"))
+    again = ChunkExits.from_arrays(get_npz(files, "exits.npz"))
     for name, value in exits.to_arrays().items():
         np.testing.assert_array_equal(getattr(again, name), value)
         assert np.asarray(getattr(again, name)).dtype == value.dtype, name

@@ -25,7 +25,7 @@ import brotli  # a dependency of cloud-files
 import numpy as np
 import pytest
 
-from deepem3d.layers import create_layer
+from deepem3d.storage.layers import create_layer
 from deepem3d.viewer import LayerFileServer, serve
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 

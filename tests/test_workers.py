@@ -21,11 +21,11 @@ from igneous.task_creation.image import create_downsampling_tasks
 from taskqueue import LocalTaskQueue, TaskQueue
 
 from deepem3d.axes import xyz_from_zyx
-from deepem3d.layers import create_layer
 from deepem3d.sample import load_sample
-from deepem3d.tasks.downsample import create_downsample_tasks, plan_downsample
-from deepem3d.tasks.markers import payload_of
-from tests.conftest import ROOT
+from deepem3d.stages.downsample import downsample_stage, plan_downsample
+from deepem3d.stages.frame import payload_of
+from deepem3d.storage.layers import create_layer
+from tests.conftest import ROOT, start_stage
 from tests.queue_helpers import AlwaysFails, StallOnce
 
 MEMORY = 200_000  # bytes: small tasks (128 x 128 x 10), so there are 8 of them
@@ -91,7 +91,8 @@ def test_killed_worker_task_is_redone_and_result_is_exact(tmp_path):
                                   plan.factor)
     full_res = file_digests(tmp_path / "layer" / "4_4_50")
 
-    stage, tasks = create_downsample_tasks(plan)
+    stage = downsample_stage(plan)
+    tasks = start_stage(stage)
     assert len(tasks) == 8
     queue = f"fq://{tmp_path / 'queue'}"
     tq = TaskQueue(queue, progress=False)
@@ -103,7 +104,7 @@ def test_killed_worker_task_is_redone_and_result_is_exact(tmp_path):
     wait_for(flag)  # the worker is now in the middle of the task
     doomed.send_signal(signal.SIGKILL)
     doomed.wait(timeout=30)
-    assert not stage.is_done(first_id)
+    assert not stage.markers.is_done(first_id)
 
     tq.insert([task for _, task in tasks[1:]])
     workers = [start_worker(queue, "--lease-seconds", "3", "--exit-when-empty")
@@ -123,7 +124,8 @@ def test_sigterm_finishes_the_task_at_hand_and_loses_nothing(tmp_path):
     plan = plan_downsample(layer, memory_target=MEMORY)
     reference = igneous_reference(tmp_path / "layer", tmp_path / "reference", plan.num_mips,
                                   plan.factor)
-    stage, tasks = create_downsample_tasks(plan)
+    stage = downsample_stage(plan)
+    tasks = start_stage(stage)
     queue = f"fq://{tmp_path / 'queue'}"
     tq = TaskQueue(queue, progress=False)
     flag = tmp_path / "stalled"
@@ -135,13 +137,13 @@ def test_sigterm_finishes_the_task_at_hand_and_loses_nothing(tmp_path):
     while not flag.exists():  # it may run other tasks before it reaches the stalling one
         assert worker.poll() is None
         time.sleep(0.05)
-    done_before = len(stage.done_ids())
+    done_before = len(stage.markers.done_ids())
     worker.send_signal(signal.SIGTERM)
     _, log = worker.communicate(timeout=60)
     assert worker.returncode == 0, log
     assert "stopping after the current task" in log
-    assert stage.is_done(first_id), "the interrupted task was finished, not dropped"
-    finished = len(stage.done_ids())
+    assert stage.markers.is_done(first_id), "the interrupted task was finished, not dropped"
+    finished = len(stage.markers.done_ids())
     assert finished == done_before + 1, "no new task taken after SIGTERM"
     assert tq.enqueued == len(tasks) - finished, "the rest are still on the queue"
 

@@ -10,7 +10,7 @@ import pytest
 from cloudvolume import CloudVolume
 from cloudvolume.exceptions import AlignmentError
 
-from deepem3d.layers import GZIP_LEVEL, create_layer, write_block
+from deepem3d.storage.layers import GZIP_LEVEL, create_layer, write_block
 
 LAYERS = [
     ("segmentation", "uint64", 1),  # compressed_segmentation

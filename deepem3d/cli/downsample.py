@@ -12,9 +12,8 @@ from deepem3d.cli.options import (
     parse_triple,
     queue_option,
 )
-from deepem3d.layers import cloudpath
-from deepem3d.queues import check_queue_url, run_stage
-from deepem3d.tasks.downsample import create_downsample_tasks, plan_downsample
+from deepem3d.run.queues import check_queue_url
+from deepem3d.storage.layers import cloudpath
 
 
 @click.command()
@@ -43,6 +42,9 @@ def downsample(
     The data at --mip and below is left untouched. Each task writes a completion marker under
     LAYER/tasks/downsample-mipN/; a re-run skips finished tasks.
     """
+    from deepem3d.run.runner import run_stages
+    from deepem3d.stages.downsample import downsample_stage, plan_downsample
+
     if queue is not None:
         check_queue_url(queue)
     region = parse_bounds(bounds)
@@ -57,8 +59,5 @@ def downsample(
     click.echo(plan.describe())
     if dry_run:
         return
-    stage, tasks = create_downsample_tasks(plan, fill_missing=fill_missing, sparse=sparse)
-    if not tasks:
-        click.echo(f"stage {stage.name} already complete: nothing to do")
-        return
-    click.echo(run_stage(stage, [t for _, t in tasks], queue=queue, parallel=parallel))
+    stage = downsample_stage(plan, fill_missing=fill_missing, sparse=sparse)
+    run_stages([stage], queue=queue, parallel=parallel, echo=click.echo, wait=False)

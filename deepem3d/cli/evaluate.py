@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from deepem3d.cli.options import parse_bounds
 from deepem3d.errors import InputError
-from deepem3d.layers import open_layer
 from deepem3d.segmentation.metrics import Contingency, accumulate, contingency, scores
+from deepem3d.storage.layers import open_layer
 
 # Voxels read per block: 2**24 uint64 voxels are 128 MiB per layer, and counting the pairs
 # takes about five times that again, so one block peaks near 1 GiB.

@@ -12,9 +12,8 @@ from deepem3d.cli.options import (
     parse_triple,
     queue_option,
 )
-from deepem3d.inference import TTA_CHOICES, WINDOWS, PatchGeometry
-from deepem3d.queues import check_queue_url, run_stage
-from deepem3d.tasks.inference import DEVICES, create_inference_tasks, plan_inference
+from deepem3d.models.sliding import TTA_CHOICES, WINDOWS, PatchGeometry
+from deepem3d.run.queues import check_queue_url
 
 
 @click.command()
@@ -51,8 +50,9 @@ from deepem3d.tasks.inference import DEVICES, create_inference_tasks, plan_infer
               show_default=True, help="Patches per forward pass.")
 @click.option("--window", type=click.Choice(WINDOWS), default=PatchGeometry.window,
               show_default=True, help="Blending window.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="Where workers run the model (auto: CUDA when present).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where workers run the model (auto: CUDA when this "
+              "machine has it; plan GPU runs from a laptop with cuda).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="CPU threads per task. Fixed on purpose: identical bytes across tasks need "
               "one thread setting; run one worker per core instead.")
@@ -84,6 +84,9 @@ def infer(
     thread setting). Each task writes a marker under OUTPUT/tasks/inference/; a re-run skips
     finished tasks.
     """
+    from deepem3d.run.runner import run_stages
+    from deepem3d.stages.inference import inference_stage, plan_inference
+
     if queue is not None:
         check_queue_url(queue)
     region = parse_bounds(bounds)
@@ -105,8 +108,5 @@ def infer(
     click.echo(plan.describe())
     if dry_run:
         return
-    stage, tasks = create_inference_tasks(plan, overwrite=overwrite)
-    if not tasks:
-        click.echo(f"stage {stage.name} already complete: nothing to do")
-        return
-    click.echo(run_stage(stage, [t for _, t in tasks], queue=queue, parallel=parallel))
+    run_stages([inference_stage(plan, overwrite=overwrite)], queue=queue, parallel=parallel,
+               echo=click.echo, wait=False)

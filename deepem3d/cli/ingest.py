@@ -8,7 +8,7 @@ from deepem3d.cli.options import parse_triple
 from deepem3d.errors import InputError
 from deepem3d.ingest import AXES, ENCODINGS
 from deepem3d.ingest import ingest as ingest_volume
-from deepem3d.layers import cloudpath
+from deepem3d.storage.layers import cloudpath
 
 
 def parse_offset(text: str, name: str = "--voxel-offset") -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ import click
 from tqdm import tqdm
 
 from deepem3d.errors import InputError
-from deepem3d.queues import open_queue, queue_counts
+from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
 
 
 @click.command()
@@ -30,10 +30,16 @@ from deepem3d.queues import open_queue, queue_counts
     "--import", "imports", multiple=True, metavar="MODULE",
     help="Also import MODULE, which registers tasks of your own (repeatable).",
 )
+@click.option("--poll-seconds", type=click.FloatRange(min=0.01), default=1.0,
+              show_default=True, help="Wait between polls of an empty queue (it grows to ten "
+              "times this while the queue stays empty).")
+@click.option("--stop-with-parent", is_flag=True, hidden=True,
+              help="Exit when the process that started this worker is gone (local runs).")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
 def worker(
     queue: str, lease_seconds: int, exit_when_empty: bool, max_tasks: int | None,
-    max_attempts: int, imports: tuple[str, ...], quiet: bool,
+    max_attempts: int, imports: tuple[str, ...], poll_seconds: float, stop_with_parent: bool,
+    quiet: bool,
 ) -> None:
     """Execute tasks from QUEUE (fq://DIR or sqs://NAME) until stopped.
 
@@ -45,7 +51,7 @@ def worker(
         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    from deepem3d.worker import Worker  # imports every task module: only workers need that
+    from deepem3d.run.worker import Worker  # imports every task module: only workers need that
 
     for module in imports:
         try:
@@ -53,11 +59,13 @@ def worker(
         except ImportError as err:
             raise InputError(f"--import {module}: {err}") from None
 
+    check_existing_queue(queue)
     report = Worker(
         queue, lease_seconds=lease_seconds, exit_when_empty=exit_when_empty,
-        max_tasks=max_tasks, max_attempts=max_attempts,
+        max_tasks=max_tasks, max_attempts=max_attempts, poll_seconds=poll_seconds,
+        stop_with_parent=stop_with_parent,
     ).run()
-    logging.getLogger("deepem3d.worker").info(
+    logging.getLogger("deepem3d.run.worker").info(
         "exiting: %d task(s) executed, %d error(s), %d given up%s",
         report.executed, report.errors, report.given_up,
         " (stopped by signal)" if report.stopped_by_signal else "",
@@ -82,7 +90,7 @@ def status(queue: str, watch: bool, interval: float) -> None:
     SQS keeps no inserted or completed counts and its enqueued count is approximate: whether
     a stage is finished is decided by its tasks' completion markers, not by this.
     """
-    tq = open_queue(queue)
+    tq = open_queue(check_existing_queue(queue))
     counts = queue_counts(tq)
     click.echo(
         f"inserted: {_show(counts.inserted)}  enqueued: {counts.enqueued}  "

@@ -12,7 +12,7 @@ from deepem3d.cli.options import (
     parse_triple,
     queue_option,
 )
-from deepem3d.queues import check_queue_url
+from deepem3d.run.queues import check_queue_url
 
 
 @click.command()
@@ -68,7 +68,8 @@ def segment(
     command waits for workers elsewhere (`deepem3d worker QUEUE`); Ctrl-C stops waiting, and
     the same command goes on later.
     """
-    from deepem3d.tasks.segmentation_stages import plan_segment, run_segmentation
+    from deepem3d.run.runner import run_stages
+    from deepem3d.stages.segmentation import plan_segment, segment_stages
 
     if queue is not None:
         check_queue_url(queue)
@@ -83,5 +84,5 @@ def segment(
     click.echo(plan.describe())
     if dry_run:
         return
-    run_segmentation(plan, queue=queue, parallel=parallel, echo=click.echo)
+    run_stages(segment_stages(plan), queue=queue, parallel=parallel, echo=click.echo)
     click.echo(f"segmentation written to {plan.output_path}")

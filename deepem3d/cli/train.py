@@ -56,7 +56,7 @@ def train(image, labels, train_sections, val_sections, out_dir, preset, head, in
     elif is_file_source(image):
         raise InputError("--resolution is required when --image is a file (e.g. 4,4,50)")
     else:
-        from deepem3d.layers import open_layer
+        from deepem3d.storage.layers import open_layer
 
         res = tuple(float(r) for r in open_layer(image).resolution)
     cfg = TrainConfig(

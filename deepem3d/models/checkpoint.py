@@ -31,7 +31,7 @@ PRETRAINED = {
     "isbi2012-small-affinity-s4": "isbi2012-small-affinity-s4.pt",
 }
 # A shipped ensemble's name stands for several shipped models whose maps are combined
-# (deepem3d.inference.combine). With 16-way TTA these three score better than any one of them;
+# (deepem3d.models.sliding.combine). With 16-way TTA these three score better than any one of them;
 # without TTA no better, at three times the cost, so the default stays one model.
 ENSEMBLES = {
     "isbi2012-small-affinity-x3": (

@@ -43,7 +43,7 @@ def volume_depth(source: str) -> int:
 
         with open_source(source) as src:
             return src.shape[2]
-    from deepem3d.layers import open_layer
+    from deepem3d.storage.layers import open_layer
 
     return int(open_layer(source).volume_size[2])
 
@@ -60,7 +60,7 @@ def read_sections(source: str, sections: tuple[int, int], name: str) -> np.ndarr
 
         with open_source(source) as src:
             return np.ascontiguousarray(zyx_from_xyz(src.read(start, end)))
-    from deepem3d.layers import open_layer
+    from deepem3d.storage.layers import open_layer
 
     vol = open_layer(source)
     if vol.num_channels != 1:

@@ -75,7 +75,7 @@ VALIDATION_SEGMENTATION = {
 def segment_for_validation(probabilities: np.ndarray, head: str = "boundary") -> np.ndarray:
     """Segment a map in one piece with deepem3d's segmentation to score validation with:
     a boundary map (z,y,x) or affinities (3,z,y,x, channels x,y,z); returns z,y,x ids."""
-    from deepem3d.inference import quantize
+    from deepem3d.models.sliding import quantize
     from deepem3d.segmentation.pipeline import segment
 
     maps = probabilities[None] if head == "boundary" else probabilities  # c,z,y,x

@@ -19,8 +19,8 @@ from cloudvolume import CloudVolume
 from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
 
 import deepem3d
-from deepem3d import cseg
 from deepem3d.errors import InputError
+from deepem3d.storage import cseg
 
 IMAGE_DTYPES = ("uint8", "uint16", "uint32", "float32")
 SEGMENTATION_DTYPES = ("uint32", "uint64")
@@ -61,7 +61,7 @@ GZIP_LEVEL = 6
 def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
     """`vol[lo:lo + shape] = array` for a block of whole chunks (clipped at the layer's end),
     gzipped at `GZIP_LEVEL`: the chunk files CloudVolume writes, byte for byte, encoded by
-    CloudVolume's codecs, or for compressed_segmentation by `deepem3d.cseg` (the same bytes,
+    CloudVolume's codecs, or for compressed_segmentation by `deepem3d.storage.cseg` (the same bytes,
     twice as fast). Anything else (sharded layers, unaligned blocks, a local cache) goes
     through CloudVolume."""
     from cloudvolume import chunks

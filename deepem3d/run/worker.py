@@ -25,10 +25,23 @@ from dataclasses import dataclass
 from taskqueue import QueueEmptyError
 from taskqueue.lib import jsonify
 
-import deepem3d.tasks  # noqa: F401  (registers every deepem3d task and the igneous ones)
-from deepem3d.queues import open_queue
+from deepem3d.errors import InputError
+from deepem3d.run.queues import open_queue
 
-log = logging.getLogger("deepem3d.worker")
+log = logging.getLogger("deepem3d.run.worker")
+
+#: the modules whose import registers every deepem3d task (igneous's register lazily, when a
+#: MarkedTask runs one)
+TASK_MODULES = ("deepem3d.stages.frame", "deepem3d.stages.inference",
+                "deepem3d.stages.supervoxels", "deepem3d.stages.graph",
+                "deepem3d.stages.segments")
+
+
+def register_tasks() -> None:
+    import importlib
+
+    for module in TASK_MODULES:
+        importlib.import_module(module)
 
 
 @dataclass
@@ -73,7 +86,11 @@ class Worker:
         max_tasks: int | None = None,
         max_attempts: int = 5,
         poll_seconds: float = 1.0,
+        stop_with_parent: bool = False,
     ):
+        register_tasks()
+        #: a runner's local workers stop when the runner is gone (even SIGKILLed)
+        self.parent = os.getppid() if stop_with_parent else None
         self.url = url
         self.queue = open_queue(url)
         self.lease_seconds = int(lease_seconds)
@@ -123,6 +140,9 @@ class Worker:
                 pass
 
     def _give_up(self, task, attempts: int) -> None:
+        if self._file_queue_dir is None:  # SQS: the redrive policy moves it
+            self.queue.cancel(task)
+            return
         failed_dir = os.path.join(self._file_queue_dir, "failed")
         os.makedirs(failed_dir, exist_ok=True)
         with open(os.path.join(failed_dir, f"{task.id}.json"), "w") as f:
@@ -144,6 +164,9 @@ class Worker:
         idle = 0
         try:
             while not self.stop_requested.is_set():
+                if self.parent is not None and os.getppid() != self.parent:
+                    log.info("the process that started this worker is gone: stopping")
+                    break
                 if self.max_tasks is not None and report.executed >= self.max_tasks:
                     break
                 try:
@@ -152,7 +175,8 @@ class Worker:
                     if self.exit_when_empty and self.queue.enqueued == 0:
                         break
                     idle += 1
-                    self.stop_requested.wait(min(10.0, self.poll_seconds * idle))
+                    # back off while idle, up to ten polls' time
+                    self.stop_requested.wait(self.poll_seconds * min(10, idle))
                     continue
                 idle = 0
                 self._execute(task, report)
@@ -174,6 +198,14 @@ class Worker:
         keeper = _LeaseKeeper(self.queue, task, self.lease_seconds)
         try:
             task.execute()
+        except InputError as err:
+            # bad input fails the same way on every retry: once, visibly (the task's stage
+            # has its failure record, which the runner reports)
+            keeper.stop()
+            report.errors += 1
+            log.error("task %s (%s) failed on its input: %s", task.id, name, err)
+            self._give_up(task, attempts + 1)
+            return
         except Exception:
             keeper.stop()
             report.errors += 1

@@ -1,17 +1,18 @@
-"""Inference: the network over an image layer as queue tasks, one per output block.
+"""image -> map: the network over an image layer as queue tasks, one per output block.
 
 Each InferenceTask reads its block plus the context the model's patches need (reflected only
-at the dataset's own bounds), runs the pure sliding window of deepem3d.models.sliding, writes
-the block (aligned to the output layer's chunk grid) and its completion marker. Because the
-patch grid belongs to the dataset, not to the task, the output is the same bytes whatever the
-task shape (on one device class and thread setting; see DESIGN.md).
+at the dataset's own bounds), runs the pure sliding window of deepem3d.models.sliding and
+writes the block (aligned to the output layer's chunk grid). Because the patch grid belongs to
+the dataset, not to the task, the output is the same bytes whatever the task shape, on one
+device class, torch version and thread setting (docs/design.md). That is why the stage's run
+key holds the device class and the torch version: a worker of another class or version refuses
+the task (an input error: the run stops and says so) instead of writing bytes that differ.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -22,11 +23,10 @@ import numpy as np
 from cloudvolume import CloudVolume
 from cloudvolume.exceptions import EmptyVolumeException
 from cloudvolume.lib import Bbox
-from taskqueue import queueable
 
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.errors import InputError
-from deepem3d.inference import (
+from deepem3d.models.sliding import (
     COMBINE,
     HEAD_CHANNELS,
     TTA_CHOICES,
@@ -38,7 +38,16 @@ from deepem3d.inference import (
     predict_block,
     quantize,
 )
-from deepem3d.layers import (
+from deepem3d.stages.blocks import (
+    align_to_chunks,
+    block_grid,
+    block_id,
+    bounds_list,
+    check_bounds,
+    check_task_shape,
+)
+from deepem3d.stages.frame import Markers, Stage, digest, stage_task
+from deepem3d.storage.layers import (
     cloudpath,
     create_layer,
     info_exists,
@@ -46,14 +55,12 @@ from deepem3d.layers import (
     open_layer,
     write_block,
 )
-from deepem3d.tasks.blocks import align_to_chunks, block_grid, check_bounds, check_task_shape
-from deepem3d.tasks.markers import Stage
 
 if TYPE_CHECKING:
     import torch
 
-# torch and deepem3d.models load inside the functions that need them: every worker and CLI
-# command imports this module (deepem3d.tasks registers it), most never predict.
+# torch and deepem3d.models load inside the functions that need them: every worker imports
+# this module (it registers InferenceTask), most never predict.
 
 STAGE = "inference"
 DEVICES = ("auto", "cpu", "cuda")
@@ -152,13 +159,30 @@ def device_label(device: torch.device) -> str:
 # The task
 
 
-def block_id(bounds: Bbox) -> str:
-    """A task's id: its block, as CloudVolume names chunks (x0-x1_y0-y1_z0-z1)."""
-    lo, hi = bounds.minpt, bounds.maxpt
-    return "_".join(f"{int(a)}-{int(b)}" for a, b in zip(lo, hi))
+def device_class(device: str) -> str:
+    """The class of hardware a device setting runs on: what the run key holds. `auto` is
+    resolved where the tasks are planned (cuda when that machine has it): plan with
+    `device: cuda` for GPU workers from a machine without one."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@queueable
+def check_worker(device: str, torch_version: str) -> None:
+    """InputError unless this worker is of the class and torch version the run was made for."""
+    import torch
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and here != "cuda" or torch.__version__ != torch_version:
+        raise InputError(f"this worker ({here}, torch {torch.__version__}) is not of the class "
+                         f"the inference run was made for ({device}, torch {torch_version}): "
+                         "route the inference stage to such workers, or plan the run again "
+                         "for these")
+
+
+@stage_task
 def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
     image_path: str,
     output_path: str,
@@ -174,19 +198,18 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
     amp: bool = True,
     mask: str | None = None,
     mask_mip: int = 0,
-) -> None:
+    torch_version: str = "",
+) -> dict:
     """Predict one output block (bounds: x0,y0,z0,x1,y1,z1 in absolute voxels at `mip`).
 
-    A duplicate or retried copy whose marker exists does nothing; one that runs again
-    rewrites the same bytes.
+    `device` is the run's device class (cpu or cuda) and `torch_version` the version it was
+    planned for: a worker of another refuses the task. A retried or duplicated task rewrites
+    the same bytes.
     """
     import torch
 
+    check_worker(device, torch_version)
     bbox = Bbox(bounds[:3], bounds[3:])
-    task_id = block_id(bbox)
-    stage = Stage(output_path, STAGE)
-    if stage.is_done(task_id):
-        return
     start = time.perf_counter()
     dev = resolve_device(device)
     if dev.type == "cpu":
@@ -226,8 +249,7 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
     data = quantize(probs) if dtype == "uint8" else probs.astype(np.float32)
     write_block(out_vol, bbox.minpt, xyzc_from_czyx(data))
     seconds = time.perf_counter() - start
-    stage.mark_done(task_id, {
-        "task": "InferenceTask",
+    return {
         "device": device_label(dev),
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "amp": bool(amp and dev.type == "cuda"),
@@ -238,10 +260,7 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
         "seconds": round(seconds, 3),
         "forward_seconds": round(stats.predict_seconds, 3),
         "forward_share": round(stats.predict_seconds / seconds, 4) if seconds else None,
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    })
+    }
 
 
 def has_tissue(mask: str, mask_mip: int, bbox: Bbox, image_path: str, mip: int) -> bool:
@@ -592,11 +611,11 @@ def _check_output(plan: InferencePlan, overwrite: bool) -> bool:
                          "another OUTPUT")
     if not layer_holds_data(plan.output_path):
         return False  # an empty layer of the same geometry: (re)write its info and provenance
-    manifest = Stage(plan.output_path, STAGE).manifest()
-    if manifest is None:
+    markers = Markers(plan.output_path, STAGE)
+    if markers.run_record() is None:
         raise InputError(f"{plan.output_path} holds data that `deepem3d infer` did not write: "
                          "pass --overwrite to replace it, or choose another OUTPUT")
-    previous = manifest.get("parameters", {})
+    previous = markers.parameters()
     values = {k: previous.get(k) for k in plan.values()}
     if values != plan.values():
         changed = sorted(k for k in values if values[k] != plan.values()[k])
@@ -605,41 +624,69 @@ def _check_output(plan: InferencePlan, overwrite: bool) -> bool:
     return True
 
 
-def inference_stage(output_path: str) -> Stage:
-    return Stage(output_path, STAGE)
+#: float32 FLOP/s that one task reaches on each hardware class, for --dry-run's estimates:
+#: the CPU figure was measured on the demo's run (small preset, one thread, this project's
+#: 2-core machine: patch FLOPs over task seconds, read from the markers); no GPU was measured
+#: here, the GPU figure is an assumption (half an H100's dense float16 throughput, a tenth)
+EFFECTIVE_FLOPS = {"cpu": 20e9, "gpu": 50e12}
 
 
-def create_inference_tasks(
-    plan: InferencePlan, *, overwrite: bool = False,
-) -> tuple[Stage, list[tuple[str, partial]]]:
-    """Create (or resume) the output layer and return (stage, [(task_id, task), ...]).
+def _task_flops(plan: InferencePlan) -> float:
+    """FLOPs of the largest task's forward passes (every patch it computes, every variant)."""
+    offset, dataset = plan.voxel_offset, plan.size[::-1]
+    biggest = max(plan.blocks, key=lambda b: patch_count(dataset, _zyx_box(b, offset),
+                                                         plan.geometry) * int(b.size3()[2]))
+    patches = patch_count(dataset, _zyx_box(biggest, offset), plan.geometry)
+    patches *= int(biggest.size3()[2]) * plan.tta
+    size = plan.geometry.size
+    macs = sum(count_macs(m.meta["model"], size) for m in plan.models)
+    return 2.0 * patches * macs
 
-    Tasks whose marker exists are left out, so a re-run does only what is missing.
-    """
-    if not plan.output_exists:
-        create_layer(
-            plan.output_path, layer_type="image", dtype=plan.dtype, resolution=plan.resolution,
-            size=plan.size, voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
-            num_channels=plan.channels, overwrite=overwrite, provenance=provenance(plan),
-        )
-    stage = inference_stage(plan.output_path)
-    ids = [block_id(b) for b in plan.blocks]
-    stage.write_manifest(ids, plan.parameters())
-    done = stage.done_ids()
+
+def count_macs(config: dict, size: int) -> int:
+    from deepem3d.models.network import count_macs as macs
+
+    return macs(config, size)
+
+
+def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
+    """The inference stage of a plan: one InferenceTask per output block."""
+    import torch
+
+    device = device_class(plan.device)
+    torch_version = torch.__version__
+    key = digest({**plan.values(), "device": device, "torch": torch_version,
+                  "threads": plan.threads, "amp": plan.amp})
     common = dict(
         image_path=plan.image_path, output_path=plan.output_path,
         models=[m.to_json() for m in plan.models], mip=plan.mip, tta=plan.tta,
         patch=plan.geometry.to_dict(), dtype=plan.dtype, fill_missing=plan.fill_missing,
-        threads=plan.threads, device=plan.device, amp=plan.amp, mask=plan.mask,
-        mask_mip=plan.mask_mip,
+        threads=plan.threads, device=device, amp=plan.amp, mask=plan.mask,
+        mask_mip=plan.mask_mip, torch_version=torch_version,
     )
-    tasks = []
-    for task_id, block in zip(ids, plan.blocks):
-        if task_id in done:
-            continue
-        bounds = [int(v) for v in (*block.minpt, *block.maxpt)]
-        tasks.append((task_id, partial(InferenceTask, bounds=bounds, **common)))
-    return stage, tasks
+
+    def make_tasks():
+        for block in plan.blocks:
+            yield block_id(block), partial(InferenceTask, bounds=bounds_list(block), **common)
+
+    def prepare() -> None:
+        if not plan.output_exists:
+            create_layer(
+                plan.output_path, layer_type="image", dtype=plan.dtype,
+                resolution=plan.resolution, size=plan.size, voxel_offset=plan.voxel_offset,
+                chunk_size=plan.chunk_size, num_channels=plan.channels, overwrite=overwrite,
+                provenance=provenance(plan),
+            )
+
+    hardware = "gpu" if device == "cuda" else "cpu"
+    voxels = math.prod(int(s) for s in plan.bounds.size3())
+    return Stage(
+        name=STAGE, layer=plan.output_path, key=key,
+        parameters={**plan.parameters(), "device": device, "torch": torch_version},
+        make_tasks=make_tasks, task_count=plan.task_count, memory_bytes=plan.memory_bytes,
+        hardware=hardware, seconds_per_task=_task_flops(plan) / EFFECTIVE_FLOPS[hardware],
+        output_bytes=voxels * plan.channels * np.dtype(plan.dtype).itemsize, prepare=prepare,
+    )
 
 
 def provenance(plan: InferencePlan) -> dict:

@@ -56,3 +56,19 @@ def block_grid(bounds: Bbox, task_shape) -> list[Bbox]:
         Bbox([x, y, z], np.minimum(np.array([x, y, z]) + np.asarray(task_shape), hi))
         for z in ranges[2] for y in ranges[1] for x in ranges[0]
     ]
+
+
+def block_id(bounds: Bbox) -> str:
+    """A block's id and file name, as CloudVolume names chunks (x0-x1_y0-y1_z0-z1)."""
+    return "_".join(f"{int(a)}-{int(b)}" for a, b in zip(bounds.minpt, bounds.maxpt))
+
+
+def parse_block_id(task_id: str) -> Bbox:
+    """The inverse of `block_id`."""
+    ranges = [tuple(int(v) for v in part.split("-")) for part in task_id.split("_")]
+    return Bbox([r[0] for r in ranges], [r[1] for r in ranges])
+
+
+def bounds_list(bounds: Bbox) -> list[int]:
+    """x0, y0, z0, x1, y1, z1 as plain ints (how tasks carry a block)."""
+    return [int(v) for v in (*bounds.minpt, *bounds.maxpt)]

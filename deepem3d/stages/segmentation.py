@@ -1,32 +1,47 @@
-"""Planning and running `deepem3d segment`: check the inputs, decide what a run reuses, create
-each stage's tasks and run the stages in order, each to completion before the next.
+"""The segmentation's plan: check the inputs, decide what a run reuses, declare its stages.
 
-The tasks themselves, and the layout of the work directory, are in deepem3d.tasks.segmentation.
+The tasks are in the modules of each arrow of the data flow: deepem3d.stages.supervoxels (map ->
+supervoxels), deepem3d.stages.graph (-> region graph), deepem3d.stages.segments (-> segments);
+what they leave for each other is described in deepem3d.stages.workdir. They do, with I/O,
+exactly what `deepem3d.segmentation.pipeline.segment_chunked` does in memory, so the layer is
+the same bytes whatever the task shape, and equal to `pipeline.segment` on the whole array.
+
 A plan is "new", "resume" (same parameters: finished tasks are skipped), "retune" (same map,
---sigma, --bounds and --task-shape, another method, threshold or dust: the smoothed map, the
+sigma, bounds and task shape, another method, threshold or dust: the smoothed map, the
 supervoxels and the merged region graph are kept, agglomerate and remap run again) or
-"rebuild". Which one is read from the stages' manifests, whose parameters carry a key: a digest
-of what decides that stage's output.
+"rebuild". Which one is read from the stages' run records, whose key is a digest of what
+decides that stage's output.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume.lib import Bbox
-from tqdm import tqdm
 
 from deepem3d.errors import InputError
-from deepem3d.layers import (
+from deepem3d.segmentation.chunks import SUPERVOXEL_HALO
+from deepem3d.segmentation.smoothing import smoothing_halo
+from deepem3d.stages.blocks import (
+    align_to_chunks,
+    block_grid,
+    block_id,
+    bounds_list,
+    check_bounds,
+    check_task_shape,
+)
+from deepem3d.stages.frame import Markers, Stage, digest
+from deepem3d.stages.graph import MergeGraphTask, RegionGraphTask
+from deepem3d.stages.segments import AgglomerateTask, RemapTask
+from deepem3d.stages.supervoxels import HaloTask, ReduceTask, SmoothTask, SupervoxelTask
+from deepem3d.stages.workdir import SMOOTHED_LAYER, SUPERVOXEL_FILES, WORK, smoothed_layer_path
+from deepem3d.storage.layers import (
     cloudpath,
     create_layer,
     info_exists,
@@ -34,29 +49,13 @@ from deepem3d.layers import (
     open_layer,
     record_provenance,
 )
-from deepem3d.segmentation.chunks import SUPERVOXEL_HALO
-from deepem3d.segmentation.smoothing import smoothing_halo
-from deepem3d.tasks.blocks import align_to_chunks, block_grid, check_bounds, check_task_shape
-from deepem3d.tasks.markers import Stage
-from deepem3d.tasks.segmentation import (
-    CHUNK_STAGES,
-    SMOOTHED_LAYER,
-    STAGES,
-    SUPERVOXEL_FILES,
-    TUNING_STAGES,
-    WORK,
-    AgglomerateTask,
-    HaloTask,
-    MergeGraphTask,
-    ReduceTask,
-    RegionGraphTask,
-    RemapTask,
-    SmoothTask,
-    SupervoxelTask,
-    block_id,
-    smoothed_layer_path,
-)
 
+#: the stages, in order; the first six depend only on the map, sigma and the chunking
+STAGES = ("smooth", "halo", "supervoxels", "reduce", "region-graph", "merge-graph",
+          "agglomerate", "remap")
+CHUNK_STAGES = STAGES[:6]
+TUNING_STAGES = STAGES[6:]
+SINGLE_STAGES = ("reduce", "merge-graph", "agglomerate")
 METHODS = ("mean", "watershed")
 DUST_MODES = ("merge", "zero")
 MAP_DTYPES = ("uint8", "float32")
@@ -74,7 +73,6 @@ SMOOTH_BYTES_PER_VOXEL = 17
 # grow; watershed 79)
 BYTES_PER_EDGE = {"mean": 255, "watershed": 80}
 MAX_SIGMA = 16.0  # a halo of 64 voxels; beyond it the map is blurred past any membrane
-POLL_SECONDS = 1.0  # how often a run waiting for workers elsewhere reads the markers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,14 +151,26 @@ class SegmentPlan:
 
     @property
     def chunk_key(self) -> str:
-        return _digest(self.chunk_parameters())
+        return digest(self.chunk_parameters())
 
     @property
     def tuning_key(self) -> str:
-        return _digest({**self.chunk_parameters(), **self.tuning_parameters()})
+        return digest({**self.chunk_parameters(), **self.tuning_parameters()})
 
     def key(self, stage: str) -> str:
         return self.chunk_key if stage in CHUNK_STAGES else self.tuning_key
+
+    def stage_parameters(self, stage: str) -> dict:
+        """What the stage's run record keeps: the parameters behind its key."""
+        if stage in CHUNK_STAGES:
+            return self.chunk_parameters()
+        return {**self.chunk_parameters(), **self.tuning_parameters()}
+
+    @property
+    def segmentation_bytes(self) -> int:
+        """An upper bound of the segmentation layer's size: uint64 per voxel, before the
+        compressed_segmentation encoding (which typically stores a few bits per voxel)."""
+        return 8 * math.prod(int(s) for s in self.bounds.size3())
 
     @property
     def publishes_halo(self) -> bool:
@@ -172,7 +182,7 @@ class SegmentPlan:
             return 0
         if stage == "halo" and (self.smoothed or not self.publishes_halo):
             return 0  # the smooth tasks publish the slabs, or no block has a neighbour
-        return 1 if stage in ("reduce", "merge-graph", "agglomerate") else len(self.blocks)
+        return 1 if stage in SINGLE_STAGES else len(self.blocks)
 
     @property
     def block_extent(self) -> list[int]:
@@ -197,7 +207,7 @@ class SegmentPlan:
         return peak
 
     def describe(self) -> str:
-        shape = " x ".join(map(str, self.task_shape))
+        shape = " x ".join(map(str, self.block_extent))
         counts = ", ".join(f"{s} {self.task_count(s)}" for s in STAGES)
         what = {
             "new": "computing every stage",
@@ -225,11 +235,6 @@ class SegmentPlan:
         return "\n".join(lines + self.notes)
 
 
-def _digest(value: dict) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
 def map_fingerprint(map_path: str) -> str:
     """A digest of the map layer's info and provenance: a re-made map is another map."""
     files = CloudFiles(cloudpath(map_path))
@@ -251,8 +256,7 @@ def _geometry(info: dict) -> dict:
 
 
 def _manifest_key(output_path: str, stage: str) -> str | None:
-    manifest = Stage(output_path, stage).manifest()
-    return None if manifest is None else manifest.get("parameters", {}).get("key")
+    return Markers(output_path, stage).current_key()
 
 
 def _check_block_size(plan: SegmentPlan) -> None:
@@ -383,8 +387,7 @@ def _decide(plan: SegmentPlan, overwrite: bool) -> None:
     tuning_same = (_manifest_key(out, "remap") == plan.tuning_key and chunks_same
                    and not overwrite)
     if holds and not tuning_same and not overwrite:
-        previous = Stage(out, "remap").manifest()
-        if previous is None:
+        if Markers(out, "remap").run_record() is None:
             raise InputError(f"{out} holds data that `deepem3d segment` did not write: pass "
                              "--overwrite to replace it, or choose another OUTPUT")
         raise InputError(f"{out} holds a segmentation made with other parameters: pass "
@@ -399,8 +402,9 @@ def _decide(plan: SegmentPlan, overwrite: bool) -> None:
         plan.action = "retune"
     else:
         plan.action = "rebuild" if holds else "new"
-    if chunks_same and Stage(out, "merge-graph").is_complete():
-        record = CloudFiles(out).get_json(Stage(out, "merge-graph").marker_key("merge-graph"))
+    merge = Markers(out, "merge-graph")
+    if chunks_same and merge.is_complete():
+        record = CloudFiles(out).get_json(merge.marker_key("merge-graph"))
         plan.graph_edges = (record or {}).get("edges")
 
 
@@ -473,52 +477,82 @@ def prepare_output(plan: SegmentPlan) -> None:
         )
 
 
-def create_stage_tasks(plan: SegmentPlan, name: str) -> tuple[Stage, list[partial]]:
-    """Write the stage's manifest and return (stage, the tasks that have no marker yet)."""
-    stage = Stage(plan.output_path, name)
-    key = plan.key(name)
-    common = {"output_path": plan.output_path, "key": key}
+#: what one task of each stage costs on one core, per voxel of its block (per voxel of the
+#: region for the single tasks), for --dry-run's core-hours: measured on the demo's run
+#: (ISBI 2012 affinities, 512 x 512 x 30, this project's 2-core machine), read from markers
+SECONDS_PER_VOXEL = {
+    "smooth": 60e-9, "halo": 10e-9, "supervoxels": 110e-9, "reduce": 10e-9,
+    "region-graph": 20e-9, "merge-graph": 15e-9, "agglomerate": 60e-9, "remap": 25e-9,
+}
+# Peak bytes of the single tasks: the reduce per voxel of the region (128^3 blocks), the merge
+# per region-graph edge (measured by benchmarks/segmentation.py); the edges per voxel of a
+# smooth map (synthetic cells; a noisy map has up to 0.3) when no graph exists yet
+REDUCE_BYTES_PER_VOXEL = 2.1
+MERGE_BYTES_PER_EDGE = 141
+EDGES_PER_VOXEL = 0.0186
+
+
+def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[Stage]:
+    """The segmentation's stages, in order, as the frame runs them. `needs` names the stages
+    the first one waits for (the map's inference, in a pipeline)."""
+    out = plan.output_path
+    blocks = {block_id(b): bounds_list(b) for b in plan.blocks}
     segmented, segmented_mip = plan.segmented_map
     chunked = {"map_path": segmented, "dataset": plan.region, "mip": segmented_mip}
-    blocks = {block_id(b): [int(v) for v in (*b.minpt, *b.maxpt)] for b in plan.blocks}
-    # a stage without tasks (smooth without --sigma, halo with it or with one block) is
-    # complete as soon as its manifest is written
-    halo = {"publish_halo": plan.publishes_halo}
-    if name == "smooth":
-        tasks = {i: partial(SmoothTask, map_path=plan.map_path, bounds=b, dataset=plan.region,
-                            mip=plan.mip, sigma=plan.sigma, **halo, **common)
-                 for i, b in blocks.items()} if plan.smoothed else {}
-    elif name == "halo":
-        tasks = {i: partial(HaloTask, map_path=segmented, bounds=b, mip=segmented_mip,
-                            **common)
-                 for i, b in blocks.items()} if plan.task_count("halo") else {}
-    elif name == "supervoxels":
-        grid = {"task_shape": list(plan.task_shape) if plan.publishes_halo else None}
-        tasks = {i: partial(SupervoxelTask, bounds=b, **chunked, **grid, **common)
-                 for i, b in blocks.items()}
-    elif name == "reduce":
-        tasks = {"reduce": partial(ReduceTask, dataset=plan.region, volume=plan.volume,
-                                   **common)}
-    elif name == "region-graph":
-        tasks = {i: partial(RegionGraphTask, bounds=b, below=_blocks_below(b, plan), **common)
-                 for i, b in blocks.items()}
-    elif name == "merge-graph":
-        tasks = {"merge-graph": partial(MergeGraphTask, **common)}
-    elif name == "agglomerate":
-        tasks = {"agglomerate": partial(AgglomerateTask, method=plan.method,
-                                        threshold=plan.threshold, dust_size=plan.dust_size,
-                                        dust_mode=plan.dust_mode, **common)}
-    elif name == "remap":
-        tasks = {i: partial(RemapTask, bounds=b, **common) for i, b in blocks.items()}
-    else:
-        raise ValueError(f"unknown stage {name!r}")
-    parameters = plan.chunk_parameters() if name in CHUNK_STAGES else {
-        **plan.chunk_parameters(), **plan.tuning_parameters()}
-    manifest = stage.manifest()
-    if manifest is None or manifest.get("parameters", {}).get("key") != key:
-        stage.write_manifest(list(tasks), {"key": key, **parameters})
-    done = stage.done_ids()
-    return stage, [task for task_id, task in tasks.items() if task_id not in done]
+    region_voxels = math.prod(int(s) for s in plan.bounds.size3())
+    edges = plan.graph_edges or int(region_voxels * EDGES_PER_VOXEL)
+    block_voxels = math.prod(plan.block_extent)
+    table = plan.tuning_key
+
+    def per_block(task, **kwargs):
+        return lambda: ((i, partial(task, bounds=b, output_path=out, **kwargs))
+                        for i, b in blocks.items())
+
+    def single(name, task, **kwargs):
+        return lambda: iter([(name, partial(task, output_path=out, **kwargs))])
+
+    halo = plan.task_count("halo") > 0
+    specs = [
+        ("smooth", per_block(SmoothTask, map_path=plan.map_path, dataset=plan.region,
+                             mip=plan.mip, sigma=plan.sigma, publish_halo=plan.publishes_halo),
+         None if plan.smoothed else "off (--sigma 0)"),
+        ("halo", per_block(HaloTask, map_path=segmented, mip=segmented_mip),
+         None if halo else "published by smooth" if plan.smoothed else "not needed (one block)"),
+        ("supervoxels", per_block(SupervoxelTask, **chunked, task_shape=list(plan.task_shape)
+                                  if plan.publishes_halo else None), None),
+        ("reduce", single("reduce", ReduceTask, dataset=plan.region, volume=plan.volume), None),
+        ("region-graph", lambda: ((i, partial(RegionGraphTask, output_path=out, bounds=b,
+                                              below=_blocks_below(b, plan)))
+                                  for i, b in blocks.items()), None),
+        ("merge-graph", single("merge-graph", MergeGraphTask), None),
+        ("agglomerate", single("agglomerate", AgglomerateTask, method=plan.method,
+                               threshold=plan.threshold, dust_size=plan.dust_size,
+                               dust_mode=plan.dust_mode, table=table), None),
+        ("remap", per_block(RemapTask, table=table), None),
+    ]
+    memory = {
+        "reduce": int(REDUCE_BYTES_PER_VOXEL * region_voxels),
+        "merge-graph": MERGE_BYTES_PER_EDGE * edges,
+        "agglomerate": BYTES_PER_EDGE[plan.method] * edges,
+    }
+    stages = []
+    previous = needs
+    for name, make, note in specs:
+        count = 0 if note else plan.task_count(name)
+        stage = Stage(
+            name=name, layer=out, key=plan.key(name), parameters=plan.stage_parameters(name),
+            make_tasks=make if count else (lambda: iter(())), task_count=count,
+            memory_bytes=memory.get(name, plan.task_memory_bytes) if count else 0,
+            needs=tuple(previous), note=note,
+            seconds_per_task=SECONDS_PER_VOXEL[name] * (
+                region_voxels if name in SINGLE_STAGES else block_voxels),
+            output_bytes=(plan.segmentation_bytes if name == "remap" else 0),
+            finish=partial(clean_intermediates, plan),
+        )
+        stages.append(stage)
+        previous = (name,)
+    stages[0].prepare = partial(prepare_output, plan)
+    return stages
 
 
 def _blocks_below(bounds: list[int], plan: SegmentPlan) -> list[str | None]:
@@ -542,91 +576,11 @@ def clean_intermediates(plan: SegmentPlan) -> None:
     graphs once the merged graph is. The supervoxels (labels/ and tables/) and the smoothed map
     are kept: the input of a retune's remap, and a result to view."""
     out = plan.output_path
-    if Stage(out, "supervoxels").is_complete():
+    if Markers(out, "supervoxels").is_complete():
         _delete_prefixes(out, [f"{WORK}/halo/"])
-    if Stage(out, "reduce").is_complete():
+    if Markers(out, "reduce").is_complete():
         _delete_prefixes(out, [f"{WORK}/exits/"])
-    if Stage(out, "region-graph").is_complete():
+    if Markers(out, "region-graph").is_complete():
         _delete_prefixes(out, [f"{WORK}/local_graphs/", f"{WORK}/faces/"])
-    if Stage(out, "merge-graph").is_complete():
+    if Markers(out, "merge-graph").is_complete():
         _delete_prefixes(out, [f"{WORK}/graphs/"])
-
-
-def await_stage(
-    stage: Stage, queue: str, *, progress: bool = True, poll: float | None = None
-) -> None:
-    """Wait, polling the stage's markers, while workers elsewhere drain `queue`.
-
-    On a file queue, an empty queue with tasks still unmarked means they failed (the worker
-    moved them to DIR/failed/): say so instead of waiting forever. SQS counters are
-    approximate, so there the wait ends only with the markers (or Ctrl-C; re-running the same
-    command goes on where it stopped).
-    """
-    from deepem3d.queues import open_queue
-
-    total = len(stage.task_ids())
-    with tqdm(total=total, desc=stage.name, disable=not progress, file=sys.stderr) as bar:
-        while True:
-            remaining = stage.remaining()
-            bar.update(total - len(remaining) - bar.n)
-            if not remaining:
-                return
-            if queue.startswith("fq://") and open_queue(queue).enqueued == 0:
-                remaining = stage.remaining()  # a task marks done before leaving the queue
-                if remaining:
-                    raise InputError(
-                        f"stage {stage.name}: {queue} is empty but {len(remaining)} task(s) "
-                        f"have no completion marker: they failed (see "
-                        f"{queue[len('fq://'):]}/failed/ and the worker logs); fix the cause "
-                        "and re-run the same command: finished stages are kept"
-                    )
-            time.sleep(POLL_SECONDS if poll is None else poll)
-
-
-Runner = Callable[[Stage, list], str]
-
-
-def run_segmentation(
-    plan: SegmentPlan,
-    *,
-    queue: str | None = None,
-    parallel: int | None = None,
-    progress: bool = True,
-    runner: Runner | None = None,
-    echo: Callable[[str], None] = print,
-) -> None:
-    """Run the stages in order, each to completion (read from its markers) before the next.
-
-    Without `runner`, each stage goes through `deepem3d.queues.run_stage` (local workers on a
-    temporary queue without `queue`); with a queue and no `parallel`, the tasks wait there for
-    workers elsewhere and this waits for their markers. A `runner(stage, tasks)` replaces that
-    (tests run tasks in-process).
-    """
-    from deepem3d.queues import run_stage
-
-    prepare_output(plan)
-    for name in STAGES:
-        stage, tasks = create_stage_tasks(plan, name)
-        if name == "smooth" and not plan.smoothed:  # its manifest lists no task: complete
-            echo("stage smooth: off (--sigma 0)")
-        elif name == "halo" and not plan.task_count("halo"):
-            echo("stage halo: " + ("published by smooth" if plan.smoothed else
-                                   "not needed (one block)"))
-        elif not tasks:
-            echo(f"stage {name}: complete ({len(stage.task_ids())} task(s) done before)")
-        elif runner is not None:
-            echo(runner(stage, tasks))
-        else:
-            # no more local workers than tasks: the one-task stages start one process
-            workers = min(parallel, len(tasks)) if parallel else parallel
-            summary = run_stage(stage, tasks, queue=queue, parallel=workers, progress=progress)
-            if queue is not None and not parallel:
-                echo(f"stage {name}: {len(tasks)} task(s) on {queue}; waiting for workers "
-                     f"(`deepem3d worker {queue}`)")
-                await_stage(stage, queue, progress=progress)
-                summary = f"stage {name} complete: {len(stage.task_ids())} task(s)"
-            echo(summary)
-        if not stage.is_complete():
-            raise InputError(f"stage {name} is incomplete: {len(stage.remaining())} task(s) "
-                             "without a completion marker; re-run the same command")
-        clean_intermediates(plan)

@@ -1,6 +1,6 @@
 """Seam-free sliding-window inference: a pure function from an image region to one block's map.
 
-No I/O here: the inference task (deepem3d.tasks.inference) reads the region this module asks
+No I/O here: the inference task (deepem3d.stages.inference) reads the region this module asks
 for, calls `predict_block` and writes the result; `predict_volume` is the same call on a whole
 in-memory array. Why a chunked run gives the whole-array result bit for bit (DESIGN.md, "Why
 chunked results can equal whole-volume results"):

@@ -1,0 +1,1 @@
+"""Running stages: queues, workers, the runner and the pipeline file."""

@@ -1,0 +1,267 @@
+"""The runner: take stages in order, put each one's tasks on its queue, wait for its markers.
+
+A stage's tasks are created only once every stage it needs is complete (read from their
+markers, never from queue counters), so a stage is a barrier. With `parallel`, local worker
+processes drain each stage's queue (their log goes to a file, so that the progress bar keeps
+the terminal); without, the tasks wait for workers elsewhere (Kubernetes pods) and the runner
+only watches the markers. A task that fails on an input error leaves a failure record, and the
+runner stops with its message at once instead of letting every retry fail the same way.
+
+Re-running the same stages after any interruption continues where they stopped: finished
+tasks have markers and are not created again; a task created twice writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from deepem3d.errors import InputError
+from deepem3d.run.queues import check_queue_url, insert_tasks, open_queue, spawn_workers
+from deepem3d.stages.frame import Stage
+
+POLL_SECONDS = 1.0  # how often a waiting run reads the markers
+LOG_TAIL = 20  # lines of the workers' log shown when a stage fails
+MAX_RESTARTS = 3  # per local worker and run: more deaths than that stop the run
+
+Route = Callable[[Stage], str]
+Execute = Callable[[Stage, Iterator], int]
+
+
+@dataclass
+class StageSummary:
+    """One stage of a run, from its markers."""
+
+    label: str
+    tasks: int
+    ran: int
+    seconds: float
+    task_seconds: float = 0.0
+    slowest: float = 0.0
+    peak_mib: float = 0.0
+    peak_added_mib: float = 0.0
+    note: str | None = None
+
+    def line(self) -> str:
+        if self.note:
+            return f"stage {self.label}: {self.note}"
+        return (f"stage {self.label}: {self.tasks} task(s) ({self.ran} run now) in "
+                f"{self.seconds:.1f} s; task seconds {self.task_seconds:.1f}, slowest "
+                f"{self.slowest:.2f} s, largest task peak {self.peak_mib:.0f} MiB "
+                f"(+{self.peak_added_mib:.0f} over its worker's baseline)")
+
+
+def summarise(stage: Stage, ran: int, seconds: float) -> StageSummary:
+    records = stage.markers.records()
+    times = [float(r.get("seconds", 0)) for r in records]
+    peaks = [float(r.get("peak_mib", 0)) for r in records]
+    added = [float(r.get("peak_added_mib", 0)) for r in records]
+    return StageSummary(stage.label, len(records), ran, seconds, sum(times),
+                        max(times, default=0.0), max(peaks, default=0.0),
+                        max(added, default=0.0))
+
+
+def execute_here(stage: Stage, tasks: Iterator) -> int:
+    """Run a stage's tasks in this process, each through its JSON payload as a worker would
+    (tests and benchmarks)."""
+    from taskqueue.queueables import totask
+
+    from deepem3d.stages.frame import payload_of
+
+    count = 0
+    for task in tasks:
+        totask(payload_of(task)).execute()
+        count += 1
+    return count
+
+
+class Runner:
+    """Runs stages in order. `route(stage)` names the queue of each stage; `parallel` local
+    workers drain it (None: workers elsewhere do); `execute` replaces the queue altogether."""
+
+    def __init__(
+        self, route: Route, *, parallel: int | None = None, echo: Callable[[str], None] = print,
+        progress: bool = True, execute: Execute | None = None, poll: float | None = None,
+        log_path: str | None = None, lease_seconds: int = 60, wait: bool = True,
+    ):
+        self.wait = wait
+        self.route = route
+        self.lease_seconds = lease_seconds
+        self._workers: dict[str, list] = {}  # queue url -> its local worker processes
+        self._restarts = 0
+        self.parallel = parallel
+        self.echo = echo
+        self.progress = progress
+        self.execute = execute
+        self.poll = POLL_SECONDS if poll is None else poll
+        self.log_path = log_path
+        self.summaries: list[StageSummary] = []
+
+    def run(self, stages: Iterable[Stage]) -> list[StageSummary]:
+        with self._log() as (log, path):
+            self._log_file, self._log_path = log, path
+            try:
+                return self._run(stages)
+            finally:
+                self.stop_workers()
+
+    def stop_workers(self) -> None:
+        """SIGTERM every local worker (each finishes its task at hand), then wait."""
+        procs = [p for group in self._workers.values() for p in group]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            proc.wait()
+        self._workers.clear()
+
+    def _run(self, stages: Iterable[Stage]) -> list[StageSummary]:
+        done: set[str] = set()
+        for stage in stages:
+            missing = [n for n in stage.needs if n not in done]
+            if missing:
+                raise InputError(f"stage {stage.label} needs {', '.join(missing)}, which this "
+                                 "run has not completed: list the stages in order")
+            summary = self.run_stage(stage)
+            self.summaries.append(summary)
+            self.echo(summary.line())
+            done.add(stage.name)
+            done.add(stage.label)
+        return self.summaries
+
+    def run_stage(self, stage: Stage) -> StageSummary:
+        if stage.prepare is not None:
+            stage.prepare()
+        stage.start()
+        if stage.note:
+            return StageSummary(stage.label, 0, 0, 0.0, note=stage.note)
+        start = time.perf_counter()
+        if self.execute is not None:
+            ran = self.execute(stage, stage.tasks())
+        elif not self.wait and not self.parallel:
+            url = check_queue_url(self.route(stage))
+            ran = insert_tasks(url, stage.tasks())
+            return StageSummary(stage.label, ran, 0, 0.0, note=(
+                f"{ran} task(s) on {url}; run `deepem3d worker {url}` to execute them"))
+        else:
+            ran = self._queue_stage(stage)
+        if not stage.is_complete():
+            remaining = stage.markers.remaining()
+            raise InputError(f"stage {stage.label} is incomplete: {len(remaining)} task(s) "
+                             "without a completion marker; run the same command again: "
+                             "finished tasks are kept")
+        if stage.finish is not None:
+            stage.finish()
+        return summarise(stage, ran, time.perf_counter() - start)
+
+    # ------------------------------------------------------------------------------------
+    def _queue_stage(self, stage: Stage) -> int:
+        url = check_queue_url(self.route(stage))
+        inserted = insert_tasks(url, stage.tasks())
+        if self.parallel:
+            if url not in self._workers:  # started once per queue, kept for later stages
+                self._workers[url] = spawn_workers(url, self.parallel, self.lease_seconds,
+                                                   log_file=self._log_file)
+            self._wait(stage, url, self._workers[url], self._log_path)
+        else:
+            if inserted:
+                self.echo(f"stage {stage.label}: {inserted} task(s) on {url}; waiting for "
+                          f"workers (`deepem3d worker {url}`)")
+            self._wait(stage, url, None, None)
+        return inserted
+
+    @contextlib.contextmanager
+    def _log(self):
+        if self.execute is not None or not self.parallel:
+            yield None, None
+            return
+        if self.log_path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+            with open(self.log_path, "ab") as log:
+                yield log, self.log_path
+            return
+        with tempfile.NamedTemporaryFile(prefix="deepem3d-workers-", suffix=".log",
+                                         delete=False) as log:
+            yield log, log.name
+
+    def _wait(self, stage: Stage, url: str, procs, log_path: str | None) -> None:
+        """Until every task of the stage has its marker; InputError on a failure record, on
+        local workers that all exited, or on a file queue emptied with tasks unmarked."""
+        from tqdm import tqdm
+
+        markers = stage.markers
+        total = len(markers.task_ids())
+        with tqdm(total=total, desc=stage.label, disable=not self.progress,
+                  file=sys.stderr, leave=False) as bar:
+            while True:
+                remaining = markers.remaining()
+                bar.update(total - len(remaining) - bar.n)
+                if not remaining:
+                    return
+                failures = markers.failures()
+                if failures:
+                    task_id, message = next(iter(failures.items()))
+                    raise InputError(f"stage {stage.label}: task {task_id} failed: {message}")
+                if procs is not None:
+                    self._replace_dead(stage, url, procs, log_path)
+                if procs is None and url.startswith("fq://") and open_queue(url).enqueued == 0:
+                    remaining = markers.remaining()  # a task marks done before leaving
+                    if remaining:
+                        raise InputError(
+                            f"stage {stage.label}: {url} is empty but {len(remaining)} task(s) "
+                            f"have no completion marker: they failed (see "
+                            f"{url[len('fq://'):]}/failed/ and the worker logs); fix the cause "
+                            "and run the same command again: finished stages are kept")
+                time.sleep(self.poll)
+
+    def _replace_dead(self, stage: Stage, url: str, procs: list, log_path: str | None) -> None:
+        """A local worker that died (killed, out of memory) is replaced, a few times: its task
+        comes back to the queue when its lease expires and another worker redoes it."""
+        for k, proc in enumerate(procs):
+            if proc.poll() is None:
+                continue
+            if self._restarts >= MAX_RESTARTS * max(1, self.parallel or 1):
+                raise InputError(self._incomplete(stage, procs, log_path))
+            self._restarts += 1
+            self.echo(f"a local worker exited (status {proc.returncode}) during stage "
+                      f"{stage.label}: starting another; its task returns to the queue when "
+                      f"its lease ({self.lease_seconds} s) expires")
+            procs[k] = spawn_workers(url, 1, self.lease_seconds, log_file=self._log_file)[0]
+
+    def _incomplete(self, stage: Stage, procs, log_path: str | None) -> str:
+        codes = [p.returncode for p in procs]
+        tail = ""
+        if log_path and os.path.exists(log_path):
+            with open(log_path, errors="replace") as f:
+                lines = f.read().splitlines()[-LOG_TAIL:]
+            sys.stderr.write("\n".join(lines) + "\n")
+            tail = f"; the workers' log is {log_path} (its end is above)"
+        return (f"stage {stage.label} incomplete: {len(stage.markers.remaining())} task(s) "
+                f"without a completion marker (worker exit codes {codes}){tail}; fix the cause "
+                "and run the same command again: finished tasks are kept")
+
+
+def run_stages(
+    stages: Iterable[Stage], *, queue: str | None = None, parallel: int | None = None,
+    echo: Callable[[str], None] = print, progress: bool = True,
+    execute: Execute | None = None, wait: bool = True,
+) -> list[StageSummary]:
+    """Run stages on one queue (a command's --queue): without one, a temporary file queue with
+    `parallel` (default 1) local workers; with one and no `parallel`, workers elsewhere, which
+    the run waits for (or, with `wait` False, only puts the tasks there: one stage, no
+    barrier to keep)."""
+    if execute is not None:
+        return Runner(lambda s: "", echo=echo, progress=progress, execute=execute).run(stages)
+    if queue is None:
+        with tempfile.TemporaryDirectory(prefix="deepem3d-queue-") as tmp:
+            runner = Runner(lambda s: f"fq://{tmp}", parallel=parallel or 1, echo=echo,
+                            progress=progress, log_path=os.path.join(tmp, "workers.log"))
+            return runner.run(stages)
+    check_queue_url(queue)
+    return Runner(lambda s: queue, parallel=parallel, echo=echo, progress=progress,
+                  wait=wait).run(stages)

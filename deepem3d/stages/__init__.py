@@ -1,0 +1,12 @@
+"""The stages of the data flow, one module per arrow, on one frame (deepem3d.stages.frame):
+
+    image -> map              inference.py     (InferenceTask)
+    map -> supervoxels        supervoxels.py   (SmoothTask, HaloTask, SupervoxelTask, ReduceTask)
+    supervoxels -> graph      graph.py         (RegionGraphTask, MergeGraphTask)
+    graph -> segments         segments.py      (AgglomerateTask, RemapTask)
+    layer -> mip levels       downsample.py    (igneous's DownsampleTask, in MarkedTask)
+
+segmentation.py plans the segmentation's stages (what a run reuses), workdir.py is where they
+leave their intermediates, blocks.py the chunk-aligned block grid they all share. Importing a
+task module registers its tasks with taskqueue; importing this package imports none of them.
+"""

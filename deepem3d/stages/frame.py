@@ -1,0 +1,311 @@
+"""The stage frame: what every stage declares, and the one wrapper every task runs in.
+
+A stage is a set of independent tasks that write one output layer (or files under it). Each
+stage declares, as data (`Stage`):
+
+- `name`: its folder under the layer, `LAYER/tasks/NAME/`;
+- `key`: a digest of the parameters that define its output. Every task carries the key of the
+  run that made it, and a task whose key is not the stage's current one (a task left on a queue
+  by an earlier run since overwritten) refuses to write;
+- `needs`: the stages that must be complete before its tasks are created;
+- `tasks()`: a lazy iterator of its tasks that have no completion marker yet;
+- `memory_bytes`: the peak memory of its largest task (for `--dry-run` and queue routing).
+
+Every task runs inside `run_in_frame` (tasks are declared with `@stage_task`): skip when its
+marker exists, refuse a stale key, reset the process's memory high-water mark, time the task,
+write the marker with the task's own peak memory. A task that fails on bad input (InputError)
+writes a failure record instead, which the runner reports and stops on: such a task fails the
+same way on every retry.
+
+Layout under `LAYER/tasks/NAME/`:
+
+    run.json         {"key", "parameters"} of the current run (small: every task reads it)
+    manifest.json    every task id of the stage
+    done/ID.json     completion markers (seconds, peak memory, host, what the task counted)
+    failed/ID.json   tasks that failed on an input error, with the one-line message
+
+A stage is complete when every id of its manifest has a marker. Queue counters are never used
+for that (SQS's are approximate). Re-running a stage skips the tasks whose marker exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+from cloudfiles import CloudFiles
+from taskqueue import queueable
+from taskqueue.lib import jsonify
+from taskqueue.queueables import totask
+
+from deepem3d.errors import InputError
+from deepem3d.memory import peak_rss, reset_peak
+from deepem3d.storage.layers import cloudpath
+
+log = logging.getLogger("deepem3d.stages")
+
+#: the kinds of hardware a stage's tasks run on (queue routing, cost estimates)
+HARDWARE = ("cpu", "gpu")
+
+
+def digest(value) -> str:
+    """A short, stable digest of plain JSON data (run keys, task ids)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+class Markers:
+    """The bookkeeping files of one stage under `LAYER/tasks/NAME/`."""
+
+    def __init__(self, layer_path: str, name: str):
+        self.layer_path = cloudpath(layer_path).rstrip("/")
+        self.name = name
+        self.prefix = f"tasks/{name}"
+        self._files = CloudFiles(self.layer_path)
+
+    def __repr__(self) -> str:
+        return f"Markers({self.layer_path!r}, {self.name!r})"
+
+    # the run ------------------------------------------------------------------------------
+    def run_record(self) -> dict | None:
+        return self._files.get_json(f"{self.prefix}/run.json")
+
+    def current_key(self) -> str | None:
+        record = self.run_record()
+        return None if record is None else record.get("key")
+
+    def parameters(self) -> dict:
+        return (self.run_record() or {}).get("parameters", {})
+
+    def start_run(self, key: str, parameters: dict, task_ids: list[str]) -> None:
+        """Record a run: its task ids, then its key (tasks check the key, so it goes last)."""
+        self._files.put_json(f"{self.prefix}/manifest.json",
+                             {"stage": self.name, "tasks": sorted(task_ids)}, compress=None)
+        self._files.put_json(f"{self.prefix}/run.json",
+                             {"key": key, "parameters": parameters}, compress=None)
+
+    def reset(self) -> None:
+        """Forget every run, marker and failure of this stage."""
+        keys = list(self._files.list(prefix=f"{self.prefix}/"))
+        if keys:
+            self._files.delete(keys)
+
+    # tasks --------------------------------------------------------------------------------
+    def marker_key(self, task_id: str) -> str:
+        return f"{self.prefix}/done/{task_id}.json"
+
+    def is_done(self, task_id: str) -> bool:
+        return self._files.exists(self.marker_key(task_id))
+
+    def mark_done(self, task_id: str, record: dict) -> None:
+        self._files.put_json(self.marker_key(task_id), record, compress=None)
+
+    def mark_failed(self, task_id: str, message: str) -> None:
+        self._files.put_json(f"{self.prefix}/failed/{task_id}.json",
+                             {"error": message, "host": socket.gethostname(),
+                              "finished": _now()}, compress=None)
+
+    def _listed(self, folder: str) -> set[str]:
+        prefix = f"{self.prefix}/{folder}/"
+        return {os.path.basename(key)[: -len(".json")]
+                for key in self._files.list(prefix=prefix) if key.endswith(".json")}
+
+    def done_ids(self) -> set[str]:
+        return self._listed("done")
+
+    def failures(self) -> dict[str, str]:
+        """task id -> the input error it failed on."""
+        ids = sorted(self._listed("failed"))
+        records = [self._files.get_json(f"{self.prefix}/failed/{i}.json") or {} for i in ids]
+        return {i: r.get("error", "") for i, r in zip(ids, records)}
+
+    def clear_failures(self) -> None:
+        keys = list(self._files.list(prefix=f"{self.prefix}/failed/"))
+        if keys:
+            self._files.delete(keys)
+
+    def records(self) -> list[dict]:
+        """Every completion marker (for the run's summary)."""
+        keys = [self.marker_key(i) for i in sorted(self.done_ids())]
+        return [self._files.get_json(k) or {} for k in keys]
+
+    def task_ids(self) -> list[str]:
+        manifest = self._files.get_json(f"{self.prefix}/manifest.json")
+        return [] if manifest is None else manifest["tasks"]
+
+    def remaining(self) -> list[str]:
+        """Task ids of the manifest that have no marker yet."""
+        done = self.done_ids()
+        return [t for t in self.task_ids() if t not in done]
+
+    def is_complete(self) -> bool:
+        return self.run_record() is not None and not self.remaining()
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---------------------------------------------------------------------------------------------
+# The one task wrapper
+
+
+def run_in_frame(fn: Callable, run: dict, args: tuple, kwargs: dict) -> None:
+    """Run one task of a stage: skip it when done, refuse it when stale, time it, record its
+    own peak memory and write its marker (or its failure record, on an input error)."""
+    markers = Markers(run["layer"], run["stage"])
+    task_id = run["id"]
+    if markers.is_done(task_id):
+        return
+    current = markers.current_key()
+    if current != run["key"]:
+        log.warning("task %s of stage %s belongs to another run (its key %s, the stage's %s): "
+                    "not run", task_id, run["stage"], run["key"], current)
+        return
+    before = reset_peak()
+    started = time.time()
+    start = time.perf_counter()
+    try:
+        record = fn(*args, **kwargs) or {}
+    except InputError as err:
+        markers.mark_failed(task_id, str(err))
+        raise
+    seconds = time.perf_counter() - start
+    markers.mark_done(task_id, {
+        "task": fn.__name__,
+        "key": run["key"],
+        "seconds": round(seconds, 4),
+        **record,
+        "peak_mib": round(peak_rss() / 2**20, 1),
+        "peak_added_mib": round(max(0, peak_rss() - before) / 2**20, 1),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": round(started, 3),
+        "finished": _now(),
+    })
+
+
+def stage_task(fn: Callable) -> Callable:
+    """Declare `fn` a queue task of the frame: registered with taskqueue under its own module
+    and name, called with one more keyword, `run` ({"layer", "stage", "id", "key"}), which the
+    frame consumes. `fn` returns a dict of what it counted (kept in its marker) or None."""
+
+    @functools.wraps(fn)
+    def task(*args, run: dict, **kwargs) -> None:
+        run_in_frame(fn, run, args, kwargs)
+
+    signature = inspect.signature(fn)
+    task.__signature__ = signature.replace(parameters=[
+        *signature.parameters.values(),
+        inspect.Parameter("run", inspect.Parameter.KEYWORD_ONLY),
+    ])
+    return queueable(task)
+
+
+# ---------------------------------------------------------------------------------------------
+# Third-party tasks (igneous's) inside the frame
+
+
+def payload_of(task) -> list:
+    """A task (partial of a queueable function) as its plain-JSON payload."""
+    return json.loads(jsonify(list(totask(task).payload())))
+
+
+def task_id_of(payload: list) -> str:
+    """A stable id from what the task does (its function and arguments), not from the queue."""
+    key, args, kwargs = payload[0], payload[1], payload[2]
+    return digest([key, args, kwargs])
+
+
+#: the only modules whose tasks MarkedTask runs: a message cannot name arbitrary code
+MARKED_MODULES = ("igneous.tasks",)
+
+
+@stage_task
+def MarkedTask(task: list) -> dict:  # noqa: N802  (taskqueue registers tasks by name)
+    """Run a third-party task (igneous's DownsampleTask, meshing...) inside the frame."""
+    import importlib
+
+    module = task[0][0]
+    if not any(module == m or module.startswith(m + ".") for m in MARKED_MODULES):
+        raise InputError(f"MarkedTask refuses {module}.{task[0][1]}: only tasks of "
+                         f"{', '.join(MARKED_MODULES)} run wrapped")
+    importlib.import_module(module)  # registers the task's function (igneous's, lazily)
+    totask(task).execute()
+    return {"wrapped": task[0]}
+
+
+def marked(task) -> tuple[str, partial]:
+    """(task id, the third-party task wrapped in MarkedTask), without the frame's `run`."""
+    payload = payload_of(task)
+    return task_id_of(payload), partial(MarkedTask, task=payload)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a stage declares
+
+
+TaskList = Callable[[], Iterator[tuple[str, partial]]]
+
+
+@dataclass
+class Stage:
+    """One stage of a run, as data: the frame runs it, the runner orders and routes it.
+
+    `make_tasks` yields (task id, task without `run`) lazily; `tasks()` adds the frame's `run`
+    and leaves out the tasks already done. `prepare` runs once before the stage's tasks are
+    created (create layers, apply resets), `finish` once it is complete (delete intermediates).
+    `seconds_per_task` is the planning estimate behind `--dry-run`'s core- or GPU-hours.
+    """
+
+    name: str
+    layer: str
+    key: str
+    parameters: dict
+    make_tasks: TaskList
+    task_count: int
+    memory_bytes: int
+    needs: tuple[str, ...] = ()
+    hardware: str = "cpu"
+    seconds_per_task: float = 0.0
+    output_bytes: int = 0
+    prepare: Callable[[], None] | None = None
+    finish: Callable[[], None] | None = None
+    #: shown instead of running, for a stage that has nothing to do in this run
+    note: str | None = None
+    #: the label runners and reports use (several stages may share a name on different layers)
+    label: str = ""
+    markers: Markers = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.layer = cloudpath(self.layer).rstrip("/")
+        self.markers = Markers(self.layer, self.name)
+        self.label = self.label or self.name
+
+    def start(self) -> None:
+        """Record this run (task ids, key) unless it is already the stage's current run."""
+        if self.markers.current_key() == self.key:  # run.json is written after the manifest
+            self.markers.clear_failures()
+            return
+        self.markers.reset()
+        self.markers.start_run(self.key, self.parameters, [i for i, _ in self.make_tasks()])
+
+    def tasks(self) -> Iterator[partial]:
+        """The tasks without a marker, each carrying this run's key."""
+        done = self.markers.done_ids()
+        for task_id, task in self.make_tasks():
+            if task_id not in done:
+                yield partial(task, run={"layer": self.layer, "stage": self.name,
+                                         "id": task_id, "key": self.key})
+
+    def is_complete(self) -> bool:
+        return self.markers.current_key() == self.key and not self.markers.remaining()

@@ -1,0 +1,1 @@
+"""Where data lives: precomputed layers, their encodings, intermediate arrays."""
