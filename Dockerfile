@@ -4,7 +4,8 @@
 FROM python:3.11-slim
 ARG TORCH_SPEC="torch>=2.4,<2.14"
 ARG TORCH_INDEX=""
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 WORKDIR /opt/deepem3d
 RUN if [ -n "$TORCH_INDEX" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
     else pip install "$TORCH_SPEC"; fi

@@ -17,23 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The main job on the embedded ISBI 2012 sample: write the layers, predict affinities with the
-# shipped default weights, segment them (in-plane smoothing, mean-affinity agglomeration, dust
-# merged), score sections 20..29
-# against the ground truth, and add mip levels; every stage is queue tasks drained from a file
-# queue by two local worker processes.
+# The main job on the embedded ISBI 2012 sample: one `deepem3d run` of the pipeline file shipped
+# in the package (deepem3d/pipelines/isbi2012-demo.yaml): the sample's layers, affinities from
+# the shipped default weights, the segmentation (the settings the model records), mip levels,
+# scores on sections 20..29 and $(DEMO)/report.json; two local worker processes drain the stages.
 demo: setup
 	rm -rf $(DEMO)
-	$(BIN)/deepem3d sample $(DEMO)
-	$(BIN)/deepem3d infer $(DEMO)/image $(DEMO)/affinity --queue fq://$(DEMO)/queue --parallel 2
-	$(BIN)/deepem3d segment $(DEMO)/affinity $(DEMO)/segmentation --method mean --threshold 0.55 \
-	  --sigma 4 --dust-size 200 --queue fq://$(DEMO)/queue --parallel 2
-	$(BIN)/deepem3d evaluate $(DEMO)/segmentation $(DEMO)/ground_truth --bounds 0,0,20,512,512,30
-	$(BIN)/deepem3d downsample $(DEMO)/image --queue fq://$(DEMO)/queue --parallel 2
-	$(BIN)/deepem3d downsample $(DEMO)/segmentation --queue fq://$(DEMO)/queue --parallel 2
-	$(BIN)/deepem3d status fq://$(DEMO)/queue
-	@echo "done: layers in $(DEMO)/; look at them with:"
-	@echo "  $(BIN)/deepem3d view $(DEMO)/image $(DEMO)/affinity $(DEMO)/segmentation $(DEMO)/ground_truth"
+	$(BIN)/deepem3d run isbi2012-demo --output $(DEMO) --parallel 2
 
 # Debian's chromium for the Neuroglancer browser test (skipped, with its reason, without it).
 browser:

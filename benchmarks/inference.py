@@ -1,14 +1,15 @@
 """Seam-free inference task vs MONAI's sliding_window_inference, side by side.
 
-    python benchmarks/inference.py [--sections 12] [--size 256 --output 192 --overlap 32]
-                                   [--batch 4] [--threads 2] [--model CKPT]
+    python benchmarks/inference.py [--sections 12] [--patch-size 256 --patch-output 192]
+                                   [--overlap 32] [--batch-size 4] [--threads 2]
+                                   [--task-shape X,Y,Z] [--model CKPT]
 
 One volume (the embedded ISBI 2012 sample, its first --sections sections, 512 x 512 each), one
 model (the shipped isbi2012-small if present, else a random-init `small` with seed 0), the same
-patch geometry for both: --size px patch inputs whose inputs overlap by the same number of
-pixels (ours: an --output window in the middle, windows --overlap apart; MONAI: the whole roi,
-overlap = 1 - stride / size), the same Gaussian window (sigma 0.125 of the window), the same
-batch, threads and in-memory model. Each method runs in its own process so peak RSS is its
+patch geometry for both: --patch-size px patch inputs whose inputs overlap by the same number
+of pixels (ours: a --patch-output window in the middle, windows --overlap apart; MONAI: the
+whole roi, overlap = 1 - stride / size), the same Gaussian window (sigma 0.125 of the window),
+the same batch, threads and in-memory model. Each method runs in its own process so peak RSS is its
 own; a third process that only loads the model gives the baseline.
 
 Ours is timed as a task: read the layer (file://), pad, patch, predict, blend, quantise, write
@@ -29,6 +30,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from deepem3d.cli.options import Triple, argparse_type
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,9 +86,9 @@ def run_ours(args) -> dict:
     work = args.workdir
     ckpt = os.path.join(work, "model.pt")
     save_checkpoint(ckpt, model, {"model": model.config, "resolution": [4, 4, 50]})
-    geometry = PatchGeometry(size=args.size, output=args.output, overlap=args.overlap,
-                             batch=args.batch, window="gaussian")
-    task_shape = tuple(args.task_shape) if args.task_shape else (512, 512, args.sections)
+    geometry = PatchGeometry(size=args.patch_size, output=args.patch_output,
+                             overlap=args.overlap, batch=args.batch_size, window="gaussian")
+    task_shape = args.task_shape or (512, 512, args.sections)
     plan = plan_inference(f"file://{work}/image", f"file://{work}/ours", models=[ckpt],
                           geometry=geometry, threads=args.threads, device="cpu",
                           task_shape=task_shape, chunk_size=(128, 128, args.sections),
@@ -138,11 +141,11 @@ def run_monai(args) -> dict:
     padded = np.pad(image, ((half, half), (0, 0), (0, 0)), mode="reflect")
     stacks = np.stack([padded[z : z + 2 * half + 1] for z in range(image.shape[0])])
     inputs = torch.from_numpy(stacks).float()  # (Z, in_sections, Y, X): sections as batch
-    stride = args.output - args.overlap
+    stride = args.patch_output - args.overlap
     with torch.no_grad():
         probs = sliding_window_inference(
-            inputs, (args.size, args.size), args.batch, predictor,
-            overlap=1 - stride / args.size, mode="gaussian", sigma_scale=0.125,
+            inputs, (args.patch_size, args.patch_size), args.batch_size, predictor,
+            overlap=1 - stride / args.patch_size, mode="gaussian", sigma_scale=0.125,
             padding_mode="reflect",
         )
     out = quantize(probs[:, 0].numpy())
@@ -164,13 +167,14 @@ def child(method: str, args, argv: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", type=int, default=12)
-    parser.add_argument("--size", type=int, default=256, help="patch input, px")
-    parser.add_argument("--output", type=int, default=192, help="our output window, px")
+    parser.add_argument("--patch-size", type=int, default=256, help="patch input, px")
+    parser.add_argument("--patch-output", type=int, default=192, help="our output window, px")
     parser.add_argument("--overlap", type=int, default=32, help="between our output windows")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="patches per forward pass")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--task-shape", type=int, nargs=3, default=None,
-                        help="x y z of our tasks (default: one task, the whole volume)")
+    parser.add_argument("--task-shape", type=argparse_type(Triple(int), "--task-shape"),
+                        default=None, metavar="X,Y,Z",
+                        help="our tasks' block (default: one task, the whole volume)")
     parser.add_argument("--model", default=None, help="checkpoint (default: see above)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each method, alternating; the fastest counts")
@@ -213,12 +217,13 @@ def main() -> None:
 
     voxels = image.size
     base = results["baseline"]["peak_rss_mib"]
-    stride = args.output - args.overlap
+    stride = args.patch_output - args.overlap
     print(f"volume: embedded ISBI 2012 sample, {image.shape[2]} x {image.shape[1]} x "
           f"{image.shape[0]} voxels (x,y,z); model: {name}; {args.threads} CPU thread(s)")
-    print(f"patches: {args.size} px inputs {args.size - stride} px overlapping, Gaussian "
-          f"window sigma 0.125, batch {args.batch}; ours: {args.output} px output windows, "
-          f"{args.overlap} px overlap; MONAI: overlap {1 - stride / args.size:.3f} of the roi")
+    print(f"patches: {args.patch_size} px inputs {args.patch_size - stride} px overlapping, "
+          f"Gaussian window sigma 0.125, batch {args.batch_size}; ours: {args.patch_output} px "
+          f"output windows, {args.overlap} px overlap; MONAI: overlap "
+          f"{1 - stride / args.patch_size:.3f} of the roi")
     print(f"{'method':<8}{'seconds':>9}{'voxels/s':>12}{'peak RSS MiB':>14}"
           f"{'above base':>12}{'forward share':>15}{'patches':>9}")
     for method in ("ours", "monai"):

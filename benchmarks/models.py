@@ -2,7 +2,8 @@
 voxels/s on this machine, beside the same run's measured torch matmul FLOP/s, so the distance
 to the machine's limit reads as a ratio.
 
-    python benchmarks/models.py [--presets tiny,small,full] [--threads N] [--device cpu|cuda]
+    python benchmarks/models.py [--presets tiny,small,full] [--threads N] [--device auto|cpu|cuda]
+                                [--batch-size 4] [--patch-size 128] [--infer-size 320] [--amp]
 """
 
 from __future__ import annotations
@@ -92,24 +93,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,small,full")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when this machine has it")
+    parser.add_argument("--batch-size", type=int, default=4, help="training batch")
+    parser.add_argument("--patch-size", type=int, default=128, help="training patch, px")
     parser.add_argument("--infer-size", type=int, default=320)
     parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     peak = matmul_flops(device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"matmul {peak / 1e9:.1f} GFLOP/s (float32); train batch {args.batch} x 5 x "
-          f"{args.patch}^2, inference 5 x {args.infer_size}^2{', amp' if args.amp else ''}")
+          f"matmul {peak / 1e9:.1f} GFLOP/s (float32); train batch {args.batch_size} x 5 x "
+          f"{args.patch_size}^2, inference 5 x {args.infer_size}^2{', amp' if args.amp else ''}")
     header = (f"{'preset':<6} {'params':>11} {'FLOP/voxel':>11} {'train it/s':>10} "
               f"{'train/peak':>10} {'infer vox/s':>12} {'infer/peak':>10} {'GPU GiB':>8}")
     print(header)
     for preset in args.presets.split(","):
-        r = bench(preset, device, args.batch, args.patch, args.infer_size, args.amp)
+        r = bench(preset, device, args.batch_size, args.patch_size, args.infer_size, args.amp)
         print(f"{r['preset']:<6} {r['params']:>11,} {r['flops_voxel']:>11,.0f} "
               f"{r['train_it_s']:>10.2f} {r['train_flops'] / peak:>10.2f} "
               f"{r['infer_voxels_s']:>12,.0f} {r['infer_flops'] / peak:>10.2f} "

@@ -1,10 +1,11 @@
 """deepem3d's segmentation tasks beside waterz on the same affinities: accuracy, throughput,
 memory, and how the cost per voxel grows with the volume.
 
-    python benchmarks/segmentation.py [--sizes 128,256,512] [--workdir DIR] [--json FILE]
+    python benchmarks/segmentation.py [--sizes 128,256,512] [--task-shape 128,128,128]
+                                      [--workdir DIR] [--json FILE]
 
 1. ISBI 2012 (the embedded 512 x 512 x 30 sample): affinities from the ground truth plus seeded
-   noise (the map contract of DESIGN.md, quantised to uint8). Adapted Rand error and VOI
+   noise (the map contract of docs/design.md, quantised to uint8). Adapted Rand error and VOI
    against the ground truth, waterz (its own fragments, OneMinus<MeanAffinity>) and deepem3d
    (`mean` and `watershed`) at several thresholds each. Throughput: voxels / the sum of every
    task's own seconds (from the completion markers: no process start, no queue), against
@@ -16,7 +17,7 @@ memory, and how the cost per voxel grows with the volume.
    against waterz's first whole-array call measured the same way (its input included in both;
    peaks from Linux's VmHWM, reset just before).
 2. Synthetic cells (Voronoi, about 32 voxels across, a map shaped like a network's output, see
-   `cell_map`) at 128^3, 256^3, 512^3, tasks of 128^3 (`--task-size`) on 64^3 map chunks:
+   `cell_map`) at 128^3, 256^3, 512^3, tasks of 128^3 (`--task-shape`) on 64^3 map chunks:
    seconds per voxel of each stage and of waterz (timed as above), the memory of a block task
    (it should not grow with the volume), and the single tasks' memory against the graph's
    edge count.
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepem3d.cli.options import Triple, argparse_type
 from deepem3d.memory import peak_rss, reset_peak
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,14 +207,13 @@ def records(output: str, stage: str) -> list[dict]:
 def run(map_path: str, output: str, method: str, threshold: float, task_shape, measure: bool,
         overwrite: bool) -> tuple[dict, dict]:
     """Run (or retune) the pipeline; (seconds per stage, memory per stage)."""
-    from deepem3d.tasks.segmentation import STAGES
-
-    from deepem3d.stages.segmentation import plan_segment, run_segmentation
+    from deepem3d.run.runner import run_stages
+    from deepem3d.stages.segmentation import STAGES, plan_segment, segment_stages
 
     plan = plan_segment(map_path, output, method=method, threshold=threshold,
                         task_shape=task_shape, overwrite=overwrite)
     runner = Runner(measure)
-    run_segmentation(plan, runner=runner, echo=lambda line: None)
+    run_stages(segment_stages(plan), execute=runner, echo=lambda line: None)
     seconds = {s: sum(r["seconds"] for r in records(output, s)) for s in STAGES}
     return seconds, runner.memory
 
@@ -355,7 +356,7 @@ def cell_map(size: int, spacing: int = 32) -> np.ndarray:
     return affinity_map(np.asfortranarray(np.rint(np.clip(p, 0, 1) * 255).astype(np.uint8)))
 
 
-def synthetic(work: Path, size: int, task: int = 128) -> dict:
+def synthetic(work: Path, size: int, task_shape: tuple = (128, 128, 128)) -> dict:
     start = time.perf_counter()
     affinities = cell_map(size)
     map_path = write_map(f"file://{work / f'syn{size}_map'}", affinities, (64, 64, 64))
@@ -363,9 +364,9 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
     np.save(npy, affinities)
     made = time.perf_counter() - start
     output = f"file://{work / f'syn{size}_seg'}"
-    _, memory = run(map_path, output, "mean", 0.5, (task,) * 3, True, True)
+    _, memory = run(map_path, output, "mean", 0.5, task_shape, True, True)
     repeats = REPEATS if size <= 256 else 3  # 512^3: about a minute a pair
-    seconds, totals, waterz_seconds = race(map_path, output, (task,) * 3, affinities, 0.5,
+    seconds, totals, waterz_seconds = race(map_path, output, task_shape, affinities, 0.5,
                                            repeats)
     del affinities
     merged = records(output, "merge-graph")[0]
@@ -374,7 +375,7 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
               all_seconds=waterz_seconds)
     npy.unlink()
     voxels = size**3
-    return {"size": size, "task": task, "voxels": voxels, "setup_seconds": made,
+    return {"size": size, "task_shape": list(task_shape), "voxels": voxels, "setup_seconds": made,
             "repeats": repeats, "stage_seconds": seconds,
             "deepem3d_seconds": float(np.median(totals)), "deepem3d_all_seconds": totals,
             "waterz": wz, "memory": memory,
@@ -383,8 +384,8 @@ def synthetic(work: Path, size: int, task: int = 128) -> dict:
 
 
 def print_synthetic(results: list[dict]) -> None:
-    task = results[0]["task"]
-    print(f"\n== synthetic cells (Voronoi, ~32 voxels across, smooth noise), tasks of {task}^3, "
+    task = " x ".join(map(str, results[0]["task_shape"]))
+    print(f"\n== synthetic cells (Voronoi, ~32 voxels across, smooth noise), tasks of {task}, "
           "mean 0.5; ns per voxel, medians of `runs` interleaved warm runs of each tool")
     stages = list(results[0]["stage_seconds"])
     head = f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages)
@@ -395,7 +396,7 @@ def print_synthetic(results: list[dict]) -> None:
         theirs = 1e9 * r["waterz"]["seconds"] / r["voxels"]
         print(f"{r['size']:>5}^3" + "".join(f"{ns[s]:>13.1f}" for s in stages)
               + f"{ours:>10.1f}{theirs:>9.1f}{theirs / ours:>7.2f}{r['repeats']:>6}")
-    print(f"memory added by one task (MiB; block stages: one {task}^3 block):")
+    print(f"memory added by one task (MiB; block stages: one {task} block):")
     print(f"{'size':>6}" + "".join(f"{s[:12]:>13}" for s in stages) + f"{'waterz':>9}")
     for r in results:
         print(f"{r['size']:>5}^3" + "".join(
@@ -447,9 +448,10 @@ def main() -> None:
     parser.add_argument("--run-task", help=argparse.SUPPRESS)
     parser.add_argument("--waterz", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--sizes", default="128,256,512")
-    parser.add_argument("--task-size", type=int, default=128,
-                        help="edge of the synthetic volumes' task blocks (map chunks: 64^3); a "
-                        "block reads up to (task / 64 + 2)^3 chunks for its halo")
+    parser.add_argument("--task-shape", type=argparse_type(Triple(int), "--task-shape"),
+                        default=(128, 128, 128), metavar="X,Y,Z",
+                        help="the synthetic volumes' task blocks (map chunks: 64^3), a multiple "
+                        "of 64; a block reads up to (task / 64 + 2)^3 chunks for its halo")
     parser.add_argument("--skip-isbi", action="store_true")
     parser.add_argument("--workdir", default=None,
                         help="where the layers go (made if missing; default: the system's temp)")
@@ -471,7 +473,7 @@ def main() -> None:
         result["synthetic"] = []
         for size in [int(s) for s in args.sizes.split(",") if s]:
             start = time.perf_counter()
-            result["synthetic"].append(synthetic(work, size, args.task_size))
+            result["synthetic"].append(synthetic(work, size, args.task_shape))
             print_synthetic(result["synthetic"])
             print(f"({size}^3 took {time.perf_counter() - start:.0f} s in all)", flush=True)
         capacity(result.get("isbi"), result["synthetic"])

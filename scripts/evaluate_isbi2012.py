@@ -1,4 +1,4 @@
-"""Held-out scores of a model on ISBI 2012 sections 20..29 (the protocol of shared/data/README):
+"""Held-out scores of a model on ISBI 2012 sections 20..29 (the project's held-out protocol):
 the held-out sections as their own volume (reflected at their own z bounds), predicted with
 the sliding-window predictor of `deepem3d infer` (deepem3d.models.sliding.predict_volume, so a
 chunked run gives the same map), segmented in one piece with deepem3d's segmentation, scored
@@ -44,7 +44,8 @@ def main() -> None:
                         help="in-plane Gaussian on the uint8 map before segmenting, as "
                         "`deepem3d segment --sigma` (0: none; default 1 for a boundary model, "
                         "5 for affinities)")
-    parser.add_argument("--dust", type=int, default=0, help="merge segments below N voxels")
+    parser.add_argument("--dust-size", type=int, default=0,
+                        help="merge segments below N voxels, as `deepem3d segment --dust-size`")
     parser.add_argument("--sections", default=HELD_OUT,
                         help="START:END; 20:30 is the held-out set, 15:20 the validation set "
                         "(choose thresholds there)")
@@ -64,7 +65,7 @@ def main() -> None:
     if any(m.head != head for m, _ in loaded):
         raise SystemExit("combined models must share one head")
     method = args.method or ("watershed" if head == "boundary" else "mean")
-    dust = args.dust
+    dust = args.dust_size
     sigma = args.sigma if args.sigma is not None else (1.0 if head == "boundary" else 5.0)
     start = time.time()
     predictors = [ModelPredictor(m) for m, _ in loaded]

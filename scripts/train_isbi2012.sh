@@ -31,7 +31,7 @@ if [ -n "${INIT:-}" ]; then INIT_ARGS=(--init "$INIT"); fi
 H5=../shared/data/isbi2012/isbi2012_neuron3d.h5
 .venv/bin/deepem3d train --image "$H5:/raw" --labels "$H5:/labels/neuron_ids" \
   --train-sections 0:15 --val-sections 15:20 --resolution 4,4,50 \
-  --preset small --head "$HEAD" --in-sections 5 --batch-size 4 --patch 128 \
+  --preset small --head "$HEAD" --in-sections 5 --batch-size 4 --patch-size 128 \
   --iterations "$ITERATIONS" --val-every "$VAL_EVERY" --seed "$SEED" --lr "$LR" --threads 1 \
   --out "$RUN" --resume "${INIT_ARGS[@]}"
 .venv/bin/python -c "
@@ -39,6 +39,6 @@ from deepem3d.models.checkpoint import export_checkpoint
 export_checkpoint('$RUN/$CHECKPOINT.pt', 'deepem3d/models/pretrained/$NAME.pt')
 "
 .venv/bin/python scripts/evaluate_isbi2012.py --model "$NAME" --sections 15:20 --tta 16 \
-  --sigma "$SIGMA" --dust "$DUST"
+  --sigma "$SIGMA" --dust-size "$DUST"
 .venv/bin/python scripts/evaluate_isbi2012.py --model "$NAME" --tta 16 --sigma "$SIGMA" \
-  --dust "$DUST" --thresholds "$THRESHOLDS"
+  --dust-size "$DUST" --thresholds "$THRESHOLDS"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import click
+import pytest
+
+from deepem3d.cli.options import Bounds, ByteSize, Triple
 from tests.conftest import assert_one_line_error, run_cli
 
 
@@ -33,3 +37,38 @@ def test_a_mip_that_does_not_exist(tmp_path):
     assert_one_line_error(
         run_cli("downsample", tmp_path / "image", "--mip", "5", "--dry-run"), "mip 5"
     )
+
+
+def test_option_types():
+    """x,y,z triples, bounds and byte sizes: one parser each, errors naming the option."""
+
+    def convert(kind, option, text):
+        return kind.convert(text, click.Option([option]), None)
+
+    assert convert(Triple(int), "--task-shape", "512, 512,64") == (512, 512, 64)
+    assert convert(Triple(float), "--resolution", "4,4,50") == (4.0, 4.0, 50.0)
+    assert convert(Triple(int, positive=False), "--voxel-offset", "0,-8,3") == (0, -8, 3)
+    assert convert(Bounds(), "--bounds", "0,0,0,10,20,3") == ((0, 0, 0), (10, 20, 3))
+    for text in ("3.5e9", "3500MB", "3.5GB", "3500000000", "3.5 gb"):
+        assert convert(ByteSize(), "--memory", text) == 3_500_000_000
+    assert convert(ByteSize(), "--memory", "2GiB") == 2 * 2**30
+    for kind, option, text, fragment in [
+        (Triple(int), "--factor", "2,2", "malformed --factor '2,2'"),
+        (Triple(int), "--chunk-size", "64,64,2.5", "malformed --chunk-size"),
+        (Triple(int), "--task-shape", "0,64,64", "--task-shape '0,64,64' must be positive"),
+        (Triple(float), "--resolution", "4,nan,40", "malformed --resolution"),
+        (Bounds(), "--bounds", "0,0,0,10", "malformed --bounds"),
+        (Bounds(), "--bounds", "5,5,5,5,10,10", "--bounds '5,5,5,5,10,10' is empty"),
+        (ByteSize(), "--memory", "3.5 parsecs", "malformed --memory"),
+        (ByteSize(), "--memory", "0", "--memory '0' must be at least 1 B"),
+    ]:
+        with pytest.raises(click.UsageError) as err:
+            convert(kind, option, text)
+        assert fragment in err.value.format_message()
+
+
+def test_malformed_option_values_are_one_line_usage_errors():
+    assert_one_line_error(run_cli("downsample", "nowhere", "--memory", "lots"),
+                          "malformed --memory 'lots'", "3500MB")
+    assert_one_line_error(run_cli("infer", "a", "b", "--task-shape", "1,2"),
+                          "malformed --task-shape", "1024,1024,16")

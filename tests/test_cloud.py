@@ -19,8 +19,7 @@ from cloudvolume import CloudVolume
 
 from deepem3d.sample import load_sample
 from deepem3d.stages.frame import Markers
-from tests.conftest import run_cli
-from tests.test_workers import igneous_reference
+from tests.conftest import igneous_reference, run_cli
 
 
 def free_port() -> int:

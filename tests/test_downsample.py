@@ -8,12 +8,13 @@ import pytest
 from cloudfiles import CloudFiles
 
 from deepem3d.stages.frame import Markers
-from tests.conftest import assert_one_line_error, run_cli
-from tests.test_workers import (
+from tests.conftest import (
+    assert_one_line_error,
     assert_same_mips,
     file_digests,
     igneous_reference,
     make_layer,
+    run_cli,
 )
 
 

@@ -215,6 +215,41 @@ def test_not_a_label_layer(layers: dict, tmp_path: Path, capsys: pytest.CaptureF
     assert_one_line_stderr(code, err, "3 channels")
 
 
+def test_an_em_image_or_a_map_is_refused_as_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_cli("sample", tmp_path, check=True)
+    image, gt = str(tmp_path / "image"), str(tmp_path / "ground_truth")
+    # uint8, one channel: integer ids as far as dtype and channels tell
+    assert_one_line_error(run_cli("evaluate", image, gt),
+                          "SEG", "is an EM image (written by `deepem3d sample`), not labels")
+    code, _, err = run(["evaluate", gt, image], capsys)
+    assert_one_line_stderr(code, err, "GT", "is an EM image")
+    inferred = create_layer(
+        str(tmp_path / "map"), layer_type="image", dtype="uint8", resolution=(4, 4, 40),
+        size=SIZE, voxel_offset=OFFSET, chunk_size=CHUNK, provenance={"task": "InferenceTask"},
+    )
+    code, _, err = run(["evaluate", inferred.cloudpath, gt], capsys)
+    assert_one_line_stderr(code, err, "is a boundary or affinity map (written by `deepem3d "
+                           "infer`)", "deepem3d segment")
+
+
+def test_an_image_layer_without_provenance_is_scored_with_a_warning(
+    layers: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    vol = create_layer(
+        str(tmp_path / "ids"), layer_type="image", dtype="uint32", resolution=(4, 4, 40),
+        size=SIZE, voxel_offset=OFFSET, chunk_size=CHUNK,
+    )
+    vol[:, :, :] = layers["seg_array"].astype(np.uint32)
+    code, out, err = run(["evaluate", vol.cloudpath, layers["gt"], "--json"], capsys)
+    assert code == 0, err
+    assert err.startswith("deepem3d: warning: SEG ") and "without provenance" in err
+    assert len(err.strip().splitlines()) == 1, err
+    expected = evaluate(layers["seg_array"], layers["gt_array"])
+    assert json.loads(out)["voi"] == pytest.approx(expected["voi"], rel=1e-12)
+
+
 def test_gt_all_zero_in_bounds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     seg, gt = labels()
     gt_path = make_layer(tmp_path / "gt", np.zeros_like(gt))

@@ -10,6 +10,7 @@ import scipy.sparse as sparse
 import waterz
 from skimage.metrics import adapted_rand_error, variation_of_information
 
+from deepem3d.sample import load_sample
 from deepem3d.segmentation.metrics import (
     Contingency,
     accumulate,
@@ -17,10 +18,8 @@ from deepem3d.segmentation.metrics import (
     evaluate,
     scores,
 )
-from tests.conftest import SHARED_DATA
 
 SPLIT_ID = 5000
-ISBI = SHARED_DATA / "isbi2012" / "isbi2012_neuron3d.h5"
 
 
 def snemi3d_script(seg: np.ndarray, gt: np.ndarray) -> tuple[float, float, float]:
@@ -338,16 +337,13 @@ def test_dtypes_and_validation() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# real data: ISBI 2012 neuron ids (z, y, x uint16, 0 = boundary)
+# real data: the embedded ISBI 2012 sample's neuron ids (z, y, x uint16, 0 = boundary)
 
 
 @pytest.fixture(scope="module")
 def isbi_gt() -> np.ndarray:
-    if not ISBI.exists():
-        pytest.skip(f"../shared/data not present: {ISBI} is missing")
-    h5py = pytest.importorskip("h5py")
-    with h5py.File(ISBI, "r") as f:
-        return f["labels/neuron_ids"][:].astype(np.uint64)
+    _, ids = load_sample()
+    return ids.astype(np.uint64)
 
 
 def test_isbi_against_itself_is_perfect(isbi_gt: np.ndarray) -> None:

@@ -20,7 +20,7 @@ from deepem3d.models.network import (
 )
 from deepem3d.models.presets import WIDTH_TABLE, preset_widths
 
-TABLE_CONV_PARAMS = 24_014_188  # conv/deconv weights + biases, deepem3d_network.md
+TABLE_CONV_PARAMS = 24_014_188  # conv/deconv weights + biases, docs/network.md
 TABLE_BN_PARAMS = 26_056  # BatchNorm scale + shift
 
 
@@ -45,7 +45,7 @@ def test_full_preset_matches_the_published_network():
 
 def test_deconv_paddings_are_the_tables():
     model = build_model("tiny")
-    table = {  # layer: (kernel, stride, pad, dilation) from deepem3d_network.md
+    table = {  # layer: (kernel, stride, pad, dilation) from docs/network.md
         "side_2x": [(4, 2, 1, 1), (4, 2, 7, 5), (4, 2, 16, 11), (4, 2, 25, 17), (4, 2, 34, 23)],
         "side_4x": [(8, 4, 2, 1), (8, 4, 16, 5), (8, 4, 37, 11), (8, 4, 58, 17), (8, 4, 79, 23)],
         "side_8x": [(16, 8, 4, 1), (16, 8, 34, 5), (16, 8, 79, 11), (16, 8, 124, 17),

@@ -1,6 +1,7 @@
 """Chunk invariance: the chunked pipeline equals the whole-array pipeline bit for bit.
 
-Real map: an ISBI 2012 ground-truth crop turned into a noisy boundary map (and its affinities).
+Real map: a crop of the embedded ISBI 2012 sample's ground truth turned into a noisy boundary
+map (and its affinities).
 Synthetic maps: a constant map, two-valued maps, few-valued noise, bowls: plateaus and ties.
 Chunkings: one chunk, many tiny chunks, and shapes that do not divide the volume.
 """
@@ -11,37 +12,8 @@ import numpy as np
 import pytest
 
 from deepem3d.segmentation.pipeline import segment, segment_chunked
-from deepem3d.segmentation.synthetic import affinity_map, boundary_map, bowl_map
-from tests.conftest import SHARED_DATA
-
-ISBI = SHARED_DATA / "isbi2012" / "isbi2012_neuron3d.h5"
-THRESHOLDS = {"mean": [0.25, 0.55, 0.83], "watershed": [0.05, 0.19]}
-
-
-def isbi_labels(x: int = 64, y: int = 64, z: int = 10) -> np.ndarray:
-    """Ground-truth neuron ids of the ISBI 2012 volume's corner, x, y, z (0 = membrane)."""
-    if not ISBI.is_file():
-        pytest.skip(f"{ISBI} is absent: the ISBI 2012 volume is not on this machine")
-    import h5py
-
-    with h5py.File(ISBI, "r") as f:
-        return np.asarray(f["/labels/neuron_ids"][:z, :y, :x]).transpose(2, 1, 0)
-
-
-def check_invariance(
-    m: np.ndarray, chunk_shapes: list[tuple[int, int, int]], **kwargs: object
-) -> None:
-    for method, thresholds in THRESHOLDS.items():
-        whole = segment(m, method, thresholds, **kwargs)
-        for seg in whole:
-            assert seg.dtype == np.uint64 and seg.shape == m.shape[:3]
-            if kwargs.get("dust_mode") != "zero":
-                assert seg.min() > 0  # 0 is background only, and nothing here is background
-        for shape in chunk_shapes:
-            chunked = segment_chunked(m, shape, method, thresholds, **kwargs)
-            for t, a, b in zip(thresholds, whole, chunked):
-                assert b.dtype == np.uint64
-                assert np.array_equal(a, b), f"{method} {t} differs with chunks {shape}"
+from deepem3d.segmentation.synthetic import affinity_map, boundary_map
+from tests.conftest import check_invariance, isbi_labels, synthetic_maps
 
 
 @pytest.mark.parametrize("kind", ["boundary", "affinity"])
@@ -55,26 +27,6 @@ def test_isbi_map_with_dust_chunked_equals_whole() -> None:
     b = boundary_map(isbi_labels(), noise=0.1, seed=1)
     check_invariance(b, [(4, 4, 2), (13, 7, 3)], dust_size=20)
     check_invariance(affinity_map(b), [(9, 11, 4)], dust_size=20, dust_mode="zero")
-
-
-def synthetic_maps() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    shape = (15, 11, 7)
-    two = np.where(rng.random(shape) < 0.5, 40, 200).astype(np.uint8)
-    stripes = np.zeros(shape, np.uint8)
-    stripes[::3] = 255  # flat walls between flat slabs
-    bowls, _ = bowl_map((24, 20, 9), 8, seed=1)
-    return {
-        "constant": np.full(shape, 128, np.uint8),
-        "two-valued": two,
-        "stripes": stripes,
-        "few-valued": rng.integers(0, 3, shape).astype(np.uint8) * 100,
-        "bowls": bowls,
-        "affinity-constant": np.full(shape + (3,), 255, np.uint8),
-        "affinity-two-valued": np.where(rng.random(shape + (3,)) < 0.7, 250, 10).astype(np.uint8),
-        "affinity-of-stripes": affinity_map(stripes),
-        "affinity-of-two-valued": affinity_map(two),
-    }
 
 
 @pytest.mark.parametrize("name", list(synthetic_maps()))

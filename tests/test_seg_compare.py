@@ -35,7 +35,7 @@ from deepem3d.segmentation.metrics import evaluate
 from deepem3d.segmentation.pipeline import segment
 from deepem3d.segmentation.supervoxels import supervoxels
 from deepem3d.segmentation.synthetic import affinity_map, boundary_map, bowl_map
-from tests.test_seg_chunked import isbi_labels
+from tests.conftest import isbi_labels
 
 
 def skimage_h_watershed(img: np.ndarray, h: int) -> tuple[np.ndarray, int]:

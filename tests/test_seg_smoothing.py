@@ -4,7 +4,7 @@ Pure: a chunk smoothed from its box with the x, y halo equals that part of the w
 result bit for bit; so does the whole chunked pipeline. Tasks: the smoothed layer and the
 segmentation are the same whatever --task-shape and equal `pipeline.segment(map, sigma=...)`;
 the same sigma reuses the supervoxels, another rebuilds them; a bad sigma is a one-line error.
-The map layers are those of tests/test_segment_tasks.py (an ISBI 2012 crop, 96 x 80 x 10).
+The map layers are tests/conftest.py's `maps` fixture (an ISBI 2012 crop, 96 x 80 x 10).
 """
 
 from __future__ import annotations
@@ -34,12 +34,18 @@ from deepem3d.stages.segmentation import CHUNK_STAGES, STAGES, plan_segment
 from deepem3d.stages.supervoxels import volume_ids
 from deepem3d.stages.workdir import smoothed_layer_path
 from deepem3d.storage.layers import create_layer
-from tests import test_segment_tasks
-from tests.conftest import assert_one_line_error, run_cli
-from tests.test_seg_chunked import check_invariance, synthetic_maps
-from tests.test_segment_tasks import CHUNK, SHAPE, chunk_files, read, run
+from tests.conftest import (
+    CHUNK,
+    SHAPE,
+    assert_one_line_error,
+    check_invariance,
+    chunk_files,
+    read,
+    run,
+    run_cli,
+    synthetic_maps,
+)
 
-maps = test_segment_tasks.maps  # its fixture of map layers (path, array) by name
 SIGMAS = [0.4, 1.0, 1.5, 3.3]
 
 

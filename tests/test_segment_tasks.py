@@ -2,9 +2,10 @@
 bytes whatever the task shape, and equal to `pipeline.segment` on the whole array.
 
 The map is a 96 x 80 x 10 (x,y,z) crop of the embedded ISBI 2012 sample: ground truth turned
-into a noisy boundary map, and its affinities. Most runs execute the tasks in this process
-(each through its JSON payload, as a worker would); one goes through `--parallel 2` worker
-processes, one through a worker that drains a --queue the command waits on.
+into a noisy boundary map, and its affinities (tests/conftest.py's `maps` fixture). Most runs
+execute the tasks in this process (each through its JSON payload, as a worker would); one goes
+through `--parallel 2` worker processes, one through a worker that drains a --queue the command
+waits on.
 """
 
 from __future__ import annotations
@@ -18,75 +19,25 @@ from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 from cloudvolume.lib import Bbox
 
-from deepem3d.axes import xyz_from_zyx
 from deepem3d.errors import InputError
 from deepem3d.run import runner as runner_module
 from deepem3d.run.queues import insert_tasks
-from deepem3d.run.runner import Runner, execute_here, run_stages
+from deepem3d.run.runner import Runner, run_stages
 from deepem3d.run.worker import Worker
-from deepem3d.sample import load_sample
 from deepem3d.segmentation.pipeline import segment
-from deepem3d.segmentation.synthetic import affinity_map, boundary_map
 from deepem3d.stages.frame import Stage
 from deepem3d.stages.segmentation import CHUNK_STAGES, STAGES, plan_segment, segment_stages
 from deepem3d.stages.supervoxels import volume_ids
 from deepem3d.storage.layers import create_layer
-from tests.conftest import assert_one_line_error, run_cli
-
-SHAPE = (96, 80, 10)  # x, y, z
-CHUNK = (8, 8, 2)
-
-
-@pytest.fixture(scope="module")
-def maps(tmp_path_factory) -> dict[str, tuple[str, np.ndarray]]:
-    """Map layers by name: (path, the array in it)."""
-    root = tmp_path_factory.mktemp("maps")
-    _, ids = load_sample()
-    labels = np.asfortranarray(xyz_from_zyx(ids[: SHAPE[2], : SHAPE[1], : SHAPE[0]]))
-    b = boundary_map(labels, noise=0.1, seed=3)
-    arrays = {"boundary": b, "affinity": affinity_map(b),
-              "float32": (b / np.float32(255)).astype(np.float32)}
-    out = {}
-    for name, array in arrays.items():
-        path = f"file://{root / name}"
-        vol = create_layer(path, layer_type="image", dtype=str(array.dtype), resolution=(4, 4, 40),
-                           size=SHAPE, chunk_size=CHUNK, num_channels=1 if array.ndim == 3 else 3)
-        vol[:, :, :] = array
-        out[name] = (path, array)
-    return out
-
-
-class InProcess:
-    """Runs a stage's tasks here, each from its JSON payload; counts them per stage."""
-
-    def __init__(self) -> None:
-        self.ran: dict[str, int] = {}
-
-    def __call__(self, stage: Stage, tasks) -> int:
-        count = execute_here(stage, tasks)
-        if count:
-            self.ran[stage.name] = self.ran.get(stage.name, 0) + count
-        return count
-
-
-def run(map_path: str, output: str, method: str, threshold: float, task_shape=None,
-        **kwargs) -> InProcess:
-    plan = plan_segment(map_path, output, method=method, threshold=threshold,
-                        task_shape=task_shape, chunk_size=CHUNK, **kwargs)
-    runner = InProcess()
-    run_stages(segment_stages(plan), execute=runner, echo=lambda line: None)
-    return runner
-
-
-def read(path: str) -> np.ndarray:
-    vol = CloudVolume(path, progress=False, fill_missing=True)
-    assert vol.dtype == np.uint64 and vol.encoding == "compressed_segmentation"
-    return np.asarray(vol[:, :, :])[..., 0]
-
-
-def chunk_files(path: str) -> dict[str, bytes]:
-    files = CloudFiles(path)
-    return {k: files.get(k) for k in files.list(prefix="4_4_40/")}
+from tests.conftest import (
+    CHUNK,
+    SHAPE,
+    assert_one_line_error,
+    chunk_files,
+    read,
+    run,
+    run_cli,
+)
 
 
 @pytest.mark.parametrize(
@@ -291,6 +242,42 @@ def test_bad_input_is_one_line_exit_2(tmp_path, maps, bad_maps, case, fragments)
     result = run_cli("segment", path, output, "--method", "mean", "--threshold", threshold,
                      *extra)
     assert_one_line_error(result, *fragments)
+
+
+@pytest.fixture(scope="module")
+def sample_layers(tmp_path_factory) -> Path:
+    """DEST of `deepem3d sample`: DEST/image (the EM image), DEST/ground_truth."""
+    dest = tmp_path_factory.mktemp("sample")
+    run_cli("sample", dest, check=True)
+    return dest
+
+
+def test_an_em_image_is_refused_as_a_map(tmp_path, sample_layers, maps):
+    result = run_cli("segment", sample_layers / "image", tmp_path / "seg", "--method", "mean",
+                     "--threshold", "0.5", "--dry-run")
+    assert_one_line_error(result, "is an EM image (written by `deepem3d sample`)",
+                          "deepem3d infer")
+    result = run_cli("segment", sample_layers / "ground_truth", tmp_path / "seg", "--method",
+                     "mean", "--threshold", "0.5", "--dry-run")
+    assert_one_line_error(result, "is a segmentation layer, not a boundary or affinity map")
+    # a map of deepem3d's own (provenance of `deepem3d infer`) plans without a warning
+    path, _ = maps["boundary"]
+    inferred = f"file://{tmp_path / 'inferred'}"
+    vol = create_layer(inferred, layer_type="image", dtype="uint8", resolution=(4, 4, 40),
+                       size=SHAPE, chunk_size=CHUNK, provenance={"task": "InferenceTask"})
+    vol[:, :, :] = CloudVolume(path, progress=False)[:, :, :]
+    plan = plan_segment(inferred, f"file://{tmp_path / 'seg'}", method="mean", threshold=0.5)
+    assert plan.warnings == []
+
+
+def test_a_map_without_provenance_is_segmented_with_a_warning(tmp_path, maps):
+    path, _ = maps["boundary"]  # create_layer without provenance: as other tools make maps
+    result = run_cli("segment", path, tmp_path / "seg", "--method", "mean", "--threshold", "0.5",
+                     "--dry-run", check=True)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("deepem3d:")]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith("deepem3d: warning: ") and "no provenance" in warnings[0]
+    assert "1 block(s)" in result.stdout, result.stdout
 
 
 def test_work_files_are_stored_narrow_and_read_back_in_full(tmp_path):

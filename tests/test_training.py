@@ -140,7 +140,7 @@ def test_train_bad_input(sample_h5, tmp_path):
     with h5py.File(tmp_path / "short.h5", "w") as f:
         f["ids"] = np.ones((8, 64, 96), dtype=np.uint16)
     args = ["train", "--image", f"{h5}:/raw", "--out", tmp_path / "o", "--resolution", "4,4,50",
-            "--iterations", "2", "--patch", "32"]
+            "--iterations", "2", "--patch-size", "32"]
     assert_one_line_error(
         run_cli(*args, "--labels", f"{tmp_path / 'short.h5'}:/ids", "--train-sections", "0:6"),
         "differ in shape",

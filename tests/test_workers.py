@@ -5,9 +5,7 @@ The reference is igneous itself, run in-process on a copy of the same layer.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,57 +13,20 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-from cloudvolume import CloudVolume
-from igneous.task_creation.image import create_downsampling_tasks
-from taskqueue import LocalTaskQueue, TaskQueue
+from taskqueue import TaskQueue
 
-from deepem3d.axes import xyz_from_zyx
-from deepem3d.sample import load_sample
 from deepem3d.stages.downsample import downsample_stage, plan_downsample
 from deepem3d.stages.frame import payload_of
-from deepem3d.storage.layers import create_layer
-from tests.conftest import ROOT, start_stage
+from tests.conftest import (
+    MEMORY,
+    ROOT,
+    assert_same_mips,
+    file_digests,
+    igneous_reference,
+    make_layer,
+    start_stage,
+)
 from tests.queue_helpers import AlwaysFails, StallOnce
-
-MEMORY = 200_000  # bytes: small tasks (128 x 128 x 10), so there are 8 of them
-
-
-def make_layer(path: Path, layer_type: str = "image") -> str:
-    image, ids = load_sample()
-    array = image[:20, :256, :256] if layer_type == "image" else ids[:20, :256, :256]
-    dtype = "uint8" if layer_type == "image" else "uint64"
-    vol = create_layer(
-        f"file://{path}", layer_type=layer_type, dtype=dtype, resolution=(4, 4, 50),
-        size=(256, 256, 20), chunk_size=(64, 64, 10),
-    )
-    vol[:, :, :] = xyz_from_zyx(array.astype(dtype))
-    return f"file://{path}"
-
-
-def igneous_reference(
-    src: Path, dest: Path, num_mips: int, factor, memory_target: int = MEMORY
-) -> str:
-    shutil.copytree(src, dest)
-    tq = LocalTaskQueue(parallel=1, progress=False)
-    tq.insert(create_downsampling_tasks(
-        f"file://{dest}", mip=0, num_mips=num_mips, factor=factor, memory_target=memory_target,
-    ))
-    tq.execute(progress=False)
-    return f"file://{dest}"
-
-
-def assert_same_mips(a: str, b: str, mips: range) -> None:
-    for mip in mips:
-        va, vb = CloudVolume(a, mip=mip), CloudVolume(b, mip=mip)
-        assert tuple(va.volume_size) == tuple(vb.volume_size)
-        np.testing.assert_array_equal(va[:, :, :], vb[:, :, :], err_msg=f"mip {mip}")
-
-
-def file_digests(directory: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
-    }
 
 
 def start_worker(queue: str, *extra: str) -> subprocess.Popen:

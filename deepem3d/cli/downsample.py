@@ -6,10 +6,11 @@ import click
 from cloudvolume.lib import Bbox
 
 from deepem3d.cli.options import (
+    Bounds,
+    ByteSize,
+    Triple,
     dry_run_option,
     parallel_option,
-    parse_bounds,
-    parse_triple,
     queue_option,
 )
 from deepem3d.run.queues import check_queue_url
@@ -25,17 +26,20 @@ from deepem3d.storage.layers import cloudpath
               help="Read this mip; write the levels above it.")
 @click.option("--num-mips", type=click.IntRange(min=1), default=None,
               help="Mip levels to add (default: as many as one task's memory allows).")
-@click.option("--factor", default=None,
+@click.option("--factor", type=Triple(int, example="2,2,1"), default=None,
               help="Downsampling factor per level, x,y,z (default 2,2,1 for anisotropic data).")
-@click.option("--bounds", default=None, help="x0,y0,z0,x1,y1,z1 at --mip (default: all).")
-@click.option("--memory", "memory_mb", type=click.IntRange(min=1), default=3500, show_default=True,
-              help="Memory target of one task in MB: larger tasks make more levels at once.")
+@click.option("--bounds", type=Bounds(), default=None,
+              help="x0,y0,z0,x1,y1,z1 at --mip (default: all).")
+@click.option("--memory", type=ByteSize(), default="3.5e9", show_default=True,
+              help="Memory target of one task in bytes, as igneous's --memory (3.5e9, 3500MB, "
+              "3.5GB or 2GiB): larger tasks make more levels at once.")
 @click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros.")
 @click.option("--sparse", is_flag=True, help="Segmentation: ignore 0 when taking the mode.")
 def downsample(
     layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip: int,
-    num_mips: int | None, factor: str | None, bounds: str | None, fill_missing: bool,
-    memory_mb: int, sparse: bool,
+    num_mips: int | None, factor: tuple[int, int, int] | None,
+    bounds: tuple[tuple[int, int, int], tuple[int, int, int]] | None, fill_missing: bool,
+    memory: int, sparse: bool,
 ) -> None:
     """Add downsampled mip levels to LAYER (image or segmentation) with igneous tasks.
 
@@ -47,14 +51,13 @@ def downsample(
 
     if queue is not None:
         check_queue_url(queue)
-    region = parse_bounds(bounds)
     plan = plan_downsample(
         cloudpath(layer),
         mip=mip,
         num_mips=num_mips,
-        factor=parse_triple(factor, "--factor", int) if factor else None,
-        bounds=Bbox(*region) if region else None,
-        memory_target=memory_mb * 10**6,
+        factor=factor,
+        bounds=Bbox(*bounds) if bounds else None,
+        memory_target=memory,
     )
     click.echo(plan.describe())
     if dry_run:

@@ -18,10 +18,10 @@ from cloudvolume.exceptions import EmptyVolumeException
 from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
-from deepem3d.cli.options import parse_bounds
+from deepem3d.cli.options import Bounds
 from deepem3d.errors import InputError
 from deepem3d.segmentation.metrics import Contingency, accumulate, contingency, scores
-from deepem3d.storage.layers import open_layer
+from deepem3d.storage.layers import check_layer_role, open_layer
 
 # Voxels read per block: 2**24 uint64 voxels are 128 MiB per layer, and counting the pairs
 # takes about five times that again, so one block peaks near 1 GiB.
@@ -31,14 +31,15 @@ MAX_BLOCK_VOXELS = 2**24
 @click.command()
 @click.argument("seg")
 @click.argument("gt")
-@click.option("--bounds", default=None,
+@click.option("--bounds", type=Bounds(), default=None,
               help="x0,y0,z0,x1,y1,z1 at --mip, end exclusive (default: all of GT).")
 @click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
               help="Compare the layers at this mip level.")
 @click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def evaluate(
-    seg: str, gt: str, bounds: str | None, mip: int, fill_missing: bool, as_json: bool
+    seg: str, gt: str, bounds: tuple[tuple[int, int, int], tuple[int, int, int]] | None,
+    mip: int, fill_missing: bool, as_json: bool,
 ) -> None:
     """Score segmentation layer SEG against ground-truth layer GT.
 
@@ -46,7 +47,6 @@ def evaluate(
     information split H(seg|gt) and merge H(gt|seg) in bits. Voxels where GT is 0 are not
     scored; SEG's 0 counts as SNEMI3D's script counts it.
     """
-    region = parse_bounds(bounds)
     seg_vol = _open_labels(seg, "SEG", mip, fill_missing)
     gt_vol = _open_labels(gt, "GT", mip, fill_missing)
     if not np.array_equal(np.asarray(seg_vol.resolution), np.asarray(gt_vol.resolution)):
@@ -54,7 +54,7 @@ def evaluate(
             f"SEG and GT differ in resolution at mip {mip}: {_triple(seg_vol.resolution)} and "
             f"{_triple(gt_vol.resolution)} nm; compare them at a --mip where they agree"
         )
-    bbox = _check_bounds(region, seg_vol, gt_vol, mip)
+    bbox = _check_bounds(bounds, seg_vol, gt_vol, mip)
 
     blocks = plan_blocks(bbox, gt_vol.chunk_size, gt_vol.voxel_offset, MAX_BLOCK_VOXELS)
     table = _read_table(seg_vol, gt_vol, blocks)
@@ -135,6 +135,10 @@ def _open_labels(path: str, name: str, mip: int, fill_missing: bool) -> CloudVol
             f"{name} {vol.cloudpath} holds {vol.dtype}, not integer ids: pass a segmentation "
             "layer (a boundary or affinity map must be segmented first)"
         )
+    # refuses an EM image or a map that deepem3d wrote; warns on an image without provenance
+    warning = check_layer_role(path, "labels", vol, name=name)
+    if warning:
+        click.echo(f"deepem3d: warning: {warning}", err=True)
     return vol
 
 

@@ -6,10 +6,10 @@ import click
 from cloudvolume.lib import Bbox
 
 from deepem3d.cli.options import (
+    Bounds,
+    Triple,
     dry_run_option,
     parallel_option,
-    parse_bounds,
-    parse_triple,
     queue_option,
 )
 from deepem3d.models.sliding import TTA_CHOICES, WINDOWS, PatchGeometry
@@ -28,13 +28,13 @@ from deepem3d.run.queues import check_queue_url
 @dry_run_option
 @click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
               help="Read the image at this mip; the output layer has its resolution.")
-@click.option("--bounds", default=None,
+@click.option("--bounds", type=Bounds(), default=None,
               help="x0,y0,z0,x1,y1,z1 at --mip, absolute voxels (default: the whole volume); "
               "expanded to whole output chunks.")
-@click.option("--task-shape", default=None,
+@click.option("--task-shape", type=Triple(int, example="1024,1024,16"), default=None,
               help="Block per task, x,y,z, a multiple of the chunk size (default: about "
               "1024 x 1024 x one chunk).")
-@click.option("--chunk-size", default=None,
+@click.option("--chunk-size", type=Triple(int), default=None,
               help="Output chunk size x,y,z (default: the image's at --mip).")
 @click.option("--tta", type=click.Choice([str(t) for t in TTA_CHOICES]), default="1",
               show_default=True, help="Test-time augmentation: 1, 8 (in-plane rotations and "
@@ -89,15 +89,14 @@ def infer(
 
     if queue is not None:
         check_queue_url(queue)
-    region = parse_bounds(bounds)
     plan = plan_inference(
         image, output,
         models=list(models) or None,
         mip=mip,
-        task_shape=parse_triple(task_shape, "--task-shape", int) if task_shape else None,
-        chunk_size=parse_triple(chunk_size, "--chunk-size", int) if chunk_size else None,
+        task_shape=task_shape,
+        chunk_size=chunk_size,
         tta=int(tta),
-        bounds=Bbox(*region) if region else None,
+        bounds=Bbox(*bounds) if bounds else None,
         geometry=PatchGeometry(size=patch_size, output=patch_output, overlap=overlap,
                                batch=batch_size, window=window),
         float32=float32, fill_missing=fill_missing, mask=mask, mask_mip=mask_mip,

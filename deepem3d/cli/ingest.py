@@ -4,42 +4,28 @@ from __future__ import annotations
 
 import click
 
-from deepem3d.cli.options import parse_triple
-from deepem3d.errors import InputError
+from deepem3d.cli.options import Triple
 from deepem3d.ingest import AXES, ENCODINGS
 from deepem3d.ingest import ingest as ingest_volume
 from deepem3d.storage.layers import cloudpath
 
 
-def parse_offset(text: str, name: str = "--voxel-offset") -> tuple[int, int, int]:
-    """'0,0,100' -> (0, 0, 100): three integers, zero and negative allowed."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        if len(parts) != 3:
-            raise ValueError
-        return tuple(int(p) for p in parts)
-    except ValueError:
-        raise InputError(
-            f"malformed {name} {text!r}: expected three comma-separated integers x,y,z "
-            "such as 0,0,0"
-        ) from None
-
-
 @click.command()
 @click.argument("src")
 @click.argument("dest")
-@click.option("--resolution", required=True,
+@click.option("--resolution", type=Triple(float, example="4,4,40"), required=True,
               help="Voxel size in nm, x,y,z (e.g. 4,4,40).")
 @click.option("--layer-type", type=click.Choice(["image", "segmentation"]), default="image",
               show_default=True, help="Image (grayscale) or segmentation (integer labels).")
-@click.option("--chunk-size", default=None,
+@click.option("--chunk-size", type=Triple(int), default=None,
               help="Storage chunk, x,y,z (default 128,128,16, clamped to the volume).")
 @click.option("--encoding", type=click.Choice(list(ENCODINGS)), default=None,
               help="Chunk encoding (default: raw for images, compressed_segmentation for "
               "segmentations).")
 @click.option("--axes", type=click.Choice(list(AXES)), default="zyx", show_default=True,
               help="Axis order of an HDF5 or .npy array (TIFF pages are always z).")
-@click.option("--voxel-offset", default="0,0,0", show_default=True,
+@click.option("--voxel-offset", type=Triple(int, positive=False, example="0,0,100"),
+              default="0,0,0", show_default=True,
               help="Position of the first voxel, x,y,z in voxels.")
 @click.option("--dtype", type=click.Choice(["uint32", "uint64"]), default=None,
               help="Stored dtype of a segmentation (default uint64); images keep theirs.")
@@ -47,8 +33,9 @@ def parse_offset(text: str, name: str = "--voxel-offset") -> tuple[int, int, int
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar on stderr.")
 def ingest(
-    src: str, dest: str, resolution: str, layer_type: str, chunk_size: str | None,
-    encoding: str | None, axes: str, voxel_offset: str, dtype: str | None, overwrite: bool,
+    src: str, dest: str, resolution: tuple[float, float, float], layer_type: str,
+    chunk_size: tuple[int, int, int] | None, encoding: str | None, axes: str,
+    voxel_offset: tuple[int, int, int], dtype: str | None, overwrite: bool,
     progress: bool,
 ) -> None:
     """Write the 3D volume SRC to a new precomputed layer at DEST.
@@ -61,12 +48,12 @@ def ingest(
     vol = ingest_volume(
         src,
         cloudpath(dest),
-        resolution=parse_triple(resolution, "--resolution"),
+        resolution=resolution,
         layer_type=layer_type,
-        chunk_size=parse_triple(chunk_size, "--chunk-size", int) if chunk_size else None,
+        chunk_size=chunk_size,
         encoding=encoding,
         axes=axes,
-        voxel_offset=parse_offset(voxel_offset),
+        voxel_offset=voxel_offset,
         dtype=dtype,
         overwrite=overwrite,
         progress=progress,

@@ -16,6 +16,7 @@ from deepem3d.cli.evaluate import evaluate
 from deepem3d.cli.infer import infer
 from deepem3d.cli.ingest import ingest
 from deepem3d.cli.queue import status, worker
+from deepem3d.cli.run import run
 from deepem3d.cli.sample import sample
 from deepem3d.cli.segment import segment
 from deepem3d.cli.train import train
@@ -30,7 +31,7 @@ def cli() -> None:
 
 
 for command in (
-    sample, ingest, worker, status, downsample, infer, segment, evaluate, view, train,
+    run, sample, ingest, worker, status, downsample, infer, segment, evaluate, view, train,
 ):
     cli.add_command(command)
 

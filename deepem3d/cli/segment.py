@@ -6,10 +6,10 @@ import click
 from cloudvolume.lib import Bbox
 
 from deepem3d.cli.options import (
+    Bounds,
+    Triple,
     dry_run_option,
     parallel_option,
-    parse_bounds,
-    parse_triple,
     queue_option,
 )
 from deepem3d.run.queues import check_queue_url
@@ -21,27 +21,29 @@ from deepem3d.run.queues import check_queue_url
 @queue_option
 @parallel_option
 @dry_run_option
-@click.option("--method", type=click.Choice(["mean", "watershed"]), required=True,
+@click.option("--method", type=click.Choice(["mean", "watershed"]), default=None,
               help="mean: greedy mean-affinity merging (waterz's OneMinus<MeanAffinity>); "
-              "watershed: DeepEM3D's h-minima watershed.")
-@click.option("--threshold", type=float, required=True,
+              "watershed: DeepEM3D's h-minima watershed. Without --method and --threshold, "
+              "the settings the map's model records (shipped models do) are used.")
+@click.option("--threshold", type=float, default=None,
               help="In [0, 1]. mean: merge while 1 - mean affinity is below it; watershed: "
               "h, the minimum depth of a basin (DeepEM3D used 0.19).")
-@click.option("--dust-size", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--dust-size", type=click.IntRange(min=0), default=None,
               help="Merge segments of fewer voxels (whole-volume sizes) into their neighbour "
-              "of largest contact; 0: off.")
+              "of largest contact; 0 (the default): off.")
 @click.option("--dust-mode", type=click.Choice(["merge", "zero"]), default="merge",
               show_default=True, help="What happens to dust: merged, or set to 0 (background).")
-@click.option("--sigma", type=float, default=0.0, show_default=True,
+@click.option("--sigma", type=float, default=None,
               help="In-plane Gaussian (x, y) on the map first, standard deviation in voxels; "
-              "0: off. DeepEM3D smoothed the boundary map in-plane with a Gaussian before its "
-              "watershed; the smoothed map is kept at OUTPUT/segmentation/smoothed.")
-@click.option("--task-shape", default=None,
+              "0 (the default): off. DeepEM3D smoothed the boundary map in-plane with a "
+              "Gaussian before its watershed; the smoothed map is kept at "
+              "OUTPUT/segmentation/smoothed.")
+@click.option("--task-shape", type=Triple(int, example="512,512,64"), default=None,
               help="Block per task, x,y,z, a multiple of the chunk size (default: about "
               "512 x 512 x 64). The result does not depend on it.")
-@click.option("--chunk-size", default=None,
+@click.option("--chunk-size", type=Triple(int), default=None,
               help="Chunk size of OUTPUT, x,y,z (default: the map's at --mip).")
-@click.option("--bounds", default=None,
+@click.option("--bounds", type=Bounds(), default=None,
               help="x0,y0,z0,x1,y1,z1 at --mip, absolute voxels (default: the whole map); "
               "expanded to whole chunks. The region is segmented as if it were the volume.")
 @click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
@@ -52,7 +54,8 @@ from deepem3d.run.queues import check_queue_url
               "reused.")
 def segment(
     map_layer: str, output: str, queue: str | None, parallel: int | None, dry_run: bool,
-    method: str, threshold: float, dust_size: int, dust_mode: str, sigma: float,
+    method: str | None, threshold: float | None, dust_size: int | None, dust_mode: str,
+    sigma: float | None,
     task_shape: str | None, chunk_size: str | None, bounds: str | None, mip: int,
     overwrite: bool,
 ) -> None:
@@ -69,18 +72,25 @@ def segment(
     the same command goes on later.
     """
     from deepem3d.run.runner import run_stages
-    from deepem3d.stages.segmentation import plan_segment, segment_stages
+    from deepem3d.stages.segmentation import choose_settings, plan_segment, segment_stages
+    from deepem3d.storage.layers import cloudpath
 
     if queue is not None:
         check_queue_url(queue)
-    region = parse_bounds(bounds)
+    settings, chosen = choose_settings(cloudpath(map_layer), {
+        "method": method, "threshold": threshold, "sigma": sigma, "dust_size": dust_size})
+    if chosen:
+        click.echo(chosen)
     plan = plan_segment(
-        map_layer, output, method=method, threshold=threshold, dust_size=dust_size,
-        dust_mode=dust_mode,
-        task_shape=parse_triple(task_shape, "--task-shape", int) if task_shape else None,
-        chunk_size=parse_triple(chunk_size, "--chunk-size", int) if chunk_size else None,
-        bounds=Bbox(*region) if region else None, mip=mip, overwrite=overwrite, sigma=sigma,
+        map_layer, output, method=settings["method"], threshold=settings["threshold"],
+        dust_size=settings["dust_size"], dust_mode=dust_mode,
+        task_shape=task_shape,
+        chunk_size=chunk_size,
+        bounds=Bbox(*bounds) if bounds else None, mip=mip, overwrite=overwrite,
+        sigma=settings["sigma"],
     )
+    for warning in plan.warnings:
+        click.echo(f"deepem3d: warning: {warning}", err=True)
     click.echo(plan.describe())
     if dry_run:
         return

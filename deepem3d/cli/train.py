@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from deepem3d.cli.options import parse_triple
+from deepem3d.cli.options import Triple
 from deepem3d.errors import InputError
 
 
@@ -22,37 +22,40 @@ from deepem3d.errors import InputError
               help="Input sections per prediction (1 or 5).")
 @click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--patch", type=click.IntRange(min=16), default=128, show_default=True,
-              help="In-plane patch size (a multiple of 16).")
+@click.option("--patch-size", type=click.IntRange(min=16), default=128, show_default=True,
+              help="Network input per training patch, in-plane (multiple of 16).")
 @click.option("--lr", type=float, default=0.01, show_default=True,
               help="Base learning rate (poly schedule, power 0.8).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-every", type=click.IntRange(min=1), default=200, show_default=True,
               help="Validate, checkpoint and plot every N iterations.")
-@click.option("--resolution", default=None,
+@click.option("--resolution", type=Triple(float), default=None,
               help="Voxel size x,y,z in nm (default: the image layer's; required for files).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads.")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True, help="Where to train (auto: CUDA when this machine has it).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: torch's, one per core). A run resumes exactly on the "
+              "same device and thread count.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--init", default=None,
               help="Start from this checkpoint's weights (a shipped name, file or cloud path) "
                    "with a fresh optimizer and schedule: fine-tuning. Same network flags.")
 def train(image, labels, train_sections, val_sections, out_dir, preset, head, in_sections,
-          iterations, batch_size, patch, lr, seed, val_every, resolution, threads, device,
+          iterations, batch_size, patch_size, lr, seed, val_every, resolution, device, threads,
           resume, init) -> None:
     """Train a DeepEM3D network; writes OUT/last.pt, OUT/best.pt, history.json and
     learning_curve.png."""
     from deepem3d.models.data import is_file_source, parse_sections
     from deepem3d.models.train import TrainConfig, Trainer
 
-    if patch % 16:
-        raise InputError(f"--patch {patch} must be a multiple of 16")
+    if patch_size % 16:
+        raise InputError(f"--patch-size {patch_size} must be a multiple of 16")
     train_range = parse_sections(train_sections, "--train-sections")
     val_range = parse_sections(val_sections, "--val-sections") if val_sections else None
     if val_range and max(train_range[0], val_range[0]) < min(train_range[1], val_range[1]):
         raise InputError("--train-sections and --val-sections overlap: keep them apart")
     if resolution:
-        res = parse_triple(resolution, "--resolution")
+        res = resolution
     elif is_file_source(image):
         raise InputError("--resolution is required when --image is a file (e.g. 4,4,50)")
     else:
@@ -62,7 +65,7 @@ def train(image, labels, train_sections, val_sections, out_dir, preset, head, in
     cfg = TrainConfig(
         image=image, labels=labels, train_sections=train_range, val_sections=val_range,
         out_dir=out_dir, preset=preset, head=head, in_sections=in_sections,
-        iterations=iterations, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
+        iterations=iterations, batch_size=batch_size, patch=patch_size, lr=lr, seed=seed,
         val_every=val_every, resolution=res, threads=threads, init=init,
     )
     try:

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -21,34 +20,11 @@ import torch
 
 import deepem3d
 from deepem3d.errors import InputError
+from deepem3d.models.shipped import DEFAULT_MODEL, ENSEMBLES, PRETRAINED, expand_models
 
 FORMAT = "deepem3d-checkpoint"
 VERSION = 1
-PRETRAINED = {
-    "isbi2012-small": "isbi2012-small.pt",
-    "isbi2012-small-affinity": "isbi2012-small-affinity.pt",
-    "isbi2012-small-affinity-s3": "isbi2012-small-affinity-s3.pt",
-    "isbi2012-small-affinity-s4": "isbi2012-small-affinity-s4.pt",
-}
-# A shipped ensemble's name stands for several shipped models whose maps are combined
-# (deepem3d.models.sliding.combine). With 16-way TTA these three score better than any one of them;
-# without TTA no better, at three times the cost, so the default stays one model.
-ENSEMBLES = {
-    "isbi2012-small-affinity-x3": (
-        "isbi2012-small-affinity", "isbi2012-small-affinity-s3", "isbi2012-small-affinity-s4",
-    ),
-}
-DEFAULT_MODEL = "isbi2012-small-affinity"
-
-
-def expand_models(names: Sequence[str | None] | None) -> list[str]:
-    """The checkpoints behind `--model` values: a shipped ensemble's name stands for its
-    members, and no value for the default."""
-    out: list[str] = []
-    for name in names or [None]:
-        name = name or DEFAULT_MODEL
-        out.extend(ENSEMBLES.get(name, (name,)))
-    return out
+__all__ = ["DEFAULT_MODEL", "ENSEMBLES", "PRETRAINED", "expand_models"]  # re-exported
 
 
 def save_checkpoint(

@@ -3,8 +3,8 @@
 A 3D stem turns a stack of `in_sections` EM sections into one 2D feature map at half resolution;
 an Inception-ResNet-v2 style encoder goes down to 1/16; four side outputs (at 1/2, 1/4, 1/8
 and 1/16, the first three each a plain deconv plus four dilated deconvs) are brought back to
-full resolution and summed into the logits of the middle section. The layer-by-layer source is
-the authors' Caffe definition, transcribed in /work/shared/deepem3d_network.md ("the table").
+full resolution and summed into the logits of the middle section. The source is the authors'
+Caffe definition ("the table": its list of layers), described layer by layer in docs/network.md.
 
 Readings of the table (where it is ambiguous):
 - Kernel/pad axis order. The table lists Caffe ND kernels as x,y,z; the 3D part confirms it

@@ -1,6 +1,6 @@
 """Channel widths of the DeepEM3D presets, kept as one table so a preset is data, not code.
 
-Every preset has the same topology as the published network (docs: deepem3d_network.md): the
+Every preset has the same topology as the published network (docs/network.md): the
 same blocks, branches, kernels, strides, paddings and dilated decoder; only the number of
 channels changes. `full` is the authors' Caffe definition; `small` is about 1/4 and `tiny` about
 1/8 of its width (so about 1/16 and 1/64 of its encoder weights), small enough to train on a

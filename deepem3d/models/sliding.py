@@ -2,8 +2,8 @@
 
 No I/O here: the inference task (deepem3d.stages.inference) reads the region this module asks
 for, calls `predict_block` and writes the result; `predict_volume` is the same call on a whole
-in-memory array. Why a chunked run gives the whole-array result bit for bit (DESIGN.md, "Why
-chunked results can equal whole-volume results"):
+in-memory array. Why a chunked run gives the whole-array result bit for bit (docs/design.md, "Why
+chunked results equal whole-volume results"):
 
 - Patches lie on one grid per axis, a function of the DATASET's size alone (`grid_starts`),
   never of the block: a voxel is covered by the same patches whatever block it falls in.
@@ -33,6 +33,9 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+# the one quantiser (round(255 * p), float64), re-exported for the map writer's importers
+from deepem3d.segmentation.maps import quantize
 
 if TYPE_CHECKING:
     import torch
@@ -473,12 +476,6 @@ def predict_volume(
     shape = tuple(int(s) for s in image.shape)
     return predict_block(predictors, image, (0, 0, 0), ((0, 0, 0), shape), shape, geometry,
                          tta=tta, stats=stats)
-
-
-def quantize(probabilities: np.ndarray) -> np.ndarray:
-    """round(255 * p) as uint8 (p clipped to [0, 1]; half-way values round to even)."""
-    scaled = np.rint(np.clip(probabilities, 0, 1) * np.float32(255))
-    return scaled.astype(np.uint8)
 
 
 def patch_count(dataset_shape: Triple, block: Box, geometry: PatchGeometry) -> int:

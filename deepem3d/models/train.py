@@ -87,9 +87,12 @@ def segment_for_validation(probabilities: np.ndarray, head: str = "boundary") ->
 
 
 def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`deepem3d train --device`: auto (or None: CUDA when present), cpu or cuda."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}, but this machine has no CUDA device")
+    return torch.device(name)
 
 
 class Trainer:

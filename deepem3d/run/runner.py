@@ -94,6 +94,7 @@ class Runner:
         self.lease_seconds = lease_seconds
         self._workers: dict[str, list] = {}  # queue url -> its local worker processes
         self._restarts = 0
+        self._done: set[str] = set()  # stage names and labels completed by this runner
         self.parallel = parallel
         self.echo = echo
         self.progress = progress
@@ -121,7 +122,8 @@ class Runner:
         self._workers.clear()
 
     def _run(self, stages: Iterable[Stage]) -> list[StageSummary]:
-        done: set[str] = set()
+        done = self._done
+        ran = []
         for stage in stages:
             missing = [n for n in stage.needs if n not in done]
             if missing:
@@ -129,10 +131,11 @@ class Runner:
                                  "run has not completed: list the stages in order")
             summary = self.run_stage(stage)
             self.summaries.append(summary)
+            ran.append(summary)
             self.echo(summary.line())
             done.add(stage.name)
             done.add(stage.label)
-        return self.summaries
+        return ran
 
     def run_stage(self, stage: Stage) -> StageSummary:
         if stage.prepare is not None:
@@ -196,7 +199,7 @@ class Runner:
 
         markers = stage.markers
         total = len(markers.task_ids())
-        with tqdm(total=total, desc=stage.label, disable=not self.progress,
+        with tqdm(total=total, desc=stage.label, disable=None if self.progress else True,
                   file=sys.stderr, leave=False) as bar:
             while True:
                 remaining = markers.remaining()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from taskqueue import QueueEmptyError
 from taskqueue.lib import jsonify
+from taskqueue.queueablefns import UnregisteredFunctionError
 
 from deepem3d.errors import InputError
 from deepem3d.run.queues import open_queue
@@ -198,7 +199,7 @@ class Worker:
         keeper = _LeaseKeeper(self.queue, task, self.lease_seconds)
         try:
             task.execute()
-        except InputError as err:
+        except (InputError, UnregisteredFunctionError) as err:
             # bad input fails the same way on every retry: once, visibly (the task's stage
             # has its failure record, which the runner reports)
             keeper.stop()

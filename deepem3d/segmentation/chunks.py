@@ -2,7 +2,7 @@
 
 All arrays here are in CloudVolume order, x, y, z (and channel last for affinities). A chunk is
 named by its global offset and shape inside a dataset of shape (X, Y, Z); the global voxel index
-of (x, y, z) is ``x + X * (y + Y * z)``, the tie-breaker of every decision (DESIGN.md).
+of (x, y, z) is ``x + X * (y + Y * z)``, the tie-breaker of every decision (docs/design.md).
 
 Each stage reads its chunk plus a halo, clipped at the dataset's bounds:
 
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
+from deepem3d.segmentation.maps import quantize
 
 __all__ = [
     "GRAPH_HALO",
@@ -212,7 +214,7 @@ def as_map(array: np.ndarray) -> tuple[np.ndarray, MapKind]:
     elif np.issubdtype(array.dtype, np.floating):
         if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
             raise ValueError("a float map must hold probabilities in [0, 1]")
-        array = np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+        array = quantize(array)
     else:
         raise ValueError(f"a map must be uint8 or float in [0, 1], not {array.dtype}")
     return np.asfortranarray(array), kind

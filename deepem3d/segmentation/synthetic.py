@@ -10,11 +10,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from deepem3d.segmentation.maps import quantize
+
 __all__ = ["affinity_map", "boundary_map", "bowl_map", "voronoi_cells"]
 
 
 def _quantise(p: np.ndarray) -> np.ndarray:
-    return np.asfortranarray(np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8))
+    return np.asfortranarray(quantize(p))
 
 
 def boundary_map(

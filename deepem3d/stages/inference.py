@@ -93,7 +93,7 @@ class ModelRef:
 def model_location(name: str) -> str:
     """What a task should load: shipped names stay names (each worker has its own copy),
     local paths become absolute, URLs stay as given."""
-    from deepem3d.models.checkpoint import PRETRAINED
+    from deepem3d.models.shipped import PRETRAINED
 
     if name in PRETRAINED or "://" in name:
         return name
@@ -308,6 +308,8 @@ class InferencePlan:
     amp: bool = True
     warnings: list[str] = field(default_factory=list)
     output_exists: bool = False
+    #: the segmentation settings the model records for this TTA (None for your own models)
+    segmentation: dict | None = None
 
     @property
     def channels(self) -> int:
@@ -503,7 +505,7 @@ def plan_inference(
     except ValueError as err:
         raise InputError(f"patch geometry: {err}") from None
 
-    from deepem3d.models.checkpoint import expand_models
+    from deepem3d.models.shipped import expand_models, recommended_settings
 
     refs, nets = [], []
     for name in expand_models(models):
@@ -561,6 +563,7 @@ def plan_inference(
         compute_factor=computed / single, fill_missing=fill_missing,
         mask=cloudpath(mask) if mask else None, mask_mip=mask_mip, threads=threads,
         device=device, amp=amp, warnings=warnings,
+        segmentation=recommended_settings(models, tta),
     )
     if mask:
         open_layer(plan.mask, mip=mask_mip)  # fails now, not in every task
@@ -625,9 +628,9 @@ def _check_output(plan: InferencePlan, overwrite: bool) -> bool:
 
 
 #: float32 FLOP/s that one task reaches on each hardware class, for --dry-run's estimates:
-#: the CPU figure was measured on the demo's run (small preset, one thread, this project's
-#: 2-core machine: patch FLOPs over task seconds, read from the markers); no GPU was measured
-#: here, the GPU figure is an assumption (half an H100's dense float16 throughput, a tenth)
+#: the CPU figure was measured on the demo's run (small preset, one thread per task, two tasks
+#: side by side on this project's 2-core machine: 3 tasks, 126 task seconds, about 19 GFLOP/s
+#: of patch FLOPs); no GPU was measured here: the GPU figure is an assumption, not a reading
 EFFECTIVE_FLOPS = {"cpu": 20e9, "gpu": 50e12}
 
 
@@ -655,8 +658,10 @@ def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
 
     device = device_class(plan.device)
     torch_version = torch.__version__
+    # the blocks are part of the run: a run over wider bounds is another run
     key = digest({**plan.values(), "device": device, "torch": torch_version,
-                  "threads": plan.threads, "amp": plan.amp})
+                  "threads": plan.threads, "amp": plan.amp, "task_shape": list(plan.task_shape),
+                  "bounds": bounds_list(plan.bounds)})
     common = dict(
         image_path=plan.image_path, output_path=plan.output_path,
         models=[m.to_json() for m in plan.models], mip=plan.mip, tta=plan.tta,
@@ -699,6 +704,7 @@ def provenance(plan: InferencePlan) -> dict:
         ],
         "combine": COMBINE[plan.head] if len(plan.models) > 1 else None,
         "value": "round(255 * p)" if plan.dtype == "uint8" else "p",
+        "segmentation": plan.segmentation,
         "devices": "each task records its device, threads and precision in its marker, "
                    f"tasks/{STAGE}/done/<block>.json",
     }

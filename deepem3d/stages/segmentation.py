@@ -42,6 +42,7 @@ from deepem3d.stages.segments import AgglomerateTask, RemapTask
 from deepem3d.stages.supervoxels import HaloTask, ReduceTask, SmoothTask, SupervoxelTask
 from deepem3d.stages.workdir import SMOOTHED_LAYER, SUPERVOXEL_FILES, WORK, smoothed_layer_path
 from deepem3d.storage.layers import (
+    check_layer_role,
     cloudpath,
     create_layer,
     info_exists,
@@ -110,6 +111,8 @@ class SegmentPlan:
     reset_tuning_stages: bool = False
     graph_edges: int | None = None
     notes: list[str] = field(default_factory=list)
+    #: one-line warnings the CLI prints on stderr (`deepem3d: warning: ...`)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def region(self) -> list[int]:
@@ -235,6 +238,40 @@ class SegmentPlan:
         return "\n".join(lines + self.notes)
 
 
+def recorded_settings(map_path: str) -> dict | None:
+    """The segmentation settings the map's model records (written into the map's provenance
+    by `deepem3d infer`), or None."""
+    provenance = CloudFiles(cloudpath(map_path)).get_json("provenance") or {}
+    for entry in reversed(provenance.get("processing") or []):
+        settings = (entry.get("method") or {}).get("segmentation")
+        if settings:
+            return dict(settings)
+    return None
+
+
+def choose_settings(map_path: str, given: dict) -> tuple[dict, str | None]:
+    """The method, threshold, sigma and dust size of a run: with neither method nor threshold
+    given, the map's recorded settings fill whatever was not given; otherwise the defaults
+    (no smoothing, no dust merging). Returns (settings, a line saying what was chosen)."""
+    defaults = {"sigma": 0.0, "dust_size": 0}
+    if given.get("method") is None and given.get("threshold") is None:
+        recorded = recorded_settings(map_path)
+        if recorded is None:
+            check_layer_role(map_path, "map")  # a layer that is no map: say that first
+            raise InputError(f"{map_path} records no segmentation settings (its model is not "
+                             "a shipped one, or another tool made it): give --method and "
+                             "--threshold")
+        chosen = {k: given[k] if given.get(k) is not None else recorded[k]
+                  for k in ("method", "threshold", "sigma", "dust_size")}
+        what = ", ".join(f"{k} {v}" for k, v in chosen.items())
+        return chosen, f"settings recorded by the map's model: {what}"
+    missing = [f"--{k}" for k in ("method", "threshold") if given.get(k) is None]
+    if missing:
+        raise InputError(f"give {' and '.join(missing)} too (or neither, to use the settings "
+                         "the map's model records)")
+    return {**defaults, **{k: v for k, v in given.items() if v is not None}}, None
+
+
 def map_fingerprint(map_path: str) -> str:
     """A digest of the map layer's info and provenance: a re-made map is another map."""
     files = CloudFiles(cloudpath(map_path))
@@ -309,14 +346,13 @@ def plan_segment(
                          "Gaussian's standard deviation in voxels (0: no smoothing; DeepEM3D "
                          "used about 1; each task reads a halo of 4 sigma)")
     vol = open_layer(map_path, mip=mip)
+    # refuses an EM image or labels on positive evidence, and other than 1 or 3 channels
+    warning = check_layer_role(map_path, "map", vol)
     dtype = str(np.dtype(vol.dtype))
     if dtype not in MAP_DTYPES:
         raise InputError(f"{map_path} holds {dtype}: a boundary or affinity map is uint8 "
                          "(round(255 p)) or float32 probabilities")
     channels = int(vol.num_channels)
-    if channels not in (1, 3):
-        raise InputError(f"{map_path} has {channels} channels: a boundary map has 1, an "
-                         "affinity map 3 (x, y, z)")
     offset = tuple(int(v) for v in vol.voxel_offset)
     size = tuple(int(v) for v in vol.volume_size)
     chunk = tuple(int(c) for c in (chunk_size or vol.meta.chunk_size(mip)))
@@ -325,6 +361,8 @@ def plan_segment(
     task_shape = check_task_shape(task_shape, chunk)
     bounds = check_bounds(bounds, offset, size, map_path, mip)
     bounds = align_to_chunks(bounds, offset, size, chunk)
+    if mip == 0:
+        _check_map_covers(map_path, bounds)
     plan = SegmentPlan(
         map_path=map_path, output_path=output_path, mip=mip,
         kind="boundary" if channels == 1 else "affinity", map_dtype=dtype, method=method,
@@ -332,11 +370,32 @@ def plan_segment(
         resolution=tuple(float(r) for r in vol.resolution), voxel_offset=offset, size=size,
         chunk_size=chunk, task_shape=task_shape, bounds=bounds,
         blocks=block_grid(bounds, task_shape), map_fingerprint=map_fingerprint(map_path),
-        sigma=float(sigma),
+        sigma=float(sigma), warnings=[warning] if warning else [],
     )
     _check_block_size(plan)
     _decide(plan, overwrite)
     return plan
+
+
+def _check_map_covers(map_path: str, bounds: Bbox) -> None:
+    """A map `deepem3d infer` wrote must be complete over the region: its tasks would otherwise
+    fail one by one on missing chunks. Checked from the map's inference run record."""
+    markers = Markers(map_path, "inference")
+    record = markers.run_record()
+    if record is None:
+        return  # made by another tool: the tasks read what is there
+    made = record.get("parameters", {}).get("bounds")
+    box = [int(v) for v in (*bounds.minpt, *bounds.maxpt)]
+    if made and not (all(a >= b for a, b in zip(box[:3], made[:3]))
+                     and all(a <= b for a, b in zip(box[3:], made[3:]))):
+        raise InputError(f"{map_path} was predicted over {','.join(map(str, made))} only, "
+                         f"and the region to segment is {','.join(map(str, box))}: pass "
+                         "--bounds within it (or predict the rest of the map first)")
+    remaining = markers.remaining()
+    if remaining:
+        raise InputError(f"{map_path} is incomplete: {len(remaining)} of "
+                         f"{len(markers.task_ids())} inference task(s) have not finished; run "
+                         "the same `deepem3d infer` command again (or its workers) first")
 
 
 def _layer_geometry(plan: SegmentPlan, layer_type: str) -> dict:
@@ -479,10 +538,11 @@ def prepare_output(plan: SegmentPlan) -> None:
 
 #: what one task of each stage costs on one core, per voxel of its block (per voxel of the
 #: region for the single tasks), for --dry-run's core-hours: measured on the demo's run
-#: (ISBI 2012 affinities, 512 x 512 x 30, this project's 2-core machine), read from markers
+#: (`deepem3d run isbi2012-demo`: ISBI 2012 affinities, 512 x 512 x 30 in one block, sigma 4,
+#: mean 0.55; this project's 2-core machine), task seconds read from the markers
 SECONDS_PER_VOXEL = {
-    "smooth": 60e-9, "halo": 10e-9, "supervoxels": 110e-9, "reduce": 10e-9,
-    "region-graph": 20e-9, "merge-graph": 15e-9, "agglomerate": 60e-9, "remap": 25e-9,
+    "smooth": 300e-9, "halo": 10e-9, "supervoxels": 200e-9, "reduce": 3e-9,
+    "region-graph": 46e-9, "merge-graph": 20e-9, "agglomerate": 290e-9, "remap": 30e-9,
 }
 # Peak bytes of the single tasks: the reduce per voxel of the region (128^3 blocks), the merge
 # per region-graph edge (measured by benchmarks/segmentation.py); the edges per voxel of a

@@ -1,7 +1,7 @@
 """Precomputed layers through CloudVolume: open, create, check, and record provenance.
 
 Everything that touches a layer's info file goes through here, so the conventions of
-DESIGN.md (dtypes, encodings, mesh/skeleton directories, provenance) live in one place.
+docs/design.md (dtypes, encodings, mesh/skeleton directories, provenance) live in one place.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
 
 import deepem3d
 from deepem3d.errors import InputError
-from deepem3d.storage import cseg
 
 IMAGE_DTYPES = ("uint8", "uint16", "uint32", "float32")
 SEGMENTATION_DTYPES = ("uint32", "uint64")
@@ -84,6 +83,8 @@ def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
             or vol.cache.enabled):
         vol[block.to_slices()] = data
         return
+    from deepem3d.storage import cseg  # numba: only writers of segmentation chunks pay for it
+
     encoding, cseg_block = meta.encoding(mip), meta.compressed_segmentation_block_size(mip)
     ours = encoding == "compressed_segmentation" and np.prod(cseg_block) <= cseg.MAX_BLOCK_VOXELS
     files = CloudFiles(meta.cloudpath)
@@ -209,6 +210,103 @@ def record_provenance(vol: CloudVolume, method: dict, replace: bool = False) -> 
     if not vol.provenance.description:
         vol.provenance.description = "written by deepem3d"
     vol.commit_provenance()
+
+
+#: what `check_layer_role` checks a layer for
+LAYER_ROLES = ("map", "labels")
+
+
+def layer_writer(processing: Sequence) -> tuple[str, str] | None:
+    """(what the layer holds, "image", "map" or "labels"; the command that wrote it) by the
+    last entry of one of deepem3d's own layer writers in a provenance's `processing` list, or
+    None (written by other tools, or no provenance). Other entries, such as igneous's
+    downsampling, are skipped: they do not change what a layer holds."""
+    for entry in reversed(list(processing or [])):
+        method = entry.get("method") if isinstance(entry, dict) else None
+        if not isinstance(method, dict) or not str(entry.get("by", "")).startswith("deepem3d"):
+            continue
+        task = method.get("task")
+        if task == "sample":  # deepem3d/sample.py: the image's "array" is "raw"
+            return ("image" if method.get("array") == "raw" else "labels"), "`deepem3d sample`"
+        if task == "ingest" and method.get("layer_type") in ("image", "segmentation"):
+            role = "image" if method["layer_type"] == "image" else "labels"
+            return role, "`deepem3d ingest`"
+        if task == "InferenceTask":
+            return "map", "`deepem3d infer`"
+        if task == "deepem3d segment (smooth)":
+            return "map", "`deepem3d segment --sigma`"
+        if task == "deepem3d segment":
+            return "labels", "`deepem3d segment`"
+    return None
+
+
+def check_layer_role(
+    path: str, role: str, vol: CloudVolume | None = None, name: str = ""
+) -> str | None:
+    """Refuse (one-line InputError) a layer that is positively not a `role` layer; else None,
+    or a one-line warning when nothing says what the layer holds.
+
+    role "map" (what `deepem3d segment` reads): refused when its info type is segmentation,
+    when deepem3d's provenance says it wrote the sample's EM image or labels, or when it has
+    other than 1 (boundary) or 3 (affinity) channels; a layer with no provenance (a map made by
+    other tools), or one `deepem3d ingest` wrote as an image (how such maps come in), gets a
+    warning.
+    role "labels" (`deepem3d evaluate`'s SEG and GT): refused when deepem3d's provenance says
+    it wrote an image or a map, or when it is an image layer of floats; an image layer with
+    no provenance gets a warning. `name` ("SEG", "GT") prefixes the layer in messages.
+    """
+    if role not in LAYER_ROLES:
+        raise ValueError(f"role must be one of {LAYER_ROLES}, not {role!r}")
+    if vol is None:
+        vol = open_layer(path)
+    where = f"{name} {cloudpath(path)}" if name else cloudpath(path)
+    layer_type = str(vol.layer_type)
+    try:
+        provenance = CloudFiles(cloudpath(path)).get_json("provenance") or {}
+    except ValueError:  # not JSON: as good as none
+        provenance = {}
+    processing = provenance.get("processing") if isinstance(provenance, dict) else None
+    writer = layer_writer(processing or [])
+    held, command = writer if writer else (None, "")
+    if role == "map":
+        if layer_type == "segmentation" or held == "labels":
+            raise InputError(
+                f"{where} is a segmentation layer, not a boundary or affinity map: pass the map "
+                "`deepem3d infer IMAGE MAP` wrote"
+            )
+        if held == "image" and command == "`deepem3d ingest`":
+            # ingest is also how a map made by another tool comes in: not positive evidence
+            return (f"{where} was ingested as an image: segmenting it as a map (an EM image "
+                    "segments into noise)")
+        if held == "image":
+            raise InputError(
+                f"{where} is an EM image (written by {command}), not a boundary or affinity "
+                "map: run `deepem3d infer IMAGE MAP` on it and segment MAP"
+            )
+        channels = int(vol.num_channels)
+        if channels not in (1, 3):
+            raise InputError(f"{where} has {channels} channels: a boundary map has 1, an "
+                             "affinity map 3 (x, y, z)")
+        if not processing:
+            return (f"{where} has no provenance, so nothing says it is a map: segmenting it "
+                    "as one (an EM image segments into noise)")
+        return None
+    if held in ("image", "map"):
+        what = "an EM image" if held == "image" else "a boundary or affinity map"
+        fix = ("re-ingest labels with --layer-type segmentation" if command ==
+               "`deepem3d ingest`" else "pass a segmentation layer; segment a map first with "
+               "`deepem3d segment MAP OUTPUT`")
+        raise InputError(f"{where} is {what} (written by {command}), not labels: {fix}")
+    dtype = np.dtype(vol.dtype)
+    if layer_type == "image" and np.issubdtype(dtype, np.floating):
+        raise InputError(
+            f"{where} is an image layer of {dtype.name}, not labels: pass a segmentation layer "
+            "(a boundary or affinity map must be segmented first)"
+        )
+    if layer_type == "image" and not processing:
+        return (f"{where} is an image layer without provenance, so nothing says it holds "
+                "labels: scoring its values as ids")
+    return None
 
 
 def _number(value: float) -> int | float:

@@ -1,0 +1,66 @@
+"""`deepem3d run PIPELINE`: the whole job of a pipeline file as one resumable run."""
+
+from __future__ import annotations
+
+import click
+
+from deepem3d.cli.options import dry_run_option
+
+
+@click.command()
+@click.argument("pipeline")
+@click.option("--output", default=None,
+              help="Output root (replaces the file's `output:`); every layer goes under it.")
+@click.option("--queue", default=None,
+              help="The `default` queue (fq://DIR or sqs://NAME; replaces the file's).")
+@click.option("--parallel", type=click.IntRange(min=0), default=None,
+              help="Start N local workers per queue and drain the stages here. Without it, "
+              "the run creates each stage's tasks and waits for workers elsewhere (`deepem3d "
+              "worker QUEUE`); a file that names no queue runs on 1 local worker.")
+@click.option("--lease-seconds", type=click.IntRange(min=1), default=60, show_default=True,
+              help="Lease of the local workers' tasks (renewed while a task runs): how soon "
+              "the task of a worker that died goes to another.")
+@dry_run_option
+@click.option("--overwrite", is_flag=True,
+              help="Replace layers a run with other settings wrote under the output root.")
+def run(pipeline: str, output: str | None, queue: str | None, parallel: int | None,
+        lease_seconds: int, dry_run: bool, overwrite: bool) -> None:
+    """Run PIPELINE (a YAML file, or a shipped pipeline's name such as isbi2012-demo).
+
+    The whole file is checked first (a one-line error names the key). Then the stages run in
+    order, each finished (its completion markers) before the next: inference, the
+    segmentation's stages, downsampling. A per-stage summary is printed and OUTPUT/report.json
+    written (stage seconds, layers, and the scores when the file names ground truth). Run the
+    same command again after any interruption: it goes on where it stopped.
+    """
+    from deepem3d.run.pipeline import load_pipeline
+
+    p = load_pipeline(pipeline, output=output, queue=queue)
+    if dry_run:
+        from deepem3d.run.plan import describe_costs, plan_run
+
+        if "default" not in p.queues:
+            from deepem3d.run.pipeline import Queue, local_queue
+
+            p.queues["default"] = Queue("default", "fq://(local, beside the output)") \
+                if p.output.startswith("file://") else Queue("default", local_queue(p))
+        plan = plan_run(p, overwrite=overwrite, dry_run=True)
+        for warning in plan.warnings:
+            click.echo(f"deepem3d: warning: {warning}", err=True)
+        for line in plan.lines:
+            click.echo(line)
+        for row in describe_costs(plan):
+            click.echo(row)
+        return
+    from deepem3d.run.plan import REPORT, run_pipeline
+
+    report = run_pipeline(p, parallel=parallel, overwrite=overwrite, echo=click.echo,
+                          lease_seconds=lease_seconds)
+    click.echo(f"report: {p.output}/{REPORT}")
+    if "adapted_rand_error" in report:
+        b = report["evaluated_bounds"]
+        click.echo(f"adapted Rand error {report['adapted_rand_error']:.4f}, VOI split "
+                   f"{report['voi_split']:.3f} / merge {report['voi_merge']:.3f} bits "
+                   f"(sections {b[2]}..{b[5] - 1})")
+    shown = " ".join(report["layers"].values())
+    click.echo(f"view the layers: deepem3d view {shown}")

@@ -1,0 +1,346 @@
+"""The pipeline file: one YAML file that names a whole run, checked whole before anything runs.
+
+    version: 1
+    output: results/run1               # the output root: every layer the run writes is under it
+    image: gs://bucket/em/image        # or `sample:isbi2012`, the embedded sample (written first)
+    ground_truth: gs://bucket/em/gt    # optional: scores in report.json (`sample:isbi2012` too)
+    map: gs://bucket/em/affinity       # optional: segment an existing map instead of inferring
+    products: [map, segmentation, downsample]
+    inference:                         # the `deepem3d infer` options, spelled with underscores
+      model: isbi2012-small-affinity   # a shipped name, a checkpoint path or URL, or a list
+      tta: 1
+      task_shape: [1024, 1024, 16]
+      queue: inference                 # routes the stage to that queue (default: `inference`
+                                       # when the file defines it, else `default`)
+    segmentation:                      # the `deepem3d segment` options; method, threshold,
+      method: mean                     # sigma and dust_size default to the settings the
+      threshold: 0.55                  # model records (shipped models do)
+    downsample:
+      layers: [image, segmentation]    # default: the image and, when made, the segmentation
+    evaluate:
+      bounds: [0, 0, 20, 512, 512, 30]
+    queues:
+      default: fq://results/run1/queue
+      inference: sqs://em-gpu
+      large: {url: sqs://em-highmem, min_memory: 8GiB}   # stages whose largest task needs more
+
+A product needs the one before it (a segmentation needs a map: the `map` product or a `map`
+layer; downsampling the segmentation needs it). Every mistake is a one-line InputError naming
+the key, raised before any layer is written or any task is created.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from deepem3d.errors import InputError
+from deepem3d.units import parse_bytes
+
+VERSION = 1
+SAMPLE = "sample:isbi2012"
+PRODUCTS = ("map", "segmentation", "downsample")
+TOP_KEYS = ("version", "output", "image", "ground_truth", "map", "products", "inference",
+            "segmentation", "downsample", "evaluate", "queues")
+INFERENCE_KEYS = ("model", "tta", "task_shape", "chunk_size", "bounds", "mip", "patch_size",
+                  "patch_output", "overlap", "batch_size", "window", "device", "threads", "amp",
+                  "float32", "fill_missing", "mask", "mask_mip", "force", "queue")
+SEGMENTATION_KEYS = ("method", "threshold", "sigma", "dust_size", "dust_mode", "task_shape",
+                     "chunk_size", "bounds", "queue")
+DOWNSAMPLE_KEYS = ("layers", "num_mips", "factor", "memory", "queue")
+EVALUATE_KEYS = ("bounds",)
+QUEUE_KEYS = ("url", "min_memory")
+SHIPPED_DIR = "pipelines"
+
+
+@dataclass
+class Queue:
+    name: str
+    url: str
+    min_memory: int | None = None
+
+
+@dataclass
+class Pipeline:
+    """A checked pipeline file. Paths are CloudVolume paths; relative ones are resolved
+    against the directory the run starts in."""
+
+    source: str
+    output: str
+    image: str
+    products: tuple[str, ...]
+    ground_truth: str | None = None
+    map: str | None = None
+    inference: dict = field(default_factory=dict)
+    segmentation: dict = field(default_factory=dict)
+    downsample: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)
+    queues: dict[str, Queue] = field(default_factory=dict)
+
+    def layer(self, name: str) -> str:
+        """The path of a layer this run writes, under the output root."""
+        return f"{self.output}/{name}"
+
+    def routed(self, section: str) -> str:
+        """The queue name a section's stages go to (before the memory rule)."""
+        wanted = getattr(self, section).get("queue")
+        if wanted:
+            return wanted
+        if section == "inference" and "inference" in self.queues:
+            return "inference"
+        return "default"
+
+    def route(self, section: str, memory_bytes: int) -> str:
+        """The queue URL of a stage: its section's queue, or the queue with the largest
+        `min_memory` that the stage's largest task reaches."""
+        name = self.routed(section)
+        larger = [q for q in self.queues.values()
+                  if q.min_memory is not None and memory_bytes >= q.min_memory]
+        if larger:
+            name = max(larger, key=lambda q: q.min_memory).name
+        return self.queues[name].url
+
+
+def shipped_pipelines() -> list[str]:
+    folder = resources.files("deepem3d") / SHIPPED_DIR
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def locate(name: str) -> tuple[str, str]:
+    """(text, where it came from) of a pipeline file path or a shipped pipeline's name."""
+    if os.path.isfile(name):
+        return Path(name).read_text(), name
+    shipped = resources.files("deepem3d") / SHIPPED_DIR / f"{name}.yaml"
+    if not name.endswith(".yaml") and shipped.is_file():
+        return shipped.read_text(), f"{name} (shipped)"
+    raise InputError(f"{name}: no such pipeline file (shipped pipelines: "
+                     f"{', '.join(shipped_pipelines())})")
+
+
+def _fail(source: str, key: str, message: str):
+    raise InputError(f"{source}: {key}: {message}")
+
+
+def _mapping(source: str, key: str, value, allowed: tuple[str, ...]) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _fail(source, key, f"expected a mapping of {', '.join(allowed)}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        _fail(source, f"{key}.{unknown[0]}" if key else unknown[0],
+              f"unknown key (allowed: {', '.join(allowed)})")
+    return dict(value)
+
+
+def _path(value: str, base: str | None = None) -> str:
+    """A layer or queue path: URLs stay, local paths become absolute file:// paths."""
+    if "://" in value:
+        scheme, rest = value.split("://", 1)
+        if scheme in ("file", "fq") and not rest.startswith("/"):
+            return f"{scheme}://{os.path.abspath(rest)}"
+        return value
+    return f"file://{os.path.abspath(os.path.expanduser(value))}"
+
+
+def _triple(source: str, key: str, value, kind=int, count: int = 3) -> list:
+    if (not isinstance(value, list | tuple) or len(value) != count
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+        _fail(source, key, f"expected a list of {count} numbers, got {value!r}")
+    values = [kind(v) for v in value]
+    if count == 3 and any(v <= 0 for v in values):
+        _fail(source, key, f"{value!r} must be positive on every axis")
+    return values
+
+
+def load_pipeline(name: str, *, output: str | None = None, queue: str | None = None) -> Pipeline:
+    """Read and check a pipeline file (or a shipped pipeline's name). `output` and `queue`
+    replace the file's output root and its `default` queue."""
+    import yaml
+
+    text, source = locate(name)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise InputError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: expected a mapping of {', '.join(TOP_KEYS)}")
+    _mapping(source, "", data, TOP_KEYS)
+    if data.get("version") != VERSION:
+        _fail(source, "version", f"{data.get('version')!r}: this deepem3d reads version "
+              f"{VERSION} (write `version: {VERSION}`)")
+    for key in ("output", "image"):
+        if not isinstance(data.get(key), str) and not (key == "output" and output):
+            _fail(source, key, "missing: give a path")
+    products = data.get("products", ["map", "segmentation"])
+    if not isinstance(products, list) or not products:
+        _fail(source, "products", f"expected a list of {', '.join(PRODUCTS)}")
+    for product in products:
+        if product not in PRODUCTS:
+            _fail(source, "products", f"unknown product {product!r} (choose from "
+                  f"{', '.join(PRODUCTS)}; meshes and skeletons are not built yet)")
+    root = _path(output or data["output"]).rstrip("/")
+    pipeline = Pipeline(
+        source=source, output=root,
+        image=data["image"] if data["image"] == SAMPLE else _path(data["image"]),
+        products=tuple(products),
+        inference=_mapping(source, "inference", data.get("inference"), INFERENCE_KEYS),
+        segmentation=_mapping(source, "segmentation", data.get("segmentation"),
+                              SEGMENTATION_KEYS),
+        downsample=_mapping(source, "downsample", data.get("downsample"), DOWNSAMPLE_KEYS),
+        evaluate=_mapping(source, "evaluate", data.get("evaluate"), EVALUATE_KEYS),
+    )
+    for key in ("ground_truth", "map"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            _fail(source, key, "expected a path")
+        if value:
+            setattr(pipeline, key, value if value == SAMPLE else _path(value))
+    if pipeline.map == SAMPLE:
+        _fail(source, "map", "the sample has no map: infer it (products: [map, ...])")
+    _check_products(pipeline)
+    _check_sections(pipeline)
+    _check_queues(pipeline, data.get("queues"), queue)
+    return pipeline
+
+
+def _check_products(p: Pipeline) -> None:
+    if "segmentation" in p.products and "map" not in p.products and not p.map:
+        _fail(p.source, "products", "segmentation needs a map: add the `map` product, or name "
+              "an existing map layer with `map:`")
+    if "map" in p.products and p.map:
+        _fail(p.source, "map", "the file names a map layer and asks for the `map` product: "
+              "keep one")
+    layers = p.downsample.get("layers")
+    if "downsample" in p.products:
+        if layers is None:
+            layers = ["image"] + (["segmentation"] if "segmentation" in p.products else [])
+        if not isinstance(layers, list) or not layers:
+            _fail(p.source, "downsample.layers", "expected a list of layer names")
+        for name in layers:
+            made = {"image": True, "map": "map" in p.products,
+                    "segmentation": "segmentation" in p.products}
+            if name not in made:
+                _fail(p.source, "downsample.layers", f"unknown layer {name!r} (image, map, "
+                      "segmentation)")
+            if not made[name]:
+                _fail(p.source, "products", f"downsampling the {name} needs the {name} "
+                      "product")
+        p.downsample["layers"] = layers
+    elif layers is not None:
+        _fail(p.source, "downsample", "given, but `downsample` is not among the products")
+    if p.evaluate and not p.ground_truth:
+        _fail(p.source, "evaluate", "needs `ground_truth:`")
+    if p.ground_truth and "segmentation" not in p.products:
+        _fail(p.source, "ground_truth", "is scored against the segmentation: add the "
+              "`segmentation` product")
+
+
+def _check_sections(p: Pipeline) -> None:
+    from deepem3d.models.shipped import ENSEMBLES, PRETRAINED
+    from deepem3d.models.sliding import TTA_CHOICES, WINDOWS
+
+    inf, seg = p.inference, p.segmentation
+    models = inf.get("model", [None])
+    models = models if isinstance(models, list) else [models]
+    for model in models:
+        if model is None:
+            continue
+        if not isinstance(model, str):
+            _fail(p.source, "inference.model", f"{model!r}: expected a name or a path")
+        if model in PRETRAINED or model in ENSEMBLES or "://" in model:
+            continue
+        if not os.path.isfile(os.path.expanduser(model)):
+            _fail(p.source, "inference.model", f"{model!r} is neither a shipped model "
+                  f"({', '.join([*PRETRAINED, *ENSEMBLES])}) nor a checkpoint file")
+    inf["model"] = models
+    if "tta" in inf and inf["tta"] not in TTA_CHOICES:
+        _fail(p.source, "inference.tta", f"{inf['tta']!r}: choose one of "
+              f"{', '.join(map(str, TTA_CHOICES))}")
+    if "window" in inf and inf["window"] not in WINDOWS:
+        _fail(p.source, "inference.window", f"{inf['window']!r}: choose one of "
+              f"{', '.join(WINDOWS)}")
+    if "device" in inf and inf["device"] not in ("auto", "cpu", "cuda"):
+        _fail(p.source, "inference.device", f"{inf['device']!r}: choose auto, cpu or cuda")
+    for key in ("patch_size", "patch_output", "batch_size", "threads"):
+        if key in inf and (not isinstance(inf[key], int) or inf[key] < 1):
+            _fail(p.source, f"inference.{key}", f"{inf[key]!r} must be a positive integer")
+    for section, values in (("inference", inf), ("segmentation", seg)):
+        for key in ("task_shape", "chunk_size"):
+            if key in values:
+                values[key] = _triple(p.source, f"{section}.{key}", values[key])
+        if "bounds" in values:
+            values["bounds"] = _triple(p.source, f"{section}.bounds", values["bounds"], count=6)
+    if "bounds" in p.evaluate:
+        p.evaluate["bounds"] = _triple(p.source, "evaluate.bounds", p.evaluate["bounds"],
+                                       count=6)
+    if "method" in seg and seg["method"] not in ("mean", "watershed"):
+        _fail(p.source, "segmentation.method", f"{seg['method']!r}: choose mean or watershed")
+    if "threshold" in seg:
+        t = seg["threshold"]
+        if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+                and 0 <= t <= 1):
+            _fail(p.source, "segmentation.threshold", f"{t!r} is outside [0, 1]")
+    if "sigma" in seg and not (isinstance(seg["sigma"], int | float)
+                               and 0 <= seg["sigma"] <= 16):
+        _fail(p.source, "segmentation.sigma", f"{seg['sigma']!r} must lie in [0, 16] voxels")
+    if "dust_size" in seg and not (isinstance(seg["dust_size"], int) and seg["dust_size"] >= 0):
+        _fail(p.source, "segmentation.dust_size", f"{seg['dust_size']!r} must be 0 or more")
+    if "dust_mode" in seg and seg["dust_mode"] not in ("merge", "zero"):
+        _fail(p.source, "segmentation.dust_mode", f"{seg['dust_mode']!r}: choose merge or zero")
+    if "memory" in p.downsample:
+        try:
+            p.downsample["memory"] = parse_bytes(p.downsample["memory"])
+        except ValueError:
+            _fail(p.source, "downsample.memory", f"{p.downsample['memory']!r}: give bytes "
+                  "such as 3.5GB")
+    if "factor" in p.downsample:
+        p.downsample["factor"] = _triple(p.source, "downsample.factor", p.downsample["factor"])
+
+
+def _check_queues(p: Pipeline, value, default: str | None) -> None:
+    from deepem3d.run.queues import check_queue_url
+
+    if value is not None and not isinstance(value, dict):
+        _fail(p.source, "queues", "expected a mapping of queue names to fq:// or sqs:// URLs")
+    for name, spec in (value or {}).items():
+        if isinstance(spec, str):
+            spec = {"url": spec}
+        spec = _mapping(p.source, f"queues.{name}", spec, QUEUE_KEYS)
+        if not isinstance(spec.get("url"), str):
+            _fail(p.source, f"queues.{name}.url", "missing")
+        try:
+            url = check_queue_url(spec["url"])
+        except InputError as err:
+            _fail(p.source, f"queues.{name}", str(err))
+        minimum = None
+        if "min_memory" in spec:
+            try:
+                minimum = parse_bytes(spec["min_memory"])
+            except ValueError:
+                _fail(p.source, f"queues.{name}.min_memory", f"{spec['min_memory']!r}: give "
+                      "bytes such as 8GiB")
+        p.queues[name] = Queue(name, _path(url) if url.startswith("fq://") else url, minimum)
+    if default:
+        p.queues["default"] = Queue("default", _path(check_queue_url(default))
+                                    if default.startswith("fq://") else default)
+    sections = [s for s, product in (("inference", "map"), ("segmentation", "segmentation"),
+                                     ("downsample", "downsample")) if product in p.products]
+    for section in sections:
+        name = p.routed(section)
+        if name not in p.queues and (name != "default" or getattr(p, section).get("queue")):
+            _fail(p.source, f"{section}.queue", f"routes to queue {name!r}, which `queues:` "
+                  "does not define")
+
+
+def local_queue(p: Pipeline) -> str:
+    """The queue of a run that names none: a file queue beside a local output root, so that an
+    interrupted run resumes with what it had queued."""
+    if p.output.startswith("file://"):
+        return f"fq://{p.output[len('file://'):]}/queue"
+    import tempfile
+
+    return f"fq://{tempfile.mkdtemp(prefix='deepem3d-queue-')}"

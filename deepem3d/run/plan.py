@@ -1,0 +1,332 @@
+"""From a checked pipeline file to the run's stages, and from the finished run to its report.
+
+`plan_run` turns a `Pipeline` into the planners' plans (each checks its inputs: layers, models,
+shapes) and then into stages in order: inference (image -> map), the segmentation's stages,
+downsampling. `run_pipeline` runs them with the runner and writes `OUTPUT/report.json`:
+
+    {"stage_seconds": {stage: seconds}, "layers": {name: path},
+     "adapted_rand_error": ..., "voi_split": ..., "voi_merge": ...   (with ground truth)}
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cloudvolume.lib import Bbox
+
+from deepem3d.errors import InputError
+from deepem3d.run.pipeline import SAMPLE, Pipeline, local_queue
+from deepem3d.stages.frame import Stage
+
+REPORT = "report.json"
+SECTION = {"inference": "inference", "downsample-mip0": "downsample"}
+
+
+@dataclass
+class RunPlan:
+    pipeline: Pipeline
+    stages: list[Stage]
+    routes: dict[str, str]  # stage label -> queue URL
+    layers: dict[str, str]
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _in_key(source: str, section: str, err: InputError) -> InputError:
+    """A planner's message with its option names spelled as the file's keys."""
+    text = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), str(err))
+    return InputError(f"{source}: {section}: {text}")
+
+
+def _bbox(values) -> Bbox | None:
+    return None if values is None else Bbox(values[:3], values[3:])
+
+
+def sample_layers(p: Pipeline, *, write: bool) -> dict[str, str]:
+    """The embedded sample's layers under the output root (written once; kept after)."""
+    from deepem3d.sample import write_sample
+    from deepem3d.storage.layers import layer_holds_data
+
+    paths = {"image": p.layer("image"), "ground_truth": p.layer("ground_truth")}
+    if write and not all(layer_holds_data(path) for path in paths.values()):
+        write_sample(p.output, overwrite=True, progress=False)
+    return paths
+
+
+def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
+             dry_run: bool = False) -> RunPlan:
+    """Every plan of the run that can be made now, checked; writes nothing but the sample.
+
+    Stages after a layer the run has yet to complete (the segmentation after inference, the
+    downsampling after the segmentation) are planned once it is. With `dry_run` every stage
+    is planned, the later ones on empty stand-in layers of the planned geometry, and nothing
+    is written (the sample's geometry is read from a temporary copy). `overwrite` is a flag,
+    or the sections (inference, segmentation, downsample) whose outputs may be replaced."""
+    if isinstance(overwrite, bool):
+        overwrite = {"inference", "segmentation", "downsample"} if overwrite else set()
+    import tempfile
+
+    from deepem3d.models.sliding import PatchGeometry
+    from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
+    from deepem3d.stages.inference import inference_stage, plan_inference
+    from deepem3d.stages.segmentation import choose_settings, plan_segment, segment_stages
+
+    layers: dict[str, str] = {}
+    image = p.image
+    scratch = None
+
+    def scratch_dir() -> str:
+        nonlocal scratch
+        if scratch is None:
+            scratch = tempfile.TemporaryDirectory(prefix="deepem3d-dry-run-")
+        return scratch.name
+
+    if p.image == SAMPLE or p.ground_truth == SAMPLE:
+        if dry_run:
+            from deepem3d.sample import write_sample
+
+            temporary = write_sample(f"{scratch_dir()}/sample", progress=False)
+        written = sample_layers(p, write=not dry_run)
+        if p.image == SAMPLE:
+            layers["image"] = written["image"]
+            image = temporary["image"] if dry_run else written["image"]
+        if p.ground_truth == SAMPLE:
+            layers["ground_truth"] = written["ground_truth"]
+    else:
+        layers["image"] = image
+    if p.ground_truth and p.ground_truth != SAMPLE:
+        layers["ground_truth"] = p.ground_truth
+    stages: list[Stage] = []
+    routes: dict[str, str] = {}
+    plan = RunPlan(p, stages, routes, layers)
+    inf, seg, down = p.inference, p.segmentation, p.downsample
+
+    def add(stage: Stage, section: str) -> None:
+        stages.append(stage)
+        routes[stage.label] = p.route(section, stage.memory_bytes)
+
+    map_path = p.map
+    inference_key = ""
+    settings = None
+    map_ready = True
+    if "map" in p.products:
+        geometry = PatchGeometry(**{k: v for k, v in (
+            ("size", inf.get("patch_size")), ("output", inf.get("patch_output")),
+            ("overlap", inf.get("overlap")), ("batch", inf.get("batch_size")),
+            ("window", inf.get("window"))) if v is not None})
+        try:
+            iplan = plan_inference(
+                image, p.layer("map"), models=inf.get("model"), mip=inf.get("mip", 0),
+                task_shape=inf.get("task_shape"), chunk_size=inf.get("chunk_size"),
+                tta=inf.get("tta", 1), bounds=_bbox(inf.get("bounds")), geometry=geometry,
+                float32=inf.get("float32", False), fill_missing=inf.get("fill_missing", False),
+                mask=inf.get("mask"), mask_mip=inf.get("mask_mip", 0),
+                threads=inf.get("threads", 1), device=inf.get("device", "auto"),
+                amp=inf.get("amp", True), force=inf.get("force", False),
+                overwrite="inference" in overwrite,
+            )
+        except InputError as err:
+            raise _in_key(p.source, "inference", err) from None
+        if dry_run:  # the plan was read from the sample's temporary copy
+            iplan.image_path = layers["image"]
+        plan.warnings += iplan.warnings
+        plan.lines.append(iplan.describe())
+        stage = inference_stage(iplan, overwrite="inference" in overwrite)
+        add(stage, "inference")
+        inference_key = stage.key
+        map_path = p.layer("map")
+        layers["map"] = map_path
+        settings = iplan.segmentation
+        map_ready = stage.is_complete() and "inference" not in overwrite
+        if dry_run and not map_ready:
+            map_path = _stand_in(scratch_dir(), "map", iplan)
+    segmentation_ready = "segmentation" not in p.products
+    if "segmentation" in p.products:
+        given = {k: seg.get(k) for k in ("method", "threshold", "sigma", "dust_size")}
+        layers["segmentation"] = p.layer("segmentation")
+        try:
+            if settings is not None and given["method"] is None and given["threshold"] is None:
+                chosen = {k: given[k] if given[k] is not None else settings[k]
+                          for k in settings}
+                plan.lines.append("segmentation settings recorded by the model: "
+                                  + ", ".join(f"{k} {v}" for k, v in chosen.items()))
+            elif "map" in p.products and given["method"] is None:
+                raise InputError("the model records no segmentation settings: give method "
+                                 "and threshold")
+            else:
+                chosen, line = choose_settings(map_path, given)
+                if line:
+                    plan.lines.append(line)
+            splan = None
+            if map_ready or dry_run:
+                output = p.layer("segmentation")
+                if dry_run and not map_ready:
+                    output = f"file://{scratch_dir()}/segmentation"
+                splan = plan_segment(
+                    map_path, output, method=chosen["method"],
+                    threshold=chosen["threshold"], dust_size=chosen["dust_size"],
+                    dust_mode=seg.get("dust_mode", "merge"), task_shape=seg.get("task_shape"),
+                    chunk_size=seg.get("chunk_size"), bounds=_bbox(seg.get("bounds")),
+                    overwrite="segmentation" in overwrite, sigma=chosen["sigma"],
+                )
+        except InputError as err:
+            raise _in_key(p.source, "segmentation", err) from None
+        if splan is not None:
+            if dry_run:  # planned on stand-ins: name the layers the run will write
+                splan.map_path, splan.output_path = layers["map"] if "map" in layers \
+                    else splan.map_path, p.layer("segmentation")
+            plan.lines.append(splan.describe())
+            plan.warnings += splan.warnings
+            seg_stages = segment_stages(splan, needs=("inference",) if inference_key else ())
+            for stage in seg_stages:
+                add(stage, "segmentation")
+            segmentation_ready = (seg_stages[-1].is_complete()
+                                  and "segmentation" not in overwrite)
+            if dry_run and not segmentation_ready:
+                layers_for_downsample = {"segmentation": _stand_in(scratch_dir(),
+                                                                   "segmentation", splan)}
+    if "downsample" in p.products:
+        for name in down["layers"]:
+            path = image if name == "image" else layers[name]
+            ready = {"image": True, "map": map_ready, "segmentation": segmentation_ready}[name]
+            if not ready:
+                if not dry_run:
+                    continue  # planned once the layer is complete
+                path = (map_path if name == "map"
+                        else layers_for_downsample["segmentation"])
+            try:
+                dplan = plan_downsample(
+                    path, num_mips=down.get("num_mips"), factor=down.get("factor"),
+                    memory_target=down.get("memory", MEMORY_TARGET))
+            except InputError as err:
+                raise _in_key(p.source, "downsample", err) from None
+            plan.lines.append(f"downsample {name}: {dplan.describe()}")
+            dplan.layer_path = layers[name]
+            source = next((s.key for s in stages if s.layer == dplan.layer_path
+                           and s.name in ("inference", "remap")), "")
+            add(downsample_stage(dplan, source_key=source, label=f"downsample {name}",
+                                 needs=("remap",) if name == "segmentation" else ()),
+                "downsample")
+    if scratch is not None:
+        scratch.cleanup()
+    return plan
+
+
+def _stand_in(folder: str, name: str, plan) -> str:
+    """An empty layer of the geometry a planned layer will have (for --dry-run's plans of the
+    stages after it); only its info is written, in a temporary folder."""
+    from deepem3d.storage.layers import create_layer
+
+    path = f"file://{folder}/{name}"
+    if name == "map":
+        create_layer(path, layer_type="image", dtype=plan.dtype, resolution=plan.resolution,
+                     size=plan.size, voxel_offset=plan.voxel_offset,
+                     chunk_size=plan.chunk_size, num_channels=plan.channels)
+    else:
+        create_layer(path, layer_type="segmentation", dtype="uint64",
+                     resolution=plan.resolution, size=plan.size,
+                     voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size)
+    return path
+
+
+def describe_costs(plan: RunPlan) -> list[str]:
+    """--dry-run's table: per stage, tasks, largest task memory, hours and output bytes."""
+    rows = [f"{'stage':<24}{'tasks':>8}{'largest task':>14}{'hours':>10}  {'on':<5}"
+            f"{'output':>12}  queue"]
+    for stage in plan.stages:
+        hours = stage.task_count * stage.seconds_per_task / 3600
+        unit = "GPU" if stage.hardware == "gpu" else "core"
+        rows.append(f"{stage.label:<24}{stage.task_count:>8}{_size(stage.memory_bytes):>14}"
+                    f"{hours:>10.3g}  {unit:<5}{_size(stage.output_bytes):>12}  "
+                    f"{plan.routes[stage.label]}")
+    return rows
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B" if n else "-"
+
+
+def score(p: Pipeline, layers: dict[str, str]) -> dict:
+    """Adapted Rand error and VOI of the segmentation against the ground truth, over
+    `evaluate.bounds` (default: the whole ground truth), read in one piece."""
+    import numpy as np
+    from cloudvolume import CloudVolume
+
+    from deepem3d.segmentation.metrics import evaluate
+
+    seg = CloudVolume(layers["segmentation"], progress=False, fill_missing=True)
+    gt = CloudVolume(layers["ground_truth"], progress=False)
+    bounds = p.evaluate.get("bounds") or [*gt.bounds.minpt, *gt.bounds.maxpt]
+    x0, y0, z0, x1, y1, z1 = (int(v) for v in bounds)
+    result = evaluate(np.asarray(seg[x0:x1, y0:y1, z0:z1]), np.asarray(gt[x0:x1, y0:y1, z0:z1]))
+    return {"adapted_rand_error": result["adapted_rand_error"],
+            "voi_split": result["voi_split"], "voi_merge": result["voi_merge"],
+            "evaluated_bounds": [x0, y0, z0, x1, y1, z1]}
+
+
+def run_pipeline(
+    p: Pipeline, *, parallel: int | None, overwrite: bool = False,
+    echo: Callable[[str], None] = print, progress: bool = True, lease_seconds: int = 60,
+) -> dict:
+    """Plan and run every stage (planning again where a layer had to exist first), then write
+    and return the report."""
+    from cloudfiles import CloudFiles
+
+    from deepem3d.run.runner import Runner
+
+    if "default" not in p.queues:
+        from deepem3d.run.pipeline import Queue
+
+        p.queues["default"] = Queue("default", local_queue(p))
+        parallel = parallel or 1  # nobody else would drain a queue the file does not name
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    routes: dict[str, str] = {}
+    runner = Runner(lambda stage: routes[stage.label], parallel=parallel, echo=echo,
+                    progress=progress, log_path=_log_path(p), lease_seconds=lease_seconds)
+    previous = (CloudFiles(p.output).get_json(REPORT) or {}).get("stage_seconds", {})
+    done: set[str] = set()
+    shown: set[str] = set()
+    replace = {"inference", "segmentation", "downsample"} if overwrite else set()
+    plan = None
+    try:
+        while True:
+            plan = plan_run(p, overwrite=replace)
+            todo = [s for s in plan.stages if s.label not in done]
+            if not todo:
+                break
+            if not done:
+                for warning in plan.warnings:
+                    echo(f"deepem3d: warning: {warning}")
+            for line in plan.lines:
+                if line not in shown:
+                    echo(line)
+                    shown.add(line)
+            routes.update(plan.routes)
+            for summary in runner.run(todo):
+                # a stage finished by an earlier invocation keeps the seconds it took then
+                kept = previous.get(summary.label) if not summary.ran else None
+                seconds[summary.label] = kept if kept is not None else round(summary.seconds, 3)
+                done.add(summary.label)
+            # what this run has planned is not replaced again when it plans the next stages
+            replace -= {SECTION[s.name] if s.name in SECTION else "segmentation" for s in todo}
+    finally:
+        runner.stop_workers()
+    report = {"stage_seconds": seconds, "seconds": round(time.perf_counter() - started, 3),
+              "layers": plan.layers, "pipeline": p.source}
+    if p.ground_truth:
+        report.update(score(p, plan.layers))
+    CloudFiles(p.output).put_json(REPORT, report, compress=None)
+    return report
+
+
+def _log_path(p: Pipeline) -> str | None:
+    if p.output.startswith("file://"):
+        return f"{p.output[len('file://'):]}/logs/workers.log"
+    return None

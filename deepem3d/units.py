@@ -1,0 +1,29 @@
+"""Sizes as people write them: one parser for every command option and pipeline key."""
+
+from __future__ import annotations
+
+import math
+import re
+
+#: byte units, case-insensitive: SI (powers of 1000, as igneous's --memory counts) and IEC
+#: (powers of 1024)
+BYTE_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BYTES = re.compile(r"^\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(value) -> int:
+    """3500000000, 3.5e9, '3500MB', '3.5GB', '2GiB' -> bytes; ValueError otherwise."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = _BYTES.match(str(value))
+        if not match or match.group(2).lower() not in BYTE_UNITS:
+            raise ValueError(f"{value!r} is not a size in bytes (3.5e9, 3500MB, 3.5GB, 2GiB)")
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = number * BYTE_UNITS[unit]
+    if not math.isfinite(size):
+        raise ValueError(f"{value!r} is not a finite number of bytes")
+    return round(size)
