@@ -312,3 +312,23 @@ def test_settings_travel_with_the_model(tmp_path, crop_layers, tta, which):
     assert "settings recorded" not in mine.stdout and "watershed, threshold 0.3" in mine.stdout
     half = run_cli("segment", output, tmp_path / "seg", "--method", "mean")
     assert_one_line_error(half, "give --threshold too")
+
+
+def test_dry_run_plans_every_stage_routes_them_and_writes_nothing(tmp_path, crop_layers):
+    output = tmp_path / "out"
+    queues = (f"queues:\n  default: fq://{tmp_path}/cpu\n  inference: fq://{tmp_path}/gpu\n"
+              f"  large: {{url: 'fq://{tmp_path}/big', min_memory: 64MiB}}\n")
+    pipeline = pipeline_file(tmp_path, crop_layers, output,
+                             **{"evaluate:": queues + "evaluate:"})
+    dry = run_cli("run", pipeline, "--dry-run", check=True)
+    rows = {line.split()[0]: line for line in dry.stdout.splitlines()
+            if line.split() and line.split()[0] in ("inference", "supervoxels", "reduce")}
+    assert rows["inference"].endswith(f"fq://{tmp_path}/gpu"), rows["inference"]
+    assert rows["reduce"].endswith(f"fq://{tmp_path}/cpu"), rows["reduce"]  # a few MiB
+    assert "core" in rows["supervoxels"] and "downsample segmentation" in dry.stdout
+    assert not output.exists() and not (tmp_path / "cpu").exists()
+    big = pipeline_file(tmp_path, crop_layers, output, **{
+        "evaluate:": queues.replace("64MiB", "1KiB") + "evaluate:"})
+    routed = run_cli("run", big, "--dry-run", check=True).stdout
+    assert any(line.startswith("reduce") and line.endswith(f"fq://{tmp_path}/big")
+               for line in routed.splitlines()), routed

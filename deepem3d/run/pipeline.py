@@ -22,7 +22,8 @@
     queues:
       default: fq://results/run1/queue
       inference: sqs://em-gpu
-      large: {url: sqs://em-highmem, min_memory: 8GiB}   # stages whose largest task needs more
+      large: {url: sqs://em-highmem, min_memory: 8GiB}   # `default` stages whose largest
+                                                          # task needs more go here
 
 A product needs the one before it (a segmentation needs a map: the `map` product or a `map`
 layer; downsampling the segmentation needs it). Every mistake is a one-line InputError naming
@@ -94,12 +95,13 @@ class Pipeline:
         return "default"
 
     def route(self, section: str, memory_bytes: int) -> str:
-        """The queue URL of a stage: its section's queue, or the queue with the largest
-        `min_memory` that the stage's largest task reaches."""
+        """The queue URL of a stage: its section's queue; a stage bound for `default` goes
+        instead to the queue with the largest `min_memory` that its largest task reaches (a
+        section's own queue, such as inference's GPU queue, is kept)."""
         name = self.routed(section)
         larger = [q for q in self.queues.values()
                   if q.min_memory is not None and memory_bytes >= q.min_memory]
-        if larger:
+        if larger and name == "default":
             name = max(larger, key=lambda q: q.min_memory).name
         return self.queues[name].url
 

@@ -25,7 +25,8 @@ from deepem3d.errors import InputError
 from deepem3d.run.queues import check_queue_url, insert_tasks, open_queue, spawn_workers
 from deepem3d.stages.frame import Stage
 
-POLL_SECONDS = 1.0  # how often a waiting run reads the markers
+POLL_SECONDS = 1.0  # how often a run waiting for workers elsewhere reads the markers
+LOCAL_POLL_SECONDS = 0.1  # the same with local workers (the demo's short stages: 1 s each at 1.0)
 LOG_TAIL = 20  # lines of the workers' log shown when a stage fails
 MAX_RESTARTS = 3  # per local worker and run: more deaths than that stop the run
 
@@ -99,7 +100,7 @@ class Runner:
         self.echo = echo
         self.progress = progress
         self.execute = execute
-        self.poll = POLL_SECONDS if poll is None else poll
+        self.poll = (LOCAL_POLL_SECONDS if parallel else POLL_SECONDS) if poll is None else poll
         self.log_path = log_path
         self.summaries: list[StageSummary] = []
 
