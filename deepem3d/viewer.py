@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import brotli  # a dependency of cloud-files, which stores .br files
+import numpy as np
 
 from deepem3d.errors import InputError
 
@@ -354,6 +355,7 @@ class ViewedLayer:
     num_mips: int
     local_dir: str | None = None
     note: str | None = None  # something the user should know (e.g. what was left out)
+    meshes: bool = False  # the info names a mesh directory
 
     @property
     def center(self) -> tuple[float, float, float]:
@@ -449,14 +451,51 @@ def _describe(path: str, name: str) -> tuple[ViewedLayer, dict | None]:
         num_mips=len(info.get("scales", [])) or 1,
         local_dir=local,
         note=note,
+        meshes=kind == "segmentation" and bool(info.get("mesh")),
     )
     return layer, (info if changed else None)
+
+
+#: the order a run's layers are shown in: the image first (it sets the view), the map next
+#: (hidden: it would cover the image), then the segmentation and the ground truth
+RUN_ORDER = ("image", "map", "segmentation", "ground_truth")
+#: segments selected in the 3D panel of a run's segmentation: the largest ones
+SHOWN_SEGMENTS = 5
+
+
+def run_layers(paths: Sequence[str]) -> list[str]:
+    """A run's output folder (one holding report.json) stands for its layers, in RUN_ORDER;
+    any other path stands for itself."""
+    out = []
+    for path in paths:
+        folder = _local_dir(path)
+        report = os.path.join(folder, "report.json") if folder else None
+        if report and os.path.isfile(report):
+            with open(report) as f:
+                layers = json.load(f).get("layers", {})
+            out += [layers[k] for k in RUN_ORDER if k in layers]
+            out += [v for k, v in layers.items() if k not in RUN_ORDER]
+        else:
+            out.append(path)
+    return out
+
+
+def largest_segments(path: str, count: int = SHOWN_SEGMENTS) -> list[int]:
+    """The ids of the `count` largest segments, counted at the layer's coarsest mip."""
+    from cloudvolume import CloudVolume
+
+    vol = CloudVolume(path, mip=max(CloudVolume(path).available_mips), progress=False,
+                      fill_missing=True)
+    labels = np.asarray(vol[:, :, :])
+    ids, sizes = np.unique(labels[labels > 0], return_counts=True)
+    return [int(i) for i in ids[np.argsort(sizes)[::-1][:count]]]
 
 
 def describe_layers(paths: Sequence[str]) -> list[tuple[ViewedLayer, dict | None]]:
     """Check every layer and give each a unique name (from its directory name)."""
     if not paths:
         raise InputError("name at least one layer to view")
+    paths = run_layers(paths)
     taken: set[str] = set()
     described = []
     for path in paths:
@@ -590,14 +629,22 @@ def _show(neuroglancer, viewer, viewed: Sequence[ViewedLayer], layout: str | Non
         s.position = list(first.center)
         s.cross_section_scale = _zoom(first)
         s.projection_scale = 2.5 * 320 * _zoom(first)
+        first_segmentation = True
         for layer in viewed:
             if layer.kind == "segmentation":
                 s.layers[layer.name] = neuroglancer.SegmentationLayer(source=layer.source)
+                if first_segmentation and layer.meshes:
+                    # the largest segments' meshes in the 3D panel (every segment is
+                    # coloured in the slices whatever is selected)
+                    s.layers[layer.name].segments = set(largest_segments(layer.path))
+                first_segmentation = False
+                continue
             elif layer.num_channels == 3:
                 s.layers[layer.name] = neuroglancer.ImageLayer(
                     source=layer.source, shader=RGB_SHADER
                 )
             else:
                 s.layers[layer.name] = neuroglancer.ImageLayer(source=layer.source)
-        if layout is not None:
+            if layer.kind == "image" and layer is not first:
+                s.layers[layer.name].visible = False  # a map would cover the image
             s.layout = layout

@@ -43,7 +43,7 @@ version: 1
 output: {output}
 image: {image}
 ground_truth: {gt}
-products: [map, segmentation, downsample]
+products: [map, segmentation, downsample, meshes]
 inference:
   model: isbi2012-small-affinity
   patch_size: 64
@@ -55,6 +55,8 @@ segmentation:
   task_shape: [64, 64, 4]
 downsample:
   layers: [segmentation]
+meshes:
+  mip: 1
 evaluate:
   bounds: [0, 0, 6, 128, 128, 10]
 """
@@ -106,6 +108,29 @@ def contents(output: Path) -> dict[str, str]:
     return found
 
 
+def check_meshes(path: str, min_voxels: int = 500, slack: float = 3.0) -> None:
+    """Every segment of at least `min_voxels` has a mesh that loads through CloudVolume, with
+    a bounding box within `slack` voxels of the mesh mip (2 at mip 0 per step) of its own."""
+    from cloudvolume import CloudVolume
+
+    vol = CloudVolume(path, progress=False)
+    assert vol.info["mesh"] == "mesh", "the info names the meshes once they are written"
+    labels = np.asarray(vol[:, :, :])[..., 0]
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    big = ids[counts >= min_voxels]
+    assert len(big) >= 5
+    resolution = np.asarray(vol.resolution, dtype=float)
+    for segment in big:
+        mesh = vol.mesh.get(int(segment))
+        mesh = mesh[int(segment)] if isinstance(mesh, dict) else mesh
+        assert len(mesh.vertices) > 0, segment
+        lo, hi = mesh.vertices.min(0) / resolution, mesh.vertices.max(0) / resolution
+        where = np.argwhere(labels == segment)
+        tolerance = np.array([2 * slack, 2 * slack, slack])  # mip 1 is 2 x 2 x 1 voxels
+        assert np.all(np.abs(lo - where.min(0)) <= tolerance), (segment, lo, where.min(0))
+        assert np.all(np.abs(hi - (where.max(0) + 1)) <= tolerance), (segment, hi)
+
+
 def count(folder: Path) -> int:
     return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
 
@@ -134,6 +159,7 @@ def test_an_interrupted_run_ends_with_the_bytes_of_an_undisturbed_one(tmp_path, 
         report["stage_seconds"])
     assert 0 <= report["adapted_rand_error"] < 1
     assert "stage remap:" in result.stdout and "largest task peak" in result.stdout
+    check_meshes(f"file://{calm / 'segmentation'}")
     expected = contents(calm)
     mips = {k.split("/")[1] for k in expected if k.startswith("segmentation/")}
     assert {"4_4_50", "8_8_50"} <= mips, "the segmentation and its downsampled level"
@@ -233,8 +259,8 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["inference.model", "no-such-model"]),
     ("threshold", {"segmentation:\n": "segmentation:\n  method: mean\n  threshold: 1.5\n"},
      ["segmentation.threshold", "outside [0, 1]"]),
-    ("product needs another", {"products: [map, segmentation, downsample]":
-                               "products: [segmentation, downsample]"},
+    ("product needs another", {"products: [map, segmentation, downsample, meshes]":
+                               "products: [segmentation, downsample, meshes]"},
      ["products", "segmentation needs a map"]),
     ("task shape off the grid", {"task_shape: [64, 64, 2]": "task_shape: [48, 64, 2]"},
      ["inference", "task_shape 48,64,2 is not a multiple"]),
@@ -332,3 +358,13 @@ def test_dry_run_plans_every_stage_routes_them_and_writes_nothing(tmp_path, crop
     routed = run_cli("run", big, "--dry-run", check=True).stdout
     assert any(line.startswith("reduce") and line.endswith(f"fq://{tmp_path}/big")
                for line in routed.splitlines()), routed
+
+
+def test_mesh_bad_input_is_one_line(crop_layers):
+    assert_one_line_error(run_cli("mesh", crop_layers["image"]), "is an image layer",
+                          "segmentation")
+    assert_one_line_error(run_cli("mesh", crop_layers["gt"], "--mip", "5"),
+                          "mesh mip 5 does not exist", "downsample it first")
+    dry = run_cli("mesh", crop_layers["gt"], "--dry-run", check=True)
+    assert "1 MeshTask(s) of 128 x 128 x 10 voxels at mip 0" in dry.stdout, dry.stdout
+    assert "mesh" not in CloudFiles(crop_layers["gt"]).get_json("info")

@@ -149,12 +149,19 @@ def test_file_server_serves_layers_read_only(tmp_path):
         assert (image / "info").is_file()
 
 
+def name_products(seg: Path) -> None:
+    """Name `mesh` and `skeletons` in a segmentation's info without writing them."""
+    info = json.loads((seg / "info").read_text())
+    info.update(mesh="mesh", skeletons="skeletons")
+    (seg / "info").write_text(json.dumps(info))
+
+
 def test_serve_without_browser(tmp_path):
     """The session: names, kinds, URLs; the stored info left alone; skeletons left out of a
     layer whose skeletons/info another tool never wrote."""
     image, seg = make_layers(tmp_path / "a")
     other_image, _ = make_layers(tmp_path / "b")
-    (seg / "skeletons" / "info").unlink()  # create_layer writes it; other tools may not
+    name_products(seg)  # as another tool leaves it: skeletons named, never written
     session = serve([str(image), "file://" + str(seg), str(other_image)])
     try:
         assert session.url.startswith("http://127.0.0.1:") and "/v/" in session.url
@@ -182,7 +189,7 @@ def test_serve_without_browser(tmp_path):
 def test_serve_remote_layers_as_they_are(tmp_path):
     """http(s)://, gs://, s3:// layers go to Neuroglancer as precomputed:// URLs, unserved."""
     image, seg = make_layers(tmp_path)
-    (seg / "skeletons" / "info").unlink()  # as a layer from a tool that names but never writes it
+    name_products(seg)  # as a layer from a tool that names skeletons but never writes them
     with LayerFileServer({"image": str(image), "seg": str(seg)}) as remote:
         session = serve([f"{remote.url}/image/", f"precomputed://{remote.url}/seg"])
         try:
@@ -318,3 +325,26 @@ def test_view_in_headless_chromium(tmp_path):
     # Keep a copy for people who want to look at what the browser drew.
     if os.environ.get("DEEPEM3D_SCREENSHOT"):
         shutil.copy(tmp_path / "screenshot.png", os.environ["DEEPEM3D_SCREENSHOT"])
+
+
+def test_a_run_folder_stands_for_its_layers(tmp_path):
+    """`deepem3d view RUN`: image first, the map hidden, the segmentation's largest segments
+    selected for the 3D panel once it has meshes."""
+    image, seg = make_layers(tmp_path)
+    info = json.loads((seg / "info").read_text())
+    info["mesh"] = "mesh"  # as the mesh stages leave it
+    (seg / "info").write_text(json.dumps(info))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"layers": {
+        "segmentation": f"file://{seg}", "map": f"file://{image}",
+        "image": f"file://{image}"}}))
+    session = serve([str(run)])
+    try:
+        assert [layer.name for layer in session.layers] == ["image", "image-2", "seg"]
+        state = {layer.name: layer for layer in session.viewer.state.layers}
+        assert state["image"].visible is not False and state["image-2"].visible is False
+        # 16 blocks of 16 x 16 x 8: all the same size, so any five of them
+        assert len(state["seg"].layer.segments) == 5
+    finally:
+        session.stop()

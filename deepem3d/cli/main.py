@@ -15,6 +15,7 @@ from deepem3d.cli.downsample import downsample
 from deepem3d.cli.evaluate import evaluate
 from deepem3d.cli.infer import infer
 from deepem3d.cli.ingest import ingest
+from deepem3d.cli.mesh import mesh
 from deepem3d.cli.queue import status, worker
 from deepem3d.cli.run import run
 from deepem3d.cli.sample import sample
@@ -31,7 +32,8 @@ def cli() -> None:
 
 
 for command in (
-    run, sample, ingest, worker, status, downsample, infer, segment, evaluate, view, train,
+    run, sample, ingest, worker, status, downsample, infer, segment, mesh, evaluate, view,
+    train,
 ):
     cli.add_command(command)
 

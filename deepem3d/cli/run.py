@@ -62,5 +62,5 @@ def run(pipeline: str, output: str | None, queue: str | None, parallel: int | No
         click.echo(f"adapted Rand error {report['adapted_rand_error']:.4f}, VOI split "
                    f"{report['voi_split']:.3f} / merge {report['voi_merge']:.3f} bits "
                    f"(sections {b[2]}..{b[5] - 1})")
-    shown = " ".join(report["layers"].values())
-    click.echo(f"view the layers: deepem3d view {shown}")
+    where = p.output[len("file://"):] if p.output.startswith("file://") else p.output
+    click.echo(f"view the layers: deepem3d view {where}")

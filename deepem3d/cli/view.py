@@ -12,7 +12,7 @@ from deepem3d.viewer import LAYOUTS, serve
 
 
 @click.command()
-@click.argument("layers", nargs=-1, required=True, metavar="LAYER [LAYER...]")
+@click.argument("layers", nargs=-1, required=True, metavar="LAYER|RUN [LAYER...]")
 @click.option("--bind-address", default="127.0.0.1", show_default=True,
               help="Address both servers listen on (0.0.0.0: reachable from other machines).")
 @click.option("--port", type=click.IntRange(0, 65535), default=0,
@@ -28,6 +28,10 @@ def view(
     layout: str | None, verbose: bool,
 ) -> None:
     """Open LAYERs (local paths, file://, gs://, s3://, http(s)://) in Neuroglancer.
+
+    RUN, the output folder of `deepem3d run` (it holds report.json), stands for its layers:
+    image, map (hidden: tick it to see it), segmentation (its largest segments' meshes in the
+    3D panel) and ground truth.
 
     Prints the viewer's URL and serves until Ctrl-C or SIGTERM. Local layers are served
     read-only by a small file server; remote ones are fetched by the browser itself.

@@ -43,15 +43,16 @@ from deepem3d.units import parse_bytes
 
 VERSION = 1
 SAMPLE = "sample:isbi2012"
-PRODUCTS = ("map", "segmentation", "downsample")
+PRODUCTS = ("map", "segmentation", "downsample", "meshes")
 TOP_KEYS = ("version", "output", "image", "ground_truth", "map", "products", "inference",
-            "segmentation", "downsample", "evaluate", "queues")
+            "segmentation", "downsample", "meshes", "evaluate", "queues")
 INFERENCE_KEYS = ("model", "tta", "task_shape", "chunk_size", "bounds", "mip", "patch_size",
                   "patch_output", "overlap", "batch_size", "window", "device", "threads", "amp",
                   "float32", "fill_missing", "mask", "mask_mip", "force", "queue")
 SEGMENTATION_KEYS = ("method", "threshold", "sigma", "dust_size", "dust_mode", "task_shape",
                      "chunk_size", "bounds", "queue")
 DOWNSAMPLE_KEYS = ("layers", "num_mips", "factor", "memory", "queue")
+MESHES_KEYS = ("mip", "task_shape", "queue")
 EVALUATE_KEYS = ("bounds",)
 QUEUE_KEYS = ("url", "min_memory")
 SHIPPED_DIR = "pipelines"
@@ -78,6 +79,7 @@ class Pipeline:
     inference: dict = field(default_factory=dict)
     segmentation: dict = field(default_factory=dict)
     downsample: dict = field(default_factory=dict)
+    meshes: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
     queues: dict[str, Queue] = field(default_factory=dict)
 
@@ -183,7 +185,7 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
     for product in products:
         if product not in PRODUCTS:
             _fail(source, "products", f"unknown product {product!r} (choose from "
-                  f"{', '.join(PRODUCTS)}; meshes and skeletons are not built yet)")
+                  f"{', '.join(PRODUCTS)}; skeletons are not built yet)")
     root = _path(output or data["output"]).rstrip("/")
     pipeline = Pipeline(
         source=source, output=root,
@@ -193,6 +195,7 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
         segmentation=_mapping(source, "segmentation", data.get("segmentation"),
                               SEGMENTATION_KEYS),
         downsample=_mapping(source, "downsample", data.get("downsample"), DOWNSAMPLE_KEYS),
+        meshes=_mapping(source, "meshes", data.get("meshes"), MESHES_KEYS),
         evaluate=_mapping(source, "evaluate", data.get("evaluate"), EVALUATE_KEYS),
     )
     for key in ("ground_truth", "map"):
@@ -234,6 +237,17 @@ def _check_products(p: Pipeline) -> None:
         p.downsample["layers"] = layers
     elif layers is not None:
         _fail(p.source, "downsample", "given, but `downsample` is not among the products")
+    if "meshes" in p.products and "segmentation" not in p.products:
+        _fail(p.source, "products", "meshes are made of the segmentation: add the "
+              "`segmentation` product")
+    if p.meshes and "meshes" not in p.products:
+        _fail(p.source, "meshes", "given, but `meshes` is not among the products")
+    mip = p.meshes.get("mip")
+    if mip is not None and (not isinstance(mip, int) or mip < 0):
+        _fail(p.source, "meshes.mip", f"{mip!r} must be a mip level (0 or more)")
+    if mip and "segmentation" not in (p.downsample.get("layers") or []):
+        _fail(p.source, "meshes.mip", f"mip {mip} of the segmentation needs the `downsample` "
+              "product with the segmentation among its layers")
     if p.evaluate and not p.ground_truth:
         _fail(p.source, "evaluate", "needs `ground_truth:`")
     if p.ground_truth and "segmentation" not in p.products:
@@ -270,7 +284,7 @@ def _check_sections(p: Pipeline) -> None:
     for key in ("patch_size", "patch_output", "batch_size", "threads"):
         if key in inf and (not isinstance(inf[key], int) or inf[key] < 1):
             _fail(p.source, f"inference.{key}", f"{inf[key]!r} must be a positive integer")
-    for section, values in (("inference", inf), ("segmentation", seg)):
+    for section, values in (("inference", inf), ("segmentation", seg), ("meshes", p.meshes)):
         for key in ("task_shape", "chunk_size"):
             if key in values:
                 values[key] = _triple(p.source, f"{section}.{key}", values[key])
@@ -330,7 +344,8 @@ def _check_queues(p: Pipeline, value, default: str | None) -> None:
         p.queues["default"] = Queue("default", _path(check_queue_url(default))
                                     if default.startswith("fq://") else default)
     sections = [s for s, product in (("inference", "map"), ("segmentation", "segmentation"),
-                                     ("downsample", "downsample")) if product in p.products]
+                                     ("downsample", "downsample"), ("meshes", "meshes"))
+                if product in p.products]
     for section in sections:
         name = p.routed(section)
         if name not in p.queues and (name != "default" or getattr(p, section).get("queue")):

@@ -22,7 +22,7 @@ from deepem3d.run.pipeline import SAMPLE, Pipeline, local_queue
 from deepem3d.stages.frame import Stage
 
 REPORT = "report.json"
-SECTION = {"inference": "inference", "downsample-mip0": "downsample"}
+SECTION = {"inference": "inference", "downsample-mip0": "downsample", "mesh-merge": "meshes"}
 
 
 @dataclass
@@ -210,9 +210,35 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
             add(downsample_stage(dplan, source_key=source, label=f"downsample {name}",
                                  needs=("remap",) if name == "segmentation" else ()),
                 "downsample")
+    if "meshes" in p.products:
+        _plan_meshes(p, plan, add, segmentation_ready, overwrite)
     if scratch is not None:
         scratch.cleanup()
     return plan
+
+
+def _plan_meshes(p: Pipeline, plan: RunPlan, add, segmentation_ready: bool,
+                 overwrite: set[str]) -> None:
+    """The mesh stages, once the segmentation and the mips they read are complete."""
+    from deepem3d.stages.meshes import mesh_stages, plan_meshes
+
+    downsampled = next((s for s in plan.stages if s.label == "downsample segmentation"), None)
+    wants_mips = "segmentation" in (p.downsample.get("layers") or [])
+    ready = segmentation_ready and (not wants_mips or (downsampled is not None
+                                                       and downsampled.is_complete()))
+    if not ready:
+        plan.lines.append("meshes: planned once the segmentation"
+                          + (" and its mip levels exist" if wants_mips else " exists"))
+        return
+    try:
+        mplan = plan_meshes(plan.layers["segmentation"], mip=p.meshes.get("mip"),
+                            task_shape=p.meshes.get("task_shape"))
+    except InputError as err:
+        raise _in_key(p.source, "meshes", err) from None
+    plan.lines.append(f"meshes: {mplan.describe()}")
+    source = next((s.key for s in plan.stages if s.name == "remap"), "")
+    for stage in mesh_stages(mplan, source_key=source, needs=("remap",)):
+        add(stage, "meshes")
 
 
 def _stand_in(folder: str, name: str, plan) -> str:

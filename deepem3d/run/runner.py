@@ -213,13 +213,16 @@ class Runner:
                     raise InputError(f"stage {stage.label}: task {task_id} failed: {message}")
                 if procs is not None:
                     self._replace_dead(stage, url, procs, log_path)
-                if procs is None and url.startswith("fq://") and open_queue(url).enqueued == 0:
+                if url.startswith("fq://") and open_queue(url).enqueued == 0:
                     remaining = markers.remaining()  # a task marks done before leaving
                     if remaining:
+                        if log_path and os.path.exists(log_path):
+                            self._show_log(log_path)
+                        where = f"the workers' log {log_path}" if log_path else "the worker logs"
                         raise InputError(
                             f"stage {stage.label}: {url} is empty but {len(remaining)} task(s) "
                             f"have no completion marker: they failed (see "
-                            f"{url[len('fq://'):]}/failed/ and the worker logs); fix the cause "
+                            f"{url[len('fq://'):]}/failed/ and {where}); fix the cause "
                             "and run the same command again: finished stages are kept")
                 time.sleep(self.poll)
 
@@ -237,13 +240,17 @@ class Runner:
                       f"its lease ({self.lease_seconds} s) expires")
             procs[k] = spawn_workers(url, 1, self.lease_seconds, log_file=self._log_file)[0]
 
+    @staticmethod
+    def _show_log(log_path: str) -> None:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()[-LOG_TAIL:]
+        sys.stderr.write("\n".join(lines) + "\n")
+
     def _incomplete(self, stage: Stage, procs, log_path: str | None) -> str:
         codes = [p.returncode for p in procs]
         tail = ""
         if log_path and os.path.exists(log_path):
-            with open(log_path, errors="replace") as f:
-                lines = f.read().splitlines()[-LOG_TAIL:]
-            sys.stderr.write("\n".join(lines) + "\n")
+            self._show_log(log_path)
             tail = f"; the workers' log is {log_path} (its end is above)"
         return (f"stage {stage.label} incomplete: {len(stage.markers.remaining())} task(s) "
                 f"without a completion marker (worker exit codes {codes}){tail}; fix the cause "

@@ -215,13 +215,17 @@ def stage_task(fn: Callable) -> Callable:
 # Third-party tasks (igneous's) inside the frame
 
 
-def payload_of(task) -> list:
-    """A task (partial of a queueable function) as its plain-JSON payload."""
-    return json.loads(jsonify(list(totask(task).payload())))
+def payload_of(task) -> list | dict:
+    """A task as its plain-JSON payload: a list for a queueable function (taskqueue's
+    FunctionTask), a dict with its "class" for a RegisteredTask (igneous's MeshTask...)."""
+    payload = totask(task).payload()
+    return json.loads(jsonify(payload if isinstance(payload, dict) else list(payload)))
 
 
-def task_id_of(payload: list) -> str:
+def task_id_of(payload: list | dict) -> str:
     """A stable id from what the task does (its function and arguments), not from the queue."""
+    if isinstance(payload, dict):
+        return digest(payload)
     key, args, kwargs = payload[0], payload[1], payload[2]
     return digest([key, args, kwargs])
 
@@ -230,13 +234,27 @@ def task_id_of(payload: list) -> str:
 MARKED_MODULES = ("igneous.tasks",)
 
 
+def _allowed(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in MARKED_MODULES)
+
+
 @stage_task
-def MarkedTask(task: list) -> dict:  # noqa: N802  (taskqueue registers tasks by name)
-    """Run a third-party task (igneous's DownsampleTask, meshing...) inside the frame."""
+def MarkedTask(task: list | dict) -> dict:  # noqa: N802  (taskqueue registers tasks by name)
+    """Run a third-party task (igneous's DownsampleTask, MeshTask...) inside the frame."""
     import importlib
 
+    if isinstance(task, dict):  # a RegisteredTask: found by class name once igneous is loaded
+        from taskqueue.registered_task import REGISTRY
+
+        importlib.import_module("igneous.tasks")
+        cls = REGISTRY.get(str(task.get("class")))
+        if cls is None or not _allowed(cls.__module__):
+            raise InputError(f"MarkedTask refuses task class {task.get('class')!r}: only "
+                             f"tasks of {', '.join(MARKED_MODULES)} run wrapped")
+        totask(dict(task)).execute()
+        return {"wrapped": task["class"]}
     module = task[0][0]
-    if not any(module == m or module.startswith(m + ".") for m in MARKED_MODULES):
+    if not _allowed(module):
         raise InputError(f"MarkedTask refuses {module}.{task[0][1]}: only tasks of "
                          f"{', '.join(MARKED_MODULES)} run wrapped")
     importlib.import_module(module)  # registers the task's function (igneous's, lazily)

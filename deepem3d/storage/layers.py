@@ -152,8 +152,9 @@ def create_layer(
     """Write the info of a new layer and return it opened at mip 0.
 
     Refuses (InputError) to touch a layer that already holds data unless `overwrite`.
-    Segmentation layers get `mesh` and `skeletons` directories so igneous and
-    Neuroglancer find them.
+    The info names no `mesh` or `skeletons` directory: the stages that write those name them
+    once they are written (Neuroglancer asks for what the info names, and refuses a layer
+    whose skeleton source has no info).
     """
     path = cloudpath(path)
     if layer_type not in DEFAULT_ENCODING:
@@ -180,14 +181,9 @@ def create_layer(
         voxel_offset=[int(v) for v in voxel_offset],
         volume_size=[int(s) for s in size],
         chunk_size=[int(c) for c in chunk_size],
-        mesh="mesh" if layer_type == "segmentation" else None,
-        skeletons="skeletons" if layer_type == "segmentation" else None,
     )
     vol = CloudVolume(path, info=info, progress=False)
     vol.commit_info()
-    if layer_type == "segmentation":
-        # Neuroglancer refuses the whole layer when its skeleton source has no info file
-        vol.skeleton.meta.commit_info()
     if provenance is not None:
         record_provenance(vol, provenance, replace=overwrite)
     return vol
