@@ -17,13 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# The main job on the embedded ISBI 2012 sample: one `deepem3d run` of the pipeline file shipped
-# in the package (deepem3d/pipelines/isbi2012-demo.yaml): the sample's layers, affinities from
-# the shipped default weights, the segmentation (the settings the model records), mip levels,
-# scores on sections 20..29 and $(DEMO)/report.json; two local worker processes drain the stages.
+# The main job on the embedded ISBI 2012 sample: `deepem3d demo`, one run of the pipeline file
+# shipped in the package (deepem3d/pipelines/isbi2012-demo.yaml): the sample's layers,
+# affinities from the shipped default weights, the segmentation (the settings the model
+# records), mip levels, meshes, scores on sections 20..29, $(DEMO)/report.json and
+# $(DEMO)/demo.png; two local worker processes drain the stages.
 demo: setup
 	rm -rf $(DEMO)
-	$(BIN)/deepem3d run isbi2012-demo --output $(DEMO) --parallel 2
+	$(BIN)/deepem3d demo $(DEMO)
 
 # Debian's chromium for the Neuroglancer browser test (skipped, with its reason, without it).
 browser:

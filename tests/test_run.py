@@ -368,3 +368,9 @@ def test_mesh_bad_input_is_one_line(crop_layers):
     dry = run_cli("mesh", crop_layers["gt"], "--dry-run", check=True)
     assert "1 MeshTask(s) of 128 x 128 x 10 voxels at mip 0" in dry.stdout, dry.stdout
     assert "mesh" not in CloudFiles(crop_layers["gt"]).get_json("info")
+
+
+def test_demo_refuses_a_folder_that_holds_something_else(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_one_line_error(run_cli("demo", tmp_path), "holds something else than a demo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

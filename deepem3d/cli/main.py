@@ -11,6 +11,7 @@ import sys
 import click
 
 import deepem3d
+from deepem3d.cli.demo import demo
 from deepem3d.cli.downsample import downsample
 from deepem3d.cli.evaluate import evaluate
 from deepem3d.cli.infer import infer
@@ -32,7 +33,7 @@ def cli() -> None:
 
 
 for command in (
-    run, sample, ingest, worker, status, downsample, infer, segment, mesh, evaluate, view,
+    demo, run, sample, ingest, worker, status, downsample, infer, segment, mesh, evaluate, view,
     train,
 ):
     cli.add_command(command)
