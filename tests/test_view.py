@@ -348,3 +348,62 @@ def test_a_run_folder_stands_for_its_layers(tmp_path):
         assert len(state["seg"].layer.segments) == 5
     finally:
         session.stop()
+
+
+def test_meshes_of_the_largest_segments_are_drawn_in_3d(tmp_path):
+    """The 3D panel (slices hidden) draws the selected segments' meshes: with the five largest
+    selected it holds at least 5 times the non-background pixels it holds with none."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian chromium not installed: apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright not installed: pip install playwright")
+    from PIL import Image
+
+    image, seg = make_layers(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "deepem3d", "mesh", str(seg)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"layers": {
+        "image": f"file://{image}", "segmentation": f"file://{seg}"}}))
+    session = serve([str(run)], layout="3d")
+    try:
+        with session.viewer.txn() as s:
+            s.show_slices = False
+            s.show_axis_lines = False
+            s.show_default_annotations = False  # the volume's bounding box
+        selected = set(session.viewer.state.layers["seg"].segments)
+        assert len(selected) == 5
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 800, "height": 600})
+                page.goto(session.url, timeout=30_000)
+
+                def drawn() -> int:
+                    png = page.screenshot()
+                    (tmp_path / "3d.png").write_bytes(png)
+                    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+                    flat = pixels[60:, 40:].reshape(-1, 3)  # the panel, not the controls
+                    colours, counts = np.unique(flat, axis=0, return_counts=True)
+                    background = colours[np.argmax(counts)]  # the panel's own colour
+                    return int((np.abs(flat - background).sum(axis=1) > 30).sum())
+
+                with_meshes = 0
+                deadline = time.monotonic() + 40
+                while time.monotonic() < deadline and with_meshes < 2000:
+                    page.wait_for_timeout(1000)
+                    with_meshes = drawn()
+                with session.viewer.txn() as s:
+                    s.layers["seg"].segments = set()
+                page.wait_for_timeout(3000)
+                without = drawn()
+            finally:
+                browser.close()
+    finally:
+        session.stop()
+    assert with_meshes >= 5 * max(without, 1), (with_meshes, without)
