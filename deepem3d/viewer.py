@@ -484,8 +484,8 @@ def largest_segments(path: str, count: int = SHOWN_SEGMENTS) -> list[int]:
     """The ids of the `count` largest segments, counted at the layer's coarsest mip."""
     from cloudvolume import CloudVolume
 
-    vol = CloudVolume(path, mip=max(CloudVolume(path).available_mips), progress=False,
-                      fill_missing=True)
+    vol = CloudVolume(path, progress=False, fill_missing=True)
+    vol.mip = max(vol.available_mips)
     labels = np.asarray(vol[:, :, :])
     ids, sizes = np.unique(labels[labels > 0], return_counts=True)
     return [int(i) for i in ids[np.argsort(sizes)[::-1][:count]]]

@@ -235,13 +235,19 @@ def _data_drawn(png: bytes) -> tuple[bool, int]:
     return len(colours) >= 16 and saturated > 0.5, len(colours)
 
 
-def test_view_in_headless_chromium(tmp_path):
+@pytest.fixture
+def sync_playwright():
+    """playwright's entry point, for Debian's chromium (skipped, with the reason, without)."""
     if not os.path.exists(CHROMIUM):
         pytest.skip("Debian chromium not installed: apt-get install chromium")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.skip("playwright not installed: pip install playwright")
+    return sync_playwright
+
+
+def test_view_in_headless_chromium(tmp_path, sync_playwright):
     image, seg = make_layers(tmp_path)
 
     started = time.monotonic()
@@ -350,15 +356,9 @@ def test_a_run_folder_stands_for_its_layers(tmp_path):
         session.stop()
 
 
-def test_meshes_of_the_largest_segments_are_drawn_in_3d(tmp_path):
+def test_meshes_of_the_largest_segments_are_drawn_in_3d(tmp_path, sync_playwright):
     """The 3D panel (slices hidden) draws the selected segments' meshes: with the five largest
     selected it holds at least 5 times the non-background pixels it holds with none."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian chromium not installed: apt-get install chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright not installed: pip install playwright")
     from PIL import Image
 
     image, seg = make_layers(tmp_path)

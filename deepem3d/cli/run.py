@@ -37,13 +37,10 @@ def run(pipeline: str, output: str | None, queue: str | None, parallel: int | No
 
     p = load_pipeline(pipeline, output=output, queue=queue)
     if dry_run:
+        from deepem3d.run.pipeline import add_local_queue
         from deepem3d.run.plan import describe_costs, plan_run
 
-        if "default" not in p.queues:
-            from deepem3d.run.pipeline import Queue, local_queue
-
-            p.queues["default"] = Queue("default", "fq://(local, beside the output)") \
-                if p.output.startswith("file://") else Queue("default", local_queue(p))
+        add_local_queue(p)
         plan = plan_run(p, overwrite=overwrite, dry_run=True)
         for warning in plan.warnings:
             click.echo(f"deepem3d: warning: {warning}", err=True)

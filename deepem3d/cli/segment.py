@@ -72,12 +72,12 @@ def segment(
     the same command goes on later.
     """
     from deepem3d.run.runner import run_stages
-    from deepem3d.stages.segmentation import choose_settings, plan_segment, segment_stages
+    from deepem3d.stages.segmentation import plan_segment, segment_stages, settings_for_map
     from deepem3d.storage.layers import cloudpath
 
     if queue is not None:
         check_queue_url(queue)
-    settings, chosen = choose_settings(cloudpath(map_layer), {
+    settings, chosen = settings_for_map(cloudpath(map_layer), {
         "method": method, "threshold": threshold, "sigma": sigma, "dust_size": dust_size})
     if chosen:
         click.echo(chosen)

@@ -353,11 +353,20 @@ def _check_queues(p: Pipeline, value, default: str | None) -> None:
                   "does not define")
 
 
-def local_queue(p: Pipeline) -> str:
-    """The queue of a run that names none: a file queue beside a local output root, so that an
-    interrupted run resumes with what it had queued."""
+def add_local_queue(p: Pipeline) -> bool:
+    """Give a file that names no default queue one on this machine; True when it did (nobody
+    else would drain it: the run then needs local workers). Beside a local output root, so that
+    an interrupted run resumes with what it had queued; elsewhere a folder of the temporary
+    directory named after the output root, for the same reason. Nothing is created here."""
+    if "default" in p.queues:
+        return False
     if p.output.startswith("file://"):
-        return f"fq://{p.output[len('file://'):]}/queue"
-    import tempfile
+        url = f"fq://{p.output[len('file://'):]}/queue"
+    else:
+        import tempfile
 
-    return f"fq://{tempfile.mkdtemp(prefix='deepem3d-queue-')}"
+        from deepem3d.stages.frame import digest
+
+        url = f"fq://{tempfile.gettempdir()}/deepem3d-queue-{digest(p.output)}"
+    p.queues["default"] = Queue("default", url)
+    return True

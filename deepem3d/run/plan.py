@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from cloudvolume.lib import Bbox
 
 from deepem3d.errors import InputError
-from deepem3d.run.pipeline import SAMPLE, Pipeline, local_queue
+from deepem3d.run.pipeline import SAMPLE, Pipeline, add_local_queue
 from deepem3d.stages.frame import Stage
 
 REPORT = "report.json"
@@ -72,7 +72,12 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
     from deepem3d.models.sliding import PatchGeometry
     from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
     from deepem3d.stages.inference import inference_stage, plan_inference
-    from deepem3d.stages.segmentation import choose_settings, plan_segment, segment_stages
+    from deepem3d.stages.segmentation import (
+        choose_settings,
+        plan_segment,
+        segment_stages,
+        settings_for_map,
+    )
 
     layers: dict[str, str] = {}
     image = p.image
@@ -148,18 +153,12 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
         given = {k: seg.get(k) for k in ("method", "threshold", "sigma", "dust_size")}
         layers["segmentation"] = p.layer("segmentation")
         try:
-            if settings is not None and given["method"] is None and given["threshold"] is None:
-                chosen = {k: given[k] if given[k] is not None else settings[k]
-                          for k in settings}
-                plan.lines.append("segmentation settings recorded by the model: "
-                                  + ", ".join(f"{k} {v}" for k, v in chosen.items()))
-            elif "map" in p.products and given["method"] is None:
-                raise InputError("the model records no segmentation settings: give method "
-                                 "and threshold")
+            if "map" in p.products:  # the settings the run's model records
+                chosen, line = choose_settings(given, settings, "the model")
             else:
-                chosen, line = choose_settings(map_path, given)
-                if line:
-                    plan.lines.append(line)
+                chosen, line = settings_for_map(map_path, given)
+            if line:
+                plan.lines.append(line)
             splan = None
             if map_ready or dry_run:
                 output = p.layer("segmentation")
@@ -306,10 +305,7 @@ def run_pipeline(
 
     from deepem3d.run.runner import Runner
 
-    if "default" not in p.queues:
-        from deepem3d.run.pipeline import Queue
-
-        p.queues["default"] = Queue("default", local_queue(p))
+    if add_local_queue(p):
         parallel = parallel or 1  # nobody else would drain a queue the file does not name
     started = time.perf_counter()
     seconds: dict[str, float] = {}

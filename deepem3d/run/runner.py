@@ -102,7 +102,6 @@ class Runner:
         self.execute = execute
         self.poll = (LOCAL_POLL_SECONDS if parallel else POLL_SECONDS) if poll is None else poll
         self.log_path = log_path
-        self.summaries: list[StageSummary] = []
 
     def run(self, stages: Iterable[Stage]) -> list[StageSummary]:
         with self._log() as (log, path):
@@ -131,7 +130,6 @@ class Runner:
                 raise InputError(f"stage {stage.label} needs {', '.join(missing)}, which this "
                                  "run has not completed: list the stages in order")
             summary = self.run_stage(stage)
-            self.summaries.append(summary)
             ran.append(summary)
             self.echo(summary.line())
             done.add(stage.name)
@@ -199,11 +197,13 @@ class Runner:
         from tqdm import tqdm
 
         markers = stage.markers
-        total = len(markers.task_ids())
+        ids = markers.task_ids()  # read once: the loop below polls every tenth of a second
+        total = len(ids)
+        queue = open_queue(url) if url.startswith("fq://") else None
         with tqdm(total=total, desc=stage.label, disable=None if self.progress else True,
                   file=sys.stderr, leave=False) as bar:
             while True:
-                remaining = markers.remaining()
+                remaining = markers.remaining(ids)
                 bar.update(total - len(remaining) - bar.n)
                 if not remaining:
                     return
@@ -213,8 +213,8 @@ class Runner:
                     raise InputError(f"stage {stage.label}: task {task_id} failed: {message}")
                 if procs is not None:
                     self._replace_dead(stage, url, procs, log_path)
-                if url.startswith("fq://") and open_queue(url).enqueued == 0:
-                    remaining = markers.remaining()  # a task marks done before leaving
+                if queue is not None and queue.enqueued == 0:
+                    remaining = markers.remaining(ids)  # a task marks done before leaving
                     if remaining:
                         if log_path and os.path.exists(log_path):
                             self._show_log(log_path)

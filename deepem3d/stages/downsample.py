@@ -50,9 +50,13 @@ class DownsamplePlan:
             total += voxels
         return total * self.itemsize
 
+    @property
+    def task_extent(self) -> list[int]:
+        """The largest task's block: the task shape, clipped to the region."""
+        return [min(int(t), int(s)) for t, s in zip(self.task_shape, self.bounds.size3())]
+
     def describe(self) -> str:
-        extent = [min(int(t), int(s)) for t, s in zip(self.task_shape, self.bounds.size3())]
-        shape = " x ".join(str(s) for s in extent)
+        shape = " x ".join(str(s) for s in self.task_extent)
         return (
             f"{self.task_count} DownsampleTask(s) of {shape} voxels at mip {self.mip}, "
             f"adding {len(self.new_resolutions)} mip level(s) by factor "
@@ -162,6 +166,6 @@ def downsample_stage(
         name=f"downsample-mip{plan.mip}", layer=plan.layer_path, key=digest(parameters),
         parameters=parameters, make_tasks=make_tasks, task_count=plan.task_count,
         memory_bytes=plan.memory_bytes, needs=needs, label=label,
-        seconds_per_task=SECONDS_PER_VOXEL * math.prod(plan.task_shape),
+        seconds_per_task=SECONDS_PER_VOXEL * math.prod(plan.task_extent),
         output_bytes=plan.output_bytes,
     )

@@ -93,11 +93,14 @@ class Markers:
         self._files.put_json(f"{self.prefix}/run.json",
                              {"key": key, "parameters": parameters}, compress=None)
 
+    def _delete_under(self, prefix: str) -> None:
+        keys = list(self._files.list(prefix=prefix))
+        if keys:  # deleting nothing still starts a thread pool
+            self._files.delete(keys)
+
     def reset(self) -> None:
         """Forget every run, marker and failure of this stage."""
-        keys = list(self._files.list(prefix=f"{self.prefix}/"))
-        if keys:
-            self._files.delete(keys)
+        self._delete_under(f"{self.prefix}/")
 
     # tasks --------------------------------------------------------------------------------
     def marker_key(self, task_id: str) -> str:
@@ -129,9 +132,7 @@ class Markers:
         return {i: r.get("error", "") for i, r in zip(ids, records)}
 
     def clear_failures(self) -> None:
-        keys = list(self._files.list(prefix=f"{self.prefix}/failed/"))
-        if keys:
-            self._files.delete(keys)
+        self._delete_under(f"{self.prefix}/failed/")
 
     def records(self) -> list[dict]:
         """Every completion marker (for the run's summary)."""
@@ -142,10 +143,12 @@ class Markers:
         manifest = self._files.get_json(f"{self.prefix}/manifest.json")
         return [] if manifest is None else manifest["tasks"]
 
-    def remaining(self) -> list[str]:
-        """Task ids of the manifest that have no marker yet."""
+    def remaining(self, task_ids: list[str] | None = None) -> list[str]:
+        """Task ids of the manifest (or of `task_ids`, read from it once by a caller that
+        asks again and again) that have no marker yet."""
         done = self.done_ids()
-        return [t for t in self.task_ids() if t not in done]
+        return [t for t in (self.task_ids() if task_ids is None else task_ids)
+                if t not in done]
 
     def is_complete(self) -> bool:
         return self.run_record() is not None and not self.remaining()

@@ -300,6 +300,8 @@ class InferencePlan:
     blocks: list[Bbox]
     memory_bytes: int
     compute_factor: float
+    #: in-plane patches every task together computes, summed over sections (one variant)
+    patches: int = 0
     fill_missing: bool = False
     mask: str | None = None
     mask_mip: int = 0
@@ -560,7 +562,7 @@ def plan_inference(
         in_sections=[net.in_sections for net in nets], dtype=dtype, tta=tta, geometry=geometry,
         resolution=resolution, voxel_offset=offset, size=size, chunk_size=chunk,
         task_shape=task_shape, bounds=bounds, blocks=blocks, memory_bytes=memory,
-        compute_factor=computed / single, fill_missing=fill_missing,
+        compute_factor=computed / single, patches=computed, fill_missing=fill_missing,
         mask=cloudpath(mask) if mask else None, mask_mip=mask_mip, threads=threads,
         device=device, amp=amp, warnings=warnings,
         segmentation=recommended_settings(models, tta),
@@ -634,16 +636,10 @@ def _check_output(plan: InferencePlan, overwrite: bool) -> bool:
 EFFECTIVE_FLOPS = {"cpu": 20e9, "gpu": 50e12}
 
 
-def _task_flops(plan: InferencePlan) -> float:
-    """FLOPs of the largest task's forward passes (every patch it computes, every variant)."""
-    offset, dataset = plan.voxel_offset, plan.size[::-1]
-    biggest = max(plan.blocks, key=lambda b: patch_count(dataset, _zyx_box(b, offset),
-                                                         plan.geometry) * int(b.size3()[2]))
-    patches = patch_count(dataset, _zyx_box(biggest, offset), plan.geometry)
-    patches *= int(biggest.size3()[2]) * plan.tta
-    size = plan.geometry.size
-    macs = sum(count_macs(m.meta["model"], size) for m in plan.models)
-    return 2.0 * patches * macs
+def _mean_task_flops(plan: InferencePlan) -> float:
+    """FLOPs of a task's forward passes, on average (every patch, every TTA variant)."""
+    macs = sum(count_macs(m.meta["model"], plan.geometry.size) for m in plan.models)
+    return 2.0 * macs * plan.patches * plan.tta / max(plan.task_count, 1)
 
 
 def count_macs(config: dict, size: int) -> int:
@@ -689,7 +685,7 @@ def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
         name=STAGE, layer=plan.output_path, key=key,
         parameters={**plan.parameters(), "device": device, "torch": torch_version},
         make_tasks=make_tasks, task_count=plan.task_count, memory_bytes=plan.memory_bytes,
-        hardware=hardware, seconds_per_task=_task_flops(plan) / EFFECTIVE_FLOPS[hardware],
+        hardware=hardware, seconds_per_task=_mean_task_flops(plan) / EFFECTIVE_FLOPS[hardware],
         output_bytes=voxels * plan.channels * np.dtype(plan.dtype).itemsize, prepare=prepare,
     )
 

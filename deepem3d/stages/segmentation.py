@@ -249,17 +249,16 @@ def recorded_settings(map_path: str) -> dict | None:
     return None
 
 
-def choose_settings(map_path: str, given: dict) -> tuple[dict, str | None]:
+def choose_settings(given: dict, recorded: dict | None,
+                    where: str) -> tuple[dict, str | None]:
     """The method, threshold, sigma and dust size of a run: with neither method nor threshold
-    given, the map's recorded settings fill whatever was not given; otherwise the defaults
-    (no smoothing, no dust merging). Returns (settings, a line saying what was chosen)."""
-    defaults = {"sigma": 0.0, "dust_size": 0}
+    given, the `recorded` settings (those of the map's model) fill whatever was not given;
+    otherwise the defaults (no smoothing, no dust merging). `where` names the map or model in
+    messages. Returns (settings, a line saying what was chosen, or None)."""
     if given.get("method") is None and given.get("threshold") is None:
-        recorded = recorded_settings(map_path)
         if recorded is None:
-            check_layer_role(map_path, "map")  # a layer that is no map: say that first
-            raise InputError(f"{map_path} records no segmentation settings (its model is not "
-                             "a shipped one, or another tool made it): give --method and "
+            raise InputError(f"{where} records no segmentation settings (its model is not a "
+                             "shipped one, or another tool made it): give --method and "
                              "--threshold")
         chosen = {k: given[k] if given.get(k) is not None else recorded[k]
                   for k in ("method", "threshold", "sigma", "dust_size")}
@@ -269,7 +268,16 @@ def choose_settings(map_path: str, given: dict) -> tuple[dict, str | None]:
     if missing:
         raise InputError(f"give {' and '.join(missing)} too (or neither, to use the settings "
                          "the map's model records)")
-    return {**defaults, **{k: v for k, v in given.items() if v is not None}}, None
+    return {"sigma": 0.0, "dust_size": 0, **{k: v for k, v in given.items() if v is not None}}, None
+
+
+def settings_for_map(map_path: str, given: dict) -> tuple[dict, str | None]:
+    """`choose_settings` with the settings the map layer records; a layer that is positively
+    no map is refused first (rather than for recording no settings)."""
+    recorded = recorded_settings(map_path)
+    if recorded is None and given.get("method") is None and given.get("threshold") is None:
+        check_layer_role(map_path, "map")
+    return choose_settings(given, recorded, map_path)
 
 
 def map_fingerprint(map_path: str) -> str:
