@@ -629,17 +629,23 @@ def _check_output(plan: InferencePlan, overwrite: bool) -> bool:
     return True
 
 
-#: float32 FLOP/s that one task reaches on each hardware class, for --dry-run's estimates:
-#: the CPU figure was measured on the demo's run (small preset, one thread per task, two tasks
-#: side by side on this project's 2-core machine: 3 tasks, 126 task seconds, about 19 GFLOP/s
-#: of patch FLOPs); no GPU was measured here: the GPU figure is an assumption, not a reading
-EFFECTIVE_FLOPS = {"cpu": 20e9, "gpu": 50e12}
+#: patch FLOP/s (2 x conv multiply-adds) that one task reaches, by hardware class and preset,
+#: for --dry-run's hours. CPU: measured on the demo's run (small preset, one thread per task,
+#: two tasks side by side on this project's 2-core machine: 3 tasks, 126 task seconds, about
+#: 19 GFLOP/s). GPU: `python benchmarks/gpu_inference.py` on an NVIDIA H200 (torch 2.11,
+#: float16 autocast, deterministic cuDNN, 512 px patches, batch 4, 30 ISBI sections): small
+#: 2.4 TFLOP/s (7.6 Mvoxel/s), full 13.5 TFLOP/s (4.7 Mvoxel/s) against 767 TFLOP/s of the
+#: same run's float16 matmul. Presets not measured take the small one's figure.
+EFFECTIVE_FLOPS = {"cpu": {"small": 20e9}, "gpu": {"small": 2.4e12, "full": 13.5e12}}
 
 
-def _mean_task_flops(plan: InferencePlan) -> float:
-    """FLOPs of a task's forward passes, on average (every patch, every TTA variant)."""
-    macs = sum(count_macs(m.meta["model"], plan.geometry.size) for m in plan.models)
-    return 2.0 * macs * plan.patches * plan.tta / max(plan.task_count, 1)
+def _mean_task_seconds(plan: InferencePlan, hardware: str) -> float:
+    """Seconds of a task's forward passes, on average (every patch, every TTA variant)."""
+    rates = EFFECTIVE_FLOPS[hardware]
+    seconds = sum(2.0 * count_macs(m.meta["model"], plan.geometry.size)
+                  / rates.get(m.meta["model"].get("preset"), rates["small"])
+                  for m in plan.models)
+    return seconds * plan.patches * plan.tta / max(plan.task_count, 1)
 
 
 def count_macs(config: dict, size: int) -> int:
@@ -685,7 +691,7 @@ def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
         name=STAGE, layer=plan.output_path, key=key,
         parameters={**plan.parameters(), "device": device, "torch": torch_version},
         make_tasks=make_tasks, task_count=plan.task_count, memory_bytes=plan.memory_bytes,
-        hardware=hardware, seconds_per_task=_mean_task_flops(plan) / EFFECTIVE_FLOPS[hardware],
+        hardware=hardware, seconds_per_task=_mean_task_seconds(plan, hardware),
         output_bytes=voxels * plan.channels * np.dtype(plan.dtype).itemsize, prepare=prepare,
     )
 
