@@ -54,11 +54,52 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0], lines[0]
 
 
+@pytest.fixture(scope="session")
+def demo_output(tmp_path_factory) -> Path:
+    """The output of `deepem3d demo` (the README's main job), made once per session."""
+    folder = tmp_path_factory.mktemp("demo") / "demo"
+    run_cli("demo", folder, check=True, timeout=900)
+    return folder
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not present: the shared EM volumes are not on this machine")
     return SHARED_DATA
+
+
+def check_objects(path: str, min_voxels: int = 500, slack: float = 3.0,
+                  skeleton_share: float = 0.5) -> None:
+    """Every segment of at least `min_voxels` (at mip 0) has a mesh that loads through
+    CloudVolume, its bounding box within `slack` voxels of the mesh mip of the segment's own;
+    `skeleton_share` of them at least have a skeleton (the merge drops short ones), every
+    vertex within the same margin of the segment."""
+    vol = CloudVolume(path, progress=False)
+    assert vol.info.get("mesh") == "mesh", "the info names the meshes once they are written"
+    assert vol.info.get("skeletons") == "skeletons", "and the skeletons"
+    labels = np.asarray(vol[:, :, :])[..., 0]
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    big = ids[counts >= min_voxels]
+    assert len(big) >= 5, counts.max()
+    resolution = np.asarray(vol.resolution, dtype=float)
+    mesh_margin = slack * np.asarray(vol.meta.resolution(vol.mesh.meta.mip), dtype=float)
+    skeleton_margin = slack * np.asarray(vol.meta.resolution(vol.skeleton.meta.mip), float)
+    skeletons = 0
+    for label in big:
+        where = np.argwhere(labels == label)
+        lo, hi = where.min(0) * resolution, (where.max(0) + 1) * resolution  # nm
+        mesh = vol.mesh.get(int(label))
+        mesh = mesh[int(label)] if isinstance(mesh, dict) else mesh
+        assert len(mesh.vertices) > 0, label
+        assert np.all(np.abs(mesh.vertices.min(0) - lo) <= mesh_margin), (label, lo)
+        assert np.all(np.abs(mesh.vertices.max(0) - hi) <= mesh_margin), (label, hi)
+        skeleton = vol.skeleton.get(int(label))
+        if len(skeleton.vertices):
+            skeletons += 1
+            assert np.all(skeleton.vertices >= lo - skeleton_margin), label
+            assert np.all(skeleton.vertices <= hi + skeleton_margin), label
+    assert skeletons >= skeleton_share * len(big), (skeletons, len(big))
 
 
 def start_stage(stage) -> list[tuple[str, object]]:

@@ -356,26 +356,21 @@ def test_a_run_folder_stands_for_its_layers(tmp_path):
         session.stop()
 
 
-def test_meshes_of_the_largest_segments_are_drawn_in_3d(tmp_path, sync_playwright):
-    """The 3D panel (slices hidden) draws the selected segments' meshes: with the five largest
-    selected it holds at least 5 times the non-background pixels it holds with none."""
+def test_the_demos_largest_segments_are_drawn_in_3d(tmp_path, demo_output, sync_playwright):
+    """`deepem3d view DEMO`: the 3D panel (slices hidden) draws the selected segments' meshes
+    and skeletons: with the five largest selected it holds at least 5 times the non-background
+    pixels it holds with none."""
     from PIL import Image
 
-    image, seg = make_layers(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "deepem3d", "mesh", str(seg)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "report.json").write_text(json.dumps({"layers": {
-        "image": f"file://{image}", "segmentation": f"file://{seg}"}}))
-    session = serve([str(run)], layout="3d")
+    session = serve([str(demo_output)], layout="3d")
     try:
         with session.viewer.txn() as s:
             s.show_slices = False
             s.show_axis_lines = False
             s.show_default_annotations = False  # the volume's bounding box
-        selected = set(session.viewer.state.layers["seg"].segments)
+        names = [layer.name for layer in session.viewer.state.layers]
+        assert names == ["image", "map", "segmentation", "ground_truth"], names
+        selected = set(session.viewer.state.layers["segmentation"].segments)
         assert len(selected) == 5
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
@@ -399,11 +394,14 @@ def test_meshes_of_the_largest_segments_are_drawn_in_3d(tmp_path, sync_playwrigh
                     page.wait_for_timeout(1000)
                     with_meshes = drawn()
                 with session.viewer.txn() as s:
-                    s.layers["seg"].segments = set()
+                    s.layers["segmentation"].segments = set()
                 page.wait_for_timeout(3000)
                 without = drawn()
             finally:
                 browser.close()
     finally:
         session.stop()
+    print(f"3D panel pixels: {with_meshes} with the five largest selected, {without} with none")
     assert with_meshes >= 5 * max(without, 1), (with_meshes, without)
+    if os.environ.get("DEEPEM3D_SCREENSHOT"):
+        shutil.copy(tmp_path / "3d.png", os.environ["DEEPEM3D_SCREENSHOT"] + ".3d.png")

@@ -16,7 +16,7 @@ from deepem3d.cli.downsample import downsample
 from deepem3d.cli.evaluate import evaluate
 from deepem3d.cli.infer import infer
 from deepem3d.cli.ingest import ingest
-from deepem3d.cli.mesh import mesh
+from deepem3d.cli.mesh import mesh, skeleton
 from deepem3d.cli.queue import status, worker
 from deepem3d.cli.run import run
 from deepem3d.cli.sample import sample
@@ -33,7 +33,8 @@ def cli() -> None:
 
 
 for command in (
-    demo, run, sample, ingest, worker, status, downsample, infer, segment, mesh, evaluate, view,
+    demo, run, sample, ingest, worker, status, downsample, infer, segment, mesh, skeleton,
+    evaluate, view,
     train,
 ):
     cli.add_command(command)

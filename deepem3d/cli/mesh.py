@@ -1,6 +1,9 @@
-"""`deepem3d mesh LAYER`: meshes of a segmentation layer with igneous, as queue tasks."""
+"""`deepem3d mesh LAYER` and `deepem3d skeleton LAYER`: meshes and skeletons of a segmentation
+layer with igneous, as queue tasks (forge per block, then merge per segment)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import click
 
@@ -8,31 +11,88 @@ from deepem3d.cli.options import Triple, dry_run_option, parallel_option, queue_
 from deepem3d.run.queues import check_queue_url
 
 
-@click.command()
-@click.argument("layer")
-@queue_option
-@parallel_option
-@dry_run_option
-@click.option("--mip", type=click.IntRange(min=0), default=None,
-              help="Mesh this mip (default: the first whose in-plane voxel reaches 0.3 of its "
-              "z: near isotropic; downsample the layer first).")
-@click.option("--task-shape", type=Triple(int, example="448,448,448"), default=None,
-              help="Block per MeshTask at --mip, x,y,z (default 448,448,448).")
-def mesh(layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip: int | None,
-         task_shape: tuple[int, int, int] | None) -> None:
-    """Make a mesh per segment of the segmentation LAYER (unsharded, legacy format).
+def object_options(default_shape: str) -> Callable:
+    """The options meshes and skeletons share: where, at which mip, in which blocks, sharded."""
 
-    Two stages: MeshTask per block, then the merge into one manifest per segment. The layer's
-    info names its `mesh` directory once the merge is complete, so Neuroglancer never asks for
-    meshes that are not there. Markers under LAYER/tasks/mesh-*/; a re-run skips finished tasks.
-    """
+    def decorate(command: Callable) -> Callable:
+        for option in reversed([
+            click.argument("layer"),
+            queue_option,
+            parallel_option,
+            dry_run_option,
+            click.option("--mip", type=click.IntRange(min=0), default=None,
+                         help="Work at this mip (default: the first whose in-plane voxel "
+                         "reaches 0.3 of its z: near isotropic; downsample the layer first)."),
+            click.option("--task-shape", type=Triple(int, example=default_shape), default=None,
+                         help=f"Block per forge task at --mip, x,y,z (default {default_shape})."),
+            click.option("--sharded", is_flag=True,
+                         help="Merge into shard files (large volumes: a few files instead of "
+                         "one per segment)."),
+            click.option("--spatial-index/--no-spatial-index", default=None,
+                         help="Write a spatial index at forge time (default: only when "
+                         "--sharded, whose merge needs it)."),
+        ]):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _run(plan, stages, queue: str | None, parallel: int | None, dry_run: bool) -> None:
     from deepem3d.run.runner import run_stages
+
+    click.echo(plan.describe())
+    if not dry_run:
+        run_stages(stages(plan), queue=queue, parallel=parallel, echo=click.echo)
+
+
+@click.command()
+@object_options("448,448,448")
+def mesh(layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip: int | None,
+         task_shape: tuple[int, int, int] | None, sharded: bool,
+         spatial_index: bool | None) -> None:
+    """Make a mesh per segment of the segmentation LAYER.
+
+    Two stages: MeshTask per block, then the merge: one legacy mesh per segment, or with
+    --sharded multi-resolution Draco meshes in shard files. The layer's info names its `mesh`
+    directory once the merge is complete, so Neuroglancer never asks for meshes that are not
+    there. Markers under LAYER/tasks/mesh-*/; a re-run skips finished tasks.
+    """
     from deepem3d.stages.meshes import mesh_stages, plan_meshes
 
     if queue is not None:
         check_queue_url(queue)
-    plan = plan_meshes(layer, mip=mip, task_shape=task_shape)
-    click.echo(plan.describe())
-    if dry_run:
-        return
-    run_stages(mesh_stages(plan), queue=queue, parallel=parallel, echo=click.echo)
+    plan = plan_meshes(layer, mip=mip, task_shape=task_shape, sharded=sharded,
+                       spatial_index=spatial_index)
+    _run(plan, mesh_stages, queue, parallel, dry_run)
+
+
+@click.command()
+@object_options("512,512,512")
+@click.option("--dust-threshold", type=click.IntRange(min=0), default=None,
+              help="Skip segments smaller than this many voxels within a task (default 1000).")
+@click.option("--min-cable-nm", type=click.FloatRange(min=0), default=None,
+              help="At the merge, drop skeletons with less cable than this, in nm "
+              "(default 500).")
+@click.option("--tick-threshold", type=click.FloatRange(min=0), default=None,
+              help="At the merge, prune branches shorter than this, in nm (default 500).")
+def skeleton(layer: str, queue: str | None, parallel: int | None, dry_run: bool,
+             mip: int | None, task_shape: tuple[int, int, int] | None, sharded: bool,
+             spatial_index: bool | None, dust_threshold: int | None,
+             min_cable_nm: float | None, tick_threshold: float | None) -> None:
+    """Make a skeleton per segment of the segmentation LAYER (kimimaro's TEASAR via igneous).
+
+    Two stages: SkeletonTask per block, then the merge: one skeleton file per segment, or with
+    --sharded shard files. The layer's info names its `skeletons` directory once the merge is
+    complete. Markers under LAYER/tasks/skeleton-*/; a re-run skips finished tasks.
+    """
+    from deepem3d.stages.skeletons import plan_skeletons, skeleton_stages
+
+    if queue is not None:
+        check_queue_url(queue)
+    given = {k: v for k, v in (("dust_threshold", dust_threshold),
+                               ("min_cable_nm", min_cable_nm),
+                               ("tick_threshold", tick_threshold)) if v is not None}
+    plan = plan_skeletons(layer, mip=mip, task_shape=task_shape, sharded=sharded,
+                          spatial_index=spatial_index, **given)
+    _run(plan, skeleton_stages, queue, parallel, dry_run)

@@ -33,12 +33,13 @@ from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
 @click.option("--poll-seconds", type=click.FloatRange(min=0.01), default=1.0,
               show_default=True, help="Wait between polls of an empty queue (it grows to ten "
               "times this while the queue stays empty).")
-@click.option("--stop-with-parent", is_flag=True, hidden=True,
-              help="Exit when the process that started this worker is gone (local runs).")
+@click.option("--parent-pid", type=int, default=None, hidden=True,
+              help="Exit once process PID is no longer this worker's parent (a runner's local "
+              "workers: PID is the runner's, checked even if it died before this started).")
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
 def worker(
     queue: str, lease_seconds: int, exit_when_empty: bool, max_tasks: int | None,
-    max_attempts: int, imports: tuple[str, ...], poll_seconds: float, stop_with_parent: bool,
+    max_attempts: int, imports: tuple[str, ...], poll_seconds: float, parent_pid: int | None,
     quiet: bool,
 ) -> None:
     """Execute tasks from QUEUE (fq://DIR or sqs://NAME) until stopped.
@@ -63,7 +64,7 @@ def worker(
     report = Worker(
         queue, lease_seconds=lease_seconds, exit_when_empty=exit_when_empty,
         max_tasks=max_tasks, max_attempts=max_attempts, poll_seconds=poll_seconds,
-        stop_with_parent=stop_with_parent,
+        parent_pid=parent_pid,
     ).run()
     logging.getLogger("deepem3d.run.worker").info(
         "exiting: %d task(s) executed, %d error(s), %d given up%s",

@@ -17,6 +17,11 @@
       threshold: 0.55                  # model records (shipped models do)
     downsample:
       layers: [image, segmentation]    # default: the image and, when made, the segmentation
+    meshes:                            # with the `meshes` product: the `deepem3d mesh` options
+      mip: 2                           # default: the first near-isotropic mip
+      sharded: true                    # multi-resolution shard files (large volumes)
+    skeletons:                         # with the `skeletons` product: `deepem3d skeleton`'s
+      min_cable_nm: 1000
     evaluate:
       bounds: [0, 0, 20, 512, 512, 30]
     queues:
@@ -43,16 +48,19 @@ from deepem3d.units import parse_bytes
 
 VERSION = 1
 SAMPLE = "sample:isbi2012"
-PRODUCTS = ("map", "segmentation", "downsample", "meshes")
+PRODUCTS = ("map", "segmentation", "downsample", "meshes", "skeletons")
 TOP_KEYS = ("version", "output", "image", "ground_truth", "map", "products", "inference",
-            "segmentation", "downsample", "meshes", "evaluate", "queues")
+            "segmentation", "downsample", "meshes", "skeletons", "evaluate", "queues")
 INFERENCE_KEYS = ("model", "tta", "task_shape", "chunk_size", "bounds", "mip", "patch_size",
                   "patch_output", "overlap", "batch_size", "window", "device", "threads", "amp",
                   "float32", "fill_missing", "mask", "mask_mip", "force", "queue")
 SEGMENTATION_KEYS = ("method", "threshold", "sigma", "dust_size", "dust_mode", "task_shape",
                      "chunk_size", "bounds", "queue")
 DOWNSAMPLE_KEYS = ("layers", "num_mips", "factor", "memory", "queue")
-MESHES_KEYS = ("mip", "task_shape", "queue")
+MESHES_KEYS = ("mip", "task_shape", "sharded", "spatial_index", "queue")
+SKELETONS_KEYS = ("mip", "task_shape", "sharded", "spatial_index", "dust_threshold",
+                  "min_cable_nm", "tick_threshold", "queue")
+OBJECT_PRODUCTS = ("meshes", "skeletons")  # made of the segmentation by igneous
 EVALUATE_KEYS = ("bounds",)
 QUEUE_KEYS = ("url", "min_memory")
 SHIPPED_DIR = "pipelines"
@@ -80,6 +88,7 @@ class Pipeline:
     segmentation: dict = field(default_factory=dict)
     downsample: dict = field(default_factory=dict)
     meshes: dict = field(default_factory=dict)
+    skeletons: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
     queues: dict[str, Queue] = field(default_factory=dict)
 
@@ -185,7 +194,7 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
     for product in products:
         if product not in PRODUCTS:
             _fail(source, "products", f"unknown product {product!r} (choose from "
-                  f"{', '.join(PRODUCTS)}; skeletons are not built yet)")
+                  f"{', '.join(PRODUCTS)})")
     root = _path(output or data["output"]).rstrip("/")
     pipeline = Pipeline(
         source=source, output=root,
@@ -196,6 +205,7 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
                               SEGMENTATION_KEYS),
         downsample=_mapping(source, "downsample", data.get("downsample"), DOWNSAMPLE_KEYS),
         meshes=_mapping(source, "meshes", data.get("meshes"), MESHES_KEYS),
+        skeletons=_mapping(source, "skeletons", data.get("skeletons"), SKELETONS_KEYS),
         evaluate=_mapping(source, "evaluate", data.get("evaluate"), EVALUATE_KEYS),
     )
     for key in ("ground_truth", "map"):
@@ -237,22 +247,46 @@ def _check_products(p: Pipeline) -> None:
         p.downsample["layers"] = layers
     elif layers is not None:
         _fail(p.source, "downsample", "given, but `downsample` is not among the products")
-    if "meshes" in p.products and "segmentation" not in p.products:
-        _fail(p.source, "products", "meshes are made of the segmentation: add the "
-              "`segmentation` product")
-    if p.meshes and "meshes" not in p.products:
-        _fail(p.source, "meshes", "given, but `meshes` is not among the products")
-    mip = p.meshes.get("mip")
-    if mip is not None and (not isinstance(mip, int) or mip < 0):
-        _fail(p.source, "meshes.mip", f"{mip!r} must be a mip level (0 or more)")
-    if mip and "segmentation" not in (p.downsample.get("layers") or []):
-        _fail(p.source, "meshes.mip", f"mip {mip} of the segmentation needs the `downsample` "
-              "product with the segmentation among its layers")
+    for product in OBJECT_PRODUCTS:
+        _check_object_product(p, product)
     if p.evaluate and not p.ground_truth:
         _fail(p.source, "evaluate", "needs `ground_truth:`")
     if p.ground_truth and "segmentation" not in p.products:
         _fail(p.source, "ground_truth", "is scored against the segmentation: add the "
               "`segmentation` product")
+
+
+def _check_object_product(p: Pipeline, product: str) -> None:
+    from deepem3d.stages.objects import spatial_index_for
+
+    options = getattr(p, product)
+    if product in p.products and "segmentation" not in p.products:
+        _fail(p.source, "products", f"{product} are made of the segmentation: add the "
+              "`segmentation` product")
+    if options and product not in p.products:
+        _fail(p.source, product, f"given, but `{product}` is not among the products")
+    mip = options.get("mip")
+    if mip is not None and (not isinstance(mip, int) or isinstance(mip, bool) or mip < 0):
+        _fail(p.source, f"{product}.mip", f"{mip!r} must be a mip level (0 or more)")
+    if mip and "segmentation" not in (p.downsample.get("layers") or []):
+        _fail(p.source, f"{product}.mip", f"mip {mip} of the segmentation needs the "
+              "`downsample` product with the segmentation among its layers")
+    for key in ("sharded", "spatial_index"):
+        if key in options and not isinstance(options[key], bool):
+            _fail(p.source, f"{product}.{key}", f"{options[key]!r}: write true or false")
+    try:
+        spatial_index_for(product, options.get("sharded", False), options.get("spatial_index"))
+    except InputError as err:
+        _fail(p.source, f"{product}.spatial_index", str(err))
+    if "dust_threshold" in options and not (isinstance(options["dust_threshold"], int)
+                                            and options["dust_threshold"] >= 0):
+        _fail(p.source, f"{product}.dust_threshold", f"{options['dust_threshold']!r} must be "
+              "a number of voxels (0 or more)")
+    for key in ("min_cable_nm", "tick_threshold"):
+        value = options.get(key, 0)
+        if not (isinstance(value, int | float) and not isinstance(value, bool)
+                and math.isfinite(value) and value >= 0):
+            _fail(p.source, f"{product}.{key}", f"{value!r} must be a length in nm (0 or more)")
 
 
 def _check_sections(p: Pipeline) -> None:
@@ -284,7 +318,8 @@ def _check_sections(p: Pipeline) -> None:
     for key in ("patch_size", "patch_output", "batch_size", "threads"):
         if key in inf and (not isinstance(inf[key], int) or inf[key] < 1):
             _fail(p.source, f"inference.{key}", f"{inf[key]!r} must be a positive integer")
-    for section, values in (("inference", inf), ("segmentation", seg), ("meshes", p.meshes)):
+    for section, values in (("inference", inf), ("segmentation", seg), ("meshes", p.meshes),
+                            ("skeletons", p.skeletons)):
         for key in ("task_shape", "chunk_size"):
             if key in values:
                 values[key] = _triple(p.source, f"{section}.{key}", values[key])
@@ -344,7 +379,8 @@ def _check_queues(p: Pipeline, value, default: str | None) -> None:
         p.queues["default"] = Queue("default", _path(check_queue_url(default))
                                     if default.startswith("fq://") else default)
     sections = [s for s, product in (("inference", "map"), ("segmentation", "segmentation"),
-                                     ("downsample", "downsample"), ("meshes", "meshes"))
+                                     ("downsample", "downsample"), ("meshes", "meshes"),
+                                     ("skeletons", "skeletons"))
                 if product in p.products]
     for section in sections:
         name = p.routed(section)

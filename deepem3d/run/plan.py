@@ -209,35 +209,40 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
             add(downsample_stage(dplan, source_key=source, label=f"downsample {name}",
                                  needs=("remap",) if name == "segmentation" else ()),
                 "downsample")
-    if "meshes" in p.products:
-        _plan_meshes(p, plan, add, segmentation_ready, overwrite)
+    for product in ("meshes", "skeletons"):
+        if product in p.products:
+            _plan_objects(p, product, plan, add, segmentation_ready)
     if scratch is not None:
         scratch.cleanup()
     return plan
 
 
-def _plan_meshes(p: Pipeline, plan: RunPlan, add, segmentation_ready: bool,
-                 overwrite: set[str]) -> None:
-    """The mesh stages, once the segmentation and the mips they read are complete."""
+def _plan_objects(p: Pipeline, product: str, plan: RunPlan, add,
+                  segmentation_ready: bool) -> None:
+    """The mesh or skeleton stages, once the segmentation and the mips they read exist."""
     from deepem3d.stages.meshes import mesh_stages, plan_meshes
+    from deepem3d.stages.skeletons import plan_skeletons, skeleton_stages
 
     downsampled = next((s for s in plan.stages if s.label == "downsample segmentation"), None)
     wants_mips = "segmentation" in (p.downsample.get("layers") or [])
     ready = segmentation_ready and (not wants_mips or (downsampled is not None
                                                        and downsampled.is_complete()))
     if not ready:
-        plan.lines.append("meshes: planned once the segmentation"
+        plan.lines.append(f"{product}: planned once the segmentation"
                           + (" and its mip levels exist" if wants_mips else " exists"))
         return
+    options = dict(getattr(p, product))
+    options.pop("queue", None)
+    planner, stages = ((plan_meshes, mesh_stages) if product == "meshes"
+                       else (plan_skeletons, skeleton_stages))
     try:
-        mplan = plan_meshes(plan.layers["segmentation"], mip=p.meshes.get("mip"),
-                            task_shape=p.meshes.get("task_shape"))
+        oplan = planner(plan.layers["segmentation"], **options)
     except InputError as err:
-        raise _in_key(p.source, "meshes", err) from None
-    plan.lines.append(f"meshes: {mplan.describe()}")
+        raise _in_key(p.source, product, err) from None
+    plan.lines.append(f"{product}: {oplan.describe()}")
     source = next((s.key for s in plan.stages if s.name == "remap"), "")
-    for stage in mesh_stages(mplan, source_key=source, needs=("remap",)):
-        add(stage, "meshes")
+    for stage in stages(oplan, source_key=source, needs=("remap",)):
+        add(stage, product)
 
 
 def _stand_in(folder: str, name: str, plan) -> str:

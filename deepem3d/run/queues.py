@@ -94,7 +94,7 @@ def spawn_workers(url: str, count: int, lease_seconds: int = 600,
     after stage, and stop when told (SIGTERM) or when the process that started them is gone.
     Their log goes to `log_file` when given (a progress bar owns the terminal meanwhile)."""
     command = [
-        sys.executable, "-m", "deepem3d", "worker", url, "--stop-with-parent",
+        sys.executable, "-m", "deepem3d", "worker", url, "--parent-pid", str(os.getpid()),
         "--poll-seconds", str(LOCAL_POLL_SECONDS), "--lease-seconds", str(lease_seconds),
     ]
     return [subprocess.Popen(command, stderr=log_file, stdout=log_file) for _ in range(count)]

@@ -45,6 +45,16 @@ def register_tasks() -> None:
         importlib.import_module(module)
 
 
+def stage_of(task) -> str:
+    """`LAYER/STAGE TASK-ID` of a frame task (what a log reader needs to know what is in
+    flight), or `-` for a task outside the frame."""
+    run = (getattr(task, "kwargs", None) or {}).get("run")
+    if not isinstance(run, dict):
+        return "-"
+    layer = str(run.get("layer", "")).rstrip("/").rsplit("/", 1)[-1]
+    return f"stage {layer}/{run.get('stage')} {run.get('id')}"
+
+
 @dataclass
 class WorkerReport:
     executed: int = 0
@@ -87,11 +97,12 @@ class Worker:
         max_tasks: int | None = None,
         max_attempts: int = 5,
         poll_seconds: float = 1.0,
-        stop_with_parent: bool = False,
+        parent_pid: int | None = None,
     ):
         register_tasks()
-        #: a runner's local workers stop when the runner is gone (even SIGKILLed)
-        self.parent = os.getppid() if stop_with_parent else None
+        #: a runner's local workers stop when the runner is gone (even SIGKILLed, even before
+        #: this worker got this far: the runner passes its own pid)
+        self.parent = parent_pid
         self.url = url
         self.queue = open_queue(url)
         self.lease_seconds = int(lease_seconds)
@@ -194,7 +205,8 @@ class Worker:
             report.given_up += 1
             return
         name = ".".join(task.key) if hasattr(task, "key") else type(task).__name__
-        log.info("running task %s (%s, attempt %d)", task.id, name, attempts)
+        log.info("running task %s (%s, %s, attempt %d)", task.id, name, stage_of(task),
+                 attempts)
         start = time.time()
         keeper = _LeaseKeeper(self.queue, task, self.lease_seconds)
         try:

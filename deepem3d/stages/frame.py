@@ -242,8 +242,20 @@ def _allowed(module: str) -> bool:
 
 
 @stage_task
-def MarkedTask(task: list | dict) -> dict:  # noqa: N802  (taskqueue registers tasks by name)
-    """Run a third-party task (igneous's DownsampleTask, MeshTask...) inside the frame."""
+def MarkedTask(task: list | dict, names: dict | None = None) -> dict:  # noqa: N802
+    """Run a third-party task (igneous's DownsampleTask, MeshTask...) inside the frame.
+    `names` ({"layer", "info": {key: directory}}) is what the task reads in that layer's info
+    before the stored info names it (a mesh or skeleton directory: see stages/objects.py).
+    (taskqueue registers tasks by their function's name, hence the capitals.)"""
+    if names:
+        from deepem3d.stages.objects import info_naming
+
+        with info_naming(names["layer"], names["info"]):
+            return _run_marked(task)
+    return _run_marked(task)
+
+
+def _run_marked(task: list | dict) -> dict:
     import importlib
 
     if isinstance(task, dict):  # a RegisteredTask: found by class name once igneous is loaded
@@ -265,9 +277,11 @@ def MarkedTask(task: list | dict) -> dict:  # noqa: N802  (taskqueue registers t
     return {"wrapped": task[0]}
 
 
-def marked(task) -> tuple[str, partial]:
+def marked(task, names: dict | None = None) -> tuple[str, partial]:
     """(task id, the third-party task wrapped in MarkedTask), without the frame's `run`."""
     payload = payload_of(task)
+    if names:
+        return task_id_of(payload), partial(MarkedTask, task=payload, names=names)
     return task_id_of(payload), partial(MarkedTask, task=payload)
 
 

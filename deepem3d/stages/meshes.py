@@ -1,98 +1,51 @@
 """segments -> meshes: igneous's MeshTask (forge) and its merge, as stages of the frame.
 
 igneous does the work (zmesh marching cubes and simplification at a mip near isotropy); this
-module plans it, checks the inputs, and keeps the segmentation's info honest: it names the
-`mesh` directory only once the merged meshes are written (Neuroglancer asks for them as soon
-as the info names the directory, and shows nothing where they are missing).
+module plans it and checks the inputs. The segmentation's info names the `mesh` directory
+only once the merged meshes are written (stages/objects.py says how).
 
     mesh-forge    one MeshTask per block at `mip`: mesh fragments under LAYER/mesh/
-    mesh-merge    the fragments of each segment -> one legacy manifest per segment (one task on
-                  file://, prefix tasks elsewhere)
+    mesh-merge    unsharded (default): one legacy manifest per segment (one task on file://,
+                  one per id prefix elsewhere); sharded: multi-resolution Draco meshes in
+                  shard files, one task per shard, found through the forge's spatial index
 
-Unsharded meshes only, for now: sharded multi-resolution meshes for large volumes come later.
-igneous is GPL-3.0 and calls itself a pipeline, not a library: deepem3d calls its task-creation
-functions and runs its tasks, as it does for downsampling.
+Sharded meshes are for large volumes (millions of segments: a few files instead of one per
+segment). igneous is GPL-3.0 and calls itself a pipeline, not a library: deepem3d calls its
+task-creation functions and runs its tasks, as it does for downsampling.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass
 
-from cloudfiles import CloudFiles
-
-from deepem3d.errors import InputError
-from deepem3d.stages.frame import Stage, digest, marked
-from deepem3d.storage.layers import cloudpath, open_layer
+from deepem3d.stages.frame import Stage
+from deepem3d.stages.objects import ObjectPlan, ObjectStages, plan_objects
 
 MESH_DIR = "mesh"
-#: the voxel size meshes are made at, when no mip is given: the first mip whose in-plane
-#: resolution reaches this fraction of z (near isotropic; EM sections are thick)
-ISOTROPY = 0.3
 TASK_SHAPE = (448, 448, 448)  # igneous's default MeshTask block, in voxels at the mesh mip
 #: seconds and peak bytes (above the worker's baseline) of one MeshTask per voxel it reads,
 #: for --dry-run: measured on the demo's segmentation at mip 2 (128 x 128 x 30 voxels, about
 #: 3,500 segments: 2.2 s and 58 MiB), this machine
 SECONDS_PER_VOXEL = 4.5e-6
 BYTES_PER_VOXEL = 125
+#: levels of detail of sharded multi-resolution meshes (igneous's `mesh merge-sharded` default)
+SHARDED_LODS = 1
 
 
 @dataclass
-class MeshPlan:
-    layer_path: str
-    mip: int
-    task_shape: tuple[int, int, int]
-    task_count: int
-    resolution: tuple[float, float, float]
-
-    def describe(self) -> str:
-        shape = " x ".join(map(str, self.task_shape))
-        res = "x".join(f"{r:g}" for r in self.resolution)
-        return (f"{self.task_count} MeshTask(s) of {shape} voxels at mip {self.mip} ({res} nm),"
-                f" then their merge into one mesh per segment under {self.layer_path}/"
-                f"{MESH_DIR}")
-
-
-def near_isotropic_mip(vol) -> int:
-    """The first mip whose in-plane resolution reaches ISOTROPY of its z resolution."""
-    for mip in vol.available_mips:
-        x, y, z = (float(r) for r in vol.meta.resolution(mip))
-        if min(x, y) >= ISOTROPY * z:
-            return mip
-    return max(vol.available_mips)
+class MeshPlan(ObjectPlan):
+    TASK = "MeshTask"
+    MERGED = ("one mesh per segment", "sharded multi-resolution meshes")
+    DIRECTORY = MESH_DIR
 
 
 def plan_meshes(layer_path: str, *, mip: int | None = None,
-                task_shape: tuple[int, int, int] | None = None) -> MeshPlan:
-    """Check the layer and mip; work out the MeshTasks. Reads the info only."""
-    layer_path = cloudpath(layer_path).rstrip("/")
-    vol = open_layer(layer_path)
-    if vol.layer_type != "segmentation":
-        raise InputError(f"{layer_path} is an {vol.layer_type} layer: meshes are made of a "
-                         "segmentation layer")
-    if mip is None:
-        mip = near_isotropic_mip(vol)
-    if mip not in vol.available_mips:
-        raise InputError(f"mesh mip {mip} does not exist in {layer_path} (its mips: "
-                         f"{', '.join(map(str, vol.available_mips))}): downsample it first or "
-                         "pick one of those")
-    size = [int(s) for s in vol.meta.volume_size(mip)]
-    shape = tuple(min(int(t), s) for t, s in zip(task_shape or TASK_SHAPE, size))
-    count = math.prod(-(-s // t) for s, t in zip(size, shape))
-    resolution = tuple(float(r) for r in vol.meta.resolution(mip))
-    return MeshPlan(layer_path, mip, shape, count, resolution)
-
-
-def _set_mesh_key(layer_path: str, present: bool) -> None:
-    files = CloudFiles(layer_path)
-    info = files.get_json("info")
-    if present:
-        info["mesh"] = MESH_DIR
-    else:
-        info.pop("mesh", None)
-    files.put_json("info", info)
+                task_shape: tuple[int, int, int] | None = None, sharded: bool = False,
+                spatial_index: bool | None = None) -> MeshPlan:
+    """Check the layer, mip and sharding; work out the MeshTasks. Reads the info only."""
+    return plan_objects(MeshPlan, layer_path, mip, task_shape, TASK_SHAPE, sharded,
+                        spatial_index, "meshes", "mesh")
 
 
 def mesh_stages(plan: MeshPlan, *, source_key: str = "",
@@ -101,44 +54,35 @@ def mesh_stages(plan: MeshPlan, *, source_key: str = "",
     stage): meshes of another segmentation are another run."""
     parameters = {"task": "igneous MeshTask", "mip": plan.mip,
                   "task_shape": list(plan.task_shape), "mesh_dir": MESH_DIR,
+                  "sharded": plan.sharded, "spatial_index": plan.spatial_index,
                   "source_key": source_key}
-    forged: list = []
 
-    def forge_tasks():
-        if not forged:
-            from igneous.task_creation import create_meshing_tasks
+    def forge():
+        from igneous.task_creation import create_meshing_tasks
 
-            with contextlib.redirect_stdout(io.StringIO()):
-                # no spatial index: only sharded merges need one, and the forge would then
-                # need the info to name the mesh directory before any mesh exists
-                tasks = create_meshing_tasks(plan.layer_path, plan.mip, shape=plan.task_shape,
-                                             mesh_dir=MESH_DIR, spatial_index=False)
-                forged.extend(marked(task) for task in tasks)
-            _set_mesh_key(plan.layer_path, False)  # named once the meshes are merged
-        return iter(forged)
+        return create_meshing_tasks(plan.layer_path, plan.mip, shape=plan.task_shape,
+                                    mesh_dir=MESH_DIR, spatial_index=plan.spatial_index,
+                                    sharded=plan.sharded)
 
-    merged: list = []
+    def merge():
+        from igneous.task_creation import (
+            create_mesh_manifest_tasks,
+            create_sharded_multires_mesh_tasks,
+        )
 
-    def merge_tasks():
-        if not merged:
-            from igneous.task_creation import create_mesh_manifest_tasks
-
-            merged.extend(marked(task) for task in create_mesh_manifest_tasks(
-                plan.layer_path, mesh_dir=MESH_DIR))
-        return iter(merged)
+        if plan.sharded:
+            return create_sharded_multires_mesh_tasks(
+                plan.layer_path, num_lod=SHARDED_LODS, mesh_dir=MESH_DIR, progress=False)
+        return create_mesh_manifest_tasks(plan.layer_path, mesh_dir=MESH_DIR)
 
     voxels = math.prod(plan.task_shape)
-    forge = Stage(
-        name=f"mesh-forge-mip{plan.mip}", layer=plan.layer_path, key=digest(parameters),
-        parameters=parameters, make_tasks=forge_tasks, task_count=plan.task_count,
-        memory_bytes=BYTES_PER_VOXEL * voxels, needs=needs, label="mesh forge",
-        seconds_per_task=SECONDS_PER_VOXEL * voxels,
-    )
-    merge_count = 1 if plan.layer_path.startswith("file://") else 999
-    merge = Stage(
-        name="mesh-merge", layer=plan.layer_path, key=digest({**parameters, "merge": 1}),
-        parameters=parameters, make_tasks=merge_tasks, task_count=merge_count,
-        memory_bytes=64 * 2**20, needs=(forge.label,), label="mesh merge",
-        finish=lambda: _set_mesh_key(plan.layer_path, True),
-    )
-    return [forge, merge]
+    return ObjectStages(
+        kind="mesh", info_key="mesh", directory=MESH_DIR, layer_path=plan.layer_path,
+        mip=plan.mip, parameters=parameters, forge=forge, merge=merge,
+        forge_count=plan.task_count,
+        # planned (the real count is in the merge's manifest): a shard per few thousand
+        # segments; one filesystem task on file://, a task per id prefix elsewhere
+        merge_count=1 if plan.sharded or plan.layer_path.startswith("file://") else 999,
+        forge_memory=BYTES_PER_VOXEL * voxels, merge_memory=64 * 2**20,
+        forge_seconds=SECONDS_PER_VOXEL * voxels,
+    ).stages(needs)

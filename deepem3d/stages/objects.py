@@ -1,0 +1,213 @@
+"""What meshes and skeletons share: a segmentation at a mip, igneous's tasks, and an info that
+names a product's directory only once the product is written.
+
+Both products are made by igneous in two stages (forge fragments per block, then merge them
+per segment), at a mip near isotropy. Two pieces of bookkeeping are shared:
+
+- **Naming.** igneous finds a product's own info (`mesh/info`: its mip, spatial index,
+  sharding) through the segmentation's info key (`mesh`, `skeletons`); without the key
+  CloudVolume hands it a default one. Neuroglancer asks for a product as soon as the key is
+  there, and shows nothing where files are missing. So the stored info names the directory
+  only once the merge is complete (`set_info_name`), while igneous, in the runner (task
+  creation) and in the worker (`MarkedTask(..., names=...)`), reads the info through
+  `info_naming`, which adds the key in memory for that layer only.
+- **Sharding.** Sharded merges find each segment's fragments through the spatial index that
+  the forge writes: sharded without a spatial index is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from cloudfiles import CloudFiles
+
+from deepem3d.errors import InputError
+from deepem3d.stages.frame import Stage, digest, marked
+from deepem3d.storage.layers import cloudpath, open_layer
+
+#: the voxel size products are made at, when no mip is given: the first mip whose in-plane
+#: resolution reaches this fraction of z (near isotropic; EM sections are thick)
+ISOTROPY = 0.3
+
+
+def near_isotropic_mip(vol) -> int:
+    """The first mip whose in-plane resolution reaches ISOTROPY of its z resolution."""
+    for mip in vol.available_mips:
+        x, y, z = (float(r) for r in vol.meta.resolution(mip))
+        if min(x, y) >= ISOTROPY * z:
+            return mip
+    return max(vol.available_mips)
+
+
+def segmentation_at(layer_path: str, mip: int | None, product: str, noun: str):
+    """(normalised layer path, the layer, the mip) after checking that the layer is a
+    segmentation and has the mip (default: the first near-isotropic one). `product` and
+    `noun` spell it in messages: "meshes", "mesh"."""
+    layer_path = cloudpath(layer_path).rstrip("/")
+    vol = open_layer(layer_path)
+    if vol.layer_type != "segmentation":
+        raise InputError(f"{layer_path} is an {vol.layer_type} layer: {product} are made of a "
+                         "segmentation layer")
+    if mip is None:
+        mip = near_isotropic_mip(vol)
+    if mip not in vol.available_mips:
+        raise InputError(f"{noun} mip {mip} does not exist in {layer_path} (its mips: "
+                         f"{', '.join(map(str, vol.available_mips))}): downsample it first or "
+                         "pick one of those")
+    return layer_path, vol, mip
+
+
+@dataclass
+class ObjectPlan:
+    """Where and how a product is forged, worked out from the layer's info alone."""
+
+    layer_path: str
+    mip: int
+    task_shape: tuple[int, int, int]
+    task_count: int
+    resolution: tuple[float, float, float]
+    sharded: bool = False
+    spatial_index: bool = False
+
+    #: spelled by subclasses: the forge task's name, what the merge makes, where
+    TASK = ""
+    MERGED = ("", "")  # (unsharded, sharded)
+    DIRECTORY = ""
+
+    def describe(self) -> str:
+        shape = " x ".join(map(str, self.task_shape))
+        res = "x".join(f"{r:g}" for r in self.resolution)
+        return (f"{self.task_count} {self.TASK}(s) of {shape} voxels at mip {self.mip} ({res} "
+                f"nm), then their merge into {self.MERGED[self.sharded]} under "
+                f"{self.layer_path}/{self.DIRECTORY}")
+
+
+def plan_objects(cls, layer_path: str, mip: int | None, task_shape, default_shape,
+                 sharded: bool, spatial_index: bool | None, product: str, noun: str,
+                 **extra):
+    """A `cls` plan after checking the layer, its mip and the sharding. Reads the info only."""
+    layer_path, vol, mip = segmentation_at(layer_path, mip, product, noun)
+    index = spatial_index_for(product, sharded, spatial_index)
+    size = [int(s) for s in vol.meta.volume_size(mip)]
+    shape = tuple(min(int(t), s) for t, s in zip(task_shape or default_shape, size))
+    count = math.prod(-(-s // t) for s, t in zip(size, shape))
+    resolution = tuple(float(r) for r in vol.meta.resolution(mip))
+    return cls(layer_path, mip, shape, count, resolution, sharded, index, **extra)
+
+
+def spatial_index_for(product: str, sharded: bool, spatial_index: bool | None) -> bool:
+    """Whether the forge writes a spatial index: on for sharded products (their merge needs
+    it), off otherwise unless asked for."""
+    if sharded and spatial_index is False:
+        raise InputError(f"sharded {product} need the spatial index: igneous's sharded merge "
+                         "finds each segment's fragments through it (drop --no-spatial-index "
+                         "/ `spatial_index: false`)")
+    return bool(sharded or spatial_index)
+
+
+def set_info_name(layer_path: str, key: str, directory: str | None) -> None:
+    """Name (or, with None, stop naming) a product's directory in the stored info."""
+    files = CloudFiles(layer_path)
+    info = files.get_json("info")
+    if directory is None:
+        if key not in info:
+            return
+        info.pop(key)
+    elif info.get(key) == directory:
+        return
+    else:
+        info[key] = directory
+    files.put_json("info", info)
+
+
+@contextlib.contextmanager
+def info_naming(layer_path: str, names: dict[str, str]) -> Iterator[None]:
+    """CloudVolume reads `layer_path`'s info with `names` added (where the stored info lacks
+    them), for igneous's task creation and tasks; the stored info is left as it is."""
+    from cloudvolume.datasource.precomputed.metadata import PrecomputedMetadata
+
+    target = cloudpath(layer_path).rstrip("/")
+    original = PrecomputedMetadata.fetch_info
+
+    def fetch_info(self):
+        info = original(self)
+        if cloudpath(self.cloudpath).rstrip("/") == target:
+            for key, directory in names.items():
+                info.setdefault(key, directory)
+        return info
+
+    PrecomputedMetadata.fetch_info = fetch_info
+    try:
+        yield
+    finally:
+        PrecomputedMetadata.fetch_info = original
+
+
+@contextlib.contextmanager
+def creating(layer_path: str, names: dict[str, str]) -> Iterator[None]:
+    """Around an igneous task-creation function: the info named in memory, its progress bars
+    and prints kept off the terminal, and the stored info as it was (igneous commits the key
+    it set when the key was missing)."""
+    before = CloudFiles(layer_path).get_json("info")
+    with info_naming(layer_path, names), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        yield
+    for key in names:
+        set_info_name(layer_path, key, before.get(key))
+
+
+@dataclass
+class ObjectStages:
+    """What the forge and merge stages of one product declare; `forge` and `merge` create
+    igneous's tasks (called once, lazily, when the stage is started)."""
+
+    kind: str  # "mesh" or "skeleton": the stage names and labels
+    info_key: str  # the segmentation info's key for the product: "mesh", "skeletons"
+    directory: str
+    layer_path: str
+    mip: int
+    parameters: dict
+    forge: Callable[[], Iterable]
+    merge: Callable[[], Iterable]
+    forge_count: int
+    merge_count: int
+    forge_memory: int
+    merge_memory: int
+    forge_seconds: float
+
+    def stages(self, needs: tuple[str, ...] = ()) -> list[Stage]:
+        names = {self.info_key: self.directory}
+        forge = Stage(
+            name=f"{self.kind}-forge-mip{self.mip}", layer=self.layer_path,
+            key=digest(self.parameters), parameters=self.parameters,
+            make_tasks=self._created(self.forge, names), task_count=self.forge_count,
+            memory_bytes=self.forge_memory, needs=needs, label=f"{self.kind} forge",
+            seconds_per_task=self.forge_seconds,
+            prepare=lambda: set_info_name(self.layer_path, self.info_key, None),
+        )
+        merge = Stage(
+            name=f"{self.kind}-merge", layer=self.layer_path,
+            key=digest({**self.parameters, "merge": 1}), parameters=self.parameters,
+            make_tasks=self._created(self.merge, names), task_count=self.merge_count,
+            memory_bytes=self.merge_memory, needs=(forge.label,), label=f"{self.kind} merge",
+            finish=lambda: set_info_name(self.layer_path, self.info_key, self.directory),
+        )
+        return [forge, merge]
+
+    def _created(self, create: Callable[[], Iterable], names: dict[str, str]):
+        """A stage's make_tasks: igneous's tasks, created once with the info named in memory,
+        each wrapped in MarkedTask with the same names for the worker."""
+        tasks: list = []
+        in_worker = {"layer": self.layer_path, "info": names}
+
+        def make_tasks():
+            if not tasks:
+                with creating(self.layer_path, names):
+                    tasks.extend(marked(task, in_worker) for task in create())
+            return iter(tasks)
+
+        return make_tasks

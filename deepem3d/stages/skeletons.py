@@ -1,0 +1,113 @@
+"""segments -> skeletons: igneous's SkeletonTask (kimimaro's TEASAR, forge) and its merge, as
+stages of the frame.
+
+    skeleton-forge   one SkeletonTask per block at `mip` (blocks overlap by one voxel):
+                     skeleton fragments under LAYER/skeletons/
+    skeleton-merge   unsharded (default): the fragments of each segment joined, short
+                     branches and short skeletons dropped, one file per segment (a task per
+                     id prefix: 9 on file://, 999 elsewhere); sharded: the same into shard
+                     files, one task per shard, found through the forge's spatial index
+
+The segmentation's info names the `skeletons` directory only once the merge is complete
+(stages/objects.py says how). igneous's own README passes `mip` into the unsharded merge's
+`crop` (a margin in voxels): deepem3d passes crop 0, and turns the spatial index on at forge
+time for sharded skeletons, which igneous's sharded merge needs and does not check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from deepem3d.stages.frame import Stage
+from deepem3d.stages.objects import ObjectPlan, ObjectStages, plan_objects
+
+SKELETON_DIR = "skeletons"
+TASK_SHAPE = (512, 512, 512)  # igneous's default SkeletonTask block, voxels at the mip
+#: TEASAR invalidation: radius = scale x distance to the boundary + const nm (igneous's CLI
+#: defaults, which suit EM neurites)
+TEASAR_PARAMS = {"scale": 4, "const": 500}
+#: segments smaller than this many voxels within one task are not skeletonized (igneous's
+#: default)
+DUST_THRESHOLD = 1000
+#: at the merge: skeletons shorter than this (nm of cable) are dropped, and branches shorter
+#: than TICK_THRESHOLD nm pruned. igneous's defaults (4,000 and 6,000 nm) are for volumes tens
+#: of microns wide: they drop every neurite of the demo's 2 x 2 x 1.5 micron crop
+MIN_CABLE_NM = 500.0
+TICK_THRESHOLD = 500.0
+#: seconds of one SkeletonTask per voxel it reads, for --dry-run: measured on the demo's
+#: segmentation at mip 2 (129 x 129 x 31 voxels: 0.87 s with the other core busy), this machine
+SECONDS_PER_VOXEL = 2.0e-6
+#: its peak bytes per voxel: igneous documents 6 GB for its 512^3 default block (45 B/voxel);
+#: the demo's task measured 13 MiB above its worker's baseline (26 B/voxel), with few segments
+#: above the dust threshold, so igneous's figure is kept
+BYTES_PER_VOXEL = 45
+
+
+@dataclass
+class SkeletonPlan(ObjectPlan):
+    dust_threshold: int = DUST_THRESHOLD
+    min_cable_nm: float = MIN_CABLE_NM
+    tick_threshold: float = TICK_THRESHOLD
+
+    TASK = "SkeletonTask"
+    MERGED = ("one skeleton per segment", "shard files")
+    DIRECTORY = SKELETON_DIR
+
+
+def plan_skeletons(layer_path: str, *, mip: int | None = None,
+                   task_shape: tuple[int, int, int] | None = None, sharded: bool = False,
+                   spatial_index: bool | None = None, dust_threshold: int = DUST_THRESHOLD,
+                   min_cable_nm: float = MIN_CABLE_NM,
+                   tick_threshold: float = TICK_THRESHOLD) -> SkeletonPlan:
+    """Check the layer, mip and sharding; work out the SkeletonTasks. Reads the info only."""
+    return plan_objects(SkeletonPlan, layer_path, mip, task_shape, TASK_SHAPE, sharded,
+                        spatial_index, "skeletons", "skeleton",
+                        dust_threshold=int(dust_threshold), min_cable_nm=float(min_cable_nm),
+                        tick_threshold=float(tick_threshold))
+
+
+def skeleton_stages(plan: SkeletonPlan, *, source_key: str = "",
+                    needs: tuple[str, ...] = ()) -> list[Stage]:
+    """The forge and merge stages. `source_key` is the run key of the segmentation."""
+    parameters = {"task": "igneous SkeletonTask", "mip": plan.mip,
+                  "task_shape": list(plan.task_shape), "skeleton_dir": SKELETON_DIR,
+                  "sharded": plan.sharded, "spatial_index": plan.spatial_index,
+                  "teasar_params": TEASAR_PARAMS, "dust_threshold": plan.dust_threshold,
+                  "min_cable_nm": plan.min_cable_nm, "tick_threshold": plan.tick_threshold,
+                  "source_key": source_key}
+
+    def forge():
+        from igneous.task_creation import create_skeletonizing_tasks
+
+        return create_skeletonizing_tasks(
+            plan.layer_path, plan.mip, shape=plan.task_shape,
+            teasar_params=dict(TEASAR_PARAMS), dust_threshold=plan.dust_threshold,
+            sharded=plan.sharded, spatial_index=plan.spatial_index)
+
+    def merge():
+        from igneous.task_creation import (
+            create_sharded_skeleton_merge_tasks,
+            create_unsharded_skeleton_merge_tasks,
+        )
+
+        if plan.sharded:
+            return create_sharded_skeleton_merge_tasks(
+                plan.layer_path, dust_threshold=plan.min_cable_nm,
+                tick_threshold=plan.tick_threshold)
+        return create_unsharded_skeleton_merge_tasks(
+            plan.layer_path, crop=0, magnitude=1 if local else 3,
+            dust_threshold=plan.min_cable_nm, tick_threshold=plan.tick_threshold)
+
+    local = plan.layer_path.startswith("file://")
+    voxels = math.prod(t + 1 for t in plan.task_shape)  # one voxel of overlap
+    return ObjectStages(
+        kind="skeleton", info_key="skeletons", directory=SKELETON_DIR,
+        layer_path=plan.layer_path, mip=plan.mip, parameters=parameters, forge=forge,
+        merge=merge, forge_count=plan.task_count,
+        # planned (the real count is in the merge's manifest): a shard per few thousand
+        # segments; a task per id prefix
+        merge_count=1 if plan.sharded else (9 if local else 999),
+        forge_memory=BYTES_PER_VOXEL * voxels, merge_memory=256 * 2**20,
+        forge_seconds=SECONDS_PER_VOXEL * voxels,
+    ).stages(needs)

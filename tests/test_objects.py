@@ -1,0 +1,87 @@
+"""Meshes and skeletons (igneous's tasks in the frame): unsharded and sharded, each loading
+through CloudVolume where its segment is; the segmentation's info naming a product only once
+its merge is complete; bad input refused in one line before anything is written.
+
+The layer is a 128 x 128 x 10 crop of the sample's ground truth at 16 x 16 x 50 nm, so that
+mip 0 is the near-isotropic mip and no downsampling is needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cloudfiles import CloudFiles
+from cloudvolume import CloudVolume
+
+from deepem3d.axes import xyz_from_zyx
+from deepem3d.run.runner import Runner, execute_here, run_stages
+from deepem3d.sample import load_sample
+from deepem3d.stages.meshes import mesh_stages, plan_meshes
+from deepem3d.stages.skeletons import plan_skeletons, skeleton_stages
+from deepem3d.storage.layers import create_layer
+from tests.conftest import assert_one_line_error, check_objects, run_cli
+
+SHAPE = (128, 128, 10)
+
+
+@pytest.fixture
+def labels(tmp_path) -> str:
+    _, ids = load_sample()
+    cut = ids[: SHAPE[2], 100:100 + SHAPE[1], 200:200 + SHAPE[0]].astype("uint64")
+    path = f"file://{tmp_path / 'seg'}"
+    vol = create_layer(path, layer_type="segmentation", dtype="uint64",
+                       resolution=(16, 16, 50), size=SHAPE, chunk_size=(64, 64, 10))
+    vol[:, :, :] = xyz_from_zyx(cut)
+    return path
+
+
+def info(path: str) -> dict:
+    return CloudFiles(path).get_json("info")
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
+def test_meshes_and_skeletons_are_named_once_merged_and_load(labels, sharded):
+    meshes = mesh_stages(plan_meshes(labels, sharded=sharded, task_shape=(64, 64, 10)))
+    skeletons = skeleton_stages(plan_skeletons(labels, sharded=sharded, task_shape=(64, 64, 10),
+                                               dust_threshold=100))
+    # forged, not merged: the info names neither (Neuroglancer would ask for them)
+    runner = Runner(lambda stage: "", execute=execute_here, progress=False)
+    runner.run([meshes[0], skeletons[0]])
+    forged = CloudFiles(labels)
+    assert any(forged.list(prefix="mesh/")) and any(forged.list(prefix="skeletons/"))
+    assert "mesh" not in info(labels) and "skeletons" not in info(labels)
+    runner.run(meshes[1:] + skeletons[1:])
+    assert info(labels)["mesh"] == "mesh" and info(labels)["skeletons"] == "skeletons"
+    kind = CloudFiles(f"{labels}/mesh").get_json("info")["@type"]
+    assert kind == ("neuroglancer_multilod_draco" if sharded else "neuroglancer_legacy_mesh")
+    assert ("sharding" in CloudFiles(f"{labels}/skeletons").get_json("info")) == sharded
+    check_objects(labels, min_voxels=500, slack=2.0)
+
+
+def test_a_second_run_of_the_same_stages_keeps_the_names(labels):
+    stages = skeleton_stages(plan_skeletons(labels, dust_threshold=100))
+    first = run_stages(stages, execute=execute_here, progress=False)
+    again = run_stages(skeleton_stages(plan_skeletons(labels, dust_threshold=100)),
+                       execute=execute_here, progress=False)
+    assert [s.ran for s in first] == [1, 9] and [s.ran for s in again] == [0, 0]
+    assert info(labels)["skeletons"] == "skeletons"
+    largest = np.bincount(np.asarray(CloudVolume(labels)[:, :, :]).ravel())[1:].argmax() + 1
+    assert len(CloudVolume(labels).skeleton.get(int(largest)).vertices) > 0
+
+
+def test_object_bad_input_is_one_line_before_anything_is_written(labels, tmp_path):
+    image = f"file://{tmp_path / 'image'}"
+    create_layer(image, layer_type="image", dtype="uint8", resolution=(16, 16, 50), size=SHAPE,
+                 chunk_size=(64, 64, 10))
+    before = sorted(CloudFiles(labels).list())
+    for command in ("mesh", "skeleton"):
+        assert_one_line_error(run_cli(command, image), "is an image layer",
+                              f"{'meshes' if command == 'mesh' else 'skeletons'} are made of "
+                              "a segmentation layer")
+        assert_one_line_error(run_cli(command, labels, "--mip", "3"),
+                              f"{command} mip 3 does not exist", "downsample it first")
+        assert_one_line_error(run_cli(command, labels, "--sharded", "--no-spatial-index"),
+                              "need the spatial index", "sharded merge")
+    assert sorted(CloudFiles(labels).list()) == before
+    dry = run_cli("skeleton", labels, "--dry-run", check=True)
+    assert "1 SkeletonTask(s) of 128 x 128 x 10 voxels at mip 0" in dry.stdout, dry.stdout
