@@ -4,8 +4,9 @@
 FROM python:3.11-slim
 ARG TORCH_SPEC="torch>=2.4,<2.14"
 ARG TORCH_INDEX=""
+# HOME: the runtime user `nobody` has none, and taskqueue creates ~/.cloudvolume at import
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    NUMBA_CACHE_DIR=/tmp/numba-cache
+    NUMBA_CACHE_DIR=/tmp/numba-cache HOME=/tmp
 WORKDIR /opt/deepem3d
 RUN if [ -n "$TORCH_INDEX" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
     else pip install "$TORCH_SPEC"; fi

@@ -11,6 +11,8 @@ import time
 from taskqueue import queueable
 from taskqueue.queueables import totask
 
+from deepem3d.stages.frame import stage_task
+
 
 @queueable
 def StallOnce(flag_path: str, seconds: float, task: list) -> None:  # noqa: N802
@@ -25,4 +27,17 @@ def StallOnce(flag_path: str, seconds: float, task: list) -> None:  # noqa: N802
 @queueable
 def AlwaysFails(message: str) -> None:  # noqa: N802
     """A task with a bug that no retry fixes."""
+    raise RuntimeError(message)
+
+
+@queueable
+def Touch(path: str) -> None:  # noqa: N802
+    """A task that works: writes `path`."""
+    with open(path, "w") as f:
+        f.write("done")
+
+
+@stage_task
+def FailsInFrame(message: str) -> None:  # noqa: N802
+    """A frame task with a bug that no retry fixes."""
     raise RuntimeError(message)

@@ -5,6 +5,7 @@ The reference is igneous itself, run in-process on a copy of the same layer.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 from taskqueue import TaskQueue
 
 from deepem3d.stages.downsample import downsample_stage, plan_downsample
-from deepem3d.stages.frame import payload_of
+from deepem3d.stages.frame import Markers, payload_of
 from tests.conftest import (
     MEMORY,
     ROOT,
@@ -24,9 +25,10 @@ from tests.conftest import (
     file_digests,
     igneous_reference,
     make_layer,
+    run_cli,
     start_stage,
 )
-from tests.queue_helpers import AlwaysFails, StallOnce
+from tests.queue_helpers import AlwaysFails, FailsInFrame, StallOnce, Touch
 
 
 def start_worker(queue: str, *extra: str) -> subprocess.Popen:
@@ -124,6 +126,51 @@ def test_a_task_that_always_fails_is_set_aside(tmp_path):
     assert log.count("RuntimeError: boom") == 2
     assert "Traceback" not in log.split("RuntimeError: boom")[-1], log
     assert tq.enqueued == 0
-    failed = list((queue_dir / "failed").iterdir())
-    assert len(failed) == 1 and "AlwaysFails" in failed[0].read_text()
+    (failed,) = (queue_dir / "failed").glob("*.json")
+    assert "AlwaysFails" in failed.read_text()
+    assert "2 times" in failed.with_suffix(".error").read_text()
     assert os.listdir(queue_dir / "attempts") == []
+
+
+def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_path):
+    """Not JSON, JSON of no task's shape, a task class and a function nobody registered: each
+    set aside on its first attempt with its reason, while the good task runs and the worker
+    stays up; a frame task that raises leaves an error record under its stage."""
+    queue_dir = tmp_path / "queue"
+    tq = TaskQueue(f"fq://{queue_dir}", progress=False)
+    done = tmp_path / "done"
+    tq.insert([partial(Touch, path=str(done))])
+    layer = f"file://{tmp_path / 'layer'}"
+    markers = Markers(layer, "broken")
+    markers.start_run("k1", {}, ["t1"])
+    tq.insert([partial(FailsInFrame, message="bug",
+                       run={"layer": layer, "stage": "broken", "id": "t1", "key": "k1"})])
+    bad = {"not-json": "{not json", "a-list": "[1, 2]",
+           "unknown-class": json.dumps({"class": "NoSuchTask", "id": "unknown-class"}),
+           "unknown-function": json.dumps({"payload": [["no.such.module", "fn"], [], {}, None],
+                                           "id": "unknown-function"})}
+    for name, text in bad.items():
+        (queue_dir / "queue" / f"0--{name}.json").write_text(text)
+    worker = start_worker(f"fq://{queue_dir}", "--exit-when-empty", "--max-attempts", "2")
+    _, log = worker.communicate(timeout=120)
+    assert worker.returncode == 1, log  # the frame task raised
+    assert done.read_text() == "done"
+    assert tq.enqueued == 0
+    reasons = {p.stem: p.read_text() for p in (queue_dir / "failed").glob("*.error")}
+    assert set(bad) <= set(reasons), (reasons, log)
+    for name in ("not-json", "a-list", "unknown-class"):  # kept as they came
+        assert (queue_dir / "failed" / f"{name}.json").read_text() == bad[name]
+        assert f"task {name} set aside" in log and "not a task" in reasons[name], log
+    assert "JSONDecodeError" in reasons["not-json"]
+    # a function nobody registered parses as a task, and fails once on running
+    assert "UnregisteredFunctionError" in reasons["unknown-function"]
+    assert "no.such.module" in (queue_dir / "failed" / "unknown-function.json").read_text()
+    assert "Traceback" not in log.split("RuntimeError: bug")[-1]
+    record = json.loads((tmp_path / "layer" / "tasks" / "broken" / "errors" / "t1.json")
+                        .read_text())
+    assert record["error"] == "RuntimeError: bug" and record["attempt"] == 2
+    # `deepem3d status` lists what was set aside, the frame task with its error record
+    shown = run_cli("status", f"fq://{queue_dir}", check=True).stdout
+    assert "set aside: 5" in shown, shown
+    assert "layer/broken  RuntimeError: bug (attempt 2 on" in shown, shown
+    assert "not-json  -  not a task: JSONDecodeError" in shown, shown

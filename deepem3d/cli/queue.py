@@ -11,7 +11,7 @@ import click
 from tqdm import tqdm
 
 from deepem3d.errors import InputError
-from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
+from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts, set_aside
 
 
 @click.command()
@@ -75,6 +75,9 @@ def worker(
         sys.exit(1)
 
 
+SHOWN_SET_ASIDE = 20  # lines of set-aside tasks `status` prints
+
+
 def _show(value: int | None) -> str:
     return "n/a" if value is None else str(value)
 
@@ -86,7 +89,8 @@ def _show(value: int | None) -> str:
     "--interval", type=float, default=2.0, show_default=True, help="Seconds between polls."
 )
 def status(queue: str, watch: bool, interval: float) -> None:
-    """Show inserted / enqueued / leased / completed for QUEUE.
+    """Show inserted / enqueued / leased / completed for QUEUE, and on fq:// the tasks its
+    workers set aside (DIR/failed/) with why.
 
     SQS keeps no inserted or completed counts and its enqueued count is approximate: whether
     a stage is finished is decided by its tasks' completion markers, not by this.
@@ -97,6 +101,13 @@ def status(queue: str, watch: bool, interval: float) -> None:
         f"inserted: {_show(counts.inserted)}  enqueued: {counts.enqueued}  "
         f"leased: {counts.leased}  completed: {_show(counts.completed)}"
     )
+    aside = set_aside(queue)
+    if aside:
+        click.echo(f"set aside: {len(aside)} (in {queue[len('fq://'):]}/failed/)")
+        for task in aside[:SHOWN_SET_ASIDE]:
+            click.echo(f"  {task.task_id}  {task.stage}  {task.reason}")
+        if len(aside) > SHOWN_SET_ASIDE:
+            click.echo(f"  ... and {len(aside) - SHOWN_SET_ASIDE} more")
     if not watch:
         return
     total = counts.inserted if counts.inserted else counts.enqueued

@@ -98,3 +98,47 @@ def spawn_workers(url: str, count: int, lease_seconds: int = 600,
         "--poll-seconds", str(LOCAL_POLL_SECONDS), "--lease-seconds", str(lease_seconds),
     ]
     return [subprocess.Popen(command, stderr=log_file, stdout=log_file) for _ in range(count)]
+
+
+@dataclass
+class SetAside:
+    """A task an fq:// queue's workers gave up on (DIR/failed/), with why."""
+
+    task_id: str
+    stage: str  # LAYER/STAGE of a frame task, "-" for others
+    reason: str
+
+
+def set_aside(url: str) -> list[SetAside]:
+    """The tasks in DIR/failed/ of an fq:// queue (SQS keeps them in its dead-letter queue):
+    the reason the worker wrote, or, for a frame task, its stage's error record."""
+    import json
+
+    from cloudfiles import CloudFiles
+
+    if not url.startswith("fq://"):
+        return []
+    folder = os.path.join(url[len("fq://"):], "failed")
+    found = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.endswith(".json"):
+            continue
+        task_id = name[: -len(".json")]
+        error = os.path.join(folder, f"{task_id}.error")
+        reason = open(error).read().strip() if os.path.exists(error) else ""
+        stage = "-"
+        try:
+            with open(os.path.join(folder, name)) as f:
+                payload = json.load(f)
+            run = payload[2].get("run") if isinstance(payload, list) else None
+        except (ValueError, IndexError, AttributeError, TypeError):
+            run = None
+        if isinstance(run, dict) and run.get("layer"):
+            stage = f"{str(run['layer']).rstrip('/').rsplit('/', 1)[-1]}/{run.get('stage')}"
+            record = CloudFiles(run["layer"]).get_json(
+                f"tasks/{run.get('stage')}/errors/{run.get('id')}.json")
+            if record:
+                reason = f"{record.get('error')} (attempt {record.get('attempt')} on " \
+                         f"{record.get('host')})"
+        found.append(SetAside(task_id, stage, reason or "no reason recorded"))
+    return found

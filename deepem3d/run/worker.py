@@ -10,13 +10,22 @@ loop does all three:
 - On fq:// queues, leases are counted per task; a task leased more than `max_attempts` times
   is moved to DIR/failed/ instead of coming back forever. On SQS, give the queue a redrive
   policy (a dead-letter queue) for the same effect.
+- A message that is not a task (not JSON, not a task's shape, a task class nobody registered)
+  never stops the worker: on fq:// it is set aside in DIR/failed/ on first sight (ID.json the
+  message as it was, ID.error why); on SQS it is logged and returns after its visibility
+  timeout until the redrive policy moves it to the dead-letter queue.
+- Every failure of a frame task leaves an error record, LAYER/tasks/STAGE/errors/ID.json (the
+  last line of the error, the attempt, the host), since an SQS message cannot carry one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -25,8 +34,10 @@ from dataclasses import dataclass
 from taskqueue import QueueEmptyError
 from taskqueue.lib import jsonify
 from taskqueue.queueablefns import UnregisteredFunctionError
+from taskqueue.queueables import totask
 
 from deepem3d.errors import InputError
+from deepem3d.memory import peak_rss
 from deepem3d.run.queues import open_queue
 
 log = logging.getLogger("deepem3d.run.worker")
@@ -43,6 +54,33 @@ def register_tasks() -> None:
 
     for module in TASK_MODULES:
         importlib.import_module(module)
+
+
+#: files of an fq:// queue a lease tries before it reports the queue empty (others may take
+#: the same files meanwhile)
+LEASE_CANDIDATES = 16
+
+
+def _last_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
+
+
+def record_error(task, err: BaseException, attempt: int) -> None:
+    """LAYER/TASKS/STAGE/errors/ID.json for a frame task's failure (nothing for others)."""
+    run = (getattr(task, "kwargs", None) or {}).get("run")
+    if not isinstance(run, dict) or not run.get("layer"):
+        return
+    try:
+        from cloudfiles import CloudFiles
+
+        CloudFiles(run["layer"]).put_json(
+            f"tasks/{run['stage']}/errors/{run['id']}.json",
+            {"error": _last_line(err), "attempt": attempt, "host": socket.gethostname(),
+             "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            compress=None)
+    except Exception as failure:  # the record must not hide the error it records
+        log.warning("could not write the error record of task %s: %s", run.get("id"), failure)
 
 
 def stage_of(task) -> str:
@@ -151,14 +189,17 @@ class Worker:
             except FileNotFoundError:
                 pass
 
-    def _give_up(self, task, attempts: int) -> None:
+    def _give_up(self, task, attempts: int, reason: str) -> None:
         if self._file_queue_dir is None:  # SQS: the redrive policy moves it
             self.queue.cancel(task)
             return
         failed_dir = os.path.join(self._file_queue_dir, "failed")
         os.makedirs(failed_dir, exist_ok=True)
+        payload = task.payload()
         with open(os.path.join(failed_dir, f"{task.id}.json"), "w") as f:
-            f.write(jsonify(list(task.payload())))
+            f.write(jsonify(payload if isinstance(payload, dict) else list(payload)))
+        with open(os.path.join(failed_dir, f"{task.id}.error"), "w") as f:
+            f.write(reason + "\n")
         self.queue.delete(task)
         self._forget_attempts(task)
         log.error(
@@ -167,8 +208,58 @@ class Worker:
 
     # the loop -----------------------------------------------------------------------
     def _lease(self):
-        wait = 0 if self._file_queue_dir is not None else 2
-        return self.queue.lease(seconds=self.lease_seconds, wait_sec=wait)
+        if self._file_queue_dir is not None:
+            return self._lease_file()
+        try:
+            return self.queue.lease(seconds=self.lease_seconds, wait_sec=2)
+        except QueueEmptyError:
+            raise
+        except Exception as err:  # a body that is not a task: the redrive policy retires it
+            log.error("a message of %s is not a task (%s): it returns after its visibility "
+                      "timeout until the dead-letter queue takes it", self.url, _last_line(err))
+            raise QueueEmptyError from None
+
+    def _lease_file(self):
+        """One task of an fq:// queue, leased as taskqueue's FileQueueAPI does, but read here
+        so that a file that is not a task is set aside instead of coming back forever (the
+        API's own lease retries a file that does not parse, hides it for the lease time, and
+        reports the queue empty)."""
+        from taskqueue.file_queue_api import idfn, move_file, set_timestamp, write_lock_file
+
+        api = self.queue.api
+        now = int(time.time())
+        names = [e.name for e in os.scandir(api.queue_path)
+                 if "--" in e.name and int(e.name.split("--")[0]) <= now]
+        random.shuffle(names)
+        for name in names[:LEASE_CANDIDATES]:
+            leased = set_timestamp(name, now + self.lease_seconds)
+            movements = os.path.join(api.movement_path, idfn(leased))
+            with write_lock_file(open(movements, "a")) as f:
+                try:
+                    move_file(os.path.join(api.queue_path, name),
+                              os.path.join(api.queue_path, leased))
+                except FileNotFoundError:  # another worker took it
+                    continue
+                f.write(leased + "\n")
+            with open(os.path.join(api.queue_path, leased), errors="replace") as f:
+                text = f.read()
+            try:
+                return totask(json.loads(text))
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as err:  # noqa: BLE001  (taskqueue raises BaseExceptions)
+                self._set_aside(idfn(leased), text, f"not a task: {_last_line(err)}")
+        raise QueueEmptyError
+
+    def _set_aside(self, task_id: str, text: str, reason: str) -> None:
+        failed_dir = os.path.join(self._file_queue_dir, "failed")
+        os.makedirs(failed_dir, exist_ok=True)
+        with open(os.path.join(failed_dir, f"{task_id}.json"), "w") as f:
+            f.write(text)
+        with open(os.path.join(failed_dir, f"{task_id}.error"), "w") as f:
+            f.write(reason + "\n")
+        self.queue.api.delete(task_id)
+        log.error("task %s set aside in %s: %s", task_id, failed_dir, reason)
 
     def run(self) -> WorkerReport:
         report = WorkerReport()
@@ -201,7 +292,7 @@ class Worker:
     def _execute(self, task, report: WorkerReport) -> None:
         attempts = self._count_attempt(task)
         if attempts > self.max_attempts:
-            self._give_up(task, attempts)
+            self._give_up(task, attempts, f"leased {attempts - 1} times without finishing")
             report.given_up += 1
             return
         name = ".".join(task.key) if hasattr(task, "key") else type(task).__name__
@@ -217,12 +308,14 @@ class Worker:
             keeper.stop()
             report.errors += 1
             log.error("task %s (%s) failed on its input: %s", task.id, name, err)
-            self._give_up(task, attempts + 1)
+            record_error(task, err, attempts)
+            self._give_up(task, attempts + 1, _last_line(err))
             return
-        except Exception:
+        except Exception as err:
             keeper.stop()
             report.errors += 1
             log.error("task %s raised:\n%s", task.id, traceback.format_exc().rstrip())
+            record_error(task, err, attempts)
             try:
                 self.queue.cancel(task)  # let it be retried now rather than at lease expiry
             except Exception as err:
@@ -232,4 +325,5 @@ class Worker:
         self.queue.delete(task, tally=True)
         self._forget_attempts(task)
         report.executed += 1
-        log.info("finished task %s in %.2f s", task.id, time.time() - start)
+        log.info("finished task %s (%s) in %.2f s, peak memory %.0f MiB", task.id,
+                 stage_of(task), time.time() - start, peak_rss() / 2**20)
