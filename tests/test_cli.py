@@ -11,14 +11,14 @@ from tests.conftest import assert_one_line_error, run_cli
 
 def test_help_lists_every_command():
     out = run_cli("--help", check=True).stdout
-    for command in ("sample", "ingest", "worker", "status", "downsample", "evaluate", "view",
+    for command in ("sample", "ingest", "worker", "queue", "downsample", "evaluate", "view",
                     "train", "infer"):
         assert command in out
 
 
 def test_unknown_queue_scheme():
     assert_one_line_error(run_cli("worker", "redis://localhost/q"), "unknown queue", "fq://")
-    assert_one_line_error(run_cli("status", "/tmp/no-scheme"), "unknown queue")
+    assert_one_line_error(run_cli("queue", "status", "/tmp/no-scheme"), "unknown queue")
 
 
 def test_unknown_command_and_missing_argument():

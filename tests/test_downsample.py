@@ -47,7 +47,7 @@ def test_downsample_cli_equals_igneous(tmp_path, layer_type):
                     check=True)
     assert "(0 run now)" in again.stdout, again.stdout
 
-    status = run_cli("status", queue, check=True)
+    status = run_cli("queue", "status", queue, check=True)
     assert "enqueued: 0" in status.stdout
 
 
@@ -56,12 +56,12 @@ def test_downsample_on_a_queue_without_local_workers(tmp_path):
     queue = f"fq://{tmp_path / 'queue'}"
     out = run_cli("downsample", layer, "--queue", queue, "--num-mips", "1", check=True)
     assert "deepem3d worker" in out.stdout
-    status = run_cli("status", queue, check=True)
+    status = run_cli("queue", "status", queue, check=True)
     assert "inserted: 2  enqueued: 2" in status.stdout
     assert not Markers(layer, "downsample-mip0").is_complete()
     run_cli("worker", queue, "--exit-when-empty", check=True)
     assert Markers(layer, "downsample-mip0").is_complete()
-    assert "enqueued: 0" in run_cli("status", queue, "--watch", check=True).stdout
+    assert "enqueued: 0" in run_cli("queue", "status", queue, "--watch", check=True).stdout
 
 
 def test_downsample_bad_input(tmp_path):

@@ -232,10 +232,10 @@ def test_segmenting_beyond_what_was_predicted_is_refused_at_planning(tmp_path, c
     assert_one_line_error(inside, "is incomplete", "inference task(s) have not finished")
 
 
-@pytest.mark.parametrize("command", ["worker", "status"])
+@pytest.mark.parametrize("command", [["worker"], ["queue", "status"]])
 def test_a_file_queue_that_does_not_exist_is_an_error_not_a_wait(tmp_path, command):
     missing = tmp_path / "no" / "queue"
-    result = run_cli(command, f"fq://{missing}", timeout=60)
+    result = run_cli(*command, f"fq://{missing}", timeout=60)
     assert_one_line_error(result, "no such file queue")
     assert not missing.exists(), "the queue was created"
 

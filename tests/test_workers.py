@@ -169,8 +169,8 @@ def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_pa
     record = json.loads((tmp_path / "layer" / "tasks" / "broken" / "errors" / "t1.json")
                         .read_text())
     assert record["error"] == "RuntimeError: bug" and record["attempt"] == 2
-    # `deepem3d status` lists what was set aside, the frame task with its error record
-    shown = run_cli("status", f"fq://{queue_dir}", check=True).stdout
+    # `deepem3d queue status` lists what was set aside, the frame task with its error record
+    shown = run_cli("queue", "status", f"fq://{queue_dir}", check=True).stdout
     assert "set aside: 5" in shown, shown
     assert "layer/broken  RuntimeError: bug (attempt 2 on" in shown, shown
     assert "not-json  -  not a task: JSONDecodeError" in shown, shown

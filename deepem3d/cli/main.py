@@ -17,7 +17,7 @@ from deepem3d.cli.evaluate import evaluate
 from deepem3d.cli.infer import infer
 from deepem3d.cli.ingest import ingest
 from deepem3d.cli.mesh import mesh, skeleton
-from deepem3d.cli.queue import status, worker
+from deepem3d.cli.queue import queue, worker
 from deepem3d.cli.run import run
 from deepem3d.cli.sample import sample
 from deepem3d.cli.segment import segment
@@ -33,7 +33,7 @@ def cli() -> None:
 
 
 for command in (
-    demo, run, sample, ingest, worker, status, downsample, infer, segment, mesh, skeleton,
+    demo, run, sample, ingest, worker, queue, downsample, infer, segment, mesh, skeleton,
     evaluate, view,
     train,
 ):

@@ -1,4 +1,4 @@
-"""`deepem3d worker QUEUE` and `deepem3d status QUEUE`."""
+"""`deepem3d worker QUEUE` and `deepem3d queue create|status|delete QUEUE`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import click
 from tqdm import tqdm
 
 from deepem3d.errors import InputError
-from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts, set_aside
+from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
 
 
 @click.command()
@@ -82,28 +82,74 @@ def _show(value: int | None) -> str:
     return "n/a" if value is None else str(value)
 
 
-@click.command()
-@click.argument("queue")
+@click.group()
+def queue() -> None:
+    """Create, inspect and delete task queues (fq://DIR or sqs://NAME)."""
+
+
+@queue.command()
+@click.argument("url")
+@click.option("--max-attempts", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="sqs:// only: a message received this many times goes to the dead-letter "
+              "queue (fq:// workers count attempts with their own --max-attempts).")
+@click.option("--visibility-seconds", type=click.IntRange(min=1), default=900,
+              show_default=True,
+              help="sqs:// only: the queue's visibility timeout; at least the workers' lease.")
+@click.option("--lease-seconds", type=click.IntRange(min=1), default=None,
+              help="The lease the workers will take: refused when above --visibility-seconds.")
+def create(url: str, max_attempts: int, visibility_seconds: int,
+           lease_seconds: int | None) -> None:
+    """Create the queue URL: on SQS with a dead-letter queue (URL-dead-letter), its redrive
+    policy and 14-day retention, so that no task is lost to a retention limit or retried
+    forever."""
+    from deepem3d.run.queue_admin import create_queue
+
+    click.echo("created " + create_queue(url, max_attempts=max_attempts,
+                                         visibility_seconds=visibility_seconds,
+                                         lease_seconds=lease_seconds))
+
+
+@queue.command()
+@click.argument("url")
+@click.option("--yes", is_flag=True, help="Delete without asking (required when not on a "
+              "terminal).")
+def delete(url: str, yes: bool) -> None:
+    """Delete the queue URL and what it holds (on SQS, its dead-letter queue too)."""
+    from deepem3d.run.queue_admin import delete_queue
+
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InputError(f"deleting {url} loses the tasks on it: add --yes")
+        click.confirm(f"delete {url} and every task on it?", abort=True)
+    click.echo(delete_queue(url))
+
+
+@queue.command()
+@click.argument("url")
 @click.option("--watch", is_flag=True, help="Show a progress bar until the queue is empty.")
 @click.option(
     "--interval", type=float, default=2.0, show_default=True, help="Seconds between polls."
 )
-def status(queue: str, watch: bool, interval: float) -> None:
-    """Show inserted / enqueued / leased / completed for QUEUE, and on fq:// the tasks its
-    workers set aside (DIR/failed/) with why.
+def status(url: str, watch: bool, interval: float) -> None:
+    """Show inserted / enqueued / leased / completed for the queue URL, and the tasks its
+    workers set aside (fq://: DIR/failed/; sqs://: its dead-letter queue) with why.
 
     SQS keeps no inserted or completed counts and its enqueued count is approximate: whether
     a stage is finished is decided by its tasks' completion markers, not by this.
     """
-    tq = open_queue(check_existing_queue(queue))
+    from deepem3d.run.queue_admin import set_aside
+
+    tq = open_queue(check_existing_queue(url))
     counts = queue_counts(tq)
     click.echo(
         f"inserted: {_show(counts.inserted)}  enqueued: {counts.enqueued}  "
         f"leased: {counts.leased}  completed: {_show(counts.completed)}"
     )
-    aside = set_aside(queue)
+    aside = set_aside(url)
     if aside:
-        click.echo(f"set aside: {len(aside)} (in {queue[len('fq://'):]}/failed/)")
+        where = (f"{url[len('fq://'):]}/failed/" if url.startswith("fq://")
+                 else f"{url[len('sqs://'):]}-dead-letter")
+        click.echo(f"set aside: {len(aside)} (in {where})")
         for task in aside[:SHOWN_SET_ASIDE]:
             click.echo(f"  {task.task_id}  {task.stage}  {task.reason}")
         if len(aside) > SHOWN_SET_ASIDE:

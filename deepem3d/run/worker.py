@@ -66,16 +66,21 @@ def _last_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
-def record_error(task, err: BaseException, attempt: int) -> None:
-    """LAYER/TASKS/STAGE/errors/ID.json for a frame task's failure (nothing for others)."""
+def record_error(task, err: BaseException, attempt: int | None) -> None:
+    """LAYER/TASKS/STAGE/errors/ID.json for a frame task's failure (nothing for others).
+    `attempt` None (SQS, where the worker counts nothing): one more than the last record's."""
     run = (getattr(task, "kwargs", None) or {}).get("run")
     if not isinstance(run, dict) or not run.get("layer"):
         return
     try:
         from cloudfiles import CloudFiles
 
-        CloudFiles(run["layer"]).put_json(
-            f"tasks/{run['stage']}/errors/{run['id']}.json",
+        files = CloudFiles(run["layer"])
+        key = f"tasks/{run['stage']}/errors/{run['id']}.json"
+        if attempt is None:
+            attempt = int((files.get_json(key) or {}).get("attempt", 0)) + 1
+        files.put_json(
+            key,
             {"error": _last_line(err), "attempt": attempt, "host": socket.gethostname(),
              "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
             compress=None)
@@ -308,14 +313,14 @@ class Worker:
             keeper.stop()
             report.errors += 1
             log.error("task %s (%s) failed on its input: %s", task.id, name, err)
-            record_error(task, err, attempts)
+            record_error(task, err, attempts if self._file_queue_dir is not None else None)
             self._give_up(task, attempts + 1, _last_line(err))
             return
         except Exception as err:
             keeper.stop()
             report.errors += 1
             log.error("task %s raised:\n%s", task.id, traceback.format_exc().rstrip())
-            record_error(task, err, attempts)
+            record_error(task, err, attempts if self._file_queue_dir is not None else None)
             try:
                 self.queue.cancel(task)  # let it be retried now rather than at lease expiry
             except Exception as err:

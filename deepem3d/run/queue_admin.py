@@ -1,0 +1,187 @@
+"""Creating, deleting and inspecting queues: what `deepem3d queue` does.
+
+    create sqs://NAME    NAME and NAME-dead-letter: 14-day retention on both (SQS's default,
+                         4 days, silently drops what a long stage leaves waiting), a redrive
+                         policy that moves a message received `max_attempts` times to the
+                         dead-letter queue, a visibility timeout of at least the workers' lease
+    create fq://DIR      the directory (workers count attempts there and set tasks aside in
+                         DIR/failed/)
+    delete               the queue (and its dead-letter queue); a directory only when it holds
+                         a file queue
+    set_aside            what the workers gave up on (DIR/failed/, or the dead-letter queue),
+                         each joined with its stage's error record when it is a frame task
+
+The AWS endpoint and region come from the usual places (AWS_ENDPOINT_URL_SQS for a local
+endpoint such as moto, AWS_DEFAULT_REGION, credentials from the environment or the instance's
+role); nothing here prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+from deepem3d.errors import InputError
+from deepem3d.run.queues import check_queue_url
+
+RETENTION_SECONDS = 14 * 24 * 3600  # SQS's maximum; its default (4 days) loses slow stages
+DEAD_LETTER_SUFFIX = "-dead-letter"
+MAX_VISIBILITY = 12 * 3600  # SQS's limit
+PEEK_BATCHES = 10  # receive calls (10 messages each) `set_aside` makes on a dead-letter queue
+
+
+def _sqs():
+    import boto3
+    from botocore.config import Config
+
+    try:
+        return boto3.client("sqs", config=Config(retries={"max_attempts": 3},
+                                                 connect_timeout=5, read_timeout=30))
+    except Exception as err:  # noqa: BLE001  (botocore's NoRegionError and kin)
+        raise InputError(f"cannot reach SQS: {err} (set AWS_DEFAULT_REGION and credentials)")\
+            from None
+
+
+def _call(what: str, fn, **kwargs):
+    """One SQS call, its failures as one-line InputErrors."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn(**kwargs)
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        raise InputError(f"{what}: {error.get('Code')}: {error.get('Message')}") from None
+    except BotoCoreError as err:
+        raise InputError(f"{what}: {err}") from None
+
+
+def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 900,
+                 lease_seconds: int | None = None) -> str:
+    """Create the queue (see the module docstring); returns what was made, in words."""
+    check_queue_url(url)
+    if lease_seconds is not None and visibility_seconds < lease_seconds:
+        raise InputError(f"--visibility-seconds {visibility_seconds} is below the workers' "
+                         f"lease ({lease_seconds} s): a task would be handed to a second "
+                         "worker while the first still runs it")
+    if not 1 <= visibility_seconds <= MAX_VISIBILITY:
+        raise InputError(f"--visibility-seconds {visibility_seconds}: SQS takes 1 to "
+                         f"{MAX_VISIBILITY}")
+    if url.startswith("fq://"):
+        from deepem3d.run.queues import open_queue
+
+        os.makedirs(url[len("fq://"):], exist_ok=True)
+        open_queue(url)  # taskqueue lays out its folders
+        return f"file queue {url}"
+    name = url[len("sqs://"):]
+    sqs = _sqs()
+    dead = _call(f"creating {name}{DEAD_LETTER_SUFFIX}", sqs.create_queue,
+                 QueueName=f"{name}{DEAD_LETTER_SUFFIX}",
+                 Attributes={"MessageRetentionPeriod": str(RETENTION_SECONDS)})["QueueUrl"]
+    arn = _call("reading the dead-letter queue", sqs.get_queue_attributes, QueueUrl=dead,
+                AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    _call(f"creating {name}", sqs.create_queue, QueueName=name, Attributes={
+        "MessageRetentionPeriod": str(RETENTION_SECONDS),
+        "VisibilityTimeout": str(visibility_seconds),
+        "RedrivePolicy": json.dumps({"deadLetterTargetArn": arn,
+                                     "maxReceiveCount": str(max_attempts)}),
+    })
+    return (f"SQS queue {name} (visibility {visibility_seconds} s, 14-day retention) and "
+            f"{name}{DEAD_LETTER_SUFFIX}, which takes a message received {max_attempts} times")
+
+
+def delete_queue(url: str) -> str:
+    check_queue_url(url)
+    if url.startswith("fq://"):
+        folder = url[len("fq://"):]
+        if not os.path.isdir(os.path.join(folder, "queue")) or not os.path.isdir(
+                os.path.join(folder, "movement")):
+            raise InputError(f"{url}: not a file queue (no queue/ and movement/ inside): "
+                             "nothing deleted")
+        shutil.rmtree(folder)
+        return f"deleted {url}"
+    name = url[len("sqs://"):]
+    sqs = _sqs()
+    deleted = []
+    for queue in (name, f"{name}{DEAD_LETTER_SUFFIX}"):
+        found = _call("listing queues", sqs.list_queues,
+                      QueueNamePrefix=queue).get("QueueUrls", [])
+        for queue_url in found:
+            if queue_url.rstrip("/").rsplit("/", 1)[-1] == queue:
+                _call(f"deleting {queue}", sqs.delete_queue, QueueUrl=queue_url)
+                deleted.append(queue)
+    if name not in deleted:
+        raise InputError(f"{url}: no such SQS queue")
+    return f"deleted {' and '.join(deleted)}"
+
+
+@dataclass
+class SetAside:
+    """A task the workers gave up on, with why."""
+
+    task_id: str
+    stage: str  # LAYER/STAGE of a frame task, "-" for others
+    reason: str
+
+
+def _joined(task_id: str, text: str, reason: str) -> SetAside:
+    """A set-aside task with its stage and, for a frame task, its stage's error record."""
+    from cloudfiles import CloudFiles
+
+    stage = "-"
+    try:
+        payload = json.loads(text)
+        payload = payload.get("payload", payload) if isinstance(payload, dict) else payload
+        run = payload[2].get("run") if isinstance(payload, list) else None
+    except (ValueError, IndexError, AttributeError, TypeError):
+        run = None
+    if isinstance(run, dict) and run.get("layer"):
+        stage = f"{str(run['layer']).rstrip('/').rsplit('/', 1)[-1]}/{run.get('stage')}"
+        try:
+            record = CloudFiles(run["layer"]).get_json(
+                f"tasks/{run.get('stage')}/errors/{run.get('id')}.json")
+        except Exception:  # noqa: BLE001  (the listing must not fail on one unreadable record)
+            record = None
+        if record:
+            reason = (f"{record.get('error')} (attempt {record.get('attempt')} on "
+                      f"{record.get('host')})")
+    return SetAside(task_id, stage, reason or "no reason recorded")
+
+
+def set_aside(url: str) -> list[SetAside]:
+    """The tasks in DIR/failed/ of an fq:// queue, or (a look that leaves them there) in the
+    dead-letter queue of an sqs:// one."""
+    if url.startswith("sqs://"):
+        return _dead_letters(url[len("sqs://"):])
+    folder = os.path.join(url[len("fq://"):], "failed")
+    found = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.endswith(".json"):
+            continue
+        task_id = name[: -len(".json")]
+        error = os.path.join(folder, f"{task_id}.error")
+        reason = open(error).read().strip() if os.path.exists(error) else ""
+        with open(os.path.join(folder, name), errors="replace") as f:
+            found.append(_joined(task_id, f.read(), reason))
+    return found
+
+
+def _dead_letters(name: str) -> list[SetAside]:
+    sqs = _sqs()
+    found = _call("listing queues", sqs.list_queues,
+                  QueueNamePrefix=f"{name}{DEAD_LETTER_SUFFIX}").get("QueueUrls", [])
+    dead = next((u for u in found if u.endswith(f"/{name}{DEAD_LETTER_SUFFIX}")), None)
+    if dead is None:
+        return []
+    seen: dict[str, SetAside] = {}
+    for _ in range(PEEK_BATCHES):
+        reply = _call("reading the dead-letter queue", sqs.receive_message, QueueUrl=dead,
+                      MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0)
+        messages = reply.get("Messages", [])
+        if not messages or all(m["MessageId"] in seen for m in messages):
+            break
+        for message in messages:
+            seen[message["MessageId"]] = _joined(message["MessageId"], message["Body"],
+                                                 "in the dead-letter queue")
+    return sorted(seen.values(), key=lambda s: s.task_id)
