@@ -50,6 +50,7 @@ def test_meshes_and_skeletons_are_named_once_merged_and_load(labels, sharded):
     forged = CloudFiles(labels)
     assert any(forged.list(prefix="mesh/")) and any(forged.list(prefix="skeletons/"))
     assert "mesh" not in info(labels) and "skeletons" not in info(labels)
+    assert "mesh" not in CloudVolume(labels).info  # the in-memory naming did not leak
     runner.run(meshes[1:] + skeletons[1:])
     assert info(labels)["mesh"] == "mesh" and info(labels)["skeletons"] == "skeletons"
     kind = CloudFiles(f"{labels}/mesh").get_json("info")["@type"]
@@ -67,6 +68,24 @@ def test_a_second_run_of_the_same_stages_keeps_the_names(labels):
     assert info(labels)["skeletons"] == "skeletons"
     largest = np.bincount(np.asarray(CloudVolume(labels)[:, :, :]).ravel())[1:].argmax() + 1
     assert len(CloudVolume(labels).skeleton.get(int(largest)).vertices) > 0
+
+
+def test_other_settings_replace_the_products_files(labels, tmp_path):
+    """Skeletons forged in other blocks, then again in one block: the folder holds what a
+    run with the second settings alone writes (the first run's fragments would be merged)."""
+    def run(path, shape):
+        stages = skeleton_stages(plan_skeletons(path, task_shape=shape, dust_threshold=100))
+        run_stages(stages, execute=execute_here, progress=False)
+        return sorted(CloudFiles(path).list(prefix="skeletons/"))
+
+    run(labels, (64, 64, 10))
+    again = run(labels, (128, 128, 10))
+    fresh = f"file://{tmp_path / 'fresh'}"
+    CloudFiles(fresh).put_json("info", info(labels))
+    vol = CloudVolume(fresh)
+    vol[:, :, :] = CloudVolume(labels)[:, :, :]
+    assert again == run(fresh, (128, 128, 10))
+    assert info(labels)["skeletons"] == "skeletons"
 
 
 def test_object_bad_input_is_one_line_before_anything_is_written(labels, tmp_path):

@@ -99,6 +99,8 @@ def test_fault_campaign_of_three_kills_ends_with_the_content_of_an_undisturbed_r
     assert summary["failed_runs"] == 0 and summary["differences"] == 0
     assert summary["objects_compared"] == summary["objects_per_run"] > 200
     assert "differences found: 0" in result.stdout
+    log = (tmp_path / "run-000" / "logs" / "workers.log").read_text()
+    assert "attempt 2)" in log, "a killed worker's task was leased again and redone"
 
     reference = tmp_path / "reference"
     report = json.loads((reference / "report.json").read_text())

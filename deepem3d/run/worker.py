@@ -11,9 +11,10 @@ loop does all three:
   is moved to DIR/failed/ instead of coming back forever. On SQS, give the queue a redrive
   policy (a dead-letter queue) for the same effect.
 - A message that is not a task (not JSON, not a task's shape, a task class nobody registered)
-  never stops the worker: on fq:// it is set aside in DIR/failed/ on first sight (ID.json the
-  message as it was, ID.error why); on SQS it is logged and returns after its visibility
-  timeout until the redrive policy moves it to the dead-letter queue.
+  never stops the worker: on fq:// it is set aside in DIR/failed/ the first time it is leased
+  and UNREADABLE_GRACE old (ID.json the message as it was, ID.error why); on SQS it is logged
+  and returns after its visibility timeout until the redrive policy moves it to the
+  dead-letter queue.
 - Every failure of a frame task leaves an error record, LAYER/tasks/STAGE/errors/ID.json (the
   last line of the error, the attempt, the host), since an SQS message cannot carry one.
 """
@@ -59,6 +60,11 @@ def register_tasks() -> None:
 #: files of an fq:// queue a lease tries before it reports the queue empty (others may take
 #: the same files meanwhile)
 LEASE_CANDIDATES = 16
+#: seconds an fq:// file that does not parse is given before it is set aside: taskqueue's
+#: insert creates the file and then writes it, and a lease in between reads it empty
+UNREADABLE_GRACE = 5.0
+#: what a message that is not a task raises when taskqueue reads it (JSON, shape, class)
+NOT_A_TASK = (ValueError, KeyError, IndexError, TypeError, UnregisteredFunctionError)
 
 
 def _last_line(err: BaseException) -> str:
@@ -217,42 +223,50 @@ class Worker:
             return self._lease_file()
         try:
             return self.queue.lease(seconds=self.lease_seconds, wait_sec=2)
-        except QueueEmptyError:
-            raise
-        except Exception as err:  # a body that is not a task: the redrive policy retires it
+        except NOT_A_TASK as err:  # the redrive policy retires the message
             log.error("a message of %s is not a task (%s): it returns after its visibility "
                       "timeout until the dead-letter queue takes it", self.url, _last_line(err))
             raise QueueEmptyError from None
 
     def _lease_file(self):
-        """One task of an fq:// queue, leased as taskqueue's FileQueueAPI does, but read here
-        so that a file that is not a task is set aside instead of coming back forever (the
-        API's own lease retries a file that does not parse, hides it for the lease time, and
-        reports the queue empty)."""
-        from taskqueue.file_queue_api import idfn, move_file, set_timestamp, write_lock_file
+        """One task of an fq:// queue, leased as taskqueue's FileQueueAPI does (the same
+        renames and movement log, so its renew, delete and cancel work), but read here so that
+        a file that is not a task is set aside instead of coming back forever (the API's own
+        lease retries a file that does not parse, hides it for the lease time, and reports
+        the queue empty). A file younger than UNREADABLE_GRACE may still be being written by
+        an insert: it is left for the next lease instead."""
+        from taskqueue.file_queue_api import idfn, set_timestamp, write_lock_file
 
         api = self.queue.api
         now = int(time.time())
-        names = [e.name for e in os.scandir(api.queue_path)
-                 if "--" in e.name and int(e.name.split("--")[0]) <= now]
+        names = []
+        for entry in os.scandir(api.queue_path):
+            stamp = entry.name.split("--")[0]
+            if "--" in entry.name and stamp.isdigit() and int(stamp) <= now:
+                names.append(entry.name)
         random.shuffle(names)
         for name in names[:LEASE_CANDIDATES]:
             leased = set_timestamp(name, now + self.lease_seconds)
-            movements = os.path.join(api.movement_path, idfn(leased))
-            with write_lock_file(open(movements, "a")) as f:
-                try:
-                    move_file(os.path.join(api.queue_path, name),
-                              os.path.join(api.queue_path, leased))
-                except FileNotFoundError:  # another worker took it
-                    continue
-                f.write(leased + "\n")
-            with open(os.path.join(api.queue_path, leased), errors="replace") as f:
-                text = f.read()
+            path = os.path.join(api.queue_path, leased)
             try:
-                return totask(json.loads(text))
+                with write_lock_file(open(os.path.join(api.movement_path, idfn(leased)),
+                                          "a")) as f:
+                    os.rename(os.path.join(api.queue_path, name), path)
+                    f.write(leased + "\n")
+                with open(path, errors="replace") as f:
+                    text = f.read()
+            except OSError:  # another worker took it, or its lock is busy: the next one
+                continue
+            try:
+                task = totask(json.loads(text))
+                task.id = idfn(leased)  # the file's id, whatever the JSON says
+                return task
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as err:  # noqa: BLE001  (taskqueue raises BaseExceptions)
+                if time.time() - os.path.getmtime(path) < UNREADABLE_GRACE:
+                    api.renew_lease(idfn(leased), 1)  # perhaps half written: look again soon
+                    continue
                 self._set_aside(idfn(leased), text, f"not a task: {_last_line(err)}")
         raise QueueEmptyError
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from cloudfiles import CloudFiles
 
 from deepem3d.errors import InputError
-from deepem3d.stages.frame import Stage, digest, marked
+from deepem3d.stages.frame import Markers, Stage, digest, marked
 from deepem3d.storage.layers import cloudpath, open_layer
 
 #: the voxel size products are made at, when no mip is given: the first mip whose in-plane
@@ -121,7 +121,7 @@ def set_info_name(layer_path: str, key: str, directory: str | None) -> None:
         return
     else:
         info[key] = directory
-    files.put_json("info", info)
+    files.put_json("info", info, cache_control="no-cache")  # as CloudVolume's commit_info
 
 
 @contextlib.contextmanager
@@ -181,17 +181,33 @@ class ObjectStages:
 
     def stages(self, needs: tuple[str, ...] = ()) -> list[Stage]:
         names = {self.info_key: self.directory}
+        merge_key = digest({**self.parameters, "merge": 1})
+
+        def prepare() -> None:
+            """Before the forge: a product already merged by this same run stays named; one
+            of other settings (another mip, task shape, sharding) is removed with its files,
+            whose fragments the merge would otherwise take in."""
+            merged = Markers(self.layer_path, f"{self.kind}-merge")
+            if merged.current_key() == merge_key and merged.is_complete():
+                return
+            set_info_name(self.layer_path, self.info_key, None)
+            if forge.markers.current_key() != forge.key:
+                files = CloudFiles(self.layer_path)
+                stale = list(files.list(prefix=f"{self.directory}/"))
+                if stale:
+                    files.delete(stale)
+
         forge = Stage(
             name=f"{self.kind}-forge-mip{self.mip}", layer=self.layer_path,
             key=digest(self.parameters), parameters=self.parameters,
             make_tasks=self._created(self.forge, names), task_count=self.forge_count,
             memory_bytes=self.forge_memory, needs=needs, label=f"{self.kind} forge",
             seconds_per_task=self.forge_seconds,
-            prepare=lambda: set_info_name(self.layer_path, self.info_key, None),
+            prepare=prepare,
         )
         merge = Stage(
             name=f"{self.kind}-merge", layer=self.layer_path,
-            key=digest({**self.parameters, "merge": 1}), parameters=self.parameters,
+            key=merge_key, parameters=self.parameters,
             make_tasks=self._created(self.merge, names), task_count=self.merge_count,
             memory_bytes=self.merge_memory, needs=(forge.label,), label=f"{self.kind} merge",
             finish=lambda: set_info_name(self.layer_path, self.info_key, self.directory),
