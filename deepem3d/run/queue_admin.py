@@ -127,26 +127,21 @@ class SetAside:
 
 def _joined(task_id: str, text: str, reason: str) -> SetAside:
     """A set-aside task with its stage and, for a frame task, its stage's error record."""
-    from cloudfiles import CloudFiles
+    from deepem3d.stages.frame import Markers, frame_run, stage_label
 
-    stage = "-"
     try:
-        payload = json.loads(text)
-        payload = payload.get("payload", payload) if isinstance(payload, dict) else payload
-        run = payload[2].get("run") if isinstance(payload, list) else None
-    except (ValueError, IndexError, AttributeError, TypeError):
+        run = frame_run(json.loads(text))
+    except ValueError:
         run = None
-    if isinstance(run, dict) and run.get("layer"):
-        stage = f"{str(run['layer']).rstrip('/').rsplit('/', 1)[-1]}/{run.get('stage')}"
-        try:
-            record = CloudFiles(run["layer"]).get_json(
-                f"tasks/{run.get('stage')}/errors/{run.get('id')}.json")
-        except Exception:  # noqa: BLE001  (the listing must not fail on one unreadable record)
-            record = None
-        if record:
-            reason = (f"{record.get('error')} (attempt {record.get('attempt')} on "
-                      f"{record.get('host')})")
-    return SetAside(task_id, stage, reason or "no reason recorded")
+    if run is None:
+        return SetAside(task_id, "-", reason or "no reason recorded")
+    try:
+        record = Markers(run["layer"], run.get("stage")).error_record(run.get("id"))
+    except Exception:  # noqa: BLE001  (the listing must not fail on one unreadable record)
+        record = None
+    if record:
+        reason = f"{record.get('error')} (attempt {record.get('attempt')} on {record.get('host')})"
+    return SetAside(task_id, stage_label(run), reason or "no reason recorded")
 
 
 def set_aside(url: str) -> list[SetAside]:

@@ -40,6 +40,7 @@ from taskqueue.queueables import totask
 from deepem3d.errors import InputError
 from deepem3d.memory import peak_rss
 from deepem3d.run.queues import open_queue
+from deepem3d.stages.frame import Markers, frame_run, stage_label
 
 log = logging.getLogger("deepem3d.run.worker")
 
@@ -73,35 +74,27 @@ def _last_line(err: BaseException) -> str:
 
 
 def record_error(task, err: BaseException, attempt: int | None) -> None:
-    """LAYER/TASKS/STAGE/errors/ID.json for a frame task's failure (nothing for others).
-    `attempt` None (SQS, where the worker counts nothing): one more than the last record's."""
-    run = (getattr(task, "kwargs", None) or {}).get("run")
-    if not isinstance(run, dict) or not run.get("layer"):
+    """The frame task's error record (nothing for a task outside the frame). `attempt` None
+    (SQS, where the worker counts nothing): one more than the last record's."""
+    run = frame_run(task)
+    if run is None:
         return
     try:
-        from cloudfiles import CloudFiles
-
-        files = CloudFiles(run["layer"])
-        key = f"tasks/{run['stage']}/errors/{run['id']}.json"
+        markers = Markers(run["layer"], run["stage"])
         if attempt is None:
-            attempt = int((files.get_json(key) or {}).get("attempt", 0)) + 1
-        files.put_json(
-            key,
-            {"error": _last_line(err), "attempt": attempt, "host": socket.gethostname(),
-             "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-            compress=None)
+            attempt = int((markers.error_record(run["id"]) or {}).get("attempt", 0)) + 1
+        markers.record_error(run["id"], {
+            "error": _last_line(err), "attempt": attempt, "host": socket.gethostname(),
+            "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     except Exception as failure:  # the record must not hide the error it records
         log.warning("could not write the error record of task %s: %s", run.get("id"), failure)
 
 
 def stage_of(task) -> str:
-    """`LAYER/STAGE TASK-ID` of a frame task (what a log reader needs to know what is in
-    flight), or `-` for a task outside the frame."""
-    run = (getattr(task, "kwargs", None) or {}).get("run")
-    if not isinstance(run, dict):
-        return "-"
-    layer = str(run.get("layer", "")).rstrip("/").rsplit("/", 1)[-1]
-    return f"stage {layer}/{run.get('stage')} {run.get('id')}"
+    """`stage LAYER/STAGE TASK-ID` of a frame task (what a log reader needs to know what is
+    in flight), or `-` for a task outside the frame."""
+    run = frame_run(task)
+    return "-" if run is None else f"stage {stage_label(run)} {run.get('id')}"
 
 
 @dataclass
@@ -200,22 +193,14 @@ class Worker:
             except FileNotFoundError:
                 pass
 
-    def _give_up(self, task, attempts: int, reason: str) -> None:
+    def _give_up(self, task, reason: str) -> None:
         if self._file_queue_dir is None:  # SQS: the redrive policy moves it
             self.queue.cancel(task)
             return
-        failed_dir = os.path.join(self._file_queue_dir, "failed")
-        os.makedirs(failed_dir, exist_ok=True)
         payload = task.payload()
-        with open(os.path.join(failed_dir, f"{task.id}.json"), "w") as f:
-            f.write(jsonify(payload if isinstance(payload, dict) else list(payload)))
-        with open(os.path.join(failed_dir, f"{task.id}.error"), "w") as f:
-            f.write(reason + "\n")
-        self.queue.delete(task)
+        self._set_aside(task.id, jsonify(payload if isinstance(payload, dict)
+                                         else list(payload)), reason)
         self._forget_attempts(task)
-        log.error(
-            "task %s failed %d times: moved to %s", task.id, attempts - 1, failed_dir
-        )
 
     # the loop -----------------------------------------------------------------------
     def _lease(self):
@@ -311,7 +296,7 @@ class Worker:
     def _execute(self, task, report: WorkerReport) -> None:
         attempts = self._count_attempt(task)
         if attempts > self.max_attempts:
-            self._give_up(task, attempts, f"leased {attempts - 1} times without finishing")
+            self._give_up(task, f"leased {attempts - 1} times without finishing")
             report.given_up += 1
             return
         name = ".".join(task.key) if hasattr(task, "key") else type(task).__name__
@@ -328,7 +313,7 @@ class Worker:
             report.errors += 1
             log.error("task %s (%s) failed on its input: %s", task.id, name, err)
             record_error(task, err, attempts if self._file_queue_dir is not None else None)
-            self._give_up(task, attempts + 1, _last_line(err))
+            self._give_up(task, _last_line(err))
             return
         except Exception as err:
             keeper.stop()

@@ -23,6 +23,8 @@ Layout under `LAYER/tasks/NAME/`:
     manifest.json    every task id of the stage
     done/ID.json     completion markers (seconds, peak memory, host, what the task counted)
     failed/ID.json   tasks that failed on an input error, with the one-line message
+    errors/ID.json   the last error of a task that raised (written by the worker: an SQS
+                     message cannot carry it)
 
 A stage is complete when every id of its manifest has a marker. Queue counters are never used
 for that (SQS's are approximate). Re-running a stage skips the tasks whose marker exists.
@@ -116,6 +118,12 @@ class Markers:
         self._files.put_json(f"{self.prefix}/failed/{task_id}.json",
                              {"error": message, "host": socket.gethostname(),
                               "finished": _now()}, compress=None)
+
+    def error_record(self, task_id: str) -> dict | None:
+        return self._files.get_json(f"{self.prefix}/errors/{task_id}.json")
+
+    def record_error(self, task_id: str, record: dict) -> None:
+        self._files.put_json(f"{self.prefix}/errors/{task_id}.json", record, compress=None)
 
     def _listed(self, folder: str) -> set[str]:
         prefix = f"{self.prefix}/{folder}/"
@@ -216,6 +224,23 @@ def stage_task(fn: Callable) -> Callable:
 
 # ---------------------------------------------------------------------------------------------
 # Third-party tasks (igneous's) inside the frame
+
+
+def frame_run(task) -> dict | None:
+    """The frame's `run` ({"layer", "stage", "id", "key"}) of a task or its JSON payload, or
+    None for a task outside the frame."""
+    if isinstance(task, list | dict):
+        payload = task.get("payload", task) if isinstance(task, dict) else task
+        kwargs = payload[2] if isinstance(payload, list) and len(payload) > 2 else None
+    else:
+        kwargs = getattr(task, "kwargs", None)
+    run = kwargs.get("run") if isinstance(kwargs, dict) else None
+    return run if isinstance(run, dict) and run.get("layer") else None
+
+
+def stage_label(run: dict) -> str:
+    """`LAYER/STAGE` of a frame run, LAYER the layer's last path component."""
+    return f"{str(run['layer']).rstrip('/').rsplit('/', 1)[-1]}/{run.get('stage')}"
 
 
 def payload_of(task) -> list | dict:
