@@ -118,7 +118,7 @@ _A, _B, _CNT, _TOT, _TIE, _VER = 0, 1, 2, 3, 4, 5
 
 
 @njit(cache=True)
-def _edge_rows(ea, eb, cnt, tot):
+def _edge_rows(ea, eb, cnt, tot, tie):
     m = ea.size
     rows = np.zeros((m, 8), np.int64)
     for e in range(m):
@@ -126,7 +126,7 @@ def _edge_rows(ea, eb, cnt, tot):
         rows[e, _B] = eb[e]
         rows[e, _CNT] = cnt[e]
         rows[e, _TOT] = tot[e]
-        rows[e, _TIE] = e
+        rows[e, _TIE] = tie[e]
     return rows
 
 
@@ -284,8 +284,14 @@ _BINS = 65536
 
 
 @njit(cache=True)
-def _mean(n, ea, eb, cnt, tot, thresholds):
+def _mean(n, ea, eb, cnt, tot, tie, thresholds, frozen):
     """Greedy mean-affinity merging; row t: min node index of each node's region.
+
+    `tie` ranks the edges for equal scores (the global run: their index in the (u, v) order).
+    `frozen` (per node, updated in place; all 0 for a global run) marks regions that may not
+    merge here: an edge whose turn comes with a frozen end freezes both ends and stays, for an
+    octree node's parent (`deepem3d.segmentation.octree`). On return frozen[i] is that of i's
+    region.
 
     The queue is monotone: a merged edge's mean lies between those of its parts, so no score
     pushed is below the last one popped (IEEE rounding is monotone too). Hence a bucket queue
@@ -293,7 +299,7 @@ def _mean(n, ea, eb, cnt, tot, thresholds):
     same order as one global heap, at O(1) per push into a later bin. Edges scoring at or
     above the largest threshold are never queued: they can only enter through a merge.
     """
-    rows = _edge_rows(ea, eb, cnt, tot)
+    rows = _edge_rows(ea, eb, cnt, tot, tie)
     m = rows.shape[0]
     alive = np.ones(m, np.uint8)
     start, length, cap, pool, nbr, top = _adjacency(n, ea, eb)
@@ -314,7 +320,7 @@ def _mean(n, ea, eb, cnt, tot, thresholds):
                 items = _grow_rows(items, 2 * nitems)
                 itemf = items.view(np.float64)
             itemf[nitems, 0] = score
-            items[nitems, 1] = e
+            items[nitems, 1] = tie[e]
             items[nitems, 2] = e
             items[nitems, 3] = 0
             items[nitems, 4] = head[b]
@@ -349,9 +355,13 @@ def _mean(n, ea, eb, cnt, tot, thresholds):
             if not hf[0, 0] < t:
                 break
             hn = _pop(hf, hi, hn)
-            alive[e] = 0
             x = find_root(parent, rows[e, _A])
             y = find_root(parent, rows[e, _B])
+            if frozen[x] or frozen[y]:
+                frozen[x] = 1
+                frozen[y] = 1
+                continue
+            alive[e] = 0
             pool, nbr = _room(x, y, cap, pool, nbr, top)
             s, top, nch = _merge_regions(
                 x, y, rows, alive, parent, start, length, cap, pool, nbr, top, mark, changed
@@ -383,6 +393,8 @@ def _mean(n, ea, eb, cnt, tot, thresholds):
                     nitems += 1
         for i in range(n):
             out[ti, i] = minidx[find_root(parent, i)]
+    for i in range(n):
+        frozen[i] = frozen[find_root(parent, i)]
     return out
 
 
@@ -400,17 +412,38 @@ def _grow_heap(hi, size):
 
 
 @njit(cache=True)
-def _watershed(n, ea, eb, order, saddle, floors, h255):
-    """Merge by dynamics in saddle order; returns the min node index of each node's region."""
+def _watershed(n, ea, eb, order, saddle, floors, lowest, h255, frozen, deferred):
+    """Merge by dynamics in saddle order; returns the min node index of each node's region.
+
+    `lowest[i]` ranks node i's deepest supervoxel among equal floors (the global run: i, node
+    order being id order). `frozen` as in `_mean` (all 0 for a global run): an edge with a
+    frozen end is decided only when its complete end is surely the higher (then the frozen
+    region's floor stays); otherwise it freezes both ends and is marked in `deferred`, left
+    for the parent (docs/octree.md).
+    """
     parent = np.arange(n)
     floor = floors.astype(np.int64)
-    lowest = np.arange(n)  # node holding the region's floor; node order is id order
     minidx = np.arange(n)
     for k in range(order.size):
         e = order[k]
         a = find_root(parent, ea[e])
         b = find_root(parent, eb[e])
         if a == b:
+            continue
+        if frozen[a] or frozen[b]:
+            if not (frozen[a] and frozen[b]):
+                # a complete region meeting a frozen one, whose (floor, lowest) can only be
+                # lower than seen here: if the complete one is the higher even so, the global
+                # run decides on its own dynamic, and a merge leaves the frozen root's floor
+                u, f = (b, a) if frozen[a] else (a, b)
+                if floor[u] > floor[f] or (floor[u] == floor[f] and lowest[u] > lowest[f]):
+                    if saddle[e] - floor[u] < h255:
+                        parent[u] = f
+                        minidx[f] = min(minidx[f], minidx[u])
+                    continue
+            frozen[a] = 1
+            frozen[b] = 1
+            deferred[e] = 1
             continue
         if floor[a] > floor[b] or (floor[a] == floor[b] and lowest[a] > lowest[b]):
             high, deep = a, b
@@ -422,13 +455,14 @@ def _watershed(n, ea, eb, order, saddle, floors, h255):
     out = np.empty(n, np.int64)
     for i in range(n):
         out[i] = minidx[find_root(parent, i)]
+        frozen[i] = frozen[find_root(parent, i)]
     return out
 
 
 @njit(cache=True)
 def _dust(n, sizes_in, ea, eb, cnt, size):
     """Merge segments below `size` into their best neighbour, smallest first."""
-    rows = _edge_rows(ea, eb, cnt, np.zeros(ea.size, np.int64))
+    rows = _edge_rows(ea, eb, cnt, np.zeros(ea.size, np.int64), np.arange(ea.size))
     alive = np.ones(ea.size, np.uint8)
     sizes = sizes_in.astype(np.int64)
     start, length, cap, pool, nbr, top = _adjacency(n, ea, eb)
@@ -513,7 +547,9 @@ def agglomerate_mean(graph: RegionGraph, thresholds: Sequence[float]) -> list[np
         eb,
         graph.count.astype(np.int64),
         graph.affinity_sum.astype(np.int64),
+        np.arange(graph.n_edges),
         np.ascontiguousarray(t[order]),
+        np.zeros(graph.ids.size, np.uint8),
     )
     out: list[np.ndarray] = [np.empty(0)] * t.size
     for k, i in enumerate(order):
@@ -530,7 +566,9 @@ def agglomerate_watershed(graph: RegionGraph, h: float) -> np.ndarray:
     (h,) = _check_unit([h], "h")
     ea, eb = _endpoints(graph)
     order = np.lexsort((np.arange(graph.n_edges), graph.saddle))
-    rows = _watershed(graph.ids.size, ea, eb, order, graph.saddle, graph.floors, h * 255.0)
+    n = graph.ids.size
+    rows = _watershed(n, ea, eb, order, graph.saddle, graph.floors, np.arange(n), h * 255.0,
+                      np.zeros(n, np.uint8), np.zeros(graph.n_edges, np.uint8))
     return graph.ids[rows]
 
 

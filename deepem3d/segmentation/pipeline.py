@@ -12,18 +12,19 @@ Arrays are x, y, z (CloudVolume order): a boundary map is (x, y, z), an affinity
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 
-from deepem3d.segmentation.agglomeration import Method, agglomerate, remap
+from deepem3d.segmentation.agglomeration import Method, _check_unit, agglomerate, remap
 from deepem3d.segmentation.chunks import SUPERVOXEL_HALO, Chunk, as_map, chunk_grid, chunks_below
+from deepem3d.segmentation.octree import Octree, octree_dust, octree_segments
 from deepem3d.segmentation.region_graph import (
     RegionGraph,
     chunk_graph,
     finish_chunk_graph,
-    merge_graphs,
     region_graph,
 )
 from deepem3d.segmentation.smoothing import smooth_chunk, smooth_map, smoothing_bounds
@@ -142,24 +143,30 @@ def segment_chunked(
     dust_mode: Literal["merge", "zero"] = "merge",
     sigma: float = 0.0,
 ) -> np.ndarray | list[np.ndarray]:
-    """`segment`, run as the queue tasks will: per-chunk stages with halos, in memory.
+    """`segment`, run as the queue tasks will, with no global graph: per-chunk stages in memory.
 
     Smoothing per chunk when `sigma` > 0 (x, y halo `smoothing_halo(sigma)`); per chunk,
     supervoxel labels and the local region graph from one box (halo `SUPERVOXEL_HALO`); the
     reduce; per chunk, the graph over supervoxel ids (its own records, its table and its low
-    neighbours' faces and tables); one merge, one agglomeration; a remap per chunk, local
-    label -> supervoxel -> segment. `chunk_shape` need not divide the volume. The result
-    equals `segment(...)` bit for bit.
+    neighbours' faces and tables); the agglomeration and dust removal node by node over an
+    octree of the chunks (`deepem3d.segmentation.octree`); a remap per chunk, local label ->
+    supervoxel -> segment. `chunk_shape` need not divide the volume. The result equals
+    `segment(...)` bit for bit.
     """
     values, _ = as_map(boundary_or_affinity)
     if sigma != 0:  # a bad sigma (negative, nan) raises there, as in `segment`
         values = smooth_chunked(values, chunk_shape, sigma)
     chunks, labels, tables, graphs = chunk_stages(values, chunk_shape)
-    graph = merge_graphs(graphs)
+    step = [int(s) for s in chunk_shape]
+    blocks = [tuple(o // s for o, s in zip(c.offset, step)) for c in chunks]
+    tree = Octree.of([math.ceil(d / s) for d, s in zip(values.shape[:3], step)], step)
+    values_t = [threshold] if np.isscalar(threshold) else list(threshold)  # type: ignore[list-item]
     results = []
-    for segments in agglomerate(graph, method, threshold, dust_size, dust_mode):
+    for t in _check_unit(values_t, "thresholds").tolist():
+        sweep = octree_segments(tree, blocks, graphs, method, t)
+        segments = octree_dust(tree, blocks, graphs, sweep, dust_size, dust_mode)
         out = np.zeros(values.shape[:3], dtype=np.uint64, order="F")
         for chunk, lab, table in zip(chunks, labels, tables):
-            out[chunk.slices()] = relabel(lab, remap(table, graph.ids, segments))
+            out[chunk.slices()] = relabel(lab, remap(table, sweep.ids, segments))
         results.append(out)
     return results[0] if np.isscalar(threshold) else results

@@ -1,0 +1,603 @@
+"""Agglomeration over an octree of blocks, equal to the global run bit for bit.
+
+The global agglomeration (`deepem3d.segmentation.agglomeration`) holds the whole region graph.
+Here each node of an octree over the blocks holds only what its children could not decide:
+a node reads its children's residual graphs, adds nothing else (every contact record lives in
+some block, so the children's residuals hold every edge the node can need), decides every merge
+it can prove the global run makes, and hands its parent the rest. The root has nothing frozen,
+so it finishes the global run. Why each decision is the global one is written down, rule by
+rule, in docs/octree.md; the rules in brief:
+
+- A supervoxel is *open* at a node when a block outside the node mentions it (as a node or an
+  edge end of that block's graph): its size, floor and edges are incomplete there. A region
+  holding an open supervoxel is *frozen* and merges nothing at that node.
+- mean: edges are taken in (score, tie) order as in the global run; an edge whose turn comes
+  with a frozen end freezes both ends and is left for the parent. A region never frozen is
+  final when its node is done.
+- watershed: edges in (saddle, (u, v)) order, once each; an edge met with a frozen end freezes
+  both ends and is left for the parent.
+- dust (a second sweep over the segments): a segment is open below the node where it became
+  final; a dust segment is decided only when no frozen neighbour could come before it, and a
+  region's id is kept with the times its parts joined (`DustRegion.history`), so a parent reads
+  each region as it was at the moment it looks.
+
+Ids: a region is named by its smallest supervoxel id, which is also the segment id it gets, so
+names are the same at every level and in the global run. Arrays are numpy; nothing here reads
+or writes storage.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from deepem3d.segmentation.agglomeration import Method, _mean, _watershed
+from deepem3d.segmentation.region_graph import RegionGraph
+
+__all__ = [
+    "DustResidual",
+    "Octree",
+    "Residual",
+    "agglomerate_node",
+    "dust_leaf",
+    "dust_node",
+    "octree_dust",
+    "octree_segments",
+    "open_levels",
+]
+
+Shape3 = tuple[int, int, int]
+_U64 = np.uint64
+
+
+# --------------------------------------------------------------------------- the octree
+
+
+@dataclass(frozen=True)
+class Octree:
+    """Levels of nodes over a grid of blocks: level 0 is the blocks, the last level one root.
+
+    `factors[L]` is how many level-L nodes a level-(L + 1) node holds per axis: 2 along each
+    axis that still has more than one node, except an axis whose node extent (voxels) is already
+    at least twice the smallest such extent: nodes grow towards cubes, whose faces (what a node
+    holds) are smallest for their volume. Thin blocks (512, 512, 64) get 1x1x2 children until
+    they are cubes, then 2x2x2.
+    """
+
+    grid: Shape3
+    factors: tuple[Shape3, ...]
+
+    @classmethod
+    def of(cls, grid: Sequence[int], block_shape: Sequence[int]) -> Octree:
+        counts = [int(g) for g in grid]
+        extent = [int(b) for b in block_shape]
+        if len(counts) != 3 or min(counts) < 1 or len(extent) != 3 or min(extent) < 1:
+            raise ValueError(f"grid {grid} and block shape {block_shape}: 3 entries >= 1 each")
+        factors = []
+        while max(counts) > 1:
+            smallest = min(e for c, e in zip(counts, extent) if c > 1)
+            f = tuple(2 if c > 1 and e < 2 * smallest else 1 for c, e in zip(counts, extent))
+            factors.append(f)
+            counts = [math.ceil(c / k) for c, k in zip(counts, f)]
+            extent = [e * k for e, k in zip(extent, f)]
+        return cls(tuple(int(g) for g in grid), tuple(factors))  # type: ignore[arg-type]
+
+    @property
+    def height(self) -> int:
+        """The root's level."""
+        return len(self.factors)
+
+    def scale(self, level: int) -> Shape3:
+        """Blocks per axis under one node of `level`."""
+        out = [1, 1, 1]
+        for f in self.factors[:level]:
+            out = [o * k for o, k in zip(out, f)]
+        return tuple(out)  # type: ignore[return-value]
+
+    def shape(self, level: int) -> Shape3:
+        """Nodes per axis at `level`."""
+        return tuple(math.ceil(g / s) for g, s in zip(self.grid, self.scale(level)))  # type: ignore[return-value]
+
+    def nodes(self, level: int) -> list[Shape3]:
+        sx, sy, sz = self.shape(level)
+        return [(x, y, z) for z in range(sz) for y in range(sy) for x in range(sx)]
+
+    def children(self, level: int, node: Sequence[int]) -> list[Shape3]:
+        """The level-(level - 1) nodes under `node`."""
+        f = self.factors[level - 1]
+        below = self.shape(level - 1)
+        ranges = [range(n * k, min((n + 1) * k, b)) for n, k, b in zip(node, f, below)]
+        return [(x, y, z) for z in ranges[2] for y in ranges[1] for x in ranges[0]]
+
+    def level_of(self, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        """Per row, the lowest level with one node over blocks `low` ... `high` (n, 3)."""
+        low = np.asarray(low, np.int64).reshape(-1, 3)
+        high = np.asarray(high, np.int64).reshape(-1, 3)
+        out = np.full(low.shape[0], self.height, np.int64)
+        for level in range(self.height - 1, -1, -1):
+            s = np.asarray(self.scale(level), np.int64)
+            one = np.all(low // s == high // s, axis=1)
+            out[one] = level
+        return out
+
+
+def open_levels(octree: Octree, blocks: Sequence[Shape3],
+                graphs: Sequence[RegionGraph]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, level): every id the block graphs mention, sorted, and the level of the lowest
+    node whose blocks mention it all. It is open at the nodes below that level."""
+    ids, coords = [], []
+    for block, g in zip(blocks, graphs):
+        mentioned = np.unique(np.concatenate([g.ids, g.u, g.v]))
+        ids.append(mentioned)
+        coords.append(np.broadcast_to(np.asarray(block, np.int64), (mentioned.size, 3)))
+    if not ids:
+        return np.zeros(0, _U64), np.zeros(0, np.int64)
+    all_ids = np.concatenate(ids)
+    all_coords = np.concatenate(coords)
+    unique, inverse = np.unique(all_ids, return_inverse=True)
+    low = np.full((unique.size, 3), np.iinfo(np.int64).max, np.int64)
+    high = np.full((unique.size, 3), -1, np.int64)
+    np.minimum.at(low, inverse, all_coords)
+    np.maximum.at(high, inverse, all_coords)
+    return unique, octree.level_of(low, high)
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    at = np.searchsorted(keys, needles)
+    if needles.size and (at.max() >= keys.size or np.any(keys[at] != needles)):
+        raise ValueError("an id is missing from the octree's open levels")
+    return values[at]
+
+
+# --------------------------------------------------------------------------- sweep 1: regions
+
+
+@dataclass(frozen=True, eq=False)
+class Residual:
+    """What an octree node leaves its parent: its frozen regions and their edges.
+
+    Regions: `ids` (uint64, sorted): a region's name, the id of the supervoxel that makes it
+    open (it holds one at most) or else its smallest id; `min_ids`: its smallest supervoxel id
+    (its segment id once final); `reach`: the highest level at which one of its supervoxels is
+    still open (it is frozen below that level); `sizes` (voxels counted so far); `floors`
+    (uint8, lowest floor) and `deepest` (uint64: the supervoxel id where the floor is attained,
+    the smallest such). Edges: region ends `ru` < `rv`, and `tie_u`, `tie_v`: the first (u, v)
+    supervoxel pair among the edge's contacts (mean: the edges between two regions are one,
+    summed; watershed: each supervoxel pair stays one edge, taken once), `count`,
+    `affinity_sum` (uint64), `saddle` (uint8).
+    """
+
+    ids: np.ndarray
+    min_ids: np.ndarray
+    reach: np.ndarray
+    sizes: np.ndarray
+    floors: np.ndarray
+    deepest: np.ndarray
+    ru: np.ndarray
+    rv: np.ndarray
+    tie_u: np.ndarray
+    tie_v: np.ndarray
+    count: np.ndarray
+    affinity_sum: np.ndarray
+    saddle: np.ndarray
+
+    @classmethod
+    def of_block(cls, graph: RegionGraph, open_ids: np.ndarray, levels: np.ndarray) -> Residual:
+        """A block's graph as a leaf: every supervoxel it mentions is a region of its own;
+        `levels` (parallel to the sorted `open_ids`) says up to which level each is open."""
+        ids = np.unique(np.concatenate([graph.ids, graph.u, graph.v]))
+        at = np.searchsorted(ids, graph.ids)
+        sizes = np.zeros(ids.size, _U64)
+        sizes[at] = graph.sizes
+        floors = np.full(ids.size, 255, np.uint8)
+        floors[at] = graph.floors
+        return cls(ids, ids.copy(), _lookup(open_ids, levels, ids), sizes, floors, ids.copy(),
+                   graph.u, graph.v, graph.u, graph.v, graph.count, graph.affinity_sum,
+                   graph.saddle)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in vars(self).values())
+
+
+def _first_of_runs(*keys: np.ndarray) -> np.ndarray:
+    """Start positions of runs of equal rows in keys sorted together."""
+    n = keys[0].size
+    new = np.ones(n, bool)
+    if n:
+        new[1:] = np.zeros(n - 1, bool)
+        for k in keys:
+            new[1:] |= k[1:] != k[:-1]
+    return np.flatnonzero(new)
+
+
+def _group_edges(ru, rv, tu, tv, cnt, tot, sad, method: str):
+    """Edges of equal key as one: mean by region pair, watershed by supervoxel pair."""
+    if method == "mean":
+        order = np.lexsort((tv, tu, rv, ru))
+        key = (ru[order], rv[order])
+    else:
+        order = np.lexsort((tv, tu))
+        key = (tu[order], tv[order])
+    ru, rv, tu, tv = ru[order], rv[order], tu[order], tv[order]
+    cnt, tot, sad = cnt[order], tot[order], sad[order]
+    starts = _first_of_runs(*key)
+    if starts.size == ru.size:
+        return ru, rv, tu, tv, cnt, tot, sad
+    return (ru[starts], rv[starts], tu[starts], tv[starts], np.add.reduceat(cnt, starts),
+            np.add.reduceat(tot, starts), np.minimum.reduceat(sad, starts))
+
+
+def _group_regions(name, min_id, reach, sizes, floors, deepest):
+    """Regions of equal name as one: sizes summed, the lowest (floor, deepest), the smallest
+    id, the highest reach. Returns the grouped arrays and each input's group index."""
+    order = np.lexsort((deepest, floors, name))
+    starts = _first_of_runs(name[order])
+    group = np.empty(name.size, np.int64)
+    group[order] = np.cumsum(np.isin(np.arange(name.size), starts)) - 1
+    if not name.size:
+        return (name, min_id, reach, sizes, floors, deepest), group
+    return (name[order][starts], np.minimum.reduceat(min_id[order], starts),
+            np.maximum.reduceat(reach[order], starts), np.add.reduceat(sizes[order], starts),
+            floors[order][starts], deepest[order][starts]), group
+
+
+def _combine(residuals: Sequence[Residual], method: str) -> Residual:
+    """Children's residuals as one graph: a region met in several children (named by the same
+    open supervoxel in each) sums its sizes and takes the lowest floor; equal edges combine."""
+    cat = [np.concatenate([getattr(r, name) for r in residuals])
+           for name in ("ids", "min_ids", "reach", "sizes", "floors", "deepest")]
+    nodes, _ = _group_regions(*cat)
+    edges = _group_edges(*(np.concatenate([getattr(r, name) for r in residuals]) for name in (
+        "ru", "rv", "tie_u", "tie_v", "count", "affinity_sum", "saddle")), method)
+    return Residual(*nodes, *edges)
+
+
+@dataclass(frozen=True, eq=False)
+class NodeResult:
+    """An octree node's decisions: the names of its children's regions (`names`) and the name
+    of the region each is in now (`renamed`), the regions that are `final` here (named by
+    their segment ids) with their `final_sizes`, and the residual for the parent."""
+
+    names: np.ndarray
+    renamed: np.ndarray
+    final: np.ndarray
+    final_sizes: np.ndarray
+    residual: Residual
+
+
+def agglomerate_node(
+    children: Sequence[Residual], level: int, method: Method, threshold: float
+) -> NodeResult:
+    """One octree node at `level`: combine the children, agglomerate with the regions that are
+    open here (reach > level) frozen; docs/octree.md says why every merge is the global run's."""
+    g = _combine(children, method)
+    n = g.ids.size
+    ea = np.searchsorted(g.ids, g.ru)
+    eb = np.searchsorted(g.ids, g.rv)
+    is_open = g.reach > level
+    frozen = is_open.astype(np.uint8)
+    if method == "mean":
+        tie = np.empty(g.ru.size, np.int64)
+        tie[np.lexsort((g.tie_v, g.tie_u))] = np.arange(g.ru.size)
+        label = _mean(n, ea, eb, g.count.astype(np.int64), g.affinity_sum.astype(np.int64), tie,
+                      np.asarray([threshold], np.float64), frozen)[0]
+        deferred = None
+    elif method == "watershed":
+        order = np.lexsort((g.tie_v, g.tie_u, g.saddle))
+        deferred = np.zeros(g.ru.size, np.uint8)
+        label = _watershed(n, ea, eb, order, g.saddle, g.floors, g.deepest.astype(np.int64),
+                           threshold * 255.0, frozen, deferred)
+    else:
+        raise ValueError(f"method must be 'mean' or 'watershed', not {method!r}")
+    # a region's new name: its open member's (one at most), else its smallest supervoxel id
+    smallest = np.full(n, np.iinfo(np.uint64).max, _U64)
+    np.minimum.at(smallest, label, g.min_ids)
+    anchor = np.zeros(n, _U64)
+    anchor[label[is_open]] = g.ids[is_open]
+    has_anchor = np.zeros(n, bool)
+    has_anchor[label[is_open]] = True
+    name = np.where(has_anchor[label], anchor[label], smallest[label])
+    regions, _ = _group_regions(name, g.min_ids, g.reach, g.sizes, g.floors, g.deepest)
+    rname, rmin, rreach, rsizes, rfloors, rdeepest = regions
+    rfrozen = np.zeros(rname.size, bool)
+    rfrozen[np.searchsorted(rname, name[frozen == 1])] = True
+    # edges between frozen regions stay (mean: all of them; watershed: those not yet taken)
+    a, b = name[ea], name[eb]
+    keep = (frozen[ea] == 1) & (frozen[eb] == 1) & (a != b)
+    if deferred is not None:
+        keep &= deferred == 1
+    ru, rv = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
+    edges = _group_edges(ru, rv, g.tie_u[keep], g.tie_v[keep], g.count[keep],
+                         g.affinity_sum[keep], g.saddle[keep], method)
+    f = rfrozen
+    residual = Residual(rname[f], rmin[f], rreach[f], rsizes[f], rfloors[f], rdeepest[f], *edges)
+    final = np.where(f, rname, rmin)[~f]
+    return NodeResult(g.ids, np.where(frozen == 1, name, smallest[label]), final, rsizes[~f],
+                      residual)
+
+
+@dataclass
+class OctreeSegments:
+    """The sweep's result: per supervoxel id the segment id; per segment the level where it
+    became final (dust: it is open below that level), its size, and the largest residual
+    per level (bytes)."""
+
+    ids: np.ndarray
+    segments: np.ndarray
+    segment_ids: np.ndarray
+    home_level: np.ndarray
+    segment_sizes: np.ndarray
+    largest_residual: list[int] = field(default_factory=list)
+
+
+def _rename(names: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Names after one level: where a name is among `old` (unique), the matching `new`."""
+    if not old.size:
+        return names
+    order = np.argsort(old)
+    old, new = old[order], new[order]
+    at = np.minimum(np.searchsorted(old, names), old.size - 1)
+    hit = old[at] == names
+    out = names.copy()
+    out[hit] = new[at[hit]]
+    return out
+
+
+def octree_segments(
+    octree: Octree,
+    blocks: Sequence[Shape3],
+    graphs: Sequence[RegionGraph],
+    method: Method,
+    threshold: float,
+) -> OctreeSegments:
+    """Sweep the octree from the blocks' graphs (one per block of `blocks`, grid coordinates)
+    to the root: the segment id of every supervoxel, equal to `agglomerate` on the merged
+    graph."""
+    ids, lca = open_levels(octree, blocks, graphs)
+    by_block = dict(zip(map(tuple, blocks), graphs))
+    residuals: dict[Shape3, Residual] = {}
+    names = ids.copy()  # each supervoxel's region name, level by level
+    finals, final_sizes, homes, largest = [], [], [], []
+    for level in range(octree.height + 1):
+        done: dict[Shape3, Residual] = {}
+        old, new = [], []
+        biggest = 0
+        for node in octree.nodes(level):
+            if level == 0:
+                if node not in by_block:
+                    continue
+                children = [Residual.of_block(by_block[node], ids, lca)]
+            else:
+                children = [residuals[c] for c in octree.children(level, node) if c in residuals]
+                if not children:
+                    continue
+            result = agglomerate_node(children, level, method, threshold)
+            moved = result.names != result.renamed
+            old.append(result.names[moved])
+            new.append(result.renamed[moved])
+            finals.append(result.final)
+            final_sizes.append(result.final_sizes)
+            homes.append(np.full(result.final.size, level, np.int64))
+            done[node] = result.residual
+            biggest = max(biggest, result.residual.nbytes)
+        names = _rename(names, np.unique(np.concatenate(old)), _unique_new(old, new))
+        residuals = done
+        largest.append(biggest)
+    seg = np.concatenate(finals)
+    order = np.argsort(seg)
+    return OctreeSegments(ids, names, seg[order], np.concatenate(homes)[order],
+                          np.concatenate(final_sizes)[order], largest)
+
+
+def _unique_new(old: list[np.ndarray], new: list[np.ndarray]) -> np.ndarray:
+    """The new names of `np.unique(concat(old))`: an open name moved at several nodes of a level
+    moves to the same region (the one it anchors), so any of its rows will do."""
+    o = np.concatenate(old)
+    n = np.concatenate(new)
+    _, first = np.unique(o, return_index=True)
+    return n[first]
+
+
+# --------------------------------------------------------------------------- sweep 2: dust
+
+Key = tuple[int, int]  # (size, id): the order in which dust segments are taken
+_NEVER: Key = (-1, -1)
+
+
+@dataclass
+class DustRegion:
+    """A region of segments in the dust sweep.
+
+    `base`: the smallest id among the segments it started with; `history`: (key, id) of each
+    region that joined it later, at the moment (the key of the joining region) it joined, so
+    `id_at(t)` is its id as the global run sees it at t. `lower`: for a frozen region, a key
+    before which it cannot be taken (its size so far, or the key at which it was frozen).
+    """
+
+    size: int
+    base: int
+    history: list[tuple[Key, int]] = field(default_factory=list)
+    lower: Key = _NEVER
+
+    def current_id(self) -> int:
+        return min([self.base] + [i for _, i in self.history])
+
+    def id_at(self, t: Key) -> int:
+        return min([self.base] + [i for k, i in self.history if k < t])
+
+
+@dataclass
+class DustResidual:
+    """What a dust node leaves its parent: regions by anchor id (the open segment a frozen
+    region holds, or the region's first id) and contact counts between them."""
+
+    regions: dict[int, DustRegion]
+    edges: dict[tuple[int, int], int]
+
+
+def dust_leaf(graph: RegionGraph, ids: np.ndarray, segments: np.ndarray) -> DustResidual:
+    """A block's graph over segments: sizes and contacts counted in the block."""
+    seg_of = dict(zip(ids.tolist(), segments.tolist()))
+    regions: dict[int, DustRegion] = {}
+    for sv in np.unique(np.concatenate([graph.ids, graph.u, graph.v])).tolist():
+        s = seg_of[sv]
+        regions.setdefault(s, DustRegion(0, s))
+    for sv, size in zip(graph.ids.tolist(), graph.sizes.tolist()):
+        regions[seg_of[sv]].size += size
+    edges: dict[tuple[int, int], int] = {}
+    for u, v, c in zip(graph.u.tolist(), graph.v.tolist(), graph.count.tolist()):
+        a, b = seg_of[u], seg_of[v]
+        if a != b:
+            key = (min(a, b), max(a, b))
+            edges[key] = edges.get(key, 0) + c
+    return DustResidual(regions, edges)
+
+
+@dataclass
+class DustResult:
+    """A dust node's decisions: (region, the region it joined) pairs, and its residual."""
+
+    merges: list[tuple[int, int]]
+    residual: DustResidual
+
+
+def dust_node(children: Iterable[DustResidual], is_open: Callable[[int], bool],
+              size: int) -> DustResult:
+    """One octree node of the dust sweep; the rules and why they hold: docs/octree.md."""
+    regions: dict[int, DustRegion] = {}
+    counts: dict[tuple[int, int], int] = {}
+    for child in children:
+        for anchor, r in child.regions.items():
+            have = regions.get(anchor)
+            if have is None:
+                regions[anchor] = DustRegion(r.size, r.base, list(r.history), r.lower)
+            else:  # an open segment seen by several children
+                have.size += r.size
+                have.base = min(have.base, r.base)
+                have.history += r.history
+                have.lower = max(have.lower, r.lower)
+        for key, c in child.edges.items():
+            counts[key] = counts.get(key, 0) + c
+    frozen = {a for a in regions if is_open(a)}
+    for a, r in regions.items():
+        r.lower = max(r.lower, (r.size, 0)) if a in frozen else _NEVER
+    adj: dict[int, dict[int, int]] = {a: {} for a in regions}
+    for (a, b), c in counts.items():
+        adj[a][b] = c
+        adj[b][a] = c
+
+    def key(a: int) -> Key:
+        return (regions[a].size, regions[a].current_id())
+
+    def early(a: int, t: Key) -> bool:  # a frozen region that could be taken before t
+        return a in frozen and regions[a].lower < t
+
+    def uncertain(z: int, t: Key) -> bool:  # z's id could still drop before t
+        return z in frozen or any(early(y, t) for y in adj[z])
+
+    heap = [(*key(a), a) for a in regions if a not in frozen and regions[a].size < size]
+    heapq.heapify(heap)
+    merges = []
+    while heap:
+        s, i, a = heapq.heappop(heap)
+        if a not in regions or a in frozen or key(a) != (s, i):
+            continue
+        t = (s, i)
+        near = adj[a]
+        if not near:
+            continue  # no neighbour: a whole connected component, kept
+        if any(early(z, t) for z in near):
+            frozen.add(a)
+            regions[a].lower = t
+            continue
+        best = max(near.values())
+        candidates = [z for z, c in near.items() if c == best]
+        winner = min(candidates, key=lambda z: regions[z].id_at(t))
+        if any(uncertain(z, t) for z in candidates if z != winner):
+            frozen.add(a)
+            regions[a].lower = t
+            continue
+        # a joins the winner at t
+        w = regions[winner]
+        w.size += s
+        w.history.append((t, i))
+        merges.append((a, winner))
+        for z, c in adj.pop(a).items():
+            del adj[z][a]
+            if z != winner:
+                adj[winner][z] = adj[winner].get(z, 0) + c
+                adj[z][winner] = adj[winner][z]
+        del regions[a]
+        if winner not in frozen and w.size < size:
+            heapq.heappush(heap, (*key(winner), winner))
+    up = {a for a in regions if a in frozen or any(z in frozen for z in adj[a])}
+    residual = DustResidual(
+        {a: regions[a] for a in up},
+        {(a, b): c for a in up for b, c in adj[a].items() if a < b and b in up},
+    )
+    return DustResult(merges, residual)
+
+
+def octree_dust(
+    octree: Octree,
+    blocks: Sequence[Shape3],
+    graphs: Sequence[RegionGraph],
+    sweep: OctreeSegments,
+    size: int,
+    mode: Literal["merge", "zero"] = "merge",
+) -> np.ndarray:
+    """Segment ids after dust removal, per supervoxel of `sweep.ids`: `merge_dust` on the
+    whole graph, computed node by node."""
+    if size <= 0:
+        return sweep.segments.copy()
+    if mode == "zero":
+        small = sweep.segment_sizes < size
+        dropped = _lookup(sweep.segment_ids, small, sweep.segments)
+        return np.where(dropped, _U64(0), sweep.segments).astype(_U64)
+    if mode != "merge":
+        raise ValueError(f"dust mode must be 'merge' or 'zero', not {mode!r}")
+    home = dict(zip(sweep.segment_ids.tolist(), sweep.home_level.tolist()))
+    by_block = dict(zip(map(tuple, blocks), graphs))
+    residuals: dict[Shape3, DustResidual] = {}
+    merged, into = [], []
+    for level in range(octree.height + 1):
+        done: dict[Shape3, DustResidual] = {}
+        for node in octree.nodes(level):
+            if level == 0:
+                if node not in by_block:
+                    continue
+                children = [dust_leaf(by_block[node], sweep.ids, sweep.segments)]
+            else:
+                children = [residuals[c] for c in octree.children(level, node) if c in residuals]
+                if not children:
+                    continue
+            result = dust_node(children, lambda a, level=level: home[a] > level, size)
+            for a, b in result.merges:
+                merged.append(a)
+                into.append(b)
+            done[node] = result.residual
+        residuals = done
+    # a region's id is its smallest segment's: join the merges, take each set's smallest
+    seg = sweep.segment_ids
+    parent = np.arange(seg.size)
+    a = np.searchsorted(seg, np.asarray(merged, _U64))
+    b = np.searchsorted(seg, np.asarray(into, _U64))
+    for x, y in zip(a.tolist(), b.tolist()):
+        rx, ry = _find(parent, x), _find(parent, y)
+        parent[max(rx, ry)] = min(rx, ry)  # sorted ids: the smaller index is the smaller id
+    roots = np.asarray([_find(parent, i) for i in range(seg.size)], np.int64)
+    final = seg[roots]
+    return _lookup(seg, final, sweep.segments)
+
+
+def _find(parent: np.ndarray, i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = int(parent[i])
+    return i

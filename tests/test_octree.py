@@ -1,0 +1,95 @@
+"""The octree agglomeration equals the global one bit for bit (`segment_chunked == segment`).
+
+test_seg_chunked.py runs the ISBI sample and the synthetic maps through one block, blocks that
+do not divide the volume, thin z blocks and a deep octree of tiny blocks. Here: dust and
+smoothing together; maps built to stress the freezing rules (ties across block faces, a hub
+region touching every face, plateaus spanning several blocks, segments that stay frozen up to
+the root); random maps and blocks (scripts/octree_fuzz.py's draw), 200 seeds; and what the
+octree holds per node.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from deepem3d.segmentation.octree import Octree, octree_segments
+from deepem3d.segmentation.pipeline import chunk_stages
+from deepem3d.segmentation.region_graph import merge_graphs
+from deepem3d.segmentation.synthetic import affinity_map, boundary_map
+from scripts.octree_fuzz import check
+from tests.conftest import check_invariance, isbi_labels
+
+NOT_DIVIDING = (13, 7, 3)
+THIN_Z = (30, 50, 1)
+TINY = (4, 4, 2)
+
+
+@pytest.mark.parametrize("mode", ["merge", "zero"])
+def test_isbi_map_with_dust_and_smoothing_octree_equals_whole(mode: str) -> None:
+    b = boundary_map(isbi_labels(), noise=0.1, seed=1)
+    check_invariance(b, [NOT_DIVIDING, TINY], dust_size=20, dust_mode=mode)
+    check_invariance(affinity_map(b), [THIN_Z], dust_size=50, dust_mode=mode, sigma=1.0)
+
+
+def _stress_maps() -> dict[str, np.ndarray]:
+    """Maps whose segments cross many block faces (blocks of 4 x 4 x 2 voxels)."""
+    shape = (16, 16, 8)
+    x, y, z = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    # equal values on both sides of every face: the same score and saddle met in many blocks
+    ties = np.where(((x // 2) + (y // 2) + z) % 2 == 0, 60, 180).astype(np.uint8)
+    # a low cross through the whole volume touching every block face, small bowls around it
+    hub = (20 + 25 * ((x * 7 + y * 3 + z * 5) % 9)).astype(np.uint8)
+    hub[(x == 8) | (y == 8) | (z == 4)] = 5
+    # flat plateaus of 6 x 6 x 4 voxels over several blocks, walls of one value
+    plateaus = np.full(shape, 30, np.uint8)
+    plateaus[(x % 6 == 0) | (y % 6 == 0) | (z % 4 == 0)] = 200
+    # long segments through the centre, where only the root has both halves
+    rods = np.full(shape, 220, np.uint8)
+    rods[(x % 3 == 1) & (z % 2 == 0)] = 10
+    rods[(y % 5 == 2) & (z % 2 == 1)] = 12
+    rng = np.random.default_rng(7)
+    noisy = np.clip(rods.astype(int) + rng.integers(-8, 9, shape), 0, 255).astype(np.uint8)
+    return {"ties": ties, "hub": hub, "plateaus": plateaus, "rods": rods, "noisy-rods": noisy}
+
+
+@pytest.mark.parametrize("name", list(_stress_maps()))
+def test_stress_map_octree_equals_whole(name: str) -> None:
+    m = _stress_maps()[name]
+    for maps in (m, affinity_map(m)):
+        check_invariance(maps, [(4, 4, 2), (1, 2, 1), (5, 3, 3)])
+        check_invariance(maps, [(4, 4, 2), (2, 2, 2)], dust_size=10)
+
+
+def test_random_maps_and_blocks_200_seeds() -> None:
+    failed = [m for s in range(200) if (m := check(s))]
+    assert not failed, "\n".join(failed)
+
+
+def test_the_nodes_decide_most_merges_below_the_root() -> None:
+    """Tiny blocks: regions become final at every level, and no node holds the whole graph."""
+    m = affinity_map(boundary_map(isbi_labels(), noise=0.1, seed=0))
+    shape = (16, 16, 5)
+    _, _, _, graphs = chunk_stages(m, shape)
+    chunks = chunk_stages(m, shape)[0]
+    blocks = [tuple(o // s for o, s in zip(c.offset, shape)) for c in chunks]
+    tree = Octree.of([math.ceil(d / s) for d, s in zip(m.shape[:3], shape)], shape)
+    whole = merge_graphs(graphs).nbytes
+    sweep = octree_segments(tree, blocks, graphs, "mean", 0.5)
+    homes = np.bincount(sweep.home_level, minlength=tree.height + 1)
+    assert homes[0] > homes[-1] and np.all(homes > 0), homes
+    assert max(sweep.largest_residual) < whole / 4, (sweep.largest_residual, whole)
+
+
+def test_octree_shapes() -> None:
+    thin = Octree.of((16, 16, 16), (512, 512, 64))
+    assert thin.factors[:3] == ((1, 1, 2),) * 3 and thin.factors[3] == (2, 2, 2)
+    flat = Octree.of((4, 4, 1), (64, 64, 64))
+    assert flat.factors == ((2, 2, 1), (2, 2, 1))
+    assert Octree.of((1, 1, 1), (8, 8, 8)).height == 0
+    odd = Octree.of((3, 5, 2), (10, 10, 10))
+    assert odd.shape(odd.height) == (1, 1, 1)
+    assert sorted(odd.children(1, (1, 2, 0))) == sorted(
+        [(2, 4, 0), (2, 4, 1)])  # the grid's last row and column: one child along x and y
