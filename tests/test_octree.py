@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from deepem3d.segmentation.octree import Octree, octree_segments
+from deepem3d.segmentation.octree import BlockFaces, Octree, octree_segments
 from deepem3d.segmentation.pipeline import chunk_stages
 from deepem3d.segmentation.region_graph import merge_graphs
 from deepem3d.segmentation.synthetic import affinity_map, boundary_map
@@ -72,12 +72,12 @@ def test_the_nodes_decide_most_merges_below_the_root() -> None:
     """Tiny blocks: regions become final at every level, and no node holds the whole graph."""
     m = affinity_map(boundary_map(isbi_labels(), noise=0.1, seed=0))
     shape = (16, 16, 5)
-    _, _, _, graphs = chunk_stages(m, shape)
-    chunks = chunk_stages(m, shape)[0]
+    chunks, labels, tables, graphs = chunk_stages(m, shape)
     blocks = [tuple(o // s for o, s in zip(c.offset, shape)) for c in chunks]
+    faces = [BlockFaces.of(lab, table) for lab, table in zip(labels, tables)]
     tree = Octree.of([math.ceil(d / s) for d, s in zip(m.shape[:3], shape)], shape)
     whole = merge_graphs(graphs).nbytes
-    sweep = octree_segments(tree, blocks, graphs, "mean", 0.5)
+    sweep = octree_segments(tree, blocks, graphs, faces, "mean", 0.5)
     homes = np.bincount(sweep.home_level, minlength=tree.height + 1)
     assert homes[0] > homes[-1] and np.all(homes > 0), homes
     assert max(sweep.largest_residual) < whole / 4, (sweep.largest_residual, whole)

@@ -40,6 +40,7 @@ from deepem3d.segmentation.agglomeration import Method, _mean, _watershed
 from deepem3d.segmentation.region_graph import RegionGraph
 
 __all__ = [
+    "BlockFaces",
     "DustResidual",
     "Octree",
     "Residual",
@@ -48,7 +49,6 @@ __all__ = [
     "dust_node",
     "octree_dust",
     "octree_segments",
-    "open_levels",
 ]
 
 Shape3 = tuple[int, int, int]
@@ -107,6 +107,12 @@ class Octree:
         sx, sy, sz = self.shape(level)
         return [(x, y, z) for z in range(sz) for y in range(sy) for x in range(sx)]
 
+    def bounds(self, level: int, node: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The blocks under `node`: [low, high) grid coordinates per axis."""
+        s = np.asarray(self.scale(level), np.int64)
+        low = np.asarray(node, np.int64) * s
+        return low, np.minimum(low + s, np.asarray(self.grid, np.int64))
+
     def children(self, level: int, node: Sequence[int]) -> list[Shape3]:
         """The level-(level - 1) nodes under `node`."""
         f = self.factors[level - 1]
@@ -126,25 +132,30 @@ class Octree:
         return out
 
 
-def open_levels(octree: Octree, blocks: Sequence[Shape3],
-                graphs: Sequence[RegionGraph]) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, level): every id the block graphs mention, sorted, and the level of the lowest
-    node whose blocks mention it all. It is open at the nodes below that level."""
-    ids, coords = [], []
-    for block, g in zip(blocks, graphs):
-        mentioned = np.unique(np.concatenate([g.ids, g.u, g.v]))
-        ids.append(mentioned)
-        coords.append(np.broadcast_to(np.asarray(block, np.int64), (mentioned.size, 3)))
-    if not ids:
-        return np.zeros(0, _U64), np.zeros(0, np.int64)
-    all_ids = np.concatenate(ids)
-    all_coords = np.concatenate(coords)
-    unique, inverse = np.unique(all_ids, return_inverse=True)
-    low = np.full((unique.size, 3), np.iinfo(np.int64).max, np.int64)
-    high = np.full((unique.size, 3), -1, np.int64)
-    np.minimum.at(low, inverse, all_coords)
-    np.maximum.at(high, inverse, all_coords)
-    return unique, octree.level_of(low, high)
+_FAR = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True, eq=False)
+class BlockFaces:
+    """Which supervoxels a block holds (`inside`, sorted ids) and which lie on each of its
+    faces (`faces`: -x, +x, -y, +y, -z, +z, sorted ids): all a node needs to know which
+    supervoxels are open at it. A supervoxel that a block outside the node mentions either
+    lies on one of the node's faces (it crosses it, or a record across it names it) or has no
+    voxel in the node at all."""
+
+    inside: np.ndarray
+    faces: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, labels: np.ndarray, table: np.ndarray) -> BlockFaces:
+        """From a block's local labels (x, y, z) and its local label -> supervoxel table."""
+        table = np.asarray(table, _U64)
+        faces = []
+        for axis in range(3):
+            for end in (0, labels.shape[axis] - 1):
+                plane = np.take(labels, end, axis=axis)
+                faces.append(np.unique(table[np.unique(plane)]))
+        return cls(np.unique(table[np.unique(labels)]), tuple(faces))
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, needles: np.ndarray) -> np.ndarray:
@@ -163,8 +174,11 @@ class Residual:
 
     Regions: `ids` (uint64, sorted): a region's name, the id of the supervoxel that makes it
     open (it holds one at most) or else its smallest id; `min_ids`: its smallest supervoxel id
-    (its segment id once final); `reach`: the highest level at which one of its supervoxels is
-    still open (it is frozen below that level); `sizes` (voxels counted so far); `floors`
+    (its segment id once final); for the supervoxel that names it: `voxels`, whether it has a
+    voxel in the node's blocks, and `touch_low`, `touch_high` (n, 3): per axis, the lowest
+    (highest) block coordinate where it lies on the block's low (high) face (far out where
+    none; `open_at` reads them; an unnamed region is never open again); `sizes` (voxels
+    counted so far); `floors`
     (uint8, lowest floor) and `deepest` (uint64: the supervoxel id where the floor is attained,
     the smallest such). Edges: region ends `ru` < `rv`, and `tie_u`, `tie_v`: the first (u, v)
     supervoxel pair among the edge's contacts (mean: the edges between two regions are one,
@@ -174,7 +188,9 @@ class Residual:
 
     ids: np.ndarray
     min_ids: np.ndarray
-    reach: np.ndarray
+    voxels: np.ndarray
+    touch_low: np.ndarray
+    touch_high: np.ndarray
     sizes: np.ndarray
     floors: np.ndarray
     deepest: np.ndarray
@@ -187,18 +203,31 @@ class Residual:
     saddle: np.ndarray
 
     @classmethod
-    def of_block(cls, graph: RegionGraph, open_ids: np.ndarray, levels: np.ndarray) -> Residual:
-        """A block's graph as a leaf: every supervoxel it mentions is a region of its own;
-        `levels` (parallel to the sorted `open_ids`) says up to which level each is open."""
+    def of_block(cls, graph: RegionGraph, faces: BlockFaces, block: Sequence[int]) -> Residual:
+        """A block's graph as a leaf (`block`: its grid coordinates): every supervoxel it
+        mentions is a region of its own."""
         ids = np.unique(np.concatenate([graph.ids, graph.u, graph.v]))
         at = np.searchsorted(ids, graph.ids)
         sizes = np.zeros(ids.size, _U64)
         sizes[at] = graph.sizes
         floors = np.full(ids.size, 255, np.uint8)
         floors[at] = graph.floors
-        return cls(ids, ids.copy(), _lookup(open_ids, levels, ids), sizes, floors, ids.copy(),
-                   graph.u, graph.v, graph.u, graph.v, graph.count, graph.affinity_sum,
-                   graph.saddle)
+        touch_low = np.full((ids.size, 3), _FAR, np.int64)
+        touch_high = np.full((ids.size, 3), -1, np.int64)
+        for axis in range(3):
+            touch_low[np.isin(ids, faces.faces[2 * axis]), axis] = block[axis]
+            touch_high[np.isin(ids, faces.faces[2 * axis + 1]), axis] = block[axis]
+        return cls(ids, ids.copy(), np.isin(ids, faces.inside), touch_low, touch_high, sizes,
+                   floors, ids.copy(), graph.u, graph.v, graph.u, graph.v, graph.count,
+                   graph.affinity_sum, graph.saddle)
+
+    def open_at(self, low: np.ndarray, high: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+        """Which regions are open at the node over blocks [low, high) of a `grid`."""
+        inner_low = low > 0
+        inner_high = high < np.asarray(grid, np.int64)
+        on_face = ((self.touch_low == low) & inner_low) | ((self.touch_high == high - 1)
+                                                           & inner_high)
+        return ~self.voxels | on_face.any(axis=1)
 
     @property
     def nbytes(self) -> int:
@@ -233,26 +262,28 @@ def _group_edges(ru, rv, tu, tv, cnt, tot, sad, method: str):
             np.add.reduceat(tot, starts), np.minimum.reduceat(sad, starts))
 
 
-def _group_regions(name, min_id, reach, sizes, floors, deepest):
+def _group_regions(name, min_id, voxels, touch_low, touch_high, sizes, floors, deepest):
     """Regions of equal name as one: sizes summed, the lowest (floor, deepest), the smallest
-    id, the highest reach. Returns the grouped arrays and each input's group index."""
+    id; the naming supervoxel's faces joined (a name met in several children is the same
+    supervoxel in each)."""
     order = np.lexsort((deepest, floors, name))
     starts = _first_of_runs(name[order])
-    group = np.empty(name.size, np.int64)
-    group[order] = np.cumsum(np.isin(np.arange(name.size), starts)) - 1
     if not name.size:
-        return (name, min_id, reach, sizes, floors, deepest), group
+        return name, min_id, voxels, touch_low, touch_high, sizes, floors, deepest
     return (name[order][starts], np.minimum.reduceat(min_id[order], starts),
-            np.maximum.reduceat(reach[order], starts), np.add.reduceat(sizes[order], starts),
-            floors[order][starts], deepest[order][starts]), group
+            np.logical_or.reduceat(voxels[order], starts),
+            np.minimum.reduceat(touch_low[order], starts, axis=0),
+            np.maximum.reduceat(touch_high[order], starts, axis=0),
+            np.add.reduceat(sizes[order], starts), floors[order][starts], deepest[order][starts])
 
 
 def _combine(residuals: Sequence[Residual], method: str) -> Residual:
     """Children's residuals as one graph: a region met in several children (named by the same
     open supervoxel in each) sums its sizes and takes the lowest floor; equal edges combine."""
     cat = [np.concatenate([getattr(r, name) for r in residuals])
-           for name in ("ids", "min_ids", "reach", "sizes", "floors", "deepest")]
-    nodes, _ = _group_regions(*cat)
+           for name in ("ids", "min_ids", "voxels", "touch_low", "touch_high", "sizes", "floors",
+                        "deepest")]
+    nodes = _group_regions(*cat)
     edges = _group_edges(*(np.concatenate([getattr(r, name) for r in residuals]) for name in (
         "ru", "rv", "tie_u", "tie_v", "count", "affinity_sum", "saddle")), method)
     return Residual(*nodes, *edges)
@@ -272,15 +303,20 @@ class NodeResult:
 
 
 def agglomerate_node(
-    children: Sequence[Residual], level: int, method: Method, threshold: float
+    children: Sequence[Residual],
+    blocks: tuple[np.ndarray, np.ndarray],
+    grid: Sequence[int],
+    method: Method,
+    threshold: float,
 ) -> NodeResult:
-    """One octree node at `level`: combine the children, agglomerate with the regions that are
-    open here (reach > level) frozen; docs/octree.md says why every merge is the global run's."""
+    """One octree node over `blocks` ([low, high) of a `grid`): combine the children,
+    agglomerate with the regions open here frozen; docs/octree.md says why every merge it
+    makes is the global run's."""
     g = _combine(children, method)
     n = g.ids.size
     ea = np.searchsorted(g.ids, g.ru)
     eb = np.searchsorted(g.ids, g.rv)
-    is_open = g.reach > level
+    is_open = g.open_at(*blocks, grid)
     frozen = is_open.astype(np.uint8)
     if method == "mean":
         tie = np.empty(g.ru.size, np.int64)
@@ -303,8 +339,12 @@ def agglomerate_node(
     has_anchor = np.zeros(n, bool)
     has_anchor[label[is_open]] = True
     name = np.where(has_anchor[label], anchor[label], smallest[label])
-    regions, _ = _group_regions(name, g.min_ids, g.reach, g.sizes, g.floors, g.deepest)
-    rname, rmin, rreach, rsizes, rfloors, rdeepest = regions
+    # faces: the naming supervoxel's; a region without one is complete, never open again
+    voxels = np.where(is_open, g.voxels, True)
+    touch_low = np.where(is_open[:, None], g.touch_low, _FAR)
+    touch_high = np.where(is_open[:, None], g.touch_high, -1)
+    rname, rmin, rvoxels, rlow, rhigh, rsizes, rfloors, rdeepest = _group_regions(
+        name, g.min_ids, voxels, touch_low, touch_high, g.sizes, g.floors, g.deepest)
     rfrozen = np.zeros(rname.size, bool)
     rfrozen[np.searchsorted(rname, name[frozen == 1])] = True
     # edges between frozen regions stay (mean: all of them; watershed: those not yet taken)
@@ -316,7 +356,8 @@ def agglomerate_node(
     edges = _group_edges(ru, rv, g.tie_u[keep], g.tie_v[keep], g.count[keep],
                          g.affinity_sum[keep], g.saddle[keep], method)
     f = rfrozen
-    residual = Residual(rname[f], rmin[f], rreach[f], rsizes[f], rfloors[f], rdeepest[f], *edges)
+    residual = Residual(rname[f], rmin[f], rvoxels[f], rlow[f], rhigh[f], rsizes[f], rfloors[f],
+                        rdeepest[f], *edges)
     final = np.where(f, rname, rmin)[~f]
     return NodeResult(g.ids, np.where(frozen == 1, name, smallest[label]), final, rsizes[~f],
                       residual)
@@ -353,14 +394,15 @@ def octree_segments(
     octree: Octree,
     blocks: Sequence[Shape3],
     graphs: Sequence[RegionGraph],
+    faces: Sequence[BlockFaces],
     method: Method,
     threshold: float,
 ) -> OctreeSegments:
-    """Sweep the octree from the blocks' graphs (one per block of `blocks`, grid coordinates)
-    to the root: the segment id of every supervoxel, equal to `agglomerate` on the merged
-    graph."""
-    ids, lca = open_levels(octree, blocks, graphs)
-    by_block = dict(zip(map(tuple, blocks), graphs))
+    """Sweep the octree from the blocks' graphs and faces (one per block of `blocks`, grid
+    coordinates) to the root: the segment id of every supervoxel, equal to `agglomerate` on
+    the merged graph."""
+    ids = np.unique(np.concatenate([np.concatenate([g.ids, g.u, g.v]) for g in graphs]))
+    by_block = {tuple(b): (g, f) for b, g, f in zip(blocks, graphs, faces)}
     residuals: dict[Shape3, Residual] = {}
     names = ids.copy()  # each supervoxel's region name, level by level
     finals, final_sizes, homes, largest = [], [], [], []
@@ -372,12 +414,13 @@ def octree_segments(
             if level == 0:
                 if node not in by_block:
                     continue
-                children = [Residual.of_block(by_block[node], ids, lca)]
+                children = [Residual.of_block(*by_block[node], node)]
             else:
                 children = [residuals[c] for c in octree.children(level, node) if c in residuals]
                 if not children:
                     continue
-            result = agglomerate_node(children, level, method, threshold)
+            result = agglomerate_node(children, octree.bounds(level, node), octree.grid, method,
+                                      threshold)
             moved = result.names != result.renamed
             old.append(result.names[moved])
             new.append(result.renamed[moved])
@@ -563,7 +606,7 @@ def octree_dust(
     if mode != "merge":
         raise ValueError(f"dust mode must be 'merge' or 'zero', not {mode!r}")
     home = dict(zip(sweep.segment_ids.tolist(), sweep.home_level.tolist()))
-    by_block = dict(zip(map(tuple, blocks), graphs))
+    by_block = {tuple(b): g for b, g in zip(blocks, graphs)}
     residuals: dict[Shape3, DustResidual] = {}
     merged, into = [], []
     for level in range(octree.height + 1):

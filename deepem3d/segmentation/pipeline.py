@@ -20,7 +20,7 @@ import numpy as np
 
 from deepem3d.segmentation.agglomeration import Method, _check_unit, agglomerate, remap
 from deepem3d.segmentation.chunks import SUPERVOXEL_HALO, Chunk, as_map, chunk_grid, chunks_below
-from deepem3d.segmentation.octree import Octree, octree_dust, octree_segments
+from deepem3d.segmentation.octree import BlockFaces, Octree, octree_dust, octree_segments
 from deepem3d.segmentation.region_graph import (
     RegionGraph,
     chunk_graph,
@@ -160,10 +160,11 @@ def segment_chunked(
     step = [int(s) for s in chunk_shape]
     blocks = [tuple(o // s for o, s in zip(c.offset, step)) for c in chunks]
     tree = Octree.of([math.ceil(d / s) for d, s in zip(values.shape[:3], step)], step)
+    faces = [BlockFaces.of(lab, table) for lab, table in zip(labels, tables)]
     values_t = [threshold] if np.isscalar(threshold) else list(threshold)  # type: ignore[list-item]
     results = []
     for t in _check_unit(values_t, "thresholds").tolist():
-        sweep = octree_segments(tree, blocks, graphs, method, t)
+        sweep = octree_segments(tree, blocks, graphs, faces, method, t)
         segments = octree_dust(tree, blocks, graphs, sweep, dust_size, dust_mode)
         out = np.zeros(values.shape[:3], dtype=np.uint64, order="F")
         for chunk, lab, table in zip(chunks, labels, tables):
