@@ -21,16 +21,20 @@ rule, in docs/octree.md; the rules in brief:
   region's id is kept with the times its parts joined (`DustRegion.history`), so a parent reads
   each region as it was at the moment it looks.
 
-Ids: a region is named by its smallest supervoxel id, which is also the segment id it gets, so
-names are the same at every level and in the global run. Arrays are numpy; nothing here reads
-or writes storage.
+Then down: each node hands each child the segment ids of that child's residual regions, so a
+block ends with the segment of every supervoxel it holds, read from its own slices of its
+ancestors' decisions; no task holds a table of the whole volume.
+
+Names: a region is named by the supervoxel that makes it open (it holds one at most), else by
+its smallest supervoxel id, which is the segment id it gets. Arrays are numpy; nothing here
+reads or writes storage.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -156,13 +160,6 @@ class BlockFaces:
                 plane = np.take(labels, end, axis=axis)
                 faces.append(np.unique(table[np.unique(plane)]))
         return cls(np.unique(table[np.unique(labels)]), tuple(faces))
-
-
-def _lookup(keys: np.ndarray, values: np.ndarray, needles: np.ndarray) -> np.ndarray:
-    at = np.searchsorted(keys, needles)
-    if needles.size and (at.max() >= keys.size or np.any(keys[at] != needles)):
-        raise ValueError("an id is missing from the octree's open levels")
-    return values[at]
 
 
 # --------------------------------------------------------------------------- sweep 1: regions
@@ -364,29 +361,30 @@ def agglomerate_node(
 
 
 @dataclass
-class OctreeSegments:
-    """The sweep's result: per supervoxel id the segment id; per segment the level where it
-    became final (dust: it is open below that level), its size, and the largest residual
-    per level (bytes)."""
+class BlockSegments:
+    """A block's slice of the result: the ids it mentions (sorted) and, parallel, their
+    segment ids, the level at which each segment became final (it is open below that level:
+    the dust sweep's rule) and each segment's size (voxels)."""
 
     ids: np.ndarray
     segments: np.ndarray
-    segment_ids: np.ndarray
     home_level: np.ndarray
-    segment_sizes: np.ndarray
-    largest_residual: list[int] = field(default_factory=list)
+    sizes: np.ndarray
 
 
-def _rename(names: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
-    """Names after one level: where a name is among `old` (unique), the matching `new`."""
-    if not old.size:
-        return names
-    order = np.argsort(old)
-    old, new = old[order], new[order]
-    at = np.minimum(np.searchsorted(old, names), old.size - 1)
-    hit = old[at] == names
-    out = names.copy()
-    out[hit] = new[at[hit]]
+def _lookup_rows(keys: np.ndarray, rows: tuple[np.ndarray, ...], needles: np.ndarray):
+    at = np.searchsorted(keys, needles)
+    if needles.size and (at.max() >= keys.size or np.any(keys[at] != needles)):
+        raise ValueError("a name is missing from the slice its parent wrote")
+    return tuple(r[at] for r in rows)
+
+
+def _present(octree: Octree, blocks: Iterable[Shape3]) -> list[list[Shape3]]:
+    """Per level, the nodes that hold at least one of `blocks`."""
+    out = []
+    for level in range(octree.height + 1):
+        s = octree.scale(level)
+        out.append(sorted({tuple(b // k for b, k in zip(block, s)) for block in blocks}))
     return out
 
 
@@ -397,54 +395,74 @@ def octree_segments(
     faces: Sequence[BlockFaces],
     method: Method,
     threshold: float,
-) -> OctreeSegments:
-    """Sweep the octree from the blocks' graphs and faces (one per block of `blocks`, grid
-    coordinates) to the root: the segment id of every supervoxel, equal to `agglomerate` on
-    the merged graph."""
-    ids = np.unique(np.concatenate([np.concatenate([g.ids, g.u, g.v]) for g in graphs]))
+) -> tuple[list[BlockSegments], list[int]]:
+    """The agglomeration over the octree, as the tasks run it: up from the blocks' graphs and
+    faces (one per block of `blocks`, grid coordinates) to the root, each node writing its
+    residual for its parent; then down, each node handing each child the segments of that
+    child's residual regions, to a slice per block. Returns the blocks' slices (their segment
+    ids equal `agglomerate` on the merged graph) and the largest residual per level (bytes)."""
+    levels = _present(octree, blocks)
     by_block = {tuple(b): (g, f) for b, g, f in zip(blocks, graphs, faces)}
-    residuals: dict[Shape3, Residual] = {}
-    names = ids.copy()  # each supervoxel's region name, level by level
-    finals, final_sizes, homes, largest = [], [], [], []
-    for level in range(octree.height + 1):
-        done: dict[Shape3, Residual] = {}
-        old, new = [], []
-        biggest = 0
-        for node in octree.nodes(level):
+    residual: dict[tuple[int, Shape3], Residual] = {}
+    results: dict[tuple[int, Shape3], NodeResult] = {}
+    largest = []
+    for level, nodes in enumerate(levels):
+        for node in nodes:
             if level == 0:
-                if node not in by_block:
-                    continue
                 children = [Residual.of_block(*by_block[node], node)]
             else:
-                children = [residuals[c] for c in octree.children(level, node) if c in residuals]
-                if not children:
-                    continue
+                children = [residual.pop((level - 1, c)) for c in octree.children(level, node)
+                            if (level - 1, c) in residual]
             result = agglomerate_node(children, octree.bounds(level, node), octree.grid, method,
                                       threshold)
-            moved = result.names != result.renamed
-            old.append(result.names[moved])
-            new.append(result.renamed[moved])
-            finals.append(result.final)
-            final_sizes.append(result.final_sizes)
-            homes.append(np.full(result.final.size, level, np.int64))
-            done[node] = result.residual
-            biggest = max(biggest, result.residual.nbytes)
-        names = _rename(names, np.unique(np.concatenate(old)), _unique_new(old, new))
-        residuals = done
-        largest.append(biggest)
-    seg = np.concatenate(finals)
-    order = np.argsort(seg)
-    return OctreeSegments(ids, names, seg[order], np.concatenate(homes)[order],
-                          np.concatenate(final_sizes)[order], largest)
+            results[level, node] = result
+            residual[level, node] = result.residual
+        largest.append(max(residual[level, n].nbytes for n in nodes))
+    # down: a node's slice covers its residual's names: (name, segment, home level, size)
+    empty = (np.zeros(0, _U64), np.zeros(0, _U64), np.zeros(0, np.int64), np.zeros(0, _U64))
+    slices = {(octree.height, levels[-1][0]): empty}
+    out = {}
+    for level in range(octree.height, -1, -1):
+        for node in levels[level]:
+            result = results.pop((level, node))
+            keys, *rows = slices.pop((level, node))
+            order = np.argsort(result.final)
+            final, final_sizes = result.final[order], result.final_sizes[order]
+
+            def resolve(names: np.ndarray, level: int = level, result: NodeResult = result,
+                        keys: np.ndarray = keys, rows: list = rows, final: np.ndarray = final,
+                        final_sizes: np.ndarray = final_sizes) -> tuple[np.ndarray, ...]:
+                now = _rename(names, result.names, result.renamed)
+                here = np.isin(now, final)
+                seg, home, size = (np.empty(names.size, _U64), np.empty(names.size, np.int64),
+                                   np.empty(names.size, _U64))
+                seg[here] = now[here]
+                home[here] = level
+                size[here] = _lookup_rows(final, (final_sizes,), now[here])[0]
+                seg[~here], home[~here], size[~here] = _lookup_rows(keys, tuple(rows), now[~here])
+                return names, seg, home, size
+
+            if level == 0:
+                out[node] = BlockSegments(*resolve(result.names))
+                continue
+            for child in octree.children(level, node):
+                if (level - 1, child) in results:
+                    names = results[level - 1, child].residual.ids
+                    slices[level - 1, child] = resolve(names)
+    return [out[tuple(b)] for b in blocks], largest
 
 
-def _unique_new(old: list[np.ndarray], new: list[np.ndarray]) -> np.ndarray:
-    """The new names of `np.unique(concat(old))`: an open name moved at several nodes of a level
-    moves to the same region (the one it anchors), so any of its rows will do."""
-    o = np.concatenate(old)
-    n = np.concatenate(new)
-    _, first = np.unique(o, return_index=True)
-    return n[first]
+def _rename(names: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """`names` through the mapping old -> new (old unique); names not among `old` stay."""
+    if not old.size:
+        return names
+    order = np.argsort(old)
+    old, new = old[order], new[order]
+    at = np.minimum(np.searchsorted(old, names), old.size - 1)
+    hit = old[at] == names
+    out = names.copy()
+    out[hit] = new[at[hit]]
+    return out
 
 
 # --------------------------------------------------------------------------- sweep 2: dust
@@ -459,12 +477,14 @@ class DustRegion:
 
     `base`: the smallest id among the segments it started with; `history`: (key, id) of each
     region that joined it later, at the moment (the key of the joining region) it joined, so
-    `id_at(t)` is its id as the global run sees it at t. `lower`: for a frozen region, a key
-    before which it cannot be taken (its size so far, or the key at which it was frozen).
+    `id_at(t)` is its id as the global run sees it at t. `home`: the level at which the segment
+    that names it became final (it is open below). `lower`: for a frozen region, a key before
+    which it cannot be taken (its size so far, or the key at which it was frozen).
     """
 
     size: int
     base: int
+    home: int
     history: list[tuple[Key, int]] = field(default_factory=list)
     lower: Key = _NEVER
 
@@ -484,13 +504,13 @@ class DustResidual:
     edges: dict[tuple[int, int], int]
 
 
-def dust_leaf(graph: RegionGraph, ids: np.ndarray, segments: np.ndarray) -> DustResidual:
+def dust_leaf(graph: RegionGraph, block: BlockSegments) -> DustResidual:
     """A block's graph over segments: sizes and contacts counted in the block."""
-    seg_of = dict(zip(ids.tolist(), segments.tolist()))
+    seg_of = dict(zip(block.ids.tolist(), block.segments.tolist()))
+    home = dict(zip(block.segments.tolist(), block.home_level.tolist()))
     regions: dict[int, DustRegion] = {}
-    for sv in np.unique(np.concatenate([graph.ids, graph.u, graph.v])).tolist():
-        s = seg_of[sv]
-        regions.setdefault(s, DustRegion(0, s))
+    for s in block.segments.tolist():
+        regions.setdefault(s, DustRegion(0, s, home[s]))
     for sv, size in zip(graph.ids.tolist(), graph.sizes.tolist()):
         regions[seg_of[sv]].size += size
     edges: dict[tuple[int, int], int] = {}
@@ -504,14 +524,21 @@ def dust_leaf(graph: RegionGraph, ids: np.ndarray, segments: np.ndarray) -> Dust
 
 @dataclass
 class DustResult:
-    """A dust node's decisions: (region, the region it joined) pairs, and its residual."""
+    """A dust node's decisions: each region that joined another (`joined`: region -> the
+    region it joined), the ids of the regions that are final here, and the residual."""
 
-    merges: list[tuple[int, int]]
+    joined: dict[int, int]
+    final: dict[int, int]
     residual: DustResidual
 
+    def region_of(self, anchor: int) -> int:
+        """The region a child's region is in when this node is done."""
+        while anchor in self.joined:
+            anchor = self.joined[anchor]
+        return anchor
 
-def dust_node(children: Iterable[DustResidual], is_open: Callable[[int], bool],
-              size: int) -> DustResult:
+
+def dust_node(children: Iterable[DustResidual], level: int, size: int) -> DustResult:
     """One octree node of the dust sweep; the rules and why they hold: docs/octree.md."""
     regions: dict[int, DustRegion] = {}
     counts: dict[tuple[int, int], int] = {}
@@ -519,7 +546,7 @@ def dust_node(children: Iterable[DustResidual], is_open: Callable[[int], bool],
         for anchor, r in child.regions.items():
             have = regions.get(anchor)
             if have is None:
-                regions[anchor] = DustRegion(r.size, r.base, list(r.history), r.lower)
+                regions[anchor] = DustRegion(r.size, r.base, r.home, list(r.history), r.lower)
             else:  # an open segment seen by several children
                 have.size += r.size
                 have.base = min(have.base, r.base)
@@ -527,7 +554,7 @@ def dust_node(children: Iterable[DustResidual], is_open: Callable[[int], bool],
                 have.lower = max(have.lower, r.lower)
         for key, c in child.edges.items():
             counts[key] = counts.get(key, 0) + c
-    frozen = {a for a in regions if is_open(a)}
+    frozen = {a for a, r in regions.items() if r.home > level}
     for a, r in regions.items():
         r.lower = max(r.lower, (r.size, 0)) if a in frozen else _NEVER
     adj: dict[int, dict[int, int]] = {a: {} for a in regions}
@@ -546,7 +573,7 @@ def dust_node(children: Iterable[DustResidual], is_open: Callable[[int], bool],
 
     heap = [(*key(a), a) for a in regions if a not in frozen and regions[a].size < size]
     heapq.heapify(heap)
-    merges = []
+    joined = {}
     while heap:
         s, i, a = heapq.heappop(heap)
         if a not in regions or a in frozen or key(a) != (s, i):
@@ -570,7 +597,7 @@ def dust_node(children: Iterable[DustResidual], is_open: Callable[[int], bool],
         w = regions[winner]
         w.size += s
         w.history.append((t, i))
-        merges.append((a, winner))
+        joined[a] = winner
         for z, c in adj.pop(a).items():
             del adj[z][a]
             if z != winner:
@@ -584,63 +611,58 @@ def dust_node(children: Iterable[DustResidual], is_open: Callable[[int], bool],
         {a: regions[a] for a in up},
         {(a, b): c for a in up for b, c in adj[a].items() if a < b and b in up},
     )
-    return DustResult(merges, residual)
+    final = {a: r.current_id() for a, r in regions.items() if a not in up}
+    return DustResult(joined, final, residual)
 
 
 def octree_dust(
     octree: Octree,
     blocks: Sequence[Shape3],
     graphs: Sequence[RegionGraph],
-    sweep: OctreeSegments,
+    segments: Sequence[BlockSegments],
     size: int,
     mode: Literal["merge", "zero"] = "merge",
-) -> np.ndarray:
-    """Segment ids after dust removal, per supervoxel of `sweep.ids`: `merge_dust` on the
-    whole graph, computed node by node."""
+) -> list[np.ndarray]:
+    """Per block, the segment ids after dust removal, parallel to its slice's ids: `merge_dust`
+    on the whole graph, computed up and down the octree like `octree_segments`."""
     if size <= 0:
-        return sweep.segments.copy()
-    if mode == "zero":
-        small = sweep.segment_sizes < size
-        dropped = _lookup(sweep.segment_ids, small, sweep.segments)
-        return np.where(dropped, _U64(0), sweep.segments).astype(_U64)
+        return [b.segments.copy() for b in segments]
+    if mode == "zero":  # a segment's size is complete where it became final
+        return [np.where(b.sizes < size, _U64(0), b.segments).astype(_U64) for b in segments]
     if mode != "merge":
         raise ValueError(f"dust mode must be 'merge' or 'zero', not {mode!r}")
-    home = dict(zip(sweep.segment_ids.tolist(), sweep.home_level.tolist()))
-    by_block = {tuple(b): g for b, g in zip(blocks, graphs)}
-    residuals: dict[Shape3, DustResidual] = {}
-    merged, into = [], []
-    for level in range(octree.height + 1):
-        done: dict[Shape3, DustResidual] = {}
-        for node in octree.nodes(level):
+    levels = _present(octree, blocks)
+    by_block = {tuple(b): (g, s) for b, g, s in zip(blocks, graphs, segments)}
+    residual: dict[tuple[int, Shape3], DustResidual] = {}
+    results: dict[tuple[int, Shape3], DustResult] = {}
+    for level, nodes in enumerate(levels):
+        for node in nodes:
             if level == 0:
-                if node not in by_block:
-                    continue
-                children = [dust_leaf(by_block[node], sweep.ids, sweep.segments)]
+                children = [dust_leaf(*by_block[node])]
             else:
-                children = [residuals[c] for c in octree.children(level, node) if c in residuals]
-                if not children:
-                    continue
-            result = dust_node(children, lambda a, level=level: home[a] > level, size)
-            for a, b in result.merges:
-                merged.append(a)
-                into.append(b)
-            done[node] = result.residual
-        residuals = done
-    # a region's id is its smallest segment's: join the merges, take each set's smallest
-    seg = sweep.segment_ids
-    parent = np.arange(seg.size)
-    a = np.searchsorted(seg, np.asarray(merged, _U64))
-    b = np.searchsorted(seg, np.asarray(into, _U64))
-    for x, y in zip(a.tolist(), b.tolist()):
-        rx, ry = _find(parent, x), _find(parent, y)
-        parent[max(rx, ry)] = min(rx, ry)  # sorted ids: the smaller index is the smaller id
-    roots = np.asarray([_find(parent, i) for i in range(seg.size)], np.int64)
-    final = seg[roots]
-    return _lookup(seg, final, sweep.segments)
+                children = [residual.pop((level - 1, c)) for c in octree.children(level, node)
+                            if (level - 1, c) in residual]
+            result = dust_node(children, level, size)
+            results[level, node] = result
+            residual[level, node] = result.residual
+    # down: a node's slice is the final id of each of its residual's regions
+    slices: dict[tuple[int, Shape3], dict[int, int]] = {(octree.height, levels[-1][0]): {}}
+    out = {}
+    for level in range(octree.height, -1, -1):
+        for node in levels[level]:
+            result = results.pop((level, node))
+            above = slices.pop((level, node))
 
+            def resolve(anchor: int, result: DustResult = result, above: dict = above) -> int:
+                region = result.region_of(anchor)
+                return result.final[region] if region in result.final else above[region]
 
-def _find(parent: np.ndarray, i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = int(parent[i])
-    return i
+            if level == 0:
+                block = by_block[node][1]
+                out[node] = np.asarray([resolve(s) for s in block.segments.tolist()], _U64)
+                continue
+            for child in octree.children(level, node):
+                if (level - 1, child) in results:
+                    anchors = results[level - 1, child].residual.regions
+                    slices[level - 1, child] = {a: resolve(a) for a in anchors}
+    return [out[tuple(b)] for b in blocks]

@@ -164,10 +164,10 @@ def segment_chunked(
     values_t = [threshold] if np.isscalar(threshold) else list(threshold)  # type: ignore[list-item]
     results = []
     for t in _check_unit(values_t, "thresholds").tolist():
-        sweep = octree_segments(tree, blocks, graphs, faces, method, t)
-        segments = octree_dust(tree, blocks, graphs, sweep, dust_size, dust_mode)
+        slices, _ = octree_segments(tree, blocks, graphs, faces, method, t)
+        final = octree_dust(tree, blocks, graphs, slices, dust_size, dust_mode)
         out = np.zeros(values.shape[:3], dtype=np.uint64, order="F")
-        for chunk, lab, table in zip(chunks, labels, tables):
-            out[chunk.slices()] = relabel(lab, remap(table, sweep.ids, segments))
+        for chunk, lab, table, block, segments in zip(chunks, labels, tables, slices, final):
+            out[chunk.slices()] = relabel(lab, remap(table, block.ids, segments))
         results.append(out)
     return results[0] if np.isscalar(threshold) else results
