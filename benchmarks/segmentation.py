@@ -21,8 +21,8 @@ memory, and how the cost per voxel grows with the volume.
    seconds per voxel of each stage and of waterz (timed as above), the memory of a block task
    (it should not grow with the volume), and the single tasks' memory against the graph's
    edge count.
-3. How many region-graph edges one AgglomerateTask holds in 24 GiB, and so the largest volume
-   before the agglomeration itself must be split.
+3. How many region-graph edges one octree node holds in 24 GiB (its kernel's bytes per edge,
+   from the level-0 node tasks, which hold a whole block's graph).
 
 All tasks run in this process or a child of it, one at a time, on the CPU; the numbers are as
 good as the machine is quiet.
@@ -208,14 +208,32 @@ def run(map_path: str, output: str, method: str, threshold: float, task_shape, m
         overwrite: bool) -> tuple[dict, dict]:
     """Run (or retune) the pipeline; (seconds per stage, memory per stage)."""
     from deepem3d.run.runner import run_stages
-    from deepem3d.stages.segmentation import STAGES, plan_segment, segment_stages
+    from deepem3d.stages.segmentation import OCTREE_STAGES, plan_segment, segment_stages
 
     plan = plan_segment(map_path, output, method=method, threshold=threshold,
                         task_shape=task_shape, overwrite=overwrite)
     runner = Runner(measure)
     run_stages(segment_stages(plan), execute=runner, echo=lambda line: None)
-    seconds = {s: sum(r["seconds"] for r in records(output, s)) for s in STAGES}
-    return seconds, runner.memory
+    seconds = {s: sum(r["seconds"] for r in records(output, s)) for s in plan.stages}
+    # the octree's stages as one column: "octree" (every level, up and down)
+    octree = [s for s in seconds if s.startswith(OCTREE_STAGES)]
+    seconds = {s: v for s, v in seconds.items() if s not in octree}
+    seconds["octree"] = sum(records_seconds(output, s) for s in octree)
+    memory = dict(runner.memory)
+    nodes = [memory.pop(s) for s in list(memory) if s.startswith(OCTREE_STAGES)]
+    if nodes:
+        memory["octree"] = max(nodes, key=lambda m: m["added"])
+    return seconds, memory
+
+
+def records_seconds(output: str, stage: str) -> float:
+    return sum(r["seconds"] for r in records(output, stage))
+
+
+def block_edges(output: str) -> int:
+    """Edges summed over the blocks' graphs (an edge whose contacts span blocks counts once per
+    block): the graph the octree's level-0 nodes hold."""
+    return sum(r["edges"] for r in records(output, "region-graph"))
 
 
 def read(path: str) -> np.ndarray:
@@ -277,7 +295,7 @@ def isbi(work: Path) -> dict:
             rows.append({"tool": f"deepem3d {method}", "threshold": t,
                          "adapted_rand_error": score["adapted_rand_error"], "voi": score["voi"],
                          "voi_split": score["voi_split"], "voi_merge": score["voi_merge"],
-                         "retune_seconds": secs["agglomerate"] + secs["remap"]})
+                         "retune_seconds": secs["octree"] + secs["remap"]})
     with quiet_stdout():
         waterz_segs = [s.copy() for s in waterz.agglomerate(waterz_input(affinities),
                                                             MEAN_THRESHOLDS)]
@@ -290,7 +308,7 @@ def isbi(work: Path) -> dict:
     np.save(npy, affinities)
     wz = dict(in_child("--waterz", str(npy), "0.5"), seconds=float(np.median(waterz_seconds)),
               all_seconds=waterz_seconds)
-    edges = records(output, "merge-graph")[0]["edges"]
+    edges = block_edges(output)
     return {
         "voxels": voxels, "task_shape": task_shape, "blocks": len(records(output, "remap")),
         "identical_to_whole_array": identical, "stage_seconds": seconds,
@@ -369,7 +387,7 @@ def synthetic(work: Path, size: int, task_shape: tuple = (128, 128, 128)) -> dic
     seconds, totals, waterz_seconds = race(map_path, output, task_shape, affinities, 0.5,
                                            repeats)
     del affinities
-    merged = records(output, "merge-graph")[0]
+    supervoxels = sum(r["supervoxels"] for r in records(output, "region-graph"))
     reduce = records(output, "reduce")[0]
     wz = dict(in_child("--waterz", str(npy), "0.5"), seconds=float(np.median(waterz_seconds)),
               all_seconds=waterz_seconds)
@@ -379,7 +397,7 @@ def synthetic(work: Path, size: int, task_shape: tuple = (128, 128, 128)) -> dic
             "repeats": repeats, "stage_seconds": seconds,
             "deepem3d_seconds": float(np.median(totals)), "deepem3d_all_seconds": totals,
             "waterz": wz, "memory": memory,
-            "edges": merged["edges"], "supervoxels": merged["supervoxels"],
+            "edges": block_edges(output), "supervoxels": supervoxels,
             "exits_bytes": reduce["exits_bytes"]}
 
 
@@ -402,33 +420,32 @@ def print_synthetic(results: list[dict]) -> None:
         print(f"{r['size']:>5}^3" + "".join(
             f"{r['memory'].get(s, {}).get('added', float('nan')) / 2**20:>13.0f}"
             for s in stages) + f"{r['waterz']['added'] / 2**20:>9.0f}")
-    print("single tasks against the whole volume:")
+    print("against the whole volume:")
     for r in results:
-        m, edges = r["memory"], max(r["edges"], 1)
-        print(f"  {r['size']}^3: {r['edges']} edges ({r['edges'] / r['voxels']:.4f}/voxel), "
-              f"{r['supervoxels']} supervoxels; agglomerate "
-              f"{m['agglomerate']['added'] / edges:.0f} B/edge, merge-graph "
-              f"{m['merge-graph']['added'] / edges:.0f} B/edge, "
+        m = r["memory"]
+        print(f"  {r['size']}^3: {r['edges']} block edges ({r['edges'] / r['voxels']:.4f}/voxel),"
+              f" {r['supervoxels']} block supervoxels; largest octree node "
+              f"{mib(m['octree']['added'])}, "
               f"reduce {m['reduce']['added'] / r['voxels']:.2f} B/voxel (exits "
               f"{r['exits_bytes'] / r['voxels']:.2f} B/voxel), remap {mib(m['remap']['added'])}")
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Capacity of one AgglomerateTask
+# 3. Capacity of one octree node
 
 
 def capacity(isbi_result: dict | None, synthetic_results: list[dict]) -> None:
-    print("\n== one AgglomerateTask on 24 GiB")
+    print("\n== one octree node on 24 GiB")
     measured = {}
     for r in synthetic_results[-1:]:
         m = r["memory"]
-        measured["mean (measured here)"] = m["agglomerate"]["added"] / r["edges"]
+        measured["mean (measured here)"] = m["octree"]["added"] / r["edges"]
     if isbi_result:
         m = isbi_result["memory"]
-        measured["mean, ISBI (measured here)"] = m["agglomerate"]["added"] / isbi_result["edges"]
-        if "agglomerate (watershed)" in m:
+        measured["mean, ISBI (measured here)"] = m["octree"]["added"] / isbi_result["edges"]
+        if "octree (watershed)" in m:
             measured["watershed, ISBI (measured here)"] = (
-                m["agglomerate (watershed)"]["added"] / isbi_result["edges"])
+                m["octree (watershed)"]["added"] / isbi_result["edges"])
     from deepem3d.stages.segmentation import BYTES_PER_EDGE
 
     for method, per_edge in BYTES_PER_EDGE.items():

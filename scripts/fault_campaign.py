@@ -136,12 +136,8 @@ def _decoded(path: Path) -> bytes:
 def contents(output: Path) -> dict[str, str]:
     """Every object the run left under `output`, by path (a compression suffix dropped), as a
     digest of its decoded content; without markers, run records, provenance, the report, the
-    queue and logs. The segment table also records its run's key, which names the map's
-    path: its arrays are compared instead."""
-    from cloudfiles import CloudFiles
-
-    from deepem3d.storage.npz import get_npz
-
+    queue and logs. The octree's files sit under the run's key, which names the map's path:
+    that part of their path is left out."""
     found = {}
     for path in sorted(output.rglob("*")):
         rel = path.relative_to(output).as_posix()
@@ -149,12 +145,9 @@ def contents(output: Path) -> dict[str, str]:
         if (not path.is_file() or any(p in LEFT_OUT_DIRS for p in parts[:-1])
                 or parts[0] in LEFT_OUT_DIRS or path.name in LEFT_OUT_FILES):
             continue
-        if path.name.startswith("segments.npz"):
-            arrays = get_npz(CloudFiles(f"file://{path.parent}"), "segments.npz")
-            data = arrays["ids"].tobytes() + arrays["segments"].tobytes()
-        else:
-            data = _decoded(path)
+        data = _decoded(path)
         key = re.sub(r"\.(gz|br|zstd)$", "", rel)
+        key = re.sub(r"/octree/[^/]+/", "/octree/RUN/", key)  # the run key names the map
         found[key] = hashlib.sha256(data).hexdigest()
     return found
 

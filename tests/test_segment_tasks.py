@@ -26,7 +26,7 @@ from deepem3d.run.runner import Runner, run_stages
 from deepem3d.run.worker import Worker
 from deepem3d.segmentation.pipeline import segment
 from deepem3d.stages.frame import Stage
-from deepem3d.stages.segmentation import CHUNK_STAGES, STAGES, plan_segment, segment_stages
+from deepem3d.stages.segmentation import CHUNK_STAGES, plan_segment, segment_stages
 from deepem3d.stages.supervoxels import volume_ids
 from deepem3d.storage.layers import create_layer
 from tests.conftest import (
@@ -58,18 +58,27 @@ def test_layer_is_the_same_bytes_for_every_task_shape(tmp_path, maps, name, meth
         runner = run(path, output, method, threshold, shape, dust_size=dust)
         blocks = np.prod([-(-s // t) for s, t in zip(SHAPE, shape)])
         assert runner.ran["supervoxels"] == runner.ran["remap"] == blocks
-        assert runner.ran["reduce"] == runner.ran["agglomerate"] == 1
+        assert runner.ran["reduce"] == 1
+        # the octree: a task per node and level, one root; no task holds the whole graph
+        levels = sorted(int(s.rsplit("L", 1)[1]) for s in runner.ran
+                        if s.startswith("agglomerate-L"))
+        assert levels == list(range(len(levels))) and runner.ran["agglomerate-L0"] == blocks
+        assert runner.ran[f"agglomerate-L{levels[-1]}"] == 1
+        assert ("dust-L0" in runner.ran) == (dust > 0)
         np.testing.assert_array_equal(read(output), expected, err_msg=f"task shape {shape}")
-        marker = CloudFiles(output).get_json("tasks/agglomerate/done/agglomerate.json")
-        assert marker["segments"] == np.unique(expected[expected != 0]).size
+        done = CloudFiles(output)
+        final = sum(done.get_json(k)["final"] for k in done.list(prefix="tasks/agglomerate-L")
+                    if "/done/" in k)
+        if not dust:
+            assert final == np.unique(expected[expected != 0]).size
         files = chunk_files(output)
         assert len(files) == np.prod([-(-s // c) for s, c in zip(SHAPE, CHUNK)])
         reference = reference or files
         assert files == reference, f"task shape {shape}: other chunk bytes"
         # what a retune needs stays (the supervoxels: local labels and tables, one per block;
-        # the merged graph), the rest of the work directory is gone
+        # the blocks' graphs), and the octree's files; the rest of the work directory is gone
         work = {k.split("/")[1] for k in CloudFiles(output).list(prefix="segmentation/")}
-        assert work == {"labels", "tables", "graph.npz", "segments.npz"}, work
+        assert work == {"labels", "tables", "graphs", "octree"}, work
         stored = CloudFiles(output).list(prefix="segmentation/labels/")
         assert len(list(stored)) == blocks
     info = CloudFiles(output).get_json("info")
@@ -85,7 +94,9 @@ def test_another_threshold_redoes_only_agglomerate_and_remap(tmp_path, maps):
     path, array = maps["affinity"]
     output = f"file://{tmp_path / 'seg'}"
     first = run(path, output, "mean", 0.5, (40, 24, 6))
-    assert set(first.ran) == set(STAGES) - {"smooth"}  # no --sigma: no smooth tasks
+    stages = plan_segment(path, output, method="mean", threshold=0.5, task_shape=(40, 24, 6),
+                          chunk_size=CHUNK).stages
+    assert set(first.ran) == set(stages) - {"smooth"}  # no --sigma: no smooth tasks
     markers = Path(output[len("file://"):]) / "tasks"
     kept = {p: p.stat().st_mtime_ns for s in CHUNK_STAGES for p in (markers / s).rglob("*")
             if p.is_file()}
@@ -97,17 +108,18 @@ def test_another_threshold_redoes_only_agglomerate_and_remap(tmp_path, maps):
         run(path, output, "mean", 0.3, (40, 24, 6))
     plan = plan_segment(path, output, method="watershed", threshold=0.1, task_shape=(40, 24, 6),
                         chunk_size=CHUNK, overwrite=True)
-    assert plan.action == "retune" and plan.graph_edges > 0
-    assert "reusing the supervoxels and region graph" in plan.describe()
+    assert plan.action == "retune"
+    assert "reusing the supervoxels and region graphs" in plan.describe()
     for method, threshold in [("mean", 0.3), ("watershed", 0.1)]:
         again = run(path, output, method, threshold, (40, 24, 6), overwrite=True)
-        assert set(again.ran) == {"agglomerate", "remap"}, again.ran
+        assert set(again.ran) == set(plan.tuning_stages()), again.ran
         np.testing.assert_array_equal(read(output), segment(array, method, threshold))
     assert {p: p.stat().st_mtime_ns for p in kept} == kept, "chunk stages were rewritten"
 
     # another task shape is another chunking: everything again, same answer
     other = run(path, output, "watershed", 0.1, SHAPE, overwrite=True)
-    assert set(other.ran) == set(STAGES) - {"smooth", "halo"}  # one block: no neighbours
+    # one block: no neighbours, an octree of one node
+    assert set(other.ran) == set(CHUNK_STAGES[2:]) | {"agglomerate-L0", "remap"}
     np.testing.assert_array_equal(read(output), segment(array, "watershed", 0.1))
 
 
@@ -174,9 +186,9 @@ def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch):
     report = worker.run()
     driver.join()
     assert not failure, failure
-    # halo, supervoxels, reduce, region-graph, merge-graph, agglomerate, remap
-    assert report.executed == 4 + 4 + 1 + 4 + 1 + 1 + 4 and report.errors == 0
-    assert sum("waiting for workers" in line for line in lines) == len(STAGES) - 1
+    # halo, supervoxels, reduce, region-graph, agglomerate-L0, -L1, segments-L1, remap
+    assert report.executed == 4 + 4 + 1 + 4 + 4 + 1 + 1 + 4 and report.errors == 0
+    assert sum("waiting for workers" in line for line in lines) == len(plan.stages) - 1
     assert "stage smooth: off (--sigma 0)" in lines
     np.testing.assert_array_equal(read(output), segment(array, "watershed", 0.19))
 

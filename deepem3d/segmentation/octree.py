@@ -372,6 +372,28 @@ class BlockSegments:
     sizes: np.ndarray
 
 
+#: a slice a node hands a child: names (sorted), segment ids, home levels, sizes
+Slice = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+EMPTY_SLICE: Slice = (np.zeros(0, _U64), np.zeros(0, _U64), np.zeros(0, np.int64),
+                      np.zeros(0, _U64))
+
+
+def segments_of(result: NodeResult, level: int, above: Slice, names: np.ndarray) -> Slice:
+    """The down pass at one node: for names of its children's regions (sorted), the segment
+    id, home level and size, from the node's own result and its parent's slice `above`."""
+    now = _rename(names, result.names, result.renamed)
+    order = np.argsort(result.final)
+    final, final_sizes = result.final[order], result.final_sizes[order]
+    here = np.isin(now, final)
+    seg, home, size = (np.empty(names.size, _U64), np.empty(names.size, np.int64),
+                       np.empty(names.size, _U64))
+    seg[here] = now[here]
+    home[here] = level
+    size[here] = _lookup_rows(final, (final_sizes,), now[here])[0]
+    seg[~here], home[~here], size[~here] = _lookup_rows(above[0], above[1:], now[~here])
+    return names, seg, home, size
+
+
 def _lookup_rows(keys: np.ndarray, rows: tuple[np.ndarray, ...], needles: np.ndarray):
     at = np.searchsorted(keys, needles)
     if needles.size and (at.max() >= keys.size or np.any(keys[at] != needles)):
@@ -418,37 +440,20 @@ def octree_segments(
             results[level, node] = result
             residual[level, node] = result.residual
         largest.append(max(residual[level, n].nbytes for n in nodes))
-    # down: a node's slice covers its residual's names: (name, segment, home level, size)
-    empty = (np.zeros(0, _U64), np.zeros(0, _U64), np.zeros(0, np.int64), np.zeros(0, _U64))
-    slices = {(octree.height, levels[-1][0]): empty}
+    # down: a node's slice covers its residual's names
+    slices = {(octree.height, levels[-1][0]): EMPTY_SLICE}
     out = {}
     for level in range(octree.height, -1, -1):
         for node in levels[level]:
             result = results.pop((level, node))
-            keys, *rows = slices.pop((level, node))
-            order = np.argsort(result.final)
-            final, final_sizes = result.final[order], result.final_sizes[order]
-
-            def resolve(names: np.ndarray, level: int = level, result: NodeResult = result,
-                        keys: np.ndarray = keys, rows: list = rows, final: np.ndarray = final,
-                        final_sizes: np.ndarray = final_sizes) -> tuple[np.ndarray, ...]:
-                now = _rename(names, result.names, result.renamed)
-                here = np.isin(now, final)
-                seg, home, size = (np.empty(names.size, _U64), np.empty(names.size, np.int64),
-                                   np.empty(names.size, _U64))
-                seg[here] = now[here]
-                home[here] = level
-                size[here] = _lookup_rows(final, (final_sizes,), now[here])[0]
-                seg[~here], home[~here], size[~here] = _lookup_rows(keys, tuple(rows), now[~here])
-                return names, seg, home, size
-
+            above = slices.pop((level, node))
             if level == 0:
-                out[node] = BlockSegments(*resolve(result.names))
+                out[node] = BlockSegments(*segments_of(result, level, above, result.names))
                 continue
             for child in octree.children(level, node):
                 if (level - 1, child) in results:
                     names = results[level - 1, child].residual.ids
-                    slices[level - 1, child] = resolve(names)
+                    slices[level - 1, child] = segments_of(result, level, above, names)
     return [out[tuple(b)] for b in blocks], largest
 
 
@@ -531,11 +536,12 @@ class DustResult:
     final: dict[int, int]
     residual: DustResidual
 
-    def region_of(self, anchor: int) -> int:
-        """The region a child's region is in when this node is done."""
+    def id_of(self, anchor: int, above: dict[int, int]) -> int:
+        """The down pass: the id after dust of a child's region, from this node's decisions
+        and its parent's slice `above` (ids of this node's residual regions)."""
         while anchor in self.joined:
             anchor = self.joined[anchor]
-        return anchor
+        return self.final[anchor] if anchor in self.final else above[anchor]
 
 
 def dust_node(children: Iterable[DustResidual], level: int, size: int) -> DustResult:
@@ -652,17 +658,99 @@ def octree_dust(
         for node in levels[level]:
             result = results.pop((level, node))
             above = slices.pop((level, node))
-
-            def resolve(anchor: int, result: DustResult = result, above: dict = above) -> int:
-                region = result.region_of(anchor)
-                return result.final[region] if region in result.final else above[region]
-
             if level == 0:
-                block = by_block[node][1]
-                out[node] = np.asarray([resolve(s) for s in block.segments.tolist()], _U64)
+                anchors = by_block[node][1].segments.tolist()
+                out[node] = np.asarray([result.id_of(a, above) for a in anchors], _U64)
                 continue
             for child in octree.children(level, node):
                 if (level - 1, child) in results:
                     anchors = results[level - 1, child].residual.regions
-                    slices[level - 1, child] = {a: resolve(a) for a in anchors}
+                    slices[level - 1, child] = {a: result.id_of(a, above) for a in anchors}
     return [out[tuple(b)] for b in blocks]
+
+
+# --------------------------------------------------------------------------- as arrays, for tasks
+
+_RESIDUAL_U64 = ("ids", "min_ids", "sizes", "deepest", "ru", "rv", "tie_u", "tie_v", "count",
+                 "affinity_sum")
+
+
+def node_arrays(result: NodeResult) -> dict[str, np.ndarray]:
+    """A node's result and residual as plain arrays (what its task stores)."""
+    out = {f"node_{k}": getattr(result, k) for k in ("names", "renamed", "final", "final_sizes")}
+    out.update({f"residual_{k}": v for k, v in vars(result.residual).items()})
+    return out
+
+
+def node_from_arrays(arrays: dict[str, np.ndarray]) -> NodeResult:
+    """The inverse of `node_arrays`, with the types `narrow`ed storage lost restored."""
+    def get(name: str) -> np.ndarray:
+        a = np.asarray(arrays[name])
+        field_name = name.split("_", 1)[1]
+        if name.startswith("node_") or field_name in _RESIDUAL_U64:
+            return a.astype(_U64, copy=False)
+        if field_name in ("floors", "saddle"):
+            return a.astype(np.uint8, copy=False)
+        if field_name == "voxels":
+            return a.astype(bool, copy=False)
+        return a.astype(np.int64, copy=False)
+
+    residual = Residual(**{k: get(f"residual_{k}") for k in Residual.__dataclass_fields__})
+    return NodeResult(*(get(f"node_{k}") for k in ("names", "renamed", "final", "final_sizes")),
+                      residual)
+
+
+def slice_arrays(part: Slice) -> dict[str, np.ndarray]:
+    return dict(zip(("names", "segments", "home", "sizes"), part))
+
+
+def slice_from_arrays(arrays: dict[str, np.ndarray]) -> Slice:
+    return (np.asarray(arrays["names"]).astype(_U64), np.asarray(arrays["segments"]).astype(_U64),
+            np.asarray(arrays["home"]).astype(np.int64), np.asarray(arrays["sizes"]).astype(_U64))
+
+
+def dust_arrays(result: DustResult) -> dict[str, np.ndarray]:
+    """A dust node's result and residual as plain arrays (what its task stores)."""
+    regions = result.residual.regions
+    anchors = sorted(regions)
+    history = [(a, k[0], k[1], i) for a in anchors for k, i in regions[a].history]
+    edges = sorted(result.residual.edges.items())
+
+    def col(rows: list, k: int, dtype) -> np.ndarray:
+        return np.asarray([r[k] for r in rows], dtype)
+
+    return {
+        "joined": np.asarray(sorted(result.joined.items()), _U64).reshape(-1, 2),
+        "final": np.asarray(sorted(result.final.items()), _U64).reshape(-1, 2),
+        "anchor": np.asarray(anchors, _U64),
+        "size": np.asarray([regions[a].size for a in anchors], np.int64),
+        "base": np.asarray([regions[a].base for a in anchors], _U64),
+        "home": np.asarray([regions[a].home for a in anchors], np.int64),
+        "lower": np.asarray([regions[a].lower for a in anchors], np.int64).reshape(-1, 2),
+        "history_anchor": col(history, 0, _U64), "history_size": col(history, 1, np.int64),
+        "history_key": col(history, 2, _U64), "history_id": col(history, 3, _U64),
+        "edge_a": np.asarray([a for (a, _), _ in edges], _U64),
+        "edge_b": np.asarray([b for (_, b), _ in edges], _U64),
+        "edge_count": np.asarray([c for _, c in edges], np.int64),
+    }
+
+
+def dust_from_arrays(arrays: dict[str, np.ndarray]) -> DustResult:
+    """The inverse of `dust_arrays`."""
+    def ints(name: str) -> list[int]:
+        return np.asarray(arrays[name]).astype(np.int64 if name in (
+            "size", "home", "history_size", "edge_count") else _U64).reshape(-1).tolist()
+
+    regions = {}
+    lower = np.asarray(arrays["lower"]).astype(np.int64).reshape(-1, 2).tolist()
+    for a, size, base, home, low in zip(ints("anchor"), ints("size"), ints("base"), ints("home"),
+                                        lower):
+        regions[a] = DustRegion(size, base, home, [], (low[0], low[1]))
+    for a, size, key, i in zip(ints("history_anchor"), ints("history_size"), ints("history_key"),
+                               ints("history_id")):
+        regions[a].history.append(((size, key), i))
+    edges = {(a, b): c for a, b, c in zip(ints("edge_a"), ints("edge_b"), ints("edge_count"))}
+    pairs = {name: np.asarray(arrays[name]).astype(_U64).reshape(-1, 2).tolist()
+             for name in ("joined", "final")}
+    return DustResult({a: b for a, b in pairs["joined"]}, {a: b for a, b in pairs["final"]},
+                      DustResidual(regions, edges))

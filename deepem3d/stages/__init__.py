@@ -2,8 +2,8 @@
 
     image -> map              inference.py     (InferenceTask)
     map -> supervoxels        supervoxels.py   (SmoothTask, HaloTask, SupervoxelTask, ReduceTask)
-    supervoxels -> graph      graph.py         (RegionGraphTask, MergeGraphTask)
-    graph -> segments         segments.py      (AgglomerateTask, RemapTask)
+    supervoxels -> graph      graph.py         (RegionGraphTask)
+    graph -> segments         octree.py        (OctreeNodeTask, OctreeDownTask, RemapTask)
     layer -> mip levels       downsample.py    (igneous's DownsampleTask, in MarkedTask)
 
 segmentation.py plans the segmentation's stages (what a run reuses), workdir.py is where they

@@ -1,14 +1,15 @@
 """The segmentation's plan: check the inputs, decide what a run reuses, declare its stages.
 
 The tasks are in the modules of each arrow of the data flow: deepem3d.stages.supervoxels (map ->
-supervoxels), deepem3d.stages.graph (-> region graph), deepem3d.stages.segments (-> segments);
-what they leave for each other is described in deepem3d.stages.workdir. They do, with I/O,
-exactly what `deepem3d.segmentation.pipeline.segment_chunked` does in memory, so the layer is
-the same bytes whatever the task shape, and equal to `pipeline.segment` on the whole array.
+supervoxels), deepem3d.stages.graph (-> region graph per block), deepem3d.stages.octree (->
+segments, node by node over an octree of the blocks); what they leave for each other is
+described in deepem3d.stages.workdir. They do, with I/O, exactly what
+`deepem3d.segmentation.pipeline.segment_chunked` does in memory, so the layer is the same bytes
+whatever the task shape, and equal to `pipeline.segment` on the whole array.
 
 A plan is "new", "resume" (same parameters: finished tasks are skipped), "retune" (same map,
 sigma, bounds and task shape, another method, threshold or dust: the smoothed map, the
-supervoxels and the merged region graph are kept, agglomerate and remap run again) or
+supervoxels and the blocks' region graphs are kept, the octree's stages and remap run again) or
 "rebuild". Which one is read from the stages' run records, whose key is a digest of what
 decides that stage's output.
 """
@@ -27,6 +28,7 @@ from cloudvolume.lib import Bbox
 
 from deepem3d.errors import InputError
 from deepem3d.segmentation.chunks import SUPERVOXEL_HALO
+from deepem3d.segmentation.octree import Octree
 from deepem3d.segmentation.smoothing import smoothing_halo
 from deepem3d.stages.blocks import (
     align_to_chunks,
@@ -37,8 +39,8 @@ from deepem3d.stages.blocks import (
     check_task_shape,
 )
 from deepem3d.stages.frame import Markers, Stage, digest
-from deepem3d.stages.graph import MergeGraphTask, RegionGraphTask
-from deepem3d.stages.segments import AgglomerateTask, RemapTask
+from deepem3d.stages.graph import RegionGraphTask
+from deepem3d.stages.octree import OctreeDownTask, OctreeNodeTask, RemapTask, node_name
 from deepem3d.stages.supervoxels import HaloTask, ReduceTask, SmoothTask, SupervoxelTask
 from deepem3d.stages.workdir import SMOOTHED_LAYER, SUPERVOXEL_FILES, WORK, smoothed_layer_path
 from deepem3d.storage.layers import (
@@ -51,12 +53,13 @@ from deepem3d.storage.layers import (
     record_provenance,
 )
 
-#: the stages, in order; the first six depend only on the map, sigma and the chunking
-STAGES = ("smooth", "halo", "supervoxels", "reduce", "region-graph", "merge-graph",
-          "agglomerate", "remap")
-CHUNK_STAGES = STAGES[:6]
-TUNING_STAGES = STAGES[6:]
-SINGLE_STAGES = ("reduce", "merge-graph", "agglomerate")
+#: the stages that depend only on the map, sigma and the chunking, in order; then come the
+#: octree's (`SegmentPlan.tuning_stages`: a stage per level up, per level down) and remap
+CHUNK_STAGES = ("smooth", "halo", "supervoxels", "reduce", "region-graph")
+#: the prefixes of the octree's stage names, and what its files live under
+OCTREE_STAGES = ("agglomerate-L", "segments-L", "dust-L", "dust-segments-L")
+OCTREE_WORK = f"{WORK}/octree/"
+SINGLE_STAGES = ("reduce",)
 METHODS = ("mean", "watershed")
 DUST_MODES = ("merge", "zero")
 MAP_DTYPES = ("uint8", "float32")
@@ -69,10 +72,17 @@ BYTES_PER_VOXEL = 70
 # Peak bytes per voxel (and channel) of a smooth task's box with its halo: the uint8 map, its
 # float64 copy and scipy's float64 output; a float32 map read adds 4 + 8 (its quantisation)
 SMOOTH_BYTES_PER_VOXEL = 17
-# Peak bytes per region-graph edge of the agglomerate task (benchmarks/segmentation.py and its
-# ISBI map retuned: mean 199 at 1 - mean affinity 0.5, 252 at 0.95, as merged edge lists
+# Peak bytes per region-graph edge of the agglomeration kernel (benchmarks/segmentation.py and
+# its ISBI map retuned: mean 199 at 1 - mean affinity 0.5, 252 at 0.95, as merged edge lists
 # grow; watershed 79)
 BYTES_PER_EDGE = {"mean": 255, "watershed": 80}
+# What an octree node hands its parent: about this many voxels deep of edges along its faces
+# (residual edges / (face voxels x edges per voxel): 3.4, 4.6 and 4.3 for nodes of 16^3, 32^3
+# and 64^3 voxels of a 96^3 noisy synthetic map with 0.35 edges per voxel, both methods)
+RESIDUAL_SHELL_VOXELS = 4.6
+# Bytes per edge a node task holds besides the kernel's: its residual as stored (8 per id, sum,
+# count and tie pair, 1 per saddle)
+RESIDUAL_BYTES_PER_EDGE = 65
 MAX_SIGMA = 16.0  # a halo of 64 voxels; beyond it the map is blurred past any membrane
 
 
@@ -109,7 +119,6 @@ class SegmentPlan:
     reset_layer: bool = False
     reset_chunk_stages: bool = False
     reset_tuning_stages: bool = False
-    graph_edges: int | None = None
     notes: list[str] = field(default_factory=list)
     #: one-line warnings the CLI prints on stderr (`deepem3d: warning: ...`)
     warnings: list[str] = field(default_factory=list)
@@ -121,6 +130,34 @@ class SegmentPlan:
     @property
     def volume(self) -> list[int]:
         return [*self.voxel_offset, *self.size]
+
+    @property
+    def grid(self) -> list[int]:
+        """Blocks per axis."""
+        return [-(-int(s) // t) for s, t in zip(self.bounds.size3(), self.task_shape)]
+
+    @property
+    def octree(self) -> Octree:
+        return Octree.of(self.grid, self.task_shape)
+
+    @property
+    def merges_dust(self) -> bool:
+        return self.dust_size > 0 and self.dust_mode == "merge"
+
+    def tuning_stages(self) -> tuple[str, ...]:
+        """The stages after the chunk stages: the octree's levels up, then down, for the
+        segments and (dust merge) for the ids after dust; then remap."""
+        height = self.octree.height
+        up = tuple(range(height + 1))
+        down = tuple(range(height, 0, -1))
+        names = [f"agglomerate-L{k}" for k in up] + [f"segments-L{k}" for k in down]
+        if self.merges_dust:
+            names += [f"dust-L{k}" for k in up] + [f"dust-segments-L{k}" for k in down]
+        return (*names, "remap")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return CHUNK_STAGES + self.tuning_stages()
 
     def chunk_parameters(self) -> dict:
         """What decides the supervoxels and the region graph."""
@@ -185,7 +222,24 @@ class SegmentPlan:
             return 0
         if stage == "halo" and (self.smoothed or not self.publishes_halo):
             return 0  # the smooth tasks publish the slabs, or no block has a neighbour
+        if stage.startswith(OCTREE_STAGES):
+            return math.prod(self.octree.shape(int(stage.rsplit("L", 1)[1])))
         return 1 if stage in SINGLE_STAGES else len(self.blocks)
+
+    def node_memory_bytes(self, level: int, edges_per_voxel: float) -> int:
+        """Peak bytes of the largest octree node task at `level`: a block's whole graph at
+        level 0; above, its children's residuals, a shell along each child's faces."""
+        extent = [min(b * s, int(r)) for b, s, r in zip(
+            self.block_extent, self.octree.scale(level), self.bounds.size3())]
+        per_edge = BYTES_PER_EDGE[self.method] + RESIDUAL_BYTES_PER_EDGE
+        if level == 0:
+            return int(per_edge * edges_per_voxel * math.prod(extent))
+        child = [min(b * s, int(r)) for b, s, r in zip(
+            self.block_extent, self.octree.scale(level - 1), self.bounds.size3())]
+        faces = 2 * (child[0] * child[1] + child[1] * child[2] + child[0] * child[2])
+        children = math.prod(self.octree.factors[level - 1])
+        shell = min(math.prod(extent), children * faces * RESIDUAL_SHELL_VOXELS)
+        return int(per_edge * edges_per_voxel * shell)
 
     @property
     def block_extent(self) -> list[int]:
@@ -211,12 +265,12 @@ class SegmentPlan:
 
     def describe(self) -> str:
         shape = " x ".join(map(str, self.block_extent))
-        counts = ", ".join(f"{s} {self.task_count(s)}" for s in STAGES)
+        counts = ", ".join(f"{s} {self.task_count(s)}" for s in self.stages)
         what = {
             "new": "computing every stage",
             "resume": "resuming: finished tasks are skipped",
             "retune": ("reusing the smoothed map, " if self.smoothed else "reusing ")
-            + "the supervoxels and region graph; redoing agglomerate and remap",
+            + "the supervoxels and region graphs; redoing the octree's stages and remap",
             "rebuild": "replacing everything OUTPUT held",
         }[self.action]
         dust = f", dust < {self.dust_size} voxels ({self.dust_mode})" if self.dust_size else ""
@@ -231,10 +285,10 @@ class SegmentPlan:
             f"{self.bounds.minpt.tolist()}..{self.bounds.maxpt.tolist()}; tasks per stage: "
             f"{counts}; about {self.task_memory_bytes / 2**20:.3g} MiB per block task",
         ]
-        if self.graph_edges is not None:
-            need = self.graph_edges * BYTES_PER_EDGE[self.method]
-            lines.append(f"region graph: {self.graph_edges} edges; the agglomerate task needs "
-                         f"about {need / 2**20:.0f} MiB")
+        tree = self.octree
+        lines.append(f"octree of {tree.height + 1} level(s) over {'x'.join(map(str, self.grid))}"
+                     " blocks (children per level: "
+                     + (", ".join("x".join(map(str, f)) for f in tree.factors) or "none") + ")")
         return "\n".join(lines + self.notes)
 
 
@@ -469,10 +523,6 @@ def _decide(plan: SegmentPlan, overwrite: bool) -> None:
         plan.action = "retune"
     else:
         plan.action = "rebuild" if holds else "new"
-    merge = Markers(out, "merge-graph")
-    if chunks_same and merge.is_complete():
-        record = CloudFiles(out).get_json(merge.marker_key("merge-graph"))
-        plan.graph_edges = (record or {}).get("edges")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,10 +540,10 @@ def provenance(plan: SegmentPlan) -> dict:
         "mip": plan.mip,
         "bounds": plan.region,
         "task_shape": list(plan.task_shape),
-        "stages": list(STAGES),
+        "stages": list(plan.stages),
         "work_dir": f"{WORK}/ (supervoxels: local labels {SUPERVOXEL_FILES[0]} and tables "
-                    f"{SUPERVOXEL_FILES[1]} per block, merged region graph "
-                    f"{WORK}/graph.npz, segment table {WORK}/segments.npz"
+                    f"{SUPERVOXEL_FILES[1]} per block, region graphs {WORK}/graphs/ per block, "
+                    f"the octree's nodes {OCTREE_WORK}"
                     + (f", smoothed map {SMOOTHED_LAYER})" if plan.smoothed else ")"),
         "ids": "1 + the global voxel index (x + X * (y + Y * z)) of a voxel of the segment",
     }
@@ -521,7 +571,8 @@ def prepare_output(plan: SegmentPlan) -> None:
     if plan.reset_chunk_stages:
         _delete_prefixes(out, [f"tasks/{s}/" for s in CHUNK_STAGES] + [f"{WORK}/"])
     if plan.reset_tuning_stages:
-        _delete_prefixes(out, [f"tasks/{s}/" for s in TUNING_STAGES] + [f"{WORK}/segments.npz"]
+        _delete_prefixes(out, [f"tasks/{s}" for s in OCTREE_STAGES] + ["tasks/remap/",
+                                                                       OCTREE_WORK]
                          + _segmentation_prefixes(info))
     if plan.reset_layer or plan.reset_tuning_stages:
         vol = create_layer(
@@ -550,13 +601,15 @@ def prepare_output(plan: SegmentPlan) -> None:
 #: mean 0.55; this project's 2-core machine), task seconds read from the markers
 SECONDS_PER_VOXEL = {
     "smooth": 300e-9, "halo": 10e-9, "supervoxels": 200e-9, "reduce": 3e-9,
-    "region-graph": 46e-9, "merge-graph": 20e-9, "agglomerate": 290e-9, "remap": 30e-9,
+    "region-graph": 46e-9, "remap": 30e-9,
 }
-# Peak bytes of the single tasks: the reduce per voxel of the region (128^3 blocks), the merge
-# per region-graph edge (measured by benchmarks/segmentation.py); the edges per voxel of a
-# smooth map (synthetic cells; a noisy map has up to 0.3) when no graph exists yet
+# The single agglomerate task's seconds per voxel on that run, before the octree replaced it:
+# a node's estimate is its share, per voxel of its block(s) at level 0 (the higher levels hold
+# only their children's residuals; not yet measured apart)
+AGGLOMERATE_SECONDS_PER_VOXEL = 290e-9
+# Peak bytes of the reduce per voxel of the region (128^3 blocks; benchmarks/segmentation.py);
+# the edges per voxel of a smooth map (synthetic cells; a noisy map has up to 0.3)
 REDUCE_BYTES_PER_VOXEL = 2.1
-MERGE_BYTES_PER_EDGE = 141
 EDGES_PER_VOXEL = 0.0186
 
 
@@ -568,9 +621,9 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
     segmented, segmented_mip = plan.segmented_map
     chunked = {"map_path": segmented, "dataset": plan.region, "mip": segmented_mip}
     region_voxels = math.prod(int(s) for s in plan.bounds.size3())
-    edges = plan.graph_edges or int(region_voxels * EDGES_PER_VOXEL)
     block_voxels = math.prod(plan.block_extent)
-    table = plan.tuning_key
+    tree = plan.octree
+    geometry = {"grid": plan.grid, "task_shape": list(plan.task_shape), "table": plan.tuning_key}
 
     def per_block(task, **kwargs):
         return lambda: ((i, partial(task, bounds=b, output_path=out, **kwargs))
@@ -578,6 +631,14 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
 
     def single(name, task, **kwargs):
         return lambda: iter([(name, partial(task, output_path=out, **kwargs))])
+
+    def per_node(task, level, **kwargs):
+        return lambda: ((node_name(n), partial(task, output_path=out, level=level, node=list(n),
+                                               **geometry, **kwargs))
+                        for n in tree.nodes(level))
+
+    def node_of(bounds: list[int]) -> list[int]:
+        return [(b - r) // t for b, r, t in zip(bounds[:3], plan.region[:3], plan.task_shape)]
 
     halo = plan.task_count("halo") > 0
     specs = [
@@ -592,17 +653,30 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
         ("region-graph", lambda: ((i, partial(RegionGraphTask, output_path=out, bounds=b,
                                               below=_blocks_below(b, plan)))
                                   for i, b in blocks.items()), None),
-        ("merge-graph", single("merge-graph", MergeGraphTask), None),
-        ("agglomerate", single("agglomerate", AgglomerateTask, method=plan.method,
-                               threshold=plan.threshold, dust_size=plan.dust_size,
-                               dust_mode=plan.dust_mode, table=table), None),
-        ("remap", per_block(RemapTask, table=table), None),
     ]
-    memory = {
-        "reduce": int(REDUCE_BYTES_PER_VOXEL * region_voxels),
-        "merge-graph": MERGE_BYTES_PER_EDGE * edges,
-        "agglomerate": BYTES_PER_EDGE[plan.method] * edges,
-    }
+    memory = {"reduce": int(REDUCE_BYTES_PER_VOXEL * region_voxels)}
+    seconds = {name: SECONDS_PER_VOXEL[name] * (region_voxels if name in SINGLE_STAGES
+                                                 else block_voxels) for name, _, _ in specs}
+    agglomerate = {"region": plan.region, "method": plan.method, "threshold": plan.threshold,
+                   "dust_size": plan.dust_size}
+    for name in plan.tuning_stages():
+        if name == "remap":
+            specs.append(("remap", lambda: ((i, partial(
+                RemapTask, output_path=out, bounds=b, node=node_of(b), dust_size=plan.dust_size,
+                dust_mode=plan.dust_mode, **geometry)) for i, b in blocks.items()), None))
+            seconds[name] = SECONDS_PER_VOXEL["remap"] * block_voxels
+            continue
+        kind, level = name.rsplit("-L", 1)
+        level = int(level)
+        sweep = "dust" if kind.startswith("dust") else "agglomerate"
+        if kind in ("agglomerate", "dust"):
+            specs.append((name, per_node(OctreeNodeTask, level, sweep=sweep, **agglomerate),
+                          None))
+            memory[name] = plan.node_memory_bytes(level, EDGES_PER_VOXEL)
+        else:
+            specs.append((name, per_node(OctreeDownTask, level, sweep=sweep), None))
+            memory[name] = plan.node_memory_bytes(level, EDGES_PER_VOXEL) // 4
+        seconds[name] = AGGLOMERATE_SECONDS_PER_VOXEL * block_voxels
     stages = []
     previous = needs
     for name, make, note in specs:
@@ -611,9 +685,7 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
             name=name, layer=out, key=plan.key(name), parameters=plan.stage_parameters(name),
             make_tasks=make if count else (lambda: iter(())), task_count=count,
             memory_bytes=memory.get(name, plan.task_memory_bytes) if count else 0,
-            needs=tuple(previous), note=note,
-            seconds_per_task=SECONDS_PER_VOXEL[name] * (
-                region_voxels if name in SINGLE_STAGES else block_voxels),
+            needs=tuple(previous), note=note, seconds_per_task=seconds[name],
             output_bytes=(plan.segmentation_bytes if name == "remap" else 0),
             finish=partial(clean_intermediates, plan),
         )
@@ -640,9 +712,9 @@ def _blocks_below(bounds: list[int], plan: SegmentPlan) -> list[str | None]:
 
 def clean_intermediates(plan: SegmentPlan) -> None:
     """Delete what no later stage reads: the halo slabs once the supervoxels are complete, the
-    exits once the reduce is, local graphs and faces once every block's graph is, per-block
-    graphs once the merged graph is. The supervoxels (labels/ and tables/) and the smoothed map
-    are kept: the input of a retune's remap, and a result to view."""
+    exits once the reduce is, local graphs and faces once every block's graph is. The
+    supervoxels (labels/ and tables/), the blocks' graphs and the smoothed map are kept: the
+    input of a retune, and a result to view."""
     out = plan.output_path
     if Markers(out, "supervoxels").is_complete():
         _delete_prefixes(out, [f"{WORK}/halo/"])
@@ -650,5 +722,3 @@ def clean_intermediates(plan: SegmentPlan) -> None:
         _delete_prefixes(out, [f"{WORK}/exits/"])
     if Markers(out, "region-graph").is_complete():
         _delete_prefixes(out, [f"{WORK}/local_graphs/", f"{WORK}/faces/"])
-    if Markers(out, "merge-graph").is_complete():
-        _delete_prefixes(out, [f"{WORK}/graphs/"])

@@ -7,9 +7,9 @@ next ones read, and the map reads every segmentation stage shares.
     local_graphs/B.npz     a block's region graph over local labels (deleted after region-graph)
     faces/B.npz            a block's high faces of local labels (deleted after region-graph)
     tables/B.npy           local label -> supervoxel id, per block (reduce; kept)
-    graphs/B.npz           a block's region graph over supervoxel ids (deleted after merge-graph)
-    graph.npz              the merged region graph (kept: a retune starts from it)
-    segments.npz           supervoxel -> segment (agglomerate)
+    graphs/B.npz           a block's region graph over supervoxel ids and its faces (kept: the
+                           octree's leaves, where a retune starts)
+    octree/RUN/...         the octree's nodes: decisions, residuals, slices (deepem3d.stages.octree)
     smoothed/              the smoothed map, a uint8 layer (with --sigma; kept, worth viewing)
 
 B is a block id, x0-x1_y0-y1_z0-z1 in absolute voxels.
