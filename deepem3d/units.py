@@ -1,4 +1,5 @@
-"""Sizes as people write them: one parser for every command option and pipeline key."""
+"""Sizes as people write them: one parser for every command option and pipeline key, and one
+way to print them."""
 
 from __future__ import annotations
 
@@ -27,3 +28,11 @@ def parse_bytes(value) -> int:
     if not math.isfinite(size):
         raise ValueError(f"{value!r} is not a finite number of bytes")
     return round(size)
+
+
+def format_bytes(n: int) -> str:
+    """Bytes for a person: '1.5 GiB', '310 MiB'; '-' for none."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B" if n else "-"

@@ -314,3 +314,41 @@ def test_work_files_are_stored_narrow_and_read_back_in_full(tmp_path):
     for name, value in exits.to_arrays().items():
         np.testing.assert_array_equal(getattr(again, name), value)
         assert np.asarray(getattr(again, name)).dtype == value.dtype, name
+
+
+def _info_only_map(path: Path, size: int) -> str:
+    """An affinity map layer with an info and no data: all a --dry-run reads."""
+    url = f"file://{path}"
+    create_layer(url, layer_type="image", dtype="uint8", resolution=(8, 8, 8),
+                 size=(size,) * 3, chunk_size=(256, 256, 64), num_channels=3)
+    return url
+
+
+def test_dry_run_plans_each_octree_level_of_an_info_only_layer(tmp_path):
+    """No data read: the plan names every level with its tasks and largest task, sized at the
+    default edge density and a noisy one, and a --max-task-memory it cannot meet is refused
+    in one line that names the stage."""
+    url = _info_only_map(tmp_path / "map", 2048)
+    args = ("segment", url, f"file://{tmp_path / 'seg'}", "--method", "mean", "--threshold",
+            "0.5", "--dry-run")
+    result = run_cli(*args, "--max-task-memory", "24GiB")
+    assert result.returncode == 0, result.stderr
+    plan = plan_segment(url, f"file://{tmp_path / 'seg'}", method="mean", threshold=0.5)
+    levels = [s for s in plan.stages if s.startswith(("agglomerate-L", "segments-L"))]
+    assert len(levels) == 2 * plan.octree.height + 1 and plan.octree.height >= 3
+    for stage in levels + ["reduce"]:
+        assert f"  {stage} " in result.stdout, (stage, result.stdout)
+    assert "sized at 0.02 region-graph edges per voxel" in result.stdout
+    assert not (tmp_path / "seg").exists()  # a dry run writes nothing
+    noisy = plan_segment(url, f"file://{tmp_path / 'seg'}", method="mean", threshold=0.5,
+                         edges_per_voxel=0.3)
+    need = {s: noisy.stage_memory_bytes(s) for s in levels}
+    limit = max(noisy.stage_memory_bytes("reduce"), noisy.task_memory_bytes) + 1
+    first = next(s for s in noisy.stages if s in need and need[s] > limit)
+    refused = run_cli(*args, "--max-task-memory", str(limit), "--edges-per-voxel", "0.3")
+    assert_one_line_error(refused, f"stage {first} needs about", "above --max-task-memory")
+    # at 10,000^3 (1 Tvox) the reduce is still one task for the whole region
+    big = _info_only_map(tmp_path / "big", 10000)
+    refused = run_cli("segment", big, f"file://{tmp_path / 'big-seg'}", "--method", "mean",
+                      "--threshold", "0.5", "--dry-run", "--max-task-memory", "24GiB")
+    assert_one_line_error(refused, "stage reduce needs about 1.91 TiB")

@@ -7,6 +7,7 @@ from cloudvolume.lib import Bbox
 
 from deepem3d.cli.options import (
     Bounds,
+    ByteSize,
     Triple,
     dry_run_option,
     parallel_option,
@@ -50,24 +51,33 @@ from deepem3d.run.queues import check_queue_url
               help="Read the map at this mip; OUTPUT has its resolution.")
 @click.option("--overwrite", is_flag=True,
               help="Replace an OUTPUT that holds a segmentation. With the same map, --sigma, "
-              "--bounds and --task-shape, its supervoxels and region graph are kept and "
+              "--bounds and --task-shape, its supervoxels and region graphs are kept and "
               "reused.")
+@click.option("--edges-per-voxel", type=click.FloatRange(min=0, min_open=True, max=3),
+              default=0.02, show_default=True,
+              help="Region-graph edges per voxel to size the octree's tasks with (unknown "
+              "before the supervoxels exist: about 0.02 for a smooth map, 0.3 for a noisy one; "
+              "the plan prints both).")
+@click.option("--max-task-memory", type=ByteSize(), default=None,
+              help="Refuse, before any work, a plan whose largest task would need more, e.g. "
+              "24GiB (the plan prints each stage's largest task).")
 def segment(
     map_layer: str, output: str, queue: str | None, parallel: int | None, dry_run: bool,
     method: str | None, threshold: float | None, dust_size: int | None, dust_mode: str,
     sigma: float | None,
     task_shape: str | None, chunk_size: str | None, bounds: str | None, mip: int,
-    overwrite: bool,
+    overwrite: bool, edges_per_voxel: float, max_task_memory: int | None,
 ) -> None:
     """Segment the boundary (1 channel) or affinity (3 channels) map MAP into OUTPUT.
 
     Stages of queue tasks, each finished (its completion markers) before the next: smooth
     (with --sigma > 0), halo (without it, for more than one block), supervoxels, reduce,
-    region-graph, merge-graph, agglomerate, remap.
+    region-graph, the octree's levels (agglomerate-L0 up to the root, segments-L* down; with
+    dust merging dust-L* and dust-segments-L*), remap: no task holds the whole region graph.
     OUTPUT is a uint64 compressed_segmentation layer, the same bytes whatever --task-shape.
-    The work (the smoothed map, the supervoxels' labels and tables, the merged region graph)
+    The work (the smoothed map, the supervoxels' labels and tables, the blocks' region graphs)
     stays under OUTPUT/segmentation/, so another --method, --threshold or --dust-size with
-    --overwrite redoes only agglomerate and remap. With --queue and no --parallel, the
+    --overwrite redoes only the octree's stages and remap. With --queue and no --parallel, the
     command waits for workers elsewhere (`deepem3d worker QUEUE`); Ctrl-C stops waiting, and
     the same command goes on later.
     """
@@ -87,7 +97,8 @@ def segment(
         task_shape=task_shape,
         chunk_size=chunk_size,
         bounds=Bbox(*bounds) if bounds else None, mip=mip, overwrite=overwrite,
-        sigma=settings["sigma"],
+        sigma=settings["sigma"], edges_per_voxel=edges_per_voxel,
+        max_task_memory=max_task_memory,
     )
     for warning in plan.warnings:
         click.echo(f"deepem3d: warning: {warning}", err=True)

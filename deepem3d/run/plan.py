@@ -20,6 +20,7 @@ from cloudvolume.lib import Bbox
 from deepem3d.errors import InputError
 from deepem3d.run.pipeline import SAMPLE, Pipeline, add_local_queue
 from deepem3d.stages.frame import Stage
+from deepem3d.units import format_bytes
 
 REPORT = "report.json"
 SECTION = {"inference": "inference", "downsample-mip0": "downsample", "mesh-merge": "meshes"}
@@ -269,17 +270,10 @@ def describe_costs(plan: RunPlan) -> list[str]:
     for stage in plan.stages:
         hours = stage.task_count * stage.seconds_per_task / 3600
         unit = "GPU" if stage.hardware == "gpu" else "core"
-        rows.append(f"{stage.label:<24}{stage.task_count:>8}{_size(stage.memory_bytes):>14}"
-                    f"{hours:>10.3g}  {unit:<5}{_size(stage.output_bytes):>12}  "
+        rows.append(f"{stage.label:<24}{stage.task_count:>8}{format_bytes(stage.memory_bytes):>14}"
+                    f"{hours:>10.3g}  {unit:<5}{format_bytes(stage.output_bytes):>12}  "
                     f"{plan.routes[stage.label]}")
     return rows
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B" if n else "-"
 
 
 def score(p: Pipeline, layers: dict[str, str]) -> dict:

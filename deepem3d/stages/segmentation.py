@@ -52,6 +52,7 @@ from deepem3d.storage.layers import (
     open_layer,
     record_provenance,
 )
+from deepem3d.units import format_bytes
 
 #: the stages that depend only on the map, sigma and the chunking, in order; then come the
 #: octree's (`SegmentPlan.tuning_stages`: a stage per level up, per level down) and remap
@@ -76,10 +77,17 @@ SMOOTH_BYTES_PER_VOXEL = 17
 # its ISBI map retuned: mean 199 at 1 - mean affinity 0.5, 252 at 0.95, as merged edge lists
 # grow; watershed 79)
 BYTES_PER_EDGE = {"mean": 255, "watershed": 80}
+# Region-graph edges per voxel: 0.0186 on benchmarks/segmentation.py's synthetic cells (a smooth
+# map), 0.3 on its ISBI map (white noise on the ground truth), 0.35 on a noisy 96^3 synthetic map
+DEFAULT_EDGES_PER_VOXEL = 0.02
+NOISY_EDGES_PER_VOXEL = 0.3
 # What an octree node hands its parent: about this many voxels deep of edges along its faces
-# (residual edges / (face voxels x edges per voxel): 3.4, 4.6 and 4.3 for nodes of 16^3, 32^3
-# and 64^3 voxels of a 96^3 noisy synthetic map with 0.35 edges per voxel, both methods)
-RESIDUAL_SHELL_VOXELS = 4.6
+# (residual edges / (face voxels x edges per voxel), the largest node of each level, mean 0.5
+# and 0.9, watershed 0.19): 9.0 to 13.7 for nodes of 16^3 to 128^3 voxels of
+# benchmarks/segmentation.py's smooth cell map (128^3 and 256^3, 0.017-0.018 edges per voxel);
+# 3.4 to 4.6 on a noisy 96^3 map (0.35 edges per voxel). Not growing with the node: the
+# residual follows the area of the faces
+RESIDUAL_SHELL_VOXELS = 14
 # Bytes per edge a node task holds besides the kernel's: its residual as stored (8 per id, sum,
 # count and tie pair, 1 per saddle)
 RESIDUAL_BYTES_PER_EDGE = 65
@@ -113,6 +121,9 @@ class SegmentPlan:
     map_fingerprint: str
     #: DeepEM3D's in-plane Gaussian on the map before the watershed, in voxels; 0: none
     sigma: float = 0.0
+    #: region-graph edges per voxel the plan sizes the octree's tasks with (a map's density is
+    #: unknown before its supervoxels exist: --edges-per-voxel)
+    edges_per_voxel: float = 0.02
     #: "new" (nothing there), "resume" (same parameters), "retune" (keep the supervoxels and
     #: graph, redo agglomerate + remap), "rebuild" (everything again)
     action: str = "new"
@@ -226,20 +237,46 @@ class SegmentPlan:
             return math.prod(self.octree.shape(int(stage.rsplit("L", 1)[1])))
         return 1 if stage in SINGLE_STAGES else len(self.blocks)
 
+    def stage_memory_bytes(self, stage: str, edges_per_voxel: float | None = None) -> int:
+        """Peak bytes of the stage's largest task at `edges_per_voxel` (default: the plan's)."""
+        density = self.edges_per_voxel if edges_per_voxel is None else edges_per_voxel
+        if stage == "reduce":
+            return int(REDUCE_BYTES_PER_VOXEL * math.prod(int(s) for s in self.bounds.size3()))
+        if stage.startswith(OCTREE_STAGES):
+            level = int(stage.rsplit("L", 1)[1])
+            memory = self.node_memory_bytes(level, density)
+            down = stage.startswith(("segments-L", "dust-segments-L"))
+            return memory // 4 if down else memory  # a down task holds names, not edges
+        return self.task_memory_bytes
+
     def node_memory_bytes(self, level: int, edges_per_voxel: float) -> int:
         """Peak bytes of the largest octree node task at `level`: a block's whole graph at
-        level 0; above, its children's residuals, a shell along each child's faces."""
-        extent = [min(b * s, int(r)) for b, s, r in zip(
-            self.block_extent, self.octree.scale(level), self.bounds.size3())]
+        level 0; above, its children's residuals: a shell along each child's faces inside the
+        region (a face on the region's edge has nothing open)."""
         per_edge = BYTES_PER_EDGE[self.method] + RESIDUAL_BYTES_PER_EDGE
         if level == 0:
-            return int(per_edge * edges_per_voxel * math.prod(extent))
-        child = [min(b * s, int(r)) for b, s, r in zip(
-            self.block_extent, self.octree.scale(level - 1), self.bounds.size3())]
-        faces = 2 * (child[0] * child[1] + child[1] * child[2] + child[0] * child[2])
-        children = math.prod(self.octree.factors[level - 1])
-        shell = min(math.prod(extent), children * faces * RESIDUAL_SHELL_VOXELS)
-        return int(per_edge * edges_per_voxel * shell)
+            return int(per_edge * edges_per_voxel * math.prod(self.block_extent))
+        tree = self.octree
+        scale = np.asarray(tree.scale(level - 1), np.int64)
+        task = np.asarray(self.task_shape, np.int64)
+        size = np.asarray(self.bounds.size3(), np.int64)
+        children = np.indices(tree.shape(level - 1)).reshape(3, -1).T  # child grid coordinates
+        low = children * scale * task
+        high = np.minimum(low + scale * task, size)
+        extent = high - low
+        inner = 0
+        for axis in range(3):
+            area = np.prod(np.delete(extent, axis, axis=1), axis=1)
+            inner = inner + area * ((low[:, axis] > 0).astype(np.int64)
+                                    + (high[:, axis] < size[axis]).astype(np.int64))
+        parents = children // np.asarray(tree.factors[level - 1], np.int64)
+        per_parent: dict = {}
+        for key, area in zip(map(tuple, parents.tolist()), inner.tolist()):
+            per_parent[key] = per_parent.get(key, 0) + area
+        faces = max(per_parent.values())
+        node = math.prod(min(b * s, int(r)) for b, s, r in zip(
+            self.block_extent, tree.scale(level), self.bounds.size3()))
+        return int(per_edge * edges_per_voxel * min(node, faces * RESIDUAL_SHELL_VOXELS))
 
     @property
     def block_extent(self) -> list[int]:
@@ -288,8 +325,26 @@ class SegmentPlan:
         tree = self.octree
         lines.append(f"octree of {tree.height + 1} level(s) over {'x'.join(map(str, self.grid))}"
                      " blocks (children per level: "
-                     + (", ".join("x".join(map(str, f)) for f in tree.factors) or "none") + ")")
+                     + (", ".join("x".join(map(str, f)) for f in tree.factors) or "none") + "); "
+                     f"sized at {self.edges_per_voxel:g} region-graph edges per voxel "
+                     f"(--edges-per-voxel), and for a noisy map at {NOISY_EDGES_PER_VOXEL:g}:")
+        for stage in ("reduce", *(s for s in self.tuning_stages() if s != "remap")):
+            lines.append(f"  {stage:<22}{self.task_count(stage):>9} task(s), largest about "
+                         f"{format_bytes(self.stage_memory_bytes(stage))}; noisy "
+                         f"{format_bytes(self.stage_memory_bytes(stage, NOISY_EDGES_PER_VOXEL))}")
         return "\n".join(lines + self.notes)
+
+    def check_task_memory(self, limit: int) -> None:
+        """An InputError naming the first stage whose largest task needs more than `limit`."""
+        for stage in self.stages:
+            if self.task_count(stage) == 0:
+                continue
+            need = self.stage_memory_bytes(stage)
+            if need > limit:
+                advice = ("the reduce is one task for the whole region" if stage == "reduce"
+                          else "choose a smaller --task-shape")
+                raise InputError(f"stage {stage} needs about {format_bytes(need)} per task, above "
+                                 f"--max-task-memory {format_bytes(limit)} ({advice})")
 
 
 def recorded_settings(map_path: str) -> dict | None:
@@ -383,11 +438,15 @@ def plan_segment(
     mip: int = 0,
     overwrite: bool = False,
     sigma: float = 0.0,
+    edges_per_voxel: float = DEFAULT_EDGES_PER_VOXEL,
+    max_task_memory: int | None = None,
 ) -> SegmentPlan:
     """Check every input and decide what the run does; reads infos and manifests only.
 
     `sigma` > 0 adds the smooth stage: DeepEM3D's in-plane Gaussian (in voxels) on the map,
-    written to OUTPUT/segmentation/smoothed, which the later stages then segment.
+    written to OUTPUT/segmentation/smoothed, which the later stages then segment. The octree's
+    tasks are sized at `edges_per_voxel`; a plan whose largest task needs more than
+    `max_task_memory` bytes is refused before anything is written.
     """
     map_path, output_path = cloudpath(map_path).rstrip("/"), cloudpath(output_path).rstrip("/")
     if map_path == output_path:
@@ -402,6 +461,9 @@ def plan_segment(
         raise InputError(f"--dust-size {dust_size} must be 0 (off) or a number of voxels")
     if dust_mode not in DUST_MODES:
         raise InputError(f"--dust-mode {dust_mode!r}: choose merge or zero")
+    if not (math.isfinite(edges_per_voxel) and 0 < edges_per_voxel <= 3):
+        raise InputError(f"--edges-per-voxel {edges_per_voxel} must lie in (0, 3]: a voxel "
+                         "has 3 pairs it can count (about 0.02 for a smooth map, 0.3 noisy)")
     if not (isinstance(sigma, int | float) and not isinstance(sigma, bool)
             and math.isfinite(sigma) and 0 <= sigma <= MAX_SIGMA):
         raise InputError(f"--sigma {sigma} must lie in [0, {MAX_SIGMA}]: the in-plane "
@@ -433,8 +495,11 @@ def plan_segment(
         chunk_size=chunk, task_shape=task_shape, bounds=bounds,
         blocks=block_grid(bounds, task_shape), map_fingerprint=map_fingerprint(map_path),
         sigma=float(sigma), warnings=[warning] if warning else [],
+        edges_per_voxel=float(edges_per_voxel),
     )
     _check_block_size(plan)
+    if max_task_memory is not None:
+        plan.check_task_memory(max_task_memory)
     _decide(plan, overwrite)
     return plan
 
@@ -607,10 +672,8 @@ SECONDS_PER_VOXEL = {
 # a node's estimate is its share, per voxel of its block(s) at level 0 (the higher levels hold
 # only their children's residuals; not yet measured apart)
 AGGLOMERATE_SECONDS_PER_VOXEL = 290e-9
-# Peak bytes of the reduce per voxel of the region (128^3 blocks; benchmarks/segmentation.py);
-# the edges per voxel of a smooth map (synthetic cells; a noisy map has up to 0.3)
+# Peak bytes of the reduce per voxel of the region (128^3 blocks; benchmarks/segmentation.py)
 REDUCE_BYTES_PER_VOXEL = 2.1
-EDGES_PER_VOXEL = 0.0186
 
 
 def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[Stage]:
@@ -654,7 +717,7 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
                                               below=_blocks_below(b, plan)))
                                   for i, b in blocks.items()), None),
     ]
-    memory = {"reduce": int(REDUCE_BYTES_PER_VOXEL * region_voxels)}
+    memory = {"reduce": plan.stage_memory_bytes("reduce")}
     seconds = {name: SECONDS_PER_VOXEL[name] * (region_voxels if name in SINGLE_STAGES
                                                  else block_voxels) for name, _, _ in specs}
     agglomerate = {"region": plan.region, "method": plan.method, "threshold": plan.threshold,
@@ -672,10 +735,9 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
         if kind in ("agglomerate", "dust"):
             specs.append((name, per_node(OctreeNodeTask, level, sweep=sweep, **agglomerate),
                           None))
-            memory[name] = plan.node_memory_bytes(level, EDGES_PER_VOXEL)
         else:
             specs.append((name, per_node(OctreeDownTask, level, sweep=sweep), None))
-            memory[name] = plan.node_memory_bytes(level, EDGES_PER_VOXEL) // 4
+        memory[name] = plan.stage_memory_bytes(name)
         seconds[name] = AGGLOMERATE_SECONDS_PER_VOXEL * block_voxels
     stages = []
     previous = needs
