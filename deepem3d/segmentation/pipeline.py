@@ -21,6 +21,7 @@ import numpy as np
 from deepem3d.segmentation.agglomeration import Method, _check_unit, agglomerate, remap
 from deepem3d.segmentation.chunks import SUPERVOXEL_HALO, Chunk, as_map, chunk_grid, chunks_below
 from deepem3d.segmentation.octree import BlockFaces, Octree, octree_dust, octree_segments
+from deepem3d.segmentation.octree_reduce import reduce_octree
 from deepem3d.segmentation.region_graph import (
     RegionGraph,
     chunk_graph,
@@ -30,7 +31,6 @@ from deepem3d.segmentation.region_graph import (
 from deepem3d.segmentation.smoothing import smooth_chunk, smooth_map, smoothing_bounds
 from deepem3d.segmentation.supervoxels import (
     relabel,
-    resolve_supervoxels,
     supervoxel_chunk,
     supervoxels,
 )
@@ -105,7 +105,7 @@ def chunk_stages(
         labels.append(lab)
         exits.append(ex)
         local.append(chunk_graph(lab, box, start, chunk))
-    tables = resolve_supervoxels(exits)
+    tables = _reduce(chunks, exits, chunk_shape)
     graphs = [
         finish_chunk_graph(local[i], tables[i], [
             None if j is None else (local[j].high_labels[c], tables[j]) for c, j in enumerate(below)
@@ -113,6 +113,15 @@ def chunk_stages(
         for i, below in enumerate(chunks_below(chunks, chunk_shape))
     ]
     return chunks, labels, tables, graphs
+
+
+def _reduce(chunks: list[Chunk], exits: list, chunk_shape: Sequence[int]) -> list[np.ndarray]:
+    """The reduce, node by node over the octree of the chunks (`octree_reduce`)."""
+    step = [int(s) for s in chunk_shape]
+    dataset = chunks[0].dataset_shape
+    tree = Octree.of([math.ceil(d / s) for d, s in zip(dataset, step)], step)
+    blocks = [tuple(o // s for o, s in zip(c.offset, step)) for c in chunks]
+    return reduce_octree(tree, blocks, exits, step, dataset)
 
 
 def supervoxels_chunked(boundary_or_affinity: np.ndarray, chunk_shape: Sequence[int]) -> np.ndarray:
@@ -126,7 +135,7 @@ def supervoxels_chunked(boundary_or_affinity: np.ndarray, chunk_shape: Sequence[
         lab, ex = supervoxel_chunk(values[chunk.slices(low, high)], start, chunk)
         labels.append(lab)
         exits.append(ex)
-    tables = resolve_supervoxels(exits)
+    tables = _reduce(chunks, exits, chunk_shape)
     sv = np.zeros(values.shape[:3], dtype=np.uint64, order="F")
     for chunk, lab, table in zip(chunks, labels, tables):
         sv[chunk.slices()] = relabel(lab, table)

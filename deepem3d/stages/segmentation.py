@@ -41,7 +41,13 @@ from deepem3d.stages.blocks import (
 from deepem3d.stages.frame import Markers, Stage, digest
 from deepem3d.stages.graph import RegionGraphTask
 from deepem3d.stages.octree import OctreeDownTask, OctreeNodeTask, RemapTask, node_name
-from deepem3d.stages.supervoxels import HaloTask, ReduceTask, SmoothTask, SupervoxelTask
+from deepem3d.stages.supervoxels import (
+    HaloTask,
+    ReduceDownTask,
+    ReduceNodeTask,
+    SmoothTask,
+    SupervoxelTask,
+)
 from deepem3d.stages.workdir import SMOOTHED_LAYER, SUPERVOXEL_FILES, WORK, smoothed_layer_path
 from deepem3d.storage.layers import (
     check_layer_role,
@@ -54,13 +60,14 @@ from deepem3d.storage.layers import (
 )
 from deepem3d.units import format_bytes
 
-#: the stages that depend only on the map, sigma and the chunking, in order; then come the
-#: octree's (`SegmentPlan.tuning_stages`: a stage per level up, per level down) and remap
-CHUNK_STAGES = ("smooth", "halo", "supervoxels", "reduce", "region-graph")
-#: the prefixes of the octree's stage names, and what its files live under
+#: the stages that depend only on the map, sigma and the chunking, in order, the reduce's octree
+#: (`REDUCE_STAGES`: a stage per level up, per level down) between supervoxels and region-graph;
+#: then come the agglomeration's octree (`SegmentPlan.tuning_stages`) and remap
+CHUNK_STAGES = ("smooth", "halo", "supervoxels", "region-graph")
+REDUCE_STAGES = ("reduce-L", "tables-L")
+#: the prefixes of the agglomeration octree's stage names, and what its files live under
 OCTREE_STAGES = ("agglomerate-L", "segments-L", "dust-L", "dust-segments-L")
 OCTREE_WORK = f"{WORK}/octree/"
-SINGLE_STAGES = ("reduce",)
 METHODS = ("mean", "watershed")
 DUST_MODES = ("merge", "zero")
 MAP_DTYPES = ("uint8", "float32")
@@ -166,9 +173,16 @@ class SegmentPlan:
             names += [f"dust-L{k}" for k in up] + [f"dust-segments-L{k}" for k in down]
         return (*names, "remap")
 
+    def chunk_stages(self) -> tuple[str, ...]:
+        """The stages that depend only on the map, sigma and the chunking, in order."""
+        height = self.octree.height
+        reduce = [f"reduce-L{k}" for k in range(height + 1)]
+        reduce += [f"tables-L{k}" for k in range(height, 0, -1)]
+        return (*CHUNK_STAGES[:3], *reduce, CHUNK_STAGES[3])
+
     @property
     def stages(self) -> tuple[str, ...]:
-        return CHUNK_STAGES + self.tuning_stages()
+        return self.chunk_stages() + self.tuning_stages()
 
     def chunk_parameters(self) -> dict:
         """What decides the supervoxels and the region graph."""
@@ -209,11 +223,11 @@ class SegmentPlan:
         return digest({**self.chunk_parameters(), **self.tuning_parameters()})
 
     def key(self, stage: str) -> str:
-        return self.chunk_key if stage in CHUNK_STAGES else self.tuning_key
+        return self.chunk_key if is_chunk_stage(stage) else self.tuning_key
 
     def stage_parameters(self, stage: str) -> dict:
         """What the stage's run record keeps: the parameters behind its key."""
-        if stage in CHUNK_STAGES:
+        if is_chunk_stage(stage):
             return self.chunk_parameters()
         return {**self.chunk_parameters(), **self.tuning_parameters()}
 
@@ -233,21 +247,45 @@ class SegmentPlan:
             return 0
         if stage == "halo" and (self.smoothed or not self.publishes_halo):
             return 0  # the smooth tasks publish the slabs, or no block has a neighbour
-        if stage.startswith(OCTREE_STAGES):
+        if stage.startswith(OCTREE_STAGES + REDUCE_STAGES):
             return math.prod(self.octree.shape(int(stage.rsplit("L", 1)[1])))
-        return 1 if stage in SINGLE_STAGES else len(self.blocks)
+        return len(self.blocks)
 
     def stage_memory_bytes(self, stage: str, edges_per_voxel: float | None = None) -> int:
         """Peak bytes of the stage's largest task at `edges_per_voxel` (default: the plan's)."""
         density = self.edges_per_voxel if edges_per_voxel is None else edges_per_voxel
-        if stage == "reduce":
-            return int(REDUCE_BYTES_PER_VOXEL * math.prod(int(s) for s in self.bounds.size3()))
+        if stage.startswith(REDUCE_STAGES):
+            level = int(stage.rsplit("L", 1)[1])
+            return int(REDUCE_BYTES_PER_FACE_VOXEL * self.largest_faces(level))
         if stage.startswith(OCTREE_STAGES):
             level = int(stage.rsplit("L", 1)[1])
             memory = self.node_memory_bytes(level, density)
             down = stage.startswith(("segments-L", "dust-segments-L"))
             return memory // 4 if down else memory  # a down task holds names, not edges
         return self.task_memory_bytes
+
+    def largest_faces(self, level: int) -> int:
+        """Face voxels inside the region that the largest node of `level` holds: its
+        children's (at level 0, the block's own)."""
+        tree = self.octree
+        below = max(level - 1, 0)
+        scale = np.asarray(tree.scale(below), np.int64)
+        task = np.asarray(self.task_shape, np.int64)
+        size = np.asarray(self.bounds.size3(), np.int64)
+        children = np.indices(tree.shape(below)).reshape(3, -1).T  # grid coordinates
+        low = children * scale * task
+        high = np.minimum(low + scale * task, size)
+        extent = high - low
+        inner = np.zeros(children.shape[0], np.int64)
+        for axis in range(3):
+            area = np.prod(np.delete(extent, axis, axis=1), axis=1)
+            inner += area * ((low[:, axis] > 0).astype(np.int64)
+                             + (high[:, axis] < size[axis]).astype(np.int64))
+        if level == 0:
+            return int(inner.max())
+        parents = children // np.asarray(tree.factors[level - 1], np.int64)
+        keys = np.ravel_multi_index(parents.T, tree.shape(level))
+        return int(np.bincount(keys, weights=inner).max())
 
     def node_memory_bytes(self, level: int, edges_per_voxel: float) -> int:
         """Peak bytes of the largest octree node task at `level`: a block's whole graph at
@@ -256,27 +294,10 @@ class SegmentPlan:
         per_edge = BYTES_PER_EDGE[self.method] + RESIDUAL_BYTES_PER_EDGE
         if level == 0:
             return int(per_edge * edges_per_voxel * math.prod(self.block_extent))
-        tree = self.octree
-        scale = np.asarray(tree.scale(level - 1), np.int64)
-        task = np.asarray(self.task_shape, np.int64)
-        size = np.asarray(self.bounds.size3(), np.int64)
-        children = np.indices(tree.shape(level - 1)).reshape(3, -1).T  # child grid coordinates
-        low = children * scale * task
-        high = np.minimum(low + scale * task, size)
-        extent = high - low
-        inner = 0
-        for axis in range(3):
-            area = np.prod(np.delete(extent, axis, axis=1), axis=1)
-            inner = inner + area * ((low[:, axis] > 0).astype(np.int64)
-                                    + (high[:, axis] < size[axis]).astype(np.int64))
-        parents = children // np.asarray(tree.factors[level - 1], np.int64)
-        per_parent: dict = {}
-        for key, area in zip(map(tuple, parents.tolist()), inner.tolist()):
-            per_parent[key] = per_parent.get(key, 0) + area
-        faces = max(per_parent.values())
         node = math.prod(min(b * s, int(r)) for b, s, r in zip(
-            self.block_extent, tree.scale(level), self.bounds.size3()))
-        return int(per_edge * edges_per_voxel * min(node, faces * RESIDUAL_SHELL_VOXELS))
+            self.block_extent, self.octree.scale(level), self.bounds.size3()))
+        shell = min(node, self.largest_faces(level) * RESIDUAL_SHELL_VOXELS)
+        return int(per_edge * edges_per_voxel * shell)
 
     @property
     def block_extent(self) -> list[int]:
@@ -328,7 +349,8 @@ class SegmentPlan:
                      + (", ".join("x".join(map(str, f)) for f in tree.factors) or "none") + "); "
                      f"sized at {self.edges_per_voxel:g} region-graph edges per voxel "
                      f"(--edges-per-voxel), and for a noisy map at {NOISY_EDGES_PER_VOXEL:g}:")
-        for stage in ("reduce", *(s for s in self.tuning_stages() if s != "remap")):
+        for stage in (*(s for s in self.chunk_stages() if s.startswith(REDUCE_STAGES)),
+                      *(s for s in self.tuning_stages() if s != "remap")):
             lines.append(f"  {stage:<22}{self.task_count(stage):>9} task(s), largest about "
                          f"{format_bytes(self.stage_memory_bytes(stage))}; noisy "
                          f"{format_bytes(self.stage_memory_bytes(stage, NOISY_EDGES_PER_VOXEL))}")
@@ -341,10 +363,9 @@ class SegmentPlan:
                 continue
             need = self.stage_memory_bytes(stage)
             if need > limit:
-                advice = ("the reduce is one task for the whole region" if stage == "reduce"
-                          else "choose a smaller --task-shape")
-                raise InputError(f"stage {stage} needs about {format_bytes(need)} per task, above "
-                                 f"--max-task-memory {format_bytes(limit)} ({advice})")
+                raise InputError(f"stage {stage} needs about {format_bytes(need)} per task, "
+                                 f"above --max-task-memory {format_bytes(limit)} (choose a "
+                                 "smaller --task-shape, or workers with more memory)")
 
 
 def recorded_settings(map_path: str) -> dict | None:
@@ -634,7 +655,8 @@ def prepare_output(plan: SegmentPlan) -> None:
     out = plan.output_path
     info = CloudFiles(out).get_json("info")
     if plan.reset_chunk_stages:
-        _delete_prefixes(out, [f"tasks/{s}/" for s in CHUNK_STAGES] + [f"{WORK}/"])
+        _delete_prefixes(out, [f"tasks/{s}/" for s in CHUNK_STAGES]
+                         + [f"tasks/{s}" for s in REDUCE_STAGES] + [f"{WORK}/"])
     if plan.reset_tuning_stages:
         _delete_prefixes(out, [f"tasks/{s}" for s in OCTREE_STAGES] + ["tasks/remap/",
                                                                        OCTREE_WORK]
@@ -665,15 +687,19 @@ def prepare_output(plan: SegmentPlan) -> None:
 #: (`deepem3d run isbi2012-demo`: ISBI 2012 affinities, 512 x 512 x 30 in one block, sigma 4,
 #: mean 0.55; this project's 2-core machine), task seconds read from the markers
 SECONDS_PER_VOXEL = {
-    "smooth": 300e-9, "halo": 10e-9, "supervoxels": 200e-9, "reduce": 3e-9,
+    "smooth": 300e-9, "halo": 10e-9, "supervoxels": 200e-9, "reduce": 3e-9, "tables": 3e-9,
     "region-graph": 46e-9, "remap": 30e-9,
 }
 # The single agglomerate task's seconds per voxel on that run, before the octree replaced it:
 # a node's estimate is its share, per voxel of its block(s) at level 0 (the higher levels hold
 # only their children's residuals; not yet measured apart)
 AGGLOMERATE_SECONDS_PER_VOXEL = 290e-9
-# Peak bytes of the reduce per voxel of the region (128^3 blocks; benchmarks/segmentation.py)
-REDUCE_BYTES_PER_VOXEL = 2.1
+# Peak bytes of a reduce node task per face voxel it holds (its children's faces inside the
+# region), by tracemalloc on a 256 x 256 x 30 crop of the noisy ISBI affinity map in blocks of
+# 64 x 64 x 10: 584-619 at level 0 (inputs built inside the trace), 108-159 above (inputs
+# built before it, of the same kind as level 0's). The nodes are Python objects, not yet
+# packed arrays
+REDUCE_BYTES_PER_FACE_VOXEL = 620
 
 
 def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[Stage]:
@@ -683,7 +709,6 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
     blocks = {block_id(b): bounds_list(b) for b in plan.blocks}
     segmented, segmented_mip = plan.segmented_map
     chunked = {"map_path": segmented, "dataset": plan.region, "mip": segmented_mip}
-    region_voxels = math.prod(int(s) for s in plan.bounds.size3())
     block_voxels = math.prod(plan.block_extent)
     tree = plan.octree
     geometry = {"grid": plan.grid, "task_shape": list(plan.task_shape), "table": plan.tuning_key}
@@ -692,12 +717,11 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
         return lambda: ((i, partial(task, bounds=b, output_path=out, **kwargs))
                         for i, b in blocks.items())
 
-    def single(name, task, **kwargs):
-        return lambda: iter([(name, partial(task, output_path=out, **kwargs))])
-
-    def per_node(task, level, **kwargs):
+    def per_node(task, level, *, with_table: bool = True, **kwargs):
+        """A task per node of `level`; the reduce's take no run key (`with_table` False)."""
+        extra = geometry if with_table else {k: geometry[k] for k in ("grid", "task_shape")}
         return lambda: ((node_name(n), partial(task, output_path=out, level=level, node=list(n),
-                                               **geometry, **kwargs))
+                                               **extra, **kwargs))
                         for n in tree.nodes(level))
 
     def node_of(bounds: list[int]) -> list[int]:
@@ -712,14 +736,18 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
          None if halo else "published by smooth" if plan.smoothed else "not needed (one block)"),
         ("supervoxels", per_block(SupervoxelTask, **chunked, task_shape=list(plan.task_shape)
                                   if plan.publishes_halo else None), None),
-        ("reduce", single("reduce", ReduceTask, dataset=plan.region, volume=plan.volume), None),
+        *((name, per_node(ReduceNodeTask if name.startswith("reduce-L") else ReduceDownTask,
+                          int(name.rsplit("L", 1)[1]), dataset=plan.region,
+                          volume=plan.volume, with_table=False), None)
+          for name in plan.chunk_stages() if name.startswith(REDUCE_STAGES)),
         ("region-graph", lambda: ((i, partial(RegionGraphTask, output_path=out, bounds=b,
                                               below=_blocks_below(b, plan)))
                                   for i, b in blocks.items()), None),
     ]
-    memory = {"reduce": plan.stage_memory_bytes("reduce")}
-    seconds = {name: SECONDS_PER_VOXEL[name] * (region_voxels if name in SINGLE_STAGES
-                                                 else block_voxels) for name, _, _ in specs}
+    memory = {name: plan.stage_memory_bytes(name) for name, _, _ in specs
+              if name.startswith(REDUCE_STAGES)}
+    seconds = {name: SECONDS_PER_VOXEL[name.split("-L")[0]] * block_voxels
+               for name, _, _ in specs}
     agglomerate = {"region": plan.region, "method": plan.method, "threshold": plan.threshold,
                    "dust_size": plan.dust_size}
     for name in plan.tuning_stages():
@@ -757,6 +785,11 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
     return stages
 
 
+def is_chunk_stage(stage: str) -> bool:
+    """Whether a stage depends only on the map, sigma and the chunking."""
+    return stage in CHUNK_STAGES or stage.startswith(REDUCE_STAGES)
+
+
 def _blocks_below(bounds: list[int], plan: SegmentPlan) -> list[str | None]:
     """Per axis, the id of the block under `bounds` in the plan's grid (None at the segmented
     region's low face): blocks are task_shape apart from the region's corner, so the one
@@ -780,7 +813,7 @@ def clean_intermediates(plan: SegmentPlan) -> None:
     out = plan.output_path
     if Markers(out, "supervoxels").is_complete():
         _delete_prefixes(out, [f"{WORK}/halo/"])
-    if Markers(out, "reduce").is_complete():
-        _delete_prefixes(out, [f"{WORK}/exits/"])
+    if Markers(out, plan.chunk_stages()[-2]).is_complete():  # the reduce's last stage
+        _delete_prefixes(out, [f"{WORK}/exits/", f"{WORK}/reduce/", f"{WORK}/reduce-down/"])
     if Markers(out, "region-graph").is_complete():
         _delete_prefixes(out, [f"{WORK}/local_graphs/", f"{WORK}/faces/"])

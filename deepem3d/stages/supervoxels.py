@@ -11,7 +11,12 @@ halo            block  map block -> its halo slabs halo/B/*.npz (only without si
 supervoxels     block  map block + the slabs around it -> labels/B.npz (local labels),
                        exits/B.npz, local_graphs/B.npz (graph over local labels, low faces),
                        faces/B.npz (high faces)
-reduce          1      every exits/B.npz -> tables/B.npy (local label -> supervoxel id)
+reduce-L0..LH   node   level 0: exits/B.npz; above: the children's reduce/L(L-1)/N.npz ->
+                       reduce/LL/N.npz (what the node resolved, and its residual; an octree of
+                       the blocks, deepem3d.segmentation.octree_reduce)
+tables-LH..L1   node   reduce/LL/N.npz + reduce-down/LL/N.npz (its parent's ids; none at the
+                       root) -> reduce-down/L(L-1)/C.npz per child; at level 1, the children's
+                       tables/B.npy (local label -> supervoxel id). One block: reduce-L0 writes it
 ==============  =====  ==========================================================================
 
 Why halo slabs: a supervoxel task needs 1-2 voxels of the map beyond its block, and reading them
@@ -38,11 +43,19 @@ from cloudvolume import CloudVolume
 from cloudvolume.lib import Bbox
 
 from deepem3d.segmentation.chunks import SUPERVOXEL_HALO, assemble_halo_box, halo_slabs
+from deepem3d.segmentation.octree import Octree
+from deepem3d.segmentation.octree_reduce import (
+    down,
+    reduce_arrays,
+    reduce_from_arrays,
+    reduce_leaf,
+    reduce_node,
+)
 from deepem3d.segmentation.region_graph import chunk_graph
 from deepem3d.segmentation.smoothing import smooth_chunk, smoothing_bounds
-from deepem3d.segmentation.supervoxels import ChunkExits, resolve_supervoxels, supervoxel_chunk
+from deepem3d.segmentation.supervoxels import ChunkExits, supervoxel_chunk
 from deepem3d.stages.blocks import block_id
-from deepem3d.stages.frame import Markers, stage_task
+from deepem3d.stages.frame import stage_task
 from deepem3d.stages.workdir import (
     chunk_of,
     map_box,
@@ -52,7 +65,7 @@ from deepem3d.stages.workdir import (
     work_files,
 )
 from deepem3d.storage.layers import write_block
-from deepem3d.storage.npz import get_many_npz, get_npz, put_many, put_npz
+from deepem3d.storage.npz import get_npz, put_npz
 
 
 @stage_task
@@ -162,27 +175,100 @@ def volume_ids(table: np.ndarray, origin, region_shape, volume_shape) -> np.ndar
     return out
 
 
-@stage_task
-def ReduceTask(output_path: str, dataset: list[int], volume: list[int]) -> dict:  # noqa: N802
-    """Resolve every block's exits into supervoxel ids: one table per block.
+def _node_name(node) -> str:
+    return "_".join(str(int(v)) for v in node)
 
-    `volume` is the layer's voxel offset and size (6 integers), for the ids' translation.
-    Memory grows with the region: 1.4-2.6 bytes per voxel with 128^3 blocks (measured by
-    benchmarks/segmentation.py; the exits are a quarter of it and shrink with larger blocks).
-    """
-    ids = Markers(output_path, "supervoxels").task_ids()
-    files = work_files(output_path)
-    exits = [ChunkExits.from_arrays(a)
-             for a in get_many_npz(files, [f"exits/{i}.npz" for i in ids])]
-    tables = resolve_supervoxels(exits)
+
+def _block_of(node, dataset: list[int], task_shape: list[int]) -> str:
+    """The id of the block at grid coordinates `node` of the region's grid."""
+    lo = [r + n * t for r, n, t in zip(dataset[:3], node, task_shape)]
+    hi = [min(a + t, r) for a, t, r in zip(lo, task_shape, dataset[3:])]
+    return block_id(Bbox(lo, hi))
+
+
+def _linear(node, dataset: list[int], task_shape: list[int]) -> int:
+    """A block's index in the region's grid, x fastest: its keys' high 32 bits."""
+    grid = [-(-(b - a) // t) for a, b, t in zip(dataset[:3], dataset[3:], task_shape)]
+    return int(node[0] + grid[0] * (node[1] + grid[1] * node[2]))
+
+
+def _reduce_key(level: int, node) -> str:
+    return f"reduce/L{level}/{_node_name(node)}.npz"
+
+
+def _write_table(files, node, dataset, volume, task_shape, resolved, above) -> int:
+    """A block's table, from its level-0 node's resolutions and its parent's ids."""
+    block = _linear(node, dataset, task_shape)
+    ids = down(resolved, above, [k for k in resolved if k >> 32 == block])
+    table = np.zeros(max((k & 0xFFFFFFFF for k in ids), default=0) + 1, np.uint64)
+    for key, value in ids.items():
+        table[key & 0xFFFFFFFF] = value
     origin = np.asarray(dataset[:3]) - np.asarray(volume[:3])
     shape = np.asarray(dataset[3:]) - np.asarray(dataset[:3])
-    supervoxels = 0
-    puts = []
-    for task_id, table in zip(ids, tables):
-        table = volume_ids(table, origin, shape, volume[3:])
-        puts.append(put_table(files, task_id, table))
-        supervoxels += int(table.size) - 1
-    put_many(files, puts)
-    return {"blocks": len(ids), "exits_bytes": sum(e.nbytes for e in exits),
-            "local_labels": supervoxels}
+    table = volume_ids(table, origin, shape, volume[3:])
+    files.put(**put_table(files, _block_of(node, dataset, task_shape), table))
+    return int(table.size) - 1
+
+
+@stage_task
+def ReduceNodeTask(  # noqa: N802
+    output_path: str, level: int, node: list[int], grid: list[int], task_shape: list[int],
+    dataset: list[int], volume: list[int],
+) -> dict:
+    """One node of the reduce's octree (deepem3d.segmentation.octree_reduce) over the voxels
+    of its blocks; at level 0 one block's exits. `volume` is the layer's voxel offset and size
+    (6 integers), for the ids' translation when the octree is one block."""
+    files = work_files(output_path)
+    tree = Octree.of(grid, task_shape)
+    if level == 0:
+        task_id = _block_of(node, dataset, task_shape)
+        exits = ChunkExits.from_arrays(get_npz(files, f"exits/{task_id}.npz"))
+        children = [reduce_leaf(exits, _linear(node, dataset, task_shape))]
+    else:
+        children = [reduce_from_arrays(get_npz(files, _reduce_key(level - 1, c)))[1]
+                    for c in tree.children(level, node)]
+    lo, hi = tree.bounds(level, node)
+    region = np.asarray(dataset[3:]) - np.asarray(dataset[:3])
+    low = (lo * np.asarray(task_shape)).tolist()
+    high = np.minimum(hi * np.asarray(task_shape), region).tolist()
+    resolved, residual = reduce_node(children, low, high, region.tolist())
+    stored = put_npz(files, _reduce_key(level, node), reduce_arrays(resolved, residual))
+    out = {"nodes": sum(len(c.nodes) for c in children),
+           "faces": sum(len(c.faces) for c in children), "residual_nodes": len(residual.nodes),
+           "stored_bytes": stored}
+    if tree.height == 0:
+        out["local_labels"] = _write_table(files, node, dataset, volume, task_shape, resolved,
+                                           {})
+    return out
+
+
+@stage_task
+def ReduceDownTask(  # noqa: N802
+    output_path: str, level: int, node: list[int], grid: list[int], task_shape: list[int],
+    dataset: list[int], volume: list[int],
+) -> dict:
+    """The reduce's way down at one node: each child's ids for what it handed up; at level 1,
+    the children's block tables."""
+    files = work_files(output_path)
+    tree = Octree.of(grid, task_shape)
+    resolved, _ = reduce_from_arrays(get_npz(files, _reduce_key(level, node)))
+    above = {} if level == tree.height else _ids(get_npz(
+        files, f"reduce-down/L{level}/{_node_name(node)}.npz"))
+    labels = 0
+    for child in tree.children(level, node):
+        child_resolved, child_residual = reduce_from_arrays(
+            get_npz(files, _reduce_key(level - 1, child)))
+        ids = down(resolved, above, list(child_residual.nodes))
+        if level == 1:
+            labels += _write_table(files, child, dataset, volume, task_shape, child_resolved,
+                                   ids)
+        else:
+            put_npz(files, f"reduce-down/L{level - 1}/{_node_name(child)}.npz", {
+                "key": np.asarray(list(ids), np.uint64),
+                "id": np.asarray(list(ids.values()), np.uint64)})
+    return {"children": len(tree.children(level, node)), "local_labels": labels}
+
+
+def _ids(arrays: dict) -> dict[int, int]:
+    return dict(zip(np.asarray(arrays["key"]).astype(np.uint64).tolist(),
+                    np.asarray(arrays["id"]).astype(np.uint64).tolist()))
