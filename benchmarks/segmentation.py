@@ -208,21 +208,27 @@ def run(map_path: str, output: str, method: str, threshold: float, task_shape, m
         overwrite: bool) -> tuple[dict, dict]:
     """Run (or retune) the pipeline; (seconds per stage, memory per stage)."""
     from deepem3d.run.runner import run_stages
-    from deepem3d.stages.segmentation import OCTREE_STAGES, plan_segment, segment_stages
+    from deepem3d.stages.segmentation import (
+        OCTREE_STAGES,
+        REDUCE_STAGES,
+        plan_segment,
+        segment_stages,
+    )
 
     plan = plan_segment(map_path, output, method=method, threshold=threshold,
                         task_shape=task_shape, overwrite=overwrite)
     runner = Runner(measure)
     run_stages(segment_stages(plan), execute=runner, echo=lambda line: None)
     seconds = {s: sum(r["seconds"] for r in records(output, s)) for s in plan.stages}
-    # the octree's stages as one column: "octree" (every level, up and down)
-    octree = [s for s in seconds if s.startswith(OCTREE_STAGES)]
-    seconds = {s: v for s, v in seconds.items() if s not in octree}
-    seconds["octree"] = sum(records_seconds(output, s) for s in octree)
+    # each octree's stages as one column (every level, up and down): "reduce" and "octree"
     memory = dict(runner.memory)
-    nodes = [memory.pop(s) for s in list(memory) if s.startswith(OCTREE_STAGES)]
-    if nodes:
-        memory["octree"] = max(nodes, key=lambda m: m["added"])
+    for column, prefixes in (("reduce", REDUCE_STAGES), ("octree", OCTREE_STAGES)):
+        levels = [s for s in seconds if s.startswith(prefixes)]
+        seconds = {s: v for s, v in seconds.items() if s not in levels}
+        seconds[column] = sum(records_seconds(output, s) for s in levels)
+        nodes = [memory.pop(s) for s in list(memory) if s.startswith(prefixes)]
+        if nodes:
+            memory[column] = max(nodes, key=lambda m: m["added"])
     return seconds, memory
 
 
@@ -388,7 +394,6 @@ def synthetic(work: Path, size: int, task_shape: tuple = (128, 128, 128)) -> dic
                                            repeats)
     del affinities
     supervoxels = sum(r["supervoxels"] for r in records(output, "region-graph"))
-    reduce = records(output, "reduce")[0]
     wz = dict(in_child("--waterz", str(npy), "0.5"), seconds=float(np.median(waterz_seconds)),
               all_seconds=waterz_seconds)
     npy.unlink()
@@ -397,8 +402,7 @@ def synthetic(work: Path, size: int, task_shape: tuple = (128, 128, 128)) -> dic
             "repeats": repeats, "stage_seconds": seconds,
             "deepem3d_seconds": float(np.median(totals)), "deepem3d_all_seconds": totals,
             "waterz": wz, "memory": memory,
-            "edges": block_edges(output), "supervoxels": supervoxels,
-            "exits_bytes": reduce["exits_bytes"]}
+            "edges": block_edges(output), "supervoxels": supervoxels}
 
 
 def print_synthetic(results: list[dict]) -> None:
@@ -426,8 +430,8 @@ def print_synthetic(results: list[dict]) -> None:
         print(f"  {r['size']}^3: {r['edges']} block edges ({r['edges'] / r['voxels']:.4f}/voxel),"
               f" {r['supervoxels']} block supervoxels; largest octree node "
               f"{mib(m['octree']['added'])}, "
-              f"reduce {m['reduce']['added'] / r['voxels']:.2f} B/voxel (exits "
-              f"{r['exits_bytes'] / r['voxels']:.2f} B/voxel), remap {mib(m['remap']['added'])}")
+              f"largest reduce node {mib(m['reduce']['added'])}, "
+              f"remap {mib(m['remap']['added'])}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -273,15 +273,15 @@ def test_dry_run_plans_every_stage_routes_them_and_writes_nothing(tmp_path, crop
                              **{"evaluate:": queues + "evaluate:"})
     dry = run_cli("run", pipeline, "--dry-run", check=True)
     rows = {line.split()[0]: line for line in dry.stdout.splitlines()
-            if line.split() and line.split()[0] in ("inference", "supervoxels", "reduce")}
+            if line.split() and line.split()[0] in ("inference", "supervoxels", "reduce-L0")}
     assert rows["inference"].endswith(f"fq://{tmp_path}/gpu"), rows["inference"]
-    assert rows["reduce"].endswith(f"fq://{tmp_path}/cpu"), rows["reduce"]  # a few MiB
+    assert rows["reduce-L0"].endswith(f"fq://{tmp_path}/cpu"), rows["reduce-L0"]  # a few MiB
     assert "core" in rows["supervoxels"] and "downsample segmentation" in dry.stdout
     assert not output.exists() and not (tmp_path / "cpu").exists()
     big = pipeline_file(tmp_path, crop_layers, output, **{
         "evaluate:": queues.replace("64MiB", "1KiB") + "evaluate:"})
     routed = run_cli("run", big, "--dry-run", check=True).stdout
-    assert any(line.startswith("reduce") and line.endswith(f"fq://{tmp_path}/big")
+    assert any(line.startswith("reduce-L0") and line.endswith(f"fq://{tmp_path}/big")
                for line in routed.splitlines()), routed
 
 

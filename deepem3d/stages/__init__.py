@@ -1,7 +1,8 @@
 """The stages of the data flow, one module per arrow, on one frame (deepem3d.stages.frame):
 
     image -> map              inference.py     (InferenceTask)
-    map -> supervoxels        supervoxels.py   (SmoothTask, HaloTask, SupervoxelTask, ReduceTask)
+    map -> supervoxels        supervoxels.py   (SmoothTask, HaloTask, SupervoxelTask,
+                                                ReduceNodeTask, ReduceDownTask)
     supervoxels -> graph      graph.py         (RegionGraphTask)
     graph -> segments         octree.py        (OctreeNodeTask, OctreeDownTask, RemapTask)
     layer -> mip levels       downsample.py    (igneous's DownsampleTask, in MarkedTask)

@@ -682,10 +682,11 @@ def prepare_output(plan: SegmentPlan) -> None:
         )
 
 
-#: what one task of each stage costs on one core, per voxel of its block (per voxel of the
-#: region for the single tasks), for --dry-run's core-hours: measured on the demo's run
-#: (`deepem3d run isbi2012-demo`: ISBI 2012 affinities, 512 x 512 x 30 in one block, sigma 4,
-#: mean 0.55; this project's 2-core machine), task seconds read from the markers
+#: what one task of each stage costs on one core, per voxel of its block, for --dry-run's
+#: core-hours: measured on the demo's run (`deepem3d run isbi2012-demo`: ISBI 2012
+#: affinities, 512 x 512 x 30 in one block, sigma 4, mean 0.55; this project's 2-core
+#: machine), task seconds read from the markers; the reduce's
+#: figure is the single reduce task's per voxel of the region, before its octree replaced it
 SECONDS_PER_VOXEL = {
     "smooth": 300e-9, "halo": 10e-9, "supervoxels": 200e-9, "reduce": 3e-9, "tables": 3e-9,
     "region-graph": 46e-9, "remap": 30e-9,

@@ -4,9 +4,11 @@ next ones read, and the map reads every segmentation stage shares.
     halo/B/NAME.npz        a block's halo slabs (halo or smooth stage; deleted after supervoxels)
     labels/B.npz           a block's supervoxels as local labels (uint32, kept)
     exits/B.npz            what the reduce needs of a block (deleted after the reduce)
+    reduce/LL/N.npz        a reduce node's resolutions and residual (deleted after the reduce)
+    reduce-down/LL/N.npz   a reduce node's ids from its parent (deleted after the reduce)
     local_graphs/B.npz     a block's region graph over local labels (deleted after region-graph)
     faces/B.npz            a block's high faces of local labels (deleted after region-graph)
-    tables/B.npy           local label -> supervoxel id, per block (reduce; kept)
+    tables/B.npy           local label -> supervoxel id, per block (tables-L1; kept)
     graphs/B.npz           a block's region graph over supervoxel ids and its faces (kept: the
                            octree's leaves, where a retune starts)
     octree/RUN/...         the octree's nodes: decisions, residuals, slices (deepem3d.stages.octree)
