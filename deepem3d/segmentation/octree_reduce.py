@@ -50,21 +50,71 @@ class ReduceNode:
 
 
 @dataclass
+class Faces:
+    """Face voxels as arrays sorted by voxel index: what each one's basin resolves to (`kind`
+    1: an id, 2: a node key, in `where`) and whether it is flat."""
+
+    index: np.ndarray
+    kind: np.ndarray
+    where: np.ndarray
+    flat: np.ndarray
+
+    @classmethod
+    def join(cls, parts: Sequence[Faces]) -> Faces:
+        cat = [np.concatenate([getattr(p, f) for p in parts]) for f in
+               ("index", "kind", "where", "flat")]
+        order = np.argsort(cat[0], kind="stable")
+        return cls(*(a[order] for a in cat))
+
+    def find(self, targets: np.ndarray) -> np.ndarray:
+        """Per target voxel index, its row here, or -1."""
+        targets = np.asarray(targets, np.uint64)
+        at = np.searchsorted(self.index, targets)
+        ok = at < self.index.size
+        ok[ok] = self.index[at[ok]] == targets[ok]
+        return np.where(ok, at, -1)
+
+    def entry(self, row: int) -> tuple[Resolution, bool]:
+        return (_NAME[int(self.kind[row])], int(self.where[row])), bool(self.flat[row])
+
+    def __len__(self) -> int:
+        return int(self.index.size)
+
+
+@dataclass
 class ReduceResidual:
     """What an octree node hands its parent: its unresolved nodes by key, and the face voxels
-    on its outer faces: voxel index -> (what that voxel's basin resolves to, flat)."""
+    on its outer faces: voxel index -> (what that voxel's basin resolves to, flat). A leaf also
+    hands its `known` basins (key -> id): flat sets inside the block with no link and no rim,
+    named at once (most of a block's basins; no node is made for them)."""
 
     nodes: dict[int, ReduceNode]
-    faces: dict[int, tuple[Resolution, bool]]
+    faces: Faces
+    known: dict[int, int] = field(default_factory=dict)
 
 
 def reduce_leaf(exits: ChunkExits, block: int) -> ReduceResidual:
     """A block's exits as a leaf: one node per local label, key `block << 32 | label`."""
     base = int(block) << 32
+    n = exits.n_labels
+    # flat labels with no link and no rim are whole basins of this block: named now
+    busy = np.zeros(n + 1, bool)
+    for labels in (exits.exit_label, exits.plateau_label, exits.rim_label):
+        busy[np.asarray(labels, np.int64)] = True
+    simple = np.flatnonzero(~busy[1:]) + 1
+    ids = np.asarray(exits.root_index, np.uint64)[simple - 1] + np.uint64(1)
+    known = dict(zip((simple + base).tolist(), ids.tolist()))
+    id_of = np.zeros(n + 1, np.uint64)
+    id_of[simple] = ids
+
+    def resolution(label: int) -> Resolution:
+        value = int(id_of[label])
+        return ("id", value) if value else ("node", base | label)
+
     nodes: dict[int, ReduceNode] = {}
     leaving = dict(zip(exits.exit_label.tolist(), exits.exit_target.tolist()))
     roots = exits.root_index.tolist()
-    for label in range(1, exits.n_labels + 1):
+    for label in (np.flatnonzero(busy[1:]) + 1).tolist():
         if label in leaving:
             nodes[base | label] = ReduceNode(False, exit=int(leaving[label]))
         else:
@@ -73,10 +123,15 @@ def reduce_leaf(exits: ChunkExits, block: int) -> ReduceResidual:
         nodes[base | label].links.append(int(target))
     for label, index, dst in zip(exits.rim_label.tolist(), exits.rim_target.tolist(),
                                  exits.rim_target_label.tolist()):
-        _offer_rim(nodes[base | label], int(index), ("node", base | int(dst)))
-    faces = {int(i): (("node", base | int(label)), bool(flat)) for i, label, flat in zip(
-        exits.face_index.tolist(), exits.face_label.tolist(), exits.face_flat.tolist())}
-    return ReduceResidual(nodes, faces)
+        _offer_rim(nodes[base | label], int(index), resolution(int(dst)))
+    labels = np.asarray(exits.face_label, np.int64)
+    face_ids = id_of[labels]
+    faces = Faces.join([Faces(np.asarray(exits.face_index, np.uint64),
+                              np.where(face_ids > 0, 1, 2).astype(np.uint8),
+                              np.where(face_ids > 0, face_ids,
+                                       np.uint64(base) + labels.astype(np.uint64)),
+                              np.asarray(exits.face_flat, bool))])
+    return ReduceResidual(nodes, faces, known)
 
 
 def _offer_rim(node: ReduceNode, index: int, dst: Resolution) -> None:
@@ -84,16 +139,16 @@ def _offer_rim(node: ReduceNode, index: int, dst: Resolution) -> None:
         node.rim = (index, dst)
 
 
-def _on_outer_face(index: int, low: Sequence[int], high: Sequence[int],
-                   dataset: Sequence[int]) -> bool:
-    """Whether a voxel lies on a face of the box [low, high) that is inside the dataset."""
-    x = index % dataset[0]
-    y = (index // dataset[0]) % dataset[1]
-    z = index // (dataset[0] * dataset[1])
-    for c, v in enumerate((x, y, z)):
-        if (v == low[c] and low[c] > 0) or (v == high[c] - 1 and high[c] < dataset[c]):
-            return True
-    return False
+def _on_outer_face(index: np.ndarray, low: Sequence[int], high: Sequence[int],
+                   dataset: Sequence[int]) -> np.ndarray:
+    """Which voxels lie on a face of the box [low, high) that is inside the dataset."""
+    index = np.asarray(index, np.int64)
+    coords = (index % dataset[0], (index // dataset[0]) % dataset[1],
+              index // (dataset[0] * dataset[1]))
+    out = np.zeros(index.size, bool)
+    for c, v in enumerate(coords):
+        out |= ((v == low[c]) & (low[c] > 0)) | ((v == high[c] - 1) & (high[c] < dataset[c]))
+    return out
 
 
 def reduce_node(
@@ -106,10 +161,14 @@ def reduce_node(
     node its children handed it, and its own residual. At the root (the box is the dataset)
     every resolution is an id."""
     nodes: dict[int, ReduceNode] = {}
-    faces: dict[int, tuple[Resolution, bool]] = {}
+    resolved: dict[int, Resolution] = {}
     for child in children:
         nodes.update(child.nodes)
-        faces.update(child.faces)
+        resolved.update((k, ("id", v)) for k, v in child.known.items())
+    faces = Faces.join([c.faces for c in children])
+    # where every exit and link lands, if this node holds the voxel
+    exit_keys = [k for k, n in nodes.items() if not n.flat]
+    exit_row = dict(zip(exit_keys, faces.find([nodes[k].exit for k in exit_keys]).tolist()))
     # flat sets: union over the links now held; links to non-flat voxels are rims
     parent = {k: k for k, n in nodes.items() if n.flat}
 
@@ -120,17 +179,16 @@ def reduce_node(
         return k
 
     for key, node in nodes.items():
-        if not node.flat:
+        if not node.flat or not node.links:
             continue
         pending = []
-        for target in node.links:
-            entry = faces.get(target)
-            if entry is None:
+        for target, row in zip(node.links, faces.find(node.links).tolist()):
+            if row < 0:
                 pending.append(target)
                 continue
-            (kind, where), flat = entry
+            (kind, where), flat = faces.entry(row)
             if flat:
-                if kind != "node":
+                if kind != "node" or where not in parent:
                     raise ValueError("a plateau link reaches a flat set that was complete")
                 a, b = find(key), find(where)
                 if a != b:
@@ -148,8 +206,6 @@ def reduce_node(
             s.links += node.links
             if node.rim is not None:
                 _offer_rim(s, *node.rim)
-    resolved: dict[int, Resolution] = {}
-
     def resolve(key: int) -> Resolution:
         chain = []
         res: Resolution
@@ -173,11 +229,11 @@ def reduce_node(
                     break
                 key = where
             else:
-                entry = faces.get(node.exit)
-                if entry is None:
+                row = exit_row[key]
+                if row < 0:
                     res = ("node", key)
                     break
-                kind, where = entry[0]
+                kind, where = faces.entry(row)[0]
                 if kind == "id":
                     res = (kind, where)
                     break
@@ -202,8 +258,15 @@ def reduce_node(
             up[where] = ReduceNode(True, lowest=s.lowest, links=list(s.links), rim=rim)
         else:
             up[key] = ReduceNode(False, exit=node.exit)
-    outer = {i: (_follow(res, resolved), flat) for i, (res, flat) in faces.items()
-             if _on_outer_face(i, low, high, dataset)}
+    keep = _on_outer_face(faces.index, low, high, dataset)
+    outer = Faces(faces.index[keep], faces.kind[keep].copy(), faces.where[keep].copy(),
+                  faces.flat[keep])
+    pointing = np.flatnonzero(outer.kind == 2)
+    if pointing.size:  # what they point at, as this node resolved it
+        targets, inverse = np.unique(outer.where[pointing], return_inverse=True)
+        follow = [resolved.get(int(t), ("node", int(t))) for t in targets.tolist()]
+        outer.kind[pointing] = np.asarray([_KIND[f[0]] for f in follow], np.uint8)[inverse]
+        outer.where[pointing] = np.asarray([f[1] for f in follow], np.uint64)[inverse]
     return resolved, ReduceResidual(up, outer)
 
 
@@ -248,7 +311,8 @@ def reduce_octree(octree, blocks: Sequence[tuple[int, int, int]],
             high = np.minimum(hi * shape, np.asarray(dataset, np.int64))
             resolved, residual = reduce_from_arrays(reduce_arrays(*reduce_node(
                 children, low.tolist(), high.tolist(), dataset)))  # stored as the tasks store
-            results[level, node] = (resolved, residual, [list(c.nodes) for c in children])
+            results[level, node] = (resolved, residual,
+                                    [[*c.nodes, *c.known] for c in children])
     tables: list[np.ndarray] = [np.zeros(1, np.uint64)] * len(blocks)
     slices = {(octree.height, octree.nodes(octree.height)[0]): {}}
     for level in range(octree.height, -1, -1):
@@ -303,10 +367,10 @@ def reduce_arrays(resolved: dict[int, Resolution], residual: ReduceResidual
         "rim_index": np.asarray([n.rim[0] for _, n in nodes if n.rim is not None], np.uint64),
         "link_key": np.asarray([k for k, n in nodes for _ in n.links], np.uint64),
         "link_target": np.asarray([t for _, n in nodes for t in n.links], np.uint64),
-        "face_flat": np.asarray([f for _, (_, f) in sorted(residual.faces.items())], bool),
+        "face_index": residual.faces.index, "face_kind": residual.faces.kind,
+        "face_where": residual.faces.where, "face_flat": residual.faces.flat,
     }
     out.update(_res_arrays("rim", rims))
-    out.update(_res_arrays("face", [(i, r) for i, (r, _) in sorted(residual.faces.items())]))
     out.update(_res_arrays("resolved", sorted(resolved.items())))
     return out
 
@@ -324,5 +388,8 @@ def reduce_from_arrays(arrays: dict[str, np.ndarray]
         nodes[k].rim = (index, res)
     for k, t in zip(col("link_key", np.uint64), col("link_target", np.uint64)):
         nodes[k].links.append(t)
-    faces = {i: (r, f) for (i, r), f in zip(_res_from(arrays, "face"), col("face_flat", bool))}
+    faces = Faces(np.asarray(arrays["face_index"]).astype(np.uint64),
+                  np.asarray(arrays["face_kind"]).astype(np.uint8),
+                  np.asarray(arrays["face_where"]).astype(np.uint64),
+                  np.asarray(arrays["face_flat"]).astype(bool))
     return dict(_res_from(arrays, "resolved")), ReduceResidual(nodes, faces)

@@ -697,10 +697,10 @@ SECONDS_PER_VOXEL = {
 AGGLOMERATE_SECONDS_PER_VOXEL = 290e-9
 # Peak bytes of a reduce node task per face voxel it holds (its children's faces inside the
 # region), by tracemalloc on a 256 x 256 x 30 crop of the noisy ISBI affinity map in blocks of
-# 64 x 64 x 10: 584-619 at level 0 (inputs built inside the trace), 108-159 above (inputs
-# built before it, of the same kind as level 0's). The nodes are Python objects, not yet
-# packed arrays
-REDUCE_BYTES_PER_FACE_VOXEL = 620
+# 64 x 64 x 10: 198-208 at level 0 (inputs built inside the trace), 75-138 above (plus inputs
+# built before it: 18 bytes per face voxel, and the unresolved basins). Face tables are arrays;
+# the unresolved basins are still Python objects
+REDUCE_BYTES_PER_FACE_VOXEL = 210
 
 
 def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[Stage]:
