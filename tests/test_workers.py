@@ -174,3 +174,16 @@ def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_pa
     assert "set aside: 5" in shown, shown
     assert "layer/broken  RuntimeError: bug (attempt 2 on" in shown, shown
     assert "not-json  -  not a task: JSONDecodeError" in shown, shown
+
+
+def test_a_marker_being_rewritten_reads_as_an_empty_record(tmp_path):
+    """A task run again after its lease ran out rewrites its marker; a run summarising the
+    stage meanwhile finds the file empty, and must not stop on it (the fault campaign's run
+    3 of 6 did)."""
+    markers = Markers(f"file://{tmp_path}", "stage")
+    markers.mark_done("a", {"seconds": 1.5})
+    empty = tmp_path / markers.marker_key("b")
+    empty.parent.mkdir(parents=True, exist_ok=True)
+    empty.write_bytes(b"")  # what a read sees between the rewrite's open and its write
+    assert markers.done_ids() == {"a", "b"}
+    assert markers.records() == [{"seconds": 1.5}, {}]

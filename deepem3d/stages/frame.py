@@ -120,7 +120,7 @@ class Markers:
                               "finished": _now()}, compress=None)
 
     def error_record(self, task_id: str) -> dict | None:
-        return self._files.get_json(f"{self.prefix}/errors/{task_id}.json")
+        return self._record(f"{self.prefix}/errors/{task_id}.json")
 
     def record_error(self, task_id: str, record: dict) -> None:
         self._files.put_json(f"{self.prefix}/errors/{task_id}.json", record, compress=None)
@@ -136,7 +136,7 @@ class Markers:
     def failures(self) -> dict[str, str]:
         """task id -> the input error it failed on."""
         ids = sorted(self._listed("failed"))
-        records = [self._files.get_json(f"{self.prefix}/failed/{i}.json") or {} for i in ids]
+        records = [self._record(f"{self.prefix}/failed/{i}.json") or {} for i in ids]
         return {i: r.get("error", "") for i, r in zip(ids, records)}
 
     def clear_failures(self) -> None:
@@ -145,7 +145,16 @@ class Markers:
     def records(self) -> list[dict]:
         """Every completion marker (for the run's summary)."""
         keys = [self.marker_key(i) for i in sorted(self.done_ids())]
-        return [self._files.get_json(k) or {} for k in keys]
+        return [self._record(k) or {} for k in keys]
+
+    def _record(self, key: str) -> dict | None:
+        """A task's record, or None while another attempt of the task is writing it (a file://
+        write is not atomic: a task run again after a lease ran out rewrites its marker, and a
+        read in between finds it empty; the fault campaign hit this once in 6 runs)."""
+        try:
+            return self._files.get_json(key)
+        except ValueError:
+            return None
 
     def task_ids(self) -> list[str]:
         manifest = self._files.get_json(f"{self.prefix}/manifest.json")
