@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -401,6 +401,26 @@ def _lookup_rows(keys: np.ndarray, rows: tuple[np.ndarray, ...], needles: np.nda
     return tuple(r[at] for r in rows)
 
 
+def _sweep_up(octree: Octree, levels: list[list[Shape3]], leaf: Callable, decide: Callable
+              ) -> dict:
+    """The up sweep both octree passes share: level 0 from `leaf(node)`, each node above from
+    its children's residuals; `decide(children, level, node)` returns a result with a
+    `residual`. Returns every node's result by (level, node)."""
+    residual: dict = {}
+    results: dict = {}
+    for level, nodes in enumerate(levels):
+        for node in nodes:
+            if level == 0:
+                children = [leaf(node)]
+            else:
+                children = [residual.pop((level - 1, c)) for c in octree.children(level, node)
+                            if (level - 1, c) in residual]
+            result = decide(children, level, node)
+            results[level, node] = result
+            residual[level, node] = result.residual
+    return results
+
+
 def _present(octree: Octree, blocks: Iterable[Shape3]) -> list[list[Shape3]]:
     """Per level, the nodes that hold at least one of `blocks`."""
     out = []
@@ -425,21 +445,12 @@ def octree_segments(
     ids equal `agglomerate` on the merged graph) and the largest residual per level (bytes)."""
     levels = _present(octree, blocks)
     by_block = {tuple(b): (g, f) for b, g, f in zip(blocks, graphs, faces)}
-    residual: dict[tuple[int, Shape3], Residual] = {}
-    results: dict[tuple[int, Shape3], NodeResult] = {}
-    largest = []
-    for level, nodes in enumerate(levels):
-        for node in nodes:
-            if level == 0:
-                children = [Residual.of_block(*by_block[node], node)]
-            else:
-                children = [residual.pop((level - 1, c)) for c in octree.children(level, node)
-                            if (level - 1, c) in residual]
-            result = agglomerate_node(children, octree.bounds(level, node), octree.grid, method,
-                                      threshold)
-            results[level, node] = result
-            residual[level, node] = result.residual
-        largest.append(max(residual[level, n].nbytes for n in nodes))
+    results = _sweep_up(
+        octree, levels, lambda node: Residual.of_block(*by_block[node], node),
+        lambda children, level, node: agglomerate_node(
+            children, octree.bounds(level, node), octree.grid, method, threshold))
+    largest = [max(results[level, n].residual.nbytes for n in nodes)
+               for level, nodes in enumerate(levels)]
     # down: a node's slice covers its residual's names
     slices = {(octree.height, levels[-1][0]): EMPTY_SLICE}
     out = {}
@@ -639,18 +650,8 @@ def octree_dust(
         raise ValueError(f"dust mode must be 'merge' or 'zero', not {mode!r}")
     levels = _present(octree, blocks)
     by_block = {tuple(b): (g, s) for b, g, s in zip(blocks, graphs, segments)}
-    residual: dict[tuple[int, Shape3], DustResidual] = {}
-    results: dict[tuple[int, Shape3], DustResult] = {}
-    for level, nodes in enumerate(levels):
-        for node in nodes:
-            if level == 0:
-                children = [dust_leaf(*by_block[node])]
-            else:
-                children = [residual.pop((level - 1, c)) for c in octree.children(level, node)
-                            if (level - 1, c) in residual]
-            result = dust_node(children, level, size)
-            results[level, node] = result
-            residual[level, node] = result.residual
+    results = _sweep_up(octree, levels, lambda node: dust_leaf(*by_block[node]),
+                        lambda children, level, node: dust_node(children, level, size))
     # down: a node's slice is the final id of each of its residual's regions
     slices: dict[tuple[int, Shape3], dict[int, int]] = {(octree.height, levels[-1][0]): {}}
     out = {}

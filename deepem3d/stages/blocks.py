@@ -72,3 +72,16 @@ def parse_block_id(task_id: str) -> Bbox:
 def bounds_list(bounds: Bbox) -> list[int]:
     """x0, y0, z0, x1, y1, z1 as plain ints (how tasks carry a block)."""
     return [int(v) for v in (*bounds.minpt, *bounds.maxpt)]
+
+
+def node_name(node) -> str:
+    """An octree node's id and file name: its grid coordinates at its level, x_y_z."""
+    return "_".join(str(int(v)) for v in node)
+
+
+def block_at(node, region: list[int], task_shape) -> str:
+    """The id of the block at grid coordinates `node` of the region's block grid (the region
+    x0,y0,z0,x1,y1,z1; the last blocks clipped to it)."""
+    lo = [r + int(n) * int(t) for r, n, t in zip(region[:3], node, task_shape)]
+    hi = [min(a + int(t), r) for a, t, r in zip(lo, task_shape, region[3:])]
+    return block_id(Bbox(lo, hi))

@@ -49,24 +49,13 @@ from deepem3d.segmentation.octree import (
 )
 from deepem3d.segmentation.region_graph import RegionGraph
 from deepem3d.segmentation.supervoxels import relabel
-from deepem3d.stages.blocks import block_id
+from deepem3d.stages.blocks import block_at, block_id, node_name
 from deepem3d.stages.frame import stage_task
 from deepem3d.stages.workdir import get_table, map_volume, work_files
 from deepem3d.storage.layers import cloudpath, write_block
 from deepem3d.storage.npz import get_npz, put_npz
 
 _U64 = np.uint64
-
-
-def node_name(node) -> str:
-    return "_".join(str(int(v)) for v in node)
-
-
-def block_of(node, region: list[int], task_shape: list[int]) -> list[int]:
-    """The bounds of the block at grid coordinates `node` (level 0) of the region's grid."""
-    lo = [r + n * t for r, n, t in zip(region[:3], node, task_shape)]
-    hi = [min(a + t, r) for a, t, r in zip(lo, task_shape, region[3:])]
-    return [*lo, *hi]
 
 
 def octree_of(grid: list[int], task_shape: list[int]) -> Octree:
@@ -122,7 +111,7 @@ def OctreeNodeTask(  # noqa: N802  (taskqueue registers tasks by function name)
     files = work_files(output_path)
     tree = octree_of(grid, task_shape)
     if level == 0:
-        task_id = block_id(Bbox(*np.reshape(block_of(node, region, task_shape), (2, 3))))
+        task_id = block_at(node, region, task_shape)
         graph, faces = _block_graph(files, task_id)
     if sweep == "agglomerate":
         if level == 0:

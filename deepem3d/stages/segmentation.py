@@ -37,10 +37,11 @@ from deepem3d.stages.blocks import (
     bounds_list,
     check_bounds,
     check_task_shape,
+    node_name,
 )
 from deepem3d.stages.frame import Markers, Stage, digest
 from deepem3d.stages.graph import RegionGraphTask
-from deepem3d.stages.octree import OctreeDownTask, OctreeNodeTask, RemapTask, node_name
+from deepem3d.stages.octree import OctreeDownTask, OctreeNodeTask, RemapTask
 from deepem3d.stages.supervoxels import (
     HaloTask,
     ReduceDownTask,

@@ -54,7 +54,7 @@ from deepem3d.segmentation.octree_reduce import (
 from deepem3d.segmentation.region_graph import chunk_graph
 from deepem3d.segmentation.smoothing import smooth_chunk, smoothing_bounds
 from deepem3d.segmentation.supervoxels import ChunkExits, supervoxel_chunk
-from deepem3d.stages.blocks import block_id
+from deepem3d.stages.blocks import block_at, block_id, node_name
 from deepem3d.stages.frame import stage_task
 from deepem3d.stages.workdir import (
     chunk_of,
@@ -175,17 +175,6 @@ def volume_ids(table: np.ndarray, origin, region_shape, volume_shape) -> np.ndar
     return out
 
 
-def _node_name(node) -> str:
-    return "_".join(str(int(v)) for v in node)
-
-
-def _block_of(node, dataset: list[int], task_shape: list[int]) -> str:
-    """The id of the block at grid coordinates `node` of the region's grid."""
-    lo = [r + n * t for r, n, t in zip(dataset[:3], node, task_shape)]
-    hi = [min(a + t, r) for a, t, r in zip(lo, task_shape, dataset[3:])]
-    return block_id(Bbox(lo, hi))
-
-
 def _linear(node, dataset: list[int], task_shape: list[int]) -> int:
     """A block's index in the region's grid, x fastest: its keys' high 32 bits."""
     grid = [-(-(b - a) // t) for a, b, t in zip(dataset[:3], dataset[3:], task_shape)]
@@ -193,7 +182,7 @@ def _linear(node, dataset: list[int], task_shape: list[int]) -> int:
 
 
 def _reduce_key(level: int, node) -> str:
-    return f"reduce/L{level}/{_node_name(node)}.npz"
+    return f"reduce/L{level}/{node_name(node)}.npz"
 
 
 def _write_table(files, node, dataset, volume, task_shape, resolved, above) -> int:
@@ -206,7 +195,7 @@ def _write_table(files, node, dataset, volume, task_shape, resolved, above) -> i
     origin = np.asarray(dataset[:3]) - np.asarray(volume[:3])
     shape = np.asarray(dataset[3:]) - np.asarray(dataset[:3])
     table = volume_ids(table, origin, shape, volume[3:])
-    files.put(**put_table(files, _block_of(node, dataset, task_shape), table))
+    files.put(**put_table(files, block_at(node, dataset, task_shape), table))
     return int(table.size) - 1
 
 
@@ -221,7 +210,7 @@ def ReduceNodeTask(  # noqa: N802
     files = work_files(output_path)
     tree = Octree.of(grid, task_shape)
     if level == 0:
-        task_id = _block_of(node, dataset, task_shape)
+        task_id = block_at(node, dataset, task_shape)
         exits = ChunkExits.from_arrays(get_npz(files, f"exits/{task_id}.npz"))
         children = [reduce_leaf(exits, _linear(node, dataset, task_shape))]
     else:
@@ -253,7 +242,7 @@ def ReduceDownTask(  # noqa: N802
     tree = Octree.of(grid, task_shape)
     resolved, _ = reduce_from_arrays(get_npz(files, _reduce_key(level, node)))
     above = {} if level == tree.height else _ids(get_npz(
-        files, f"reduce-down/L{level}/{_node_name(node)}.npz"))
+        files, f"reduce-down/L{level}/{node_name(node)}.npz"))
     labels = 0
     for child in tree.children(level, node):
         child_resolved, child_residual = reduce_from_arrays(
@@ -263,7 +252,7 @@ def ReduceDownTask(  # noqa: N802
             labels += _write_table(files, child, dataset, volume, task_shape, child_resolved,
                                    ids)
         else:
-            put_npz(files, f"reduce-down/L{level - 1}/{_node_name(child)}.npz", {
+            put_npz(files, f"reduce-down/L{level - 1}/{node_name(child)}.npz", {
                 "key": np.asarray(list(ids), np.uint64),
                 "id": np.asarray(list(ids.values()), np.uint64)})
     return {"children": len(tree.children(level, node)), "local_labels": labels}
