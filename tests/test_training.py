@@ -95,6 +95,25 @@ def test_resume_continues_the_same_run(sample_h5, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_workers_prepare_the_same_batches(sample_h5, tmp_path):
+    """Batches drawn by 2 worker processes are the in-process ones, so a run started without
+    workers and resumed with them ends with the same weights."""
+    here = Trainer(config(sample_h5, tmp_path / "a"), progress=False)
+    there = Trainer(config(sample_h5, tmp_path / "w", workers=2), progress=False)
+    for (a_img, a_tgt), (b_img, b_tgt) in zip(here.batches(), there.batches(), strict=True):
+        assert torch.equal(a_img, b_img) and torch.equal(a_tgt, b_tgt)
+    here.run()
+    first = Trainer(config(sample_h5, tmp_path / "b"), progress=False)
+    while first.iteration < 3:
+        first.step()
+    first.save({"iteration": 3, "train_loss": 0.0})
+    resumed = Trainer(config(sample_h5, tmp_path / "b", workers=2), resume=True,
+                      progress=False)
+    resumed.run()
+    a, b = here.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_validation_scores_the_held_apart_sections(sample_h5, tmp_path):
     trainer = Trainer(config(sample_h5, tmp_path, val_sections=(7, 10)), progress=False)
     final = trainer.run()

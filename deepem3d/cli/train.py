@@ -36,17 +36,21 @@ from deepem3d.errors import InputError
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: torch's, one per core). A run resumes exactly on the "
               "same device and thread count.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Processes preparing batches ahead of the step (default: on a GPU, one per "
+              "core but one, at most 8; on the CPU none, the step uses the cores). Batches do "
+              "not depend on it, so a run may resume with another count.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--init", default=None,
               help="Start from this checkpoint's weights (a shipped name, file or cloud path) "
                    "with a fresh optimizer and schedule: fine-tuning. Same network flags.")
 def train(image, labels, train_sections, val_sections, out_dir, preset, head, in_sections,
           iterations, batch_size, patch_size, lr, seed, val_every, resolution, device, threads,
-          resume, init) -> None:
+          workers, resume, init) -> None:
     """Train a DeepEM3D network; writes OUT/last.pt, OUT/best.pt, history.json and
     learning_curve.png."""
     from deepem3d.models.data import is_file_source, parse_sections
-    from deepem3d.models.train import TrainConfig, Trainer
+    from deepem3d.models.train import TrainConfig, Trainer, default_workers
 
     if patch_size % 16:
         raise InputError(f"--patch-size {patch_size} must be a multiple of 16")
@@ -67,6 +71,7 @@ def train(image, labels, train_sections, val_sections, out_dir, preset, head, in
         out_dir=out_dir, preset=preset, head=head, in_sections=in_sections,
         iterations=iterations, batch_size=batch_size, patch=patch_size, lr=lr, seed=seed,
         val_every=val_every, resolution=res, threads=threads, init=init,
+        workers=workers if workers is not None else default_workers(device),
     )
     try:
         trainer = Trainer(cfg, resume=resume, device=device)

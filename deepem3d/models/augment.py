@@ -14,27 +14,40 @@ from scipy.ndimage import map_coordinates, zoom
 N_DIHEDRAL = 16
 
 
-def dihedral(volume: np.ndarray, k: int) -> np.ndarray:
-    """Variant k in 0..15 of a (..., z, y, x) array: rot90 k%4 times in-plane, flip x if
-    bit 2 is set, reverse z if bit 3 is set."""
+def _rot90(volume, k: int):
+    """rot90 in the (y, x) plane of a numpy array or a torch tensor (the same rotation)."""
+    if isinstance(volume, np.ndarray):
+        return np.rot90(volume, k, axes=(-2, -1))
+    return volume.rot90(k, (-2, -1))
+
+
+def _flip(volume, axis: int):
+    if isinstance(volume, np.ndarray):
+        return np.flip(volume, axis)
+    return volume.flip(axis)
+
+
+def dihedral(volume, k: int):
+    """Variant k in 0..15 of a (..., z, y, x) array or tensor: rot90 k%4 times in-plane, flip x
+    if bit 2 is set, reverse z if bit 3 is set. numpy returns views, torch copies."""
     if not 0 <= k < N_DIHEDRAL:
         raise ValueError(f"dihedral variant must be in 0..15, not {k}")
-    out = np.rot90(volume, k % 4, axes=(-2, -1))
+    out = _rot90(volume, k % 4) if k % 4 else volume
     if (k // 4) % 2:
-        out = out[..., ::-1]
+        out = _flip(out, -1)
     if k // 8:
-        out = out[..., ::-1, :, :]
+        out = _flip(out, -3)
     return out
 
 
-def undo_dihedral(volume: np.ndarray, k: int) -> np.ndarray:
+def undo_dihedral(volume, k: int):
     """The inverse of `dihedral(., k)`."""
     out = volume
     if k // 8:
-        out = out[..., ::-1, :, :]
+        out = _flip(out, -3)
     if (k // 4) % 2:
-        out = out[..., ::-1]
-    return np.rot90(out, -(k % 4), axes=(-2, -1))
+        out = _flip(out, -1)
+    return _rot90(out, -(k % 4)) if k % 4 else out
 
 
 def jitter_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

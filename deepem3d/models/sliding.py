@@ -76,39 +76,60 @@ class FunctionPredictor:
         return np.asarray(self.fn(batch), dtype=np.float32)
 
 
+AMP_DTYPES: tuple[str, ...] = ("float16", "bfloat16")
+
+
 class ModelPredictor:
     """A DeepEM3DNet as a Predictor: normalise uint8 input, forward, probabilities.
 
-    On CUDA the forward runs under float16 autocast unless `amp=False`, with cuDNN's
-    deterministic algorithms; on the CPU in float32 with whatever thread count the caller set.
+    On CUDA the forward runs under autocast (`amp_dtype`, float16 unless told) unless
+    `amp=False`, with cuDNN's deterministic algorithms and no autotuning unless `autotune`
+    (kernels chosen by timing differ between processes, and so may the last bits of the
+    output: docs/gpu.md); `channels_last` stores the 2D part's activations channels-last. On
+    the CPU it runs in float32 with whatever thread count the caller set.
     """
 
     def __init__(
         self, model: torch.nn.Module, device: str | torch.device | None = None,
-        amp: bool | None = None,
+        amp: bool | None = None, *, amp_dtype: str = "float16", channels_last: bool = False,
+        autotune: bool = False,
     ) -> None:
         import torch
 
+        if amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"amp dtype {amp_dtype!r}: choose one of {', '.join(AMP_DTYPES)}")
         self.model = model.eval()
         here = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else here
         if self.device != here:
             self.model.to(self.device)
+        if channels_last:  # the 2D convs' weights; their outputs follow (the 3D part stays)
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+                    module.weight.data = module.weight.data.contiguous(
+                        memory_format=torch.channels_last)
         self.in_sections = int(model.in_sections)
         self.head = str(model.head)
         self.amp = self.device.type == "cuda" if amp is None else bool(amp)
+        self.amp_dtype = getattr(torch, amp_dtype)
         if self.device.type == "cuda":
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = not autotune
+            torch.backends.cudnn.benchmark = bool(autotune)
+
+    def predict_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, in_sections, S, S) uint8 on the model's device -> (B, C, S, S) float32 there."""
+        import torch
+
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                             enabled=self.amp):
+            probs = self.model.probabilities(self.model(self.model.normalize(batch[:, None])))
+        return probs.float()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)[:, None]
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16,
-                                             enabled=self.amp):
-            probs = self.model.probabilities(self.model(self.model.normalize(x)))
-        return probs.float().cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        return self.predict_tensor(x).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -297,23 +318,45 @@ class Stats:
     seconds: float = 0.0  # the whole call
 
 
+def _device_of(predictor: Predictor) -> torch.device:
+    import torch
+
+    return getattr(predictor, "device", None) or torch.device("cpu")
+
+
+def _forward(predictor: Predictor, inputs: torch.Tensor) -> torch.Tensor:
+    """The predictor on a batch on its device: tensors stay there for a ModelPredictor, any
+    other Predictor gets and returns numpy."""
+    import torch
+
+    if hasattr(predictor, "predict_tensor"):
+        return predictor.predict_tensor(inputs)
+    out = predictor(inputs.cpu().numpy())
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(inputs.device)
+
+
 def _predict_one(
     predictor: Predictor, image: np.ndarray, origin: Triple, block: Box, shape: Triple,
     geometry: PatchGeometry, variants: Sequence[int], stats: Stats,
-) -> np.ndarray:
+) -> torch.Tensor:
+    """One predictor's map of the block, float32 (C, z, y, x) on the predictor's device:
+    gathering, variants, undoing them and blending all run there (torch ops, each the same
+    float32 operation in the same order as the numpy they replace)."""
+    import torch
+
     from deepem3d.models.augment import dihedral, undo_dihedral
 
+    device = _device_of(predictor)
     plan = _plan(predictor, block, shape, geometry, variants)
     (z0, y0, x0), (z1, y1, x1) = block
     # the block's input, reflected at the dataset's bounds: one gather, then patches are slices
-    index = []
+    region = torch.from_numpy(np.ascontiguousarray(image)).to(device)
     for axis, (a, b) in enumerate((plan.z_range, plan.y_range, plan.x_range)):
         idx = _reflect(np.arange(a, b), shape[axis]) - origin[axis]
         if idx.min() < 0 or idx.max() >= image.shape[axis]:
             raise ValueError(f"the image (shape {image.shape} at {origin}) does not cover the "
                              f"input of block {block}: read input_box(...) first")
-        index.append(idx)
-    region = image[np.ix_(*index)]
+        region = region.index_select(axis, torch.from_numpy(idx).to(device))
     rz, ry, rx = plan.z_range[0], plan.y_range[0], plan.x_range[0]
 
     head, half, m = predictor.head, plan.half, geometry.margin
@@ -321,7 +364,7 @@ def _predict_one(
     channels = HEAD_CHANNELS[head]
     affinity = head == "affinity"
     fixes = {k: affinity_channel_fix(k) for k in variants} if affinity else {}
-    weights = window(geometry)
+    weights = torch.from_numpy(window(geometry)).to(device)
     patches = [(py, px) for py in plan.ys for px in plan.xs]
     last_variant = variants[-1]
 
@@ -332,32 +375,35 @@ def _predict_one(
                 for k in ks:
                     yield s, p, k
 
-    result = np.empty((channels, z1 - z0, y1 - y0, x1 - x0), dtype=np.float32)
-    acc: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
-    num = np.zeros((channels, y1 - y0, x1 - x0), dtype=np.float32)
-    den = np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
+    f32 = {"dtype": torch.float32, "device": device}
+    result = torch.empty((channels, z1 - z0, y1 - y0, x1 - x0), **f32)
+    acc: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
+    num = torch.zeros((channels, y1 - y0, x1 - x0), **f32)
+    den = torch.zeros((y1 - y0, x1 - x0), **f32)
     done_in_section = 0
     inner = slice(m, m + out_w)
 
-    def add(key: tuple[int, tuple[int, int]], channel: slice | int, value: np.ndarray) -> None:
+    def add(key: tuple[int, tuple[int, int]], channel: slice | int, value: torch.Tensor) -> None:
         if key not in acc:
-            acc[key] = np.zeros((channels, out_w, out_w), dtype=np.float32)
+            acc[key] = torch.zeros((channels, out_w, out_w), **f32)
         acc[key][channel] += value
 
+    inputs = torch.zeros((geometry.batch, predictor.in_sections, size, size),
+                         dtype=region.dtype, device=device)
     for batch in _batched(jobs(), geometry.batch):
-        inputs = np.zeros((geometry.batch, predictor.in_sections, size, size), dtype=image.dtype)
+        inputs.zero_()
         for i, (s, (py, px), k) in enumerate(batch):
             stack = region[s - half - rz: s + half + 1 - rz,
                            py - m - ry: py - m - ry + size, px - m - rx: px - m - rx + size]
             inputs[i] = dihedral(stack, k)
         start = time.perf_counter()
-        probs = predictor(inputs)
+        probs = _forward(predictor, inputs)
         stats.predict_seconds += time.perf_counter() - start
         stats.batches += 1
         stats.patches += len(batch)
         stats.padded_slots += geometry.batch - len(batch)
-        if probs.shape != (geometry.batch, channels, size, size):
-            raise ValueError(f"the predictor returned shape {probs.shape}, expected "
+        if tuple(probs.shape) != (geometry.batch, channels, size, size):
+            raise ValueError(f"the predictor returned shape {tuple(probs.shape)}, expected "
                              f"{(geometry.batch, channels, size, size)}")
         for i, (s, p, k) in enumerate(batch):
             pred = undo_dihedral(probs[i][:, None], k)[:, 0]  # (C, S, S), in-plane undone
@@ -379,7 +425,7 @@ def _predict_one(
             if s < z0 or k != last_variant:
                 continue
             # patch (s, p) is complete: blend it in, in the patches' global order
-            prob = acc.pop((s, p)) / np.float32(count)
+            prob = acc.pop((s, p)) / count
             py, px = p
             ay, by = max(py, y0), min(py + out_w, y1)
             ax, bx = max(px, x0), min(px + out_w, x1)
@@ -391,8 +437,8 @@ def _predict_one(
             done_in_section += 1
             if done_in_section == len(patches):
                 result[:, s - z0] = num / den
-                num[:] = 0
-                den[:] = 0
+                num.zero_()
+                den.zero_()
                 done_in_section = 0
     return result
 
@@ -409,21 +455,31 @@ COMBINE = {
 }
 
 
-def combine(maps: Sequence[np.ndarray], head: str) -> np.ndarray:
-    """Several models' maps as one (see COMBINE): boundary maps by DeepEM3D's maximum;
-    affinities by their mean, which beat the minimum on the ISBI 2012 validation sections
-    (deepem3d/models/pretrained/README.md)."""
+def combine(maps: Sequence[torch.Tensor], head: str) -> torch.Tensor:
+    """Several models' maps (tensors on one device) as one (see COMBINE): boundary maps by
+    DeepEM3D's maximum; affinities by their mean, which beat the minimum on the ISBI 2012
+    validation sections (deepem3d/models/pretrained/README.md)."""
+    import torch
+
     if len(maps) == 1:
         return maps[0]
-    out = maps[0].copy()
+    out = maps[0].clone()
     if head == "boundary":
         for other in maps[1:]:
-            np.maximum(out, other, out=out)
+            torch.maximum(out, other.to(out.device), out=out)
         return out
     for other in maps[1:]:
-        out += other
-    out /= np.float32(len(maps))
+        out += other.to(out.device)
+    out /= len(maps)
     return out
+
+
+def quantize_tensor(p: torch.Tensor) -> torch.Tensor:
+    """`quantize` on the tensor's own device: the same float64 scaling and half-to-even
+    rounding, so the same bytes as quantize(p.cpu().numpy())."""
+    import torch
+
+    return torch.round(p.double().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
 
 
 def predict_block(
@@ -436,8 +492,11 @@ def predict_block(
     *,
     tta: int = 1,
     stats: Stats | None = None,
+    quantized: bool = False,
 ) -> np.ndarray:
-    """The block's map, float32 (C, z, y, x), the same floats whatever block it is cut from.
+    """The block's map, float32 (C, z, y, x), the same floats whatever block it is cut from;
+    with `quantized`, `quantize` of it, computed on the predictors' device (a GPU sends back
+    one byte per value instead of four).
 
     image: z,y,x array (uint8 for a model) holding at least `input_box(...)` of the dataset,
         its first voxel at `image_origin` (dataset voxels).
@@ -464,18 +523,19 @@ def predict_block(
     maps = [_predict_one(p, image, tuple(image_origin), block, tuple(dataset_shape), geometry,
                          variants, stats) for p in predictors]
     out = combine(maps, head)
+    out = (quantize_tensor(out) if quantized else out).cpu().numpy()
     stats.seconds += time.perf_counter() - start
     return out
 
 
 def predict_volume(
     predictors: Sequence[Predictor] | Predictor, image: np.ndarray, geometry: PatchGeometry,
-    *, tta: int = 1, stats: Stats | None = None,
+    *, tta: int = 1, stats: Stats | None = None, quantized: bool = False,
 ) -> np.ndarray:
     """One in-memory call over a whole z,y,x array: what every chunked run must reproduce."""
     shape = tuple(int(s) for s in image.shape)
     return predict_block(predictors, image, (0, 0, 0), ((0, 0, 0), shape), shape, geometry,
-                         tta=tta, stats=stats)
+                         tta=tta, stats=stats, quantized=quantized)
 
 
 def patch_count(dataset_shape: Triple, block: Box, geometry: PatchGeometry) -> int:
@@ -486,8 +546,8 @@ def patch_count(dataset_shape: Triple, block: Box, geometry: PatchGeometry) -> i
 
 
 __all__ = [
-    "COMBINE", "TTA_CHOICES", "WINDOWS", "FunctionPredictor", "ModelPredictor", "PatchGeometry",
-    "Predictor", "Stats", "affinity_channel_fix", "combine", "grid_starts", "input_box",
-    "patch_count", "predict_block", "predict_volume", "quantize", "touching", "tta_variants",
-    "window",
+    "AMP_DTYPES", "COMBINE", "TTA_CHOICES", "WINDOWS", "FunctionPredictor", "ModelPredictor",
+    "PatchGeometry", "Predictor", "Stats", "affinity_channel_fix", "combine", "grid_starts",
+    "input_box", "patch_count", "predict_block", "predict_volume", "quantize",
+    "quantize_tensor", "touching", "tta_variants", "window",
 ]

@@ -2,7 +2,10 @@
 
 The run is a function of its configuration: the batch of iteration i is drawn from
 `np.random.default_rng([seed, i])`, so a run resumed from its last checkpoint continues
-exactly as if it had never stopped (on the same device and thread count).
+exactly as if it had never stopped (on the same device and thread count). That is also why
+batches can be prepared by `workers` processes ahead of the step (a DataLoader over iteration
+numbers, pinned for the GPU): worker w draws batch i from the same generator the training
+process would, so the batches, and the run, do not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -51,11 +54,12 @@ class TrainConfig:
     resolution: tuple[float, float, float] = (4.0, 4.0, 50.0)
     threads: int | None = None
     init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
+    workers: int = 0  # processes preparing batches ahead of the step (0: the step's own)
 
     def run_identity(self) -> dict:
         """What must match for a resume to continue the same run."""
         d = asdict(self)
-        for k in ("out_dir", "iterations", "val_every", "threads"):
+        for k in ("out_dir", "iterations", "val_every", "threads", "workers"):
             d.pop(k)
         return json.loads(json.dumps(d))
 
@@ -84,6 +88,32 @@ def segment_for_validation(probabilities: np.ndarray, head: str = "boundary") ->
     seg = segment(np.asfortranarray(values), settings["method"], settings["threshold"],
                   sigma=settings["sigma"], dust_size=settings["dust_size"])
     return np.ascontiguousarray(zyx_from_xyz(seg))
+
+
+class IterationBatches(torch.utils.data.Dataset):
+    """Batch i of a run, drawn from (seed, i) alone: what a DataLoader's workers prepare."""
+
+    def __init__(self, sampler: PatchSampler, seed: int, batch_size: int, total: int):
+        self.sampler, self.seed, self.batch_size, self.total = sampler, seed, batch_size, total
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, iteration])
+        images, targets = self.sampler.batch(rng, self.batch_size)
+        return torch.from_numpy(images), torch.from_numpy(targets)
+
+
+def default_workers(device: str | None) -> int:
+    """Batch-preparing processes for `--device`: on a GPU one per core but one (at most 8:
+    the full preset's step on an H200 needs about 6 at 16 x 256^2, docs/gpu.md); on the CPU
+    none, since the step's own threads use the cores."""
+    import os
+
+    if _device(device).type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _device(name: str | None) -> torch.device:
@@ -195,12 +225,27 @@ class Trainer:
             },
         }
 
-    def step(self) -> float:
+    def batches(self):
+        """(images, targets) for iterations self.iteration .. cfg.iterations - 1, in order:
+        prepared by cfg.workers processes (pinned for a GPU), or here when it is 0."""
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, self.iteration])
-        images, targets = self.sampler.batch(rng, cfg.batch_size)
-        x = self.model.normalize(torch.from_numpy(images).to(self.device))
-        t = torch.from_numpy(targets).to(self.device)
+        data = IterationBatches(self.sampler, cfg.seed, cfg.batch_size, cfg.iterations)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=None, sampler=range(self.iteration, cfg.iterations),
+            num_workers=cfg.workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if cfg.workers else None,
+        )
+        return iter(loader)
+
+    def step(self, images: torch.Tensor | None = None, targets: torch.Tensor | None = None
+             ) -> float:
+        """One SGD step on the given batch (by default this iteration's, drawn here)."""
+        cfg = self.cfg
+        if images is None or targets is None:
+            images, targets = IterationBatches(self.sampler, cfg.seed, cfg.batch_size,
+                                               cfg.iterations)[self.iteration]
+        x = self.model.normalize(images.to(self.device, non_blocking=True))
+        t = targets.to(self.device, non_blocking=True)
         for group in self.optimizer.param_groups:
             group["lr"] = poly_lr(cfg.lr, self.iteration, cfg.iterations, cfg.power)
         self.model.train()
@@ -240,8 +285,8 @@ class Trainer:
         losses: list[float] = []
         bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="training",
                    disable=not self.progress, dynamic_ncols=True)
-        while self.iteration < cfg.iterations:
-            losses.append(self.step())
+        for images, targets in self.batches():
+            losses.append(self.step(images, targets))
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations:

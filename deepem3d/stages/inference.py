@@ -244,9 +244,10 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
                              "re-create the tasks with --fill-missing to read them as zeros"
                              ) from None
         image = np.ascontiguousarray(zyx_from_xyz(np.asarray(cutout)[..., 0]))
+        # uint8 maps are quantised on the model's device (one byte per value comes back)
         probs = predict_block(predictors, image, box_lo, block, dataset, geometry, tta=tta,
-                              stats=stats)
-    data = quantize(probs) if dtype == "uint8" else probs.astype(np.float32)
+                              stats=stats, quantized=dtype == "uint8")
+    data = quantize(probs) if probs.dtype != np.uint8 and dtype == "uint8" else probs
     write_block(out_vol, bbox.minpt, xyzc_from_czyx(data))
     seconds = time.perf_counter() - start
     return {

@@ -1,0 +1,397 @@
+"""What the accelerator gives: forward TFLOP/s per preset and setting, inference end to end
+against MONAI at equal settings, the Trainer against its bare step, GPU memory.
+
+    python benchmarks/gpu.py [--device cuda] [--quick]
+                             [--parts forward inference training determinism autotune compile]
+
+One prepared script for a lent H100/H200 (under 5 minutes there): it needs torch, numpy and
+scipy only, plus MONAI for the MONAI row (carried as a wheel; without it the row says MONAI is
+missing). `--device cpu --quick` runs every row on tiny shapes in seconds (the suite's smoke
+test). Rows print as they finish, one JSON object per line, then a table.
+
+- forward: one batch (16 x in_sections x 512^2 on a GPU) through `ModelPredictor.predict_tensor`
+  with each setting (autocast dtype, channels-last, cuDNN autotuning, a CUDA graph, compile);
+  TFLOP/s counts 2 x every conv's multiply-adds (network.count_macs). `same bytes twice` says
+  whether two forwards of one batch gave the same bytes; `max |diff|` is against float32.
+- inference: `predict_volume` (the inference task's code without its layer I/O: upload uint8,
+  gather, blend, quantise on the device, download uint8) over the embedded ISBI sample tiled to
+  1024^2 x 30, against MONAI's `sliding_window_inference` with the same model, patch, overlap,
+  Gaussian window, batch and forward settings, its input already on the device (favouring it).
+- determinism: two fresh processes per setting predict one volume; whether their bytes agree
+  (cuDNN autotuning picks kernels by timing), and whether four blocks equal one call.
+- training: `Trainer.batches()` + `Trainer.step()` (the training loop without its checkpoints)
+  with 0 and several batch-preparing workers, against the bare step on one batch already on the
+  device. The Trainer reads the sample from memory here (its file readers need cloud-volume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import lzma
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deepem3d.models import train as training  # noqa: E402
+from deepem3d.models.network import build_model, count_macs  # noqa: E402
+from deepem3d.models.sliding import (  # noqa: E402
+    ModelPredictor,
+    PatchGeometry,
+    Stats,
+    predict_volume,
+    quantize_tensor,
+)
+
+ROWS: list[dict] = []
+
+
+def emit(row: dict) -> None:
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def packed(name: str) -> np.ndarray:
+    with lzma.open(ROOT / "deepem3d" / "data" / "isbi2012" / f"{name}.npy.xz") as raw:
+        return np.load(io.BytesIO(raw.read()), allow_pickle=False)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
+
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Seconds per call, the mean of `repeats` calls after `warmup`."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+SETTINGS = {  # part: [(name, predictor keywords, plus "graph" / "compile")]
+    "forward": [
+        ("float32", {"amp": False}),
+        ("float16 (default)", {}),
+        ("float16 channels-last", {"channels_last": True}),
+        ("bfloat16 channels-last", {"amp_dtype": "bfloat16", "channels_last": True}),
+        ("float16 channels-last + CUDA graph", {"channels_last": True, "graph": True}),
+    ],
+    # kernels chosen by timing: the first calls of each shape can take minutes, so these run
+    # in a part of their own, after the others
+    "autotune": [
+        ("float16 autotune", {"autotune": True}),
+        ("float16 autotune channels-last", {"autotune": True, "channels_last": True}),
+        ("bfloat16 autotune channels-last", {"autotune": True, "channels_last": True,
+                                             "amp_dtype": "bfloat16"}),
+    ],
+    "compile": [("float16 channels-last + compile", {"channels_last": True, "compile": True})],
+}
+
+
+def cuda_graph(forward, x: torch.Tensor):
+    """`forward` replayed from a captured CUDA graph (static input and output buffers)."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            forward(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = forward(static_x)
+
+    def replay(batch: torch.Tensor) -> torch.Tensor:
+        static_x.copy_(batch)
+        graph.replay()
+        return static_y
+
+    return replay
+
+
+def forward_rows(args, device: torch.device, part: str = "forward") -> None:
+    batch, size = (16, 512) if not args.quick else (2, 128)
+    presets = ("full", "small") if not args.quick else ("tiny",)
+    if part != "forward":
+        presets = presets[:1]
+    for preset in presets:
+        torch.manual_seed(0)
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randint(0, 256, (batch, 5, size, size), generator=generator,
+                          dtype=torch.uint8).to(device)
+        flops = 2.0 * count_macs(build_model(preset, "affinity", 5).config, size) * batch
+        reference = None
+        settings = SETTINGS[part] if device.type == "cuda" else SETTINGS["forward"][:1]
+        for name, keywords in settings:
+            keywords = dict(keywords)
+            graph, compiled = keywords.pop("graph", False), keywords.pop("compile", False)
+            torch.manual_seed(0)
+            model = build_model(preset, "affinity", 5).to(device).eval()
+            reset_memory(device)
+            predictor = ModelPredictor(model, device, **keywords)
+            forward = predictor.predict_tensor
+            try:
+                start = time.perf_counter()
+                if compiled:
+                    predictor.model = torch.compile(predictor.model)
+                    forward(x)
+                if graph:
+                    forward = cuda_graph(forward, x)
+                setup = time.perf_counter() - start
+                slow = not predictor.amp and device.type == "cuda"  # the float32 reference
+                seconds = timed(lambda f=forward, b=x: f(b), device, 1 if slow else args.repeats,
+                                warmup=1 if slow else 2)
+                first, second = forward(x).clone(), forward(x).clone()
+            except Exception as err:  # a setting this torch or chip lacks: say so, go on
+                emit({"part": "forward", "preset": preset, "setting": name,
+                      "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"})
+                continue
+            if reference is None:
+                reference = first.float()
+            emit({"part": "forward", "preset": preset, "setting": name,
+                  "batch": f"{batch}x5x{size}^2", "ms": round(1000 * seconds, 2),
+                  "tflops": round(flops / seconds / 1e12, 2),
+                  "same_bytes_twice": bool(torch.equal(first, second)),
+                  "max_abs_diff_vs_float32": None if part != "forward"
+                  else float((first.float() - reference).abs().max()),
+                  "setup_s": round(setup, 1), "peak_gib": peak_gib(device)})
+            del predictor, model, forward
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def sample_volume(args) -> np.ndarray:
+    image = packed("image")
+    if args.quick:
+        return np.ascontiguousarray(image[:6, :256, :256])
+    return np.ascontiguousarray(np.tile(image[:30], (1, 2, 2)))  # 30 x 1024 x 1024
+
+
+def inference_rows(args, device: torch.device, part: str = "inference") -> None:
+    image = sample_volume(args)
+    preset = "full" if not args.quick else "tiny"
+    geometry = (PatchGeometry(size=512, output=384, overlap=64, batch=16) if not args.quick
+                else PatchGeometry(size=128, output=96, overlap=16, batch=2))
+    settings = ([("float16 (default)", {}), ("float16 channels-last", {"channels_last": True})]
+                if device.type == "cuda" else [("float32", {})])
+    if part == "autotune":
+        settings = [("float16 autotune", {"autotune": True})] if device.type == "cuda" else []
+    for name, keywords in settings:
+        torch.manual_seed(0)
+        model = build_model(preset, "affinity", 5).to(device).eval()
+        predictor = ModelPredictor(model, device, **keywords)
+        reset_memory(device)
+        predict_volume(predictor, image[:6], geometry, quantized=True)  # warm-up
+        ours = None
+        for _ in range(args.repeats):
+            stats = Stats()
+            sync(device)
+            start = time.perf_counter()
+            out = predict_volume(predictor, image, geometry, stats=stats, quantized=True)
+            seconds = time.perf_counter() - start
+            ours = seconds if ours is None else min(ours, seconds)
+        emit({"part": "inference", "method": "deepem3d predict_volume", "setting": name,
+              "volume": "x".join(map(str, image.shape[::-1])), "seconds": round(ours, 3),
+              "mvoxel_per_s": round(image.size / ours / 1e6, 2),
+              # the forward's share of the time only means something where calls block
+              "forward_share": round(stats.predict_seconds / stats.seconds, 3)
+              if device.type == "cpu" else None,
+              "peak_gib": peak_gib(device)})
+        monai_seconds = monai_row(args, device, predictor, image, geometry, name, out)
+        if monai_seconds:
+            emit({"part": "inference", "method": "ratio deepem3d / MONAI", "setting": name,
+                  "throughput": round(monai_seconds / ours, 2)})
+        del predictor, model
+
+
+def monai_row(args, device, predictor, image, geometry, name, ours) -> float | None:
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        emit({"part": "inference", "method": "MONAI sliding_window_inference", "setting": name,
+              "error": "MONAI is missing (carry its wheel: see docs/gpu.md)"})
+        return None
+    half = predictor.in_sections // 2
+    padded = np.pad(image, ((half, half), (0, 0), (0, 0)), mode="reflect")
+    stacks = np.stack([padded[z: z + 2 * half + 1] for z in range(image.shape[0])])
+    # (Z, in_sections, Y, X): sections as MONAI's batch; float, as MONAI's buffers take its type
+    inputs = torch.from_numpy(stacks).to(device).float()
+    overlap = 1 - geometry.stride / geometry.size
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            probs = sliding_window_inference(
+                inputs, (geometry.size, geometry.size), geometry.batch,
+                predictor.predict_tensor, overlap=overlap, mode="gaussian", sigma_scale=0.125,
+                padding_mode="reflect")
+        return quantize_tensor(probs).cpu()
+
+    run()  # warm-up
+    best = None
+    for _ in range(args.repeats):
+        sync(device)
+        start = time.perf_counter()
+        out = run()
+        seconds = time.perf_counter() - start
+        best = seconds if best is None else min(best, seconds)
+    diff = np.abs(out.numpy().transpose(1, 0, 2, 3).astype(int) - ours.astype(int))
+    emit({"part": "inference", "method": "MONAI sliding_window_inference", "setting": name,
+          "seconds": round(best, 3), "mvoxel_per_s": round(image.size / best / 1e6, 2),
+          "mean_abs_diff_uint8": round(float(diff.mean()), 3)})
+    return best
+
+
+def training_rows(args, device: torch.device) -> None:
+    image, ids = packed("image"), packed("neuron_ids").astype(np.int64)
+    preset, batch, patch = ("full", 16, 256) if not args.quick else ("tiny", 2, 64)
+    iterations = args.train_iterations if not args.quick else 4
+    training.load_pair = lambda *a: (image, ids)  # in memory: the file readers need cloud-volume
+    workers = [0, *args.workers] if not args.quick else [0, 2]
+    if device.type == "cuda":  # the Trainer runs with torch's cuDNN defaults
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = False
+    for count in [None, *workers]:  # None: the bare step
+        with tempfile.TemporaryDirectory() as out:
+            n = iterations if count != 0 else max(2, iterations // 4)
+            cfg = training.TrainConfig(
+                image="sample", labels="sample", train_sections=(0, 30), val_sections=None,
+                out_dir=out, preset=preset, head="affinity", iterations=n + 3,
+                batch_size=batch, patch=patch, workers=count or 0)
+            trainer = training.Trainer(cfg, device=str(device), progress=False)
+            reset_memory(device)
+            if count is None:
+                images, targets = trainer.batches().__next__()
+                images, targets = images.to(device), targets.to(device)
+                seconds = timed(lambda t=trainer, i=images, g=targets: t.step(i, g), device, n,
+                                warmup=3)
+                rate = 1 / seconds
+            else:
+                batches = trainer.batches()
+                for _ in range(3):  # warm-up: workers started, first batches in
+                    trainer.step(*next(batches))
+                sync(device)
+                start = time.perf_counter()
+                for images, targets in batches:
+                    trainer.step(images, targets)
+                sync(device)
+                rate = n / (time.perf_counter() - start)
+            emit({"part": "training", "preset": preset, "batch": f"{batch}x{patch}^2",
+                  "loop": "bare step" if count is None else f"Trainer, {count} workers",
+                  "it_per_s": round(rate, 2), "samples_per_s": round(rate * batch, 1),
+                  "peak_gib": peak_gib(device)})
+    bare = next(r["it_per_s"] for r in ROWS if r.get("loop") == "bare step")
+    for row in [r for r in ROWS if str(r.get("loop", "")).startswith("Trainer")]:
+        emit({"part": "training", "loop": f"ratio {row['loop']} / bare step",
+              "ratio": round(row["it_per_s"] / bare, 2)})
+
+
+DETERMINISM_SETTINGS = {"float16": {}, "float16-channels-last": {"channels_last": True}}
+
+
+def determinism_child(args, device: torch.device) -> None:
+    """In a fresh process: the sha256 of one volume's uint8 map, and whether predicting it as
+    four blocks gives the same bytes as one call (the seam-free contract on this device)."""
+    import hashlib
+
+    from deepem3d.models.sliding import input_box, predict_block
+
+    image = sample_volume(args)[:8]
+    geometry = (PatchGeometry(size=512, output=384, overlap=64, batch=16) if not args.quick
+                else PatchGeometry(size=128, output=96, overlap=16, batch=2))
+    torch.manual_seed(0)
+    model = build_model("full" if not args.quick else "tiny", "affinity", 5).to(device).eval()
+    predictor = ModelPredictor(model, device, **DETERMINISM_SETTINGS[args.child])
+    whole = predict_volume(predictor, image, geometry, quantized=True)
+    shape = image.shape
+    half_y, half_x = shape[1] // 2, shape[2] // 2
+    chunked = np.empty_like(whole)
+    for y0, y1 in ((0, half_y), (half_y, shape[1])):
+        for x0, x1 in ((0, half_x), (half_x, shape[2])):
+            block = ((0, y0, x0), (shape[0], y1, x1))
+            lo, hi = input_box(predictor, block, shape, geometry)
+            part = image[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+            chunked[:, :, y0:y1, x0:x1] = predict_block(predictor, part, lo, block, shape,
+                                                        geometry, quantized=True)
+    print(json.dumps({"sha256": hashlib.sha256(whole.tobytes()).hexdigest()[:16],
+                      "chunked_equal": bool(np.array_equal(whole, chunked))}))
+
+
+def determinism_rows(args, device: torch.device) -> None:
+    import subprocess
+
+    for name in DETERMINISM_SETTINGS:
+        results = []
+        for _ in range(2):
+            cmd = [sys.executable, __file__, "--device", str(device), "--child", name,
+                   *(["--quick"] if args.quick else [])]
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode:
+                results.append({"error": done.stderr.strip().splitlines()[-1][:160]})
+            else:
+                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        emit({"part": "determinism", "setting": name, "processes": results,
+              "same_bytes_across_processes": len({r.get("sha256") for r in results}) == 1})
+
+
+PARTS = {"forward": forward_rows, "inference": inference_rows, "training": training_rows,
+         "determinism": determinism_rows,
+         "autotune": lambda args, device: (forward_rows(args, device, "autotune"),
+                                           inference_rows(args, device, "autotune")),
+         "compile": lambda args, device: forward_rows(args, device, "compile")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (the smoke test)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed forwards per row")
+    parser.add_argument("--workers", type=int, nargs="+", default=[4, 8, 14],
+                        help="batch-preparing worker counts to time (besides 0)")
+    parser.add_argument("--train-iterations", type=int, default=40)
+    parser.add_argument("--parts", nargs="+", default=["forward", "inference", "training"],
+                        choices=list(PARTS), help="what to run, in order ('autotune': cuDNN "
+                        "autotuned forwards and inference, 'compile': a torch.compile forward; "
+                        "both can take minutes before their first result)")
+    parser.add_argument("--child", choices=list(DETERMINISM_SETTINGS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return determinism_child(args, torch.device(args.device))
+    if args.quick:
+        args.repeats = 2
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    header = {"part": "machine", "device": str(device), "torch": torch.__version__,
+              "name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    emit(header)
+    start = time.perf_counter()
+    for part in args.parts:
+        PARTS[part](args, device)
+    emit({"part": "total", "seconds": round(time.perf_counter() - start, 1)})
+
+
+if __name__ == "__main__":
+    main()
