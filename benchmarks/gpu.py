@@ -173,7 +173,7 @@ def forward_rows(args, device: torch.device, part: str = "forward") -> None:
                 reference = first.float()
             emit({"part": "forward", "preset": preset, "setting": name,
                   "batch": f"{batch}x5x{size}^2", "ms": round(1000 * seconds, 2),
-                  "tflops": round(flops / seconds / 1e12, 2),
+                  "tflops": round(flops / seconds / 1e12, 4),
                   "same_bytes_twice": bool(torch.equal(first, second)),
                   "max_abs_diff_vs_float32": None if part != "forward"
                   else float((first.float() - reference).abs().max()),

@@ -1,21 +1,22 @@
-"""Seam-free inference task vs MONAI's sliding_window_inference, side by side.
+"""Inference cost as tasks: the default tiles vs the former overlapping patches vs MONAI.
 
-    python benchmarks/inference.py [--sections 12] [--patch-size 256 --patch-output 192]
-                                   [--overlap 32] [--batch-size 4] [--threads 2]
-                                   [--task-shape X,Y,Z] [--model CKPT]
+    python benchmarks/inference.py [--size 4096,4096] [--sections 8] [--chunk-z 2]
+                                   [--preset tiny] [--threads 2] [--repeats 1]
 
-One volume (the embedded ISBI 2012 sample, its first --sections sections, 512 x 512 each), one
-model (the shipped isbi2012-small if present, else a random-init `small` with seed 0), the same
-patch geometry for both: --patch-size px patch inputs whose inputs overlap by the same number
-of pixels (ours: a --patch-output window in the middle, windows --overlap apart; MONAI: the
-whole roi, overlap = 1 - stride / size), the same Gaussian window (sigma 0.125 of the window),
-the same batch, threads and in-memory model. Each method runs in its own process so peak RSS is its
-own; a third process that only loads the model gives the baseline.
+One volume (the embedded ISBI 2012 sample tiled to --size, its first --sections sections),
+one model (a random-init --preset with seed 0, or --model), three ways:
 
-Ours is timed as a task: read the layer (file://), pad, patch, predict, blend, quantise, write
-the layer, write the marker (the model already loaded, as in a worker after its first task).
-MONAI is timed from an in-memory array to an in-memory uint8 array (its input stacks built
-from the array; no I/O): the comparison favours MONAI.
+- tiles: `deepem3d infer`'s defaults (abutting tiles with the receptive field as margin, tasks
+  aligned to them), as InferenceTasks over file:// layers, timed end to end (read, predict,
+  quantise, write, marker), the model already loaded as in a worker after its first task;
+- patches: the same tasks with the former geometry (--patch-size 512 --patch-output 384
+  --overlap 64, 1024 px tasks);
+- MONAI: `sliding_window_inference` at its default overlap (0.25) with 512 px rois, Gaussian
+  window, from an in-memory array to an in-memory uint8 array (no I/O: favours MONAI).
+
+Each run is its own process (peak RSS its own). Prints seconds, voxels/s, network evaluations
+per output voxel (input pixels x sections of every forward pass over output voxels) and the
+ratios of the tiles' throughput to the others'.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ import time
 
 import numpy as np
 
-from deepem3d.cli.options import Triple, argparse_type
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,6 +44,9 @@ def load_model(args):
 
     if args.model:
         return load_ckpt(args.model)[0], args.model
+    if args.preset:
+        torch.manual_seed(0)
+        return build_model(args.preset, "boundary", 5).eval(), f"random-init {args.preset}"
     shipped = resolve_model("isbi2012-small")
     if os.path.isfile(shipped):
         return load_ckpt("isbi2012-small")[0], "isbi2012-small (shipped)"
@@ -55,7 +57,10 @@ def load_model(args):
 def volume(args) -> np.ndarray:
     from deepem3d.sample import load_sample
 
-    return np.ascontiguousarray(load_sample()[0][: args.sections])
+    image = load_sample()[0][: args.sections]
+    x, y = args.size
+    reps = (1, -(-y // image.shape[1]), -(-x // image.shape[2]))
+    return np.ascontiguousarray(np.tile(image, reps)[:, :y, :x])
 
 
 def peak_rss_mib() -> float:
@@ -78,7 +83,6 @@ def run_ours(args) -> dict:
 
     from deepem3d.axes import zyx_from_xyz
     from deepem3d.models.checkpoint import save_checkpoint
-    from deepem3d.models.sliding import PatchGeometry
     from deepem3d.stages.inference import cached_model, inference_stage, plan_inference
 
     torch.set_num_threads(args.threads)
@@ -86,13 +90,9 @@ def run_ours(args) -> dict:
     work = args.workdir
     ckpt = os.path.join(work, "model.pt")
     save_checkpoint(ckpt, model, {"model": model.config, "resolution": [4, 4, 50]})
-    geometry = PatchGeometry(size=args.patch_size, output=args.patch_output,
-                             overlap=args.overlap, batch=args.batch_size, window="gaussian")
-    task_shape = args.task_shape or (512, 512, args.sections)
-    plan = plan_inference(f"file://{work}/image", f"file://{work}/ours", models=[ckpt],
-                          geometry=geometry, threads=args.threads, device="cpu",
-                          task_shape=task_shape, chunk_size=(128, 128, args.sections),
-                          overwrite=True)
+    patch = {} if args.run == "tiles" else {"size": 512, "output": 384, "overlap": 64}
+    plan = plan_inference(f"file://{work}/image", f"file://{work}/{args.run}", models=[ckpt],
+                          patch=patch, threads=args.threads, device="cpu", overwrite=True)
     stage = inference_stage(plan, overwrite=True)
     stage.prepare()
     stage.start()
@@ -105,8 +105,12 @@ def run_ours(args) -> dict:
     seconds = time.perf_counter() - start
     records = stage.markers.records()
     out = np.asarray(CloudVolume(stage.layer)[:])[..., 0]
-    np.save(os.path.join(work, "ours.npy"), zyx_from_xyz(out))
+    np.save(os.path.join(work, f"{args.run}.npy"), zyx_from_xyz(out))
+    g = plan.geometry
     return {
+        "evaluations": plan.evaluations,
+        "geometry": f"{g.size} px in, {g.output} px out, overlap {g.overlap}, batch {g.batch}, "
+                    f"tasks {'x'.join(map(str, plan.task_shape))}",
         "seconds": seconds,
         "task_seconds": sum(r["seconds"] for r in records),
         "forward_seconds": sum(r["forward_seconds"] for r in records),
@@ -141,18 +145,20 @@ def run_monai(args) -> dict:
     padded = np.pad(image, ((half, half), (0, 0), (0, 0)), mode="reflect")
     stacks = np.stack([padded[z : z + 2 * half + 1] for z in range(image.shape[0])])
     inputs = torch.from_numpy(stacks).float()  # (Z, in_sections, Y, X): sections as batch
-    stride = args.patch_output - args.overlap
+    roi, overlap = 512, 0.25  # MONAI's default overlap
     with torch.no_grad():
         probs = sliding_window_inference(
-            inputs, (args.patch_size, args.patch_size), args.batch_size, predictor,
-            overlap=1 - stride / args.patch_size, mode="gaussian", sigma_scale=0.125,
-            padding_mode="reflect",
+            inputs, (roi, roi), args.batch_size, predictor, overlap=overlap, mode="gaussian",
+            sigma_scale=0.125, padding_mode="reflect",
         )
     out = quantize(probs[:, 0].numpy())
     seconds = time.perf_counter() - start
     np.save(os.path.join(args.workdir, "monai.npy"), out)
+    evaluations = forward["patches"] * roi * roi / image.size  # one forward per roi and section
     return {"seconds": seconds, "task_seconds": seconds, "forward_seconds": forward["seconds"],
-            "patches": forward["patches"], "peak_rss_mib": peak_rss_mib()}
+            "patches": forward["patches"], "peak_rss_mib": peak_rss_mib(),
+            "evaluations": evaluations,
+            "geometry": f"{roi} px rois, overlap {overlap}, batch {args.batch_size}"}
 
 
 def child(method: str, args, argv: list[str]) -> dict:
@@ -164,25 +170,30 @@ def child(method: str, args, argv: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+METHODS = ("tiles", "patches", "monai")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", type=int, default=12)
-    parser.add_argument("--patch-size", type=int, default=256, help="patch input, px")
-    parser.add_argument("--patch-output", type=int, default=192, help="our output window, px")
-    parser.add_argument("--overlap", type=int, default=32, help="between our output windows")
-    parser.add_argument("--batch-size", type=int, default=4, help="patches per forward pass")
+    parser.add_argument("--size", type=lambda t: tuple(int(v) for v in t.split(",")),
+                        default=(4096, 4096),
+                        metavar="X,Y", help="in-plane size of the tiled sample")
+    parser.add_argument("--sections", type=int, default=8)
+    parser.add_argument("--chunk-z", type=int, default=2, help="the layer's chunk depth: "
+                        "tasks are one chunk deep, so sections / chunk-z task layers")
+    parser.add_argument("--preset", default="tiny", help="random-init preset (seed 0); '' "
+                        "for the shipped isbi2012-small")
+    parser.add_argument("--batch-size", type=int, default=4, help="MONAI's rois per forward")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--task-shape", type=argparse_type(Triple(int), "--task-shape"),
-                        default=None, metavar="X,Y,Z",
-                        help="our tasks' block (default: one task, the whole volume)")
-    parser.add_argument("--model", default=None, help="checkpoint (default: see above)")
-    parser.add_argument("--repeats", type=int, default=2,
+    parser.add_argument("--model", default=None, help="checkpoint (instead of --preset)")
+    parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each method, alternating; the fastest counts")
-    parser.add_argument("--run", choices=["ours", "monai", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--run", choices=[*METHODS, "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        fn = {"ours": run_ours, "monai": run_monai, "baseline": run_baseline}[args.run]
+        fn = {"tiles": run_ours, "patches": run_ours, "monai": run_monai,
+              "baseline": run_baseline}[args.run]
         print(json.dumps(fn(args)))
         return
 
@@ -195,7 +206,7 @@ def main() -> None:
         image = volume(args)
         vol = create_layer(f"file://{work}/image", layer_type="image", dtype="uint8",
                            resolution=(4, 4, 50), size=image.shape[::-1],
-                           chunk_size=(128, 128, args.sections))
+                           chunk_size=(256, 256, args.chunk_z))
         vol[:] = xyz_from_zyx(image)
         _, name = load_model(args)
         try:
@@ -203,8 +214,8 @@ def main() -> None:
         except ImportError:
             raise SystemExit("MONAI is not installed: pip install monai") from None
         results = {"baseline": child("baseline", args, argv)}
-        for _ in range(args.repeats):  # alternate, so a busy spell hits both methods
-            for method in ("ours", "monai"):
+        for _ in range(args.repeats):  # alternate, so a busy spell hits every method
+            for method in METHODS:
                 r = child(method, args, argv)
                 best = results.get(method)
                 if best is None or r["seconds"] < best["seconds"]:
@@ -212,34 +223,36 @@ def main() -> None:
                     results[method] = r
                 else:
                     best["peak_rss_mib"] = max(best["peak_rss_mib"], r["peak_rss_mib"])
-        ours_map = np.load(os.path.join(work, "ours.npy"))
-        monai_map = np.load(os.path.join(work, "monai.npy"))
+        maps = {m: np.load(os.path.join(work, f"{m}.npy")) for m in METHODS}
 
     voxels = image.size
     base = results["baseline"]["peak_rss_mib"]
-    stride = args.patch_output - args.overlap
-    print(f"volume: embedded ISBI 2012 sample, {image.shape[2]} x {image.shape[1]} x "
-          f"{image.shape[0]} voxels (x,y,z); model: {name}; {args.threads} CPU thread(s)")
-    print(f"patches: {args.patch_size} px inputs {args.patch_size - stride} px overlapping, "
-          f"Gaussian window sigma 0.125, batch {args.batch_size}; ours: {args.patch_output} px "
-          f"output windows, {args.overlap} px overlap; MONAI: overlap "
-          f"{1 - stride / args.patch_size:.3f} of the roi")
-    print(f"{'method':<8}{'seconds':>9}{'voxels/s':>12}{'peak RSS MiB':>14}"
-          f"{'above base':>12}{'forward share':>15}{'patches':>9}")
-    for method in ("ours", "monai"):
+    print(f"volume: embedded ISBI 2012 sample tiled to {image.shape[2]} x {image.shape[1]} x "
+          f"{image.shape[0]} voxels (x,y,z), chunks 256 x 256 x {args.chunk_z}; model: {name}; "
+          f"{args.threads} CPU thread(s)")
+    for method in METHODS:
         r = results[method]
-        print(f"{method:<8}{r['seconds']:>9.2f}{voxels / r['seconds']:>12,.0f}"
-              f"{r['peak_rss_mib']:>14.0f}{r['peak_rss_mib'] - base:>12.0f}"
-              f"{r['forward_seconds'] / r['task_seconds']:>15.1%}{r['patches']:>9}")
-    o, m = results["ours"], results["monai"]
-    print(f"baseline (python + torch + model, no inference): {base:.0f} MiB peak RSS; "
-          f"the dry-run estimate of one task was {o['estimate_mib']:.0f} MiB")
-    print(f"ratios ours/MONAI: throughput {m['seconds'] / o['seconds']:.2f}x, peak RSS "
-          f"{o['peak_rss_mib'] / m['peak_rss_mib']:.2f}x, above baseline "
-          f"{(o['peak_rss_mib'] - base) / max(m['peak_rss_mib'] - base, 1e-9):.2f}x")
-    diff = np.abs(ours_map.astype(int) - monai_map.astype(int))
-    print(f"maps (uint8): mean |ours - MONAI| {diff.mean():.2f}, max {diff.max()} (they differ "
-          "by design: ours drops each patch's margin, MONAI blends whole rois)")
+        tasks = f", {r['tasks']} tasks" if "tasks" in r else ""
+        print(f"  {method}: {r['geometry']}{tasks}")
+    print(f"{'method':<9}{'seconds':>9}{'voxels/s':>12}{'evaluations':>13}{'peak RSS MiB':>14}"
+          f"{'above base':>12}{'forward share':>15}")
+    for method in METHODS:
+        r = results[method]
+        print(f"{method:<9}{r['seconds']:>9.1f}{voxels / r['seconds']:>12,.0f}"
+              f"{r['evaluations']:>13.2f}{r['peak_rss_mib']:>14.0f}"
+              f"{r['peak_rss_mib'] - base:>12.0f}{r['forward_seconds'] / r['task_seconds']:>15.1%}")
+    t = results["tiles"]
+    print(f"baseline (python + torch + model, no inference): {base:.0f} MiB peak RSS; the "
+          f"dry-run estimate of one tiles task was {t['estimate_mib']:.0f} MiB")
+    for other in ("patches", "monai"):
+        o = results[other]
+        print(f"ratio tiles/{other}: throughput {o['seconds'] / t['seconds']:.2f}x, "
+              f"evaluations {t['evaluations'] / o['evaluations']:.2f}x, peak RSS "
+              f"{t['peak_rss_mib'] / o['peak_rss_mib']:.2f}x")
+    for other in ("patches", "monai"):
+        diff = np.abs(maps["tiles"].astype(int) - maps[other].astype(int))
+        print(f"maps (uint8): mean |tiles - {other}| {diff.mean():.2f}, max {diff.max()} (they "
+              "differ by design: context and blending differ)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,13 @@ import torch
 
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.models.checkpoint import DEFAULT_MODEL, expand_models, load_model
-from deepem3d.models.sliding import ModelPredictor, PatchGeometry, predict_volume, quantize
+from deepem3d.models.sliding import (
+    ModelPredictor,
+    PatchGeometry,
+    abutting_tiles,
+    predict_volume,
+    quantize,
+)
 from deepem3d.models.targets import affinity_target, boundary_target
 from deepem3d.sample import load_sample
 from deepem3d.segmentation.metrics import evaluate
@@ -49,6 +55,10 @@ def main() -> None:
     parser.add_argument("--sections", default=HELD_OUT,
                         help="START:END; 20:30 is the held-out set, 15:20 the validation set "
                         "(choose thresholds there)")
+    parser.add_argument("--geometry", choices=["tiles", "patches"], default="tiles",
+                        help="tiles: `deepem3d infer`'s default (one abutting tile per section "
+                        "here, the receptive field as margin); patches: the former 512 px "
+                        "patches, 384 px output, 64 px overlap")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -69,7 +79,12 @@ def main() -> None:
     sigma = args.sigma if args.sigma is not None else (1.0 if head == "boundary" else 5.0)
     start = time.time()
     predictors = [ModelPredictor(m) for m, _ in loaded]
-    probabilities = predict_volume(predictors, image, PatchGeometry(), tta=args.tta)
+    if args.geometry == "tiles":
+        context = max(max(m.context[:2]) for m, _ in loaded)
+        geometry = abutting_tiles(max(image.shape[1:]), context, batch=1)
+    else:
+        geometry = PatchGeometry(size=512, output=384, overlap=64)
+    probabilities = predict_volume(predictors, image, geometry, tta=args.tta)
     seconds = time.time() - start
 
     if head == "boundary":
@@ -93,6 +108,7 @@ def main() -> None:
         rows.append({"threshold": t, "segments": int(len(np.unique(seg))), **scores})
     result = {
         "model": meta.get("model"), "sections": args.sections, "tta": args.tta,
+        "geometry": geometry.to_dict(),
         "predict_seconds": round(seconds, 1),
         "head": head, "map_precision": precision, "map_recall": recall,
         "method": method, "sigma": sigma, "dust": dust, "scores": rows,

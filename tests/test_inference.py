@@ -34,6 +34,8 @@ from deepem3d.models.sliding import (
     FunctionPredictor,
     ModelPredictor,
     PatchGeometry,
+    _reflect,
+    grid_starts,
     input_box,
     predict_block,
     predict_volume,
@@ -115,7 +117,7 @@ def read_map(path: str) -> np.ndarray:
 
 def run_in_process(setup, output: str, task_shape, *, float32=False, order=1, **kwargs):
     plan = plan_inference(setup["image"], output, models=[setup["ckpt"]], task_shape=task_shape,
-                          chunk_size=CHUNK, geometry=GEOMETRY, float32=float32, **kwargs)
+                          chunk_size=CHUNK, patch=GEOMETRY, float32=float32, **kwargs)
     stage = inference_stage(plan)
     tasks = start_stage(stage)
     for _, task in tasks[::order]:
@@ -168,7 +170,7 @@ def test_retried_and_duplicated_tasks_rewrite_the_same_bytes(setup):
     CloudFiles(output).delete(list(CloudFiles(output).list(prefix="tasks/inference/done/")))
     assert not stage.is_complete()
     plan = plan_inference(setup["image"], output, models=[setup["ckpt"]],
-                          task_shape=SHAPES["A"], chunk_size=CHUNK, geometry=GEOMETRY)
+                          task_shape=SHAPES["A"], chunk_size=CHUNK, patch=GEOMETRY)
     assert plan.output_exists  # resumed: same geometry, same parameters
     tasks = start_stage(inference_stage(plan))
     assert len(tasks) == plan.task_count
@@ -232,19 +234,83 @@ def test_missing_chunks_fail_or_read_as_zeros(setup, tmp_path, crop):
     missing = next((tmp_path / "image" / "4_4_50").glob("42-74_52-84_7-10*"))
     missing.unlink()  # x 42..74, y 52..84, z 7..10 (absolute voxels)
     plan = plan_inference(image, f"file://{tmp_path / 'fail'}", models=[setup["ckpt"]],
-                          task_shape=SHAPES["one"], chunk_size=CHUNK, geometry=GEOMETRY)
+                          task_shape=SHAPES["one"], chunk_size=CHUNK, patch=GEOMETRY)
     tasks = start_stage(inference_stage(plan))
     with pytest.raises(InputError, match="--fill-missing"):
         tasks[0][1]()
     output = f"file://{tmp_path / 'zeros'}"
     plan = plan_inference(image, output, models=[setup["ckpt"]], task_shape=SHAPES["A"],
-                          chunk_size=CHUNK, geometry=GEOMETRY, fill_missing=True)
+                          chunk_size=CHUNK, patch=GEOMETRY, fill_missing=True)
     for _, task in start_stage(inference_stage(plan)):
         task()
     zeroed = crop.copy()
     zeroed[4:7, 32:64, 32:64] = 0  # the missing chunk, in the crop's z,y,x
     expected = quantize(predict_volume(ModelPredictor(setup["model"]), zeroed, GEOMETRY))
     np.testing.assert_array_equal(read_map(output), expected)
+
+
+def test_abutting_tiles_equal_one_whole_section_forward(setup, crop):
+    """Tiles that abut, each read with the receptive field (230 px, rounded up to 240) around
+    it, give the map of one forward over each whole section (reflected at the dataset's
+    bounds): the same floats up to the last bits (convolutions of other sizes sum in another
+    order) and the same uint8 bytes."""
+    model = setup["model"]
+    image = crop[:, :, :96]
+    geometry = PatchGeometry(size=32 + 480, output=32, overlap=0, batch=2)
+    tiles = predict_volume(ModelPredictor(model), image, geometry)
+    assert len(grid_starts(image.shape[2], geometry)) == 3  # wider than two tiles
+    depth, height, width = image.shape
+    ys = _reflect(np.arange(-240, -240 + -(-(height + 480) // 16) * 16), height)
+    xs = _reflect(np.arange(-240, -240 + -(-(width + 480) // 16) * 16), width)
+    zs = _reflect(np.arange(-2, depth + 2), depth)
+    padded = torch.from_numpy(image[np.ix_(zs, ys, xs)])
+    stacks = torch.stack([padded[z: z + 5] for z in range(depth)])[:, None]
+    with torch.no_grad():
+        whole = model.probabilities(model(model.normalize(stacks)))
+    whole = whole[:, :, 240: 240 + height, 240: 240 + width].permute(1, 0, 2, 3).numpy()
+    assert np.abs(tiles - whole).max() <= 1e-6
+    np.testing.assert_array_equal(quantize(tiles), quantize(whole))
+    assert len(np.unique(quantize(tiles))) > 10
+
+
+def test_default_tiles_are_the_same_bytes_whatever_the_task_shape(setup, crop):
+    """The default geometry: abutting tiles with the full receptive field, cut down to the
+    volume, computed once per voxel; tasks of any shape write what one call gives."""
+    maps = {}
+    for name, shape in (("default", None), ("A", SHAPES["A"])):
+        output = f"file://{setup['root'] / ('tiles_' + name)}"
+        plan = plan_inference(setup["image"], output, models=[setup["ckpt"]], task_shape=shape,
+                              chunk_size=CHUNK)
+        assert plan.geometry == PatchGeometry(size=96 + 480, output=96, overlap=0, batch=1)
+        stage = inference_stage(plan)
+        for _, task in start_stage(stage):
+            task()
+        maps[name] = read_map(output)
+    assert plan.task_count == 2 * 3 * 2
+    expected = predict_volume(ModelPredictor(setup["model"]), crop, plan.geometry,
+                              quantized=True)
+    for name, found in maps.items():
+        np.testing.assert_array_equal(found, expected, err_msg=name)
+
+
+def test_dry_run_counts_evaluations_per_output_voxel(setup, tmp_path):
+    """On a large volume the default tiles cost at most 1.6 network evaluations per output
+    voxel; the former patches (512 in, 384 out, 64 overlap) at 1024 px tasks about 4."""
+    layer = f"file://{tmp_path / 'big'}"
+    create_layer(layer, layer_type="image", dtype="uint8", resolution=(4, 4, 50),
+                 size=(8192, 8192, 64), chunk_size=(256, 256, 16))
+    tiles = plan_inference(layer, f"file://{tmp_path / 'out'}", models=[setup["ckpt"]])
+    assert tiles.geometry.output == 2048 and tiles.geometry.size == 2528
+    assert tiles.task_shape == (2048, 2048, 16) and tiles.task_count == 4 * 4 * 4
+    assert tiles.evaluations == pytest.approx((2528 / 2048) ** 2)
+    assert "evaluations per output voxel: 1.52" in tiles.describe()
+    old = plan_inference(layer, f"file://{tmp_path / 'out'}", models=[setup["ckpt"]],
+                         patch={"size": 512, "output": 384, "overlap": 64})
+    assert 3.8 < old.evaluations < 4.6
+    result = cli("infer", layer, f"file://{tmp_path / 'out'}", "--model", setup["ckpt"],
+                 "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "evaluations per output voxel: 1.52" in result.stdout
 
 
 def test_bump_window_is_seam_free_too(setup, crop):

@@ -39,17 +39,21 @@ from deepem3d.run.queues import check_queue_url
 @click.option("--tta", type=click.Choice([str(t) for t in TTA_CHOICES]), default="1",
               show_default=True, help="Test-time augmentation: 1, 8 (in-plane rotations and "
               "flips) or 16 (x z-reversal) variants, undone and averaged.")
-@click.option("--patch-size", type=click.IntRange(min=16), default=PatchGeometry.size,
-              show_default=True, help="Network input per patch, in-plane (multiple of 16).")
-@click.option("--patch-output", type=click.IntRange(min=1), default=PatchGeometry.output,
-              show_default=True, help="Output window in the middle of each patch; the rest is "
-              "context.")
-@click.option("--overlap", type=click.IntRange(min=0), default=PatchGeometry.overlap,
-              show_default=True, help="Pixels shared by neighbouring output windows.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=PatchGeometry.batch,
-              show_default=True, help="Patches per forward pass.")
+@click.option("--patch-size", type=click.IntRange(min=16), default=None,
+              help="Network input per patch, in-plane (multiple of 16). Default: abutting "
+              "tiles of up to 2048 px, each read with the models' receptive field around it "
+              "(about 1.5 evaluations per output voxel on a large volume); giving --patch-size, "
+              f"--patch-output or --overlap selects overlapping blended patches (defaults "
+              f"{PatchGeometry.size}, {PatchGeometry.output}, {PatchGeometry.overlap}).")
+@click.option("--patch-output", type=click.IntRange(min=1), default=None,
+              help="Output window in the middle of each patch; the rest is context.")
+@click.option("--overlap", type=click.IntRange(min=0), default=None,
+              help="Pixels shared by neighbouring output windows (0: abutting, unblended).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Patches per forward pass (default: 1 for the tiles, "
+              f"{PatchGeometry.batch} for overlapping patches).")
 @click.option("--window", type=click.Choice(WINDOWS), default=PatchGeometry.window,
-              show_default=True, help="Blending window.")
+              show_default=True, help="Blending window (overlapping patches).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where workers run the model (auto: CUDA when this "
               "machine has it; plan GPU runs from a laptop with cuda).")
@@ -72,8 +76,9 @@ from deepem3d.run.queues import check_queue_url
 def infer(
     image: str, output: str, models: tuple[str, ...], queue: str | None,
     parallel: int | None, dry_run: bool, mip: int, bounds: str | None,
-    task_shape: str | None, chunk_size: str | None, tta: str, patch_size: int,
-    patch_output: int, overlap: int, batch_size: int, window: str, device: str,
+    task_shape: str | None, chunk_size: str | None, tta: str, patch_size: int | None,
+    patch_output: int | None, overlap: int | None, batch_size: int | None, window: str,
+    device: str,
     threads: int, no_amp: bool, mask: str | None, mask_mip: int, fill_missing: bool,
     float32: bool, overwrite: bool, force: bool,
 ) -> None:
@@ -97,8 +102,9 @@ def infer(
         chunk_size=chunk_size,
         tta=int(tta),
         bounds=Bbox(*bounds) if bounds else None,
-        geometry=PatchGeometry(size=patch_size, output=patch_output, overlap=overlap,
-                               batch=batch_size, window=window),
+        patch={k: v for k, v in (("size", patch_size), ("output", patch_output),
+                                 ("overlap", overlap), ("batch", batch_size),
+                                 ("window", window)) if v is not None},
         float32=float32, fill_missing=fill_missing, mask=mask, mask_mip=mask_mip,
         threads=threads, device=device, amp=not no_amp, force=force, overwrite=overwrite,
     )

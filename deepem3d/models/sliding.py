@@ -177,9 +177,26 @@ class PatchGeometry:
         return asdict(self)
 
 
+def abutting_tiles(extent: int, context: int, *, divisor: int = 16, step: int = 16,
+                   tile: int = 2048, batch: int = 1, window: str = "gaussian") -> PatchGeometry:
+    """Abutting output tiles of `tile` px rounded up to a multiple of `step` (which the caller
+    makes a multiple of the chunk size and of the model's divisor), cut down to the volume's
+    in-plane `extent`, each read with a margin of `context` rounded up to `divisor`: every
+    voxel sees the whole receptive field and is computed once."""
+    margin = -(-context // divisor) * divisor
+    output = min(-(-tile // step) * step, -(-extent // step) * step)
+    return PatchGeometry(size=output + 2 * margin, output=output, overlap=0, batch=batch,
+                         window=window)
+
+
 def grid_starts(length: int, geometry: PatchGeometry) -> list[int]:
-    """Output-window starts along one dataset axis: every `stride` from 0, the last one moved
-    back to end at the dataset's end. A function of the dataset alone, never of a block."""
+    """Output-window starts along one dataset axis, a function of the dataset alone, never of
+    a block. Overlapping windows (overlap > 0): every `stride` from 0, the last one moved back
+    to end at the dataset's end. Abutting tiles (overlap 0): every `output` from 0, the last
+    one running past the end (its input there is the reflected dataset, its output dropped),
+    so no voxel is computed twice and none is blended."""
+    if geometry.overlap == 0:
+        return list(range(0, length, geometry.output))
     last = max(length - geometry.output, 0)
     return list(range(0, last, geometry.stride)) + [last]
 
@@ -190,8 +207,11 @@ def touching(length: int, lo: int, hi: int, geometry: PatchGeometry) -> list[int
 
 
 def window(geometry: PatchGeometry) -> np.ndarray:
-    """(output, output) float32 blending weights, maximum 1, floor WINDOW_FLOOR."""
+    """(output, output) float32 blending weights, maximum 1, floor WINDOW_FLOOR; all ones for
+    abutting tiles (p * 1 / 1 is p exactly: a tile's map is the network's, unblended)."""
     n = geometry.output
+    if geometry.overlap == 0:
+        return np.ones((n, n), dtype=np.float32)
     i = np.arange(n, dtype=np.float64)
     if geometry.window == "gaussian":
         sigma = GAUSSIAN_SIGMA * n
@@ -338,10 +358,12 @@ def _forward(predictor: Predictor, inputs: torch.Tensor) -> torch.Tensor:
 def _predict_one(
     predictor: Predictor, image: np.ndarray, origin: Triple, block: Box, shape: Triple,
     geometry: PatchGeometry, variants: Sequence[int], stats: Stats,
-) -> torch.Tensor:
-    """One predictor's map of the block, float32 (C, z, y, x) on the predictor's device:
-    gathering, variants, undoing them and blending all run there (torch ops, each the same
-    float32 operation in the same order as the numpy they replace)."""
+) -> Iterator[torch.Tensor]:
+    """One predictor's map of the block, section by section in order, each float32 (C, y, x)
+    on the predictor's device: gathering, variants, undoing them and blending all run there
+    (torch ops, each the same float32 operation in the same order as the numpy they
+    replaced). Sections are yielded as they complete, so a block never holds its whole float
+    map."""
     import torch
 
     from deepem3d.models.augment import dihedral, undo_dihedral
@@ -376,7 +398,6 @@ def _predict_one(
                     yield s, p, k
 
     f32 = {"dtype": torch.float32, "device": device}
-    result = torch.empty((channels, z1 - z0, y1 - y0, x1 - x0), **f32)
     acc: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}
     num = torch.zeros((channels, y1 - y0, x1 - x0), **f32)
     den = torch.zeros((y1 - y0, x1 - x0), **f32)
@@ -436,11 +457,10 @@ def _predict_one(
             den[dst] += w
             done_in_section += 1
             if done_in_section == len(patches):
-                result[:, s - z0] = num / den
+                yield num / den
                 num.zero_()
                 den.zero_()
                 done_in_section = 0
-    return result
 
 
 def _as_list(predictors: Sequence[Predictor] | Predictor) -> list[Predictor]:
@@ -520,10 +540,14 @@ def predict_block(
                          "(patch size > patch output)")
     stats = stats if stats is not None else Stats()
     start = time.perf_counter()
-    maps = [_predict_one(p, image, tuple(image_origin), block, tuple(dataset_shape), geometry,
-                         variants, stats) for p in predictors]
-    out = combine(maps, head)
-    out = (quantize_tensor(out) if quantized else out).cpu().numpy()
+    (z0, y0, x0), (z1, y1, x1) = block
+    out = np.empty((HEAD_CHANNELS[head], z1 - z0, y1 - y0, x1 - x0),
+                   dtype=np.uint8 if quantized else np.float32)
+    sections = zip(*(_predict_one(p, image, tuple(image_origin), block, tuple(dataset_shape),
+                                  geometry, variants, stats) for p in predictors), strict=True)
+    for z, maps in enumerate(sections):  # the predictors advance together, section by section
+        section = combine(maps, head)
+        out[:, z] = (quantize_tensor(section) if quantized else section).cpu().numpy()
     stats.seconds += time.perf_counter() - start
     return out
 
@@ -547,7 +571,7 @@ def patch_count(dataset_shape: Triple, block: Box, geometry: PatchGeometry) -> i
 
 __all__ = [
     "AMP_DTYPES", "COMBINE", "TTA_CHOICES", "WINDOWS", "FunctionPredictor", "ModelPredictor",
-    "PatchGeometry", "Predictor", "Stats", "affinity_channel_fix", "combine", "grid_starts",
-    "input_box", "patch_count", "predict_block", "predict_volume", "quantize",
+    "PatchGeometry", "Predictor", "Stats", "abutting_tiles", "affinity_channel_fix", "combine",
+    "grid_starts", "input_box", "patch_count", "predict_block", "predict_volume", "quantize",
     "quantize_tensor", "touching", "tta_variants", "window",
 ]

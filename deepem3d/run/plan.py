@@ -70,7 +70,6 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
         overwrite = {"inference", "segmentation", "downsample"} if overwrite else set()
     import tempfile
 
-    from deepem3d.models.sliding import PatchGeometry
     from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
     from deepem3d.stages.inference import inference_stage, plan_inference
     from deepem3d.stages.segmentation import (
@@ -119,15 +118,15 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
     settings = None
     map_ready = True
     if "map" in p.products:
-        geometry = PatchGeometry(**{k: v for k, v in (
+        patch = {k: v for k, v in (
             ("size", inf.get("patch_size")), ("output", inf.get("patch_output")),
             ("overlap", inf.get("overlap")), ("batch", inf.get("batch_size")),
-            ("window", inf.get("window"))) if v is not None})
+            ("window", inf.get("window"))) if v is not None}
         try:
             iplan = plan_inference(
                 image, p.layer("map"), models=inf.get("model"), mip=inf.get("mip", 0),
                 task_shape=inf.get("task_shape"), chunk_size=inf.get("chunk_size"),
-                tta=inf.get("tta", 1), bounds=_bbox(inf.get("bounds")), geometry=geometry,
+                tta=inf.get("tta", 1), bounds=_bbox(inf.get("bounds")), patch=patch,
                 float32=inf.get("float32", False), fill_missing=inf.get("fill_missing", False),
                 mask=inf.get("mask"), mask_mip=inf.get("mask_mip", 0),
                 threads=inf.get("threads", 1), device=inf.get("device", "auto"),

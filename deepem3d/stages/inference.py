@@ -33,6 +33,7 @@ from deepem3d.models.sliding import (
     ModelPredictor,
     PatchGeometry,
     Stats,
+    abutting_tiles,
     input_box,
     patch_count,
     predict_block,
@@ -64,9 +65,18 @@ if TYPE_CHECKING:
 
 STAGE = "inference"
 DEVICES = ("auto", "cpu", "cuda")
-# In-plane task size (rounded up to whole chunks): wide blocks share fewer patches with their
+# In-plane task size (rounded up to whole chunks) for a geometry of overlapping patches
+# (--patch-size/--patch-output/--overlap given): wide blocks share fewer patches with their
 # neighbours; a block's depth costs no shared patch at all (each section is its own patches).
 DEFAULT_TASK_XY = 1024
+# The default geometry: abutting output tiles of this many px (rounded up to whole chunks),
+# each read with a margin of the models' receptive field rounded up to 16 px (230 -> 240):
+# (2048 + 2 x 240)^2 / 2048^2 = 1.52 network evaluations per output voxel, against about 4.1
+# for 512 px patches with 384 px outputs and 64 px overlap at 1024 px tasks (--dry-run).
+TILE_OUTPUT = 2048
+# What the default geometry lets one task hold (the tile and batch shrink to fit): a CPU
+# worker per core on a machine of 4 GiB per core.
+TASK_MEMORY_BUDGET = 4 * 2**30
 RESOLUTION_TOLERANCE = 0.05  # relative: 4 nm and 4.1 nm are the same resolution
 # What a task's process holds beyond its arrays and the model's activations (allocator and
 # oneDNN caches, decompression buffers): the gap measured by benchmarks/inference.py.
@@ -301,6 +311,9 @@ class InferencePlan:
     blocks: list[Bbox]
     memory_bytes: int
     compute_factor: float
+    #: network input pixels x sections over all tasks' forward passes (one model, one TTA
+    #: variant) per output voxel: what a voxel costs, context and recomputed patches included
+    evaluations: float = 0.0
     #: in-plane patches every task together computes, summed over sections (one variant)
     patches: int = 0
     fill_missing: bool = False
@@ -331,7 +344,8 @@ class InferencePlan:
             f"{self.head} map ({self.channels} channel(s), {self.dtype}) from {names}; "
             f"tta {self.tta}; patches {g.size} px in, {g.output} px out, overlap {g.overlap}, "
             f"batch {g.batch}, {g.window} window; about {self.memory_bytes / 2**20:.0f} MiB "
-            f"per task; patch compute x{self.compute_factor:.2f} of one whole-volume pass"
+            f"per task; patch compute x{self.compute_factor:.2f} of one whole-volume pass\n"
+            f"evaluations per output voxel: {self.evaluations:.2f}"
         )
 
     def values(self) -> dict:
@@ -433,7 +447,8 @@ def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) 
     per_patch = patch_count(dataset, block, geometry)
     maps = len(models) + (len(models) > 1)
     total = 2 * read  # the cutout and its reflected, gathered copy (uint8)
-    total += maps * channels * voxels * 4  # float32 maps per model (+ their combination)
+    # float32 section maps per model (+ their combination): sections are combined as they come
+    total += maps * channels * (y1 - y0) * (x1 - x0) * 4
     total += 2 * channels * voxels * np.dtype(dtype).itemsize  # the output and its transpose
     total += 2 * per_patch * channels * geometry.output**2 * 4  # open patches (2 sections)
     g = geometry
@@ -442,6 +457,37 @@ def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) 
         weights = sum(p.numel() * 4 for p in _meta_model(ref.meta["model"]).parameters())
         total += weights + 2 * activation_bytes(ref.meta["model"], g.size, g.batch)
     return int(total) + RUNTIME_BYTES
+
+
+def tile_geometry(refs, nets, shapes, bounds: Bbox, chunk, dataset, tta: int, dtype: str, *,
+                  batch: int | None = None, window: str = PatchGeometry.window) -> PatchGeometry:
+    """The default geometry: abutting output tiles of TILE_OUTPUT px, a multiple of the chunk
+    size and of the models' divisor, cut down to the bounds' extent (a 512 px volume does not
+    pay for a 2048 px tile), each read with a margin of the models' in-plane receptive field
+    rounded up to the divisor. So every voxel sees the network's whole receptive field, is
+    computed once, and is what one whole-section forward gives. The tile halves until a task
+    fits TASK_MEMORY_BUDGET. One tile per forward unless `batch` is given: a tile is already
+    a large forward, a task holds few tiles (a batch larger than that only pads), and on this
+    project's CPU the forward's time per pixel grows with the batch at 1504 px (the tiny
+    preset: 978 ns at batch 1, 1274 at batch 4, 742 for 512 px patches at batch 4)."""
+    divisor = max(int(net.divisor) for net in nets)
+    context = max(max(int(c) for c in net.context[:2]) for net in nets)
+    step = math.lcm(int(chunk[0]), int(chunk[1]), divisor)
+    extent = max(int(v) for v in bounds.size3()[:2])
+    depth = min(int(chunk[2]), int(bounds.size3()[2]))
+
+    def tiles(t: int, b: int) -> PatchGeometry:
+        return abutting_tiles(extent, context, divisor=divisor, step=step, tile=t, batch=b,
+                              window=window)
+
+    def fits(g: PatchGeometry) -> bool:
+        block = ((0, 0, 0), (depth, min(g.output, dataset[1]), min(g.output, dataset[2])))
+        return _task_memory(refs, shapes, block, dataset, g, tta, dtype) <= TASK_MEMORY_BUDGET
+
+    geometry = tiles(TILE_OUTPUT, batch or 1)
+    while geometry.output > step and not fits(geometry):
+        geometry = tiles(max(step, (geometry.output // 2) // step * step), batch or 1)
+    return geometry
 
 
 def _meta_model(config: dict) -> torch.nn.Module:
@@ -474,7 +520,7 @@ def plan_inference(
     chunk_size: tuple[int, int, int] | None = None,
     tta: int = 1,
     bounds: Bbox | None = None,
-    geometry: PatchGeometry | None = None,
+    patch: dict | PatchGeometry | None = None,
     float32: bool = False,
     fill_missing: bool = False,
     mask: str | None = None,
@@ -485,7 +531,12 @@ def plan_inference(
     force: bool = False,
     overwrite: bool = False,
 ) -> InferencePlan:
-    """Check every input and work out the tasks; reads infos and checkpoints, writes nothing."""
+    """Check every input and work out the tasks; reads infos and checkpoints, writes nothing.
+
+    patch: PatchGeometry fields given by the user. Without size, output and overlap the
+    geometry is `tile_geometry`'s (batch and window still apply); with any of them, patches
+    of PatchGeometry's defaults for the rest, blended where they overlap.
+    """
     image_path, output_path = cloudpath(image_path), cloudpath(output_path)
     if image_path.rstrip("/") == output_path.rstrip("/"):
         raise InputError("OUTPUT is the image layer itself: give another path")
@@ -502,9 +553,17 @@ def plan_inference(
         raise InputError(f"--device {device}: choose one of {', '.join(DEVICES)}")
     if threads < 1:
         raise InputError(f"--threads {threads} must be at least 1")
-    geometry = geometry or PatchGeometry()
+    patch = patch.to_dict() if isinstance(patch, PatchGeometry) else dict(patch or {})
+    unknown = set(patch) - set(PatchGeometry.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"unknown patch setting(s) {', '.join(sorted(unknown))}")
+    tiled = not {"size", "output", "overlap"} & set(patch)
     try:
-        geometry.check()
+        if not tiled:
+            geometry = PatchGeometry(**patch)
+            geometry.check()
+        elif "window" in patch or "batch" in patch:
+            PatchGeometry(size=16, output=16, overlap=0, **patch).check()
     except ValueError as err:
         raise InputError(f"patch geometry: {err}") from None
 
@@ -529,26 +588,28 @@ def plan_inference(
             warnings.append(problem.replace(", or pass --force to run anyway", ""))
         else:
             raise InputError(problem)
-    if head == "affinity" and tta > 1 and geometry.margin < 1:
-        raise InputError("affinity test-time augmentation needs --patch-output smaller than "
-                         "--patch-size")
-
     offset = tuple(int(v) for v in vol.voxel_offset)
     size = tuple(int(v) for v in vol.volume_size)
     resolution = tuple(float(r) for r in vol.resolution)
     chunk = tuple(int(c) for c in (chunk_size or vol.meta.chunk_size(mip)))
-    if task_shape is None:
-        task_shape = (-(-DEFAULT_TASK_XY // chunk[0]) * chunk[0],
-                      -(-DEFAULT_TASK_XY // chunk[1]) * chunk[1], chunk[2])
-    task_shape = check_task_shape(task_shape, chunk)
     bounds = check_bounds(bounds, offset, size, image_path, mip)
     bounds = align_to_chunks(bounds, offset, size, chunk)
-    task_shape = tuple(min(t, int(b)) for t, b in zip(task_shape, bounds.size3()))
-    blocks = block_grid(bounds, task_shape)
     dtype = "float32" if float32 else "uint8"
-
     shapes = [_Shape(net.in_sections, net.head) for net in nets]
     dataset = size[::-1]
+    if tiled:
+        geometry = tile_geometry(refs, nets, shapes, bounds, chunk, dataset, tta, dtype,
+                                 batch=patch.get("batch"),
+                                 window=patch.get("window", PatchGeometry.window))
+    if head == "affinity" and tta > 1 and geometry.margin < 1:
+        raise InputError("affinity test-time augmentation needs --patch-output smaller than "
+                         "--patch-size")
+    if task_shape is None:
+        xy = geometry.output if tiled else DEFAULT_TASK_XY
+        task_shape = (-(-xy // chunk[0]) * chunk[0], -(-xy // chunk[1]) * chunk[1], chunk[2])
+    task_shape = check_task_shape(task_shape, chunk)
+    task_shape = tuple(min(t, int(b)) for t, b in zip(task_shape, bounds.size3()))
+    blocks = block_grid(bounds, task_shape)
     whole = _zyx_box(bounds, offset)
     computed = sum(patch_count(dataset, _zyx_box(b, offset), geometry) * int(b.size3()[2])
                    for b in blocks)
@@ -557,13 +618,15 @@ def plan_inference(
     biggest = max(blocks, key=lambda b: (int(np.prod(b.size3())),
                                          patch_count(dataset, _zyx_box(b, offset), geometry)))
     memory = _task_memory(refs, shapes, _zyx_box(biggest, offset), dataset, geometry, tta, dtype)
+    evaluations = computed * geometry.size**2 / math.prod(int(v) for v in bounds.size3())
 
     plan = InferencePlan(
         image_path=image_path, output_path=output_path, mip=mip, models=refs, head=head,
         in_sections=[net.in_sections for net in nets], dtype=dtype, tta=tta, geometry=geometry,
         resolution=resolution, voxel_offset=offset, size=size, chunk_size=chunk,
         task_shape=task_shape, bounds=bounds, blocks=blocks, memory_bytes=memory,
-        compute_factor=computed / single, patches=computed, fill_missing=fill_missing,
+        compute_factor=computed / single, evaluations=evaluations, patches=computed,
+        fill_missing=fill_missing,
         mask=cloudpath(mask) if mask else None, mask_mip=mask_mip, threads=threads,
         device=device, amp=amp, warnings=warnings,
         segmentation=recommended_settings(models, tta),
