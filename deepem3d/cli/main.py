@@ -22,6 +22,7 @@ from deepem3d.cli.run import run
 from deepem3d.cli.sample import sample
 from deepem3d.cli.segment import segment
 from deepem3d.cli.train import train
+from deepem3d.cli.tune import tune
 from deepem3d.cli.view import view
 from deepem3d.errors import InputError
 
@@ -34,7 +35,7 @@ def cli() -> None:
 
 for command in (
     demo, run, sample, ingest, worker, queue, downsample, infer, segment, mesh, skeleton,
-    evaluate, view,
+    evaluate, tune, view,
     train,
 ):
     cli.add_command(command)

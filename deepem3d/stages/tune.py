@@ -1,0 +1,196 @@
+"""`deepem3d tune`: choose segmentation settings on a labelled region of a finished run.
+
+A segmentation keeps what its settings do not change (OUTPUT/segmentation/: each block's
+supervoxels as local labels and a table to supervoxel ids, and each block's region graph over
+supervoxel ids). Tuning reads them once, merges the block graphs into the volume's graph
+(`merge_graphs`: integer sums, so the same graph as one whole-volume pass), and per setting
+runs only the agglomeration, the dust removal and the remap, in memory, scoring the labelled
+region against the ground truth. The agglomeration over the whole graph gives the segments the
+segment tasks' octree gives (the octree is proven equal to it, docs/octree.md), so a row's
+scores are those the segmentation would have with that setting; the row of the run's own
+settings scores the layer as written.
+
+Settings change only the agglomeration's method, threshold and dust size: smoothing (sigma)
+changes the supervoxels, so a sigma is tried by segmenting again with it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cloudfiles import CloudFiles
+from cloudvolume.lib import Bbox
+
+from deepem3d.errors import InputError
+from deepem3d.segmentation.agglomeration import agglomerate, remap
+from deepem3d.segmentation.metrics import evaluate
+from deepem3d.segmentation.region_graph import RegionGraph, merge_graphs
+from deepem3d.segmentation.supervoxels import relabel
+from deepem3d.stages.blocks import parse_block_id
+from deepem3d.stages.workdir import WORK, get_table, work_files
+from deepem3d.storage.layers import cloudpath, open_layer
+from deepem3d.storage.npz import get_npz
+
+#: thresholds tried by default: around the shipped models' settings (mean 0.55; watershed h
+#: 0.1 and DeepEM3D's 0.19)
+DEFAULT_THRESHOLDS = {
+    "mean": (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75),
+    "watershed": (0.05, 0.1, 0.15, 0.19, 0.25, 0.3),
+}
+DEFAULT_DUST_SIZES = (0, 100, 200, 400)
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str
+    threshold: float
+    dust_size: int
+
+    def flags(self) -> str:
+        return (f"--method {self.method} --threshold {self.threshold:g} "
+                f"--dust-size {self.dust_size}")
+
+
+@dataclass(frozen=True)
+class Row:
+    setting: Setting
+    segments: int
+    adapted_rand_error: float
+    voi_split: float
+    voi_merge: float
+
+    @property
+    def voi(self) -> float:
+        return self.voi_split + self.voi_merge
+
+
+@dataclass
+class KeptRun:
+    """What tuning reads of a finished segmentation."""
+
+    path: str
+    settings: dict  # the run's own: method, threshold, dust_size, dust_mode, sigma
+    graph: RegionGraph
+    supervoxels: np.ndarray  # x,y,z supervoxel ids over `bounds`
+    bounds: Bbox
+
+
+def segment_settings(seg_path: str) -> dict:
+    """The settings `deepem3d segment` recorded in the layer's provenance (the last run)."""
+    provenance = CloudFiles(cloudpath(seg_path)).get_json("provenance") or {}
+    for entry in reversed(provenance.get("processing") or []):
+        method = entry.get("method") or {}
+        if method.get("task") == "deepem3d segment":
+            return method
+    raise InputError(f"{seg_path} was not written by `deepem3d segment`: tune needs a "
+                     "segmentation layer with its kept work files")
+
+
+def _blocks(files: CloudFiles, seg_path: str) -> list[str]:
+    names = sorted(k.rsplit("/", 1)[-1][: -len(".npz")]
+                   for k in files.list(prefix="graphs/") if k.endswith(".npz"))
+    if not names:
+        raise InputError(f"{seg_path} has no kept region graphs ({WORK}/graphs/): segment it "
+                         "again (without removing its work files) before tuning")
+    return names
+
+
+def load_kept(seg_path: str, bounds: Bbox) -> KeptRun:
+    """The run's merged graph and its supervoxels over `bounds` (absolute voxels, mip 0)."""
+    settings = segment_settings(seg_path)
+    files = work_files(seg_path)
+    names = _blocks(files, seg_path)
+    graphs = []
+    supervoxels = np.zeros(tuple(int(s) for s in bounds.size3()), dtype=np.uint64, order="F")
+    for name in names:
+        arrays = get_npz(files, f"graphs/{name}.npz")
+        graphs.append(RegionGraph.from_arrays(arrays))
+        block = parse_block_id(name)
+        overlap = Bbox.intersection(block, bounds)
+        if overlap.subvoxel():
+            continue
+        try:
+            labels = get_npz(files, f"labels/{name}.npz")["labels"]
+            table = get_table(files, name)
+        except (FileNotFoundError, KeyError, TypeError):
+            raise InputError(f"{seg_path} has no kept supervoxels for block {name} "
+                             f"({WORK}/labels/, {WORK}/tables/): segment it again") from None
+        ids = relabel(labels, table)
+        src = tuple(slice(int(a - o), int(b - o))
+                    for a, b, o in zip(overlap.minpt, overlap.maxpt, block.minpt))
+        dst = tuple(slice(int(a - o), int(b - o))
+                    for a, b, o in zip(overlap.minpt, overlap.maxpt, bounds.minpt))
+        supervoxels[dst] = ids[src]
+    return KeptRun(cloudpath(seg_path), settings, merge_graphs(graphs), supervoxels, bounds)
+
+
+def settings_grid(methods: Sequence[str], thresholds: Sequence[float] | None,
+                  dust_sizes: Sequence[int]) -> list[Setting]:
+    """Every method x threshold x dust size, thresholds checked to lie in [0, 1]."""
+    out = []
+    for method in methods:
+        if method not in DEFAULT_THRESHOLDS:
+            raise InputError(f"method {method!r}: choose mean or watershed")
+        for t in thresholds if thresholds is not None else DEFAULT_THRESHOLDS[method]:
+            if not (0.0 <= float(t) <= 1.0) or math.isnan(float(t)):
+                raise InputError(f"threshold {t} is outside [0, 1]")
+            for d in dust_sizes:
+                if int(d) < 0:
+                    raise InputError(f"dust size {d} is negative")
+                out.append(Setting(method, float(t), int(d)))
+    return out
+
+
+def tune(run: KeptRun, gt: np.ndarray, settings: Sequence[Setting]) -> Iterator[Row]:
+    """Score each setting on the labelled voxels (gt > 0) of the run's bounds, in order.
+    Settings sharing a method and dust size are agglomerated in one call."""
+    dust_mode = run.settings.get("dust_mode", "merge")
+    groups: dict[tuple[str, int], list[float]] = {}
+    for s in settings:
+        groups.setdefault((s.method, s.dust_size), []).append(s.threshold)
+    for (method, dust), thresholds in groups.items():
+        tables = agglomerate(run.graph, method, thresholds, dust, dust_mode)
+        for threshold, table in zip(thresholds, tables):
+            seg = remap(run.supervoxels, run.graph.ids, table)
+            scores = evaluate(seg, gt)
+            yield Row(Setting(method, threshold, dust), int(np.unique(seg[gt > 0]).size),
+                      scores["adapted_rand_error"], scores["voi_split"], scores["voi_merge"])
+
+
+def read_ground_truth(gt_path: str, seg_path: str, bounds: Bbox | None) -> tuple[np.ndarray, Bbox]:
+    """GT over `bounds` (default: all of GT) as x,y,z uint64, checked against the segmentation's
+    resolution and extent and to hold labelled voxels."""
+    seg = open_layer(seg_path)
+    gt = open_layer(gt_path, fill_missing=True)
+    if not np.allclose(np.asarray(gt.resolution), np.asarray(seg.resolution)):
+        raise InputError(f"GT {gt_path} is at {tuple(gt.resolution)} nm, the segmentation at "
+                         f"{tuple(seg.resolution)}: give ground truth at the segmentation's "
+                         "resolution")
+    if bounds is None:
+        bounds = gt.bounds.clone()
+    inside = Bbox.intersection(bounds, seg.bounds)
+    if inside != bounds or bounds.subvoxel():
+        raise InputError(f"bounds {_fmt(bounds)} are not inside the segmentation "
+                         f"{_fmt(seg.bounds)}: give --bounds inside both layers")
+    gt_inside = Bbox.intersection(bounds, gt.bounds)
+    if gt_inside != bounds:
+        raise InputError(f"bounds {_fmt(bounds)} are not inside GT {_fmt(gt.bounds)}")
+    if not np.issubdtype(np.dtype(gt.dtype), np.integer):
+        raise InputError(f"GT {gt_path} holds {gt.dtype}: expected integer ids")
+    labels = np.asarray(gt[bounds])[..., 0].astype(np.uint64)
+    if not labels.any():
+        raise InputError(f"GT is 0 everywhere in {_fmt(bounds)}: nothing to tune on; pick "
+                         "--bounds that hold labelled voxels")
+    return np.asfortranarray(labels), bounds
+
+
+def _fmt(b: Bbox) -> str:
+    return ",".join(str(int(v)) for v in (*b.minpt, *b.maxpt))
+
+
+def best(rows: Sequence[Row]) -> Row:
+    """The lowest adapted Rand error, then the lowest VOI."""
+    return min(rows, key=lambda r: (r.adapted_rand_error, r.voi))

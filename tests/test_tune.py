@@ -1,0 +1,93 @@
+"""`deepem3d tune`: settings scored on a labelled region from a finished run's kept supervoxels
+and region graphs; the run's own setting reproduces the layer it wrote; bad input is refused
+with one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from cloudfiles import CloudFiles
+
+from deepem3d.axes import xyz_from_zyx
+from deepem3d.sample import load_sample
+from deepem3d.segmentation.agglomeration import agglomerate, remap
+from deepem3d.segmentation.metrics import evaluate
+from deepem3d.stages.tune import load_kept, read_ground_truth
+from deepem3d.storage.layers import create_layer
+from tests.conftest import CHUNK, SHAPE, assert_one_line_error, read, run, run_cli
+
+OWN = {"method": "mean", "threshold": 0.5, "dust_size": 20}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, maps):
+    """A segmentation of the affinity map in 12 blocks, and its ground truth as a layer."""
+    root = tmp_path_factory.mktemp("tune")
+    output = f"file://{root / 'seg'}"
+    run(maps["affinity"][0], output, OWN["method"], OWN["threshold"], task_shape=(32, 32, 4),
+        dust_size=OWN["dust_size"])
+    _, ids = load_sample()
+    labels = np.asfortranarray(xyz_from_zyx(ids[: SHAPE[2], : SHAPE[1], : SHAPE[0]]))
+    gt = f"file://{root / 'gt'}"
+    vol = create_layer(gt, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 40),
+                       size=SHAPE, chunk_size=CHUNK)
+    vol[:, :, :] = labels.astype(np.uint64)
+    return {"root": root, "seg": output, "gt": gt, "labels": labels}
+
+
+def test_the_runs_own_setting_gives_the_layer_it_wrote(finished):
+    labels, box = read_ground_truth(finished["gt"], finished["seg"], None)
+    run_ = load_kept(finished["seg"], box)
+    assert run_.settings["method"] == "mean" and run_.settings["dust_size"] == 20
+    (table,) = agglomerate(run_.graph, "mean", [0.5], 20, "merge")
+    np.testing.assert_array_equal(remap(run_.supervoxels, run_.graph.ids, table),
+                                  read(finished["seg"]))
+
+
+def test_tune_prints_scores_and_writes_the_best_setting(finished, tmp_path):
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("segmentation:\n  sigma: 0\n  method: watershed\n")
+    result = run_cli("tune", finished["seg"], finished["gt"], "--methods", "mean,watershed",
+                     "--thresholds", "0.3,0.5,0.7", "--dust-sizes", "0,20", "--json",
+                     "--write", pipeline, check=True)
+    out = json.loads(result.stdout)
+    assert len(out["rows"]) == 2 * 3 * 2
+    rows = {(r["method"], r["threshold"], r["dust_size"]): r for r in out["rows"]}
+    own = rows[("mean", 0.5, 20)]
+    written = evaluate(read(finished["seg"]), finished["labels"].astype(np.uint64))
+    assert own["adapted_rand_error"] == pytest.approx(written["adapted_rand_error"], abs=1e-12)
+    assert own["voi_split"] == pytest.approx(written["voi_split"], abs=1e-12)
+    best = min(out["rows"], key=lambda r: (r["adapted_rand_error"],
+                                          r["voi_split"] + r["voi_merge"]))
+    assert out["best"] == {k: best[k] for k in ("method", "threshold", "dust_size")}
+    assert len({r["adapted_rand_error"] for r in out["rows"]}) > 3  # the settings matter
+    section = yaml.safe_load(pipeline.read_text())["segmentation"]
+    assert section == {"sigma": 0, **out["best"]}
+    table = run_cli("tune", finished["seg"], finished["gt"], "--methods", "mean",
+                    "--thresholds", "0.5", "--dust-sizes", "20", check=True)
+    assert "<- the run's" in table.stdout and "best: deepem3d segment" in table.stdout
+
+
+def test_bad_input_is_one_line_exit_2(finished, tmp_path):
+    seg, gt = finished["seg"], finished["gt"]
+    empty = f"file://{tmp_path / 'empty_gt'}"
+    create_layer(empty, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 40),
+                 size=SHAPE, chunk_size=CHUNK)[:, :, :] = np.zeros(SHAPE, np.uint64)
+    assert_one_line_error(run_cli("tune", seg, empty), "GT is 0 everywhere")
+    assert_one_line_error(run_cli("tune", seg, gt, "--thresholds", "0.5,1.5"),
+                          "threshold 1.5 is outside [0, 1]")
+    assert_one_line_error(run_cli("tune", seg, gt, "--methods", "median"), "median")
+    assert_one_line_error(run_cli("tune", seg, gt, "--bounds", "0,0,0,200,80,10"),
+                          "not inside the segmentation")
+    # a segmentation whose work files are gone
+    files = CloudFiles(seg)
+    kept = {k: files.get(k) for k in files.list(prefix="segmentation/graphs/")}
+    files.delete(list(kept))
+    try:
+        assert_one_line_error(run_cli("tune", seg, gt), "no kept region graphs")
+    finally:
+        files.puts([(k, v) for k, v in kept.items()], raw=True)
+    assert_one_line_error(run_cli("tune", finished["gt"], gt), "not written by `deepem3d segment`")
