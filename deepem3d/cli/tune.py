@@ -36,8 +36,8 @@ def _ints(text: str, name: str) -> list[int]:
 @click.option("--methods", default="mean,watershed", show_default=True,
               help="Agglomeration methods to try.")
 @click.option("--thresholds", default=None, help="Thresholds to try, in [0, 1] (default: "
-              "0.4..0.75 by 0.05 for mean, 0.05,0.1,0.15,0.19,0.25,0.3 for watershed).")
-@click.option("--dust-sizes", default="0,100,200,400", show_default=True,
+              "0.25..0.75 by 0.05 for mean, 0.05,0.1,0.15,0.19,0.25,0.3 for watershed).")
+@click.option("--dust-sizes", default="0,100,200,400,800", show_default=True,
               help="Dust sizes to try (voxels; 0: none).")
 @click.option("--write", "pipeline", default=None, type=click.Path(dir_okay=False),
               help="Write the best setting into this pipeline file's `segmentation:` keys.")

@@ -35,12 +35,13 @@ from deepem3d.storage.layers import cloudpath, open_layer
 from deepem3d.storage.npz import get_npz
 
 #: thresholds tried by default: around the shipped models' settings (mean 0.55; watershed h
-#: 0.1 and DeepEM3D's 0.19)
+#: 0.1 and DeepEM3D's 0.19), wide enough that a fine-tuned model's best on its own data lay
+#: inside (gala_fib_small: mean 0.4 with dust 400 was the edge of a 0.4..0.75, 0..400 grid)
 DEFAULT_THRESHOLDS = {
-    "mean": (0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75),
+    "mean": (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75),
     "watershed": (0.05, 0.1, 0.15, 0.19, 0.25, 0.3),
 }
-DEFAULT_DUST_SIZES = (0, 100, 200, 400)
+DEFAULT_DUST_SIZES = (0, 100, 200, 400, 800)
 
 
 @dataclass(frozen=True)
