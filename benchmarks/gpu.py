@@ -266,7 +266,8 @@ def monai_row(args, device, predictor, image, geometry, name, ours) -> float | N
 
 def training_rows(args, device: torch.device) -> None:
     image, ids = packed("image"), packed("neuron_ids").astype(np.int64)
-    preset, batch, patch = ("full", 16, 256) if not args.quick else ("tiny", 2, 64)
+    preset, batch, patch = ((args.train_preset, args.train_batch, args.train_patch)
+                            if not args.quick else ("tiny", 2, 64))
     iterations = args.train_iterations if not args.quick else 4
     training.load_pair = lambda *a: (image, ids)  # in memory: the file readers need cloud-volume
     workers = [0, *args.workers] if not args.quick else [0, 2]
@@ -371,6 +372,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[4, 8, 14],
                         help="batch-preparing worker counts to time (besides 0)")
     parser.add_argument("--train-iterations", type=int, default=40)
+    parser.add_argument("--train-preset", default="full")
+    parser.add_argument("--train-batch", type=int, default=16)
+    parser.add_argument("--train-patch", type=int, default=256)
     parser.add_argument("--parts", nargs="+", default=["forward", "inference", "training"],
                         choices=list(PARTS), help="what to run, in order ('autotune': cuDNN "
                         "autotuned forwards and inference, 'compile': a torch.compile forward; "
