@@ -65,7 +65,7 @@ def test_tune_prints_scores_and_writes_the_best_setting(finished, tmp_path):
     assert out["best"] == {k: best[k] for k in ("method", "threshold", "dust_size")}
     assert len({r["adapted_rand_error"] for r in out["rows"]}) > 3  # the settings matter
     section = yaml.safe_load(pipeline.read_text())["segmentation"]
-    assert section == {"sigma": 0, **out["best"]}
+    assert section == {"sigma": 0.0, **out["best"], "dust_mode": "merge"}
     table = run_cli("tune", finished["seg"], finished["gt"], "--methods", "mean",
                     "--thresholds", "0.5", "--dust-sizes", "20", check=True)
     assert "<- the run's" in table.stdout and "best: deepem3d segment" in table.stdout
@@ -80,6 +80,7 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
     assert_one_line_error(run_cli("tune", seg, gt, "--thresholds", "0.5,1.5"),
                           "threshold 1.5 is outside [0, 1]")
     assert_one_line_error(run_cli("tune", seg, gt, "--methods", "median"), "median")
+    assert_one_line_error(run_cli("tune", seg, gt, "--dust-sizes", ""), "at least one")
     assert_one_line_error(run_cli("tune", seg, gt, "--bounds", "0,0,0,200,80,10"),
                           "not inside the segmentation")
     # a segmentation whose work files are gone

@@ -92,14 +92,15 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
                        f"{r.voi_merge:>8.3f}{mark}")
         click.echo(f"best: deepem3d segment ... {top.setting.flags()}")
     if pipeline:
-        write_setting(pipeline, top)
+        write_setting(pipeline, top, own)
         if not as_json:
-            click.echo(f"wrote method, threshold and dust_size into {pipeline}")
+            click.echo(f"wrote method, threshold, dust_size, sigma and dust_mode into {pipeline}")
 
 
-def write_setting(pipeline: str, row) -> None:
-    """Set the pipeline file's segmentation method, threshold and dust size (other keys and
-    sections kept; comments are not)."""
+def write_setting(pipeline: str, row, run_settings: dict) -> None:
+    """Set the pipeline file's segmentation method, threshold and dust size, and the run's
+    sigma and dust mode, which the scores were measured with (other keys and sections kept;
+    comments are not)."""
     import yaml
 
     try:
@@ -114,7 +115,9 @@ def write_setting(pipeline: str, row) -> None:
         raise InputError(f"pipeline file {pipeline} is not a mapping of sections")
     section = data.get("segmentation") or {}
     section.update(method=row.setting.method, threshold=row.setting.threshold,
-                   dust_size=row.setting.dust_size)
+                   dust_size=row.setting.dust_size,
+                   sigma=float(run_settings.get("sigma", 0.0)),
+                   dust_mode=run_settings.get("dust_mode", "merge"))
     data["segmentation"] = section
     with open(pipeline, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)

@@ -102,6 +102,10 @@ def _blocks(files: CloudFiles, seg_path: str) -> list[str]:
 def load_kept(seg_path: str, bounds: Bbox) -> KeptRun:
     """The run's merged graph and its supervoxels over `bounds` (absolute voxels, mip 0)."""
     settings = segment_settings(seg_path)
+    region = settings.get("bounds")
+    if region and Bbox.intersection(bounds, Bbox(region[:3], region[3:])) != bounds:
+        raise InputError(f"bounds {_fmt(bounds)} reach outside the region the run segmented "
+                         f"({','.join(map(str, region))}): give --bounds inside it")
     files = work_files(seg_path)
     names = _blocks(files, seg_path)
     graphs = []
@@ -131,6 +135,8 @@ def load_kept(seg_path: str, bounds: Bbox) -> KeptRun:
 def settings_grid(methods: Sequence[str], thresholds: Sequence[float] | None,
                   dust_sizes: Sequence[int]) -> list[Setting]:
     """Every method x threshold x dust size, thresholds checked to lie in [0, 1]."""
+    if not methods or (thresholds is not None and not thresholds) or not dust_sizes:
+        raise InputError("give at least one method, threshold and dust size to try")
     out = []
     for method in methods:
         if method not in DEFAULT_THRESHOLDS:
