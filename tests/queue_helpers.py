@@ -41,3 +41,12 @@ def Touch(path: str) -> None:  # noqa: N802
 def FailsInFrame(message: str) -> None:  # noqa: N802
     """A frame task with a bug that no retry fixes."""
     raise RuntimeError(message)
+
+
+@stage_task
+def SleepInFrame(flag_path: str, seconds: float) -> None:  # noqa: N802
+    """A frame task that sleeps `seconds` on its first attempt, after writing flag_path."""
+    if not os.path.exists(flag_path):
+        with open(flag_path, "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(seconds)

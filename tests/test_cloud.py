@@ -1,29 +1,46 @@
-"""The cloud path against a real local endpoint: moto's S3 + SQS server on 127.0.0.1.
+"""The cloud path against real local endpoints: moto's S3 + SQS server on 127.0.0.1, and the
+GCS emulator for gs://.
 
-A layer ingested to s3://, downsampled by tasks on sqs:// drained by two local workers, equals
-igneous run in-process on a local copy.
+The whole pipeline (inference, segmentation, downsampling, meshes) runs with its image, model
+and outputs in S3 buckets and its tasks on two SQS queues routed as the pipeline file says,
+drained by `deepem3d worker` processes of which one is SIGKILLed and one sent SIGTERM in the
+middle of a task: its layers equal a local file:// run's, no message is lost or left behind,
+and no log, payload, marker or provenance holds the credentials. A layer ingested to s3://,
+downsampled through sqs://, equals igneous run in-process on a local copy. Queues are made
+with their dead-letter queues, and a poison task ends there.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from functools import partial
+from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
+from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 from taskqueue import TaskQueue
 
+from deepem3d.axes import xyz_from_zyx
+from deepem3d.models.checkpoint import resolve_model
 from deepem3d.sample import load_sample
 from deepem3d.stages.frame import Markers
+from deepem3d.storage.layers import create_layer
 from tests.conftest import ROOT, assert_one_line_error, igneous_reference, run_cli
 from tests.queue_helpers import FailsInFrame, Touch
+
+#: credentials the tests set, searched for in everything a run leaves
+ACCESS_KEY = "AKIAE2ELEAKCHECK0042"
+SECRET_KEY = "e2e-leak-check-secret-9f8e7d"
 
 
 def free_port() -> int:
@@ -50,7 +67,7 @@ def moto_endpoint(monkeypatch):
             assert time.time() < deadline, "moto server did not start"
             time.sleep(0.2)
     env = {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
         "AWS_SESSION_TOKEN": "", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL_S3": url, "AWS_ENDPOINT_URL_SQS": url,
     }
@@ -136,7 +153,183 @@ def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path
     shown = run_cli("queue", "status", "sqs://work", check=True).stdout
     assert "set aside: 1 (in work-dead-letter)" in shown, shown
     assert "layer/broken  RuntimeError: bug (attempt 2 on" in shown, shown
-    assert "AWS_SECRET_ACCESS_KEY" not in log and "testing" not in shown
+    assert SECRET_KEY not in log + shown and ACCESS_KEY not in log + shown
     assert "deleted work and work-dead-letter" in run_cli(
         "queue", "delete", "sqs://work", "--yes", check=True).stdout
     assert_one_line_error(run_cli("queue", "delete", "sqs://work", "--yes"), "no such SQS")
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline on S3 + SQS
+
+CROP = (128, 128, 10)  # x, y, z
+PIPELINE = """\
+version: 1
+output: {output}
+image: {image}
+products: [map, segmentation, downsample, meshes]
+inference:
+  model: {model}
+  tta: 8
+  patch_size: 64
+  patch_output: 32
+  overlap: 8
+  chunk_size: [32, 32, 2]
+  task_shape: [64, 64, 2]
+  queue: gpu
+segmentation:
+  method: mean
+  threshold: 0.5
+  task_shape: [64, 64, 4]
+downsample:
+  layers: [segmentation]
+meshes:
+  mip: 1
+queues:
+  default: {cpu}
+  gpu: {gpu}
+"""
+#: the workers' lease: how soon the SIGKILLed worker's task goes to another
+LEASE = 8
+
+
+def write_crop(path: str) -> None:
+    image, _ = load_sample()
+    cut = image[: CROP[2], 100:100 + CROP[1], 200:200 + CROP[0]]
+    vol = create_layer(path, layer_type="image", dtype="uint8", resolution=(4, 4, 50),
+                       size=CROP, chunk_size=(64, 64, 10))
+    vol[:, :, :] = xyz_from_zyx(cut)
+
+
+def download(prefix: str, folder: Path) -> None:
+    """Every object under `prefix`, decoded, as files under `folder`."""
+    files = CloudFiles(prefix)
+    for key in files.list():
+        target = folder / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(files.get(key))
+
+
+class Workers:
+    """`deepem3d worker` processes, each logging to its own file."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.started = folder, []
+
+    def start(self, queue: str) -> tuple[subprocess.Popen, Path]:
+        log = self.folder / f"worker-{len(self.started)}.log"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deepem3d", "worker", queue, "--lease-seconds", str(LEASE),
+             "--poll-seconds", "0.2", "--allow-prefix", "s3://em-output/run"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        self.started.append((process, log))
+        return process, log
+
+    def stop(self) -> None:
+        for process, _ in self.started:
+            if process.poll() is None:
+                process.terminate()
+        for process, _ in self.started:
+            process.wait(timeout=120)
+
+    def logs(self) -> str:
+        return "".join(log.read_text() for _, log in self.started)
+
+
+def interrupt_mid_task(process: subprocess.Popen, log: Path, task: str, signum: int,
+                       timeout: float = 300) -> str:
+    """Send `signum` to the worker while it runs a task of kind `task`; returns that task's
+    id (the test then checks the worker had not finished it)."""
+    deadline = time.time() + timeout
+    while True:
+        assert process.poll() is None, log.read_text()
+        assert time.time() < deadline, f"no {task} started: {log.read_text()[-2000:]}"
+        running = re.findall(rf"running task (\S+) \({task}, ", log.read_text())
+        if running:
+            process.send_signal(signum)
+            return running[-1]
+        time.sleep(0.02)
+
+
+def queue_depth(sqs, name: str) -> int:
+    url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+    return sum(int(attributes[k]) for k in ("ApproximateNumberOfMessages",
+                                            "ApproximateNumberOfMessagesNotVisible",
+                                            "ApproximateNumberOfMessagesDelayed"))
+
+
+def test_whole_pipeline_on_s3_and_sqs_equals_the_local_run(tmp_path, moto_endpoint):
+    from scripts.fault_campaign import contents
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint)
+    for bucket in ("em-input", "em-output"):
+        s3.create_bucket(Bucket=bucket)
+    for name in ("gpu", "cpu"):
+        run_cli("queue", "create", f"sqs://{name}", "--visibility-seconds", "60",
+                "--max-attempts", "4", check=True)
+    checkpoint = Path(resolve_model("isbi2012-small-affinity"))
+    s3.upload_file(str(checkpoint), "em-input", "models/small-affinity.pt")
+    write_crop("s3://em-input/image")
+    local_image = f"file://{tmp_path / 'image'}"
+    write_crop(local_image)
+
+    # the local run: file:// layers, a file queue, two local workers
+    local = tmp_path / "local"
+    (tmp_path / "local.yaml").write_text(PIPELINE.format(
+        output=local, image=local_image, model=checkpoint, cpu=f"fq://{tmp_path / 'fq-cpu'}",
+        gpu=f"fq://{tmp_path / 'fq-gpu'}"))
+    run_cli("run", tmp_path / "local.yaml", "--parallel", "2", check=True, timeout=900)
+
+    # the cloud run: the runner creates tasks and waits; workers elsewhere drain the queues
+    (tmp_path / "cloud.yaml").write_text(PIPELINE.format(
+        output="s3://em-output/run", image="s3://em-input/image",
+        model="s3://em-input/models/small-affinity.pt", cpu="sqs://cpu", gpu="sqs://gpu"))
+    runner_log = tmp_path / "runner.log"
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "deepem3d", "run", str(tmp_path / "cloud.yaml")], cwd=ROOT,
+        stdout=open(runner_log, "w"), stderr=subprocess.STDOUT)
+    workers = Workers(tmp_path)
+    try:
+        deadline = time.time() + 120
+        while queue_depth(sqs, "gpu") == 0:  # the inference stage's tasks, as sent
+            assert runner.poll() is None, runner_log.read_text()
+            assert time.time() < deadline, runner_log.read_text()
+            time.sleep(0.2)
+        gpu_url = sqs.get_queue_url(QueueName="gpu")["QueueUrl"]
+        bodies = [m["Body"] for m in sqs.receive_message(
+            QueueUrl=gpu_url, MaxNumberOfMessages=10, VisibilityTimeout=0).get("Messages", [])]
+        assert bodies and all("InferenceTask" in b for b in bodies)
+
+        doomed, doomed_log = workers.start("sqs://gpu")
+        killed = interrupt_mid_task(doomed, doomed_log, "InferenceTask", signal.SIGKILL)
+        doomed.wait(timeout=30)
+        assert f"finished task {killed} " not in doomed_log.read_text()
+        workers.start("sqs://gpu")
+        stopped, stopped_log = workers.start("sqs://cpu")
+        interrupt_mid_task(stopped, stopped_log, "SupervoxelTask", signal.SIGTERM)
+        assert stopped.wait(timeout=60) == 0, stopped_log.read_text()
+        assert "received SIGTERM" in stopped_log.read_text()
+        workers.start("sqs://cpu")
+        workers.start("sqs://cpu")
+        assert runner.wait(timeout=900) == 0, runner_log.read_text()[-3000:]
+    finally:
+        runner.kill() if runner.poll() is None else None
+        workers.stop()
+    logs = workers.logs()
+    assert "attempt 2)" in logs, "the killed worker's task was leased again"
+    for name in ("gpu", "cpu", "gpu-dead-letter", "cpu-dead-letter"):
+        assert queue_depth(sqs, name) == 0, f"{name} holds messages"
+
+    cloud = tmp_path / "cloud"
+    download("s3://em-output/run", cloud)
+    assert (cloud / "segmentation" / "tasks").is_dir() and (cloud / "report.json").exists()
+    expected = contents(local)
+    assert len(expected) > 100 and any("mesh" in key for key in expected)
+    assert contents(cloud) == expected
+
+    # no credential anywhere: logs, the messages as sent, markers, provenance, report
+    searched = [logs, runner_log.read_text(), *bodies]
+    searched += [p.read_text(errors="replace") for p in cloud.rglob("*") if p.is_file()]
+    assert not [text for text in searched if ACCESS_KEY in text or SECRET_KEY in text]

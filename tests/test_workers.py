@@ -5,6 +5,7 @@ The reference is igneous itself, run in-process on a copy of the same layer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -28,7 +29,7 @@ from tests.conftest import (
     run_cli,
     start_stage,
 )
-from tests.queue_helpers import AlwaysFails, FailsInFrame, StallOnce, Touch
+from tests.queue_helpers import AlwaysFails, FailsInFrame, SleepInFrame, StallOnce, Touch
 
 
 def start_worker(queue: str, *extra: str) -> subprocess.Popen:
@@ -82,7 +83,10 @@ def test_killed_worker_task_is_redone_and_result_is_exact(tmp_path):
     assert file_digests(tmp_path / "layer" / "4_4_50") == full_res
 
 
-def test_sigterm_finishes_the_task_at_hand_and_loses_nothing(tmp_path):
+def test_sigterm_releases_a_task_of_unknown_length_and_loses_nothing(tmp_path):
+    """A task whose time nothing tells (no marker of its stage yet) is not waited for on
+    SIGTERM: its lease is released at once, the worker exits 0 within seconds, and the next
+    worker takes the task straight away; the layer ends as igneous makes it."""
     layer = make_layer(tmp_path / "layer", "segmentation")
     plan = plan_downsample(layer, memory_target=MEMORY)
     reference = igneous_reference(tmp_path / "layer", tmp_path / "reference", plan.num_mips,
@@ -93,27 +97,60 @@ def test_sigterm_finishes_the_task_at_hand_and_loses_nothing(tmp_path):
     tq = TaskQueue(queue, progress=False)
     flag = tmp_path / "stalled"
     first_id, first = tasks[0]
-    tq.insert([partial(StallOnce, flag_path=str(flag), seconds=2, task=payload_of(first))])
+    tq.insert([partial(StallOnce, flag_path=str(flag), seconds=300, task=payload_of(first))])
     tq.insert([task for _, task in tasks[1:]])
 
-    worker = start_worker(queue, "--lease-seconds", "60")
+    worker = start_worker(queue, "--lease-seconds", "600")
     while not flag.exists():  # it may run other tasks before it reaches the stalling one
         assert worker.poll() is None
         time.sleep(0.05)
     done_before = len(stage.markers.done_ids())
+    signalled = time.time()
     worker.send_signal(signal.SIGTERM)
     _, log = worker.communicate(timeout=60)
     assert worker.returncode == 0, log
-    assert "stopping after the current task" in log
-    assert stage.markers.is_done(first_id), "the interrupted task was finished, not dropped"
-    finished = len(stage.markers.done_ids())
-    assert finished == done_before + 1, "no new task taken after SIGTERM"
-    assert tq.enqueued == len(tasks) - finished, "the rest are still on the queue"
+    assert time.time() - signalled < 30, "released, not waited for"
+    assert "releasing task" in log and "its time is unknown" in log, log
+    assert "1 released" in log, log
+    assert not stage.markers.is_done(first_id)
+    assert len(stage.markers.done_ids()) == done_before, "no new task taken after SIGTERM"
+    assert tq.enqueued == len(tasks) - done_before, "the rest, and the released one, wait"
 
-    drain = start_worker(queue, "--exit-when-empty")
-    assert drain.wait(timeout=120) == 0
+    drain = start_worker(queue, "--exit-when-empty", "--lease-seconds", "600")
+    assert drain.wait(timeout=120) == 0  # a lease of 600 s: the task was released, not lost
     assert stage.is_complete()
     assert_same_mips(layer, reference, range(1, plan.num_mips + 1))
+
+
+def test_sigterm_finishes_a_task_whose_stage_says_it_fits_the_grace(tmp_path):
+    """With markers of its stage saying such tasks take 2 s, a task interrupted by SIGTERM is
+    finished (marker written, message deleted) within the grace; with markers saying 100 s it
+    is released."""
+    layer = f"file://{tmp_path / 'layer'}"
+    queue = f"fq://{tmp_path / 'queue'}"
+    tq = TaskQueue(queue, progress=False)
+    for stage, recorded in (("short", 2.0), ("long", 100.0)):
+        markers = Markers(layer, stage)
+        markers.start_run("k", {}, ["earlier", "now"])
+        markers.mark_done("earlier", {"seconds": recorded})
+        flag = tmp_path / f"{stage}.flag"
+        tq.insert([partial(SleepInFrame, flag_path=str(flag), seconds=3,
+                           run={"layer": layer, "stage": stage, "id": "now", "key": "k"})])
+        worker = start_worker(queue, "--grace-seconds", "20")
+        wait_for(flag)
+        time.sleep(0.5)  # its expected time is read in the background as it starts
+        worker.send_signal(signal.SIGTERM)
+        _, log = worker.communicate(timeout=60)
+        assert worker.returncode == 0, log
+        if stage == "short":
+            assert "finishing task" in log and "grace 20 s" in log, log
+            assert markers.is_done("now") and tq.enqueued == 0, log
+        else:
+            assert "releasing task" in log and "expected 9" in log, log
+            assert not markers.is_done("now") and tq.enqueued == 1, log
+            drain = start_worker(queue, "--exit-when-empty")
+            assert drain.wait(timeout=60) == 0  # the flag exists: no sleep the second time
+            assert markers.is_done("now") and tq.enqueued == 0
 
 
 def test_a_task_that_always_fails_is_set_aside(tmp_path):
@@ -162,8 +199,8 @@ def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_pa
         assert (queue_dir / "failed" / f"{name}.json").read_text() == bad[name]
         assert f"task {name} set aside" in log and "not a task" in reasons[name], log
     assert "JSONDecodeError" in reasons["not-json"]
-    # a function nobody registered parses as a task, and fails once on running
-    assert "UnregisteredFunctionError" in reasons["unknown-function"]
+    # a function nobody registered parses as a task, and is refused before it runs
+    assert "not a task this worker runs" in reasons["unknown-function"]
     assert "no.such.module" in (queue_dir / "failed" / "unknown-function.json").read_text()
     assert "Traceback" not in log.split("RuntimeError: bug")[-1]
     record = json.loads((tmp_path / "layer" / "tasks" / "broken" / "errors" / "t1.json")
@@ -187,3 +224,73 @@ def test_a_marker_being_rewritten_reads_as_an_empty_record(tmp_path):
     empty.write_bytes(b"")  # what a read sees between the rewrite's open and its write
     assert markers.done_ids() == {"a", "b"}
     assert markers.records() == [{"seconds": 1.5}, {}]
+
+
+def test_a_worker_runs_only_its_tasks_and_writes_only_inside_its_allow_list(tmp_path):
+    """Forged messages, each set aside on its first attempt while the real tasks run: igneous's
+    DeleteTask sent bare (registered in the worker once a downsampling task has imported
+    igneous) and wrapped in MarkedTask, a wrapped downsampling of a layer outside the
+    allow-list, and a stage task whose output path, given positionally, climbs out of it.
+    The layers they name are untouched; `queue status` shows each with why."""
+    allowed = tmp_path / "allowed"
+    layer = make_layer(allowed / "layer")
+    outside = make_layer(tmp_path / "outside" / "layer")
+    stage = downsample_stage(plan_downsample(layer, memory_target=MEMORY))
+    tasks = start_stage(stage)
+    queue_dir = tmp_path / "queue"
+    tq = TaskQueue(f"fq://{queue_dir}", progress=False)
+    tq.insert([task for _, task in tasks])
+
+    outside_stage = downsample_stage(plan_downsample(outside, memory_target=MEMORY))
+    (_, wrapped_outside), *_ = outside_stage.make_tasks()
+    before = tree_digests(tmp_path / "outside")
+    delete = [["igneous.tasks.image.image", "DeleteTask"], [],
+              {"layer_path": outside, "shape": [64, 64, 10], "offset": [0, 0, 0]}, None]
+    run = {"layer": layer, "stage": stage.name, "id": "forged", "key": stage.key}
+    forged = {
+        "bare-delete": delete,
+        "wrapped-delete": [["deepem3d.stages.frame", "MarkedTask"], [],
+                           {"task": delete, "run": run}, None],
+        "wrapped-outside": [["deepem3d.stages.frame", "MarkedTask"], [],
+                            {"task": wrapped_outside.keywords["task"], "run": run}, None],
+        "climbs-out": [["deepem3d.stages.graph", "RegionGraphTask"],
+                       [f"{layer}/../../outside/layer", [0, 0, 0, 1, 1, 1], []],
+                       {"run": run}, None],
+    }
+    for name, payload in forged.items():
+        (queue_dir / "queue" / f"0--{name}.json").write_text(
+            json.dumps({"payload": payload, "id": name}))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "deepem3d", "worker", f"fq://{queue_dir}", "--exit-when-empty",
+         "--allow-prefix", str(allowed)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    _, log = worker.communicate(timeout=120)
+    assert worker.returncode == 1, log  # tasks were set aside
+    assert stage.is_complete() and tq.enqueued == 0, log
+    assert tree_digests(tmp_path / "outside") == before
+    reasons = {p.stem: p.read_text() for p in (queue_dir / "failed").glob("*.error")}
+    assert set(reasons) == set(forged), log
+    assert "igneous.tasks.image.image.DeleteTask is not a task this worker runs" in \
+        reasons["bare-delete"]
+    assert "refuses igneous's DeleteTask" in reasons["wrapped-delete"]
+    for name in ("wrapped-outside", "climbs-out"):
+        assert "outside the allowed prefixes" in reasons[name], reasons[name]
+    shown = run_cli("queue", "status", f"fq://{queue_dir}", check=True).stdout
+    assert "set aside: 4" in shown and "climbs-out  layer/downsample-mip0  refused:" in shown, \
+        shown
+
+
+def tree_digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_worker_runs_every_task_deepem3d_registers():
+    """STAGE_TASKS is the whole list: a stage task added without it would be refused."""
+    from taskqueue.queueablefns import REGISTRY
+
+    from deepem3d.run.admission import STAGE_TASKS
+    from deepem3d.run.worker import register_tasks
+
+    register_tasks()
+    registered = {key for key in REGISTRY if key[0].startswith("deepem3d.")}
+    assert registered == set(STAGE_TASKS)

@@ -36,16 +36,32 @@ from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
 @click.option("--parent-pid", type=int, default=None, hidden=True,
               help="Exit once process PID is no longer this worker's parent (a runner's local "
               "workers: PID is the runner's, checked even if it died before this started).")
+@click.option(
+    "--allow-prefix", "allow_prefixes", multiple=True, metavar="PREFIX",
+    help="Run only tasks that write under PREFIX (repeatable; s3://bucket/runs, "
+    "gs://bucket, file:///data; default: DEEPEM3D_ALLOW_PREFIXES, comma-separated, else "
+    "anywhere). A task writing elsewhere is set aside.",
+)
+@click.option(
+    "--grace-seconds", type=click.FloatRange(min=0), default=30, show_default=True,
+    envvar="DEEPEM3D_GRACE_SECONDS", show_envvar=True,
+    help="The time SIGTERM leaves before the process is killed (the pod's "
+    "terminationGracePeriodSeconds): the task at hand is finished only if its expected time "
+    "fits, else released to the queue at once.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Log warnings and errors only.")
 def worker(
     queue: str, lease_seconds: int, exit_when_empty: bool, max_tasks: int | None,
     max_attempts: int, imports: tuple[str, ...], poll_seconds: float, parent_pid: int | None,
-    quiet: bool,
+    allow_prefixes: tuple[str, ...], grace_seconds: float, quiet: bool,
 ) -> None:
     """Execute tasks from QUEUE (fq://DIR or sqs://NAME) until stopped.
 
-    SIGTERM or Ctrl-C: the task at hand is finished and deleted, then the worker exits 0.
-    Exit status 1 if any task raised.
+    Runs deepem3d's stage tasks (igneous's only those deepem3d creates) and those of --import
+    modules; anything else, and a message that is not a task, is set aside on its first
+    attempt (fq://: DIR/failed/; SQS: the dead-letter queue). SIGTERM: no new task; the task
+    at hand is finished if it fits in --grace-seconds, else released; exit 0. Ctrl-C: the
+    task at hand is finished. Exit status 1 if any task raised or was set aside.
     """
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -61,14 +77,17 @@ def worker(
             raise InputError(f"--import {module}: {err}") from None
 
     check_existing_queue(queue)
+    from deepem3d.run.admission import allow_prefixes as normal_prefixes
+
     report = Worker(
         queue, lease_seconds=lease_seconds, exit_when_empty=exit_when_empty,
         max_tasks=max_tasks, max_attempts=max_attempts, poll_seconds=poll_seconds,
-        parent_pid=parent_pid,
+        parent_pid=parent_pid, allow_prefixes=normal_prefixes(allow_prefixes),
+        imported=imports, grace_seconds=grace_seconds,
     ).run()
     logging.getLogger("deepem3d.run.worker").info(
-        "exiting: %d task(s) executed, %d error(s), %d given up%s",
-        report.executed, report.errors, report.given_up,
+        "exiting: %d task(s) executed, %d error(s), %d given up, %d released%s",
+        report.executed, report.errors, report.given_up, report.released,
         " (stopped by signal)" if report.stopped_by_signal else "",
     )
     if report.errors or report.given_up:

@@ -24,37 +24,12 @@ import shutil
 from dataclasses import dataclass
 
 from deepem3d.errors import InputError
-from deepem3d.run.queues import check_queue_url
+from deepem3d.run.queues import check_queue_url, sqs_call, sqs_client
 
 RETENTION_SECONDS = 14 * 24 * 3600  # SQS's maximum; its default (4 days) loses slow stages
 DEAD_LETTER_SUFFIX = "-dead-letter"
 MAX_VISIBILITY = 12 * 3600  # SQS's limit
 PEEK_BATCHES = 10  # receive calls (10 messages each) `set_aside` makes on a dead-letter queue
-
-
-def _sqs():
-    import boto3
-    from botocore.config import Config
-
-    try:
-        return boto3.client("sqs", config=Config(retries={"max_attempts": 3},
-                                                 connect_timeout=5, read_timeout=30))
-    except Exception as err:  # noqa: BLE001  (botocore's NoRegionError and kin)
-        raise InputError(f"cannot reach SQS: {err} (set AWS_DEFAULT_REGION and credentials)")\
-            from None
-
-
-def _call(what: str, fn, **kwargs):
-    """One SQS call, its failures as one-line InputErrors."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        return fn(**kwargs)
-    except ClientError as err:
-        error = err.response.get("Error", {})
-        raise InputError(f"{what}: {error.get('Code')}: {error.get('Message')}") from None
-    except BotoCoreError as err:
-        raise InputError(f"{what}: {err}") from None
 
 
 def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 900,
@@ -75,13 +50,13 @@ def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 9
         open_queue(url)  # taskqueue lays out its folders
         return f"file queue {url}"
     name = url[len("sqs://"):]
-    sqs = _sqs()
-    dead = _call(f"creating {name}{DEAD_LETTER_SUFFIX}", sqs.create_queue,
+    sqs = sqs_client()
+    dead = sqs_call(f"creating {name}{DEAD_LETTER_SUFFIX}", sqs.create_queue,
                  QueueName=f"{name}{DEAD_LETTER_SUFFIX}",
                  Attributes={"MessageRetentionPeriod": str(RETENTION_SECONDS)})["QueueUrl"]
-    arn = _call("reading the dead-letter queue", sqs.get_queue_attributes, QueueUrl=dead,
+    arn = sqs_call("reading the dead-letter queue", sqs.get_queue_attributes, QueueUrl=dead,
                 AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    _call(f"creating {name}", sqs.create_queue, QueueName=name, Attributes={
+    sqs_call(f"creating {name}", sqs.create_queue, QueueName=name, Attributes={
         "MessageRetentionPeriod": str(RETENTION_SECONDS),
         "VisibilityTimeout": str(visibility_seconds),
         "RedrivePolicy": json.dumps({"deadLetterTargetArn": arn,
@@ -102,14 +77,14 @@ def delete_queue(url: str) -> str:
         shutil.rmtree(folder)
         return f"deleted {url}"
     name = url[len("sqs://"):]
-    sqs = _sqs()
+    sqs = sqs_client()
     deleted = []
     for queue in (name, f"{name}{DEAD_LETTER_SUFFIX}"):
-        found = _call("listing queues", sqs.list_queues,
+        found = sqs_call("listing queues", sqs.list_queues,
                       QueueNamePrefix=queue).get("QueueUrls", [])
         for queue_url in found:
             if queue_url.rstrip("/").rsplit("/", 1)[-1] == queue:
-                _call(f"deleting {queue}", sqs.delete_queue, QueueUrl=queue_url)
+                sqs_call(f"deleting {queue}", sqs.delete_queue, QueueUrl=queue_url)
                 deleted.append(queue)
     if name not in deleted:
         raise InputError(f"{url}: no such SQS queue")
@@ -163,20 +138,24 @@ def set_aside(url: str) -> list[SetAside]:
 
 
 def _dead_letters(name: str) -> list[SetAside]:
-    sqs = _sqs()
-    found = _call("listing queues", sqs.list_queues,
+    sqs = sqs_client()
+    found = sqs_call("listing queues", sqs.list_queues,
                   QueueNamePrefix=f"{name}{DEAD_LETTER_SUFFIX}").get("QueueUrls", [])
     dead = next((u for u in found if u.endswith(f"/{name}{DEAD_LETTER_SUFFIX}")), None)
     if dead is None:
         return []
     seen: dict[str, SetAside] = {}
     for _ in range(PEEK_BATCHES):
-        reply = _call("reading the dead-letter queue", sqs.receive_message, QueueUrl=dead,
-                      MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0)
+        reply = sqs_call("reading the dead-letter queue", sqs.receive_message, QueueUrl=dead,
+                         MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0,
+                         MessageAttributeNames=["All"])
         messages = reply.get("Messages", [])
         if not messages or all(m["MessageId"] in seen for m in messages):
             break
         for message in messages:
-            seen[message["MessageId"]] = _joined(message["MessageId"], message["Body"],
-                                                 "in the dead-letter queue")
+            # a worker's set-aside carries why and the task's id; a redrive carries nothing
+            attributes = message.get("MessageAttributes", {})
+            reason = attributes.get("error", {}).get("StringValue", "in the dead-letter queue")
+            task_id = attributes.get("task", {}).get("StringValue", message["MessageId"])
+            seen[message["MessageId"]] = _joined(task_id, message["Body"], reason)
     return sorted(seen.values(), key=lambda s: s.task_id)

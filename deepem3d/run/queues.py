@@ -43,10 +43,67 @@ def check_existing_queue(url: str) -> str:
     return url
 
 
+#: how long an SQS call waits for a connection, and how often it is tried: an endpoint that
+#: does not answer is an error within seconds (botocore's defaults wait minutes)
+SQS_CONNECT_SECONDS = 3
+SQS_ATTEMPTS = 2
+#: seconds an SQS call may wait for its answer: above a long poll's wait (the worker's 2 s)
+SQS_READ_SECONDS = 30
+
+
+def sqs_config():
+    from botocore.config import Config
+
+    return Config(connect_timeout=SQS_CONNECT_SECONDS, read_timeout=SQS_READ_SECONDS,
+                  retries={"max_attempts": SQS_ATTEMPTS, "mode": "standard"})
+
+
+def sqs_client():
+    """A boto3 SQS client with bounded timeouts; endpoint, region and credentials from the
+    usual places (AWS_ENDPOINT_URL_SQS, AWS_DEFAULT_REGION, the environment, the pod's role)."""
+    import boto3
+
+    try:
+        return boto3.client("sqs", config=sqs_config())
+    except Exception as err:  # noqa: BLE001  (botocore's NoRegionError and kin)
+        raise InputError(f"cannot reach SQS: {err} (set AWS_DEFAULT_REGION)") from None
+
+
+def sqs_call(what: str, fn, **kwargs):
+    """One SQS call, its failures (no credentials, no answer, no such queue) as one-line
+    InputErrors that name no credential."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        return fn(**kwargs)
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        code = str(error.get("Code"))
+        if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
+            raise InputError(f"{what}: no such SQS queue (create it with `deepem3d queue "
+                             "create`)") from None
+        raise InputError(f"{what}: {code}: {error.get('Message')}") from None
+    except NoCredentialsError:
+        raise InputError(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY, a profile, or the pod's role)") from None
+    except BotoCoreError as err:
+        raise InputError(f"{what}: {err}") from None
+
+
 def open_queue(url: str):
+    """taskqueue's TaskQueue for the URL; an SQS queue is looked up first, so that a queue
+    that does not exist, an endpoint that does not answer or missing credentials are one-line
+    errors within seconds."""
     from taskqueue import TaskQueue
 
-    return TaskQueue(check_queue_url(url), progress=False)
+    check_queue_url(url)
+    if not url.startswith("sqs://"):
+        return TaskQueue(url, progress=False)
+    name = url[len("sqs://"):]
+    sqs = sqs_client()
+    sqs_call(url, sqs.get_queue_url, QueueName=name)
+    return TaskQueue(url, progress=False, config=sqs_config(),
+                     region_name=sqs.meta.region_name)
 
 
 @dataclass

@@ -1,22 +1,36 @@
-"""The worker loop: lease a task, keep its lease alive, run it, delete it; stop cleanly.
+"""The worker loop: lease a task, check it, keep its lease alive, run it, delete it; stop
+cleanly.
 
-taskqueue's own `poll` neither handles SIGTERM nor renews leases nor counts attempts; this
-loop does all three:
+taskqueue's own `poll` neither checks what it runs nor handles SIGTERM nor renews leases nor
+counts attempts; this loop does all four:
 
-- SIGTERM (what Kubernetes sends) or Ctrl-C: finish the task at hand, delete it, exit 0.
-  A second Ctrl-C stops at once; the unfinished task comes back when its lease expires.
+- Every message is checked before it runs (deepem3d.run.admission): one of deepem3d's stage
+  tasks or of a module given with --import, igneous's only the few deepem3d creates and only
+  wrapped, every write path inside the allow-list when one is given. A message that is not a
+  task (not JSON, not a task's shape, a class or function nobody registered) or that is
+  refused is set aside on its first attempt, since no retry changes it: on fq:// in
+  DIR/failed/ (ID.json the message as it was, ID.error why), on SQS in the queue's
+  dead-letter queue (the message as it was, why in its `error` attribute). The worker goes
+  on.
+- Leases are counted per task (fq://: in DIR/attempts/; SQS: the message's receive count); a
+  task leased more than `max_attempts` times is set aside the same way instead of coming back
+  forever (on SQS the redrive policy of `deepem3d queue create` does it too).
+- Running a task is guarded against BaseException (taskqueue raises some), so nothing a task
+  raises stops the worker; a task that raises is released for a retry at once.
+- SIGTERM (what Kubernetes sends, also ahead of a Spot preemption): the worker takes no new
+  task. The task at hand is finished when its expected time (the longest of its stage's first
+  completion markers) fits in the grace period (`grace_seconds`, the pod's
+  terminationGracePeriodSeconds, less GRACE_MARGIN); otherwise, or when nothing tells how long
+  it takes, its lease is released at once (it goes back to the queue) and the worker exits 0,
+  so a preemption loses no time to a lease timeout. Ctrl-C finishes the task at hand; a
+  second one stops at once (the task comes back when its lease expires).
 - A background thread renews the lease of a long task every third of the lease time, so a
   task that outlives its lease is not handed to a second worker.
-- On fq:// queues, leases are counted per task; a task leased more than `max_attempts` times
-  is moved to DIR/failed/ instead of coming back forever. On SQS, give the queue a redrive
-  policy (a dead-letter queue) for the same effect.
-- A message that is not a task (not JSON, not a task's shape, a task class nobody registered)
-  never stops the worker: on fq:// it is set aside in DIR/failed/ the first time it is leased
-  and UNREADABLE_GRACE old (ID.json the message as it was, ID.error why); on SQS it is logged
-  and returns after its visibility timeout until the redrive policy moves it to the
-  dead-letter queue.
 - Every failure of a frame task leaves an error record, LAYER/tasks/STAGE/errors/ID.json (the
   last line of the error, the attempt, the host), since an SQS message cannot carry one.
+- One log line per task: `finished task ID (stage LAYER/STAGE TASK) in S s, peak memory M MiB`;
+  errors name the task id. Logs hold no credential: nothing here prints a payload's secrets,
+  and payloads hold none (CloudVolume reads its secrets from the environment or files).
 """
 
 from __future__ import annotations
@@ -34,12 +48,12 @@ from dataclasses import dataclass
 
 from taskqueue import QueueEmptyError
 from taskqueue.lib import jsonify
-from taskqueue.queueablefns import UnregisteredFunctionError
 from taskqueue.queueables import totask
 
 from deepem3d.errors import InputError
 from deepem3d.memory import peak_rss
-from deepem3d.run.queues import open_queue
+from deepem3d.run.admission import Refused, admit
+from deepem3d.run.queues import open_queue, sqs_call
 from deepem3d.stages.frame import Markers, frame_run, stage_label
 
 log = logging.getLogger("deepem3d.run.worker")
@@ -64,8 +78,24 @@ LEASE_CANDIDATES = 16
 #: seconds an fq:// file that does not parse is given before it is set aside: taskqueue's
 #: insert creates the file and then writes it, and a lease in between reads it empty
 UNREADABLE_GRACE = 5.0
-#: what a message that is not a task raises when taskqueue reads it (JSON, shape, class)
-NOT_A_TASK = (ValueError, KeyError, IndexError, TypeError, UnregisteredFunctionError)
+#: seconds an SQS receive waits for a message (a long poll: fewer empty receives)
+SQS_WAIT_SECONDS = 2
+#: the longest SQS visibility timeout: a refused message on a queue without a dead-letter
+#: queue is hidden this long instead of coming back at once
+SQS_MAX_VISIBILITY = 12 * 3600
+#: the termination grace Kubernetes gives a pod by default, and about what a GKE Spot node
+#: gives before it goes
+GRACE_SECONDS = 30
+#: seconds of the grace kept for what follows a task (its marker, deleting its message, exit)
+GRACE_MARGIN = 5
+#: completion markers of a stage read for a task's expected time
+EXPECTED_SAMPLE = 16
+
+
+class Preempted(BaseException):
+    """Raised in the main thread by SIGTERM when the task at hand would outlast the grace
+    period: the task stops and its lease is released. A BaseException, so that no `except
+    Exception` in a task swallows it."""
 
 
 def _last_line(err: BaseException) -> str:
@@ -97,12 +127,37 @@ def stage_of(task) -> str:
     return "-" if run is None else f"stage {stage_label(run)} {run.get('id')}"
 
 
+def expected_seconds(task) -> float | None:
+    """How long a frame task takes: the longest of its stage's first EXPECTED_SAMPLE markers
+    (None for a task outside the frame, a stage with no marker yet, or markers out of reach)."""
+    run = frame_run(task)
+    if run is None:
+        return None
+    try:
+        seconds = [r.get("seconds") for r in
+                   Markers(run["layer"], run["stage"]).sample_records(EXPECTED_SAMPLE)]
+    except Exception:  # noqa: BLE001  (an estimate: a failure only means "unknown")
+        return None
+    seconds = [float(s) for s in seconds if isinstance(s, int | float)]
+    return max(seconds) if seconds else None
+
+
 @dataclass
 class WorkerReport:
     executed: int = 0
     errors: int = 0
     given_up: int = 0
+    released: int = 0
     stopped_by_signal: bool = False
+
+
+@dataclass
+class _Running:
+    """The task at hand, for the SIGTERM handler."""
+
+    task: object
+    started: float
+    expected: float | None = None
 
 
 class _LeaseKeeper:
@@ -140,8 +195,15 @@ class Worker:
         max_attempts: int = 5,
         poll_seconds: float = 1.0,
         parent_pid: int | None = None,
+        allow_prefixes: tuple[str, ...] = (),
+        imported: tuple[str, ...] = (),
+        grace_seconds: float = GRACE_SECONDS,
     ):
         register_tasks()
+        #: what the worker runs besides deepem3d's stage tasks, and where tasks may write
+        self.allow_prefixes = tuple(allow_prefixes)
+        self.imported = tuple(imported)
+        self.grace_seconds = float(grace_seconds)
         #: a runner's local workers stop when the runner is gone (even SIGKILLed, even before
         #: this worker got this far: the runner passes its own pid)
         self.parent = parent_pid
@@ -154,13 +216,33 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.stop_requested = threading.Event()
         self._file_queue_dir = url[len("fq://"):] if url.startswith("fq://") else None
+        self._running: _Running | None = None
+        #: SQS: receipt handle -> (message id, receive count, body) of the messages in hand
+        self._messages: dict[str, tuple[str, int, str]] = {}
+        self._dead_letter_url: str | None = None
 
     # signals -------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         if self.stop_requested.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        log.info("received %s: stopping after the current task", signal.Signals(signum).name)
         self.stop_requested.set()
+        running = self._running
+        name = signal.Signals(signum).name
+        if signum != signal.SIGTERM or running is None:
+            log.info("received %s: stopping after the current task", name)
+            return
+        elapsed = time.time() - running.started
+        left = self.grace_seconds - GRACE_MARGIN
+        if running.expected is not None and running.expected - elapsed <= left:
+            log.info("received %s: finishing task %s (expected %.0f s more, grace %.0f s)",
+                     name, self._label(running.task), max(0.0, running.expected - elapsed),
+                     self.grace_seconds)
+            return
+        expected = ("its time is unknown" if running.expected is None else
+                    f"expected {running.expected - elapsed:.0f} s more")
+        log.info("received %s: releasing task %s (%s, grace %.0f s)", name,
+                 self._label(running.task), expected, self.grace_seconds)
+        raise Preempted
 
     def _install_handlers(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
@@ -177,9 +259,9 @@ class Worker:
         return os.path.join(self._file_queue_dir, "attempts", str(task.id))
 
     def _count_attempt(self, task) -> int:
+        if self._file_queue_dir is None:  # SQS counts receives
+            return self._messages.get(task.id, ("", 1, ""))[1]
         path = self._attempts_path(task)
-        if path is None:
-            return 1
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "ab") as f:
             f.write(b".")
@@ -194,24 +276,53 @@ class Worker:
                 pass
 
     def _give_up(self, task, reason: str) -> None:
-        if self._file_queue_dir is None:  # SQS: the redrive policy moves it
-            self.queue.cancel(task)
+        if self._file_queue_dir is None:
+            self._set_aside(task.id, self._messages.get(task.id, ("", 0, ""))[2], reason)
             return
         payload = task.payload()
         self._set_aside(task.id, jsonify(payload if isinstance(payload, dict)
                                          else list(payload)), reason)
         self._forget_attempts(task)
 
+    def _label(self, task) -> str:
+        """The id a log line gives a task: on SQS the message id (its receipt handle is long
+        and changes with every receive)."""
+        return self._messages.get(task.id, (str(task.id),))[0]
+
     # the loop -----------------------------------------------------------------------
     def _lease(self):
         if self._file_queue_dir is not None:
             return self._lease_file()
+        return self._lease_sqs()
+
+    def _lease_sqs(self):
+        """One message of an SQS queue, received here (not by taskqueue, which raises on a
+        message that does not parse before anything can be done with it) with its receive
+        count; a message that is not a task is set aside in the dead-letter queue at once."""
+        api = self.queue.api
+        self._messages.clear()
+        reply = sqs_call(f"receiving from {self.url}", api.sqs.receive_message,
+                         QueueUrl=api.qurl, MaxNumberOfMessages=1,
+                         VisibilityTimeout=self.lease_seconds, WaitTimeSeconds=SQS_WAIT_SECONDS,
+                         AttributeNames=["ApproximateReceiveCount"])
+        messages = reply.get("Messages") or []
+        if not messages:
+            raise QueueEmptyError
+        message = messages[0]
+        handle, body = message["ReceiptHandle"], message["Body"]
+        count = int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+        self._messages[handle] = (message["MessageId"], count, body)
         try:
-            return self.queue.lease(seconds=self.lease_seconds, wait_sec=2)
-        except NOT_A_TASK as err:  # the redrive policy retires the message
-            log.error("a message of %s is not a task (%s): it returns after its visibility "
-                      "timeout until the dead-letter queue takes it", self.url, _last_line(err))
-            raise QueueEmptyError from None
+            data = json.loads(body)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            data["id"] = handle
+            return totask(data)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # noqa: BLE001  (taskqueue raises BaseExceptions)
+            self._set_aside(handle, body, f"not a task: {_last_line(err)}")
+        raise QueueEmptyError
 
     def _lease_file(self):
         """One task of an fq:// queue, leased as taskqueue's FileQueueAPI does (the same
@@ -256,6 +367,9 @@ class Worker:
         raise QueueEmptyError
 
     def _set_aside(self, task_id: str, text: str, reason: str) -> None:
+        if self._file_queue_dir is None:
+            self._set_aside_sqs(task_id, text, reason)
+            return
         failed_dir = os.path.join(self._file_queue_dir, "failed")
         os.makedirs(failed_dir, exist_ok=True)
         with open(os.path.join(failed_dir, f"{task_id}.json"), "w") as f:
@@ -264,6 +378,42 @@ class Worker:
             f.write(reason + "\n")
         self.queue.api.delete(task_id)
         log.error("task %s set aside in %s: %s", task_id, failed_dir, reason)
+
+    def _set_aside_sqs(self, handle: str, body: str, reason: str) -> None:
+        """The message, as it came, into the queue's dead-letter queue (the target of its
+        redrive policy) with why in its `error` attribute, then off the queue. A queue
+        without a dead-letter queue keeps it, hidden for SQS_MAX_VISIBILITY."""
+        api = self.queue.api
+        label = self._messages.get(handle, (handle,))[0]
+        dead = self._dead_letter()
+        if dead is None:
+            log.error("task %s is refused (%s), and %s has no dead-letter queue (create it "
+                      "with `deepem3d queue create`): hidden for %d s", label, reason,
+                      self.url, SQS_MAX_VISIBILITY)
+            sqs_call("hiding a message", api.sqs.change_message_visibility, QueueUrl=api.qurl,
+                     ReceiptHandle=handle, VisibilityTimeout=SQS_MAX_VISIBILITY)
+            return
+        sqs_call("setting a message aside", api.sqs.send_message, QueueUrl=dead,
+                 MessageBody=body or "(empty)", MessageAttributes={
+                     "error": {"DataType": "String", "StringValue": reason[:1000]},
+                     "task": {"DataType": "String", "StringValue": label}})
+        sqs_call("deleting a message", api.sqs.delete_message, QueueUrl=api.qurl,
+                 ReceiptHandle=handle)
+        log.error("task %s set aside in %s: %s", label, dead.rsplit("/", 1)[-1], reason)
+
+    def _dead_letter(self) -> str | None:
+        if self._dead_letter_url is None:
+            api = self.queue.api
+            attributes = sqs_call("reading the queue's redrive policy",
+                                  api.sqs.get_queue_attributes, QueueUrl=api.qurl,
+                                  AttributeNames=["RedrivePolicy"]).get("Attributes", {})
+            if "RedrivePolicy" not in attributes:
+                return None
+            arn = json.loads(attributes["RedrivePolicy"])["deadLetterTargetArn"]
+            self._dead_letter_url = sqs_call(
+                "finding the dead-letter queue", api.sqs.get_queue_url,
+                QueueName=arn.rsplit(":", 1)[-1])["QueueUrl"]
+        return self._dead_letter_url
 
     def run(self) -> WorkerReport:
         report = WorkerReport()
@@ -294,40 +444,67 @@ class Worker:
         return report
 
     def _execute(self, task, report: WorkerReport) -> None:
+        label = self._label(task)
+        try:
+            name = admit(task, prefixes=self.allow_prefixes, imported=self.imported)
+        except Refused as err:
+            report.given_up += 1
+            self._give_up(task, f"refused: {err}")
+            return
         attempts = self._count_attempt(task)
         if attempts > self.max_attempts:
             self._give_up(task, f"leased {attempts - 1} times without finishing")
             report.given_up += 1
             return
-        name = ".".join(task.key) if hasattr(task, "key") else type(task).__name__
-        log.info("running task %s (%s, %s, attempt %d)", task.id, name, stage_of(task),
-                 attempts)
+        log.info("running task %s (%s, %s, attempt %d)", label, name, stage_of(task), attempts)
         start = time.time()
         keeper = _LeaseKeeper(self.queue, task, self.lease_seconds)
+        running = _Running(task, start)
+        threading.Thread(target=self._estimate, args=(running,), daemon=True).start()
         try:
-            task.execute()
-        except (InputError, UnregisteredFunctionError) as err:
+            try:
+                self._running = running
+                task.execute()
+            finally:
+                self._running = None
+        except Preempted:
+            keeper.stop()
+            report.released += 1
+            self._release(task)
+            return
+        except (KeyboardInterrupt, SystemExit):
+            keeper.stop()
+            raise
+        except InputError as err:
             # bad input fails the same way on every retry: once, visibly (the task's stage
             # has its failure record, which the runner reports)
             keeper.stop()
             report.errors += 1
-            log.error("task %s (%s) failed on its input: %s", task.id, name, err)
-            record_error(task, err, attempts if self._file_queue_dir is not None else None)
+            log.error("task %s (%s) failed on its input: %s", label, name, err)
+            record_error(task, err, attempts)
             self._give_up(task, _last_line(err))
             return
-        except Exception as err:
+        except BaseException as err:  # noqa: BLE001  (taskqueue raises BaseExceptions)
             keeper.stop()
             report.errors += 1
-            log.error("task %s raised:\n%s", task.id, traceback.format_exc().rstrip())
-            record_error(task, err, attempts if self._file_queue_dir is not None else None)
-            try:
-                self.queue.cancel(task)  # let it be retried now rather than at lease expiry
-            except Exception as err:
-                log.warning("could not release task %s: %s", task.id, err)
+            log.error("task %s (%s) raised:\n%s", label, stage_of(task),
+                      traceback.format_exc().rstrip())
+            record_error(task, err, attempts)
+            self._release(task)  # let it be retried now rather than at lease expiry
             return
         keeper.stop()
         self.queue.delete(task, tally=True)
         self._forget_attempts(task)
         report.executed += 1
-        log.info("finished task %s (%s) in %.2f s, peak memory %.0f MiB", task.id,
+        log.info("finished task %s (%s) in %.2f s, peak memory %.0f MiB", label,
                  stage_of(task), time.time() - start, peak_rss() / 2**20)
+
+    @staticmethod
+    def _estimate(running: _Running) -> None:
+        running.expected = expected_seconds(running.task)
+
+    def _release(self, task) -> None:
+        try:
+            self.queue.cancel(task)
+        except Exception as err:  # noqa: BLE001  (it comes back at lease expiry anyway)
+            log.warning("could not release task %s: %s", self._label(task), err)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import logging
 import os
@@ -146,6 +147,13 @@ class Markers:
         """Every completion marker (for the run's summary)."""
         keys = [self.marker_key(i) for i in sorted(self.done_ids())]
         return [self._record(k) or {} for k in keys]
+
+    def sample_records(self, count: int) -> list[dict]:
+        """Up to `count` completion markers, the first listed (an estimate of a task's time
+        without reading a whole stage's markers)."""
+        keys = itertools.islice((k for k in self._files.list(prefix=f"{self.prefix}/done/")
+                                 if k.endswith(".json")), count)
+        return [r for r in (self._record(k) for k in keys) if r]
 
     def _record(self, key: str) -> dict | None:
         """A task's record, or None while another attempt of the task is writing it (a file://
@@ -267,12 +275,42 @@ def task_id_of(payload: list | dict) -> str:
     return digest([key, args, kwargs])
 
 
-#: the only modules whose tasks MarkedTask runs: a message cannot name arbitrary code
-MARKED_MODULES = ("igneous.tasks",)
+#: the igneous tasks deepem3d's stages create (downsampling, meshes, skeletons), by name, with
+#: the arguments that name where each writes (deepem3d.run.admission checks them against a
+#: worker's allow-list): MarkedTask runs nothing else of igneous, not its DeleteTask or
+#: TransferTask
+WRAPPED_TASKS = {
+    "DownsampleTask": ("layer_path", "dest_path"),
+    "MeshTask": ("layer_path",),
+    "MeshManifestPrefixTask": ("layer_path",),
+    "MeshManifestFilesystemTask": ("layer_path",),
+    "MultiResShardedMeshMergeTask": ("cloudpath",),
+    "MultiResUnshardedMeshMergeTask": ("cloudpath",),
+    "SkeletonTask": ("cloudpath", "frag_path"),
+    "UnshardedSkeletonMergeTask": ("cloudpath",),
+    "ShardedSkeletonMergeTask": ("cloudpath",),
+}
+#: the package igneous's task functions live in
+WRAPPED_MODULE = "igneous.tasks"
 
 
-def _allowed(module: str) -> bool:
-    return any(module == m or module.startswith(m + ".") for m in MARKED_MODULES)
+def wrapped_name(task) -> str:
+    """The name of the igneous task a MarkedTask payload wraps; an InputError for anything
+    but one of WRAPPED_TASKS."""
+    if isinstance(task, dict):  # a RegisteredTask (MeshTask, SkeletonTask...)
+        name = str(task.get("class"))
+    elif (isinstance(task, list) and len(task) >= 3 and isinstance(task[0], list)
+          and len(task[0]) == 2):
+        module, name = (str(part) for part in task[0])
+        if module != WRAPPED_MODULE and not module.startswith(WRAPPED_MODULE + "."):
+            raise InputError(f"MarkedTask refuses {module}.{name}: only igneous's tasks "
+                             f"({', '.join(sorted(WRAPPED_TASKS))}) run wrapped")
+    else:
+        raise InputError("MarkedTask wraps something that is not a task")
+    if name not in WRAPPED_TASKS:
+        raise InputError(f"MarkedTask refuses igneous's {name}: deepem3d runs "
+                         f"{', '.join(sorted(WRAPPED_TASKS))}")
+    return name
 
 
 @stage_task
@@ -292,23 +330,10 @@ def MarkedTask(task: list | dict, names: dict | None = None) -> dict:  # noqa: N
 def _run_marked(task: list | dict) -> dict:
     import importlib
 
-    if isinstance(task, dict):  # a RegisteredTask: found by class name once igneous is loaded
-        from taskqueue.registered_task import REGISTRY
-
-        importlib.import_module("igneous.tasks")
-        cls = REGISTRY.get(str(task.get("class")))
-        if cls is None or not _allowed(cls.__module__):
-            raise InputError(f"MarkedTask refuses task class {task.get('class')!r}: only "
-                             f"tasks of {', '.join(MARKED_MODULES)} run wrapped")
-        totask(dict(task)).execute()
-        return {"wrapped": task["class"]}
-    module = task[0][0]
-    if not _allowed(module):
-        raise InputError(f"MarkedTask refuses {module}.{task[0][1]}: only tasks of "
-                         f"{', '.join(MARKED_MODULES)} run wrapped")
-    importlib.import_module(module)  # registers the task's function (igneous's, lazily)
-    totask(task).execute()
-    return {"wrapped": task[0]}
+    name = wrapped_name(task)
+    importlib.import_module(WRAPPED_MODULE)  # registers igneous's tasks (lazily imported)
+    totask(dict(task) if isinstance(task, dict) else task).execute()
+    return {"wrapped": name if isinstance(task, dict) else task[0]}
 
 
 def marked(task, names: dict | None = None) -> tuple[str, partial]:
