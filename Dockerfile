@@ -1,18 +1,32 @@
-# Worker image for k8s/ (GKE, EKS). Build: docker build -t deepem3d .
-# TORCH_SPEC selects the PyTorch build: the default CUDA wheel from PyPI for GPU pools; for a
-# CPU-only image pass --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu.
-FROM python:3.11-slim
-ARG TORCH_SPEC="torch>=2.4,<2.14"
-ARG TORCH_INDEX=""
-# HOME: the runtime user `nobody` has none, and taskqueue creates ~/.cloudvolume at import
-ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    NUMBA_CACHE_DIR=/tmp/numba-cache HOME=/tmp
-WORKDIR /opt/deepem3d
-RUN if [ -n "$TORCH_INDEX" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
-    else pip install "$TORCH_SPEC"; fi
+# Worker images for k8s/ (GKE, EKS), two targets of one file:
+#   docker build --target cpu  -t deepem3d:cpu  .   segmentation, meshes, downsampling pools
+#   docker build --target cuda -t deepem3d:cuda .   the GPU inference pool (PyPI's CUDA torch)
+# Both: a pinned base and packages (docker/constraints.txt), installed by docker/install.sh
+# (tests/test_image.py runs the same script); a non-root user, deepem3d (uid 10001); numba's
+# kernel cache in /opt/deepem3d/numba-cache, owned by that user and warmed at build time by
+# calling every kernel once, so that no pod compiles them (not under /tmp: the pods mount a
+# RAM disk there, which would hide it); licence notices in /usr/share/doc/deepem3d/.
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS common
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NUMBA_CACHE_DIR=/opt/deepem3d/numba-cache RUNTIME_UID=10001 HOME=/home/deepem3d
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/deepem3d deepem3d
+WORKDIR /opt/deepem3d/src
 COPY pyproject.toml README.md LICENSE ./
+COPY docker ./docker
 COPY deepem3d ./deepem3d
-RUN pip install .
-USER nobody
-ENTRYPOINT []
+
+FROM common AS cpu
+RUN TORCH_INDEX=https://download.pytorch.org/whl/cpu sh docker/install.sh
+USER deepem3d
+RUN python -m deepem3d.run.kernels
+WORKDIR /home/deepem3d
+CMD ["deepem3d", "worker", "--help"]
+
+FROM common AS cuda
+RUN sh docker/install.sh
+USER deepem3d
+RUN python -m deepem3d.run.kernels
+WORKDIR /home/deepem3d
 CMD ["deepem3d", "worker", "--help"]

@@ -280,12 +280,18 @@ def test_pool(target, pool):
     assert volume["emptyDir"]["medium"] == "Memory"
     assert gibibytes(volume["emptyDir"]["sizeLimit"]) < gibibytes(POOLS[pool]) / 2
 
-    # SIGTERM lets the task at hand finish
-    assert pod["terminationGracePeriodSeconds"] >= (1800 if pool == "inference" else 600)
+    # SIGTERM lets a task that fits the grace finish: the worker knows the grace
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= (1800 if pool == "inference" else 600)
+    assert {"name": "DEEPEM3D_GRACE_SECONDS", "value": str(grace)} in container["env"]
 
-    # not root (the image's user `nobody`, whose home does not exist: HOME is /tmp)
+    # the Dockerfile's target for the pool: CUDA for inference, CPU for the others
+    target_image = "cuda" if pool == "inference" else "cpu"
+    assert container["image"].split("/")[-1].split(":")[0] == f"deepem3d-{target_image}"
+
+    # not root: the images' user, owner of their numba cache (HOME on the RAM disk)
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == 65534
+    assert pod["securityContext"]["runAsUser"] == 10001
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert {"name": "HOME", "value": "/tmp"} in container["env"]
 
@@ -293,7 +299,7 @@ def test_pool(target, pool):
     assert pod["serviceAccountName"] == of_kind(docs, "ServiceAccount")[0]["metadata"]["name"]
     assert {"secretRef": {"name": "aws-credentials", "optional": True}} in container["envFrom"]
     if target != "base":
-        assert not container["image"].startswith("deepem3d:")  # the overlay's registry
+        assert "/" in container["image"]  # the overlay's registry
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
