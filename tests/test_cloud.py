@@ -49,23 +49,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def moto_endpoint(monkeypatch):
+def local_endpoint(module: str, *args: str, probe: str) -> tuple[subprocess.Popen, str]:
+    """Start `python -m MODULE ARGS` (with --port PORT appended) on 127.0.0.1 and wait until
+    URL/PROBE answers."""
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = subprocess.Popen([sys.executable, "-m", module, *args, str(port)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
         try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            break
+            urllib.request.urlopen(f"{url}/{probe}", timeout=1)
+            return server, url
         except OSError:
-            assert server.poll() is None, "moto server exited"
-            assert time.time() < deadline, "moto server did not start"
+            assert server.poll() is None, f"{module} exited"
+            assert time.time() < deadline, f"{module} did not start"
             time.sleep(0.2)
+
+
+@pytest.fixture
+def moto_endpoint(monkeypatch):
+    server, url = local_endpoint("moto.server", "-H", "127.0.0.1", "-p", probe="moto-api/")
     env = {
         "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
         "AWS_SESSION_TOKEN": "", "AWS_DEFAULT_REGION": "us-east-1",
@@ -111,9 +115,11 @@ def test_s3_layer_downsampled_through_sqs(tmp_path, moto_endpoint):
 def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path,
                                                                       moto_endpoint):
     """`queue create`: retention, visibility and redrive as asked; a frame task that always
-    raises ends in the dead-letter queue after its attempts while the good task runs and the
-    worker stays up; `queue status` shows it with its stage's error record; `queue delete`
-    removes both queues. Settings that would lose tasks are refused in one line."""
+    raises ends in the dead-letter queue after its attempts, and a malformed message, one
+    naming an unknown task and one writing outside the allow-list on their first, while the
+    good task runs and the worker stays up; `queue status` shows each with its error;
+    `queue delete` removes both queues. Settings that would lose tasks are refused in one
+    line."""
     assert_one_line_error(run_cli("queue", "create", "sqs://q", "--visibility-seconds", "60",
                                   "--lease-seconds", "600"), "below the workers' lease")
     out = run_cli("queue", "create", "sqs://work", "--max-attempts", "2",
@@ -135,14 +141,30 @@ def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path
     tq.insert([partial(FailsInFrame, message="bug",
                        run={"layer": layer, "stage": "broken", "id": "t1", "key": "k1"}),
                partial(Touch, path=str(done))])
+    # a message that is not JSON, one naming a task nobody runs, one writing outside the
+    # allow-list: each goes to the dead letters on its first receive
+    outside = [["igneous.tasks.image.image", "DownsampleTask"], [],
+               {"layer_path": "s3://em-data/elsewhere", "mip": 0, "shape": [64, 64, 10],
+                "offset": [0, 0, 0]}, None]
+    forged = {
+        "malformed": "{not json",
+        "unknown": json.dumps({"payload": [["no.such.module", "fn"], [], {}, None]}),
+        "outside": json.dumps({"payload": [["deepem3d.stages.frame", "MarkedTask"], [],
+                                           {"task": outside, "run": {
+                                               "layer": layer, "stage": "broken", "id": "t2",
+                                               "key": "k1"}}, None]}),
+    }
+    for body in forged.values():
+        sqs.send_message(QueueUrl=url, MessageBody=body)
     worker = subprocess.Popen(
         [sys.executable, "-m", "deepem3d", "worker", "sqs://work", "--import",
-         "tests.queue_helpers", "--lease-seconds", "1", "--poll-seconds", "0.2"],
+         "tests.queue_helpers", "--lease-seconds", "1", "--poll-seconds", "0.2",
+         "--allow-prefix", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 90
-        while not (done.exists() and run_cli("queue", "status", "sqs://work").stdout.count(
-                "RuntimeError: bug")):
+        while not (done.exists() and "set aside: 4" in run_cli(
+                "queue", "status", "sqs://work").stdout):
             assert worker.poll() is None, worker.communicate()[0]
             assert time.time() < deadline, "the poison task never reached the dead letters"
             time.sleep(1)
@@ -150,9 +172,16 @@ def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path
         worker.terminate()
         log = worker.communicate(timeout=60)[0]
     assert log.count("RuntimeError: bug") == 2, log  # both attempts, then the redrive
+    for reason in ("not a task: JSONDecodeError", "no.such.module.fn is not a task",
+                   "outside the allowed prefixes"):
+        assert log.count(reason) == 1, log  # once: set aside on the first receive
     shown = run_cli("queue", "status", "sqs://work", check=True).stdout
-    assert "set aside: 1 (in work-dead-letter)" in shown, shown
+    assert "set aside: 4 (in work-dead-letter)" in shown, shown
     assert "layer/broken  RuntimeError: bug (attempt 2 on" in shown, shown
+    assert "  -  not a task: JSONDecodeError" in shown, shown
+    assert "  -  refused: no.such.module.fn is not a task this worker runs" in shown, shown
+    assert "layer/broken  refused: DownsampleTask writes to 's3://em-data/elsewhere'" in shown
+    assert queue_depth(sqs, "work") == 0
     assert SECRET_KEY not in log + shown and ACCESS_KEY not in log + shown
     assert "deleted work and work-dead-letter" in run_cli(
         "queue", "delete", "sqs://work", "--yes", check=True).stdout
@@ -333,3 +362,96 @@ def test_whole_pipeline_on_s3_and_sqs_equals_the_local_run(tmp_path, moto_endpoi
     searched = [logs, runner_log.read_text(), *bodies]
     searched += [p.read_text(errors="replace") for p in cloud.rglob("*") if p.is_file()]
     assert not [text for text in searched if ACCESS_KEY in text or SECRET_KEY in text]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, in seconds
+
+
+def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, monkeypatch):
+    """A queue or bucket that does not exist, an endpoint that does not answer, missing
+    credentials: each a one-line error with exit status 2 after a bounded retry, in seconds
+    (botocore's and CloudFiles' own retries take minutes)."""
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="em-data")
+    npy = tmp_path / "crop.npy"
+    np.save(npy, np.zeros((4, 32, 32), np.uint8))
+    ingest = ("ingest", npy, "--resolution", "4,4,40")
+
+    def quick(*args, fragments):
+        started = time.time()
+        assert_one_line_error(run_cli(*args), *fragments)
+        assert time.time() - started < 30, args
+
+    quick("worker", "sqs://nope", fragments=["sqs://nope", "no such SQS queue"])
+    quick("queue", "status", "sqs://nope", fragments=["no such SQS queue"])
+    quick(*ingest, "s3://no-such-bucket/image", fragments=["s3://no-such-bucket",
+                                                           "no such bucket"])
+    quick("downsample", "s3://no-such-bucket/image", fragments=["no such bucket"])
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", closed)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", closed)
+    quick("worker", "sqs://work", fragments=["sqs://work", "Could not connect"])
+    quick("queue", "create", "sqs://work", fragments=["Could not connect"])
+    quick(*ingest, "s3://em-data/image", fragments=["s3://em-data", "does not answer"])
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no CloudVolume secrets either
+    quick("worker", "sqs://work", fragments=["no AWS credentials found"])
+    quick(*ingest, "s3://em-data/image", fragments=["no AWS credentials found"])
+
+    # long-lived keys without a session token (CloudFiles alone fails on that with a KeyError)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    run_cli(*ingest, "s3://em-data/image", check=True)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "")  # for this process's own CloudVolume
+    assert CloudVolume("s3://em-data/image").shape[:3] == (32, 32, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# gs:// on the GCS emulator
+
+
+@pytest.fixture
+def gcs_endpoint(monkeypatch):
+    server, url = local_endpoint("tests.gcs_emulator", "start", "--host", "127.0.0.1",
+                                 "--in-memory", "--default-bucket", "em-gcs", "--port",
+                                 probe="storage/v1/b")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+    yield url
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_gs_layer_round_trips_and_downsamples_as_igneous_does(tmp_path, gcs_endpoint):
+    """A layer ingested to gs:// reads back as written, and its mip levels, made by queue
+    tasks that read and write gs://, equal igneous's run in-process on a local copy; a bucket
+    that does not exist is one line."""
+    image, _ = load_sample()
+    crop = image[:20, :256, :192]
+    npy = tmp_path / "crop.npy"
+    np.save(npy, crop)
+    layer = "gs://em-gcs/crop/image"
+    options = ("--resolution", "4,4,50", "--chunk-size", "64,64,10")
+    run_cli("ingest", npy, layer, *options, check=True)
+    np.testing.assert_array_equal(CloudVolume(layer)[:, :, :][..., 0],
+                                  xyz_from_zyx(crop))
+    local = tmp_path / "local"
+    run_cli("ingest", npy, local, *options, check=True)
+    reference = igneous_reference(local, tmp_path / "reference", 2, (2, 2, 1),
+                                  memory_target=3500 * 10**6)
+    run_cli("downsample", layer, "--queue", f"fq://{tmp_path / 'queue'}", "--parallel", "2",
+            "--num-mips", "2", check=True)
+    mips = CloudVolume(layer).available_mips
+    assert mips == CloudVolume(reference).available_mips and len(mips) >= 2
+    for mip in mips:
+        np.testing.assert_array_equal(CloudVolume(layer, mip=mip)[:, :, :],
+                                      CloudVolume(reference, mip=mip)[:, :, :])
+    assert_one_line_error(run_cli("ingest", npy, "gs://no-such-bucket/image", *options),
+                          "gs://no-such-bucket", "no such bucket")

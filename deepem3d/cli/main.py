@@ -43,6 +43,9 @@ for command in (
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors with exit status 2 for expected mistakes."""
+    from deepem3d.storage.cloud import prepare_environment
+
+    prepare_environment()
     try:
         rv = cli.main(args=argv, prog_name="deepem3d", standalone_mode=False)
     except InputError as err:

@@ -63,11 +63,12 @@ def worker(
     at hand is finished if it fits in --grace-seconds, else released; exit 0. Ctrl-C: the
     task at hand is finished. Exit status 1 if any task raised or was set aside.
     """
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
+    logging.basicConfig(  # other libraries' INFO lines (botocore's) stay out of the log
+        level=logging.WARNING,
         format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("deepem3d").setLevel(logging.WARNING if quiet else logging.INFO)
     from deepem3d.run.worker import Worker  # imports every task module: only workers need that
 
     for module in imports:

@@ -81,6 +81,10 @@ def read_bytes(location: str) -> bytes:
     if "://" in location and not location.startswith("file://"):
         from cloudfiles import CloudFile
 
+        from deepem3d.storage.cloud import check_bucket
+
+        check_bucket(location)
+
         data = CloudFile(location).get()
         if data is None:
             raise InputError(f"no checkpoint at {location}")

@@ -20,6 +20,7 @@ from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
 
 import deepem3d
 from deepem3d.errors import InputError
+from deepem3d.storage.cloud import check_bucket
 
 IMAGE_DTYPES = ("uint8", "uint16", "uint32", "float32")
 SEGMENTATION_DTYPES = ("uint32", "uint64")
@@ -34,12 +35,14 @@ def cloudpath(path: str) -> str:
 
 
 def info_exists(path: str) -> bool:
+    check_bucket(path)
     return CloudFiles(cloudpath(path)).exists("info")
 
 
 def open_layer(path: str, mip: int = 0, **kwargs) -> CloudVolume:
     """Open an existing layer, or fail with a one-line InputError that says what to do."""
     path = cloudpath(path)
+    check_bucket(path)
     try:
         return CloudVolume(path, mip=mip, progress=False, **kwargs)
     except InfoUnavailableError:
@@ -157,6 +160,7 @@ def create_layer(
     whose skeleton source has no info).
     """
     path = cloudpath(path)
+    check_bucket(path)
     if layer_type not in DEFAULT_ENCODING:
         raise InputError(f"layer type must be image or segmentation, not {layer_type!r}")
     allowed = IMAGE_DTYPES if layer_type == "image" else SEGMENTATION_DTYPES

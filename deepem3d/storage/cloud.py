@@ -1,0 +1,139 @@
+"""Cloud buckets: checked once per process before a layer or model in them is used.
+
+CloudFiles retries a failing request for minutes and then raises from deep inside a thread
+pool; a bucket that does not exist, an endpoint that does not answer or missing credentials
+would show as that. `check_bucket(path)` asks the bucket itself first, with short timeouts and
+two tries, and turns each failure into a one-line InputError that names the bucket (never a
+credential).
+
+Where things come from, as CloudVolume and boto3 read them:
+- s3://: credentials from CloudVolume's secrets (~/.cloudvolume/secrets/aws-secret.json), else
+  boto3's chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, IRSA's web identity,
+  the instance role); an S3-compatible endpoint (MinIO, Ceph, moto) from AWS_ENDPOINT_URL_S3
+  (or AWS_ENDPOINT_URL); the region from AWS_DEFAULT_REGION.
+- gs://: CloudVolume's google-secret.json, else Google's default credentials (Workload
+  Identity, GOOGLE_APPLICATION_CREDENTIALS); an emulator from STORAGE_EMULATOR_HOST.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from deepem3d.errors import InputError
+
+#: seconds to wait for a connection to a bucket's endpoint, and tries: an endpoint that does
+#: not answer is an error within seconds
+CONNECT_SECONDS = 3
+ATTEMPTS = 2
+READ_SECONDS = 30
+
+
+def prepare_environment() -> None:
+    """CloudFiles reads AWS_SESSION_TOKEN whenever keys are in the environment, and fails with
+    a KeyError when it is missing (long-lived keys have none): an empty token is what botocore
+    does without one."""
+    if "AWS_ACCESS_KEY_ID" in os.environ and "AWS_SECRET_ACCESS_KEY" in os.environ:
+        os.environ.setdefault("AWS_SESSION_TOKEN", "")
+
+
+def bucket_of(path: str) -> tuple[str, str] | None:
+    """(scheme, bucket) of an s3:// or gs:// path (precomputed:// dropped), else None."""
+    path = str(path)
+    if path.startswith("precomputed://"):
+        path = path[len("precomputed://"):]
+    scheme, sep, rest = path.partition("://")
+    if not sep or scheme not in ("s3", "gs") or not rest.split("/", 1)[0]:
+        return None
+    return scheme, rest.split("/", 1)[0]
+
+
+def check_bucket(path: str) -> None:
+    """For an s3:// or gs:// path: its bucket exists and answers with the credentials found
+    (once per bucket and process); else a one-line InputError."""
+    found = bucket_of(path)
+    if found is not None:
+        _check(*found)
+
+
+@functools.cache
+def _check(scheme: str, bucket: str) -> None:
+    prepare_environment()
+    if scheme == "s3":
+        _check_s3(bucket)
+    else:
+        _check_gs(bucket)
+
+
+def _check_s3(bucket: str) -> None:
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+    )
+    from cloudfiles.secrets import aws_credentials
+
+    secrets = aws_credentials(bucket, "aws")  # CloudVolume's secret file, else the environment
+    config = Config(connect_timeout=CONNECT_SECONDS, read_timeout=READ_SECONDS,
+                    retries={"max_attempts": ATTEMPTS, "mode": "standard"})
+    where = f"s3://{bucket}"
+    try:
+        client = boto3.client(
+            "s3", config=config, aws_access_key_id=secrets.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=secrets.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=secrets.get("AWS_SESSION_TOKEN") or None,
+            region_name=secrets.get("AWS_DEFAULT_REGION") or None)
+        client.head_bucket(Bucket=bucket)
+    except NoCredentialsError:
+        raise InputError(f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY, a profile, CloudVolume's aws-secret.json, or "
+                         "the pod's role)") from None
+    except EndpointConnectionError as err:
+        raise InputError(f"{where}: the S3 endpoint does not answer ({err})") from None
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code"))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise InputError(f"{where}: no such bucket (create it, or check the path)") \
+                from None
+        if code in ("403", "AccessDenied", "Forbidden"):
+            raise InputError(f"{where}: access denied (the credentials found may not use "
+                             "this bucket)") from None
+        raise InputError(f"{where}: {code}: {err.response.get('Error', {}).get('Message')}") \
+            from None
+    except BotoCoreError as err:
+        raise InputError(f"{where}: {err}") from None
+
+
+def _check_gs(bucket: str) -> None:
+    from google.api_core import exceptions as google_errors
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import storage
+
+    where = f"gs://{bucket}"
+    try:
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            from google.auth.credentials import AnonymousCredentials
+
+            client = storage.Client(project="emulator", credentials=AnonymousCredentials())
+        else:
+            from cloudfiles.secrets import google_credentials
+
+            project, credentials = google_credentials(bucket)
+            client = storage.Client(project=project, credentials=credentials)
+        found = client.lookup_bucket(bucket, timeout=(CONNECT_SECONDS, READ_SECONDS),
+                                     retry=None)
+    except DefaultCredentialsError:
+        raise InputError(f"{where}: no Google credentials found (CloudVolume's "
+                         "google-secret.json, GOOGLE_APPLICATION_CREDENTIALS, or Workload "
+                         "Identity)") from None
+    except google_errors.Forbidden:
+        raise InputError(f"{where}: access denied (the credentials found may not use this "
+                         "bucket)") from None
+    except (google_errors.GoogleAPIError, OSError) as err:
+        raise InputError(f"{where}: the storage endpoint does not answer "
+                         f"({type(err).__name__})") from None
+    if found is None:
+        raise InputError(f"{where}: no such bucket (create it, or check the path)")
