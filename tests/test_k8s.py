@@ -344,6 +344,8 @@ def test_region_and_account_are_edited_once(overlay, tmp_path):
                     for pool in POOLS}
     (settings,) = [d["data"] for d in of_kind(docs, "ConfigMap") if "LEASE_SECONDS" in d["data"]]
     assert settings["AWS_DEFAULT_REGION"] == "eu-west-1"
+    # the workers run only tasks writing under the run's bucket
+    assert settings["DEEPEM3D_ALLOW_PREFIXES"].startswith("gs://" if overlay == "gke" else "s3://")
     if overlay == "eks":
         (account,) = of_kind(docs, "ServiceAccount")
         assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] == (
