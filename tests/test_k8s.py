@@ -352,3 +352,55 @@ def test_region_and_account_are_edited_once(overlay, tmp_path):
             "arn:aws:iam::123456789012:role/deepem3d-worker")
     for doc in docs:
         validate(doc)
+
+
+#: the workload the pools are sized for: an 8192 x 8192 x 256 voxel volume at 4 x 4 x 50 nm
+#: through the whole pipeline with every default (the shipped model, tiles, 512 x 512 x 64
+#: segmentation blocks), its tasks on the three queues the pools drain
+SIZING_PIPELINE = """\
+version: 1
+output: {output}
+image: {image}
+products: [map, segmentation, downsample, meshes, skeletons]
+inference:
+  model: isbi2012-small-affinity
+queues:
+  inference: sqs://deepem3d-inference
+  default: sqs://deepem3d-default
+  large: {{url: sqs://deepem3d-large, min_memory: 6GiB}}
+"""
+ROW = re.compile(r"^(?P<label>.+?)\s+(?P<tasks>\d+)\s+(?P<memory>[\d.]+ \w+)\s+\S+\s+"
+                 r"(?:GPU|core)\s+(?:-|[\d.]+ \w+)\s+sqs://deepem3d-(?P<pool>\w+)$")
+
+
+def test_each_pool_holds_the_largest_task_the_planner_routes_to_it(tmp_path):
+    """The pools' memory limits come from the stages' own figures: `deepem3d run --dry-run`
+    on the sizing workload routes every stage to a pool whose limit holds its largest task
+    plus the pool's RAM disk (the inference pool also the model and CUDA's own memory, taken
+    as 4 GiB)."""
+    from deepem3d.storage.layers import create_layer
+    from deepem3d.units import parse_bytes
+    from tests.conftest import run_cli
+
+    image = f"file://{tmp_path / 'image'}"  # an info only: the plan reads no voxel
+    create_layer(image, layer_type="image", dtype="uint8", resolution=(4, 4, 50),
+                 size=(8192, 8192, 256), chunk_size=(256, 256, 16))
+    pipeline = tmp_path / "sizing.yaml"
+    pipeline.write_text(SIZING_PIPELINE.format(output=tmp_path / "out", image=image))
+    table = run_cli("run", pipeline, "--dry-run", check=True).stdout
+    rows = [m.groupdict() for m in map(ROW.match, table.splitlines()) if m]
+    assert {r["label"] for r in rows} >= {"inference", "supervoxels", "remap",
+                                          "downsample segmentation"}, table
+    pools = {}
+    for doc in render(TARGETS["base"]):
+        if doc["kind"] == "Deployment":
+            pod = doc["spec"]["template"]["spec"]
+            (volume,) = [v for v in pod["volumes"] if v["name"] == "tmp"]
+            limit = pod["containers"][0]["resources"]["limits"]["memory"]
+            pools[doc["metadata"]["name"].rsplit("-", 1)[-1]] = (
+                gibibytes(limit) - gibibytes(volume["emptyDir"]["sizeLimit"]))
+    for row in rows:
+        needed = parse_bytes(row["memory"].replace(" ", "")) / 2**30
+        needed += 4 if row["pool"] == "inference" else 0
+        assert needed <= pools[row["pool"]], (row, pools)
+    assert {r["pool"] for r in rows if r["label"] == "inference"} == {"inference"}

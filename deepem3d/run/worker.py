@@ -385,7 +385,12 @@ class Worker:
         without a dead-letter queue keeps it, hidden for SQS_MAX_VISIBILITY."""
         api = self.queue.api
         label = self._messages.get(handle, (handle,))[0]
-        dead = self._dead_letter()
+        try:
+            dead = self._dead_letter()
+        except InputError as err:  # (no sqs:GetQueueAttributes, say) the redrive will do it
+            log.error("task %s is refused (%s) but cannot be set aside: %s", label, reason,
+                      err)
+            return
         if dead is None:
             log.error("task %s is refused (%s), and %s has no dead-letter queue (create it "
                       "with `deepem3d queue create`): hidden for %d s", label, reason,
@@ -393,10 +398,15 @@ class Worker:
             sqs_call("hiding a message", api.sqs.change_message_visibility, QueueUrl=api.qurl,
                      ReceiptHandle=handle, VisibilityTimeout=SQS_MAX_VISIBILITY)
             return
-        sqs_call("setting a message aside", api.sqs.send_message, QueueUrl=dead,
-                 MessageBody=body or "(empty)", MessageAttributes={
-                     "error": {"DataType": "String", "StringValue": reason[:1000]},
-                     "task": {"DataType": "String", "StringValue": label}})
+        try:
+            sqs_call("setting a message aside", api.sqs.send_message, QueueUrl=dead,
+                     MessageBody=body or "(empty)", MessageAttributes={
+                         "error": {"DataType": "String", "StringValue": reason[:1000]},
+                         "task": {"DataType": "String", "StringValue": label}})
+        except InputError as err:  # (no sqs:SendMessage on it, say) the redrive will do it
+            log.error("task %s is refused (%s) but cannot be set aside: %s", label, reason,
+                      err)
+            return
         sqs_call("deleting a message", api.sqs.delete_message, QueueUrl=api.qurl,
                  ReceiptHandle=handle)
         log.error("task %s set aside in %s: %s", label, dead.rsplit("/", 1)[-1], reason)
@@ -428,8 +438,10 @@ class Worker:
                     break
                 try:
                     task = self._lease()
-                except QueueEmptyError:
-                    if self.exit_when_empty and self.queue.enqueued == 0:
+                except (QueueEmptyError, InputError) as err:
+                    if isinstance(err, InputError):  # the queue was there at start: a blip
+                        log.warning("%s; trying again", err)
+                    elif self.exit_when_empty and self.queue.enqueued == 0:
                         break
                     idle += 1
                     # back off while idle, up to ten polls' time
