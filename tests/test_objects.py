@@ -104,3 +104,15 @@ def test_object_bad_input_is_one_line_before_anything_is_written(labels, tmp_pat
     assert sorted(CloudFiles(labels).list()) == before
     dry = run_cli("skeleton", labels, "--dry-run", check=True)
     assert "1 SkeletonTask(s) of 128 x 128 x 10 voxels at mip 0" in dry.stdout, dry.stdout
+
+
+def test_an_unsharded_merge_is_split_by_the_volume_size(labels):
+    """igneous splits an unsharded merge by the leading digits of segment ids (999 tasks at
+    its default): a small volume takes 9, a whole-brain one keeps 999."""
+    from deepem3d.stages.objects import VOXELS_PER_SEGMENT, prefix_digits
+
+    assert [prefix_digits(v) for v in (0, 128 * 128 * 10, 5 * 10**6, 6 * 10**6, 10**12)] == \
+        [1, 1, 1, 2, 3]
+    assert prefix_digits(2000 * VOXELS_PER_SEGMENT * 99) == 2  # 99 tasks' worth: 2 digits
+    _, merge = skeleton_stages(plan_skeletons(labels))
+    assert merge.task_count == 9 and len(list(merge.make_tasks())) == 9

@@ -52,7 +52,7 @@ from taskqueue.queueables import totask
 
 from deepem3d.errors import InputError
 from deepem3d.memory import peak_rss
-from deepem3d.run.admission import Refused, admit
+from deepem3d.run.admission import Refused, admit, normal_path
 from deepem3d.run.queues import open_queue, sqs_call
 from deepem3d.stages.frame import Markers, frame_run, stage_label
 
@@ -201,7 +201,7 @@ class Worker:
     ):
         register_tasks()
         #: what the worker runs besides deepem3d's stage tasks, and where tasks may write
-        self.allow_prefixes = tuple(allow_prefixes)
+        self.allow_prefixes = tuple(normal_path(p) for p in allow_prefixes)
         self.imported = tuple(imported)
         self.grace_seconds = float(grace_seconds)
         #: a runner's local workers stop when the runner is gone (even SIGKILLed, even before

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from deepem3d.stages.frame import Stage
-from deepem3d.stages.objects import ObjectPlan, ObjectStages, plan_objects
+from deepem3d.stages.objects import ObjectPlan, ObjectStages, plan_objects, prefix_digits
 
 MESH_DIR = "mesh"
 TASK_SHAPE = (448, 448, 448)  # igneous's default MeshTask block, in voxels at the mesh mip
@@ -52,10 +52,11 @@ def mesh_stages(plan: MeshPlan, *, source_key: str = "",
                 needs: tuple[str, ...] = ()) -> list[Stage]:
     """The forge and merge stages. `source_key` is the run key of the segmentation (its remap
     stage): meshes of another segmentation are another run."""
+    digits = prefix_digits(plan.voxels)
     parameters = {"task": "igneous MeshTask", "mip": plan.mip,
                   "task_shape": list(plan.task_shape), "mesh_dir": MESH_DIR,
                   "sharded": plan.sharded, "spatial_index": plan.spatial_index,
-                  "source_key": source_key}
+                  "source_key": source_key, "merge_prefix_digits": digits}
 
     def forge():
         from igneous.task_creation import create_meshing_tasks
@@ -73,7 +74,8 @@ def mesh_stages(plan: MeshPlan, *, source_key: str = "",
         if plan.sharded:
             return create_sharded_multires_mesh_tasks(
                 plan.layer_path, num_lod=SHARDED_LODS, mesh_dir=MESH_DIR, progress=False)
-        return create_mesh_manifest_tasks(plan.layer_path, mesh_dir=MESH_DIR)
+        return create_mesh_manifest_tasks(plan.layer_path, magnitude=digits,
+                                          mesh_dir=MESH_DIR)
 
     voxels = math.prod(plan.task_shape)
     return ObjectStages(
@@ -82,7 +84,8 @@ def mesh_stages(plan: MeshPlan, *, source_key: str = "",
         forge_count=plan.task_count,
         # planned (the real count is in the merge's manifest): a shard per few thousand
         # segments; one filesystem task on file://, a task per id prefix elsewhere
-        merge_count=1 if plan.sharded or plan.layer_path.startswith("file://") else 999,
+        merge_count=(1 if plan.sharded or plan.layer_path.startswith("file://")
+                     else 10**digits - 1),
         forge_memory=BYTES_PER_VOXEL * voxels, merge_memory=64 * 2**20,
         forge_seconds=SECONDS_PER_VOXEL * voxels,
     ).stages(needs)

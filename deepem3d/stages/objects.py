@@ -72,6 +72,8 @@ class ObjectPlan:
     resolution: tuple[float, float, float]
     sharded: bool = False
     spatial_index: bool = False
+    #: voxels of the layer at `mip` (the unsharded merge's task count follows from it)
+    voxels: int = 0
 
     #: spelled by subclasses: the forge task's name, what the merge makes, where
     TASK = ""
@@ -96,7 +98,24 @@ def plan_objects(cls, layer_path: str, mip: int | None, task_shape, default_shap
     shape = tuple(min(int(t), s) for t, s in zip(task_shape or default_shape, size))
     count = math.prod(-(-s // t) for s, t in zip(size, shape))
     resolution = tuple(float(r) for r in vol.meta.resolution(mip))
-    return cls(layer_path, mip, shape, count, resolution, sharded, index, **extra)
+    return cls(layer_path, mip, shape, count, resolution, sharded, index, math.prod(size),
+               **extra)
+
+
+#: voxels per segment at the mip meshes and skeletons are made at, for planning their merge:
+#: the demo's segmentation at mip 2 (128 x 128 x 30 voxels) has 1,753 meshed segments
+VOXELS_PER_SEGMENT = 280
+#: segments one task of an unsharded merge should take (it lists its prefix's fragments)
+SEGMENTS_PER_MERGE_TASK = 2000
+
+
+def prefix_digits(voxels: int) -> int:
+    """How many leading digits of a segment id split an unsharded merge into tasks (igneous's
+    `magnitude`: 10**digits - 1 tasks): 1 for up to about 5 million voxels, then one more per
+    factor of ten, at most igneous's default 3 (999 tasks). A small volume no longer makes
+    999 tasks that each list the same few files."""
+    tasks = voxels / VOXELS_PER_SEGMENT / SEGMENTS_PER_MERGE_TASK
+    return min(3, max(1, math.ceil(math.log10(tasks + 1))))
 
 
 def spatial_index_for(product: str, sharded: bool, spatial_index: bool | None) -> bool:

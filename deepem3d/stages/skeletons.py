@@ -5,7 +5,7 @@ stages of the frame.
                      skeleton fragments under LAYER/skeletons/
     skeleton-merge   unsharded (default): the fragments of each segment joined, short
                      branches and short skeletons dropped, one file per segment (a task per
-                     id prefix: 9 on file://, 999 elsewhere); sharded: the same into shard
+                     id prefix: 9 to 999, by the volume's size); sharded: the same into shard
                      files, one task per shard, found through the forge's spatial index
 
 The segmentation's info names the `skeletons` directory only once the merge is complete
@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 
 from deepem3d.stages.frame import Stage
-from deepem3d.stages.objects import ObjectPlan, ObjectStages, plan_objects
+from deepem3d.stages.objects import ObjectPlan, ObjectStages, plan_objects, prefix_digits
 
 SKELETON_DIR = "skeletons"
 TASK_SHAPE = (512, 512, 512)  # igneous's default SkeletonTask block, voxels at the mip
@@ -70,12 +70,13 @@ def plan_skeletons(layer_path: str, *, mip: int | None = None,
 def skeleton_stages(plan: SkeletonPlan, *, source_key: str = "",
                     needs: tuple[str, ...] = ()) -> list[Stage]:
     """The forge and merge stages. `source_key` is the run key of the segmentation."""
+    digits = prefix_digits(plan.voxels)
     parameters = {"task": "igneous SkeletonTask", "mip": plan.mip,
                   "task_shape": list(plan.task_shape), "skeleton_dir": SKELETON_DIR,
                   "sharded": plan.sharded, "spatial_index": plan.spatial_index,
                   "teasar_params": TEASAR_PARAMS, "dust_threshold": plan.dust_threshold,
                   "min_cable_nm": plan.min_cable_nm, "tick_threshold": plan.tick_threshold,
-                  "source_key": source_key}
+                  "source_key": source_key, "merge_prefix_digits": digits}
 
     def forge():
         from igneous.task_creation import create_skeletonizing_tasks
@@ -96,10 +97,9 @@ def skeleton_stages(plan: SkeletonPlan, *, source_key: str = "",
                 plan.layer_path, dust_threshold=plan.min_cable_nm,
                 tick_threshold=plan.tick_threshold)
         return create_unsharded_skeleton_merge_tasks(
-            plan.layer_path, crop=0, magnitude=1 if local else 3,
+            plan.layer_path, crop=0, magnitude=digits,
             dust_threshold=plan.min_cable_nm, tick_threshold=plan.tick_threshold)
 
-    local = plan.layer_path.startswith("file://")
     voxels = math.prod(t + 1 for t in plan.task_shape)  # one voxel of overlap
     return ObjectStages(
         kind="skeleton", info_key="skeletons", directory=SKELETON_DIR,
@@ -107,7 +107,7 @@ def skeleton_stages(plan: SkeletonPlan, *, source_key: str = "",
         merge=merge, forge_count=plan.task_count,
         # planned (the real count is in the merge's manifest): a shard per few thousand
         # segments; a task per id prefix
-        merge_count=1 if plan.sharded else (9 if local else 999),
+        merge_count=1 if plan.sharded else 10**digits - 1,
         forge_memory=BYTES_PER_VOXEL * voxels, merge_memory=256 * 2**20,
         forge_seconds=SECONDS_PER_VOXEL * voxels,
     ).stages(needs)
