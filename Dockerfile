@@ -9,8 +9,11 @@
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS common
+# NUMBA_CPU_NAME: numba keys its cache by the CPU it compiled for; generic code loads on any
+# x86-64 node, whatever the build machine was
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    NUMBA_CACHE_DIR=/opt/deepem3d/numba-cache RUNTIME_UID=10001 HOME=/home/deepem3d
+    NUMBA_CACHE_DIR=/opt/deepem3d/numba-cache NUMBA_CPU_NAME=generic RUNTIME_UID=10001 \
+    HOME=/home/deepem3d
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/deepem3d deepem3d
 WORKDIR /opt/deepem3d/src
 COPY pyproject.toml README.md LICENSE ./

@@ -81,7 +81,7 @@ def test_image_install_starts_as_an_unprivileged_user_and_loads_kernels_from_its
         os.chown(home, RUNTIME_UID, RUNTIME_UID)
         image_env = {
             "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "HOME": str(home),
-            "PYTHONUNBUFFERED": "1", "NUMBA_CACHE_DIR": str(cache),
+            "PYTHONUNBUFFERED": "1", "NUMBA_CACHE_DIR": str(cache), "NUMBA_CPU_NAME": "generic",
             "RUNTIME_UID": str(RUNTIME_UID),
         }
         install = subprocess.run(
@@ -139,5 +139,6 @@ def test_the_dockerfile_does_what_the_image_test_checks():
     assert "--uid 10001 " in text and "RUNTIME_UID=10001" in text
     (cache,) = [w.split("=", 1)[1] for w in text.split() if w.startswith("NUMBA_CACHE_DIR=")]
     assert not cache.startswith("/tmp")
+    assert "NUMBA_CPU_NAME=generic" in text.split()  # as the image test warms and loads
     deployment = (ROOT / "k8s" / "base" / "worker" / "deployment.yaml").read_text()
     assert "runAsUser: 10001" in deployment

@@ -125,32 +125,39 @@ def test_sigterm_releases_a_task_of_unknown_length_and_loses_nothing(tmp_path):
 def test_sigterm_finishes_a_task_whose_stage_says_it_fits_the_grace(tmp_path):
     """With markers of its stage saying such tasks take 2 s, a task interrupted by SIGTERM is
     finished (marker written, message deleted) within the grace; with markers saying 100 s it
-    is released."""
+    is released at once; one that said 1 s but overruns is released when the grace is nearly
+    spent (grace 8 s, less 5 s kept for what follows a task)."""
     layer = f"file://{tmp_path / 'layer'}"
     queue = f"fq://{tmp_path / 'queue'}"
     tq = TaskQueue(queue, progress=False)
-    for stage, recorded in (("short", 2.0), ("long", 100.0)):
+    for stage, recorded, sleeps in (("short", 2.0, 3), ("long", 100.0, 3),
+                                    ("overrun", 1.0, 60)):
         markers = Markers(layer, stage)
         markers.start_run("k", {}, ["earlier", "now"])
         markers.mark_done("earlier", {"seconds": recorded})
         flag = tmp_path / f"{stage}.flag"
-        tq.insert([partial(SleepInFrame, flag_path=str(flag), seconds=3,
+        tq.insert([partial(SleepInFrame, flag_path=str(flag), seconds=sleeps,
                            run={"layer": layer, "stage": stage, "id": "now", "key": "k"})])
-        worker = start_worker(queue, "--grace-seconds", "20")
+        worker = start_worker(queue, "--grace-seconds", "8")
         wait_for(flag)
         time.sleep(0.5)  # its expected time is read in the background as it starts
+        signalled = time.time()
         worker.send_signal(signal.SIGTERM)
         _, log = worker.communicate(timeout=60)
         assert worker.returncode == 0, log
+        assert time.time() - signalled < 8, log  # within the grace, whatever happened
         if stage == "short":
-            assert "finishing task" in log and "grace 20 s" in log, log
+            assert "finishing task" in log and "grace 8 s" in log, log
             assert markers.is_done("now") and tq.enqueued == 0, log
-        else:
+            continue
+        if stage == "long":
             assert "releasing task" in log and "expected 9" in log, log
-            assert not markers.is_done("now") and tq.enqueued == 1, log
-            drain = start_worker(queue, "--exit-when-empty")
-            assert drain.wait(timeout=60) == 0  # the flag exists: no sleep the second time
-            assert markers.is_done("now") and tq.enqueued == 0
+        else:
+            assert "finishing task" in log and "outlasts the grace period" in log, log
+        assert not markers.is_done("now") and tq.enqueued == 1, log
+        drain = start_worker(queue, "--exit-when-empty")
+        assert drain.wait(timeout=60) == 0  # the flag exists: no sleep the second time
+        assert markers.is_done("now") and tq.enqueued == 0
 
 
 def test_a_task_that_always_fails_is_set_aside(tmp_path):
@@ -256,6 +263,17 @@ def test_a_worker_runs_only_its_tasks_and_writes_only_inside_its_allow_list(tmp_
         "climbs-out": [["deepem3d.stages.graph", "RegionGraphTask"],
                        [f"{layer}/../../outside/layer", [0, 0, 0, 1, 1, 1], []],
                        {"run": run}, None],
+        # a wrapped class whose `payload` key taskqueue would follow to DeleteTask
+        "payload-inside": [["deepem3d.stages.frame", "MarkedTask"], [],
+                           {"task": {"class": "MeshTask", "payload": delete}, "run": run}, None],
+        # an igneous class dressed up with a stage task's key
+        "class-as-stage": {"class": "MeshTask", "shape": [64, 64, 10], "offset": [0, 0, 0],
+                           "layer_path": outside, "key": ["deepem3d.stages.frame",
+                                                          "MarkedTask"]},
+        # a stage name that climbs out of the layer's task folder
+        "stage-climbs": [["deepem3d.stages.frame", "MarkedTask"], [],
+                         {"task": delete, "run": {**run, "stage": "../../../outside"}}, None],
+        "bad-key": [["deepem3d.stages.frame", "MarkedTask", "x"], [], {}, None],
     }
     for name, payload in forged.items():
         (queue_dir / "queue" / f"0--{name}.json").write_text(
@@ -274,9 +292,14 @@ def test_a_worker_runs_only_its_tasks_and_writes_only_inside_its_allow_list(tmp_
     assert "refuses igneous's DeleteTask" in reasons["wrapped-delete"]
     for name in ("wrapped-outside", "climbs-out"):
         assert "outside the allowed prefixes" in reasons[name], reasons[name]
+    assert "with a payload or id key" in reasons["payload-inside"]
+    assert "not run directly" in reasons["class-as-stage"] or "not a task" in \
+        reasons["class-as-stage"]
+    assert "where one plain path component belongs" in reasons["stage-climbs"]
+    assert "does not name a function" in reasons["bad-key"]
     shown = run_cli("queue", "status", f"fq://{queue_dir}", check=True).stdout
-    assert "set aside: 4" in shown and "climbs-out  layer/downsample-mip0  refused:" in shown, \
-        shown
+    assert f"set aside: {len(forged)}" in shown, shown
+    assert "climbs-out  layer/downsample-mip0  refused:" in shown, shown
 
 
 def tree_digests(root: Path) -> dict[str, str]:

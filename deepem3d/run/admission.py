@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 import posixpath
+import re
 from collections.abc import Callable, Iterable
 
 from deepem3d.errors import InputError
@@ -111,6 +112,23 @@ def _registered(key: tuple[str, str]) -> Callable | None:
     return REGISTRY.get(key)
 
 
+#: a name a task joins onto a path (a stage, a task id, a product's directory): one plain
+#: path component, so that it cannot climb out of the layer or name another bucket
+COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]*")
+#: arguments of stage tasks that name such a component (the octree's work folders)
+STAGE_COMPONENTS = ("table", "sweep")
+#: arguments of wrapped igneous tasks that name a directory under their layer
+WRAPPED_COMPONENTS = ("mesh_dir", "skel_dir")
+
+
+def _check_components(what: str, values: Iterable) -> None:
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str) or not COMPONENT.fullmatch(value) or ".." in value:
+            raise Refused(f"{what} names {value!r} where one plain path component belongs")
+
+
 def _wrapped(inner, prefixes: tuple[str, ...]) -> None:
     """The task a MarkedTask wraps: one of WRAPPED_TASKS, writing inside the allow-list."""
     try:
@@ -119,38 +137,62 @@ def _wrapped(inner, prefixes: tuple[str, ...]) -> None:
         raise Refused(str(err)) from None
     if isinstance(inner, dict):
         arguments = inner  # a RegisteredTask is built from its payload's keys
+        info = inner.get("info")
+        if isinstance(info, dict):  # SkeletonTask writes under the info's directory
+            _check_components(name, [info.get("skeletons"), info.get("mesh")])
+        elif info is not None:
+            raise Refused(f"{name}: its info is not a mapping")
     else:
         import importlib
 
         importlib.import_module(WRAPPED_MODULE)  # registers igneous's task functions
         arguments = _arguments(name, _registered(tuple(inner[0])), inner[1], inner[2])
     _check_writes(name, (arguments.get(arg) for arg in WRAPPED_TASKS[name]), prefixes)
+    _check_components(name, (arguments.get(arg) for arg in WRAPPED_COMPONENTS))
 
 
 def admit(task, *, prefixes: tuple[str, ...] = (), imported: Iterable[str] = ()) -> str:
     """Check a deserialised task (taskqueue's FunctionTask or RegisteredTask) before it runs;
     returns its name, or raises Refused. `imported`: modules whose tasks the worker was told
-    to run as well."""
-    key = getattr(task, "key", None)
-    if key is None:  # a RegisteredTask: igneous's classes run only wrapped in MarkedTask
+    to run as well. Whatever a malformed message makes the checks raise is a refusal too."""
+    try:
+        return _admit(task, prefixes, tuple(imported))
+    except Refused:
+        raise
+    except Exception as err:  # noqa: BLE001  (a message of no task's shape)
+        raise Refused(f"not a task's shape ({type(err).__name__}: {err})") from None
+
+
+def _admit(task, prefixes: tuple[str, ...], imported: tuple[str, ...]) -> str:
+    from taskqueue.queueablefns import FunctionTask
+
+    if not isinstance(task, FunctionTask):  # igneous's classes run only inside MarkedTask
         raise Refused(f"task class {type(task).__name__} is not run directly (deepem3d runs "
                       "igneous's tasks wrapped in MarkedTask)")
-    module, name = (str(part) for part in key)
-    if (module, name) in STAGE_TASKS or module in set(imported):
+    key = task.key
+    if len(key) != 2 or not all(isinstance(part, str) for part in key):
+        raise Refused(f"{key!r} does not name a function")
+    module, name = key
+    if (module, name) in STAGE_TASKS or module in imported:
         kwargs = _arguments(name, _registered((module, name)), task.args, task.kwargs)
     if (module, name) in STAGE_TASKS:
         run = kwargs.get("run")
         if not isinstance(run, dict) or not isinstance(run.get("layer"), str):
             raise Refused(f"{name} carries no run (its layer, stage, id and key)")
+        _check_components(name, [run.get("stage"), run.get("id")])
+        _check_components(name, (kwargs.get(arg) for arg in STAGE_COMPONENTS))
         _check_writes(name, [run["layer"], *(kwargs.get(arg) for arg in STAGE_WRITES)],
                       prefixes)
         if name == "MarkedTask":
             names = kwargs.get("names")
-            if isinstance(names, dict):
+            if names is not None:
+                if not isinstance(names, dict) or not isinstance(names.get("info"), dict):
+                    raise Refused(f"{name}: its names are not a layer and an info mapping")
                 _check_writes(name, [names.get("layer")], prefixes)
+                _check_components(name, names["info"].values())
             _wrapped(kwargs.get("task"), prefixes)
         return name
-    if module in set(imported):
+    if module in imported:
         _check_writes(name, (value for arg, value in kwargs.items() if arg.endswith("path")),
                       prefixes)
         return name

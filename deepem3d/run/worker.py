@@ -152,6 +152,16 @@ class WorkerReport:
 
 
 @dataclass
+class _Message:
+    """An SQS message in hand: its id (for logs), receive count, body and when it came."""
+
+    id: str
+    count: int
+    body: str
+    received: float
+
+
+@dataclass
 class _Running:
     """The task at hand, for the SIGTERM handler."""
 
@@ -217,8 +227,8 @@ class Worker:
         self.stop_requested = threading.Event()
         self._file_queue_dir = url[len("fq://"):] if url.startswith("fq://") else None
         self._running: _Running | None = None
-        #: SQS: receipt handle -> (message id, receive count, body) of the messages in hand
-        self._messages: dict[str, tuple[str, int, str]] = {}
+        #: SQS: receipt handle -> the message in hand
+        self._messages: dict[str, _Message] = {}
         self._dead_letter_url: str | None = None
 
     # signals -------------------------------------------------------------------------
@@ -233,21 +243,32 @@ class Worker:
             return
         elapsed = time.time() - running.started
         left = self.grace_seconds - GRACE_MARGIN
-        if running.expected is not None and running.expected - elapsed <= left:
+        known = running.expected is not None and elapsed <= running.expected
+        if known and running.expected - elapsed <= left:
             log.info("received %s: finishing task %s (expected %.0f s more, grace %.0f s)",
-                     name, self._label(running.task), max(0.0, running.expected - elapsed),
+                     name, self._label(running.task), running.expected - elapsed,
                      self.grace_seconds)
+            # a task that overruns its estimate is released before the grace runs out
+            signal.setitimer(signal.ITIMER_REAL, max(0.1, left))
             return
         expected = ("its time is unknown" if running.expected is None else
+                    f"it has run {elapsed:.0f} s, longer than expected" if not known else
                     f"expected {running.expected - elapsed:.0f} s more")
         log.info("received %s: releasing task %s (%s, grace %.0f s)", name,
                  self._label(running.task), expected, self.grace_seconds)
         raise Preempted
 
+    def _on_alarm(self, signum, frame) -> None:
+        """The grace is nearly spent and the task it was to finish still runs: release it."""
+        if self._running is not None:
+            log.info("task %s outlasts the grace period: releasing it",
+                     self._label(self._running.task))
+            raise Preempted
+
     def _install_handlers(self) -> dict:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        previous = {}
+        previous = {signal.SIGALRM: signal.signal(signal.SIGALRM, self._on_alarm)}
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous[signum] = signal.signal(signum, self._on_signal)
         return previous
@@ -260,7 +281,8 @@ class Worker:
 
     def _count_attempt(self, task) -> int:
         if self._file_queue_dir is None:  # SQS counts receives
-            return self._messages.get(task.id, ("", 1, ""))[1]
+            message = self._messages.get(task.id)
+            return message.count if message else 1
         path = self._attempts_path(task)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "ab") as f:
@@ -276,8 +298,17 @@ class Worker:
                 pass
 
     def _give_up(self, task, reason: str) -> None:
+        """Set the task aside; a failure to do so is logged (the task comes back, and the
+        attempt limit or the redrive policy catches it later)."""
+        try:
+            self._set_aside_task(task, reason)
+        except Exception as err:  # noqa: BLE001
+            log.error("could not set task %s aside (%s): %s", self._label(task), reason, err)
+
+    def _set_aside_task(self, task, reason: str) -> None:
         if self._file_queue_dir is None:
-            self._set_aside(task.id, self._messages.get(task.id, ("", 0, ""))[2], reason)
+            message = self._messages.get(task.id)
+            self._set_aside(task.id, message.body if message else "", reason)
             return
         payload = task.payload()
         self._set_aside(task.id, jsonify(payload if isinstance(payload, dict)
@@ -287,7 +318,8 @@ class Worker:
     def _label(self, task) -> str:
         """The id a log line gives a task: on SQS the message id (its receipt handle is long
         and changes with every receive)."""
-        return self._messages.get(task.id, (str(task.id),))[0]
+        message = self._messages.get(task.id)
+        return message.id if message else str(task.id)
 
     # the loop -----------------------------------------------------------------------
     def _lease(self):
@@ -311,7 +343,7 @@ class Worker:
         message = messages[0]
         handle, body = message["ReceiptHandle"], message["Body"]
         count = int(message.get("Attributes", {}).get("ApproximateReceiveCount", 1))
-        self._messages[handle] = (message["MessageId"], count, body)
+        self._messages[handle] = _Message(message["MessageId"], count, body, time.time())
         try:
             data = json.loads(body)
             if not isinstance(data, dict):
@@ -384,7 +416,8 @@ class Worker:
         redrive policy) with why in its `error` attribute, then off the queue. A queue
         without a dead-letter queue keeps it, hidden for SQS_MAX_VISIBILITY."""
         api = self.queue.api
-        label = self._messages.get(handle, (handle,))[0]
+        held = self._messages.get(handle)
+        label = held.id if held else handle
         try:
             dead = self._dead_letter()
         except InputError as err:  # (no sqs:GetQueueAttributes, say) the redrive will do it
@@ -392,11 +425,15 @@ class Worker:
                       err)
             return
         if dead is None:
+            # SQS counts its 12 h limit from the receive: hide it for what is left of that
+            hidden = int(SQS_MAX_VISIBILITY - (time.time() - (held.received if held else 0))
+                         - 60)
             log.error("task %s is refused (%s), and %s has no dead-letter queue (create it "
                       "with `deepem3d queue create`): hidden for %d s", label, reason,
-                      self.url, SQS_MAX_VISIBILITY)
-            sqs_call("hiding a message", api.sqs.change_message_visibility, QueueUrl=api.qurl,
-                     ReceiptHandle=handle, VisibilityTimeout=SQS_MAX_VISIBILITY)
+                      self.url, max(hidden, 0))
+            if hidden > 0:
+                sqs_call("hiding a message", api.sqs.change_message_visibility,
+                         QueueUrl=api.qurl, ReceiptHandle=handle, VisibilityTimeout=hidden)
             return
         try:
             sqs_call("setting a message aside", api.sqs.send_message, QueueUrl=dead,
@@ -448,6 +485,10 @@ class Worker:
                     self.stop_requested.wait(self.poll_seconds * min(10, idle))
                     continue
                 idle = 0
+                if self.stop_requested.is_set():  # stopped while the message came in
+                    self._release(task)
+                    report.released += 1
+                    break
                 self._execute(task, report)
         finally:
             for signum, handler in previous.items():
@@ -479,6 +520,8 @@ class Worker:
                 task.execute()
             finally:
                 self._running = None
+                if threading.current_thread() is threading.main_thread():
+                    signal.setitimer(signal.ITIMER_REAL, 0)  # the grace's timer, if set
         except Preempted:
             keeper.stop()
             report.released += 1
@@ -505,7 +548,10 @@ class Worker:
             self._release(task)  # let it be retried now rather than at lease expiry
             return
         keeper.stop()
-        self.queue.delete(task, tally=True)
+        try:
+            self.queue.delete(task, tally=True)
+        except Exception as err:  # noqa: BLE001  (it comes back; its marker skips it)
+            log.warning("could not delete finished task %s: %s", label, err)
         self._forget_attempts(task)
         report.executed += 1
         log.info("finished task %s (%s) in %.2f s, peak memory %.0f MiB", label,

@@ -281,7 +281,7 @@ def task_id_of(payload: list | dict) -> str:
 #: TransferTask
 WRAPPED_TASKS = {
     "DownsampleTask": ("layer_path", "dest_path"),
-    "MeshTask": ("layer_path",),
+    "MeshTask": ("layer_path", "frag_path"),
     "MeshManifestPrefixTask": ("layer_path",),
     "MeshManifestFilesystemTask": ("layer_path",),
     "MultiResShardedMeshMergeTask": ("cloudpath",),
@@ -299,6 +299,8 @@ def wrapped_name(task) -> str:
     but one of WRAPPED_TASKS."""
     if isinstance(task, dict):  # a RegisteredTask (MeshTask, SkeletonTask...)
         name = str(task.get("class"))
+        if "payload" in task or "id" in task:  # keys taskqueue would read as another task
+            raise InputError(f"MarkedTask refuses a {name} payload with a payload or id key")
     elif (isinstance(task, list) and len(task) >= 3 and isinstance(task[0], list)
           and len(task[0]) == 2):
         module, name = (str(part) for part in task[0])
@@ -330,9 +332,17 @@ def MarkedTask(task: list | dict, names: dict | None = None) -> dict:  # noqa: N
 def _run_marked(task: list | dict) -> dict:
     import importlib
 
+    from taskqueue.queueablefns import FunctionTask
+    from taskqueue.registered_task import deserialize
+
     name = wrapped_name(task)
     importlib.import_module(WRAPPED_MODULE)  # registers igneous's tasks (lazily imported)
-    totask(dict(task) if isinstance(task, dict) else task).execute()
+    # built here, not by taskqueue's totask (which would follow a `payload` key elsewhere)
+    wrapped = deserialize(dict(task)) if isinstance(task, dict) else FunctionTask(*task[:3])
+    module = type(wrapped).__module__ if isinstance(task, dict) else wrapped.key[0]
+    if module != WRAPPED_MODULE and not module.startswith(WRAPPED_MODULE + "."):
+        raise InputError(f"MarkedTask refuses {name} of {module}: not igneous's")
+    wrapped.execute()
     return {"wrapped": name if isinstance(task, dict) else task[0]}
 
 

@@ -123,17 +123,19 @@ def _check_gs(bucket: str) -> None:
 
             project, credentials = google_credentials(bucket)
             client = storage.Client(project=project, credentials=credentials)
-        found = client.lookup_bucket(bucket, timeout=(CONNECT_SECONDS, READ_SECONDS),
-                                     retry=None)
+        # listing needs storage.objects.list, which object roles grant (getting the bucket
+        # itself needs storage.buckets.get, which roles/storage.objectAdmin does not)
+        list(client.list_blobs(bucket, max_results=1, timeout=(CONNECT_SECONDS, READ_SECONDS),
+                               retry=None))
     except DefaultCredentialsError:
         raise InputError(f"{where}: no Google credentials found (CloudVolume's "
                          "google-secret.json, GOOGLE_APPLICATION_CREDENTIALS, or Workload "
                          "Identity)") from None
+    except google_errors.NotFound:
+        raise InputError(f"{where}: no such bucket (create it, or check the path)") from None
     except google_errors.Forbidden:
         raise InputError(f"{where}: access denied (the credentials found may not use this "
                          "bucket)") from None
     except (google_errors.GoogleAPIError, OSError) as err:
         raise InputError(f"{where}: the storage endpoint does not answer "
                          f"({type(err).__name__})") from None
-    if found is None:
-        raise InputError(f"{where}: no such bucket (create it, or check the path)")
