@@ -36,3 +36,9 @@ def format_bytes(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{n} B" if n else "-"
+
+
+def format_bounds(box) -> str:
+    """A bounding box (CloudVolume's Bbox, or anything with minpt and maxpt) as the
+    `x0,y0,z0,x1,y1,z1` that --bounds takes."""
+    return ",".join(str(int(v)) for v in (*box.minpt, *box.maxpt))

@@ -22,6 +22,7 @@ from deepem3d.cli.options import Bounds
 from deepem3d.errors import InputError
 from deepem3d.segmentation.metrics import Contingency, accumulate, contingency, scores
 from deepem3d.storage.layers import check_layer_role, open_layer
+from deepem3d.units import format_bounds
 
 # Voxels read per block: 2**24 uint64 voxels are 128 MiB per layer, and counting the pairs
 # takes about five times that again, so one block peaks near 1 GiB.
@@ -60,8 +61,8 @@ def evaluate(
     table = _read_table(seg_vol, gt_vol, blocks)
     if table.labelled_voxels == 0:
         raise InputError(
-            f"GT is 0 everywhere in {_fmt(bbox)}: nothing to score; pick --bounds that hold "
-            "labelled voxels"
+            f"GT is 0 everywhere in {format_bounds(bbox)}: nothing to score; pick --bounds "
+            "that hold labelled voxels"
         )
     result = scores(table)
 
@@ -153,16 +154,17 @@ def _check_bounds(
         bbox = gt_vol.bounds.clone()
         if not seg_vol.bounds.contains_bbox(bbox):
             raise InputError(
-                f"GT's bounds {_fmt(bbox)} are not inside SEG's bounds {_fmt(seg_vol.bounds)} "
-                f"at mip {mip}: pass --bounds x0,y0,z0,x1,y1,z1 inside both"
+                f"GT's bounds {format_bounds(bbox)} are not inside SEG's bounds "
+                f"{format_bounds(seg_vol.bounds)} at mip {mip}: pass --bounds "
+                "x0,y0,z0,x1,y1,z1 inside both"
             )
         return bbox
     bbox = Bbox(*region)
     for name, vol in (("SEG", seg_vol), ("GT", gt_vol)):
         if not vol.bounds.contains_bbox(bbox):
             raise InputError(
-                f"--bounds {_fmt(bbox)} reach outside {name}'s bounds {_fmt(vol.bounds)} at "
-                f"mip {mip}: pass bounds inside both layers"
+                f"--bounds {format_bounds(bbox)} reach outside {name}'s bounds "
+                f"{format_bounds(vol.bounds)} at mip {mip}: pass bounds inside both layers"
             )
     return bbox
 
@@ -198,8 +200,8 @@ def _download(vol: CloudVolume, name: str, block: Bbox) -> np.ndarray:
         return np.asarray(vol[block.to_slices()])[..., 0]
     except EmptyVolumeException:
         raise InputError(
-            f"{name} {vol.cloudpath} has missing chunks in {_fmt(block)}: finish writing the "
-            "layer, or pass --fill-missing to read them as 0"
+            f"{name} {vol.cloudpath} has missing chunks in {format_bounds(block)}: finish "
+            "writing the layer, or pass --fill-missing to read them as 0"
         ) from None
 
 
@@ -210,7 +212,7 @@ def _describe(
     return "\n".join([
         f"SEG     {seg_vol.cloudpath}",
         f"GT      {gt_vol.cloudpath}",
-        f"bounds  {_fmt(bbox)} at mip {mip} ({_triple(gt_vol.resolution)} nm): "
+        f"bounds  {format_bounds(bbox)} at mip {mip} ({_triple(gt_vol.resolution)} nm): "
         f"{table.voxels:,} voxels, {table.labelled_voxels:,} with GT != 0",
         "",
         f"adapted Rand error  {result['adapted_rand_error']:.6f}   SNEMI3D, 0 = perfect",
@@ -221,9 +223,6 @@ def _describe(
         f"VOI                 {result['voi']:.6f}   bits",
     ])
 
-
-def _fmt(bbox: Bbox) -> str:
-    return ",".join(str(int(v)) for v in (*bbox.minpt, *bbox.maxpt))
 
 
 def _triple(values) -> str:

@@ -33,6 +33,7 @@ from deepem3d.stages.blocks import parse_block_id
 from deepem3d.stages.workdir import WORK, get_table, work_files
 from deepem3d.storage.layers import cloudpath, open_layer
 from deepem3d.storage.npz import get_npz
+from deepem3d.units import format_bounds
 
 #: thresholds tried by default: around the shipped models' settings (mean 0.55; watershed h
 #: 0.1 and DeepEM3D's 0.19), wide enough that a fine-tuned model's best on its own data lay
@@ -104,8 +105,8 @@ def load_kept(seg_path: str, bounds: Bbox) -> KeptRun:
     settings = segment_settings(seg_path)
     region = settings.get("bounds")
     if region and Bbox.intersection(bounds, Bbox(region[:3], region[3:])) != bounds:
-        raise InputError(f"bounds {_fmt(bounds)} reach outside the region the run segmented "
-                         f"({','.join(map(str, region))}): give --bounds inside it")
+        raise InputError(f"bounds {format_bounds(bounds)} reach outside the region the run "
+                         f"segmented ({','.join(map(str, region))}): give --bounds inside it")
     files = work_files(seg_path)
     names = _blocks(files, seg_path)
     graphs = []
@@ -180,22 +181,20 @@ def read_ground_truth(gt_path: str, seg_path: str, bounds: Bbox | None) -> tuple
         bounds = gt.bounds.clone()
     inside = Bbox.intersection(bounds, seg.bounds)
     if inside != bounds or bounds.subvoxel():
-        raise InputError(f"bounds {_fmt(bounds)} are not inside the segmentation "
-                         f"{_fmt(seg.bounds)}: give --bounds inside both layers")
+        raise InputError(f"bounds {format_bounds(bounds)} are not inside the segmentation "
+                         f"{format_bounds(seg.bounds)}: give --bounds inside both layers")
     gt_inside = Bbox.intersection(bounds, gt.bounds)
     if gt_inside != bounds:
-        raise InputError(f"bounds {_fmt(bounds)} are not inside GT {_fmt(gt.bounds)}")
+        raise InputError(f"bounds {format_bounds(bounds)} are not inside GT "
+                         f"{format_bounds(gt.bounds)}")
     if not np.issubdtype(np.dtype(gt.dtype), np.integer):
         raise InputError(f"GT {gt_path} holds {gt.dtype}: expected integer ids")
     labels = np.asarray(gt[bounds])[..., 0].astype(np.uint64)
     if not labels.any():
-        raise InputError(f"GT is 0 everywhere in {_fmt(bounds)}: nothing to tune on; pick "
+        raise InputError(f"GT is 0 everywhere in {format_bounds(bounds)}: nothing to tune on; pick "
                          "--bounds that hold labelled voxels")
     return np.asfortranarray(labels), bounds
 
-
-def _fmt(b: Bbox) -> str:
-    return ",".join(str(int(v)) for v in (*b.minpt, *b.maxpt))
 
 
 def best(rows: Sequence[Row]) -> Row:
