@@ -48,7 +48,10 @@ from deepem3d.run.queues import check_queue_url
 @click.option("--patch-output", type=click.IntRange(min=1), default=None,
               help="Output window in the middle of each patch; the rest is context.")
 @click.option("--overlap", type=click.IntRange(min=0), default=None,
-              help="Pixels shared by neighbouring output windows (0: abutting, unblended).")
+              help="Pixels shared by neighbouring output windows (0: abutting, unblended; "
+              "with the default 512 / 384 patches that reads only 64 px of context around "
+              "each tile, less than the models' receptive field: leave the patch options out "
+              "for abutting tiles with the whole field).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Patches per forward pass (default: 1 for the tiles, "
               f"{PatchGeometry.batch} for overlapping patches).")
