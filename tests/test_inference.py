@@ -324,6 +324,17 @@ def test_bump_window_is_seam_free_too(setup, crop):
                                   predict_volume(predictor, image, geometry))
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "float32"])
+def test_other_image_dtypes_give_the_uint8_result_with_tta(setup, crop, dtype):
+    """Images of other dtypes holding the same values predict the same floats, TTA included
+    (torch flips no uint16 or uint32 tensor: those are widened first)."""
+    predictor = ModelPredictor(setup["model"])
+    image, geometry = crop[:, :40, :40], PatchGeometry(size=32, output=16, overlap=4)
+    np.testing.assert_array_equal(
+        predict_volume(predictor, image.astype(dtype), geometry, tta=8),
+        predict_volume(predictor, image, geometry, tta=8))
+
+
 # ---------------------------------------------------------------------------------------------
 # Test-time augmentation of affinities
 

@@ -355,6 +355,11 @@ def _forward(predictor: Predictor, inputs: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(inputs.device)
 
 
+#: unsigned image dtypes torch cannot flip or rotate (the TTA variants), widened exactly
+WIDENED = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64,
+           np.dtype(np.uint64): np.float64}
+
+
 def _predict_one(
     predictor: Predictor, image: np.ndarray, origin: Triple, block: Box, shape: Triple,
     geometry: PatchGeometry, variants: Sequence[int], stats: Stats,
@@ -372,7 +377,8 @@ def _predict_one(
     plan = _plan(predictor, block, shape, geometry, variants)
     (z0, y0, x0), (z1, y1, x1) = block
     # the block's input, reflected at the dataset's bounds: one gather, then patches are slices
-    region = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    region = torch.from_numpy(np.ascontiguousarray(
+        image, dtype=WIDENED.get(np.dtype(image.dtype), image.dtype))).to(device)
     for axis, (a, b) in enumerate((plan.z_range, plan.y_range, plan.x_range)):
         idx = _reflect(np.arange(a, b), shape[axis]) - origin[axis]
         if idx.min() < 0 or idx.max() >= image.shape[axis]:
