@@ -192,6 +192,10 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
     ("undefined queue", {"segmentation:\n": "segmentation:\n  queue: highmem\n"},
      ["segmentation.queue", "highmem"]),
     ("version", {"version: 1": "version: 7"}, ["version"]),
+    ("edges per voxel", {"segmentation:\n": "segmentation:\n  edges_per_voxel: 5\n"},
+     ["segmentation.edges_per_voxel", "(0, 3]"]),
+    ("task memory", {"segmentation:\n": "segmentation:\n  max_task_memory: lots\n"},
+     ["segmentation.max_task_memory", "24GiB"]),
 ])
 def test_a_bad_pipeline_file_is_one_line_before_anything_is_written(
         tmp_path, crop_layers, case, replace, fragments):
@@ -283,6 +287,15 @@ def test_dry_run_plans_every_stage_routes_them_and_writes_nothing(tmp_path, crop
     routed = run_cli("run", big, "--dry-run", check=True).stdout
     assert any(line.startswith("reduce-L0") and line.endswith(f"fq://{tmp_path}/big")
                for line in routed.splitlines()), routed
+
+
+def test_a_plan_over_the_task_memory_limit_is_refused_by_name(tmp_path, crop_layers):
+    """`max_task_memory` in the file is `segment --max-task-memory`: a dry run whose largest
+    segmentation task needs more is one line naming the stage."""
+    pipeline = pipeline_file(tmp_path, crop_layers, tmp_path / "out", **{
+        "segmentation:\n": "segmentation:\n  max_task_memory: 1MiB\n"})
+    assert_one_line_error(run_cli("run", pipeline, "--dry-run"), "segmentation",
+                          "above max_task_memory 1 MiB")
 
 
 def test_mesh_bad_input_is_one_line(crop_layers):

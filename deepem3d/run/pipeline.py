@@ -15,6 +15,7 @@
     segmentation:                      # the `deepem3d segment` options; method, threshold,
       method: mean                     # sigma and dust_size default to the settings the
       threshold: 0.55                  # model records (shipped models do)
+      max_task_memory: 24GiB           # refuse a plan whose largest task needs more
     downsample:
       layers: [image, segmentation]    # default: the image and, when made, the segmentation
     meshes:                            # with the `meshes` product: the `deepem3d mesh` options
@@ -55,7 +56,7 @@ INFERENCE_KEYS = ("model", "tta", "task_shape", "chunk_size", "bounds", "mip", "
                   "patch_output", "overlap", "batch_size", "window", "device", "threads", "amp",
                   "float32", "fill_missing", "mask", "mask_mip", "force", "queue")
 SEGMENTATION_KEYS = ("method", "threshold", "sigma", "dust_size", "dust_mode", "task_shape",
-                     "chunk_size", "bounds", "queue")
+                     "chunk_size", "bounds", "edges_per_voxel", "max_task_memory", "queue")
 DOWNSAMPLE_KEYS = ("layers", "num_mips", "factor", "memory", "queue")
 MESHES_KEYS = ("mip", "task_shape", "sharded", "spatial_index", "queue")
 SKELETONS_KEYS = ("mip", "task_shape", "sharded", "spatial_index", "dust_threshold",
@@ -342,6 +343,16 @@ def _check_sections(p: Pipeline) -> None:
         _fail(p.source, "segmentation.dust_size", f"{seg['dust_size']!r} must be 0 or more")
     if "dust_mode" in seg and seg["dust_mode"] not in ("merge", "zero"):
         _fail(p.source, "segmentation.dust_mode", f"{seg['dust_mode']!r}: choose merge or zero")
+    if "edges_per_voxel" in seg and not (isinstance(seg["edges_per_voxel"], int | float)
+                                         and 0 < seg["edges_per_voxel"] <= 3):
+        _fail(p.source, "segmentation.edges_per_voxel",
+              f"{seg['edges_per_voxel']!r} must lie in (0, 3]")
+    if "max_task_memory" in seg:
+        try:
+            seg["max_task_memory"] = parse_bytes(seg["max_task_memory"])
+        except ValueError:
+            _fail(p.source, "segmentation.max_task_memory",
+                  f"{seg['max_task_memory']!r}: give bytes such as 24GiB")
     if "memory" in p.downsample:
         try:
             p.downsample["memory"] = parse_bytes(p.downsample["memory"])

@@ -73,6 +73,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
     from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
     from deepem3d.stages.inference import inference_stage, plan_inference
     from deepem3d.stages.segmentation import (
+        DEFAULT_EDGES_PER_VOXEL,
         choose_settings,
         plan_segment,
         segment_stages,
@@ -170,6 +171,8 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
                     dust_mode=seg.get("dust_mode", "merge"), task_shape=seg.get("task_shape"),
                     chunk_size=seg.get("chunk_size"), bounds=_bbox(seg.get("bounds")),
                     overwrite="segmentation" in overwrite, sigma=chosen["sigma"],
+                    edges_per_voxel=seg.get("edges_per_voxel", DEFAULT_EDGES_PER_VOXEL),
+                    max_task_memory=seg.get("max_task_memory"),
                 )
         except InputError as err:
             raise _in_key(p.source, "segmentation", err) from None
