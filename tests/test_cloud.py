@@ -372,7 +372,9 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     """A queue or bucket that does not exist, an endpoint that does not answer, missing
     credentials: each a one-line error with exit status 2 after a bounded retry, in seconds
     (botocore's and CloudFiles' own retries take minutes)."""
-    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="em-data")
+    # a bucket of its own: CloudFiles keeps one connection pool per bucket in a process, and
+    # an earlier test's pool for the same name points at that test's server
+    boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="em-mistakes")
     npy = tmp_path / "crop.npy"
     np.save(npy, np.zeros((4, 32, 32), np.uint8))
     ingest = ("ingest", npy, "--resolution", "4,4,40")
@@ -393,7 +395,7 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", closed)
     quick("worker", "sqs://work", fragments=["sqs://work", "Could not connect"])
     quick("queue", "create", "sqs://work", fragments=["Could not connect"])
-    quick(*ingest, "s3://em-data/image", fragments=["s3://em-data", "does not answer"])
+    quick(*ingest, "s3://em-mistakes/image", fragments=["s3://em-mistakes", "does not answer"])
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
@@ -404,14 +406,14 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("HOME", str(tmp_path))  # no CloudVolume secrets either
     quick("worker", "sqs://work", fragments=["no AWS credentials found"])
-    quick(*ingest, "s3://em-data/image", fragments=["no AWS credentials found"])
+    quick(*ingest, "s3://em-mistakes/image", fragments=["no AWS credentials found"])
 
     # long-lived keys without a session token (CloudFiles alone fails on that with a KeyError)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-    run_cli(*ingest, "s3://em-data/image", check=True)
+    run_cli(*ingest, "s3://em-mistakes/image", check=True)
     monkeypatch.setenv("AWS_SESSION_TOKEN", "")  # for this process's own CloudVolume
-    assert CloudVolume("s3://em-data/image").shape[:3] == (32, 32, 4)
+    assert CloudVolume("s3://em-mistakes/image").shape[:3] == (32, 32, 4)
 
 
 # ---------------------------------------------------------------------------------------------
