@@ -304,6 +304,13 @@ def test_dry_run_counts_evaluations_per_output_voxel(setup, tmp_path):
     assert tiles.task_shape == (2048, 2048, 16) and tiles.task_count == 4 * 4 * 4
     assert tiles.evaluations == pytest.approx((2528 / 2048) ** 2)
     assert "evaluations per output voxel: 1.52" in tiles.describe()
+    # bounds off the tile grid: the same tiles (sized by the layer), one task per tile cell
+    # (it was up to four tiles per task: 6.09 evaluations per voxel here)
+    off = plan_inference(layer, f"file://{tmp_path / 'out'}", models=[setup["ckpt"]],
+                         bounds=Bbox((1024, 1024, 0), (8192, 8192, 64)))
+    assert off.geometry == tiles.geometry and off.task_count == 4 * 4 * 4
+    assert {tuple(b.minpt)[:2] for b in off.blocks} >= {(1024, 1024), (2048, 2048)}
+    assert off.evaluations == pytest.approx(16 * 2528**2 / 7168**2)  # 1.99
     old = plan_inference(layer, f"file://{tmp_path / 'out'}", models=[setup["ckpt"]],
                          patch={"size": 512, "output": 384, "overlap": 64})
     assert 3.8 < old.evaluations < 4.6

@@ -48,12 +48,18 @@ def align_to_chunks(bounds: Bbox, offset, size, chunk) -> Bbox:
     return Bbox(lo, np.minimum(hi, offset + size))
 
 
-def block_grid(bounds: Bbox, task_shape) -> list[Bbox]:
-    """The task blocks covering `bounds`, x fastest; the last ones clipped to it."""
+def block_grid(bounds: Bbox, task_shape, anchor=None) -> list[Bbox]:
+    """The task blocks covering `bounds`, x fastest. Without `anchor` the grid starts at the
+    bounds and the last blocks are clipped to them; with one (a point, such as the layer's
+    offset) the grid's cells are `task_shape` boxes from it, each clipped to the bounds, so a
+    block never straddles two cells of that grid."""
     lo, hi = np.asarray(bounds.minpt, dtype=int), np.asarray(bounds.maxpt, dtype=int)
-    ranges = [range(int(a), int(b), int(s)) for a, b, s in zip(lo, hi, task_shape)]
+    shape = np.asarray(task_shape, dtype=int)
+    start = lo if anchor is None else np.asarray(anchor, dtype=int) + (
+        (lo - np.asarray(anchor, dtype=int)) // shape) * shape
+    ranges = [range(int(a), int(b), int(s)) for a, b, s in zip(start, hi, shape)]
     return [
-        Bbox([x, y, z], np.minimum(np.array([x, y, z]) + np.asarray(task_shape), hi))
+        Bbox(np.maximum([x, y, z], lo), np.minimum(np.array([x, y, z]) + shape, hi))
         for z in ranges[2] for y in ranges[1] for x in ranges[0]
     ]
 

@@ -462,8 +462,9 @@ def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) 
 def tile_geometry(refs, nets, shapes, bounds: Bbox, chunk, dataset, tta: int, dtype: str, *,
                   batch: int | None = None, window: str = PatchGeometry.window) -> PatchGeometry:
     """The default geometry: abutting output tiles of TILE_OUTPUT px, a multiple of the chunk
-    size and of the models' divisor, cut down to the bounds' extent (a 512 px volume does not
-    pay for a 2048 px tile), each read with a margin of the models' in-plane receptive field
+    size and of the models' divisor, cut down to the layer's extent (a 512 px volume does not
+    pay for a 2048 px tile; the layer's, not the bounds', so that the tiles, and the bytes, are
+    the same whatever --bounds), each read with a margin of the models' in-plane receptive field
     rounded up to the divisor. So every voxel sees the network's whole receptive field, is
     computed once, and is what one whole-section forward gives. The tile halves until a task
     fits TASK_MEMORY_BUDGET. One tile per forward unless `batch` is given: a tile is already
@@ -473,7 +474,8 @@ def tile_geometry(refs, nets, shapes, bounds: Bbox, chunk, dataset, tta: int, dt
     divisor = max(int(net.divisor) for net in nets)
     context = max(max(int(c) for c in net.context[:2]) for net in nets)
     step = math.lcm(int(chunk[0]), int(chunk[1]), divisor)
-    extent = max(int(v) for v in bounds.size3()[:2])
+    # sized by the layer, not the bounds: the same tiles (so the same bytes) whatever --bounds
+    extent = max(int(dataset[1]), int(dataset[2]))
     depth = min(int(chunk[2]), int(bounds.size3()[2]))
 
     def tiles(t: int, b: int) -> PatchGeometry:
@@ -609,7 +611,9 @@ def plan_inference(
         task_shape = (-(-xy // chunk[0]) * chunk[0], -(-xy // chunk[1]) * chunk[1], chunk[2])
     task_shape = check_task_shape(task_shape, chunk)
     task_shape = tuple(min(t, int(b)) for t, b in zip(task_shape, bounds.size3()))
-    blocks = block_grid(bounds, task_shape)
+    # default tiles: one task per tile of the grid anchored at the layer's offset, however the
+    # bounds lie (a block straddling tiles would compute each of them)
+    blocks = block_grid(bounds, task_shape, anchor=offset if tiled else None)
     whole = _zyx_box(bounds, offset)
     computed = sum(patch_count(dataset, _zyx_box(b, offset), geometry) * int(b.size3()[2])
                    for b in blocks)
@@ -727,7 +731,8 @@ def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
     # the blocks are part of the run: a run over wider bounds is another run
     key = digest({**plan.values(), "device": device, "torch": torch_version,
                   "threads": plan.threads, "amp": plan.amp, "task_shape": list(plan.task_shape),
-                  "bounds": bounds_list(plan.bounds)})
+                  "bounds": bounds_list(plan.bounds),
+                  "blocks": [bounds_list(plan.blocks[0]), len(plan.blocks)]})
     common = dict(
         image_path=plan.image_path, output_path=plan.output_path,
         models=[m.to_json() for m in plan.models], mip=plan.mip, tta=plan.tta,
