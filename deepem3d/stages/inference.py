@@ -449,6 +449,8 @@ def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) 
     total = 2 * read  # the cutout and its reflected, gathered copy (uint8)
     # float32 section maps per model (+ their combination): sections are combined as they come
     total += maps * channels * (y1 - y0) * (x1 - x0) * 4
+    # quantize_tensor's float64 temporaries, two alive at a time, for one section
+    total += 2 * channels * (y1 - y0) * (x1 - x0) * 8
     total += 2 * channels * voxels * np.dtype(dtype).itemsize  # the output and its transpose
     total += 2 * per_patch * channels * geometry.output**2 * 4  # open patches (2 sections)
     g = geometry
