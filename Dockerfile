@@ -1,6 +1,6 @@
 # Worker images for k8s/ (GKE, EKS), two targets of one file:
-#   docker build --target cpu  -t deepem3d:cpu  .   segmentation, meshes, downsampling pools
-#   docker build --target cuda -t deepem3d:cuda .   the GPU inference pool (PyPI's CUDA torch)
+#   docker build --target cpu  -t deepem3d-cpu  .   segmentation, meshes, downsampling pools
+#   docker build --target cuda -t deepem3d-cuda .   the GPU inference pool (PyPI's CUDA torch)
 # Both: a pinned base and packages (docker/constraints.txt), installed by docker/install.sh
 # (tests/test_image.py runs the same script); a non-root user, deepem3d (uid 10001); numba's
 # kernel cache in /opt/deepem3d/numba-cache, owned by that user and warmed at build time by
