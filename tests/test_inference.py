@@ -320,6 +320,43 @@ def test_dry_run_counts_evaluations_per_output_voxel(setup, tmp_path):
     assert "evaluations per output voxel: 1.52" in result.stdout
 
 
+def test_default_tasks_partition_any_bounds_on_whole_chunks(setup, tmp_path):
+    """Tasks on the tile grid, for layers with an offset and sizes off the chunk grid, bounds
+    anywhere, explicit task shapes or none: every block starts on the chunk grid and ends on
+    it or at the layer's end, the blocks cover the bounds exactly once, and the plan's memory
+    is at least every block's (a review found clipped blocks off the chunk grid, whose writes
+    failed, and a largest block missed)."""
+    from deepem3d.stages.inference import _Shape, _task_memory, _zyx_box
+
+    rng = np.random.default_rng(7)
+    for case in range(12):
+        chunk = [(32, 32, 4), (64, 64, 8), (96, 96, 5)][case % 3]
+        size = [int(rng.integers(c, 700 if a < 2 else 40)) for a, c in enumerate(chunk)]
+        offset = [int(v) for v in rng.integers(-50, 50, 3)]
+        lo = [int(rng.integers(o, o + s)) for o, s in zip(offset, size)]
+        hi = [int(rng.integers(a + 1, o + s + 1)) for a, o, s in zip(lo, offset, size)]
+        layer = f"file://{tmp_path / f'layer{case}'}"
+        create_layer(layer, layer_type="image", dtype="uint8", resolution=(4, 4, 50), size=size,
+                     voxel_offset=offset, chunk_size=chunk)
+        task_shape = None if case % 2 else tuple(c * 2 for c in chunk)
+        plan = plan_inference(layer, f"file://{tmp_path / f'out{case}'}",
+                              models=[setup["ckpt"]], bounds=Bbox(lo, hi),
+                              task_shape=task_shape)
+        end = np.array(offset) + np.array(size)
+        covered = 0
+        for block in plan.blocks:
+            a, b = np.array(block.minpt), np.array(block.maxpt)
+            assert not np.any((a - offset) % chunk), (case, block)
+            assert np.all(((b - offset) % chunk == 0) | (b == end)), (case, block)
+            covered += int(np.prod(b - a))
+        assert covered == int(np.prod(plan.bounds.size3())), case
+        assert len({str(b) for b in plan.blocks}) == len(plan.blocks)
+        shapes = [_Shape(5, "boundary")]
+        assert plan.memory_bytes >= max(
+            _task_memory(plan.models, shapes, _zyx_box(b, offset), size[::-1], plan.geometry,
+                         1, plan.dtype) for b in plan.blocks), case
+
+
 def test_bump_window_is_seam_free_too(setup, crop):
     geometry = PatchGeometry(size=64, output=48, overlap=16, batch=2, window="bump")
     weights = core.window(geometry)

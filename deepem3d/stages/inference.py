@@ -461,7 +461,18 @@ def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) 
     return int(total) + RUNTIME_BYTES
 
 
-def tile_geometry(refs, nets, shapes, bounds: Bbox, chunk, dataset, tta: int, dtype: str, *,
+def _extreme_blocks(blocks: list[Bbox]) -> list[Bbox]:
+    """The blocks that may need the most memory: those first, middle and last along each axis
+    (blocks differ where they are cut at the bounds and where the layer's edges reflect their
+    input), at most 27, not every block of a large run."""
+    keep = []
+    for axis in range(3):
+        starts = sorted({int(b.minpt[axis]) for b in blocks})
+        keep.append({starts[0], starts[len(starts) // 2], starts[-1]})
+    return [b for b in blocks if all(int(b.minpt[a]) in keep[a] for a in range(3))]
+
+
+def tile_geometry(refs, nets, shapes, chunk, dataset, tta: int, dtype: str, *,
                   batch: int | None = None, window: str = PatchGeometry.window) -> PatchGeometry:
     """The default geometry: abutting output tiles of TILE_OUTPUT px, a multiple of the chunk
     size and of the models' divisor, cut down to the layer's extent (a 512 px volume does not
@@ -478,7 +489,7 @@ def tile_geometry(refs, nets, shapes, bounds: Bbox, chunk, dataset, tta: int, dt
     step = math.lcm(int(chunk[0]), int(chunk[1]), divisor)
     # sized by the layer, not the bounds: the same tiles (so the same bytes) whatever --bounds
     extent = max(int(dataset[1]), int(dataset[2]))
-    depth = min(int(chunk[2]), int(bounds.size3()[2]))
+    depth = min(int(chunk[2]), int(dataset[0]))
 
     def tiles(t: int, b: int) -> PatchGeometry:
         return abutting_tiles(extent, context, divisor=divisor, step=step, tile=t, batch=b,
@@ -602,7 +613,7 @@ def plan_inference(
     shapes = [_Shape(net.in_sections, net.head) for net in nets]
     dataset = size[::-1]
     if tiled:
-        geometry = tile_geometry(refs, nets, shapes, bounds, chunk, dataset, tta, dtype,
+        geometry = tile_geometry(refs, nets, shapes, chunk, dataset, tta, dtype,
                                  batch=patch.get("batch"),
                                  window=patch.get("window", PatchGeometry.window))
     if head == "affinity" and tta > 1 and geometry.margin < 1:
@@ -612,18 +623,21 @@ def plan_inference(
         xy = geometry.output if tiled else DEFAULT_TASK_XY
         task_shape = (-(-xy // chunk[0]) * chunk[0], -(-xy // chunk[1]) * chunk[1], chunk[2])
     task_shape = check_task_shape(task_shape, chunk)
-    task_shape = tuple(min(t, int(b)) for t, b in zip(task_shape, bounds.size3()))
-    # default tiles: one task per tile of the grid anchored at the layer's offset, however the
-    # bounds lie (a block straddling tiles would compute each of them)
-    blocks = block_grid(bounds, task_shape, anchor=offset if tiled else None)
+    if tiled:
+        # default tiles: tasks are the cells of the tile grid anchored at the layer's offset,
+        # clipped to the bounds, however these lie (a block straddling tiles would compute each
+        # of them); cells are whole chunks from the offset, so clipped ones stay aligned
+        task_shape = tuple(min(t, int(v)) for t, v in zip(task_shape, size))
+        blocks = block_grid(bounds, task_shape, anchor=offset)
+    else:
+        task_shape = tuple(min(t, int(b)) for t, b in zip(task_shape, bounds.size3()))
+        blocks = block_grid(bounds, task_shape)
     whole = _zyx_box(bounds, offset)
     computed = sum(patch_count(dataset, _zyx_box(b, offset), geometry) * int(b.size3()[2])
                    for b in blocks)
     single = patch_count(dataset, whole, geometry) * int(bounds.size3()[2])
-    # memory of the largest block (blocks differ only where they are cut at the bounds)
-    biggest = max(blocks, key=lambda b: (int(np.prod(b.size3())),
-                                         patch_count(dataset, _zyx_box(b, offset), geometry)))
-    memory = _task_memory(refs, shapes, _zyx_box(biggest, offset), dataset, geometry, tta, dtype)
+    memory = max(_task_memory(refs, shapes, _zyx_box(b, offset), dataset, geometry, tta, dtype)
+                 for b in _extreme_blocks(blocks))
     evaluations = computed * geometry.size**2 / math.prod(int(v) for v in bounds.size3())
 
     plan = InferencePlan(
