@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from deepem3d.errors import InputError
+from deepem3d.storage.cloud import boto_config
 
 SCHEMES = ("fq", "sqs")
 INSERT_BATCH = 1000  # tasks inserted per call: planning never holds a whole stage's tasks
@@ -43,28 +44,13 @@ def check_existing_queue(url: str) -> str:
     return url
 
 
-#: how long an SQS call waits for a connection, and how often it is tried: an endpoint that
-#: does not answer is an error within seconds (botocore's defaults wait minutes)
-SQS_CONNECT_SECONDS = 3
-SQS_ATTEMPTS = 2
-#: seconds an SQS call may wait for its answer: above a long poll's wait (the worker's 2 s)
-SQS_READ_SECONDS = 30
-
-
-def sqs_config():
-    from botocore.config import Config
-
-    return Config(connect_timeout=SQS_CONNECT_SECONDS, read_timeout=SQS_READ_SECONDS,
-                  retries={"max_attempts": SQS_ATTEMPTS, "mode": "standard"})
-
-
 def sqs_client():
     """A boto3 SQS client with bounded timeouts; endpoint, region and credentials from the
     usual places (AWS_ENDPOINT_URL_SQS, AWS_DEFAULT_REGION, the environment, the pod's role)."""
     import boto3
 
     try:
-        return boto3.client("sqs", config=sqs_config())
+        return boto3.client("sqs", config=boto_config())
     except Exception as err:  # noqa: BLE001  (botocore's NoRegionError and kin)
         raise InputError(f"cannot reach SQS: {err} (set AWS_DEFAULT_REGION)") from None
 
@@ -102,7 +88,7 @@ def open_queue(url: str):
     name = url[len("sqs://"):]
     sqs = sqs_client()
     sqs_call(url, sqs.get_queue_url, QueueName=name)
-    return TaskQueue(url, progress=False, config=sqs_config(),
+    return TaskQueue(url, progress=False, config=boto_config(),
                      region_name=sqs.meta.region_name)
 
 

@@ -22,11 +22,20 @@ import os
 
 from deepem3d.errors import InputError
 
-#: seconds to wait for a connection to a bucket's endpoint, and tries: an endpoint that does
-#: not answer is an error within seconds
+#: seconds to wait for a connection to an AWS endpoint (S3 or SQS), and tries: an endpoint
+#: that does not answer is an error within seconds (botocore's defaults wait minutes)
 CONNECT_SECONDS = 3
 ATTEMPTS = 2
+#: seconds a call may wait for its answer: above an SQS long poll's wait (the worker's 2 s)
 READ_SECONDS = 30
+
+
+def boto_config():
+    """botocore's client settings for every AWS call deepem3d makes itself: the bounds above."""
+    from botocore.config import Config
+
+    return Config(connect_timeout=CONNECT_SECONDS, read_timeout=READ_SECONDS,
+                  retries={"max_attempts": ATTEMPTS, "mode": "standard"})
 
 
 def prepare_environment() -> None:
@@ -67,7 +76,6 @@ def _check(scheme: str, bucket: str) -> None:
 
 def _check_s3(bucket: str) -> None:
     import boto3
-    from botocore.config import Config
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -77,8 +85,7 @@ def _check_s3(bucket: str) -> None:
     from cloudfiles.secrets import aws_credentials
 
     secrets = aws_credentials(bucket, "aws")  # CloudVolume's secret file, else the environment
-    config = Config(connect_timeout=CONNECT_SECONDS, read_timeout=READ_SECONDS,
-                    retries={"max_attempts": ATTEMPTS, "mode": "standard"})
+    config = boto_config()
     where = f"s3://{bucket}"
     try:
         client = boto3.client(
