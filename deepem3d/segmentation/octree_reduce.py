@@ -7,7 +7,7 @@ an octree over the blocks does the same with what its children left it, and deci
 its own blocks settle:
 
 - an exit or a plateau link is resolved once the node holds the voxel it names (the face tables
-  of the node's blocks: which local basin a face voxel is in, and whether it is flat);
+  of the node's blocks: which basin a face voxel is in, and whether it is flat);
 - a flat set is *complete* once none of its members has a plateau link left to resolve (links
   are recorded by the flat voxel's own block, so a set that reaches outside the node has one);
   only then are its lowest flat voxel and its lowest rim final, as in the global run;
@@ -18,53 +18,43 @@ its own blocks settle:
 
 The root holds no pending link or exit, so every basin gets its id. The way down hands each child
 the ids of what it handed up; a block ends with its table local label -> supervoxel id.
-Memory per node follows the area of its faces. Nothing here reads or writes storage.
+
+Everything is packed in arrays (a node is a key, `block << 32 | local label`, and a few numbers;
+a resolution is a kind, `ID` or `NODE`, and a value) and the chains are followed by one compiled
+loop, so a node task holds about 60 bytes per face voxel of its children (traced: see
+`stages.segmentation.REDUCE_BYTES_PER_FACE_VOXEL`). The children's face tables are looked up
+one child at a time, never joined. Nothing here reads or writes storage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
+from numba import njit
 
-from deepem3d.segmentation.supervoxels import NO_ROOT, ChunkExits
+from deepem3d.segmentation.supervoxels import NO_ROOT, ChunkExits, find_root
 
-__all__ = ["ReduceResidual", "reduce_leaf", "reduce_node"]
+__all__ = ["ReduceResidual", "Resolved", "down", "reduce_leaf", "reduce_node", "reduce_octree"]
 
-#: a resolution: ("id", supervoxel id) or ("node", the key of a node handed to the parent)
-Resolution = tuple[str, int]
-_NONE = int(NO_ROOT)
-
-
-@dataclass
-class ReduceNode:
-    """A node of the reduce graph: a flat set not yet complete (`flat`), or a basin whose exit
-    (`exit`, a voxel index) leaves the octree node that holds it."""
-
-    flat: bool
-    lowest: int = _NONE  # the set's lowest flat voxel index (flat nodes)
-    links: list[int] = field(default_factory=list)  # plateau links to voxels not yet held
-    rim: tuple[int, Resolution] | None = None  # lowest rim so far: (index, where it drains)
-    exit: int = -1  # the voxel the basin's descent leaves to (non-flat nodes)
+#: resolution kinds: none yet (a link or exit whose voxel the node does not hold), a supervoxel
+#: id, or a node (its key) handed to the parent
+NONE, ID, NODE = 0, 1, 2
+NO_RIM = np.uint64(2**64 - 1)
+_U64 = np.uint64
+_EMPTY_U64 = np.zeros(0, np.uint64)
 
 
 @dataclass
 class Faces:
     """Face voxels as arrays sorted by voxel index: what each one's basin resolves to (`kind`
-    1: an id, 2: a node key, in `where`) and whether it is flat."""
+    ID or NODE, value in `where`) and whether it is flat."""
 
     index: np.ndarray
     kind: np.ndarray
     where: np.ndarray
     flat: np.ndarray
-
-    @classmethod
-    def join(cls, parts: Sequence[Faces]) -> Faces:
-        cat = [np.concatenate([getattr(p, f) for p in parts]) for f in
-               ("index", "kind", "where", "flat")]
-        order = np.argsort(cat[0], kind="stable")
-        return cls(*(a[order] for a in cat))
 
     def find(self, targets: np.ndarray) -> np.ndarray:
         """Per target voxel index, its row here, or -1."""
@@ -74,69 +64,107 @@ class Faces:
         ok[ok] = self.index[at[ok]] == targets[ok]
         return np.where(ok, at, -1)
 
-    def entry(self, row: int) -> tuple[Resolution, bool]:
-        return (_NAME[int(self.kind[row])], int(self.where[row])), bool(self.flat[row])
-
     def __len__(self) -> int:
         return int(self.index.size)
 
 
 @dataclass
 class ReduceResidual:
-    """What an octree node hands its parent: its unresolved nodes by key, and the face voxels
-    on its outer faces: voxel index -> (what that voxel's basin resolves to, flat). A leaf also
-    hands its `known` basins (key -> id): flat sets inside the block with no link and no rim,
-    named at once (most of a block's basins; no node is made for them)."""
+    """What an octree node hands its parent, as arrays:
 
-    nodes: dict[int, ReduceNode]
+    - its unresolved nodes, sorted by `key`: `flat` sets (`lowest` flat voxel, best `rim_*`
+      so far: voxel index, kind and value) or basins whose `exit` (a voxel index) leaves it;
+    - the pending plateau links of its flat sets (`link_key` -> `link_target` voxel);
+    - the face voxels on its outer faces (`faces`);
+    - a leaf also hands its `known` basins (`known_key` -> `known_id`): flat sets inside the
+      block with no link and no rim, named at once (most of a block's basins)."""
+
+    key: np.ndarray
+    flat: np.ndarray
+    lowest: np.ndarray
+    exit: np.ndarray
+    rim_index: np.ndarray
+    rim_kind: np.ndarray
+    rim_where: np.ndarray
+    link_key: np.ndarray
+    link_target: np.ndarray
     faces: Faces
-    known: dict[int, int] = field(default_factory=dict)
+    known_key: np.ndarray = field(default_factory=lambda: _EMPTY_U64)
+    known_id: np.ndarray = field(default_factory=lambda: _EMPTY_U64)
+
+    def __len__(self) -> int:
+        return int(self.key.size)
+
+
+@dataclass
+class Resolved:
+    """A node's resolutions, sorted by key: every node its children handed it (and a leaf's
+    known basins) -> ID (a supervoxel id) or NODE (the key of a node it handed up)."""
+
+    key: np.ndarray
+    kind: np.ndarray
+    where: np.ndarray
+
+    def of(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(kind, where) of each key; ValueError if one is missing."""
+        rows = _rows(self.key, keys, "a key the node never resolved")
+        return self.kind[rows], self.where[rows]
+
+
+def _rows(sorted_keys: np.ndarray, keys: np.ndarray, what: str) -> np.ndarray:
+    keys = np.asarray(keys, np.uint64)
+    at = np.searchsorted(sorted_keys, keys)
+    ok = at < sorted_keys.size
+    ok[ok] = sorted_keys[at[ok]] == keys[ok]
+    if not ok.all():
+        raise ValueError(f"the reduce met {what}: the chunks' exits are inconsistent")
+    return at
 
 
 def reduce_leaf(exits: ChunkExits, block: int) -> ReduceResidual:
     """A block's exits as a leaf: one node per local label, key `block << 32 | label`."""
-    base = int(block) << 32
+    base = _U64(int(block) << 32)
     n = exits.n_labels
     # flat labels with no link and no rim are whole basins of this block: named now
     busy = np.zeros(n + 1, bool)
     for labels in (exits.exit_label, exits.plateau_label, exits.rim_label):
         busy[np.asarray(labels, np.int64)] = True
+    busy[0] = False
+    roots = np.asarray(exits.root_index, np.uint64)
     simple = np.flatnonzero(~busy[1:]) + 1
-    ids = np.asarray(exits.root_index, np.uint64)[simple - 1] + np.uint64(1)
-    known = dict(zip((simple + base).tolist(), ids.tolist()))
     id_of = np.zeros(n + 1, np.uint64)
-    id_of[simple] = ids
+    id_of[simple] = roots[simple - 1] + _U64(1)
 
-    def resolution(label: int) -> Resolution:
-        value = int(id_of[label])
-        return ("id", value) if value else ("node", base | label)
+    def resolution(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.asarray(labels, np.int64)
+        ids = id_of[labels]
+        return (np.where(ids > 0, ID, NODE).astype(np.uint8),
+                np.where(ids > 0, ids, base + labels.astype(np.uint64)))
 
-    nodes: dict[int, ReduceNode] = {}
-    leaving = dict(zip(exits.exit_label.tolist(), exits.exit_target.tolist()))
-    roots = exits.root_index.tolist()
-    for label in (np.flatnonzero(busy[1:]) + 1).tolist():
-        if label in leaving:
-            nodes[base | label] = ReduceNode(False, exit=int(leaving[label]))
-        else:
-            nodes[base | label] = ReduceNode(True, lowest=int(roots[label - 1]))
-    for label, target in zip(exits.plateau_label.tolist(), exits.plateau_target.tolist()):
-        nodes[base | label].links.append(int(target))
-    for label, index, dst in zip(exits.rim_label.tolist(), exits.rim_target.tolist(),
-                                 exits.rim_target_label.tolist()):
-        _offer_rim(nodes[base | label], int(index), resolution(int(dst)))
-    labels = np.asarray(exits.face_label, np.int64)
-    face_ids = id_of[labels]
-    faces = Faces.join([Faces(np.asarray(exits.face_index, np.uint64),
-                              np.where(face_ids > 0, 1, 2).astype(np.uint8),
-                              np.where(face_ids > 0, face_ids,
-                                       np.uint64(base) + labels.astype(np.uint64)),
-                              np.asarray(exits.face_flat, bool))])
-    return ReduceResidual(nodes, faces, known)
-
-
-def _offer_rim(node: ReduceNode, index: int, dst: Resolution) -> None:
-    if node.rim is None or index < node.rim[0]:
-        node.rim = (index, dst)
+    labels = np.flatnonzero(busy)  # ascending, so the keys are sorted
+    exit_of = np.full(n + 1, -1, np.int64)
+    exit_of[np.asarray(exits.exit_label, np.int64)] = np.asarray(exits.exit_target, np.int64)
+    flat = exit_of[labels] < 0
+    rim_index = np.full(n + 1, NO_RIM, np.uint64)
+    rim_kind = np.zeros(n + 1, np.uint8)
+    rim_where = np.zeros(n + 1, np.uint64)
+    rim_label = np.asarray(exits.rim_label, np.int64)
+    rim_index[rim_label] = np.asarray(exits.rim_target, np.uint64)
+    rim_kind[rim_label], rim_where[rim_label] = resolution(exits.rim_target_label)
+    link_label = np.asarray(exits.plateau_label, np.int64)
+    keep = exit_of[link_label] < 0  # a basin that drains out has no use for its links
+    face_kind, face_where = resolution(exits.face_label)
+    order = np.argsort(np.asarray(exits.face_index, np.uint64), kind="stable")
+    return ReduceResidual(
+        key=base + labels.astype(np.uint64), flat=flat,
+        lowest=np.where(flat, roots[labels - 1], NO_ROOT).astype(np.uint64),
+        exit=exit_of[labels], rim_index=rim_index[labels], rim_kind=rim_kind[labels],
+        rim_where=rim_where[labels],
+        link_key=base + link_label[keep].astype(np.uint64),
+        link_target=np.asarray(exits.plateau_target, np.uint64)[keep],
+        faces=Faces(np.asarray(exits.face_index, np.uint64)[order], face_kind[order],
+                    face_where[order], np.asarray(exits.face_flat, bool)[order]),
+        known_key=base + simple.astype(np.uint64), known_id=id_of[simple])
 
 
 def _on_outer_face(index: np.ndarray, low: Sequence[int], high: Sequence[int],
@@ -151,139 +179,236 @@ def _on_outer_face(index: np.ndarray, low: Sequence[int], high: Sequence[int],
     return out
 
 
+def _cat(children: Sequence[ReduceResidual], name: str, dtype) -> np.ndarray:
+    parts = [np.asarray(getattr(c, name), dtype) for c in children]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def _look_up(children: Sequence[ReduceResidual], targets: np.ndarray):
+    """Where each target voxel's basin resolves to, in the child faces that hold it: kind
+    (NONE where no child holds it), value, flatness. One child's table at a time."""
+    kind = np.zeros(targets.size, np.uint8)
+    where = np.zeros(targets.size, np.uint64)
+    flat = np.zeros(targets.size, bool)
+    for child in children:
+        rows = child.faces.find(targets)
+        hit = rows >= 0
+        kind[hit] = child.faces.kind[rows[hit]]
+        where[hit] = child.faces.where[rows[hit]]
+        flat[hit] = child.faces.flat[rows[hit]]
+    return kind, where, flat
+
+
+def _dense(keys: np.ndarray, kind: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """NODE values as rows of `keys` (ID values unchanged)."""
+    out = where.astype(np.int64).copy()
+    node = kind == NODE
+    out[node] = _rows(keys, where[node], "a node no child handed up")
+    return out
+
+
 def reduce_node(
     children: Sequence[ReduceResidual],
     low: Sequence[int],
     high: Sequence[int],
     dataset: Sequence[int],
-) -> tuple[dict[int, Resolution], ReduceResidual]:
+) -> tuple[Resolved, ReduceResidual]:
     """One octree node over the voxel box [low, high) of a dataset: the resolution of every
     node its children handed it, and its own residual. At the root (the box is the dataset)
-    every resolution is an id."""
-    nodes: dict[int, ReduceNode] = {}
-    resolved: dict[int, Resolution] = {}
+    every resolution is an ID."""
+    key = _cat(children, "key", np.uint64)
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    flat = _cat(children, "flat", bool)[order]
+    lowest = _cat(children, "lowest", np.uint64)[order]
+    exit_voxel = _cat(children, "exit", np.int64)[order]
+    rim_index = _cat(children, "rim_index", np.uint64)[order]
+    rim_kind = _cat(children, "rim_kind", np.uint8)[order]
+    rim_where = _dense(key, rim_kind, _cat(children, "rim_where", np.uint64)[order])
+    exit_kind, exit_where, _ = _look_up(children, np.maximum(exit_voxel, 0).astype(np.uint64))
+    exit_kind[flat] = NONE
+    exit_where = _dense(key, exit_kind, exit_where)
+    link_key = _cat(children, "link_key", np.uint64)
+    link_target = _cat(children, "link_target", np.uint64)
+    link_kind, link_where, link_flat = _look_up(children, link_target)
+    link_where = _dense(key, link_kind, link_where)
+    link_node = _rows(key, link_key, "a link of no node")
+    status, res_kind, res_where, root, set_lowest, set_rim, pending = _resolve_nodes(
+        flat, lowest, exit_kind, exit_where, rim_index, rim_kind, rim_where,
+        link_node, link_kind, link_where, link_flat, link_target)
+    if status == 1:
+        raise ValueError("a plateau link reaches a flat set that was complete")
+    if status == 2:
+        raise ValueError("a basin never bottoms out: the chunks' exits are inconsistent")
+
+    def as_keys(kind: np.ndarray, where: np.ndarray) -> np.ndarray:
+        out = where.astype(np.uint64)
+        node = kind == NODE
+        out[node] = key[where[node]]
+        return out
+
+    known_key = _cat(children, "known_key", np.uint64)
+    all_keys = np.concatenate([key, known_key])
+    order = np.argsort(all_keys, kind="stable")
+    resolved = Resolved(
+        all_keys[order],
+        np.concatenate([res_kind, np.full(known_key.size, ID, np.uint8)])[order],
+        np.concatenate([as_keys(res_kind, res_where),
+                        _cat(children, "known_id", np.uint64)])[order])
+    # the residual: incomplete sets (at their root), exits that leave, and the outer faces
+    rows = np.arange(key.size)
+    up = (res_kind == NODE) & (res_where == rows) & (root == rows)
+    s_rim_kind = set_rim[1].astype(np.uint8)[up]
+    s_rim_where = set_rim[2][up]
+    followed = s_rim_kind == NODE  # a rim pointing at a node: what this node made of it
+    s_rim_kind[followed] = res_kind[s_rim_where[followed]]
+    s_rim_where[followed] = res_where[s_rim_where[followed]]
+    live = pending & up[root[link_node]]
+    residual = ReduceResidual(
+        key=key[up], flat=flat[up], lowest=np.where(flat, set_lowest, NO_ROOT)[up],
+        exit=np.where(flat, -1, exit_voxel)[up],
+        rim_index=np.where(flat, set_rim[0], NO_RIM)[up],
+        rim_kind=np.where(flat[up], s_rim_kind, NONE).astype(np.uint8),
+        rim_where=np.where(flat[up], as_keys(s_rim_kind, s_rim_where), 0).astype(np.uint64),
+        link_key=key[root[link_node[live]]], link_target=link_target[live],
+        faces=_outer_faces(children, key, res_kind, res_where, as_keys, low, high, dataset))
+    return resolved, residual
+
+
+def _outer_faces(children, key, res_kind, res_where, as_keys, low, high, dataset) -> Faces:
+    """The children's face voxels on this node's outer faces, pointing at what this node
+    resolved their basins to, sorted by voxel index."""
+    parts = []
     for child in children:
-        nodes.update(child.nodes)
-        resolved.update((k, ("id", v)) for k, v in child.known.items())
-    faces = Faces.join([c.faces for c in children])
-    # where every exit and link lands, if this node holds the voxel
-    exit_keys = [k for k, n in nodes.items() if not n.flat]
-    exit_row = dict(zip(exit_keys, faces.find([nodes[k].exit for k in exit_keys]).tolist()))
+        f = child.faces
+        keep = _on_outer_face(f.index, low, high, dataset)
+        kind, where = f.kind[keep], f.where[keep]
+        node = np.flatnonzero(kind == NODE)
+        if node.size:
+            at = np.searchsorted(key, where[node])
+            ok = at < key.size
+            ok[ok] = key[at[ok]] == where[node[ok]]
+            node, at = node[ok], at[ok]  # a node this one never held points where it did
+            kind[node] = res_kind[at]
+            where[node] = as_keys(res_kind[at], res_where[at])
+        parts.append((f.index[keep], kind, where, f.flat[keep]))
+    if not parts:
+        return Faces(_EMPTY_U64, np.zeros(0, np.uint8), _EMPTY_U64, np.zeros(0, bool))
+    index = np.concatenate([p[0] for p in parts])
+    order = np.argsort(index, kind="stable")
+    return Faces(index[order], *(np.concatenate([p[c] for p in parts])[order]
+                                 for c in (1, 2, 3)))
+
+
+@njit(cache=True)
+def _resolve_nodes(flat, lowest, exit_kind, exit_where, rim_index, rim_kind, rim_where,
+                   link_node, link_kind, link_where, link_flat, link_target):
+    """The node's decisions on dense rows (node values are rows, id values ids). Returns
+    (status: 0 ok, 1 a link into a complete set, 2 a chain without end; the resolution's
+    kind and value per row; each row's set root (itself if not flat); per root, its set's
+    lowest flat voxel and rim (index, kind, value); per link, whether it is still pending)."""
+    n = flat.size
+    parent = np.arange(n)
+    rim_i = rim_index.copy()
+    rim_k = rim_kind.copy()
+    rim_w = rim_where.copy()
+    pending = np.zeros(link_node.size, np.bool_)
+    res_kind = np.zeros(n, np.uint8)
+    res_where = np.zeros(n, np.int64)
+    root = np.arange(n)
+    s_low = np.full(n, NO_ROOT, np.uint64)
+    s_rim_i = np.full(n, NO_RIM, np.uint64)
+    s_rim_k = np.zeros(n, np.uint8)
+    s_rim_w = np.zeros(n, np.int64)
+    s_pending = np.zeros(n, np.int64)
     # flat sets: union over the links now held; links to non-flat voxels are rims
-    parent = {k: k for k, n in nodes.items() if n.flat}
-
-    def find(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for key, node in nodes.items():
-        if not node.flat or not node.links:
+    for j in range(link_node.size):
+        i = link_node[j]
+        if not flat[i]:
             continue
-        pending = []
-        for target, row in zip(node.links, faces.find(node.links).tolist()):
-            if row < 0:
-                pending.append(target)
-                continue
-            (kind, where), flat = faces.entry(row)
-            if flat:
-                if kind != "node" or where not in parent:
-                    raise ValueError("a plateau link reaches a flat set that was complete")
-                a, b = find(key), find(where)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-            else:
-                _offer_rim(node, target, (kind, where))
-        node.links = pending
-    # each set as one node at its smallest key: lowest root, best rim, pending links
-    sets: dict[int, ReduceNode] = {}
-    for key, node in nodes.items():
-        if node.flat:
-            root = find(key)
-            s = sets.setdefault(root, ReduceNode(True))
-            s.lowest = min(s.lowest, node.lowest)
-            s.links += node.links
-            if node.rim is not None:
-                _offer_rim(s, *node.rim)
-    def resolve(key: int) -> Resolution:
-        chain = []
-        res: Resolution
+        if link_kind[j] == NONE:
+            pending[j] = True
+            s_pending[i] += 1
+            continue
+        if link_flat[j]:
+            other = link_where[j]
+            if link_kind[j] != NODE or not flat[other]:
+                return 1, res_kind, res_where, root, s_low, (s_rim_i, s_rim_k, s_rim_w), pending
+            a = find_root(parent, i)
+            b = find_root(parent, other)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+        elif link_target[j] < rim_i[i]:
+            rim_i[i] = link_target[j]
+            rim_k[i] = link_kind[j]
+            rim_w[i] = link_where[j]
+    # each set at its smallest row: lowest root, best rim, pending links
+    for i in range(n):
+        if not flat[i]:
+            continue
+        r = find_root(parent, i)
+        root[i] = r
+        if lowest[i] < s_low[r]:
+            s_low[r] = lowest[i]
+        if r != i:
+            s_pending[r] += s_pending[i]
+        if rim_k[i] != NONE and rim_i[i] < s_rim_i[r]:
+            s_rim_i[r] = rim_i[i]
+            s_rim_k[r] = rim_k[i]
+            s_rim_w[r] = rim_w[i]
+    chain = np.empty(n, np.int64)
+    for start in range(n):
+        if res_kind[start] != NONE:
+            continue
+        m = 0
+        i = start
+        kind = NONE
+        value = 0
         while True:
-            if key in resolved:
-                res = resolved[key]
+            if res_kind[i] != NONE:
+                kind = res_kind[i]
+                value = res_where[i]
                 break
-            node = nodes[key]
-            chain.append(key)
-            if node.flat:
-                s = sets[find(key)]
-                if s.links:  # incomplete: the set goes up as one node
-                    res = ("node", find(key))
+            if m == n:
+                return 2, res_kind, res_where, root, s_low, (s_rim_i, s_rim_k, s_rim_w), pending
+            chain[m] = i
+            m += 1
+            if flat[i]:
+                r = root[i]
+                if s_pending[r] > 0:  # incomplete: the set goes up as one node
+                    kind, value = NODE, r
                     break
-                if s.rim is None:
-                    res = ("id", s.lowest + 1)
+                if s_rim_k[r] == NONE:
+                    kind, value = ID, np.int64(s_low[r] + np.uint64(1))
                     break
-                kind, where = s.rim[1]
-                if kind == "id":
-                    res = (kind, where)
+                if s_rim_k[r] == ID:
+                    kind, value = ID, s_rim_w[r]
                     break
-                key = where
+                i = s_rim_w[r]
             else:
-                row = exit_row[key]
-                if row < 0:
-                    res = ("node", key)
+                if exit_kind[i] == NONE:
+                    kind, value = NODE, i
                     break
-                kind, where = faces.entry(row)[0]
-                if kind == "id":
-                    res = (kind, where)
+                if exit_kind[i] == ID:
+                    kind, value = ID, exit_where[i]
                     break
-                key = where
-            if len(chain) > len(nodes):
-                raise ValueError("a basin never bottoms out: the chunks' exits are inconsistent")
-        for k in chain:
-            resolved[k] = res
-        return res
-
-    for key in nodes:
-        resolve(key)
-    # the residual: incomplete sets, exits that leave, and the outer faces
-    up: dict[int, ReduceNode] = {}
-    for key, node in nodes.items():
-        kind, where = resolved[key]
-        if kind != "node" or where != (find(key) if node.flat else key):
-            continue
-        if node.flat:
-            s = sets[where]
-            rim = None if s.rim is None else (s.rim[0], _follow(s.rim[1], resolved))
-            up[where] = ReduceNode(True, lowest=s.lowest, links=list(s.links), rim=rim)
-        else:
-            up[key] = ReduceNode(False, exit=node.exit)
-    keep = _on_outer_face(faces.index, low, high, dataset)
-    outer = Faces(faces.index[keep], faces.kind[keep].copy(), faces.where[keep].copy(),
-                  faces.flat[keep])
-    pointing = np.flatnonzero(outer.kind == 2)
-    if pointing.size:  # what they point at, as this node resolved it
-        targets, inverse = np.unique(outer.where[pointing], return_inverse=True)
-        follow = [resolved.get(int(t), ("node", int(t))) for t in targets.tolist()]
-        outer.kind[pointing] = np.asarray([_KIND[f[0]] for f in follow], np.uint8)[inverse]
-        outer.where[pointing] = np.asarray([f[1] for f in follow], np.uint64)[inverse]
-    return resolved, ReduceResidual(up, outer)
+                i = exit_where[i]
+        for c in range(m):
+            res_kind[chain[c]] = kind
+            res_where[chain[c]] = value
+    return 0, res_kind, res_where, root, s_low, (s_rim_i, s_rim_k, s_rim_w), pending
 
 
-def _follow(res: Resolution, resolved: dict[int, Resolution]) -> Resolution:
-    """A resolution in terms of this node's results."""
-    kind, where = res
-    return resolved.get(where, res) if kind == "node" else res
-
-
-def down(resolved: dict[int, Resolution], above: dict[int, int], keys) -> dict[int, int]:
+def down(resolved: Resolved, above: tuple[np.ndarray, np.ndarray], keys: np.ndarray
+         ) -> np.ndarray:
     """The way down at one node: the ids of `keys` (its children's nodes), from the node's
-    resolutions and its parent's ids for the nodes it handed up (`above`)."""
-    out = {}
-    for key in keys:
-        kind, where = resolved[key]
-        out[key] = where if kind == "id" else above[where]
-    return out
+    resolutions and its parent's ids for the nodes it handed up (`above`: keys sorted, ids)."""
+    kind, where = resolved.of(keys)
+    ids = where.copy()
+    node = kind == NODE
+    if node.any():
+        ids[node] = above[1][_rows(above[0], where[node], "a node its parent never named")]
+    return ids
 
 
 def reduce_octree(octree, blocks: Sequence[tuple[int, int, int]],
@@ -294,7 +419,7 @@ def reduce_octree(octree, blocks: Sequence[tuple[int, int, int]],
     -> supervoxel id (entry 0 is 0)."""
     index = {tuple(b): k for k, b in enumerate(blocks)}
     shape = np.asarray(block_shape, np.int64)
-    results: dict[tuple[int, tuple], tuple[dict, ReduceResidual, list]] = {}
+    results: dict[tuple[int, tuple], tuple[Resolved, ReduceResidual, list]] = {}
     for level in range(octree.height + 1):
         for node in octree.nodes(level):
             if level == 0:
@@ -311,85 +436,60 @@ def reduce_octree(octree, blocks: Sequence[tuple[int, int, int]],
             high = np.minimum(hi * shape, np.asarray(dataset, np.int64))
             resolved, residual = reduce_from_arrays(reduce_arrays(*reduce_node(
                 children, low.tolist(), high.tolist(), dataset)))  # stored as the tasks store
-            results[level, node] = (resolved, residual,
-                                    [[*c.nodes, *c.known] for c in children])
+            handed = [np.concatenate([c.key, c.known_key]) for c in children]
+            results[level, node] = (resolved, residual, handed)
     tables: list[np.ndarray] = [np.zeros(1, np.uint64)] * len(blocks)
-    slices = {(octree.height, octree.nodes(octree.height)[0]): {}}
+    slices = {(octree.height, octree.nodes(octree.height)[0]): (_EMPTY_U64, _EMPTY_U64)}
     for level in range(octree.height, -1, -1):
         for node in octree.nodes(level):
             if (level, node) not in results:
                 continue
-            resolved, _, child_keys = results.pop((level, node))
+            resolved, _, handed = results.pop((level, node))
             above = slices.pop((level, node))
             if level == 0:
                 k = index[node]
-                ids = down(resolved, above, child_keys[0])
+                keys = handed[0]
                 table = np.zeros(exits[k].n_labels + 1, np.uint64)
-                for key, value in ids.items():
-                    table[key & 0xFFFFFFFF] = value
+                table[(keys & _U64(0xFFFFFFFF)).astype(np.int64)] = down(resolved, above, keys)
                 tables[k] = table
                 continue
             kids = [c for c in octree.children(level, node) if (level - 1, c) in results]
-            for child, keys in zip(kids, child_keys):
-                slices[level - 1, child] = down(resolved, above, keys)
+            for child, keys in zip(kids, handed):
+                slices[level - 1, child] = _sorted_pairs(keys, down(resolved, above, keys))
     return tables
+
+
+def _sorted_pairs(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(keys, kind="stable")
+    return keys[order], ids[order]
 
 
 # --------------------------------------------------------------------------- as arrays, for tasks
 
-_KIND = {"id": 1, "node": 2}
-_NAME = {1: "id", 2: "node"}
+_RESIDUAL = [f.name for f in fields(ReduceResidual) if f.name not in ("faces", "known_key",
+                                                                         "known_id")]
+_FACES = [f.name for f in fields(Faces)]
 
 
-def _res_arrays(prefix: str, items: list[tuple[int, Resolution]]) -> dict[str, np.ndarray]:
-    return {f"{prefix}_key": np.asarray([k for k, _ in items], np.uint64),
-            f"{prefix}_kind": np.asarray([_KIND[r[0]] for _, r in items], np.uint8),
-            f"{prefix}_where": np.asarray([r[1] for _, r in items], np.uint64)}
-
-
-def _res_from(arrays: dict[str, np.ndarray], prefix: str) -> list[tuple[int, Resolution]]:
-    keys = np.asarray(arrays[f"{prefix}_key"]).astype(np.uint64).tolist()
-    kinds = np.asarray(arrays[f"{prefix}_kind"]).astype(np.uint8).tolist()
-    where = np.asarray(arrays[f"{prefix}_where"]).astype(np.uint64).tolist()
-    return [(k, (_NAME[c], w)) for k, c, w in zip(keys, kinds, where)]
-
-
-def reduce_arrays(resolved: dict[int, Resolution], residual: ReduceResidual
-                  ) -> dict[str, np.ndarray]:
+def reduce_arrays(resolved: Resolved, residual: ReduceResidual) -> dict[str, np.ndarray]:
     """A reduce node's resolutions and residual as plain arrays (what its task stores)."""
-    nodes = sorted(residual.nodes.items())
-    rims = [(k, n.rim[1]) for k, n in nodes if n.rim is not None]
-    out = {
-        "node_key": np.asarray([k for k, _ in nodes], np.uint64),
-        "node_flat": np.asarray([n.flat for _, n in nodes], bool),
-        "node_lowest": np.asarray([n.lowest for _, n in nodes], np.uint64),
-        "node_exit": np.asarray([n.exit for _, n in nodes], np.int64),
-        "rim_index": np.asarray([n.rim[0] for _, n in nodes if n.rim is not None], np.uint64),
-        "link_key": np.asarray([k for k, n in nodes for _ in n.links], np.uint64),
-        "link_target": np.asarray([t for _, n in nodes for t in n.links], np.uint64),
-        "face_index": residual.faces.index, "face_kind": residual.faces.kind,
-        "face_where": residual.faces.where, "face_flat": residual.faces.flat,
-    }
-    out.update(_res_arrays("rim", rims))
-    out.update(_res_arrays("resolved", sorted(resolved.items())))
+    out = {name: getattr(residual, name) for name in _RESIDUAL}
+    out.update({f"face_{name}": getattr(residual.faces, name) for name in _FACES})
+    out.update({f"resolved_{f.name}": getattr(resolved, f.name) for f in fields(Resolved)})
     return out
 
 
-def reduce_from_arrays(arrays: dict[str, np.ndarray]
-                       ) -> tuple[dict[int, Resolution], ReduceResidual]:
+def reduce_from_arrays(arrays: dict[str, np.ndarray]) -> tuple[Resolved, ReduceResidual]:
     """The inverse of `reduce_arrays`."""
-    def col(name: str, dtype) -> list:
-        return np.asarray(arrays[name]).astype(dtype).tolist()
+    types = {"key": np.uint64, "flat": bool, "lowest": np.uint64, "exit": np.int64,
+             "rim_index": np.uint64, "rim_kind": np.uint8, "rim_where": np.uint64,
+             "link_key": np.uint64, "link_target": np.uint64, "index": np.uint64,
+             "kind": np.uint8, "where": np.uint64}
 
-    nodes = {k: ReduceNode(f, lowest=low, exit=e) for k, f, low, e in zip(
-        col("node_key", np.uint64), col("node_flat", bool), col("node_lowest", np.uint64),
-        col("node_exit", np.int64))}
-    for (k, res), index in zip(_res_from(arrays, "rim"), col("rim_index", np.uint64)):
-        nodes[k].rim = (index, res)
-    for k, t in zip(col("link_key", np.uint64), col("link_target", np.uint64)):
-        nodes[k].links.append(t)
-    faces = Faces(np.asarray(arrays["face_index"]).astype(np.uint64),
-                  np.asarray(arrays["face_kind"]).astype(np.uint8),
-                  np.asarray(arrays["face_where"]).astype(np.uint64),
-                  np.asarray(arrays["face_flat"]).astype(bool))
-    return dict(_res_from(arrays, "resolved")), ReduceResidual(nodes, faces)
+    def col(name: str, field: str) -> np.ndarray:
+        return np.asarray(arrays[name]).astype(types.get(field, bool), copy=False)
+
+    faces = Faces(*(col(f"face_{n}", n) for n in _FACES))
+    residual = ReduceResidual(*(col(n, n) for n in _RESIDUAL), faces=faces)
+    resolved = Resolved(*(col(f"resolved_{f.name}", f.name) for f in fields(Resolved)))
+    return resolved, residual

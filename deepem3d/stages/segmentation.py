@@ -257,7 +257,8 @@ class SegmentPlan:
         density = self.edges_per_voxel if edges_per_voxel is None else edges_per_voxel
         if stage.startswith(REDUCE_STAGES):
             level = int(stage.rsplit("L", 1)[1])
-            return int(REDUCE_BYTES_PER_FACE_VOXEL * self.largest_faces(level))
+            leaf = REDUCE_LEAF_BYTES_PER_VOXEL * math.prod(self.block_extent) if level == 0 else 0
+            return int(leaf + REDUCE_BYTES_PER_FACE_VOXEL * self.largest_faces(level))
         if stage.startswith(OCTREE_STAGES):
             level = int(stage.rsplit("L", 1)[1])
             memory = self.node_memory_bytes(level, density)
@@ -696,12 +697,15 @@ SECONDS_PER_VOXEL = {
 # a node's estimate is its share, per voxel of its block(s) at level 0 (the higher levels hold
 # only their children's residuals; not yet measured apart)
 AGGLOMERATE_SECONDS_PER_VOXEL = 290e-9
-# Peak bytes of a reduce node task per face voxel it holds (its children's faces inside the
-# region), by tracemalloc on a 256 x 256 x 30 crop of the noisy ISBI affinity map in blocks of
-# 64 x 64 x 10: 198-208 at level 0 (inputs built inside the trace), 75-138 above (plus inputs
-# built before it: 18 bytes per face voxel, and the unresolved basins). Face tables are arrays;
-# the unresolved basins are still Python objects
-REDUCE_BYTES_PER_FACE_VOXEL = 210
+# Peak bytes of a reduce node task, traced (tracemalloc over its work: reading its inputs, the
+# node, its stored result) on benchmarks/segmentation.py's smooth cell map (256^3 in 64^3
+# blocks) and on white-noise affinities (128^3 in 32^3 and 192^3 in 96^3 blocks): 53-81 per
+# face voxel its children hold inside the region, above level 0 (the node's packed arrays, the
+# children's face tables and its outer faces); a level-0 node also holds its block's exits, one
+# entry per local label: 135-645 per face voxel there, at most 24 per voxel of the block plus
+# the per face voxel figure
+REDUCE_BYTES_PER_FACE_VOXEL = 85
+REDUCE_LEAF_BYTES_PER_VOXEL = 24
 
 
 def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[Stage]:

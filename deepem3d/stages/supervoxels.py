@@ -45,6 +45,7 @@ from cloudvolume.lib import Bbox
 from deepem3d.segmentation.chunks import SUPERVOXEL_HALO, assemble_halo_box, halo_slabs
 from deepem3d.segmentation.octree import Octree
 from deepem3d.segmentation.octree_reduce import (
+    Resolved,
     down,
     reduce_arrays,
     reduce_from_arrays,
@@ -185,13 +186,12 @@ def _reduce_key(level: int, node) -> str:
     return f"reduce/L{level}/{node_name(node)}.npz"
 
 
-def _write_table(files, node, dataset, volume, task_shape, resolved, above) -> int:
+def _write_table(files, node, dataset, volume, task_shape, resolved: Resolved,
+                 above: tuple[np.ndarray, np.ndarray]) -> int:
     """A block's table, from its level-0 node's resolutions and its parent's ids."""
-    block = _linear(node, dataset, task_shape)
-    ids = down(resolved, above, [k for k in resolved if k >> 32 == block])
-    table = np.zeros(max((k & 0xFFFFFFFF for k in ids), default=0) + 1, np.uint64)
-    for key, value in ids.items():
-        table[key & 0xFFFFFFFF] = value
+    keys = resolved.key  # a level-0 node resolves its own block's labels only
+    table = np.zeros(int((keys & np.uint64(0xFFFFFFFF)).max(initial=0)) + 1, np.uint64)
+    table[(keys & np.uint64(0xFFFFFFFF)).astype(np.int64)] = down(resolved, above, keys)
     origin = np.asarray(dataset[:3]) - np.asarray(volume[:3])
     shape = np.asarray(dataset[3:]) - np.asarray(dataset[:3])
     table = volume_ids(table, origin, shape, volume[3:])
@@ -222,12 +222,12 @@ def ReduceNodeTask(  # noqa: N802
     high = np.minimum(hi * np.asarray(task_shape), region).tolist()
     resolved, residual = reduce_node(children, low, high, region.tolist())
     stored = put_npz(files, _reduce_key(level, node), reduce_arrays(resolved, residual))
-    out = {"nodes": sum(len(c.nodes) for c in children),
-           "faces": sum(len(c.faces) for c in children), "residual_nodes": len(residual.nodes),
+    out = {"nodes": sum(len(c) for c in children),
+           "faces": sum(len(c.faces) for c in children), "residual_nodes": len(residual),
            "stored_bytes": stored}
     if tree.height == 0:
         out["local_labels"] = _write_table(files, node, dataset, volume, task_shape, resolved,
-                                           {})
+                                           NO_IDS)
     return out
 
 
@@ -241,23 +241,27 @@ def ReduceDownTask(  # noqa: N802
     files = work_files(output_path)
     tree = Octree.of(grid, task_shape)
     resolved, _ = reduce_from_arrays(get_npz(files, _reduce_key(level, node)))
-    above = {} if level == tree.height else _ids(get_npz(
+    above = NO_IDS if level == tree.height else _ids(get_npz(
         files, f"reduce-down/L{level}/{node_name(node)}.npz"))
     labels = 0
     for child in tree.children(level, node):
         child_resolved, child_residual = reduce_from_arrays(
             get_npz(files, _reduce_key(level - 1, child)))
-        ids = down(resolved, above, list(child_residual.nodes))
+        keys = child_residual.key  # sorted
+        ids = down(resolved, above, keys)
         if level == 1:
             labels += _write_table(files, child, dataset, volume, task_shape, child_resolved,
-                                   ids)
+                                   (keys, ids))
         else:
-            put_npz(files, f"reduce-down/L{level - 1}/{node_name(child)}.npz", {
-                "key": np.asarray(list(ids), np.uint64),
-                "id": np.asarray(list(ids.values()), np.uint64)})
+            put_npz(files, f"reduce-down/L{level - 1}/{node_name(child)}.npz",
+                    {"key": keys, "id": ids})
     return {"children": len(tree.children(level, node)), "local_labels": labels}
 
 
-def _ids(arrays: dict) -> dict[int, int]:
-    return dict(zip(np.asarray(arrays["key"]).astype(np.uint64).tolist(),
-                    np.asarray(arrays["id"]).astype(np.uint64).tolist()))
+#: the ids a root's parent would hand down: none (sorted keys, ids)
+NO_IDS = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+
+
+def _ids(arrays: dict) -> tuple[np.ndarray, np.ndarray]:
+    return (np.asarray(arrays["key"]).astype(np.uint64, copy=False),
+            np.asarray(arrays["id"]).astype(np.uint64, copy=False))
