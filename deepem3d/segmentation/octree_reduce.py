@@ -21,14 +21,14 @@ the ids of what it handed up; a block ends with its table local label -> supervo
 
 Everything is packed in arrays (a node is a key, `block << 32 | local label`, and a few numbers;
 a resolution is a kind, `ID` or `NODE`, and a value) and the chains are followed by one compiled
-loop, so a node task holds about 60 bytes per face voxel of its children (traced: see
-`stages.segmentation.REDUCE_BYTES_PER_FACE_VOXEL`). The children's face tables are looked up
-one child at a time, never joined. Nothing here reads or writes storage.
+loop. A node holds its children's unresolved nodes (about 0.17 per face voxel) and reads their
+face tables one child at a time, twice (lookups, then its outer faces); its memory model is
+`stages.segmentation.REDUCE_BYTES_PER_FACE_VOXEL`'s. Nothing here reads or writes storage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -36,7 +36,9 @@ from numba import njit
 
 from deepem3d.segmentation.supervoxels import NO_ROOT, ChunkExits, find_root
 
-__all__ = ["ReduceResidual", "Resolved", "down", "reduce_leaf", "reduce_node", "reduce_octree"]
+__all__ = ["PARTS", "Faces", "ReduceResidual", "Resolved", "down", "faces_from_arrays",
+           "reduce_arrays", "reduce_leaf", "reduce_node", "reduce_octree", "residual_from_arrays",
+           "resolved_from_arrays"]
 
 #: resolution kinds: none yet (a link or exit whose voxel the node does not hold), a supervoxel
 #: id, or a node (its key) handed to the parent
@@ -68,6 +70,10 @@ class Faces:
         return int(self.index.size)
 
 
+#: no face voxels (a node read for its keys and resolutions only)
+NO_FACES = Faces(_EMPTY_U64, np.zeros(0, np.uint8), _EMPTY_U64, np.zeros(0, bool))
+
+
 @dataclass
 class ReduceResidual:
     """What an octree node hands its parent, as arrays:
@@ -75,7 +81,8 @@ class ReduceResidual:
     - its unresolved nodes, sorted by `key`: `flat` sets (`lowest` flat voxel, best `rim_*`
       so far: voxel index, kind and value) or basins whose `exit` (a voxel index) leaves it;
     - the pending plateau links of its flat sets (`link_key` -> `link_target` voxel);
-    - the face voxels on its outer faces (`faces`);
+    - the face voxels on its outer faces (`faces`, or a function that reads them: a node
+      reads each child's table twice, one child at a time, and holds none of them whole);
     - a leaf also hands its `known` basins (`known_key` -> `known_id`): flat sets inside the
       block with no link and no rim, named at once (most of a block's basins)."""
 
@@ -88,12 +95,15 @@ class ReduceResidual:
     rim_where: np.ndarray
     link_key: np.ndarray
     link_target: np.ndarray
-    faces: Faces
+    faces: Faces | Callable[[], Faces]
     known_key: np.ndarray = field(default_factory=lambda: _EMPTY_U64)
     known_id: np.ndarray = field(default_factory=lambda: _EMPTY_U64)
 
     def __len__(self) -> int:
         return int(self.key.size)
+
+    def face_table(self) -> Faces:
+        return self.faces() if callable(self.faces) else self.faces
 
 
 @dataclass
@@ -179,9 +189,16 @@ def _on_outer_face(index: np.ndarray, low: Sequence[int], high: Sequence[int],
     return out
 
 
-def _cat(children: Sequence[ReduceResidual], name: str, dtype) -> np.ndarray:
-    parts = [np.asarray(getattr(c, name), dtype) for c in children]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+def _take(children: Sequence[ReduceResidual], name: str, dtype) -> np.ndarray:
+    """A field of every child, concatenated; the children's own arrays are dropped (emptied),
+    so that a node task holds each field once."""
+    parts = []
+    for child in children:
+        parts.append(np.asarray(getattr(child, name), dtype))
+        setattr(child, name, np.zeros(0, dtype))
+    out = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    del parts
+    return out
 
 
 def _look_up(children: Sequence[ReduceResidual], targets: np.ndarray):
@@ -191,11 +208,12 @@ def _look_up(children: Sequence[ReduceResidual], targets: np.ndarray):
     where = np.zeros(targets.size, np.uint64)
     flat = np.zeros(targets.size, bool)
     for child in children:
-        rows = child.faces.find(targets)
+        faces = child.face_table()
+        rows = faces.find(targets)
         hit = rows >= 0
-        kind[hit] = child.faces.kind[rows[hit]]
-        where[hit] = child.faces.where[rows[hit]]
-        flat[hit] = child.faces.flat[rows[hit]]
+        kind[hit] = faces.kind[rows[hit]]
+        where[hit] = faces.where[rows[hit]]
+        flat[hit] = faces.flat[rows[hit]]
     return kind, where, flat
 
 
@@ -215,31 +233,44 @@ def reduce_node(
 ) -> tuple[Resolved, ReduceResidual]:
     """One octree node over the voxel box [low, high) of a dataset: the resolution of every
     node its children handed it, and its own residual. At the root (the box is the dataset)
-    every resolution is an ID."""
-    key = _cat(children, "key", np.uint64)
+    every resolution is an ID. The children's node arrays are consumed (emptied) as they are
+    read; their face tables are read twice, one child at a time."""
+    key = _take(children, "key", np.uint64)
     order = np.argsort(key, kind="stable")
     key = key[order]
-    flat = _cat(children, "flat", bool)[order]
-    lowest = _cat(children, "lowest", np.uint64)[order]
-    exit_voxel = _cat(children, "exit", np.int64)[order]
-    rim_index = _cat(children, "rim_index", np.uint64)[order]
-    rim_kind = _cat(children, "rim_kind", np.uint8)[order]
-    rim_where = _dense(key, rim_kind, _cat(children, "rim_where", np.uint64)[order])
-    exit_kind, exit_where, _ = _look_up(children, np.maximum(exit_voxel, 0).astype(np.uint64))
-    exit_kind[flat] = NONE
-    exit_where = _dense(key, exit_kind, exit_where)
-    link_key = _cat(children, "link_key", np.uint64)
-    link_target = _cat(children, "link_target", np.uint64)
-    link_kind, link_where, link_flat = _look_up(children, link_target)
-    link_where = _dense(key, link_kind, link_where)
+
+    def field(name: str, dtype) -> np.ndarray:
+        return _take(children, name, dtype)[order]
+
+    flat = field("flat", bool)
+    lowest = field("lowest", np.uint64)  # becomes each set's, at its root row
+    exit_voxel = field("exit", np.int64)
+    rim_index = field("rim_index", np.uint64)  # the rims too
+    rim_kind = field("rim_kind", np.uint8)
+    rim_where = _dense(key, rim_kind, field("rim_where", np.uint64))
+    del order
+    link_key = _take(children, "link_key", np.uint64)
+    link_target = _take(children, "link_target", np.uint64)
+    leaves = np.flatnonzero(~flat)  # one pass over the children's faces for both kinds
+    kind, where, link_flat = _look_up(children, np.concatenate([
+        exit_voxel[leaves].astype(np.uint64), link_target]))
+    exit_kind = np.zeros(key.size, np.uint8)
+    exit_kind[leaves] = kind[:leaves.size]
+    exit_where = np.zeros(key.size, np.int64)
+    exit_where[leaves] = _dense(key, kind[:leaves.size], where[:leaves.size])
+    link_kind, link_flat = kind[leaves.size:], link_flat[leaves.size:]
+    link_where = _dense(key, link_kind, where[leaves.size:])
+    del kind, where, leaves
     link_node = _rows(key, link_key, "a link of no node")
-    status, res_kind, res_where, root, set_lowest, set_rim, pending = _resolve_nodes(
+    del link_key
+    status, res_kind, res_where, root, pending = _resolve_nodes(
         flat, lowest, exit_kind, exit_where, rim_index, rim_kind, rim_where,
         link_node, link_kind, link_where, link_flat, link_target)
     if status == 1:
         raise ValueError("a plateau link reaches a flat set that was complete")
     if status == 2:
         raise ValueError("a basin never bottoms out: the chunks' exits are inconsistent")
+    del exit_kind, exit_where, link_kind, link_where, link_flat
 
     def as_keys(kind: np.ndarray, where: np.ndarray) -> np.ndarray:
         out = where.astype(np.uint64)
@@ -247,40 +278,48 @@ def reduce_node(
         out[node] = key[where[node]]
         return out
 
-    known_key = _cat(children, "known_key", np.uint64)
-    all_keys = np.concatenate([key, known_key])
-    order = np.argsort(all_keys, kind="stable")
-    resolved = Resolved(
-        all_keys[order],
-        np.concatenate([res_kind, np.full(known_key.size, ID, np.uint8)])[order],
-        np.concatenate([as_keys(res_kind, res_where),
-                        _cat(children, "known_id", np.uint64)])[order])
+    known_key = _take(children, "known_key", np.uint64)
+    if known_key.size:  # a leaf's: merged in key order
+        all_keys = np.concatenate([key, known_key])
+        order = np.argsort(all_keys, kind="stable")
+        resolved = Resolved(
+            all_keys[order],
+            np.concatenate([res_kind, np.full(known_key.size, ID, np.uint8)])[order],
+            np.concatenate([as_keys(res_kind, res_where),
+                            _take(children, "known_id", np.uint64)])[order])
+    else:
+        resolved = Resolved(key, res_kind, as_keys(res_kind, res_where))
     # the residual: incomplete sets (at their root), exits that leave, and the outer faces
     rows = np.arange(key.size)
     up = (res_kind == NODE) & (res_where == rows) & (root == rows)
-    s_rim_kind = set_rim[1].astype(np.uint8)[up]
-    s_rim_where = set_rim[2][up]
+    del rows
+    up_flat = flat[up]
+    s_rim_kind = rim_kind[up]
+    s_rim_where = rim_where[up]
     followed = s_rim_kind == NODE  # a rim pointing at a node: what this node made of it
     s_rim_kind[followed] = res_kind[s_rim_where[followed]]
     s_rim_where[followed] = res_where[s_rim_where[followed]]
     live = pending & up[root[link_node]]
     residual = ReduceResidual(
-        key=key[up], flat=flat[up], lowest=np.where(flat, set_lowest, NO_ROOT)[up],
-        exit=np.where(flat, -1, exit_voxel)[up],
-        rim_index=np.where(flat, set_rim[0], NO_RIM)[up],
-        rim_kind=np.where(flat[up], s_rim_kind, NONE).astype(np.uint8),
-        rim_where=np.where(flat[up], as_keys(s_rim_kind, s_rim_where), 0).astype(np.uint64),
+        key=key[up], flat=up_flat, lowest=np.where(up_flat, lowest[up], NO_ROOT),
+        exit=np.where(up_flat, -1, exit_voxel[up]),
+        rim_index=np.where(up_flat, rim_index[up], NO_RIM),
+        rim_kind=np.where(up_flat, s_rim_kind, NONE).astype(np.uint8),
+        rim_where=np.where(up_flat, as_keys(s_rim_kind, s_rim_where), 0).astype(np.uint64),
         link_key=key[root[link_node[live]]], link_target=link_target[live],
-        faces=_outer_faces(children, key, res_kind, res_where, as_keys, low, high, dataset))
+        faces=NO_FACES)
+    del flat, lowest, exit_voxel, rim_index, rim_kind, rim_where, root, link_node, pending
+    residual.faces = _outer_faces(children, key, res_kind, res_where, as_keys, low, high,
+                                  dataset)
     return resolved, residual
 
 
 def _outer_faces(children, key, res_kind, res_where, as_keys, low, high, dataset) -> Faces:
     """The children's face voxels on this node's outer faces, pointing at what this node
-    resolved their basins to, sorted by voxel index."""
-    parts = []
+    resolved their basins to, sorted by voxel index (merged a field at a time)."""
+    parts: dict[str, list[np.ndarray]] = {"index": [], "kind": [], "where": [], "flat": []}
     for child in children:
-        f = child.faces
+        f = child.face_table()
         keep = _on_outer_face(f.index, low, high, dataset)
         kind, where = f.kind[keep], f.where[keep]
         node = np.flatnonzero(kind == NODE)
@@ -291,36 +330,33 @@ def _outer_faces(children, key, res_kind, res_where, as_keys, low, high, dataset
             node, at = node[ok], at[ok]  # a node this one never held points where it did
             kind[node] = res_kind[at]
             where[node] = as_keys(res_kind[at], res_where[at])
-        parts.append((f.index[keep], kind, where, f.flat[keep]))
-    if not parts:
-        return Faces(_EMPTY_U64, np.zeros(0, np.uint8), _EMPTY_U64, np.zeros(0, bool))
-    index = np.concatenate([p[0] for p in parts])
-    order = np.argsort(index, kind="stable")
-    return Faces(index[order], *(np.concatenate([p[c] for p in parts])[order]
-                                 for c in (1, 2, 3)))
+        for name, part in (("index", f.index[keep]), ("kind", kind), ("where", where),
+                           ("flat", f.flat[keep])):
+            parts[name].append(part)
+        del f, keep, kind, where
+    if not children:
+        return NO_FACES
+    order = np.argsort(np.concatenate(parts["index"]), kind="stable")
+    out = {}
+    for name in ("index", "kind", "where", "flat"):
+        out[name] = np.concatenate(parts.pop(name))[order]
+    return Faces(**out)
 
 
 @njit(cache=True)
 def _resolve_nodes(flat, lowest, exit_kind, exit_where, rim_index, rim_kind, rim_where,
                    link_node, link_kind, link_where, link_flat, link_target):
-    """The node's decisions on dense rows (node values are rows, id values ids). Returns
+    """The node's decisions on dense rows (node values are rows, id values ids). `lowest` and
+    the `rim_*` arrays become, at each flat set's root row (its smallest), the set's. Returns
     (status: 0 ok, 1 a link into a complete set, 2 a chain without end; the resolution's
-    kind and value per row; each row's set root (itself if not flat); per root, its set's
-    lowest flat voxel and rim (index, kind, value); per link, whether it is still pending)."""
+    kind and value per row; each row's set root, itself if not flat; per link, whether it is
+    still pending)."""
     n = flat.size
-    parent = np.arange(n)
-    rim_i = rim_index.copy()
-    rim_k = rim_kind.copy()
-    rim_w = rim_where.copy()
+    root = np.arange(n)  # union-find parents, then each row's set root
+    count = np.zeros(n, np.int32)  # pending links per row, then per set
     pending = np.zeros(link_node.size, np.bool_)
     res_kind = np.zeros(n, np.uint8)
     res_where = np.zeros(n, np.int64)
-    root = np.arange(n)
-    s_low = np.full(n, NO_ROOT, np.uint64)
-    s_rim_i = np.full(n, NO_RIM, np.uint64)
-    s_rim_k = np.zeros(n, np.uint8)
-    s_rim_w = np.zeros(n, np.int64)
-    s_pending = np.zeros(n, np.int64)
     # flat sets: union over the links now held; links to non-flat voxels are rims
     for j in range(link_node.size):
         i = link_node[j]
@@ -328,34 +364,36 @@ def _resolve_nodes(flat, lowest, exit_kind, exit_where, rim_index, rim_kind, rim
             continue
         if link_kind[j] == NONE:
             pending[j] = True
-            s_pending[i] += 1
+            count[i] += 1
             continue
         if link_flat[j]:
             other = link_where[j]
             if link_kind[j] != NODE or not flat[other]:
-                return 1, res_kind, res_where, root, s_low, (s_rim_i, s_rim_k, s_rim_w), pending
-            a = find_root(parent, i)
-            b = find_root(parent, other)
+                return 1, res_kind, res_where, root, pending
+            a = find_root(root, i)
+            b = find_root(root, other)
             if a != b:
-                parent[max(a, b)] = min(a, b)
-        elif link_target[j] < rim_i[i]:
-            rim_i[i] = link_target[j]
-            rim_k[i] = link_kind[j]
-            rim_w[i] = link_where[j]
-    # each set at its smallest row: lowest root, best rim, pending links
+                root[max(a, b)] = min(a, b)
+        elif link_target[j] < rim_index[i]:
+            rim_index[i] = link_target[j]
+            rim_kind[i] = link_kind[j]
+            rim_where[i] = link_where[j]
+    # each set at its smallest row (processed before its other members): lowest root, best
+    # rim (the first row's on a tie), pending links
     for i in range(n):
         if not flat[i]:
             continue
-        r = find_root(parent, i)
+        r = find_root(root, i)
         root[i] = r
-        if lowest[i] < s_low[r]:
-            s_low[r] = lowest[i]
-        if r != i:
-            s_pending[r] += s_pending[i]
-        if rim_k[i] != NONE and rim_i[i] < s_rim_i[r]:
-            s_rim_i[r] = rim_i[i]
-            s_rim_k[r] = rim_k[i]
-            s_rim_w[r] = rim_w[i]
+        if r == i:
+            continue
+        if lowest[i] < lowest[r]:
+            lowest[r] = lowest[i]
+        count[r] += count[i]
+        if rim_kind[i] != NONE and rim_index[i] < rim_index[r]:
+            rim_index[r] = rim_index[i]
+            rim_kind[r] = rim_kind[i]
+            rim_where[r] = rim_where[i]
     chain = np.empty(n, np.int64)
     for start in range(n):
         if res_kind[start] != NONE:
@@ -370,21 +408,21 @@ def _resolve_nodes(flat, lowest, exit_kind, exit_where, rim_index, rim_kind, rim
                 value = res_where[i]
                 break
             if m == n:
-                return 2, res_kind, res_where, root, s_low, (s_rim_i, s_rim_k, s_rim_w), pending
+                return 2, res_kind, res_where, root, pending
             chain[m] = i
             m += 1
             if flat[i]:
                 r = root[i]
-                if s_pending[r] > 0:  # incomplete: the set goes up as one node
+                if count[r] > 0:  # incomplete: the set goes up as one node
                     kind, value = NODE, r
                     break
-                if s_rim_k[r] == NONE:
-                    kind, value = ID, np.int64(s_low[r] + np.uint64(1))
+                if rim_kind[r] == NONE:
+                    kind, value = ID, np.int64(lowest[r] + np.uint64(1))
                     break
-                if s_rim_k[r] == ID:
-                    kind, value = ID, s_rim_w[r]
+                if rim_kind[r] == ID:
+                    kind, value = ID, rim_where[r]
                     break
-                i = s_rim_w[r]
+                i = rim_where[r]
             else:
                 if exit_kind[i] == NONE:
                     kind, value = NODE, i
@@ -396,7 +434,7 @@ def _resolve_nodes(flat, lowest, exit_kind, exit_where, rim_index, rim_kind, rim
         for c in range(m):
             res_kind[chain[c]] = kind
             res_where[chain[c]] = value
-    return 0, res_kind, res_where, root, s_low, (s_rim_i, s_rim_k, s_rim_w), pending
+    return 0, res_kind, res_where, root, pending
 
 
 def down(resolved: Resolved, above: tuple[np.ndarray, np.ndarray], keys: np.ndarray
@@ -434,9 +472,11 @@ def reduce_octree(octree, blocks: Sequence[tuple[int, int, int]],
             lo, hi = octree.bounds(level, node)
             low = lo * shape
             high = np.minimum(hi * shape, np.asarray(dataset, np.int64))
-            resolved, residual = reduce_from_arrays(reduce_arrays(*reduce_node(
-                children, low.tolist(), high.tolist(), dataset)))  # stored as the tasks store
-            handed = [np.concatenate([c.key, c.known_key]) for c in children]
+            handed = [np.concatenate([c.key, c.known_key]) for c in children]  # before use
+            stored = reduce_arrays(*reduce_node(children, low.tolist(), high.tolist(), dataset))
+            # read back as the tasks read what they store
+            resolved = resolved_from_arrays(stored["resolved"])
+            residual = residual_from_arrays(stored["nodes"], faces_from_arrays(stored["faces"]))
             results[level, node] = (resolved, residual, handed)
     tables: list[np.ndarray] = [np.zeros(1, np.uint64)] * len(blocks)
     slices = {(octree.height, octree.nodes(octree.height)[0]): (_EMPTY_U64, _EMPTY_U64)}
@@ -469,27 +509,44 @@ def _sorted_pairs(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nda
 _RESIDUAL = [f.name for f in fields(ReduceResidual) if f.name not in ("faces", "known_key",
                                                                          "known_id")]
 _FACES = [f.name for f in fields(Faces)]
+_TYPES = {"key": np.uint64, "flat": bool, "lowest": np.uint64, "exit": np.int64,
+          "rim_index": np.uint64, "rim_kind": np.uint8, "rim_where": np.uint64,
+          "link_key": np.uint64, "link_target": np.uint64, "index": np.uint64,
+          "kind": np.uint8, "where": np.uint64}
 
 
-def reduce_arrays(resolved: Resolved, residual: ReduceResidual) -> dict[str, np.ndarray]:
-    """A reduce node's resolutions and residual as plain arrays (what its task stores)."""
-    out = {name: getattr(residual, name) for name in _RESIDUAL}
-    out.update({f"face_{name}": getattr(residual.faces, name) for name in _FACES})
-    out.update({f"resolved_{f.name}": getattr(resolved, f.name) for f in fields(Resolved)})
-    return out
+#: the files a reduce node task stores, apart because their readers differ: its unresolved
+#: nodes (read by its parent), its outer faces (the bulk: read by its parent, a child at a time)
+#: and its resolutions (read by its own way down)
+PARTS = ("nodes", "faces", "resolved")
 
 
-def reduce_from_arrays(arrays: dict[str, np.ndarray]) -> tuple[Resolved, ReduceResidual]:
-    """The inverse of `reduce_arrays`."""
-    types = {"key": np.uint64, "flat": bool, "lowest": np.uint64, "exit": np.int64,
-             "rim_index": np.uint64, "rim_kind": np.uint8, "rim_where": np.uint64,
-             "link_key": np.uint64, "link_target": np.uint64, "index": np.uint64,
-             "kind": np.uint8, "where": np.uint64}
+def reduce_arrays(resolved: Resolved, residual: ReduceResidual
+                  ) -> dict[str, dict[str, np.ndarray]]:
+    """A reduce node's results as plain arrays, per file of `PARTS` (what its task stores)."""
+    nodes = {name: getattr(residual, name) for name in _RESIDUAL}
+    faces = residual.face_table()
+    nodes["face_count"] = np.asarray(len(faces), np.int64)
+    return {"nodes": nodes,
+            "faces": {f"face_{name}": getattr(faces, name) for name in _FACES},
+            "resolved": {f.name: getattr(resolved, f.name) for f in fields(Resolved)}}
 
-    def col(name: str, field: str) -> np.ndarray:
-        return np.asarray(arrays[name]).astype(types.get(field, bool), copy=False)
 
-    faces = Faces(*(col(f"face_{n}", n) for n in _FACES))
-    residual = ReduceResidual(*(col(n, n) for n in _RESIDUAL), faces=faces)
-    resolved = Resolved(*(col(f"resolved_{f.name}", f.name) for f in fields(Resolved)))
-    return resolved, residual
+def faces_from_arrays(arrays: dict[str, np.ndarray]) -> Faces:
+    """A stored `faces` part as a table."""
+    return Faces(*(np.asarray(arrays[f"face_{n}"]).astype(_TYPES[n], copy=False)
+                   for n in _FACES))
+
+
+def residual_from_arrays(nodes: dict[str, np.ndarray],
+                         faces: Faces | Callable[[], Faces]) -> ReduceResidual:
+    """A stored `nodes` part as a residual, with its faces (a table, or a function that
+    reads one when the parent needs it)."""
+    return ReduceResidual(*(np.asarray(nodes[n]).astype(_TYPES[n], copy=False)
+                            for n in _RESIDUAL), faces=faces)
+
+
+def resolved_from_arrays(arrays: dict[str, np.ndarray]) -> Resolved:
+    """A stored `resolved` part."""
+    return Resolved(*(np.asarray(arrays[f.name]).astype(_TYPES[f.name], copy=False)
+                      for f in fields(Resolved)))

@@ -256,9 +256,7 @@ class SegmentPlan:
         """Peak bytes of the stage's largest task at `edges_per_voxel` (default: the plan's)."""
         density = self.edges_per_voxel if edges_per_voxel is None else edges_per_voxel
         if stage.startswith(REDUCE_STAGES):
-            level = int(stage.rsplit("L", 1)[1])
-            leaf = REDUCE_LEAF_BYTES_PER_VOXEL * math.prod(self.block_extent) if level == 0 else 0
-            return int(leaf + REDUCE_BYTES_PER_FACE_VOXEL * self.largest_faces(level))
+            return self.reduce_memory_bytes(int(stage.rsplit("L", 1)[1]))
         if stage.startswith(OCTREE_STAGES):
             level = int(stage.rsplit("L", 1)[1])
             memory = self.node_memory_bytes(level, density)
@@ -266,28 +264,52 @@ class SegmentPlan:
             return memory // 4 if down else memory  # a down task holds names, not edges
         return self.task_memory_bytes
 
-    def largest_faces(self, level: int) -> int:
-        """Face voxels inside the region that the largest node of `level` holds: its
-        children's (at level 0, the block's own)."""
+    def node_faces(self, level: int) -> np.ndarray:
+        """Per node of `level` (in `octree.nodes` order), its face voxels inside the region:
+        what it hands its parent at most."""
         tree = self.octree
-        below = max(level - 1, 0)
-        scale = np.asarray(tree.scale(below), np.int64)
+        scale = np.asarray(tree.scale(level), np.int64)
         task = np.asarray(self.task_shape, np.int64)
         size = np.asarray(self.bounds.size3(), np.int64)
-        children = np.indices(tree.shape(below)).reshape(3, -1).T  # grid coordinates
-        low = children * scale * task
+        nodes = _grid_nodes(tree.shape(level))
+        low = nodes * scale * task
         high = np.minimum(low + scale * task, size)
         extent = high - low
-        inner = np.zeros(children.shape[0], np.int64)
+        inner = np.zeros(nodes.shape[0], np.int64)
         for axis in range(3):
             area = np.prod(np.delete(extent, axis, axis=1), axis=1)
             inner += area * ((low[:, axis] > 0).astype(np.int64)
                              + (high[:, axis] < size[axis]).astype(np.int64))
+        return inner
+
+    def _children_faces(self, level: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per node of `level`, its children's face voxels inside the region: (all, the
+        largest child's); at level 0, the block's own."""
         if level == 0:
-            return int(inner.max())
-        parents = children // np.asarray(tree.factors[level - 1], np.int64)
-        keys = np.ravel_multi_index(parents.T, tree.shape(level))
-        return int(np.bincount(keys, weights=inner).max())
+            own = self.node_faces(0)
+            return own, own
+        tree = self.octree
+        below = self.node_faces(level - 1)
+        parents = _grid_nodes(tree.shape(level - 1)) // np.asarray(tree.factors[level - 1])
+        keys = np.ravel_multi_index(parents[:, ::-1].T, tree.shape(level)[::-1])
+        total = np.bincount(keys, weights=below, minlength=math.prod(tree.shape(level)))
+        largest = np.zeros(total.size, np.int64)
+        np.maximum.at(largest, keys, below)
+        return total.astype(np.int64), largest
+
+    def largest_faces(self, level: int) -> int:
+        """Face voxels inside the region that the largest node of `level` holds: its
+        children's (at level 0, the block's own)."""
+        return int(self._children_faces(level)[0].max())
+
+    def reduce_memory_bytes(self, level: int) -> int:
+        """Peak bytes of the largest reduce node task of `level` (its model: see
+        REDUCE_BYTES_PER_FACE_VOXEL)."""
+        total, largest = self._children_faces(level)
+        peak = (REDUCE_BYTES_PER_FACE_VOXEL * total + REDUCE_BYTES_PER_CHILD_FACE_VOXEL * largest
+                + REDUCE_BYTES_PER_OUTER_FACE_VOXEL * self.node_faces(level))
+        leaf = REDUCE_LEAF_BYTES_PER_VOXEL * math.prod(self.block_extent) if level == 0 else 0
+        return int(peak.max()) + leaf
 
     def node_memory_bytes(self, level: int, edges_per_voxel: float) -> int:
         """Peak bytes of the largest octree node task at `level`: a block's whole graph at
@@ -697,15 +719,26 @@ SECONDS_PER_VOXEL = {
 # a node's estimate is its share, per voxel of its block(s) at level 0 (the higher levels hold
 # only their children's residuals; not yet measured apart)
 AGGLOMERATE_SECONDS_PER_VOXEL = 290e-9
-# Peak bytes of a reduce node task, traced (tracemalloc over its work: reading its inputs, the
-# node, its stored result) on benchmarks/segmentation.py's smooth cell map (256^3 in 64^3
-# blocks) and on white-noise affinities (128^3 in 32^3 and 192^3 in 96^3 blocks): 53-81 per
-# face voxel its children hold inside the region, above level 0 (the node's packed arrays, the
-# children's face tables and its outer faces); a level-0 node also holds its block's exits, one
-# entry per local label: 135-645 per face voxel there, at most 24 per voxel of the block plus
-# the per face voxel figure
-REDUCE_BYTES_PER_FACE_VOXEL = 85
-REDUCE_LEAF_BYTES_PER_VOXEL = 24
+# Peak bytes of a reduce node task: A x its children's face voxels inside the region (their
+# unresolved nodes, about 0.17 per face voxel, packed, and the node's own arrays over them) +
+# B x the largest child's (a child's face table is read whole, one child at a time) + C x its
+# own outer face voxels (handed up, sorted) + at level 0 D x the voxels of its block (the
+# block's exits: an entry per local label). Fitted above the peak RSS of reduce node tasks'
+# work (reading its inputs, the node, its stored results) on benchmarks/segmentation.py's
+# smooth cell map (256^3 in 64^3 and 128^3 blocks, 384^3 in 96^3: the root 27.3 MB for 880,136
+# face voxels, the model 31.2) and on white-noise affinities (128^3 in 32^3 blocks, 192^3 in
+# 96^3); tracemalloc saw about 2/3 of it
+REDUCE_BYTES_PER_FACE_VOXEL = 28
+REDUCE_BYTES_PER_CHILD_FACE_VOXEL = 60
+REDUCE_BYTES_PER_OUTER_FACE_VOXEL = 70
+REDUCE_LEAF_BYTES_PER_VOXEL = 26
+
+
+def _grid_nodes(shape) -> np.ndarray:
+    """Grid coordinates (n, 3) of every node of a level of `shape`, in `Octree.nodes` order
+    (x fastest)."""
+    z, y, x = np.meshgrid(*(np.arange(s) for s in shape[::-1]), indexing="ij")
+    return np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1).astype(np.int64)
 
 
 def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[Stage]:

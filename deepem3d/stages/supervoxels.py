@@ -11,11 +11,13 @@ halo            block  map block -> its halo slabs halo/B/*.npz (only without si
 supervoxels     block  map block + the slabs around it -> labels/B.npz (local labels),
                        exits/B.npz, local_graphs/B.npz (graph over local labels, low faces),
                        faces/B.npz (high faces)
-reduce-L0..LH   node   level 0: exits/B.npz; above: the children's reduce/L(L-1)/N.npz ->
-                       reduce/LL/N.npz (what the node resolved, and its residual; an octree of
-                       the blocks, deepem3d.segmentation.octree_reduce)
-tables-LH..L1   node   reduce/LL/N.npz + reduce-down/LL/N.npz (its parent's ids; none at the
-                       root) -> reduce-down/L(L-1)/C.npz per child; at level 1, the children's
+reduce-L0..LH   node   level 0: exits/B.npz; above: the children's reduce/L(L-1)/N.nodes.npz
+                       and, one child at a time, N.faces.npz -> reduce/LL/N.nodes.npz (its
+                       unresolved nodes), N.faces.npz (its outer faces), N.resolved.npz (what
+                       it resolved); an octree of the blocks, deepem3d.segmentation.octree_reduce
+tables-LH..L1   node   reduce/LL/N.resolved.npz + reduce-down/LL/N.npz (its parent's ids; none
+                       at the root) + the children's N.nodes.npz -> reduce-down/L(L-1)/C.npz per
+                       child; at level 1, from the children's N.resolved.npz, their
                        tables/B.npy (local label -> supervoxel id). One block: reduce-L0 writes it
 ==============  =====  ==========================================================================
 
@@ -38,6 +40,8 @@ the segmentation of the cropped map, with ids that mean the same voxel in every 
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from cloudvolume import CloudVolume
 from cloudvolume.lib import Bbox
@@ -45,12 +49,16 @@ from cloudvolume.lib import Bbox
 from deepem3d.segmentation.chunks import SUPERVOXEL_HALO, assemble_halo_box, halo_slabs
 from deepem3d.segmentation.octree import Octree
 from deepem3d.segmentation.octree_reduce import (
+    NO_FACES,
+    Faces,
     Resolved,
     down,
+    faces_from_arrays,
     reduce_arrays,
-    reduce_from_arrays,
     reduce_leaf,
     reduce_node,
+    residual_from_arrays,
+    resolved_from_arrays,
 )
 from deepem3d.segmentation.region_graph import chunk_graph
 from deepem3d.segmentation.smoothing import smooth_chunk, smoothing_bounds
@@ -182,8 +190,13 @@ def _linear(node, dataset: list[int], task_shape: list[int]) -> int:
     return int(node[0] + grid[0] * (node[1] + grid[1] * node[2]))
 
 
-def _reduce_key(level: int, node) -> str:
-    return f"reduce/L{level}/{node_name(node)}.npz"
+def _reduce_key(level: int, node, part: str = "nodes") -> str:
+    """One of a reduce node's stored files (`octree_reduce.PARTS`)."""
+    return f"reduce/L{level}/{node_name(node)}.{part}.npz"
+
+
+def _read_faces(files, key: str) -> Faces:
+    return faces_from_arrays(get_npz(files, key))
 
 
 def _write_table(files, node, dataset, volume, task_shape, resolved: Resolved,
@@ -213,18 +226,24 @@ def ReduceNodeTask(  # noqa: N802
         task_id = block_at(node, dataset, task_shape)
         exits = ChunkExits.from_arrays(get_npz(files, f"exits/{task_id}.npz"))
         children = [reduce_leaf(exits, _linear(node, dataset, task_shape))]
+        faces_in = len(exits.face_index)
     else:
-        children = [reduce_from_arrays(get_npz(files, _reduce_key(level - 1, c)))[1]
-                    for c in tree.children(level, node)]
+        children, faces_in = [], 0
+        for c in tree.children(level, node):
+            arrays = get_npz(files, _reduce_key(level - 1, c))
+            faces_in += int(arrays["face_count"])
+            children.append(residual_from_arrays(arrays, partial(
+                _read_faces, files, _reduce_key(level - 1, c, "faces"))))
+        del arrays
     lo, hi = tree.bounds(level, node)
     region = np.asarray(dataset[3:]) - np.asarray(dataset[:3])
     low = (lo * np.asarray(task_shape)).tolist()
     high = np.minimum(hi * np.asarray(task_shape), region).tolist()
     resolved, residual = reduce_node(children, low, high, region.tolist())
-    stored = put_npz(files, _reduce_key(level, node), reduce_arrays(resolved, residual))
-    out = {"nodes": sum(len(c) for c in children),
-           "faces": sum(len(c.faces) for c in children), "residual_nodes": len(residual),
-           "stored_bytes": stored}
+    stored = sum(put_npz(files, _reduce_key(level, node, part), arrays)
+                 for part, arrays in reduce_arrays(resolved, residual).items())
+    out = {"nodes": sum(len(c) for c in children), "faces": faces_in,
+           "residual_nodes": len(residual), "stored_bytes": stored}
     if tree.height == 0:
         out["local_labels"] = _write_table(files, node, dataset, volume, task_shape, resolved,
                                            NO_IDS)
@@ -240,16 +259,17 @@ def ReduceDownTask(  # noqa: N802
     the children's block tables."""
     files = work_files(output_path)
     tree = Octree.of(grid, task_shape)
-    resolved, _ = reduce_from_arrays(get_npz(files, _reduce_key(level, node)))
+    resolved = resolved_from_arrays(get_npz(files, _reduce_key(level, node, "resolved")))
     above = NO_IDS if level == tree.height else _ids(get_npz(
         files, f"reduce-down/L{level}/{node_name(node)}.npz"))
     labels = 0
     for child in tree.children(level, node):
-        child_resolved, child_residual = reduce_from_arrays(
-            get_npz(files, _reduce_key(level - 1, child)))
-        keys = child_residual.key  # sorted
+        keys = residual_from_arrays(get_npz(files, _reduce_key(level - 1, child)),
+                                    NO_FACES).key  # sorted
         ids = down(resolved, above, keys)
         if level == 1:
+            child_resolved = resolved_from_arrays(
+                get_npz(files, _reduce_key(level - 1, child, "resolved")))
             labels += _write_table(files, child, dataset, volume, task_shape, child_resolved,
                                    (keys, ids))
         else:
