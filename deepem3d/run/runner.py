@@ -14,6 +14,7 @@ tasks have markers and are not created again; a task created twice writes the sa
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import tempfile
@@ -27,6 +28,14 @@ from deepem3d.stages.frame import Stage
 
 POLL_SECONDS = 1.0  # how often a run waiting for workers elsewhere reads the markers
 LOCAL_POLL_SECONDS = 0.1  # the same with local workers (the demo's short stages: 1 s each at 1.0)
+# A wait with nothing finished polls less and less often: x1.5 per idle poll, up to this many
+# times the first interval (1 s -> 30 s: a stage of 6e7 tasks lists its markers, 60,000 list
+# requests, a few times a minute instead of every second); a finished task resets it
+POLL_BACKOFF = 30
+# Tasks a stage keeps on its queue ahead of its markers: the runner inserts this many, then
+# tops the queue up as they finish, so a stage of 1e8 tasks never sits on SQS for longer than
+# its retention (4 days by default) and planning streams rather than holds them
+WAVE_TASKS = 1_000_000
 LOG_TAIL = 20  # lines of the workers' log shown when a stage fails
 MAX_RESTARTS = 3  # per local worker and run: more deaths than that stop the run
 
@@ -89,7 +98,11 @@ class Runner:
         self, route: Route, *, parallel: int | None = None, echo: Callable[[str], None] = print,
         progress: bool = True, execute: Execute | None = None, poll: float | None = None,
         log_path: str | None = None, lease_seconds: int = 60, wait: bool = True,
+        wave: int = WAVE_TASKS,
     ):
+        if wave < 1:
+            raise ValueError(f"wave must be at least 1 task, got {wave}")
+        self.wave = wave
         self.wait = wait
         self.route = route
         self.lease_seconds = lease_seconds
@@ -164,18 +177,19 @@ class Runner:
     # ------------------------------------------------------------------------------------
     def _queue_stage(self, stage: Stage) -> int:
         url = check_queue_url(self.route(stage))
-        inserted = insert_tasks(url, stage.tasks())
+        wave = _Wave(url, stage.tasks(), self.wave, len(stage.markers.remaining()))
         if self.parallel:
             if url not in self._workers:  # started once per queue, kept for later stages
                 self._workers[url] = spawn_workers(url, self.parallel, self.lease_seconds,
                                                    log_file=self._log_file)
-            self._wait(stage, url, self._workers[url], self._log_path)
+            self._wait(stage, url, self._workers[url], self._log_path, wave)
         else:
-            if inserted:
-                self.echo(f"stage {stage.label}: {inserted} task(s) on {url}; waiting for "
-                          f"workers (`deepem3d worker {url}`)")
-            self._wait(stage, url, None, None)
-        return inserted
+            if wave.inserted:
+                more = "" if wave.exhausted else " (more as they finish)"
+                self.echo(f"stage {stage.label}: {wave.inserted} task(s) on {url}{more}; "
+                          f"waiting for workers (`deepem3d worker {url}`)")
+            self._wait(stage, url, None, None, wave)
+        return wave.inserted
 
     @contextlib.contextmanager
     def _log(self):
@@ -191,22 +205,31 @@ class Runner:
                                          delete=False) as log:
             yield log, log.name
 
-    def _wait(self, stage: Stage, url: str, procs, log_path: str | None) -> None:
-        """Until every task of the stage has its marker; InputError on a failure record, on
-        local workers that all exited, or on a file queue emptied with tasks unmarked."""
+    def _wait(self, stage: Stage, url: str, procs, log_path: str | None,
+              wave: _Wave | None = None) -> None:
+        """Until every task of the stage has its marker, topping its queue up a wave at a
+        time (none: every task is on it already); InputError on a failure record, on local
+        workers that all exited, or on a file queue emptied with tasks unmarked."""
         from tqdm import tqdm
 
+        wave = wave or _Wave(url, iter(()), self.wave, 0)
+
         markers = stage.markers
-        ids = markers.task_ids()  # read once: the loop below polls every tenth of a second
-        total = len(ids)
+        remaining = markers.task_ids()  # read once; then only the unfinished are followed
+        total = len(remaining)
         queue = open_queue(url) if url.startswith("fq://") else None
+        poll = self.poll
         with tqdm(total=total, desc=stage.label, disable=None if self.progress else True,
                   file=sys.stderr, leave=False) as bar:
             while True:
-                remaining = markers.remaining(ids)
+                before = len(remaining)
+                remaining = markers.unfinished(remaining, total)
                 bar.update(total - len(remaining) - bar.n)
                 if not remaining:
                     return
+                wave.top_up(len(remaining))
+                poll = self.poll if len(remaining) < before else min(
+                    poll * 1.5, self.poll * POLL_BACKOFF)
                 failures = markers.failures()
                 if failures:
                     task_id, message = next(iter(failures.items()))
@@ -214,8 +237,9 @@ class Runner:
                 if procs is not None:
                     self._replace_dead(stage, url, procs, log_path)
                 if queue is not None and queue.enqueued == 0:
-                    remaining = markers.remaining(ids)  # a task marks done before leaving
-                    if remaining:
+                    wave.top_up(len(remaining), empty=True)
+                    remaining = markers.unfinished(remaining, total)  # marked, then left
+                    if remaining and wave.exhausted and queue.enqueued == 0:
                         if log_path and os.path.exists(log_path):
                             self._show_log(log_path)
                         where = f"the workers' log {log_path}" if log_path else "the worker logs"
@@ -224,7 +248,7 @@ class Runner:
                             f"have no completion marker: they failed (see "
                             f"{url[len('fq://'):]}/failed/ and {where}); fix the cause "
                             "and run the same command again: finished stages are kept")
-                time.sleep(self.poll)
+                time.sleep(poll)
 
     def _replace_dead(self, stage: Stage, url: str, procs: list, log_path: str | None) -> None:
         """A local worker that died (killed, out of memory) is replaced, a few times: its task
@@ -255,6 +279,33 @@ class Runner:
         return (f"stage {stage.label} incomplete: {len(stage.markers.remaining())} task(s) "
                 f"without a completion marker (worker exit codes {codes}){tail}; fix the cause "
                 "and run the same command again: finished tasks are kept")
+
+
+class _Wave:
+    """A stage's lazy tasks on their queue, at most `size` ahead of their markers: the first
+    wave goes on at once, the rest as tasks finish (`unfinished`: the stage's tasks without a
+    marker before any was inserted)."""
+
+    def __init__(self, url: str, tasks: Iterator, size: int, unfinished: int):
+        self.url, self.size = url, size
+        self._tasks = iter(tasks)
+        self._unfinished = unfinished
+        self.inserted = 0
+        self.exhausted = False
+        self.top_up(unfinished)
+
+    def top_up(self, unfinished: int, *, empty: bool = False) -> None:
+        """Once at most half a wave is left ahead of the markers, insert up to a whole one;
+        a whole one when the queue is `empty` (tasks that failed never get their marker)."""
+        if self.exhausted:
+            return
+        ahead = 0 if empty else self.inserted - (self._unfinished - unfinished)
+        if ahead > self.size // 2:
+            return
+        want = self.size - ahead
+        added = insert_tasks(self.url, itertools.islice(self._tasks, want))
+        self.inserted += added
+        self.exhausted = added < want
 
 
 def run_stages(

@@ -175,8 +175,29 @@ class Markers:
         return [t for t in (self.task_ids() if task_ids is None else task_ids)
                 if t not in done]
 
+    def unfinished(self, task_ids: list[str], total: int) -> list[str]:
+        """Those of `task_ids` (a stage of `total` tasks: the unfinished at the last look)
+        that still have no marker. Asked one by one while they are fewer than the requests a
+        listing of the stage's markers takes (1,000 keys per request), else from one listing:
+        a wait near its end no longer lists millions of markers per poll."""
+        pages = (total - len(task_ids)) // LIST_PAGE + 1
+        if len(task_ids) > pages:
+            done = self.done_ids()
+            return [t for t in task_ids if t not in done]
+        keys = [self.marker_key(t) for t in task_ids]
+        if self._files.protocol == "file":  # a batch call's thread pool costs ~0.1 s here
+            found = {k for k in keys if self._files.exists(k)}
+        else:  # markers are small: fetched in parallel (CloudFiles' exists on gs:// is one
+            # batch request, which the storage emulator of the tests does not answer)
+            found = {r["path"] for r in self._files.get(keys) if r["content"] is not None}
+        return [t for t, k in zip(task_ids, keys) if k not in found]
+
     def is_complete(self) -> bool:
         return self.run_record() is not None and not self.remaining()
+
+
+#: keys per list request of S3 and GCS
+LIST_PAGE = 1000
 
 
 def _now() -> str:
