@@ -42,3 +42,8 @@ def format_bounds(box) -> str:
     """A bounding box (CloudVolume's Bbox, or anything with minpt and maxpt) as the
     `x0,y0,z0,x1,y1,z1` that --bounds takes."""
     return ",".join(str(int(v)) for v in (*box.minpt, *box.maxpt))
+
+
+def format_triple(values) -> str:
+    """Three numbers (a resolution) as "4,4,40"."""
+    return ",".join(f"{float(v):g}" for v in values)

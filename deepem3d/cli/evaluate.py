@@ -21,8 +21,8 @@ from tqdm import tqdm
 from deepem3d.cli.options import Bounds
 from deepem3d.errors import InputError
 from deepem3d.segmentation.metrics import Contingency, accumulate, contingency, scores
-from deepem3d.storage.layers import check_layer_role, open_layer
-from deepem3d.units import format_bounds
+from deepem3d.storage.labels import check_same_resolution, open_labels, scored_region
+from deepem3d.units import format_bounds, format_triple
 
 # Voxels read per block: 2**24 uint64 voxels are 128 MiB per layer, and counting the pairs
 # takes about five times that again, so one block peaks near 1 GiB.
@@ -48,14 +48,10 @@ def evaluate(
     information split H(seg|gt) and merge H(gt|seg) in bits. Voxels where GT is 0 are not
     scored; SEG's 0 counts as SNEMI3D's script counts it.
     """
-    seg_vol = _open_labels(seg, "SEG", mip, fill_missing)
-    gt_vol = _open_labels(gt, "GT", mip, fill_missing)
-    if not np.array_equal(np.asarray(seg_vol.resolution), np.asarray(gt_vol.resolution)):
-        raise InputError(
-            f"SEG and GT differ in resolution at mip {mip}: {_triple(seg_vol.resolution)} and "
-            f"{_triple(gt_vol.resolution)} nm; compare them at a --mip where they agree"
-        )
-    bbox = _check_bounds(bounds, seg_vol, gt_vol, mip)
+    seg_vol = open_labels(seg, "SEG", mip, fill_missing, warn=_warn)
+    gt_vol = open_labels(gt, "GT", mip, fill_missing, warn=_warn)
+    check_same_resolution(seg_vol, gt_vol, mip)
+    bbox = scored_region(bounds, seg_vol, gt_vol, mip)
 
     blocks = plan_blocks(bbox, gt_vol.chunk_size, gt_vol.voxel_offset, MAX_BLOCK_VOXELS)
     table = _read_table(seg_vol, gt_vol, blocks)
@@ -79,6 +75,10 @@ def evaluate(
         }))
         return
     click.echo(_describe(seg_vol, gt_vol, bbox, mip, table, result))
+
+
+def _warn(message: str) -> None:
+    click.echo(f"deepem3d: warning: {message}", err=True)
 
 
 def plan_blocks(
@@ -114,59 +114,6 @@ def _cuts(lo: int, hi: int, origin: int, step: int | None) -> list[int]:
 
 def _pairs(cuts: list[int]) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
-
-
-def _open_labels(path: str, name: str, mip: int, fill_missing: bool) -> CloudVolume:
-    """Open a layer of integer ids with one channel, or fail with a one-line InputError."""
-    vol = open_layer(path, fill_missing=fill_missing)
-    mips = list(vol.available_mips)
-    if mip not in mips:
-        raise InputError(
-            f"{name} {vol.cloudpath} has no mip {mip} (it has {', '.join(map(str, mips))}): "
-            "pass one of those with --mip, or downsample the layer with `deepem3d downsample`"
-        )
-    vol.mip = mip
-    if vol.num_channels != 1:
-        raise InputError(
-            f"{name} {vol.cloudpath} has {vol.num_channels} channels: evaluate compares "
-            "single-channel label layers; pass a segmentation layer"
-        )
-    if not np.issubdtype(np.dtype(vol.dtype), np.integer):
-        raise InputError(
-            f"{name} {vol.cloudpath} holds {vol.dtype}, not integer ids: pass a segmentation "
-            "layer (a boundary or affinity map must be segmented first)"
-        )
-    # refuses an EM image or a map that deepem3d wrote; warns on an image without provenance
-    warning = check_layer_role(path, "labels", vol, name=name)
-    if warning:
-        click.echo(f"deepem3d: warning: {warning}", err=True)
-    return vol
-
-
-def _check_bounds(
-    region: tuple[tuple[int, int, int], tuple[int, int, int]] | None,
-    seg_vol: CloudVolume,
-    gt_vol: CloudVolume,
-    mip: int,
-) -> Bbox:
-    """The region to score: --bounds, or all of GT; it must lie inside both layers."""
-    if region is None:
-        bbox = gt_vol.bounds.clone()
-        if not seg_vol.bounds.contains_bbox(bbox):
-            raise InputError(
-                f"GT's bounds {format_bounds(bbox)} are not inside SEG's bounds "
-                f"{format_bounds(seg_vol.bounds)} at mip {mip}: pass --bounds "
-                "x0,y0,z0,x1,y1,z1 inside both"
-            )
-        return bbox
-    bbox = Bbox(*region)
-    for name, vol in (("SEG", seg_vol), ("GT", gt_vol)):
-        if not vol.bounds.contains_bbox(bbox):
-            raise InputError(
-                f"--bounds {format_bounds(bbox)} reach outside {name}'s bounds "
-                f"{format_bounds(vol.bounds)} at mip {mip}: pass bounds inside both layers"
-            )
-    return bbox
 
 
 def _read_table(seg_vol: CloudVolume, gt_vol: CloudVolume, blocks: list[Bbox]) -> Contingency:
@@ -212,7 +159,7 @@ def _describe(
     return "\n".join([
         f"SEG     {seg_vol.cloudpath}",
         f"GT      {gt_vol.cloudpath}",
-        f"bounds  {format_bounds(bbox)} at mip {mip} ({_triple(gt_vol.resolution)} nm): "
+        f"bounds  {format_bounds(bbox)} at mip {mip} ({format_triple(gt_vol.resolution)} nm): "
         f"{table.voxels:,} voxels, {table.labelled_voxels:,} with GT != 0",
         "",
         f"adapted Rand error  {result['adapted_rand_error']:.6f}   SNEMI3D, 0 = perfect",
@@ -224,6 +171,3 @@ def _describe(
     ])
 
 
-
-def _triple(values) -> str:
-    return ",".join(f"{float(v):g}" for v in values)

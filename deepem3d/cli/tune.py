@@ -60,7 +60,8 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
 
     grid = settings_grid([m.strip() for m in methods.split(",") if m.strip()],
                          _floats(thresholds, "--thresholds"), _ints(dust_sizes, "--dust-sizes"))
-    labels, box = read_ground_truth(gt, segmentation, Bbox(*bounds) if bounds else None)
+    labels, box = read_ground_truth(gt, segmentation, Bbox(*bounds) if bounds else None,
+                                    warn=lambda w: click.echo(f"deepem3d: warning: {w}", err=True))
     run = load_kept(segmentation, box)
     rows = list(tqdm(run_tune(run, labels, grid), total=len(grid), desc="settings",
                      disable=as_json, leave=False))

@@ -387,9 +387,13 @@ class SegmentPlan:
                 continue
             need = self.stage_memory_bytes(stage)
             if need > limit:
+                # an octree node above the blocks holds faces across the volume: a smaller
+                # task shape does not shrink it, a smaller region does
+                upper = "-L" in stage and int(stage.rsplit("L", 1)[1]) > 0
+                fix = ("segment a smaller --bounds" if upper else "choose a smaller --task-shape")
                 raise InputError(f"stage {stage} needs about {format_bytes(need)} per task, "
-                                 f"above --max-task-memory {format_bytes(limit)} (choose a "
-                                 "smaller --task-shape, or workers with more memory)")
+                                 f"above --max-task-memory {format_bytes(limit)} ({fix}, or "
+                                 "workers with more memory)")
 
 
 def recorded_settings(map_path: str) -> dict | None:

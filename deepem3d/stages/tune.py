@@ -17,7 +17,7 @@ changes the supervoxels, so a sigma is tried by segmenting again with it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +31,8 @@ from deepem3d.segmentation.region_graph import RegionGraph, merge_graphs
 from deepem3d.segmentation.supervoxels import relabel
 from deepem3d.stages.blocks import parse_block_id
 from deepem3d.stages.workdir import WORK, get_table, work_files
-from deepem3d.storage.layers import cloudpath, open_layer
+from deepem3d.storage.labels import check_same_resolution, open_labels, scored_region
+from deepem3d.storage.layers import cloudpath
 from deepem3d.storage.npz import get_npz
 from deepem3d.units import format_bounds
 
@@ -168,33 +169,21 @@ def tune(run: KeptRun, gt: np.ndarray, settings: Sequence[Setting]) -> Iterator[
                       scores["adapted_rand_error"], scores["voi_split"], scores["voi_merge"])
 
 
-def read_ground_truth(gt_path: str, seg_path: str, bounds: Bbox | None) -> tuple[np.ndarray, Bbox]:
-    """GT over `bounds` (default: all of GT) as x,y,z uint64, checked against the segmentation's
-    resolution and extent and to hold labelled voxels."""
-    seg = open_layer(seg_path)
-    gt = open_layer(gt_path, fill_missing=True)
-    if not np.allclose(np.asarray(gt.resolution), np.asarray(seg.resolution)):
-        raise InputError(f"GT {gt_path} is at {tuple(gt.resolution)} nm, the segmentation at "
-                         f"{tuple(seg.resolution)}: give ground truth at the segmentation's "
-                         "resolution")
-    if bounds is None:
-        bounds = gt.bounds.clone()
-    inside = Bbox.intersection(bounds, seg.bounds)
-    if inside != bounds or bounds.subvoxel():
-        raise InputError(f"bounds {format_bounds(bounds)} are not inside the segmentation "
-                         f"{format_bounds(seg.bounds)}: give --bounds inside both layers")
-    gt_inside = Bbox.intersection(bounds, gt.bounds)
-    if gt_inside != bounds:
-        raise InputError(f"bounds {format_bounds(bounds)} are not inside GT "
-                         f"{format_bounds(gt.bounds)}")
-    if not np.issubdtype(np.dtype(gt.dtype), np.integer):
-        raise InputError(f"GT {gt_path} holds {gt.dtype}: expected integer ids")
+def read_ground_truth(gt_path: str, seg_path: str, bounds: Bbox | None,
+                      warn: Callable[[str], None] | None = None) -> tuple[np.ndarray, Bbox]:
+    """GT over `bounds` (default: all of GT) as x,y,z uint64, with evaluate's checks (one
+    channel of integer ids, the segmentation's resolution, inside both layers) and holding
+    labelled voxels."""
+    seg = open_labels(seg_path, "SEG", warn=warn)
+    gt = open_labels(gt_path, "GT", fill_missing=True, warn=warn)
+    check_same_resolution(seg, gt, 0)
+    region = None if bounds is None else (tuple(bounds.minpt), tuple(bounds.maxpt))
+    bounds = scored_region(region, seg, gt, 0)
     labels = np.asarray(gt[bounds])[..., 0].astype(np.uint64)
     if not labels.any():
         raise InputError(f"GT is 0 everywhere in {format_bounds(bounds)}: nothing to tune on; pick "
                          "--bounds that hold labelled voxels")
     return np.asfortranarray(labels), bounds
-
 
 
 def best(rows: Sequence[Row]) -> Row:
