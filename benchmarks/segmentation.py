@@ -450,10 +450,10 @@ def capacity(isbi_result: dict | None, synthetic_results: list[dict]) -> None:
         if "octree (watershed)" in m:
             measured["watershed, ISBI (measured here)"] = (
                 m["octree (watershed)"]["added"] / isbi_result["edges"])
-    from deepem3d.stages.segmentation import BYTES_PER_EDGE
+    from deepem3d.stages.segmentation import NODE_BYTES_PER_EDGE
 
-    for method, per_edge in BYTES_PER_EDGE.items():
-        measured[f"{method} (the planner's sizing constant)"] = per_edge
+    for method, per_edge in NODE_BYTES_PER_EDGE.items():
+        measured[f"{method} (the planner's per node task, all included)"] = per_edge
     densities = {f"synthetic {r['size']}^3": r["edges"] / r["voxels"] for r in synthetic_results}
     if isbi_result:
         densities["ISBI"] = isbi_result["edges"] / isbi_result["voxels"]

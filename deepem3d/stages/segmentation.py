@@ -81,10 +81,17 @@ BYTES_PER_VOXEL = 70
 # Peak bytes per voxel (and channel) of a smooth task's box with its halo: the uint8 map, its
 # float64 copy and scipy's float64 output; a float32 map read adds 4 + 8 (its quantisation)
 SMOOTH_BYTES_PER_VOXEL = 17
-# Peak bytes per region-graph edge of the agglomeration kernel (benchmarks/segmentation.py and
-# its ISBI map retuned: mean 199 at 1 - mean affinity 0.5, 252 at 0.95, as merged edge lists
-# grow; watershed 79)
-BYTES_PER_EDGE = {"mean": 255, "watershed": 80}
+# Peak bytes of an agglomeration octree node task: NODE_BASE_BYTES + these per region-graph
+# edge its children hand it (at level 0, its block's graph). Fitted above the peak RSS of the
+# task's work (reading its children, the kernel, its stored result) by
+# benchmarks/agglomerate_nodes.py on white-noise affinities (192^3 in 48^3 blocks, 0.16-3.4
+# million edges per node): slopes of 312 (mean, 1 - mean affinity 0.5), 376 (0.95: merged
+# edge lists grow), 250 (watershed 0.19) bytes per edge above 35-42 MiB, and on the smooth
+# cell map (256^3 in 64^3 blocks): 340. (The kernel alone, as benchmarks/segmentation.py
+# traces it on level-0 tasks, is 199-252 and 79: a node also holds its children's residuals,
+# their combination and its own.)
+NODE_BYTES_PER_EDGE = {"mean": 400, "watershed": 270}
+NODE_BASE_BYTES = 64 * 2**20
 # Region-graph edges per voxel: 0.0186 on benchmarks/segmentation.py's synthetic cells (a smooth
 # map), 0.3 on its ISBI map (white noise on the ground truth), 0.35 on a noisy 96^3 synthetic map
 DEFAULT_EDGES_PER_VOXEL = 0.02
@@ -96,9 +103,6 @@ NOISY_EDGES_PER_VOXEL = 0.3
 # 3.4 to 4.6 on a noisy 96^3 map (0.35 edges per voxel). Not growing with the node: the
 # residual follows the area of the faces
 RESIDUAL_SHELL_VOXELS = 14
-# Bytes per edge a node task holds besides the kernel's: its residual as stored (8 per id, sum,
-# count and tie pair, 1 per saddle)
-RESIDUAL_BYTES_PER_EDGE = 65
 MAX_SIGMA = 16.0  # a halo of 64 voxels; beyond it the map is blurred past any membrane
 
 
@@ -315,13 +319,14 @@ class SegmentPlan:
         """Peak bytes of the largest octree node task at `level`: a block's whole graph at
         level 0; above, its children's residuals: a shell along each child's faces inside the
         region (a face on the region's edge has nothing open)."""
-        per_edge = BYTES_PER_EDGE[self.method] + RESIDUAL_BYTES_PER_EDGE
+        per_edge = NODE_BYTES_PER_EDGE[self.method]
         if level == 0:
-            return int(per_edge * edges_per_voxel * math.prod(self.block_extent))
-        node = math.prod(min(b * s, int(r)) for b, s, r in zip(
-            self.block_extent, self.octree.scale(level), self.bounds.size3()))
-        shell = min(node, self.largest_faces(level) * RESIDUAL_SHELL_VOXELS)
-        return int(per_edge * edges_per_voxel * shell)
+            edges = edges_per_voxel * math.prod(self.block_extent)
+        else:
+            node = math.prod(min(b * s, int(r)) for b, s, r in zip(
+                self.block_extent, self.octree.scale(level), self.bounds.size3()))
+            edges = edges_per_voxel * min(node, self.largest_faces(level) * RESIDUAL_SHELL_VOXELS)
+        return int(NODE_BASE_BYTES + per_edge * edges)
 
     @property
     def block_extent(self) -> list[int]:
