@@ -16,20 +16,15 @@ edge) says for those edges, with its ratio to the peak.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reduce_nodes import load, save  # noqa: E402  (the benchmark next to this one)
-from segmentation import cell_map  # noqa: E402
+from reduce_nodes import load, make_map, save, worst_per_level  # noqa: E402  (next to this)
 
-from deepem3d.memory import peak_rss, reset_peak  # noqa: E402
 from deepem3d.segmentation.octree import (  # noqa: E402
     BlockFaces,
     Octree,
@@ -51,11 +46,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.5)
     args = parser.parse_args()
     start = time.perf_counter()
-    if args.map == "cells":
-        affinities = cell_map(args.size)
-    else:
-        rng = np.random.default_rng(0)
-        affinities = np.asfortranarray(rng.integers(0, 256, (args.size,) * 3 + (3,), np.uint8))
+    affinities = make_map(args.map, args.size)
     step = [args.block] * 3
     chunks, labels, tables, graphs = chunk_stages(affinities, step)
     del affinities
@@ -74,26 +65,20 @@ def main() -> None:
           f"{time.perf_counter() - start:.0f} s); peak RSS of the largest node per level:")
     print(f"{'level':>5}{'nodes':>7}{'peak MiB':>10}{'edges':>10}{'regions':>10}"
           f"{'B/edge':>8}{'model MiB':>11}{'model/peak':>12}")
-    for level in range(tree.height + 1):
-        worst = None
-        for node in tree.nodes(level):
-            gc.collect()
-            base = reset_peak()
-            if level == 0:
-                children = [Residual.of_block(*leaves[node], node)]
-            else:
-                children = [node_from_arrays(load(stored[level - 1, c])).residual
-                            for c in tree.children(level, node)]
-            edges = sum(c.ru.size for c in children)
-            regions = sum(c.ids.size for c in children)
-            result = agglomerate_node(children, tree.bounds(level, node), tree.grid,
-                                      args.method, args.threshold)
-            stored[level, node] = save(node_arrays(result))
-            del children, result
-            peak = peak_rss() - base
-            if worst is None or peak > worst[0]:
-                worst = (peak, edges, regions)
-        peak, edges, regions = worst
+    def run_node(level: int, node: tuple) -> tuple:
+        if level == 0:
+            children = [Residual.of_block(*leaves[node], node)]
+        else:
+            children = [node_from_arrays(load(stored[level - 1, c])).residual
+                        for c in tree.children(level, node)]
+        edges = sum(c.ru.size for c in children)
+        regions = sum(c.ids.size for c in children)
+        result = agglomerate_node(children, tree.bounds(level, node), tree.grid, args.method,
+                                  args.threshold)
+        stored[level, node] = save(node_arrays(result))
+        return edges, regions
+
+    for level, (peak, edges, regions) in worst_per_level(tree, run_node):
         model = NODE_BASE_BYTES + planner * edges
         print(f"{level:>5}{len(tree.nodes(level)):>7}{peak / 2**20:>10.1f}{edges:>10}"
               f"{regions:>10}{peak / max(edges, 1):>8.0f}{model / 2**20:>11.1f}"
