@@ -506,3 +506,24 @@ def test_bad_input(setup, tmp_path, crop):
         "not a multiple of the output chunk size")
     assert not (tmp_path / "o").exists()
     assert os.path.exists(ckpt)
+
+
+def test_sharded_maps_hold_the_same_voxels_a_shard_per_task(setup, crop):
+    """--sharded: one shard file per task (given chunks, and chunks derived from the default
+    tiles), the same voxels as the chunked map."""
+    output = f"file://{setup['root'] / 'out_sharded'}"
+    plan, found = run_in_process(setup, output, (32, 32, 4), sharded=True)
+    np.testing.assert_array_equal(found, quantize(setup["reference"]))
+    names = list(digests(output))
+    assert len(names) == plan.task_count and all(n.endswith(".shard") for n in names)
+    assert "sharded: a shard file per task, in chunks of 16 x 16 x 2" in plan.describe()
+
+    output = f"file://{setup['root'] / 'tiles_sharded'}"
+    plan = plan_inference(setup["image"], output, models=[setup["ckpt"]], sharded=True)
+    for _, task in start_stage(inference_stage(plan)):
+        task()
+    expected = predict_volume(ModelPredictor(setup["model"]), crop, plan.geometry,
+                              quantized=True)
+    np.testing.assert_array_equal(read_map(output), expected)
+    assert len(digests(output)) == plan.task_count
+    assert CloudVolume(output).meta.sharding(0) is not None

@@ -196,6 +196,10 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["segmentation.edges_per_voxel", "(0, 3]"]),
     ("task memory", {"segmentation:\n": "segmentation:\n  max_task_memory: lots\n"},
      ["segmentation.max_task_memory", "24GiB"]),
+    ("sharded", {"segmentation:\n": "segmentation:\n  sharded: yes please\n"},
+     ["segmentation.sharded", "true or false"]),
+    ("sharded blocks", {"chunk_size: [32, 32, 2]": "chunk_size: [32, 16, 2]\n  sharded: true"},
+     ["inference", "sharded", "same power-of-two number of chunks"]),
 ])
 def test_a_bad_pipeline_file_is_one_line_before_anything_is_written(
         tmp_path, crop_layers, case, replace, fragments):

@@ -22,7 +22,7 @@ from cloudvolume.lib import Bbox
 from deepem3d.errors import InputError
 from deepem3d.run import runner as runner_module
 from deepem3d.run.queues import insert_tasks
-from deepem3d.run.runner import Runner, run_stages
+from deepem3d.run.runner import Runner, execute_here, run_stages
 from deepem3d.run.worker import Worker
 from deepem3d.segmentation.pipeline import segment
 from deepem3d.stages.frame import Stage
@@ -33,6 +33,7 @@ from tests.conftest import (
     CHUNK,
     SHAPE,
     assert_one_line_error,
+    assert_same_mips,
     chunk_files,
     read,
     run,
@@ -234,6 +235,8 @@ def bad_maps(tmp_path_factory) -> dict[str, str]:
         ("bounds", ("--bounds", "reach outside")),
         ("holds-data", ("holds data that `deepem3d segment` did not write", "--overwrite")),
         ("block-too-big", ("1344 x 1344 x 1344 voxels", "fewer than 2**31")),
+        ("sharded-off-grid", ("--sharded", "off the shard grid", "multiples of 32")),
+        ("sharded-chunks", ("--sharded", "same power-of-two number of chunks", "40,24,6")),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, maps, bad_maps, case, fragments):
@@ -249,6 +252,11 @@ def test_bad_input_is_one_line_exit_2(tmp_path, maps, bad_maps, case, fragments)
         extra = ["--bounds", "0,0,0,96,80,11"]
     elif case == "block-too-big":
         path, extra = bad_maps["big"], ["--task-shape", "1344,1344,1344"]
+    elif case == "sharded-off-grid":
+        extra = ["--sharded", "--task-shape", "32,32,8", "--chunk-size", "8,8,2",
+                 "--bounds", "16,0,0,96,80,10"]
+    elif case == "sharded-chunks":
+        extra = ["--sharded", "--task-shape", "40,24,6", "--chunk-size", "8,8,2"]
     elif case == "holds-data":
         vol = create_layer(f"file://{output}", layer_type="segmentation", dtype="uint64",
                            resolution=(4, 4, 40), size=SHAPE, chunk_size=CHUNK)
@@ -356,3 +364,32 @@ def test_dry_run_plans_each_octree_level_of_an_info_only_layer(tmp_path):
                      "--threshold", "0.5", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "  agglomerate-L8 " in result.stdout and "  reduce-L8 " in result.stdout
+
+
+def test_sharded_layers_hold_the_same_voxels_a_shard_per_block(tmp_path, maps):
+    """--sharded: the segmentation and the smoothed map are a shard file per block, with the
+    voxels of the whole-array result; their mip levels (igneous's sharded downsampling) equal
+    those of the chunked layers."""
+    from deepem3d.stages.downsample import downsample_stage, plan_downsample
+    from deepem3d.stages.workdir import smoothed_layer_path
+
+    path, array = maps["boundary"]
+    layers = {}
+    for sharded in (False, True):
+        output = f"file://{tmp_path / ('sharded' if sharded else 'chunked')}"
+        plan = plan_segment(path, output, method="mean", threshold=0.5, task_shape=(32, 32, 8),
+                            chunk_size=CHUNK, sigma=1.0, sharded=sharded)
+        run_stages(segment_stages(plan), execute=execute_here, echo=lambda line: None)
+        layers[sharded] = output
+        for layer in (output, smoothed_layer_path(output)):
+            names = list(CloudFiles(layer).list(prefix="4_4_40/"))
+            assert all(n.endswith(".shard") for n in names) == sharded
+            assert len(names) == (len(plan.blocks) if sharded else 12 * 10 * 5)
+        down = plan_downsample(output, num_mips=2)
+        assert down.sharded == sharded
+        run_stages([downsample_stage(down)], execute=execute_here, echo=lambda line: None)
+    np.testing.assert_array_equal(read(layers[True]), segment(array, "mean", 0.5, sigma=1.0))
+    assert_same_mips(layers[False], layers[True], range(3))
+    assert_same_mips(smoothed_layer_path(layers[False]), smoothed_layer_path(layers[True]),
+                     range(1))
+    assert CloudVolume(layers[True], mip=2).meta.sharding(2) is not None

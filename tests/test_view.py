@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from deepem3d.storage.layers import create_layer
+from deepem3d.storage.sharding import block_sharding
 from deepem3d.viewer import LayerFileServer, serve
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 
@@ -44,16 +45,18 @@ SHAPE = (64, 64, 8)
 CHUNK = (32, 32, 8)
 
 
-def make_layers(root: Path) -> tuple[Path, Path]:
-    """A uint8 image with a pattern and a uint64 segmentation of 16 blocks, on file://."""
+def make_layers(root: Path, sharded: bool = False) -> tuple[Path, Path]:
+    """A uint8 image with a pattern and a uint64 segmentation of 16 blocks, on file://;
+    `sharded`: each in one shard file (its 4 chunks)."""
     x, y, z = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1], 0 : SHAPE[2]]
     image = ((x * 4 + (y // 8) * 20 + z * 10) % 256).astype(np.uint8)
     labels = (1 + x // 16 + 4 * (y // 16)).astype(np.uint64)
-    common = dict(resolution=(8, 8, 40), size=SHAPE, chunk_size=CHUNK)
+    common = dict(resolution=(8, 8, 40), size=SHAPE, chunk_size=CHUNK,
+                  sharding=block_sharding(SHAPE, CHUNK, SHAPE) if sharded else None)
     vol = create_layer(str(root / "image"), layer_type="image", dtype="uint8", **common)
-    vol[:, :, :] = image
+    vol[:, :, :] = image[..., np.newaxis]  # (a shard is made of x, y, z, channel)
     vol = create_layer(str(root / "seg"), layer_type="segmentation", dtype="uint64", **common)
-    vol[:, :, :] = labels
+    vol[:, :, :] = labels[..., np.newaxis]
     return root / "image", root / "seg"
 
 
@@ -405,3 +408,42 @@ def test_the_demos_largest_segments_are_drawn_in_3d(tmp_path, demo_output, sync_
     assert with_meshes >= 5 * max(without, 1), (with_meshes, without)
     if os.environ.get("DEEPEM3D_SCREENSHOT"):
         shutil.copy(tmp_path / "3d.png", os.environ["DEEPEM3D_SCREENSHOT"] + ".3d.png")
+
+
+def test_sharded_layers_in_headless_chromium(tmp_path, sync_playwright):
+    """Neuroglancer reads sharded layers (as `segment --sharded` writes them) through the file
+    server's byte ranges: it asks for parts of each layer's one shard file, and draws the
+    segmentation's colours over the image."""
+    image, seg = make_layers(tmp_path, sharded=True)
+    shards = {layer: next((layer / "8_8_40").glob("*.shard")).name for layer in (image, seg)}
+    session = serve([str(image), str(seg)], layout="xy")
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1000, "height": 800})
+                responses = []
+                page.on("response", lambda response: responses.append(response))
+                page.goto(session.url, timeout=30_000)
+                deadline = time.monotonic() + 40
+                drawn, colours, png = False, 0, b""
+                while time.monotonic() < deadline and not drawn:
+                    page.wait_for_timeout(500)
+                    png = page.screenshot()
+                    drawn, colours = _data_drawn(png)
+                (tmp_path / "sharded.png").write_bytes(png)
+                assert drawn, f"no data drawn ({colours} colours; {tmp_path / 'sharded.png'})"
+                for layer, name in shards.items():
+                    parts = [r for r in responses
+                             if r.url.endswith(f"/{layer.name}/8_8_40/{name}")]
+                    assert parts and all(r.status == 206 for r in parts), layer.name
+                    whole = (layer / "8_8_40" / name).read_bytes()
+                    for r in parts:  # each range is those bytes of the file
+                        start, end = (int(v) for v in re.match(
+                            r"bytes (\d+)-(\d+)/", r.headers["content-range"]).groups())
+                        assert r.body() == whole[start:end + 1]
+            finally:
+                browser.close()
+    finally:
+        session.stop()

@@ -76,6 +76,9 @@ from deepem3d.run.queues import check_queue_url
 @click.option("--overwrite", is_flag=True, help="Replace an OUTPUT that holds data.")
 @click.option("--force", is_flag=True, help="Run a model trained at another resolution "
               "(warn instead of failing).")
+@click.option("--sharded", is_flag=True,
+              help="Write OUTPUT in the sharded precomputed format: a file per task instead "
+              "of per chunk (without --chunk-size, chunks of the task split in 2^k per axis).")
 def infer(
     image: str, output: str, models: tuple[str, ...], queue: str | None,
     parallel: int | None, dry_run: bool, mip: int, bounds: str | None,
@@ -83,7 +86,7 @@ def infer(
     patch_output: int | None, overlap: int | None, batch_size: int | None, window: str,
     device: str,
     threads: int, no_amp: bool, mask: str | None, mask_mip: int, fill_missing: bool,
-    float32: bool, overwrite: bool, force: bool,
+    float32: bool, overwrite: bool, force: bool, sharded: bool,
 ) -> None:
     """Predict the boundary (or affinity) map of IMAGE into a new layer OUTPUT.
 
@@ -110,6 +113,7 @@ def infer(
                                  ("window", window)) if v is not None},
         float32=float32, fill_missing=fill_missing, mask=mask, mask_mip=mask_mip,
         threads=threads, device=device, amp=not no_amp, force=force, overwrite=overwrite,
+        sharded=sharded,
     )
     for warning in plan.warnings:
         click.echo(f"deepem3d: warning: {warning}", err=True)

@@ -61,12 +61,16 @@ from deepem3d.run.queues import check_queue_url
 @click.option("--max-task-memory", type=ByteSize(), default=None,
               help="Refuse, before any work, a plan whose largest task would need more, e.g. "
               "24GiB (the plan prints each stage's largest task).")
+@click.option("--sharded", is_flag=True,
+              help="Write OUTPUT (and the smoothed map) in the sharded precomputed format: a "
+              "file per block instead of per chunk; the blocks lie on the shard grid, and "
+              "without --chunk-size the chunks are the block split in 2^k per axis.")
 def segment(
     map_layer: str, output: str, queue: str | None, parallel: int | None, dry_run: bool,
     method: str | None, threshold: float | None, dust_size: int | None, dust_mode: str,
     sigma: float | None,
     task_shape: str | None, chunk_size: str | None, bounds: str | None, mip: int,
-    overwrite: bool, edges_per_voxel: float, max_task_memory: int | None,
+    overwrite: bool, edges_per_voxel: float, max_task_memory: int | None, sharded: bool,
 ) -> None:
     """Segment the boundary (1 channel) or affinity (3 channels) map MAP into OUTPUT.
 
@@ -98,7 +102,7 @@ def segment(
         chunk_size=chunk_size,
         bounds=Bbox(*bounds) if bounds else None, mip=mip, overwrite=overwrite,
         sigma=settings["sigma"], edges_per_voxel=edges_per_voxel,
-        max_task_memory=max_task_memory,
+        max_task_memory=max_task_memory, sharded=sharded,
     )
     for warning in plan.warnings:
         click.echo(f"deepem3d: warning: {warning}", err=True)

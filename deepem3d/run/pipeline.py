@@ -10,12 +10,14 @@
       model: isbi2012-small-affinity   # a shipped name, a checkpoint path or URL, or a list
       tta: 1
       task_shape: [1024, 1024, 16]
+      sharded: true                    # a shard file per task (chunks 256 x 256 x 4 here)
       queue: inference                 # routes the stage to that queue (default: `inference`
                                        # when the file defines it, else `default`)
     segmentation:                      # the `deepem3d segment` options; method, threshold,
       method: mean                     # sigma and dust_size default to the settings the
       threshold: 0.55                  # model records (shipped models do)
       max_task_memory: 24GiB           # refuse a plan whose largest task needs more
+      sharded: true                    # a shard file per block (segmentation, smoothed map)
     downsample:
       layers: [image, segmentation]    # default: the image and, when made, the segmentation
     meshes:                            # with the `meshes` product: the `deepem3d mesh` options
@@ -54,9 +56,10 @@ TOP_KEYS = ("version", "output", "image", "ground_truth", "map", "products", "in
             "segmentation", "downsample", "meshes", "skeletons", "evaluate", "queues")
 INFERENCE_KEYS = ("model", "tta", "task_shape", "chunk_size", "bounds", "mip", "patch_size",
                   "patch_output", "overlap", "batch_size", "window", "device", "threads", "amp",
-                  "float32", "fill_missing", "mask", "mask_mip", "force", "queue")
+                  "float32", "fill_missing", "mask", "mask_mip", "force", "sharded", "queue")
 SEGMENTATION_KEYS = ("method", "threshold", "sigma", "dust_size", "dust_mode", "task_shape",
-                     "chunk_size", "bounds", "edges_per_voxel", "max_task_memory", "queue")
+                     "chunk_size", "bounds", "edges_per_voxel", "max_task_memory", "sharded",
+                     "queue")
 DOWNSAMPLE_KEYS = ("layers", "num_mips", "factor", "memory", "queue")
 MESHES_KEYS = ("mip", "task_shape", "sharded", "spatial_index", "queue")
 SKELETONS_KEYS = ("mip", "task_shape", "sharded", "spatial_index", "dust_threshold",
@@ -347,6 +350,9 @@ def _check_sections(p: Pipeline) -> None:
                                          and 0 < seg["edges_per_voxel"] <= 3):
         _fail(p.source, "segmentation.edges_per_voxel",
               f"{seg['edges_per_voxel']!r} must lie in (0, 3]")
+    for section, values in (("inference", inf), ("segmentation", seg)):
+        if "sharded" in values and not isinstance(values["sharded"], bool):
+            _fail(p.source, f"{section}.sharded", f"{values['sharded']!r}: write true or false")
     if "max_task_memory" in seg:
         try:
             seg["max_task_memory"] = parse_bytes(seg["max_task_memory"])

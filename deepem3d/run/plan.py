@@ -132,7 +132,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
                 mask=inf.get("mask"), mask_mip=inf.get("mask_mip", 0),
                 threads=inf.get("threads", 1), device=inf.get("device", "auto"),
                 amp=inf.get("amp", True), force=inf.get("force", False),
-                overwrite="inference" in overwrite,
+                overwrite="inference" in overwrite, sharded=inf.get("sharded", False),
             )
         except InputError as err:
             raise _in_key(p.source, "inference", err) from None
@@ -173,6 +173,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
                     overwrite="segmentation" in overwrite, sigma=chosen["sigma"],
                     edges_per_voxel=seg.get("edges_per_voxel", DEFAULT_EDGES_PER_VOXEL),
                     max_task_memory=seg.get("max_task_memory"),
+                    sharded=seg.get("sharded", False),
                 )
         except InputError as err:
             raise _in_key(p.source, "segmentation", err) from None
@@ -257,11 +258,13 @@ def _stand_in(folder: str, name: str, plan) -> str:
     if name == "map":
         create_layer(path, layer_type="image", dtype=plan.dtype, resolution=plan.resolution,
                      size=plan.size, voxel_offset=plan.voxel_offset,
-                     chunk_size=plan.chunk_size, num_channels=plan.channels)
+                     chunk_size=plan.chunk_size, num_channels=plan.channels,
+                     sharding=plan.sharding)
     else:
         create_layer(path, layer_type="segmentation", dtype="uint64",
                      resolution=plan.resolution, size=plan.size,
-                     voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size)
+                     voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
+                     sharding=plan.sharding)
     return path
 
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from deepem3d.segmentation.maps import quantize
 
-__all__ = ["affinity_map", "boundary_map", "bowl_map", "voronoi_cells"]
+__all__ = ["affinity_map", "boundary_map", "bowl_map", "voronoi_cells", "voronoi_planes",
+           "voronoi_seeds"]
 
 
 def _quantise(p: np.ndarray) -> np.ndarray:
@@ -61,28 +62,32 @@ def affinity_map(boundary: np.ndarray) -> np.ndarray:
     return out
 
 
-def voronoi_cells(
-    shape: Sequence[int], spacing: int | Sequence[int], seed: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cells of about `spacing` voxels across: labels (uint32, 1..n), distance to the seed, seeds.
-
-    Seeds sit on a jittered grid; each voxel goes to the nearest seed among the 27 grid cells
-    around it, so the work is linear in the volume (a slab at a time).
-    """
+def voronoi_seeds(shape: Sequence[int], spacing: int | Sequence[int],
+                  seed: int = 0) -> np.ndarray:
+    """The cells' seeds (x, y, z), one per cell of a grid of `spacing`, jittered."""
     shape = tuple(int(s) for s in shape)
     step = np.broadcast_to(np.asarray(spacing, dtype=np.int64), (3,))
     rng = np.random.default_rng(seed)
     grid = tuple(int(-(-s // p)) for s, p in zip(shape, step))
     centre = (np.indices(grid).reshape(3, -1).T * step + step // 2).astype(np.float64)
     jitter = rng.uniform(-0.25, 0.25, centre.shape) * step
-    seeds = np.minimum(np.rint(centre + jitter), np.array(shape) - 1).astype(np.int64)
+    return np.minimum(np.rint(centre + jitter), np.array(shape) - 1).astype(np.int64)
+
+
+def voronoi_planes(shape: Sequence[int], spacing: int | Sequence[int], seeds: np.ndarray,
+                   z0: int, z1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sections z0..z1 of `voronoi_cells`' labels and distances, from its `seeds`: any slab of
+    the volume, the same voxels as the whole (for volumes that do not fit in memory)."""
+    shape = tuple(int(s) for s in shape)
+    step = np.broadcast_to(np.asarray(spacing, dtype=np.int64), (3,))
+    grid = tuple(int(-(-s // p)) for s, p in zip(shape, step))
     seed_of = np.arange(seeds.shape[0]).reshape(grid)
-    labels = np.zeros(shape, dtype=np.uint32, order="F")
-    dist = np.zeros(shape, dtype=np.float32, order="F")
+    labels = np.zeros((shape[0], shape[1], z1 - z0), dtype=np.uint32, order="F")
+    dist = np.zeros(labels.shape, dtype=np.float32, order="F")
     xs, ys = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
     gx, gy = xs // step[0], ys // step[1]
     offsets = [(a, b, c) for a in (-1, 0, 1) for b in (-1, 0, 1) for c in (-1, 0, 1)]
-    for z in range(shape[2]):
+    for z in range(z0, z1):
         gz = z // step[2]
         best = np.full(xs.shape, np.inf)
         who = np.zeros(xs.shape, dtype=np.int64)
@@ -102,8 +107,21 @@ def voronoi_cells(
             closer = d < best
             best = np.where(closer, d, best)
             who = np.where(closer, k, who)
-        labels[:, :, z] = who + 1
-        dist[:, :, z] = np.sqrt(best)
+        labels[:, :, z - z0] = who + 1
+        dist[:, :, z - z0] = np.sqrt(best)
+    return labels, dist
+
+
+def voronoi_cells(
+    shape: Sequence[int], spacing: int | Sequence[int], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cells of about `spacing` voxels across: labels (uint32, 1..n), distance to the seed, seeds.
+
+    Seeds sit on a jittered grid; each voxel goes to the nearest seed among the 27 grid cells
+    around it, so the work is linear in the volume (a slab at a time: `voronoi_planes`).
+    """
+    seeds = voronoi_seeds(shape, spacing, seed)
+    labels, dist = voronoi_planes(shape, spacing, seeds, 0, int(shape[2]))
     return labels, dist, seeds
 
 

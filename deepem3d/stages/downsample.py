@@ -2,7 +2,10 @@
 
 igneous does the work (averaging for images, mode for segmentation); deepem3d adds the
 dry-run plan, the completion markers and the stage bookkeeping. Only mips above `mip` are
-written: the full-resolution data is left as it was.
+written: the full-resolution data is left as it was. A sharded layer (`deepem3d segment
+--sharded`) gets sharded levels from igneous's ImageShardDownsampleTask, one task per shard of
+the first new level, each shard holding about a quarter of `memory_target` before compression
+(the task reads the shard's source box, `factor` times as many voxels, and holds both).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class DownsamplePlan:
     memory_target: int = MEMORY_TARGET
     itemsize: int = 1
     new_resolutions: list = field(default_factory=list)
+    #: the source is sharded: igneous's ImageShardDownsampleTask makes sharded levels
+    sharded: bool = False
 
     @property
     def output_bytes(self) -> int:
@@ -57,8 +62,9 @@ class DownsamplePlan:
 
     def describe(self) -> str:
         shape = " x ".join(str(s) for s in self.task_extent)
+        task = "ImageShardDownsampleTask" if self.sharded else "DownsampleTask"
         return (
-            f"{self.task_count} DownsampleTask(s) of {shape} voxels at mip {self.mip}, "
+            f"{self.task_count} {task}(s) of {shape} voxels at mip {self.mip}, "
             f"adding {len(self.new_resolutions)} mip level(s) by factor "
             f"{','.join(map(str, self.factor))}; about {self.memory_bytes / 2**20:.1f} MiB "
             "per task"
@@ -105,10 +111,17 @@ def plan_downsample(
             f"{layer_path} at mip {mip} is too small to downsample by {factor}: "
             "no new mip level would be made"
         )
+    sharded = vol.meta.sharding(mip) is not None
+    if sharded:
+        shape, resolutions = _shard_geometry(vol, mip, factor, len(resolutions), memory_target)
+        chunk = Vec(*vol.meta.chunk_size(mip))  # igneous's bounds: whole chunks of mip + 1
     with contextlib.redirect_stdout(io.StringIO()):  # igneous prints the bounds it chose
         region = get_bounds(vol, bounds, mip, chunk_size=chunk)
     count = int(np.prod(np.ceil(np.asarray(region.size3()) / np.asarray(shape))))
-    stack = math.prod(factor) / (math.prod(factor) - 1)  # igneous's own memory model
+    # igneous's own memory model: the source box and its levels (a sharded task also holds
+    # the encoded shards: counted as a second copy of the first level)
+    stack = math.prod(factor) / (math.prod(factor) - 1) + (1 / math.prod(factor) if sharded
+                                                              else 0)
     voxels = math.prod(min(int(s), int(r)) for s, r in zip(shape, region.size3()))
     memory = int(voxels * np.dtype(vol.dtype).itemsize * vol.num_channels * stack)
     return DownsamplePlan(
@@ -123,7 +136,47 @@ def plan_downsample(
         bounds=region,
         itemsize=int(np.dtype(vol.dtype).itemsize * vol.num_channels),
         new_resolutions=[list(r) for r in resolutions],
+        sharded=sharded,
     )
+
+
+def _shard_geometry(vol, mip: int, factor, num_mips: int, memory_target: int):
+    """(task shape at `mip`, the new levels' resolutions) of igneous's sharded downsampling,
+    worked out as create_image_shard_downsample_tasks does, on a copy of the info: each new
+    level's shards hold `memory_target` / (4 x the factor's volume) bytes before compression;
+    a task spans a shard of every new level; fewer levels when the shards of the first do
+    not hold whole chunks of the last."""
+    import copy
+
+    from igneous.shards import image_shard_shape_from_spec
+    from igneous.task_creation.image import create_sharded_image_info
+
+    meta = copy.deepcopy(vol.meta)
+    shapes, resolutions = [], []
+    for i in range(1, num_mips + 1):
+        resolution = [r * f for r, f in zip(meta.resolution(mip + i - 1), factor)]
+        meta.add_resolution(resolution, chunk_size=meta.chunk_size(mip))
+        spec = create_sharded_image_info(
+            dataset_size=meta.volume_size(mip + i), chunk_size=meta.chunk_size(mip + i),
+            encoding=meta.encoding(mip), dtype=vol.dtype,
+            uncompressed_shard_bytesize=shard_bytes(memory_target, factor))
+        shapes.append(image_shard_shape_from_spec(spec, meta.volume_size(mip + i),
+                                                  meta.chunk_size(mip + i)))
+        resolutions.append(resolution)
+    shape = [max(int(s[a]) * int(factor[a]) ** (i + 1) for i, s in enumerate(shapes))
+             for a in range(3)]
+    levels = num_mips
+    for a in range(3):  # igneous keeps the levels whose chunks the task's box holds whole
+        if factor[a] > 1:
+            chunks = shape[a] / meta.chunk_size(mip + num_mips)[a]
+            levels = min(levels, int(round(math.log2(chunks) / math.log2(factor[a]))))
+    return Vec(*shape), resolutions[:max(levels, 1)]
+
+
+def shard_bytes(memory_target: int, factor) -> int:
+    """Uncompressed bytes of a new level's shard: a task holds the source box (the factor's
+    volume times a shard) and the levels it makes, within about `memory_target`."""
+    return max(1, int(memory_target) // (4 * math.prod(factor)))
 
 
 #: seconds of one DownsampleTask per voxel it reads, for --dry-run's core-hours (measured on
@@ -140,7 +193,8 @@ def downsample_stage(
     that wrote the layer (empty for an input layer): a layer rewritten by another run makes
     the downsampling another run too, whose queued tasks from before refuse to write."""
     parameters = {
-        "task": "igneous DownsampleTask", "mip": plan.mip, "num_mips": plan.num_mips,
+        "task": "igneous " + ("ImageShardDownsampleTask" if plan.sharded else "DownsampleTask"),
+        "mip": plan.mip, "num_mips": plan.num_mips,
         "factor": list(plan.factor), "task_shape": list(plan.task_shape),
         "fill_missing": fill_missing, "sparse": sparse, "source_key": source_key,
         "bounds": [int(v) for v in (*plan.bounds.minpt, *plan.bounds.maxpt)],
@@ -151,14 +205,25 @@ def downsample_stage(
         # igneous adds the scales to the info when asked for the tasks, and appends its
         # provenance when they have all been listed: list them once
         if not made:
-            from igneous.task_creation.image import create_downsampling_tasks
+            from igneous.task_creation.image import (
+                create_downsampling_tasks,
+                create_image_shard_downsample_tasks,
+            )
 
             with contextlib.redirect_stdout(io.StringIO()):
-                tasks = create_downsampling_tasks(
-                    plan.layer_path, mip=plan.mip, num_mips=plan.num_mips, factor=plan.factor,
-                    fill_missing=fill_missing, sparse=sparse, bounds=plan.bounds,
-                    bounds_mip=plan.mip, memory_target=plan.memory_target,
-                )
+                if plan.sharded:
+                    tasks = create_image_shard_downsample_tasks(
+                        plan.layer_path, mip=plan.mip, num_mips=plan.num_mips,
+                        factor=plan.factor, fill_missing=fill_missing, sparse=sparse,
+                        bounds=plan.bounds, bounds_mip=plan.mip,
+                        memory_target=shard_bytes(plan.memory_target, plan.factor))
+                else:
+                    tasks = create_downsampling_tasks(
+                        plan.layer_path, mip=plan.mip, num_mips=plan.num_mips,
+                        factor=plan.factor, fill_missing=fill_missing, sparse=sparse,
+                        bounds=plan.bounds, bounds_mip=plan.mip,
+                        memory_target=plan.memory_target,
+                    )
                 made.extend(marked(task) for task in tasks)
         return iter(made)
 

@@ -302,6 +302,7 @@ def task_id_of(payload: list | dict) -> str:
 #: TransferTask
 WRAPPED_TASKS = {
     "DownsampleTask": ("layer_path", "dest_path"),
+    "ImageShardDownsampleTask": ("src_path",),
     "MeshTask": ("layer_path", "frag_path"),
     "MeshManifestPrefixTask": ("layer_path",),
     "MeshManifestFilesystemTask": ("layer_path",),

@@ -56,6 +56,8 @@ from deepem3d.storage.layers import (
     open_layer,
     write_block,
 )
+from deepem3d.storage.sharding import block_sharding, check_on_shards
+from deepem3d.storage.sharding import default_chunk as sharded_chunk
 
 if TYPE_CHECKING:
     import torch
@@ -326,6 +328,9 @@ class InferencePlan:
     output_exists: bool = False
     #: the segmentation settings the model records for this TTA (None for your own models)
     segmentation: dict | None = None
+    #: the map's sharding spec (a shard per task: deepem3d.storage.sharding); None: a file
+    #: per chunk
+    sharding: dict | None = None
 
     @property
     def channels(self) -> int:
@@ -346,6 +351,8 @@ class InferencePlan:
             f"batch {g.batch}, {g.window} window; about {self.memory_bytes / 2**20:.0f} MiB "
             f"per task; patch compute x{self.compute_factor:.2f} of one whole-volume pass\n"
             f"evaluations per output voxel: {self.evaluations:.2f}"
+            + (f"\nsharded: a shard file per task, in chunks of "
+               f"{' x '.join(map(str, self.chunk_size))}" if self.sharding else "")
         )
 
     def values(self) -> dict:
@@ -545,12 +552,15 @@ def plan_inference(
     amp: bool = True,
     force: bool = False,
     overwrite: bool = False,
+    sharded: bool = False,
 ) -> InferencePlan:
     """Check every input and work out the tasks; reads infos and checkpoints, writes nothing.
 
     patch: PatchGeometry fields given by the user. Without size, output and overlap the
     geometry is `tile_geometry`'s (batch and window still apply); with any of them, patches
-    of PatchGeometry's defaults for the rest, blended where they overlap.
+    of PatchGeometry's defaults for the rest, blended where they overlap. `sharded` writes
+    the map a shard file per task (without `chunk_size`, chunks of the task split in 2^k per
+    axis; the tasks on the shard grid).
     """
     image_path, output_path = cloudpath(image_path), cloudpath(output_path)
     if image_path.rstrip("/") == output_path.rstrip("/"):
@@ -622,7 +632,16 @@ def plan_inference(
     if task_shape is None:
         xy = geometry.output if tiled else DEFAULT_TASK_XY
         task_shape = (-(-xy // chunk[0]) * chunk[0], -(-xy // chunk[1]) * chunk[1], chunk[2])
+    if sharded and chunk_size is None:  # the task split in 2^k chunks per axis
+        task_shape = tuple(min(int(t), int(v)) for t, v in zip(task_shape, size))
+        chunk = sharded_chunk(task_shape)
+        bounds = align_to_chunks(bounds, offset, size, chunk)
     task_shape = check_task_shape(task_shape, chunk)
+    sharding = None
+    if sharded:
+        sharding = block_sharding(size, chunk, task_shape)
+        if not tiled:
+            check_on_shards(bounds.minpt, offset, size, task_shape)
     if tiled:
         # default tiles: tasks are the cells of the tile grid anchored at the layer's offset,
         # clipped to the bounds, however these lie (a block straddling tiles would compute each
@@ -649,7 +668,7 @@ def plan_inference(
         fill_missing=fill_missing,
         mask=cloudpath(mask) if mask else None, mask_mip=mask_mip, threads=threads,
         device=device, amp=amp, warnings=warnings,
-        segmentation=recommended_settings(models, tta),
+        segmentation=recommended_settings(models, tta), sharding=sharding,
     )
     if mask:
         open_layer(plan.mask, mip=mask_mip)  # fails now, not in every task
@@ -665,6 +684,7 @@ def _wanted_info(plan: InferencePlan) -> dict:
         "voxel_offset": list(plan.voxel_offset),
         "size": list(plan.size),
         "chunk_size": list(plan.chunk_size),
+        "sharding": plan.sharding,
     }
 
 
@@ -682,6 +702,7 @@ def _existing_info(path: str) -> dict | None:
         "voxel_offset": list(scale.get("voxel_offset", [])),
         "size": list(scale.get("size", [])),
         "chunk_size": list(scale.get("chunk_sizes", [[]])[0]),
+        "sharding": scale.get("sharding"),
     }
 
 
@@ -767,7 +788,7 @@ def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
                 plan.output_path, layer_type="image", dtype=plan.dtype,
                 resolution=plan.resolution, size=plan.size, voxel_offset=plan.voxel_offset,
                 chunk_size=plan.chunk_size, num_channels=plan.channels, overwrite=overwrite,
-                provenance=provenance(plan),
+                provenance=provenance(plan), sharding=plan.sharding,
             )
 
     hardware = "gpu" if device == "cuda" else "cpu"

@@ -16,7 +16,6 @@ decides that stage's output.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -59,6 +58,9 @@ from deepem3d.storage.layers import (
     open_layer,
     record_provenance,
 )
+from deepem3d.storage.sharding import block_sharding, check_on_shards
+from deepem3d.storage.sharding import default_chunk as sharded_chunk
+from deepem3d.storage.sharding import shard_shape as shape_of
 from deepem3d.units import format_bytes
 
 #: the stages that depend only on the map, sigma and the chunking, in order, the reduce's octree
@@ -133,6 +135,9 @@ class SegmentPlan:
     map_fingerprint: str
     #: DeepEM3D's in-plane Gaussian on the map before the watershed, in voxels; 0: none
     sigma: float = 0.0
+    #: the output layers' sharding spec (a shard per block: deepem3d.storage.sharding); None:
+    #: a file per chunk
+    sharding: dict | None = None
     #: region-graph edges per voxel the plan sizes the octree's tasks with (a map's density is
     #: unknown before its supervoxels exist: --edges-per-voxel)
     edges_per_voxel: float = 0.02
@@ -372,6 +377,12 @@ class SegmentPlan:
             f"{self.bounds.minpt.tolist()}..{self.bounds.maxpt.tolist()}; tasks per stage: "
             f"{counts}; about {self.task_memory_bytes / 2**20:.3g} MiB per block task",
         ]
+        if self.sharding is not None:
+            shard = shape_of(self.sharding, self.size, self.chunk_size)
+            lines.append(f"sharded: a shard file per block, of {' x '.join(map(str, shard))} "
+                         f"voxels in chunks of {' x '.join(map(str, self.chunk_size))} "
+                         + ("(segmentation and smoothed map)" if self.smoothed
+                            else "(segmentation)"))
         tree = self.octree
         lines.append(f"octree of {tree.height + 1} level(s) over {'x'.join(map(str, self.grid))}"
                      " blocks (children per level: "
@@ -443,11 +454,21 @@ def settings_for_map(map_path: str, given: dict) -> tuple[dict, str | None]:
     return choose_settings(given, recorded, map_path)
 
 
-def map_fingerprint(map_path: str) -> str:
-    """A digest of the map layer's info and provenance: a re-made map is another map."""
+#: provenance entries that add levels to a layer without changing its full-resolution data
+DOWNSAMPLING_TASKS = ("DownsampleTask", "ImageShardDownsampleTask")
+
+
+def map_fingerprint(map_path: str, mip: int = 0) -> str:
+    """A digest of what the map layer's data at `mip` comes from: its info less the other
+    scales, and what its provenance says processed it, less downsampling. A re-made map is
+    another map; the same map with mip levels added (igneous adds those to the info and to
+    the provenance's processing and sources) is not."""
     files = CloudFiles(cloudpath(map_path))
-    parts = [files.get(name) or b"" for name in ("info", "provenance")]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+    info = files.get_json("info") or {}
+    info = {**info, "scales": (info.get("scales") or [])[mip:mip + 1]}
+    processing = [entry for entry in (files.get_json("provenance") or {}).get("processing") or []
+                  if (entry.get("method") or {}).get("task") not in DOWNSAMPLING_TASKS]
+    return digest({"info": info, "processing": processing})[:20]
 
 
 def _geometry(info: dict) -> dict:
@@ -460,6 +481,7 @@ def _geometry(info: dict) -> dict:
         "voxel_offset": [int(v) for v in scale.get("voxel_offset", [])],
         "size": [int(v) for v in scale.get("size", [])],
         "chunk_size": [int(v) for v in (scale.get("chunk_sizes") or [[]])[0]],
+        "sharding": scale.get("sharding"),
     }
 
 
@@ -494,13 +516,16 @@ def plan_segment(
     sigma: float = 0.0,
     edges_per_voxel: float = DEFAULT_EDGES_PER_VOXEL,
     max_task_memory: int | None = None,
+    sharded: bool = False,
 ) -> SegmentPlan:
     """Check every input and decide what the run does; reads infos and manifests only.
 
     `sigma` > 0 adds the smooth stage: DeepEM3D's in-plane Gaussian (in voxels) on the map,
     written to OUTPUT/segmentation/smoothed, which the later stages then segment. The octree's
     tasks are sized at `edges_per_voxel`; a plan whose largest task needs more than
-    `max_task_memory` bytes is refused before anything is written.
+    `max_task_memory` bytes is refused before anything is written. `sharded` writes the
+    segmentation and the smoothed map a shard file per block (the blocks on the shard grid;
+    without --chunk-size, chunks of the block split in 2^k per axis).
     """
     map_path, output_path = cloudpath(map_path).rstrip("/"), cloudpath(output_path).rstrip("/")
     if map_path == output_path:
@@ -533,12 +558,18 @@ def plan_segment(
     channels = int(vol.num_channels)
     offset = tuple(int(v) for v in vol.voxel_offset)
     size = tuple(int(v) for v in vol.volume_size)
+    if sharded and chunk_size is None:
+        chunk_size = sharded_chunk(task_shape or DEFAULT_TASK_SHAPE)
     chunk = tuple(int(c) for c in (chunk_size or vol.meta.chunk_size(mip)))
     if task_shape is None:
         task_shape = tuple(-(-t // c) * c for t, c in zip(DEFAULT_TASK_SHAPE, chunk))
     task_shape = check_task_shape(task_shape, chunk)
     bounds = check_bounds(bounds, offset, size, map_path, mip)
     bounds = align_to_chunks(bounds, offset, size, chunk)
+    sharding = None
+    if sharded:
+        sharding = block_sharding(size, chunk, task_shape)
+        check_on_shards(bounds.minpt, offset, size, task_shape)
     if mip == 0:
         _check_map_covers(map_path, bounds)
     plan = SegmentPlan(
@@ -547,9 +578,10 @@ def plan_segment(
         threshold=float(threshold), dust_size=int(dust_size), dust_mode=dust_mode,
         resolution=tuple(float(r) for r in vol.resolution), voxel_offset=offset, size=size,
         chunk_size=chunk, task_shape=task_shape, bounds=bounds,
-        blocks=block_grid(bounds, task_shape), map_fingerprint=map_fingerprint(map_path),
+        blocks=block_grid(bounds, task_shape),
+        map_fingerprint=map_fingerprint(map_path, mip),
         sigma=float(sigma), warnings=[warning] if warning else [],
-        edges_per_voxel=float(edges_per_voxel),
+        edges_per_voxel=float(edges_per_voxel), sharding=sharding,
     )
     _check_block_size(plan)
     if max_task_memory is not None:
@@ -588,6 +620,7 @@ def _layer_geometry(plan: SegmentPlan, layer_type: str) -> dict:
         "num_channels": 1 if layer_type == "segmentation" or plan.kind == "boundary" else 3,
         "resolution": list(plan.resolution), "voxel_offset": list(plan.voxel_offset),
         "size": list(plan.size), "chunk_size": list(plan.chunk_size),
+        "sharding": plan.sharding,
     }
 
 
@@ -659,6 +692,7 @@ def provenance(plan: SegmentPlan) -> dict:
         "mip": plan.mip,
         "bounds": plan.region,
         "task_shape": list(plan.task_shape),
+        "sharded": plan.sharding is not None,
         "stages": list(plan.stages),
         "work_dir": f"{WORK}/ (supervoxels: local labels {SUPERVOXEL_FILES[0]} and tables "
                     f"{SUPERVOXEL_FILES[1]} per block, region graphs {WORK}/graphs/ per block, "
@@ -698,7 +732,7 @@ def prepare_output(plan: SegmentPlan) -> None:
         vol = create_layer(
             out, layer_type="segmentation", dtype="uint64", resolution=plan.resolution,
             size=plan.size, voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
-            overwrite=plan.reset_layer,
+            overwrite=plan.reset_layer, sharding=plan.sharding,
         )
         record_provenance(vol, provenance(plan), replace=True)
     smoothed_path = smoothed_layer_path(out)
@@ -706,7 +740,8 @@ def prepare_output(plan: SegmentPlan) -> None:
         create_layer(
             smoothed_path, layer_type="image", dtype="uint8", resolution=plan.resolution,
             size=plan.size, voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
-            num_channels=1 if plan.kind == "boundary" else 3, overwrite=True, provenance={
+            num_channels=1 if plan.kind == "boundary" else 3, overwrite=True,
+            sharding=plan.sharding, provenance={
                 "task": "deepem3d segment (smooth)", **plan.chunk_parameters(),
                 "filter": "scipy.ndimage.gaussian_filter on x and y (sigma 0 on z), mode "
                           "reflect at the bounds of the segmented region, truncate 4, on the "

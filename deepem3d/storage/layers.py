@@ -151,8 +151,10 @@ def create_layer(
     num_channels: int = 1,
     overwrite: bool = False,
     provenance: dict | None = None,
+    sharding: dict | None = None,
 ) -> CloudVolume:
-    """Write the info of a new layer and return it opened at mip 0.
+    """Write the info of a new layer and return it opened at mip 0; with `sharding` (a spec,
+    deepem3d.storage.sharding), its scale is sharded.
 
     Refuses (InputError) to touch a layer that already holds data unless `overwrite`.
     The info names no `mesh` or `skeletons` directory: the stages that write those name them
@@ -186,6 +188,8 @@ def create_layer(
         volume_size=[int(s) for s in size],
         chunk_size=[int(c) for c in chunk_size],
     )
+    if sharding is not None:
+        info["scales"][0]["sharding"] = dict(sharding)
     vol = CloudVolume(path, info=info, progress=False)
     vol.commit_info()
     if provenance is not None:
