@@ -33,8 +33,9 @@ def parse_bytes(value) -> int:
 def format_bytes(n: int) -> str:
     """Bytes for a person: '1.5 GiB', '310 MiB'; '-' for none."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
+        if n >= scale:  # 3 significant digits, without an exponent (1010 GiB, not 1.01e+03)
+            value = n / scale
+            return f"{value:.0f} {unit}" if value >= 999.5 else f"{value:.3g} {unit}"
     return f"{n} B" if n else "-"
 
 

@@ -364,6 +364,13 @@ def test_dry_run_plans_each_octree_level_of_an_info_only_layer(tmp_path):
                      "--threshold", "0.5", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "  agglomerate-L8 " in result.stdout and "  reduce-L8 " in result.stdout
+    # 100,000^3 (1 Pvox, 6e7 blocks): the blocks are counted, not listed, and each level's
+    # largest node found from a few kinds of node per axis
+    huge = _info_only_map(tmp_path / "huge", 100000)
+    result = run_cli("segment", huge, f"file://{tmp_path / 'huge-seg'}", "--method", "mean",
+                     "--threshold", "0.5", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "60044208 block(s)" in result.stdout and "  agglomerate-L11 " in result.stdout
 
 
 def test_sharded_layers_hold_the_same_voxels_a_shard_per_block(tmp_path, maps):

@@ -6,7 +6,7 @@ of the chunk size and the region is grown to the chunk grid (anchored at the vox
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from cloudvolume.lib import Bbox
@@ -48,7 +48,36 @@ def align_to_chunks(bounds: Bbox, offset, size, chunk) -> Bbox:
     return Bbox(lo, np.minimum(hi, offset + size))
 
 
-def block_grid(bounds: Bbox, task_shape, anchor=None) -> list[Bbox]:
+class BlockGrid(Sequence):
+    """The task blocks covering a region, x fastest, as a sequence computed on demand: a
+    petavoxel plan has 10^7-10^8 blocks, which it counts and streams but never holds."""
+
+    def __init__(self, lo, hi, start, shape) -> None:
+        self.lo, self.hi = np.asarray(lo, dtype=int), np.asarray(hi, dtype=int)
+        self.start, self.shape = np.asarray(start, dtype=int), np.asarray(shape, dtype=int)
+        self.counts = [max(0, -(-int(b - a) // int(t)))
+                       for a, b, t in zip(self.start, self.hi, self.shape)]
+
+    def __len__(self) -> int:
+        return self.counts[0] * self.counts[1] * self.counts[2]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"block {index} of {n}")
+        index %= n
+        x, rest = index % self.counts[0], index // self.counts[0]
+        y, z = rest % self.counts[1], rest // self.counts[1]
+        corner = self.start + np.array([x, y, z]) * self.shape
+        return Bbox(np.maximum(corner, self.lo), np.minimum(corner + self.shape, self.hi))
+
+    def __iter__(self) -> Iterator[Bbox]:
+        return (self[i] for i in range(len(self)))
+
+
+def block_grid(bounds: Bbox, task_shape, anchor=None) -> BlockGrid:
     """The task blocks covering `bounds`, x fastest. Without `anchor` the grid starts at the
     bounds and the last blocks are clipped to them; with one (a point, such as the layer's
     offset) the grid's cells are `task_shape` boxes from it, each clipped to the bounds, so a
@@ -57,11 +86,7 @@ def block_grid(bounds: Bbox, task_shape, anchor=None) -> list[Bbox]:
     shape = np.asarray(task_shape, dtype=int)
     start = lo if anchor is None else np.asarray(anchor, dtype=int) + (
         (lo - np.asarray(anchor, dtype=int)) // shape) * shape
-    ranges = [range(int(a), int(b), int(s)) for a, b, s in zip(start, hi, shape)]
-    return [
-        Bbox(np.maximum([x, y, z], lo), np.minimum(np.array([x, y, z]) + shape, hi))
-        for z in ranges[2] for y in ranges[1] for x in ranges[0]
-    ]
+    return BlockGrid(lo, hi, start, shape)
 
 
 def block_id(bounds: Bbox) -> str:

@@ -40,6 +40,7 @@ from deepem3d.models.sliding import (
     quantize,
 )
 from deepem3d.stages.blocks import (
+    BlockGrid,
     align_to_chunks,
     block_grid,
     block_id,
@@ -310,7 +311,7 @@ class InferencePlan:
     chunk_size: tuple[int, int, int]
     task_shape: tuple[int, int, int]
     bounds: Bbox
-    blocks: list[Bbox]
+    blocks: BlockGrid
     memory_bytes: int
     compute_factor: float
     #: network input pixels x sections over all tasks' forward passes (one model, one TTA

@@ -16,6 +16,7 @@ decides that stage's output.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from deepem3d.segmentation.chunks import SUPERVOXEL_HALO
 from deepem3d.segmentation.octree import Octree
 from deepem3d.segmentation.smoothing import smoothing_halo
 from deepem3d.stages.blocks import (
+    BlockGrid,
     align_to_chunks,
     block_grid,
     block_id,
@@ -131,7 +133,7 @@ class SegmentPlan:
     chunk_size: tuple[int, int, int]
     task_shape: tuple[int, int, int]
     bounds: Bbox
-    blocks: list[Bbox]
+    blocks: BlockGrid
     map_fingerprint: str
     #: DeepEM3D's in-plane Gaussian on the map before the watershed, in voxels; 0: none
     sigma: float = 0.0
@@ -273,52 +275,64 @@ class SegmentPlan:
             return memory // 4 if down else memory  # a down task holds names, not edges
         return self.task_memory_bytes
 
-    def node_faces(self, level: int) -> np.ndarray:
-        """Per node of `level` (in `octree.nodes` order), its face voxels inside the region:
-        what it hands its parent at most."""
-        tree = self.octree
-        scale = np.asarray(tree.scale(level), np.int64)
-        task = np.asarray(self.task_shape, np.int64)
-        size = np.asarray(self.bounds.size3(), np.int64)
-        nodes = _grid_nodes(tree.shape(level))
-        low = nodes * scale * task
-        high = np.minimum(low + scale * task, size)
-        extent = high - low
-        inner = np.zeros(nodes.shape[0], np.int64)
-        for axis in range(3):
-            area = np.prod(np.delete(extent, axis, axis=1), axis=1)
-            inner += area * ((low[:, axis] > 0).astype(np.int64)
-                             + (high[:, axis] < size[axis]).astype(np.int64))
-        return inner
+    def _axis_nodes(self, level: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per node coordinate of `level` along `axis`: (extent in voxels, open sides: how
+        many of its two faces on that axis lie inside the region)."""
+        span = self.octree.scale(level)[axis] * self.task_shape[axis]
+        size = int(self.bounds.size3()[axis])
+        low = np.arange(self.octree.shape(level)[axis], dtype=np.int64) * span
+        high = np.minimum(low + span, size)
+        return high - low, (low > 0).astype(np.int64) + (high < size)
 
-    def _children_faces(self, level: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per node of `level`, its children's face voxels inside the region: (all, the
-        largest child's); at level 0, the block's own."""
+    def _axis_classes(self, level: int, axis: int) -> set[tuple]:
+        """The distinct kinds of node coordinate along `axis` at `level`: (extent, open sides,
+        children's extents summed, their open sides summed, their distinct (extent, open
+        sides)); a level-0 node is its own child. A node's face voxels are a sum of products
+        of these per axis, so the largest over every node is the largest over the product of
+        the axes' kinds: a handful, however many nodes (10^8 blocks at 1 Pvox)."""
+        extent, open_sides = self._axis_nodes(level, axis)
         if level == 0:
-            own = self.node_faces(0)
-            return own, own
-        tree = self.octree
-        below = self.node_faces(level - 1)
-        parents = _grid_nodes(tree.shape(level - 1)) // np.asarray(tree.factors[level - 1])
-        keys = np.ravel_multi_index(parents[:, ::-1].T, tree.shape(level)[::-1])
-        total = np.bincount(keys, weights=below, minlength=math.prod(tree.shape(level)))
-        largest = np.zeros(total.size, np.int64)
-        np.maximum.at(largest, keys, below)
-        return total.astype(np.int64), largest
+            return {(e, o, e, o, ((e, o),)) for e, o in zip(extent.tolist(), open_sides.tolist())}
+        below_e, below_o = self._axis_nodes(level - 1, axis)
+        factor = self.octree.factors[level - 1][axis]
+        kinds = set()
+        for p, (e, o) in enumerate(zip(extent.tolist(), open_sides.tolist())):
+            kids = slice(p * factor, min((p + 1) * factor, below_e.size))
+            pairs = tuple(sorted(set(zip(below_e[kids].tolist(), below_o[kids].tolist()))))
+            kinds.add((e, o, int(below_e[kids].sum()), int(below_o[kids].sum()), pairs))
+        return kinds
+
+    def _face_extremes(self, level: int) -> list[tuple[int, int, int]]:
+        """For every kind of node of `level`: (its face voxels inside the region, its
+        children's, its largest child's); at level 0 a block is its own child."""
+        out = []
+        for x, y, z in itertools.product(*(self._axis_classes(level, a) for a in range(3))):
+            own = _faces((x[0], y[0], z[0]), (x[1], y[1], z[1]))
+            children = _faces((x[2], y[2], z[2]), (x[3], y[3], z[3]))
+            largest = max(_faces((a[0], b[0], c[0]), (a[1], b[1], c[1]))
+                          for a, b, c in itertools.product(x[4], y[4], z[4]))
+            out.append((own, children, largest))
+        return out
+
+    def node_faces(self, level: int) -> int:
+        """The largest face voxel count inside the region of a node of `level`: what it
+        hands its parent at most."""
+        return max(own for own, _, _ in self._face_extremes(level))
 
     def largest_faces(self, level: int) -> int:
         """Face voxels inside the region that the largest node of `level` holds: its
         children's (at level 0, the block's own)."""
-        return int(self._children_faces(level)[0].max())
+        return max(children for _, children, _ in self._face_extremes(level))
 
     def reduce_memory_bytes(self, level: int) -> int:
         """Peak bytes of the largest reduce node task of `level` (its model: see
         REDUCE_BYTES_PER_FACE_VOXEL)."""
-        total, largest = self._children_faces(level)
-        peak = (REDUCE_BYTES_PER_FACE_VOXEL * total + REDUCE_BYTES_PER_CHILD_FACE_VOXEL * largest
-                + REDUCE_BYTES_PER_OUTER_FACE_VOXEL * self.node_faces(level))
+        peak = max(REDUCE_BYTES_PER_FACE_VOXEL * children
+                   + REDUCE_BYTES_PER_CHILD_FACE_VOXEL * largest
+                   + REDUCE_BYTES_PER_OUTER_FACE_VOXEL * own
+                   for own, children, largest in self._face_extremes(level))
         leaf = REDUCE_LEAF_BYTES_PER_VOXEL * math.prod(self.block_extent) if level == 0 else 0
-        return int(peak.max()) + leaf
+        return int(peak) + leaf
 
     def node_memory_bytes(self, level: int, edges_per_voxel: float) -> int:
         """Peak bytes of the largest octree node task at `level`: a block's whole graph at
@@ -778,18 +792,21 @@ REDUCE_BYTES_PER_OUTER_FACE_VOXEL = 70
 REDUCE_LEAF_BYTES_PER_VOXEL = 26
 
 
-def _grid_nodes(shape) -> np.ndarray:
-    """Grid coordinates (n, 3) of every node of a level of `shape`, in `Octree.nodes` order
-    (x fastest)."""
-    z, y, x = np.meshgrid(*(np.arange(s) for s in shape[::-1]), indexing="ij")
-    return np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1).astype(np.int64)
+def _faces(extent, open_sides) -> int:
+    """Face voxels inside the region of a box of `extent` with `open_sides` inner faces per
+    axis: per axis, the area across it times its open sides."""
+    x, y, z = extent
+    return int(y * z * open_sides[0] + x * z * open_sides[1] + x * y * open_sides[2])
 
 
 def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[Stage]:
     """The segmentation's stages, in order, as the frame runs them. `needs` names the stages
     the first one waits for (the map's inference, in a pipeline)."""
     out = plan.output_path
-    blocks = {block_id(b): bounds_list(b) for b in plan.blocks}
+
+    def each_block():
+        return ((block_id(b), bounds_list(b)) for b in plan.blocks)
+
     segmented, segmented_mip = plan.segmented_map
     chunked = {"map_path": segmented, "dataset": plan.region, "mip": segmented_mip}
     block_voxels = math.prod(plan.block_extent)
@@ -798,7 +815,7 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
 
     def per_block(task, **kwargs):
         return lambda: ((i, partial(task, bounds=b, output_path=out, **kwargs))
-                        for i, b in blocks.items())
+                        for i, b in each_block())
 
     def per_node(task, level, *, with_table: bool = True, **kwargs):
         """A task per node of `level`; the reduce's take no run key (`with_table` False)."""
@@ -825,7 +842,7 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
           for name in plan.chunk_stages() if name.startswith(REDUCE_STAGES)),
         ("region-graph", lambda: ((i, partial(RegionGraphTask, output_path=out, bounds=b,
                                               below=_blocks_below(b, plan)))
-                                  for i, b in blocks.items()), None),
+                                  for i, b in each_block()), None),
     ]
     memory = {name: plan.stage_memory_bytes(name) for name, _, _ in specs
               if name.startswith(REDUCE_STAGES)}
@@ -837,7 +854,7 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
         if name == "remap":
             specs.append(("remap", lambda: ((i, partial(
                 RemapTask, output_path=out, bounds=b, node=node_of(b), dust_size=plan.dust_size,
-                dust_mode=plan.dust_mode, **geometry)) for i, b in blocks.items()), None))
+                dust_mode=plan.dust_mode, **geometry)) for i, b in each_block()), None))
             seconds[name] = SECONDS_PER_VOXEL["remap"] * block_voxels
             continue
         kind, level = name.rsplit("-L", 1)
