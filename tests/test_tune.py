@@ -83,6 +83,9 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
     assert_one_line_error(run_cli("tune", seg, gt, "--dust-sizes", ""), "at least one")
     assert_one_line_error(run_cli("tune", seg, gt, "--bounds", "0,0,0,200,80,10"),
                           "reach outside SEG's bounds")
+    # the whole region graph would not fit: refused before any graph is read
+    assert_one_line_error(run_cli("tune", seg, gt, "--max-memory", "32MiB"),
+                          "whole region graph", "above --max-memory (32 MiB)", "--bounds")
     # a segmentation whose work files are gone
     files = CloudFiles(seg)
     kept = {k: files.get(k) for k in files.list(prefix="segmentation/graphs/")}

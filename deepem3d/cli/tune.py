@@ -8,7 +8,7 @@ import click
 from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
-from deepem3d.cli.options import Bounds
+from deepem3d.cli.options import Bounds, ByteSize
 from deepem3d.errors import InputError
 
 
@@ -42,8 +42,11 @@ def _ints(text: str, name: str) -> list[int]:
 @click.option("--write", "pipeline", default=None, type=click.Path(dir_okay=False),
               help="Write the best setting into this pipeline file's `segmentation:` keys.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@click.option("--max-memory", type=ByteSize(), default=None,
+              help="Refuse, before reading any graph, a run whose region graph would need more, "
+              "e.g. 8GiB (default: the memory available now).")
 def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | None,
-         dust_sizes: str, pipeline: str | None, as_json: bool) -> None:
+         dust_sizes: str, pipeline: str | None, as_json: bool, max_memory: int | None) -> None:
     """Choose method, threshold and dust size for SEGMENTATION's map on GT's labelled voxels.
 
     Reuses the run's kept supervoxels and region graphs: per setting only the agglomeration,
@@ -52,6 +55,7 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
     """
     from deepem3d.stages.tune import (
         best,
+        check_tune_memory,
         load_kept,
         read_ground_truth,
         settings_grid,
@@ -62,6 +66,7 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
                          _floats(thresholds, "--thresholds"), _ints(dust_sizes, "--dust-sizes"))
     labels, box = read_ground_truth(gt, segmentation, Bbox(*bounds) if bounds else None,
                                     warn=lambda w: click.echo(f"deepem3d: warning: {w}", err=True))
+    check_tune_memory(segmentation, box, max_memory)
     run = load_kept(segmentation, box)
     rows = list(tqdm(run_tune(run, labels, grid), total=len(grid), desc="settings",
                      disable=as_json, leave=False))

@@ -25,6 +25,7 @@ from cloudfiles import CloudFiles
 from cloudvolume.lib import Bbox
 
 from deepem3d.errors import InputError
+from deepem3d.memory import available_bytes
 from deepem3d.segmentation.agglomeration import agglomerate, remap
 from deepem3d.segmentation.metrics import evaluate
 from deepem3d.segmentation.region_graph import RegionGraph, merge_graphs
@@ -34,7 +35,7 @@ from deepem3d.stages.workdir import WORK, get_table, work_files
 from deepem3d.storage.labels import check_same_resolution, open_labels, scored_region
 from deepem3d.storage.layers import cloudpath
 from deepem3d.storage.npz import get_npz
-from deepem3d.units import format_bounds
+from deepem3d.units import format_bounds, format_bytes
 
 #: thresholds tried by default: around the shipped models' settings (mean 0.55; watershed h
 #: 0.1 and DeepEM3D's 0.19), wide enough that a fine-tuned model's best on its own data lay
@@ -44,6 +45,15 @@ DEFAULT_THRESHOLDS = {
     "watershed": (0.05, 0.1, 0.15, 0.19, 0.25, 0.3),
 }
 DEFAULT_DUST_SIZES = (0, 100, 200, 400, 800)
+# What tuning holds: the segmentation's whole region graph (every block's, then merged, then
+# agglomerated per setting) and the labelled region's supervoxels, ground truth and segments.
+# Measured as peak RSS above the process before tuning (2 methods x 2 thresholds x 2 dust
+# sizes) on the ISBI sample's ground truth as noisy affinities, segmented in 256 x 256 x 10
+# blocks: 2.36-2.53 million block graph edges, 0.66-7.9 million voxels, 565-805 MiB; this model
+# is 1.01-1.17 times that. Edges are counted as the region-graph tasks' markers record them.
+TUNE_BASE_BYTES = 64 * 2**20
+TUNE_BYTES_PER_EDGE = 240
+TUNE_BYTES_PER_VOXEL = 32
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,32 @@ def _blocks(files: CloudFiles, seg_path: str) -> list[str]:
         raise InputError(f"{seg_path} has no kept region graphs ({WORK}/graphs/): segment it "
                          "again (without removing its work files) before tuning")
     return names
+
+
+def tune_memory_bytes(seg_path: str, bounds: Bbox) -> tuple[int, int]:
+    """(bytes tuning needs, the region graph's edges), from the region-graph markers: read
+    before any graph is."""
+    files = CloudFiles(cloudpath(seg_path))
+    edges = sum(int(files.get_json(k).get("edges", 0))
+                for k in files.list(prefix="tasks/region-graph/done/"))
+    voxels = math.prod(int(s) for s in bounds.size3())
+    return TUNE_BASE_BYTES + TUNE_BYTES_PER_EDGE * edges + TUNE_BYTES_PER_VOXEL * voxels, edges
+
+
+def check_tune_memory(seg_path: str, bounds: Bbox, limit: int | None) -> None:
+    """An InputError when tuning would need more than `limit` bytes (default: what this
+    machine has available now): it holds the segmentation's whole region graph."""
+    what = "--max-memory"
+    if limit is None:
+        limit, what = available_bytes(), "the memory available here"
+        if limit is None:
+            return
+    need, edges = tune_memory_bytes(seg_path, bounds)
+    if need > limit:
+        raise InputError(f"tuning holds {seg_path}'s whole region graph ({edges:,} edges) and "
+                         f"the labelled region: about {format_bytes(need)}, above {what} "
+                         f"({format_bytes(limit)}); tune a segmentation of a smaller region "
+                         "(`deepem3d segment --bounds` around the labelled voxels)")
 
 
 def load_kept(seg_path: str, bounds: Bbox) -> KeptRun:
