@@ -289,9 +289,12 @@ def segment_with(python: Path, map_path: str, output: str, work: Path) -> float:
     path); the sum of its tasks' seconds from the markers."""
     from cloudfiles import CloudFiles
 
-    subprocess.run([str(python), "-m", "deepem3d", "segment", map_path, output, "--method",
-                    "mean", "--threshold", "0.5", "--task-shape", "256,256,10", "--parallel",
-                    "1"], check=True, capture_output=True, cwd=work)
+    done = subprocess.run([str(python), "-m", "deepem3d", "segment", map_path, output,
+                           "--method", "mean", "--threshold", "0.5", "--task-shape",
+                           "256,256,10", "--parallel", "1"], capture_output=True, text=True,
+                          cwd=work)
+    if done.returncode:
+        raise RuntimeError(f"{python} segment failed: {done.stderr[-2000:]}")
     files = CloudFiles(output)
     return sum(files.get_json(k)["seconds"] for k in files.list(prefix="tasks/")
                if "/done/" in k)
@@ -318,7 +321,8 @@ def isbi_against(work: Path, commit: str, repeats: int = 3) -> dict:
     chunks = {}
     for k in range(-1, repeats):  # k = -1: untimed (numba's caches filled, files warm)
         for name, python in pythons.items():
-            output = f"file://{work / f'isbi_{len(chunks)}_{k}'}"
+            slug = name.replace(" ", "_")
+            output = f"file://{work / f'isbi_{slug}_{k}'}"
             spent = segment_with(python, map_path, output, work)
             if k >= 0:
                 seconds[name].append(spent)
