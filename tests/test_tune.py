@@ -62,7 +62,8 @@ def test_tune_prints_scores_and_writes_the_best_setting(finished, tmp_path):
     assert own["voi_split"] == pytest.approx(written["voi_split"], abs=1e-12)
     best = min(out["rows"], key=lambda r: (r["adapted_rand_error"],
                                           r["voi_split"] + r["voi_merge"]))
-    assert out["best"] == {k: best[k] for k in ("method", "threshold", "dust_size")}
+    assert out["best"] == {k: best[k] for k in ("method", "threshold", "dust_size", "sigma")}
+    assert {r["sigma"] for r in out["rows"]} == {0.0}  # the run's own
     assert len({r["adapted_rand_error"] for r in out["rows"]}) > 3  # the settings matter
     section = yaml.safe_load(pipeline.read_text())["segmentation"]
     assert section == {"sigma": 0.0, **out["best"], "dust_mode": "merge"}
@@ -83,6 +84,7 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
     assert_one_line_error(run_cli("tune", seg, gt, "--dust-sizes", ""), "at least one")
     assert_one_line_error(run_cli("tune", seg, gt, "--bounds", "0,0,0,200,80,10"),
                           "reach outside SEG's bounds")
+    assert_one_line_error(run_cli("tune", seg, gt, "--sigmas", "1,20"), "--sigmas", "[0, 16]")
     # the whole region graph would not fit: refused before any graph is read
     assert_one_line_error(run_cli("tune", seg, gt, "--max-memory", "32MiB"),
                           "whole region graph", "above --max-memory (32 MiB)", "--bounds")
@@ -95,3 +97,20 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
     finally:
         files.puts([(k, v) for k, v in kept.items()], raw=True)
     assert_one_line_error(run_cli("tune", finished["gt"], gt), "not written by `deepem3d segment`")
+
+
+def test_sigmas_segment_the_labelled_region_again_per_sigma(finished, maps):
+    """--sigmas: the region's map segmented in memory per sigma (its supervoxels and graph
+    once per sigma), each row scoring `pipeline.segment` of that map, sigma and setting."""
+    from deepem3d.segmentation.pipeline import segment
+
+    result = run_cli("tune", finished["seg"], finished["gt"], "--methods", "mean",
+                     "--thresholds", "0.5", "--dust-sizes", "0,20", "--sigmas", "0,1.5",
+                     "--json", check=True)
+    rows = json.loads(result.stdout)["rows"]
+    assert [(r["sigma"], r["dust_size"]) for r in rows] == [(0, 0), (0, 20), (1.5, 0), (1.5, 20)]
+    array = maps["affinity"][1]
+    for r in rows:
+        seg = segment(array, "mean", 0.5, dust_size=r["dust_size"], sigma=r["sigma"])
+        assert r["adapted_rand_error"] == evaluate(seg, finished["labels"])["adapted_rand_error"]
+    assert len({r["adapted_rand_error"] for r in rows}) > 1

@@ -45,57 +45,86 @@ def _ints(text: str, name: str) -> list[int]:
 @click.option("--max-memory", type=ByteSize(), default=None,
               help="Refuse, before reading any graph, a run whose region graph would need more, "
               "e.g. 8GiB (default: the memory available now).")
+@click.option("--sigmas", default=None,
+              help="Also sweep the in-plane Gaussian (voxels, in [0, 16], e.g. 0,1,2,4): the "
+              "labelled region's map is segmented in memory per sigma, as if it were the "
+              "volume (the run's kept supervoxels are not used then).")
 def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | None,
-         dust_sizes: str, pipeline: str | None, as_json: bool, max_memory: int | None) -> None:
+         dust_sizes: str, pipeline: str | None, as_json: bool, max_memory: int | None,
+         sigmas: str | None) -> None:
     """Choose method, threshold and dust size for SEGMENTATION's map on GT's labelled voxels.
 
     Reuses the run's kept supervoxels and region graphs: per setting only the agglomeration,
-    the dust removal and the remap run, in memory. Prints adapted Rand error and VOI per
-    setting and the best one's flags for `deepem3d segment`.
+    the dust removal and the remap run, in memory. With --sigmas, the region's map is
+    segmented again per sigma instead. Prints adapted Rand error and VOI per setting and the
+    best one's flags for `deepem3d segment`.
     """
+    from deepem3d.stages.segmentation import MAX_SIGMA
     from deepem3d.stages.tune import (
         best,
+        check_sweep_memory,
         check_tune_memory,
         load_kept,
         read_ground_truth,
+        segment_settings,
         settings_grid,
+        tune_sigmas,
     )
     from deepem3d.stages.tune import tune as run_tune
 
     grid = settings_grid([m.strip() for m in methods.split(",") if m.strip()],
                          _floats(thresholds, "--thresholds"), _ints(dust_sizes, "--dust-sizes"))
+    swept = _floats(sigmas, "--sigmas")
+    if swept is not None and (not swept or any(not 0 <= s <= MAX_SIGMA for s in swept)):
+        raise InputError(f"--sigmas {sigmas!r}: give sigmas in [0, {MAX_SIGMA:g}] voxels, "
+                         "separated by commas")
     labels, box = read_ground_truth(gt, segmentation, Bbox(*bounds) if bounds else None,
                                     warn=lambda w: click.echo(f"deepem3d: warning: {w}", err=True))
-    check_tune_memory(segmentation, box, max_memory)
-    run = load_kept(segmentation, box)
-    rows = list(tqdm(run_tune(run, labels, grid), total=len(grid), desc="settings",
-                     disable=as_json, leave=False))
+    if swept is None:
+        check_tune_memory(segmentation, box, max_memory)
+        run = load_kept(segmentation, box)
+        path, own, rows = run.path, run.settings, run_tune(run, labels, grid)
+        source = (f"the run's supervoxels: sigma {own.get('sigma', 0)}, dust mode "
+                  f"{own.get('dust_mode', 'merge')}")
+    else:
+        check_sweep_memory(box, max_memory)
+        own = segment_settings(segmentation)
+        path, rows = segmentation, tune_sigmas(segmentation, box, labels, grid, swept)
+        source = (f"the region's map segmented per sigma, dust mode "
+                  f"{own.get('dust_mode', 'merge')}")
+    count = len(grid) * (1 if swept is None else len(swept))
+    rows = list(tqdm(rows, total=count, desc="settings", disable=as_json, leave=False))
     top = best(rows)
-    own = run.settings
+    def sigma_of(setting) -> float:  # the sigma a row was measured with
+        return float(own.get("sigma") or 0.0) if setting.sigma is None else setting.sigma
+
     if as_json:
         click.echo(json.dumps({
-            "segmentation": run.path, "bounds": [int(v) for v in (*box.minpt, *box.maxpt)],
+            "segmentation": path, "bounds": [int(v) for v in (*box.minpt, *box.maxpt)],
             "rows": [{"method": r.setting.method, "threshold": r.setting.threshold,
-                      "dust_size": r.setting.dust_size, "segments": r.segments,
+                      "dust_size": r.setting.dust_size, "sigma": sigma_of(r.setting),
+                      "segments": r.segments,
                       "adapted_rand_error": r.adapted_rand_error, "voi_split": r.voi_split,
                       "voi_merge": r.voi_merge} for r in rows],
             "best": {"method": top.setting.method, "threshold": top.setting.threshold,
-                     "dust_size": top.setting.dust_size},
+                     "dust_size": top.setting.dust_size, "sigma": sigma_of(top.setting)},
         }))
     else:
-        click.echo(f"{run.path} on {gt}, voxels {','.join(map(str, (*box.minpt, *box.maxpt)))}"
-                   f" (the run's supervoxels: sigma {own.get('sigma', 0)}, dust mode "
-                   f"{own.get('dust_mode', 'merge')})")
-        click.echo(f"{'method':<10}{'threshold':>10}{'dust':>6}{'segments':>10}{'ARE':>8}"
-                   f"{'VOI':>8}{'split':>8}{'merge':>8}")
+        click.echo(f"{path} on {gt}, voxels {','.join(map(str, (*box.minpt, *box.maxpt)))}"
+                   f" ({source})")
+        sigma_column = f"{'sigma':>7}" if swept is not None else ""
+        click.echo(f"{'method':<10}{'threshold':>10}{'dust':>6}{sigma_column}{'segments':>10}"
+                   f"{'ARE':>8}{'VOI':>8}{'split':>8}{'merge':>8}")
         for r in rows:
             s = r.setting
             mark = " <- the run's" if (s.method, s.threshold, s.dust_size) == (
-                own.get("method"), own.get("threshold"), own.get("dust_size")) else ""
+                own.get("method"), own.get("threshold"), own.get("dust_size")) and (
+                s.sigma is None or s.sigma == own.get("sigma", 0)) else ""
             mark += " <- best" if r is top else ""
-            click.echo(f"{s.method:<10}{s.threshold:>10g}{s.dust_size:>6}{r.segments:>10}"
-                       f"{r.adapted_rand_error:>8.4f}{r.voi:>8.3f}{r.voi_split:>8.3f}"
-                       f"{r.voi_merge:>8.3f}{mark}")
+            sigma = f"{s.sigma:>7g}" if swept is not None else ""
+            click.echo(f"{s.method:<10}{s.threshold:>10g}{s.dust_size:>6}{sigma}"
+                       f"{r.segments:>10}{r.adapted_rand_error:>8.4f}{r.voi:>8.3f}"
+                       f"{r.voi_split:>8.3f}{r.voi_merge:>8.3f}{mark}")
         click.echo(f"best: deepem3d segment ... {top.setting.flags()}")
     if pipeline:
         write_setting(pipeline, top, own)
@@ -104,9 +133,9 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
 
 
 def write_setting(pipeline: str, row, run_settings: dict) -> None:
-    """Set the pipeline file's segmentation method, threshold and dust size, and the run's
-    sigma and dust mode, which the scores were measured with (other keys and sections kept;
-    comments are not)."""
+    """Set the pipeline file's segmentation method, threshold and dust size, and the sigma
+    (the row's, or the run's) and dust mode the scores were measured with (other keys and
+    sections kept; comments are not)."""
     import yaml
 
     try:
@@ -120,9 +149,9 @@ def write_setting(pipeline: str, row, run_settings: dict) -> None:
     if not isinstance(data, dict):
         raise InputError(f"pipeline file {pipeline} is not a mapping of sections")
     section = data.get("segmentation") or {}
+    sigma = row.setting.sigma if row.setting.sigma is not None else run_settings.get("sigma")
     section.update(method=row.setting.method, threshold=row.setting.threshold,
-                   dust_size=row.setting.dust_size,
-                   sigma=float(run_settings.get("sigma", 0.0)),
+                   dust_size=row.setting.dust_size, sigma=float(sigma or 0.0),
                    dust_mode=run_settings.get("dust_mode", "merge"))
     data["segmentation"] = section
     with open(pipeline, "w") as f:

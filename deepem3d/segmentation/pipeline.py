@@ -35,7 +35,8 @@ from deepem3d.segmentation.supervoxels import (
     supervoxels,
 )
 
-__all__ = ["chunk_stages", "segment", "segment_chunked", "smooth_chunked", "supervoxels_chunked"]
+__all__ = ["chunk_stages", "segment", "segment_chunked", "segment_each", "smooth_chunked",
+           "supervoxels_chunked"]
 
 Thresholds = float | Sequence[float]
 
@@ -72,6 +73,23 @@ def segment(
     values = smooth_map(boundary_or_affinity, sigma)
     sv = supervoxels(values)
     return _finish(sv, region_graph(sv, values), method, threshold, dust_size, dust_mode)
+
+
+def segment_each(
+    boundary_or_affinity: np.ndarray,
+    groups: Sequence[tuple[Method, Sequence[float], int]],
+    *,
+    dust_mode: Literal["merge", "zero"] = "merge",
+    sigma: float = 0.0,
+) -> list[list[np.ndarray]]:
+    """`segment` for several (method, thresholds, dust size) groups of one map and sigma:
+    per group, the list `segment` gives for those thresholds, from one pass of supervoxels
+    and region graph."""
+    values = smooth_map(boundary_or_affinity, sigma)
+    sv = supervoxels(values)
+    graph = region_graph(sv, values)
+    return [_finish(sv, graph, method, list(thresholds), dust, dust_mode)
+            for method, thresholds, dust in groups]
 
 
 def smooth_chunked(

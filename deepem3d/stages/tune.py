@@ -11,7 +11,8 @@ scores are those the segmentation would have with that setting; the row of the r
 settings scores the layer as written.
 
 Settings change only the agglomeration's method, threshold and dust size: smoothing (sigma)
-changes the supervoxels, so a sigma is tried by segmenting again with it.
+changes the supervoxels, so a sigma sweep (`tune_sigmas`) segments the labelled region's map
+again in memory per sigma, as if the region were the volume.
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ class Setting:
     method: str
     threshold: float
     dust_size: int
+    #: None: the run's own supervoxels (its sigma)
+    sigma: float | None = None
 
     def flags(self) -> str:
+        sigma = "" if self.sigma is None else f" --sigma {self.sigma:g}"
         return (f"--method {self.method} --threshold {self.threshold:g} "
-                f"--dust-size {self.dust_size}")
+                f"--dust-size {self.dust_size}{sigma}")
 
 
 @dataclass(frozen=True)
@@ -193,16 +197,70 @@ def tune(run: KeptRun, gt: np.ndarray, settings: Sequence[Setting]) -> Iterator[
     """Score each setting on the labelled voxels (gt > 0) of the run's bounds, in order.
     Settings sharing a method and dust size are agglomerated in one call."""
     dust_mode = run.settings.get("dust_mode", "merge")
-    groups: dict[tuple[str, int], list[float]] = {}
-    for s in settings:
-        groups.setdefault((s.method, s.dust_size), []).append(s.threshold)
-    for (method, dust), thresholds in groups.items():
+    for (method, dust), thresholds in _groups(settings).items():
         tables = agglomerate(run.graph, method, thresholds, dust, dust_mode)
         for threshold, table in zip(thresholds, tables):
             seg = remap(run.supervoxels, run.graph.ids, table)
-            scores = evaluate(seg, gt)
-            yield Row(Setting(method, threshold, dust), int(np.unique(seg[gt > 0]).size),
-                      scores["adapted_rand_error"], scores["voi_split"], scores["voi_merge"])
+            yield _row(Setting(method, threshold, dust), seg, gt)
+
+
+def _groups(settings: Sequence[Setting]) -> dict[tuple[str, int], list[float]]:
+    groups: dict[tuple[str, int], list[float]] = {}
+    for s in settings:
+        groups.setdefault((s.method, s.dust_size), []).append(s.threshold)
+    return groups
+
+
+def tune_sigmas(seg_path: str, box: Bbox, gt: np.ndarray, settings: Sequence[Setting],
+                sigmas: Sequence[float]) -> Iterator[Row]:
+    """Score each setting at each sigma: the map the run segmented, read over `box`, is
+    segmented in memory as if the box were the volume (`pipeline.segment_each`: supervoxels
+    and graph once per sigma). Near the box's faces that is not the whole run's segmentation,
+    so these rows compare with each other, not with the kept run's."""
+    from cloudvolume import CloudVolume
+
+    from deepem3d.segmentation.pipeline import segment_each
+
+    own = segment_settings(seg_path)
+    vol = CloudVolume(own["map"], mip=int(own.get("mip", 0)), progress=False)
+    values = np.asarray(vol[box.to_slices()])
+    values = values[..., 0] if values.shape[3] == 1 else values
+    groups = _groups(settings)
+    for sigma in sigmas:
+        results = segment_each(values, [(m, t, d) for (m, d), t in groups.items()],
+                               dust_mode=own.get("dust_mode", "merge"), sigma=float(sigma))
+        for ((method, dust), thresholds), segs in zip(groups.items(), results):
+            for threshold, seg in zip(thresholds, segs):
+                yield _row(Setting(method, threshold, dust, float(sigma)), seg, gt)
+
+
+def _row(setting: Setting, seg: np.ndarray, gt: np.ndarray) -> Row:
+    scores = evaluate(seg, gt)
+    return Row(setting, int(np.unique(seg[gt > 0]).size), scores["adapted_rand_error"],
+               scores["voi_split"], scores["voi_merge"])
+
+
+def check_sweep_memory(box: Bbox, limit: int | None, channels: int = 3) -> None:
+    """An InputError when segmenting `box` in memory would need more than `limit` bytes
+    (default: what is available now): a block task's bytes per voxel (`BYTES_PER_VOXEL`) and
+    a noisy map's region graph (`NOISY_EDGES_PER_VOXEL` x `NODE_BYTES_PER_EDGE`)."""
+    from deepem3d.stages.segmentation import (
+        BYTES_PER_VOXEL,
+        NODE_BYTES_PER_EDGE,
+        NOISY_EDGES_PER_VOXEL,
+    )
+
+    what = "--max-memory"
+    if limit is None:
+        limit, what = available_bytes(), "the memory available here"
+        if limit is None:
+            return
+    voxels = math.prod(int(s) for s in box.size3())
+    need = int(voxels * (BYTES_PER_VOXEL + NOISY_EDGES_PER_VOXEL * NODE_BYTES_PER_EDGE["mean"]))
+    if need > limit:
+        raise InputError(f"--sigmas segments the labelled region ({voxels:,} voxels) in memory:"
+                         f" about {format_bytes(need)}, above {what} ({format_bytes(limit)}); "
+                         "give smaller --bounds")
 
 
 def read_ground_truth(gt_path: str, seg_path: str, bounds: Bbox | None,
