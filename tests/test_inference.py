@@ -527,3 +527,27 @@ def test_sharded_maps_hold_the_same_voxels_a_shard_per_task(setup, crop):
     np.testing.assert_array_equal(read_map(output), expected)
     assert len(digests(output)) == plan.task_count
     assert CloudVolume(output).meta.sharding(0) is not None
+
+
+def test_the_mip_at_the_models_resolution_is_read_without_mip(setup, crop, tmp_path):
+    """An image whose mip 0 is finer than the model's training resolution and whose mip 1 is
+    at it: without --mip (and --bounds) the plan reads mip 1 and says so; the map is the
+    model's output on mip 1. With --bounds it stays at mip 0 and refuses, naming --mip 1."""
+    fine = np.repeat(np.repeat(crop, 2, axis=1), 2, axis=2)  # z, y, x at 2 x 2 x 50 nm
+    path = f"file://{tmp_path / 'fine'}"
+    vol = create_layer(path, layer_type="image", dtype="uint8", resolution=(2, 2, 50),
+                       size=fine.shape[::-1], chunk_size=(32, 32, 4))
+    vol[:, :, :] = xyz_from_zyx(fine)
+    vol.add_scale((2, 2, 1), chunk_size=(32, 32, 4))
+    vol.commit_info()
+    CloudVolume(path, mip=1)[:, :, :] = xyz_from_zyx(crop)
+    output = f"file://{tmp_path / 'map'}"
+    plan = plan_inference(path, output, models=[setup["ckpt"]], patch=GEOMETRY)
+    assert plan.mip == 1 and "reading mip 1 (4x4x50 nm)" in plan.describe()
+    for _, task in start_stage(inference_stage(plan)):
+        task()
+    np.testing.assert_array_equal(read_map(output), quantize(setup["reference"]))
+    assert CloudVolume(output).resolution.tolist() == [4, 4, 50]
+    with pytest.raises(InputError, match="use --mip 1"):
+        plan_inference(path, f"file://{tmp_path / 'map2'}", models=[setup["ckpt"]],
+                       patch=GEOMETRY, bounds=Bbox((0, 0, 0), (64, 64, 4)))

@@ -26,8 +26,10 @@ from deepem3d.run.queues import check_queue_url
 @queue_option
 @parallel_option
 @dry_run_option
-@click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Read the image at this mip; the output layer has its resolution.")
+@click.option("--mip", type=click.IntRange(min=0), default=None,
+              help="Read the image at this mip; the output layer has its resolution (default: "
+              "0, or without --bounds the first mip at the model's training resolution when "
+              "mip 0 is not at it).")
 @click.option("--bounds", type=Bounds(), default=None,
               help="x0,y0,z0,x1,y1,z1 at --mip, absolute voxels (default: the whole volume); "
               "expanded to whole output chunks.")
@@ -81,7 +83,7 @@ from deepem3d.run.queues import check_queue_url
               "of per chunk (without --chunk-size, chunks of the task split in 2^k per axis).")
 def infer(
     image: str, output: str, models: tuple[str, ...], queue: str | None,
-    parallel: int | None, dry_run: bool, mip: int, bounds: str | None,
+    parallel: int | None, dry_run: bool, mip: int | None, bounds: str | None,
     task_shape: str | None, chunk_size: str | None, tta: str, patch_size: int | None,
     patch_output: int | None, overlap: int | None, batch_size: int | None, window: str,
     device: str,

@@ -125,7 +125,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
             ("window", inf.get("window"))) if v is not None}
         try:
             iplan = plan_inference(
-                image, p.layer("map"), models=inf.get("model"), mip=inf.get("mip", 0),
+                image, p.layer("map"), models=inf.get("model"), mip=inf.get("mip"),
                 task_shape=inf.get("task_shape"), chunk_size=inf.get("chunk_size"),
                 tta=inf.get("tta", 1), bounds=_bbox(inf.get("bounds")), patch=patch,
                 float32=inf.get("float32", False), fill_missing=inf.get("fill_missing", False),

@@ -332,6 +332,8 @@ class InferencePlan:
     #: the map's sharding spec (a shard per task: deepem3d.storage.sharding); None: a file
     #: per chunk
     sharding: dict | None = None
+    #: lines the plan adds to its description (what it chose for the user)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def channels(self) -> int:
@@ -354,6 +356,7 @@ class InferencePlan:
             f"evaluations per output voxel: {self.evaluations:.2f}"
             + (f"\nsharded: a shard file per task, in chunks of "
                f"{' x '.join(map(str, self.chunk_size))}" if self.sharding else "")
+            + "".join(f"\n{note}" for note in self.notes)
         )
 
     def values(self) -> dict:
@@ -410,6 +413,20 @@ def check_resolution(ref: ModelRef, vol: CloudVolume, mip: int) -> str | None:
     return (f"model {name} was trained at {_fmt(trained)} nm (anisotropy {aniso[0]:.3g}) but "
             f"{vol.cloudpath} at mip {mip} is {_fmt(layer)} nm (anisotropy {aniso[1]:.3g}): "
             f"{what} differs; {fix}, or pass --force to run anyway")
+
+
+def _model_mip(refs: list[ModelRef], vol: CloudVolume) -> int:
+    """The first mip at every model's training resolution, when mip 0 is not at it; else 0."""
+    trained = [[float(r) for r in ref.meta["resolution"]] for ref in refs
+               if ref.meta.get("resolution")]
+
+    def matches(m: int) -> bool:
+        return all(abs(float(a) - b) <= RESOLUTION_TOLERANCE * b
+                   for t in trained for a, b in zip(vol.meta.resolution(m), t))
+
+    if not trained or matches(0):
+        return 0
+    return next((m for m in vol.available_mips if matches(m)), 0)
 
 
 def _zyx_box(bbox: Bbox, offset) -> tuple:
@@ -538,7 +555,7 @@ def plan_inference(
     output_path: str,
     *,
     models: list[str | None] | None = None,
-    mip: int = 0,
+    mip: int | None = None,
     task_shape: tuple[int, int, int] | None = None,
     chunk_size: tuple[int, int, int] | None = None,
     tta: int = 1,
@@ -557,6 +574,9 @@ def plan_inference(
 ) -> InferencePlan:
     """Check every input and work out the tasks; reads infos and checkpoints, writes nothing.
 
+    `mip` None: the first mip at the models' training resolution when mip 0 is not and no
+    --bounds are given (said in the plan), else 0.
+
     patch: PatchGeometry fields given by the user. Without size, output and overlap the
     geometry is `tile_geometry`'s (batch and window still apply); with any of them, patches
     of PatchGeometry's defaults for the rest, blended where they overlap. `sharded` writes
@@ -566,7 +586,7 @@ def plan_inference(
     image_path, output_path = cloudpath(image_path), cloudpath(output_path)
     if image_path.rstrip("/") == output_path.rstrip("/"):
         raise InputError("OUTPUT is the image layer itself: give another path")
-    vol = open_layer(image_path, mip=mip)
+    vol = open_layer(image_path, mip=mip or 0)
     if vol.dtype != np.uint8:
         raise InputError(f"{image_path} holds {vol.dtype}: deepem3d infers on uint8 EM images "
                          "(re-ingest it as uint8 with `deepem3d ingest`)")
@@ -605,6 +625,14 @@ def plan_inference(
         raise InputError("the models have different heads (boundary and affinity): an "
                          "ensemble combines maps of one kind; run them separately")
     head = heads.pop()
+    notes = []
+    if mip is None:
+        mip = _model_mip(refs, vol) if bounds is None else 0
+        if mip:
+            vol = open_layer(image_path, mip=mip)
+            notes.append(f"reading mip {mip} ({_fmt(vol.meta.resolution(mip))} nm), the "
+                         f"models' training resolution (mip 0 is "
+                         f"{_fmt(vol.meta.resolution(0))} nm); the map has mip {mip}'s")
     warnings = []
     for ref in refs:
         problem = check_resolution(ref, vol, mip)
@@ -669,7 +697,7 @@ def plan_inference(
         fill_missing=fill_missing,
         mask=cloudpath(mask) if mask else None, mask_mip=mask_mip, threads=threads,
         device=device, amp=amp, warnings=warnings,
-        segmentation=recommended_settings(models, tta), sharding=sharding,
+        segmentation=recommended_settings(models, tta), sharding=sharding, notes=notes,
     )
     if mask:
         open_layer(plan.mask, mip=mask_mip)  # fails now, not in every task
