@@ -18,6 +18,7 @@ from deepem3d.cli.infer import infer
 from deepem3d.cli.ingest import ingest
 from deepem3d.cli.mesh import mesh, skeleton
 from deepem3d.cli.queue import queue, worker
+from deepem3d.cli.resample import resample
 from deepem3d.cli.run import run
 from deepem3d.cli.sample import sample
 from deepem3d.cli.segment import segment
@@ -34,9 +35,8 @@ def cli() -> None:
 
 
 for command in (
-    demo, run, sample, ingest, worker, queue, downsample, infer, segment, mesh, skeleton,
-    evaluate, tune, view,
-    train,
+    demo, run, sample, ingest, worker, queue, downsample, resample, infer, segment, mesh,
+    skeleton, evaluate, tune, view, train,
 ):
     cli.add_command(command)
 

@@ -44,6 +44,7 @@ STAGE_TASKS = frozenset({
     ("deepem3d.stages.octree", "OctreeNodeTask"),
     ("deepem3d.stages.octree", "OctreeDownTask"),
     ("deepem3d.stages.octree", "RemapTask"),
+    ("deepem3d.stages.resample", "ResampleTask"),
 })
 #: the arguments of a stage task that name where it writes (besides its run's layer)
 STAGE_WRITES = ("output_path",)

@@ -62,7 +62,7 @@ log = logging.getLogger("deepem3d.run.worker")
 #: MarkedTask runs one)
 TASK_MODULES = ("deepem3d.stages.frame", "deepem3d.stages.inference",
                 "deepem3d.stages.supervoxels", "deepem3d.stages.graph",
-                "deepem3d.stages.octree")
+                "deepem3d.stages.octree", "deepem3d.stages.resample")
 
 
 def register_tasks() -> None:

@@ -409,7 +409,8 @@ def check_resolution(ref: ModelRef, vol: CloudVolume, mip: int) -> str | None:
         if all(abs(float(a) - b) <= RESOLUTION_TOLERANCE * b
                for a, b in zip(vol.meta.resolution(m), trained))
     ]
-    fix = f"use --mip {better[0]}" if better else "resample the image"
+    fix = (f"use --mip {better[0]}" if better else "resample it first (`deepem3d resample "
+           f"IMAGE OUTPUT --resolution {','.join(f'{r:g}' for r in trained)}`)")
     return (f"model {name} was trained at {_fmt(trained)} nm (anisotropy {aniso[0]:.3g}) but "
             f"{vol.cloudpath} at mip {mip} is {_fmt(layer)} nm (anisotropy {aniso[1]:.3g}): "
             f"{what} differs; {fix}, or pass --force to run anyway")

@@ -1,0 +1,99 @@
+"""`deepem3d resample`: the image at another resolution, the same bytes whatever the task
+shape, equal to one whole-volume call, exact where it should be (same resolution; a linear
+ramp), and read by `infer` as a model's resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cloudvolume import CloudVolume
+from cloudvolume.lib import Bbox
+
+from deepem3d.axes import xyz_from_zyx
+from deepem3d.errors import InputError
+from deepem3d.run.runner import execute_here, run_stages
+from deepem3d.sample import load_sample
+from deepem3d.stages.resample import (
+    plan_resample,
+    resample_block,
+    resample_stage,
+    target_geometry,
+)
+from deepem3d.storage.layers import create_layer
+from tests.conftest import assert_one_line_error, run_cli
+
+SOURCE = (4.6, 4.6, 50.0)
+OFFSET = (10, 20, 3)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> tuple[str, np.ndarray]:
+    """A 96 x 80 x 7 crop of the sample, said to be at 4.6 x 4.6 x 50 nm."""
+    image, _ = load_sample()
+    array = np.asfortranarray(xyz_from_zyx(image[5:12, 100:180, 200:296]))
+    path = f"file://{tmp_path_factory.mktemp('resample') / 'image'}"
+    vol = create_layer(path, layer_type="image", dtype="uint8", resolution=SOURCE,
+                       size=array.shape, voxel_offset=OFFSET, chunk_size=(16, 16, 2))
+    vol[:, :, :] = array
+    return path, array
+
+
+def run_resample(path: str, output: str, resolution, **kwargs):
+    plan = plan_resample(path, output, resolution=resolution, **kwargs)
+    run_stages([resample_stage(plan)], execute=execute_here, echo=lambda line: None)
+    return plan, np.asarray(CloudVolume(output)[:, :, :])[..., 0]
+
+
+def test_blocks_of_any_shape_give_the_whole_volume_call(image, tmp_path):
+    path, array = image
+    target = (4.0, 4.0, 50.0)
+    offset, size = target_geometry(SOURCE, OFFSET, array.shape, target)
+    whole = resample_block(array, OFFSET, Bbox(offset, np.add(offset, size)), SOURCE, OFFSET,
+                           array.shape, target)
+    assert whole.shape == tuple(size) == (109, 92, 7) and tuple(offset) == (12, 23, 3)
+    outputs = {}
+    for shape in ((112, 96, 8), (32, 16, 2), (48, 32, 4)):
+        plan, outputs[shape] = run_resample(path, f"file://{tmp_path / str(shape[1])}", target,
+                                            task_shape=shape)
+        np.testing.assert_array_equal(outputs[shape], whole, err_msg=str(shape))
+    assert len(plan.blocks) == 3 * 3 * 2  # the last shape, 48 x 32 x 4
+    vol = CloudVolume(f"file://{tmp_path / '32'}")
+    assert vol.resolution.tolist() == [4, 4, 50] and vol.voxel_offset.tolist() == [12, 23, 3]
+
+
+def test_the_same_resolution_is_the_image_and_a_ramp_stays_a_ramp(image, tmp_path):
+    path, array = image
+    _, same = run_resample(path, f"file://{tmp_path / 'same'}", SOURCE)
+    np.testing.assert_array_equal(same, array)
+    x = np.arange(96, dtype=np.float64)
+    ramp = np.broadcast_to((x * 2.0)[:, None, None], (96, 8, 2)).astype(np.uint8)
+    out = resample_block(ramp, (0, 0, 0), Bbox((0, 0, 0), (192, 8, 2)), (2.0, 1, 1),
+                         (0, 0, 0), ramp.shape, (1.0, 1, 1))
+    inside = (np.arange(192) + 0.5) * 0.5 - 0.5  # source coordinate of each target voxel
+    expected = np.rint(np.clip(inside, 0, 95) * 2.0)
+    np.testing.assert_array_equal(out[:, 0, 0], expected)
+
+
+def test_infer_reads_the_resampled_image_and_bad_input_is_one_line(image, tmp_path):
+    path, _ = image
+    result = run_cli("infer", path, tmp_path / "map", "--dry-run")
+    assert_one_line_error(result, "trained at 4x4x50", "deepem3d resample IMAGE OUTPUT "
+                          "--resolution 4,4,50")
+    out = tmp_path / "resampled"
+    done = run_cli("resample", path, out, "--resolution", "4,4,50", "--parallel", "1",
+                   check=True)
+    assert "resampled image written" in done.stdout
+    assert run_cli("infer", out, tmp_path / "map", "--dry-run", check=True).returncode == 0
+    again = run_cli("resample", path, out, "--resolution", "4,4,50", check=True)
+    assert "resuming" in again.stdout  # the same run: its finished tasks are skipped
+    assert_one_line_error(run_cli("resample", path, out, "--resolution", "4.2,4.2,50"),
+                          "already holds data", "--overwrite")
+    assert_one_line_error(run_cli("resample", path, tmp_path / "x", "--resolution", "0,4,50"),
+                          "must be positive")
+    assert_one_line_error(run_cli("resample", path, tmp_path / "x", "--resolution", "1,1,50"),
+                          "more than 4 times", "deepem3d downsample")
+    with pytest.raises(InputError, match="one-channel uint8"):
+        seg = f"file://{tmp_path / 'seg'}"
+        create_layer(seg, layer_type="segmentation", dtype="uint64", resolution=SOURCE,
+                     size=(8, 8, 2))
+        plan_resample(seg, f"file://{tmp_path / 'y'}", resolution=(4, 4, 50))
