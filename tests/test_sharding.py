@@ -87,3 +87,20 @@ def test_a_block_is_one_shard_file_and_reads_back(tmp_path):
     assert len(files) == blocks == 3 * 2 * 2 and all(f.endswith(".shard") for f in files)
     back = np.asarray(CloudVolume(vol.cloudpath, progress=False)[:, :, :])[..., 0]
     np.testing.assert_array_equal(back, labels)
+
+
+def test_block_grids_count_and_index_without_listing():
+    """BlockGrid (what plans hold instead of lists): clipped cells, negative indexes, and no
+    block for a region empty on an axis, anchored or not."""
+    from cloudvolume.lib import Bbox
+
+    from deepem3d.stages.blocks import block_grid
+
+    grid = block_grid(Bbox((5, 0, 0), (70, 30, 10)), (32, 32, 8), anchor=(0, 0, 0))
+    assert len(grid) == 3 * 1 * 2
+    assert grid[0] == Bbox((5, 0, 0), (32, 30, 8)) and grid[-1] == Bbox((64, 0, 8), (70, 30, 10))
+    assert list(grid)[1:3] == grid[1:3]
+    with pytest.raises(IndexError):
+        grid[6]
+    for anchor in (None, (0, 0, 0)):
+        assert len(block_grid(Bbox((64, 0, 0), (64, 10, 10)), (128, 128, 128), anchor)) == 0

@@ -55,8 +55,10 @@ class BlockGrid(Sequence):
     def __init__(self, lo, hi, start, shape) -> None:
         self.lo, self.hi = np.asarray(lo, dtype=int), np.asarray(hi, dtype=int)
         self.start, self.shape = np.asarray(start, dtype=int), np.asarray(shape, dtype=int)
-        self.counts = [max(0, -(-int(b - a) // int(t)))
-                       for a, b, t in zip(self.start, self.hi, self.shape)]
+        # no block on an axis the region is empty on (an anchored grid starts below it)
+        self.counts = [max(0, -(-int(b - a) // int(t))) if h > lo else 0
+                       for a, b, t, lo, h in zip(self.start, self.hi, self.shape, self.lo,
+                                                 self.hi)]
 
     def __len__(self) -> int:
         return self.counts[0] * self.counts[1] * self.counts[2]
