@@ -87,12 +87,31 @@ def test_the_nodes_decide_most_merges_below_the_root() -> None:
 
 
 def test_octree_shapes() -> None:
+    """A balanced binary tree: each level halves along the axis whose nodes are longest in
+    voxels, thin blocks pair along z first, and every node's children partition its blocks."""
     thin = Octree.of((16, 16, 16), (512, 512, 64))
-    assert thin.factors[:3] == ((1, 1, 2),) * 3 and thin.factors[3] == (2, 2, 2)
+    assert thin.factors[:3] == ((1, 1, 2),) * 3
+    assert sorted(thin.factors[3:6]) == [(1, 1, 2), (1, 2, 1), (2, 1, 1)]
     flat = Octree.of((4, 4, 1), (64, 64, 64))
-    assert flat.factors == ((2, 2, 1), (2, 2, 1))
+    assert flat.height == 4 and all(f[2] == 1 for f in flat.factors)
     assert Octree.of((1, 1, 1), (8, 8, 8)).height == 0
+    ten = Octree.of((20, 1, 1), (8, 8, 8))  # halves, not a power-of-two grid: 10 + 10
+    assert [list(ten.cuts(ten.height - 1, 0))] == [[0, 10, 20]]
     odd = Octree.of((3, 5, 2), (10, 10, 10))
     assert odd.shape(odd.height) == (1, 1, 1)
-    assert sorted(odd.children(1, (1, 2, 0))) == sorted(
-        [(2, 4, 0), (2, 4, 1)])  # the grid's last row and column: one child along x and y
+    for level in range(1, odd.height + 1):
+        seen = []
+        for node in odd.nodes(level):
+            kids = odd.children(level, node)
+            assert 1 <= len(kids) <= 2
+            low, high = odd.bounds(level, node)
+            for kid in kids:
+                k_low, k_high = odd.bounds(level - 1, kid)
+                assert np.all(k_low >= low) and np.all(k_high <= high)
+            seen += kids
+        assert sorted(seen) == sorted(odd.nodes(level - 1))  # each child has one parent
+    blocks = np.array([(x, y, z) for x in range(3) for y in range(5) for z in range(2)])
+    for level in range(odd.height + 1):
+        for block, node in zip(blocks, odd.node_of(level, blocks)):
+            low, high = odd.bounds(level, tuple(node))
+            assert np.all(low <= block) and np.all(block < high)

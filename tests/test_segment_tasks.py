@@ -188,9 +188,11 @@ def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch):
     report = worker.run()
     driver.join()
     assert not failure, failure
-    # halo, supervoxels, reduce-L0, -L1, tables-L1, region-graph, agglomerate-L0, -L1,
-    # segments-L1, remap
-    assert report.executed == 4 + 4 + 4 + 1 + 1 + 4 + 4 + 1 + 1 + 4 and report.errors == 0
+    # halo, supervoxels, reduce-L0, -L1, -L2, tables-L2, -L1, region-graph, agglomerate-L0,
+    # -L1, -L2, segments-L2, -L1, remap (2 x 2 x 1 blocks: a binary tree of 3 levels)
+    assert plan.octree.height == 2
+    assert report.executed == 4 + 4 + 4 + 2 + 1 + 1 + 2 + 4 + 4 + 2 + 1 + 1 + 2 + 4
+    assert report.errors == 0
     assert sum("waiting for workers" in line for line in lines) == len(plan.stages) - 1
     assert "stage smooth: off (--sigma 0)" in lines
     np.testing.assert_array_equal(read(output), segment(array, "watershed", 0.19))

@@ -32,8 +32,8 @@ reads or writes storage.
 
 from __future__ import annotations
 
+import functools
 import heapq
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -62,19 +62,40 @@ _U64 = np.uint64
 # --------------------------------------------------------------------------- the octree
 
 
+@functools.cache
+def _halvings(count: int) -> tuple[np.ndarray, ...]:
+    """An axis of `count` blocks cut in halves again and again: entry d holds the interval
+    boundaries after d halvings ([0, count] first, one per block last); an interval of n
+    blocks splits into ceil(n / 2) and floor(n / 2), one of one block stays whole."""
+    cuts = [np.array([0, count], np.int64)]
+    while np.any(np.diff(cuts[-1]) > 1):
+        low, high = cuts[-1][:-1], cuts[-1][1:]
+        middle = low + (high - low + 1) // 2
+        cuts.append(np.unique(np.concatenate([cuts[-1], middle[high - low > 1]])))
+    for c in cuts:
+        c.flags.writeable = False  # shared by every caller (cached)
+    return tuple(cuts)
+
+
 @dataclass(frozen=True)
 class Octree:
     """Levels of nodes over a grid of blocks: level 0 is the blocks, the last level one root.
 
-    `factors[L]` is how many level-L nodes a level-(L + 1) node holds per axis: 2 along each
-    axis that still has more than one node, except an axis whose node extent (voxels) is already
-    at least twice the smallest such extent: nodes grow towards cubes, whose faces (what a node
-    holds) are smallest for their volume. Thin blocks (512, 512, 64) get 1x1x2 children until
-    they are cubes, then 2x2x2.
+    A binary space partition, balanced: from the root down, each level halves every node
+    along one axis, the axis whose nodes are then longest in voxels (ties: x, then y, then z),
+    until every node is one block. So nodes stay near cubes, whose faces (what a node holds)
+    are smallest for their volume, and a node has two children (one where its axis is already
+    one block). Thin blocks (512, 512, 64) are paired along z at the lowest levels until their
+    nodes are cubes. Two children rather than eight: the root of a cube of side N then holds
+    the faces of one plane (2 N^2 face voxels on its children) instead of three (6 N^2), and
+    no node below needs more (docs/octree.md).
+
+    `axes[L]` is the axis along which level-L nodes pair into level-(L + 1) nodes.
     """
 
     grid: Shape3
-    factors: tuple[Shape3, ...]
+    block_shape: Shape3
+    axes: tuple[int, ...]
 
     @classmethod
     def of(cls, grid: Sequence[int], block_shape: Sequence[int]) -> Octree:
@@ -82,30 +103,35 @@ class Octree:
         extent = [int(b) for b in block_shape]
         if len(counts) != 3 or min(counts) < 1 or len(extent) != 3 or min(extent) < 1:
             raise ValueError(f"grid {grid} and block shape {block_shape}: 3 entries >= 1 each")
-        factors = []
-        while max(counts) > 1:
-            smallest = min(e for c, e in zip(counts, extent) if c > 1)
-            f = tuple(2 if c > 1 and e < 2 * smallest else 1 for c, e in zip(counts, extent))
-            factors.append(f)
-            counts = [math.ceil(c / k) for c, k in zip(counts, f)]
-            extent = [e * k for e, k in zip(extent, f)]
-        return cls(tuple(int(g) for g in grid), tuple(factors))  # type: ignore[arg-type]
+        cuts = [_halvings(c) for c in counts]
+        depth = [0, 0, 0]
+        top_down = []
+        while any(d + 1 < len(c) for d, c in zip(depth, cuts)):
+            longest = [int(np.diff(c[d]).max()) * e if d + 1 < len(c) else -1
+                       for c, d, e in zip(cuts, depth, extent)]
+            axis = longest.index(max(longest))
+            top_down.append(axis)
+            depth[axis] += 1
+        return cls(tuple(counts), tuple(extent), tuple(reversed(top_down)))  # type: ignore[arg-type]
 
     @property
     def height(self) -> int:
         """The root's level."""
-        return len(self.factors)
+        return len(self.axes)
 
-    def scale(self, level: int) -> Shape3:
-        """Blocks per axis under one node of `level`."""
-        out = [1, 1, 1]
-        for f in self.factors[:level]:
-            out = [o * k for o, k in zip(out, f)]
-        return tuple(out)  # type: ignore[return-value]
+    @property
+    def factors(self) -> tuple[Shape3, ...]:
+        """Per level, how many of its nodes a parent holds at most per axis (2 on one axis)."""
+        return tuple(tuple(2 if a == axis else 1 for a in range(3)) for axis in self.axes)  # type: ignore[misc]
+
+    def cuts(self, level: int, axis: int) -> np.ndarray:
+        """The boundaries of the nodes of `level` along `axis`, in blocks: [0, ..., grid]."""
+        halved = sum(1 for a in self.axes[level:] if a == axis)
+        return _halvings(self.grid[axis])[halved]
 
     def shape(self, level: int) -> Shape3:
         """Nodes per axis at `level`."""
-        return tuple(math.ceil(g / s) for g, s in zip(self.grid, self.scale(level)))  # type: ignore[return-value]
+        return tuple(len(self.cuts(level, a)) - 1 for a in range(3))  # type: ignore[return-value]
 
     def nodes(self, level: int) -> list[Shape3]:
         sx, sy, sz = self.shape(level)
@@ -113,15 +139,25 @@ class Octree:
 
     def bounds(self, level: int, node: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The blocks under `node`: [low, high) grid coordinates per axis."""
-        s = np.asarray(self.scale(level), np.int64)
-        low = np.asarray(node, np.int64) * s
-        return low, np.minimum(low + s, np.asarray(self.grid, np.int64))
+        cuts = [self.cuts(level, a) for a in range(3)]
+        low = np.array([c[n] for c, n in zip(cuts, node)], np.int64)
+        high = np.array([c[n + 1] for c, n in zip(cuts, node)], np.int64)
+        return low, high
+
+    def node_of(self, level: int, blocks: np.ndarray) -> np.ndarray:
+        """The node of `level` holding each block (n, 3) grid coordinates."""
+        blocks = np.asarray(blocks, np.int64).reshape(-1, 3)
+        return np.stack([np.searchsorted(self.cuts(level, a), blocks[:, a], side="right") - 1
+                         for a in range(3)], axis=1)
 
     def children(self, level: int, node: Sequence[int]) -> list[Shape3]:
         """The level-(level - 1) nodes under `node`."""
-        f = self.factors[level - 1]
-        below = self.shape(level - 1)
-        ranges = [range(n * k, min((n + 1) * k, b)) for n, k, b in zip(node, f, below)]
+        low, high = self.bounds(level, node)
+        ranges = []
+        for a in range(3):
+            below = self.cuts(level - 1, a)
+            first = int(np.searchsorted(below, low[a]))
+            ranges.append(range(first, int(np.searchsorted(below, high[a]))))
         return [(x, y, z) for z in ranges[2] for y in ranges[1] for x in ranges[0]]
 
     def level_of(self, low: np.ndarray, high: np.ndarray) -> np.ndarray:
@@ -130,8 +166,7 @@ class Octree:
         high = np.asarray(high, np.int64).reshape(-1, 3)
         out = np.full(low.shape[0], self.height, np.int64)
         for level in range(self.height - 1, -1, -1):
-            s = np.asarray(self.scale(level), np.int64)
-            one = np.all(low // s == high // s, axis=1)
+            one = np.all(self.node_of(level, low) == self.node_of(level, high), axis=1)
             out[one] = level
         return out
 
@@ -423,11 +458,9 @@ def _sweep_up(octree: Octree, levels: list[list[Shape3]], leaf: Callable, decide
 
 def _present(octree: Octree, blocks: Iterable[Shape3]) -> list[list[Shape3]]:
     """Per level, the nodes that hold at least one of `blocks`."""
-    out = []
-    for level in range(octree.height + 1):
-        s = octree.scale(level)
-        out.append(sorted({tuple(b // k for b, k in zip(block, s)) for block in blocks}))
-    return out
+    blocks = np.asarray(list(blocks), np.int64).reshape(-1, 3)
+    return [sorted(set(map(tuple, octree.node_of(level, blocks).tolist())))
+            for level in range(octree.height + 1)]
 
 
 def octree_segments(

@@ -278,10 +278,9 @@ class SegmentPlan:
     def _axis_nodes(self, level: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
         """Per node coordinate of `level` along `axis`: (extent in voxels, open sides: how
         many of its two faces on that axis lie inside the region)."""
-        span = self.octree.scale(level)[axis] * self.task_shape[axis]
+        cuts = self.octree.cuts(level, axis) * self.task_shape[axis]
         size = int(self.bounds.size3()[axis])
-        low = np.arange(self.octree.shape(level)[axis], dtype=np.int64) * span
-        high = np.minimum(low + span, size)
+        low, high = cuts[:-1], np.minimum(cuts[1:], size)
         return high - low, (low > 0).astype(np.int64) + (high < size)
 
     def _axis_classes(self, level: int, axis: int) -> set[tuple]:
@@ -294,10 +293,10 @@ class SegmentPlan:
         if level == 0:
             return {(e, o, e, o, ((e, o),)) for e, o in zip(extent.tolist(), open_sides.tolist())}
         below_e, below_o = self._axis_nodes(level - 1, axis)
-        factor = self.octree.factors[level - 1][axis]
+        first = np.searchsorted(self.octree.cuts(level - 1, axis), self.octree.cuts(level, axis))
         kinds = set()
         for p, (e, o) in enumerate(zip(extent.tolist(), open_sides.tolist())):
-            kids = slice(p * factor, min((p + 1) * factor, below_e.size))
+            kids = slice(int(first[p]), int(first[p + 1]))
             pairs = tuple(sorted(set(zip(below_e[kids].tolist(), below_o[kids].tolist()))))
             kinds.add((e, o, int(below_e[kids].sum()), int(below_o[kids].sum()), pairs))
         return kinds
@@ -342,8 +341,7 @@ class SegmentPlan:
         if level == 0:
             edges = edges_per_voxel * math.prod(self.block_extent)
         else:
-            node = math.prod(min(b * s, int(r)) for b, s, r in zip(
-                self.block_extent, self.octree.scale(level), self.bounds.size3()))
+            node = math.prod(int(self._axis_nodes(level, a)[0].max()) for a in range(3))
             edges = edges_per_voxel * min(node, self.largest_faces(level) * RESIDUAL_SHELL_VOXELS)
         return int(NODE_BASE_BYTES + per_edge * edges)
 
