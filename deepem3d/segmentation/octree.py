@@ -1,12 +1,12 @@
-"""Agglomeration over an octree of blocks, equal to the global run bit for bit.
+"""Agglomeration over a binary tree of blocks, equal to the global run bit for bit.
 
 The global agglomeration (`deepem3d.segmentation.agglomeration`) holds the whole region graph.
-Here each node of an octree over the blocks holds only what its children could not decide:
-a node reads its children's residual graphs, adds nothing else (every contact record lives in
-some block, so the children's residuals hold every edge the node can need), decides every merge
-it can prove the global run makes, and hands its parent the rest. The root has nothing frozen,
-so it finishes the global run. Why each decision is the global one is written down, rule by
-rule, in docs/octree.md; the rules in brief:
+Here each node of a binary tree over the blocks (the octree, by name) holds only what its
+children could not decide: a node reads its children's residual graphs, adds nothing else
+(every contact record lives in some block, so the children's residuals hold every edge the node
+can need), decides every merge it can prove the global run makes, and hands its parent the
+rest. The root has nothing frozen, so it finishes the global run. Why each decision is the
+global one is written down, rule by rule, in docs/octree.md; the rules in brief:
 
 - A supervoxel is *open* at a node when a block outside the node mentions it (as a node or an
   edge end of that block's graph): its size, floor and edges are incomplete there. A region

@@ -134,7 +134,7 @@ def chunk_stages(
 
 
 def _reduce(chunks: list[Chunk], exits: list, chunk_shape: Sequence[int]) -> list[np.ndarray]:
-    """The reduce, node by node over the octree of the chunks (`octree_reduce`)."""
+    """The reduce, node by node over the tree of the chunks (`octree_reduce`)."""
     step = [int(s) for s in chunk_shape]
     dataset = chunks[0].dataset_shape
     tree = Octree.of([math.ceil(d / s) for d, s in zip(dataset, step)], step)
@@ -176,7 +176,7 @@ def segment_chunked(
     supervoxel labels and the local region graph from one box (halo `SUPERVOXEL_HALO`); the
     reduce; per chunk, the graph over supervoxel ids (its own records, its table and its low
     neighbours' faces and tables); the agglomeration and dust removal node by node over an
-    octree of the chunks (`deepem3d.segmentation.octree`); a remap per chunk, local label ->
+    binary tree of the chunks (`deepem3d.segmentation.octree`); a remap per chunk, local label ->
     supervoxel -> segment. `chunk_shape` need not divide the volume. The result equals
     `segment(...)` bit for bit.
     """

@@ -2,7 +2,7 @@
 
 The tasks are in the modules of each arrow of the data flow: deepem3d.stages.supervoxels (map ->
 supervoxels), deepem3d.stages.graph (-> region graph per block), deepem3d.stages.octree (->
-segments, node by node over an octree of the blocks); what they leave for each other is
+segments, node by node over a binary tree of the blocks); what they leave for each other is
 described in deepem3d.stages.workdir. They do, with I/O, exactly what
 `deepem3d.segmentation.pipeline.segment_chunked` does in memory, so the layer is the same bytes
 whatever the task shape, and equal to `pipeline.segment` on the whole array.
@@ -396,7 +396,7 @@ class SegmentPlan:
                          + ("(segmentation and smoothed map)" if self.smoothed
                             else "(segmentation)"))
         tree = self.octree
-        lines.append(f"octree of {tree.height + 1} level(s) over {'x'.join(map(str, self.grid))}"
+        lines.append(f"tree of {tree.height + 1} level(s) over {'x'.join(map(str, self.grid))}"
                      " blocks (children per level: "
                      + (", ".join("x".join(map(str, f)) for f in tree.factors) or "none") + "); "
                      f"sized at {self.edges_per_voxel:g} region-graph edges per voxel "

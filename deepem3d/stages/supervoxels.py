@@ -14,7 +14,7 @@ supervoxels     block  map block + the slabs around it -> labels/B.npz (local la
 reduce-L0..LH   node   level 0: exits/B.npz; above: the children's reduce/L(L-1)/N.nodes.npz
                        and, one child at a time, N.faces.npz -> reduce/LL/N.nodes.npz (its
                        unresolved nodes), N.faces.npz (its outer faces), N.resolved.npz (what
-                       it resolved); an octree of the blocks, deepem3d.segmentation.octree_reduce
+                       it resolved); a tree of the blocks, deepem3d.segmentation.octree_reduce
 tables-LH..L1   node   reduce/LL/N.resolved.npz + reduce-down/LL/N.npz (its parent's ids; none
                        at the root) + the children's N.nodes.npz -> reduce-down/L(L-1)/C.npz per
                        child; at level 1, from the children's N.resolved.npz, their
