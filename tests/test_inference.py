@@ -265,8 +265,9 @@ def test_abutting_tiles_equal_one_whole_section_forward(setup, crop):
     zs = _reflect(np.arange(-2, depth + 2), depth)
     padded = torch.from_numpy(image[np.ix_(zs, ys, xs)])
     stacks = torch.stack([padded[z: z + 5] for z in range(depth)])[:, None]
+    form = ModelPredictor(model).model  # what the tiles ran: the CPU inference form
     with torch.no_grad():
-        whole = model.probabilities(model(model.normalize(stacks)))
+        whole = form.probabilities(form(form.normalize(stacks)))
     whole = whole[:, :, 240: 240 + height, 240: 240 + width].permute(1, 0, 2, 3).numpy()
     assert np.abs(tiles - whole).max() <= 1e-6
     np.testing.assert_array_equal(quantize(tiles), quantize(whole))

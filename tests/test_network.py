@@ -212,3 +212,32 @@ def test_same_seed_same_outputs():
         with torch.no_grad():
             outputs.append(model(_input(2, 3, 64)))
     assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize(("preset", "head", "sections"),
+                         [("tiny", "boundary", 5), ("tiny", "affinity", 3),
+                          ("tiny", "boundary", 1), ("small", "affinity", 5)])
+def test_inference_form_computes_the_same_function(preset, head, sections):
+    """BatchNorms folded, the 3D part as 2D convolutions, the side outputs' deconvolutions as
+    a matrix product and col2im, channels-last: the logits of the module as trained, to float32
+    rounding, with BatchNorm statistics far from the identity."""
+    from deepem3d.models.inference_form import inference_form
+
+    torch.manual_seed(0)
+    model = build_model(preset, head, sections)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d | torch.nn.BatchNorm3d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    model.eval()
+    form = inference_form(model)
+    x = model.normalize(torch.randint(0, 256, (2, 1, sections, 96, 128), dtype=torch.uint8))
+    with torch.no_grad():
+        expected, found = model(x), form(x)
+    assert found.shape == expected.shape
+    assert (found - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert form.normalize(x).dtype == torch.float32
+    assert not any(p.requires_grad for p in form.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the model itself is untouched

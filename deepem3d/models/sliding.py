@@ -86,15 +86,19 @@ class ModelPredictor:
     `amp=False`, with cuDNN's deterministic algorithms and no autotuning unless `autotune`
     (kernels chosen by timing differ between processes, and so may the last bits of the
     output: docs/gpu.md); `channels_last` stores the 2D part's activations channels-last. On
-    the CPU it runs in float32 with whatever thread count the caller set.
+    the CPU it runs in float32 with whatever thread count the caller set, on the model's
+    inference form unless `fused=False` (`deepem3d.models.inference_form`: the same function
+    to float32 rounding, about 1.6-1.85x faster there).
     """
 
     def __init__(
         self, model: torch.nn.Module, device: str | torch.device | None = None,
         amp: bool | None = None, *, amp_dtype: str = "float16", channels_last: bool = False,
-        autotune: bool = False,
+        autotune: bool = False, fused: bool | None = None,
     ) -> None:
         import torch
+
+        from deepem3d.models.inference_form import inference_form
 
         if amp_dtype not in AMP_DTYPES:
             raise ValueError(f"amp dtype {amp_dtype!r}: choose one of {', '.join(AMP_DTYPES)}")
@@ -103,6 +107,9 @@ class ModelPredictor:
         self.device = torch.device(device) if device is not None else here
         if self.device != here:
             self.model.to(self.device)
+        self.fused = self.device.type == "cpu" if fused is None else bool(fused)
+        if self.fused:
+            self.model = inference_form(self.model)
         if channels_last:  # the 2D convs' weights; their outputs follow (the 3D part stays)
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Conv2d | torch.nn.ConvTranspose2d):

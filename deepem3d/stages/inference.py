@@ -26,6 +26,7 @@ from cloudvolume.lib import Bbox
 
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.errors import InputError
+from deepem3d.memory import reuse_freed_memory
 from deepem3d.models.sliding import (
     COMBINE,
     HEAD_CHANNELS,
@@ -143,11 +144,20 @@ def cached_model(location: str, sha256: str, device: str) -> torch.nn.Module:
     still hash to `sha256` (weights changed after the tasks were made are refused)."""
     from deepem3d.models.checkpoint import load_checkpoint
 
+    reuse_freed_memory()  # a forward's large activations: heap, not fresh pages per op
     payload = load_checkpoint(location)
     if payload["sha256"] != sha256:
         raise InputError(f"checkpoint {location} changed since the tasks were created (sha256 "
                          f"{payload['sha256'][:12]}, expected {sha256[:12]}): create them again")
     return _build(payload).to(device)
+
+
+@lru_cache(maxsize=4)
+def cached_predictor(location: str, sha256: str, device: str, amp: bool) -> ModelPredictor:
+    """The model's predictor (on the CPU, its inference form), built once per worker."""
+    import torch
+
+    return ModelPredictor(cached_model(location, sha256, device), torch.device(device), amp=amp)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -237,10 +247,8 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
         shape = (channels, *(int(s) for s in bbox.size3()[::-1]))
         probs = np.full(shape, value, dtype=np.float32)
     else:
-        predictors = [
-            ModelPredictor(cached_model(loc, sha, str(dev)), dev, amp=amp and dev.type == "cuda")
-            for loc, sha in models
-        ]
+        predictors = [cached_predictor(loc, sha, str(dev), amp and dev.type == "cuda")
+                      for loc, sha in models]
         vol = CloudVolume(image_path, mip=mip, fill_missing=fill_missing, progress=False)
         offset = np.asarray(vol.voxel_offset, dtype=int)
         dataset = tuple(int(s) for s in vol.volume_size[::-1])  # z,y,x

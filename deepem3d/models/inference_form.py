@@ -1,0 +1,157 @@
+"""The network as CPU inference runs it: the same function as the trained module, computed faster.
+
+`inference_form(model)` returns a copy of a DeepEM3DNet in eval mode with three changes that
+leave its outputs equal up to float32 rounding (the sums run in another order; tested to 1e-5 of
+the logits' scale):
+
+- every BatchNorm folded into the convolution (or the sum of deconvolutions) before it: in eval
+  mode a BatchNorm is a per-channel affine map with constant coefficients;
+- the 3D part (conv1_1 then conv1_2, which collapses the sections) as two 2D convolutions with
+  the sections as channels: torch runs these 3D shapes on its slow reference path, oneDNN runs
+  the 2D ones on its blocked kernels;
+- each side output's five transposed convolutions as one matrix product and a col2im each;
+- the 2D part's weights and activations channels-last, oneDNN's native layout.
+
+Measured on this project's 2-core CPU (torch 2.13, tiny preset, one thread, a 2528 px tile):
+see `python benchmarks/inference.py`, which runs the tasks with it. The module as trained stays
+what training, checkpoints and the receptive-field arithmetic see; only predictors on the CPU
+take this form (`ModelPredictor`), so every task of a run computes with the same one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from deepem3d.models.network import ConvBN, DeepEM3DNet, SideOutput
+
+__all__ = ["inference_form"]
+
+
+def _bn_affine(bn: nn.BatchNorm2d | nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval-mode BatchNorm: bn(y) = scale * y + shift per channel."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def _fold(block: ConvBN) -> nn.Module:
+    """conv + BN (+ ReLU) -> one conv with the BN in its weights and bias (+ ReLU in place)."""
+    conv = copy.deepcopy(block.conv)
+    scale, shift = _bn_affine(block.bn)
+    conv.weight.copy_(conv.weight * scale.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+    conv.bias.copy_(conv.bias * scale + shift)
+    if isinstance(block.relu, nn.ReLU):
+        return nn.Sequential(conv, nn.ReLU(inplace=True))
+    return conv
+
+
+class _SectionsAsChannels(nn.Module):
+    """conv1_1 and conv1_2 (3D, BatchNorm and ReLU after each) as two 2D convolutions over the
+    sections as channels: (N, 1, Z, Y, X) -> (N, C, 1, Y/2, X/2), what conv1_2 returns."""
+
+    def __init__(self, first: ConvBN, second: ConvBN, sections: int) -> None:
+        super().__init__()
+        w1, w2 = first.conv.weight, second.conv.weight  # (C1, 1, kz, 3, 3), (C2, C1, kz, 3, 3)
+        (sz, sy, sx), (pz, py, px) = first.conv.stride, first.conv.padding
+        c1, kz = w1.shape[0], w1.shape[2]
+        depth = (sections + 2 * pz - kz) // sz + 1  # conv1_1's output sections
+        if depth != w2.shape[2] or second.conv.padding[0] != 0 or second.conv.stride[0] != 1:
+            raise ValueError(f"conv1_2 does not collapse conv1_1's {depth} sections to one")
+        scale1, shift1 = _bn_affine(first.bn)
+        # channel (c, k) of the first conv: conv1_1's channel c at output section k, which sees
+        # input sections sz * k - pz + t for its taps t (outside 0..Z-1: zero padding)
+        weight = w1.new_zeros(c1, depth, sections, 3, 3)
+        for k in range(depth):
+            for t in range(kz):
+                s = sz * k - pz + t
+                if 0 <= s < sections:
+                    weight[:, k, s] = w1[:, 0, t]
+        self.first = nn.Conv2d(sections, c1 * depth, 3, stride=(sy, sx), padding=(py, px))
+        self.first.weight.copy_((weight * scale1.reshape(-1, 1, 1, 1, 1)).reshape(
+            c1 * depth, sections, 3, 3))
+        self.first.bias.copy_((first.conv.bias * scale1 + shift1).repeat_interleave(depth))
+        scale2, shift2 = _bn_affine(second.bn)
+        self.second = nn.Conv2d(c1 * depth, w2.shape[0], 3, padding=second.conv.padding[1:])
+        self.second.weight.copy_((w2 * scale2.reshape(-1, 1, 1, 1, 1)).reshape(
+            w2.shape[0], c1 * depth, 3, 3))
+        self.second.bias.copy_(second.conv.bias * scale2 + shift2)
+        self.relu_first = isinstance(first.relu, nn.ReLU)
+        self.relu_second = isinstance(second.relu, nn.ReLU)
+
+    @property
+    def conv(self) -> nn.Conv2d:
+        """The first convolution (what `DeepEM3DNet.normalize` reads the dtype from)."""
+        return self.first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        planes = x[:, 0].contiguous(memory_format=torch.channels_last)
+        y = self.first(planes)
+        if self.relu_first:
+            y = F.relu(y, inplace=True)
+        y = self.second(y)
+        if self.relu_second:
+            y = F.relu(y, inplace=True)
+        return y.unsqueeze(2)
+
+
+class _Collapsed(nn.Module):
+    """Stands in for conv1_2 once `_SectionsAsChannels` has done both convolutions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class _SideByColumns(nn.Module):
+    """A side output's summed deconvolutions (the BatchNorm after them folded in) as one
+    matrix product over the input pixels and a col2im (`F.fold`) per dilation, then ReLU and
+    its 3x3 conv. torch's CPU transposed convolution is slow for these shapes (kernel 2s,
+    stride s, 2 output channels): one thread, a 2528 px tile, 817 ns per pixel for the four
+    side outputs against 472 this way (the 16x one 198 -> 42)."""
+
+    def __init__(self, side: SideOutput) -> None:
+        super().__init__()
+        deconvs = [side.deconv, *side.dilated]
+        scale, shift = _bn_affine(side.bn)
+        cin, cout, k, _ = deconvs[0].weight.shape
+        weights = [(d.weight * scale.reshape(1, -1, 1, 1)).reshape(cin, cout * k * k)
+                   for d in deconvs]
+        self.register_buffer("weight", torch.cat(weights, 1).t().contiguous())
+        self.register_buffer("bias", sum(d.bias for d in deconvs) * scale + shift)
+        self.scale, self.kernel, self.taps = side.scale, k, cout * k * k
+        self.dilations = [(d.dilation, d.padding) for d in deconvs]
+        self.conv = side.conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        columns = torch.matmul(self.weight, x.reshape(n, c, h * w))
+        size, s = (h * self.scale, w * self.scale), self.scale
+        out = None
+        for i, (dilation, padding) in enumerate(self.dilations):
+            part = F.fold(columns[:, i * self.taps:(i + 1) * self.taps], size, self.kernel,
+                          dilation=dilation, padding=padding, stride=s)
+            out = part if out is None else out.add_(part)
+        out = F.relu(out.add_(self.bias.reshape(1, -1, 1, 1)), inplace=True)
+        return self.conv(out.contiguous(memory_format=torch.channels_last))
+
+
+@torch.no_grad()
+def inference_form(model: DeepEM3DNet) -> DeepEM3DNet:
+    """A copy of `model` for CPU inference: BatchNorms folded, the 3D part as 2D convolutions,
+    channels-last (the module docstring says why each keeps the function)."""
+    form = copy.deepcopy(model).eval()
+    form.conv1_1 = _SectionsAsChannels(model.conv1_1, model.conv1_2, model.in_sections)
+    form.conv1_2 = _Collapsed()
+    for name in ("side_2x", "side_4x", "side_8x", "side_16x"):
+        setattr(form, name, _SideByColumns(getattr(form, name)))
+    parents = [m for m in form.modules() if not isinstance(m, _SectionsAsChannels)]
+    for parent in parents:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ConvBN):
+                setattr(parent, name, _fold(child))
+    for module in form.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+    return form.requires_grad_(False)
