@@ -26,7 +26,6 @@ from cloudvolume.lib import Bbox
 
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.errors import InputError
-from deepem3d.memory import reuse_freed_memory
 from deepem3d.models.sliding import (
     COMBINE,
     HEAD_CHANNELS,
@@ -144,7 +143,6 @@ def cached_model(location: str, sha256: str, device: str) -> torch.nn.Module:
     still hash to `sha256` (weights changed after the tasks were made are refused)."""
     from deepem3d.models.checkpoint import load_checkpoint
 
-    reuse_freed_memory()  # a forward's large activations: heap, not fresh pages per op
     payload = load_checkpoint(location)
     if payload["sha256"] != sha256:
         raise InputError(f"checkpoint {location} changed since the tasks were created (sha256 "
