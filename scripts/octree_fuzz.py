@@ -1,9 +1,10 @@
 """Fuzz the octree agglomeration against the global one: `segment_chunked == segment`.
 
 Each seed draws a small uint8 map (boundary or affinity; white noise, few-valued noise with
-many ties, or smooth bowls with plateaus), a block shape, a method and threshold, and dust
-settings, and compares the two results bit for bit. Run: python scripts/octree_fuzz.py --seeds
-10000. tests/test_octree.py runs the first seeds of the same draw.
+many ties, or smooth bowls with plateaus), a block shape, a method and threshold, dust
+settings and the tree's shape (BINARY_ABOVE), and compares the two results bit for bit.
+Run: python scripts/octree_fuzz.py --seeds 10000. tests/test_octree.py runs the first seeds of
+the same draw.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 
 import numpy as np
 
+from deepem3d.segmentation import octree
 from deepem3d.segmentation.pipeline import segment, segment_chunked
 
 
@@ -39,8 +41,10 @@ def draw(seed: int) -> dict:
     threshold = float(rng.choice([0.0, 0.1, 0.3, 0.5, 0.7, 0.95, 1.0]))
     dust = int(rng.choice([0, 0, 2, 5, 12, 40]))
     mode = str(rng.choice(["merge", "merge", "zero"]))
+    # the tree: eight children per node at these sizes, or two above 0, 4 or 8 voxels a side
+    binary_above = int(rng.choice([octree.BINARY_ABOVE, 0, 4, 8]))
     return dict(map=np.asfortranarray(m.astype(np.uint8)), block=block, method=method,
-                threshold=threshold, dust_size=dust, dust_mode=mode)
+                threshold=threshold, dust_size=dust, dust_mode=mode, binary_above=binary_above)
 
 
 def check(seed: int) -> str | None:
@@ -48,12 +52,17 @@ def check(seed: int) -> str | None:
     case = draw(seed)
     settings = dict(dust_size=case["dust_size"], dust_mode=case["dust_mode"])
     want = segment(case["map"], case["method"], case["threshold"], **settings)
-    got = segment_chunked(case["map"], case["block"], case["method"], case["threshold"],
-                         **settings)
+    default, octree.BINARY_ABOVE = octree.BINARY_ABOVE, case["binary_above"]
+    try:
+        got = segment_chunked(case["map"], case["block"], case["method"], case["threshold"],
+                             **settings)
+    finally:
+        octree.BINARY_ABOVE = default
     if np.array_equal(want, got):
         return None
     return (f"seed {seed}: map {case['map'].shape} block {case['block']} {case['method']} "
-            f"{case['threshold']} dust {case['dust_size']} {case['dust_mode']}: "
+            f"{case['threshold']} dust {case['dust_size']} {case['dust_mode']} binary above "
+            f"{case['binary_above']}: "
             f"{int(np.sum(want != got))} voxels differ")
 
 

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 
+from deepem3d.segmentation import octree as octree_module
 from deepem3d.segmentation.octree import BlockFaces, Octree, octree_segments
 from deepem3d.segmentation.pipeline import chunk_stages
 from deepem3d.segmentation.region_graph import merge_graphs
@@ -55,8 +56,12 @@ def _stress_maps() -> dict[str, np.ndarray]:
     return {"ties": ties, "hub": hub, "plateaus": plateaus, "rods": rods, "noisy-rods": noisy}
 
 
+@pytest.mark.parametrize("binary_above", [None, 0])
 @pytest.mark.parametrize("name", list(_stress_maps()))
-def test_stress_map_octree_equals_whole(name: str) -> None:
+def test_stress_map_octree_equals_whole(name: str, binary_above, monkeypatch) -> None:
+    """Eight children per node (these sizes) and two (BINARY_ABOVE 0)."""
+    if binary_above is not None:
+        monkeypatch.setattr(octree_module, "BINARY_ABOVE", binary_above)
     m = _stress_maps()[name]
     for maps in (m, affinity_map(m)):
         check_invariance(maps, [(4, 4, 2), (1, 2, 1), (5, 3, 3)])
@@ -87,31 +92,34 @@ def test_the_nodes_decide_most_merges_below_the_root() -> None:
 
 
 def test_octree_shapes() -> None:
-    """A balanced binary tree: each level halves along the axis whose nodes are longest in
-    voxels, thin blocks pair along z first, and every node's children partition its blocks."""
+    """Balanced halving from the root, up to 2 x 2 x 2 children where the nodes are at most
+    BINARY_ABOVE voxels a side and two above; thin blocks pair along z first; every node's
+    children partition its blocks."""
     thin = Octree.of((16, 16, 16), (512, 512, 64))
-    assert thin.factors[:3] == ((1, 1, 2),) * 3
-    assert sorted(thin.factors[3:6]) == [(1, 1, 2), (1, 2, 1), (2, 1, 1)]
+    assert thin.factors[:3] == ((1, 1, 2),) * 3 and thin.factors[3] == (2, 2, 2)
+    assert all(sum(f) == 4 for f in thin.factors[5:])  # 4096 px nodes and up: two children
     flat = Octree.of((4, 4, 1), (64, 64, 64))
-    assert flat.height == 4 and all(f[2] == 1 for f in flat.factors)
+    assert flat.factors == ((2, 2, 1), (2, 2, 1))
+    assert Octree.of((4, 4, 1), (64, 64, 64), binary_above=0).height == 4
     assert Octree.of((1, 1, 1), (8, 8, 8)).height == 0
-    ten = Octree.of((20, 1, 1), (8, 8, 8))  # halves, not a power-of-two grid: 10 + 10
-    assert [list(ten.cuts(ten.height - 1, 0))] == [[0, 10, 20]]
-    odd = Octree.of((3, 5, 2), (10, 10, 10))
-    assert odd.shape(odd.height) == (1, 1, 1)
-    for level in range(1, odd.height + 1):
-        seen = []
-        for node in odd.nodes(level):
-            kids = odd.children(level, node)
-            assert 1 <= len(kids) <= 2
-            low, high = odd.bounds(level, node)
-            for kid in kids:
-                k_low, k_high = odd.bounds(level - 1, kid)
-                assert np.all(k_low >= low) and np.all(k_high <= high)
-            seen += kids
-        assert sorted(seen) == sorted(odd.nodes(level - 1))  # each child has one parent
-    blocks = np.array([(x, y, z) for x in range(3) for y in range(5) for z in range(2)])
-    for level in range(odd.height + 1):
-        for block, node in zip(blocks, odd.node_of(level, blocks)):
-            low, high = odd.bounds(level, tuple(node))
-            assert np.all(low <= block) and np.all(block < high)
+    ten = Octree.of((20, 1, 1), (8, 8, 8), binary_above=0)  # halves: 10 + 10, not 16 + 4
+    assert list(ten.cuts(ten.height - 1, 0)) == [0, 10, 20]
+    for limit in (None, 0, 20):
+        odd = Octree.of((3, 5, 2), (10, 10, 10), binary_above=limit)
+        assert odd.shape(odd.height) == (1, 1, 1)
+        for level in range(1, odd.height + 1):
+            seen = []
+            for node in odd.nodes(level):
+                kids = odd.children(level, node)
+                assert 1 <= len(kids) <= (8 if limit is None else 2 if limit == 0 else 8)
+                low, high = odd.bounds(level, node)
+                for kid in kids:
+                    k_low, k_high = odd.bounds(level - 1, kid)
+                    assert np.all(k_low >= low) and np.all(k_high <= high)
+                seen += kids
+            assert sorted(seen) == sorted(odd.nodes(level - 1))  # each child has one parent
+        blocks = np.array([(x, y, z) for x in range(3) for y in range(5) for z in range(2)])
+        for level in range(odd.height + 1):
+            for block, node in zip(blocks, odd.node_of(level, blocks)):
+                low, high = odd.bounds(level, tuple(node))
+                assert np.all(low <= block) and np.all(block < high)

@@ -107,9 +107,10 @@ class _Collapsed(nn.Module):
 class _SideByColumns(nn.Module):
     """A side output's summed deconvolutions (the BatchNorm after them folded in) as a matrix
     product over the input pixels and a col2im (`F.fold`) per dilation, one dilation at a time
-    (its columns: 8 floats per output pixel), then ReLU and its 3x3 conv. torch's CPU transposed convolution is slow for these shapes (kernel 2s,
-    stride s, 2 output channels): one thread, a 2528 px tile, 817 ns per pixel for the four
-    side outputs against 472 this way (the 16x one 198 -> 42)."""
+    (its columns: 8 floats per output pixel), then ReLU and its 3x3 conv. torch's CPU
+    transposed convolution is slow for these shapes (kernel 2s, stride s, 2 output channels):
+    one thread, a 2528 px tile, 817 ns per pixel for the four side outputs against 472 this
+    way (the 16x one 198 -> 42)."""
 
     def __init__(self, side: SideOutput) -> None:
         super().__init__()

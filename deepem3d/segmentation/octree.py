@@ -1,7 +1,7 @@
-"""Agglomeration over a binary tree of blocks, equal to the global run bit for bit.
+"""Agglomeration over a tree of blocks, equal to the global run bit for bit.
 
 The global agglomeration (`deepem3d.segmentation.agglomeration`) holds the whole region graph.
-Here each node of a binary tree over the blocks (the octree, by name) holds only what its
+Here each node of a tree over the blocks (the octree, by name) holds only what its
 children could not decide: a node reads its children's residual graphs, adds nothing else
 (every contact record lives in some block, so the children's residuals hold every edge the node
 can need), decides every merge it can prove the global run makes, and hands its parent the
@@ -77,57 +77,77 @@ def _halvings(count: int) -> tuple[np.ndarray, ...]:
     return tuple(cuts)
 
 
+# The longest side, in voxels, of a node that may have up to 2 x 2 x 2 children; a larger one
+# has two. Eight children make fewer levels, each handing its shell of frozen regions up once:
+# benchmarks/scale.py (128^3 blocks) measured 190, 227 and 229 ns per voxel at 256^3, 512^3
+# and 1024^3 with eight children per node, and 262, 314 and 373 with two. Two children hold
+# one plane of faces instead of three: the top node of a 10,000^3 plan needs 21 GiB, not 63.
+# A node of 2048 voxels a side with eight children needs about 5.6 GiB at 0.02 edges per voxel.
+BINARY_ABOVE = 2048
+
+
 @dataclass(frozen=True)
 class Octree:
     """Levels of nodes over a grid of blocks: level 0 is the blocks, the last level one root.
 
-    A binary space partition, balanced: from the root down, each level halves every node
-    along one axis, the axis whose nodes are then longest in voxels (ties: x, then y, then z),
-    until every node is one block. So nodes stay near cubes, whose faces (what a node holds)
-    are smallest for their volume, and a node has two children (one where its axis is already
-    one block). Thin blocks (512, 512, 64) are paired along z at the lowest levels until their
-    nodes are cubes. Two children rather than eight: the root of a cube of side N then holds
-    the faces of one plane (2 N^2 face voxels on its children) instead of three (6 N^2), and
-    no node below needs more (docs/octree.md).
+    Balanced, from the root down: each step halves every node along one axis, the axis whose
+    nodes are then longest in voxels (ties: x, then y, then z), until every node is one block,
+    so nodes stay near cubes, whose faces (what a node holds) are smallest for their volume.
+    Where the parent nodes are at most BINARY_ABOVE voxels a side, consecutive steps along
+    distinct axes make one level (up to 2 x 2 x 2 children: fewer levels); above it, each step
+    is a level (two children: one plane of faces, not three). Thin blocks (512, 512, 64) are
+    paired along z at the lowest levels until their nodes are cubes (docs/octree.md).
 
-    `axes[L]` is the axis along which level-L nodes pair into level-(L + 1) nodes.
+    `depths[L]` is how many times each axis has been halved from the root to level L.
     """
 
     grid: Shape3
     block_shape: Shape3
-    axes: tuple[int, ...]
+    depths: tuple[Shape3, ...]
 
     @classmethod
-    def of(cls, grid: Sequence[int], block_shape: Sequence[int]) -> Octree:
+    def of(cls, grid: Sequence[int], block_shape: Sequence[int],
+           binary_above: int | None = None) -> Octree:
         counts = [int(g) for g in grid]
         extent = [int(b) for b in block_shape]
         if len(counts) != 3 or min(counts) < 1 or len(extent) != 3 or min(extent) < 1:
             raise ValueError(f"grid {grid} and block shape {block_shape}: 3 entries >= 1 each")
+        limit = BINARY_ABOVE if binary_above is None else int(binary_above)
         cuts = [_halvings(c) for c in counts]
-        depth = [0, 0, 0]
-        top_down = []
-        while any(d + 1 < len(c) for d, c in zip(depth, cuts)):
-            longest = [int(np.diff(c[d]).max()) * e if d + 1 < len(c) else -1
-                       for c, d, e in zip(cuts, depth, extent)]
-            axis = longest.index(max(longest))
-            top_down.append(axis)
-            depth[axis] += 1
-        return cls(tuple(counts), tuple(extent), tuple(reversed(top_down)))  # type: ignore[arg-type]
+
+        def longest(depth) -> list[int]:  # per axis, the largest node's extent in voxels
+            return [int(np.diff(c[d]).max()) * e for c, d, e in zip(cuts, depth, extent)]
+
+        steps = [(0, 0, 0)]
+        while any(d + 1 < len(c) for d, c in zip(steps[-1], cuts)):
+            sides = [s if d + 1 < len(c) else -1
+                     for s, d, c in zip(longest(steps[-1]), steps[-1], cuts)]
+            axis = sides.index(max(sides))
+            steps.append(tuple(d + (a == axis) for a, d in enumerate(steps[-1])))
+        levels = [steps[-1]]  # bottom up: the blocks first
+        for depth in reversed(steps[:-1]):
+            below = levels[-2] if len(levels) > 1 else None
+            if (below is not None and max(longest(depth)) <= limit
+                    and all(b - d <= 1 for b, d in zip(below, depth))):
+                levels[-1] = depth  # one level of up to 2 x 2 x 2 children
+            else:
+                levels.append(depth)
+        return cls(tuple(counts), tuple(extent), tuple(levels))  # type: ignore[arg-type]
 
     @property
     def height(self) -> int:
         """The root's level."""
-        return len(self.axes)
+        return len(self.depths) - 1
 
     @property
     def factors(self) -> tuple[Shape3, ...]:
-        """Per level, how many of its nodes a parent holds at most per axis (2 on one axis)."""
-        return tuple(tuple(2 if a == axis else 1 for a in range(3)) for axis in self.axes)  # type: ignore[misc]
+        """Per level, how many of its nodes a parent holds at most per axis."""
+        return tuple(tuple(1 + b - a for a, b in zip(up, down))  # type: ignore[misc]
+                     for down, up in zip(self.depths, self.depths[1:]))
 
     def cuts(self, level: int, axis: int) -> np.ndarray:
         """The boundaries of the nodes of `level` along `axis`, in blocks: [0, ..., grid]."""
-        halved = sum(1 for a in self.axes[level:] if a == axis)
-        return _halvings(self.grid[axis])[halved]
+        return _halvings(self.grid[axis])[self.depths[level][axis]]
 
     def shape(self, level: int) -> Shape3:
         """Nodes per axis at `level`."""

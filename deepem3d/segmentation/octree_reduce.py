@@ -1,9 +1,9 @@
-"""The supervoxel reduce over a binary tree of the blocks, equal to `resolve_supervoxels`.
+"""The supervoxel reduce over a tree of the blocks, equal to `resolve_supervoxels`.
 
 `resolve_supervoxels` reads every block's `ChunkExits` at once: it unites flat sets linked across
 faces, drains each flat set with a rim through its rim voxel of lowest index, follows exits to a
 flat set without a rim, and names the basin 1 + that set's lowest flat voxel. Here each node of
-a binary tree over the blocks does the same with what its children left it, and decides only what
+a tree over the blocks does the same with what its children left it, and decides only what
 its own blocks settle:
 
 - an exit or a plateau link is resolved once the node holds the voxel it names (the face tables

@@ -176,7 +176,7 @@ def segment_chunked(
     supervoxel labels and the local region graph from one box (halo `SUPERVOXEL_HALO`); the
     reduce; per chunk, the graph over supervoxel ids (its own records, its table and its low
     neighbours' faces and tables); the agglomeration and dust removal node by node over an
-    binary tree of the chunks (`deepem3d.segmentation.octree`); a remap per chunk, local label ->
+    tree of the chunks (`deepem3d.segmentation.octree`); a remap per chunk, local label ->
     supervoxel -> segment. `chunk_shape` need not divide the volume. The result equals
     `segment(...)` bit for bit.
     """

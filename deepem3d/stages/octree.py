@@ -1,4 +1,4 @@
-"""region graph -> segments over a binary tree of the blocks: no task holds the whole graph.
+"""region graph -> segments over a tree of the blocks: no task holds the whole graph.
 
 =====================  =====  ===================================================================
 stage                  tasks  reads -> writes (under OUTPUT/segmentation/octree/RUN/)

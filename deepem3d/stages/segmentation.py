@@ -2,7 +2,7 @@
 
 The tasks are in the modules of each arrow of the data flow: deepem3d.stages.supervoxels (map ->
 supervoxels), deepem3d.stages.graph (-> region graph per block), deepem3d.stages.octree (->
-segments, node by node over a binary tree of the blocks); what they leave for each other is
+segments, node by node over a tree of the blocks); what they leave for each other is
 described in deepem3d.stages.workdir. They do, with I/O, exactly what
 `deepem3d.segmentation.pipeline.segment_chunked` does in memory, so the layer is the same bytes
 whatever the task shape, and equal to `pipeline.segment` on the whole array.
