@@ -102,7 +102,6 @@ class Octree:
     """
 
     grid: Shape3
-    block_shape: Shape3
     depths: tuple[Shape3, ...]
 
     @classmethod
@@ -132,7 +131,7 @@ class Octree:
                 levels[-1] = depth  # one level of up to 2 x 2 x 2 children
             else:
                 levels.append(depth)
-        return cls(tuple(counts), tuple(extent), tuple(levels))  # type: ignore[arg-type]
+        return cls(tuple(counts), tuple(levels))  # type: ignore[arg-type]
 
     @property
     def height(self) -> int:

@@ -1,4 +1,4 @@
-"""The supervoxel reduce over a tree of the blocks, equal to `resolve_supervoxels`.
+"""The supervoxel reduce over a tree of the blocks, equal to `resolve_supervoxels` bit for bit.
 
 `resolve_supervoxels` reads every block's `ChunkExits` at once: it unites flat sets linked across
 faces, drains each flat set with a rim through its rim voxel of lowest index, follows exits to a
