@@ -1,18 +1,21 @@
 """What the accelerator gives: forward TFLOP/s per preset and setting, inference end to end
 against MONAI at equal settings, the Trainer against its bare step, GPU memory.
 
-    python benchmarks/gpu.py [--device cuda] [--quick]
+    python benchmarks/gpu.py [--device cuda] [--quick] [--part-timeout 240]
                              [--parts forward inference training determinism autotune compile]
 
 One prepared script for a lent H100/H200 (under 5 minutes there): it needs torch, numpy and
 scipy only, plus MONAI for the MONAI row (carried as a wheel; without it the row says MONAI is
 missing). `--device cpu --quick` runs every row on tiny shapes in seconds (the suite's smoke
-test). Rows print as they finish, one JSON object per line, then a table.
+test). Rows print as they finish, one JSON object per line. Each part runs in a process of its
+own, stopped after --part-timeout seconds with the rows it gave kept (cuDNN autotuning's first
+calls have taken minutes on an H200).
 
 - forward: one batch (16 x in_sections x 512^2 on a GPU) through `ModelPredictor.predict_tensor`
-  with each setting (autocast dtype, channels-last, cuDNN autotuning, a CUDA graph, compile);
-  TFLOP/s counts 2 x every conv's multiply-adds (network.count_macs). `same bytes twice` says
-  whether two forwards of one batch gave the same bytes; `max |diff|` is against float32.
+  with each setting (autocast dtype, channels-last, the inference form, cuDNN autotuning, a
+  CUDA graph, compile); TFLOP/s counts 2 x every conv's multiply-adds (network.count_macs) of
+  the module as trained, also for the form. `same bytes twice` says whether two forwards of
+  one batch gave the same bytes; `max |diff|` is against float32.
 - inference: `predict_volume` (the inference task's code without its layer I/O: upload uint8,
   gather, blend, quantise on the device, download uint8) over the embedded ISBI sample tiled to
   1024^2 x 30, against MONAI's `sliding_window_inference` with the same model, patch, overlap,
@@ -21,7 +24,9 @@ test). Rows print as they finish, one JSON object per line, then a table.
   (cuDNN autotuning picks kernels by timing), and whether four blocks equal one call.
 - training: `Trainer.batches()` + `Trainer.step()` (the training loop without its checkpoints)
   with 0 and several batch-preparing workers, against the bare step on one batch already on the
-  device. The Trainer reads the sample from memory here (its file readers need cloud-volume).
+  device, and one batch's preparation time in one process (with the bare step's rate: how many
+  workers keep up). The Trainer reads the sample from memory here (its file readers need
+  cloud-volume).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import argparse
 import io
 import json
 import lzma
+import math
 import sys
 import tempfile
 import time
@@ -91,23 +97,31 @@ def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-SETTINGS = {  # part: [(name, predictor keywords, plus "graph" / "compile")]
+# part: [(name, ModelPredictor keywords, plus "graph", "compile" and "timed_deterministic")];
+# "form": the inference form (BatchNorms folded, the 3D part as 2D convolutions, the side
+# outputs' transposed convolutions as matrix products: deepem3d.models.inference_form)
+SETTINGS = {
     "forward": [
         ("float32", {"amp": False}),
         ("float16 (default)", {}),
+        ("float16 form", {"fused": True}),
         ("float16 channels-last", {"channels_last": True}),
+        ("bfloat16 form", {"fused": True, "amp_dtype": "bfloat16"}),
         ("bfloat16 channels-last", {"amp_dtype": "bfloat16", "channels_last": True}),
-        ("float16 channels-last + CUDA graph", {"channels_last": True, "graph": True}),
+        ("float16 form + CUDA graph", {"fused": True, "graph": True}),
     ],
     # kernels chosen by timing: the first calls of each shape can take minutes, so these run
-    # in a part of their own, after the others
+    # in a part of their own, after the others. "timed deterministic": cuDNN times only its
+    # deterministic algorithms (same bytes twice in a process; another process may time
+    # another one the fastest)
     "autotune": [
+        ("float16 form, timed deterministic", {"fused": True, "timed_deterministic": True}),
+        ("float16 form autotune", {"fused": True, "autotune": True}),
         ("float16 autotune", {"autotune": True}),
-        ("float16 autotune channels-last", {"autotune": True, "channels_last": True}),
         ("bfloat16 autotune channels-last", {"autotune": True, "channels_last": True,
                                              "amp_dtype": "bfloat16"}),
     ],
-    "compile": [("float16 channels-last + compile", {"channels_last": True, "compile": True})],
+    "compile": [("float16 form + compile", {"fused": True, "compile": True})],
 }
 
 
@@ -148,10 +162,13 @@ def forward_rows(args, device: torch.device, part: str = "forward") -> None:
         for name, keywords in settings:
             keywords = dict(keywords)
             graph, compiled = keywords.pop("graph", False), keywords.pop("compile", False)
+            timed_deterministic = keywords.pop("timed_deterministic", False)
             torch.manual_seed(0)
             model = build_model(preset, "affinity", 5).to(device).eval()
             reset_memory(device)
             predictor = ModelPredictor(model, device, **keywords)
+            if timed_deterministic:
+                torch.backends.cudnn.benchmark = True
             forward = predictor.predict_tensor
             try:
                 start = time.perf_counter()
@@ -195,10 +212,11 @@ def inference_rows(args, device: torch.device, part: str = "inference") -> None:
     preset = "full" if not args.quick else "tiny"
     geometry = (PatchGeometry(size=512, output=384, overlap=64, batch=16) if not args.quick
                 else PatchGeometry(size=128, output=96, overlap=16, batch=2))
-    settings = ([("float16 (default)", {}), ("float16 channels-last", {"channels_last": True})]
-                if device.type == "cuda" else [("float32", {})])
+    settings = ([("float16 (default)", {}), ("float16 form", {"fused": True})]
+                if device.type == "cuda" else [("float32 form (default)", {})])
     if part == "autotune":
-        settings = [("float16 autotune", {"autotune": True})] if device.type == "cuda" else []
+        settings = ([("float16 form autotune", {"fused": True, "autotune": True})]
+                    if device.type == "cuda" else [])
     for name, keywords in settings:
         torch.manual_seed(0)
         model = build_model(preset, "affinity", 5).to(device).eval()
@@ -264,6 +282,18 @@ def monai_row(args, device, predictor, image, geometry, name, ours) -> float | N
     return best
 
 
+def preparation_seconds(trainer, count: int) -> float:
+    """Seconds to draw one batch in this process (sampling, augmentation, targets): what
+    each batch-preparing worker spends per batch."""
+    cfg = trainer.cfg
+    data = training.IterationBatches(trainer.sampler, cfg.seed, cfg.batch_size, count + 1)
+    data[0]
+    start = time.perf_counter()
+    for i in range(1, count + 1):
+        data[i]
+    return (time.perf_counter() - start) / count
+
+
 def training_rows(args, device: torch.device) -> None:
     image, ids = packed("image"), packed("neuron_ids").astype(np.int64)
     preset, batch, patch = ((args.train_preset, args.train_batch, args.train_patch)
@@ -289,6 +319,11 @@ def training_rows(args, device: torch.device) -> None:
                 seconds = timed(lambda t=trainer, i=images, g=targets: t.step(i, g), device, n,
                                 warmup=3)
                 rate = 1 / seconds
+                prepare = preparation_seconds(trainer, max(2, n // 4))
+                emit({"part": "training", "preset": preset, "batch": f"{batch}x{patch}^2",
+                      "loop": "batch preparation, one process",
+                      "ms_per_batch": round(1000 * prepare, 1),
+                      "workers_to_keep_up": math.ceil(prepare * rate)})
             else:
                 batches = trainer.batches()
                 for _ in range(3):  # warm-up: workers started, first batches in
@@ -309,7 +344,7 @@ def training_rows(args, device: torch.device) -> None:
               "ratio": round(row["it_per_s"] / bare, 2)})
 
 
-DETERMINISM_SETTINGS = {"float16": {}, "float16-channels-last": {"channels_last": True}}
+DETERMINISM_SETTINGS = {"float16": {}, "float16-form": {"fused": True}}
 
 
 def determinism_child(args, device: torch.device) -> None:
@@ -379,22 +414,65 @@ def main() -> None:
                         choices=list(PARTS), help="what to run, in order ('autotune': cuDNN "
                         "autotuned forwards and inference, 'compile': a torch.compile forward; "
                         "both can take minutes before their first result)")
+    parser.add_argument("--part-timeout", type=float, default=240,
+                        help="seconds each part may run (in a process of its own) before it "
+                        "is stopped; its rows so far are kept")
     parser.add_argument("--child", choices=list(DETERMINISM_SETTINGS), help=argparse.SUPPRESS)
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return determinism_child(args, torch.device(args.device))
     if args.quick:
         args.repeats = 2
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-    header = {"part": "machine", "device": str(device), "torch": torch.__version__,
-              "name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    emit(header)
+    if args.in_process:  # one part, in the process its parent started for it
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, torch.get_num_threads()))
+        for part in args.parts:
+            PARTS[part](args, device)
+        return None
+    emit({"part": "machine", "device": str(device), "torch": torch.__version__,
+          "name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"})
     start = time.perf_counter()
     for part in args.parts:
-        PARTS[part](args, device)
+        run_part(part, args)
     emit({"part": "total", "seconds": round(time.perf_counter() - start, 1)})
+
+
+def run_part(part: str, args) -> None:
+    """One part in a fresh process (its own cuDNN settings, GPU memory and compile caches), its
+    rows relayed as they come; stopped after --part-timeout seconds, so that one part whose
+    first autotuned call takes minutes cannot spend a lent machine's whole time."""
+    import subprocess
+    import threading
+
+    cmd = [sys.executable, __file__, "--device", args.device, "--parts", part, "--in-process",
+           "--repeats", str(args.repeats), "--workers", *map(str, args.workers),
+           "--train-iterations", str(args.train_iterations), "--train-preset",
+           args.train_preset, "--train-batch", str(args.train_batch), "--train-patch",
+           str(args.train_patch), *(["--quick"] if args.quick else [])]
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT)
+        stopped = threading.Event()
+
+        def stop() -> None:
+            stopped.set()
+            proc.kill()
+
+        timer = threading.Timer(args.part_timeout, stop)
+        timer.start()
+        for line in proc.stdout:
+            if line.startswith("{"):
+                emit(json.loads(line))
+        proc.wait()
+        timer.cancel()
+        errors.seek(0)
+        lines = errors.read().strip().splitlines()
+    if stopped.is_set():
+        emit({"part": part, "error": f"stopped after {args.part_timeout:g} s (--part-timeout)"
+              "; the rows above are what it gave"})
+    elif proc.returncode:
+        emit({"part": part, "error": (lines or [f"exit status {proc.returncode}"])[-1][:200]})
 
 
 if __name__ == "__main__":

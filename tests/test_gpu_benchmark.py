@@ -11,22 +11,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_gpu_benchmark_runs_on_the_cpu():
+def quick_rows(*options: str) -> list[dict]:
+    """The JSON rows of `benchmarks/gpu.py --device cpu --quick OPTIONS`, which must exit 0."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--device", "cpu", "--quick",
-         "--parts", "forward", "inference", "training", "determinism"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+         *options], capture_output=True, text=True, cwd=ROOT, timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_gpu_benchmark_runs_on_the_cpu():
+    rows = quick_rows("--parts", "forward", "inference", "training", "determinism")
     parts = {row["part"] for row in rows}
     assert {"machine", "forward", "inference", "training", "determinism", "total"} <= parts
     forward = next(r for r in rows if r["part"] == "forward")
     assert forward["tflops"] > 0 and forward["same_bytes_twice"]
     ours = next(r for r in rows if r.get("method") == "deepem3d predict_volume")
     assert ours["mvoxel_per_s"] > 0
+    preparation = next(r for r in rows if r.get("loop") == "batch preparation, one process")
+    assert preparation["ms_per_batch"] > 0 and preparation["workers_to_keep_up"] >= 1
     loops = {r["loop"] for r in rows if r["part"] == "training" and "it_per_s" in r}
     assert loops == {"bare step", "Trainer, 0 workers", "Trainer, 2 workers"}
     for row in (r for r in rows if r["part"] == "determinism"):
         assert row["same_bytes_across_processes"]
         assert all(p["chunked_equal"] for p in row["processes"])
+
+
+def test_a_part_past_its_time_is_stopped_and_said():
+    """Each part runs in a process of its own, stopped at --part-timeout: on a lent machine a
+    part stuck in autotuning cannot take the others' time."""
+    rows = quick_rows("--parts", "training", "forward", "--part-timeout", "0.2")
+    stopped = [r["part"] for r in rows if "stopped after 0.2 s" in r.get("error", "")]
+    assert stopped == ["training", "forward"]

@@ -10,6 +10,7 @@ from deepem3d.models.augment import (
     augment,
     dihedral,
     drop_section,
+    elastic_warp,
     misalign,
     undo_dihedral,
 )
@@ -70,6 +71,53 @@ def test_defects_move_image_and_ids_together():
     aug_image, aug_ids = augment(image, ids, np.random.default_rng(2))
     assert aug_image.shape == image.shape and aug_ids.shape == ids.shape
     assert aug_image.dtype == np.float32
+
+
+@pytest.mark.parametrize("shape", [(7, 64, 64), (3, 50, 37), (2, 9, 5)])
+def test_elastic_warp_is_scipys_bilinear_and_nearest(shape):
+    """The vectorised warp reads what scipy.ndimage's spline zoom and map_coordinates (order
+    1 for the image, 0 for the ids, mode 'reflect') read, including coordinates that leave the
+    patch and nearest-neighbour ties."""
+    from scipy.ndimage import map_coordinates, zoom
+
+    rng = np.random.default_rng(sum(shape))
+    image = rng.integers(0, 256, size=shape).astype(np.float32)
+    ids = rng.integers(1, 50, size=shape)
+    warped_image, warped_ids = elastic_warp(image, ids, np.random.default_rng(7), strength=6.0)
+    coarse = np.random.default_rng(7).normal(0, 6.0, size=(2, 4, 4))
+    _, height, width = shape
+    field = [zoom(c, (height / 4, width / 4), order=3) for c in coarse]
+    yy, xx = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    coords = [yy + field[0], xx + field[1]]
+    expected_image = np.stack([map_coordinates(s, coords, order=1, mode="reflect")
+                               for s in image])
+    expected_ids = np.stack([map_coordinates(s, coords, order=0, mode="reflect") for s in ids])
+    # the field is scipy's to 1e-13 px, so a value may round to the next float32 (1 ulp)
+    assert np.allclose(warped_image, expected_image, rtol=0, atol=1e-4)
+    assert np.mean(warped_ids == expected_ids) > 0.999
+    assert warped_image.dtype == np.float32 and warped_ids.dtype == ids.dtype
+
+
+def test_middle_targets_equal_the_whole_stacks_middle():
+    """The sampler computes the middle section's target from its neighbours alone."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, size=(9, 48, 48), dtype=np.uint8)
+    ids = rng.integers(0, 4, size=(9, 48, 48))
+    for head in ("boundary", "affinity"):
+        for in_sections in (1, 3, 5):
+            sampler = PatchSampler(image, ids, in_sections=in_sections, patch=32, head=head,
+                                   augment=False)
+            draw = np.random.default_rng([1, in_sections])
+            z = int(draw.integers(sampler.depth)) + sampler.pad
+            y, x = int(draw.integers(17)), int(draw.integers(17))
+            _, target = sampler.sample(np.random.default_rng([1, in_sections]))
+            extra = int(head == "affinity")
+            stack = sampler.ids[z - sampler.half - extra:z + sampler.half + 1 + extra,
+                                y:y + 32, x:x + 32]
+            middle = sampler.half + extra
+            whole = (boundary_target(stack)[middle] if head == "boundary"
+                     else affinity_target(stack)[:, middle])
+            assert np.array_equal(target, whole)
 
 
 def test_reflect_at_the_split():

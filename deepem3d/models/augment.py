@@ -8,8 +8,10 @@ computed from the augmented ids, so no target needs fixing afterwards.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from scipy.ndimage import map_coordinates, zoom
+from scipy.ndimage import zoom
 
 N_DIHEDRAL = 16
 
@@ -92,24 +94,50 @@ def _shift(stack: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return padded[:, pad - dy : pad - dy + height, pad - dx : pad - dx + width]
 
 
+@functools.lru_cache(maxsize=16)
+def _spline_upsampling(length: int, grid: int) -> np.ndarray:
+    """(length, grid): the linear map `zoom(., length / grid, order=3)` applies along one axis.
+    A cubic-spline zoom is linear and separable, so a 2D zoom of `c` is M_y @ c @ M_x.T (equal
+    to scipy's to 1e-13) at the cost of two small matrix products."""
+    return zoom(np.eye(grid), (length / grid, 1), order=3)
+
+
+def _reflect(index: np.ndarray, length: int) -> np.ndarray:
+    """scipy.ndimage's 'reflect' extension (d c b a | a b c d | d c b a): the sample an index
+    outside 0..length-1 reads."""
+    index = np.mod(index, 2 * length)
+    return np.where(index >= length, 2 * length - 1 - index, index)
+
+
 def elastic_warp(
     image: np.ndarray, ids: np.ndarray, rng: np.random.Generator,
     strength: float = 4.0, grid: int = 4,
 ):
-    """A smooth in-plane displacement (a coarse random grid, upsampled), the same for every
-    section: bilinear for the image, nearest for the ids."""
+    """A smooth in-plane displacement (a coarse random grid, upsampled by cubic splines), the
+    same for every section: bilinear for the image, nearest for the ids, the edge extended by
+    reflection. The same values as scipy's `map_coordinates` (order 1 and 0, mode 'reflect'),
+    with the indices and weights computed once for all sections (a batch of 16 affinity
+    patches of 7 x 256^2: 252 -> 138 ms on this project's CPU, docs/gpu.md)."""
     _, height, width = image.shape
     coarse = rng.normal(0, strength, size=(2, grid, grid))
-    field = np.stack([zoom(c, (height / grid, width / grid), order=3) for c in coarse])
-    yy, xx = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
-    coords = [yy + field[0][:height, :width], xx + field[1][:height, :width]]
-    warped_image = np.stack(
-        [map_coordinates(s, coords, order=1, mode="reflect") for s in image]
-    ).astype(np.float32)
-    warped_ids = np.stack(
-        [map_coordinates(s, coords, order=0, mode="reflect") for s in ids]
-    ).astype(ids.dtype)
-    return warped_image, warped_ids
+    rows, cols = _spline_upsampling(height, grid), _spline_upsampling(width, grid)
+    y = np.arange(height)[:, None] + rows @ coarse[0] @ cols.T
+    x = np.arange(width)[None, :] + rows @ coarse[1] @ cols.T
+    image_flat = image.reshape(image.shape[0], -1)
+    # bilinear: the four neighbours' flat indices and weights, in scipy's order of sums
+    y0, x0 = np.floor(y), np.floor(x)
+    wy, wx = y - y0, x - x0
+    y0, x0 = y0.astype(np.intp), x0.astype(np.intp)
+    top, bottom = _reflect(y0, height) * width, _reflect(y0 + 1, height) * width
+    left, right = _reflect(x0, width), _reflect(x0 + 1, width)
+    warped_image = ((1 - wy) * ((1 - wx) * image_flat[:, top + left]
+                                + wx * image_flat[:, top + right])
+                    + wy * ((1 - wx) * image_flat[:, bottom + left]
+                            + wx * image_flat[:, bottom + right])).astype(np.float32)
+    nearest = (_reflect(np.floor(y + 0.5).astype(np.intp), height) * width
+               + _reflect(np.floor(x + 0.5).astype(np.intp), width))
+    warped_ids = ids.reshape(ids.shape[0], -1)[:, nearest]
+    return warped_image.reshape(image.shape), warped_ids.reshape(ids.shape)
 
 
 def augment(
