@@ -2,13 +2,17 @@
 
     python benchmarks/inference.py [--size 4096,4096] [--sections 8] [--chunk-z 2]
                                    [--preset tiny] [--threads 2] [--repeats 1]
+                                   [--methods tiles tiles-deep patches monai monai-fused]
 
 One volume (the embedded ISBI 2012 sample tiled to --size, its first --sections sections),
-one model (a random-init --preset with seed 0, or --model), three ways:
+one model (a random-init --preset with seed 0, or --model), several ways:
 
 - tiles: `deepem3d infer`'s defaults (abutting tiles with the receptive field as margin, tasks
   aligned to them), as InferenceTasks over file:// layers, timed end to end (read, predict,
   quantise, write, marker), the model already loaded as in a worker after its first task;
+- tiles-deep: the same tiles in tasks --deep-chunks chunks deep: each predicts chunk-deep slabs
+  while a thread reads the next slab's input and another writes the last slab's map, and reads
+  each image chunk once (one-chunk tasks read their neighbours' chunks for context);
 - patches: the same tasks with the former geometry (--patch-size 512 --patch-output 384
   --overlap 64, 1024 px tasks);
 - MONAI: `sliding_window_inference` at its default overlap (0.25) with 512 px rois, Gaussian
@@ -100,9 +104,14 @@ def run_ours(args) -> dict:
     work = args.workdir
     ckpt = os.path.join(work, "model.pt")
     save_checkpoint(ckpt, model, {"model": model.config, "resolution": [4, 4, 50]})
-    patch = {} if args.run == "tiles" else {"size": 512, "output": 384, "overlap": 64}
+    patch = {"size": 512, "output": 384, "overlap": 64} if args.run == "patches" else {}
+    deep = None
+    if args.run == "tiles-deep":  # the default tiles, tasks --deep-chunks chunks deep
+        x, y = args.size
+        deep = (min(x, 2048), min(y, 2048), args.chunk_z * args.deep_chunks)
     plan = plan_inference(f"file://{work}/image", f"file://{work}/{args.run}", models=[ckpt],
-                          patch=patch, threads=args.threads, device="cpu", overwrite=True)
+                          patch=patch, threads=args.threads, device="cpu", overwrite=True,
+                          task_shape=deep)
     stage = inference_stage(plan, overwrite=True)
     stage.prepare()
     stage.start()
@@ -123,6 +132,8 @@ def run_ours(args) -> dict:
         "geometry": f"{g.size} px in, {g.output} px out, overlap {g.overlap}, batch {g.batch}, "
                     f"tasks {'x'.join(map(str, plan.task_shape))}",
         "seconds": seconds,
+        "input_wait_seconds": sum(r["input_wait_seconds"] for r in records),
+        "write_wait_seconds": sum(r["write_wait_seconds"] for r in records),
         "task_seconds": sum(r["seconds"] for r in records),
         "forward_seconds": sum(r["forward_seconds"] for r in records),
         "tasks": len(records),
@@ -187,7 +198,7 @@ def child(method: str, args, argv: list[str]) -> dict:
 
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # the Docker image's setting (see the docstring)
-METHODS = ("tiles", "patches", "monai", "monai-fused")
+METHODS = ("tiles", "tiles-deep", "patches", "monai", "monai-fused")
 
 
 def main() -> None:
@@ -205,16 +216,22 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="checkpoint (instead of --preset)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each method, alternating; the fastest counts")
+    parser.add_argument("--deep-chunks", type=int, default=4, help="tiles-deep: chunks per "
+                        "task in z (each task predicts chunk-deep slabs, the next one's input "
+                        "read and the last one's map written meanwhile)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="which to run (tiles always)")
     parser.add_argument("--run", choices=[*METHODS, "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        fn = {"tiles": run_ours, "patches": run_ours, "monai": run_monai,
+        fn = {"tiles": run_ours, "tiles-deep": run_ours, "patches": run_ours, "monai": run_monai,
               "monai-fused": run_monai, "baseline": run_baseline}[args.run]
         print(json.dumps(fn(args)))
         return
 
     argv = [a for a in sys.argv[1:]]
+    methods = ["tiles", *(m for m in METHODS[1:] if m in args.methods)]
     with tempfile.TemporaryDirectory(prefix="deepem3d-bench-") as work:
         args.workdir = work
         from deepem3d.axes import xyz_from_zyx
@@ -227,12 +244,13 @@ def main() -> None:
         vol[:] = xyz_from_zyx(image)
         _, name = load_model(args)
         try:
-            import monai  # noqa: F401
+            if {"monai", "monai-fused"} & set(methods):
+                import monai  # noqa: F401
         except ImportError:
             raise SystemExit("MONAI is not installed: pip install monai") from None
         results = {"baseline": child("baseline", args, argv)}
         for _ in range(args.repeats):  # alternate, so a busy spell hits every method
-            for method in METHODS:
+            for method in methods:
                 r = child(method, args, argv)
                 best = results.get(method)
                 if best is None or r["seconds"] < best["seconds"]:
@@ -240,20 +258,20 @@ def main() -> None:
                     results[method] = r
                 else:
                     best["peak_rss_mib"] = max(best["peak_rss_mib"], r["peak_rss_mib"])
-        maps = {m: np.load(os.path.join(work, f"{m}.npy")) for m in METHODS}
+        maps = {m: np.load(os.path.join(work, f"{m}.npy")) for m in methods}
 
     voxels = image.size
     base = results["baseline"]["peak_rss_mib"]
     print(f"volume: embedded ISBI 2012 sample tiled to {image.shape[2]} x {image.shape[1]} x "
           f"{image.shape[0]} voxels (x,y,z), chunks 256 x 256 x {args.chunk_z}; model: {name}; "
           f"{args.threads} CPU thread(s)")
-    for method in METHODS:
+    for method in methods:
         r = results[method]
         tasks = f", {r['tasks']} tasks" if "tasks" in r else ""
         print(f"  {method}: {r['geometry']}{tasks}")
     print(f"{'method':<12}{'seconds':>9}{'voxels/s':>12}{'evaluations':>13}{'peak RSS MiB':>14}"
           f"{'above base':>12}{'forward share':>15}")
-    for method in METHODS:
+    for method in methods:
         r = results[method]
         print(f"{method:<12}{r['seconds']:>9.1f}{voxels / r['seconds']:>12,.0f}"
               f"{r['evaluations']:>13.2f}{r['peak_rss_mib']:>14.0f}"
@@ -261,15 +279,21 @@ def main() -> None:
     t = results["tiles"]
     print(f"baseline (python + torch + model, no inference): {base:.0f} MiB peak RSS; the "
           f"dry-run estimate of one tiles task was {t['estimate_mib']:.0f} MiB")
-    for other in METHODS[1:]:
+    for other in methods[1:]:
         o = results[other]
         print(f"ratio tiles/{other}: throughput {o['seconds'] / t['seconds']:.2f}x, "
               f"evaluations {t['evaluations'] / o['evaluations']:.2f}x, peak RSS "
               f"{t['peak_rss_mib'] / o['peak_rss_mib']:.2f}x")
-    for other in METHODS[1:]:
+    for method in (m for m in methods if "input_wait_seconds" in results[m]):
+        r = results[method]
+        print(f"{method}: the forward waited {r['input_wait_seconds']:.1f} s for input and "
+              f"{r['write_wait_seconds']:.1f} s for writes, of {r['task_seconds']:.1f} s")
+    for other in methods[1:]:
         diff = np.abs(maps["tiles"].astype(int) - maps[other].astype(int))
-        print(f"maps (uint8): mean |tiles - {other}| {diff.mean():.2f}, max {diff.max()} (they "
-              "differ by design: context and blending differ)")
+        why = ("the same geometry: they must be equal" if other == "tiles-deep" else
+               "they differ by design: context and blending differ")
+        print(f"maps (uint8): mean |tiles - {other}| {diff.mean():.2f}, max {diff.max()} "
+              f"({why})")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,52 @@ def test_task_shapes_give_the_bytes_of_one_in_memory_call(setup):
     assert len(np.unique(expected)) > 10
 
 
+def test_a_deep_task_predicts_slab_by_slab_reading_each_chunk_once(setup, monkeypatch):
+    """A task deeper than the map's chunks predicts one chunk-deep slab at a time, the next
+    slab's input read and the last slab's map written in threads meanwhile: the bytes of one
+    in-memory call, each image chunk read once (the image's chunks are 4 sections deep)."""
+    import deepem3d.stages.inference as stage_module
+
+    pieces = []
+    read = stage_module._Sections._read
+    monkeypatch.setattr(stage_module._Sections, "_read",
+                        lambda self, z0, z1: pieces.append((z0, z1)) or read(self, z0, z1))
+    output = f"file://{setup['root'] / 'out_slabs'}"
+    plan = plan_inference(setup["image"], output, models=[setup["ckpt"]],
+                          task_shape=SHAPES["one"], chunk_size=CHUNK, patch=GEOMETRY)
+    stage = inference_stage(plan)
+    (_, task), = start_stage(stage)
+    task()
+    np.testing.assert_array_equal(read_map(output), quantize(setup["reference"]))
+    assert stage.markers.records()[0]["slabs"] == 4  # 7 sections, map chunks 2 deep
+    assert sorted(pieces) == [(0, 4), (4, 7)]
+
+
+def test_a_failed_slab_write_fails_the_task(setup, monkeypatch):
+    """An error in the writing thread is the task's error: no completion marker, the task is
+    retried (each chunk it wrote is whole, and rewritten with the same bytes)."""
+    import deepem3d.stages.inference as stage_module
+
+    calls = []
+    write = stage_module.write_block
+
+    def failing(vol, lo, array):
+        calls.append(lo)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return write(vol, lo, array)
+
+    monkeypatch.setattr(stage_module, "write_block", failing)
+    output = f"file://{setup['root'] / 'out_slab_error'}"
+    plan = plan_inference(setup["image"], output, models=[setup["ckpt"]],
+                          task_shape=SHAPES["one"], chunk_size=CHUNK, patch=GEOMETRY)
+    stage = inference_stage(plan)
+    (_, task), = start_stage(stage)
+    with pytest.raises(OSError, match="disk full"):
+        task()
+    assert not stage.is_complete() and stage.markers.records() == []
+
+
 def test_float32_blocks_equal_the_in_memory_floats(setup):
     output = f"file://{setup['root'] / 'out_float'}"
     _, floats = run_in_process(setup, output, SHAPES["B"], float32=True)
@@ -355,7 +401,7 @@ def test_default_tasks_partition_any_bounds_on_whole_chunks(setup, tmp_path):
         shapes = [_Shape(5, "boundary")]
         assert plan.memory_bytes >= max(
             _task_memory(plan.models, shapes, _zyx_box(b, offset), size[::-1], plan.geometry,
-                         1, plan.dtype) for b in plan.blocks), case
+                         1, plan.dtype, plan.chunk_size[2]) for b in plan.blocks), case
 
 
 def test_bump_window_is_seam_free_too(setup, crop):

@@ -2,7 +2,9 @@
 
 Each InferenceTask reads its block plus the context the model's patches need (reflected only
 at the dataset's own bounds), runs the pure sliding window of deepem3d.models.sliding and
-writes the block (aligned to the output layer's chunk grid). Because the patch grid belongs to
+writes the block (aligned to the output layer's chunk grid), one chunk-deep slab at a time
+with the next slab's input read and the last one's map written meanwhile (`predict_slabs`:
+a GPU does not wait for I/O between slabs). Because the patch grid belongs to
 the dataset, not to the task, the output is the same bytes whatever the task shape, on one
 device class, torch version and thread setting (docs/design.md). That is why the stage's run
 key holds the device class and the torch version: a worker of another class or version refuses
@@ -240,34 +242,20 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
     channels = int(out_vol.num_channels)
     stats = Stats()
     masked = mask is not None and not has_tissue(mask, mask_mip, bbox, image_path, mip)
+    waits = {"input_wait_seconds": 0.0, "write_wait_seconds": 0.0}
+    slabs = 1
     if masked:  # no tissue: no objects here (boundary everywhere, no affinity)
         value = 1.0 if channels == 1 else 0.0
         shape = (channels, *(int(s) for s in bbox.size3()[::-1]))
         probs = np.full(shape, value, dtype=np.float32)
+        write_block(out_vol, bbox.minpt,
+                    xyzc_from_czyx(quantize(probs) if dtype == "uint8" else probs))
     else:
         predictors = [cached_predictor(loc, sha, str(dev), amp and dev.type == "cuda")
                       for loc, sha in models]
         vol = CloudVolume(image_path, mip=mip, fill_missing=fill_missing, progress=False)
-        offset = np.asarray(vol.voxel_offset, dtype=int)
-        dataset = tuple(int(s) for s in vol.volume_size[::-1])  # z,y,x
-        lo = np.asarray(bbox.minpt, dtype=int) - offset
-        hi = np.asarray(bbox.maxpt, dtype=int) - offset
-        block = (tuple(int(v) for v in lo[::-1]), tuple(int(v) for v in hi[::-1]))
-        box_lo, box_hi = input_box(predictors, block, dataset, geometry, tta)
-        read_lo = offset + np.asarray(box_lo[::-1])
-        read_hi = offset + np.asarray(box_hi[::-1])
-        try:
-            cutout = vol[read_lo[0]:read_hi[0], read_lo[1]:read_hi[1], read_lo[2]:read_hi[2]]
-        except EmptyVolumeException:
-            raise InputError(f"{image_path} has missing chunks in {read_lo}..{read_hi}: "
-                             "re-create the tasks with --fill-missing to read them as zeros"
-                             ) from None
-        image = np.ascontiguousarray(zyx_from_xyz(np.asarray(cutout)[..., 0]))
-        # uint8 maps are quantised on the model's device (one byte per value comes back)
-        probs = predict_block(predictors, image, box_lo, block, dataset, geometry, tta=tta,
-                              stats=stats, quantized=dtype == "uint8")
-    data = quantize(probs) if probs.dtype != np.uint8 and dtype == "uint8" else probs
-    write_block(out_vol, bbox.minpt, xyzc_from_czyx(data))
+        slabs, waits = predict_slabs(predictors, vol, out_vol, bbox, geometry, tta=tta,
+                                     dtype=dtype, stats=stats)
     seconds = time.perf_counter() - start
     return {
         "device": device_label(dev),
@@ -277,10 +265,118 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
         "masked": masked,
         "patches": stats.patches,
         "batches": stats.batches,
+        "slabs": slabs,
         "seconds": round(seconds, 3),
         "forward_seconds": round(stats.predict_seconds, 3),
         "forward_share": round(stats.predict_seconds / seconds, 4) if seconds else None,
+        **{key: round(value, 3) for key, value in waits.items()},
     }
+
+
+class _Sections:
+    """The z range [lo, hi) of one in-plane input box, read in pieces along the image's chunk
+    grid by one background thread, in order and ahead of need: a slab's input is assembled
+    from the pieces while the next slab's are read, and each image chunk is decoded once per
+    task, not once per slab whose context reaches it."""
+
+    def __init__(self, vol: CloudVolume, yx_lo, yx_hi, lo: int, hi: int, executor) -> None:
+        chunk = int(vol.chunk_size[2])
+        cuts = sorted({lo, hi, *range((lo // chunk + 1) * chunk, hi, chunk)})
+        self.pieces = list(zip(cuts[:-1], cuts[1:]))
+        self.vol, self.yx_lo, self.yx_hi, self.executor = vol, yx_lo, yx_hi, executor
+        self.futures: dict[tuple[int, int], object] = {}
+        self.asked = 0  # pieces[:asked] were submitted, in order
+        self.waited = 0.0
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        vol, offset = self.vol, np.asarray(self.vol.voxel_offset, dtype=int)
+        lo = offset + np.asarray((self.yx_lo[1], self.yx_lo[0], z0))
+        hi = offset + np.asarray((self.yx_hi[1], self.yx_hi[0], z1))
+        try:
+            cutout = vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        except EmptyVolumeException:
+            raise InputError(f"{vol.cloudpath} has missing chunks in {lo}..{hi}: re-create the "
+                             "tasks with --fill-missing to read them as zeros") from None
+        return np.ascontiguousarray(zyx_from_xyz(np.asarray(cutout)[..., 0]))
+
+    def prefetch(self, hi: int) -> None:
+        """Start reading every piece below section `hi` not asked for yet."""
+        while self.asked < len(self.pieces) and self.pieces[self.asked][0] < hi:
+            piece = self.pieces[self.asked]
+            self.futures[piece] = self.executor.submit(self._read, *piece)
+            self.asked += 1
+
+    def get(self, lo: int, hi: int, keep_from: int) -> np.ndarray:
+        """Sections [lo, hi) (z,y,x); pieces that end at or below `keep_from` are let go."""
+        self.prefetch(hi)
+        start = time.perf_counter()
+        parts = [(a, self.futures[(a, b)].result()) for a, b in self.pieces
+                 if a < hi and b > lo]
+        self.waited += time.perf_counter() - start
+        for piece in [p for p in self.futures if p[1] <= keep_from]:
+            del self.futures[piece]
+        if len(parts) == 1:
+            a, data = parts[0]
+            return data[lo - a:hi - a]
+        return np.concatenate([data[max(lo - a, 0):hi - a] for a, data in parts])
+
+
+def predict_slabs(predictors, vol: CloudVolume, out_vol: CloudVolume, bbox: Bbox,
+                  geometry: PatchGeometry, *, tta: int, dtype: str, stats: Stats
+                  ) -> tuple[int, dict]:
+    """Predict and write the block one output-chunk-deep slab at a time, as a pipeline: the
+    next slab's input is read and the last slab's map written (each in a thread of its own)
+    while this slab is predicted. A GPU waits for no I/O between slabs; each slab's bytes are
+    those of a task of that slab alone (predict_block's contract). A sharded map is written
+    once, whole (a shard file cannot be written in parts). Returns the slab count and the
+    seconds the prediction waited for input and for writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    offset = np.asarray(vol.voxel_offset, dtype=int)
+    dataset = tuple(int(s) for s in vol.volume_size[::-1])  # z,y,x
+    lo = np.asarray(bbox.minpt, dtype=int) - offset
+    hi = np.asarray(bbox.maxpt, dtype=int) - offset
+    sharded = out_vol.meta.sharding(out_vol.mip) is not None
+    depth = int(hi[2] - lo[2]) if sharded else int(out_vol.chunk_size[2])
+    slabs = [((int(z), int(lo[1]), int(lo[0])), (int(min(z + depth, hi[2])), int(hi[1]),
+                                                  int(hi[0])))
+             for z in range(int(lo[2]), int(hi[2]), depth)]
+    boxes = [input_box(predictors, slab, dataset, geometry, tta) for slab in slabs]
+    (_, y0, x0), (_, y1, x1) = boxes[0]
+    quantized = dtype == "uint8"
+    channels = int(out_vol.num_channels)
+    whole = (np.empty((channels, *(int(v) for v in (hi - lo)[::-1])), dtype=dtype)
+             if sharded else None)
+    write_wait = 0.0
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        sections = _Sections(vol, (y0, x0), (y1, x1), min(b[0][0] for b in boxes),
+                             max(b[1][0] for b in boxes), reader)
+        writing = None
+        for k, (slab, (box_lo, box_hi)) in enumerate(zip(slabs, boxes)):
+            if k + 1 < len(slabs):  # the next slab's input, read while this one computes
+                sections.prefetch(boxes[k + 1][1][0])
+            keep_from = min(b[0][0] for b in boxes[k + 1:]) if k + 1 < len(slabs) else hi[2]
+            image = sections.get(box_lo[0], box_hi[0], keep_from)
+            probs = predict_block(predictors, image, box_lo, slab, dataset, geometry, tta=tta,
+                                  stats=stats, quantized=quantized)
+            data = quantize(probs) if probs.dtype != np.uint8 and quantized else probs
+            if sharded:
+                whole[:, slab[0][0] - lo[2]:slab[1][0] - lo[2]] = data
+                continue
+            if writing is not None:
+                start = time.perf_counter()
+                writing.result()
+                write_wait += time.perf_counter() - start
+            minpt = offset + np.asarray(slab[0][::-1])
+            writing = writer.submit(write_block, out_vol, minpt, xyzc_from_czyx(data))
+        start = time.perf_counter()
+        if sharded:
+            write_block(out_vol, bbox.minpt, xyzc_from_czyx(whole))
+        elif writing is not None:
+            writing.result()
+        write_wait += time.perf_counter() - start
+    return len(slabs), {"input_wait_seconds": sections.waited,
+                        "write_wait_seconds": write_wait}
 
 
 def has_tissue(mask: str, mask_mip: int, bbox: Bbox, image_path: str, mip: int) -> bool:
@@ -470,7 +566,23 @@ def activation_bytes(config: dict, size: int, batch: int) -> int:
     return peak
 
 
-def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) -> int:
+def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype,
+                 slab_depth: int) -> int:
+    """Peak bytes of a task over `block` predicted in slabs `slab_depth` sections deep: one
+    slab's work, plus, when there are several, the next slab's input being read and the last
+    slab's map being written (predict_slabs)."""
+    (z0, y0, x0), (z1, y1, x1) = block
+    slab = ((z0, y0, x0), (min(z1, z0 + slab_depth), y1, x1))
+    total = _slab_memory(models, predictors_meta, slab, dataset, geometry, tta, dtype)
+    if slab[1][0] < z1:
+        box_lo, box_hi = input_box(predictors_meta, slab, dataset, geometry, tta)
+        channels = HEAD_CHANNELS[predictors_meta[0].head]
+        total += 2 * math.prod(b - a for a, b in zip(box_lo, box_hi))
+        total += 2 * channels * math.prod(b - a for a, b in zip(*slab)) * np.dtype(dtype).itemsize
+    return total
+
+
+def _slab_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) -> int:
     (z0, y0, x0), (z1, y1, x1) = block
     voxels = (z1 - z0) * (y1 - y0) * (x1 - x0)
     channels = HEAD_CHANNELS[predictors_meta[0].head]
@@ -478,7 +590,7 @@ def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) 
     read = math.prod(b - a for a, b in zip(box_lo, box_hi))
     per_patch = patch_count(dataset, block, geometry)
     maps = len(models) + (len(models) > 1)
-    total = 2 * read  # the cutout and its reflected, gathered copy (uint8)
+    total = 3 * read  # the pieces read, their concatenation, its reflected gathered copy
     # float32 section maps per model (+ their combination): sections are combined as they come
     total += maps * channels * (y1 - y0) * (x1 - x0) * 4
     # quantize_tensor's float64 temporaries, two alive at a time, for one section
@@ -529,7 +641,7 @@ def tile_geometry(refs, nets, shapes, chunk, dataset, tta: int, dtype: str, *,
 
     def fits(g: PatchGeometry) -> bool:
         block = ((0, 0, 0), (depth, min(g.output, dataset[1]), min(g.output, dataset[2])))
-        return _task_memory(refs, shapes, block, dataset, g, tta, dtype) <= TASK_MEMORY_BUDGET
+        return _slab_memory(refs, shapes, block, dataset, g, tta, dtype) <= TASK_MEMORY_BUDGET
 
     geometry = tiles(TILE_OUTPUT, batch or 1)
     while geometry.output > step and not fits(geometry):
@@ -691,7 +803,9 @@ def plan_inference(
     computed = sum(patch_count(dataset, _zyx_box(b, offset), geometry) * int(b.size3()[2])
                    for b in blocks)
     single = patch_count(dataset, whole, geometry) * int(bounds.size3()[2])
-    memory = max(_task_memory(refs, shapes, _zyx_box(b, offset), dataset, geometry, tta, dtype)
+    slab_depth = int(task_shape[2]) if sharded else int(chunk[2])  # predict_slabs' slabs
+    memory = max(_task_memory(refs, shapes, _zyx_box(b, offset), dataset, geometry, tta, dtype,
+                              slab_depth)
                  for b in _extreme_blocks(blocks))
     evaluations = computed * geometry.size**2 / math.prod(int(v) for v in bounds.size3())
 
