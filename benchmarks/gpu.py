@@ -19,7 +19,9 @@ calls have taken minutes on an H200).
 - inference: `predict_volume` (the inference task's code without its layer I/O: upload uint8,
   gather, blend, quantise on the device, download uint8) over the embedded ISBI sample tiled to
   1024^2 x 30, against MONAI's `sliding_window_inference` with the same model, patch, overlap,
-  Gaussian window, batch and forward settings, its input already on the device (favouring it).
+  Gaussian window, batch and forward settings, its input already on the device (favouring it);
+  for the first setting also the tasks' default tiles (abutting, the receptive field as margin)
+  against MONAI at its default overlap (0.25) with 512 px rois.
 - determinism: two fresh processes per setting predict one volume; whether their bytes agree
   (cuDNN autotuning picks kernels by timing), and whether four blocks equal one call.
 - training: `Trainer.batches()` + `Trainer.step()` (the training loop without its checkpoints)
@@ -53,6 +55,7 @@ from deepem3d.models.sliding import (  # noqa: E402
     ModelPredictor,
     PatchGeometry,
     Stats,
+    abutting_tiles,
     predict_volume,
     quantize_tensor,
 )
@@ -207,41 +210,59 @@ def sample_volume(args) -> np.ndarray:
     return np.ascontiguousarray(np.tile(image[:30], (1, 2, 2)))  # 30 x 1024 x 1024
 
 
+def volume_repeats(args) -> int:
+    """Timed runs per inference row: at most 3, since each predicts a whole volume (2.4 s for
+    the full preset on an H200), so that the part's five rows fit its --part-timeout."""
+    return max(1, min(args.repeats, 3))
+
+
 def inference_rows(args, device: torch.device, part: str = "inference") -> None:
+    """Per setting: the patch grid against MONAI on the same patches; for the first setting
+    also the tasks' default tiles against MONAI at its default overlap (0.25)."""
     image = sample_volume(args)
     preset = "full" if not args.quick else "tiny"
-    geometry = (PatchGeometry(size=512, output=384, overlap=64, batch=16) if not args.quick
-                else PatchGeometry(size=128, output=96, overlap=16, batch=2))
+    size, output, overlap, batch = (512, 384, 64, 16) if not args.quick else (128, 96, 16, 2)
+    patches = PatchGeometry(size=size, output=output, overlap=overlap, batch=batch)
+    monai_default = PatchGeometry(size=size, output=size, overlap=size // 4, batch=batch)
     settings = ([("float16 (default)", {}), ("float16 form", {"fused": True})]
                 if device.type == "cuda" else [("float32 form (default)", {})])
     if part == "autotune":
         settings = ([("float16 form autotune", {"fused": True, "autotune": True})]
                     if device.type == "cuda" else [])
-    for name, keywords in settings:
+    for index, (name, keywords) in enumerate(settings):
         torch.manual_seed(0)
         model = build_model(preset, "affinity", 5).to(device).eval()
         predictor = ModelPredictor(model, device, **keywords)
+        tiles = abutting_tiles(max(image.shape[1:]), max(model.context[:2]),
+                               divisor=model.divisor, batch=1)
         reset_memory(device)
-        predict_volume(predictor, image[:6], geometry, quantized=True)  # warm-up
-        ours = None
-        for _ in range(args.repeats):
-            stats = Stats()
-            sync(device)
-            start = time.perf_counter()
-            out = predict_volume(predictor, image, geometry, stats=stats, quantized=True)
-            seconds = time.perf_counter() - start
-            ours = seconds if ours is None else min(ours, seconds)
-        emit({"part": "inference", "method": "deepem3d predict_volume", "setting": name,
-              "volume": "x".join(map(str, image.shape[::-1])), "seconds": round(ours, 3),
-              "mvoxel_per_s": round(image.size / ours / 1e6, 2),
-              # the forward's share of the time only means something where calls block
-              "forward_share": round(stats.predict_seconds / stats.seconds, 3)
-              if device.type == "cpu" else None,
-              "peak_gib": peak_gib(device)})
-        monai_seconds = monai_row(args, device, predictor, image, geometry, name, out)
-        if monai_seconds:
-            emit({"part": "inference", "method": "ratio deepem3d / MONAI", "setting": name,
-                  "throughput": round(monai_seconds / ours, 2)})
+        runs = [("patches", patches, patches)]
+        if index == 0 and part == "inference":
+            runs.append(("tiles (the tasks' default)", tiles, monai_default))
+        for label, geometry, theirs in runs:
+            predict_volume(predictor, image[:6], geometry, quantized=True)  # warm-up
+            ours = None
+            for _ in range(volume_repeats(args)):
+                stats = Stats()
+                sync(device)
+                start = time.perf_counter()
+                out = predict_volume(predictor, image, geometry, stats=stats, quantized=True)
+                seconds = time.perf_counter() - start
+                ours = seconds if ours is None else min(ours, seconds)
+            emit({"part": "inference", "method": f"deepem3d predict_volume, {label}",
+                  "setting": name, "geometry": f"{geometry.size} px in, {geometry.output} out, "
+                  f"overlap {geometry.overlap}, batch {geometry.batch}",
+                  "volume": "x".join(map(str, image.shape[::-1])), "seconds": round(ours, 3),
+                  "mvoxel_per_s": round(image.size / ours / 1e6, 2),
+                  # the forward's share of the time only means something where calls block
+                  "forward_share": round(stats.predict_seconds / stats.seconds, 3)
+                  if device.type == "cpu" else None,
+                  "peak_gib": peak_gib(device)})
+            monai_seconds = monai_row(args, device, predictor, image, theirs, name, out)
+            if monai_seconds:
+                emit({"part": "inference", "method": f"ratio deepem3d {label} / MONAI "
+                      f"(overlap {1 - theirs.stride / theirs.size:g})", "setting": name,
+                      "throughput": round(monai_seconds / ours, 2)})
         del predictor, model
 
 
@@ -269,7 +290,7 @@ def monai_row(args, device, predictor, image, geometry, name, ours) -> float | N
 
     run()  # warm-up
     best = None
-    for _ in range(args.repeats):
+    for _ in range(volume_repeats(args)):
         sync(device)
         start = time.perf_counter()
         out = run()
@@ -277,7 +298,8 @@ def monai_row(args, device, predictor, image, geometry, name, ours) -> float | N
         best = seconds if best is None else min(best, seconds)
     diff = np.abs(out.numpy().transpose(1, 0, 2, 3).astype(int) - ours.astype(int))
     emit({"part": "inference", "method": "MONAI sliding_window_inference", "setting": name,
-          "seconds": round(best, 3), "mvoxel_per_s": round(image.size / best / 1e6, 2),
+          "overlap": round(overlap, 3), "seconds": round(best, 3),
+          "mvoxel_per_s": round(image.size / best / 1e6, 2),
           "mean_abs_diff_uint8": round(float(diff.mean()), 3)})
     return best
 

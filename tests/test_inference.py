@@ -158,6 +158,7 @@ def test_a_deep_task_predicts_slab_by_slab_reading_each_chunk_once(setup, monkey
     output = f"file://{setup['root'] / 'out_slabs'}"
     plan = plan_inference(setup["image"], output, models=[setup["ckpt"]],
                           task_shape=SHAPES["one"], chunk_size=CHUNK, patch=GEOMETRY)
+    assert "each task predicts up to 4 slabs of 2 section(s)" in plan.describe()
     stage = inference_stage(plan)
     (_, task), = start_stage(stage)
     task()

@@ -445,6 +445,11 @@ class InferencePlan:
     def task_count(self) -> int:
         return len(self.blocks)
 
+    @property
+    def slabs(self) -> int:
+        """Chunk-deep slabs per task (predict_slabs; a shard is written whole, in one)."""
+        return 1 if self.sharding else -(-int(self.task_shape[2]) // int(self.chunk_size[2]))
+
     def describe(self) -> str:
         shape = " x ".join(str(s) for s in self.task_shape)
         g = self.geometry
@@ -456,6 +461,9 @@ class InferencePlan:
             f"batch {g.batch}, {g.window} window; about {self.memory_bytes / 2**20:.0f} MiB "
             f"per task; patch compute x{self.compute_factor:.2f} of one whole-volume pass\n"
             f"evaluations per output voxel: {self.evaluations:.2f}"
+            + (f"\neach task predicts up to {self.slabs} slabs of {self.chunk_size[2]} "
+               "section(s), reading the next one's input and writing the last one's map "
+               "meanwhile" if self.slabs > 1 else "")
             + (f"\nsharded: a shard file per task, in chunks of "
                f"{' x '.join(map(str, self.chunk_size))}" if self.sharding else "")
             + "".join(f"\n{note}" for note in self.notes)
