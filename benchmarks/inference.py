@@ -97,7 +97,9 @@ def run_ours(args) -> dict:
 
     from deepem3d.axes import zyx_from_xyz
     from deepem3d.models.checkpoint import save_checkpoint
-    from deepem3d.stages.inference import cached_predictor, inference_stage, plan_inference
+    from deepem3d.stages.inference import inference_stage
+    from deepem3d.stages.inference_plan import plan_inference
+    from deepem3d.stages.model_refs import cached_predictor
 
     torch.set_num_threads(args.threads)
     model, _ = load_model(args)

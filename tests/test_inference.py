@@ -44,7 +44,8 @@ from deepem3d.models.sliding import (
 from deepem3d.models.targets import affinity_target
 from deepem3d.sample import load_sample
 from deepem3d.stages.frame import Markers
-from deepem3d.stages.inference import inference_stage, plan_inference
+from deepem3d.stages.inference import inference_stage
+from deepem3d.stages.inference_plan import plan_inference
 from deepem3d.storage.layers import create_layer
 from tests.conftest import assert_one_line_error, run_cli, start_stage
 
@@ -374,7 +375,7 @@ def test_default_tasks_partition_any_bounds_on_whole_chunks(setup, tmp_path):
     it or at the layer's end, the blocks cover the bounds exactly once, and the plan's memory
     is at least every block's (a review found clipped blocks off the chunk grid, whose writes
     failed, and a largest block missed)."""
-    from deepem3d.stages.inference import _Shape, _task_memory, _zyx_box
+    from deepem3d.stages.inference_plan import _Shape, _task_memory, _zyx_box
 
     rng = np.random.default_rng(7)
     for case in range(12):

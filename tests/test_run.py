@@ -26,7 +26,8 @@ from deepem3d.axes import xyz_from_zyx
 from deepem3d.sample import load_sample
 from deepem3d.stages.downsample import downsample_stage, plan_downsample
 from deepem3d.stages.frame import payload_of
-from deepem3d.stages.inference import inference_stage, plan_inference
+from deepem3d.stages.inference import inference_stage
+from deepem3d.stages.inference_plan import plan_inference
 from deepem3d.stages.segmentation import plan_segment, segment_stages
 from deepem3d.storage.layers import create_layer
 from tests.conftest import ROOT, assert_one_line_error, check_objects, run_cli, start_stage

@@ -98,7 +98,8 @@ def infer(
     finished tasks.
     """
     from deepem3d.run.runner import run_stages
-    from deepem3d.stages.inference import inference_stage, plan_inference
+    from deepem3d.stages.inference import inference_stage
+    from deepem3d.stages.inference_plan import plan_inference
 
     if queue is not None:
         check_queue_url(queue)

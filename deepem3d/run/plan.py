@@ -71,7 +71,8 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
     import tempfile
 
     from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
-    from deepem3d.stages.inference import inference_stage, plan_inference
+    from deepem3d.stages.inference import inference_stage
+    from deepem3d.stages.inference_plan import plan_inference
     from deepem3d.stages.segmentation import (
         DEFAULT_EDGES_PER_VOXEL,
         choose_settings,
