@@ -34,8 +34,10 @@ from deepem3d.run.queues import check_queue_url
               help="x0,y0,z0,x1,y1,z1 at --mip, absolute voxels (default: the whole volume); "
               "expanded to whole output chunks.")
 @click.option("--task-shape", type=Triple(int, example="1024,1024,16"), default=None,
-              help="Block per task, x,y,z, a multiple of the chunk size (default: about "
-              "1024 x 1024 x one chunk).")
+              help="Block per task, x,y,z, a multiple of the chunk size (default: one tile, "
+              "up to 2048 x 2048, x one chunk; 1024 x 1024 x one chunk with --patch-size). "
+              "A task deeper than a chunk predicts chunk-deep slabs, reading the next "
+              "slab's input and writing the last one's map meanwhile.")
 @click.option("--chunk-size", type=Triple(int), default=None,
               help="Output chunk size x,y,z (default: the image's at --mip).")
 @click.option("--tta", type=click.Choice([str(t) for t in TTA_CHOICES]), default="1",
