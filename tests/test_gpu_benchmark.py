@@ -31,7 +31,10 @@ def test_gpu_benchmark_runs_on_the_cpu():
     assert [r["method"].split(", ")[1] for r in ours] == ["patches", "tiles (the tasks' default)"]
     assert all(r["mvoxel_per_s"] > 0 for r in ours)
     monai = [r for r in rows if r.get("method") == "MONAI sliding_window_inference"]
-    assert [r["overlap"] for r in monai] == [0.375, 0.25]  # the patches', then MONAI's default
+    assert len(monai) == 2  # CI installs no MONAI: then each row says it is missing
+    assert all("overlap" in r or "MONAI is missing" in r["error"] for r in monai)
+    # the patches' overlap (96 of 128 px output, 16 shared), then MONAI's default
+    assert [r["overlap"] for r in monai if "overlap" in r] in ([], [0.375, 0.25])
     preparation = next(r for r in rows if r.get("loop") == "batch preparation, one process")
     assert preparation["ms_per_batch"] > 0 and preparation["workers_to_keep_up"] >= 1
     loops = {r["loop"] for r in rows if r["part"] == "training" and "it_per_s" in r}
