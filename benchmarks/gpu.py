@@ -4,12 +4,12 @@ against MONAI at equal settings, the Trainer against its bare step, GPU memory.
     python benchmarks/gpu.py [--device cuda] [--quick] [--part-timeout 240]
                              [--parts forward inference training determinism autotune compile]
 
-One prepared script for a lent H100/H200 (under 5 minutes there): it needs torch, numpy and
-scipy only, plus MONAI for the MONAI row (carried as a wheel; without it the row says MONAI is
-missing). `--device cpu --quick` runs every row on tiny shapes in seconds (the suite's smoke
-test). Rows print as they finish, one JSON object per line. Each part runs in a process of its
-own, stopped after --part-timeout seconds with the rows it gave kept (cuDNN autotuning's first
-calls have taken minutes on an H200).
+One prepared script for a lent H100/H200 (under 5 minutes there): it needs torch, numpy,
+scipy and tqdm only (all on those machines), plus MONAI for the MONAI row (carried as a wheel;
+without it the row says MONAI is missing). `--device cpu --quick` runs every row on tiny
+shapes in seconds (the suite's smoke test). Rows print as they finish, one JSON object per
+line. Each part runs in a process of its own, stopped after --part-timeout seconds with the
+rows it gave kept (cuDNN autotuning's first calls have taken minutes on an H200).
 
 - forward: one batch (16 x in_sections x 512^2 on a GPU) through `ModelPredictor.predict_tensor`
   with each setting (autocast dtype, channels-last, the inference form, cuDNN autotuning, a
@@ -38,6 +38,8 @@ import io
 import json
 import lzma
 import math
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -474,12 +476,15 @@ def run_part(part: str, args) -> None:
            args.train_preset, "--train-batch", str(args.train_batch), "--train-patch",
            str(args.train_patch), *(["--quick"] if args.quick else [])]
     with tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT)
+        # a session of its own, so that stopping it also stops its children (the determinism
+        # part's processes, DataLoader workers), which would skew the next part's timings
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT,
+                                start_new_session=True)
         stopped = threading.Event()
 
         def stop() -> None:
             stopped.set()
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
         timer = threading.Timer(args.part_timeout, stop)
         timer.start()

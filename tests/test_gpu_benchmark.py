@@ -22,7 +22,8 @@ def quick_rows(*options: str) -> list[dict]:
 
 
 def test_gpu_benchmark_runs_on_the_cpu():
-    rows = quick_rows("--parts", "forward", "inference", "training", "determinism")
+    rows = quick_rows("--parts", "forward", "inference", "training", "determinism",
+                      "--part-timeout", "600")  # a slow machine must not cut a part short
     parts = {row["part"] for row in rows}
     assert {"machine", "forward", "inference", "training", "determinism", "total"} <= parts
     forward = next(r for r in rows if r["part"] == "forward")

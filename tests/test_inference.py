@@ -266,15 +266,18 @@ def setup_image(setup) -> np.ndarray:
     return np.ascontiguousarray(zyx_from_xyz(np.asarray(CloudVolume(setup["image"])[:])[..., 0]))
 
 
-def test_mask_skips_blocks_without_tissue(setup, tmp_path, crop):
+@pytest.mark.parametrize(("shape", "edge"), [("B", 48), ("A", 64)])
+def test_mask_skips_blocks_without_tissue(setup, tmp_path, crop, shape, edge):
+    """Blocks without tissue are written as background without the model; "A" tasks are two
+    map chunks deep, written slab by slab."""
     mask = np.zeros(crop.shape, dtype=np.uint8)
-    mask[:, :, :40] = 1  # tissue in x < 40 only: blocks x >= 48 hold none
+    mask[:, :, :40] = 1  # tissue in x < 40 only: blocks from `edge` on hold none
     mask_path = make_image(tmp_path / "mask", mask)
     output = f"file://{tmp_path / 'out'}"
-    _, result = run_in_process(setup, output, SHAPES["B"], mask=mask_path)
+    _, result = run_in_process(setup, output, SHAPES[shape], mask=mask_path)
     expected = quantize(setup["reference"])
-    np.testing.assert_array_equal(result[..., :48], expected[..., :48])
-    assert np.all(result[..., 48:] == 255)  # no tissue: boundary everywhere
+    np.testing.assert_array_equal(result[..., :edge], expected[..., :edge])
+    assert np.all(result[..., edge:] == 255)  # no tissue: boundary everywhere
 
 
 def test_missing_chunks_fail_or_read_as_zeros(setup, tmp_path, crop):
@@ -403,7 +406,8 @@ def test_default_tasks_partition_any_bounds_on_whole_chunks(setup, tmp_path):
         shapes = [_Shape(5, "boundary")]
         assert plan.memory_bytes >= max(
             _task_memory(plan.models, shapes, _zyx_box(b, offset), size[::-1], plan.geometry,
-                         1, plan.dtype, plan.chunk_size[2]) for b in plan.blocks), case
+                         1, plan.dtype, plan.chunk_size[2], chunk[2])
+            for b in plan.blocks), case
 
 
 def test_bump_window_is_seam_free_too(setup, crop):

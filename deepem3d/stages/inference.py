@@ -89,17 +89,12 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
         torch.set_num_threads(int(threads))
     geometry = PatchGeometry(**(patch or {}))
     out_vol = CloudVolume(output_path, mip=0, progress=False, non_aligned_writes=False)
-    channels = int(out_vol.num_channels)
     stats = Stats()
     masked = mask is not None and not has_tissue(mask, mask_mip, bbox, image_path, mip)
     waits = {"input_wait_seconds": 0.0, "write_wait_seconds": 0.0}
     slabs = 1
     if masked:  # no tissue: no objects here (boundary everywhere, no affinity)
-        value = 1.0 if channels == 1 else 0.0
-        shape = (channels, *(int(s) for s in bbox.size3()[::-1]))
-        probs = np.full(shape, value, dtype=np.float32)
-        write_block(out_vol, bbox.minpt,
-                    xyzc_from_czyx(quantize(probs) if dtype == "uint8" else probs))
+        write_background(out_vol, bbox, dtype)
     else:
         predictors = [cached_predictor(loc, sha, str(dev), amp and dev.type == "cuda")
                       for loc, sha in models]
@@ -121,6 +116,20 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
         "forward_share": round(stats.predict_seconds / seconds, 4) if seconds else None,
         **{key: round(value, 3) for key, value in waits.items()},
     }
+
+
+def write_background(out_vol: CloudVolume, bbox: Bbox, dtype: str) -> None:
+    """A block without tissue: boundary probability 1 or affinity 0 everywhere, written a
+    chunk-deep slab at a time (a deep block is never held whole)."""
+    channels = int(out_vol.num_channels)
+    value = np.float32(1.0 if channels == 1 else 0.0)
+    value = quantize(value) if dtype == "uint8" else value
+    depth = int(out_vol.chunk_size[2]) if out_vol.meta.sharding(out_vol.mip) is None else None
+    (x0, y0, z0), (x1, y1, z1) = bbox.minpt, bbox.maxpt
+    for z in range(int(z0), int(z1), depth or int(z1 - z0)):
+        top = min(int(z1), z + (depth or int(z1 - z0)))
+        slab = np.full((channels, top - z, int(y1 - y0), int(x1 - x0)), value, dtype=dtype)
+        write_block(out_vol, (int(x0), int(y0), z), xyzc_from_czyx(slab))
 
 
 class _Sections:

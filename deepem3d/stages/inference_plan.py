@@ -254,17 +254,18 @@ def activation_bytes(config: dict, size: int, batch: int) -> int:
 
 
 def _task_memory(models, predictors_meta, block, dataset, geometry, tta, dtype,
-                 slab_depth: int) -> int:
+                 slab_depth: int, image_chunk_depth: int) -> int:
     """Peak bytes of a task over `block` predicted in slabs `slab_depth` sections deep: one
-    slab's work, plus, when there are several, the next slab's input being read and the last
-    slab's map being written (predict_slabs)."""
+    slab's work, plus, when there are several, the input pieces held and read ahead (whole
+    image chunks of `image_chunk_depth` sections, up to two beyond the slab's own input) and
+    the last slab's map being written (predict_slabs)."""
     (z0, y0, x0), (z1, y1, x1) = block
     slab = ((z0, y0, x0), (min(z1, z0 + slab_depth), y1, x1))
     total = _slab_memory(models, predictors_meta, slab, dataset, geometry, tta, dtype)
     if slab[1][0] < z1:
-        box_lo, box_hi = input_box(predictors_meta, slab, dataset, geometry, tta)
+        (lz, ly, lx), (hz, hy, hx) = input_box(predictors_meta, slab, dataset, geometry, tta)
+        total += (hy - ly) * (hx - lx) * (hz - lz + 2 * image_chunk_depth)
         channels = HEAD_CHANNELS[predictors_meta[0].head]
-        total += 2 * math.prod(b - a for a, b in zip(box_lo, box_hi))
         total += 2 * channels * math.prod(b - a for a, b in zip(*slab)) * np.dtype(dtype).itemsize
     return total
 
@@ -491,8 +492,9 @@ def plan_inference(
                    for b in blocks)
     single = patch_count(dataset, whole, geometry) * int(bounds.size3()[2])
     slab_depth = int(task_shape[2]) if sharded else int(chunk[2])  # predict_slabs' slabs
+    image_chunk_depth = int(vol.meta.chunk_size(mip)[2])
     memory = max(_task_memory(refs, shapes, _zyx_box(b, offset), dataset, geometry, tta, dtype,
-                              slab_depth)
+                              slab_depth, image_chunk_depth)
                  for b in _extreme_blocks(blocks))
     evaluations = computed * geometry.size**2 / math.prod(int(v) for v in bounds.size3())
 
