@@ -235,11 +235,11 @@ def inference_rows(args, device: torch.device, part: str = "inference") -> None:
         torch.manual_seed(0)
         model = build_model(preset, "affinity", 5).to(device).eval()
         predictor = ModelPredictor(model, device, **keywords)
-        tiles = abutting_tiles(max(image.shape[1:]), max(model.context[:2]),
-                               divisor=model.divisor, batch=1)
         reset_memory(device)
         runs = [("patches", patches, patches)]
         if index == 0 and part == "inference":
+            tiles = abutting_tiles(max(image.shape[1:]), max(model.context[:2]),
+                                   divisor=model.divisor, batch=1)
             runs.append(("tiles (the tasks' default)", tiles, monai_default))
         for label, geometry, theirs in runs:
             predict_volume(predictor, image[:6], geometry, quantized=True)  # warm-up
@@ -470,11 +470,8 @@ def run_part(part: str, args) -> None:
     import subprocess
     import threading
 
-    cmd = [sys.executable, __file__, "--device", args.device, "--parts", part, "--in-process",
-           "--repeats", str(args.repeats), "--workers", *map(str, args.workers),
-           "--train-iterations", str(args.train_iterations), "--train-preset",
-           args.train_preset, "--train-batch", str(args.train_batch), "--train-patch",
-           str(args.train_patch), *(["--quick"] if args.quick else [])]
+    # this command's own options; the last --parts is the one argparse keeps
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--parts", part, "--in-process"]
     with tempfile.TemporaryFile("w+") as errors:
         # a session of its own, so that stopping it also stops its children (the determinism
         # part's processes, DataLoader workers), which would skew the next part's timings

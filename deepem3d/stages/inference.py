@@ -118,18 +118,24 @@ def InferenceTask(  # noqa: N802  (taskqueue registers tasks by function name)
     }
 
 
+def slab_ranges(out_vol: CloudVolume, z0: int, z1: int) -> list[tuple[int, int]]:
+    """The z ranges [z0, z1) is predicted and written in: the map's chunk depth each, or the
+    whole range for a sharded map (a shard file cannot be written in parts)."""
+    sharded = out_vol.meta.sharding(out_vol.mip) is not None
+    depth = z1 - z0 if sharded else int(out_vol.chunk_size[2])
+    return [(z, min(z + depth, z1)) for z in range(z0, z1, depth)]
+
+
 def write_background(out_vol: CloudVolume, bbox: Bbox, dtype: str) -> None:
-    """A block without tissue: boundary probability 1 or affinity 0 everywhere, written a
-    chunk-deep slab at a time (a deep block is never held whole)."""
+    """A block without tissue: boundary probability 1 or affinity 0 everywhere, written slab
+    by slab (a deep block is never held whole)."""
     channels = int(out_vol.num_channels)
     value = np.float32(1.0 if channels == 1 else 0.0)
     value = quantize(value) if dtype == "uint8" else value
-    depth = int(out_vol.chunk_size[2]) if out_vol.meta.sharding(out_vol.mip) is None else None
-    (x0, y0, z0), (x1, y1, z1) = bbox.minpt, bbox.maxpt
-    for z in range(int(z0), int(z1), depth or int(z1 - z0)):
-        top = min(int(z1), z + (depth or int(z1 - z0)))
-        slab = np.full((channels, top - z, int(y1 - y0), int(x1 - x0)), value, dtype=dtype)
-        write_block(out_vol, (int(x0), int(y0), z), xyzc_from_czyx(slab))
+    (x0, y0, z0), (x1, y1, z1) = (tuple(int(v) for v in p) for p in (bbox.minpt, bbox.maxpt))
+    for bottom, top in slab_ranges(out_vol, z0, z1):
+        slab = np.full((channels, top - bottom, y1 - y0, x1 - x0), value, dtype=dtype)
+        write_block(out_vol, (x0, y0, bottom), xyzc_from_czyx(slab))
 
 
 class _Sections:
@@ -196,10 +202,8 @@ def predict_slabs(predictors, vol: CloudVolume, out_vol: CloudVolume, bbox: Bbox
     lo = np.asarray(bbox.minpt, dtype=int) - offset
     hi = np.asarray(bbox.maxpt, dtype=int) - offset
     sharded = out_vol.meta.sharding(out_vol.mip) is not None
-    depth = int(hi[2] - lo[2]) if sharded else int(out_vol.chunk_size[2])
-    slabs = [((int(z), int(lo[1]), int(lo[0])), (int(min(z + depth, hi[2])), int(hi[1]),
-                                                  int(hi[0])))
-             for z in range(int(lo[2]), int(hi[2]), depth)]
+    slabs = [((bottom, int(lo[1]), int(lo[0])), (top, int(hi[1]), int(hi[0])))
+             for bottom, top in slab_ranges(out_vol, int(lo[2]), int(hi[2]))]
     boxes = [input_box(predictors, slab, dataset, geometry, tta) for slab in slabs]
     (_, y0, x0), (_, y1, x1) = boxes[0]
     quantized = dtype == "uint8"
@@ -216,9 +220,9 @@ def predict_slabs(predictors, vol: CloudVolume, out_vol: CloudVolume, bbox: Bbox
                 sections.prefetch(boxes[k + 1][1][0])
             keep_from = min(b[0][0] for b in boxes[k + 1:]) if k + 1 < len(slabs) else hi[2]
             image = sections.get(box_lo[0], box_hi[0], keep_from)
-            probs = predict_block(predictors, image, box_lo, slab, dataset, geometry, tta=tta,
-                                  stats=stats, quantized=quantized)
-            data = quantize(probs) if probs.dtype != np.uint8 and quantized else probs
+            # uint8 maps come back quantised (on the model's device)
+            data = predict_block(predictors, image, box_lo, slab, dataset, geometry, tta=tta,
+                                 stats=stats, quantized=quantized)
             if sharded:
                 whole[:, slab[0][0] - lo[2]:slab[1][0] - lo[2]] = data
                 continue
