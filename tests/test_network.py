@@ -219,7 +219,7 @@ def test_same_seed_same_outputs():
                           ("tiny", "boundary", 1), ("small", "affinity", 5)])
 def test_inference_form_computes_the_same_function(preset, head, sections):
     """BatchNorms folded, the 3D part as 2D convolutions, the side outputs' deconvolutions as
-    a matrix product and col2im, channels-last: the logits of the module as trained, to float32
+    matrix products and shifted adds, channels-last: the logits of the module as trained, to float32
     rounding, with BatchNorm statistics far from the identity."""
     from deepem3d.models.inference_form import inference_form
 
@@ -241,3 +241,24 @@ def test_inference_form_computes_the_same_function(preset, head, sections):
     assert form.normalize(x).dtype == torch.float32
     assert not any(p.requires_grad for p in form.parameters())
     assert all(p.requires_grad for p in model.parameters())  # the model itself is untouched
+
+
+def test_side_outputs_by_bands_equal_one_col2im_and_do_not_depend_on_the_bands(monkeypatch):
+    """A side output on the CPU (matrix products over bands of rows, shifted adds) gives what
+    one matrix product and col2im per dilation give (the path other devices run), and the
+    same floats however many rows a band holds: each pixel sums its taps in one order."""
+    from deepem3d.models import inference_form as module
+
+    torch.manual_seed(0)
+    form = module.inference_form(build_model("tiny", "affinity", 5).eval())
+    with torch.no_grad():
+        for name in ("side_2x", "side_4x", "side_8x", "side_16x"):
+            side = getattr(form, name)
+            x = torch.randn(2, side.weight.shape[2], 160 // side.scale, 96 // side.scale)
+            x = x.contiguous(memory_format=torch.channels_last)
+            banded = side(x)
+            by_fold = side._forward_by_fold(x)
+            assert (banded - by_fold).abs().max() <= 1e-6 * by_fold.abs().max()
+            monkeypatch.setattr(module._SideByBands, "PLANE", 1)  # one input row per band
+            assert torch.equal(side(x), banded)
+            monkeypatch.undo()

@@ -1,6 +1,6 @@
 """The network as CPU inference runs it: the same function as the trained module, computed faster.
 
-`inference_form(model)` returns a copy of a DeepEM3DNet in eval mode with three changes that
+`inference_form(model)` returns a copy of a DeepEM3DNet in eval mode with four changes that
 leave its outputs equal up to float32 rounding (the sums run in another order; tested to 1e-5 of
 the logits' scale):
 
@@ -9,14 +9,19 @@ the logits' scale):
 - the 3D part (conv1_1 then conv1_2, which collapses the sections) as two 2D convolutions with
   the sections as channels: torch runs these 3D shapes on its slow reference path, oneDNN runs
   the 2D ones on its blocked kernels;
-- each side output's transposed convolutions as a matrix product and a col2im per dilation;
+- each side output's transposed convolutions as matrix products over bands of input rows, each
+  tap's plane added, shifted, into its output phase (on other devices: a matrix product and a
+  col2im per dilation, a few large kernels);
 - the 2D part's weights and activations channels-last, oneDNN's native layout.
 
-Measured on this project's 2-core CPU (torch 2.13, tiny preset, one thread): 1.6x faster per
-pixel on 512 px patches in batches of 4, 1.85x on a 2528 px tile; `python
-benchmarks/inference.py` runs the tasks with it. The module as trained stays
-what training, checkpoints and the receptive-field arithmetic see; only predictors on the CPU
-take this form (`ModelPredictor`), so every task of a run computes with the same one.
+Measured on this project's 2-core CPU by `python benchmarks/inference_form.py` (torch 2.13,
+tiny preset, one thread): 2.1x faster per pixel than the module as trained on 512 px patches
+in batches of 4, 3.0x on a 2528 px tile (674 ns per pixel; 1,113 with a matrix product and a
+col2im per dilation over the whole tile, whose fresh 200 MiB of columns per dilation cost more
+in page faults than in arithmetic); `python benchmarks/inference.py` runs the tasks with it.
+The module as trained stays what training, checkpoints and the receptive-field arithmetic see;
+only predictors on the CPU take this form (`ModelPredictor`), so every task of a run computes
+with the same one.
 """
 
 from __future__ import annotations
@@ -98,36 +103,83 @@ class _SectionsAsChannels(nn.Module):
         return y.unsqueeze(2)
 
 
-class _SideByColumns(nn.Module):
-    """A side output's summed deconvolutions (the BatchNorm after them folded in) as a matrix
-    product over the input pixels and a col2im (`F.fold`) per dilation, one dilation at a time
-    (its columns: 8 floats per output pixel), then ReLU and its 3x3 conv. torch's CPU
-    transposed convolution is slow for these shapes (kernel 2s, stride s, 2 output channels):
-    one thread, a 2528 px tile, 817 ns per pixel for the four side outputs against 472 this
-    way (the 16x one 198 -> 42)."""
+class _SideByBands(nn.Module):
+    """A side output's summed deconvolutions (the BatchNorm after them folded in) as matrix
+    products and shifted adds, then ReLU and its 3x3 conv.
+
+    A kernel-2s, stride-s deconvolution sends input pixel i, through tap k, to output pixel
+    i s + k d - p (per axis), that is to output phase r and coarse row i + q where
+    k d - p + top = q s + r. Per band of input rows, one matrix product gives every tap's value
+    (8 floats per output pixel per dilation) into a buffer reused across bands, and each tap's
+    plane is added to its phase's plane of an accumulator, shifted by q: contiguous rows, no
+    scatter. The accumulator's phases are interleaved into the output at the end. torch's CPU
+    transposed convolution is slow for these shapes (2 output channels); a matrix product and a
+    col2im per dilation over the whole tile wrote and re-read 200 MiB of columns per dilation
+    on a 2528 px tile. Each output pixel gets its taps in one fixed order (dilation, then input
+    row, then tap along x), wherever it lies in a tile or a band: a voxel's floats do not
+    depend on where a tile cuts the volume.
+    """
+
+    PLANE = 1 << 14  # elements per shifted add, at least: a few µs of work against torch's call
 
     def __init__(self, side: SideOutput) -> None:
         super().__init__()
         deconvs = [side.deconv, *side.dilated]
         scale, shift = _bn_affine(side.bn)
         cin, cout, k, _ = deconvs[0].weight.shape
-        weights = [(d.weight * scale.reshape(1, -1, 1, 1)).reshape(cin, cout * k * k)
+        weights = [(d.weight * scale.reshape(1, -1, 1, 1)).reshape(cin, cout * k * k).t()
                    for d in deconvs]
-        self.register_buffer("weight", torch.cat(weights, 1).t().contiguous())
+        self.register_buffer("weight", torch.stack(weights).contiguous())
         self.register_buffer("bias", sum(d.bias for d in deconvs) * scale + shift)
-        self.scale, self.kernel, self.taps = side.scale, k, cout * k * k
-        self.dilations = [(d.dilation, d.padding) for d in deconvs]
+        self.scale, self.kernel, self.channels = side.scale, k, cout
+        s = side.scale
+        pad = max(d.padding[0] for d in deconvs)
+        self.top = -(-pad // s)  # coarse rows of the accumulator above output row 0
+        # per dilation, (tap, phase, shift) along an axis; taps in descending order, so that
+        # an output pixel's upper input row comes first, within a band or across two
+        self.taps = [[(t, (t * d.dilation[0] - d.padding[0] + self.top * s) % s,
+                       (t * d.dilation[0] - d.padding[0] + self.top * s) // s)
+                      for t in range(k - 1, -1, -1)] for d in deconvs]
+        self.reach = max(q for taps in self.taps for _, _, q in taps)
+        self.deconvs = [(d.dilation[0], d.padding[0]) for d in deconvs]  # (dilation, padding)
         self.conv = side.conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # one kernel per step there, not thousands of small adds
+            return self._forward_by_fold(x)
+        n, c, h, w = x.shape
+        s, k, o = self.scale, self.kernel, self.channels
+        band = max(1, min(h, -(-self.PLANE // (o * w))))
+        columns = x.new_empty(o * k * k * band * w)
+        out = torch.empty(n, o, h * s, w * s, dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+        for item, target in zip(x, out, strict=True):
+            acc = x.new_zeros(o, s, s, h + self.reach, w + self.reach)
+            for weight, taps in zip(self.weight, self.taps, strict=True):
+                for i0 in range(0, h, band):
+                    rows = min(band, h - i0)
+                    part = columns[:o * k * k * rows * w].view(o * k * k, rows * w)
+                    torch.matmul(weight, item[:, i0:i0 + rows].reshape(c, rows * w), out=part)
+                    planes = part.view(o, k, k, rows, w)
+                    for ky, ry, qy in taps:
+                        for kx, rx, qx in reversed(taps):
+                            acc[:, ry, rx, i0 + qy:i0 + qy + rows, qx:qx + w].add_(
+                                planes[:, ky, kx])
+            top = self.top
+            target.view(o, h, s, w, s).copy_(
+                acc[:, :, :, top:top + h, top:top + w].permute(0, 3, 1, 4, 2))
+        out.add_(self.bias.reshape(1, -1, 1, 1)).relu_()
+        return self.conv(out)
+
+    def _forward_by_fold(self, x: torch.Tensor) -> torch.Tensor:
+        """The same sum as a matrix product and a col2im (`F.fold`) per dilation over the
+        whole input: a few large kernels, what a GPU runs well."""
         n, c, h, w = x.shape
         x = x.reshape(n, c, h * w)
-        size, s = (h * self.scale, w * self.scale), self.scale
         out = None
-        for i, (dilation, padding) in enumerate(self.dilations):  # one at a time: 8 floats
-            columns = torch.matmul(self.weight[i * self.taps:(i + 1) * self.taps], x)  # per px
-            part = F.fold(columns, size, self.kernel, dilation=dilation, padding=padding,
-                          stride=s)
+        for weight, deconv in zip(self.weight, self.deconvs, strict=True):
+            part = F.fold(torch.matmul(weight, x), (h * self.scale, w * self.scale),
+                          self.kernel, dilation=deconv[0], padding=deconv[1], stride=self.scale)
             out = part if out is None else out.add_(part)
         out = F.relu(out.add_(self.bias.reshape(1, -1, 1, 1)), inplace=True)
         return self.conv(out.contiguous(memory_format=torch.channels_last))
@@ -141,7 +193,7 @@ def inference_form(model: DeepEM3DNet) -> DeepEM3DNet:
     form.conv1_1 = _SectionsAsChannels(model.conv1_1, model.conv1_2, model.in_sections)
     form.conv1_2 = nn.Identity()  # conv1_1's stand-in does both convolutions
     for name in ("side_2x", "side_4x", "side_8x", "side_16x"):
-        setattr(form, name, _SideByColumns(getattr(form, name)))
+        setattr(form, name, _SideByBands(getattr(form, name)))
     parents = [m for m in form.modules() if not isinstance(m, _SectionsAsChannels)]
     for parent in parents:
         for name, child in list(parent.named_children()):

@@ -88,7 +88,7 @@ class ModelPredictor:
     output: docs/gpu.md); `channels_last` stores the 2D part's activations channels-last. On
     the CPU it runs in float32 with whatever thread count the caller set, on the model's
     inference form unless `fused=False` (`deepem3d.models.inference_form`: the same function
-    to float32 rounding, about 1.6-1.85x faster there).
+    to float32 rounding, about 2-3x faster there).
     """
 
     def __init__(
