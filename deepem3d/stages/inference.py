@@ -258,13 +258,14 @@ def has_tissue(mask: str, mask_mip: int, bbox: Bbox, image_path: str, mip: int) 
 
 
 #: patch FLOP/s (2 x conv multiply-adds) that one task reaches, by hardware class and preset,
-#: for --dry-run's hours. CPU: measured on the demo's run (small preset, one thread per task,
-#: two tasks side by side on this project's 2-core machine: 3 tasks, 126 task seconds, about
-#: 19 GFLOP/s). GPU: `python benchmarks/gpu_inference.py` on an NVIDIA H200 (torch 2.11,
+#: for --dry-run's hours. CPU: measured on the demo's run (`deepem3d demo`: small preset, one
+#: thread per task, two tasks side by side on this project's 2-core machine, the CPU inference
+#: form: 30 forwards of 992 px, 38.1 G multiply-adds each, in 33.1 task seconds with the tasks'
+#: I/O: 69 GFLOP/s). GPU: `python benchmarks/gpu_inference.py` on an NVIDIA H200 (torch 2.11,
 #: float16 autocast, deterministic cuDNN, 512 px patches, batch 4, 30 ISBI sections): small
 #: 2.4 TFLOP/s (7.6 Mvoxel/s), full 13.5 TFLOP/s (4.7 Mvoxel/s) against 767 TFLOP/s of the
 #: same run's float16 matmul. Presets not measured take the small one's figure.
-EFFECTIVE_FLOPS = {"cpu": {"small": 20e9}, "gpu": {"small": 2.4e12, "full": 13.5e12}}
+EFFECTIVE_FLOPS = {"cpu": {"small": 69e9}, "gpu": {"small": 2.4e12, "full": 13.5e12}}
 
 
 def _mean_task_seconds(plan: InferencePlan, hardware: str) -> float:
