@@ -1,6 +1,10 @@
 """The CPU inference form against the module as trained: nanoseconds per output pixel of one
-forward, side by side in one process, and the share of the form's time its four side outputs
-take (the decoder; `deepem3d/models/inference_form.py` says what the form changes).
+forward, side by side in one process; the same form with every side output by bands of rows,
+and with every one by a matrix product and col2im per dilation (what the form does below
+`_SideByBands.BANDS_FROM` output pixels: these two columns are where that constant comes
+from); and the share of the form's time its four
+side outputs take (the decoder; `deepem3d/models/inference_form.py` says what the form
+changes).
 
     python benchmarks/inference_form.py [--preset tiny] [--head affinity] [--threads 1]
                                         [--shapes 4x512 1x2528] [--repeats 3]
@@ -17,6 +21,7 @@ import time
 import torch
 
 from deepem3d.models import build_model
+from deepem3d.models import inference_form as form_module
 from deepem3d.models.inference_form import inference_form
 
 SIDES = ("side_2x", "side_4x", "side_8x", "side_16x")
@@ -67,8 +72,9 @@ def main() -> None:
     print(f"{args.preset} preset, {args.head} head, {args.threads} thread(s), torch "
           f"{torch.__version__}")
     print("| batch x size | module as trained (ns/px) | inference form (ns/px) | ratio "
-          "| form's side outputs |")
-    print("| --- | --- | --- | --- | --- |")
+          "| sides by bands (ns/px) | sides by col2im (ns/px) | form's side outputs |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    bands_from = form_module._SideByBands.BANDS_FROM
     with torch.no_grad():
         for shape in args.shapes:
             batch, size = (int(v) for v in shape.split("x"))
@@ -77,8 +83,16 @@ def main() -> None:
             trained = best_seconds(lambda: model(x), args.repeats)  # noqa: B023
             fast = best_seconds(lambda: form(x), args.repeats)  # noqa: B023
             sides = side_seconds(form, x)
+            paths = []
+            for threshold in (0, 2**62):  # every side by bands, then every one by col2im
+                form_module._SideByBands.BANDS_FROM = threshold
+                try:
+                    paths.append(best_seconds(lambda: form(x), args.repeats))  # noqa: B023
+                finally:
+                    form_module._SideByBands.BANDS_FROM = bands_from
             print(f"| {shape} | {trained / pixels * 1e9:.0f} | {fast / pixels * 1e9:.0f} | "
-                  f"{trained / fast:.2f}x | {sides / fast:.0%} |", flush=True)
+                  f"{trained / fast:.2f}x | {paths[0] / pixels * 1e9:.0f} | "
+                  f"{paths[1] / pixels * 1e9:.0f} | {sides / fast:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

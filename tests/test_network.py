@@ -245,12 +245,14 @@ def test_inference_form_computes_the_same_function(preset, head, sections):
 
 def test_side_outputs_by_bands_equal_one_col2im_and_do_not_depend_on_the_bands(monkeypatch):
     """A side output on the CPU (matrix products over bands of rows, shifted adds) gives what
-    one matrix product and col2im per dilation give (the path other devices run), and the
-    same floats however many rows a band holds: each pixel sums its taps in one order."""
+    one matrix product and col2im per dilation give (the path other devices, autocast and
+    small inputs take), and the same floats however many rows a band holds: each pixel sums
+    its taps in one order."""
     from deepem3d.models import inference_form as module
 
     torch.manual_seed(0)
     form = module.inference_form(build_model("tiny", "affinity", 5).eval())
+    monkeypatch.setattr(module._SideByBands, "BANDS_FROM", 0)
     with torch.no_grad():
         for name in ("side_2x", "side_4x", "side_8x", "side_16x"):
             side = getattr(form, name)
@@ -259,6 +261,29 @@ def test_side_outputs_by_bands_equal_one_col2im_and_do_not_depend_on_the_bands(m
             banded = side(x)
             by_fold = side._forward_by_fold(x)
             assert (banded - by_fold).abs().max() <= 1e-6 * by_fold.abs().max()
-            monkeypatch.setattr(module._SideByBands, "PLANE", 1)  # one input row per band
-            assert torch.equal(side(x), banded)
-            monkeypatch.undo()
+            with monkeypatch.context() as patch:
+                patch.setattr(module._SideByBands, "PLANE", 1)  # one input row per band
+                assert torch.equal(side(x), banded)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert side(x).dtype == torch.bfloat16  # the col2im path: products in bf16
+
+
+def test_side_output_floats_do_not_depend_on_where_a_tile_cuts(monkeypatch):
+    """At the full preset's widths MKL rounds a product of few columns differently: with the
+    last band overlapping the one before it, a crop that starts two input rows lower (its
+    bands cut elsewhere) gives the same floats wherever its inputs are the whole's."""
+    from deepem3d.models import inference_form as module
+    from deepem3d.models.network import DILATIONS, SideOutput
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        side = module._SideByBands(SideOutput(1154, 8, DILATIONS, 2, 3, False).eval())
+    monkeypatch.setattr(module._SideByBands, "BANDS_FROM", 0)
+    monkeypatch.setattr(module._SideByBands, "PLANE", 2 * 512)  # bands of 32 rows of 16 px
+    x = torch.randn(1, 1154, 34, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        whole = side(x)
+        crop = side(x[:, :, 2:].contiguous(memory_format=torch.channels_last))
+    # output rows whose taps (and the 3x3 conv's) read only input rows 2.. of the whole
+    first = 2 * 8 - 169 + 15 * 23 + 1
+    assert torch.equal(whole[:, :, first:], crop[:, :, first - 16:])

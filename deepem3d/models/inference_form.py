@@ -10,15 +10,15 @@ the logits' scale):
   the sections as channels: torch runs these 3D shapes on its slow reference path, oneDNN runs
   the 2D ones on its blocked kernels;
 - each side output's transposed convolutions as matrix products over bands of input rows, each
-  tap's plane added, shifted, into its output phase (on other devices: a matrix product and a
-  col2im per dilation, a few large kernels);
+  tap's plane added, shifted, into its output phase (for inputs under 448 x 448 px, on other
+  devices and under autocast: a matrix product and a col2im per dilation);
 - the 2D part's weights and activations channels-last, oneDNN's native layout.
 
 Measured on this project's 2-core CPU by `python benchmarks/inference_form.py` (torch 2.13,
-tiny preset, one thread): 2.1x faster per pixel than the module as trained on 512 px patches
-in batches of 4, 3.0x on a 2528 px tile (674 ns per pixel; 1,113 with a matrix product and a
-col2im per dilation over the whole tile, whose fresh 200 MiB of columns per dilation cost more
-in page faults than in arithmetic); `python benchmarks/inference.py` runs the tasks with it.
+tiny preset, one thread): 2.0-2.2x faster per pixel than the module as trained on 512 px
+patches in batches of 4, 3.0x on a 2528 px tile (689 ns per pixel; 1,075 with a matrix product
+and a col2im per dilation over the whole tile, whose fresh 200 MiB of columns per dilation cost
+more in page faults than in arithmetic); `python benchmarks/inference.py` runs the tasks with it.
 The module as trained stays what training, checkpoints and the receptive-field arithmetic see;
 only predictors on the CPU take this form (`ModelPredictor`), so every task of a run computes
 with the same one.
@@ -109,18 +109,28 @@ class _SideByBands(nn.Module):
 
     A kernel-2s, stride-s deconvolution sends input pixel i, through tap k, to output pixel
     i s + k d - p (per axis), that is to output phase r and coarse row i + q where
-    k d - p + top = q s + r. Per band of input rows, one matrix product gives every tap's value
-    (8 floats per output pixel per dilation) into a buffer reused across bands, and each tap's
-    plane is added to its phase's plane of an accumulator, shifted by q: contiguous rows, no
-    scatter. The accumulator's phases are interleaved into the output at the end. torch's CPU
-    transposed convolution is slow for these shapes (2 output channels); a matrix product and a
-    col2im per dilation over the whole tile wrote and re-read 200 MiB of columns per dilation
-    on a 2528 px tile. Each output pixel gets its taps in one fixed order (dilation, then input
-    row, then tap along x), wherever it lies in a tile or a band: a voxel's floats do not
-    depend on where a tile cuts the volume.
+    k d - p + top s = q s + r. Per band of input rows, one matrix product gives every tap's
+    value (8 floats per output pixel per dilation) into a buffer reused across bands, and each
+    tap's plane is added to its phase's plane of an accumulator, shifted by q: contiguous rows,
+    no scatter. The accumulator's phases are interleaved into the output at the end. torch's
+    CPU transposed convolution is slow for these shapes (2 output channels); a matrix product
+    and a col2im per dilation over the whole tile wrote and re-read 200 MiB of columns per
+    dilation on a 2528 px tile.
+
+    A voxel's floats do not depend on where a tile cuts the volume: each output pixel gets its
+    taps in one fixed order (dilation, then input row, then tap along x), within a band or
+    across two, and every product has the same number of columns (the last band overlaps the
+    one before it), since MKL rounds a product of the full preset's widths differently below
+    about 200 columns. Inputs whose output is under `BANDS_FROM` pixels take one matrix product
+    and col2im per dilation instead: there the accumulator's margins and the small adds cost
+    more than the columns.
     """
 
     PLANE = 1 << 14  # elements per shifted add, at least: a few µs of work against torch's call
+    # output pixels: `python benchmarks/inference_form.py --shapes 4x320 4x384 4x448 4x512`, one
+    # thread, whole form with the sides by bands against by col2im: 676/648, 644/622, 572/682,
+    # 589/830 ns per pixel (tiny preset); 1108/1091, 1136/1123, 958/1021, 957/1119 (small)
+    BANDS_FROM = 448 * 448
 
     def __init__(self, side: SideOutput) -> None:
         super().__init__()
@@ -145,26 +155,29 @@ class _SideByBands(nn.Module):
         self.conv = side.conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":  # one kernel per step there, not thousands of small adds
-            return self._forward_by_fold(x)
         n, c, h, w = x.shape
         s, k, o = self.scale, self.kernel, self.channels
+        if (x.device.type != "cpu"  # a few large kernels there, not thousands of small adds
+                or torch.is_autocast_enabled(x.device.type)  # products in another dtype
+                or h * w * s * s < self.BANDS_FROM):
+            return self._forward_by_fold(x)
         band = max(1, min(h, -(-self.PLANE // (o * w))))
-        columns = x.new_empty(o * k * k * band * w)
+        columns = x.new_empty(o * k * k, band * w)
+        planes = columns.view(o, k, k, band, w)
         out = torch.empty(n, o, h * s, w * s, dtype=x.dtype, device=x.device,
                           memory_format=torch.channels_last)
         for item, target in zip(x, out, strict=True):
             acc = x.new_zeros(o, s, s, h + self.reach, w + self.reach)
             for weight, taps in zip(self.weight, self.taps, strict=True):
                 for i0 in range(0, h, band):
-                    rows = min(band, h - i0)
-                    part = columns[:o * k * k * rows * w].view(o * k * k, rows * w)
-                    torch.matmul(weight, item[:, i0:i0 + rows].reshape(c, rows * w), out=part)
-                    planes = part.view(o, k, k, rows, w)
+                    start = min(i0, h - band)  # the last band ends at the last row
+                    rows, skip = min(band, h - i0), i0 - start
+                    torch.matmul(weight, item[:, start:start + band].reshape(c, band * w),
+                                 out=columns)
                     for ky, ry, qy in taps:
                         for kx, rx, qx in reversed(taps):
                             acc[:, ry, rx, i0 + qy:i0 + qy + rows, qx:qx + w].add_(
-                                planes[:, ky, kx])
+                                planes[:, ky, kx, skip:skip + rows])
             top = self.top
             target.view(o, h, s, w, s).copy_(
                 acc[:, :, :, top:top + h, top:top + w].permute(0, 3, 1, 4, 2))

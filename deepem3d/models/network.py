@@ -399,7 +399,9 @@ class DeepEM3DNet(nn.Module):
         # Each scale's side output is taken, and its features dropped, as soon as the next scale
         # is computed: the sum is the same ((2x + 4x) + 8x) + 16x, and at most two scales'
         # features are alive at once (measured on a 2528 px tile, small preset, CPU inference
-        # form, 2 threads: peak memory above the process's base 1,144 -> 980 MiB).
+        # form, 2 threads: peak memory above the process's base 1,144 -> 980 MiB). The outputs
+        # are those of the former order bit for bit; in training, the gradients reaching a
+        # scale's features from its readers add up in another order (last bits only).
         half = self.stem(self.conv1_2(self.conv1_1(x)).squeeze(2))  # z is 1 now: drop it
         out = self.side_2x(half)
         quarter = self.ira_A(self.conv3_1b(self.stem_reduction(half)))
