@@ -156,8 +156,7 @@ class _SideByBands(nn.Module):
         self.top = -(-pad // s)  # coarse rows of the accumulator above output row 0
         # per dilation, (tap, phase, shift) along an axis; taps in descending order, so that
         # an output pixel's upper input row comes first, within a band or across two
-        self.taps = [[(t, (t * d.dilation[0] - d.padding[0] + self.top * s) % s,
-                       (t * d.dilation[0] - d.padding[0] + self.top * s) // s)
+        self.taps = [[(t, *reversed(divmod(t * d.dilation[0] - d.padding[0] + self.top * s, s)))
                       for t in range(k - 1, -1, -1)] for d in deconvs]
         self.reach = max(q for taps in self.taps for _, _, q in taps)
         self.deconvs = [(d.dilation[0], d.padding[0]) for d in deconvs]  # (dilation, padding)
@@ -175,8 +174,10 @@ class _SideByBands(nn.Module):
         planes = columns.view(o, k, k, band, w)
         out = torch.empty(n, o, h * s, w * s, dtype=x.dtype, device=x.device,
                           memory_format=torch.channels_last)
+        acc = x.new_empty(o, s, s, h + self.reach, w + self.reach)  # reused: fresh pages cost
+        top = self.top
         for item, target in zip(x, out, strict=True):
-            acc = x.new_zeros(o, s, s, h + self.reach, w + self.reach)
+            acc.zero_()
             for weight, taps in zip(self.weight, self.taps, strict=True):
                 for i0 in range(0, h, band):
                     start = min(i0, h - band)  # the last band ends at the last row
@@ -187,7 +188,6 @@ class _SideByBands(nn.Module):
                         for kx, rx, qx in reversed(taps):
                             acc[:, ry, rx, i0 + qy:i0 + qy + rows, qx:qx + w].add_(
                                 planes[:, ky, kx, skip:skip + rows])
-            top = self.top
             target.view(o, h, s, w, s).copy_(
                 acc[:, :, :, top:top + h, top:top + w].permute(0, 3, 1, 4, 2))
         out.add_(self.bias.reshape(1, -1, 1, 1)).relu_()
@@ -199,9 +199,9 @@ class _SideByBands(nn.Module):
         n, c, h, w = x.shape
         x = x.reshape(n, c, h * w)
         out = None
-        for weight, deconv in zip(self.weight, self.deconvs, strict=True):
+        for weight, (dilation, padding) in zip(self.weight, self.deconvs, strict=True):
             part = F.fold(torch.matmul(weight, x), (h * self.scale, w * self.scale),
-                          self.kernel, dilation=deconv[0], padding=deconv[1], stride=self.scale)
+                          self.kernel, dilation=dilation, padding=padding, stride=self.scale)
             out = part if out is None else out.add_(part)
         out = F.relu(out.add_(self.bias.reshape(1, -1, 1, 1)), inplace=True)
         return self.conv(out.contiguous(memory_format=torch.channels_last))
