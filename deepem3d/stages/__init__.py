@@ -10,6 +10,6 @@
 inference_plan.py works out an inference run before it writes, model_refs.py names its models
 and checks its workers' devices. segmentation.py plans the segmentation's stages (what a run
 reuses), workdir.py is where they leave their intermediates, blocks.py the chunk-aligned block
-grid they all share. Importing a
-task module registers its tasks with taskqueue; importing this package imports none of them.
+grid they all share. Importing a task module registers its tasks with taskqueue; importing this
+package imports none of them.
 """
