@@ -4,7 +4,9 @@ and with every one by a matrix product and col2im per dilation (what the form do
 `_SideByBands.BANDS_FROM` output pixels: these two columns are where that constant comes
 from); and the share of the form's time its four
 side outputs take (the decoder; `deepem3d/models/inference_form.py` says what the form
-changes).
+changes). The form is also timed as the CPU tasks run it, reusing the pages it frees
+(`deepem3d.memory.reusing_freed_memory`), against its plain run: the ratio is what the
+allocator setting gives one forward.
 
     python benchmarks/inference_form.py [--preset tiny] [--head affinity] [--threads 1]
                                         [--shapes 4x512 1x2528] [--repeats 3]
@@ -20,6 +22,7 @@ import time
 
 import torch
 
+from deepem3d.memory import reusing_freed_memory
 from deepem3d.models import build_model
 from deepem3d.models import inference_form as form_module
 from deepem3d.models.inference_form import inference_form
@@ -72,8 +75,9 @@ def main() -> None:
     print(f"{args.preset} preset, {args.head} head, {args.threads} thread(s), torch "
           f"{torch.__version__}")
     print("| batch x size | module as trained (ns/px) | inference form (ns/px) | ratio "
-          "| sides by bands (ns/px) | sides by col2im (ns/px) | form's side outputs |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| form, freed memory reused (ns/px) | ratio | sides by bands (ns/px) "
+          "| sides by col2im (ns/px) | form's side outputs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     bands_from = form_module._SideByBands.BANDS_FROM
     with torch.no_grad():
         for shape in args.shapes:
@@ -82,6 +86,8 @@ def main() -> None:
             pixels = batch * size * size
             trained = best_seconds(lambda: model(x), args.repeats)  # noqa: B023
             fast = best_seconds(lambda: form(x), args.repeats)  # noqa: B023
+            with reusing_freed_memory():  # as the CPU tasks run it
+                reused = best_seconds(lambda: form(x), args.repeats)  # noqa: B023
             sides = side_seconds(form, x)
             paths = []
             for threshold in (0, 2**62):  # every side by bands, then every one by col2im
@@ -91,7 +97,8 @@ def main() -> None:
                 finally:
                     form_module._SideByBands.BANDS_FROM = bands_from
             print(f"| {shape} | {trained / pixels * 1e9:.0f} | {fast / pixels * 1e9:.0f} | "
-                  f"{trained / fast:.2f}x | {paths[0] / pixels * 1e9:.0f} | "
+                  f"{trained / fast:.2f}x | {reused / pixels * 1e9:.0f} | "
+                  f"{fast / reused:.2f}x | {paths[0] / pixels * 1e9:.0f} | "
                   f"{paths[1] / pixels * 1e9:.0f} | {sides / fast:.0%} |", flush=True)
 
 

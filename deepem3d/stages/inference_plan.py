@@ -68,6 +68,14 @@ TASK_MEMORY_BUDGET = 4 * 2**30
 RESOLUTION_TOLERANCE = 0.05  # relative: 4 nm and 4.1 nm are the same resolution
 
 
+# A forward's peak memory over `activation_bytes`: the CPU inference form's buffers, oneDNN's
+# workspaces, and the heap's fragments while a CPU task reuses the pages it frees
+# (deepem3d.memory.reusing_freed_memory). `python benchmarks/inference.py --methods tiles
+# --sections 2 --preset P` (2528 px tiles, 2 threads): a task's own peak less the plan's other
+# terms was 2.2x the activations with the tiny preset, 1.9x with the small one (it was under
+# 2x before freed pages were reused, the factor then).
+ACTIVATION_FACTOR = 3
+
 # What a task's process holds beyond its arrays and the model's activations (allocator and
 # oneDNN caches, decompression buffers): the gap measured by benchmarks/inference.py.
 RUNTIME_BYTES = 64 * 2**20
@@ -227,8 +235,8 @@ def _zyx_box(bbox: Bbox, offset) -> tuple:
 
 def activation_bytes(config: dict, size: int, batch: int) -> int:
     """Peak bytes of the activations alive at once in one forward pass (float32), found by
-    following tensor lifetimes on a shape-only (meta) copy of the model. The CPU process
-    measured about twice this (allocator and oneDNN workspaces), hence the factor below."""
+    following tensor lifetimes on a shape-only (meta) copy of the module as trained; a task
+    plans ACTIVATION_FACTOR times this."""
     import torch
 
     from deepem3d.models import build_model
@@ -289,7 +297,8 @@ def _slab_memory(models, predictors_meta, block, dataset, geometry, tta, dtype) 
     total += g.batch * (max(p.in_sections for p in predictors_meta) + channels) * g.size**2 * 4
     for ref in models:
         weights = sum(p.numel() * 4 for p in _meta_model(ref.meta["model"]).parameters())
-        total += weights + 2 * activation_bytes(ref.meta["model"], g.size, g.batch)
+        total += weights + ACTIVATION_FACTOR * activation_bytes(ref.meta["model"], g.size,
+                                                                g.batch)
     return int(total) + RUNTIME_BYTES
 
 
