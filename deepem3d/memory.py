@@ -74,8 +74,10 @@ _KEEP = 2**31 - 1  # mallopt takes an int: keep up to 2 GiB free at the heap's t
 def reusing_freed_memory() -> Iterator[bool]:
     """Within the block, glibc's malloc serves large blocks from its heap and keeps what is
     freed for the next allocation, instead of mapping fresh pages for each and unmapping them
-    on free (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB); after it, the defaults again and the freed
-    memory handed back. Yields whether it could (glibc only; elsewhere nothing changes).
+    on free (M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB); after it, the default limits again and the
+    freed memory handed back (the mmap threshold then stays where it was: glibc stops adapting
+    it once a trim threshold is set). Yields whether it could (glibc only; elsewhere nothing
+    changes).
 
     Why: a CPU forward allocates and frees activations of hundreds of MB layer after layer,
     and with fresh mappings every one of their pages faults in again. On a 2528 px tile, one
