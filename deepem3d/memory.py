@@ -12,9 +12,21 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import resource
 import sys
 from collections.abc import Iterator
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, for malloc_trim and mallopt; None elsewhere (macOS, musl)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _status(key: str) -> int | None:
@@ -34,8 +46,10 @@ def reset_peak() -> int:
     malloc_trim first hands freed heap back, so what the next task allocates shows as growth.
     Where /proc/self/clear_refs is missing (macOS) the process's lifetime peak is all there is.
     """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
@@ -85,10 +99,8 @@ def reusing_freed_memory() -> Iterator[bool]:
     (benchmarks/inference_form.py); the freed blocks fragment the heap, so a task's peak grows
     by about half (the README's inference table; the plan counts it).
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt  # noqa: B018  (musl and macOS have none)
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         yield False
         return
     libc.mallopt(_M_MMAP_MAX, 0)
