@@ -21,7 +21,10 @@ rows it gave kept (cuDNN autotuning's first calls have taken minutes on an H200)
   1024^2 x 30, against MONAI's `sliding_window_inference` with the same model, patch, overlap,
   Gaussian window, batch and forward settings, its input already on the device (favouring it);
   for the first setting also the tasks' default tiles (abutting, the receptive field as margin)
-  against MONAI at its default overlap (0.25) with 512 px rois.
+  against MONAI at its default overlap (0.25) with 512 px rois; then the shipped model through
+  the default tiles with the tasks' default setting, whose forward FLOP/s is the rate behind
+  --dry-run's hours (`EFFECTIVE_FLOPS` in deepem3d/stages/inference.py). Each of our rows
+  gives `tflops`: 2 x the conv multiply-adds of every forward it ran, per second.
 - determinism: two fresh processes per setting predict one volume; whether their bytes agree
   (cuDNN autotuning picks kernels by timing), and whether four blocks equal one call.
 - training: `Trainer.batches()` + `Trainer.step()` (the training loop without its checkpoints)
@@ -256,6 +259,7 @@ def inference_rows(args, device: torch.device, part: str = "inference") -> None:
                   f"overlap {geometry.overlap}, batch {geometry.batch}",
                   "volume": "x".join(map(str, image.shape[::-1])), "seconds": round(ours, 3),
                   "mvoxel_per_s": round(image.size / ours / 1e6, 2),
+                  "tflops": round(forward_flops(model, geometry, stats) / ours / 1e12, 4),
                   # the forward's share of the time only means something where calls block
                   "forward_share": round(stats.predict_seconds / stats.seconds, 3)
                   if device.type == "cpu" else None,
@@ -266,6 +270,43 @@ def inference_rows(args, device: torch.device, part: str = "inference") -> None:
                       f"(overlap {1 - theirs.stride / theirs.size:g})", "setting": name,
                       "throughput": round(monai_seconds / ours, 2)})
         del predictor, model
+    if part == "inference":
+        shipped_rate_row(args, device, image)
+
+
+def forward_flops(model, geometry: PatchGeometry, stats: Stats) -> float:
+    """2 x every conv's multiply-adds of the module as trained, per forward item run."""
+    return 2.0 * count_macs(model.config, geometry.size) * stats.patches
+
+
+def shipped_rate_row(args, device: torch.device, image: np.ndarray) -> None:
+    """The shipped model (small preset) through the tasks' default tiles with the tasks'
+    default setting: its forward FLOP/s is `EFFECTIVE_FLOPS`, behind --dry-run's hours."""
+    from deepem3d.models.checkpoint import load_model
+    from deepem3d.models.shipped import DEFAULT_MODEL
+
+    model, _ = load_model(DEFAULT_MODEL)
+    predictor = ModelPredictor(model.to(device), device)
+    reset_memory(device)
+    image = image[:2] if args.quick else image
+    tiles = abutting_tiles(max(image.shape[1:]), max(model.context[:2]), divisor=model.divisor,
+                           batch=1)
+    predict_volume(predictor, image[:2], tiles, quantized=True)  # warm-up
+    best, stats = None, Stats()
+    for _ in range(volume_repeats(args)):
+        stats = Stats()
+        sync(device)
+        start = time.perf_counter()
+        predict_volume(predictor, image, tiles, stats=stats, quantized=True)
+        seconds = time.perf_counter() - start
+        best = seconds if best is None else min(best, seconds)
+    emit({"part": "inference", "method": f"deepem3d predict_volume, tiles, shipped "
+          f"{DEFAULT_MODEL} (--dry-run's rate)", "setting": "default",
+          "geometry": f"{tiles.size} px in, {tiles.output} out",
+          "volume": "x".join(map(str, image.shape[::-1])), "seconds": round(best, 3),
+          "mvoxel_per_s": round(image.size / best / 1e6, 2),
+          "tflops": round(forward_flops(model, tiles, stats) / best / 1e12, 4),
+          "peak_gib": peak_gib(device)})
 
 
 def monai_row(args, device, predictor, image, geometry, name, ours) -> float | None:

@@ -266,11 +266,12 @@ def has_tissue(mask: str, mask_mip: int, bbox: Bbox, image_path: str, mip: int) 
 #: for --dry-run's hours. CPU: measured on the demo's run (`deepem3d demo`: small preset, one
 #: thread per task, two tasks side by side on this project's 2-core machine, the CPU inference
 #: form, freed pages reused: 30 forwards of 992 px, 38.1 G multiply-adds each, in 31.4 task
-#: seconds with the tasks' I/O: 73 GFLOP/s). GPU: `python benchmarks/gpu_inference.py` on an
-#: NVIDIA H200 (torch 2.11, float16 autocast, deterministic cuDNN, 512 px patches, batch 4, 30
-#: ISBI sections): small 2.4 TFLOP/s (7.6 Mvoxel/s), full 13.5 TFLOP/s (4.7 Mvoxel/s) against
-#: 767 TFLOP/s of the same run's float16 matmul. Presets not measured take the small one's
-#: figure.
+#: seconds with the tasks' I/O: 73 GFLOP/s). GPU: the patch grid on an NVIDIA H200 (torch
+#: 2.11, float16 autocast, deterministic cuDNN, 512 px patches, batch 4, 30 ISBI sections):
+#: small 2.4 TFLOP/s (7.6 Mvoxel/s), full 13.5 TFLOP/s (4.7 Mvoxel/s) against 767 TFLOP/s of
+#: the same run's float16 matmul; the default tiles' rate is the `--dry-run's rate` row of
+#: `python benchmarks/gpu.py --parts inference`, not yet run on a GPU. Presets not measured
+#: take the small one's figure.
 EFFECTIVE_FLOPS = {"cpu": {"small": 73e9}, "gpu": {"small": 2.4e12, "full": 13.5e12}}
 
 
