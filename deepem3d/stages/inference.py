@@ -197,8 +197,8 @@ def predict_slabs(predictors, vol: CloudVolume, out_vol: CloudVolume, bbox: Bbox
     """Predict and write the block one output-chunk-deep slab at a time, as a pipeline: the
     next slab's input is read and the last slab's map written (each in a thread of its own)
     while this slab is predicted. A GPU waits for no I/O between slabs; each slab's bytes are
-    those of a task of that slab alone (predict_block's contract). A sharded map is written
-    once, whole (a shard file cannot be written in parts). Returns the slab count and the
+    those of a task of that slab alone (predict_block's contract). A sharded map is one slab
+    (slab_ranges), written once, whole. Returns the slab count and the
     seconds the prediction waited for input and for writes."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -206,15 +206,11 @@ def predict_slabs(predictors, vol: CloudVolume, out_vol: CloudVolume, bbox: Bbox
     dataset = tuple(int(s) for s in vol.volume_size[::-1])  # z,y,x
     lo = np.asarray(bbox.minpt, dtype=int) - offset
     hi = np.asarray(bbox.maxpt, dtype=int) - offset
-    sharded = out_vol.meta.sharding(out_vol.mip) is not None
     slabs = [((bottom, int(lo[1]), int(lo[0])), (top, int(hi[1]), int(hi[0])))
              for bottom, top in slab_ranges(out_vol, int(lo[2]), int(hi[2]))]
     boxes = [input_box(predictors, slab, dataset, geometry, tta) for slab in slabs]
     (_, y0, x0), (_, y1, x1) = boxes[0]
     quantized = dtype == "uint8"
-    channels = int(out_vol.num_channels)
-    whole = (np.empty((channels, *(int(v) for v in (hi - lo)[::-1])), dtype=dtype)
-             if sharded else None)
     write_wait = 0.0
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
         sections = _Sections(vol, (y0, x0), (y1, x1), min(b[0][0] for b in boxes),
@@ -228,9 +224,6 @@ def predict_slabs(predictors, vol: CloudVolume, out_vol: CloudVolume, bbox: Bbox
             # uint8 maps come back quantised (on the model's device)
             data = predict_block(predictors, image, box_lo, slab, dataset, geometry, tta=tta,
                                  stats=stats, quantized=quantized)
-            if sharded:
-                whole[:, slab[0][0] - lo[2]:slab[1][0] - lo[2]] = data
-                continue
             if writing is not None:
                 start = time.perf_counter()
                 writing.result()
@@ -238,9 +231,7 @@ def predict_slabs(predictors, vol: CloudVolume, out_vol: CloudVolume, bbox: Bbox
             minpt = offset + np.asarray(slab[0][::-1])
             writing = writer.submit(write_block, out_vol, minpt, xyzc_from_czyx(data))
         start = time.perf_counter()
-        if sharded:
-            write_block(out_vol, bbox.minpt, xyzc_from_czyx(whole))
-        elif writing is not None:
+        if writing is not None:
             writing.result()
         write_wait += time.perf_counter() - start
     return len(slabs), {"input_wait_seconds": sections.waited,
