@@ -13,10 +13,10 @@ import click
               help="Local worker processes.")
 def demo(directory: str, parallel: int) -> None:
     """Run the shipped pipeline `isbi2012-demo` into DIR (default ./demo): the embedded ISBI 2012
-    sample -> affinities (the shipped model) -> segmentation -> mip levels -> meshes, on local
-    workers, no GPU or network needed. Prints the adapted Rand error and VOI of sections
-    20..29 and each stage's seconds, writes DIR/report.json and DIR/demo.png, and prints the
-    command that views the result. Run it again to resume an interrupted demo.
+    sample -> affinities (the shipped model) -> segmentation -> mip levels -> meshes and
+    skeletons, on local workers, no GPU or network needed. Prints the adapted Rand error and VOI
+    of sections 20..29 and each stage's seconds, writes DIR/report.json and DIR/demo.png, and
+    prints the command that views the result. Run it again to resume an interrupted demo.
     """
     from deepem3d.errors import InputError
     from deepem3d.picture import draw_run

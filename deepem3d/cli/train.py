@@ -18,8 +18,8 @@ from deepem3d.errors import InputError
 @click.option("--preset", default="tiny", show_default=True, help="Network size: see README.")
 @click.option("--head", type=click.Choice(["boundary", "affinity"]), default="boundary",
               show_default=True)
-@click.option("--in-sections", type=int, default=5, show_default=True,
-              help="Input sections per prediction (1 or 5).")
+@click.option("--in-sections", type=click.Choice(["1", "3", "5"]), default="5",
+              show_default=True, help="Input sections per prediction.")
 @click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--patch-size", type=click.IntRange(min=16), default=128, show_default=True,
@@ -68,7 +68,7 @@ def train(image, labels, train_sections, val_sections, out_dir, preset, head, in
         res = tuple(float(r) for r in open_layer(image).resolution)
     cfg = TrainConfig(
         image=image, labels=labels, train_sections=train_range, val_sections=val_range,
-        out_dir=out_dir, preset=preset, head=head, in_sections=in_sections,
+        out_dir=out_dir, preset=preset, head=head, in_sections=int(in_sections),
         iterations=iterations, batch_size=batch_size, patch=patch_size, lr=lr, seed=seed,
         val_every=val_every, resolution=res, threads=threads, init=init,
         workers=workers if workers is not None else default_workers(device),

@@ -33,6 +33,11 @@
       large: {url: sqs://em-highmem, min_memory: 8GiB}   # `default` stages whose largest
                                                           # task needs more go here
 
+Each step's keys are the tuples below (INFERENCE_KEYS and its peers): its command's options
+spelled with underscores, `amp: false` for `--no-amp`, and `queue`; the layers a step reads and
+writes are the file's own (`image`, `output`, `map`), so their options (a segmentation's `mip`,
+downsample's `bounds`) are not keys.
+
 A product needs the one before it (a segmentation needs a map: the `map` product or a `map`
 layer; downsampling the segmentation needs it). Every mistake is a one-line InputError naming
 the key, raised before any layer is written or any task is created.
