@@ -6,7 +6,7 @@ import click
 import pytest
 
 from deepem3d.cli.options import Bounds, ByteSize, Triple
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, make_layer, run_cli
 
 
 def test_help_lists_every_command():
@@ -19,6 +19,40 @@ def test_help_lists_every_command():
 def test_unknown_queue_scheme():
     assert_one_line_error(run_cli("worker", "redis://localhost/q"), "unknown queue", "fq://")
     assert_one_line_error(run_cli("queue", "status", "/tmp/no-scheme"), "unknown queue")
+
+
+def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
+    """`queue delete` removes what a file queue holds; a layer that a queue was opened on (taskqueue
+    makes queue/ and movement/ in any folder) is refused whole, and keeps every file."""
+    from taskqueue import TaskQueue
+
+    queue = tmp_path / "q"
+    TaskQueue(f"fq://{queue}").insert([])
+    run_cli("worker", f"fq://{queue}", "--exit-when-empty", check=True)
+    assert run_cli("queue", "delete", f"fq://{queue}", "--yes", check=True).returncode == 0
+    assert not queue.exists()
+
+    layer = tmp_path / "layer"
+    make_layer(layer)
+    run_cli("queue", "status", f"fq://{layer}", check=True)
+    before = sorted(p.relative_to(layer) for p in layer.rglob("*"))
+    assert_one_line_error(run_cli("queue", "delete", f"fq://{layer}", "--yes"),
+                          "holds more than a file queue", "info", "nothing deleted")
+    assert sorted(p.relative_to(layer) for p in layer.rglob("*")) == before
+
+
+def test_paths_through_files_and_unknown_schemes(tmp_path):
+    """A file where a folder goes (a layer given as its info file, an output under a file) and
+    a scheme no reader knows are one-line mistakes, and nothing is written."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    assert_one_line_error(run_cli("sample", a_file), "a path runs through a file", "a_file")
+    layer = make_layer(tmp_path / "image")
+    assert_one_line_error(run_cli("infer", f"{layer}/info", tmp_path / "map", "--dry-run"),
+                          "a path runs through a file")
+    assert_one_line_error(run_cli("infer", layer, "foo://bucket/map", "--dry-run"),
+                          "unknown scheme foo://")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "image"]
 
 
 def test_unknown_command_and_missing_argument():

@@ -1,7 +1,8 @@
 """The `deepem3d` command group.
 
-Expected mistakes (InputError, click usage errors) print one line and exit with status 2;
-anything else is a bug and keeps its traceback.
+Expected mistakes (InputError, click usage errors, a path that runs through a file where a
+folder is needed) print one line and exit with status 2; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     except InputError as err:
         click.echo(f"deepem3d: error: {err}", err=True)
         sys.exit(2)
+    except (NotADirectoryError, FileExistsError) as err:
+        if not _file_in_the_way(err):
+            raise
+        click.echo(f"deepem3d: error: {err.filename}: a path runs through a file where a folder "
+                   "(a layer, a queue, an output) is needed", err=True)
+        sys.exit(2)
     except click.UsageError as err:
         click.echo(f"deepem3d: error: {err.format_message()}", err=True)
         sys.exit(2)
@@ -63,3 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _file_in_the_way(err: OSError) -> bool:
+    """Whether an OS error is a user's path naming a file where a folder goes (a layer given as
+    its info file, an output under a file), not a bug."""
+    import os
+
+    if isinstance(err, NotADirectoryError):
+        return True
+    return bool(err.filename) and os.path.isfile(err.filename)

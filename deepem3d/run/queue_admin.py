@@ -66,6 +66,11 @@ def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 9
             f"{name}{DEAD_LETTER_SUFFIX}, which takes a message received {max_attempts} times")
 
 
+#: what a file queue's folder holds: taskqueue's (queue/, movement/, the counters), the
+#: workers' lease counts (attempts/) and the tasks they set aside (failed/)
+FILE_QUEUE_ENTRIES = ("queue", "movement", "completions", "insertions", "attempts", "failed")
+
+
 def delete_queue(url: str) -> str:
     check_queue_url(url)
     if url.startswith("fq://"):
@@ -74,6 +79,10 @@ def delete_queue(url: str) -> str:
                 os.path.join(folder, "movement")):
             raise InputError(f"{url}: not a file queue (no queue/ and movement/ inside): "
                              "nothing deleted")
+        others = sorted(set(os.listdir(folder)) - set(FILE_QUEUE_ENTRIES))
+        if others:  # a layer or a run's folder that a queue was opened on: not ours to delete
+            raise InputError(f"{url} holds more than a file queue ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}): nothing deleted")
         shutil.rmtree(folder)
         return f"deleted {url}"
     name = url[len("sqs://"):]

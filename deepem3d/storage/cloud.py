@@ -57,9 +57,19 @@ def bucket_of(path: str) -> tuple[str, str] | None:
     return scheme, rest.split("/", 1)[0]
 
 
+#: the schemes a layer or checkpoint path may have (CloudFiles' own, less those this project
+#: never tests); another one would be read as a local folder named after it
+SCHEMES = ("file", "gs", "s3", "http", "https", "mem")
+
+
 def check_bucket(path: str) -> None:
-    """For an s3:// or gs:// path: its bucket exists and answers with the credentials found
-    (once per bucket and process); else a one-line InputError."""
+    """A path's scheme is one CloudFiles reads, and for an s3:// or gs:// path its bucket
+    exists and answers with the credentials found (once per bucket and process); else a
+    one-line InputError."""
+    scheme, sep, _ = str(path).removeprefix("precomputed://").partition("://")
+    if sep and scheme not in SCHEMES:
+        raise InputError(f"{path}: unknown scheme {scheme}:// (layers and checkpoints are "
+                         f"local paths or {', '.join(s + '://' for s in SCHEMES)})")
     found = bucket_of(path)
     if found is not None:
         _check(*found)
