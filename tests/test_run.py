@@ -201,6 +201,17 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["segmentation.sharded", "true or false"]),
     ("sharded blocks", {"chunk_size: [32, 32, 2]": "chunk_size: [32, 16, 2]\n  sharded: true"},
      ["inference", "sharded", "same power-of-two number of chunks"]),
+    ("a key twice", {"segmentation:\n": "segmentation:\n  method: mean\nsegmentation:\n"},
+     ["key 'segmentation' given twice"]),
+    ("tta true", {"model: isbi2012-small-affinity": "model: isbi2012-small-affinity\n  tta: true"},
+     ["inference.tta", "True"]),
+    ("empty bounds", {"task_shape: [64, 64, 2]": "task_shape: [64, 64, 2]\n  bounds: "
+                      "[0, 0, 2, 64, 64, 2]"}, ["inference.bounds", "must exceed"]),
+    ("score outside the ground truth", {"[0, 0, 6, 128, 128, 10]": "[0, 0, 6, 128, 128, 12]"},
+     ["evaluate.bounds", "reach outside the ground truth"]),
+    ("score outside the segmentation", {"segmentation:\n": "segmentation:\n  bounds: "
+                                        "[0, 0, 0, 64, 64, 10]\n"},
+     ["evaluate.bounds", "reach outside segmentation.bounds"]),
 ])
 def test_a_bad_pipeline_file_is_one_line_before_anything_is_written(
         tmp_path, crop_layers, case, replace, fragments):
@@ -209,6 +220,35 @@ def test_a_bad_pipeline_file_is_one_line_before_anything_is_written(
     result = run_cli("run", pipeline, "--parallel", "1")
     assert_one_line_error(result, *fragments)
     assert not output.exists(), f"{case}: the run wrote something"
+
+
+def test_a_bad_queue_or_a_binary_file_is_one_line_before_anything_is_written(
+        tmp_path, crop_layers):
+    output = tmp_path / "out"
+    pipeline = pipeline_file(tmp_path, crop_layers, output)
+    assert_one_line_error(run_cli("run", pipeline, "--queue", "bogus://x"), "--queue",
+                          "unknown queue")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00version: 1")
+    assert_one_line_error(run_cli("run", binary), "not a text file")
+    assert not output.exists()
+
+
+def test_a_run_that_infers_part_of_the_image_segments_and_scores_that_part(
+        tmp_path, crop_layers):
+    """Bounds given for inference alone are the segmentation's and the score's too: without
+    them the segmentation was refused after inference ran, and a score covered unsegmented
+    voxels."""
+    output = tmp_path / "out"
+    pipeline = pipeline_file(tmp_path, crop_layers, output, **{
+        "products: [map, segmentation, downsample, meshes]": "products: [map, segmentation]",
+        "downsample:\n  layers: [segmentation]\nmeshes:\n  mip: 1\n": "",
+        "task_shape: [64, 64, 2]": "task_shape: [64, 64, 2]\n  bounds: [0, 0, 0, 64, 64, 4]",
+        "  bounds: [0, 0, 6, 128, 128, 10]\n": ""})
+    run_cli("run", pipeline, "--parallel", "1", check=True)
+    report = json.loads((output / "report.json").read_text())
+    assert report["evaluated_bounds"] == [0, 0, 0, 64, 64, 4]
+    assert 0 <= report["adapted_rand_error"] < 1
 
 
 def test_a_task_that_fails_on_bad_input_fails_once_and_stops_the_run(tmp_path):

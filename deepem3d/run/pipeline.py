@@ -25,8 +25,8 @@
       sharded: true                    # multi-resolution shard files (large volumes)
     skeletons:                         # with the `skeletons` product: `deepem3d skeleton`'s
       min_cable_nm: 1000
-    evaluate:
-      bounds: [0, 0, 20, 512, 512, 30]
+    evaluate:                          # with `ground_truth`: where the score is taken
+      bounds: [0, 0, 20, 512, 512, 30] # default: the segmentation's bounds, else all of it
     queues:
       default: fq://results/run1/queue
       inference: sqs://em-gpu
@@ -38,9 +38,10 @@ spelled with underscores, `amp: false` for `--no-amp`, and `queue`; the layers a
 writes are the file's own (`image`, `output`, `map`), so their options (a segmentation's `mip`,
 downsample's `bounds`) are not keys.
 
-A product needs the one before it (a segmentation needs a map: the `map` product or a `map`
-layer; downsampling the segmentation needs it). Every mistake is a one-line InputError naming
-the key, raised before any layer is written or any task is created.
+Bounds given for inference alone are the segmentation's too (a run segments what it
+inferred). A product needs the one before it (a segmentation needs a map: the `map` product or
+a `map` layer; downsampling the segmentation needs it). Every mistake is a one-line InputError
+naming the key, raised before any layer is written or any task is created.
 """
 
 from __future__ import annotations
@@ -134,7 +135,10 @@ def shipped_pipelines() -> list[str]:
 def locate(name: str) -> tuple[str, str]:
     """(text, where it came from) of a pipeline file path or a shipped pipeline's name."""
     if os.path.isfile(name):
-        return Path(name).read_text(), name
+        try:
+            return Path(name).read_text(), name
+        except UnicodeDecodeError:
+            raise InputError(f"{name}: not a text file (a pipeline file is YAML)") from None
     shipped = resources.files("deepem3d") / SHIPPED_DIR / f"{name}.yaml"
     if not name.endswith(".yaml") and shipped.is_file():
         return shipped.read_text(), f"{name} (shipped)"
@@ -175,7 +179,28 @@ def _triple(source: str, key: str, value, kind=int, count: int = 3) -> list:
     values = [kind(v) for v in value]
     if count == 3 and any(v <= 0 for v in values):
         _fail(source, key, f"{value!r} must be positive on every axis")
+    if count == 6 and any(hi <= lo for lo, hi in zip(values[:3], values[3:])):
+        _fail(source, key, f"{value!r}: each of x1, y1, z1 must exceed x0, y0, z0")
     return values
+
+
+def _unique_keys_loader():
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last silently: a second `inference:` would replace the first)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeys
 
 
 def load_pipeline(name: str, *, output: str | None = None, queue: str | None = None) -> Pipeline:
@@ -185,7 +210,7 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
 
     text, source = locate(name)
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_keys_loader())
     except yaml.YAMLError as err:
         raise InputError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -316,7 +341,7 @@ def _check_sections(p: Pipeline) -> None:
             _fail(p.source, "inference.model", f"{model!r} is neither a shipped model "
                   f"({', '.join([*PRETRAINED, *ENSEMBLES])}) nor a checkpoint file")
     inf["model"] = models
-    if "tta" in inf and inf["tta"] not in TTA_CHOICES:
+    if "tta" in inf and (isinstance(inf["tta"], bool) or inf["tta"] not in TTA_CHOICES):
         _fail(p.source, "inference.tta", f"{inf['tta']!r}: choose one of "
               f"{', '.join(map(str, TTA_CHOICES))}")
     if "window" in inf and inf["window"] not in WINDOWS:
@@ -337,6 +362,11 @@ def _check_sections(p: Pipeline) -> None:
     if "bounds" in p.evaluate:
         p.evaluate["bounds"] = _triple(p.source, "evaluate.bounds", p.evaluate["bounds"],
                                        count=6)
+    # a run that infers part of the image segments that part, and scores what it segments
+    if "map" in p.products and "bounds" in inf and "bounds" not in seg:
+        seg["bounds"] = list(inf["bounds"])
+    if "segmentation" in p.products and "bounds" in seg and "bounds" not in p.evaluate:
+        p.evaluate["bounds"] = list(seg["bounds"])
     if "method" in seg and seg["method"] not in ("mean", "watershed"):
         _fail(p.source, "segmentation.method", f"{seg['method']!r}: choose mean or watershed")
     if "threshold" in seg:
@@ -398,8 +428,11 @@ def _check_queues(p: Pipeline, value, default: str | None) -> None:
                       "bytes such as 8GiB")
         p.queues[name] = Queue(name, _path(url) if url.startswith("fq://") else url, minimum)
     if default:
-        p.queues["default"] = Queue("default", _path(check_queue_url(default))
-                                    if default.startswith("fq://") else default)
+        try:
+            url = check_queue_url(default)
+        except InputError as err:
+            raise InputError(f"--queue: {err}") from None
+        p.queues["default"] = Queue("default", _path(url) if url.startswith("fq://") else url)
     sections = [s for s, product in (("inference", "map"), ("segmentation", "segmentation"),
                                      ("downsample", "downsample"), ("meshes", "meshes"),
                                      ("skeletons", "skeletons"))

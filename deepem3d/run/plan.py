@@ -20,7 +20,7 @@ from cloudvolume.lib import Bbox
 from deepem3d.errors import InputError
 from deepem3d.run.pipeline import SAMPLE, Pipeline, add_local_queue
 from deepem3d.stages.frame import Stage
-from deepem3d.units import format_bytes
+from deepem3d.units import format_bounds, format_bytes
 
 REPORT = "report.json"
 SECTION = {"inference": "inference", "downsample-mip0": "downsample", "mesh-merge": "meshes"}
@@ -150,6 +150,9 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
         map_ready = stage.is_complete() and "inference" not in overwrite
         if dry_run and not map_ready:
             map_path = _stand_in(scratch_dir(), "map", iplan)
+    if p.ground_truth:  # after the inference's checks of the image
+        check_scoring(p, temporary["ground_truth"] if dry_run and p.ground_truth == SAMPLE
+                      else layers["ground_truth"], image)
     segmentation_ready = "segmentation" not in p.products
     if "segmentation" in p.products:
         given = {k: seg.get(k) for k in ("method", "threshold", "sigma", "dust_size")}
@@ -256,11 +259,13 @@ def _stand_in(folder: str, name: str, plan) -> str:
     from deepem3d.storage.layers import create_layer
 
     path = f"file://{folder}/{name}"
-    if name == "map":
+    if name == "map":  # with the provenance the run records: the segmentation's checks read it
+        from deepem3d.stages.inference import provenance
+
         create_layer(path, layer_type="image", dtype=plan.dtype, resolution=plan.resolution,
                      size=plan.size, voxel_offset=plan.voxel_offset,
                      chunk_size=plan.chunk_size, num_channels=plan.channels,
-                     sharding=plan.sharding)
+                     sharding=plan.sharding, provenance=provenance(plan))
     else:
         create_layer(path, layer_type="segmentation", dtype="uint64",
                      resolution=plan.resolution, size=plan.size,
@@ -280,6 +285,29 @@ def describe_costs(plan: RunPlan) -> list[str]:
                     f"{hours:>10.3g}  {unit:<5}{format_bytes(stage.output_bytes):>12}  "
                     f"{plan.routes[stage.label]}")
     return rows
+
+
+def check_scoring(p: Pipeline, ground_truth: str, image: str) -> None:
+    """Before anything runs: the ground truth holds labels, and the region scored lies inside
+    it, the image and the region segmented (a late OutOfBoundsError would come after hours)."""
+    from deepem3d.storage.labels import open_labels
+    from deepem3d.storage.layers import open_layer
+
+    try:
+        gt = open_labels(ground_truth, "ground_truth")
+    except InputError as err:
+        raise _in_key(p.source, "ground_truth", err) from None
+    bounds = p.evaluate.get("bounds")
+    region = Bbox(bounds[:3], bounds[3:]) if bounds else gt.bounds
+    inside = [("the ground truth", gt.bounds), ("the image", open_layer(image).bounds)]
+    if p.segmentation.get("bounds"):
+        seg = p.segmentation["bounds"]
+        inside.append(("segmentation.bounds", Bbox(seg[:3], seg[3:])))
+    for name, box in inside:
+        if not box.contains_bbox(region):
+            raise InputError(
+                f"{p.source}: evaluate.bounds: {format_bounds(region)} reach outside {name} "
+                f"({format_bounds(box)}): give evaluate.bounds inside it")
 
 
 def score(p: Pipeline, layers: dict[str, str]) -> dict:
