@@ -49,7 +49,8 @@ def test_the_runs_own_setting_gives_the_layer_it_wrote(finished):
 
 def test_tune_prints_scores_and_writes_the_best_setting(finished, tmp_path):
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text("segmentation:\n  sigma: 0\n  method: watershed\n")
+    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'run'}\nimage: {finished['gt']}\n"
+                        "segmentation:\n  sigma: 0\n  method: watershed\n")
     result = run_cli("tune", finished["seg"], finished["gt"], "--methods", "mean,watershed",
                      "--thresholds", "0.3,0.5,0.7", "--dust-sizes", "0,20", "--json",
                      "--write", pipeline, check=True)
@@ -65,8 +66,9 @@ def test_tune_prints_scores_and_writes_the_best_setting(finished, tmp_path):
     assert out["best"] == {k: best[k] for k in ("method", "threshold", "dust_size", "sigma")}
     assert {r["sigma"] for r in out["rows"]} == {0.0}  # the run's own
     assert len({r["adapted_rand_error"] for r in out["rows"]}) > 3  # the settings matter
-    section = yaml.safe_load(pipeline.read_text())["segmentation"]
-    assert section == {"sigma": 0.0, **out["best"], "dust_mode": "merge"}
+    written_file = yaml.safe_load(pipeline.read_text())
+    assert written_file["segmentation"] == {"sigma": 0.0, **out["best"], "dust_mode": "merge"}
+    assert written_file["version"] == 1 and written_file["output"] == str(tmp_path / "run")
     table = run_cli("tune", finished["seg"], finished["gt"], "--methods", "mean",
                     "--thresholds", "0.5", "--dust-sizes", "20", check=True)
     assert "<- the run's" in table.stdout and "best: deepem3d segment" in table.stdout
@@ -97,6 +99,16 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
     finally:
         files.puts([(k, v) for k, v in kept.items()], raw=True)
     assert_one_line_error(run_cli("tune", finished["gt"], gt), "not written by `deepem3d segment`")
+    # a pipeline file to write into is checked before the sweep, and left as it was
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(f"version: 1\noutput: {tmp_path}\nimage: {gt}\nsegmentation:\n  "
+                    "task_shap: [32, 32, 4]\n")
+    before = typo.read_text()
+    assert_one_line_error(run_cli("tune", seg, gt, "--write", typo), "segmentation.task_shap",
+                          "unknown key")
+    assert typo.read_text() == before
+    assert_one_line_error(run_cli("tune", seg, gt, "--write", tmp_path / "none.yaml"),
+                          "--write", "no such pipeline file")
 
 
 def test_sigmas_segment_the_labelled_region_again_per_sigma(finished, maps):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 from cloudvolume.lib import Bbox
@@ -40,7 +41,8 @@ def _ints(text: str, name: str) -> list[int]:
 @click.option("--dust-sizes", default="0,100,200,400,800", show_default=True,
               help="Dust sizes to try (voxels; 0: none).")
 @click.option("--write", "pipeline", default=None, type=click.Path(dir_okay=False),
-              help="Write the best setting into this pipeline file's `segmentation:` keys.")
+              help="Write the best setting into this pipeline file's `segmentation:` keys "
+              "(checked first; its comments are not kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.option("--max-memory", type=ByteSize(), default=None,
               help="Refuse, before reading any graph, a run whose region graph would need more, "
@@ -72,6 +74,7 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
     )
     from deepem3d.stages.tune import tune as run_tune
 
+    pipeline_data = read_pipeline(pipeline) if pipeline else None  # checked before the sweep
     grid = settings_grid([m.strip() for m in methods.split(",") if m.strip()],
                          _floats(thresholds, "--thresholds"), _ints(dust_sizes, "--dust-sizes"))
     swept = _floats(sigmas, "--sigmas")
@@ -127,32 +130,38 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
                        f"{r.voi_split:>8.3f}{r.voi_merge:>8.3f}{mark}")
         click.echo(f"best: deepem3d segment ... {top.setting.flags()}")
     if pipeline:
-        write_setting(pipeline, top, own)
+        write_setting(pipeline, pipeline_data, top, own)
         if not as_json:
             click.echo(f"wrote method, threshold, dust_size, sigma and dust_mode into {pipeline}")
 
 
-def write_setting(pipeline: str, row, run_settings: dict) -> None:
-    """Set the pipeline file's segmentation method, threshold and dust size, and the sigma
-    (the row's, or the run's) and dust mode the scores were measured with (other keys and
-    sections kept; comments are not)."""
+def read_pipeline(pipeline: str) -> dict:
+    """The pipeline file --write will change, checked whole (every key, as `deepem3d run`
+    checks it) before any setting is scored."""
     import yaml
 
-    try:
-        with open(pipeline) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise InputError(f"pipeline file {pipeline} does not exist") from None
-    except yaml.YAMLError as err:
-        raise InputError(f"pipeline file {pipeline} is not YAML: {str(err).splitlines()[0]}"
-                         ) from None
-    if not isinstance(data, dict):
-        raise InputError(f"pipeline file {pipeline} is not a mapping of sections")
+    from deepem3d.run.pipeline import load_pipeline
+
+    if not os.path.isfile(pipeline):
+        raise InputError(f"--write {pipeline}: no such pipeline file")
+    load_pipeline(pipeline)
+    with open(pipeline) as f:
+        return yaml.safe_load(f)
+
+
+def write_setting(pipeline: str, data: dict, row, run_settings: dict) -> None:
+    """Set the pipeline file's segmentation method, threshold and dust size, and the sigma
+    (the row's, or the run's) and dust mode the scores were measured with (other keys and
+    sections kept; comments are not), replacing the file whole."""
+    import yaml
+
     section = data.get("segmentation") or {}
     sigma = row.setting.sigma if row.setting.sigma is not None else run_settings.get("sigma")
     section.update(method=row.setting.method, threshold=row.setting.threshold,
                    dust_size=row.setting.dust_size, sigma=float(sigma or 0.0),
                    dust_mode=run_settings.get("dust_mode", "merge"))
     data["segmentation"] = section
-    with open(pipeline, "w") as f:
+    partial = f"{pipeline}.partial"
+    with open(partial, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
+    os.replace(partial, pipeline)
