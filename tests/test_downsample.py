@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 from cloudfiles import CloudFiles
@@ -72,3 +74,21 @@ def test_downsample_bad_input(tmp_path):
     )
     assert_one_line_error(run_cli("downsample", layer, "--factor", "2,2"), "malformed --factor")
     assert_one_line_error(run_cli("downsample", layer, "--bounds", "0,0,0,10"), "--bounds")
+
+
+def test_tasks_that_fail_leave_their_queue_and_log_where_the_message_says(tmp_path):
+    """A layer with a chunk missing: the local workers set its tasks aside, and the one-line
+    message names the temporary queue's failed/ folder and the workers' log, which are kept."""
+    make_layer(tmp_path / "layer", "segmentation")
+    next((tmp_path / "layer" / "4_4_50").glob("0-64_0-64_0-10*")).unlink()
+    result = run_cli("downsample", tmp_path / "layer", "--num-mips", "1", "--parallel", "1")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    found = re.search(r"see (\S+)/failed/ and the workers' log (\S+)\)", last)
+    assert last.startswith("deepem3d: error:") and found, last
+    queue, log = found.groups()
+    try:
+        assert list(Path(queue).glob("failed/*.error")), "nothing set aside"
+        assert "EmptyVolumeException" in Path(log).read_text()
+    finally:
+        shutil.rmtree(queue, ignore_errors=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -320,10 +321,18 @@ def run_stages(
     if execute is not None:
         return Runner(lambda s: "", echo=echo, progress=progress, execute=execute).run(stages)
     if queue is None:
-        with tempfile.TemporaryDirectory(prefix="deepem3d-queue-") as tmp:
-            runner = Runner(lambda s: f"fq://{tmp}", parallel=parallel or 1, echo=echo,
-                            progress=progress, log_path=os.path.join(tmp, "workers.log"))
+        tmp = tempfile.mkdtemp(prefix="deepem3d-queue-")
+        runner = Runner(lambda s: f"fq://{tmp}", parallel=parallel or 1, echo=echo,
+                        progress=progress, log_path=os.path.join(tmp, "workers.log"))
+        keep = False
+        try:
             return runner.run(stages)
+        except InputError as err:
+            keep = tmp in str(err)  # it names the queue's failed/ or the workers' log: kept
+            raise
+        finally:
+            if not keep:
+                shutil.rmtree(tmp, ignore_errors=True)
     check_queue_url(queue)
     return Runner(lambda s: queue, parallel=parallel, echo=echo, progress=progress,
                   wait=wait).run(stages)
