@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import pytest
 
-from deepem3d.cli.options import Bounds, ByteSize, Triple
+from deepem3d.cli.options import Bounds, ByteSize, Number, Triple
 from tests.conftest import assert_one_line_error, make_layer, run_cli
 
 
@@ -23,7 +23,8 @@ def test_unknown_queue_scheme():
 
 def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
     """`queue delete` removes what a file queue holds; a layer that a queue was opened on (taskqueue
-    makes queue/ and movement/ in any folder) is refused whole, and keeps every file."""
+    makes queue/ and movement/ in any folder; deepem3d's commands refuse a layer) is refused
+    whole, and keeps every file."""
     from taskqueue import TaskQueue
 
     queue = tmp_path / "q"
@@ -34,7 +35,9 @@ def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
 
     layer = tmp_path / "layer"
     make_layer(layer)
-    run_cli("queue", "status", f"fq://{layer}", check=True)
+    for command in (["queue", "status"], ["worker"]):  # a layer is not read as a queue
+        assert_one_line_error(run_cli(*command, f"fq://{layer}"), "is a precomputed layer")
+    TaskQueue(f"fq://{layer}")  # taskqueue itself opens one anywhere
     before = sorted(p.relative_to(layer) for p in layer.rglob("*"))
     assert_one_line_error(run_cli("queue", "delete", f"fq://{layer}", "--yes"),
                           "holds more than a file queue", "info", "nothing deleted")
@@ -95,6 +98,9 @@ def test_option_types():
         (Bounds(), "--bounds", "5,5,5,5,10,10", "--bounds '5,5,5,5,10,10' is empty"),
         (ByteSize(), "--memory", "3.5 parsecs", "malformed --memory"),
         (ByteSize(), "--memory", "0", "--memory '0' must be at least 1 B"),
+        (Number(min=0, min_open=True), "--lr", "nan", "--lr 'nan' must be a finite number"),
+        (Number(min=0), "--min-cable-nm", "inf", "must be a finite number"),
+        (Number(min=0.1), "--interval", "0", "not in the range x>=0.1"),
     ]:
         with pytest.raises(click.UsageError) as err:
             convert(kind, option, text)

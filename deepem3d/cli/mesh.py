@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import click
 
-from deepem3d.cli.options import Triple, dry_run_option, parallel_option, queue_option
+from deepem3d.cli.options import Number, Triple, dry_run_option, parallel_option, queue_option
 from deepem3d.run.queues import check_queue_url
 
 
@@ -71,10 +71,10 @@ def mesh(layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip
 @object_options("512,512,512")
 @click.option("--dust-threshold", type=click.IntRange(min=0), default=None,
               help="Skip segments smaller than this many voxels within a task (default 1000).")
-@click.option("--min-cable-nm", type=click.FloatRange(min=0), default=None,
+@click.option("--min-cable-nm", type=Number(min=0), default=None,
               help="At the merge, drop skeletons with less cable than this, in nm "
               "(default 500).")
-@click.option("--tick-threshold", type=click.FloatRange(min=0), default=None,
+@click.option("--tick-threshold", type=Number(min=0), default=None,
               help="At the merge, prune branches shorter than this, in nm (default 500).")
 def skeleton(layer: str, queue: str | None, parallel: int | None, dry_run: bool,
              mip: int | None, task_shape: tuple[int, int, int] | None, sharded: bool,

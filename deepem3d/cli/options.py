@@ -109,6 +109,18 @@ class Bounds(click.ParamType):
         return lo, hi
 
 
+class Number(click.FloatRange):
+    """A finite float in a range (click's FloatRange lets nan and inf through: every
+    comparison with nan is false)."""
+
+    def convert(self, value, param, ctx) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            raise OptionValueError(f"{_option_name(param)} {value!r} must be a finite number",
+                                   ctx=ctx, param=param)
+        return number
+
+
 class ByteSize(click.ParamType):
     """A number of bytes: 3500000000, 3.5e9, 3500MB, 3.5GB, 2GiB (KB, MB, GB, TB are powers of
     1000, KiB, MiB, GiB, TiB powers of 1024), as an int, at least `min` bytes."""

@@ -10,6 +10,7 @@ import time
 import click
 from tqdm import tqdm
 
+from deepem3d.cli.options import Number
 from deepem3d.errors import InputError
 from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
 
@@ -30,7 +31,7 @@ from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
     "--import", "imports", multiple=True, metavar="MODULE",
     help="Also import MODULE, which registers tasks of your own (repeatable).",
 )
-@click.option("--poll-seconds", type=click.FloatRange(min=0.01), default=1.0,
+@click.option("--poll-seconds", type=Number(min=0.01), default=1.0,
               show_default=True, help="Wait between polls of an empty queue (it grows to ten "
               "times this while the queue stays empty).")
 @click.option("--parent-pid", type=int, default=None, hidden=True,
@@ -148,7 +149,8 @@ def delete(url: str, yes: bool) -> None:
 @click.argument("url")
 @click.option("--watch", is_flag=True, help="Show a progress bar until the queue is empty.")
 @click.option(
-    "--interval", type=float, default=2.0, show_default=True, help="Seconds between polls."
+    "--interval", type=Number(min=0.1), default=2.0, show_default=True,
+    help="Seconds between polls."
 )
 def status(url: str, watch: bool, interval: float) -> None:
     """Show inserted / enqueued / leased / completed for the queue URL, and the tasks its

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from deepem3d.cli.options import Triple
+from deepem3d.cli.options import Number, Triple
 from deepem3d.errors import InputError
 
 
@@ -24,7 +24,7 @@ from deepem3d.errors import InputError
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--patch-size", type=click.IntRange(min=16), default=128, show_default=True,
               help="Network input per training patch, in-plane (multiple of 16).")
-@click.option("--lr", type=float, default=0.01, show_default=True,
+@click.option("--lr", type=Number(min=0, min_open=True), default=0.01, show_default=True,
               help="Base learning rate (poly schedule, power 0.8).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-every", type=click.IntRange(min=1), default=200, show_default=True,
@@ -40,7 +40,8 @@ from deepem3d.errors import InputError
               help="Processes preparing batches ahead of the step (default: on a GPU, one per "
               "core but one, at most 8; on the CPU none, the step uses the cores). Batches do "
               "not depend on it, so a run may resume with another count.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt "
+              "(with none there it starts: one command for a job restarted after preemption).")
 @click.option("--init", default=None,
               help="Start from this checkpoint's weights (a shipped name, file or cloud path) "
                    "with a fresh optimizer and schedule: fine-tuning. Same network flags.")

@@ -41,6 +41,9 @@ def check_existing_queue(url: str) -> str:
     if url.startswith("fq://") and not os.path.isdir(url[len("fq://"):]):
         raise InputError(f"{url}: no such file queue (the directory does not exist); tasks "
                          "create it: check the path, or create the tasks first")
+    if url.startswith("fq://") and os.path.isfile(os.path.join(url[len("fq://"):], "info")):
+        raise InputError(f"{url} is a precomputed layer, not a file queue: give the queue's "
+                         "folder (a run's is OUTPUT/queue)")
     return url
 
 

@@ -427,7 +427,11 @@ def plan_inference(
         elif "window" in patch or "batch" in patch:
             PatchGeometry(size=16, output=16, overlap=0, **patch).check()
     except ValueError as err:
-        raise InputError(f"patch geometry: {err}") from None
+        options = {"size": "--patch-size", "output": "--patch-output", "overlap": "--overlap"}
+        defaults = PatchGeometry.__dataclass_fields__
+        unset = [f"{flag} {defaults[k].default}" for k, flag in options.items() if k not in patch]
+        note = f" (not given, so {', '.join(unset)})" if unset and not tiled else ""
+        raise InputError(f"patch geometry: {err}{note}") from None
 
     from deepem3d.models.shipped import expand_models, recommended_settings
 
