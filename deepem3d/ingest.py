@@ -138,8 +138,12 @@ class TiffStackSource(VolumeSource):
     kind = "tiff"
 
     def __init__(self, path: str):
+        import logging
+
         import tifffile
 
+        # its warnings on a damaged file ("invalid page offset") precede our one-line error
+        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
         try:
             self._tif = tifffile.TiffFile(path)
         except (tifffile.TiffFileError, OSError, ValueError) as err:
@@ -179,9 +183,13 @@ class TiffStackSource(VolumeSource):
         self._memmap = None
         if s.dataoffset is not None and s.keyframe.is_memmappable:
             # uncompressed and contiguous (also ImageJ stacks over 4 GB, which have one IFD)
-            self._memmap = tif.filehandle.memmap_array(
-                tif.byteorder + s.dtype.char, shape, s.dataoffset
-            )
+            try:
+                self._memmap = tif.filehandle.memmap_array(
+                    tif.byteorder + s.dtype.char, shape, s.dataoffset
+                )
+            except ValueError:  # numpy's "mmap length is greater than file size"
+                raise InputError(f"{path} is truncated: its {depth} pages of {width}x{height} "
+                                 "run past the end of the file") from None
         elif len(s) != depth or tuple(s.keyframe.shape) != (height, width):
             raise InputError(
                 f"{path}: pages of shape {tuple(s.keyframe.shape)} do not stack into "

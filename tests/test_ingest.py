@@ -366,4 +366,9 @@ def test_cli_errors_are_one_line(tmp_path):
     assert_one_line_error(cli(npy, dest, "--resolution", "4,4,40", "--voxel-offset", "a,0,0"),
                           "--voxel-offset")
     assert_one_line_error(cli(npy, dest, "--resolution", "4,4,40", "--axes", "yxz"), "axes")
+    stack = tmp_path / "stack.tif"
+    tifffile.imwrite(stack, volume())
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(stack.read_bytes()[: stack.stat().st_size // 2])
+    assert_one_line_error(cli(truncated, dest, "--resolution", "4,4,40"), "is truncated")
     assert not dest.exists()
