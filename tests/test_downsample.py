@@ -74,6 +74,10 @@ def test_downsample_bad_input(tmp_path):
     )
     assert_one_line_error(run_cli("downsample", layer, "--factor", "2,2"), "malformed --factor")
     assert_one_line_error(run_cli("downsample", layer, "--bounds", "0,0,0,10"), "--bounds")
+    info = CloudFiles(layer).get_json("info")
+    assert_one_line_error(run_cli("downsample", layer, "--bounds", "0,0,0,512,512,20"),
+                          "--bounds", "reach outside")  # the layer is 256 x 256 x 20
+    assert CloudFiles(layer).get_json("info") == info
 
 
 def test_tasks_that_fail_leave_their_queue_and_log_where_the_message_says(tmp_path):

@@ -20,6 +20,7 @@ import numpy as np
 from cloudvolume.lib import Bbox, Vec
 
 from deepem3d.errors import InputError
+from deepem3d.stages.blocks import check_bounds
 from deepem3d.stages.frame import Stage, digest, marked
 from deepem3d.storage.layers import cloudpath, open_layer
 
@@ -115,6 +116,9 @@ def plan_downsample(
     if sharded:
         shape, resolutions = _shard_geometry(vol, mip, factor, len(resolutions), memory_target)
         chunk = Vec(*vol.meta.chunk_size(mip))  # igneous's bounds: whole chunks of mip + 1
+    if bounds is not None:  # refused as infer and segment refuse them (igneous would clip)
+        check_bounds(bounds, vol.meta.voxel_offset(mip), vol.meta.volume_size(mip), layer_path,
+                     mip)
     with contextlib.redirect_stdout(io.StringIO()):  # igneous prints the bounds it chose
         region = get_bounds(vol, bounds, mip, chunk_size=chunk)
     count = int(np.prod(np.ceil(np.asarray(region.size3()) / np.asarray(shape))))
