@@ -204,3 +204,12 @@ def test_corrupted_and_incompatible_checkpoints(tmp_path):
         load_checkpoint(str(old))
     with pytest.raises(InputError, match="no checkpoint"):
         load_checkpoint(str(tmp_path / "missing.pt"))
+    text = tmp_path / "info"
+    text.write_text('{"type": "image"}')
+    with pytest.raises(InputError, match="not a file torch.save wrote"):
+        load_checkpoint(str(text))
+    pickled = tmp_path / "module.pt"
+    torch.save(model, pickled)  # the whole module: classes weights_only refuses to load
+    with pytest.raises(InputError, match="holds objects besides tensors") as err:
+        load_checkpoint(str(pickled))
+    assert "weights_only" not in str(err.value)

@@ -97,6 +97,17 @@ def read_bytes(location: str) -> bytes:
         return f.read()
 
 
+def _unreadable(data: bytes, err: Exception) -> str:
+    """Why torch.load refused the bytes, in the user's terms (torch's own message advises
+    loading with weights_only=False, which a deepem3d checkpoint never needs)."""
+    if not data.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+        return "not a file torch.save wrote"
+    text = str(err)
+    if "Weights only load failed" in text:
+        return "it holds objects besides tensors and plain values"
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
 def load_checkpoint(name_or_path: str | None) -> dict:
     """The checkpoint's contents, `meta` parsed, plus its `sha256` and `location`."""
     location = resolve_model(name_or_path)
@@ -104,8 +115,8 @@ def load_checkpoint(name_or_path: str | None) -> dict:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or holding disallowed objects
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise InputError(f"{location} is not a readable deepem3d checkpoint ({reason})") from None
+        raise InputError(f"{location} is not a readable deepem3d checkpoint "
+                         f"({_unreadable(data, err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(f"{location} is not a deepem3d checkpoint")
     if payload.get("version") != VERSION:
