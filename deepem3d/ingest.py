@@ -163,20 +163,20 @@ class TiffStackSource(VolumeSource):
             shapes = ", ".join("x".join(map(str, s.shape)) for s in series[:4])
             raise InputError(
                 f"{path} holds {len(series)} image series of different shapes ({shapes}"
-                f"{', ...' if len(series) > 4 else ''}): ingest reads a stack of equal-size "
+                f"{', ...' if len(series) > 4 else ''}): deepem3d reads a stack of equal-size "
                 "2D grayscale pages"
             )
         s = series[0]
         axes, shape = s.axes, tuple(s.shape)
         if len(shape) == 2:
             raise InputError(
-                f"{path} holds a single 2D image ({shape[1]}x{shape[0]}): ingest takes a 3D "
+                f"{path} holds a single 2D image ({shape[1]}x{shape[0]}): deepem3d takes a 3D "
                 "stack, a multi-page TIFF or a directory of TIFF files"
             )
         if any(ax in "CS" and n > 1 for ax, n in zip(axes, shape)):
             raise InputError(
                 f"{path} has channels or samples per pixel (axes {axes}, shape {shape}): "
-                "ingest reads one grayscale channel; save one channel as its own stack first"
+                "deepem3d reads one grayscale channel; save one channel as its own stack first"
             )
         _check_3d(shape, path)
         depth, height, width = shape
@@ -193,7 +193,7 @@ class TiffStackSource(VolumeSource):
         elif len(s) != depth or tuple(s.keyframe.shape) != (height, width):
             raise InputError(
                 f"{path}: pages of shape {tuple(s.keyframe.shape)} do not stack into "
-                f"{shape}: ingest reads a stack of 2D grayscale pages"
+                f"{shape}: deepem3d reads a stack of 2D grayscale pages"
             )
         self._series = s
         super().__init__(path, shape, s.dtype, "zyx")
@@ -232,7 +232,7 @@ class TiffDirectorySource(VolumeSource):
             key=lambda p: natural_key(os.path.basename(p)),
         )
         if not files:
-            raise InputError(f"{path} holds no .tif/.tiff files: ingest reads {SUPPORTED}")
+            raise InputError(f"{path} holds no .tif/.tiff files: deepem3d reads {SUPPORTED}")
         shape = dtype = None
         for file in files:  # headers only: every file must be one 2D page of the same kind
             page_shape, page_dtype = self._header(file)
@@ -300,7 +300,7 @@ def open_source(src: str, axes: str = "zyx") -> VolumeSource:
         return TiffStackSource(path)
     if lower.endswith(NPY_SUFFIXES):
         return _open_npy(path, axes)
-    raise InputError(f"cannot tell what {src} is from its name: ingest reads {SUPPORTED}")
+    raise InputError(f"cannot tell what {src} is from its name: deepem3d reads {SUPPORTED}")
 
 
 def split_hdf5(src: str) -> tuple[str, str | None] | None:
@@ -390,7 +390,7 @@ def _check_3d(shape: Sequence[int], name: str) -> None:
     if len(shape) != 3:
         hint = ""
         if len(shape) == 4:
-            hint = ": take one channel first (ingest reads one-channel 3D volumes)"
+            hint = ": take one channel first (deepem3d reads one-channel 3D volumes)"
         raise InputError(f"{name} is {len(shape)}D (shape {tuple(shape)}), not 3D{hint}")
     if 0 in shape:
         raise InputError(f"{name} is empty (shape {tuple(shape)})")
