@@ -186,6 +186,15 @@ def test_train_bad_input(sample_h5, tmp_path):
         run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--init",
                 "isbi2012-small-affinity"), "--init isbi2012-small-affinity holds",
     )
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--patch-size",
+                "16", "--batch-size", "1"), "one value per channel",
+    )
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--lr", "nan"),
+        "--lr 'nan' must be a finite number",
+    )
+    assert not (tmp_path / "o").exists()
 
 
 def test_corrupted_and_incompatible_checkpoints(tmp_path):

@@ -55,6 +55,10 @@ def train(image, labels, train_sections, val_sections, out_dir, preset, head, in
 
     if patch_size % 16:
         raise InputError(f"--patch-size {patch_size} must be a multiple of 16")
+    if batch_size * (patch_size // 16) ** 2 < 2:  # the deepest level's BatchNorm needs two
+        raise InputError(f"--patch-size {patch_size} with --batch-size {batch_size} leaves one "
+                         "value per channel at the network's deepest level: use --patch-size "
+                         "32 or more, or --batch-size 2 or more")
     train_range = parse_sections(train_sections, "--train-sections")
     val_range = parse_sections(val_sections, "--val-sections") if val_sections else None
     if val_range and max(train_range[0], val_range[0]) < min(train_range[1], val_range[1]):
