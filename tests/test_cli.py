@@ -45,8 +45,8 @@ def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
 
 
 def test_paths_through_files_and_unknown_schemes(tmp_path):
-    """A file where a folder goes (a layer given as its info file, an output under a file) and
-    a scheme no reader knows are one-line mistakes, and nothing is written."""
+    """A file where a folder goes (a layer given as its info file, an output under a file), a
+    scheme no reader knows and an empty path are one-line mistakes, and nothing is written."""
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     assert_one_line_error(run_cli("sample", a_file), "a path runs through a file", "a_file")
@@ -55,6 +55,7 @@ def test_paths_through_files_and_unknown_schemes(tmp_path):
                           "a path runs through a file")
     assert_one_line_error(run_cli("infer", layer, "foo://bucket/map", "--dry-run"),
                           "unknown scheme foo://")
+    assert_one_line_error(run_cli("infer", "", tmp_path / "map", "--dry-run"), "an empty path")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "image"]
 
 

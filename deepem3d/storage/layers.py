@@ -29,6 +29,8 @@ DEFAULT_ENCODING = {"image": "raw", "segmentation": "compressed_segmentation"}
 
 def cloudpath(path: str) -> str:
     """A CloudVolume path: plain local paths become absolute file:// paths."""
+    if not str(path).strip():  # would name the working directory
+        raise InputError("an empty path where a layer goes: give the layer's path")
     if "://" in path:
         return path
     return "file://" + os.path.abspath(os.path.expanduser(path))
