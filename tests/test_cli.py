@@ -30,6 +30,7 @@ def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
     queue = tmp_path / "q"
     TaskQueue(f"fq://{queue}").insert([])
     run_cli("worker", f"fq://{queue}", "--exit-when-empty", check=True)
+    (queue / "workers.log").write_text("a local run's temporary queue keeps its workers' log")
     assert run_cli("queue", "delete", f"fq://{queue}", "--yes", check=True).returncode == 0
     assert not queue.exists()
 

@@ -263,6 +263,9 @@ def test_a_worker_runs_only_its_tasks_and_writes_only_inside_its_allow_list(tmp_
         "climbs-out": [["deepem3d.stages.graph", "RegionGraphTask"],
                        [f"{layer}/../../outside/layer", [0, 0, 0, 1, 1, 1], []],
                        {"run": run}, None],
+        # an empty path (the worker's working directory, and no layer)
+        "empty-path": [["deepem3d.stages.graph", "RegionGraphTask"],
+                       ["", [0, 0, 0, 1, 1, 1], []], {"run": run}, None],
         # a wrapped class whose `payload` key taskqueue would follow to DeleteTask
         "payload-inside": [["deepem3d.stages.frame", "MarkedTask"], [],
                            {"task": {"class": "MeshTask", "payload": delete}, "run": run}, None],
@@ -290,7 +293,7 @@ def test_a_worker_runs_only_its_tasks_and_writes_only_inside_its_allow_list(tmp_
     assert "igneous.tasks.image.image.DeleteTask is not a task this worker runs" in \
         reasons["bare-delete"]
     assert "refuses igneous's DeleteTask" in reasons["wrapped-delete"]
-    for name in ("wrapped-outside", "climbs-out"):
+    for name in ("wrapped-outside", "climbs-out", "empty-path"):
         assert "outside the allowed prefixes" in reasons[name], reasons[name]
     assert "with a payload or id key" in reasons["payload-inside"]
     assert "not run directly" in reasons["class-as-stage"] or "not a task" in \

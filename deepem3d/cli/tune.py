@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import click
 from cloudvolume.lib import Bbox
@@ -161,7 +162,9 @@ def write_setting(pipeline: str, data: dict, row, run_settings: dict) -> None:
                    dust_size=row.setting.dust_size, sigma=float(sigma or 0.0),
                    dust_mode=run_settings.get("dust_mode", "merge"))
     data["segmentation"] = section
-    partial = f"{pipeline}.partial"
+    target = os.path.realpath(pipeline)  # a link keeps pointing at the file it named
+    partial = f"{target}.partial"
     with open(partial, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
-    os.replace(partial, pipeline)
+    shutil.copymode(target, partial)
+    os.replace(partial, target)

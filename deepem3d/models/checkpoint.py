@@ -100,8 +100,8 @@ def read_bytes(location: str) -> bytes:
 def _unreadable(data: bytes, err: Exception) -> str:
     """Why torch.load refused the bytes, in the user's terms (torch's own message advises
     loading with weights_only=False, which a deepem3d checkpoint never needs)."""
-    if not data.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
-        return "not a file torch.save wrote"
+    if not data.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive, or torch's legacy
+        return "not a file torch.save wrote"               # format (a pickle)
     text = str(err)
     if "Weights only load failed" in text:
         return "it holds objects besides tensors and plain values"

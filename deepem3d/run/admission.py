@@ -89,7 +89,7 @@ def _check_writes(what: str, paths: Iterable, prefixes: tuple[str, ...]) -> None
     for path in paths:
         if path is None:
             continue
-        if not isinstance(path, str) or not _inside(path, prefixes):
+        if not isinstance(path, str) or not path.strip() or not _inside(path, prefixes):
             raise Refused(f"{what} writes to {path!r}, outside the allowed prefixes "
                           f"({', '.join(prefixes)})")
 

@@ -26,7 +26,7 @@
     skeletons:                         # with the `skeletons` product: `deepem3d skeleton`'s
       min_cable_nm: 1000
     evaluate:                          # with `ground_truth`: where the score is taken
-      bounds: [0, 0, 20, 512, 512, 30] # default: the segmentation's bounds, else all of it
+      bounds: [0, 0, 20, 512, 512, 30] # default: the ground truth within the segmentation
     queues:
       default: fq://results/run1/queue
       inference: sqs://em-gpu
@@ -191,13 +191,20 @@ def _unique_keys_loader():
 
     class UniqueKeys(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} given twice", key_node.start_mark)
-                seen.add(key)
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys
+                        continue  # are defaults the mapping's own may override
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        duplicate = key in seen
+                    except TypeError:  # a list or mapping as a key: the base class says so
+                        break
+                    if duplicate:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} given twice", key_node.start_mark)
+                    seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
     return UniqueKeys
@@ -362,11 +369,9 @@ def _check_sections(p: Pipeline) -> None:
     if "bounds" in p.evaluate:
         p.evaluate["bounds"] = _triple(p.source, "evaluate.bounds", p.evaluate["bounds"],
                                        count=6)
-    # a run that infers part of the image segments that part, and scores what it segments
+    # a run that infers part of the image segments that part (and scores within it)
     if "map" in p.products and "bounds" in inf and "bounds" not in seg:
         seg["bounds"] = list(inf["bounds"])
-    if "segmentation" in p.products and "bounds" in seg and "bounds" not in p.evaluate:
-        p.evaluate["bounds"] = list(seg["bounds"])
     if "method" in seg and seg["method"] not in ("mean", "watershed"):
         _fail(p.source, "segmentation.method", f"{seg['method']!r}: choose mean or watershed")
     if "threshold" in seg:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from cloudvolume.lib import Bbox
 
 from deepem3d.errors import InputError
@@ -80,6 +81,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
         segment_stages,
         settings_for_map,
     )
+    from deepem3d.storage.layers import open_layer
 
     layers: dict[str, str] = {}
     image = p.image
@@ -150,9 +152,11 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
         map_ready = stage.is_complete() and "inference" not in overwrite
         if dry_run and not map_ready:
             map_path = _stand_in(scratch_dir(), "map", iplan)
-    if p.ground_truth:  # after the inference's checks of the image
+    if p.ground_truth and "segmentation" in p.products:  # after the inference's checks
+        map_bounds = (Bbox(iplan.voxel_offset, np.add(iplan.voxel_offset, iplan.size))
+                      if "map" in p.products else open_layer(map_path).bounds)
         check_scoring(p, temporary["ground_truth"] if dry_run and p.ground_truth == SAMPLE
-                      else layers["ground_truth"], image)
+                      else layers["ground_truth"], map_bounds)
     segmentation_ready = "segmentation" not in p.products
     if "segmentation" in p.products:
         given = {k: seg.get(k) for k in ("method", "threshold", "sigma", "dust_size")}
@@ -287,41 +291,50 @@ def describe_costs(plan: RunPlan) -> list[str]:
     return rows
 
 
-def check_scoring(p: Pipeline, ground_truth: str, image: str) -> None:
+def scored_region(p: Pipeline, gt_bounds: Bbox) -> Bbox:
+    """Where the score is taken: `evaluate.bounds`, else the ground truth within the
+    segmentation's bounds (all of the ground truth when the whole map is segmented)."""
+    if p.evaluate.get("bounds"):
+        return _bbox(p.evaluate["bounds"])
+    segmented = _bbox(p.segmentation.get("bounds"))
+    return Bbox.intersection(gt_bounds, segmented) if segmented is not None else gt_bounds
+
+
+def check_scoring(p: Pipeline, ground_truth: str, map_bounds: Bbox) -> None:
     """Before anything runs: the ground truth holds labels, and the region scored lies inside
-    it, the image and the region segmented (a late OutOfBoundsError would come after hours)."""
+    it and the region segmented (a late OutOfBoundsError would come after hours)."""
     from deepem3d.storage.labels import open_labels
-    from deepem3d.storage.layers import open_layer
 
     try:
         gt = open_labels(ground_truth, "ground_truth")
     except InputError as err:
         raise _in_key(p.source, "ground_truth", err) from None
-    bounds = p.evaluate.get("bounds")
-    region = Bbox(bounds[:3], bounds[3:]) if bounds else gt.bounds
-    inside = [("the ground truth", gt.bounds), ("the image", open_layer(image).bounds)]
+    region = scored_region(p, gt.bounds)
+    key = "evaluate.bounds" if p.evaluate.get("bounds") else "ground_truth"
+    if np.any(np.asarray(region.size3()) <= 0):
+        raise InputError(f"{p.source}: {key}: the ground truth ({format_bounds(gt.bounds)}) "
+                         "and the region segmented do not overlap: nothing to score")
+    inside = [("the ground truth", gt.bounds), ("the map", map_bounds)]
     if p.segmentation.get("bounds"):
-        seg = p.segmentation["bounds"]
-        inside.append(("segmentation.bounds", Bbox(seg[:3], seg[3:])))
+        inside.append(("segmentation.bounds", _bbox(p.segmentation["bounds"])))
     for name, box in inside:
         if not box.contains_bbox(region):
             raise InputError(
-                f"{p.source}: evaluate.bounds: {format_bounds(region)} reach outside {name} "
+                f"{p.source}: {key}: {format_bounds(region)} reach outside {name} "
                 f"({format_bounds(box)}): give evaluate.bounds inside it")
 
 
 def score(p: Pipeline, layers: dict[str, str]) -> dict:
     """Adapted Rand error and VOI of the segmentation against the ground truth, over
-    `evaluate.bounds` (default: the whole ground truth), read in one piece."""
-    import numpy as np
+    `scored_region` (checked before the run by check_scoring), read in one piece."""
     from cloudvolume import CloudVolume
 
     from deepem3d.segmentation.metrics import evaluate
 
     seg = CloudVolume(layers["segmentation"], progress=False, fill_missing=True)
     gt = CloudVolume(layers["ground_truth"], progress=False)
-    bounds = p.evaluate.get("bounds") or [*gt.bounds.minpt, *gt.bounds.maxpt]
-    x0, y0, z0, x1, y1, z1 = (int(v) for v in bounds)
+    region = scored_region(p, gt.bounds)
+    x0, y0, z0, x1, y1, z1 = (int(v) for v in (*region.minpt, *region.maxpt))
     result = evaluate(np.asarray(seg[x0:x1, y0:y1, z0:z1]), np.asarray(gt[x0:x1, y0:y1, z0:z1]))
     return {"adapted_rand_error": result["adapted_rand_error"],
             "voi_split": result["voi_split"], "voi_merge": result["voi_merge"],

@@ -67,8 +67,10 @@ def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 9
 
 
 #: what a file queue's folder holds: taskqueue's (queue/, movement/, the counters), the
-#: workers' lease counts (attempts/) and the tasks they set aside (failed/)
-FILE_QUEUE_ENTRIES = ("queue", "movement", "completions", "insertions", "attempts", "failed")
+#: workers' lease counts (attempts/), the tasks they set aside (failed/) and, in a local run's
+#: temporary queue, their log
+FILE_QUEUE_ENTRIES = ("queue", "movement", "completions", "insertions", "attempts", "failed",
+                      "workers.log")
 
 
 def delete_queue(url: str) -> str:
