@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 from cloudfiles import CloudFiles
+from cloudvolume.lib import Bbox
 
+from deepem3d.stages.downsample import plan_downsample
 from deepem3d.stages.frame import Markers
 from tests.conftest import (
     assert_one_line_error,
@@ -64,6 +66,10 @@ def test_downsample_on_a_queue_without_local_workers(tmp_path):
     run_cli("worker", queue, "--exit-when-empty", check=True)
     assert Markers(layer, "downsample-mip0").is_complete()
     assert "enqueued: 0" in run_cli("queue", "status", queue, "--watch", check=True).stdout
+    # --bounds are at --mip: a plan from mip 1 covers those voxels of mip 1 (they were read
+    # as mip-0 voxels, halved in x and y)
+    region = Bbox((64, 64, 0), (128, 128, 10))
+    assert plan_downsample(layer, mip=1, bounds=region).bounds == region
 
 
 def test_downsample_bad_input(tmp_path):

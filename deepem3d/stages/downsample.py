@@ -120,7 +120,7 @@ def plan_downsample(
         check_bounds(bounds, vol.meta.voxel_offset(mip), vol.meta.volume_size(mip), layer_path,
                      mip)
     with contextlib.redirect_stdout(io.StringIO()):  # igneous prints the bounds it chose
-        region = get_bounds(vol, bounds, mip, chunk_size=chunk)
+        region = get_bounds(vol, bounds, mip, bounds_mip=mip, chunk_size=chunk)
     count = int(np.prod(np.ceil(np.asarray(region.size3()) / np.asarray(shape))))
     # igneous's own memory model: the source box and its levels (a sharded task also holds
     # the encoded shards: counted as a second copy of the first level)
