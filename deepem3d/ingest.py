@@ -142,17 +142,23 @@ class TiffStackSource(VolumeSource):
 
         import tifffile
 
-        # its warnings on a damaged file ("invalid page offset") precede our one-line error
-        logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+        # while the file is opened, tifffile's own log lines on a damaged file ("invalid page
+        # offset") would precede the one-line error that names the damage
+        log = logging.getLogger("tifffile")
+        level = log.level
+        log.setLevel(logging.CRITICAL)
         try:
-            self._tif = tifffile.TiffFile(path)
-        except (tifffile.TiffFileError, OSError, ValueError) as err:
-            raise InputError(f"cannot read {path} as TIFF: {err}") from None
-        try:
-            self._open(path)
-        except BaseException:
-            self.close()
-            raise
+            try:
+                self._tif = tifffile.TiffFile(path)
+            except (tifffile.TiffFileError, OSError, ValueError) as err:
+                raise InputError(f"cannot read {path} as TIFF: {err}") from None
+            try:
+                self._open(path)
+            except BaseException:
+                self.close()
+                raise
+        finally:
+            log.setLevel(level)
 
     def _open(self, path: str) -> None:
         tif = self._tif

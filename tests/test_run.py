@@ -255,15 +255,15 @@ def test_the_scored_region_is_the_ground_truth_within_the_segmentation(tmp_path,
     """Without evaluate.bounds the score covers the ground truth within segmentation.bounds
     (all of it when the whole map is segmented); YAML merge keys still load."""
     from deepem3d.run.pipeline import load_pipeline
-    from deepem3d.run.plan import scored_region
+    from deepem3d.run.plan import evaluated_region
 
     gt = Bbox((32, 32, 2), (96, 96, 7))
     without = {"  bounds: [0, 0, 6, 128, 128, 10]\n": ""}
     whole = load_pipeline(str(pipeline_file(tmp_path, crop_layers, tmp_path / "a", **without)))
-    assert scored_region(whole, gt) == gt
+    assert evaluated_region(whole, gt) == gt
     part = load_pipeline(str(pipeline_file(tmp_path, crop_layers, tmp_path / "b", **without, **{
         "segmentation:\n": "segmentation:\n  bounds: [0, 0, 0, 64, 64, 10]\n"})))
-    assert scored_region(part, gt) == Bbox((32, 32, 2), (64, 64, 7))
+    assert evaluated_region(part, gt) == Bbox((32, 32, 2), (64, 64, 7))
     merged = load_pipeline(str(pipeline_file(tmp_path, crop_layers, tmp_path / "c", **{
         "meshes]": "meshes, skeletons]", "meshes:\n  mip: 1\n":
         "meshes: &objects\n  mip: 1\nskeletons:\n  <<: *objects\n  min_cable_nm: 900\n"})))

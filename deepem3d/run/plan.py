@@ -291,7 +291,7 @@ def describe_costs(plan: RunPlan) -> list[str]:
     return rows
 
 
-def scored_region(p: Pipeline, gt_bounds: Bbox) -> Bbox:
+def evaluated_region(p: Pipeline, gt_bounds: Bbox) -> Bbox:
     """Where the score is taken: `evaluate.bounds`, else the ground truth within the
     segmentation's bounds (all of the ground truth when the whole map is segmented)."""
     if p.evaluate.get("bounds"):
@@ -309,7 +309,7 @@ def check_scoring(p: Pipeline, ground_truth: str, map_bounds: Bbox) -> None:
         gt = open_labels(ground_truth, "ground_truth")
     except InputError as err:
         raise _in_key(p.source, "ground_truth", err) from None
-    region = scored_region(p, gt.bounds)
+    region = evaluated_region(p, gt.bounds)
     key = "evaluate.bounds" if p.evaluate.get("bounds") else "ground_truth"
     if np.any(np.asarray(region.size3()) <= 0):
         raise InputError(f"{p.source}: {key}: the ground truth ({format_bounds(gt.bounds)}) "
@@ -326,14 +326,14 @@ def check_scoring(p: Pipeline, ground_truth: str, map_bounds: Bbox) -> None:
 
 def score(p: Pipeline, layers: dict[str, str]) -> dict:
     """Adapted Rand error and VOI of the segmentation against the ground truth, over
-    `scored_region` (checked before the run by check_scoring), read in one piece."""
+    `evaluated_region` (checked before the run by check_scoring), read in one piece."""
     from cloudvolume import CloudVolume
 
     from deepem3d.segmentation.metrics import evaluate
 
     seg = CloudVolume(layers["segmentation"], progress=False, fill_missing=True)
     gt = CloudVolume(layers["ground_truth"], progress=False)
-    region = scored_region(p, gt.bounds)
+    region = evaluated_region(p, gt.bounds)
     x0, y0, z0, x1, y1, z1 = (int(v) for v in (*region.minpt, *region.maxpt))
     result = evaluate(np.asarray(seg[x0:x1, y0:y1, z0:z1]), np.asarray(gt[x0:x1, y0:y1, z0:z1]))
     return {"adapted_rand_error": result["adapted_rand_error"],
