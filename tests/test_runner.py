@@ -3,6 +3,7 @@ and a wait that asks for its last few markers one by one instead of listing them
 
 from __future__ import annotations
 
+import os
 import threading
 from functools import partial
 from pathlib import Path
@@ -10,9 +11,10 @@ from pathlib import Path
 from taskqueue import TaskQueue
 from taskqueue.queueables import totask
 
+from deepem3d.run.queues import insert_tasks
 from deepem3d.run.runner import Runner
 from deepem3d.stages.frame import Markers, Stage
-from tests.queue_helpers import SleepInFrame
+from tests.queue_helpers import SleepInFrame, Touch
 
 
 def flag_stage(tmp_path: Path, count: int) -> Stage:
@@ -61,6 +63,40 @@ def test_waves_keep_a_stage_queue_short_and_finish_every_task(tmp_path):
     assert stage.is_complete()
     assert depths and max(depths) <= 3, depths  # never more than a wave on the queue
     assert "3 task(s) on" in lines[0] and "(more as they finish)" in lines[0]
+
+
+def test_a_task_leased_while_its_insert_runs_leaves_nothing_behind(tmp_path):
+    """A worker leasing as fast as tasks arrive: each task runs once and its file is deleted
+    whole (taskqueue's own insert writes a task's file, then logs it: a lease taken in between
+    was lost, or read half a file, and the leased file stayed on the queue until its lease
+    expired)."""
+    url = f"fq://{tmp_path / 'queue'}"
+    insert_tasks(url, [])
+    inserting, ran = threading.Event(), []
+
+    def lease_at_once():
+        queue = TaskQueue(url, progress=False)
+        while inserting.is_set() or queue.enqueued:
+            try:
+                task = queue.lease(seconds=600, num_tasks=1)
+            except Exception:  # noqa: BLE001  (empty, or a file half written: both lost here)
+                continue
+            task.execute()
+            ran.append(1)
+            queue.delete(task)
+
+    inserting.set()
+    worker = threading.Thread(target=lease_at_once, daemon=True)
+    worker.start()
+    for i in range(100):
+        insert_tasks(url, [partial(Touch, path=str(tmp_path / f"t{i}"))])
+    inserting.clear()
+    worker.join(30)
+    assert not worker.is_alive(), os.listdir(tmp_path / "queue" / "queue")
+    assert len(ran) == 100 and len(list(tmp_path.glob("t*"))) == 100
+    assert not os.listdir(tmp_path / "queue" / "queue")
+    assert not os.listdir(tmp_path / "queue" / "movement")
+    assert TaskQueue(url, progress=False).inserted == 100
 
 
 def test_the_wait_asks_for_its_last_markers_one_by_one(tmp_path, monkeypatch):

@@ -320,3 +320,37 @@ def test_the_worker_runs_every_task_deepem3d_registers():
     register_tasks()
     registered = {key for key in REGISTRY if key[0].startswith("deepem3d.")}
     assert registered == set(STAGE_TASKS)
+
+
+def test_a_file_its_insert_has_not_logged_yet_waits_for_its_log(tmp_path):
+    """taskqueue's insert writes a task's file, then its movement log: the worker leaves such a
+    young file alone until the log names it (a lease line written first would be truncated
+    away and the delete would miss the leased file), and leases an old file that has no log
+    at all (a lease lost so) afresh; either way the delete leaves the queue empty."""
+    from taskqueue import QueueEmptyError
+
+    from deepem3d.run.worker import UNREADABLE_GRACE, Worker
+
+    queue_dir = tmp_path / "queue"
+    tq = TaskQueue(f"fq://{queue_dir}", progress=False)
+    worker = Worker(f"fq://{queue_dir}", allow_prefixes=(str(tmp_path),))
+    for stage in ("logged later", "never logged"):
+        tq.insert([partial(Touch, path=str(tmp_path / "done"))])
+        [name] = os.listdir(queue_dir / "queue")
+        log = queue_dir / "movement" / name.split("--")[1][:-len(".json")]
+        log.unlink()  # as it is between the insert's two writes
+        try:
+            worker._lease_file()
+            raise AssertionError(f"{stage}: leased before its log")
+        except QueueEmptyError:
+            pass
+        assert os.listdir(queue_dir / "queue") == [name] and not log.exists()
+        if stage == "logged later":
+            log.write_text(name + "\n")
+        else:
+            old = time.time() - UNREADABLE_GRACE - 1
+            os.utime(queue_dir / "queue" / name, (old, old))
+        task = worker._lease_file()
+        assert name not in os.listdir(queue_dir / "queue")  # leased: renamed
+        worker.queue.delete(task)
+        assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")

@@ -362,7 +362,7 @@ class Worker:
         a file that is not a task is set aside instead of coming back forever (the API's own
         lease retries a file that does not parse, hides it for the lease time, and reports
         the queue empty). A file younger than UNREADABLE_GRACE may still be being written by
-        an insert: it is left for the next lease instead."""
+        an insert (or not yet be in its movement log): it is left for the next lease."""
         from taskqueue.file_queue_api import idfn, set_timestamp, write_lock_file
 
         api = self.queue.api
@@ -377,8 +377,17 @@ class Worker:
             leased = set_timestamp(name, now + self.lease_seconds)
             path = os.path.join(api.queue_path, leased)
             try:
+                # taskqueue's insert writes a task's file, then its movement log (truncating
+                # any lease line written meanwhile, which the delete would then miss): a young
+                # file its log does not name yet is left for a later lease; an old one without
+                # a log (a lease lost so) is leased and logged afresh
+                young = time.time() - os.path.getmtime(
+                    os.path.join(api.queue_path, name)) < UNREADABLE_GRACE
                 with write_lock_file(open(os.path.join(api.movement_path, idfn(leased)),
-                                          "a")) as f:
+                                          "r+" if young else "a")) as f:
+                    if young and name not in f.read().split("\n"):
+                        continue
+                    f.seek(0, os.SEEK_END)
                     os.rename(os.path.join(api.queue_path, name), path)
                     f.write(leased + "\n")
                 with open(path, errors="replace") as f:
