@@ -194,6 +194,18 @@ def test_train_bad_input(sample_h5, tmp_path):
         run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--lr", "nan"),
         "--lr 'nan' must be a finite number",
     )
+    with h5py.File(h5, "r") as f:
+        shape = f["ids"].shape
+    with h5py.File(tmp_path / "signed.h5", "w") as f:
+        f["ids"] = np.full(shape, -3, dtype=np.int32)
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{tmp_path / 'signed.h5'}:/ids", "--train-sections", "0:6"),
+        "hold negative ids (min -3)",
+    )
+    assert_one_line_error(
+        run_cli(*args, "--labels", f"{h5}:/raw", "--train-sections", "0:6"),
+        "--labels is the image",
+    )
     assert not (tmp_path / "o").exists()
 
 

@@ -72,6 +72,8 @@ def read_sections(source: str, sections: tuple[int, int], name: str) -> np.ndarr
 
 def load_pair(image: str, labels: str, sections: tuple[int, int], name: str):
     """(image uint8, ids int64), both z,y,x, checked to agree."""
+    if labels == image:
+        raise InputError(f"--labels is the image ({image}): give the ground-truth segmentation")
     img = read_sections(image, sections, name)
     ids = read_sections(labels, sections, name)
     if img.shape != ids.shape:
@@ -83,6 +85,9 @@ def load_pair(image: str, labels: str, sections: tuple[int, int], name: str):
         raise InputError(f"image {image} is {img.dtype}: deepem3d trains on uint8 EM images")
     if not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"labels {labels} are {ids.dtype}: expected integer ids")
+    if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
+        raise InputError(f"labels {labels} hold negative ids (min {ids.min()}): a segmentation "
+                         "needs ids >= 0 (0 is background)")
     return img, ids.astype(np.int64)
 
 
