@@ -15,13 +15,15 @@ import time
 from functools import partial
 from pathlib import Path
 
-from taskqueue import TaskQueue
+import pytest
+from taskqueue import QueueEmptyError, TaskQueue
 
 from deepem3d.stages.downsample import downsample_stage, plan_downsample
 from deepem3d.stages.frame import Markers, payload_of
 from tests.conftest import (
     MEMORY,
     ROOT,
+    assert_one_line_error,
     assert_same_mips,
     file_digests,
     igneous_reference,
@@ -354,3 +356,102 @@ def test_a_file_its_insert_has_not_logged_yet_waits_for_its_log(tmp_path):
         assert name not in os.listdir(queue_dir / "queue")  # leased: renamed
         worker.queue.delete(task)
         assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
+
+
+def one_task_queue(tmp_path: Path, *, old: bool = False):
+    """A file queue holding one Touch task (written UNREADABLE_GRACE ago when `old`), and an
+    in-process worker on it."""
+    from deepem3d.run.queues import insert_tasks
+    from deepem3d.run.worker import UNREADABLE_GRACE, Worker
+
+    queue_dir = tmp_path / "queue"
+    insert_tasks(f"fq://{queue_dir}", [partial(Touch, path=str(tmp_path / "done"))])
+    [name] = os.listdir(queue_dir / "queue")
+    if old:
+        then = time.time() - UNREADABLE_GRACE - 1
+        os.utime(queue_dir / "queue" / name, (then, then))
+    worker = Worker(f"fq://{queue_dir}", lease_seconds=3, exit_when_empty=True,
+                    allow_prefixes=(str(tmp_path),), imported=("tests.queue_helpers",))
+    return queue_dir, name, worker
+
+
+def test_a_lease_is_stamped_when_taken_not_when_the_queue_was_read(tmp_path, monkeypatch):
+    """A movement log's lock can take seconds (taskqueue retries it with back-off): the lease
+    runs from the rename, else another worker leases the task while this one runs it."""
+    import taskqueue.file_queue_api as fq
+
+    queue_dir, name, worker = one_task_queue(tmp_path)
+    real_lock = fq.write_lock_file
+    monkeypatch.setattr(fq, "write_lock_file", lambda f: time.sleep(2.5) or real_lock(f))
+    before = time.time()
+    task = worker._lease_file()
+    [leased] = os.listdir(queue_dir / "queue")
+    assert int(leased.split("--")[0]) >= int(before + 2.5) + 3, (before, leased)
+    worker.queue.delete(task)
+    assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
+
+
+def test_a_task_finished_while_another_worker_reached_for_it_leaves_no_log(tmp_path,
+                                                                           monkeypatch):
+    """An old file is leased with its log opened for appending (made if missing); when its
+    task was finished and deleted just before, the log that open made is removed again."""
+    queue_dir, name, worker = one_task_queue(tmp_path, old=True)
+    real_mtime = os.path.getmtime
+
+    def mtime_then_finished_elsewhere(path):
+        seconds = real_mtime(path)
+        worker.queue.api.delete(name.split("--")[1][:-len(".json")])
+        return seconds
+
+    monkeypatch.setattr(os.path, "getmtime", mtime_then_finished_elsewhere)
+    try:
+        worker._lease_file()
+        raise AssertionError("leased a task that was gone")
+    except QueueEmptyError:
+        pass
+    assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
+
+
+def test_sigterm_while_a_task_is_admitted_releases_it_unstarted(tmp_path, monkeypatch):
+    """A SIGTERM between the lease and the task's start (admission, the attempt count) is not
+    left for after the task: the task goes back to the queue, never started."""
+    from deepem3d.run.worker import Worker
+
+    queue_dir, name, worker = one_task_queue(tmp_path)
+    real_count = Worker._count_attempt
+
+    def count_then_terminated(self, task):
+        attempts = real_count(self, task)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return attempts
+
+    monkeypatch.setattr(Worker, "_count_attempt", count_then_terminated)
+    report = worker.run()
+    assert report.released == 1 and report.executed == 0 and report.stopped_by_signal
+    assert not (tmp_path / "done").exists()
+    [back] = os.listdir(queue_dir / "queue")
+    assert int(back.split("--")[0]) <= time.time()  # free to lease again
+
+
+def test_a_worker_killed_after_deleting_its_finished_task_leaves_no_attempt_count(
+        tmp_path, monkeypatch):
+    queue_dir, name, worker = one_task_queue(tmp_path)
+    real_delete = worker.queue.delete
+
+    def delete_then_killed(task, tally=False):
+        real_delete(task, tally=tally)
+        raise KeyboardInterrupt  # stands in for the SIGKILL that could land here
+
+    monkeypatch.setattr(worker.queue, "delete", delete_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        worker.run()
+    assert (tmp_path / "done").exists()
+    assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "attempts")
+
+
+def test_a_file_queue_refuses_a_lease_it_cannot_keep(tmp_path):
+    TaskQueue(f"fq://{tmp_path / 'q'}", progress=False)
+    assert_one_line_error(run_cli("worker", f"fq://{tmp_path / 'q'}", "--lease-seconds", "2"),
+                          "--lease-seconds 2 is too short for a file queue", "at least 3")
+    result = run_cli("run", "isbi2012-demo", "--lease-seconds", "2", "--output", tmp_path / "o")
+    assert result.returncode == 2 and "2 is not in the range x>=3" in result.stderr

@@ -19,7 +19,7 @@ from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
 @click.argument("queue")
 @click.option(
     "--lease-seconds", type=click.IntRange(min=1), default=600, show_default=True,
-    help="Lease per task; renewed in the background while a task runs.",
+    help="Lease per task; renewed in the background while a task runs (fq://: at least 3).",
 )
 @click.option("--exit-when-empty", is_flag=True, help="Exit once the queue holds no task.")
 @click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Exit after N tasks.")

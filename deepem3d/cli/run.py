@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from deepem3d.cli.options import dry_run_option
+from deepem3d.run.queues import MIN_FILE_LEASE_SECONDS
 
 
 @click.command()
@@ -17,7 +18,8 @@ from deepem3d.cli.options import dry_run_option
               help="Start N local workers per queue and drain the stages here. Without it, "
               "the run creates each stage's tasks and waits for workers elsewhere (`deepem3d "
               "worker QUEUE`); a file that names no queue runs on 1 local worker.")
-@click.option("--lease-seconds", type=click.IntRange(min=1), default=60, show_default=True,
+@click.option("--lease-seconds", type=click.IntRange(min=MIN_FILE_LEASE_SECONDS), default=60,
+              show_default=True,
               help="Lease of the local workers' tasks (renewed while a task runs): how soon "
               "the task of a worker that died goes to another.")
 @dry_run_option

@@ -22,10 +22,12 @@ counts attempts; this loop does all four:
   completion markers) fits in the grace period (`grace_seconds`, the pod's
   terminationGracePeriodSeconds, less GRACE_MARGIN); otherwise, or when nothing tells how long
   it takes, its lease is released at once (it goes back to the queue) and the worker exits 0,
-  so a preemption loses no time to a lease timeout. Ctrl-C finishes the task at hand; a
-  second one stops at once (the task comes back when its lease expires).
+  so a preemption loses no time to a lease timeout; a task leased but not yet started goes
+  back at once. Ctrl-C finishes the task at hand; a second one stops at once (the task comes
+  back when its lease expires).
 - A background thread renews the lease of a long task every third of the lease time, so a
-  task that outlives its lease is not handed to a second worker.
+  task that outlives its lease is not handed to a second worker. A file lease runs from its
+  rename (stamped in whole seconds, so at least MIN_FILE_LEASE_SECONDS).
 - Every failure of a frame task leaves an error record, LAYER/tasks/STAGE/errors/ID.json (the
   last line of the error, the attempt, the host), since an SQS message cannot carry one.
 - One log line per task: `finished task ID (stage LAYER/STAGE TASK) in S s, peak memory M MiB`;
@@ -53,7 +55,7 @@ from taskqueue.queueables import totask
 from deepem3d.errors import InputError
 from deepem3d.memory import peak_rss
 from deepem3d.run.admission import Refused, admit, normal_path
-from deepem3d.run.queues import open_queue, sqs_call
+from deepem3d.run.queues import check_lease, open_queue, sqs_call
 from deepem3d.stages.frame import Markers, frame_run, stage_label
 
 log = logging.getLogger("deepem3d.run.worker")
@@ -168,6 +170,7 @@ class _Running:
     task: object
     started: float
     expected: float | None = None
+    signalled: bool = False  # the handler has seen it (a stop asked before it was not)
 
 
 class _LeaseKeeper:
@@ -180,7 +183,7 @@ class _LeaseKeeper:
         self._thread.start()
 
     def _run(self) -> None:
-        interval = max(1.0, self._seconds / 3)
+        interval = self._seconds / 3  # MIN_FILE_LEASE_SECONDS keeps it inside a file lease
         while not self._stop.wait(interval):
             try:
                 self._queue.renew(self._task, self._seconds)
@@ -218,6 +221,7 @@ class Worker:
         #: this worker got this far: the runner passes its own pid)
         self.parent = parent_pid
         self.url = url
+        check_lease(url, lease_seconds)
         self.queue = open_queue(url)
         self.lease_seconds = int(lease_seconds)
         self.exit_when_empty = exit_when_empty
@@ -237,6 +241,8 @@ class Worker:
             raise KeyboardInterrupt
         self.stop_requested.set()
         running = self._running
+        if running is not None:
+            running.signalled = True
         name = signal.Signals(signum).name
         if signum != signal.SIGTERM or running is None:
             log.info("received %s: stopping after the current task", name)
@@ -374,21 +380,27 @@ class Worker:
                 names.append(entry.name)
         random.shuffle(names)
         for name in names[:LEASE_CANDIDATES]:
-            leased = set_timestamp(name, now + self.lease_seconds)
-            path = os.path.join(api.queue_path, leased)
+            queued = os.path.join(api.queue_path, name)
+            log_path = os.path.join(api.movement_path, idfn(name))
             try:
                 # taskqueue's insert writes a task's file, then its movement log (truncating
                 # any lease line written meanwhile, which the delete would then miss): a young
                 # file its log does not name yet is left for a later lease; an old one without
                 # a log (a lease lost so) is leased and logged afresh
-                young = time.time() - os.path.getmtime(
-                    os.path.join(api.queue_path, name)) < UNREADABLE_GRACE
-                with write_lock_file(open(os.path.join(api.movement_path, idfn(leased)),
-                                          "r+" if young else "a")) as f:
+                young = time.time() - os.path.getmtime(queued) < UNREADABLE_GRACE
+                with write_lock_file(open(log_path, "r+" if young else "a")) as f:
                     if young and name not in f.read().split("\n"):
                         continue
                     f.seek(0, os.SEEK_END)
-                    os.rename(os.path.join(api.queue_path, name), path)
+                    # stamped now, not at the scan: taking the lock may have taken seconds
+                    leased = set_timestamp(name, int(time.time()) + self.lease_seconds)
+                    path = os.path.join(api.queue_path, leased)
+                    try:
+                        os.rename(queued, path)
+                    except FileNotFoundError:  # another worker took it, or it is done
+                        if f.tell() == 0:  # so the log is the one this open made: no task
+                            os.remove(log_path)
+                        raise
                     f.write(leased + "\n")
                 with open(path, errors="replace") as f:
                     text = f.read()
@@ -526,6 +538,8 @@ class Worker:
         try:
             try:
                 self._running = running
+                if self.stop_requested.is_set() and not running.signalled:
+                    raise Preempted  # stopped while it was being admitted: not started
                 task.execute()
             finally:
                 self._running = None
@@ -557,11 +571,11 @@ class Worker:
             self._release(task)  # let it be retried now rather than at lease expiry
             return
         keeper.stop()
+        self._forget_attempts(task)  # first: a worker killed after the delete left it behind
         try:
             self.queue.delete(task, tally=True)
         except Exception as err:  # noqa: BLE001  (it comes back; its marker skips it)
             log.warning("could not delete finished task %s: %s", label, err)
-        self._forget_attempts(task)
         report.executed += 1
         log.info("finished task %s (%s) in %.2f s, peak memory %.0f MiB", label,
                  stage_of(task), time.time() - start, peak_rss() / 2**20)
