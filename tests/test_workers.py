@@ -393,23 +393,37 @@ def test_a_lease_is_stamped_when_taken_not_when_the_queue_was_read(tmp_path, mon
 
 def test_a_task_finished_while_another_worker_reached_for_it_leaves_no_log(tmp_path,
                                                                            monkeypatch):
-    """An old file is leased with its log opened for appending (made if missing); when its
-    task was finished and deleted just before, the log that open made is removed again."""
-    queue_dir, name, worker = one_task_queue(tmp_path, old=True)
+    """An old file is leased with its log opened for appending (made if missing). When its
+    task was finished and deleted just before, the log that open made is removed again; when
+    another worker holds it, its log stays, even emptied (taskqueue's renewal truncates the
+    log before it locks it)."""
+    from deepem3d.run.worker import Worker
+
     real_mtime = os.path.getmtime
+    for meanwhile in ("finished", "leased, its log being renewed"):
+        queue_dir, name, worker = one_task_queue(tmp_path / meanwhile, old=True)
+        task_id = name.split("--")[1][:-len(".json")]
+        log = queue_dir / "movement" / task_id
+        reached = []
 
-    def mtime_then_finished_elsewhere(path):
-        seconds = real_mtime(path)
-        worker.queue.api.delete(name.split("--")[1][:-len(".json")])
-        return seconds
+        def mtime_then_taken_elsewhere(path, queue_dir=queue_dir, log=log, reached=reached,
+                                       meanwhile=meanwhile, worker=worker, task_id=task_id):
+            seconds = real_mtime(path)
+            if not reached:
+                reached.append(path)
+                if meanwhile == "finished":
+                    worker.queue.api.delete(task_id)
+                else:
+                    Worker(f"fq://{queue_dir}", lease_seconds=3)._lease_file()
+                    log.write_text("")  # renew_lease's open(..., "wt"), before its lock
+            return seconds
 
-    monkeypatch.setattr(os.path, "getmtime", mtime_then_finished_elsewhere)
-    try:
-        worker._lease_file()
-        raise AssertionError("leased a task that was gone")
-    except QueueEmptyError:
-        pass
-    assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
+        monkeypatch.setattr(os.path, "getmtime", mtime_then_taken_elsewhere)
+        with pytest.raises(QueueEmptyError):
+            worker._lease_file()
+        monkeypatch.setattr(os.path, "getmtime", real_mtime)
+        left = os.listdir(queue_dir / "movement")
+        assert left == ([] if meanwhile == "finished" else [task_id]), (meanwhile, left)
 
 
 def test_sigterm_while_a_task_is_admitted_releases_it_unstarted(tmp_path, monkeypatch):

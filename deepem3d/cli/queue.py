@@ -62,7 +62,8 @@ def worker(
     modules; anything else, and a message that is not a task, is set aside on its first
     attempt (fq://: DIR/failed/; SQS: the dead-letter queue). SIGTERM: no new task; the task
     at hand is finished if it fits in --grace-seconds, else released; exit 0. Ctrl-C: the
-    task at hand is finished. Exit status 1 if any task raised or was set aside.
+    task at hand is finished (one not yet started is released). Exit status 1 if any task
+    raised or was set aside.
     """
     logging.basicConfig(  # other libraries' INFO lines (botocore's) stay out of the log
         level=logging.WARNING,

@@ -20,8 +20,9 @@ from deepem3d.run.queues import MIN_FILE_LEASE_SECONDS
               "worker QUEUE`); a file that names no queue runs on 1 local worker.")
 @click.option("--lease-seconds", type=click.IntRange(min=MIN_FILE_LEASE_SECONDS), default=60,
               show_default=True,
-              help="Lease of the local workers' tasks (renewed while a task runs): how soon "
-              "the task of a worker that died goes to another.")
+              help="Lease of the local workers' tasks (renewed while a task runs; at least 3 s, "
+              "which a file queue needs): how soon the task of a worker that died goes to "
+              "another.")
 @dry_run_option
 @click.option("--overwrite", is_flag=True,
               help="Replace layers a run with other settings wrote under the output root.")

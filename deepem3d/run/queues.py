@@ -24,7 +24,7 @@ from deepem3d.storage.cloud import boto_config
 SCHEMES = ("fq", "sqs")
 INSERT_BATCH = 1000  # tasks inserted per call: planning never holds a whole stage's tasks
 #: a file lease is stamped in whole seconds, so one of L seconds may last only L - 1; renewed
-#: every third of L, 3 s is the shortest a renewal always reaches in time (at 1 s, two
+#: every third of L, 3 s is the shortest that leaves a renewal a second to spare (at 1 s, two
 #: workers ran one task at once in 9 of 17 runs of a 4-task, 2-worker queue)
 MIN_FILE_LEASE_SECONDS = 3
 

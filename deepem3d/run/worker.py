@@ -23,8 +23,8 @@ counts attempts; this loop does all four:
   terminationGracePeriodSeconds, less GRACE_MARGIN); otherwise, or when nothing tells how long
   it takes, its lease is released at once (it goes back to the queue) and the worker exits 0,
   so a preemption loses no time to a lease timeout; a task leased but not yet started goes
-  back at once. Ctrl-C finishes the task at hand; a second one stops at once (the task comes
-  back when its lease expires).
+  back at once. Ctrl-C finishes the task at hand (one not yet started goes back); a second one
+  stops at once (the task comes back when its lease expires).
 - A background thread renews the lease of a long task every third of the lease time, so a
   task that outlives its lease is not handed to a second worker. A file lease runs from its
   rename (stamped in whole seconds, so at least MIN_FILE_LEASE_SECONDS).
@@ -173,6 +173,17 @@ class _Running:
     signalled: bool = False  # the handler has seen it (a stop asked before it was not)
 
 
+def _open_movement_log(path: str, young: bool):
+    """(file, made here): a young task's log must exist already (taskqueue's insert writes it
+    after the file); an old one's is made when missing (a lease lost so)."""
+    if young:
+        return open(path, "r+"), False
+    try:
+        return open(path, "x"), True
+    except FileExistsError:
+        return open(path, "a"), False
+
+
 class _LeaseKeeper:
     """Renews a task's lease in the background until stopped."""
 
@@ -183,7 +194,7 @@ class _LeaseKeeper:
         self._thread.start()
 
     def _run(self) -> None:
-        interval = self._seconds / 3  # MIN_FILE_LEASE_SECONDS keeps it inside a file lease
+        interval = max(0.1, self._seconds / 3)  # within a file lease: MIN_FILE_LEASE_SECONDS
         while not self._stop.wait(interval):
             try:
                 self._queue.renew(self._task, self._seconds)
@@ -388,7 +399,8 @@ class Worker:
                 # file its log does not name yet is left for a later lease; an old one without
                 # a log (a lease lost so) is leased and logged afresh
                 young = time.time() - os.path.getmtime(queued) < UNREADABLE_GRACE
-                with write_lock_file(open(log_path, "r+" if young else "a")) as f:
+                log_file, made = _open_movement_log(log_path, young)
+                with write_lock_file(log_file) as f:
                     if young and name not in f.read().split("\n"):
                         continue
                     f.seek(0, os.SEEK_END)
@@ -398,7 +410,7 @@ class Worker:
                     try:
                         os.rename(queued, path)
                     except FileNotFoundError:  # another worker took it, or it is done
-                        if f.tell() == 0:  # so the log is the one this open made: no task
+                        if made:  # its delete had removed the log: this open made it again
                             os.remove(log_path)
                         raise
                     f.write(leased + "\n")
@@ -539,7 +551,8 @@ class Worker:
             try:
                 self._running = running
                 if self.stop_requested.is_set() and not running.signalled:
-                    raise Preempted  # stopped while it was being admitted: not started
+                    log.info("releasing task %s: stopped before it started", label)
+                    raise Preempted
                 task.execute()
             finally:
                 self._running = None
