@@ -331,7 +331,8 @@ def test_a_file_its_insert_has_not_logged_yet_waits_for_its_log(tmp_path):
     at all (a lease lost so) afresh; either way the delete leaves the queue empty."""
     from taskqueue import QueueEmptyError
 
-    from deepem3d.run.worker import UNREADABLE_GRACE, Worker
+    from deepem3d.run.file_queue import UNREADABLE_GRACE
+    from deepem3d.run.worker import Worker
 
     queue_dir = tmp_path / "queue"
     tq = TaskQueue(f"fq://{queue_dir}", progress=False)
@@ -354,15 +355,16 @@ def test_a_file_its_insert_has_not_logged_yet_waits_for_its_log(tmp_path):
             os.utime(queue_dir / "queue" / name, (old, old))
         task = worker._lease_file()
         assert name not in os.listdir(queue_dir / "queue")  # leased: renamed
-        worker.queue.delete(task)
+        worker._delete(task)
         assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
 
 
 def one_task_queue(tmp_path: Path, *, old: bool = False):
     """A file queue holding one Touch task (written UNREADABLE_GRACE ago when `old`), and an
     in-process worker on it."""
+    from deepem3d.run.file_queue import UNREADABLE_GRACE
     from deepem3d.run.queues import insert_tasks
-    from deepem3d.run.worker import UNREADABLE_GRACE, Worker
+    from deepem3d.run.worker import Worker
 
     queue_dir = tmp_path / "queue"
     insert_tasks(f"fq://{queue_dir}", [partial(Touch, path=str(tmp_path / "done"))])
@@ -376,27 +378,27 @@ def one_task_queue(tmp_path: Path, *, old: bool = False):
 
 
 def test_a_lease_is_stamped_when_taken_not_when_the_queue_was_read(tmp_path, monkeypatch):
-    """A movement log's lock can take seconds (taskqueue retries it with back-off): the lease
-    runs from the rename, else another worker leases the task while this one runs it."""
-    import taskqueue.file_queue_api as fq
+    """A movement log's lock can take seconds (taskqueue's retries it with back-off): the
+    lease runs from the rename, else another worker leases the task while this one runs it."""
+    import deepem3d.run.file_queue as fq
 
     queue_dir, name, worker = one_task_queue(tmp_path)
-    real_lock = fq.write_lock_file
-    monkeypatch.setattr(fq, "write_lock_file", lambda f: time.sleep(2.5) or real_lock(f))
+    real_locked = fq._locked
+    monkeypatch.setattr(fq, "_locked", lambda f, wait: time.sleep(2.5) or real_locked(f, wait))
     before = time.time()
     task = worker._lease_file()
     [leased] = os.listdir(queue_dir / "queue")
     assert int(leased.split("--")[0]) >= int(before + 2.5) + 3, (before, leased)
-    worker.queue.delete(task)
+    worker._delete(task)
     assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
 
 
 def test_a_task_finished_while_another_worker_reached_for_it_leaves_no_log(tmp_path,
                                                                            monkeypatch):
-    """An old file is leased with its log opened for appending (made if missing). When its
-    task was finished and deleted just before, the log that open made is removed again; when
-    another worker holds it, its log stays, even emptied (taskqueue's renewal truncates the
-    log before it locks it)."""
+    """An old file is leased with its log opened (made if missing). When its task was finished
+    and deleted just before, the log that open made is removed again; when another worker
+    holds it, its log stays, even emptied (as taskqueue's renewal, which truncates the log
+    before it locks it, can leave it)."""
     from deepem3d.run.worker import Worker
 
     real_mtime = os.path.getmtime
@@ -412,7 +414,7 @@ def test_a_task_finished_while_another_worker_reached_for_it_leaves_no_log(tmp_p
             if not reached:
                 reached.append(path)
                 if meanwhile == "finished":
-                    worker.queue.api.delete(task_id)
+                    worker._files.delete(task_id)
                 else:
                     Worker(f"fq://{queue_dir}", lease_seconds=3)._lease_file()
                     log.write_text("")  # renew_lease's open(..., "wt"), before its lock
@@ -424,6 +426,43 @@ def test_a_task_finished_while_another_worker_reached_for_it_leaves_no_log(tmp_p
         monkeypatch.setattr(os.path, "getmtime", real_mtime)
         left = os.listdir(queue_dir / "movement")
         assert left == ([] if meanwhile == "finished" else [task_id]), (meanwhile, left)
+
+
+#: holds a lock on a file (argv 1: shared or exclusive) for argv 3 seconds, after touching argv 2
+HOLD_LOCK = """
+import fcntl, sys, time
+f = open(sys.argv[1], "r+")
+fcntl.lockf(f.fileno(), fcntl.LOCK_SH if sys.argv[4] == "shared" else fcntl.LOCK_EX)
+open(sys.argv[2], "w").close()
+time.sleep(float(sys.argv[3]))
+"""
+
+
+#: longer than taskqueue's lock retries last (3 waits of up to 1, 2 and 4 s)
+PAST_TASKQUEUE_RETRIES = 8
+
+
+@pytest.mark.parametrize("lock, seconds", [("shared", PAST_TASKQUEUE_RETRIES), ("exclusive", 1)])
+def test_a_renewal_waits_for_a_locked_log_and_empties_nothing(tmp_path, lock, seconds):
+    """While another process holds a task's movement log (a worker reaching for the task,
+    taskqueue reading it), a renewal waits for the lock before it reads or writes the log.
+    taskqueue's renewal read the log, then truncated it before locking it; its lock given up,
+    it read the log again, empty, and renewed nothing, and the task's delete left its file on
+    the queue to run again."""
+    queue_dir, name, worker = one_task_queue(tmp_path)
+    task = worker._lease_file()
+    log = queue_dir / "movement" / str(task.id)
+    held = tmp_path / "held"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(log), str(held),
+                               str(seconds), lock])
+    wait_for(held)
+    worker._renew(task, 30)
+    assert holder.wait() == 0
+    [renewed] = os.listdir(queue_dir / "queue")
+    assert int(renewed.split("--")[0]) >= time.time() + 25
+    assert log.read_text().split("\n")[-2] == renewed
+    worker._delete(task)
+    assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
 
 
 def test_sigterm_while_a_task_is_admitted_releases_it_unstarted(tmp_path, monkeypatch):
@@ -450,13 +489,13 @@ def test_sigterm_while_a_task_is_admitted_releases_it_unstarted(tmp_path, monkey
 def test_a_worker_killed_after_deleting_its_finished_task_leaves_no_attempt_count(
         tmp_path, monkeypatch):
     queue_dir, name, worker = one_task_queue(tmp_path)
-    real_delete = worker.queue.delete
+    real_delete = worker._delete
 
-    def delete_then_killed(task, tally=False):
-        real_delete(task, tally=tally)
+    def delete_then_killed(task):
+        real_delete(task)
         raise KeyboardInterrupt  # stands in for the SIGKILL that could land here
 
-    monkeypatch.setattr(worker.queue, "delete", delete_then_killed)
+    monkeypatch.setattr(worker, "_delete", delete_then_killed)
     with pytest.raises(KeyboardInterrupt):
         worker.run()
     assert (tmp_path / "done").exists()

@@ -14,7 +14,6 @@ import itertools
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -133,6 +132,8 @@ def queue_counts(queue) -> QueueCounts:
 
 def insert_tasks(url: str, tasks: Iterable) -> int:
     """Insert tasks in batches (the iterable may be lazy); returns how many."""
+    from deepem3d.run.file_queue import FileQueue
+
     queue = open_queue(url)
     if url.startswith("fq://"):
         os.makedirs(url[len("fq://"):], exist_ok=True)
@@ -140,36 +141,10 @@ def insert_tasks(url: str, tasks: Iterable) -> int:
     iterator = iter(tasks)
     while batch := list(itertools.islice(iterator, INSERT_BATCH)):
         if url.startswith("fq://"):
-            total += _insert_files(queue, batch)
+            total += FileQueue(queue.api).insert(batch, queue.path.path)
         else:
             total += queue.insert(batch, total=len(batch))
     return total
-
-
-def _insert_files(queue, batch: list) -> int:
-    """taskqueue's file-queue layout, written in the order a lease running meanwhile can rely
-    on: each task's movement log first, then its file, whole, renamed into queue/.
-    taskqueue's own insert writes the task file first: a worker that leases it before its
-    log exists has its lease's line truncated away when the insert writes the log, and the
-    task's delete then leaves the leased file behind, to run again when its lease expires
-    (or a worker reads a task file half written)."""
-    from taskqueue.lib import jsonify
-    from taskqueue.queueables import totask
-
-    api = queue.api
-    for task in batch:
-        identifier = str(uuid.uuid4())
-        name = f"0--{identifier}.json"  # timestamp 0: free to lease at once
-        body = {"payload": totask(task).payload(), "queueName": queue.path.path,
-                "id": identifier}
-        with open(os.path.join(api.movement_path, identifier), "x") as log:
-            log.write(name + "\n")
-        incoming = os.path.join(api.movement_path, f"incoming-{identifier}")
-        with open(incoming, "w") as f:
-            f.write(jsonify(body))
-        os.replace(incoming, os.path.join(api.queue_path, name))
-    queue.add_insert_count(len(batch))
-    return len(batch)
 
 
 #: how often a runner's local workers poll an empty queue (they stay up between stages)

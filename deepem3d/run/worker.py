@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import socket
 import threading
@@ -55,6 +54,7 @@ from taskqueue.queueables import totask
 from deepem3d.errors import InputError
 from deepem3d.memory import peak_rss
 from deepem3d.run.admission import Refused, admit, normal_path
+from deepem3d.run.file_queue import UNREADABLE_GRACE, FileQueue, task_id
 from deepem3d.run.queues import check_lease, open_queue, sqs_call
 from deepem3d.stages.frame import Markers, frame_run, stage_label
 
@@ -74,12 +74,6 @@ def register_tasks() -> None:
         importlib.import_module(module)
 
 
-#: files of an fq:// queue a lease tries before it reports the queue empty (others may take
-#: the same files meanwhile)
-LEASE_CANDIDATES = 16
-#: seconds an fq:// file that does not parse is given before it is set aside: taskqueue's
-#: insert creates the file and then writes it, and a lease in between reads it empty
-UNREADABLE_GRACE = 5.0
 #: seconds an SQS receive waits for a message (a long poll: fewer empty receives)
 SQS_WAIT_SECONDS = 2
 #: the longest SQS visibility timeout: a refused message on a queue without a dead-letter
@@ -173,22 +167,11 @@ class _Running:
     signalled: bool = False  # the handler has seen it (a stop asked before it was not)
 
 
-def _open_movement_log(path: str, young: bool):
-    """(file, made here): a young task's log must exist already (taskqueue's insert writes it
-    after the file); an old one's is made when missing (a lease lost so)."""
-    if young:
-        return open(path, "r+"), False
-    try:
-        return open(path, "x"), True
-    except FileExistsError:
-        return open(path, "a"), False
-
-
 class _LeaseKeeper:
     """Renews a task's lease in the background until stopped."""
 
-    def __init__(self, queue, task, seconds: int):
-        self._queue, self._task, self._seconds = queue, task, seconds
+    def __init__(self, renew, task, seconds: int):
+        self._renew, self._task, self._seconds = renew, task, seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -197,7 +180,7 @@ class _LeaseKeeper:
         interval = max(0.1, self._seconds / 3)  # within a file lease: MIN_FILE_LEASE_SECONDS
         while not self._stop.wait(interval):
             try:
-                self._queue.renew(self._task, self._seconds)
+                self._renew(self._task, self._seconds)
             except Exception as err:  # a failed renewal must not kill the task
                 log.warning("could not renew the lease of task %s: %s", self._task.id, err)
 
@@ -241,6 +224,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.stop_requested = threading.Event()
         self._file_queue_dir = url[len("fq://"):] if url.startswith("fq://") else None
+        self._files = FileQueue(self.queue.api) if self._file_queue_dir is not None else None
         self._running: _Running | None = None
         #: SQS: receipt handle -> the message in hand
         self._messages: dict[str, _Message] = {}
@@ -374,61 +358,27 @@ class Worker:
         raise QueueEmptyError
 
     def _lease_file(self):
-        """One task of an fq:// queue, leased as taskqueue's FileQueueAPI does (the same
-        renames and movement log, so its renew, delete and cancel work), but read here so that
-        a file that is not a task is set aside instead of coming back forever (the API's own
-        lease retries a file that does not parse, hides it for the lease time, and reports
-        the queue empty). A file younger than UNREADABLE_GRACE may still be being written by
-        an insert (or not yet be in its movement log): it is left for the next lease."""
-        from taskqueue.file_queue_api import idfn, set_timestamp, write_lock_file
-
-        api = self.queue.api
-        now = int(time.time())
-        names = []
-        for entry in os.scandir(api.queue_path):
-            stamp = entry.name.split("--")[0]
-            if "--" in entry.name and stamp.isdigit() and int(stamp) <= now:
-                names.append(entry.name)
-        random.shuffle(names)
-        for name in names[:LEASE_CANDIDATES]:
-            queued = os.path.join(api.queue_path, name)
-            log_path = os.path.join(api.movement_path, idfn(name))
-            try:
-                # taskqueue's insert writes a task's file, then its movement log (truncating
-                # any lease line written meanwhile, which the delete would then miss): a young
-                # file its log does not name yet is left for a later lease; an old one without
-                # a log (a lease lost so) is leased and logged afresh
-                young = time.time() - os.path.getmtime(queued) < UNREADABLE_GRACE
-                log_file, made = _open_movement_log(log_path, young)
-                with write_lock_file(log_file) as f:
-                    if young and name not in f.read().split("\n"):
-                        continue
-                    f.seek(0, os.SEEK_END)
-                    # stamped now, not at the scan: taking the lock may have taken seconds
-                    leased = set_timestamp(name, int(time.time()) + self.lease_seconds)
-                    path = os.path.join(api.queue_path, leased)
-                    try:
-                        os.rename(queued, path)
-                    except FileNotFoundError:  # another worker took it, or it is done
-                        if made:  # its delete had removed the log: this open made it again
-                            os.remove(log_path)
-                        raise
-                    f.write(leased + "\n")
-                with open(path, errors="replace") as f:
-                    text = f.read()
-            except OSError:  # another worker took it, or its lock is busy: the next one
+        """One task of an fq:// queue (deepem3d.run.file_queue), read here so that a file that
+        is not a task is set aside instead of coming back forever (taskqueue's own lease
+        retries a file that does not parse, hides it for the lease time, and reports the
+        queue empty); one young enough to be still being written is looked at again soon."""
+        for name in self._files.candidates():
+            leased = self._files.lease(name, self.lease_seconds)
+            if leased is None:
                 continue
+            leased, text = leased
             try:
                 task = totask(json.loads(text))
-                task.id = idfn(leased)  # the file's id, whatever the JSON says
+                task.id = task_id(leased)  # the file's id, whatever the JSON says
                 return task
             except (KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as err:  # noqa: BLE001  (taskqueue raises BaseExceptions)
+                path = os.path.join(self._files.queue_path, leased)
                 if time.time() - os.path.getmtime(path) < UNREADABLE_GRACE:
-                    api.renew_lease(idfn(leased), 1)  # perhaps half written: look again soon
+                    self._files.renew(task_id(leased), 1)  # perhaps half written: soon again
                     continue
-                self._set_aside(idfn(leased), text, f"not a task: {_last_line(err)}")
+                self._set_aside(task_id(leased), text, f"not a task: {_last_line(err)}")
         raise QueueEmptyError
 
     def _set_aside(self, task_id: str, text: str, reason: str) -> None:
@@ -441,7 +391,7 @@ class Worker:
             f.write(text)
         with open(os.path.join(failed_dir, f"{task_id}.error"), "w") as f:
             f.write(reason + "\n")
-        self.queue.api.delete(task_id)
+        self._files.delete(task_id)
         log.error("task %s set aside in %s: %s", task_id, failed_dir, reason)
 
     def _set_aside_sqs(self, handle: str, body: str, reason: str) -> None:
@@ -544,7 +494,7 @@ class Worker:
             return
         log.info("running task %s (%s, %s, attempt %d)", label, name, stage_of(task), attempts)
         start = time.time()
-        keeper = _LeaseKeeper(self.queue, task, self.lease_seconds)
+        keeper = _LeaseKeeper(self._renew, task, self.lease_seconds)
         running = _Running(task, start)
         threading.Thread(target=self._estimate, args=(running,), daemon=True).start()
         try:
@@ -586,7 +536,7 @@ class Worker:
         keeper.stop()
         self._forget_attempts(task)  # first: a worker killed after the delete left it behind
         try:
-            self.queue.delete(task, tally=True)
+            self._delete(task)
         except Exception as err:  # noqa: BLE001  (it comes back; its marker skips it)
             log.warning("could not delete finished task %s: %s", label, err)
         report.executed += 1
@@ -597,8 +547,27 @@ class Worker:
     def _estimate(running: _Running) -> None:
         running.expected = expected_seconds(running.task)
 
+    # a leased task: on fq:// changed under its lock (taskqueue's own calls truncate the
+    # movement log before they lock it), on SQS through taskqueue -------------------------
+    def _renew(self, task, seconds: int) -> None:
+        if self._files is None:
+            self.queue.renew(task, seconds)
+        elif not self._files.renew(task.id, seconds):
+            log.warning("task %s is gone from the queue: its lease was not renewed",
+                        self._label(task))
+
+    def _delete(self, task) -> None:
+        if self._files is None:
+            self.queue.delete(task, tally=True)
+            return
+        self._files.delete(task.id)
+        self._files.tally()
+
     def _release(self, task) -> None:
         try:
-            self.queue.cancel(task)
+            if self._files is None:
+                self.queue.cancel(task)
+            else:
+                self._files.release(task.id)
         except Exception as err:  # noqa: BLE001  (it comes back at lease expiry anyway)
             log.warning("could not release task %s: %s", self._label(task), err)

@@ -1,0 +1,212 @@
+"""The file queue, fq://DIR: taskqueue's layout, every change to a task made under its lock.
+
+The layout is taskqueue's, so that its counters (`enqueued`, `completed`, `inserted`) and its
+tools read a deepem3d queue as their own:
+
+    queue/STAMP--ID.json   a task; free to lease once STAMP (unix seconds) <= now
+    movement/ID            the names the task's file has had, one per line; the delete removes
+                           each (a lease renames the file, and a worker whose lease expired
+                           may delete a file another worker holds under a newer name)
+    insertions, completions  the counters
+
+Every change here locks the task's movement log before it reads it: the lease, the renewal,
+the release and the delete. taskqueue's own insert writes the file before its log (a lease
+between the two writes has its line truncated away), and its renewal and delete read the log,
+then reopen it with mode 'wt', truncating it, before they lock it: a worker that locks the
+log in between (its lease reached for the task) keeps the lock, and the renewal, retried,
+reads the emptied log and renews nothing; the task's delete then misses its file, which runs
+again once its lease runs out. Two processes locking logs as stale lease attempts do emptied
+the log of 7 of 46 tasks renewed 10 times each, and of none with this module's renewal
+(scripts/queue_lock_campaign.py, a 2-core machine).
+
+A lease never waits for a lock: a busy log is another worker's, and the next file is tried
+(taskqueue's lock retries with back-off, which held a lease 6.6 to 9.6 s with 4 logs held).
+A renewal, release or delete waits for it, up to LOCK_WAIT_SECONDS: the holder keeps it for
+a rename and a line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import random
+import time
+import uuid
+from collections.abc import Iterator
+
+from taskqueue.lib import jsonify
+from taskqueue.queueables import totask
+
+#: files a lease tries before it reports the queue empty (others may take the same files)
+LEASE_CANDIDATES = 16
+#: seconds a young file is taken to be still being inserted: one that does not parse is
+#: given this long before it is set aside (taskqueue's insert creates the file, then writes
+#: it), one whose movement log does not name it is left alone (it writes the log after)
+UNREADABLE_GRACE = 5.0
+#: seconds a renewal, release or delete waits for a task's lock (held for a rename and a line)
+LOCK_WAIT_SECONDS = 30.0
+LOCK_POLL_SECONDS = 0.005
+
+
+def task_id(name: str) -> str:
+    """A task's id from its file's name (STAMP--ID.json) or from the id itself."""
+    if "--" in name:
+        name = name.split("--", 1)[1]
+    return name[:-len(".json")] if name.endswith(".json") else name
+
+
+def _stamped(name: str, stamp: int) -> str:
+    return f"{stamp}--{name.split('--', 1)[1]}"
+
+
+@contextlib.contextmanager
+def _locked(f, wait: float) -> Iterator:
+    """`f` under its exclusive lock, waited for up to `wait` seconds (OSError past it). The
+    lock goes with the file's closing: POSIX locks are the process's, and closing any
+    descriptor of the file releases them."""
+    deadline = time.monotonic() + wait
+    with f:
+        while True:
+            try:
+                fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(LOCK_POLL_SECONDS)
+        yield f
+
+
+def _open_log(path: str, young: bool):
+    """(file, made here): a young task's log must exist already (taskqueue's insert writes it
+    after the file); an old one's is made when missing (a lease lost so)."""
+    if young:
+        return open(path, "r+"), False
+    try:
+        return open(path, "x+"), True
+    except FileExistsError:
+        return open(path, "r+"), False
+
+
+class FileQueue:
+    """The tasks of one fq:// queue, read and changed in place. `api` is taskqueue's
+    FileQueueAPI of the same folder (its paths and counters)."""
+
+    def __init__(self, api):
+        self.api = api
+        self.queue_path = api.queue_path
+        self.movement_path = api.movement_path
+
+    def _log(self, name: str) -> str:
+        return os.path.join(self.movement_path, task_id(name))
+
+    # inserting ---------------------------------------------------------------------------
+    def insert(self, tasks: list, queue_name: str) -> int:
+        """Each task's movement log first, then its file, whole, renamed into queue/: a lease
+        running meanwhile finds the file complete and its log naming it."""
+        for task in tasks:
+            identifier = str(uuid.uuid4())
+            name = f"0--{identifier}.json"  # stamp 0: free to lease at once
+            body = {"payload": totask(task).payload(), "queueName": queue_name,
+                    "id": identifier}
+            with open(self._log(identifier), "x") as log:
+                log.write(name + "\n")
+            incoming = os.path.join(self.movement_path, f"incoming-{identifier}")
+            with open(incoming, "w") as f:
+                f.write(jsonify(body))
+            os.replace(incoming, os.path.join(self.queue_path, name))
+        self.api.add_insert_count(len(tasks))
+        return len(tasks)
+
+    # leasing -----------------------------------------------------------------------------
+    def candidates(self) -> list[str]:
+        """Up to LEASE_CANDIDATES names of files free to lease now, in random order (so that
+        workers reaching at once seldom reach for the same file)."""
+        now = int(time.time())
+        names = []
+        for entry in os.scandir(self.queue_path):
+            stamp = entry.name.split("--")[0]
+            if "--" in entry.name and stamp.isdigit() and int(stamp) <= now:
+                names.append(entry.name)
+        random.shuffle(names)
+        return names[:LEASE_CANDIDATES]
+
+    def lease(self, name: str, seconds: int) -> tuple[str, str] | None:
+        """(the leased name, the file's text) of the queued file `name`, renamed to expire
+        `seconds` from now; None when another worker holds or took it, it is done, or it is a
+        young file its log does not name yet."""
+        queued = os.path.join(self.queue_path, name)
+        log_path = self._log(name)
+        try:
+            young = time.time() - os.path.getmtime(queued) < UNREADABLE_GRACE
+            log_file, made = _open_log(log_path, young)
+        except OSError:  # gone meanwhile
+            return None
+        try:
+            with _locked(log_file, wait=0) as log:
+                names = log.read().split("\n")
+                if young and name not in names:
+                    return None
+                # stamped now, not when queue/ was read: a lock can take a while
+                leased = _stamped(name, int(time.time()) + int(seconds))
+                path = os.path.join(self.queue_path, leased)
+                try:
+                    os.rename(queued, path)
+                except FileNotFoundError:  # another worker took it, or it is done
+                    if made:  # its delete had removed the log: this open made it again
+                        os.remove(log_path)
+                    return None
+                log.seek(0, os.SEEK_END)
+                log.write(leased + "\n")
+        except OSError:  # the lock is another worker's: the next file
+            return None
+        with open(path, errors="replace") as f:
+            return leased, f.read()
+
+    # changing a leased task -----------------------------------------------------------------
+    def renew(self, identifier: str, seconds: float) -> bool:
+        """The task's file renamed to expire `seconds` from now; False when it is gone (done,
+        or deleted by a worker that leased it after this one's lease expired)."""
+        try:
+            log_file = open(self._log(identifier), "r+")
+        except FileNotFoundError:
+            return False
+        with _locked(log_file, wait=LOCK_WAIT_SECONDS) as log:
+            for name in reversed(log.read().split("\n")):
+                if not name:
+                    continue
+                renewed = _stamped(name, int(time.time()) + int(seconds))
+                try:
+                    os.rename(os.path.join(self.queue_path, name),
+                              os.path.join(self.queue_path, renewed))
+                except FileNotFoundError:
+                    continue
+                log.seek(0, os.SEEK_END)
+                log.write(renewed + "\n")
+                return True
+        return False
+
+    def release(self, identifier: str) -> bool:
+        """The task free to lease again now."""
+        return self.renew(identifier, 0)
+
+    def delete(self, identifier: str) -> None:
+        """Every file the task's log names, then the log, all under its lock."""
+        path = self._log(identifier)
+        try:
+            log_file = open(path, "r+")  # an exclusive lock needs a file open for writing
+        except FileNotFoundError:  # deleted already
+            return
+        with _locked(log_file, wait=LOCK_WAIT_SECONDS) as log:
+            for name in log.read().split("\n"):
+                if name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.queue_path, name))
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+    def tally(self) -> None:
+        """One more task completed, in taskqueue's counter."""
+        self.api.tally()
