@@ -20,7 +20,8 @@ the log of 7 of 46 tasks renewed 10 times each, and of none with this module's r
 (scripts/queue_lock_campaign.py, a 2-core machine).
 
 A lease never waits for a lock: a busy log is another worker's, and the next file is tried
-(taskqueue's lock retries with back-off, which held a lease 6.6 to 9.6 s with 4 logs held).
+(taskqueue's lock retries with back-off, which held a lease 6.6 to 9.6 s with 4 logs held, and
+made 8 processes draining 400 tasks 12x slower: benchmarks/queue_drain.py).
 A renewal, release or delete waits for it, up to LOCK_WAIT_SECONDS: the holder keeps it for
 a rename and a line.
 """
