@@ -49,8 +49,9 @@ def test_the_runs_own_setting_gives_the_layer_it_wrote(finished):
 
 def test_tune_prints_scores_and_writes_the_best_setting(finished, tmp_path):
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'run'}\nimage: {finished['gt']}\n"
-                        "segmentation:\n  sigma: 0\n  method: watershed\n")
+    pipeline.write_text(f"# my run\nversion: 1\noutput: {tmp_path / 'run'}\n"
+                        f"image: {finished['gt']}\nsegmentation:  # tuned below\n  sigma: 0\n"
+                        "  method: watershed  # the first guess\n")
     result = run_cli("tune", finished["seg"], finished["gt"], "--methods", "mean,watershed",
                      "--thresholds", "0.3,0.5,0.7", "--dust-sizes", "0,20", "--json",
                      "--write", pipeline, check=True)
@@ -69,9 +70,20 @@ def test_tune_prints_scores_and_writes_the_best_setting(finished, tmp_path):
     written_file = yaml.safe_load(pipeline.read_text())
     assert written_file["segmentation"] == {"sigma": 0.0, **out["best"], "dust_mode": "merge"}
     assert written_file["version"] == 1 and written_file["output"] == str(tmp_path / "run")
+    # the user's comments kept, the key's own included
+    lines = pipeline.read_text().splitlines()
+    assert lines[0] == "# my run" and "segmentation:  # tuned below" in lines
+    assert f"  method: {out['best']['method']}  # the first guess" in lines
+    # a section the edit cannot change in place: the file rewritten whole, and said so
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(f"version: 1\noutput: {tmp_path / 'run'}\nimage: {finished['gt']}\n"
+                    "segmentation: {method: watershed}\n")
     table = run_cli("tune", finished["seg"], finished["gt"], "--methods", "mean",
-                    "--thresholds", "0.5", "--dust-sizes", "20", check=True)
+                    "--thresholds", "0.5", "--dust-sizes", "20", "--write", flow, check=True)
     assert "<- the run's" in table.stdout and "best: deepem3d segment" in table.stdout
+    assert "rewritten whole" in table.stdout
+    assert yaml.safe_load(flow.read_text())["segmentation"] == {
+        "method": "mean", "threshold": 0.5, "dust_size": 20, "sigma": 0.0, "dust_mode": "merge"}
 
 
 def test_bad_input_is_one_line_exit_2(finished, tmp_path):

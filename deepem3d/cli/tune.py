@@ -43,7 +43,7 @@ def _ints(text: str, name: str) -> list[int]:
               help="Dust sizes to try (voxels; 0: none).")
 @click.option("--write", "pipeline", default=None, type=click.Path(dir_okay=False),
               help="Write the best setting into this pipeline file's `segmentation:` keys "
-              "(checked first; its comments are not kept).")
+              "(checked first; only those keys' lines change, its comments are kept).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.option("--max-memory", type=ByteSize(), default=None,
               help="Refuse, before reading any graph, a run whose region graph would need more, "
@@ -131,9 +131,11 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
                        f"{r.voi_split:>8.3f}{r.voi_merge:>8.3f}{mark}")
         click.echo(f"best: deepem3d segment ... {top.setting.flags()}")
     if pipeline:
-        write_setting(pipeline, pipeline_data, top, own)
+        kept = write_setting(pipeline, pipeline_data, top, own)
         if not as_json:
-            click.echo(f"wrote method, threshold, dust_size, sigma and dust_mode into {pipeline}")
+            click.echo(f"wrote method, threshold, dust_size, sigma and dust_mode into {pipeline}"
+                       + ("" if kept else " (rewritten whole: its segmentation section is "
+                          "not a block this can edit in place, and its comments are lost)"))
 
 
 def read_pipeline(pipeline: str) -> dict:
@@ -150,21 +152,31 @@ def read_pipeline(pipeline: str) -> dict:
         return yaml.safe_load(f)
 
 
-def write_setting(pipeline: str, data: dict, row, run_settings: dict) -> None:
+def write_setting(pipeline: str, data: dict, row, run_settings: dict) -> bool:
     """Set the pipeline file's segmentation method, threshold and dust size, and the sigma
-    (the row's, or the run's) and dust mode the scores were measured with (other keys and
-    sections kept; comments are not), replacing the file whole."""
+    (the row's, or the run's) and dust mode the scores were measured with, other lines and
+    comments kept (deepem3d.run.pipeline_edit); a section that edit cannot change in place
+    is written with the file whole, comments lost. True when the comments were kept. The
+    file is replaced by a rename: never left half written."""
     import yaml
 
-    section = data.get("segmentation") or {}
+    from deepem3d.run.pipeline_edit import set_section_keys
+
     sigma = row.setting.sigma if row.setting.sigma is not None else run_settings.get("sigma")
-    section.update(method=row.setting.method, threshold=row.setting.threshold,
-                   dust_size=row.setting.dust_size, sigma=float(sigma or 0.0),
-                   dust_mode=run_settings.get("dust_mode", "merge"))
-    data["segmentation"] = section
+    values = dict(method=row.setting.method, threshold=row.setting.threshold,
+                  dust_size=row.setting.dust_size, sigma=float(sigma or 0.0),
+                  dust_mode=run_settings.get("dust_mode", "merge"))
     target = os.path.realpath(pipeline)  # a link keeps pointing at the file it named
+    with open(target, newline="") as f:
+        text = f.read()
+    try:
+        text, kept = set_section_keys(text, "segmentation", values), True
+    except ValueError:
+        data["segmentation"] = {**(data.get("segmentation") or {}), **values}
+        text, kept = yaml.safe_dump(data, sort_keys=False), False
     partial = f"{target}.partial"
-    with open(partial, "w") as f:
-        yaml.safe_dump(data, f, sort_keys=False)
+    with open(partial, "w", newline="") as f:
+        f.write(text)
     shutil.copymode(target, partial)
     os.replace(partial, target)
+    return kept
