@@ -112,6 +112,25 @@ def test_s3_layer_downsampled_through_sqs(tmp_path, moto_endpoint):
     assert "enqueued: 0" in run_cli("queue", "status", "sqs://deepem3d-test", check=True).stdout
 
 
+def worker_until(queue: str, tmp_path, finished, timeout: float = 90) -> str:
+    """Run a worker on `queue` (test tasks allowed, writing under tmp_path) until
+    `finished()`; its log."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "deepem3d", "worker", queue, "--import", "tests.queue_helpers",
+         "--lease-seconds", "1", "--poll-seconds", "0.2", "--allow-prefix", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + timeout
+        while not finished():
+            assert worker.poll() is None, worker.communicate()[0]
+            assert time.time() < deadline, f"{queue}: not finished in {timeout} s"
+            time.sleep(1)
+    finally:
+        worker.terminate()
+        log = worker.communicate(timeout=60)[0]
+    return log
+
+
 def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path,
                                                                       moto_endpoint):
     """`queue create`: retention, visibility and redrive as asked; a frame task that always
@@ -156,21 +175,8 @@ def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path
     }
     for body in forged.values():
         sqs.send_message(QueueUrl=url, MessageBody=body)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "deepem3d", "worker", "sqs://work", "--import",
-         "tests.queue_helpers", "--lease-seconds", "1", "--poll-seconds", "0.2",
-         "--allow-prefix", str(tmp_path)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 90
-        while not (done.exists() and "set aside: 4" in run_cli(
-                "queue", "status", "sqs://work").stdout):
-            assert worker.poll() is None, worker.communicate()[0]
-            assert time.time() < deadline, "the poison task never reached the dead letters"
-            time.sleep(1)
-    finally:
-        worker.terminate()
-        log = worker.communicate(timeout=60)[0]
+    log = worker_until("sqs://work", tmp_path, lambda: done.exists() and "set aside: 4" in
+                       run_cli("queue", "status", "sqs://work").stdout)
     assert log.count("RuntimeError: bug") == 2, log  # both attempts, then the redrive
     for reason in ("not a task: JSONDecodeError", "no.such.module.fn is not a task",
                    "outside the allowed prefixes"):
@@ -186,6 +192,23 @@ def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path
     assert "deleted work and work-dead-letter" in run_cli(
         "queue", "delete", "sqs://work", "--yes", check=True).stdout
     assert_one_line_error(run_cli("queue", "delete", "sqs://work", "--yes"), "no such SQS")
+
+
+def test_a_queues_redrive_limit_is_the_workers_limit(tmp_path, moto_endpoint):
+    """A queue made with more attempts than a worker's default (5) gets them all: the worker
+    takes the queue's receive limit instead of setting the task aside after its own 5."""
+    run_cli("queue", "create", "sqs://patient", "--max-attempts", "7",
+            "--visibility-seconds", "60", check=True)
+    layer = f"file://{tmp_path / 'layer'}"
+    Markers(layer, "broken").start_run("k1", {}, ["t1"])
+    TaskQueue("sqs://patient").insert([partial(
+        FailsInFrame, message="bug", run={"layer": layer, "stage": "broken", "id": "t1",
+                                          "key": "k1"})])
+    log = worker_until("sqs://patient", tmp_path, lambda: "set aside: 1" in run_cli(
+        "queue", "status", "sqs://patient").stdout)
+    assert log.count("RuntimeError: bug") == 7, log
+    assert "layer/broken  RuntimeError: bug (attempt 7 on" in run_cli(
+        "queue", "status", "sqs://patient", check=True).stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
 @click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Exit after N tasks.")
 @click.option(
     "--max-attempts", type=click.IntRange(min=1), default=5, show_default=True,
-    help="fq:// only: move a task leased more often than this to DIR/failed/.",
+    help="Set aside a task leased more often than this (fq://: in DIR/failed/; SQS: in the "
+    "dead-letter queue, where the queue's redrive policy, if it has one, sets the limit).",
 )
 @click.option(
     "--import", "imports", multiple=True, metavar="MODULE",
@@ -113,7 +114,8 @@ def queue() -> None:
 @click.argument("url")
 @click.option("--max-attempts", type=click.IntRange(1, 1000), default=5, show_default=True,
               help="sqs:// only: a message received this many times goes to the dead-letter "
-              "queue (fq:// workers count attempts with their own --max-attempts).")
+              "queue; workers on it take this limit (fq:// workers count attempts with their "
+              "own --max-attempts).")
 @click.option("--visibility-seconds", type=click.IntRange(min=1), default=900,
               show_default=True,
               help="sqs:// only: the queue's visibility timeout; at least the workers' lease.")

@@ -14,7 +14,8 @@ counts attempts; this loop does all four:
   on.
 - Leases are counted per task (fq://: in DIR/attempts/; SQS: the message's receive count); a
   task leased more than `max_attempts` times is set aside the same way instead of coming back
-  forever (on SQS the redrive policy of `deepem3d queue create` does it too).
+  forever. On an SQS queue with a redrive policy (`deepem3d queue create`) the policy's
+  receive limit is the one limit, so that the queue's setting is not undercut by a worker's.
 - Running a task is guarded against BaseException (taskqueue raises some), so nothing a task
   raises stops the worker; a task that raises is released for a retry at once.
 - SIGTERM (what Kubernetes sends, also ahead of a Spot preemption): the worker takes no new
@@ -228,7 +229,7 @@ class Worker:
         self._running: _Running | None = None
         #: SQS: receipt handle -> the message in hand
         self._messages: dict[str, _Message] = {}
-        self._dead_letter_url: str | None = None
+        self._redrive_policy: tuple[str | None, int | None] | None = None
 
     # signals -------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -431,19 +432,40 @@ class Worker:
                  ReceiptHandle=handle)
         log.error("task %s set aside in %s: %s", label, dead.rsplit("/", 1)[-1], reason)
 
-    def _dead_letter(self) -> str | None:
-        if self._dead_letter_url is None:
+    def _redrive(self) -> tuple[str | None, int | None]:
+        """The SQS queue's dead-letter queue and receive limit (its redrive policy), read
+        once; (None, None) without a policy."""
+        if self._redrive_policy is None:
             api = self.queue.api
             attributes = sqs_call("reading the queue's redrive policy",
                                   api.sqs.get_queue_attributes, QueueUrl=api.qurl,
                                   AttributeNames=["RedrivePolicy"]).get("Attributes", {})
             if "RedrivePolicy" not in attributes:
-                return None
-            arn = json.loads(attributes["RedrivePolicy"])["deadLetterTargetArn"]
-            self._dead_letter_url = sqs_call(
-                "finding the dead-letter queue", api.sqs.get_queue_url,
-                QueueName=arn.rsplit(":", 1)[-1])["QueueUrl"]
-        return self._dead_letter_url
+                self._redrive_policy = (None, None)
+            else:
+                policy = json.loads(attributes["RedrivePolicy"])
+                arn = policy["deadLetterTargetArn"]
+                url = sqs_call("finding the dead-letter queue", api.sqs.get_queue_url,
+                               QueueName=arn.rsplit(":", 1)[-1])["QueueUrl"]
+                self._redrive_policy = (url, int(policy["maxReceiveCount"]))
+        return self._redrive_policy
+
+    def _dead_letter(self) -> str | None:
+        return self._redrive()[0]
+
+    def _attempt_limit(self) -> int:
+        """The leases a task gets: on an SQS queue with a redrive policy, the policy's (`queue
+        create --max-attempts`: one setting, which SQS applies anyway), else the worker's."""
+        if self._file_queue_dir is None:
+            try:
+                limit = self._redrive()[1]
+            except InputError as err:  # (no sqs:GetQueueAttributes, say)
+                log.warning("%s; counting attempts up to --max-attempts", err)
+                self._redrive_policy = (None, None)
+                limit = None
+            if limit is not None:
+                return limit
+        return self.max_attempts
 
     def run(self) -> WorkerReport:
         report = WorkerReport()
@@ -488,7 +510,7 @@ class Worker:
             self._give_up(task, f"refused: {err}")
             return
         attempts = self._count_attempt(task)
-        if attempts > self.max_attempts:
+        if attempts > self._attempt_limit():
             self._give_up(task, f"leased {attempts - 1} times without finishing")
             report.given_up += 1
             return
