@@ -28,15 +28,19 @@ def noop() -> None:
     """A task that does nothing (none runs here)."""
 
 
-def _waiting_lock(f, wait: float):
-    """taskqueue's lease lock: a busy log is retried with back-off (then OSError)."""
-    return file_queue.contextlib.closing(write_lock_file(f))
+def _waiting_lock(f, wait: float) -> bool:
+    """taskqueue's lease lock: a busy log is retried with back-off (then given up)."""
+    try:
+        write_lock_file(f)
+        return True
+    except OSError:
+        return False
 
 
 def drain(url: str, lock: str, ready, go, counts) -> None:
     """Lease and delete until the queue is empty; put how many this process took."""
     if lock == "waits":
-        file_queue._locked = _waiting_lock
+        file_queue._lock = _waiting_lock
     files = file_queue.FileQueue(TaskQueue(url, progress=False).api)
     ready.release()
     go.wait()
@@ -45,7 +49,7 @@ def drain(url: str, lock: str, ready, go, counts) -> None:
         for name in names:
             leased = files.lease(name, 60)
             if leased is not None:
-                files.delete(file_queue.task_id(leased[0]))
+                files.delete(leased[0])
                 done += 1
     counts.put(done)
 

@@ -71,7 +71,7 @@ def one_run(renewal: str, renewals: int, lockers: int, seconds: float) -> bool:
             if renewal == "taskqueue":
                 queue.renew(task_id(leased), 30)
             else:
-                files.renew(task_id(leased), 30)
+                leased = files.renew(leased, 30) or leased
         except OSError:
             pass  # a renewal that gave up: the log is what is checked
     names = [n for n in log.read_text().split("\n") if n] if log.exists() else []

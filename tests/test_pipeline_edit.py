@@ -52,11 +52,24 @@ def test_a_section_indented_by_four_and_windows_line_ends_are_kept():
     assert edited == "version: 1\r\nsegmentation:\r\n    method: mean\r\n    sigma: 1.0\r\n"
 
 
+def test_quoted_names_a_hash_in_a_value_and_a_missing_final_newline():
+    """A quoted key or section is the same key (a second one appended would be a key given
+    twice, which `deepem3d run` refuses); a `#` inside a quoted value is no comment; a last
+    line without its newline gets one before keys are added after it."""
+    text = ('\ufeff"segmentation":  # mine\n  "method": \'a #b\'  # why\n'
+            "  threshold: 0.5#not-a-comment\n  chunk: 64")
+    edited = set_section_keys(text, "segmentation", VALUES)
+    assert edited == ('\ufeff"segmentation":  # mine\n  method: mean  # why\n'
+                      "  threshold: 0.3\n  chunk: 64\n  dust_size: 20\n  sigma: 0.0\n")
+
+
 @pytest.mark.parametrize("text", [
     "segmentation: {method: watershed}\n",  # a flow mapping with keys
     "segmentation:\n  method:\n    nested: 1\n",  # a value that is a block
     "segmentation: [1, 2]\n",
     "- a list\n",
+    "segmentation:\n  method: watershed\nsegmentation:\n  sigma: 1\n",  # given twice
+    "a: 1\n---\nsegmentation: {}\n",  # two documents
 ])
 def test_what_it_cannot_edit_in_place_is_refused(text):
     with pytest.raises(ValueError):

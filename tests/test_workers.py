@@ -383,8 +383,8 @@ def test_a_lease_is_stamped_when_taken_not_when_the_queue_was_read(tmp_path, mon
     import deepem3d.run.file_queue as fq
 
     queue_dir, name, worker = one_task_queue(tmp_path)
-    real_locked = fq._locked
-    monkeypatch.setattr(fq, "_locked", lambda f, wait: time.sleep(2.5) or real_locked(f, wait))
+    real_lock = fq._lock
+    monkeypatch.setattr(fq, "_lock", lambda f, wait: time.sleep(2.5) or real_lock(f, wait))
     before = time.time()
     task = worker._lease_file()
     [leased] = os.listdir(queue_dir / "queue")
@@ -409,12 +409,12 @@ def test_a_task_finished_while_another_worker_reached_for_it_leaves_no_log(tmp_p
         reached = []
 
         def mtime_then_taken_elsewhere(path, queue_dir=queue_dir, log=log, reached=reached,
-                                       meanwhile=meanwhile, worker=worker, task_id=task_id):
+                                       meanwhile=meanwhile, worker=worker, name=name):
             seconds = real_mtime(path)
             if not reached:
                 reached.append(path)
                 if meanwhile == "finished":
-                    worker._files.delete(task_id)
+                    assert worker._files.delete(name)  # as the worker that ran it
                 else:
                     Worker(f"fq://{queue_dir}", lease_seconds=3)._lease_file()
                     log.write_text("")  # renew_lease's open(..., "wt"), before its lock
@@ -426,6 +426,54 @@ def test_a_task_finished_while_another_worker_reached_for_it_leaves_no_log(tmp_p
         monkeypatch.setattr(os.path, "getmtime", real_mtime)
         left = os.listdir(queue_dir / "movement")
         assert left == ([] if meanwhile == "finished" else [task_id]), (meanwhile, left)
+
+
+def test_a_worker_whose_lease_ran_out_leaves_the_new_holders_lease_alone(tmp_path):
+    """Once a lease has run out and another worker holds the task, the first worker's
+    renewal, release and delete change nothing: else its renewal would move the second's
+    lease, its release free a task the second still runs, its delete take its file."""
+    queue_dir, name, worker = one_task_queue(tmp_path)
+    files = worker._files
+    first, _ = files.lease(name, 0)  # a lease that runs out at once
+    [again] = files.candidates()
+    second, _ = files.lease(again, 60)
+    assert files.renew(first, 30) is None
+    assert not files.release(first) and not files.delete(first)
+    assert os.listdir(queue_dir / "queue") == [second] and files.candidates() == []
+    renewed = files.renew(second, 120)
+    assert renewed is not None and files.delete(renewed)
+    assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
+
+
+def test_a_log_with_nul_bytes_still_names_its_files(tmp_path):
+    """taskqueue's renewal truncates a log without its lock; a line written meanwhile lands
+    past NUL bytes. The names are read around them, and the task still renews and deletes."""
+    queue_dir, name, worker = one_task_queue(tmp_path)
+    task = worker._lease_file()
+    log = queue_dir / "movement" / str(task.id)
+    held = worker._held[task.id]
+    log.write_bytes(b"\0" * 11 + held.encode() + b"\n")
+    worker._renew(task, 30)
+    assert worker._held[task.id] != held and log.read_bytes().startswith(b"\0")
+    worker._delete(task)
+    assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
+
+
+def test_a_file_system_without_locks_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
+    """Only a busy lock means another worker's task: any other lock failure (NFS without its
+    lock daemon, say) is raised, not read as a queue with nothing to lease."""
+    import errno
+
+    import deepem3d.run.file_queue as fq
+
+    queue_dir, name, worker = one_task_queue(tmp_path)
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fq.fcntl, "lockf", no_locks)
+    with pytest.raises(OSError, match="No locks available"):
+        worker._lease_file()
 
 
 #: holds a lock on a file (argv 1: shared or exclusive) for argv 3 seconds, after touching argv 2

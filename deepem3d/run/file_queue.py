@@ -33,6 +33,7 @@ import errno
 import fcntl
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -62,21 +63,44 @@ def _stamped(name: str, stamp: int) -> str:
     return f"{stamp}--{name.split('--', 1)[1]}"
 
 
-@contextlib.contextmanager
-def _locked(f, wait: float) -> Iterator:
-    """`f` under its exclusive lock, waited for up to `wait` seconds (OSError past it). The
-    lock goes with the file's closing: POSIX locks are the process's, and closing any
-    descriptor of the file releases them."""
+def _names(text: str, identifier: str) -> list[str]:
+    """The names a movement log lists, in order. Lines that are not this task's names are
+    skipped: taskqueue's renewal truncates a log without its lock, and a line written
+    meanwhile at the old offset leaves NUL bytes before it."""
+    name = re.compile(rf"\d+--{re.escape(identifier)}\.json")
+    return [line for line in text.replace("\0", "\n").split("\n") if name.fullmatch(line)]
+
+
+def _lock(f, wait: float) -> bool:
+    """`f` under its exclusive lock, waited for up to `wait` seconds; False when it stayed
+    busy (any other failure, a file system without locks say, raises). The lock goes with
+    the file's closing: POSIX locks are the process's, and closing any descriptor of the file
+    releases them, so one process must not open a log twice."""
     deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL_SECONDS)
+
+
+@contextlib.contextmanager
+def _locked_log(path: str) -> Iterator:
+    """A task's movement log, open and locked; None when it is gone (the task deleted).
+    OSError when its lock stays busy LOCK_WAIT_SECONDS."""
+    try:
+        f = open(path, "r+")  # an exclusive lock needs a file open for writing
+    except FileNotFoundError:
+        yield None
+        return
     with f:
-        while True:
-            try:
-                fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno not in (errno.EACCES, errno.EAGAIN) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(LOCK_POLL_SECONDS)
+        if not _lock(f, LOCK_WAIT_SECONDS):
+            raise OSError(f"{path}: still locked after {LOCK_WAIT_SECONDS:g} s")
         yield f
 
 
@@ -93,7 +117,13 @@ def _open_log(path: str, young: bool):
 
 class FileQueue:
     """The tasks of one fq:// queue, read and changed in place. `api` is taskqueue's
-    FileQueueAPI of the same folder (its paths and counters)."""
+    FileQueueAPI of the same folder (its paths and counters).
+
+    A worker changes a task only while it holds it: its renewal, release and delete name the
+    file it holds (what `lease` and `renew` returned), and do nothing when the log's last name
+    is another, a lease a second worker took once this one's ran out. Else that worker's own
+    renewal would move the second's lease, its release free a task the second still runs,
+    and its delete take the file from under it."""
 
     def __init__(self, api):
         self.api = api
@@ -143,70 +173,70 @@ class FileQueue:
         try:
             young = time.time() - os.path.getmtime(queued) < UNREADABLE_GRACE
             log_file, made = _open_log(log_path, young)
-        except OSError:  # gone meanwhile
+        except FileNotFoundError:  # taken or done meanwhile
             return None
-        try:
-            with _locked(log_file, wait=0) as log:
-                names = log.read().split("\n")
-                if young and name not in names:
-                    return None
-                # stamped now, not when queue/ was read: a lock can take a while
-                leased = _stamped(name, int(time.time()) + int(seconds))
-                path = os.path.join(self.queue_path, leased)
-                try:
-                    os.rename(queued, path)
-                except FileNotFoundError:  # another worker took it, or it is done
-                    if made:  # its delete had removed the log: this open made it again
-                        os.remove(log_path)
-                    return None
-                log.seek(0, os.SEEK_END)
-                log.write(leased + "\n")
-        except OSError:  # the lock is another worker's: the next file
-            return None
-        with open(path, errors="replace") as f:
-            return leased, f.read()
+        with log_file as log:
+            if not _lock(log, wait=0):  # another worker's: the next file
+                return None
+            if young and name not in _names(log.read(), task_id(name)):
+                return None
+            # stamped now, not when queue/ was read: a lock can take a while
+            leased = _stamped(name, int(time.time()) + int(seconds))
+            path = os.path.join(self.queue_path, leased)
+            try:
+                os.rename(queued, path)
+            except FileNotFoundError:  # another worker took it, or it is done
+                if made:  # its delete had removed the log: this open made it again
+                    os.remove(log_path)
+                return None
+            log.seek(0, os.SEEK_END)
+            log.write(leased + "\n")
+            log.flush()
+            try:  # read under the lock: no worker moves it meanwhile
+                with open(path, errors="replace") as f:
+                    return leased, f.read()
+            except FileNotFoundError:  # taskqueue's tools move files without the lock
+                return None
 
-    # changing a leased task -----------------------------------------------------------------
-    def renew(self, identifier: str, seconds: float) -> bool:
-        """The task's file renamed to expire `seconds` from now; False when it is gone (done,
-        or deleted by a worker that leased it after this one's lease expired)."""
-        try:
-            log_file = open(self._log(identifier), "r+")
-        except FileNotFoundError:
-            return False
-        with _locked(log_file, wait=LOCK_WAIT_SECONDS) as log:
-            for name in reversed(log.read().split("\n")):
-                if not name:
-                    continue
-                renewed = _stamped(name, int(time.time()) + int(seconds))
-                try:
-                    os.rename(os.path.join(self.queue_path, name),
-                              os.path.join(self.queue_path, renewed))
-                except FileNotFoundError:
-                    continue
-                log.seek(0, os.SEEK_END)
-                log.write(renewed + "\n")
-                return True
-        return False
+    # changing a held task -------------------------------------------------------------------
+    def renew(self, held: str, seconds: float) -> str | None:
+        """The held file renamed to expire `seconds` from now: its new name, or None when this
+        worker no longer holds it (another leased it, or it is done)."""
+        identifier = task_id(held)
+        with _locked_log(self._log(identifier)) as log:
+            if log is None or _names(log.read(), identifier)[-1:] != [held]:
+                return None
+            renewed = _stamped(held, int(time.time()) + int(seconds))
+            try:
+                os.rename(os.path.join(self.queue_path, held),
+                          os.path.join(self.queue_path, renewed))
+            except FileNotFoundError:  # removed by hand, or by taskqueue's tools
+                return None
+            log.seek(0, os.SEEK_END)
+            log.write(renewed + "\n")
+            return renewed
 
-    def release(self, identifier: str) -> bool:
-        """The task free to lease again now."""
-        return self.renew(identifier, 0)
+    def release(self, held: str) -> bool:
+        """The held task free to lease again now; False when this worker no longer held it."""
+        return self.renew(held, 0) is not None
 
-    def delete(self, identifier: str) -> None:
-        """Every file the task's log names, then the log, all under its lock."""
+    def delete(self, held: str) -> bool:
+        """Every file the task's log names, then the log, all under its lock; False (nothing
+        removed) when this worker no longer held it: the worker that does deletes it."""
+        identifier = task_id(held)
         path = self._log(identifier)
-        try:
-            log_file = open(path, "r+")  # an exclusive lock needs a file open for writing
-        except FileNotFoundError:  # deleted already
-            return
-        with _locked(log_file, wait=LOCK_WAIT_SECONDS) as log:
-            for name in log.read().split("\n"):
-                if name:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(os.path.join(self.queue_path, name))
+        with _locked_log(path) as log:
+            if log is None:  # deleted already
+                return True
+            names = _names(log.read(), identifier)
+            if names[-1:] != [held]:
+                return False
+            for name in names:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.queue_path, name))
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+            return True
 
     def tally(self) -> None:
         """One more task completed, in taskqueue's counter."""

@@ -184,7 +184,7 @@ def _triple(source: str, key: str, value, kind=int, count: int = 3) -> list:
     return values
 
 
-def _unique_keys_loader():
+def unique_keys_loader():
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
     last silently: a second `inference:` would replace the first)."""
     import yaml
@@ -217,7 +217,7 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
 
     text, source = locate(name)
     try:
-        data = yaml.load(text, Loader=_unique_keys_loader())
+        data = yaml.load(text, Loader=unique_keys_loader())
     except yaml.YAMLError as err:
         raise InputError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):

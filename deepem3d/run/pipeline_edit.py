@@ -5,9 +5,11 @@ choice), so `deepem3d tune --write` changes only the lines of the keys it sets. 
 is a block mapping (`segmentation:` and indented `key: value` lines) or an empty one
 (`segmentation: {}`, `segmentation:` alone, `null`); a key's line keeps its indentation and
 trailing comment, a missing key is added after the section's last key, a missing section at
-the end of the file. The result is parsed and compared with what the edit meant; when they
-differ (a flow mapping with keys, a key whose value is a nested block, anything this does not
-read) `set_section_keys` raises ValueError and the caller rewrites the file whole instead.
+the end of the file. Names may be quoted, and a `#` inside a quoted value is no comment. The
+result is read back as `deepem3d run` reads it (a key given twice refused) and compared with
+what the edit meant; when they differ (a flow mapping with keys, a key whose value is a
+nested block, anything this does not read) `set_section_keys` raises ValueError, and the
+caller rewrites the file whole instead.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import re
 
 import yaml
 
+from deepem3d.run.pipeline import unique_keys_loader
+
 _EMPTY_VALUE = r"(?P<empty>\{\s*\}|null|~)?"
+#: a key, bare or quoted, and its scalar value: quoted (a `#` inside is no comment) or plain
+_KEY = r"(?P<quote>[\"']?)(?P<key>[\w-]+)(?P=quote)"
+_VALUE = r"""(?P<value>\s*(?:'(?:[^']|'')*'|"(?:[^"\\]|\\.)*"|[^'"\r\n]*?))"""
 
 
 def _render(key: str, value) -> str:
@@ -26,7 +33,10 @@ def _render(key: str, value) -> str:
 def set_section_keys(text: str, section: str, values: dict) -> str:
     """`text` with `values` set in its top-level mapping `section`, every other line as it
     was; ValueError when the result would not read as that (see the module docstring)."""
-    expected = yaml.safe_load(text) or {}
+    try:
+        expected = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"not YAML: {err}") from None
     if not isinstance(expected, dict):
         raise ValueError("the file is not a mapping")
     present = expected.get(section) or {}
@@ -35,7 +45,7 @@ def set_section_keys(text: str, section: str, values: dict) -> str:
     expected[section] = {**present, **values}
     lines = text.splitlines(keepends=True)
     newline = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
-    name = re.escape(section)
+    name = rf"(?P<name>\ufeff?(?P<q>[\"']?){re.escape(section)}(?P=q))"
     header = re.compile(rf"^{name}\s*:\s*{_EMPTY_VALUE}\s*(?P<comment>#.*)?$")
     start = next((i for i, line in enumerate(lines) if header.match(line.rstrip("\r\n"))),
                  None)
@@ -50,7 +60,8 @@ def set_section_keys(text: str, section: str, values: dict) -> str:
         found = header.match(lines[start].rstrip("\r\n"))
         if found.group("empty"):  # `{}` or null: the keys follow as a block
             comment = found.group("comment")
-            lines[start] = f"{section}:{'  ' + comment if comment else ''}{newline}"
+            lines[start] = (f"{found.group('name')}:"
+                            f"{'  ' + comment if comment else ''}{newline}")
         end, last, indent = start + 1, start, None
         while end < len(lines):
             stripped = lines[end].strip()
@@ -64,17 +75,19 @@ def set_section_keys(text: str, section: str, values: dict) -> str:
         indent = indent or "  "
         missing = dict(values)
         for i in range(start + 1, last + 1):
-            match = re.match(rf"^{indent}(?P<key>[\w-]+)\s*:(?P<value>[^#\r\n]*?)"
-                             r"(?P<comment>\s+#.*)?$", lines[i].rstrip("\r\n"))
+            match = re.match(rf"^{indent}{_KEY}\s*:{_VALUE}(?P<comment>\s+#.*)?\s*$",
+                             lines[i].rstrip("\r\n"))
             if match and match.group("key") in missing:
                 key = match.group("key")
                 lines[i] = (f"{indent}{_render(key, missing.pop(key))}"
                             f"{match.group('comment') or ''}{newline}")
+        if missing and not lines[last].endswith("\n"):  # the file's last line
+            lines[last] += newline
         lines[last + 1:last + 1] = [f"{indent}{_render(k, v)}{newline}"
                                     for k, v in missing.items()]
     edited = "".join(lines)
-    try:
-        meant = yaml.safe_load(edited) == expected
+    try:  # as `deepem3d run` reads it: a key given twice is an error there
+        meant = yaml.load(edited, Loader=unique_keys_loader()) == expected
     except yaml.YAMLError:
         meant = False
     if not meant:

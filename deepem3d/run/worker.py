@@ -226,6 +226,8 @@ class Worker:
         self.stop_requested = threading.Event()
         self._file_queue_dir = url[len("fq://"):] if url.startswith("fq://") else None
         self._files = FileQueue(self.queue.api) if self._file_queue_dir is not None else None
+        #: fq://: task id -> the name of the file this worker holds
+        self._held: dict[str, str] = {}
         self._running: _Running | None = None
         #: SQS: receipt handle -> the message in hand
         self._messages: dict[str, _Message] = {}
@@ -368,6 +370,7 @@ class Worker:
             if leased is None:
                 continue
             leased, text = leased
+            self._held[task_id(leased)] = leased
             try:
                 task = totask(json.loads(text))
                 task.id = task_id(leased)  # the file's id, whatever the JSON says
@@ -376,24 +379,30 @@ class Worker:
                 raise
             except BaseException as err:  # noqa: BLE001  (taskqueue raises BaseExceptions)
                 path = os.path.join(self._files.queue_path, leased)
-                if time.time() - os.path.getmtime(path) < UNREADABLE_GRACE:
-                    self._files.renew(task_id(leased), 1)  # perhaps half written: soon again
+                try:
+                    young = time.time() - os.path.getmtime(path) < UNREADABLE_GRACE
+                except FileNotFoundError:  # removed meanwhile (taskqueue's tools)
+                    continue
+                if young:  # perhaps half written: look again soon
+                    self._files.renew(self._held.pop(task_id(leased)), 1)
                     continue
                 self._set_aside(task_id(leased), text, f"not a task: {_last_line(err)}")
         raise QueueEmptyError
 
-    def _set_aside(self, task_id: str, text: str, reason: str) -> None:
+    def _set_aside(self, identifier: str, text: str, reason: str) -> None:
         if self._file_queue_dir is None:
-            self._set_aside_sqs(task_id, text, reason)
+            self._set_aside_sqs(identifier, text, reason)
             return
         failed_dir = os.path.join(self._file_queue_dir, "failed")
         os.makedirs(failed_dir, exist_ok=True)
-        with open(os.path.join(failed_dir, f"{task_id}.json"), "w") as f:
+        with open(os.path.join(failed_dir, f"{identifier}.json"), "w") as f:
             f.write(text)
-        with open(os.path.join(failed_dir, f"{task_id}.error"), "w") as f:
+        with open(os.path.join(failed_dir, f"{identifier}.error"), "w") as f:
             f.write(reason + "\n")
-        self._files.delete(task_id)
-        log.error("task %s set aside in %s: %s", task_id, failed_dir, reason)
+        held = self._held.pop(identifier, None)
+        if held is not None:
+            self._files.delete(held)
+        log.error("task %s set aside in %s: %s", identifier, failed_dir, reason)
 
     def _set_aside_sqs(self, handle: str, body: str, reason: str) -> None:
         """The message, as it came, into the queue's dead-letter queue (the target of its
@@ -571,25 +580,39 @@ class Worker:
 
     # a leased task: on fq:// changed under its lock (taskqueue's own calls truncate the
     # movement log before they lock it), on SQS through taskqueue -------------------------
+    # (fq://: only while this worker holds the task, `_held` its file's name)
     def _renew(self, task, seconds: int) -> None:
         if self._files is None:
             self.queue.renew(task, seconds)
-        elif not self._files.renew(task.id, seconds):
-            log.warning("task %s is gone from the queue: its lease was not renewed",
-                        self._label(task))
+            return
+        held = self._held.get(task.id)
+        if held is None:  # lost before: said so then
+            return
+        renewed = self._files.renew(held, seconds)
+        if renewed is not None:
+            self._held[task.id] = renewed
+            return
+        del self._held[task.id]
+        log.warning("task %s: its lease ran out and another worker holds it now, or it is "
+                    "gone from the queue; this worker finishes it but no longer renews it",
+                    self._label(task))
 
     def _delete(self, task) -> None:
         if self._files is None:
             self.queue.delete(task, tally=True)
             return
-        self._files.delete(task.id)
-        self._files.tally()
+        held = self._held.pop(task.id, None)
+        if held is not None and self._files.delete(held):
+            self._files.tally()
+        else:
+            log.info("task %s: left on the queue to the worker that holds it now",
+                     self._label(task))
 
     def _release(self, task) -> None:
         try:
             if self._files is None:
                 self.queue.cancel(task)
-            else:
-                self._files.release(task.id)
+            elif (held := self._held.pop(task.id, None)) is not None:
+                self._files.release(held)
         except Exception as err:  # noqa: BLE001  (it comes back at lease expiry anyway)
             log.warning("could not release task %s: %s", self._label(task), err)
