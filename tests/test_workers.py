@@ -461,10 +461,13 @@ def test_a_log_with_nul_bytes_still_names_its_files(tmp_path):
 
 def test_a_file_system_without_locks_is_an_error_not_an_empty_queue(tmp_path, monkeypatch):
     """Only a busy lock means another worker's task: any other lock failure (NFS without its
-    lock daemon, say) is raised, not read as a queue with nothing to lease."""
+    lock daemon, say) is raised, not read as a queue with nothing to lease; a worker started
+    on such a file system refuses at once."""
     import errno
 
     import deepem3d.run.file_queue as fq
+    from deepem3d.errors import InputError
+    from deepem3d.run.worker import Worker
 
     queue_dir, name, worker = one_task_queue(tmp_path)
 
@@ -474,6 +477,11 @@ def test_a_file_system_without_locks_is_an_error_not_an_empty_queue(tmp_path, mo
     monkeypatch.setattr(fq.fcntl, "lockf", no_locks)
     with pytest.raises(OSError, match="No locks available"):
         worker._lease_file()
+    # a worker started there says so in one line, before it leases anything
+    with pytest.raises(InputError, match="takes no file locks .No locks available.; a file "
+                       "queue needs them: mount it with locking"):
+        Worker(f"fq://{queue_dir}")
+    assert os.listdir(queue_dir / "movement") == [name.split("--")[1][:-len(".json")]]
 
 
 #: holds a lock on a file (argv 1: shared or exclusive) for argv 3 seconds, after touching argv 2

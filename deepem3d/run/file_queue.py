@@ -41,6 +41,8 @@ from collections.abc import Iterator
 from taskqueue.lib import jsonify
 from taskqueue.queueables import totask
 
+from deepem3d.errors import InputError
+
 #: files a lease tries before it reports the queue empty (others may take the same files)
 LEASE_CANDIDATES = 16
 #: seconds a young file is taken to be still being inserted: one that does not parse is
@@ -132,6 +134,23 @@ class FileQueue:
 
     def _log(self, name: str) -> str:
         return os.path.join(self.movement_path, task_id(name))
+
+    def check_locks(self, url: str) -> None:
+        """InputError when the queue's file system takes no file locks (Lustre mounted without
+        `flock`, NFS without its lock daemon): every change here needs them."""
+        probe = os.path.join(self.movement_path, f"lock-probe-{uuid.uuid4()}")
+        try:
+            with open(probe, "x") as f:
+                fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EAGAIN):  # a fresh file cannot be busy
+                raise
+            raise InputError(f"{url}: its file system takes no file locks ({err.strerror}); "
+                             "a file queue needs them: mount it with locking (Lustre: -o "
+                             "flock; NFS: with its lock daemon), or use an SQS queue") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(probe)
 
     # inserting ---------------------------------------------------------------------------
     def insert(self, tasks: list, queue_name: str) -> int:

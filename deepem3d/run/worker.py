@@ -226,6 +226,8 @@ class Worker:
         self.stop_requested = threading.Event()
         self._file_queue_dir = url[len("fq://"):] if url.startswith("fq://") else None
         self._files = FileQueue(self.queue.api) if self._file_queue_dir is not None else None
+        if self._files is not None:
+            self._files.check_locks(url)
         #: fq://: task id -> the name of the file this worker holds
         self._held: dict[str, str] = {}
         self._running: _Running | None = None
