@@ -467,6 +467,7 @@ def test_a_file_system_without_locks_is_an_error_not_an_empty_queue(tmp_path, mo
 
     import deepem3d.run.file_queue as fq
     from deepem3d.errors import InputError
+    from deepem3d.run.queues import spawn_workers
     from deepem3d.run.worker import Worker
 
     queue_dir, name, worker = one_task_queue(tmp_path)
@@ -481,6 +482,8 @@ def test_a_file_system_without_locks_is_an_error_not_an_empty_queue(tmp_path, mo
     with pytest.raises(InputError, match="takes no file locks .No locks available.; a file "
                        "queue needs them: mount it with locking"):
         Worker(f"fq://{queue_dir}")
+    with pytest.raises(InputError, match="takes no file locks"):  # a run's local workers
+        spawn_workers(f"fq://{queue_dir}", 2)
     assert os.listdir(queue_dir / "movement") == [name.split("--")[1][:-len(".json")]]
 
 

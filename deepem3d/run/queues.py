@@ -157,6 +157,10 @@ def spawn_workers(url: str, count: int, lease_seconds: int = 600,
     after stage, and stop when told (SIGTERM) or when the process that started them is gone.
     Their log goes to `log_file` when given (a progress bar owns the terminal meanwhile)."""
     check_lease(url, lease_seconds)
+    if url.startswith("fq://"):  # the run's own one-line error, before any worker starts
+        from deepem3d.run.file_queue import FileQueue
+
+        FileQueue(open_queue(url).api).check_locks(url)
     command = [
         sys.executable, "-m", "deepem3d", "worker", url, "--parent-pid", str(os.getpid()),
         "--poll-seconds", str(LOCAL_POLL_SECONDS), "--lease-seconds", str(lease_seconds),
