@@ -8,9 +8,10 @@ log. Usage:
 
     python scripts/queue_lock_campaign.py [--tasks 20] [--renewals 10] [--lockers 2]
 
-On a 2-core machine (2026-12-06), three runs: taskqueue's renewal emptied the log of 1 of 6,
-5 of 20 and 1 of 20 tasks, deepem3d's of none (0 of 26), in under half the time (42 s against
-105 s for 20 tasks: taskqueue's lock waits out a busy log with back-off).
+On a 2-core machine (2026-12-06), five runs: taskqueue's renewal emptied the log of 1 of 6,
+5 of 20, 1 of 20, 1 of 2 and 0 of 20 tasks (8 of 68; the first two runs timed it alone),
+deepem3d's of none (0 of 48), in under half the time (42 to 45 s against 105 s for 20 tasks:
+taskqueue's lock waits out a busy log with back-off).
 """
 
 from __future__ import annotations

@@ -211,6 +211,33 @@ def test_a_queues_redrive_limit_is_the_workers_limit(tmp_path, moto_endpoint):
         "queue", "status", "sqs://patient", check=True).stdout
 
 
+def test_a_failed_read_of_the_redrive_policy_is_asked_again_not_taken_for_none(
+        moto_endpoint, monkeypatch):
+    """One failed read of the queue's policy (a throttled call) falls back to the worker's
+    own limit for that task only: it is not remembered as "no policy", which would have the
+    worker hide refused messages for 12 h instead of setting them aside."""
+    from botocore.exceptions import ClientError
+
+    from deepem3d.run.worker import Worker
+
+    run_cli("queue", "create", "sqs://blip", "--max-attempts", "7", check=True)
+    worker = Worker("sqs://blip")
+    sqs = worker.queue.api.sqs
+    real_read = sqs.get_queue_attributes
+    failures = [ClientError({"Error": {"Code": "Throttling", "Message": "slow down"}},
+                            "GetQueueAttributes")]
+
+    def read_once_throttled(**kwargs):
+        if failures:
+            raise failures.pop()
+        return real_read(**kwargs)
+
+    monkeypatch.setattr(sqs, "get_queue_attributes", read_once_throttled)
+    assert worker._attempt_limit() == 5  # the worker's own, this once
+    assert worker._attempt_limit() == 7  # the queue's, read again
+    assert worker._dead_letter().endswith("/blip-dead-letter")
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole pipeline on S3 + SQS
 

@@ -443,6 +443,7 @@ def test_a_worker_whose_lease_ran_out_leaves_the_new_holders_lease_alone(tmp_pat
     renewed = files.renew(second, 120)
     assert renewed is not None and files.delete(renewed)
     assert not os.listdir(queue_dir / "queue") and not os.listdir(queue_dir / "movement")
+    assert not files.delete(first)  # deleted by its holder: not the first's to count again
 
 
 def test_a_log_with_nul_bytes_still_names_its_files(tmp_path):
@@ -487,13 +488,16 @@ def test_a_file_system_without_locks_is_an_error_not_an_empty_queue(tmp_path, mo
     assert os.listdir(queue_dir / "movement") == [name.split("--")[1][:-len(".json")]]
 
 
-#: holds a lock on a file (argv 1: shared or exclusive) for argv 3 seconds, after touching argv 2
+#: holds a lock (argv 4: shared or exclusive) on a file (argv 1) for argv 3 seconds: touches
+#: argv 2 once it holds it, and writes there the time just before it lets go
 HOLD_LOCK = """
 import fcntl, sys, time
 f = open(sys.argv[1], "r+")
 fcntl.lockf(f.fileno(), fcntl.LOCK_SH if sys.argv[4] == "shared" else fcntl.LOCK_EX)
 open(sys.argv[2], "w").close()
 time.sleep(float(sys.argv[3]))
+with open(sys.argv[2], "w") as note:
+    note.write(repr(time.time()))
 """
 
 
@@ -516,6 +520,9 @@ def test_a_renewal_waits_for_a_locked_log_and_empties_nothing(tmp_path, lock, se
                                str(seconds), lock])
     wait_for(held)
     worker._renew(task, 30)
+    renewed_at = time.time()
+    assert held.read_text(), "renewed while the log was locked"
+    assert float(held.read_text()) <= renewed_at
     assert holder.wait() == 0
     [renewed] = os.listdir(queue_dir / "queue")
     assert int(renewed.split("--")[0]) >= time.time() + 25

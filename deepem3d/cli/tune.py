@@ -43,7 +43,8 @@ def _ints(text: str, name: str) -> list[int]:
               help="Dust sizes to try (voxels; 0: none).")
 @click.option("--write", "pipeline", default=None, type=click.Path(dir_okay=False),
               help="Write the best setting into this pipeline file's `segmentation:` keys "
-              "(checked first; only those keys' lines change, its comments are kept).")
+              "(checked first; only those keys' lines change, its comments kept, unless the "
+              "section cannot be edited so: then the file is rewritten whole, and it says so).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.option("--max-memory", type=ByteSize(), default=None,
               help="Refuse, before reading any graph, a run whose region graph would need more, "

@@ -16,12 +16,12 @@ then reopen it with mode 'wt', truncating it, before they lock it: a worker that
 log in between (its lease reached for the task) keeps the lock, and the renewal, retried,
 reads the emptied log and renews nothing; the task's delete then misses its file, which runs
 again once its lease runs out. Two processes locking logs as stale lease attempts do emptied
-the log of 7 of 46 tasks renewed 10 times each, and of none with this module's renewal
-(scripts/queue_lock_campaign.py, a 2-core machine).
+the log of 8 of 68 tasks renewed 10 times each, and of none of 48 with this module's renewal
+(scripts/queue_lock_campaign.py, five runs on a 2-core machine).
 
 A lease never waits for a lock: a busy log is another worker's, and the next file is tried
 (taskqueue's lock retries with back-off, which held a lease 6.6 to 9.6 s with 4 logs held, and
-made 8 processes draining 400 tasks 12x slower: benchmarks/queue_drain.py).
+made 8 processes draining 400 tasks 7 to 12 times slower: benchmarks/queue_drain.py).
 A renewal, release or delete waits for it, up to LOCK_WAIT_SECONDS: the holder keeps it for
 a rename and a line.
 """
@@ -136,11 +136,17 @@ class FileQueue:
         return os.path.join(self.movement_path, task_id(name))
 
     def check_locks(self, url: str) -> None:
-        """InputError when the queue's file system takes no file locks (Lustre mounted without
-        `flock`, NFS without its lock daemon): every change here needs them."""
+        """InputError when the queue's folder cannot be written or its file system takes no
+        file locks (Lustre mounted without `flock`, NFS without its lock daemon): every change
+        here needs them. Locks kept within one machine (NFS's `local_lock=all`, Lustre's
+        `localflock`) pass, and do not hold between workers on several machines."""
         probe = os.path.join(self.movement_path, f"lock-probe-{uuid.uuid4()}")
         try:
-            with open(probe, "x") as f:
+            f = open(probe, "x")
+        except OSError as err:
+            raise InputError(f"{url}: cannot write in it ({err.strerror})") from None
+        try:
+            with f:
                 fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno in (errno.EACCES, errno.EAGAIN):  # a fresh file cannot be busy
@@ -241,12 +247,13 @@ class FileQueue:
 
     def delete(self, held: str) -> bool:
         """Every file the task's log names, then the log, all under its lock; False (nothing
-        removed) when this worker no longer held it: the worker that does deletes it."""
+        removed) when this worker no longer held it: the worker that does deletes it (or did:
+        a leased task has a log until its delete, so one gone was another's to count)."""
         identifier = task_id(held)
         path = self._log(identifier)
         with _locked_log(path) as log:
-            if log is None:  # deleted already
-                return True
+            if log is None:
+                return False
             names = _names(log.read(), identifier)
             if names[-1:] != [held]:
                 return False

@@ -384,6 +384,7 @@ class Worker:
                 try:
                     young = time.time() - os.path.getmtime(path) < UNREADABLE_GRACE
                 except FileNotFoundError:  # removed meanwhile (taskqueue's tools)
+                    self._held.pop(task_id(leased), None)
                     continue
                 if young:  # perhaps half written: look again soon
                     self._files.renew(self._held.pop(task_id(leased)), 1)
@@ -470,9 +471,8 @@ class Worker:
         if self._file_queue_dir is None:
             try:
                 limit = self._redrive()[1]
-            except InputError as err:  # (no sqs:GetQueueAttributes, say)
+            except InputError as err:  # (no sqs:GetQueueAttributes, a blip): asked again
                 log.warning("%s; counting attempts up to --max-attempts", err)
-                self._redrive_policy = (None, None)
                 limit = None
             if limit is not None:
                 return limit
@@ -491,8 +491,9 @@ class Worker:
                     break
                 try:
                     task = self._lease()
-                except (QueueEmptyError, InputError) as err:
-                    if isinstance(err, InputError):  # the queue was there at start: a blip
+                except (QueueEmptyError, InputError, OSError) as err:
+                    # the queue was there at start (and took locks): a blip, an NFS hiccup
+                    if not isinstance(err, QueueEmptyError):
                         log.warning("%s; trying again", err)
                     elif self.exit_when_empty and self.queue.enqueued == 0:
                         break
@@ -607,8 +608,8 @@ class Worker:
         if held is not None and self._files.delete(held):
             self._files.tally()
         else:
-            log.info("task %s: left on the queue to the worker that holds it now",
-                     self._label(task))
+            log.info("task %s: not deleted by this worker: another holds it now, or deleted "
+                     "it", self._label(task))
 
     def _release(self, task) -> None:
         try:
