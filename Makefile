@@ -8,8 +8,9 @@ DEMO ?= demo
 
 setup: $(VENV)/.installed
 
-# torch first, pinned: it is the CPU wheel on this disk; the project then asks for a range
-# that 2.13.0 satisfies, so pip installs nothing bigger.
+# torch first, pinned: the CPU wheel where pip finds it locally (README: elsewhere, PyTorch's
+# CPU index); the project then asks for a range that 2.13.0 satisfies, so pip installs nothing
+# bigger.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip

@@ -4,9 +4,9 @@ against MONAI at equal settings, the Trainer against its bare step, GPU memory.
     python benchmarks/gpu.py [--device cuda] [--quick] [--part-timeout 240]
                              [--parts forward inference training determinism autotune compile]
 
-One prepared script for a lent H100/H200 (under 5 minutes there): it needs torch, numpy,
-scipy and tqdm only (all on those machines), plus MONAI for the MONAI row (carried as a wheel;
-without it the row says MONAI is missing). `--device cpu --quick` runs every row on tiny
+One prepared script for an H100/H200 host (under 5 minutes there): it needs torch, numpy,
+scipy and tqdm only, plus MONAI for the MONAI row (installed from a wheel where the host has no
+network; without it the row says MONAI is missing). `--device cpu --quick` runs every row on tiny
 shapes in seconds (the suite's smoke test). Rows print as they finish, one JSON object per
 line. Each part runs in a process of its own, stopped after --part-timeout seconds with the
 rows it gave kept (cuDNN autotuning's first calls have taken minutes on an H200).
@@ -507,7 +507,7 @@ def main() -> None:
 def run_part(part: str, args) -> None:
     """One part in a fresh process (its own cuDNN settings, GPU memory and compile caches), its
     rows relayed as they come; stopped after --part-timeout seconds, so that one part whose
-    first autotuned call takes minutes cannot spend a lent machine's whole time."""
+    first autotuned call takes minutes cannot spend a timed machine's whole time."""
     import subprocess
     import threading
 

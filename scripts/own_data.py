@@ -1,7 +1,10 @@
 """The own-data workflow, end to end, on a volume the shipped model never saw: gala_fib_small
 (FIB-SEM, about 10 nm isotropic; the shipped model is for 4 x 4 x 50 nm ssTEM).
 
-    python scripts/own_data.py [--iterations 300] [--work DIR] [--data ../shared/data]
+    python scripts/own_data.py [--iterations 300] [--work DIR] [--data DIR]
+
+--data is the folder holding gala_fib_small/gala_fib_small.h5 (default: $DEEPEM3D_DATA, else
+a shared/data folder beside the repository).
 
 For each model, the fine-tuned one and the shipped one as it is (the baseline, run with
 --force at the data's resolution), with the CLI a user would type:
@@ -46,7 +49,8 @@ def cli(*args: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data", default=os.environ.get(
+        "DEEPEM3D_DATA", str(ROOT.parent / "shared" / "data")))
     parser.add_argument("--work", default=None)
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--parallel", type=int, default=2)

@@ -9,7 +9,9 @@
 #   CHECKPOINT last (default) or best (lowest validation adapted Rand error of the run)
 # The run resumes from RUN_DIR/last.pt when there is one; a larger ITERATIONS extends it (the
 # poly schedule is recomputed for the new total). INIT (a checkpoint or shipped name), SEED and
-# LR in the environment start a fine-tuning run from INIT's weights instead. The shipped weights:
+# LR in the environment start a fine-tuning run from INIT's weights instead. H5 names the ISBI
+# 2012 volume (/raw, /labels/neuron_ids; default: isbi2012/isbi2012_neuron3d.h5 under
+# $DEEPEM3D_DATA, else under a shared/data folder beside the repository). The shipped weights:
 #   bash scripts/train_isbi2012.sh runs/isbi2012-small                       # 6,000, last
 #   bash scripts/train_isbi2012.sh runs/isbi2012-small-affinity 10000 affinity
 #   bash scripts/train_isbi2012.sh runs/isbi2012-small-affinity 25000 affinity best
@@ -28,7 +30,7 @@ SEED=${SEED:-0}
 LR=${LR:-0.01}
 INIT_ARGS=()
 if [ -n "${INIT:-}" ]; then INIT_ARGS=(--init "$INIT"); fi
-H5=../shared/data/isbi2012/isbi2012_neuron3d.h5
+H5=${H5:-${DEEPEM3D_DATA:-../shared/data}/isbi2012/isbi2012_neuron3d.h5}
 .venv/bin/deepem3d train --image "$H5:/raw" --labels "$H5:/labels/neuron_ids" \
   --train-sections 0:15 --val-sections 15:20 --resolution 4,4,50 \
   --preset small --head "$HEAD" --in-sections 5 --batch-size 4 --patch-size 128 \

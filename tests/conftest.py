@@ -29,7 +29,9 @@ from deepem3d.stages.segmentation import plan_segment, segment_stages
 from deepem3d.storage.layers import create_layer
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The real EM volumes with ground truth (isbi2012/, gala_fib_small/, vnc_gerhard2013/): the
+# folder DEEPEM3D_DATA names, else a `shared/data` beside the repository.
+SHARED_DATA = Path(os.environ.get("DEEPEM3D_DATA", ROOT.parent / "shared" / "data"))
 
 
 def run_cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -65,7 +67,8 @@ def demo_output(tmp_path_factory) -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not present: the shared EM volumes are not on this machine")
+        pytest.skip(f"{SHARED_DATA} not present: the EM volumes with ground truth are not on "
+                    "this machine (DEEPEM3D_DATA names their folder)")
     return SHARED_DATA
 
 

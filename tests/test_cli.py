@@ -102,7 +102,7 @@ def test_option_types():
         (ByteSize(), "--memory", "0", "--memory '0' must be at least 1 B"),
         (Number(min=0, min_open=True), "--lr", "nan", "--lr 'nan' must be a finite number"),
         (Number(min=0), "--min-cable-nm", "inf", "must be a finite number"),
-        (Number(min=0.1), "--interval", "0", "not in the range x>=0.1"),
+        (Number(min=0.1), "--poll-seconds", "0", "not in the range x>=0.1"),
     ]:
         with pytest.raises(click.UsageError) as err:
             convert(kind, option, text)

@@ -233,7 +233,8 @@ def test_skimage_rand_is_the_pair_counting_variant_of_our_table(seg_zero: bool) 
     # skimage.metrics.adapted_rand_error(gt, seg) counts pairs of distinct voxels (x^2 - x, not
     # SNEMI3D's x^2), treats predicted 0 as a label, and returns (are, precision, recall) with
     # precision normalised by the gt pairs and recall by the predicted pairs: the reverse of
-    # SNEMI3D's names (scikit-image issue #6485). Its numbers follow from our table exactly.
+    # SNEMI3D's names (https://github.com/scikit-image/scikit-image/issues/6485). Its numbers
+    # follow from our table exactly.
     seg, gt = structured_pair(seg_zero)
     table = contingency(seg, gt)
     assert adapted_rand_error(gt, seg, ignore_labels=(0,)) == pytest.approx(

@@ -199,6 +199,11 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["segmentation.max_task_memory", "24GiB"]),
     ("sharded", {"segmentation:\n": "segmentation:\n  sharded: yes please\n"},
      ["segmentation.sharded", "true or false"]),
+    ("a flag not true or false", {"model: isbi2012-small-affinity": "model: "
+                                  "isbi2012-small-affinity\n  fill_missing: 'no'"},
+     ["inference.fill_missing", "true or false"]),
+    ("downsample flag", {"  layers: [segmentation]\n": "  layers: [segmentation]\n  sparse: 1\n"},
+     ["downsample.sparse", "true or false"]),
     ("sharded blocks", {"chunk_size: [32, 32, 2]": "chunk_size: [32, 16, 2]\n  sharded: true"},
      ["inference", "sharded", "same power-of-two number of chunks"]),
     ("a key twice", {"segmentation:\n": "segmentation:\n  method: mean\nsegmentation:\n"},
@@ -220,6 +225,23 @@ def test_a_bad_pipeline_file_is_one_line_before_anything_is_written(
     result = run_cli("run", pipeline, "--parallel", "1")
     assert_one_line_error(result, *fragments)
     assert not output.exists(), f"{case}: the run wrote something"
+
+
+def test_downsample_keys_reach_the_stage(tmp_path, crop_layers):
+    """`downsample: {sparse, fill_missing}` are `deepem3d downsample`'s options; they were
+    refused as unknown keys."""
+    from deepem3d.run.pipeline import add_local_queue, load_pipeline
+    from deepem3d.run.plan import plan_run
+
+    pipeline = pipeline_file(tmp_path, crop_layers, tmp_path / "out", **{
+        "  layers: [segmentation]\n": "  layers: [image, segmentation]\n  sparse: true\n"
+                                      "  fill_missing: true\n"})
+    p = load_pipeline(str(pipeline))
+    add_local_queue(p)
+    plan = plan_run(p, dry_run=True)
+    downsampling = [s for s in plan.stages if s.name.startswith("downsample")]
+    assert len(downsampling) == 2
+    assert all(s.parameters["sparse"] and s.parameters["fill_missing"] for s in downsampling)
 
 
 def test_a_bad_queue_or_a_binary_file_is_one_line_before_anything_is_written(

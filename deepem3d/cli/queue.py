@@ -152,10 +152,10 @@ def delete(url: str, yes: bool) -> None:
 @click.argument("url")
 @click.option("--watch", is_flag=True, help="Show a progress bar until the queue is empty.")
 @click.option(
-    "--interval", type=Number(min=0.1), default=2.0, show_default=True,
-    help="Seconds between polls."
+    "--poll-seconds", type=Number(min=0.1), default=2.0, show_default=True,
+    help="Seconds between polls with --watch."
 )
-def status(url: str, watch: bool, interval: float) -> None:
+def status(url: str, watch: bool, poll_seconds: float) -> None:
     """Show inserted / enqueued / leased / completed for the queue URL, and the tasks its
     workers set aside (fq://: DIR/failed/; sqs://: its dead-letter queue) with why.
 
@@ -188,4 +188,4 @@ def status(url: str, watch: bool, interval: float) -> None:
             bar.update(max(0, total - counts.enqueued) - bar.n)
             if counts.enqueued == 0:
                 break
-            time.sleep(interval)
+            time.sleep(poll_seconds)

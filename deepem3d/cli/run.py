@@ -32,9 +32,10 @@ def run(pipeline: str, output: str | None, queue: str | None, parallel: int | No
 
     The whole file is checked first (a one-line error names the key). Then the stages run in
     order, each finished (its completion markers) before the next: inference, the
-    segmentation's stages, downsampling. A per-stage summary is printed and OUTPUT/report.json
-    written (stage seconds, layers, and the scores when the file names ground truth). Run the
-    same command again after any interruption: it goes on where it stopped.
+    segmentation's stages, downsampling, meshes, skeletons. A per-stage summary is printed and
+    OUTPUT/report.json written (stage seconds, layers, and the scores when the file names
+    ground truth). Run the same command again after any interruption: it goes on where it
+    stopped.
     """
     from deepem3d.run.pipeline import load_pipeline
 

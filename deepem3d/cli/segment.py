@@ -31,12 +31,14 @@ from deepem3d.run.queues import check_queue_url
               "h, the minimum depth of a basin (DeepEM3D used 0.19).")
 @click.option("--dust-size", type=click.IntRange(min=0), default=None,
               help="Merge segments of fewer voxels (whole-volume sizes) into their neighbour "
-              "of largest contact; 0 (the default): off.")
+              "of largest contact; 0: off. Default: the map's model's setting without --method and "
+              "--threshold, else 0.")
 @click.option("--dust-mode", type=click.Choice(["merge", "zero"]), default="merge",
               show_default=True, help="What happens to dust: merged, or set to 0 (background).")
 @click.option("--sigma", type=float, default=None,
               help="In-plane Gaussian (x, y) on the map first, standard deviation in voxels; "
-              "0 (the default): off. DeepEM3D smoothed the boundary map in-plane with a "
+              "0: off. Default: the map's model's setting without --method and --threshold, "
+              "else 0. DeepEM3D smoothed the boundary map in-plane with a "
               "Gaussian before its watershed; the smoothed map is kept at "
               "OUTPUT/segmentation/smoothed.")
 @click.option("--task-shape", type=Triple(int, example="512,512,64"), default=None,

@@ -6,6 +6,7 @@ import click
 
 from deepem3d.cli.options import Number, Triple
 from deepem3d.errors import InputError
+from deepem3d.models.presets import PRESETS
 
 
 @click.command()
@@ -15,7 +16,8 @@ from deepem3d.errors import InputError
 @click.option("--train-sections", required=True, help="START:END (end exclusive), e.g. 0:15.")
 @click.option("--val-sections", default=None, help="START:END for validation, e.g. 15:20.")
 @click.option("--out", "out_dir", required=True, help="Directory for checkpoints and plots.")
-@click.option("--preset", default="tiny", show_default=True, help="Network size: see README.")
+@click.option("--preset", type=click.Choice(PRESETS), default="tiny", show_default=True,
+              help="Network size (README: parameters and multiply-adds of each).")
 @click.option("--head", type=click.Choice(["boundary", "affinity"]), default="boundary",
               show_default=True)
 @click.option("--in-sections", type=click.Choice(["1", "3", "5"]), default="5",

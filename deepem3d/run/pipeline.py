@@ -66,7 +66,7 @@ INFERENCE_KEYS = ("model", "tta", "task_shape", "chunk_size", "bounds", "mip", "
 SEGMENTATION_KEYS = ("method", "threshold", "sigma", "dust_size", "dust_mode", "task_shape",
                      "chunk_size", "bounds", "edges_per_voxel", "max_task_memory", "sharded",
                      "queue")
-DOWNSAMPLE_KEYS = ("layers", "num_mips", "factor", "memory", "queue")
+DOWNSAMPLE_KEYS = ("layers", "num_mips", "factor", "memory", "fill_missing", "sparse", "queue")
 MESHES_KEYS = ("mip", "task_shape", "sharded", "spatial_index", "queue")
 SKELETONS_KEYS = ("mip", "task_shape", "sharded", "spatial_index", "dust_threshold",
                   "min_cable_nm", "tick_threshold", "queue")
@@ -390,9 +390,13 @@ def _check_sections(p: Pipeline) -> None:
                                          and 0 < seg["edges_per_voxel"] <= 3):
         _fail(p.source, "segmentation.edges_per_voxel",
               f"{seg['edges_per_voxel']!r} must lie in (0, 3]")
-    for section, values in (("inference", inf), ("segmentation", seg)):
-        if "sharded" in values and not isinstance(values["sharded"], bool):
-            _fail(p.source, f"{section}.sharded", f"{values['sharded']!r}: write true or false")
+    for section, values, flags in (
+            ("inference", inf, ("amp", "float32", "fill_missing", "force", "sharded")),
+            ("segmentation", seg, ("sharded",)),
+            ("downsample", p.downsample, ("fill_missing", "sparse"))):
+        for key in flags:
+            if key in values and not isinstance(values[key], bool):
+                _fail(p.source, f"{section}.{key}", f"{values[key]!r}: write true or false")
     if "max_task_memory" in seg:
         try:
             seg["max_task_memory"] = parse_bytes(seg["max_task_memory"])

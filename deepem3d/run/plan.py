@@ -2,7 +2,8 @@
 
 `plan_run` turns a `Pipeline` into the planners' plans (each checks its inputs: layers, models,
 shapes) and then into stages in order: inference (image -> map), the segmentation's stages,
-downsampling. `run_pipeline` runs them with the runner and writes `OUTPUT/report.json`:
+downsampling, meshes, skeletons. `run_pipeline` runs them with the runner and writes
+`OUTPUT/report.json`:
 
     {"stage_seconds": {stage: seconds}, "layers": {name: path},
      "adapted_rand_error": ..., "voi_split": ..., "voi_merge": ...   (with ground truth)}
@@ -219,6 +220,8 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
             source = next((s.key for s in stages if s.layer == dplan.layer_path
                            and s.name in ("inference", "remap")), "")
             add(downsample_stage(dplan, source_key=source, label=f"downsample {name}",
+                                 fill_missing=down.get("fill_missing", False),
+                                 sparse=down.get("sparse", False),
                                  needs=("remap",) if name == "segmentation" else ()),
                 "downsample")
     for product in ("meshes", "skeletons"):

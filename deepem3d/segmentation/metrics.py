@@ -15,7 +15,8 @@ Definitions, and how they relate to the usual reference implementations:
   bounds hold). With no predicted 0 inside gt objects, precision and recall
   equal waterz's `rand_merge` and `rand_split`. scikit-image's `adapted_rand_error` counts pairs
   of distinct voxels (x^2 - x instead of x^2) and returns precision and recall swapped
-  (scikit-image issue #6485), so it is close to these numbers on large objects but not equal.
+  (https://github.com/scikit-image/scikit-image/issues/6485), so it is close to these numbers
+  on large objects but not equal.
 - **Variation of information** is measured in bits (log base 2), as waterz.evaluate and
   skimage.metrics.variation_of_information report it, over the voxels where gt != 0, with the
   predicted ids taken as they are (0 is one label like any other). split = H(seg | gt), the
