@@ -35,6 +35,7 @@ from deepem3d.models.sliding import (
     ModelPredictor,
     PatchGeometry,
     _reflect,
+    abutting_tiles,
     grid_starts,
     input_box,
     predict_block,
@@ -325,6 +326,35 @@ def test_abutting_tiles_equal_one_whole_section_forward(setup, crop):
     assert len(np.unique(quantize(tiles))) > 10
 
 
+def test_the_image_spelled_another_way_is_refused_as_output(setup, tmp_path, monkeypatch):
+    """OUTPUT was compared with the image as text: `precomputed://`, a relative path, a link
+    or a folder inside the image passed, and --overwrite then deleted the image's chunks."""
+    image = setup["image"]
+    folder = image.removeprefix("file://")
+    before = sorted(p.name for p in Path(folder).rglob("*"))
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    monkeypatch.chdir(Path(folder).parent)
+    for output in (f"precomputed://{image}", f"file://{Path(folder).name}", link, f"{folder}/",
+                   f"{folder}/map"):
+        result = cli("infer", image, output, "--model", setup["ckpt"], "--chunk-size",
+                     "16,16,2", *PATCH_ARGS, "--overwrite")
+        assert_one_line_error(result, "overlaps the image layer")
+    assert sorted(p.name for p in Path(folder).rglob("*")) == before
+
+
+def test_a_tile_that_covers_the_layer_is_cut_to_it_whatever_the_chunks():
+    """Chunks of 128 x 100 px make the tile step lcm(128, 100, 16) = 3200 px: a 200 x 100
+    layer paid for a 3200 px tile (677 evaluations per voxel, 22x the time). One tile over the
+    whole layer has no chunk border to align with; tiles over a larger layer keep the step."""
+    assert abutting_tiles(200, 230, step=3200).output == 208
+    assert abutting_tiles(200, 230, step=3200).size == 208 + 480
+    assert abutting_tiles(5000, 230, step=3200, tile=2048).output == 3200
+    assert abutting_tiles(512, 230, step=128).output == 512
+    assert abutting_tiles(8192, 230, step=128).output == 2048
+    assert abutting_tiles(600, 230, step=128).output == 608
+
+
 def test_default_tiles_are_the_same_bytes_whatever_the_task_shape(setup, crop):
     """The default geometry: abutting tiles with the full receptive field, cut down to the
     volume, computed once per voxel; tasks of any shape write what one call gives."""
@@ -535,6 +565,10 @@ def test_bad_input(setup, tmp_path, crop):
     coarse, _ = make_model(tmp_path / "coarse.pt", resolution=(4, 4, 40))
     assert_one_line_error(cli("infer", image, tmp_path / "o", "--model", coarse, *base),
                           "anisotropy differs", "--force")
+    far, _ = make_model(tmp_path / "far.pt", resolution=(40, 40, 50))  # 10x: not resampled
+    result = cli("infer", image, tmp_path / "o", "--model", far, *base)
+    assert_one_line_error(result, "anisotropy differs", "deepem3d train --init", "--force")
+    assert "resample" not in result.stderr
     forced = cli("infer", image, tmp_path / "o", "--model", coarse, *base, "--force")
     assert forced.returncode == 0 and "warning: model coarse.pt was trained at 4x4x40" in \
         forced.stderr, forced.stderr

@@ -227,6 +227,25 @@ def test_a_bad_pipeline_file_is_one_line_before_anything_is_written(
     assert not output.exists(), f"{case}: the run wrote something"
 
 
+def test_a_run_over_the_sample_leaves_another_layer_at_its_place_alone(tmp_path):
+    """A run over `sample:isbi2012` writes the sample at OUTPUT/image and OUTPUT/ground_truth:
+    a layer there that the sample did not write was replaced without --overwrite (and used as
+    the image when both were there)."""
+    output = tmp_path / "out"
+    mine = create_layer(f"file://{output / 'image'}", layer_type="image", dtype="uint8",
+                        resolution=(4, 4, 40), size=(64, 64, 8), chunk_size=(64, 64, 8))
+    mine[:, :, :] = np.full((64, 64, 8), 7, dtype=np.uint8)
+    info = (output / "image" / "info").read_text()
+    pipeline = tmp_path / "sample.yaml"
+    pipeline.write_text(f"version: 1\noutput: {output}\nimage: sample:isbi2012\n"
+                        "products: [map]\n")
+    for extra in (("--dry-run",), ("--parallel", "1")):
+        assert_one_line_error(run_cli("run", pipeline, *extra), f"{output / 'image'}",
+                              "did not write", "--overwrite")
+    assert (output / "image" / "info").read_text() == info
+    assert not (output / "ground_truth").exists()
+
+
 def test_downsample_keys_reach_the_stage(tmp_path, crop_layers):
     """`downsample: {sparse, fill_missing}` are `deepem3d downsample`'s options; they were
     refused as unknown keys."""

@@ -189,9 +189,13 @@ def abutting_tiles(extent: int, context: int, *, divisor: int = 16, step: int = 
     """Abutting output tiles of `tile` px rounded up to a multiple of `step` (which the caller
     makes a multiple of the chunk size and of the model's divisor), cut down to the volume's
     in-plane `extent`, each read with a margin of `context` rounded up to `divisor`: every
-    voxel sees the whole receptive field and is computed once."""
+    voxel sees the whole receptive field and is computed once. A tile that covers the whole
+    extent has no chunk border to align with and is cut to the extent rounded up to `divisor`
+    (chunks of 128 x 100 px make `step` 3200: a 200 x 100 layer paid for a 3200 px tile)."""
     margin = -(-context // divisor) * divisor
     output = min(-(-tile // step) * step, -(-extent // step) * step)
+    if output >= extent:
+        output = min(output, -(-extent // divisor) * divisor)
     return PatchGeometry(size=output + 2 * margin, output=output, overlap=0, batch=batch,
                          window=window)
 

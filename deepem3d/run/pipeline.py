@@ -41,7 +41,9 @@ downsample's `bounds`) are not keys.
 Bounds given for inference alone are the segmentation's too (a run segments what it
 inferred). A product needs the one before it (a segmentation needs a map: the `map` product or
 a `map` layer; downsampling the segmentation needs it). Every mistake is a one-line InputError
-naming the key, raised before any layer is written or any task is created.
+naming the key, raised before any layer is written or any task is created (but the embedded
+sample's two layers, which a run over `sample:isbi2012` writes first, complete, to read its
+geometry).
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ SKELETONS_KEYS = ("mip", "task_shape", "sharded", "spatial_index", "dust_thresho
                   "min_cable_nm", "tick_threshold", "queue")
 OBJECT_PRODUCTS = ("meshes", "skeletons")  # made of the segmentation by igneous
 EVALUATE_KEYS = ("bounds",)
+SECTION_KEYS = {"inference": INFERENCE_KEYS, "segmentation": SEGMENTATION_KEYS,
+                "downsample": DOWNSAMPLE_KEYS, "meshes": MESHES_KEYS,
+                "skeletons": SKELETONS_KEYS, "evaluate": EVALUATE_KEYS}
+#: keys that are a command's on/off flags: true or false
+FLAG_KEYS = ("amp", "float32", "fill_missing", "force", "sharded", "sparse")
 QUEUE_KEYS = ("url", "min_memory")
 SHIPPED_DIR = "pipelines"
 
@@ -390,11 +397,9 @@ def _check_sections(p: Pipeline) -> None:
                                          and 0 < seg["edges_per_voxel"] <= 3):
         _fail(p.source, "segmentation.edges_per_voxel",
               f"{seg['edges_per_voxel']!r} must lie in (0, 3]")
-    for section, values, flags in (
-            ("inference", inf, ("amp", "float32", "fill_missing", "force", "sharded")),
-            ("segmentation", seg, ("sharded",)),
-            ("downsample", p.downsample, ("fill_missing", "sparse"))):
-        for key in flags:
+    for section, values in (("inference", inf), ("segmentation", seg),
+                            ("downsample", p.downsample)):
+        for key in FLAG_KEYS:
             if key in values and not isinstance(values[key], bool):
                 _fail(p.source, f"{section}.{key}", f"{values[key]!r}: write true or false")
     if "max_task_memory" in seg:

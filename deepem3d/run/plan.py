@@ -39,22 +39,52 @@ class RunPlan:
 
 
 def _in_key(source: str, section: str, err: InputError) -> InputError:
-    """A planner's message with its option names spelled as the file's keys."""
-    text = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), str(err))
-    return InputError(f"{source}: {section}: {text}")
+    """A planner's message with the options that are the section's keys spelled as keys
+    (`pass --force`: `set force: true`); a command in backticks and the run's own options
+    (`--overwrite`) are left as they are."""
+    from deepem3d.run.pipeline import FLAG_KEYS, SECTION_KEYS
+
+    keys = SECTION_KEYS.get(section, ())
+
+    def as_key(match: re.Match) -> str:
+        key = match.group(2).replace("-", "_")
+        if key not in keys:
+            return match.group(0)
+        if match.group(1):
+            return f"set {key}: true" if key in FLAG_KEYS else f"set {key}"
+        return key
+
+    parts = str(err).split("`")
+    for i in range(0, len(parts), 2):  # outside backticks
+        parts[i] = re.sub(r"(pass )?--([a-z][a-z0-9-]*)", as_key, parts[i])
+    return InputError(f"{source}: {section}: {'`'.join(parts)}")
 
 
 def _bbox(values) -> Bbox | None:
     return None if values is None else Bbox(values[:3], values[3:])
 
 
-def sample_layers(p: Pipeline, *, write: bool) -> dict[str, str]:
-    """The embedded sample's layers under the output root (written once; kept after)."""
+def sample_layers(p: Pipeline, *, write: bool, overwrite: bool = False) -> dict[str, str]:
+    """The embedded sample's layers under the output root (written once; kept after). A layer
+    there that `deepem3d sample` did not write is replaced only with `overwrite`."""
+    from cloudfiles import CloudFiles
+
     from deepem3d.sample import write_sample
-    from deepem3d.storage.layers import layer_holds_data
+    from deepem3d.storage.layers import layer_holds_data, layer_writer
 
     paths = {"image": p.layer("image"), "ground_truth": p.layer("ground_truth")}
-    if write and not all(layer_holds_data(path) for path in paths.values()):
+    held = [path for path in paths.values() if layer_holds_data(path)]
+    for path in held:
+        try:
+            processing = (CloudFiles(path).get_json("provenance") or {}).get("processing")
+        except ValueError:  # not JSON
+            processing = None
+        writer = layer_writer(processing)
+        if not overwrite and (writer is None or writer[1] != "`deepem3d sample`"):
+            raise InputError(f"{path} holds a layer that `deepem3d sample` did not write, where "
+                             "this run puts the sample: pass --overwrite to replace it, or give "
+                             "another output")
+    if write and len(held) < len(paths):
         write_sample(p.output, overwrite=True, progress=False)
     return paths
 
@@ -99,7 +129,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
             from deepem3d.sample import write_sample
 
             temporary = write_sample(f"{scratch_dir()}/sample", progress=False)
-        written = sample_layers(p, write=not dry_run)
+        written = sample_layers(p, write=not dry_run, overwrite="inference" in overwrite)
         if p.image == SAMPLE:
             layers["image"] = written["image"]
             image = temporary["image"] if dry_run else written["image"]

@@ -36,7 +36,13 @@ from deepem3d.stages.blocks import (
 )
 from deepem3d.stages.frame import Markers
 from deepem3d.stages.model_refs import ModelRef, inspect_model
-from deepem3d.storage.layers import cloudpath, info_exists, layer_holds_data, open_layer
+from deepem3d.storage.layers import (
+    check_output_apart,
+    cloudpath,
+    info_exists,
+    layer_holds_data,
+    open_layer,
+)
 from deepem3d.storage.sharding import block_sharding, check_on_shards
 from deepem3d.storage.sharding import default_chunk as sharded_chunk
 
@@ -206,8 +212,16 @@ def check_resolution(ref: ModelRef, vol: CloudVolume, mip: int) -> str | None:
         if all(abs(float(a) - b) <= RESOLUTION_TOLERANCE * b
                for a, b in zip(vol.meta.resolution(m), trained))
     ]
-    fix = (f"use --mip {better[0]}" if better else "resample it first (`deepem3d resample "
-           f"IMAGE OUTPUT --resolution {','.join(f'{r:g}' for r in trained)}`)")
+    from deepem3d.stages.resample import within_resample_range
+
+    if better:
+        fix = f"use --mip {better[0]}"
+    elif within_resample_range(layer, trained):
+        fix = ("resample it first (`deepem3d resample IMAGE OUTPUT --resolution "
+               f"{','.join(f'{r:g}' for r in trained)}`)")
+    else:  # too far for linear interpolation
+        fix = ("fine-tune the model on labelled sections of this data (`deepem3d train "
+               "--init`)")
     return (f"model {name} was trained at {_fmt(trained)} nm (anisotropy {aniso[0]:.3g}) but "
             f"{vol.cloudpath} at mip {mip} is {_fmt(layer)} nm (anisotropy {aniso[1]:.3g}): "
             f"{what} differs; {fix}, or pass --force to run anyway")
@@ -400,8 +414,7 @@ def plan_inference(
     axis; the tasks on the shard grid).
     """
     image_path, output_path = cloudpath(image_path), cloudpath(output_path)
-    if image_path.rstrip("/") == output_path.rstrip("/"):
-        raise InputError("OUTPUT is the image layer itself: give another path")
+    check_output_apart(output_path, {"image": image_path, "mask": mask})
     vol = open_layer(image_path, mip=mip or 0)
     if vol.dtype != np.uint8:
         raise InputError(f"{image_path} holds {vol.dtype}: deepem3d infers on uint8 EM images "

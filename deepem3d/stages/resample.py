@@ -39,6 +39,7 @@ from deepem3d.stages.blocks import (
 )
 from deepem3d.stages.frame import Markers, Stage, digest, stage_task
 from deepem3d.storage.layers import (
+    check_output_apart,
     cloudpath,
     create_layer,
     layer_holds_data,
@@ -165,13 +166,22 @@ class ResamplePlan:
                 + ("; resuming: finished tasks are skipped" if self.resume else ""))
 
 
+#: the largest factor per axis, either way, that linear interpolation resamples
+RESAMPLE_FACTOR = 4.0
+
+
+def within_resample_range(source, target) -> bool:
+    """Whether `deepem3d resample` takes an image from `source` to `target` nm (x, y, z)."""
+    return all(1 / RESAMPLE_FACTOR <= float(s) / float(t) <= RESAMPLE_FACTOR
+               for s, t in zip(source, target))
+
+
 def plan_resample(image_path: str, output_path: str, *, resolution, mip: int = 0,
                   task_shape=None, chunk_size=None, fill_missing: bool = False,
                   overwrite: bool = False) -> ResamplePlan:
     """Check the inputs and work out the target grid and blocks; reads infos only."""
     image_path, output_path = cloudpath(image_path), cloudpath(output_path)
-    if image_path.rstrip("/") == output_path.rstrip("/"):
-        raise InputError("OUTPUT is the image layer itself: give another path")
+    check_output_apart(output_path, {"image": image_path})
     target = tuple(float(r) for r in resolution)
     if len(target) != 3 or not all(math.isfinite(r) and r > 0 for r in target):
         raise InputError(f"--resolution {','.join(map(str, resolution))}: give three "
@@ -182,9 +192,9 @@ def plan_resample(image_path: str, output_path: str, *, resolution, mip: int = 0
                          "resample reads one-channel uint8 EM images (`deepem3d ingest` makes "
                          "them)")
     source = tuple(float(r) for r in vol.resolution)
-    factors = [s / t for s, t in zip(source, target)]
-    if not all(0.25 <= f <= 4 for f in factors):
-        raise InputError(f"--resolution {','.join(f'{r:g}' for r in target)} is more than 4 "
+    if not within_resample_range(source, target):
+        raise InputError(f"--resolution {','.join(f'{r:g}' for r in target)} is more than "
+                         f"{RESAMPLE_FACTOR:g} "
                          f"times off {','.join(f'{r:g}' for r in source)} nm: linear "
                          "interpolation is for small factors (`deepem3d downsample` averages "
                          "by whole factors)")

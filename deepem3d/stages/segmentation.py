@@ -53,6 +53,7 @@ from deepem3d.stages.supervoxels import (
 from deepem3d.stages.workdir import SMOOTHED_LAYER, SUPERVOXEL_FILES, WORK, smoothed_layer_path
 from deepem3d.storage.layers import (
     check_layer_role,
+    check_output_apart,
     cloudpath,
     create_layer,
     info_exists,
@@ -540,8 +541,7 @@ def plan_segment(
     without --chunk-size, chunks of the block split in 2^k per axis).
     """
     map_path, output_path = cloudpath(map_path).rstrip("/"), cloudpath(output_path).rstrip("/")
-    if map_path == output_path:
-        raise InputError("OUTPUT is the map layer itself: give another path")
+    check_output_apart(output_path, {"map": map_path})
     if method not in METHODS:
         raise InputError(f"--method {method!r}: choose mean or watershed")
     if not (isinstance(threshold, int | float) and math.isfinite(threshold)

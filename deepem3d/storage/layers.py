@@ -28,12 +28,39 @@ DEFAULT_ENCODING = {"image": "raw", "segmentation": "compressed_segmentation"}
 
 
 def cloudpath(path: str) -> str:
-    """A CloudVolume path: plain local paths become absolute file:// paths."""
-    if not str(path).strip():  # would name the working directory
+    """A CloudVolume path: `precomputed://` dropped, local paths (plain or file://, relative
+    or not) absolute file:// paths."""
+    path = str(path).removeprefix("precomputed://")
+    if not path.strip():  # would name the working directory
         raise InputError("an empty path where a layer goes: give the layer's path")
-    if "://" in path:
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    elif "://" in path:
         return path
     return "file://" + os.path.abspath(os.path.expanduser(path))
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two layer paths name one folder or one lies inside the other, however spelled
+    (`precomputed://`, relative, symbolic links, a trailing slash): writing one with
+    --overwrite would then delete the other."""
+    def where(path: str) -> str:
+        path = cloudpath(path)
+        if path.startswith("file://"):
+            path = "file://" + os.path.realpath(path[len("file://"):])
+        return path.rstrip("/") + "/"
+
+    a, b = where(a), where(b)
+    return a.startswith(b) or b.startswith(a)
+
+
+def check_output_apart(output_path: str, inputs: dict[str, str | None]) -> None:
+    """InputError when OUTPUT is, holds or lies inside one of the command's input layers
+    (`inputs`: what each is called in the message -> its path)."""
+    for what, path in inputs.items():
+        if path and same_place(output_path, path):
+            raise InputError(f"OUTPUT {output_path} is or overlaps the {what} layer {path}: "
+                             "give a path of its own")
 
 
 def info_exists(path: str) -> bool:
