@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+#: the largest voxel coordinate or extent a layer takes: CloudVolume's bounding boxes are int32
+LARGEST_COORDINATE = 2**31 - 1
+
 
 def xyz_from_zyx(array: np.ndarray) -> np.ndarray:
     """A z,y,x(,c) array as x,y,z(,c) (a view, no copy)."""

@@ -15,6 +15,7 @@ multiple of the layer's chunk z, so every write covers whole chunks of the chunk
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -26,7 +27,7 @@ import numpy as np
 from cloudvolume import CloudVolume
 from tqdm import tqdm
 
-from deepem3d.axes import xyz_from_zyx
+from deepem3d.axes import LARGEST_COORDINATE, xyz_from_zyx
 from deepem3d.errors import InputError
 from deepem3d.storage import layers
 
@@ -56,6 +57,21 @@ SLAB_BYTES = 256 * 2**20
 
 # ---------------------------------------------------------------------------------------------
 # sources
+
+
+@contextlib.contextmanager
+def quiet_tifffile():
+    """tifffile's own log lines on a damaged file ("invalid page offset"), silenced while a
+    TIFF is read: they would precede the one-line error that names the damage."""
+    import logging
+
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class VolumeSource(ABC):
@@ -138,16 +154,9 @@ class TiffStackSource(VolumeSource):
     kind = "tiff"
 
     def __init__(self, path: str):
-        import logging
-
         import tifffile
 
-        # while the file is opened, tifffile's own log lines on a damaged file ("invalid page
-        # offset") would precede the one-line error that names the damage
-        log = logging.getLogger("tifffile")
-        level = log.level
-        log.setLevel(logging.CRITICAL)
-        try:
+        with quiet_tifffile():
             try:
                 self._tif = tifffile.TiffFile(path)
             except (tifffile.TiffFileError, OSError, ValueError) as err:
@@ -157,8 +166,6 @@ class TiffStackSource(VolumeSource):
             except BaseException:
                 self.close()
                 raise
-        finally:
-            log.setLevel(level)
 
     def _open(self, path: str) -> None:
         tif = self._tif
@@ -207,7 +214,14 @@ class TiffStackSource(VolumeSource):
     def _read(self, z0: int, z1: int) -> np.ndarray:
         if self._memmap is not None:
             return xyz_from_zyx(np.asarray(self._memmap[z0:z1]))
-        pages = self._tif.asarray(key=slice(z0, z1), series=0)
+        import tifffile
+
+        try:
+            with quiet_tifffile():
+                pages = self._tif.asarray(key=slice(z0, z1), series=0)
+        except (tifffile.TiffFileError, OSError, ValueError) as err:
+            raise InputError(f"cannot read pages {z0}..{z1 - 1} of {self.name} as TIFF: "
+                             f"{err}") from None
         return xyz_from_zyx(pages.reshape(z1 - z0, *self.stored_shape[1:]))
 
     def close(self) -> None:
@@ -256,7 +270,7 @@ class TiffDirectorySource(VolumeSource):
     def _header(self, file: str) -> tuple[tuple[int, ...], np.dtype]:
         tifffile = self._tifffile
         try:
-            with tifffile.TiffFile(file) as tif:
+            with quiet_tifffile(), tifffile.TiffFile(file) as tif:
                 npages = len(tif.pages)
                 page = tif.pages.first
                 shape, dtype = tuple(page.shape), np.dtype(page.dtype)
@@ -272,8 +286,11 @@ class TiffDirectorySource(VolumeSource):
     def _read(self, z0: int, z1: int) -> np.ndarray:
         out = np.empty((z1 - z0, *self.stored_shape[1:]), dtype=self.dtype)
         for i, file in enumerate(self._files[z0:z1]):
-            with self._tifffile.TiffFile(file) as tif:
-                out[i] = tif.pages.first.asarray()
+            try:
+                with quiet_tifffile(), self._tifffile.TiffFile(file) as tif:
+                    out[i] = tif.pages.first.asarray()
+            except (self._tifffile.TiffFileError, OSError, ValueError) as err:
+                raise InputError(f"cannot read {file} as TIFF: {err}") from None
         return xyz_from_zyx(out)
 
 
@@ -518,6 +535,12 @@ def ingest(
                 raise InputError(f"{dest} already holds data: pass --overwrite to replace it")
             _check_labels(source, out, slabs, progress)
 
+        ends = [o + s for o, s in zip(voxel_offset, source.shape)]
+        if any(abs(v) > LARGEST_COORDINATE for v in (*voxel_offset, *ends, *chunk)):
+            raise InputError(f"voxel offset {','.join(map(str, voxel_offset))} and size "
+                             f"{','.join(map(str, source.shape))}: a layer's coordinates are "
+                             f"at most {LARGEST_COORDINATE:,}")
+        fresh = not layers.info_exists(dest)
         vol = layers.create_layer(
             dest,
             layer_type=layer_type,
@@ -539,20 +562,30 @@ def ingest(
                 "chunk_size": list(chunk),
             },
         )
-        ox, oy, oz = voxel_offset
-        sx, sy, sz = source.shape
-        with tqdm(
-            total=sz,
-            unit="z",
-            desc=f"ingest {os.path.basename(source.name)}",
-            file=sys.stderr,
-            disable=not progress,
-        ) as bar:
-            for z0, z1 in slabs:
-                slab = source.read(z0, z1).astype(out, copy=False)
-                vol[ox : ox + sx, oy : oy + sy, oz + z0 : oz + z1] = slab
-                bar.update(z1 - z0)
+        try:
+            _write_slabs(source, vol, out, voxel_offset, slabs, progress)
+        except BaseException:
+            if fresh:  # a layer this call made is removed whole, not left part-written
+                layers.remove_layer(dest)
+            raise
     return vol
+
+
+def _write_slabs(source: VolumeSource, vol, out: np.dtype, voxel_offset, slabs,
+                 progress: bool) -> None:
+    ox, oy, oz = voxel_offset
+    sx, sy, sz = source.shape
+    with tqdm(
+        total=sz,
+        unit="z",
+        desc=f"ingest {os.path.basename(source.name)}",
+        file=sys.stderr,
+        disable=not progress,
+    ) as bar:
+        for z0, z1 in slabs:
+            slab = source.read(z0, z1).astype(out, copy=False)
+            vol[ox : ox + sx, oy : oy + sy, oz + z0 : oz + z1] = slab
+            bar.update(z1 - z0)
 
 
 def _needs_label_check(src: np.dtype, out: np.dtype) -> bool:

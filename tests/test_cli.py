@@ -103,6 +103,8 @@ def test_option_types():
         (Number(min=0, min_open=True), "--lr", "nan", "--lr 'nan' must be a finite number"),
         (Number(min=0), "--min-cable-nm", "inf", "must be a finite number"),
         (Number(min=0.1), "--poll-seconds", "0", "not in the range x>=0.1"),
+        (Bounds(), "--bounds", "0,0,0,3000000000,1,1", "at most 2,147,483,647"),
+        (Triple(int), "--voxel-offset", "1,1,99999999999999999999", "at most"),
     ]:
         with pytest.raises(click.UsageError) as err:
             convert(kind, option, text)

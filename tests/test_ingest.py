@@ -372,3 +372,21 @@ def test_cli_errors_are_one_line(tmp_path):
     truncated.write_bytes(stack.read_bytes()[: stack.stat().st_size // 2])
     assert_one_line_error(cli(truncated, dest, "--resolution", "4,4,40"), "is truncated")
     assert not dest.exists()
+
+
+def test_a_damaged_file_in_a_tiff_directory_is_one_line_and_leaves_no_layer(tmp_path):
+    """A truncated section read while writing raised tifffile's ValueError (exit 1) and left
+    the layer's info without its chunks, which later commands read as missing chunks."""
+    folder = tmp_path / "stack"
+    folder.mkdir()
+    for z, section in enumerate(volume()):
+        tifffile.imwrite(folder / f"{z:02d}.tif", section)
+    damaged = sorted(folder.iterdir())[3]
+    damaged.write_bytes(damaged.read_bytes()[:200])
+    dest = tmp_path / "layer"
+    assert_one_line_error(cli(folder, dest, "--resolution", "4,4,40", "--no-progress"),
+                          "cannot read", damaged.name)
+    assert not dest.exists()
+    assert_one_line_error(cli(write_npy(tmp_path, volume()), dest, "--resolution", "4,4,40",
+                              "--voxel-offset", f"{2**31 - 10},0,0"), "at most 2,147,483,647")
+    assert not dest.exists()

@@ -6,6 +6,7 @@ import math
 
 import click
 
+from deepem3d.axes import LARGEST_COORDINATE
 from deepem3d.units import parse_bytes
 
 
@@ -31,6 +32,12 @@ def _parts(value: object) -> tuple[str, list]:
         return ",".join(map(str, value)), list(value)
     text = str(value)
     return text, [p.strip() for p in text.split(",")]
+
+
+def _check_coordinates(name: str, text: str, values, ctx, param) -> None:
+    if any(abs(v) > LARGEST_COORDINATE for v in values):
+        raise OptionValueError(f"{name} {text!r}: voxel coordinates and sizes are at most "
+                               f"{LARGEST_COORDINATE:,}", ctx=ctx, param=param)
 
 
 class Triple(click.ParamType):
@@ -71,6 +78,8 @@ class Triple(click.ParamType):
                 f"{name} {text!r} must be positive on every axis (e.g. {self.example})",
                 ctx=ctx, param=param,
             )
+        if self.kind is int:
+            _check_coordinates(name, text, values, ctx, param)
         return values
 
     def __repr__(self) -> str:
@@ -100,6 +109,7 @@ class Bounds(click.ParamType):
                 f"malformed {name} {text!r}: expected six integers x0,y0,z0,x1,y1,z1 "
                 "(voxels, end exclusive) such as 0,0,0,512,512,30", ctx=ctx, param=param,
             ) from None
+        _check_coordinates(name, text, values, ctx, param)
         lo, hi = tuple(values[:3]), tuple(values[3:])
         if any(h <= low for low, h in zip(lo, hi)):
             raise OptionValueError(

@@ -2,6 +2,8 @@
 
     version: 1
     output: results/run1               # the output root: every layer the run writes is under it
+                                       # (relative paths: from the current folder, as on the
+                                       # command line, not from the file's)
     image: gs://bucket/em/image        # or `sample:isbi2012`, the embedded sample (written first)
     ground_truth: gs://bucket/em/gt    # optional: scores in report.json (`sample:isbi2012` too)
     map: gs://bucket/em/affinity       # optional: segment an existing map instead of inferring
@@ -54,6 +56,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from deepem3d.axes import LARGEST_COORDINATE
 from deepem3d.errors import InputError
 from deepem3d.units import parse_bytes
 
@@ -181,14 +184,21 @@ def _path(value: str, base: str | None = None) -> str:
 
 def _triple(source: str, key: str, value, kind=int, count: int = 3) -> list:
     if (not isinstance(value, list | tuple) or len(value) != count
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+            or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                       and math.isfinite(v) for v in value)):
         _fail(source, key, f"expected a list of {count} numbers, got {value!r}")
+    if any(abs(v) > LARGEST_COORDINATE for v in value):
+        _fail(source, key, f"{value!r}: coordinates are at most {LARGEST_COORDINATE:,}")
     values = [kind(v) for v in value]
     if count == 3 and any(v <= 0 for v in values):
         _fail(source, key, f"{value!r} must be positive on every axis")
     if count == 6 and any(hi <= lo for lo, hi in zip(values[:3], values[3:])):
         _fail(source, key, f"{value!r}: each of x1, y1, z1 must exceed x0, y0, z0")
     return values
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def unique_keys_loader():
@@ -234,7 +244,8 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
         _fail(source, "version", f"{data.get('version')!r}: this deepem3d reads version "
               f"{VERSION} (write `version: {VERSION}`)")
     for key in ("output", "image"):
-        if not isinstance(data.get(key), str) and not (key == "output" and output):
+        value = data.get(key)
+        if not (isinstance(value, str) and value.strip()) and not (key == "output" and output):
             _fail(source, key, "missing: give a path")
     products = data.get("products", ["map", "segmentation"])
     if not isinstance(products, list) or not products:
@@ -286,7 +297,7 @@ def _check_products(p: Pipeline) -> None:
         for name in layers:
             made = {"image": True, "map": "map" in p.products,
                     "segmentation": "segmentation" in p.products}
-            if name not in made:
+            if not isinstance(name, str) or name not in made:
                 _fail(p.source, "downsample.layers", f"unknown layer {name!r} (image, map, "
                       "segmentation)")
             if not made[name]:
@@ -364,8 +375,23 @@ def _check_sections(p: Pipeline) -> None:
     if "device" in inf and inf["device"] not in ("auto", "cpu", "cuda"):
         _fail(p.source, "inference.device", f"{inf['device']!r}: choose auto, cpu or cuda")
     for key in ("patch_size", "patch_output", "batch_size", "threads"):
-        if key in inf and (not isinstance(inf[key], int) or inf[key] < 1):
+        if key in inf and (not _is_int(inf[key]) or inf[key] < 1):
             _fail(p.source, f"inference.{key}", f"{inf[key]!r} must be a positive integer")
+    for section, values, keys in (("inference", inf, ("overlap", "mip", "mask_mip")),
+                                  ("downsample", p.downsample, ("num_mips",))):
+        for key in keys:
+            if key in values and values[key] is not None and (not _is_int(values[key])
+                                                              or values[key] < 0):
+                _fail(p.source, f"{section}.{key}",
+                      f"{values[key]!r} must be an integer, 0 or more")
+    for section, values in (("inference", inf), ("segmentation", seg),
+                            ("downsample", p.downsample), ("meshes", p.meshes),
+                            ("skeletons", p.skeletons)):
+        if "queue" in values and not isinstance(values["queue"], str):
+            _fail(p.source, f"{section}.queue", f"{values['queue']!r}: expected the name of "
+                  "a queue that `queues:` defines")
+    if "mask" in inf and not (isinstance(inf["mask"], str) and inf["mask"].strip()):
+        _fail(p.source, "inference.mask", f"{inf['mask']!r}: expected a layer path")
     for section, values in (("inference", inf), ("segmentation", seg), ("meshes", p.meshes),
                             ("skeletons", p.skeletons)):
         for key in ("task_shape", "chunk_size"):
@@ -408,12 +434,16 @@ def _check_sections(p: Pipeline) -> None:
         except ValueError:
             _fail(p.source, "segmentation.max_task_memory",
                   f"{seg['max_task_memory']!r}: give bytes such as 24GiB")
+        if seg["max_task_memory"] <= 0:
+            _fail(p.source, "segmentation.max_task_memory", "must be positive")
     if "memory" in p.downsample:
         try:
             p.downsample["memory"] = parse_bytes(p.downsample["memory"])
         except ValueError:
             _fail(p.source, "downsample.memory", f"{p.downsample['memory']!r}: give bytes "
                   "such as 3.5GB")
+    if "memory" in p.downsample and p.downsample["memory"] <= 0:
+        _fail(p.source, "downsample.memory", f"{p.downsample['memory']!r} must be positive")
     if "factor" in p.downsample:
         p.downsample["factor"] = _triple(p.source, "downsample.factor", p.downsample["factor"])
 

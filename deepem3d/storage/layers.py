@@ -167,6 +167,19 @@ def delete_layer_data(path: str) -> None:
         cf.delete(cf.list(prefix=prefix))
 
 
+def remove_layer(path: str) -> None:
+    """Remove a layer whole: what it holds, then its info and provenance (and a local layer's
+    folders, where that leaves them empty)."""
+    delete_layer_data(path)
+    path = cloudpath(path)
+    CloudFiles(path).delete(["info", "provenance"])
+    if path.startswith("file://"):
+        folder = path[len("file://"):]
+        for where, _, _ in sorted(os.walk(folder), key=lambda w: -len(w[0])):
+            if not os.listdir(where):
+                os.rmdir(where)
+
+
 def create_layer(
     path: str,
     *,
