@@ -36,12 +36,14 @@ def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
 
     layer = tmp_path / "layer"
     make_layer(layer)
-    for command in (["queue", "status"], ["worker"]):  # a layer is not read as a queue
-        assert_one_line_error(run_cli(*command, f"fq://{layer}"), "is a precomputed layer")
+    for command in (["queue", "status"], ["worker"], ["queue", "create"]):  # nor made one
+        assert_one_line_error(run_cli(*command, f"fq://{layer}"), "precomputed layer")
+    assert_one_line_error(run_cli("downsample", layer, "--queue", f"fq://{layer}/queue",
+                                  "--parallel", "1"), "lies in the precomputed layer")
     TaskQueue(f"fq://{layer}")  # taskqueue itself opens one anywhere
     before = sorted(p.relative_to(layer) for p in layer.rglob("*"))
     assert_one_line_error(run_cli("queue", "delete", f"fq://{layer}", "--yes"),
-                          "holds more than a file queue", "info", "nothing deleted")
+                          "precomputed layer", "not a file queue")
     assert sorted(p.relative_to(layer) for p in layer.rglob("*")) == before
 
 

@@ -439,6 +439,11 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     quick(*ingest, "s3://no-such-bucket/image", fragments=["s3://no-such-bucket",
                                                            "no such bucket"])
     quick("downsample", "s3://no-such-bucket/image", fragments=["no such bucket"])
+    local = tmp_path / "image"  # a task command's queue is looked up before it writes
+    np.save(tmp_path / "wide.npy", np.zeros((4, 256, 256), np.uint8))
+    run_cli("ingest", tmp_path / "wide.npy", local, "--resolution", "4,4,40", check=True)
+    quick("downsample", local, "--queue", "sqs://nope", fragments=["no such SQS queue"])
+    assert not (local / "8_8_40").exists() and "8_8_40" not in (local / "info").read_text()
 
     closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", closed)

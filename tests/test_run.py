@@ -382,6 +382,10 @@ def test_settings_travel_with_the_model(tmp_path, crop_layers, tta, which):
     assert "settings recorded" not in mine.stdout and "watershed, threshold 0.3" in mine.stdout
     half = run_cli("segment", output, tmp_path / "seg", "--method", "mean")
     assert_one_line_error(half, "give --threshold too")
+    smoothed = run_cli("segment", output, tmp_path / "seg", "--sigma", "1", "--dry-run",
+                       check=True)  # the user's own setting is not called the model's
+    assert (f"threshold {recorded['threshold']}, dust_size {recorded['dust_size']}; given: "
+            "sigma 1.0") in smoothed.stdout, smoothed.stdout
 
 
 def test_dry_run_plans_every_stage_routes_them_and_writes_nothing(tmp_path, crop_layers):

@@ -45,7 +45,7 @@ from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
     "anywhere). A task writing elsewhere is set aside.",
 )
 @click.option(
-    "--grace-seconds", type=click.FloatRange(min=0), default=30, show_default=True,
+    "--grace-seconds", type=Number(min=0), default=30, show_default=True,
     envvar="DEEPEM3D_GRACE_SECONDS", show_envvar=True,
     help="The time SIGTERM leaves before the process is killed (the pod's "
     "terminationGracePeriodSeconds): the task at hand is finished only if its expected time "

@@ -8,6 +8,7 @@ from cloudvolume.lib import Bbox
 from deepem3d.cli.options import (
     Bounds,
     ByteSize,
+    Number,
     Triple,
     dry_run_option,
     parallel_option,
@@ -55,7 +56,7 @@ from deepem3d.run.queues import check_queue_url
               help="Replace an OUTPUT that holds a segmentation. With the same map, --sigma, "
               "--bounds and --task-shape, its supervoxels and region graphs are kept and "
               "reused.")
-@click.option("--edges-per-voxel", type=click.FloatRange(min=0, min_open=True, max=3),
+@click.option("--edges-per-voxel", type=Number(min=0, min_open=True, max=3),
               default=0.02, show_default=True,
               help="Region-graph edges per voxel to size the octree's tasks with (unknown "
               "before the supervoxels exist: about 0.02 for a smooth map, 0.3 for a noisy one; "

@@ -118,7 +118,9 @@ class PatchSampler:
         self.augment = augment
         self.depth = image.shape[0]
         if min(image.shape[1:]) < patch:
-            raise InputError(f"patch {patch} is larger than the sections {image.shape[1:]}")
+            raise InputError(f"--patch-size {patch} is larger than the sections (y, x "
+                             f"{image.shape[1]}, {image.shape[2]}): give a multiple of 16 of at "
+                             f"most {min(image.shape[1:]) // 16 * 16}")
         self.image = reflect_sections(image, self.half + (head == "affinity"))
         self.ids = reflect_sections(ids, self.half + (head == "affinity"))
         self.pad = self.half + (head == "affinity")

@@ -386,6 +386,10 @@ def run_pipeline(
 
     if add_local_queue(p):
         parallel = parallel or 1  # nobody else would drain a queue the file does not name
+    from deepem3d.run.queues import check_queue
+
+    for queue in p.queues.values():  # before the sample or any layer is written
+        check_queue(queue.url)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     routes: dict[str, str] = {}

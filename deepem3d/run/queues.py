@@ -35,6 +35,22 @@ def check_queue_url(url: str) -> str:
         raise InputError(
             f"unknown queue {url!r}: use fq://DIRECTORY (a file queue) or sqs://QUEUE_NAME"
         )
+    if scheme == "fq":
+        folder = rest.rstrip("/") or "/"
+        for where in (folder, os.path.dirname(folder)):
+            if os.path.isfile(os.path.join(where, "info")):
+                raise InputError(f"{url} is or lies in the precomputed layer {where}, not a "
+                                 "file queue: give the queue a folder of its own (a run's is "
+                                 "OUTPUT/queue)")
+    return url
+
+
+def check_queue(url: str) -> str:
+    """check_queue_url, and an SQS queue looked up: before a command writes anything, so that
+    a queue that does not exist or cannot be reached leaves no output behind."""
+    check_queue_url(url)
+    if url.startswith("sqs://"):
+        sqs_call(url, sqs_client().get_queue_url, QueueName=url[len("sqs://"):])
     return url
 
 
@@ -45,9 +61,6 @@ def check_existing_queue(url: str) -> str:
     if url.startswith("fq://") and not os.path.isdir(url[len("fq://"):]):
         raise InputError(f"{url}: no such file queue (the directory does not exist); tasks "
                          "create it: check the path, or create the tasks first")
-    if url.startswith("fq://") and os.path.isfile(os.path.join(url[len("fq://"):], "info")):
-        raise InputError(f"{url} is a precomputed layer, not a file queue: give the queue's "
-                         "folder (a run's is OUTPUT/queue)")
     return url
 
 

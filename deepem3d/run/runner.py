@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from deepem3d.errors import InputError
-from deepem3d.run.queues import check_queue_url, insert_tasks, open_queue, spawn_workers
+from deepem3d.run.queues import (
+    check_queue,
+    check_queue_url,
+    insert_tasks,
+    open_queue,
+    spawn_workers,
+)
 from deepem3d.stages.frame import Stage
 
 POLL_SECONDS = 1.0  # how often a run waiting for workers elsewhere reads the markers
@@ -333,6 +339,6 @@ def run_stages(
         finally:
             if not keep:
                 shutil.rmtree(tmp, ignore_errors=True)
-    check_queue_url(queue)
+    check_queue(queue)
     return Runner(lambda s: queue, parallel=parallel, echo=echo, progress=progress,
                   wait=wait).run(stages)

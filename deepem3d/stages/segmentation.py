@@ -447,10 +447,12 @@ def choose_settings(given: dict, recorded: dict | None,
             raise InputError(f"{where} records no segmentation settings (its model is not a "
                              "shipped one, or another tool made it): give --method and "
                              "--threshold")
-        chosen = {k: given[k] if given.get(k) is not None else recorded[k]
-                  for k in ("method", "threshold", "sigma", "dust_size")}
-        what = ", ".join(f"{k} {v}" for k, v in chosen.items())
-        return chosen, f"settings recorded by the map's model: {what}"
+        keys = ("method", "threshold", "sigma", "dust_size")
+        chosen = {k: given[k] if given.get(k) is not None else recorded[k] for k in keys}
+        what = ", ".join(f"{k} {chosen[k]}" for k in keys if given.get(k) is None)
+        line = f"settings recorded by the map's model: {what}"
+        mine = ", ".join(f"{k} {chosen[k]}" for k in keys if given.get(k) is not None)
+        return chosen, line + (f"; given: {mine}" if mine else "")
     missing = [f"--{k}" for k in ("method", "threshold") if given.get(k) is None]
     if missing:
         raise InputError(f"give {' and '.join(missing)} too (or neither, to use the settings "
