@@ -256,6 +256,28 @@ def test_a_run_over_the_sample_leaves_another_layer_at_its_place_alone(tmp_path)
     assert not (output / "ground_truth").exists()
 
 
+def test_a_run_overwritten_with_other_segmentation_settings_keeps_its_map(
+        tmp_path, crop_layers):
+    """`tune --write`, then `run --overwrite`: --overwrite replaced every layer of the run, so
+    the map was inferred again though its settings had not changed."""
+    output = tmp_path / "out"
+    replace = {"products: [map, segmentation, downsample, meshes]": "products: [map, "
+               "segmentation]", "downsample:\n  layers: [segmentation]\nmeshes:\n  mip: 1\n": "",
+               "task_shape: [64, 64, 2]": "task_shape: [64, 64, 2]\n  bounds: [0, 0, 0, 64, 64, 4]",
+               "  bounds: [0, 0, 6, 128, 128, 10]\n": ""}
+    first = run_cli("run", pipeline_file(tmp_path, crop_layers, output, **replace),
+                    "--parallel", "1", check=True)
+    assert "stage inference: 2 task(s) (2 run now)" in first.stdout, first.stdout
+    chunks = {p: p.stat().st_mtime_ns for p in (output / "map").rglob("*-*_*-*_*-*")}
+    replace["segmentation:\n"] = "segmentation:\n  method: mean\n  threshold: 0.3\n"
+    second = run_cli("run", pipeline_file(tmp_path, crop_layers, output, **replace),
+                     "--parallel", "1", "--overwrite", check=True)
+    assert "stage inference: 2 task(s) (0 run now)" in second.stdout, second.stdout
+    assert chunks and {p: p.stat().st_mtime_ns for p in chunks} == chunks
+    report = json.loads((output / "report.json").read_text())
+    assert 0 <= report["adapted_rand_error"] < 1
+
+
 def test_downsample_keys_reach_the_stage(tmp_path, crop_layers):
     """`downsample: {sparse, fill_missing}` are `deepem3d downsample`'s options; they were
     refused as unknown keys."""

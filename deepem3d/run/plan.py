@@ -166,7 +166,8 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
                 mask=inf.get("mask"), mask_mip=inf.get("mask_mip", 0),
                 threads=inf.get("threads", 1), device=inf.get("device", "auto"),
                 amp=inf.get("amp", True), force=inf.get("force", False),
-                overwrite="inference" in overwrite, sharded=inf.get("sharded", False),
+                overwrite="inference" in overwrite, keep_unchanged=True,
+                sharded=inf.get("sharded", False),
             )
         except InputError as err:
             raise _in_key(p.source, "inference", err) from None

@@ -400,6 +400,7 @@ def plan_inference(
     amp: bool = True,
     force: bool = False,
     overwrite: bool = False,
+    keep_unchanged: bool = False,
     sharded: bool = False,
 ) -> InferencePlan:
     """Check every input and work out the tasks; reads infos and checkpoints, writes nothing.
@@ -411,7 +412,8 @@ def plan_inference(
     geometry is `tile_geometry`'s (batch and window still apply); with any of them, patches
     of PatchGeometry's defaults for the rest, blended where they overlap. `sharded` writes
     the map a shard file per task (without `chunk_size`, chunks of the task split in 2^k per
-    axis; the tasks on the shard grid).
+    axis; the tasks on the shard grid). `overwrite` replaces an OUTPUT that holds data;
+    with `keep_unchanged`, only one that holds another map (`deepem3d run --overwrite`).
     """
     image_path, output_path = cloudpath(image_path), cloudpath(output_path)
     check_output_apart(output_path, {"image": image_path, "mask": mask})
@@ -537,7 +539,7 @@ def plan_inference(
     )
     if mask:
         open_layer(plan.mask, mip=mask_mip)  # fails now, not in every task
-    plan.output_exists = _check_output(plan, overwrite)
+    plan.output_exists = _check_output(plan, overwrite, keep_unchanged)
     return plan
 
 
@@ -571,11 +573,22 @@ def _existing_info(path: str) -> dict | None:
     }
 
 
-def _check_output(plan: InferencePlan, overwrite: bool) -> bool:
+def _check_output(plan: InferencePlan, overwrite: bool, keep_unchanged: bool = False) -> bool:
     """Whether this is a resumed run (OUTPUT holds a map of this geometry and these
-    parameters); InputError when OUTPUT exists with another geometry or holds other data."""
-    if not info_exists(plan.output_path) or overwrite:
+    parameters); InputError when OUTPUT exists with another geometry or holds other data.
+    `overwrite` replaces it whatever it holds; with `keep_unchanged` only where it differs (a
+    run's --overwrite, after settings of a later stage changed, keeps the map)."""
+    if not info_exists(plan.output_path) or (overwrite and not keep_unchanged):
         return False
+    try:
+        return _resumable(plan)
+    except InputError:
+        if overwrite:
+            return False
+        raise
+
+
+def _resumable(plan: InferencePlan) -> bool:
     existing = _existing_info(plan.output_path)
     wanted = _wanted_info(plan)
     if existing != wanted:
