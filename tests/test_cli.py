@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import numpy as np
 import pytest
 
 from deepem3d.cli.options import Bounds, ByteSize, Number, Triple
@@ -59,7 +60,12 @@ def test_paths_through_files_and_unknown_schemes(tmp_path):
     assert_one_line_error(run_cli("infer", layer, "foo://bucket/map", "--dry-run"),
                           "unknown scheme foo://")
     assert_one_line_error(run_cli("infer", "", tmp_path / "map", "--dry-run"), "an empty path")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "image"]
+    np.save(tmp_path / "volume.npy", np.zeros((2, 16, 16), np.uint8))
+    # /sys: a folder nobody may create files in, root included
+    assert_one_line_error(run_cli("ingest", tmp_path / "volume.npy", "/sys/deepem3d-test",
+                                  "--resolution", "4,4,40", "--no-progress"),
+                          "/sys/deepem3d-test", "permission denied")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "image", "volume.npy"]
 
 
 def test_unknown_command_and_missing_argument():

@@ -451,6 +451,8 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     quick("worker", "sqs://work", fragments=["sqs://work", "Could not connect"])
     quick("queue", "create", "sqs://work", fragments=["Could not connect"])
     quick(*ingest, "s3://em-mistakes/image", fragments=["s3://em-mistakes", "does not answer"])
+    quick("infer", f"{closed}/image", tmp_path / "map", "--dry-run",
+          fragments=[closed, "does not answer"])  # http(s) layers and models
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)

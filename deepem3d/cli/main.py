@@ -1,8 +1,8 @@
 """The `deepem3d` command group.
 
 Expected mistakes (InputError, click usage errors, a path that runs through a file where a
-folder is needed) print one line and exit with status 2; anything else is a bug and keeps its
-traceback.
+folder is needed, a path the user may not read or write) print one line and exit with status
+2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"deepem3d: error: {err.filename}: a path runs through a file where a folder "
                    "(a layer, a queue, an output) is needed", err=True)
+        sys.exit(2)
+    except PermissionError as err:
+        if not err.filename:
+            raise
+        click.echo(f"deepem3d: error: {err.filename}: permission denied", err=True)
         sys.exit(2)
     except click.UsageError as err:
         click.echo(f"deepem3d: error: {err.format_message()}", err=True)

@@ -73,6 +73,25 @@ def check_bucket(path: str) -> None:
     found = bucket_of(path)
     if found is not None:
         _check(*found)
+    elif scheme in ("http", "https"):
+        from urllib.parse import urlsplit
+
+        url = urlsplit(str(path).removeprefix("precomputed://"))
+        port = url.port or (443 if scheme == "https" else 80)
+        _check_host(url.hostname or "", port, f"{scheme}://{url.netloc}")
+
+
+@functools.cache
+def _check_host(host: str, port: int, where: str) -> None:
+    """An http(s) server that does not take connections is a one-line error in seconds
+    (CloudFiles retries it for minutes, then raises from its thread pool)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
+    except OSError as err:
+        raise InputError(f"{where}: the server does not answer ({err.strerror or err})") \
+            from None
 
 
 @functools.cache
