@@ -503,6 +503,7 @@ def ingest(
     overwrite: bool = False,
     progress: bool = True,
     slab_bytes: int = SLAB_BYTES,
+    to_uint8: bool = False,
 ) -> CloudVolume:
     """Write the 3D volume `src` to a new precomputed layer at `dest` and return it.
 
@@ -512,7 +513,9 @@ def ingest(
     non-negative integers (or bool) and are stored as `dtype` (uint64 by default, or
     uint32). The source is read slab by slab, each slab a whole number of chunk rows of
     z (at most about `slab_bytes`), so every write is aligned to the chunk grid.
-    Refuses a destination that already holds data unless `overwrite`.
+    Refuses a destination that already holds data unless `overwrite`. `to_uint8` stores an
+    image of any number type as uint8 (what the network reads): `uint8_window`'s intensity
+    window mapped linearly onto 0..255, clipped, rounded.
     """
     if layer_type not in layers.DEFAULT_ENCODING:
         raise InputError(f"layer type must be image or segmentation, not {layer_type!r}")
@@ -523,7 +526,16 @@ def ingest(
     dest = layers.cloudpath(dest)
 
     with open_source(src, axes=axes) as source:
-        out = output_dtype(source.dtype, layer_type, dtype)
+        if to_uint8:
+            if layer_type != "image" or dtype is not None:
+                raise InputError("--to-uint8 rescales an image: not with --layer-type "
+                                 "segmentation or --dtype")
+            if source.dtype.kind not in "iuf":
+                raise InputError(f"--to-uint8 rescales numbers; the source is "
+                                 f"{source.dtype.name}")
+            out = np.dtype(np.uint8)
+        else:
+            out = output_dtype(source.dtype, layer_type, dtype)
         encoding = encoding or layers.DEFAULT_ENCODING[layer_type]
         check_encoding(encoding, layer_type, out)
         chunk = chunk_size or default_chunk_size(layer_type, source.shape)
@@ -540,6 +552,11 @@ def ingest(
             raise InputError(f"voxel offset {','.join(map(str, voxel_offset))} and size "
                              f"{','.join(map(str, source.shape))}: a layer's coordinates are "
                              f"at most {LARGEST_COORDINATE:,}")
+        window = None
+        if to_uint8:
+            if not overwrite and layers.layer_holds_data(dest):  # fail before a long scan
+                raise InputError(f"{dest} already holds data: pass --overwrite to replace it")
+            window = uint8_window(source, slabs, progress)
         fresh = not layers.info_exists(dest)
         vol = layers.create_layer(
             dest,
@@ -560,10 +577,11 @@ def ingest(
                 "resolution": list(resolution),
                 "voxel_offset": list(voxel_offset),
                 "chunk_size": list(chunk),
+                **({"uint8_window": list(window)} if window else {}),
             },
         )
         try:
-            _write_slabs(source, vol, out, voxel_offset, slabs, progress)
+            _write_slabs(source, vol, out, voxel_offset, slabs, progress, window)
         except BaseException:
             if fresh:  # a layer this call made is removed whole, not left part-written
                 layers.remove_layer(dest)
@@ -572,7 +590,7 @@ def ingest(
 
 
 def _write_slabs(source: VolumeSource, vol, out: np.dtype, voxel_offset, slabs,
-                 progress: bool) -> None:
+                 progress: bool, window: tuple[float, float] | None = None) -> None:
     ox, oy, oz = voxel_offset
     sx, sy, sz = source.shape
     with tqdm(
@@ -583,9 +601,48 @@ def _write_slabs(source: VolumeSource, vol, out: np.dtype, voxel_offset, slabs,
         disable=not progress,
     ) as bar:
         for z0, z1 in slabs:
-            slab = source.read(z0, z1).astype(out, copy=False)
+            slab = source.read(z0, z1)
+            slab = to_uint8(slab, window) if window else slab.astype(out, copy=False)
             vol[ox : ox + sx, oy : oy + sy, oz + z0 : oz + z1] = slab
             bar.update(z1 - z0)
+
+
+#: --to-uint8's window: these percentiles of the source's values (0.1% of voxels saturate at
+#: each end, as EM viewers' auto-contrast does), from at most WINDOW_SAMPLE of them
+WINDOW_PERCENTILES = (0.1, 99.9)
+WINDOW_SAMPLE = 2**24
+
+
+def uint8_window(source: VolumeSource, slabs, progress: bool) -> tuple[float, float]:
+    """(low, high): WINDOW_PERCENTILES of the values of every `step`-th voxel of the volume
+    (one streaming pass, the same sample every time), low < high."""
+    total = math.prod(source.shape)
+    step = max(1, -(-total // WINDOW_SAMPLE))
+    sample, seen = [], 0
+    with tqdm(total=source.shape[2], unit="z", desc="intensity window", file=sys.stderr,
+              disable=not progress) as bar:
+        for z0, z1 in slabs:
+            flat = np.ascontiguousarray(source.read(z0, z1)).reshape(-1)
+            sample.append(flat[(-seen) % step::step].astype(np.float64))
+            seen += flat.size
+            bar.update(z1 - z0)
+    values = np.concatenate(sample)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise InputError("--to-uint8: the source holds no finite values")
+    low, high = (float(v) for v in np.percentile(values, WINDOW_PERCENTILES))
+    if high <= low:  # (nearly) constant: keep what varies
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        high = low + 1
+    return low, high
+
+
+def to_uint8(values: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Values mapped linearly from `window` onto 0..255, clipped, rounded half to even."""
+    low, high = window
+    scaled = (np.asarray(values, dtype=np.float64) - low) * (255.0 / (high - low))
+    return np.rint(np.clip(np.nan_to_num(scaled, nan=0.0), 0, 255)).astype(np.uint8)
 
 
 def _needs_label_check(src: np.dtype, out: np.dtype) -> bool:

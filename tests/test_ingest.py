@@ -390,3 +390,38 @@ def test_a_damaged_file_in_a_tiff_directory_is_one_line_and_leaves_no_layer(tmp_
     assert_one_line_error(cli(write_npy(tmp_path, volume()), dest, "--resolution", "4,4,40",
                               "--voxel-offset", f"{2**31 - 10},0,0"), "at most 2,147,483,647")
     assert not dest.exists()
+
+
+def test_to_uint8_rescales_16_bit_and_float_images(tmp_path):
+    """16-bit and float EM had no way in: infer reads uint8 and ingest kept the source's
+    dtype. --to-uint8 maps the 0.1 and 99.9 percentiles onto 0 and 255 (clipped, rounded)."""
+    from cloudfiles import CloudFiles
+
+    from deepem3d.axes import xyz_from_zyx
+    from deepem3d.ingest import to_uint8
+
+    wide = volume(dtype=np.uint16, seed=3) + 1000
+    dest = tmp_path / "wide"
+    done = cli(write_npy(tmp_path, wide, "wide.npy"), dest, "--resolution", "4,4,40",
+               "--to-uint8", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    low, high = np.percentile(wide.astype(np.float64), (0.1, 99.9))
+    stored = np.asarray(open_layer(f"file://{dest}")[:])[..., 0]
+    assert stored.dtype == np.uint8
+    np.testing.assert_array_equal(stored, to_uint8(xyz_from_zyx(wide), (low, high)))
+    assert stored.min() == 0 and stored.max() == 255 and len(np.unique(stored)) > 200
+    method = CloudFiles(f"file://{dest}").get_json("provenance")["processing"][-1]["method"]
+    assert method["uint8_window"] == [low, high]
+
+    floats = volume(dtype=np.float32, seed=4)
+    floats[0, 0, :3] = (np.nan, -np.inf, np.inf)
+    dest = tmp_path / "floats"
+    done = cli(write_npy(tmp_path, floats, "floats.npy"), dest, "--resolution", "4,4,40",
+               "--to-uint8", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    stored = np.asarray(open_layer(f"file://{dest}")[:])[..., 0]
+    assert tuple(stored[:3, 0, 0]) == (0, 0, 255)  # nan -> 0, infinities clipped
+
+    assert_one_line_error(cli(write_npy(tmp_path, wide, "ids.npy"), tmp_path / "ids",
+                              "--resolution", "4,4,40", "--to-uint8", "--layer-type",
+                              "segmentation"), "--to-uint8 rescales an image")

@@ -29,13 +29,16 @@ from deepem3d.storage.layers import cloudpath
               help="Position of the first voxel, x,y,z in voxels.")
 @click.option("--dtype", type=click.Choice(["uint32", "uint64"]), default=None,
               help="Stored dtype of a segmentation (default uint64); images keep theirs.")
+@click.option("--to-uint8", is_flag=True,
+              help="Store an image of 16-bit, 32-bit or float values as uint8, what the "
+              "network reads: its 0.1 and 99.9 percentiles map linearly to 0 and 255.")
 @click.option("--overwrite", is_flag=True, help="Replace a layer that already holds data.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar on stderr.")
 def ingest(
     src: str, dest: str, resolution: tuple[float, float, float], layer_type: str,
     chunk_size: tuple[int, int, int] | None, encoding: str | None, axes: str,
-    voxel_offset: tuple[int, int, int], dtype: str | None, overwrite: bool,
+    voxel_offset: tuple[int, int, int], dtype: str | None, to_uint8: bool, overwrite: bool,
     progress: bool,
 ) -> None:
     """Write the 3D volume SRC to a new precomputed layer at DEST.
@@ -57,6 +60,7 @@ def ingest(
         dtype=dtype,
         overwrite=overwrite,
         progress=progress,
+        to_uint8=to_uint8,
     )
     size = ",".join(str(int(s)) for s in vol.volume_size)
     chunks = ",".join(str(int(c)) for c in vol.chunk_size)

@@ -420,7 +420,7 @@ def plan_inference(
     vol = open_layer(image_path, mip=mip or 0)
     if vol.dtype != np.uint8:
         raise InputError(f"{image_path} holds {vol.dtype}: deepem3d infers on uint8 EM images "
-                         "(re-ingest it as uint8 with `deepem3d ingest`)")
+                         "(`deepem3d ingest SRC DEST --to-uint8` rescales it to uint8)")
     if vol.num_channels != 1:
         raise InputError(f"{image_path} has {vol.num_channels} channels: the network reads "
                          "one-channel (grey) EM images")
