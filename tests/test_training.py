@@ -154,6 +154,17 @@ def test_init_starts_from_another_checkpoints_weights(sample_h5, tmp_path):
         Trainer(config(sample_h5, tmp_path / "d", init=source, head="affinity"), progress=False)
 
 
+def test_fine_tuning_takes_the_network_of_its_init(sample_h5, tmp_path):
+    """`train --init isbi2012-small-affinity` without --preset small --head affinity was
+    refused: the checkpoint records its network, and flags not given now come from it."""
+    run_cli("train", "--image", f"{sample_h5}:/raw", "--labels", f"{sample_h5}:/ids",
+            "--train-sections", "0:6", "--out", tmp_path / "o", "--resolution", "4,4,50",
+            "--iterations", "1", "--patch-size", "32", "--batch-size", "2", "--threads", "1",
+            "--init", "isbi2012-small-affinity", check=True)
+    model = load_checkpoint(str(tmp_path / "o" / "last.pt"))["meta"]["model"]
+    assert (model["preset"], model["head"], model["in_sections"]) == ("small", "affinity", 5)
+
+
 def test_train_bad_input(sample_h5, tmp_path):
     h5 = sample_h5
     with h5py.File(tmp_path / "short.h5", "w") as f:
@@ -184,7 +195,8 @@ def test_train_bad_input(sample_h5, tmp_path):
     )
     assert_one_line_error(  # the shipped default is the small preset, not tiny
         run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--init",
-                "isbi2012-small-affinity"), "--init isbi2012-small-affinity holds",
+                "isbi2012-small-affinity", "--preset", "tiny"),
+        "--init isbi2012-small-affinity holds",
     )
     assert_one_line_error(
         run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--patch-size",

@@ -16,12 +16,13 @@ from deepem3d.models.presets import PRESETS
 @click.option("--train-sections", required=True, help="START:END (end exclusive), e.g. 0:15.")
 @click.option("--val-sections", default=None, help="START:END for validation, e.g. 15:20.")
 @click.option("--out", "out_dir", required=True, help="Directory for checkpoints and plots.")
-@click.option("--preset", type=click.Choice(PRESETS), default="tiny", show_default=True,
-              help="Network size (README: parameters and multiply-adds of each).")
-@click.option("--head", type=click.Choice(["boundary", "affinity"]), default="boundary",
-              show_default=True)
-@click.option("--in-sections", type=click.Choice(["1", "3", "5"]), default="5",
-              show_default=True, help="Input sections per prediction.")
+@click.option("--preset", type=click.Choice(PRESETS), default=None,
+              help="Network size (README: parameters and multiply-adds of each). Default: "
+              "--init's, else tiny.")
+@click.option("--head", type=click.Choice(["boundary", "affinity"]), default=None,
+              help="Output: a boundary map or affinities. Default: --init's, else boundary.")
+@click.option("--in-sections", type=click.Choice(["1", "3", "5"]), default=None,
+              help="Input sections per prediction. Default: --init's, else 5.")
 @click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--patch-size", type=click.IntRange(min=16), default=128, show_default=True,
@@ -46,7 +47,8 @@ from deepem3d.models.presets import PRESETS
               "(with none there it starts: one command for a job restarted after preemption).")
 @click.option("--init", default=None,
               help="Start from this checkpoint's weights (a shipped name, file or cloud path) "
-                   "with a fresh optimizer and schedule: fine-tuning. Same network flags.")
+                   "with a fresh optimizer and schedule: fine-tuning. Its --preset, --head and "
+                   "--in-sections unless given.")
 def train(image, labels, train_sections, val_sections, out_dir, preset, head, in_sections,
           iterations, batch_size, patch_size, lr, seed, val_every, resolution, device, threads,
           workers, resume, init) -> None:
@@ -55,6 +57,16 @@ def train(image, labels, train_sections, val_sections, out_dir, preset, head, in
     from deepem3d.models.data import is_file_source, parse_sections
     from deepem3d.models.train import TrainConfig, Trainer, default_workers
 
+    network = {"preset": preset, "head": head,
+               "in_sections": int(in_sections) if in_sections else None}
+    if init and None in network.values():  # fine-tuning: the network the checkpoint holds
+        from deepem3d.models.checkpoint import load_checkpoint
+
+        held = load_checkpoint(init)["meta"]["model"]
+        network = {k: held[k] if v is None else v for k, v in network.items()}
+    preset, head, in_sections = (network[k] if network[k] is not None else fallback
+                                 for k, fallback in (("preset", "tiny"), ("head", "boundary"),
+                                                     ("in_sections", 5)))
     if patch_size % 16:
         raise InputError(f"--patch-size {patch_size} must be a multiple of 16")
     if batch_size * (patch_size // 16) ** 2 < 2:  # the deepest level's BatchNorm needs two
