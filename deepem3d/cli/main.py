@@ -15,6 +15,7 @@ import deepem3d
 from deepem3d.cli.demo import demo
 from deepem3d.cli.downsample import downsample
 from deepem3d.cli.evaluate import evaluate
+from deepem3d.cli.export import export
 from deepem3d.cli.infer import infer
 from deepem3d.cli.ingest import ingest
 from deepem3d.cli.mesh import mesh, skeleton
@@ -37,7 +38,7 @@ def cli() -> None:
 
 for command in (
     demo, run, sample, ingest, worker, queue, downsample, resample, infer, segment, mesh,
-    skeleton, evaluate, tune, view, train,
+    skeleton, evaluate, tune, view, train, export,
 ):
     cli.add_command(command)
 

@@ -1,0 +1,30 @@
+"""`deepem3d export LAYER OUT`: a layer, or a box of it, to .npy, HDF5 or TIFF."""
+
+from __future__ import annotations
+
+import click
+
+from deepem3d.cli.options import Bounds
+
+
+@click.command()
+@click.argument("layer")
+@click.argument("out")
+@click.option("--bounds", type=Bounds(), default=None,
+              help="The box to write, x0,y0,z0,x1,y1,z1 in voxels at --mip, end exclusive "
+              "(default: the whole layer).")
+@click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The mip level to read.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar on stderr.")
+def export(layer: str, out: str, bounds, mip: int, overwrite: bool, progress: bool) -> None:
+    """Write LAYER (an image, a map or a segmentation) to OUT for other tools: FILE.npy,
+    FILE.h5[:/DATASET] (default /data) or FILE.tif (one channel). Arrays are z,y,x (maps
+    z,y,x,c), as `deepem3d ingest` reads them. OUT is complete or absent."""
+    from deepem3d.export import export as export_layer
+
+    shape, dtype = export_layer(layer, out, bounds=bounds, mip=mip, overwrite=overwrite,
+                                progress=progress)
+    click.echo(f"exported {layer} -> {out}: {'x'.join(map(str, shape))} (z,y,x"
+               f"{',c' if len(shape) == 4 else ''}) {dtype}")

@@ -1,0 +1,145 @@
+"""`deepem3d export`: a layer, or a box of it, to a file a lab's other tools read.
+
+The file kinds are the ones `deepem3d ingest` reads, in the same order (z, y, x; a layer of
+several channels, such as an affinity map, as z, y, x, c), so that ingesting an export gives
+the layer back:
+
+- `.npy`: NumPy's format;
+- `FILE.h5:/DATASET` (or `.hdf5`, `.hdf`): an HDF5 dataset, gzip-compressed, the file written
+  whole (default dataset `/data`);
+- `.tif` / `.tiff`: a multi-page TIFF, one page per section (one channel only; BigTIFF past
+  2 GB).
+
+The layer is read in slabs along z (at most about SLAB_BYTES each), never whole. The file is
+written under a temporary name beside OUT and renamed when complete: it is complete or
+absent, and an existing OUT is replaced only with `overwrite`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from cloudvolume.exceptions import EmptyVolumeException
+from cloudvolume.lib import Bbox
+from tqdm import tqdm
+
+from deepem3d.errors import InputError
+from deepem3d.ingest import SLAB_BYTES, TIFF_SUFFIXES, split_hdf5
+from deepem3d.storage import layers
+
+#: the dataset an HDF5 export writes when OUT names none
+DEFAULT_DATASET = "/data"
+
+
+def export(
+    layer_path: str,
+    out: str,
+    *,
+    bounds: tuple[Sequence[int], Sequence[int]] | None = None,
+    mip: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    slab_bytes: int = SLAB_BYTES,
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Write `bounds` (x,y,z voxels at `mip`, end exclusive; default the whole layer) of the
+    layer to `out`; returns the array's shape (z, y, x[, c]) and dtype."""
+    vol = layers.open_layer(layer_path, mip=mip)
+    box = Bbox(*bounds) if bounds is not None else Bbox(vol.bounds.minpt, vol.bounds.maxpt)
+    if not vol.bounds.contains_bbox(box):
+        raise InputError(f"--bounds {box.minpt.tolist()}..{box.maxpt.tolist()} reach outside "
+                         f"{vol.cloudpath} at mip {mip} ({vol.bounds.minpt.tolist()}.."
+                         f"{vol.bounds.maxpt.tolist()})")
+    kind, file, dataset = _target(out)
+    channels = int(vol.num_channels)
+    if kind == "tiff" and channels != 1:
+        raise InputError(f"{vol.cloudpath} has {channels} channels: a TIFF export holds one; "
+                         "write .npy or HDF5 (z, y, x, c)")
+    if os.path.exists(file) and not overwrite:
+        raise InputError(f"{file} exists: pass --overwrite to replace it")
+    x, y, z = (int(s) for s in box.size3())
+    shape = (z, y, x) + ((channels,) if channels > 1 else ())
+    dtype = np.dtype(vol.dtype)
+    rows = max(1, slab_bytes // max(1, x * y * channels * dtype.itemsize))
+    folder = os.path.dirname(os.path.abspath(file))
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder}: no such folder for {file}")
+    partial = os.path.join(folder, f".{os.path.basename(file)}.partial-{os.getpid()}")
+    try:
+        with _Writer(kind, partial, dataset, shape, dtype) as write, tqdm(
+            total=z, unit="z", desc=f"export {os.path.basename(file)}", file=sys.stderr,
+            disable=not progress,
+        ) as bar:
+            (x0, y0, z0), (x1, y1, _) = box.minpt.tolist(), box.maxpt.tolist()
+            for start in range(0, z, rows):
+                stop = min(z, start + rows)
+                try:
+                    slab = np.asarray(vol[x0:x1, y0:y1, z0 + start:z0 + stop])
+                except EmptyVolumeException as err:
+                    raise InputError(f"{vol.cloudpath} has missing chunks ({err}): is it "
+                                     "still being written?") from None
+                slab = slab.transpose(2, 1, 0, 3)  # x,y,z,c -> z,y,x,c
+                write(start, stop, slab if channels > 1 else slab[..., 0])
+                bar.update(stop - start)
+        os.replace(partial, file)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return shape, dtype
+
+
+def _target(out: str) -> tuple[str, str, str | None]:
+    """(kind, file, HDF5 dataset) of OUT, or an InputError naming the kinds."""
+    hdf5 = split_hdf5(out)
+    if hdf5 is not None:
+        return "hdf5", hdf5[0], hdf5[1] or DEFAULT_DATASET
+    if out.lower().endswith(".npy"):
+        return "npy", out, None
+    if out.lower().endswith(TIFF_SUFFIXES):
+        return "tiff", out, None
+    raise InputError(f"cannot tell what to write from the name {out}: give FILE.npy, "
+                     "FILE.h5[:/DATASET] or FILE.tif")
+
+
+class _Writer:
+    """A context whose value writes sections [start, stop) of the array into the file."""
+
+    def __init__(self, kind: str, path: str, dataset: str | None, shape, dtype):
+        self.kind, self.path, self.dataset, self.shape, self.dtype = (
+            kind, path, dataset, shape, dtype)
+
+    def __enter__(self):
+        if self.kind == "npy":
+            self.handle = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype,
+                                                    shape=self.shape)
+
+            def write(start, stop, slab):
+                self.handle[start:stop] = slab
+        elif self.kind == "hdf5":
+            import h5py
+
+            self.handle = h5py.File(self.path, "w")
+            data = self.handle.create_dataset(self.dataset, shape=self.shape, dtype=self.dtype,
+                                              chunks=True, compression="gzip")
+
+            def write(start, stop, slab):
+                data[start:stop] = slab
+        else:
+            import tifffile
+
+            big = int(np.prod(self.shape)) * self.dtype.itemsize > 2**31
+            self.handle = tifffile.TiffWriter(self.path, bigtiff=big)
+
+            def write(start, stop, slab):
+                for page in slab:
+                    self.handle.write(page, contiguous=True)
+        return write
+
+    def __exit__(self, *exc) -> None:
+        if self.kind == "npy":
+            self.handle.flush()
+            del self.handle
+        else:
+            self.handle.close()

@@ -1,0 +1,86 @@
+"""`deepem3d export`: layers back out to .npy, HDF5 and TIFF, as ingest reads them."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+
+from deepem3d.axes import xyz_from_zyx
+from deepem3d.export import export
+from deepem3d.storage.layers import create_layer
+from tests.conftest import assert_one_line_error, run_cli
+
+SHAPE = (6, 40, 56)  # z, y, x
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("export")
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, SHAPE, dtype=np.uint8)
+    ids = rng.integers(0, 2**40, SHAPE, dtype=np.uint64)
+    affinities = rng.integers(0, 256, (*SHAPE, 3), dtype=np.uint8)
+    paths = {}
+    for name, array, kind, channels in (("image", image, "image", 1),
+                                        ("ids", ids, "segmentation", 1),
+                                        ("map", affinities, "image", 3)):
+        path = f"file://{root / name}"
+        vol = create_layer(path, layer_type=kind, dtype=array.dtype.name, resolution=(4, 4, 40),
+                           size=SHAPE[::-1], voxel_offset=(5, 6, 7), chunk_size=(16, 16, 4),
+                           num_channels=channels)
+        vol[:, :, :] = xyz_from_zyx(array)
+        paths[name] = path
+    return {"paths": paths, "image": image, "ids": ids, "map": affinities}
+
+
+def test_every_kind_round_trips_in_slabs(layers, tmp_path):
+    """Arrays come out z,y,x (maps z,y,x,c) whatever the slab size, and ingest reads them."""
+    paths = layers["paths"]
+    export(paths["image"], str(tmp_path / "image.npy"), slab_bytes=1, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "image.npy"), layers["image"])
+    export(paths["ids"], f"{tmp_path / 'ids.h5'}:/labels/ids", progress=False)
+    with h5py.File(tmp_path / "ids.h5") as f:
+        np.testing.assert_array_equal(f["labels/ids"][:], layers["ids"])
+    export(paths["image"], str(tmp_path / "image.tif"), slab_bytes=3000, progress=False)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "image.tif"), layers["image"])
+    shape, _ = export(paths["map"], str(tmp_path / "map.h5"), progress=False)
+    with h5py.File(tmp_path / "map.h5") as f:
+        np.testing.assert_array_equal(f["data"][:], layers["map"])
+    assert shape == (*SHAPE, 3)
+    box = ((5 + 10, 6 + 3, 7 + 1), (5 + 50, 6 + 30, 7 + 5))
+    export(paths["ids"], str(tmp_path / "box.npy"), bounds=box, progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "box.npy"), layers["ids"][1:5, 3:30, 10:50])
+    back = tmp_path / "back"
+    run_cli("ingest", tmp_path / "image.tif", back, "--resolution", "4,4,40", check=True)
+    done = run_cli("export", back, tmp_path / "again.npy", "--no-progress", check=True)
+    assert "6x40x56 (z,y,x) uint8" in done.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), layers["image"])
+
+
+def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
+    paths = layers["paths"]
+    (tmp_path / "there.npy").write_bytes(b"mine")
+    for args, fragments in (
+        ((paths["image"], tmp_path / "there.npy"), ["there.npy exists", "--overwrite"]),
+        ((paths["map"], tmp_path / "map.tif"), ["3 channels", "TIFF export holds one"]),
+        ((paths["image"], tmp_path / "image.png"), ["cannot tell what to write"]),
+        ((paths["image"], tmp_path / "a.npy", "--bounds", "0,0,0,10,10,2"), ["reach outside"]),
+        ((paths["image"], tmp_path / "no" / "a.npy"), ["no such folder"]),
+    ):
+        assert_one_line_error(run_cli("export", *args, "--no-progress"), *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["there.npy"]
+    assert (tmp_path / "there.npy").read_bytes() == b"mine"
+    missing = tmp_path / "missing"
+    shutil.copytree(paths["image"].removeprefix("file://"), missing)
+    next((missing / "4_4_40").iterdir()).unlink()
+    assert_one_line_error(run_cli("export", missing, tmp_path / "m.npy", "--no-progress"),
+                          "has missing chunks")
+    assert not (tmp_path / "m.npy").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["missing", "there.npy"]
+    run_cli("export", paths["image"], tmp_path / "there.npy", "--overwrite", "--no-progress",
+            check=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "there.npy"), layers["image"])
