@@ -12,6 +12,7 @@ of stage. A bad pipeline file is a one-line error before anything is written.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -276,6 +277,20 @@ def test_a_run_overwritten_with_other_segmentation_settings_keeps_its_map(
     assert chunks and {p: p.stat().st_mtime_ns for p in chunks} == chunks
     report = json.loads((output / "report.json").read_text())
     assert 0 <= report["adapted_rand_error"] < 1
+
+
+def test_a_layer_the_run_reads_where_it_writes_is_refused_first(tmp_path, crop_layers):
+    """A ground truth at OUTPUT/segmentation passed --dry-run; the run inferred the map and
+    only then refused to write the segmentation over it."""
+    output = tmp_path / "out"
+    gt = output / "segmentation"
+    shutil.copytree(crop_layers["gt"].removeprefix("file://"), gt)
+    pipeline = pipeline_file(tmp_path, crop_layers, output,
+                             **{f"ground_truth: {crop_layers['gt']}": f"ground_truth: {gt}"})
+    for extra in (("--dry-run",), ("--parallel", "1")):
+        assert_one_line_error(run_cli("run", pipeline, *extra), "ground_truth",
+                              "which this run writes")
+    assert sorted(p.name for p in output.iterdir()) == ["segmentation"]
 
 
 def test_downsample_keys_reach_the_stage(tmp_path, crop_layers):

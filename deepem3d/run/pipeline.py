@@ -276,9 +276,27 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
     if pipeline.map == SAMPLE:
         _fail(source, "map", "the sample has no map: infer it (products: [map, ...])")
     _check_products(pipeline)
+    _check_inputs_apart(pipeline)
     _check_sections(pipeline)
     _check_queues(pipeline, data.get("queues"), queue)
     return pipeline
+
+
+def _check_inputs_apart(p: Pipeline) -> None:
+    """No layer the run reads is, holds or lies in one it writes (a ground truth at
+    OUTPUT/segmentation was found only after inference had run)."""
+    from deepem3d.storage.layers import same_place
+
+    written = [p.layer(name) for name in ("map", "segmentation") if name in p.products]
+    mask = p.inference.get("mask")
+    for key, path in (("image", p.image), ("ground_truth", p.ground_truth), ("map", p.map),
+                      ("inference.mask", mask if isinstance(mask, str) and mask else None)):
+        if not path or path == SAMPLE:
+            continue
+        for layer in written:
+            if same_place(path, layer):
+                _fail(p.source, key, f"{path} is, holds or lies in {layer}, which this run "
+                      "writes: give the run another output")
 
 
 def _check_products(p: Pipeline) -> None:
