@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import subprocess
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -587,6 +588,10 @@ def test_bad_input(setup, tmp_path, crop):
     broken.write_bytes(Path(ckpt).read_bytes()[:5000])
     assert_one_line_error(cli("infer", image, tmp_path / "o", "--model", broken, *base),
                           "not a readable deepem3d checkpoint")
+    foreign = tmp_path / "foreign.pt"  # torch warned (two lines) before the error
+    foreign.write_bytes(pickle.dumps({"weights": [1, 2]}, protocol=4))
+    assert_one_line_error(run_cli("infer", image, tmp_path / "o", "--model", foreign, *base),
+                          "holds objects besides tensors")
 
     assert_one_line_error(
         cli("infer", image, tmp_path / "o", "--model", ckpt, *base, "--task-shape", "20,16,2"),

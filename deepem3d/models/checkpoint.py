@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def load_checkpoint(name_or_path: str | None) -> dict:
     location = resolve_model(name_or_path)
     data = read_bytes(location)
     try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's on a foreign pickle: the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or holding disallowed objects
         raise InputError(f"{location} is not a readable deepem3d checkpoint "
                          f"({_unreadable(data, err)})") from None
