@@ -202,6 +202,11 @@ def test_train_bad_input(sample_h5, tmp_path):
         run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--patch-size",
                 "16", "--batch-size", "1"), "one value per channel",
     )
+    layer = tmp_path / "image"  # checkpoints written into an input layer's folder
+    run_cli("ingest", f"{h5}:/raw", layer, "--resolution", "4,4,50", check=True)
+    assert_one_line_error(
+        run_cli("train", "--image", layer, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
+                "--out", layer / "run"), "--out", "overlaps the image layer")
     assert_one_line_error(
         run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--lr", "nan"),
         "--lr 'nan' must be a finite number",

@@ -77,6 +77,11 @@ def train(image, labels, train_sections, val_sections, out_dir, preset, head, in
     val_range = parse_sections(val_sections, "--val-sections") if val_sections else None
     if val_range and max(train_range[0], val_range[0]) < min(train_range[1], val_range[1]):
         raise InputError("--train-sections and --val-sections overlap: keep them apart")
+    from deepem3d.storage.layers import check_output_apart
+
+    check_output_apart(out_dir, {what: path for what, path in (("image", image),
+                                                              ("labels", labels))
+                                 if not is_file_source(path)}, name="--out")
     if resolution:
         res = resolution
     elif is_file_source(image):

@@ -54,12 +54,13 @@ def same_place(a: str, b: str) -> bool:
     return a.startswith(b) or b.startswith(a)
 
 
-def check_output_apart(output_path: str, inputs: dict[str, str | None]) -> None:
-    """InputError when OUTPUT is, holds or lies inside one of the command's input layers
-    (`inputs`: what each is called in the message -> its path)."""
+def check_output_apart(output_path: str, inputs: dict[str, str | None],
+                       name: str = "OUTPUT") -> None:
+    """InputError when the output (`name` in the message) is, holds or lies inside one of the
+    command's input layers (`inputs`: what each is called in the message -> its path)."""
     for what, path in inputs.items():
         if path and same_place(output_path, path):
-            raise InputError(f"OUTPUT {output_path} is or overlaps the {what} layer {path}: "
+            raise InputError(f"{name} {output_path} is or overlaps the {what} layer {path}: "
                              "give a path of its own")
 
 
