@@ -106,8 +106,15 @@ NOISY_EDGES_PER_VOXEL = 0.3
 # and 0.9, watershed 0.19): 9.0 to 13.7 for nodes of 16^3 to 128^3 voxels of
 # benchmarks/segmentation.py's smooth cell map (128^3 and 256^3, 0.017-0.018 edges per voxel);
 # 3.4 to 4.6 on a noisy 96^3 map (0.35 edges per voxel). Not growing with the node: the
-# residual follows the area of the faces
+# residual follows the area of the faces. But on the shipped model's map of vnc_gerhard2013
+# (1177 x 1177 x 20 at 4 nm, 0.27-0.29 edges per voxel, mean 0.55 after sigma 4; 256^3 to
+# 1024-voxel nodes) 42 to 67: there large merged segments reach the faces and stay open (71-97%
+# of a block's voxels); on its map of the ISBI sample (256 x 256 x 10 in 64 x 64 x 10 blocks,
+# 0.14 edges per voxel) 29 and 39. Real maps are that dense (the demo's: 0.16), so from
+# DENSE_MAP_EDGES_PER_VOXEL up the plan takes the real map's depth
 RESIDUAL_SHELL_VOXELS = 14
+DENSE_RESIDUAL_SHELL_VOXELS = 64
+DENSE_MAP_EDGES_PER_VOXEL = 0.1
 MAX_SIGMA = 16.0  # a halo of 64 voxels; beyond it the map is blurred past any membrane
 
 
@@ -343,7 +350,9 @@ class SegmentPlan:
             edges = edges_per_voxel * math.prod(self.block_extent)
         else:
             node = math.prod(int(self._axis_nodes(level, a)[0].max()) for a in range(3))
-            edges = edges_per_voxel * min(node, self.largest_faces(level) * RESIDUAL_SHELL_VOXELS)
+            depth = (DENSE_RESIDUAL_SHELL_VOXELS if edges_per_voxel >= DENSE_MAP_EDGES_PER_VOXEL
+                     else RESIDUAL_SHELL_VOXELS)
+            edges = edges_per_voxel * min(node, self.largest_faces(level) * depth)
         return int(NODE_BASE_BYTES + per_edge * edges)
 
     @property
