@@ -1,7 +1,8 @@
 """`deepem3d export`: a layer, or a box of it, to a file a lab's other tools read.
 
 The file kinds are the ones `deepem3d ingest` reads, in the same order (z, y, x; a layer of
-several channels, such as an affinity map, as z, y, x, c), so that ingesting an export gives
+several channels, such as an affinity map, as z, y, x, c, which ingest does not read back), so
+that ingesting a one-channel export (an HDF5 one named with its dataset, FILE.h5:/data) gives
 the layer back:
 
 - `.npy`: NumPy's format;
@@ -57,6 +58,8 @@ def export(
     if kind == "tiff" and channels != 1:
         raise InputError(f"{vol.cloudpath} has {channels} channels: a TIFF export holds one; "
                          "write .npy or HDF5 (z, y, x, c)")
+    if os.path.isdir(file):
+        raise InputError(f"{file} is a folder: give a file name")
     if os.path.exists(file) and not overwrite:
         raise InputError(f"{file} exists: pass --overwrite to replace it")
     x, y, z = (int(s) for s in box.size3())
@@ -94,7 +97,11 @@ def _target(out: str) -> tuple[str, str, str | None]:
     """(kind, file, HDF5 dataset) of OUT, or an InputError naming the kinds."""
     hdf5 = split_hdf5(out)
     if hdf5 is not None:
-        return "hdf5", hdf5[0], hdf5[1] or DEFAULT_DATASET
+        dataset = hdf5[1] or DEFAULT_DATASET
+        if dataset.endswith("/") or "//" in dataset:
+            raise InputError(f"{out}: name the HDF5 dataset to write, such as "
+                             f"{hdf5[0]}:{DEFAULT_DATASET}")
+        return "hdf5", hdf5[0], dataset
     if out.lower().endswith(".npy"):
         return "npy", out, None
     if out.lower().endswith(TIFF_SUFFIXES):

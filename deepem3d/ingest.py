@@ -614,17 +614,17 @@ WINDOW_SAMPLE = 2**24
 
 
 def uint8_window(source: VolumeSource, slabs, progress: bool) -> tuple[float, float]:
-    """(low, high): WINDOW_PERCENTILES of the values of every `step`-th voxel of the volume
-    (one streaming pass, the same sample every time), low < high."""
+    """(low, high): WINDOW_PERCENTILES of the values on a grid of every section and every
+    `step`-th row and column (one streaming pass; the same sample whatever the slabs and
+    chunks), low < high."""
     total = math.prod(source.shape)
-    step = max(1, -(-total // WINDOW_SAMPLE))
-    sample, seen = [], 0
+    step = max(1, math.ceil(math.sqrt(total / WINDOW_SAMPLE)))
+    sample = []
     with tqdm(total=source.shape[2], unit="z", desc="intensity window", file=sys.stderr,
               disable=not progress) as bar:
         for z0, z1 in slabs:
-            flat = np.ascontiguousarray(source.read(z0, z1)).reshape(-1)
-            sample.append(flat[(-seen) % step::step].astype(np.float64))
-            seen += flat.size
+            grid = source.read(z0, z1)[::step, ::step, :]  # x, y, z
+            sample.append(np.asarray(grid, dtype=np.float64).reshape(-1))
             bar.update(z1 - z0)
     values = np.concatenate(sample)
     values = values[np.isfinite(values)]

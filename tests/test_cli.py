@@ -39,6 +39,8 @@ def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
     make_layer(layer)
     for command in (["queue", "status"], ["worker"], ["queue", "create"]):  # nor made one
         assert_one_line_error(run_cli(*command, f"fq://{layer}"), "precomputed layer")
+    assert_one_line_error(run_cli("queue", "create", f"fq://{layer}/4_4_40/queue"),
+                          "lies in the precomputed layer")
     assert_one_line_error(run_cli("downsample", layer, "--queue", f"fq://{layer}/queue",
                                   "--parallel", "1"), "lies in the precomputed layer")
     TaskQueue(f"fq://{layer}")  # taskqueue itself opens one anywhere
@@ -60,6 +62,8 @@ def test_paths_through_files_and_unknown_schemes(tmp_path):
     assert_one_line_error(run_cli("infer", layer, "foo://bucket/map", "--dry-run"),
                           "unknown scheme foo://")
     assert_one_line_error(run_cli("infer", "", tmp_path / "map", "--dry-run"), "an empty path")
+    assert_one_line_error(run_cli("infer", "http://localhost:99999/x", tmp_path / "map",
+                                  "--dry-run"), "not a URL")
     np.save(tmp_path / "volume.npy", np.zeros((2, 16, 16), np.uint8))
     # /sys: a folder nobody may create files in, root included
     assert_one_line_error(run_cli("ingest", tmp_path / "volume.npy", "/sys/deepem3d-test",
@@ -124,3 +128,16 @@ def test_malformed_option_values_are_one_line_usage_errors():
                           "malformed --memory 'lots'", "3500MB")
     assert_one_line_error(run_cli("infer", "a", "b", "--task-shape", "1,2"),
                           "malformed --task-shape", "1024,1024,16")
+
+
+def test_an_http_layer_behind_a_proxy_is_not_checked_directly(monkeypatch):
+    """The server check opens a socket itself; behind a proxy (as CloudFiles reaches it) the
+    host may not even resolve here, so the check is left to the proxied request."""
+    from deepem3d.errors import InputError
+    from deepem3d.storage.cloud import check_bucket
+
+    with pytest.raises(InputError, match="does not answer"):
+        check_bucket("http://layers.invalid/image")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "")
+    check_bucket("http://layers.invalid/image")

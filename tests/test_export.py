@@ -64,15 +64,18 @@ def test_every_kind_round_trips_in_slabs(layers, tmp_path):
 def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
     paths = layers["paths"]
     (tmp_path / "there.npy").write_bytes(b"mine")
+    (tmp_path / "folder.npy").mkdir()
     for args, fragments in (
         ((paths["image"], tmp_path / "there.npy"), ["there.npy exists", "--overwrite"]),
         ((paths["map"], tmp_path / "map.tif"), ["3 channels", "TIFF export holds one"]),
         ((paths["image"], tmp_path / "image.png"), ["cannot tell what to write"]),
         ((paths["image"], tmp_path / "a.npy", "--bounds", "0,0,0,10,10,2"), ["reach outside"]),
         ((paths["image"], tmp_path / "no" / "a.npy"), ["no such folder"]),
+        ((paths["image"], f"{tmp_path / 'a.h5'}:/"), ["name the HDF5 dataset"]),
+        ((paths["image"], tmp_path / "folder.npy", "--overwrite"), ["is a folder"]),
     ):
         assert_one_line_error(run_cli("export", *args, "--no-progress"), *fragments)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["there.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.npy", "there.npy"]
     assert (tmp_path / "there.npy").read_bytes() == b"mine"
     missing = tmp_path / "missing"
     shutil.copytree(paths["image"].removeprefix("file://"), missing)
@@ -80,7 +83,7 @@ def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
     assert_one_line_error(run_cli("export", missing, tmp_path / "m.npy", "--no-progress"),
                           "has missing chunks")
     assert not (tmp_path / "m.npy").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["missing", "there.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.npy", "missing", "there.npy"]
     run_cli("export", paths["image"], tmp_path / "there.npy", "--overwrite", "--no-progress",
             check=True)
     np.testing.assert_array_equal(np.load(tmp_path / "there.npy"), layers["image"])

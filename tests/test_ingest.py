@@ -425,3 +425,29 @@ def test_to_uint8_rescales_16_bit_and_float_images(tmp_path):
     assert_one_line_error(cli(write_npy(tmp_path, wide, "ids.npy"), tmp_path / "ids",
                               "--resolution", "4,4,40", "--to-uint8", "--layer-type",
                               "segmentation"), "--to-uint8 rescales an image")
+
+
+def test_the_uint8_window_does_not_depend_on_the_chunks(tmp_path):
+    """The window was sampled every n-th voxel of each slab in x,y,z order: which voxels (and
+    so the window) depended on where slabs were cut, and with n dividing the slab depth only
+    every n-th section was seen."""
+    from cloudfiles import CloudFiles
+
+    from deepem3d import ingest as ingest_module
+
+    sections = np.broadcast_to((np.arange(16, dtype=np.uint16) * 1000)[:, None, None],
+                               (16, 64, 64)).copy()
+    npy = write_npy(tmp_path, sections, "sections.npy")
+    windows = []
+    for chunk in ("32,32,1", "32,32,3", "64,64,16"):
+        dest = tmp_path / f"layer-{chunk.replace(',', '-')}"
+        ingest_module.WINDOW_SAMPLE, saved = 4096, ingest_module.WINDOW_SAMPLE  # a sparse grid
+        try:
+            ingest(npy, str(dest), resolution=(4, 4, 40), chunk_size=[int(c) for c in
+                   chunk.split(",")], to_uint8=True, progress=False, slab_bytes=64 * 64 * 2)
+        finally:
+            ingest_module.WINDOW_SAMPLE = saved
+        provenance = CloudFiles(f"file://{dest}").get_json("provenance")
+        windows.append(provenance["processing"][-1]["method"]["uint8_window"])
+    assert windows[0] == windows[1] == windows[2]
+    assert windows[0][1] > 14000  # the last sections were seen

@@ -249,12 +249,18 @@ def test_a_run_over_the_sample_leaves_another_layer_at_its_place_alone(tmp_path)
     info = (output / "image" / "info").read_text()
     pipeline = tmp_path / "sample.yaml"
     pipeline.write_text(f"version: 1\noutput: {output}\nimage: sample:isbi2012\n"
-                        "products: [map]\n")
+                        "products: [map]\ninference: {bounds: [0, 0, 0, 128, 128, 10]}\n")
     for extra in (("--dry-run",), ("--parallel", "1")):
         assert_one_line_error(run_cli("run", pipeline, *extra), f"{output / 'image'}",
                               "did not write", "--overwrite")
     assert (output / "image" / "info").read_text() == info
     assert not (output / "ground_truth").exists()
+    # both places taken by other layers: --overwrite writes the sample there (it ran inference
+    # on the other image, then refused again)
+    shutil.copytree(output / "image", output / "ground_truth")
+    run_cli("run", pipeline, "--parallel", "1", "--overwrite", check=True)
+    info = json.loads((output / "image" / "info").read_text())
+    assert info["scales"][0]["size"] == [512, 512, 30]
 
 
 def test_a_run_overwritten_with_other_segmentation_settings_keeps_its_map(
@@ -480,3 +486,16 @@ def test_demo_refuses_a_folder_that_holds_something_else(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     assert_one_line_error(run_cli("demo", tmp_path), "holds something else than a demo")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_planners_message_names_the_files_keys_but_keeps_commands_and_run_options():
+    """Every `--option` was turned into a key: a suggested command lost its dashes
+    (`deepem3d resample IMAGE OUTPUT resolution 4,4,50`) and so did `--overwrite`."""
+    from deepem3d.errors import InputError
+    from deepem3d.run.plan import _in_key
+
+    err = InputError("off; resample it (`deepem3d resample IMAGE OUTPUT --resolution 4,4,50`) "
+                     "or pass --force; --task-shape 48,64,2 is off the grid; pass --overwrite")
+    assert str(_in_key("f.yaml", "inference", err)) == (
+        "f.yaml: inference: off; resample it (`deepem3d resample IMAGE OUTPUT --resolution "
+        "4,4,50`) or set force: true; task_shape 48,64,2 is off the grid; pass --overwrite")

@@ -21,7 +21,7 @@ from deepem3d.cli.options import Bounds
 def export(layer: str, out: str, bounds, mip: int, overwrite: bool, progress: bool) -> None:
     """Write LAYER (an image, a map or a segmentation) to OUT for other tools: FILE.npy,
     FILE.h5[:/DATASET] (default /data) or FILE.tif (one channel). Arrays are z,y,x (maps
-    z,y,x,c), as `deepem3d ingest` reads them. OUT is complete or absent."""
+    z,y,x,c), in the order `deepem3d ingest` reads. OUT is complete or absent."""
     from deepem3d.export import export as export_layer
 
     shape, dtype = export_layer(layer, out, bounds=bounds, mip=mip, overwrite=overwrite,

@@ -74,17 +74,20 @@ def sample_layers(p: Pipeline, *, write: bool, overwrite: bool = False) -> dict[
 
     paths = {"image": p.layer("image"), "ground_truth": p.layer("ground_truth")}
     held = [path for path in paths.values() if layer_holds_data(path)]
+    foreign = []
     for path in held:
         try:
             processing = (CloudFiles(path).get_json("provenance") or {}).get("processing")
         except ValueError:  # not JSON
             processing = None
         writer = layer_writer(processing)
-        if not overwrite and (writer is None or writer[1] != "`deepem3d sample`"):
-            raise InputError(f"{path} holds a layer that `deepem3d sample` did not write, where "
-                             "this run puts the sample: pass --overwrite to replace it, or give "
-                             "another output")
-    if write and len(held) < len(paths):
+        if writer is None or writer[1] != "`deepem3d sample`":
+            foreign.append(path)
+    if foreign and not overwrite:
+        raise InputError(f"{foreign[0]} holds a layer that `deepem3d sample` did not write, "
+                         "where this run puts the sample: pass --overwrite to replace it, or "
+                         "give another output")
+    if write and (foreign or len(held) < len(paths)):
         write_sample(p.output, overwrite=True, progress=False)
     return paths
 

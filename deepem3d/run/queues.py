@@ -36,12 +36,16 @@ def check_queue_url(url: str) -> str:
             f"unknown queue {url!r}: use fq://DIRECTORY (a file queue) or sqs://QUEUE_NAME"
         )
     if scheme == "fq":
-        folder = rest.rstrip("/") or "/"
-        for where in (folder, os.path.dirname(folder)):
+        where = os.path.abspath(rest)
+        while True:  # the folder and every folder above it
             if os.path.isfile(os.path.join(where, "info")):
                 raise InputError(f"{url} is or lies in the precomputed layer {where}, not a "
                                  "file queue: give the queue a folder of its own (a run's is "
                                  "OUTPUT/queue)")
+            above = os.path.dirname(where)
+            if above == where:
+                break
+            where = above
     return url
 
 
