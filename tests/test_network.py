@@ -247,7 +247,9 @@ def test_side_outputs_by_bands_equal_one_col2im_and_do_not_depend_on_the_bands(m
     """A side output on the CPU (matrix products over bands of rows, shifted adds) gives what
     one matrix product and col2im per dilation give (the path other devices, autocast and
     small inputs take), and the same floats however many rows a band holds: each pixel sums
-    its taps in one order."""
+    its taps in one order. Bands of at least 256 columns, as the code's own bands on a tile:
+    below about 200 MKL rounds products differently (one-row bands of 6 columns differed in
+    the last bit on an AMD EPYC)."""
     from deepem3d.models import inference_form as module
 
     torch.manual_seed(0)
@@ -256,13 +258,16 @@ def test_side_outputs_by_bands_equal_one_col2im_and_do_not_depend_on_the_bands(m
     with torch.no_grad():
         for name in ("side_2x", "side_4x", "side_8x", "side_16x"):
             side = getattr(form, name)
-            x = torch.randn(2, side.weight.shape[2], 160 // side.scale, 96 // side.scale)
+            x = torch.randn(2, side.weight.shape[2], 1024 // side.scale, 512 // side.scale)
             x = x.contiguous(memory_format=torch.channels_last)
+            width = x.shape[3]
             banded = side(x)
             by_fold = side._forward_by_fold(x)
             assert (banded - by_fold).abs().max() <= 1e-6 * by_fold.abs().max()
             with monkeypatch.context() as patch:
-                patch.setattr(module._SideByBands, "PLANE", 1)  # one input row per band
+                rows = -(-256 // width)  # the fewest rows that make 256 columns
+                patch.setattr(module._SideByBands, "PLANE", side.channels * width * rows)
+                assert -(-module._SideByBands.PLANE // (side.channels * width)) < x.shape[2]
                 assert torch.equal(side(x), banded)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 assert side(x).dtype == torch.bfloat16  # the col2im path: products in bf16
