@@ -542,21 +542,15 @@ def ingest(
         plane = source.shape[0] * source.shape[1] * max(out.itemsize, source.dtype.itemsize)
         slabs = slab_ranges(source.shape[2], chunk[2], slab_bytes // (plane * chunk[2]))
 
-        if layer_type == "segmentation" and _needs_label_check(source.dtype, out):
-            if not overwrite and layers.layer_holds_data(dest):  # fail before a long scan
-                raise InputError(f"{dest} already holds data: pass --overwrite to replace it")
-            _check_labels(source, out, slabs, progress)
-
         ends = [o + s for o, s in zip(voxel_offset, source.shape)]
         if any(abs(v) > LARGEST_COORDINATE for v in (*voxel_offset, *ends, *chunk)):
             raise InputError(f"voxel offset {','.join(map(str, voxel_offset))} and size "
                              f"{','.join(map(str, source.shape))}: a layer's coordinates are "
                              f"at most {LARGEST_COORDINATE:,}")
-        window = None
-        if to_uint8:
-            if not overwrite and layers.layer_holds_data(dest):  # fail before a long scan
-                raise InputError(f"{dest} already holds data: pass --overwrite to replace it")
-            window = uint8_window(source, slabs, progress)
+        layers.check_empty(dest, overwrite)  # before the scans below, which can be long
+        if layer_type == "segmentation" and _needs_label_check(source.dtype, out):
+            _check_labels(source, out, slabs, progress)
+        window = uint8_window(source, slabs, progress) if to_uint8 else None
         fresh = not layers.info_exists(dest)
         vol = layers.create_layer(
             dest,

@@ -14,8 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from deepem3d.axes import xyz_from_zyx
-from deepem3d.errors import InputError
-from deepem3d.storage.layers import cloudpath, create_layer, layer_holds_data
+from deepem3d.storage.layers import check_empty, cloudpath, create_layer
 
 RESOLUTION = (4, 4, 50)  # nm, x,y,z
 CHUNK_SIZE = (128, 128, 10)  # 30 sections = 3 chunks; the held-out z = 20..29 is one chunk row
@@ -41,12 +40,8 @@ def write_sample(
     Returns the layer paths by name. Refuses layers that already hold data unless overwrite.
     """
     dest = cloudpath(dest).rstrip("/")
-    if not overwrite:
-        for name in LAYERS:
-            if layer_holds_data(f"{dest}/{name}"):
-                raise InputError(
-                    f"{dest}/{name} already holds data: pass --overwrite to replace it"
-                )
+    for name in LAYERS:
+        check_empty(f"{dest}/{name}", overwrite)
     image, ids = load_sample()
     arrays = {"image": (image, "image", "uint8"), "ground_truth": (ids, "segmentation", "uint64")}
     paths = {}

@@ -67,22 +67,13 @@ def _bbox(values) -> Bbox | None:
 def sample_layers(p: Pipeline, *, write: bool, overwrite: bool = False) -> dict[str, str]:
     """The embedded sample's layers under the output root (written once; kept after). A layer
     there that `deepem3d sample` did not write is replaced only with `overwrite`."""
-    from cloudfiles import CloudFiles
-
     from deepem3d.sample import write_sample
-    from deepem3d.storage.layers import layer_holds_data, layer_writer
+    from deepem3d.storage.layers import layer_holds_data, layer_processing, layer_writer
 
     paths = {"image": p.layer("image"), "ground_truth": p.layer("ground_truth")}
     held = [path for path in paths.values() if layer_holds_data(path)]
-    foreign = []
-    for path in held:
-        try:
-            processing = (CloudFiles(path).get_json("provenance") or {}).get("processing")
-        except ValueError:  # not JSON
-            processing = None
-        writer = layer_writer(processing)
-        if writer is None or writer[1] != "`deepem3d sample`":
-            foreign.append(path)
+    foreign = [path for path in held
+               if (layer_writer(layer_processing(path)) or (None, ""))[1] != "`deepem3d sample`"]
     if foreign and not overwrite:
         raise InputError(f"{foreign[0]} holds a layer that `deepem3d sample` did not write, "
                          "where this run puts the sample: pass --overwrite to replace it, or "

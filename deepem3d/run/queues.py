@@ -54,8 +54,16 @@ def check_queue(url: str) -> str:
     a queue that does not exist or cannot be reached leaves no output behind."""
     check_queue_url(url)
     if url.startswith("sqs://"):
-        sqs_call(url, sqs_client().get_queue_url, QueueName=url[len("sqs://"):])
+        look_up_sqs_queue(url)
     return url
+
+
+def look_up_sqs_queue(url: str):
+    """The SQS client that found the queue sqs://NAME; a missing queue, an endpoint that does
+    not answer or missing credentials are one-line InputErrors within seconds."""
+    sqs = sqs_client()
+    sqs_call(url, sqs.get_queue_url, QueueName=url[len("sqs://"):])
+    return sqs
 
 
 def check_existing_queue(url: str) -> str:
@@ -109,17 +117,13 @@ def check_lease(url: str, seconds: int) -> None:
 
 
 def open_queue(url: str):
-    """taskqueue's TaskQueue for the URL; an SQS queue is looked up first, so that a queue
-    that does not exist, an endpoint that does not answer or missing credentials are one-line
-    errors within seconds."""
+    """taskqueue's TaskQueue for the URL; an SQS queue is looked up first (look_up_sqs_queue)."""
     from taskqueue import TaskQueue
 
     check_queue_url(url)
     if not url.startswith("sqs://"):
         return TaskQueue(url, progress=False)
-    name = url[len("sqs://"):]
-    sqs = sqs_client()
-    sqs_call(url, sqs.get_queue_url, QueueName=name)
+    sqs = look_up_sqs_queue(url)
     return TaskQueue(url, progress=False, config=boto_config(),
                      region_name=sqs.meta.region_name)
 

@@ -58,6 +58,7 @@ from deepem3d.storage.layers import (
     create_layer,
     info_exists,
     layer_holds_data,
+    layer_processing,
     open_layer,
     record_provenance,
 )
@@ -437,8 +438,7 @@ class SegmentPlan:
 def recorded_settings(map_path: str) -> dict | None:
     """The segmentation settings the map's model records (written into the map's provenance
     by `deepem3d infer`), or None."""
-    provenance = CloudFiles(cloudpath(map_path)).get_json("provenance") or {}
-    for entry in reversed(provenance.get("processing") or []):
+    for entry in reversed(layer_processing(map_path)):
         settings = (entry.get("method") or {}).get("segmentation")
         if settings:
             return dict(settings)
@@ -490,7 +490,7 @@ def map_fingerprint(map_path: str, mip: int = 0) -> str:
     files = CloudFiles(cloudpath(map_path))
     info = files.get_json("info") or {}
     info = {**info, "scales": (info.get("scales") or [])[mip:mip + 1]}
-    processing = [entry for entry in (files.get_json("provenance") or {}).get("processing") or []
+    processing = [entry for entry in layer_processing(map_path)
                   if (entry.get("method") or {}).get("task") not in DOWNSAMPLING_TASKS]
     return digest({"info": info, "processing": processing})[:20]
 

@@ -34,7 +34,7 @@ from deepem3d.segmentation.supervoxels import relabel
 from deepem3d.stages.blocks import parse_block_id
 from deepem3d.stages.workdir import WORK, get_table, work_files
 from deepem3d.storage.labels import check_same_resolution, open_labels, scored_region
-from deepem3d.storage.layers import cloudpath
+from deepem3d.storage.layers import cloudpath, layer_processing
 from deepem3d.storage.npz import get_npz
 from deepem3d.units import format_bounds, format_bytes
 
@@ -97,8 +97,7 @@ class KeptRun:
 
 def segment_settings(seg_path: str) -> dict:
     """The settings `deepem3d segment` recorded in the layer's provenance (the last run)."""
-    provenance = CloudFiles(cloudpath(seg_path)).get_json("provenance") or {}
-    for entry in reversed(provenance.get("processing") or []):
+    for entry in reversed(layer_processing(seg_path)):
         method = entry.get("method") or {}
         if method.get("task") == "deepem3d segment":
             return method

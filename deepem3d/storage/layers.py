@@ -142,6 +142,7 @@ def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
 def layer_holds_data(path: str) -> bool:
     """True when the layer has an info file and at least one chunk file at any scale."""
     path = cloudpath(path)
+    check_bucket(path)
     cf = CloudFiles(path)
     info = cf.get_json("info")
     if info is None:
@@ -151,6 +152,13 @@ def layer_holds_data(path: str) -> bool:
         if next(iter(cf.list(prefix=prefix)), None) is not None:
             return True
     return False
+
+
+def check_empty(path: str, overwrite: bool) -> None:
+    """InputError for a layer that already holds data, unless `overwrite` (which lets the
+    caller replace it)."""
+    if not overwrite and layer_holds_data(path):
+        raise InputError(f"{path} already holds data: pass --overwrite to replace it")
 
 
 def delete_layer_data(path: str) -> None:
@@ -216,9 +224,8 @@ def create_layer(
     encoding = encoding or DEFAULT_ENCODING[layer_type]
     if encoding == "compressed_segmentation" and layer_type != "segmentation":
         raise InputError("compressed_segmentation encoding is for segmentation layers only")
-    if layer_holds_data(path):
-        if not overwrite:
-            raise InputError(f"{path} already holds data: pass --overwrite to replace it")
+    check_empty(path, overwrite)
+    if overwrite and layer_holds_data(path):
         delete_layer_data(path)
 
     info = CloudVolume.create_new_info(
@@ -261,6 +268,18 @@ def record_provenance(vol: CloudVolume, method: dict, replace: bool = False) -> 
 
 #: what `check_layer_role` checks a layer for
 LAYER_ROLES = ("map", "labels")
+
+
+def layer_processing(path: str) -> list:
+    """The `processing` list of the layer's provenance file, oldest first; [] where there is no
+    provenance or it is not a JSON object (as good as none)."""
+    try:
+        provenance = CloudFiles(cloudpath(path)).get_json("provenance")
+    except ValueError:  # not JSON
+        return []
+    processing = provenance.get("processing") if isinstance(provenance, dict) else None
+    return [entry for entry in processing if isinstance(entry, dict)] \
+        if isinstance(processing, list) else []
 
 
 def layer_writer(processing: Sequence) -> tuple[str, str] | None:
@@ -308,12 +327,8 @@ def check_layer_role(
         vol = open_layer(path)
     where = f"{name} {cloudpath(path)}" if name else cloudpath(path)
     layer_type = str(vol.layer_type)
-    try:
-        provenance = CloudFiles(cloudpath(path)).get_json("provenance") or {}
-    except ValueError:  # not JSON: as good as none
-        provenance = {}
-    processing = provenance.get("processing") if isinstance(provenance, dict) else None
-    writer = layer_writer(processing or [])
+    processing = layer_processing(path)
+    writer = layer_writer(processing)
     held, command = writer if writer else (None, "")
     if role == "map":
         if layer_type == "segmentation" or held == "labels":
