@@ -301,7 +301,8 @@ def natural_key(name: str) -> tuple:
 
 
 def open_source(src: str, axes: str = "zyx") -> VolumeSource:
-    """Open `src` read-only as a 3D volume: TIFF file or directory, FILE.h5:/DATASET, .npy.
+    """Open `src` read-only as a 3D volume: TIFF file or directory, FILE.h5:/DATASET (or
+    FILE.h5 when it holds one dataset), .npy.
 
     `axes` is the order of the array in the file: "zyx" (the default) or "xyz" (HDF5 and
     .npy only; TIFF pages are always z). Use it as a context manager to close the file.
@@ -353,9 +354,12 @@ def _open_hdf5(file: str, dataset: str | None, axes: str) -> ArraySource:
         raise InputError(f"cannot read {file} as HDF5: {err}") from None
     try:
         if dataset is None:
-            raise InputError(
-                f"name the dataset to read: {file}:/DATASET ({_hdf5_contents(h5)})"
-            )
+            found = _hdf5_datasets(h5, limit=1)
+            if len(found) != 1:  # none, or a choice to make
+                raise InputError(
+                    f"name the dataset to read: {file}:/DATASET ({_hdf5_contents(h5)})"
+                )
+            dataset = found[0].name
         try:
             obj = h5[dataset]
         except KeyError:
@@ -372,20 +376,27 @@ def _open_hdf5(file: str, dataset: str | None, axes: str) -> ArraySource:
         raise
 
 
-def _hdf5_contents(group, limit: int = 6) -> str:
-    """'it holds /raw 7x33x50 uint8, /labels ...' — shortened to `limit` datasets."""
+def _hdf5_datasets(group, limit: int) -> list:
+    """The group's datasets (h5py objects) in visiting order, at most `limit` + 1 of them."""
     import h5py
 
-    found: list[str] = []
+    found: list = []
 
     def visit(name, obj):
         if isinstance(obj, h5py.Dataset):
-            found.append(f"{obj.name} {_shape_text(obj.shape)} {obj.dtype}")
+            found.append(obj)
             if len(found) > limit:
                 return True  # stop walking
         return None
 
     group.visititems(visit)
+    return found
+
+
+def _hdf5_contents(group, limit: int = 6) -> str:
+    """'it holds /raw 7x33x50 uint8, /labels ...' — shortened to `limit` datasets."""
+    found = [f"{obj.name} {_shape_text(obj.shape)} {obj.dtype}"
+             for obj in _hdf5_datasets(group, limit)]
     if not found:
         return "it holds no datasets"
     more = ", ..." if len(found) > limit else ""

@@ -238,6 +238,14 @@ def test_default_chunk_clamped_and_encodings(tmp_path):
                str(tmp_path / "j"), resolution=(4, 4, 40), encoding="jpeg", progress=False)
 
 
+def test_hdf5_of_one_dataset_needs_no_name(tmp_path):
+    data = volume()
+    src = write_h5(tmp_path, data)
+    with open_source(src) as source:
+        assert source.name.endswith("vol.h5:/volumes/raw")
+        np.testing.assert_array_equal(source.read(0, data.shape[0]), xyz(data))
+
+
 def test_natural_key_and_split_hdf5():
     names = ["z10.tif", "z2.tif", "z1.tif", "Z3.tif"]
     assert sorted(names, key=natural_key) == ["z1.tif", "z2.tif", "Z3.tif", "z10.tif"]
@@ -360,8 +368,11 @@ def test_cli_errors_are_one_line(tmp_path):
                           "missing.npy")
     assert_one_line_error(cli(f"{h5}:/volumes/nope", dest, "--resolution", "4,4,40"),
                           "no dataset /volumes/nope", "/volumes/raw")
+    with h5py.File(h5, "a") as f:
+        f["/volumes/labels"] = volume()
     assert_one_line_error(cli(h5, dest, "--resolution", "4,4,40"), ":/DATASET",
-                          "/volumes/raw")
+                          "/volumes/raw", "/volumes/labels")
+    assert not dest.exists()
     assert_one_line_error(cli(npy, dest, "--resolution", "4,4"), "--resolution")
     assert_one_line_error(cli(npy, dest, "--resolution", "4,4,40", "--voxel-offset", "a,0,0"),
                           "--voxel-offset")

@@ -44,7 +44,8 @@ def ingest(
     """Write the 3D volume SRC to a new precomputed layer at DEST.
 
     SRC is a multi-page TIFF (pages are z), a directory of single-page TIFFs (sorted by
-    name, numbers in natural order), FILE.h5:/DATASET, or a .npy file; HDF5 and .npy are
+    name, numbers in natural order), FILE.h5:/DATASET (FILE.h5 alone when it holds one
+    dataset), or a .npy file; HDF5 and .npy are
     z,y,x unless --axes xyz. DEST is any CloudVolume path (file://, gs://, s3://) or a local
     directory. SRC is only read; it is streamed slab by slab along z.
     """
