@@ -232,16 +232,16 @@ def chunk_files(path: str) -> dict[str, bytes]:
 MEMORY = 200_000  # bytes: small tasks (128 x 128 x 10), so there are 8 of them
 
 
-def make_layer(path: Path, layer_type: str = "image") -> str:
+def make_layer(path: Path, layer_type: str = "image", voxel_offset=(0, 0, 0)) -> str:
     """A 256 x 256 x 20 layer of the embedded sample (image or ground truth) at PATH."""
     image, ids = load_sample()
     array = image[:20, :256, :256] if layer_type == "image" else ids[:20, :256, :256]
     dtype = "uint8" if layer_type == "image" else "uint64"
     vol = create_layer(
         f"file://{path}", layer_type=layer_type, dtype=dtype, resolution=(4, 4, 50),
-        size=(256, 256, 20), chunk_size=(64, 64, 10),
+        size=(256, 256, 20), chunk_size=(64, 64, 10), voxel_offset=voxel_offset,
     )
-    vol[:, :, :] = xyz_from_zyx(array.astype(dtype))
+    vol[vol.bounds] = xyz_from_zyx(array.astype(dtype))
     return f"file://{path}"
 
 

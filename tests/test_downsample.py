@@ -72,6 +72,21 @@ def test_downsample_on_a_queue_without_local_workers(tmp_path):
     assert plan_downsample(layer, mip=1, bounds=region).bounds == region
 
 
+def test_levels_stop_where_the_voxel_offset_leaves_their_grid(tmp_path):
+    # x 4 is on the grid of factor 2 and 4, y 2 only on that of 2: one level, where memory
+    # alone would allow more; a level at floor(2 / 4) would be drawn half a voxel off
+    layer = make_layer(tmp_path / "layer", voxel_offset=(4, 2, 0))
+    plan = plan_downsample(layer)
+    assert plan.num_mips == 1 and "only 1 level(s)" in plan.describe(), plan.describe()
+    assert plan_downsample(layer, num_mips=1).offset_note == ""
+    assert_one_line_error(run_cli("downsample", layer, "--num-mips", "2", "--dry-run"),
+                          "voxel offset 4,2,0", "--num-mips 1 or fewer")
+    odd = make_layer(tmp_path / "odd", voxel_offset=(3, 0, 0))
+    assert_one_line_error(run_cli("downsample", odd, "--dry-run"), "voxel offset 3,0,0",
+                          "--voxel-offset")
+    assert not (tmp_path / "odd" / "8_8_50").exists()
+
+
 def test_downsample_bad_input(tmp_path):
     assert_one_line_error(run_cli("downsample", tmp_path / "nothing"), "no precomputed layer")
     layer = make_layer(tmp_path / "layer")

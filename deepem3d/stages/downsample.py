@@ -2,10 +2,14 @@
 
 igneous does the work (averaging for images, mode for segmentation); deepem3d adds the
 dry-run plan, the completion markers and the stage bookkeeping. Only mips above `mip` are
-written: the full-resolution data is left as it was. A sharded layer (`deepem3d segment
---sharded`) gets sharded levels from igneous's ImageShardDownsampleTask, one task per shard of
-the first new level, each shard holding about a quarter of `memory_target` before compression
-(the task reads the shard's source box, `factor` times as many voxels, and holds both).
+written: the full-resolution data is left as it was. A level is made only where the layer's
+voxel offset is a multiple of the level's total factor: igneous averages blocks that start at
+the offset, while the precomputed format places a level's voxel i at floor(offset / factor) + i,
+so a layer at offset 3 would have its level-1 voxels drawn one full-resolution voxel off.
+A sharded layer (`deepem3d segment --sharded`) gets sharded levels from igneous's
+ImageShardDownsampleTask, one task per shard of the first new level, each shard holding about
+a quarter of `memory_target` before compression (the task reads the shard's source box,
+`factor` times as many voxels, and holds both).
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class DownsamplePlan:
     new_resolutions: list = field(default_factory=list)
     #: the source is sharded: igneous's ImageShardDownsampleTask makes sharded levels
     sharded: bool = False
+    #: why there are fewer levels than memory allows, when the voxel offset limits them
+    offset_note: str = ""
 
     @property
     def output_bytes(self) -> int:
@@ -68,7 +74,7 @@ class DownsamplePlan:
             f"{self.task_count} {task}(s) of {shape} voxels at mip {self.mip}, "
             f"adding {len(self.new_resolutions)} mip level(s) by factor "
             f"{','.join(map(str, self.factor))}; about {self.memory_bytes / 2**20:.1f} MiB "
-            "per task"
+            "per task" + (f" ({self.offset_note})" if self.offset_note else "")
         )
 
 
@@ -103,7 +109,20 @@ def plan_downsample(
     viable = num_mips_from_memory_target(
         memory_target, vol.dtype, chunk, vol.num_channels, factor
     )
+    asked = num_mips
     num_mips = viable if num_mips is None else min(num_mips, viable)
+    offset = [int(v) for v in vol.meta.voxel_offset(mip)]
+    aligned = aligned_levels(offset, factor)
+    offset_note = ""
+    if num_mips > aligned:
+        why = (f"voxel offset {','.join(map(str, offset))} at mip {mip} lies on the grid of "
+               f"only {aligned} level(s) of factor {','.join(map(str, factor))}")
+        if asked is not None or aligned == 0:
+            raise InputError(f"{layer_path}: {why}, and a level off its grid is drawn shifted: "
+                             + (f"ask for --num-mips {aligned} or fewer, or " if aligned else "")
+                             + "ingest the data at an offset that is a multiple of the "
+                             "factor's powers (--voxel-offset)")
+        num_mips, offset_note = aligned, f"{why}: fewer levels"
     shape = Vec(*(int(c) * int(f) ** viable for c, f in zip(chunk, factor)))
     resolutions = downsample_scales.compute_scales(vol, mip, shape, "z", factor, None)
     resolutions = resolutions[:num_mips]
@@ -141,7 +160,19 @@ def plan_downsample(
         itemsize=int(np.dtype(vol.dtype).itemsize * vol.num_channels),
         new_resolutions=[list(r) for r in resolutions],
         sharded=sharded,
+        offset_note=offset_note,
     )
+
+
+def aligned_levels(offset, factor, most: int = 64) -> int:
+    """How many levels of `factor` keep `offset` on each level's grid: the largest k with
+    offset a multiple of factor**k on every axis (at most `most`)."""
+    levels = 0
+    while levels < most and all(
+        int(o) % (int(f) ** (levels + 1)) == 0 for o, f in zip(offset, factor)
+    ):
+        levels += 1
+    return levels
 
 
 def _shard_geometry(vol, mip: int, factor, num_mips: int, memory_target: int):
