@@ -480,13 +480,24 @@ def run_layers(paths: Sequence[str]) -> list[str]:
     return out
 
 
+#: the box, in voxels of the coarsest mip, in which the shown segments are counted: about
+#: 16 MiB of uint64 whatever the layer's size (a whole coarsest mip of a 10,000^2 x 1,000 layer
+#: downsampled 2,2,1 five times is 780 MB, read before the viewer could start)
+COUNTED_BOX = (256, 256, 32)
+
+
 def largest_segments(path: str, count: int = SHOWN_SEGMENTS) -> list[int]:
-    """The ids of the `count` largest segments, counted at the layer's coarsest mip."""
+    """The ids of the `count` largest segments, counted at the layer's coarsest mip in a box
+    of at most COUNTED_BOX at the layer's centre."""
     from cloudvolume import CloudVolume
+    from cloudvolume.lib import Bbox
 
     vol = CloudVolume(path, progress=False, fill_missing=True)
     vol.mip = max(vol.available_mips)
-    labels = np.asarray(vol[:, :, :])
+    start, size = np.asarray(vol.voxel_offset), np.asarray(vol.volume_size)
+    box = np.minimum(size, COUNTED_BOX)
+    low = start + (size - box) // 2
+    labels = np.asarray(vol[Bbox(low, low + box)])
     ids, sizes = np.unique(labels[labels > 0], return_counts=True)
     return [int(i) for i in ids[np.argsort(sizes)[::-1][:count]]]
 
@@ -647,4 +658,4 @@ def _show(neuroglancer, viewer, viewed: Sequence[ViewedLayer], layout: str | Non
                 s.layers[layer.name] = neuroglancer.ImageLayer(source=layer.source)
             if layer.kind == "image" and layer is not first:
                 s.layers[layer.name].visible = False  # a map would cover the image
-            s.layout = layout
+        s.layout = layout

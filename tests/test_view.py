@@ -25,6 +25,7 @@ import brotli  # a dependency of cloud-files
 import numpy as np
 import pytest
 
+from deepem3d import viewer
 from deepem3d.storage.layers import create_layer
 from deepem3d.storage.sharding import block_sharding
 from deepem3d.viewer import LayerFileServer, serve
@@ -187,6 +188,18 @@ def test_serve_without_browser(tmp_path):
         session.stop()
     with pytest.raises(OSError):
         request(port, "/image/info")
+
+
+def test_segmentation_alone_keeps_its_layout_and_counts_a_centre_box(tmp_path, monkeypatch):
+    _, seg = make_layers(tmp_path)
+    monkeypatch.setattr(viewer, "COUNTED_BOX", (16, 16, 4))
+    # the box [24, 40) in x and y holds blocks 1..2 of 16 voxels each way: ids 6, 7, 10, 11
+    assert sorted(viewer.largest_segments(str(seg), count=16)) == [6, 7, 10, 11]
+    session = serve([str(seg)], layout="3d")
+    try:
+        assert session.viewer.state.layout.type == "3d"
+    finally:
+        session.stop()
 
 
 def test_serve_remote_layers_as_they_are(tmp_path):
