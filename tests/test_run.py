@@ -207,6 +207,8 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["downsample.sparse", "true or false"]),
     ("not a number", {"task_shape: [64, 64, 2]": "task_shape: [.nan, 64, 2]"},
      ["inference.task_shape", "expected a list of 3 numbers"]),
+    ("a fraction of a voxel", {"task_shape: [64, 64, 2]": "task_shape: [64.5, 64, 2]"},
+     ["inference.task_shape", "whole numbers"]),
     ("past int32", {"task_shape: [64, 64, 2]": "task_shape: [64, 64, 2]\n  bounds: "
                     "[0, 0, 0, 3000000000, 64, 2]"}, ["inference.bounds", "at most"]),
     ("a negative mip", {"task_shape: [64, 64, 2]": "task_shape: [64, 64, 2]\n  mip: -1"},

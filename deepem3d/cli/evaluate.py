@@ -19,7 +19,7 @@ from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
 from deepem3d.cli.options import Bounds
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, warn
 from deepem3d.segmentation.metrics import Contingency, accumulate, contingency, scores
 from deepem3d.storage.labels import check_same_resolution, open_labels, scored_region
 from deepem3d.units import format_bounds, format_triple
@@ -48,8 +48,8 @@ def evaluate(
     information split H(seg|gt) and merge H(gt|seg) in bits. Voxels where GT is 0 are not
     scored; SEG's 0 counts as SNEMI3D's script counts it.
     """
-    seg_vol = open_labels(seg, "SEG", mip, fill_missing, warn=_warn)
-    gt_vol = open_labels(gt, "GT", mip, fill_missing, warn=_warn)
+    seg_vol = open_labels(seg, "SEG", mip, fill_missing, warn=warn)
+    gt_vol = open_labels(gt, "GT", mip, fill_missing, warn=warn)
     check_same_resolution(seg_vol, gt_vol, mip)
     bbox = scored_region(bounds, seg_vol, gt_vol, mip)
 
@@ -75,10 +75,6 @@ def evaluate(
         }))
         return
     click.echo(_describe(seg_vol, gt_vol, bbox, mip, table, result))
-
-
-def _warn(message: str) -> None:
-    click.echo(f"deepem3d: warning: {message}", err=True)
 
 
 def plan_blocks(

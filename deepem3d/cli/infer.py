@@ -12,6 +12,7 @@ from deepem3d.cli.options import (
     parallel_option,
     queue_option,
 )
+from deepem3d.errors import warn
 from deepem3d.models.sliding import TTA_CHOICES, WINDOWS, PatchGeometry
 from deepem3d.run.queues import check_queue_url
 
@@ -121,7 +122,7 @@ def infer(
         sharded=sharded,
     )
     for warning in plan.warnings:
-        click.echo(f"deepem3d: warning: {warning}", err=True)
+        warn(warning)
     click.echo(plan.describe())
     if dry_run:
         return

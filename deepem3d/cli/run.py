@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from deepem3d.cli.options import dry_run_option
+from deepem3d.errors import warn
 from deepem3d.run.queues import MIN_FILE_LEASE_SECONDS
 
 
@@ -47,7 +48,7 @@ def run(pipeline: str, output: str | None, queue: str | None, parallel: int | No
         add_local_queue(p)
         plan = plan_run(p, overwrite=overwrite, dry_run=True)
         for warning in plan.warnings:
-            click.echo(f"deepem3d: warning: {warning}", err=True)
+            warn(warning)
         for line in plan.lines:
             click.echo(line)
         for row in describe_costs(plan):

@@ -14,6 +14,7 @@ from deepem3d.cli.options import (
     parallel_option,
     queue_option,
 )
+from deepem3d.errors import warn
 from deepem3d.run.queues import check_queue_url
 
 
@@ -108,7 +109,7 @@ def segment(
         max_task_memory=max_task_memory, sharded=sharded,
     )
     for warning in plan.warnings:
-        click.echo(f"deepem3d: warning: {warning}", err=True)
+        warn(warning)
     click.echo(plan.describe())
     if dry_run:
         return

@@ -11,7 +11,7 @@ from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
 from deepem3d.cli.options import Bounds, ByteSize
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, warn
 
 
 def _floats(text: str | None, name: str) -> list[float] | None:
@@ -84,7 +84,7 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
         raise InputError(f"--sigmas {sigmas!r}: give sigmas in [0, {MAX_SIGMA:g}] voxels, "
                          "separated by commas")
     labels, box = read_ground_truth(gt, segmentation, Bbox(*bounds) if bounds else None,
-                                    warn=lambda w: click.echo(f"deepem3d: warning: {w}", err=True))
+                                    warn=warn)
     if swept is None:
         check_tune_memory(segmentation, box, max_memory)
         run = load_kept(segmentation, box)

@@ -189,6 +189,8 @@ def _triple(source: str, key: str, value, kind=int, count: int = 3) -> list:
         _fail(source, key, f"expected a list of {count} numbers, got {value!r}")
     if any(abs(v) > LARGEST_COORDINATE for v in value):
         _fail(source, key, f"{value!r}: coordinates are at most {LARGEST_COORDINATE:,}")
+    if kind is int and any(v != int(v) for v in value):
+        _fail(source, key, f"{value!r}: expected whole numbers of voxels")
     values = [kind(v) for v in value]
     if count == 3 and any(v <= 0 for v in values):
         _fail(source, key, f"{value!r} must be positive on every axis")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from cloudvolume.lib import Bbox
 
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, warn
 from deepem3d.run.pipeline import SAMPLE, Pipeline, add_local_queue
 from deepem3d.stages.frame import Stage
 from deepem3d.units import format_bounds, format_bytes
@@ -403,7 +403,7 @@ def run_pipeline(
                 break
             if not done:
                 for warning in plan.warnings:
-                    echo(f"deepem3d: warning: {warning}")
+                    warn(warning)
             for line in plan.lines:
                 if line not in shown:
                     echo(line)
