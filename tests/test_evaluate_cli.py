@@ -10,9 +10,9 @@ import pytest
 from cloudvolume import CloudVolume
 from cloudvolume.lib import Bbox
 
-from deepem3d.cli.evaluate import plan_blocks
 from deepem3d.cli.main import main
 from deepem3d.segmentation.metrics import evaluate
+from deepem3d.stages.scoring import plan_blocks
 from deepem3d.storage.layers import create_layer
 from tests.conftest import assert_one_line_error, run_cli
 

@@ -21,7 +21,7 @@ def demo(directory: str, parallel: int) -> None:
     from deepem3d.errors import InputError
     from deepem3d.picture import draw_run
     from deepem3d.run.pipeline import load_pipeline
-    from deepem3d.run.plan import REPORT, run_pipeline
+    from deepem3d.run.plan import REPORT, describe_scores, run_pipeline
 
     folder = os.path.abspath(directory)
     if os.path.isdir(folder) and os.listdir(folder) and not os.path.exists(
@@ -32,10 +32,7 @@ def demo(directory: str, parallel: int) -> None:
     report = run_pipeline(p, parallel=parallel, echo=click.echo)
     picture = os.path.join(folder, "demo.png")
     section = draw_run(report["layers"], picture, section=25)
-    b = report["evaluated_bounds"]
-    click.echo(f"\nadapted Rand error {report['adapted_rand_error']:.4f}, VOI split "
-               f"{report['voi_split']:.3f} / merge {report['voi_merge']:.3f} bits on sections "
-               f"{b[2]}..{b[5] - 1}")
+    click.echo("\n" + describe_scores(report))
     click.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stage_seconds"].items())
                + f"; this command {report['seconds']:.0f} s")
     click.echo(f"report: {folder}/{REPORT}; picture (section {section}): {picture}")

@@ -54,15 +54,12 @@ def run(pipeline: str, output: str | None, queue: str | None, parallel: int | No
         for row in describe_costs(plan):
             click.echo(row)
         return
-    from deepem3d.run.plan import REPORT, run_pipeline
+    from deepem3d.run.plan import REPORT, describe_scores, run_pipeline
 
     report = run_pipeline(p, parallel=parallel, overwrite=overwrite, echo=click.echo,
                           lease_seconds=lease_seconds)
     click.echo(f"report: {p.output}/{REPORT}")
     if "adapted_rand_error" in report:
-        b = report["evaluated_bounds"]
-        click.echo(f"adapted Rand error {report['adapted_rand_error']:.4f}, VOI split "
-                   f"{report['voi_split']:.3f} / merge {report['voi_merge']:.3f} bits "
-                   f"(sections {b[2]}..{b[5] - 1})")
+        click.echo(describe_scores(report))
     where = p.output[len("file://"):] if p.output.startswith("file://") else p.output
     click.echo(f"view the layers: deepem3d view {where}")

@@ -354,16 +354,17 @@ def check_scoring(p: Pipeline, ground_truth: str, map_bounds: Bbox) -> None:
 
 def score(p: Pipeline, layers: dict[str, str]) -> dict:
     """Adapted Rand error and VOI of the segmentation against the ground truth, over
-    `evaluated_region` (checked before the run by check_scoring), read in one piece."""
+    `evaluated_region` (checked before the run by check_scoring), as `deepem3d evaluate`
+    scores them: block by block, a missing chunk an error."""
     from cloudvolume import CloudVolume
 
-    from deepem3d.segmentation.metrics import evaluate
+    from deepem3d.stages.scoring import score_layers
 
-    seg = CloudVolume(layers["segmentation"], progress=False, fill_missing=True)
+    seg = CloudVolume(layers["segmentation"], progress=False)
     gt = CloudVolume(layers["ground_truth"], progress=False)
     region = evaluated_region(p, gt.bounds)
     x0, y0, z0, x1, y1, z1 = (int(v) for v in (*region.minpt, *region.maxpt))
-    result = evaluate(np.asarray(seg[x0:x1, y0:y1, z0:z1]), np.asarray(gt[x0:x1, y0:y1, z0:z1]))
+    _, result = score_layers(seg, gt, region, progress=False)
     return {"adapted_rand_error": result["adapted_rand_error"],
             "voi_split": result["voi_split"], "voi_merge": result["voi_merge"],
             "evaluated_bounds": [x0, y0, z0, x1, y1, z1]}
@@ -424,6 +425,14 @@ def run_pipeline(
         report.update(score(p, plan.layers))
     CloudFiles(p.output).put_json(REPORT, report, compress=None)
     return report
+
+
+def describe_scores(report: dict) -> str:
+    """The report's scores in one line, as `deepem3d run` and `deepem3d demo` print them."""
+    b = report["evaluated_bounds"]
+    return (f"adapted Rand error {report['adapted_rand_error']:.4f}, VOI split "
+            f"{report['voi_split']:.3f} / merge {report['voi_merge']:.3f} bits on sections "
+            f"{b[2]}..{b[5] - 1}")
 
 
 def _log_path(p: Pipeline) -> str | None:
