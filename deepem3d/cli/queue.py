@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from deepem3d.cli.options import Number
 from deepem3d.errors import InputError
+from deepem3d.run.queue_admin import DEAD_LETTER_SUFFIX
 from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
 
 
@@ -173,7 +174,7 @@ def status(url: str, watch: bool, poll_seconds: float) -> None:
     aside = set_aside(url)
     if aside:
         where = (f"{url[len('fq://'):]}/failed/" if url.startswith("fq://")
-                 else f"{url[len('sqs://'):]}-dead-letter")
+                 else f"{url[len('sqs://'):]}{DEAD_LETTER_SUFFIX}")
         click.echo(f"set aside: {len(aside)} (in {where})")
         for task in aside[:SHOWN_SET_ASIDE]:
             click.echo(f"  {task.task_id}  {task.stage}  {task.reason}")

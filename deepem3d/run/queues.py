@@ -169,7 +169,7 @@ def insert_tasks(url: str, tasks: Iterable) -> int:
 
 
 #: how often a runner's local workers poll an empty queue (they stay up between stages)
-LOCAL_POLL_SECONDS = 0.05
+WORKER_IDLE_POLL_SECONDS = 0.05
 
 
 def spawn_workers(url: str, count: int, lease_seconds: int = 600,
@@ -184,7 +184,7 @@ def spawn_workers(url: str, count: int, lease_seconds: int = 600,
         FileQueue(open_queue(url).api).check_locks(url)
     command = [
         sys.executable, "-m", "deepem3d", "worker", url, "--parent-pid", str(os.getpid()),
-        "--poll-seconds", str(LOCAL_POLL_SECONDS), "--lease-seconds", str(lease_seconds),
+        "--poll-seconds", str(WORKER_IDLE_POLL_SECONDS), "--lease-seconds", str(lease_seconds),
     ]
     return [subprocess.Popen(command, stderr=log_file, stdout=log_file) for _ in range(count)]
 

@@ -34,7 +34,8 @@ from deepem3d.run.queues import (
 from deepem3d.stages.frame import Stage
 
 POLL_SECONDS = 1.0  # how often a run waiting for workers elsewhere reads the markers
-LOCAL_POLL_SECONDS = 0.1  # the same with local workers (the demo's short stages: 1 s each at 1.0)
+#: the same with local workers (the demo's short stages took 1 s each at 1.0)
+LOCAL_MARKER_POLL_SECONDS = 0.1
 # A wait with nothing finished polls less and less often: x1.5 per idle poll, up to this many
 # times the first interval (1 s -> 30 s: a stage of 6e7 tasks lists its markers, 60,000 list
 # requests, a few times a minute instead of every second); a finished task resets it
@@ -120,7 +121,9 @@ class Runner:
         self.echo = echo
         self.progress = progress
         self.execute = execute
-        self.poll = (LOCAL_POLL_SECONDS if parallel else POLL_SECONDS) if poll is None else poll
+        if poll is None:
+            poll = LOCAL_MARKER_POLL_SECONDS if parallel else POLL_SECONDS
+        self.poll = poll
         self.log_path = log_path
 
     def run(self, stages: Iterable[Stage]) -> list[StageSummary]:

@@ -56,10 +56,6 @@ from deepem3d.storage.layers import cloudpath
 
 log = logging.getLogger("deepem3d.stages")
 
-#: the kinds of hardware a stage's tasks run on (queue routing, cost estimates)
-HARDWARE = ("cpu", "gpu")
-
-
 def digest(value) -> str:
     """A short, stable digest of plain JSON data (run keys, task ids)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"))

@@ -45,7 +45,6 @@ DEFAULT_THRESHOLDS = {
     "mean": (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75),
     "watershed": (0.05, 0.1, 0.15, 0.19, 0.25, 0.3),
 }
-DEFAULT_DUST_SIZES = (0, 100, 200, 400, 800)
 # What tuning holds: the segmentation's whole region graph (every block's, then merged, then
 # agglomerated per setting) and the labelled region's supervoxels, ground truth and segments.
 # Measured as peak RSS above the process before tuning (2 methods x 2 thresholds x 2 dust

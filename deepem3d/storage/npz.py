@@ -4,7 +4,6 @@ batches (one by one on file://, where CloudFiles' thread pools cost more than th
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
 
 import numpy as np
 from cloudfiles import CloudFiles
@@ -51,21 +50,6 @@ def _local(files: CloudFiles) -> bool:
     (about 0.1 s per call, measured), where a loop of plain reads or writes takes 2 ms."""
     return files.protocol == "file"
 
-
-def get_many_npz(files: CloudFiles, keys: list[str]) -> Iterable[dict[str, np.ndarray]]:
-    """npz files in the order of `keys`, fetched in parallel batches (one by one on file://)."""
-    step = 1 if _local(files) else 64
-    for start in range(0, len(keys), step):
-        batch = keys[start:start + step]
-        if step == 1:
-            fetched = {batch[0]: files.get(batch[0])}
-        else:
-            fetched = {r["path"]: r["content"] for r in files.get(batch, parallel=1)}
-        for key in batch:
-            if fetched.get(key) is None:
-                raise FileNotFoundError(f"{files.cloudpath}/{key} is missing")
-            with np.load(io.BytesIO(fetched[key]), allow_pickle=False) as npz:
-                yield {name: npz[name] for name in npz.files}
 
 
 def put_many(files: CloudFiles, items: list[dict]) -> None:
