@@ -27,6 +27,7 @@ from cloudvolume.exceptions import EmptyVolumeException
 from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
+from deepem3d.axes import zyx_from_xyz
 from deepem3d.errors import InputError
 from deepem3d.ingest import SLAB_BYTES, TIFF_SUFFIXES, split_hdf5
 from deepem3d.storage import layers
@@ -44,10 +45,12 @@ def export(
     overwrite: bool = False,
     progress: bool = True,
     slab_bytes: int = SLAB_BYTES,
+    fill_missing: bool = False,
 ) -> tuple[tuple[int, ...], np.dtype]:
     """Write `bounds` (x,y,z voxels at `mip`, end exclusive; default the whole layer) of the
-    layer to `out`; returns the array's shape (z, y, x[, c]) and dtype."""
-    vol = layers.open_layer(layer_path, mip=mip)
+    layer to `out`; returns the array's shape (z, y, x[, c]) and dtype. A missing chunk is an
+    InputError unless `fill_missing` (read as zeros)."""
+    vol = layers.open_layer(layer_path, mip=mip, fill_missing=fill_missing)
     box = Bbox(*bounds) if bounds is not None else Bbox(vol.bounds.minpt, vol.bounds.maxpt)
     if not vol.bounds.contains_bbox(box):
         raise InputError(f"--bounds {box.minpt.tolist()}..{box.maxpt.tolist()} reach outside "
@@ -81,9 +84,10 @@ def export(
                 try:
                     slab = np.asarray(vol[x0:x1, y0:y1, z0 + start:z0 + stop])
                 except EmptyVolumeException as err:
-                    raise InputError(f"{vol.cloudpath} has missing chunks ({err}): is it "
-                                     "still being written?") from None
-                slab = slab.transpose(2, 1, 0, 3)  # x,y,z,c -> z,y,x,c
+                    raise InputError(f"{vol.cloudpath} has missing chunks ({err}): finish "
+                                     "writing the layer, or pass --fill-missing to read them "
+                                     "as 0") from None
+                slab = zyx_from_xyz(slab)
                 write(start, stop, slab if channels > 1 else slab[..., 0])
                 bar.update(stop - start)
         os.replace(partial, file)

@@ -84,6 +84,11 @@ def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
                           "has missing chunks")
     assert not (tmp_path / "m.npy").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.npy", "missing", "there.npy"]
+    run_cli("export", missing, tmp_path / "m.npy", "--no-progress", "--fill-missing", check=True)
+    filled = np.load(tmp_path / "m.npy")
+    differ = filled != layers["image"]
+    assert differ.any() and not filled[differ].any()  # the missing chunk, read as zeros
+    (tmp_path / "m.npy").unlink()
     run_cli("export", paths["image"], tmp_path / "there.npy", "--overwrite", "--no-progress",
             check=True)
     np.testing.assert_array_equal(np.load(tmp_path / "there.npy"), layers["image"])

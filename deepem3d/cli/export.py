@@ -15,16 +15,19 @@ from deepem3d.cli.options import Bounds
               "(default: the whole layer).")
 @click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
               help="The mip level to read.")
+@click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros (default: "
+              "a missing chunk is an error, and nothing is written).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar on stderr.")
-def export(layer: str, out: str, bounds, mip: int, overwrite: bool, progress: bool) -> None:
+def export(layer: str, out: str, bounds: tuple | None, mip: int, fill_missing: bool,
+           overwrite: bool, progress: bool) -> None:
     """Write LAYER (an image, a map or a segmentation) to OUT for other tools: FILE.npy,
     FILE.h5[:/DATASET] (default /data) or FILE.tif (one channel). Arrays are z,y,x (maps
     z,y,x,c), in the order `deepem3d ingest` reads. OUT is complete or absent."""
     from deepem3d.export import export as export_layer
 
     shape, dtype = export_layer(layer, out, bounds=bounds, mip=mip, overwrite=overwrite,
-                                progress=progress)
+                                progress=progress, fill_missing=fill_missing)
     click.echo(f"exported {layer} -> {out}: {'x'.join(map(str, shape))} (z,y,x"
                f"{',c' if len(shape) == 4 else ''}) {dtype}")
