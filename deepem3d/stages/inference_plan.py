@@ -40,6 +40,7 @@ from deepem3d.storage.layers import (
     check_output_apart,
     cloudpath,
     info_exists,
+    layer_geometry,
     layer_holds_data,
     open_layer,
 )
@@ -544,7 +545,9 @@ def plan_inference(
 
 
 def _wanted_info(plan: InferencePlan) -> dict:
+    """The output's geometry, as layers.layer_geometry reads it."""
     return {
+        "type": "image",
         "data_type": plan.dtype,
         "num_channels": plan.channels,
         "resolution": [float(r) for r in plan.resolution],
@@ -552,24 +555,6 @@ def _wanted_info(plan: InferencePlan) -> dict:
         "size": list(plan.size),
         "chunk_size": list(plan.chunk_size),
         "sharding": plan.sharding,
-    }
-
-
-def _existing_info(path: str) -> dict | None:
-    from cloudfiles import CloudFiles
-
-    info = CloudFiles(path).get_json("info")
-    if info is None or not info.get("scales"):
-        return None
-    scale = info["scales"][0]
-    return {
-        "data_type": info.get("data_type"),
-        "num_channels": info.get("num_channels"),
-        "resolution": [float(r) for r in scale.get("resolution", [])],
-        "voxel_offset": list(scale.get("voxel_offset", [])),
-        "size": list(scale.get("size", [])),
-        "chunk_size": list(scale.get("chunk_sizes", [[]])[0]),
-        "sharding": scale.get("sharding"),
     }
 
 
@@ -589,7 +574,7 @@ def _check_output(plan: InferencePlan, overwrite: bool, keep_unchanged: bool = F
 
 
 def _resumable(plan: InferencePlan) -> bool:
-    existing = _existing_info(plan.output_path)
+    existing = layer_geometry(plan.output_path)
     wanted = _wanted_info(plan)
     if existing != wanted:
         diffs = [f"{k} {existing.get(k) if existing else None} (want {v})"

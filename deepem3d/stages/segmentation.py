@@ -57,6 +57,7 @@ from deepem3d.storage.layers import (
     cloudpath,
     create_layer,
     info_exists,
+    layer_geometry,
     layer_holds_data,
     layer_processing,
     open_layer,
@@ -495,20 +496,6 @@ def map_fingerprint(map_path: str, mip: int = 0) -> str:
     return digest({"info": info, "processing": processing})[:20]
 
 
-def _geometry(info: dict) -> dict:
-    scale = (info.get("scales") or [{}])[0]
-    return {
-        "type": info.get("type"),
-        "data_type": info.get("data_type"),
-        "num_channels": info.get("num_channels"),
-        "resolution": [float(r) for r in scale.get("resolution", [])],
-        "voxel_offset": [int(v) for v in scale.get("voxel_offset", [])],
-        "size": [int(v) for v in scale.get("size", [])],
-        "chunk_size": [int(v) for v in (scale.get("chunk_sizes") or [[]])[0]],
-        "sharding": scale.get("sharding"),
-    }
-
-
 def _manifest_key(output_path: str, stage: str) -> str | None:
     return Markers(output_path, stage).current_key()
 
@@ -635,8 +622,8 @@ def _check_map_covers(map_path: str, bounds: Bbox) -> None:
 
 
 def _layer_geometry(plan: SegmentPlan, layer_type: str) -> dict:
-    """The geometry (as `_geometry` reads it) of a layer the run writes: the map's at --mip,
-    with OUTPUT's chunk size."""
+    """The geometry (as layers.layer_geometry reads it) of a layer the run writes: the map's
+    at --mip, with OUTPUT's chunk size."""
     return {
         "type": layer_type,
         "data_type": "uint64" if layer_type == "segmentation" else "uint8",
@@ -650,9 +637,8 @@ def _layer_geometry(plan: SegmentPlan, layer_type: str) -> dict:
 def _check_geometry(path: str, wanted: dict, overwrite: bool) -> tuple[bool, bool]:
     """(differs, holds data) for the layer at `path`; an InputError for a layer of another
     geometry that holds data, without --overwrite."""
-    info = CloudFiles(path).get_json("info") if info_exists(path) else None
-    existing = _geometry(info) if info else None
-    holds = info is not None and layer_holds_data(path)
+    existing = layer_geometry(path) if info_exists(path) else None
+    holds = existing is not None and layer_holds_data(path)
     differs = existing is not None and existing != wanted
     if differs and holds and not overwrite:
         diffs = "; ".join(f"{k} {existing.get(k)} (want {v})"

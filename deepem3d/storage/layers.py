@@ -154,6 +154,26 @@ def layer_holds_data(path: str) -> bool:
     return False
 
 
+def layer_geometry(path: str) -> dict | None:
+    """What a stage compares before it resumes a layer or refuses it: the info's type, dtype,
+    channels and first scale (resolution, voxel offset, size, chunk size, sharding); None
+    where there is no info or it has no scale."""
+    info = CloudFiles(cloudpath(path)).get_json("info")
+    if not isinstance(info, dict) or not info.get("scales"):
+        return None
+    scale = info["scales"][0]
+    return {
+        "type": info.get("type"),
+        "data_type": info.get("data_type"),
+        "num_channels": info.get("num_channels"),
+        "resolution": [float(r) for r in scale.get("resolution", [])],
+        "voxel_offset": [int(v) for v in scale.get("voxel_offset", [])],
+        "size": [int(v) for v in scale.get("size", [])],
+        "chunk_size": [int(v) for v in (scale.get("chunk_sizes") or [[]])[0]],
+        "sharding": scale.get("sharding"),
+    }
+
+
 def check_empty(path: str, overwrite: bool) -> None:
     """InputError for a layer that already holds data, unless `overwrite` (which lets the
     caller replace it)."""
