@@ -47,10 +47,12 @@ def run_cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit status 2, a single line on stderr, no traceback, naming the problem."""
+    """Exit status 2, a single `deepem3d: error: ` line on stderr, no traceback, naming the
+    problem."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("deepem3d: error: "), lines[0]
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

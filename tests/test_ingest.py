@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 
 import h5py
 import numpy as np
@@ -16,6 +15,7 @@ from deepem3d import ingest as ingest_module
 from deepem3d.errors import InputError
 from deepem3d.ingest import ingest, natural_key, open_source, slab_ranges, split_hdf5
 from deepem3d.storage.layers import open_layer
+from tests.conftest import assert_one_line_error, run_cli
 
 SHAPE_ZYX = (7, 33, 50)  # non-cubic: any transposition shows
 
@@ -69,11 +69,8 @@ def write_tiff_dir(tmp_path, data, name="slices"):
     return str(folder)
 
 
-def cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "deepem3d", "ingest", *map(str, args)],
-        capture_output=True, text=True,
-    )
+def cli(*args) -> subprocess.CompletedProcess:
+    return run_cli("ingest", *args)
 
 
 # --- round trips -----------------------------------------------------------------------------
@@ -312,16 +309,6 @@ def test_image_dtype_refused(tmp_path):
 
 
 # --- the command -----------------------------------------------------------------------------
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("deepem3d: error: ")
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_cli_ingest_and_overwrite(tmp_path):
