@@ -31,6 +31,7 @@ from cloudvolume import CloudVolume
 from taskqueue import TaskQueue
 
 from deepem3d.axes import xyz_from_zyx
+from deepem3d.errors import InputError
 from deepem3d.models.checkpoint import resolve_model
 from deepem3d.sample import load_sample
 from deepem3d.stages.frame import Markers
@@ -192,6 +193,46 @@ def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path
     assert "deleted work and work-dead-letter" in run_cli(
         "queue", "delete", "sqs://work", "--yes", check=True).stdout
     assert_one_line_error(run_cli("queue", "delete", "sqs://work", "--yes"), "no such SQS")
+
+
+def test_a_run_on_sqs_stops_on_its_task_in_the_dead_letter_queue(tmp_path, moto_endpoint,
+                                                                  monkeypatch):
+    """A task SQS's redrive moves to the dead-letter queue never gets its marker: the runner
+    waiting on the stage finds it there and stops in one line, instead of waiting for ever;
+    an entry from before the wait (an earlier run's) does not stop it."""
+    from deepem3d.run import runner as runner_module
+    from deepem3d.run.runner import Runner
+    from deepem3d.stages.frame import Stage
+
+    run_cli("queue", "create", "sqs://stuck", "--max-attempts", "2", "--visibility-seconds",
+            "60", check=True)
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint)
+    dead = sqs.get_queue_url(QueueName="stuck-dead-letter")["QueueUrl"]
+    layer = f"file://{tmp_path / 'layer'}"
+    old = {"payload": [["tests.queue_helpers", "FailsInFrame"], [], {"message": "old", "run": {
+        "layer": layer, "stage": "broken", "id": "t1", "key": "k0"}}, None]}
+    sqs.send_message(QueueUrl=dead, MessageBody=json.dumps(old))  # an earlier run's
+    stage = Stage(name="broken", layer=layer, key="k1", parameters={}, task_count=1,
+                  memory_bytes=0, make_tasks=lambda: iter(
+                      [("t1", partial(FailsInFrame, message="bug"))]))
+    monkeypatch.setattr(runner_module, "DEAD_LETTER_CHECK_SECONDS", 0.5)
+    monkeypatch.setattr(runner_module, "SENT_CLOCK_MARGIN_MS", 0)  # one clock here
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "deepem3d", "worker", "sqs://stuck", "--import",
+         "tests.queue_helpers", "--lease-seconds", "1", "--poll-seconds", "0.2"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        runner = Runner(lambda s: "sqs://stuck", progress=False, poll=0.2, echo=lambda _: None)
+        started = time.time()
+        with pytest.raises(InputError) as raised:
+            runner.run([stage])
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    message = str(raised.value)
+    assert "task t1 was set aside in sqs://stuck-dead-letter" in message, message
+    assert "RuntimeError: bug" in message and "\n" not in message, message
+    assert time.time() - started < 60
 
 
 def test_a_queues_redrive_limit_is_the_workers_limit(tmp_path, moto_endpoint):

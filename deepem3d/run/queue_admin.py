@@ -109,6 +109,11 @@ class SetAside:
     task_id: str
     stage: str  # LAYER/STAGE of a frame task, "-" for others
     reason: str
+    #: when the message was sent (SQS, ms since the epoch; a worker's set-aside is a new
+    #: message, a redrive keeps the time the runner sent it), None on a file queue
+    sent_ms: int | None = None
+    #: a frame task's id in its stage (what its completion marker is named by)
+    run_id: str | None = None
 
 
 def _joined(task_id: str, text: str, reason: str) -> SetAside:
@@ -127,12 +132,13 @@ def _joined(task_id: str, text: str, reason: str) -> SetAside:
         record = None
     if record:
         reason = f"{record.get('error')} (attempt {record.get('attempt')} on {record.get('host')})"
-    return SetAside(task_id, stage_label(run), reason or "no reason recorded")
+    return SetAside(task_id, stage_label(run), reason or "no reason recorded",
+                    run_id=str(run.get("id")))
 
 
 def set_aside(url: str) -> list[SetAside]:
-    """The tasks in DIR/failed/ of an fq:// queue, or (a look that leaves them there) in the
-    dead-letter queue of an sqs:// one."""
+    """The tasks in DIR/failed/ of an fq:// queue, or (a look that leaves them there, up to
+    PEEK_BATCHES x 10 of them) in the dead-letter queue of an sqs:// one."""
     if url.startswith("sqs://"):
         return _dead_letters(url[len("sqs://"):])
     folder = os.path.join(url[len("fq://"):], "failed")
@@ -159,7 +165,7 @@ def _dead_letters(name: str) -> list[SetAside]:
     for _ in range(PEEK_BATCHES):
         reply = sqs_call("reading the dead-letter queue", sqs.receive_message, QueueUrl=dead,
                          MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0,
-                         MessageAttributeNames=["All"])
+                         MessageAttributeNames=["All"], AttributeNames=["SentTimestamp"])
         messages = reply.get("Messages", [])
         if not messages or all(m["MessageId"] in seen for m in messages):
             break
@@ -168,5 +174,8 @@ def _dead_letters(name: str) -> list[SetAside]:
             attributes = message.get("MessageAttributes", {})
             reason = attributes.get("error", {}).get("StringValue", "in the dead-letter queue")
             task_id = attributes.get("task", {}).get("StringValue", message["MessageId"])
-            seen[message["MessageId"]] = _joined(task_id, message["Body"], reason)
+            found_one = _joined(task_id, message["Body"], reason)
+            sent = message.get("Attributes", {}).get("SentTimestamp")
+            found_one.sent_ms = int(sent) if sent is not None else None
+            seen[message["MessageId"]] = found_one
     return sorted(seen.values(), key=lambda s: s.task_id)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, warn
 from deepem3d.run.queues import (
     check_queue,
     check_queue_url,
@@ -31,7 +31,7 @@ from deepem3d.run.queues import (
     open_queue,
     spawn_workers,
 )
-from deepem3d.stages.frame import Stage
+from deepem3d.stages.frame import Stage, stage_label
 
 POLL_SECONDS = 1.0  # how often a run waiting for workers elsewhere reads the markers
 #: the same with local workers (the demo's short stages took 1 s each at 1.0)
@@ -45,10 +45,50 @@ POLL_BACKOFF = 30
 # its retention (4 days by default) and planning streams rather than holds them
 WAVE_TASKS = 1_000_000
 LOG_TAIL = 20  # lines of the workers' log shown when a stage fails
+#: how often a run waiting on an SQS queue looks into its dead-letter queue for this stage's
+#: tasks (a task set aside there never gets its marker: without the look the run would wait
+#: for ever); a look is a list and at most PEEK_BATCHES receives
+DEAD_LETTER_CHECK_SECONDS = 30
+SENT_CLOCK_MARGIN_MS = 2000
 MAX_RESTARTS = 3  # per local worker and run: more deaths than that stop the run
 
 Route = Callable[[Stage], str]
 Execute = Callable[[Stage, Iterator], int]
+
+
+class _DeadLetterWatch:
+    """On an sqs:// queue, every DEAD_LETTER_CHECK_SECONDS: an InputError naming a task of the
+    stage that is still unfinished and was sent since this run sent the stage's tasks (older
+    entries are earlier runs', whose tasks this run has sent again)."""
+
+    def __init__(self, url: str, stage: Stage, since_ms: int):
+        self.url, self.label, self.since_ms = url, stage.label, since_ms
+        self.set_aside_as = stage_label({"layer": stage.layer, "stage": stage.name})
+        self.next_look = time.monotonic() + DEAD_LETTER_CHECK_SECONDS
+        self.blind = not url.startswith("sqs://")
+
+    def check(self, remaining: Iterable[str]) -> None:
+        if self.blind or time.monotonic() < self.next_look:
+            return
+        from deepem3d.run.queue_admin import DEAD_LETTER_SUFFIX, set_aside
+
+        self.next_look = time.monotonic() + DEAD_LETTER_CHECK_SECONDS
+        try:
+            found = set_aside(self.url)
+        except InputError as err:  # no right to look: say so once, and wait as before
+            self.blind = True
+            warn(f"cannot read the dead-letter queue ({err}): a task set aside there would "
+                 "leave this run waiting")
+            return
+        unfinished = set(remaining)
+        for entry in found:
+            if (entry.stage == self.set_aside_as and entry.run_id in unfinished
+                    and (entry.sent_ms or 0) >= self.since_ms):
+                raise InputError(
+                    f"stage {self.label}: task {entry.run_id} was set aside in "
+                    f"{self.url}{DEAD_LETTER_SUFFIX}: {entry.reason}; fix the cause and run "
+                    "the same command again (finished stages are kept; it sends the "
+                    "unfinished tasks again)")
 
 
 @dataclass
@@ -228,6 +268,7 @@ class Runner:
         remaining = markers.task_ids()  # read once; then only the unfinished are followed
         total = len(remaining)
         queue = open_queue(url) if url.startswith("fq://") else None
+        dead_letters = _DeadLetterWatch(url, stage, wave.started_ms)
         poll = self.poll
         with tqdm(total=total, desc=stage.label, disable=None if self.progress else True,
                   file=sys.stderr, leave=False) as bar:
@@ -246,6 +287,7 @@ class Runner:
                     raise InputError(f"stage {stage.label}: task {task_id} failed: {message}")
                 if procs is not None:
                     self._replace_dead(stage, url, procs, log_path)
+                dead_letters.check(remaining)
                 if queue is not None and queue.enqueued == 0:
                     wave.top_up(len(remaining), empty=True)
                     remaining = markers.unfinished(remaining, total)  # marked, then left
@@ -302,6 +344,9 @@ class _Wave:
         self._unfinished = unfinished
         self.inserted = 0
         self.exhausted = False
+        #: when the first task was sent (ms since the epoch, less SENT_CLOCK_MARGIN_MS for
+        #: the queue's clock against this machine's)
+        self.started_ms = int(time.time() * 1000) - SENT_CLOCK_MARGIN_MS
         self.top_up(unfinished)
 
     def top_up(self, unfinished: int, *, empty: bool = False) -> None:
