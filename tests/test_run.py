@@ -20,13 +20,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cloudfiles import CloudFiles
+from cloudvolume import CloudVolume
 from cloudvolume.lib import Bbox
 from taskqueue.queueables import totask
 
 from deepem3d.axes import xyz_from_zyx
 from deepem3d.sample import load_sample
 from deepem3d.stages.downsample import downsample_stage, plan_downsample
-from deepem3d.stages.frame import payload_of
+from deepem3d.stages.frame import Markers, payload_of
 from deepem3d.stages.inference import inference_stage
 from deepem3d.stages.inference_plan import plan_inference
 from deepem3d.stages.segmentation import plan_segment, segment_stages
@@ -332,19 +333,24 @@ def test_a_bad_queue_or_a_binary_file_is_one_line_before_anything_is_written(
 
 def test_a_run_that_infers_part_of_the_image_segments_and_scores_that_part(
         tmp_path, crop_layers):
-    """Bounds given for inference alone are the segmentation's and the score's too: without
-    them the segmentation was refused after inference ran, and a score covered unsegmented
-    voxels."""
+    """Bounds given for inference alone are the segmentation's, the score's and the
+    downsampling's too: without them the segmentation was refused after inference ran, a
+    score covered unsegmented voxels, and the downsampling read chunks never written."""
     output = tmp_path / "out"
     pipeline = pipeline_file(tmp_path, crop_layers, output, **{
-        "products: [map, segmentation, downsample, meshes]": "products: [map, segmentation]",
-        "downsample:\n  layers: [segmentation]\nmeshes:\n  mip: 1\n": "",
+        "products: [map, segmentation, downsample, meshes]":
+            "products: [map, segmentation, downsample]",
+        "downsample:\n  layers: [segmentation]\nmeshes:\n  mip: 1\n":
+            "downsample:\n  layers: [segmentation]\n",
         "task_shape: [64, 64, 2]": "task_shape: [64, 64, 2]\n  bounds: [0, 0, 0, 64, 64, 4]",
         "  bounds: [0, 0, 6, 128, 128, 10]\n": ""})
     run_cli("run", pipeline, "--parallel", "1", check=True)
     report = json.loads((output / "report.json").read_text())
     assert report["evaluated_bounds"] == [0, 0, 0, 64, 64, 4]
     assert 0 <= report["adapted_rand_error"] < 1
+    assert Markers(f"file://{output / 'segmentation'}", "downsample-mip0").is_complete()
+    seg = CloudVolume(f"file://{output / 'segmentation'}", mip=1)
+    assert np.asarray(seg[0:32, 0:32, 0:4]).any()
 
 
 def test_the_scored_region_is_the_ground_truth_within_the_segmentation(tmp_path, crop_layers):

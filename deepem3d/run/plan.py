@@ -143,6 +143,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
         routes[stage.label] = p.route(section, stage.memory_bytes)
 
     map_path = p.map
+    written: dict[str, Bbox] = {}  # the region of each layer this run writes
     inference_key = ""
     settings = None
     map_ready = True
@@ -172,6 +173,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
         stage = inference_stage(iplan, overwrite="inference" in overwrite)
         add(stage, "inference")
         inference_key = stage.key
+        written["map"] = iplan.bounds
         map_path = p.layer("map")
         layers["map"] = map_path
         settings = iplan.segmentation
@@ -217,6 +219,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
                     else splan.map_path, p.layer("segmentation")
             plan.lines.append(splan.describe())
             plan.warnings += splan.warnings
+            written["segmentation"] = splan.bounds
             seg_stages = segment_stages(splan, needs=("inference",) if inference_key else ())
             for stage in seg_stages:
                 add(stage, "segmentation")
@@ -235,17 +238,20 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
                 path = (map_path if name == "map"
                         else layers_for_downsample["segmentation"])
             try:
-                dplan = plan_downsample(
+                dplan = plan_downsample(  # of a layer the run writes, what it wrote
                     path, num_mips=down.get("num_mips"), factor=down.get("factor"),
-                    memory_target=down.get("memory", MEMORY_TARGET))
+                    memory_target=down.get("memory", MEMORY_TARGET), bounds=written.get(name))
             except InputError as err:
                 raise _in_key(p.source, "downsample", err) from None
             plan.lines.append(f"downsample {name}: {dplan.describe()}")
+            # igneous's tasks read whole task boxes from the region's start: beyond a part
+            # the run wrote they meet chunks never written, which are zeros
+            partial = name in written and written[name] != open_layer(path).bounds
             dplan.layer_path = layers[name]
             source = next((s.key for s in stages if s.layer == dplan.layer_path
                            and s.name in ("inference", "remap")), "")
             add(downsample_stage(dplan, source_key=source, label=f"downsample {name}",
-                                 fill_missing=down.get("fill_missing", False),
+                                 fill_missing=down.get("fill_missing", False) or partial,
                                  sparse=down.get("sparse", False),
                                  needs=("remap",) if name == "segmentation" else ()),
                 "downsample")
