@@ -153,6 +153,8 @@ def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path
     redrive = json.loads(attributes["RedrivePolicy"])
     assert redrive["deadLetterTargetArn"].endswith(":work-dead-letter")
     assert int(redrive["maxReceiveCount"]) == 2
+    assert_one_line_error(run_cli("queue", "create", "sqs://work", "--max-attempts", "3",
+                                  "--visibility-seconds", "60"), "exists with other settings")
 
     layer = f"file://{tmp_path / 'layer'}"
     Markers(layer, "broken").start_run("k1", {}, ["t1"])
@@ -476,7 +478,7 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
         assert time.time() - started < 30, args
 
     quick("worker", "sqs://nope", fragments=["sqs://nope", "no such SQS queue"])
-    quick("queue", "status", "sqs://nope", fragments=["no such SQS queue"])
+    quick("queue", "status", "sqs://nope", fragments=["no such SQS queue in region us-east-1"])
     quick(*ingest, "s3://no-such-bucket/image", fragments=["s3://no-such-bucket",
                                                            "no such bucket"])
     quick("downsample", "s3://no-such-bucket/image", fragments=["no such bucket"])
@@ -485,6 +487,11 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     run_cli("ingest", tmp_path / "wide.npy", local, "--resolution", "4,4,40", check=True)
     quick("downsample", local, "--queue", "sqs://nope", fragments=["no such SQS queue"])
     assert not (local / "8_8_40").exists() and "8_8_40" not in (local / "info").read_text()
+    pipeline = tmp_path / "misspelt.yaml"  # --dry-run checks the queues too, naming the key
+    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'out'}\nimage: {local}\n"
+                        "products: [map]\ninference:\n  model: isbi2012-small-affinity\n"
+                        "queues:\n  default: sqs://deepem3d-defualt\n")
+    quick("run", pipeline, "--dry-run", fragments=["queues.default", "no such SQS queue"])
 
     closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", closed)

@@ -643,3 +643,14 @@ def test_the_mip_at_the_models_resolution_is_read_without_mip(setup, crop, tmp_p
     with pytest.raises(InputError, match="use --mip 1"):
         plan_inference(path, f"file://{tmp_path / 'map2'}", models=[setup["ckpt"]],
                        patch=GEOMETRY, bounds=Bbox((0, 0, 0), (64, 64, 4)))
+
+
+def test_a_worker_matches_the_runs_torch_release_whatever_its_build():
+    """A run planned on a CPU build for GPU workers is taken by their CUDA build of the same
+    release; another release refuses it in one line."""
+    from deepem3d.stages.model_refs import check_worker, torch_release
+
+    check_worker("cpu", torch_release())
+    check_worker("cpu", f"{torch_release()}+cu128")
+    with pytest.raises(InputError, match="not of the class the inference run was made for"):
+        check_worker("cpu", "1.0.0+cpu")

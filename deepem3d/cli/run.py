@@ -43,9 +43,10 @@ def run(pipeline: str, output: str | None, queue: str | None, parallel: int | No
     p = load_pipeline(pipeline, output=output, queue=queue)
     if dry_run:
         from deepem3d.run.pipeline import add_local_queue
-        from deepem3d.run.plan import describe_costs, plan_run
+        from deepem3d.run.plan import check_queues, describe_costs, plan_run
 
         add_local_queue(p)
+        check_queues(p)
         plan = plan_run(p, overwrite=overwrite, dry_run=True)
         for warning in plan.warnings:
             warn(warning)

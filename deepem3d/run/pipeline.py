@@ -310,8 +310,13 @@ def _check_products(p: Pipeline) -> None:
               "keep one")
     layers = p.downsample.get("layers")
     if "downsample" in p.products:
-        if layers is None:
-            layers = ["image"] + (["segmentation"] if "segmentation" in p.products else [])
+        if layers is None:  # the layers under the output root: an input is named, not assumed
+            layers = (["image"] if p.image == SAMPLE else []) + (
+                ["segmentation"] if "segmentation" in p.products else [])
+            if not layers:
+                _fail(p.source, "downsample.layers", "name the layers to downsample (the "
+                      "image lies outside the output root: `layers: [image]` adds its mip "
+                      "levels in place)")
         if not isinstance(layers, list) or not layers:
             _fail(p.source, "downsample.layers", "expected a list of layer names")
         for name in layers:

@@ -388,10 +388,7 @@ def run_pipeline(
 
     if add_local_queue(p):
         parallel = parallel or 1  # nobody else would drain a queue the file does not name
-    from deepem3d.run.queues import check_queue
-
-    for queue in p.queues.values():  # before the sample or any layer is written
-        check_queue(queue.url)
+    check_queues(p)  # before the sample or any layer is written
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     routes: dict[str, str] = {}
@@ -431,6 +428,18 @@ def run_pipeline(
         report.update(score(p, plan.layers))
     CloudFiles(p.output).put_json(REPORT, report, compress=None)
     return report
+
+
+def check_queues(p: Pipeline) -> None:
+    """Each queue the file names exists and answers (an SQS lookup); a one-line InputError
+    that names its key otherwise."""
+    from deepem3d.run.queues import check_queue
+
+    for name, queue in p.queues.items():
+        try:
+            check_queue(queue.url)
+        except InputError as err:
+            raise InputError(f"{p.source}: queues.{name}: {err}") from None
 
 
 def describe_scores(report: dict) -> str:

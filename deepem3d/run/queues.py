@@ -97,9 +97,16 @@ def sqs_call(what: str, fn, **kwargs):
     except ClientError as err:
         error = err.response.get("Error", {})
         code = str(error.get("Code"))
+        region = getattr(getattr(getattr(fn, "__self__", None), "meta", None), "region_name",
+                         None)
         if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
-            raise InputError(f"{what}: no such SQS queue (create it with `deepem3d queue "
-                             "create`)") from None
+            raise InputError(f"{what}: no such SQS queue in region {region} (check "
+                             "AWS_DEFAULT_REGION, or create it with `deepem3d queue create`)"
+                             ) from None
+        if "QueueAlreadyExists" in code or "QueueNameExists" in code:
+            raise InputError(f"{what}: the queue exists with other settings: keep it, or "
+                             "`deepem3d queue delete` it first (its messages go with it)"
+                             ) from None
         raise InputError(f"{what}: {code}: {error.get('Message')}") from None
     except NoCredentialsError:
         raise InputError(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "

@@ -46,6 +46,7 @@ from deepem3d.stages.model_refs import (
     device_class,
     device_label,
     resolve_device,
+    torch_release,
 )
 from deepem3d.storage.layers import create_layer, write_block
 
@@ -283,10 +284,9 @@ def count_macs(config: dict, size: int) -> int:
 
 def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
     """The inference stage of a plan: one InferenceTask per output block."""
-    import torch
 
     device = device_class(plan.device)
-    torch_version = torch.__version__
+    torch_version = torch_release()
     # the blocks are part of the run: a run over wider bounds is another run
     key = digest({**plan.values(), "device": device, "torch": torch_version,
                   "threads": plan.threads, "amp": plan.amp, "task_shape": list(plan.task_shape),

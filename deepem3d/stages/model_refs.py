@@ -121,12 +121,22 @@ def device_class(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def torch_release() -> str:
+    """This torch's release, without its build tag ("2.13.0" of "2.13.0+cu128"): what a run
+    records and its workers must match. The tag names the build (CPU, a CUDA version), which
+    the device class already separates, and a run planned on a laptop's CPU build for GPU
+    workers (`device: cuda`) must be taken by their CUDA build of the same release."""
+    import torch
+
+    return str(torch.__version__).split("+", 1)[0]
+
+
 def check_worker(device: str, torch_version: str) -> None:
-    """InputError unless this worker is of the class and torch version the run was made for."""
+    """InputError unless this worker is of the class and torch release the run was made for."""
     import torch
 
     here = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and here != "cuda" or torch.__version__ != torch_version:
+    if device == "cuda" and here != "cuda" or torch_release() != torch_version.split("+")[0]:
         raise InputError(f"this worker ({here}, torch {torch.__version__}) is not of the class "
                          f"the inference run was made for ({device}, torch {torch_version}): "
                          "route the inference stage to such workers, or plan the run again "
