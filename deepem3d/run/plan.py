@@ -5,8 +5,10 @@ shapes) and then into stages in order: inference (image -> map), the segmentatio
 downsampling, meshes, skeletons. `run_pipeline` runs them with the runner and writes
 `OUTPUT/report.json`:
 
-    {"stage_seconds": {stage: seconds}, "layers": {name: path},
-     "adapted_rand_error": ..., "voi_split": ..., "voi_merge": ...   (with ground truth)}
+    {"stage_seconds": {stage: seconds}, "seconds": this command's, "layers": {name: path},
+     "pipeline": the file,
+     "adapted_rand_error": ..., "voi_split": ..., "voi_merge": ...,
+     "evaluated_bounds": [x0, y0, z0, x1, y1, z1]                    (with ground truth)}
 """
 
 from __future__ import annotations
