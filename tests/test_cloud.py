@@ -487,11 +487,15 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     run_cli("ingest", tmp_path / "wide.npy", local, "--resolution", "4,4,40", check=True)
     quick("downsample", local, "--queue", "sqs://nope", fragments=["no such SQS queue"])
     assert not (local / "8_8_40").exists() and "8_8_40" not in (local / "info").read_text()
-    pipeline = tmp_path / "misspelt.yaml"  # --dry-run checks the queues too, naming the key
-    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'out'}\nimage: {local}\n"
+    pipeline = tmp_path / "misspelt.yaml"  # named by its key; a dry run (which may size the
+    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'out'}\nimage: {local}\n"  # pools
                         "products: [map]\ninference:\n  model: isbi2012-small-affinity\n"
-                        "queues:\n  default: sqs://deepem3d-defualt\n")
-    quick("run", pipeline, "--dry-run", fragments=["queues.default", "no such SQS queue"])
+                        "  force: true\n"
+                        "queues:\n  default: sqs://deepem3d-defualt\n")  # first) warns
+    quick("run", pipeline, fragments=["queues.default", "no such SQS queue"])
+    assert not (tmp_path / "out").exists()
+    dry = run_cli("run", pipeline, "--dry-run", check=True)
+    assert "deepem3d: warning:" in dry.stderr and "queues.default" in dry.stderr, dry.stderr
 
     closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", closed)

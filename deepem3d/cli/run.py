@@ -46,7 +46,7 @@ def run(pipeline: str, output: str | None, queue: str | None, parallel: int | No
         from deepem3d.run.plan import check_queues, describe_costs, plan_run
 
         add_local_queue(p)
-        check_queues(p)
+        check_queues(p, warn_only=True)
         plan = plan_run(p, overwrite=overwrite, dry_run=True)
         for warning in plan.warnings:
             warn(warning)

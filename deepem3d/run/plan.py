@@ -372,7 +372,9 @@ def score(p: Pipeline, layers: dict[str, str]) -> dict:
     gt = CloudVolume(layers["ground_truth"], progress=False)
     region = evaluated_region(p, gt.bounds)
     x0, y0, z0, x1, y1, z1 = (int(v) for v in (*region.minpt, *region.maxpt))
-    _, result = score_layers(seg, gt, region, progress=False)
+    _, result = score_layers(seg, gt, region, progress=False, missing_hint=(
+        "its tasks are marked done: was a chunk deleted? run the same command with "
+        "--overwrite to write it again"))
     return {"adapted_rand_error": result["adapted_rand_error"],
             "voi_split": result["voi_split"], "voi_merge": result["voi_merge"],
             "evaluated_bounds": [x0, y0, z0, x1, y1, z1]}
@@ -432,16 +434,19 @@ def run_pipeline(
     return report
 
 
-def check_queues(p: Pipeline) -> None:
+def check_queues(p: Pipeline, *, warn_only: bool = False) -> None:
     """Each queue the file names exists and answers (an SQS lookup); a one-line InputError
-    that names its key otherwise."""
+    that names its key otherwise (with `warn_only`, as for a dry run that sizes the queues'
+    pools before they are made, a warning)."""
     from deepem3d.run.queues import check_queue
 
     for name, queue in p.queues.items():
         try:
             check_queue(queue.url)
         except InputError as err:
-            raise InputError(f"{p.source}: queues.{name}: {err}") from None
+            if not warn_only:
+                raise InputError(f"{p.source}: queues.{name}: {err}") from None
+            warn(f"{p.source}: queues.{name}: {err}")
 
 
 def describe_scores(report: dict) -> str:

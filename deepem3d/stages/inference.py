@@ -38,7 +38,7 @@ from deepem3d.models.sliding import (
     quantize,
 )
 from deepem3d.stages.blocks import block_id, bounds_list
-from deepem3d.stages.frame import Stage, digest, stage_task
+from deepem3d.stages.frame import Markers, Stage, digest, stage_task
 from deepem3d.stages.inference_plan import STAGE, InferencePlan
 from deepem3d.stages.model_refs import (
     cached_predictor,
@@ -285,13 +285,24 @@ def count_macs(config: dict, size: int) -> int:
 def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
     """The inference stage of a plan: one InferenceTask per output block."""
 
+    import torch
+
     device = device_class(plan.device)
     torch_version = torch_release()
-    # the blocks are part of the run: a run over wider bounds is another run
-    key = digest({**plan.values(), "device": device, "torch": torch_version,
-                  "threads": plan.threads, "amp": plan.amp, "task_shape": list(plan.task_shape),
-                  "bounds": bounds_list(plan.bounds),
-                  "blocks": [bounds_list(plan.blocks[0]), len(plan.blocks)]})
+
+    def run_key(torch_version: str) -> str:
+        # the blocks are part of the run: a run over wider bounds is another run
+        return digest({**plan.values(), "device": device, "torch": torch_version,
+                       "threads": plan.threads, "amp": plan.amp,
+                       "task_shape": list(plan.task_shape), "bounds": bounds_list(plan.bounds),
+                       "blocks": [bounds_list(plan.blocks[0]), len(plan.blocks)]})
+
+    key = run_key(torch_version)
+    # a run planned before runs recorded the release alone holds the full version in its key:
+    # it is the same run, resumed, not another
+    legacy = run_key(str(torch.__version__))
+    if legacy != key and Markers(plan.output_path, "inference").current_key() == legacy:
+        key = legacy
     common = dict(
         image_path=plan.image_path, output_path=plan.output_path,
         models=[m.to_json() for m in plan.models], mip=plan.mip, tta=plan.tta,

@@ -26,12 +26,18 @@ from deepem3d.units import format_bounds
 MAX_BLOCK_VOXELS = 2**24
 
 
+#: what a missing chunk's error tells `deepem3d evaluate`'s user to do
+MISSING_HINT = "finish writing the layer, or pass --fill-missing to read them as 0"
+
+
 def score_layers(seg_vol: CloudVolume, gt_vol: CloudVolume, bbox: Bbox,
-                 progress: bool = True) -> tuple[Contingency, dict[str, float]]:
+                 progress: bool = True, missing_hint: str = MISSING_HINT
+                 ) -> tuple[Contingency, dict[str, float]]:
     """The contingency table over `bbox` and its scores (metrics.scores); an InputError when
-    GT is 0 everywhere there, or a chunk is missing in a layer opened without fill_missing."""
+    GT is 0 everywhere there, or a chunk is missing in a layer opened without fill_missing
+    (ending with `missing_hint`)."""
     blocks = plan_blocks(bbox, gt_vol.chunk_size, gt_vol.voxel_offset, MAX_BLOCK_VOXELS)
-    table = read_table(seg_vol, gt_vol, blocks, progress)
+    table = read_table(seg_vol, gt_vol, blocks, progress, missing_hint)
     if table.labelled_voxels == 0:
         raise InputError(
             f"GT is 0 everywhere in {format_bounds(bbox)}: nothing to score; pick --bounds "
@@ -76,7 +82,7 @@ def _pairs(cuts: list[int]) -> list[tuple[int, int]]:
 
 
 def read_table(seg_vol: CloudVolume, gt_vol: CloudVolume, blocks: list[Bbox],
-               progress: bool = True) -> Contingency:
+               progress: bool = True, missing_hint: str = MISSING_HINT) -> Contingency:
     """Accumulate the contingency table block by block, merging in batches (amortised sort)."""
     table = Contingency.empty()
     pending: list[Contingency] = []
@@ -87,8 +93,8 @@ def read_table(seg_vol: CloudVolume, gt_vol: CloudVolume, blocks: list[Bbox],
                disable=None if progress else True)
     try:
         for block in blocks:
-            seg_block = _download(seg_vol, "SEG", block)
-            gt_block = _download(gt_vol, "GT", block)
+            seg_block = _download(seg_vol, "SEG", block, missing_hint)
+            gt_block = _download(gt_vol, "GT", block, missing_hint)
             pending.append(contingency(seg_block, gt_block))
             pending_size += pending[-1].counts.size
             if pending_size >= max(table.counts.size, 2**20):
@@ -103,11 +109,11 @@ def read_table(seg_vol: CloudVolume, gt_vol: CloudVolume, blocks: list[Bbox],
     return accumulate([table, *pending])
 
 
-def _download(vol: CloudVolume, name: str, block: Bbox) -> np.ndarray:
+def _download(vol: CloudVolume, name: str, block: Bbox, missing_hint: str) -> np.ndarray:
     try:
         return np.asarray(vol[block.to_slices()])[..., 0]
     except EmptyVolumeException:
         raise InputError(
-            f"{name} {vol.cloudpath} has missing chunks in {format_bounds(block)}: finish "
-            "writing the layer, or pass --fill-missing to read them as 0"
+            f"{name} {vol.cloudpath} has missing chunks in {format_bounds(block)}: "
+            f"{missing_hint}"
         ) from None
