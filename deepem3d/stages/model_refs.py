@@ -128,7 +128,12 @@ def torch_release() -> str:
     workers (`device: cuda`) must be taken by their CUDA build of the same release."""
     import torch
 
-    return str(torch.__version__).split("+", 1)[0]
+    return release_of(str(torch.__version__))
+
+
+def release_of(version: str) -> str:
+    """A torch version without its build tag: "2.13.0" of "2.13.0+cu128"."""
+    return version.split("+", 1)[0]
 
 
 def check_worker(device: str, torch_version: str) -> None:
@@ -136,7 +141,7 @@ def check_worker(device: str, torch_version: str) -> None:
     import torch
 
     here = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and here != "cuda" or torch_release() != torch_version.split("+")[0]:
+    if device == "cuda" and here != "cuda" or torch_release() != release_of(torch_version):
         raise InputError(f"this worker ({here}, torch {torch.__version__}) is not of the class "
                          f"the inference run was made for ({device}, torch {torch_version}): "
                          "route the inference stage to such workers, or plan the run again "
