@@ -302,6 +302,34 @@ def test_a_layer_the_run_reads_where_it_writes_is_refused_first(tmp_path, crop_l
     assert sorted(p.name for p in output.iterdir()) == ["segmentation"]
 
 
+@pytest.mark.parametrize("offset,num_mips,fragments", [
+    ("3, 0, 0", None, ["voxel offset 3,0,0", "--voxel-offset"]),
+    ("2, 0, 0", 2, ["voxel offset 2,0,0", "num_mips 1 or fewer"]),
+])
+def test_mip_levels_off_the_offsets_grid_are_refused_before_the_inference(
+        tmp_path, crop_layers, offset, num_mips, fragments):
+    """The map's and the segmentation's levels were planned, and refused, once those layers
+    were written: after the inference and the segmentation had run."""
+    image = f"file://{tmp_path / 'image'}"
+    vol = create_layer(image, layer_type="image", dtype="uint8", resolution=(4, 4, 50),
+                       size=(64, 64, 4), chunk_size=(64, 64, 4),
+                       voxel_offset=tuple(int(v) for v in offset.split(",")))
+    vol[:, :, :] = np.full((64, 64, 4), 128, dtype=np.uint8)
+    output = tmp_path / "out"
+    replace = {f"image: {crop_layers['image']}": f"image: {image}",
+               "products: [map, segmentation, downsample, meshes]":
+               "products: [map, segmentation, downsample]", "meshes:\n  mip: 1\n": "",
+               f"ground_truth: {crop_layers['gt']}\n": "",
+               "evaluate:\n  bounds: [0, 0, 6, 128, 128, 10]\n": ""}
+    if num_mips:
+        replace["  layers: [segmentation]\n"] = (f"  layers: [segmentation]\n"
+                                                f"  num_mips: {num_mips}\n")
+    pipeline = pipeline_file(tmp_path, crop_layers, output, **replace)
+    assert_one_line_error(run_cli("run", pipeline, "--parallel", "1"), "downsample",
+                          *fragments)
+    assert not output.exists()
+
+
 def test_downsample_keys_reach_the_stage(tmp_path, crop_layers):
     """`downsample: {sparse, fill_missing}` are `deepem3d downsample`'s options; they were
     refused as unknown keys."""

@@ -235,8 +235,10 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
             path = image if name == "image" else layers[name]
             ready = {"image": True, "map": map_ready, "segmentation": segmentation_ready}[name]
             if not ready:
-                if not dry_run:
-                    continue  # planned once the layer is complete
+                if not dry_run:  # planned once the layer is complete; its offset checked now
+                    _check_offset_early(p, name, iplan if "map" in p.products
+                                        else open_layer(map_path))
+                    continue
                 path = (map_path if name == "map"
                         else layers_for_downsample["segmentation"])
             try:
@@ -291,6 +293,20 @@ def _plan_objects(p: Pipeline, product: str, plan: RunPlan, add,
     source = next((s.key for s in plan.stages if s.name == "remap"), "")
     for stage in stages(oplan, source_key=source, needs=("remap",)):
         add(stage, product)
+
+
+def _check_offset_early(p: Pipeline, name: str, geometry) -> None:
+    """Refuse now, not after hours of inference, mip levels of a layer the run has yet to
+    write that its voxel offset (the map's, for the segmentation too) would leave off their
+    grid. `geometry`: the inference plan or the map layer, with a voxel offset and resolution."""
+    from deepem3d.stages.downsample import check_offset, default_factor
+
+    factor = p.downsample.get("factor") or default_factor(geometry.resolution)
+    try:
+        check_offset(p.layer(name), geometry.voxel_offset, factor, 0,
+                     p.downsample.get("num_mips"))
+    except InputError as err:
+        raise _in_key(p.source, "downsample", err) from None
 
 
 def _stand_in(folder: str, name: str, plan) -> str:

@@ -111,18 +111,12 @@ def plan_downsample(
     )
     asked = num_mips
     num_mips = viable if num_mips is None else min(num_mips, viable)
-    offset = [int(v) for v in vol.meta.voxel_offset(mip)]
-    aligned = aligned_levels(offset, factor)
+    offset = vol.meta.voxel_offset(mip)
+    aligned = check_offset(layer_path, offset, factor, mip, asked)
     offset_note = ""
     if num_mips > aligned:
-        why = (f"voxel offset {','.join(map(str, offset))} at mip {mip} lies on the grid of "
-               f"only {aligned} level(s) of factor {','.join(map(str, factor))}")
-        if asked is not None or aligned == 0:
-            raise InputError(f"{layer_path}: {why}, and a level off its grid is drawn shifted: "
-                             + (f"ask for --num-mips {aligned} or fewer, or " if aligned else "")
-                             + "ingest the data at an offset that is a multiple of the "
-                             "factor's powers (--voxel-offset)")
-        num_mips, offset_note = aligned, f"{why}: fewer levels"
+        num_mips = aligned
+        offset_note = f"{_offset_grid(offset, factor, mip, aligned)}: fewer levels"
     shape = Vec(*(int(c) * int(f) ** viable for c, f in zip(chunk, factor)))
     resolutions = downsample_scales.compute_scales(vol, mip, shape, "z", factor, None)
     resolutions = resolutions[:num_mips]
@@ -162,6 +156,25 @@ def plan_downsample(
         sharded=sharded,
         offset_note=offset_note,
     )
+
+
+def check_offset(layer_path: str, offset, factor, mip: int, asked: int | None) -> int:
+    """How many levels of `factor` the voxel offset at `mip` lies on the grid of; a one-line
+    error when that is none, or fewer than the `asked` number (a level off its grid is drawn
+    shifted). Needs only the offset, so a run checks the layers it has yet to write first."""
+    aligned = aligned_levels(offset, factor)
+    if aligned == 0 or (asked is not None and asked > aligned):
+        raise InputError(f"{layer_path}: {_offset_grid(offset, factor, mip, aligned)}, and a "
+                         "level off its grid is drawn shifted: "
+                         + (f"ask for --num-mips {aligned} or fewer, or " if aligned else "")
+                         + "ingest the data at an offset that is a multiple of the "
+                         "factor's powers (--voxel-offset)")
+    return aligned
+
+
+def _offset_grid(offset, factor, mip: int, aligned: int) -> str:
+    return (f"voxel offset {','.join(str(int(v)) for v in offset)} at mip {mip} lies on the "
+            f"grid of only {aligned} level(s) of factor {','.join(map(str, factor))}")
 
 
 def aligned_levels(offset, factor, most: int = 64) -> int:
