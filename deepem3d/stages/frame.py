@@ -52,7 +52,7 @@ from taskqueue.queueables import totask
 
 from deepem3d.errors import InputError
 from deepem3d.memory import peak_rss, reset_peak
-from deepem3d.storage.layers import cloudpath
+from deepem3d.storage.layers import cloudpath, info_naming
 
 log = logging.getLogger("deepem3d.stages")
 
@@ -340,8 +340,6 @@ def MarkedTask(task: list | dict, names: dict | None = None) -> dict:  # noqa: N
     before the stored info names it (a mesh or skeleton directory: see stages/objects.py).
     (taskqueue registers tasks by their function's name, hence the capitals.)"""
     if names:
-        from deepem3d.stages.objects import info_naming
-
         with info_naming(names["layer"], names["info"]):
             return _run_marked(task)
     return _run_marked(task)

@@ -10,7 +10,7 @@ per segment), at a mip near isotropy. Two pieces of bookkeeping are shared:
   there, and shows nothing where files are missing. So the stored info names the directory
   only once the merge is complete (`set_info_name`), while igneous, in the runner (task
   creation) and in the worker (`MarkedTask(..., names=...)`), reads the info through
-  `info_naming`, which adds the key in memory for that layer only.
+  `storage.layers.info_naming`, which adds the key in memory for that layer only.
 - **Sharding.** Sharded merges find each segment's fragments through the spatial index that
   the forge writes: sharded without a spatial index is refused before anything runs.
 """
@@ -27,7 +27,7 @@ from cloudfiles import CloudFiles
 
 from deepem3d.errors import InputError
 from deepem3d.stages.frame import Markers, Stage, digest, marked
-from deepem3d.storage.layers import cloudpath, open_layer
+from deepem3d.storage.layers import cloudpath, info_naming, open_layer
 
 #: the voxel size products are made at, when no mip is given: the first mip whose in-plane
 #: resolution reaches this fraction of z (near isotropic; EM sections are thick)
@@ -141,29 +141,6 @@ def set_info_name(layer_path: str, key: str, directory: str | None) -> None:
     else:
         info[key] = directory
     files.put_json("info", info, cache_control="no-cache")  # as CloudVolume's commit_info
-
-
-@contextlib.contextmanager
-def info_naming(layer_path: str, names: dict[str, str]) -> Iterator[None]:
-    """CloudVolume reads `layer_path`'s info with `names` added (where the stored info lacks
-    them), for igneous's task creation and tasks; the stored info is left as it is."""
-    from cloudvolume.datasource.precomputed.metadata import PrecomputedMetadata
-
-    target = cloudpath(layer_path).rstrip("/")
-    original = PrecomputedMetadata.fetch_info
-
-    def fetch_info(self):
-        info = original(self)
-        if cloudpath(self.cloudpath).rstrip("/") == target:
-            for key, directory in names.items():
-                info.setdefault(key, directory)
-        return info
-
-    PrecomputedMetadata.fetch_info = fetch_info
-    try:
-        yield
-    finally:
-        PrecomputedMetadata.fetch_info = original
 
 
 @contextlib.contextmanager

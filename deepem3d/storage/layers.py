@@ -6,12 +6,13 @@ docs/design.md (dtypes, encodings, mesh/skeleton directories, provenance) live i
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import platform
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from cloudfiles import CloudFiles
@@ -401,3 +402,26 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+@contextlib.contextmanager
+def info_naming(layer_path: str, names: dict[str, str]) -> Iterator[None]:
+    """CloudVolume reads `layer_path`'s info with `names` added (where the stored info lacks
+    them), for igneous's task creation and tasks; the stored info is left as it is."""
+    from cloudvolume.datasource.precomputed.metadata import PrecomputedMetadata
+
+    target = cloudpath(layer_path).rstrip("/")
+    original = PrecomputedMetadata.fetch_info
+
+    def fetch_info(self):
+        info = original(self)
+        if cloudpath(self.cloudpath).rstrip("/") == target:
+            for key, directory in names.items():
+                info.setdefault(key, directory)
+        return info
+
+    PrecomputedMetadata.fetch_info = fetch_info
+    try:
+        yield
+    finally:
+        PrecomputedMetadata.fetch_info = original
