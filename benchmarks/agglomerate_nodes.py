@@ -34,7 +34,7 @@ from deepem3d.segmentation.octree import (  # noqa: E402
     node_from_arrays,
 )
 from deepem3d.segmentation.pipeline import chunk_stages  # noqa: E402
-from deepem3d.stages.segmentation import NODE_BASE_BYTES, NODE_BYTES_PER_EDGE  # noqa: E402
+from deepem3d.stages.segment_costs import NODE_BASE_BYTES, NODE_BYTES_PER_EDGE  # noqa: E402
 
 
 def main() -> None:

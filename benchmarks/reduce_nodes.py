@@ -38,7 +38,7 @@ from deepem3d.segmentation.supervoxels import (  # noqa: E402
     ChunkExits,
     supervoxel_chunk,
 )
-from deepem3d.stages import segmentation as plan  # noqa: E402
+from deepem3d.stages import segment_costs as costs  # noqa: E402
 
 
 def save(arrays: dict) -> bytes:
@@ -78,10 +78,10 @@ def worst_per_level(tree: Octree, run_node: Callable[[int, tuple], tuple]
 
 
 def model(total: int, largest: int, outer: int, block_voxels: int) -> int:
-    return (plan.REDUCE_BYTES_PER_FACE_VOXEL * total
-            + plan.REDUCE_BYTES_PER_CHILD_FACE_VOXEL * largest
-            + plan.REDUCE_BYTES_PER_OUTER_FACE_VOXEL * outer
-            + plan.REDUCE_LEAF_BYTES_PER_VOXEL * block_voxels)
+    return (costs.REDUCE_BYTES_PER_FACE_VOXEL * total
+            + costs.REDUCE_BYTES_PER_CHILD_FACE_VOXEL * largest
+            + costs.REDUCE_BYTES_PER_OUTER_FACE_VOXEL * outer
+            + costs.REDUCE_LEAF_BYTES_PER_VOXEL * block_voxels)
 
 
 def main() -> None:

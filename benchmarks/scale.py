@@ -385,7 +385,8 @@ def insert_rate(work: Path, count: int = 20000) -> float:
 
 
 def paper(work: Path) -> None:
-    from deepem3d.stages.segmentation import NOISY_EDGES_PER_VOXEL, plan_segment
+    from deepem3d.stages.segment_costs import NOISY_EDGES_PER_VOXEL
+    from deepem3d.stages.segmentation import plan_segment
     from deepem3d.storage.layers import create_layer
     from deepem3d.units import format_bytes
 

@@ -16,6 +16,7 @@ from deepem3d.cli.options import (
 )
 from deepem3d.errors import warn
 from deepem3d.run.queues import check_queue_url
+from deepem3d.stages.segment_costs import DEFAULT_EDGES_PER_VOXEL
 
 
 @click.command()
@@ -58,7 +59,7 @@ from deepem3d.run.queues import check_queue_url
               "--bounds and --task-shape, its supervoxels and region graphs are kept and "
               "reused.")
 @click.option("--edges-per-voxel", type=Number(min=0, min_open=True, max=3),
-              default=0.02, show_default=True,
+              default=DEFAULT_EDGES_PER_VOXEL, show_default=True,
               help="Region-graph edges per voxel to size the octree's tasks with (unknown "
               "before the supervoxels exist: about 0.02 for a smooth map, 0.3 for a noisy one; "
               "the plan prints both).")

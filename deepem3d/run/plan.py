@@ -101,8 +101,8 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
     from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
     from deepem3d.stages.inference import inference_stage
     from deepem3d.stages.inference_plan import plan_inference
+    from deepem3d.stages.segment_costs import DEFAULT_EDGES_PER_VOXEL
     from deepem3d.stages.segmentation import (
-        DEFAULT_EDGES_PER_VOXEL,
         choose_settings,
         plan_segment,
         segment_stages,

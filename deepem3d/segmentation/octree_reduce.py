@@ -23,7 +23,7 @@ Everything is packed in arrays (a node is a key, `block << 32 | local label`, an
 a resolution is a kind, `ID` or `NODE`, and a value) and the chains are followed by one compiled
 loop. A node holds its children's unresolved nodes (about 0.17 per face voxel) and reads their
 face tables one child at a time, twice (lookups, then its outer faces); its memory model is
-`stages.segmentation.REDUCE_BYTES_PER_FACE_VOXEL`'s. Nothing here reads or writes storage.
+`stages.segment_costs.REDUCE_BYTES_PER_FACE_VOXEL`'s. Nothing here reads or writes storage.
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ def check_sweep_memory(box: Bbox, limit: int | None, channels: int = 3) -> None:
     """An InputError when segmenting `box` in memory would need more than `limit` bytes
     (default: what is available now): a block task's bytes per voxel (`BYTES_PER_VOXEL`) and
     a noisy map's region graph (`NOISY_EDGES_PER_VOXEL` x `NODE_BYTES_PER_EDGE`)."""
-    from deepem3d.stages.segmentation import (
+    from deepem3d.stages.segment_costs import (
         BYTES_PER_VOXEL,
         NODE_BYTES_PER_EDGE,
         NOISY_EDGES_PER_VOXEL,
