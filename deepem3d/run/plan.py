@@ -96,203 +96,235 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
     or the sections (inference, segmentation, downsample) whose outputs may be replaced."""
     if isinstance(overwrite, bool):
         overwrite = {"inference", "segmentation", "downsample"} if overwrite else set()
-    import tempfile
+    planner = _RunPlanner(p, overwrite, dry_run)
+    try:
+        planner.sample()
+        if "map" in p.products:
+            planner.inference()
+        if p.ground_truth and "segmentation" in p.products:  # after the inference's checks
+            planner.check_scoring()
+        if "segmentation" in p.products:
+            planner.segmentation()
+        for name in p.downsample["layers"] if "downsample" in p.products else ():
+            planner.downsample(name)
+        for product in ("meshes", "skeletons"):
+            if product in p.products:
+                planner.objects(product)
+    finally:
+        planner.clean_up()
+    return planner.plan
 
-    from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
-    from deepem3d.stages.inference import inference_stage
-    from deepem3d.stages.inference_plan import plan_inference
-    from deepem3d.stages.segment_costs import DEFAULT_EDGES_PER_VOXEL
-    from deepem3d.stages.segmentation import (
-        choose_settings,
-        plan_segment,
-        segment_stages,
-        settings_for_map,
-    )
-    from deepem3d.storage.layers import open_layer
 
-    layers: dict[str, str] = {}
-    image = p.image
-    scratch = None
+class _RunPlanner:
+    """plan_run's sections in order, and what each leaves the next: the layers the run
+    writes, the region of each it writes, and whether each is complete."""
 
-    def scratch_dir() -> str:
-        nonlocal scratch
-        if scratch is None:
-            scratch = tempfile.TemporaryDirectory(prefix="deepem3d-dry-run-")
-        return scratch.name
+    def __init__(self, p: Pipeline, overwrite: set[str], dry_run: bool) -> None:
+        self.p, self.overwrite, self.dry_run = p, overwrite, dry_run
+        self.plan = RunPlan(p, [], {}, {})
+        self.image = p.image  # what the planners read: in a dry run, the sample's copy
+        self.temporary: dict[str, str] = {}  # the sample's temporary copy (dry run)
+        self._scratch = None
+        self.map_path = p.map
+        self.map_ready = True
+        self.iplan = None  # the inference's plan, when the run infers the map
+        self.inference_key = ""
+        self.written: dict[str, Bbox] = {}  # the region of each layer this run writes
+        self.segmentation_ready = "segmentation" not in p.products
+        self.segmentation_stand_in = ""
 
-    if p.image == SAMPLE or p.ground_truth == SAMPLE:
-        if dry_run:
-            from deepem3d.sample import write_sample
+    def scratch_dir(self) -> str:
+        import tempfile
 
-            temporary = write_sample(f"{scratch_dir()}/sample", progress=False)
-        written = sample_layers(p, write=not dry_run, overwrite="inference" in overwrite)
-        if p.image == SAMPLE:
-            layers["image"] = written["image"]
-            image = temporary["image"] if dry_run else written["image"]
-        if p.ground_truth == SAMPLE:
-            layers["ground_truth"] = written["ground_truth"]
-    else:
-        layers["image"] = image
-    if p.ground_truth and p.ground_truth != SAMPLE:
-        layers["ground_truth"] = p.ground_truth
-    stages: list[Stage] = []
-    routes: dict[str, str] = {}
-    plan = RunPlan(p, stages, routes, layers)
-    inf, seg, down = p.inference, p.segmentation, p.downsample
+        if self._scratch is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="deepem3d-dry-run-")
+        return self._scratch.name
 
-    def add(stage: Stage, section: str) -> None:
-        stages.append(stage)
-        routes[stage.label] = p.route(section, stage.memory_bytes)
+    def clean_up(self) -> None:
+        if self._scratch is not None:
+            self._scratch.cleanup()
 
-    map_path = p.map
-    written: dict[str, Bbox] = {}  # the region of each layer this run writes
-    inference_key = ""
-    settings = None
-    map_ready = True
-    if "map" in p.products:
+    def add(self, stage: Stage, section: str) -> None:
+        self.plan.stages.append(stage)
+        self.plan.routes[stage.label] = self.p.route(section, stage.memory_bytes)
+
+    def sample(self) -> None:
+        """The layers the run reads: the sample's written (or, dry, copied to scratch)."""
+        p, layers = self.p, self.plan.layers
+        if SAMPLE in (p.image, p.ground_truth):
+            if self.dry_run:
+                from deepem3d.sample import write_sample
+
+                self.temporary = write_sample(f"{self.scratch_dir()}/sample", progress=False)
+            written = sample_layers(p, write=not self.dry_run,
+                                    overwrite="inference" in self.overwrite)
+            if p.image == SAMPLE:
+                layers["image"] = written["image"]
+                self.image = self.temporary["image"] if self.dry_run else written["image"]
+            if p.ground_truth == SAMPLE:
+                layers["ground_truth"] = written["ground_truth"]
+        else:
+            layers["image"] = p.image
+        if p.ground_truth and p.ground_truth != SAMPLE:
+            layers["ground_truth"] = p.ground_truth
+
+    def inference(self) -> None:
+        from deepem3d.stages.inference import inference_stage
+        from deepem3d.stages.inference_plan import plan_inference
+
+        p, inf, plan = self.p, self.p.inference, self.plan
         patch = {k: v for k, v in (
             ("size", inf.get("patch_size")), ("output", inf.get("patch_output")),
             ("overlap", inf.get("overlap")), ("batch", inf.get("batch_size")),
             ("window", inf.get("window"))) if v is not None}
         try:
             iplan = plan_inference(
-                image, p.layer("map"), models=inf.get("model"), mip=inf.get("mip"),
+                self.image, p.layer("map"), models=inf.get("model"), mip=inf.get("mip"),
                 task_shape=inf.get("task_shape"), chunk_size=inf.get("chunk_size"),
                 tta=inf.get("tta", 1), bounds=_bbox(inf.get("bounds")), patch=patch,
                 float32=inf.get("float32", False), fill_missing=inf.get("fill_missing", False),
                 mask=inf.get("mask"), mask_mip=inf.get("mask_mip", 0),
                 threads=inf.get("threads", 1), device=inf.get("device", "auto"),
                 amp=inf.get("amp", True), force=inf.get("force", False),
-                overwrite="inference" in overwrite, keep_unchanged=True,
+                overwrite="inference" in self.overwrite, keep_unchanged=True,
                 sharded=inf.get("sharded", False),
             )
         except InputError as err:
             raise _in_key(p.source, "inference", err) from None
-        if dry_run:  # the plan was read from the sample's temporary copy
-            iplan.image_path = layers["image"]
+        if self.dry_run:  # the plan was read from the sample's temporary copy
+            iplan.image_path = plan.layers["image"]
         plan.warnings += iplan.warnings
         plan.lines.append(iplan.describe())
-        stage = inference_stage(iplan, overwrite="inference" in overwrite)
-        add(stage, "inference")
-        inference_key = stage.key
-        written["map"] = iplan.bounds
-        map_path = p.layer("map")
-        layers["map"] = map_path
-        settings = iplan.segmentation
-        map_ready = stage.is_complete() and "inference" not in overwrite
-        if dry_run and not map_ready:
-            map_path = _stand_in(scratch_dir(), "map", iplan)
-    if p.ground_truth and "segmentation" in p.products:  # after the inference's checks
+        stage = inference_stage(iplan, overwrite="inference" in self.overwrite)
+        self.add(stage, "inference")
+        self.iplan, self.inference_key = iplan, stage.key
+        self.written["map"] = iplan.bounds
+        self.map_path = plan.layers["map"] = p.layer("map")
+        self.map_ready = stage.is_complete() and "inference" not in self.overwrite
+        if self.dry_run and not self.map_ready:
+            self.map_path = _stand_in(self.scratch_dir(), "map", iplan)
+
+    def check_scoring(self) -> None:
+        from deepem3d.storage.layers import open_layer
+
+        iplan = self.iplan
         map_bounds = (Bbox(iplan.voxel_offset, np.add(iplan.voxel_offset, iplan.size))
-                      if "map" in p.products else open_layer(map_path).bounds)
-        check_scoring(p, temporary["ground_truth"] if dry_run and p.ground_truth == SAMPLE
-                      else layers["ground_truth"], map_bounds)
-    segmentation_ready = "segmentation" not in p.products
-    if "segmentation" in p.products:
+                      if iplan is not None else open_layer(self.map_path).bounds)
+        check_scoring(self.p, self.temporary["ground_truth"]
+                      if self.dry_run and self.p.ground_truth == SAMPLE
+                      else self.plan.layers["ground_truth"], map_bounds)
+
+    def segmentation(self) -> None:
+        from deepem3d.stages.segment_costs import DEFAULT_EDGES_PER_VOXEL
+        from deepem3d.stages.segmentation import (
+            choose_settings,
+            plan_segment,
+            segment_stages,
+            settings_for_map,
+        )
+
+        p, seg, plan = self.p, self.p.segmentation, self.plan
         given = {k: seg.get(k) for k in ("method", "threshold", "sigma", "dust_size")}
-        layers["segmentation"] = p.layer("segmentation")
+        plan.layers["segmentation"] = p.layer("segmentation")
         try:
-            if "map" in p.products:  # the settings the run's model records
-                chosen, line = choose_settings(given, settings, "the model")
+            if self.iplan is not None:  # the settings the run's model records
+                chosen, line = choose_settings(given, self.iplan.segmentation, "the model")
             else:
-                chosen, line = settings_for_map(map_path, given)
+                chosen, line = settings_for_map(self.map_path, given)
             if line:
                 plan.lines.append(line)
-            splan = None
-            if map_ready or dry_run:
-                output = p.layer("segmentation")
-                if dry_run and not map_ready:
-                    output = f"file://{scratch_dir()}/segmentation"
-                splan = plan_segment(
-                    map_path, output, method=chosen["method"],
-                    threshold=chosen["threshold"], dust_size=chosen["dust_size"],
-                    dust_mode=seg.get("dust_mode", "merge"), task_shape=seg.get("task_shape"),
-                    chunk_size=seg.get("chunk_size"), bounds=_bbox(seg.get("bounds")),
-                    overwrite="segmentation" in overwrite, sigma=chosen["sigma"],
-                    edges_per_voxel=seg.get("edges_per_voxel", DEFAULT_EDGES_PER_VOXEL),
-                    max_task_memory=seg.get("max_task_memory"),
-                    sharded=seg.get("sharded", False),
-                )
+            if not (self.map_ready or self.dry_run):
+                return  # planned once the map is complete
+            output = p.layer("segmentation")
+            if self.dry_run and not self.map_ready:
+                output = f"file://{self.scratch_dir()}/segmentation"
+            splan = plan_segment(
+                self.map_path, output, method=chosen["method"],
+                threshold=chosen["threshold"], dust_size=chosen["dust_size"],
+                dust_mode=seg.get("dust_mode", "merge"), task_shape=seg.get("task_shape"),
+                chunk_size=seg.get("chunk_size"), bounds=_bbox(seg.get("bounds")),
+                overwrite="segmentation" in self.overwrite, sigma=chosen["sigma"],
+                edges_per_voxel=seg.get("edges_per_voxel", DEFAULT_EDGES_PER_VOXEL),
+                max_task_memory=seg.get("max_task_memory"),
+                sharded=seg.get("sharded", False),
+            )
         except InputError as err:
             raise _in_key(p.source, "segmentation", err) from None
-        if splan is not None:
-            if dry_run:  # planned on stand-ins: name the layers the run will write
-                splan.map_path, splan.output_path = layers["map"] if "map" in layers \
-                    else splan.map_path, p.layer("segmentation")
-            plan.lines.append(splan.describe())
-            plan.warnings += splan.warnings
-            written["segmentation"] = splan.bounds
-            seg_stages = segment_stages(splan, needs=("inference",) if inference_key else ())
-            for stage in seg_stages:
-                add(stage, "segmentation")
-            segmentation_ready = (seg_stages[-1].is_complete()
-                                  and "segmentation" not in overwrite)
-            if dry_run and not segmentation_ready:
-                layers_for_downsample = {"segmentation": _stand_in(scratch_dir(),
-                                                                   "segmentation", splan)}
-    if "downsample" in p.products:
-        for name in down["layers"]:
-            path = image if name == "image" else layers[name]
-            ready = {"image": True, "map": map_ready, "segmentation": segmentation_ready}[name]
-            if not ready:
-                if not dry_run:  # planned once the layer is complete; its offset checked now
-                    _check_offset_early(p, name, iplan if "map" in p.products
-                                        else open_layer(map_path))
-                    continue
-                path = (map_path if name == "map"
-                        else layers_for_downsample["segmentation"])
-            try:
-                dplan = plan_downsample(  # of a layer the run writes, what it wrote
-                    path, num_mips=down.get("num_mips"), factor=down.get("factor"),
-                    memory_target=down.get("memory", MEMORY_TARGET), bounds=written.get(name))
-            except InputError as err:
-                raise _in_key(p.source, "downsample", err) from None
-            plan.lines.append(f"downsample {name}: {dplan.describe()}")
-            # igneous's tasks read whole task boxes from the region's start: beyond a part
-            # the run wrote they meet chunks never written, which are zeros
-            partial = name in written and written[name] != open_layer(path).bounds
-            dplan.layer_path = layers[name]
-            source = next((s.key for s in stages if s.layer == dplan.layer_path
-                           and s.name in ("inference", "remap")), "")
-            add(downsample_stage(dplan, source_key=source, label=f"downsample {name}",
-                                 fill_missing=down.get("fill_missing", False) or partial,
-                                 sparse=down.get("sparse", False),
-                                 needs=("remap",) if name == "segmentation" else ()),
-                "downsample")
-    for product in ("meshes", "skeletons"):
-        if product in p.products:
-            _plan_objects(p, product, plan, add, segmentation_ready)
-    if scratch is not None:
-        scratch.cleanup()
-    return plan
+        if self.dry_run:  # planned on stand-ins: name the layers the run will write
+            splan.map_path = plan.layers.get("map", splan.map_path)
+            splan.output_path = p.layer("segmentation")
+        plan.lines.append(splan.describe())
+        plan.warnings += splan.warnings
+        self.written["segmentation"] = splan.bounds
+        stages = segment_stages(splan, needs=("inference",) if self.inference_key else ())
+        for stage in stages:
+            self.add(stage, "segmentation")
+        self.segmentation_ready = (stages[-1].is_complete()
+                                   and "segmentation" not in self.overwrite)
+        if self.dry_run and not self.segmentation_ready:
+            self.segmentation_stand_in = _stand_in(self.scratch_dir(), "segmentation", splan)
 
+    def downsample(self, name: str) -> None:
+        """Mip levels of one layer; of a layer the run writes, over the region it writes."""
+        from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
+        from deepem3d.storage.layers import open_layer
 
-def _plan_objects(p: Pipeline, product: str, plan: RunPlan, add,
-                  segmentation_ready: bool) -> None:
-    """The mesh or skeleton stages, once the segmentation and the mips they read exist."""
-    from deepem3d.stages.meshes import mesh_stages, plan_meshes
-    from deepem3d.stages.skeletons import plan_skeletons, skeleton_stages
+        p, down, layers = self.p, self.p.downsample, self.plan.layers
+        path = self.image if name == "image" else layers[name]
+        ready = {"image": True, "map": self.map_ready,
+                 "segmentation": self.segmentation_ready}[name]
+        if not ready:
+            if not self.dry_run:  # planned once the layer is complete; its offset checked now
+                _check_offset_early(p, name, self.iplan if self.iplan is not None
+                                    else open_layer(self.map_path))
+                return
+            path = self.map_path if name == "map" else self.segmentation_stand_in
+        try:
+            dplan = plan_downsample(
+                path, num_mips=down.get("num_mips"), factor=down.get("factor"),
+                memory_target=down.get("memory", MEMORY_TARGET), bounds=self.written.get(name))
+        except InputError as err:
+            raise _in_key(p.source, "downsample", err) from None
+        self.plan.lines.append(f"downsample {name}: {dplan.describe()}")
+        # igneous's tasks read whole task boxes from the region's start: beyond a part
+        # the run wrote they meet chunks never written, which are zeros
+        partial = name in self.written and self.written[name] != open_layer(path).bounds
+        dplan.layer_path = layers[name]
+        source = next((s.key for s in self.plan.stages if s.layer == dplan.layer_path
+                       and s.name in ("inference", "remap")), "")
+        self.add(downsample_stage(dplan, source_key=source, label=f"downsample {name}",
+                                  fill_missing=down.get("fill_missing", False) or partial,
+                                  sparse=down.get("sparse", False),
+                                  needs=("remap",) if name == "segmentation" else ()),
+                 "downsample")
 
-    downsampled = next((s for s in plan.stages if s.label == "downsample segmentation"), None)
-    wants_mips = "segmentation" in (p.downsample.get("layers") or [])
-    ready = segmentation_ready and (not wants_mips or (downsampled is not None
-                                                       and downsampled.is_complete()))
-    if not ready:
-        plan.lines.append(f"{product}: planned once the segmentation"
-                          + (" and its mip levels exist" if wants_mips else " exists"))
-        return
-    options = dict(getattr(p, product))
-    options.pop("queue", None)
-    planner, stages = ((plan_meshes, mesh_stages) if product == "meshes"
-                       else (plan_skeletons, skeleton_stages))
-    try:
-        oplan = planner(plan.layers["segmentation"], **options)
-    except InputError as err:
-        raise _in_key(p.source, product, err) from None
-    plan.lines.append(f"{product}: {oplan.describe()}")
-    source = next((s.key for s in plan.stages if s.name == "remap"), "")
-    for stage in stages(oplan, source_key=source, needs=("remap",)):
-        add(stage, product)
+    def objects(self, product: str) -> None:
+        """The mesh or skeleton stages, once the segmentation and the mips they read exist."""
+        from deepem3d.stages.meshes import mesh_stages, plan_meshes
+        from deepem3d.stages.skeletons import plan_skeletons, skeleton_stages
+
+        p, plan = self.p, self.plan
+        downsampled = next((s for s in plan.stages if s.label == "downsample segmentation"),
+                           None)
+        wants_mips = "segmentation" in (p.downsample.get("layers") or [])
+        ready = self.segmentation_ready and (
+            not wants_mips or (downsampled is not None and downsampled.is_complete()))
+        if not ready:
+            plan.lines.append(f"{product}: planned once the segmentation"
+                              + (" and its mip levels exist" if wants_mips else " exists"))
+            return
+        options = dict(getattr(p, product))
+        options.pop("queue", None)
+        planner, stages = ((plan_meshes, mesh_stages) if product == "meshes"
+                           else (plan_skeletons, skeleton_stages))
+        try:
+            oplan = planner(plan.layers["segmentation"], **options)
+        except InputError as err:
+            raise _in_key(p.source, product, err) from None
+        plan.lines.append(f"{product}: {oplan.describe()}")
+        source = next((s.key for s in plan.stages if s.name == "remap"), "")
+        for stage in stages(oplan, source_key=source, needs=("remap",)):
+            self.add(stage, product)
 
 
 def _check_offset_early(p: Pipeline, name: str, geometry) -> None:
