@@ -126,7 +126,7 @@ class _Writer:
             self.handle = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype,
                                                     shape=self.shape)
 
-            def write(start, stop, slab):
+            def write(start: int, stop: int, slab: np.ndarray) -> None:
                 self.handle[start:stop] = slab
         elif self.kind == "hdf5":
             import h5py
@@ -135,7 +135,7 @@ class _Writer:
             data = self.handle.create_dataset(self.dataset, shape=self.shape, dtype=self.dtype,
                                               chunks=True, compression="gzip")
 
-            def write(start, stop, slab):
+            def write(start: int, stop: int, slab: np.ndarray) -> None:
                 data[start:stop] = slab
         else:
             import tifffile
@@ -143,7 +143,7 @@ class _Writer:
             big = int(np.prod(self.shape)) * self.dtype.itemsize > 2**31
             self.handle = tifffile.TiffWriter(self.path, bigtiff=big)
 
-            def write(start, stop, slab):
+            def write(start: int, stop: int, slab: np.ndarray) -> None:
                 for page in slab:
                     self.handle.write(page, contiguous=True)
         return write

@@ -21,7 +21,7 @@ import os
 import re
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from cloudvolume import CloudVolume
@@ -60,7 +60,7 @@ SLAB_BYTES = 256 * 2**20
 
 
 @contextlib.contextmanager
-def quiet_tifffile():
+def quiet_tifffile() -> Iterator[None]:
     """tifffile's own log lines on a damaged file ("invalid page offset"), silenced while a
     TIFF is read: they would precede the one-line error that names the damage."""
     import logging
@@ -382,7 +382,7 @@ def _hdf5_datasets(group, limit: int) -> list:
 
     found: list = []
 
-    def visit(name, obj):
+    def visit(name: str, obj: object) -> bool | None:
         if isinstance(obj, h5py.Dataset):
             found.append(obj)
             if len(found) > limit:
@@ -449,7 +449,7 @@ def slab_ranges(depth: int, chunk_z: int, chunks_per_slab: int = 1) -> list[tupl
     return [(z0, min(z0 + step, depth)) for z0 in range(0, depth, step)]
 
 
-def output_dtype(source_dtype, layer_type: str, dtype: str | None = None) -> np.dtype:
+def output_dtype(source_dtype: np.dtype, layer_type: str, dtype: str | None = None) -> np.dtype:
     """The dtype the layer stores, or an InputError saying what is refused and why."""
     src = np.dtype(source_dtype).newbyteorder("=")
     if layer_type == "image":
@@ -618,7 +618,8 @@ WINDOW_PERCENTILES = (0.1, 99.9)
 WINDOW_SAMPLE = 2**24
 
 
-def uint8_window(source: VolumeSource, slabs, progress: bool) -> tuple[float, float]:
+def uint8_window(source: VolumeSource, slabs: Sequence[tuple[int, int]], progress: bool
+                 ) -> tuple[float, float]:
     """(low, high): WINDOW_PERCENTILES of the values on a grid of every section and every
     `step`-th row and column (one streaming pass; the same sample whatever the slabs and
     chunks), low < high."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import lzma
+from collections.abc import Sequence
 from importlib import resources
 
 import numpy as np
@@ -33,7 +34,8 @@ def load_sample() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_sample(
-    dest: str, *, chunk_size=CHUNK_SIZE, overwrite: bool = False, progress: bool = True
+    dest: str, *, chunk_size: Sequence[int] = CHUNK_SIZE, overwrite: bool = False,
+    progress: bool = True,
 ) -> dict[str, str]:
     """Write the sample as precomputed layers DEST/image and DEST/ground_truth.
 

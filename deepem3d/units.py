@@ -5,6 +5,17 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Protocol
+
+    class _Box(Protocol):  # CloudVolume's Bbox, or anything with minpt and maxpt
+        @property
+        def minpt(self) -> Iterable[float]: ...
+        @property
+        def maxpt(self) -> Iterable[float]: ...
 
 #: byte units, case-insensitive: SI (powers of 1000, as igneous's --memory counts) and IEC
 #: (powers of 1024)
@@ -15,7 +26,7 @@ BYTE_UNITS = {
 _BYTES = re.compile(r"^\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
-def parse_bytes(value) -> int:
+def parse_bytes(value: str | int | float) -> int:
     """3500000000, 3.5e9, '3500MB', '3.5GB', '2GiB' -> bytes; ValueError otherwise."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         number, unit = float(value), ""
@@ -39,12 +50,12 @@ def format_bytes(n: int) -> str:
     return f"{n} B" if n else "-"
 
 
-def format_bounds(box) -> str:
+def format_bounds(box: _Box) -> str:
     """A bounding box (CloudVolume's Bbox, or anything with minpt and maxpt) as the
     `x0,y0,z0,x1,y1,z1` that --bounds takes."""
     return ",".join(str(int(v)) for v in (*box.minpt, *box.maxpt))
 
 
-def format_triple(values) -> str:
+def format_triple(values: Iterable[float]) -> str:
     """Three numbers (a resolution) as "4,4,40"."""
     return ",".join(f"{float(v):g}" for v in values)

@@ -118,7 +118,7 @@ class _LayerRequestHandler(http.server.BaseHTTPRequestHandler):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def log_message(self, format: str, *args) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         log = self.server.log
         if log is not None:
             log(f"{self.address_string()} - {format % args}")
@@ -259,7 +259,8 @@ class _LayerHTTPServer(http.server.ThreadingHTTPServer):
     overrides: dict[tuple[str, str], bytes]
     log: Callable[[str], None] | None
 
-    def handle_error(self, request, client_address) -> None:
+    def handle_error(self, request: socket.socket,
+                     client_address: tuple[str, int] | tuple[str, int, int, int]) -> None:
         # Neuroglancer drops requests for chunks that left the view: not worth a traceback.
         if isinstance(sys.exc_info()[1], ConnectionError):
             return

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -55,7 +57,8 @@ class Triple(click.ParamType):
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
         return "X,Y,Z"
 
-    def convert(self, value, param, ctx) -> tuple:
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple:
         text, parts = _parts(value)
         name = _option_name(param)
         try:
@@ -94,7 +97,8 @@ class Bounds(click.ParamType):
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
         return "X0,Y0,Z0,X1,Y1,Z1"
 
-    def convert(self, value, param, ctx) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None
+                ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         if (isinstance(value, tuple) and len(value) == 2
                 and all(isinstance(v, tuple) and len(v) == 3 for v in value)):
             value = (*value[0], *value[1])  # already converted: check it again
@@ -123,7 +127,8 @@ class Number(click.FloatRange):
     """A finite float in a range (click's FloatRange lets nan and inf through: every
     comparison with nan is false)."""
 
-    def convert(self, value, param, ctx) -> float:
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
         number = super().convert(value, param, ctx)
         if not math.isfinite(number):
             raise OptionValueError(f"{_option_name(param)} {value!r} must be a finite number",
@@ -143,7 +148,8 @@ class ByteSize(click.ParamType):
     def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
         return "BYTES"
 
-    def convert(self, value, param, ctx) -> int:
+    def convert(self, value: str | int | float, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
         name = _option_name(param)
         try:
             size = parse_bytes(value)
@@ -160,14 +166,14 @@ class ByteSize(click.ParamType):
         return int(size)
 
 
-def argparse_type(param_type: click.ParamType, option: str):
+def argparse_type(param_type: click.ParamType, option: str) -> Callable[[str], Any]:
     """The same parsing for a script's argparse option (benchmarks/, scripts/), e.g.
     `parser.add_argument("--task-shape", type=argparse_type(Triple(int), "--task-shape"))`."""
     import argparse
 
     param = click.Option([option])
 
-    def convert(text: str):
+    def convert(text: str) -> Any:
         try:
             return param_type.convert(text, param, None)
         except click.BadParameter as err:

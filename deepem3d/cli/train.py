@@ -49,9 +49,11 @@ from deepem3d.models.presets import PRESETS
               help="Start from this checkpoint's weights (a shipped name, file or cloud path) "
                    "with a fresh optimizer and schedule: fine-tuning. Its --preset, --head and "
                    "--in-sections unless given.")
-def train(image, labels, train_sections, val_sections, out_dir, preset, head, in_sections,
-          iterations, batch_size, patch_size, lr, seed, val_every, resolution, device, threads,
-          workers, resume, init) -> None:
+def train(image: str, labels: str, train_sections: str, val_sections: str | None, out_dir: str,
+          preset: str | None, head: str | None, in_sections: str | None, iterations: int,
+          batch_size: int, patch_size: int, lr: float, seed: int, val_every: int,
+          resolution: tuple[float, float, float] | None, device: str, threads: int | None,
+          workers: int | None, resume: bool, init: str | None) -> None:
     """Train a DeepEM3D network; writes OUT/last.pt, OUT/best.pt, history.json and
     learning_curve.png."""
     from deepem3d.models.data import is_file_source, parse_sections

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from typing import TYPE_CHECKING
 
 import click
 from cloudvolume.lib import Bbox
@@ -12,6 +13,9 @@ from tqdm import tqdm
 
 from deepem3d.cli.options import Bounds, ByteSize
 from deepem3d.errors import InputError, warn
+
+if TYPE_CHECKING:
+    from deepem3d.stages.tune import Row, Setting
 
 
 def _floats(text: str | None, name: str) -> list[float] | None:
@@ -53,9 +57,10 @@ def _ints(text: str, name: str) -> list[int]:
               help="Also sweep the in-plane Gaussian (voxels, in [0, 16], e.g. 0,1,2,4): the "
               "labelled region's map is segmented in memory per sigma, as if it were the "
               "volume (the run's kept supervoxels are not used then).")
-def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | None,
-         dust_sizes: str, pipeline: str | None, as_json: bool, max_memory: int | None,
-         sigmas: str | None) -> None:
+def tune(segmentation: str, gt: str,
+         bounds: tuple[tuple[int, int, int], tuple[int, int, int]] | None, methods: str,
+         thresholds: str | None, dust_sizes: str, pipeline: str | None, as_json: bool,
+         max_memory: int | None, sigmas: str | None) -> None:
     """Choose method, threshold and dust size for SEGMENTATION's map on GT's labelled voxels.
 
     Reuses the run's kept supervoxels and region graphs: per setting only the agglomeration,
@@ -100,7 +105,7 @@ def tune(segmentation: str, gt: str, bounds, methods: str, thresholds: str | Non
     count = len(grid) * (1 if swept is None else len(swept))
     rows = list(tqdm(rows, total=count, desc="settings", disable=as_json, leave=False))
     top = best(rows)
-    def sigma_of(setting) -> float:  # the sigma a row was measured with
+    def sigma_of(setting: Setting) -> float:  # the sigma a row was measured with
         return float(own.get("sigma") or 0.0) if setting.sigma is None else setting.sigma
 
     if as_json:
@@ -153,7 +158,7 @@ def read_pipeline(pipeline: str) -> dict:
         return yaml.safe_load(f)
 
 
-def write_setting(pipeline: str, data: dict, row, run_settings: dict) -> bool:
+def write_setting(pipeline: str, data: dict, row: Row, run_settings: dict) -> bool:
     """Set the pipeline file's segmentation method, threshold and dust size, and the sigma
     (the row's, or the run's) and dust mode the scores were measured with, other lines and
     comments kept (deepem3d.run.pipeline_edit); a section that edit cannot change in place

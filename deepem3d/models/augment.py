@@ -9,9 +9,13 @@ computed from the augmented ids, so no target needs fixing afterwards.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.ndimage import zoom
+
+if TYPE_CHECKING:
+    import torch
 
 N_DIHEDRAL = 16
 
@@ -29,7 +33,7 @@ def _flip(volume, axis: int):
     return volume.flip(axis)
 
 
-def dihedral(volume, k: int):
+def dihedral(volume: np.ndarray | torch.Tensor, k: int) -> np.ndarray | torch.Tensor:
     """Variant k in 0..15 of a (..., z, y, x) array or tensor: rot90 k%4 times in-plane, flip x
     if bit 2 is set, reverse z if bit 3 is set. numpy returns views, torch copies."""
     if not 0 <= k < N_DIHEDRAL:
@@ -42,7 +46,7 @@ def dihedral(volume, k: int):
     return out
 
 
-def undo_dihedral(volume, k: int):
+def undo_dihedral(volume: np.ndarray | torch.Tensor, k: int) -> np.ndarray | torch.Tensor:
     """The inverse of `dihedral(., k)`."""
     out = volume
     if k // 8:
@@ -71,7 +75,8 @@ def drop_section(image: np.ndarray, rng: np.random.Generator, keep: int) -> np.n
     return image
 
 
-def misalign(image: np.ndarray, ids: np.ndarray, rng: np.random.Generator, max_shift: int = 6):
+def misalign(image: np.ndarray, ids: np.ndarray, rng: np.random.Generator, max_shift: int = 6
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Shift every section above a random z by one random in-plane offset (image and ids),
     as a slip in section alignment does; the edge is filled by reflection."""
     depth = image.shape[0]
@@ -112,7 +117,7 @@ def _reflect(index: np.ndarray, length: int) -> np.ndarray:
 def elastic_warp(
     image: np.ndarray, ids: np.ndarray, rng: np.random.Generator,
     strength: float = 4.0, grid: int = 4,
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """A smooth in-plane displacement (a coarse random grid, upsampled by cubic splines), the
     same for every section: bilinear for the image, nearest for the ids, the edge extended by
     reflection. The same values as scipy's `map_coordinates` (order 1 and 0, mode 'reflect'),

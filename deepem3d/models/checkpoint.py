@@ -16,12 +16,16 @@ import os
 import warnings
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import deepem3d
 from deepem3d.errors import InputError
 from deepem3d.models.shipped import DEFAULT_MODEL, ENSEMBLES, PRETRAINED, expand_models
+
+if TYPE_CHECKING:
+    from deepem3d.models.network import DeepEM3DNet
 
 FORMAT = "deepem3d-checkpoint"
 VERSION = 1
@@ -133,7 +137,8 @@ def load_checkpoint(name_or_path: str | None) -> dict:
     return payload
 
 
-def load_model(name_or_path: str | None = None, device: str = "cpu"):
+def load_model(name_or_path: str | None = None, device: str = "cpu"
+               ) -> tuple[DeepEM3DNet, dict]:
     """(model in eval mode, meta) from a checkpoint."""
     from deepem3d.models import build_model
 

@@ -70,7 +70,8 @@ def read_sections(source: str, sections: tuple[int, int], name: str) -> np.ndarr
     return np.ascontiguousarray(zyx_from_xyz(np.asarray(cutout)))
 
 
-def load_pair(image: str, labels: str, sections: tuple[int, int], name: str):
+def load_pair(image: str, labels: str, sections: tuple[int, int], name: str
+              ) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8, ids int64), both z,y,x, checked to agree."""
     if labels == image:
         raise InputError(f"--labels is the image ({image}): give the ground-truth segmentation")

@@ -3,6 +3,8 @@ batch, so thin boundaries weigh as much as the interiors they separate."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -32,5 +34,5 @@ def balanced_binary_cross_entropy(logits: torch.Tensor, target: torch.Tensor) ->
     return torch.stack(losses).mean()
 
 
-def loss_for(head: str):
+def loss_for(head: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return balanced_cross_entropy if head == "boundary" else balanced_binary_cross_entropy

@@ -14,6 +14,7 @@ import json
 import math
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -225,7 +226,7 @@ class Trainer:
             },
         }
 
-    def batches(self):
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, targets) for iterations self.iteration .. cfg.iterations - 1, in order:
         prepared by cfg.workers processes (pinned for a GPU), or here when it is 0."""
         cfg = self.cfg

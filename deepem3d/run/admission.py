@@ -25,10 +25,15 @@ import os
 import posixpath
 import re
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from deepem3d.errors import InputError
 from deepem3d.stages.frame import WRAPPED_MODULE, WRAPPED_TASKS, wrapped_name
 from deepem3d.storage.layers import cloudpath
+
+if TYPE_CHECKING:
+    from taskqueue.queueablefns import FunctionTask
+    from taskqueue.registered_task import RegisteredTask
 
 #: (module, function) of every deepem3d task a worker runs; tests/test_workers.py checks that
 #: this is every queueable function deepem3d registers
@@ -152,7 +157,8 @@ def _wrapped(inner, prefixes: tuple[str, ...]) -> None:
     _check_components(name, (arguments.get(arg) for arg in WRAPPED_COMPONENTS))
 
 
-def admit(task, *, prefixes: tuple[str, ...] = (), imported: Iterable[str] = ()) -> str:
+def admit(task: FunctionTask | RegisteredTask, *, prefixes: tuple[str, ...] = (),
+          imported: Iterable[str] = ()) -> str:
     """Check a deserialised task (taskqueue's FunctionTask or RegisteredTask) before it runs;
     returns its name, or raises Refused. `imported`: modules whose tasks the worker was told
     to run as well. Whatever a malformed message makes the checks raise is a refusal too."""

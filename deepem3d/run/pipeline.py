@@ -55,10 +55,14 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deepem3d.axes import LARGEST_COORDINATE
 from deepem3d.errors import InputError
 from deepem3d.units import parse_bytes
+
+if TYPE_CHECKING:
+    import yaml
 
 VERSION = 1
 SAMPLE = "sample:isbi2012"
@@ -203,13 +207,13 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def unique_keys_loader():
+def unique_keys_loader() -> type[yaml.SafeLoader]:
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
     last silently: a second `inference:` would replace the first)."""
     import yaml
 
     class UniqueKeys(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
+        def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
             if isinstance(node, yaml.MappingNode):
                 seen = set()
                 for key_node, _ in node.value:

@@ -14,11 +14,16 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
 
 from deepem3d.errors import InputError
 from deepem3d.storage.cloud import boto_config
+
+if TYPE_CHECKING:
+    from botocore.client import BaseClient
+    from taskqueue import TaskQueue
 
 SCHEMES = ("fq", "sqs")
 INSERT_BATCH = 1000  # tasks inserted per call: planning never holds a whole stage's tasks
@@ -58,7 +63,7 @@ def check_queue(url: str) -> str:
     return url
 
 
-def look_up_sqs_queue(url: str):
+def look_up_sqs_queue(url: str) -> BaseClient:
     """The SQS client that found the queue sqs://NAME; a missing queue, an endpoint that does
     not answer or missing credentials are one-line InputErrors within seconds."""
     sqs = sqs_client()
@@ -76,7 +81,7 @@ def check_existing_queue(url: str) -> str:
     return url
 
 
-def sqs_client():
+def sqs_client() -> BaseClient:
     """A boto3 SQS client with bounded timeouts; endpoint, region and credentials from the
     usual places (AWS_ENDPOINT_URL_SQS, AWS_DEFAULT_REGION, the environment, the pod's role)."""
     import boto3
@@ -87,7 +92,7 @@ def sqs_client():
         raise InputError(f"cannot reach SQS: {err} (set AWS_DEFAULT_REGION)") from None
 
 
-def sqs_call(what: str, fn, **kwargs):
+def sqs_call(what: str, fn: Callable[..., dict], **kwargs: Any) -> dict:
     """One SQS call, its failures (no credentials, no answer, no such queue) as one-line
     InputErrors that name no credential."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -123,7 +128,7 @@ def check_lease(url: str, seconds: int) -> None:
                          f"{MIN_FILE_LEASE_SECONDS}")
 
 
-def open_queue(url: str):
+def open_queue(url: str) -> TaskQueue:
     """taskqueue's TaskQueue for the URL; an SQS queue is looked up first (look_up_sqs_queue)."""
     from taskqueue import TaskQueue
 
@@ -145,8 +150,8 @@ class QueueCounts:
     completed: int | None
 
 
-def queue_counts(queue) -> QueueCounts:
-    def known(value):
+def queue_counts(queue: TaskQueue) -> QueueCounts:
+    def known(value: float) -> int | None:
         value = value if value == value else None  # SQS reports NaN
         return None if value is None else int(value)
 
@@ -180,7 +185,7 @@ WORKER_IDLE_POLL_SECONDS = 0.05
 
 
 def spawn_workers(url: str, count: int, lease_seconds: int = 600,
-                  log_file=None) -> list[subprocess.Popen]:
+                  log_file: IO[bytes] | None = None) -> list[subprocess.Popen]:
     """Start `count` `deepem3d worker` processes for a local run: they drain `url` stage
     after stage, and stop when told (SIGTERM) or when the process that started them is gone.
     Their log goes to `log_file` when given (a progress bar owns the terminal meanwhile)."""

@@ -47,6 +47,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from taskqueue import QueueEmptyError
 from taskqueue.lib import jsonify
@@ -58,6 +59,10 @@ from deepem3d.run.admission import Refused, admit, normal_path
 from deepem3d.run.file_queue import UNREADABLE_GRACE, FileQueue, task_id
 from deepem3d.run.queues import check_lease, open_queue, sqs_call
 from deepem3d.stages.frame import Markers, frame_run, stage_label
+
+if TYPE_CHECKING:
+    from taskqueue.queueablefns import FunctionTask
+    from taskqueue.registered_task import RegisteredTask
 
 log = logging.getLogger("deepem3d.run.worker")
 
@@ -100,7 +105,8 @@ def _last_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
-def record_error(task, err: BaseException, attempt: int | None) -> None:
+def record_error(task: FunctionTask | RegisteredTask, err: BaseException,
+                 attempt: int | None) -> None:
     """The frame task's error record (nothing for a task outside the frame). `attempt` None
     (SQS, where the worker counts nothing): one more than the last record's."""
     run = frame_run(task)
@@ -117,14 +123,14 @@ def record_error(task, err: BaseException, attempt: int | None) -> None:
         log.warning("could not write the error record of task %s: %s", run.get("id"), failure)
 
 
-def stage_of(task) -> str:
+def stage_of(task: FunctionTask | RegisteredTask) -> str:
     """`stage LAYER/STAGE TASK-ID` of a frame task (what a log reader needs to know what is
     in flight), or `-` for a task outside the frame."""
     run = frame_run(task)
     return "-" if run is None else f"stage {stage_label(run)} {run.get('id')}"
 
 
-def expected_seconds(task) -> float | None:
+def expected_seconds(task: FunctionTask | RegisteredTask) -> float | None:
     """How long a frame task takes: the longest of its stage's first EXPECTED_SAMPLE markers
     (None for a task outside the frame, a stage with no marker yet, or markers out of reach)."""
     run = frame_run(task)

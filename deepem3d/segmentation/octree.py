@@ -36,12 +36,15 @@ import functools
 import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from deepem3d.segmentation.agglomeration import Method, _mean, _watershed
 from deepem3d.segmentation.region_graph import RegionGraph
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
 
 __all__ = [
     "BlockFaces",
@@ -114,7 +117,7 @@ class Octree:
         limit = BINARY_ABOVE if binary_above is None else int(binary_above)
         cuts = [_halvings(c) for c in counts]
 
-        def longest(depth) -> list[int]:  # per axis, the largest node's extent in voxels
+        def longest(depth: Shape3) -> list[int]:  # per axis, the largest node's extent in voxels
             return [int(np.diff(c[d]).max()) * e for c, d, e in zip(cuts, depth, extent)]
 
         steps = [(0, 0, 0)]
@@ -769,7 +772,7 @@ def dust_arrays(result: DustResult) -> dict[str, np.ndarray]:
     history = [(a, k[0], k[1], i) for a in anchors for k, i in regions[a].history]
     edges = sorted(result.residual.edges.items())
 
-    def col(rows: list, k: int, dtype) -> np.ndarray:
+    def col(rows: list, k: int, dtype: DTypeLike) -> np.ndarray:
         return np.asarray([r[k] for r in rows], dtype)
 
     return {

@@ -30,11 +30,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numba import njit
 
 from deepem3d.segmentation.supervoxels import NO_ROOT, ChunkExits, find_root
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+
+    from deepem3d.segmentation.octree import Octree
 
 __all__ = ["PARTS", "Faces", "ReduceResidual", "Resolved", "down", "faces_from_arrays",
            "reduce_arrays", "reduce_leaf", "reduce_node", "reduce_octree", "residual_from_arrays",
@@ -239,7 +245,7 @@ def reduce_node(
     order = np.argsort(key, kind="stable")
     key = key[order]
 
-    def field(name: str, dtype) -> np.ndarray:
+    def field(name: str, dtype: DTypeLike) -> np.ndarray:
         return _take(children, name, dtype)[order]
 
     flat = field("flat", bool)
@@ -449,7 +455,7 @@ def down(resolved: Resolved, above: tuple[np.ndarray, np.ndarray], keys: np.ndar
     return ids
 
 
-def reduce_octree(octree, blocks: Sequence[tuple[int, int, int]],
+def reduce_octree(octree: Octree, blocks: Sequence[tuple[int, int, int]],
                   exits: Sequence[ChunkExits], block_shape: Sequence[int],
                   dataset: Sequence[int]) -> list[np.ndarray]:
     """`resolve_supervoxels`, node by node over `octree` (deepem3d.segmentation.octree.Octree)

@@ -671,7 +671,8 @@ def finish_chunk_graph(
     node_floors = [g.floors]
     us, vs, counts, totals, saddles = [], [], [], [], []
 
-    def add(a, b, count, total, saddle):
+    def add(a: np.ndarray, b: np.ndarray, count: np.ndarray, total: np.ndarray,
+            saddle: np.ndarray) -> None:
         same = a == b
         if local.affinity and same.any():
             node_ids.append(a[same])

@@ -564,7 +564,7 @@ def _min_per_label(label_of_src, dst, n_labels):
 
 
 @njit(cache=True)
-def find_root(parent, i):
+def find_root(parent: np.ndarray, i: int) -> int:
     """Union-find root of i with path halving (numba; the agglomeration's too)."""
     while parent[i] != i:
         parent[i] = parent[parent[i]]

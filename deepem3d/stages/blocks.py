@@ -25,7 +25,8 @@ def check_task_shape(task_shape: Sequence[int], chunk: Sequence[int]) -> tuple[i
     return task_shape
 
 
-def check_bounds(bounds: Bbox | None, offset, size, path: str, mip: int) -> Bbox:
+def check_bounds(bounds: Bbox | None, offset: Sequence[int], size: Sequence[int], path: str,
+                 mip: int) -> Bbox:
     """The bounds (default: the whole volume), or an InputError if they reach outside it."""
     volume = Bbox(offset, np.asarray(offset) + np.asarray(size))
     if bounds is None:
@@ -40,7 +41,8 @@ def check_bounds(bounds: Bbox | None, offset, size, path: str, mip: int) -> Bbox
     return bounds
 
 
-def align_to_chunks(bounds: Bbox, offset, size, chunk) -> Bbox:
+def align_to_chunks(bounds: Bbox, offset: Sequence[int], size: Sequence[int],
+                    chunk: Sequence[int]) -> Bbox:
     """Bounds grown to the chunk grid (anchored at the voxel offset), clipped to the volume."""
     offset, size, chunk = (np.asarray(v, dtype=int) for v in (offset, size, chunk))
     lo = offset + (np.asarray(bounds.minpt) - offset) // chunk * chunk
@@ -79,7 +81,8 @@ class BlockGrid(Sequence):
         return (self[i] for i in range(len(self)))
 
 
-def block_grid(bounds: Bbox, task_shape, anchor=None) -> BlockGrid:
+def block_grid(bounds: Bbox, task_shape: Sequence[int], anchor: Sequence[int] | None = None
+               ) -> BlockGrid:
     """The task blocks covering `bounds`, x fastest. Without `anchor` the grid starts at the
     bounds and the last blocks are clipped to them; with one (a point, such as the layer's
     offset) the grid's cells are `task_shape` boxes from it, each clipped to the bounds, so a
@@ -107,12 +110,12 @@ def bounds_list(bounds: Bbox) -> list[int]:
     return [int(v) for v in (*bounds.minpt, *bounds.maxpt)]
 
 
-def node_name(node) -> str:
+def node_name(node: Sequence[int]) -> str:
     """An octree node's id and file name: its grid coordinates at its level, x_y_z."""
     return "_".join(str(int(v)) for v in node)
 
 
-def block_at(node, region: list[int], task_shape) -> str:
+def block_at(node: Sequence[int], region: list[int], task_shape: Sequence[int]) -> str:
     """The id of the block at grid coordinates `node` of the region's block grid (the region
     x0,y0,z0,x1,y1,z1; the last blocks clipped to it)."""
     lo = [r + int(n) * int(t) for r, n, t in zip(region[:3], node, task_shape)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -78,7 +79,7 @@ class DownsamplePlan:
         )
 
 
-def default_factor(resolution) -> tuple[int, int, int]:
+def default_factor(resolution: Sequence[float]) -> tuple[int, int, int]:
     """(2,2,1) for anisotropic data (z coarser than 1.5x xy), else (2,2,2)."""
     x, y, z = (float(r) for r in resolution)
     return (2, 2, 1) if z > 1.5 * min(x, y) else (2, 2, 2)
@@ -158,7 +159,8 @@ def plan_downsample(
     )
 
 
-def check_offset(layer_path: str, offset, factor, mip: int, asked: int | None) -> int:
+def check_offset(layer_path: str, offset: Sequence[int], factor: Sequence[int], mip: int,
+                 asked: int | None) -> int:
     """How many levels of `factor` the voxel offset at `mip` lies on the grid of; a one-line
     error when that is none, or fewer than the `asked` number (a level off its grid is drawn
     shifted). Needs only the offset, so a run checks the layers it has yet to write first."""
@@ -177,7 +179,7 @@ def _offset_grid(offset, factor, mip: int, aligned: int) -> str:
             f"grid of only {aligned} level(s) of factor {','.join(map(str, factor))}")
 
 
-def aligned_levels(offset, factor, most: int = 64) -> int:
+def aligned_levels(offset: Sequence[int], factor: Sequence[int], most: int = 64) -> int:
     """How many levels of `factor` keep `offset` on each level's grid: the largest k with
     offset a multiple of factor**k on every axis (at most `most`)."""
     levels = 0
@@ -221,7 +223,7 @@ def _shard_geometry(vol, mip: int, factor, num_mips: int, memory_target: int):
     return Vec(*shape), resolutions[:max(levels, 1)]
 
 
-def shard_bytes(memory_target: int, factor) -> int:
+def shard_bytes(memory_target: int, factor: Sequence[int]) -> int:
     """Uncompressed bytes of a new level's shard: a task holds the source box (the factor's
     volume times a shard) and the levels it makes, within about `memory_target`."""
     return max(1, int(memory_target) // (4 * math.prod(factor)))
@@ -249,7 +251,7 @@ def downsample_stage(
     }
     made: list[tuple[str, partial]] = []
 
-    def make_tasks():
+    def make_tasks() -> Iterator[tuple[str, partial]]:
         # igneous adds the scales to the info when asked for the tasks, and appends its
         # provenance when they have all been listed: list them once
         if not made:

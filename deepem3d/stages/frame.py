@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from cloudfiles import CloudFiles
 from taskqueue import queueable
@@ -54,9 +55,13 @@ from deepem3d.errors import InputError
 from deepem3d.memory import peak_rss, reset_peak
 from deepem3d.storage.layers import cloudpath, info_naming
 
+if TYPE_CHECKING:
+    from taskqueue.queueablefns import FunctionTask
+    from taskqueue.registered_task import RegisteredTask
+
 log = logging.getLogger("deepem3d.stages")
 
-def digest(value) -> str:
+def digest(value: object) -> str:
     """A short, stable digest of plain JSON data (run keys, task ids)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -245,7 +250,7 @@ def stage_task(fn: Callable) -> Callable:
     frame consumes. `fn` returns a dict of what it counted (kept in its marker) or None."""
 
     @functools.wraps(fn)
-    def task(*args, run: dict, **kwargs) -> None:
+    def task(*args: Any, run: dict, **kwargs: Any) -> None:
         run_in_frame(fn, run, args, kwargs)
 
     signature = inspect.signature(fn)
@@ -260,7 +265,7 @@ def stage_task(fn: Callable) -> Callable:
 # Third-party tasks (igneous's) inside the frame
 
 
-def frame_run(task) -> dict | None:
+def frame_run(task: FunctionTask | RegisteredTask | list | dict) -> dict | None:
     """The frame's `run` ({"layer", "stage", "id", "key"}) of a task or its JSON payload, or
     None for a task outside the frame."""
     if isinstance(task, list | dict):
@@ -277,7 +282,7 @@ def stage_label(run: dict) -> str:
     return f"{str(run['layer']).rstrip('/').rsplit('/', 1)[-1]}/{run.get('stage')}"
 
 
-def payload_of(task) -> list | dict:
+def payload_of(task: FunctionTask | RegisteredTask | partial) -> list | dict:
     """A task as its plain-JSON payload: a list for a queueable function (taskqueue's
     FunctionTask), a dict with its "class" for a RegisteredTask (igneous's MeshTask...)."""
     payload = totask(task).payload()
@@ -312,7 +317,7 @@ WRAPPED_TASKS = {
 WRAPPED_MODULE = "igneous.tasks"
 
 
-def wrapped_name(task) -> str:
+def wrapped_name(task: object) -> str:
     """The name of the igneous task a MarkedTask payload wraps; an InputError for anything
     but one of WRAPPED_TASKS."""
     if isinstance(task, dict):  # a RegisteredTask (MeshTask, SkeletonTask...)
@@ -362,7 +367,7 @@ def _run_marked(task: list | dict) -> dict:
     return {"wrapped": name if isinstance(task, dict) else task[0]}
 
 
-def marked(task, names: dict | None = None) -> tuple[str, partial]:
+def marked(task: RegisteredTask | partial, names: dict | None = None) -> tuple[str, partial]:
     """(task id, the third-party task wrapped in MarkedTask), without the frame's `run`."""
     payload = payload_of(task)
     if names:

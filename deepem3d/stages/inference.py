@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator, Sequence
 from functools import partial
 
 import numpy as np
@@ -32,6 +33,7 @@ from deepem3d.memory import reusing_freed_memory
 from deepem3d.models.sliding import (
     COMBINE,
     PatchGeometry,
+    Predictor,
     Stats,
     input_box,
     predict_block,
@@ -192,9 +194,9 @@ class _Sections:
         return np.concatenate([data[max(lo - a, 0):hi - a] for a, data in parts])
 
 
-def predict_slabs(predictors, vol: CloudVolume, out_vol: CloudVolume, bbox: Bbox,
-                  geometry: PatchGeometry, *, tta: int, dtype: str, stats: Stats
-                  ) -> tuple[int, dict]:
+def predict_slabs(predictors: Sequence[Predictor] | Predictor, vol: CloudVolume,
+                  out_vol: CloudVolume, bbox: Bbox, geometry: PatchGeometry, *, tta: int,
+                  dtype: str, stats: Stats) -> tuple[int, dict]:
     """Predict and write the block one output-chunk-deep slab at a time, as a pipeline: the
     next slab's input is read and the last slab's map written (each in a thread of its own)
     while this slab is predicted. A GPU waits for no I/O between slabs; each slab's bytes are
@@ -311,7 +313,7 @@ def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
         mask_mip=plan.mask_mip, torch_version=torch_version,
     )
 
-    def make_tasks():
+    def make_tasks() -> Iterator[tuple[str, partial]]:
         for block in plan.blocks:
             yield block_id(block), partial(InferenceTask, bounds=bounds_list(block), **common)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from deepem3d.models.sliding import (
     HEAD_CHANNELS,
     TTA_CHOICES,
     PatchGeometry,
+    Predictor,
     abutting_tiles,
     input_box,
     patch_count,
@@ -49,6 +51,8 @@ from deepem3d.storage.sharding import default_chunk as sharded_chunk
 
 if TYPE_CHECKING:
     import torch
+
+    from deepem3d.models.network import DeepEM3DNet
 
 STAGE = "inference"
 DEVICES = ("auto", "cpu", "cuda")
@@ -262,7 +266,7 @@ def activation_bytes(config: dict, size: int, batch: int) -> int:
     live: dict[int, int] = {}
     peak = 0
 
-    def hook(module, args, output) -> None:
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         nonlocal peak
         key = id(output)
         live[key] = output.numel() * 4
@@ -328,8 +332,10 @@ def _extreme_blocks(blocks: list[Bbox]) -> list[Bbox]:
     return [b for b in blocks if all(int(b.minpt[a]) in keep[a] for a in range(3))]
 
 
-def tile_geometry(refs, nets, shapes, chunk, dataset, tta: int, dtype: str, *,
-                  batch: int | None = None, window: str = PatchGeometry.window) -> PatchGeometry:
+def tile_geometry(refs: Sequence[ModelRef], nets: Sequence[DeepEM3DNet],
+                  shapes: Sequence[Predictor], chunk: Sequence[int], dataset: Sequence[int],
+                  tta: int, dtype: str, *, batch: int | None = None,
+                  window: str = PatchGeometry.window) -> PatchGeometry:
     """The default geometry: abutting output tiles of TILE_OUTPUT px, a multiple of the chunk
     size and of the models' divisor, cut down to the layer's extent (a 512 px volume does not
     pay for a 2048 px tile; the layer's, not the bounds', so that the tiles, and the bytes, are

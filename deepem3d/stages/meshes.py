@@ -17,6 +17,7 @@ task-creation functions and runs its tasks, as it does for downsampling.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from deepem3d.stages.frame import Stage
@@ -58,14 +59,14 @@ def mesh_stages(plan: MeshPlan, *, source_key: str = "",
                   "sharded": plan.sharded, "spatial_index": plan.spatial_index,
                   "source_key": source_key, "merge_prefix_digits": digits}
 
-    def forge():
+    def forge() -> Iterable:
         from igneous.task_creation import create_meshing_tasks
 
         return create_meshing_tasks(plan.layer_path, plan.mip, shape=plan.task_shape,
                                     mesh_dir=MESH_DIR, spatial_index=plan.spatial_index,
                                     sharded=plan.sharded)
 
-    def merge():
+    def merge() -> Iterable:
         from igneous.task_creation import (
             create_mesh_manifest_tasks,
             create_sharded_multires_mesh_tasks,

@@ -20,6 +20,8 @@ from deepem3d.models.sliding import ModelPredictor
 if TYPE_CHECKING:
     import torch
 
+    from deepem3d.models.network import DeepEM3DNet
+
 # torch and deepem3d.models load inside the functions that need them: every worker imports
 # this module (through the inference stage, which registers InferenceTask), most never predict.
 
@@ -47,7 +49,7 @@ def model_location(name: str) -> str:
     return os.path.abspath(os.path.expanduser(name))
 
 
-def _build(payload: dict) -> torch.nn.Module:
+def _build(payload: dict) -> DeepEM3DNet:
     from deepem3d.models import build_model
 
     meta = payload["meta"]
@@ -61,7 +63,7 @@ def _build(payload: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def inspect_model(name: str) -> tuple[ModelRef, torch.nn.Module]:
+def inspect_model(name: str) -> tuple[ModelRef, DeepEM3DNet]:
     """Load and check a checkpoint (InputError when missing, corrupted or incompatible)."""
     from deepem3d.models.checkpoint import load_checkpoint
 

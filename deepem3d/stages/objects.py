@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloudfiles import CloudFiles
 
@@ -29,12 +31,15 @@ from deepem3d.errors import InputError
 from deepem3d.stages.frame import Markers, Stage, digest, marked
 from deepem3d.storage.layers import cloudpath, info_naming, open_layer
 
+if TYPE_CHECKING:
+    from cloudvolume import CloudVolume
+
 #: the voxel size products are made at, when no mip is given: the first mip whose in-plane
 #: resolution reaches this fraction of z (near isotropic; EM sections are thick)
 ISOTROPY = 0.3
 
 
-def near_isotropic_mip(vol) -> int:
+def near_isotropic_mip(vol: CloudVolume) -> int:
     """The first mip whose in-plane resolution reaches ISOTROPY of its z resolution."""
     for mip in vol.available_mips:
         x, y, z = (float(r) for r in vol.meta.resolution(mip))
@@ -43,7 +48,8 @@ def near_isotropic_mip(vol) -> int:
     return max(vol.available_mips)
 
 
-def segmentation_at(layer_path: str, mip: int | None, product: str, noun: str):
+def segmentation_at(layer_path: str, mip: int | None, product: str, noun: str
+                    ) -> tuple[str, CloudVolume, int]:
     """(normalised layer path, the layer, the mip) after checking that the layer is a
     segmentation and has the mip (default: the first near-isotropic one). `product` and
     `noun` spell it in messages: "meshes", "mesh"."""
@@ -88,9 +94,13 @@ class ObjectPlan:
                 f"{self.layer_path}/{self.DIRECTORY}")
 
 
-def plan_objects(cls, layer_path: str, mip: int | None, task_shape, default_shape,
+_PlanT = TypeVar("_PlanT", bound=ObjectPlan)  # plan_objects returns the subclass it is given
+
+
+def plan_objects(cls: type[_PlanT], layer_path: str, mip: int | None,
+                 task_shape: Sequence[int] | None, default_shape: Sequence[int],
                  sharded: bool, spatial_index: bool | None, product: str, noun: str,
-                 **extra):
+                 **extra: Any) -> _PlanT:
     """A `cls` plan after checking the layer, its mip and the sharding. Reads the info only."""
     layer_path, vol, mip = segmentation_at(layer_path, mip, product, noun)
     index = spatial_index_for(product, sharded, spatial_index)
@@ -216,7 +226,7 @@ class ObjectStages:
         tasks: list = []
         in_worker = {"layer": self.layer_path, "info": names}
 
-        def make_tasks():
+        def make_tasks() -> Iterator[tuple[str, partial]]:
             if not tasks:
                 with creating(self.layer_path, names):
                     tasks.extend(marked(task, in_worker) for task in create())

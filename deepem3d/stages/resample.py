@@ -20,6 +20,7 @@ for integer downsampling `deepem3d downsample` averages (no aliasing).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import partial
@@ -57,7 +58,8 @@ BYTES_PER_VOXEL = 40
 SECONDS_PER_VOXEL = 56e-9
 
 
-def target_geometry(resolution, offset, size, target) -> tuple[list[int], list[int]]:
+def target_geometry(resolution: Sequence[float], offset: Sequence[int], size: Sequence[int],
+                    target: Sequence[float]) -> tuple[list[int], list[int]]:
     """(voxel offset, size) of the target grid, per axis (see the module's formulas; round
     is half up), in exact fractions of the resolutions as written (4.6 is 23/5: 100 x 4.6 /
     4 is 115, not the 114.99999999999999 of floats)."""
@@ -77,7 +79,8 @@ def _samples(lo: int, hi: int, r_s: float, r_t: float, o_s: int, n_s: int):
     return below, j - below
 
 
-def source_box(target: Bbox, resolution, offset, size, target_res) -> Bbox:
+def source_box(target: Bbox, resolution: Sequence[float], offset: Sequence[int],
+               size: Sequence[int], target_res: Sequence[float]) -> Bbox:
     """The source voxels (absolute) a target block reads."""
     lo, hi = [], []
     for axis in range(3):
@@ -88,8 +91,9 @@ def source_box(target: Bbox, resolution, offset, size, target_res) -> Bbox:
     return Bbox(lo, hi)
 
 
-def resample_block(source: np.ndarray, source_lo, target: Bbox, resolution, offset, size,
-                   target_res) -> np.ndarray:
+def resample_block(source: np.ndarray, source_lo: Sequence[int], target: Bbox,
+                   resolution: Sequence[float], offset: Sequence[int], size: Sequence[int],
+                   target_res: Sequence[float]) -> np.ndarray:
     """The target block (x, y, z uint8) from `source` (x, y, z, starting at the absolute
     source voxel `source_lo`): linear, axis by axis, as the module says."""
     values = source.astype(np.float64)
@@ -154,7 +158,7 @@ class ResamplePlan:
                 "fill_missing": self.fill_missing}
 
     def describe(self) -> str:
-        def nm(values) -> str:
+        def nm(values: Sequence[float]) -> str:
             return "x".join(f"{v:g}" for v in values)
 
         return (f"{len(self.blocks)} ResampleTask(s) of up to "
@@ -170,14 +174,15 @@ class ResamplePlan:
 RESAMPLE_FACTOR = 4.0
 
 
-def within_resample_range(source, target) -> bool:
+def within_resample_range(source: Sequence[float], target: Sequence[float]) -> bool:
     """Whether `deepem3d resample` takes an image from `source` to `target` nm (x, y, z)."""
     return all(1 / RESAMPLE_FACTOR <= float(s) / float(t) <= RESAMPLE_FACTOR
                for s, t in zip(source, target))
 
 
-def plan_resample(image_path: str, output_path: str, *, resolution, mip: int = 0,
-                  task_shape=None, chunk_size=None, fill_missing: bool = False,
+def plan_resample(image_path: str, output_path: str, *, resolution: Sequence[float],
+                  mip: int = 0, task_shape: Sequence[int] | None = None,
+                  chunk_size: Sequence[int] | None = None, fill_missing: bool = False,
                   overwrite: bool = False) -> ResamplePlan:
     """Check the inputs and work out the target grid and blocks; reads infos only."""
     image_path, output_path = cloudpath(image_path), cloudpath(output_path)
@@ -228,7 +233,7 @@ def resample_stage(plan: ResamplePlan, *, overwrite: bool = False) -> Stage:
     common = dict(image_path=plan.image_path, output_path=plan.output_path, mip=plan.mip,
                   target=list(plan.resolution), fill_missing=plan.fill_missing)
 
-    def make_tasks():
+    def make_tasks() -> Iterator[tuple[str, partial]]:
         return ((block_id(b), partial(ResampleTask, bounds=bounds_list(b), **common))
                 for b in plan.blocks)
 

@@ -10,6 +10,7 @@ volume of any size is scored in bounded memory. The scores are those of
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 from cloudvolume import CloudVolume
@@ -47,7 +48,8 @@ def score_layers(seg_vol: CloudVolume, gt_vol: CloudVolume, bbox: Bbox,
 
 
 def plan_blocks(
-    bbox: Bbox, chunk_size, voxel_offset, max_voxels: int = MAX_BLOCK_VOXELS
+    bbox: Bbox, chunk_size: Sequence[int], voxel_offset: Sequence[int],
+    max_voxels: int = MAX_BLOCK_VOXELS,
 ) -> list[Bbox]:
     """Cut `bbox` into blocks on the chunk grid: one chunk thick in z, whole in y and x unless
     that exceeds `max_voxels`, then as many whole chunk rows (and columns) as fit."""

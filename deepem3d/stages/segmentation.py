@@ -18,9 +18,10 @@ deepem3d.stages.segment_costs.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import numpy as np
 from cloudfiles import CloudFiles
@@ -39,7 +40,7 @@ from deepem3d.stages.blocks import (
     check_task_shape,
     node_name,
 )
-from deepem3d.stages.frame import Markers, Stage, digest
+from deepem3d.stages.frame import Markers, Stage, TaskList, digest
 from deepem3d.stages.graph import RegionGraphTask
 from deepem3d.stages.octree import OctreeDownTask, OctreeNodeTask, RemapTask
 from deepem3d.stages.segment_costs import (
@@ -650,7 +651,7 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
     the first one waits for (the map's inference, in a pipeline)."""
     out = plan.output_path
 
-    def each_block():
+    def each_block() -> Iterator[tuple[str, list[int]]]:
         return ((block_id(b), bounds_list(b)) for b in plan.blocks)
 
     segmented, segmented_mip = plan.segmented_map
@@ -658,11 +659,12 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
     tree = plan.octree
     geometry = {"grid": plan.grid, "task_shape": list(plan.task_shape), "table": plan.tuning_key}
 
-    def per_block(task, **kwargs):
+    def per_block(task: Callable[..., None], **kwargs: Any) -> TaskList:
         return lambda: ((i, partial(task, bounds=b, output_path=out, **kwargs))
                         for i, b in each_block())
 
-    def per_node(task, level, *, with_table: bool = True, **kwargs):
+    def per_node(task: Callable[..., None], level: int, *, with_table: bool = True,
+                 **kwargs: Any) -> TaskList:
         """A task per node of `level`; the reduce's take no run key (`with_table` False)."""
         extra = geometry if with_table else {k: geometry[k] for k in ("grid", "task_shape")}
         return lambda: ((node_name(n), partial(task, output_path=out, level=level, node=list(n),

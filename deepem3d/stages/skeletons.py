@@ -17,6 +17,7 @@ time for sharded skeletons, which igneous's sharded merge needs and does not che
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from deepem3d.stages.frame import Stage
@@ -78,7 +79,7 @@ def skeleton_stages(plan: SkeletonPlan, *, source_key: str = "",
                   "min_cable_nm": plan.min_cable_nm, "tick_threshold": plan.tick_threshold,
                   "source_key": source_key, "merge_prefix_digits": digits}
 
-    def forge():
+    def forge() -> Iterable:
         from igneous.task_creation import create_skeletonizing_tasks
 
         return create_skeletonizing_tasks(
@@ -86,7 +87,7 @@ def skeleton_stages(plan: SkeletonPlan, *, source_key: str = "",
             teasar_params=dict(TEASAR_PARAMS), dust_threshold=plan.dust_threshold,
             sharded=plan.sharded, spatial_index=plan.spatial_index)
 
-    def merge():
+    def merge() -> Iterable:
         from igneous.task_creation import (
             create_sharded_skeleton_merge_tasks,
             create_unsharded_skeleton_merge_tasks,

@@ -40,6 +40,7 @@ the segmentation of the cropped map, with ids that mean the same voxel in every 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
@@ -124,7 +125,7 @@ def _read_box(vol: CloudVolume, output_path: str, bounds: list[int], dataset: li
         return map_box(vol, box_lo, box_hi)
     files = work_files(output_path)
 
-    def slab(lo, hi, name):
+    def slab(lo: tuple[int, ...], hi: tuple[int, ...], name: str) -> np.ndarray:
         return get_npz(files, f"halo/{block_id(Bbox(lo, hi))}/{name}.npz")["slab"]
 
     return assemble_halo_box(map_box(vol, bounds[:3], bounds[3:]), (bounds[:3], bounds[3:]),
@@ -164,7 +165,8 @@ def SupervoxelTask(  # noqa: N802
             "stored_bytes": stored}
 
 
-def volume_ids(table: np.ndarray, origin, region_shape, volume_shape) -> np.ndarray:
+def volume_ids(table: np.ndarray, origin: Sequence[int], region_shape: Sequence[int],
+               volume_shape: Sequence[int]) -> np.ndarray:
     """Supervoxel ids 1 + (index in the region) as 1 + (index in the whole layer); 0 stays 0.
 
     Both indices run x fastest; the map is strictly increasing, so orders and minima of ids,

@@ -20,6 +20,7 @@ B is a block id, x0-x1_y0-y1_z0-z1 in absolute voxels.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from cloudfiles import CloudFiles
@@ -66,7 +67,7 @@ def map_volume(path: str, mip: int) -> CloudVolume:
     return CloudVolume(path, mip=mip, progress=False, non_aligned_writes=False)
 
 
-def map_box(vol: CloudVolume, lo, hi) -> np.ndarray:
+def map_box(vol: CloudVolume, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
     """The map over [lo, hi): x, y, z for a boundary map, x, y, z, 3 for affinities."""
     try:
         box = np.asarray(vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 from deepem3d.errors import InputError
+
+if TYPE_CHECKING:
+    from botocore.config import Config
 
 #: seconds to wait for a connection to an AWS endpoint (S3 or SQS), and tries: an endpoint
 #: that does not answer is an error within seconds (botocore's defaults wait minutes)
@@ -30,7 +34,7 @@ ATTEMPTS = 2
 READ_SECONDS = 30
 
 
-def boto_config():
+def boto_config() -> Config:
     """botocore's client settings for every AWS call deepem3d makes itself: the bounds above."""
     from botocore.config import Config
 

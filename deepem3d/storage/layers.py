@@ -13,6 +13,7 @@ import platform
 import socket
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from cloudfiles import CloudFiles
@@ -70,7 +71,7 @@ def info_exists(path: str) -> bool:
     return CloudFiles(cloudpath(path)).exists("info")
 
 
-def open_layer(path: str, mip: int = 0, **kwargs) -> CloudVolume:
+def open_layer(path: str, mip: int = 0, **kwargs: Any) -> CloudVolume:
     """Open an existing layer, or fail with a one-line InputError that says what to do."""
     path = cloudpath(path)
     check_bucket(path)
@@ -413,7 +414,7 @@ def info_naming(layer_path: str, names: dict[str, str]) -> Iterator[None]:
     target = cloudpath(layer_path).rstrip("/")
     original = PrecomputedMetadata.fetch_info
 
-    def fetch_info(self):
+    def fetch_info(self: PrecomputedMetadata) -> dict:
         info = original(self)
         if cloudpath(self.cloudpath).rstrip("/") == target:
             for key, directory in names.items():
