@@ -230,6 +230,32 @@ def test_retried_and_duplicated_tasks_rewrite_the_same_bytes(setup):
     assert start_stage(inference_stage(plan)) == []  # a re-run skips finished tasks
 
 
+def test_a_run_keyed_by_the_full_torch_version_resumes_under_that_key(setup, monkeypatch):
+    """Runs once keyed their inference by torch.__version__ (2.13.0+cpu), now by the release
+    (2.13.0): such a run, resumed, skips its finished tasks instead of starting again."""
+    import torch
+
+    from deepem3d.stages import inference as inference_module
+    from deepem3d.stages.model_refs import torch_release
+
+    output = f"file://{setup['root'] / 'out_legacy_key'}"
+
+    def plan():
+        return plan_inference(setup["image"], output, models=[setup["ckpt"]],
+                              task_shape=SHAPES["A"], chunk_size=CHUNK, patch=GEOMETRY)
+
+    monkeypatch.setattr(torch, "__version__", f"{torch_release()}+cu128")
+    with monkeypatch.context() as before:  # the key as runs made it before
+        before.setattr(inference_module, "torch_release", lambda: str(torch.__version__))
+        first = inference_stage(plan())
+        tasks = start_stage(first)
+        for _, task in tasks[:2]:
+            task()
+    again = inference_stage(plan())
+    assert again.key == first.key
+    assert len(start_stage(again)) == len(tasks) - 2 > 0
+
+
 def test_cli_with_worker_processes(setup, tmp_path):
     output = f"file://{tmp_path / 'out'}"
     second, second_model = make_model(tmp_path / "second.pt", seed=1)
