@@ -80,7 +80,10 @@ def test_tune_prints_scores_and_writes_the_best_setting(finished, tmp_path):
                     "segmentation: {method: watershed}\n")
     table = run_cli("tune", finished["seg"], finished["gt"], "--methods", "mean",
                     "--thresholds", "0.5", "--dust-sizes", "20", "--write", flow, check=True)
-    assert "<- the run's" in table.stdout and "best: deepem3d segment" in table.stdout
+    assert "<- the run's" in table.stdout
+    # the flags that segment the map as it was scored: the run's sigma and dust mode too
+    assert ("best: deepem3d segment ... --method mean --threshold 0.5 --dust-size 20 "
+            "--dust-mode merge --sigma 0") in table.stdout, table.stdout
     assert "rewritten whole" in table.stdout
     assert yaml.safe_load(flow.read_text())["segmentation"] == {
         "method": "mean", "threshold": 0.5, "dust_size": 20, "sigma": 0.0, "dust_mode": "merge"}

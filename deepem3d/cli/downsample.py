@@ -25,7 +25,8 @@ from deepem3d.storage.layers import cloudpath
 @click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
               help="Read this mip; write the levels above it.")
 @click.option("--num-mips", type=click.IntRange(min=1), default=None,
-              help="Mip levels to add (default: as many as one task's memory allows).")
+              help="Mip levels to add (default: as many as one task's memory and the voxel "
+              "offset's grid allow).")
 @click.option("--factor", type=Triple(int, example="2,2,1"), default=None,
               help="Downsampling factor per level, x,y,z (default 2,2,1 for anisotropic data).")
 @click.option("--bounds", type=Bounds(), default=None,

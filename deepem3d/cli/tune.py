@@ -15,7 +15,7 @@ from deepem3d.cli.options import Bounds, ByteSize
 from deepem3d.errors import InputError, warn
 
 if TYPE_CHECKING:
-    from deepem3d.stages.tune import Row, Setting
+    from deepem3d.stages.tune import Row
 
 
 def _floats(text: str | None, name: str) -> list[float] | None:
@@ -105,19 +105,16 @@ def tune(segmentation: str, gt: str,
     count = len(grid) * (1 if swept is None else len(swept))
     rows = list(tqdm(rows, total=count, desc="settings", disable=as_json, leave=False))
     top = best(rows)
-    def sigma_of(setting: Setting) -> float:  # the sigma a row was measured with
-        return float(own.get("sigma") or 0.0) if setting.sigma is None else setting.sigma
-
     if as_json:
         click.echo(json.dumps({
             "segmentation": path, "bounds": [int(v) for v in (*box.minpt, *box.maxpt)],
             "rows": [{"method": r.setting.method, "threshold": r.setting.threshold,
-                      "dust_size": r.setting.dust_size, "sigma": sigma_of(r.setting),
+                      "dust_size": r.setting.dust_size, "sigma": r.setting.values(own)["sigma"],
                       "segments": r.segments,
                       "adapted_rand_error": r.adapted_rand_error, "voi_split": r.voi_split,
                       "voi_merge": r.voi_merge} for r in rows],
             "best": {"method": top.setting.method, "threshold": top.setting.threshold,
-                     "dust_size": top.setting.dust_size, "sigma": sigma_of(top.setting)},
+                     "dust_size": top.setting.dust_size, "sigma": top.setting.values(own)["sigma"]},
         }))
     else:
         click.echo(f"{path} on {gt}, voxels {','.join(map(str, (*box.minpt, *box.maxpt)))}"
@@ -135,7 +132,7 @@ def tune(segmentation: str, gt: str,
             click.echo(f"{s.method:<10}{s.threshold:>10g}{s.dust_size:>6}{sigma}"
                        f"{r.segments:>10}{r.adapted_rand_error:>8.4f}{r.voi:>8.3f}"
                        f"{r.voi_split:>8.3f}{r.voi_merge:>8.3f}{mark}")
-        click.echo(f"best: deepem3d segment ... {top.setting.flags()}")
+        click.echo(f"best: deepem3d segment ... {top.setting.flags(own)}")
     if pipeline:
         kept = write_setting(pipeline, pipeline_data, top, own)
         if not as_json:
@@ -168,10 +165,7 @@ def write_setting(pipeline: str, data: dict, row: Row, run_settings: dict) -> bo
 
     from deepem3d.run.pipeline_edit import set_section_keys
 
-    sigma = row.setting.sigma if row.setting.sigma is not None else run_settings.get("sigma")
-    values = dict(method=row.setting.method, threshold=row.setting.threshold,
-                  dust_size=row.setting.dust_size, sigma=float(sigma or 0.0),
-                  dust_mode=run_settings.get("dust_mode", "merge"))
+    values = row.setting.values(run_settings)
     target = os.path.realpath(pipeline)  # a link keeps pointing at the file it named
     with open(target, newline="") as f:
         text = f.read()

@@ -7,7 +7,7 @@
     image: gs://bucket/em/image        # or `sample:isbi2012`, the embedded sample (written first)
     ground_truth: gs://bucket/em/gt    # optional: scores in report.json (`sample:isbi2012` too)
     map: gs://bucket/em/affinity       # optional: segment an existing map instead of inferring
-    products: [map, segmentation, downsample]
+    products: [map, segmentation, downsample]   # default: [map, segmentation]
     inference:                         # the `deepem3d infer` options, spelled with underscores
       model: isbi2012-small-affinity   # a shipped name, a checkpoint path or URL, or a list
       tta: 1
@@ -15,13 +15,15 @@
       sharded: true                    # a shard file per task (chunks 256 x 256 x 4 here)
       queue: inference                 # routes the stage to that queue (default: `inference`
                                        # when the file defines it, else `default`)
-    segmentation:                      # the `deepem3d segment` options; method, threshold,
-      method: mean                     # sigma and dust_size default to the settings the
-      threshold: 0.55                  # model records (shipped models do)
+    segmentation:                      # the `deepem3d segment` options; without method and
+      method: mean                     # threshold, all four settings are those the model
+      threshold: 0.55                  # records (shipped models do); with them, sigma and
+      sigma: 4                         # dust_size not given are 0
       max_task_memory: 24GiB           # refuse a plan whose largest task needs more
       sharded: true                    # a shard file per block (segmentation, smoothed map)
     downsample:
-      layers: [image, segmentation]    # default: the image and, when made, the segmentation
+      layers: [image, segmentation]    # default: the segmentation (and the image when it is
+                                       # the embedded sample)
     meshes:                            # with the `meshes` product: the `deepem3d mesh` options
       mip: 2                           # default: the first near-isotropic mip
       sharded: true                    # multi-resolution shard files (large volumes)

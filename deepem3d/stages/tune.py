@@ -64,10 +64,18 @@ class Setting:
     #: None: the run's own supervoxels (its sigma)
     sigma: float | None = None
 
-    def flags(self) -> str:
-        sigma = "" if self.sigma is None else f" --sigma {self.sigma:g}"
-        return (f"--method {self.method} --threshold {self.threshold:g} "
-                f"--dust-size {self.dust_size}{sigma}")
+    def values(self, run: dict) -> dict:
+        """The segmentation settings this row was scored with, whole: its sigma (None: the
+        run's) and the run's dust mode, which `segment --method` would set to 0 and merge."""
+        sigma = run.get("sigma") if self.sigma is None else self.sigma
+        return {"method": self.method, "threshold": self.threshold, "dust_size": self.dust_size,
+                "sigma": float(sigma or 0.0), "dust_mode": run.get("dust_mode", "merge")}
+
+    def flags(self, run: dict) -> str:
+        """`deepem3d segment`'s flags for `values(run)`."""
+        v = self.values(run)
+        return (f"--method {v['method']} --threshold {v['threshold']:g} --dust-size "
+                f"{v['dust_size']} --dust-mode {v['dust_mode']} --sigma {v['sigma']:g}")
 
 
 @dataclass(frozen=True)
