@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 import numpy as np
 import pytest
@@ -88,6 +90,58 @@ def test_a_mip_that_does_not_exist(tmp_path):
     assert_one_line_error(
         run_cli("downsample", tmp_path / "image", "--mip", "5", "--dry-run"), "mip 5"
     )
+
+
+DAMAGED_INFOS = [  # (what is changed in a sound info, the words of the message)
+    ({"scales": []}, "scales is not a list"),
+    ({"scales": None}, "scales is not a list"),
+    ({"type": "mesh"}, "type 'mesh'"),
+    ({"data_type": "banana"}, "data_type 'banana'"),
+    ({"num_channels": 0}, "num_channels 0"),
+    ({"key": None}, "scales[0] has no key"),
+    ({"resolution": None}, "scales[0].resolution None"),
+    ({"resolution": [0, 4, 50]}, "scales[0].resolution [0, 4, 50]"),
+    ({"resolution": [4, 50]}, "scales[0].resolution [4, 50]"),
+    ({"size": [0, 256, 20]}, "scales[0].size [0, 256, 20]"),
+    ({"size": [10**12, 256, 20]}, "scales[0].size"),
+    ({"voxel_offset": ["x", 0, 0]}, "scales[0].voxel_offset"),
+    ({"chunk_sizes": [[0, 64, 10]]}, "scales[0].chunk_sizes"),
+    ({"chunk_sizes": []}, "scales[0].chunk_sizes []"),
+    ({"encoding": "foo"}, "scales[0].encoding 'foo'"),
+]
+
+
+@pytest.mark.parametrize("change,words", DAMAGED_INFOS)
+def test_a_damaged_info_is_one_line_not_a_traceback(tmp_path, change, words):
+    """An info CloudVolume cannot read, or reads into a layer nothing can use, raised
+    KeyError, IndexError, ZeroDivisionError... from every command that read it, or was taken
+    (resolution 0, a mesh's type) and failed later."""
+    import json
+
+    from deepem3d.errors import InputError
+    from deepem3d.storage.layers import open_layer
+
+    path = tmp_path / "layer"
+    make_layer(path)
+    info = json.loads((path / "info").read_text())
+    for key, value in change.items():
+        (info if key in info else info["scales"][0])[key] = value
+        if value is None:
+            (info if key in info else info["scales"][0]).pop(key)
+    (path / "info").write_text(json.dumps(info))
+    with pytest.raises(InputError, match=re.escape(words)):
+        open_layer(str(path))
+
+
+def test_a_damaged_info_through_the_commands(tmp_path):
+    path = tmp_path / "layer"
+    make_layer(path)
+    (path / "info").write_text("[]")
+    assert_one_line_error(run_cli("export", path, tmp_path / "out.npy"), "not a JSON object")
+    assert not (tmp_path / "out.npy").exists()
+    (path / "info").unlink()
+    (path / "info").mkdir()
+    assert_one_line_error(run_cli("downsample", path, "--dry-run"), "cannot read", "/info")
 
 
 def test_option_types():

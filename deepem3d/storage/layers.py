@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import math
 import os
 import platform
 import socket
@@ -76,14 +77,87 @@ def open_layer(path: str, mip: int = 0, **kwargs: Any) -> CloudVolume:
     path = cloudpath(path)
     check_bucket(path)
     try:
-        return CloudVolume(path, mip=mip, progress=False, **kwargs)
+        vol = CloudVolume(path, mip=mip, progress=False, **kwargs)
     except InfoUnavailableError:
         raise InputError(
             f"no precomputed layer at {path} (no info file): check the path, or create the "
             "layer with `deepem3d ingest` or `deepem3d sample`"
         ) from None
-    except (ScaleUnavailableError, ValueError) as err:  # "MIP N not found. M available: ..."
+    except ScaleUnavailableError as err:  # "MIP N not found. M available: ..."
         raise InputError(f"cannot open {path} at mip {mip}: {err}") from None
+    except OSError as err:  # an info that is a folder, an unreadable file
+        raise InputError(f"cannot read {path}/info: {err}") from None
+    except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError,
+            OverflowError) as err:  # an info CloudVolume cannot read
+        info = _stored_info(path)
+        problem = info_problem(info) if isinstance(info, dict) else "not a JSON object"
+        raise InputError(f"{path}/info is not a precomputed info CloudVolume can read: "
+                         f"{problem or f'{type(err).__name__}: {err}'}") from None
+    problem = info_problem(vol.meta.info)
+    if problem:
+        raise InputError(f"{path}/info is not a valid precomputed info: {problem}")
+    return vol
+
+
+#: chunk encodings CloudVolume reads (cloudvolume.chunks.decode)
+ENCODINGS = ("raw", "jpeg", "jxl", "png", "compressed_segmentation", "compresso", "crackle",
+             "fpzip", "kempressed", "zfpc", "npz")
+INT32_MAX = 2**31 - 1
+
+
+def info_problem(info: dict) -> str | None:
+    """What makes `info` no precomputed image or segmentation layer, in a few words (None
+    when nothing does): the keys every reader of the layer relies on, checked up front so
+    that a damaged info is one line, not a traceback later."""
+    if info.get("type") not in ("image", "segmentation"):
+        return f"type {info.get('type')!r} is not image or segmentation"
+    try:
+        np.dtype(info.get("data_type"))
+    except TypeError:
+        return f"data_type {info.get('data_type')!r} is not a numeric type"
+    channels = info.get("num_channels")
+    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+        return f"num_channels {channels!r} is not a positive whole number"
+    scales = info.get("scales")
+    if not isinstance(scales, list) or not scales:
+        return "scales is not a list of at least one scale"
+    for i, scale in enumerate(scales):
+        where = f"scales[{i}]"
+        if not isinstance(scale, dict) or not isinstance(scale.get("key"), str) \
+                or not scale["key"]:
+            return f"{where} has no key"
+        checks = (("resolution", lambda v: isinstance(v, int | float) and 0 < v < math.inf,
+                   "positive numbers"),
+                  ("size", lambda v: _whole(v) and 0 < v <= INT32_MAX,
+                   f"whole numbers from 1 to {INT32_MAX}"),
+                  ("voxel_offset", lambda v: _whole(v) and abs(v) <= INT32_MAX,
+                   "whole numbers"))
+        for name, good, what in checks:
+            values = scale.get(name)
+            if not isinstance(values, list) or len(values) != 3 or not all(
+                    good(v) and not isinstance(v, bool) for v in values):
+                return f"{where}.{name} {values!r} is not 3 {what}"
+        chunks = scale.get("chunk_sizes")
+        if not isinstance(chunks, list) or not chunks or not all(
+                isinstance(c, list) and len(c) == 3 and all(
+                    _whole(v) and not isinstance(v, bool) and 0 < v <= INT32_MAX
+                    for v in c) for c in chunks):
+            return f"{where}.chunk_sizes {chunks!r} is not a list of x,y,z chunk sizes"
+        if scale.get("encoding") not in ENCODINGS:
+            return f"{where}.encoding {scale.get('encoding')!r} is none CloudVolume reads"
+    return None
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) or isinstance(value, float) and value.is_integer()
+
+
+def _stored_info(path: str) -> object:
+    """The info as stored (JSON), or None when it cannot be read as JSON."""
+    try:
+        return CloudFiles(path).get_json("info")
+    except Exception:  # noqa: BLE001 - only for a message: the caller refuses the layer anyway
+        return None
 
 
 #: gzip level of the chunks `write_block` writes: zlib's default. CloudVolume's own upload
