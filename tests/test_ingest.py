@@ -449,3 +449,32 @@ def test_the_uint8_window_does_not_depend_on_the_chunks(tmp_path):
         windows.append(provenance["processing"][-1]["method"]["uint8_window"])
     assert windows[0] == windows[1] == windows[2]
     assert windows[0][1] > 14000  # the last sections were seen
+
+
+@pytest.mark.parametrize("bad", [
+    ("--resolution", "1e19,4,40"),  # OverflowError from CloudVolume
+    ("--resolution", "1e-10,4,40"),  # stored as resolution 0
+    ("--resolution", "4,4,40", "--chunk-size", "2147483647,64,4"),  # int32 past the grid
+])
+def test_overwrite_with_a_layer_that_cannot_be_made_keeps_the_old_one(tmp_path, bad):
+    """The old layer's chunks were deleted, then making the new one raised (exit 1): the
+    new info is checked whole first."""
+    source = tmp_path / "in.npy"
+    np.save(source, np.zeros((4, 64, 64), np.uint8))
+    run_cli("sample", tmp_path / "old", check=True)
+    layer = tmp_path / "old" / "image"
+    before = sorted(p.name for p in layer.rglob("*"))
+    info = (layer / "info").read_bytes()
+    assert_one_line_error(cli(source, layer, *bad, "--overwrite", "--no-progress"),
+                          "cannot create a layer")
+    assert sorted(p.name for p in layer.rglob("*")) == before
+    assert (layer / "info").read_bytes() == info
+
+
+def test_a_destination_that_cannot_be_written_is_one_line(tmp_path):
+    source = tmp_path / "in.npy"
+    np.save(source, np.zeros((4, 64, 64), np.uint8))
+    # /proc takes no new folders, whoever asks (FileNotFoundError from os.makedirs)
+    assert_one_line_error(cli(source, "/proc/deepem3d-test", "--resolution", "4,4,40"),
+                          "cannot write the layer")
+    assert_one_line_error(cli(source, "file://", "--resolution", "4,4,40"), "names no folder")

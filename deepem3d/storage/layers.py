@@ -24,6 +24,7 @@ from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
 import deepem3d
 from deepem3d.errors import InputError
 from deepem3d.storage.cloud import check_bucket
+from deepem3d.units import format_triple
 
 IMAGE_DTYPES = ("uint8", "uint16", "uint32", "float32")
 SEGMENTATION_DTYPES = ("uint32", "uint64")
@@ -38,6 +39,8 @@ def cloudpath(path: str) -> str:
         raise InputError("an empty path where a layer goes: give the layer's path")
     if path.startswith("file://"):
         path = path[len("file://"):]
+        if not path.strip():
+            raise InputError("file:// names no folder: give the layer's path")
     elif "://" in path:
         return path
     return "file://" + os.path.abspath(os.path.expanduser(path))
@@ -143,6 +146,14 @@ def info_problem(info: dict) -> str | None:
                     _whole(v) and not isinstance(v, bool) and 0 < v <= INT32_MAX
                     for v in c) for c in chunks):
             return f"{where}.chunk_sizes {chunks!r} is not a list of x,y,z chunk sizes"
+        # CloudVolume's boxes are int32, and it rounds a box out to the chunk grid and a
+        # chunk beyond: that must fit too
+        grid_end = [int(o) + (-(-int(s) // int(c)) + 1) * int(c) for o, s, c in
+                    zip(scale["voxel_offset"], scale["size"], chunks[0])]
+        if max(grid_end) > INT32_MAX:
+            return (f"{where}: its chunk grid and a chunk beyond end at "
+                    f"{','.join(map(str, grid_end))}, past {INT32_MAX} (chunks larger than "
+                    "the volume?)")
         if scale.get("encoding") not in ENCODINGS:
             return f"{where}.encoding {scale.get('encoding')!r} is none CloudVolume reads"
     return None
@@ -321,23 +332,35 @@ def create_layer(
     if encoding == "compressed_segmentation" and layer_type != "segmentation":
         raise InputError("compressed_segmentation encoding is for segmentation layers only")
     check_empty(path, overwrite)
+    # the new info is checked whole before an old layer's data is deleted
+    vol, problem = None, None
+    try:
+        info = CloudVolume.create_new_info(
+            num_channels=num_channels,
+            layer_type=layer_type,
+            data_type=dtype,
+            encoding=encoding,
+            resolution=[_number(r) for r in resolution],
+            voxel_offset=[int(v) for v in voxel_offset],
+            volume_size=[int(s) for s in size],
+            chunk_size=[int(c) for c in chunk_size],
+        )
+        if sharding is not None:
+            info["scales"][0]["sharding"] = dict(sharding)
+        problem = info_problem(info)
+        vol = None if problem else CloudVolume(path, info=info, progress=False)
+    except (ValueError, OverflowError, ZeroDivisionError) as err:
+        problem = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if vol is None:
+        raise InputError(f"{path}: cannot create a layer of resolution "
+                         f"{format_triple(resolution)}, size {','.join(map(str, size))}, "
+                         f"chunks {','.join(map(str, chunk_size))}: {problem}")
     if overwrite and layer_holds_data(path):
         delete_layer_data(path)
-
-    info = CloudVolume.create_new_info(
-        num_channels=num_channels,
-        layer_type=layer_type,
-        data_type=dtype,
-        encoding=encoding,
-        resolution=[_number(r) for r in resolution],
-        voxel_offset=[int(v) for v in voxel_offset],
-        volume_size=[int(s) for s in size],
-        chunk_size=[int(c) for c in chunk_size],
-    )
-    if sharding is not None:
-        info["scales"][0]["sharding"] = dict(sharding)
-    vol = CloudVolume(path, info=info, progress=False)
-    vol.commit_info()
+    try:
+        vol.commit_info()
+    except OSError as err:  # a folder that cannot be made or written
+        raise InputError(f"cannot write the layer at {path}: {err}") from None
     if provenance is not None:
         record_provenance(vol, provenance, replace=overwrite)
     return vol
