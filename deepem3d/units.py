@@ -17,6 +17,9 @@ if TYPE_CHECKING:
         @property
         def maxpt(self) -> Iterable[float]: ...
 
+#: the largest count the segmentation's kernels (int64) and the provenance's JSON hold
+INT64_MAX = 2**63 - 1
+
 #: byte units, case-insensitive: SI (powers of 1000, as igneous's --memory counts) and IEC
 #: (powers of 1024)
 BYTE_UNITS = {

@@ -144,6 +144,22 @@ def test_a_damaged_info_through_the_commands(tmp_path):
     assert_one_line_error(run_cli("downsample", path, "--dry-run"), "cannot read", "/info")
 
 
+@pytest.mark.parametrize("args,words", [
+    (("segment", "map", "out", "--method", "mean", "--threshold", "0.5", "--dust-size",
+      str(2**64), "--dry-run"), ["--dust-size", "0<=x<=9223372036854775807"]),
+    (("tune", "seg", "gt", "--dust-sizes", f"0,{2**64}"), ["--dust-sizes", "at most"]),
+    (("worker", "fq://q", "--lease-seconds", str(10**17)), ["--lease-seconds", "1<=x<=43200"]),
+    (("worker", "fq://q", "--import", ""), ["--import", "Empty module name"]),
+    (("queue", "create", "sqs://a b"), ["sqs://a b", "1 to 68 letters"]),
+    (("view", "layer", "--bind-address", ""), ["--bind-address", "0.0.0.0"]),
+])
+def test_values_past_what_the_tools_hold_are_refused(tmp_path, args, words):
+    """A dust size past int64 failed in orjson after the segmentation was written, a lease
+    of 10^17 s killed the renewal thread, an empty --import or bind address was a traceback
+    or a URL with no host, an SQS name with a space waited for AWS to refuse it."""
+    assert_one_line_error(run_cli(*args), *words)
+
+
 def test_option_types():
     """x,y,z triples, bounds and byte sizes: one parser each, errors naming the option."""
 

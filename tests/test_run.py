@@ -201,6 +201,8 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["segmentation.max_task_memory", "24GiB"]),
     ("sharded", {"segmentation:\n": "segmentation:\n  sharded: yes please\n"},
      ["segmentation.sharded", "true or false"]),
+    ("dust past int64", {"segmentation:\n": f"segmentation:\n  dust_size: {2**64}\n"},
+     ["segmentation.dust_size", "from 0 to"]),
     ("a flag not true or false", {"model: isbi2012-small-affinity": "model: "
                                   "isbi2012-small-affinity\n  fill_missing: 'no'"},
      ["inference.fill_missing", "true or false"]),

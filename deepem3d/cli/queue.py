@@ -13,13 +13,19 @@ from tqdm import tqdm
 from deepem3d.cli.options import Number
 from deepem3d.errors import InputError
 from deepem3d.run.queue_admin import DEAD_LETTER_SUFFIX
-from deepem3d.run.queues import check_existing_queue, open_queue, queue_counts
+from deepem3d.run.queues import (
+    MAX_LEASE_SECONDS,
+    check_existing_queue,
+    open_queue,
+    queue_counts,
+)
 
 
 @click.command()
 @click.argument("queue")
 @click.option(
-    "--lease-seconds", type=click.IntRange(min=1), default=600, show_default=True,
+    "--lease-seconds", type=click.IntRange(min=1, max=MAX_LEASE_SECONDS), default=600,
+    show_default=True,
     help="Lease per task; renewed in the background while a task runs (fq://: at least 3).",
 )
 @click.option("--exit-when-empty", is_flag=True, help="Exit once the queue holds no task.")
@@ -78,7 +84,7 @@ def worker(
     for module in imports:
         try:
             importlib.import_module(module)
-        except ImportError as err:
+        except (ImportError, ValueError) as err:  # ValueError: an empty name
             raise InputError(f"--import {module}: {err}") from None
 
     check_existing_queue(queue)
@@ -117,11 +123,13 @@ def queue() -> None:
               help="sqs:// only: a message received this many times goes to the dead-letter "
               "queue; workers on it take this limit (fq:// workers count attempts with their "
               "own --max-attempts).")
-@click.option("--visibility-seconds", type=click.IntRange(min=1), default=900,
+@click.option("--visibility-seconds", type=click.IntRange(min=1, max=MAX_LEASE_SECONDS),
+              default=900,
               show_default=True,
               help="sqs:// only: the queue's visibility timeout; at least the workers' lease.")
-@click.option("--lease-seconds", type=click.IntRange(min=1), default=None,
-              help="The lease the workers will take: refused when above --visibility-seconds.")
+@click.option("--lease-seconds", type=click.IntRange(min=1, max=MAX_LEASE_SECONDS),
+              default=None, help="The lease the workers will take: refused when above "
+              "--visibility-seconds.")
 def create(url: str, max_attempts: int, visibility_seconds: int,
            lease_seconds: int | None) -> None:
     """Create the queue URL: on SQS with a dead-letter queue (URL-dead-letter), its redrive

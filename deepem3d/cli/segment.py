@@ -17,6 +17,7 @@ from deepem3d.cli.options import (
 from deepem3d.errors import warn
 from deepem3d.run.queues import check_queue_url
 from deepem3d.stages.segment_costs import DEFAULT_EDGES_PER_VOXEL
+from deepem3d.units import INT64_MAX
 
 
 @click.command()
@@ -32,7 +33,7 @@ from deepem3d.stages.segment_costs import DEFAULT_EDGES_PER_VOXEL
 @click.option("--threshold", type=float, default=None,
               help="In [0, 1]. mean: merge while 1 - mean affinity is below it; watershed: "
               "h, the minimum depth of a basin (DeepEM3D used 0.19).")
-@click.option("--dust-size", type=click.IntRange(min=0), default=None,
+@click.option("--dust-size", type=click.IntRange(min=0, max=INT64_MAX), default=None,
               help="Merge segments of fewer voxels (whole-volume sizes) into their neighbour "
               "of largest contact; 0: off. Default: the map's model's setting without --method and "
               "--threshold, else 0.")

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from deepem3d.cli.options import Bounds, ByteSize
 from deepem3d.errors import InputError, warn
+from deepem3d.units import INT64_MAX
 
 if TYPE_CHECKING:
     from deepem3d.stages.tune import Row
@@ -29,9 +30,12 @@ def _floats(text: str | None, name: str) -> list[float] | None:
 
 def _ints(text: str, name: str) -> list[int]:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise InputError(f"{name} {text!r}: expected integers separated by commas") from None
+    if any(abs(v) > INT64_MAX for v in values):
+        raise InputError(f"{name} {text!r}: at most {INT64_MAX}")
+    return values
 
 
 @click.command()

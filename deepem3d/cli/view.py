@@ -11,9 +11,16 @@ import click
 from deepem3d.viewer import LAYOUTS, serve
 
 
+def _address(value: str) -> str:
+    if not value.strip():
+        raise click.BadParameter("give an address (0.0.0.0 listens on every interface)")
+    return value
+
+
 @click.command()
 @click.argument("layers", nargs=-1, required=True, metavar="LAYER|RUN [LAYER...]")
 @click.option("--bind-address", default="127.0.0.1", show_default=True,
+              callback=lambda ctx, param, value: _address(value),
               help="Address both servers listen on (0.0.0.0: reachable from other machines).")
 @click.option("--port", type=click.IntRange(0, 65535), default=0,
               help="Port of the Neuroglancer viewer, the URL to open (default: a free one).")

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING
 
 from deepem3d.axes import LARGEST_COORDINATE
 from deepem3d.errors import InputError
-from deepem3d.units import parse_bytes
+from deepem3d.units import INT64_MAX, parse_bytes
 
 if TYPE_CHECKING:
     import yaml
@@ -446,8 +446,11 @@ def _check_sections(p: Pipeline) -> None:
     if "sigma" in seg and not (isinstance(seg["sigma"], int | float)
                                and 0 <= seg["sigma"] <= 16):
         _fail(p.source, "segmentation.sigma", f"{seg['sigma']!r} must lie in [0, 16] voxels")
-    if "dust_size" in seg and not (isinstance(seg["dust_size"], int) and seg["dust_size"] >= 0):
-        _fail(p.source, "segmentation.dust_size", f"{seg['dust_size']!r} must be 0 or more")
+    if "dust_size" in seg and not (isinstance(seg["dust_size"], int)
+                                   and not isinstance(seg["dust_size"], bool)
+                                   and 0 <= seg["dust_size"] <= INT64_MAX):
+        _fail(p.source, "segmentation.dust_size", f"{seg['dust_size']!r} must be a whole "
+              f"number from 0 to {INT64_MAX}")
     if "dust_mode" in seg and seg["dust_mode"] not in ("merge", "zero"):
         _fail(p.source, "segmentation.dust_mode", f"{seg['dust_mode']!r}: choose merge or zero")
     if "edges_per_voxel" in seg and not (isinstance(seg["edges_per_voxel"], int | float)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -31,6 +32,14 @@ INSERT_BATCH = 1000  # tasks inserted per call: planning never holds a whole sta
 #: every third of L, 3 s is the shortest that leaves a renewal a second to spare (at 1 s, two
 #: workers ran one task at once in 9 of 17 runs of a 4-task, 2-worker queue)
 MIN_FILE_LEASE_SECONDS = 3
+#: SQS's longest visibility timeout (12 h); a file lease stamps its end in the file's mtime,
+#: which a lease of 10^17 s overflowed
+MAX_LEASE_SECONDS = 43200
+
+
+#: an SQS queue's name: 1 to 80 letters, digits, - and _, and the dead-letter queue's adds
+#: its 12-character suffix (queue_admin.DEAD_LETTER_SUFFIX)
+SQS_NAME = re.compile(r"[A-Za-z0-9_-]{1,68}")
 
 
 def check_queue_url(url: str) -> str:
@@ -40,6 +49,9 @@ def check_queue_url(url: str) -> str:
         raise InputError(
             f"unknown queue {url!r}: use fq://DIRECTORY (a file queue) or sqs://QUEUE_NAME"
         )
+    if scheme == "sqs" and not SQS_NAME.fullmatch(rest):
+        raise InputError(f"{url}: an SQS queue's name is 1 to 68 letters, digits, - and _ "
+                         "(80 with the dead-letter queue's suffix)")
     if scheme == "fq":
         where = os.path.abspath(rest)
         while True:  # the folder and every folder above it
