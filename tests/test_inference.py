@@ -680,3 +680,16 @@ def test_a_worker_matches_the_runs_torch_release_whatever_its_build():
     check_worker("cpu", f"{torch_release()}+cu128")
     with pytest.raises(InputError, match="not of the class the inference run was made for"):
         check_worker("cpu", "1.0.0+cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is of a machine without CUDA")
+def test_cuda_tasks_for_local_workers_without_cuda_are_refused_first(tmp_path):
+    """`infer --device cuda` here ran its task, which failed on the worker, and left the
+    stage's records (and with --overwrite, deleted the old map first)."""
+    from tests.conftest import make_layer
+
+    image = make_layer(tmp_path / "image")
+    output = tmp_path / "map"
+    assert_one_line_error(run_cli("infer", image, output, "--bounds", "0,0,0,64,64,4",
+                                  "--device", "cuda"), "planned for CUDA", "--queue")
+    assert not output.exists()

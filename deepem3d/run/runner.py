@@ -202,6 +202,8 @@ class Runner:
         return ran
 
     def run_stage(self, stage: Stage) -> StageSummary:
+        if self.parallel and stage.hardware == "gpu" and stage.task_count:
+            _check_local_gpu(stage)  # before prepare, which may replace an old layer
         if stage.prepare is not None:
             stage.prepare()
         stage.start()
@@ -363,6 +365,17 @@ class _Wave:
         added = insert_tasks(self.url, itertools.islice(self._tasks, want))
         self.inserted += added
         self.exhausted = added < want
+
+
+def _check_local_gpu(stage: Stage) -> None:
+    """A stage planned for CUDA workers, run by local workers here: refused at once when this
+    machine has no CUDA device (its tasks would each fail on it)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError(f"stage {stage.label} was planned for CUDA (--device cuda) and this "
+                         "machine, where its local workers run, has none: run it on a queue "
+                         "that GPU workers drain (--queue), or with --device cpu or auto")
 
 
 def run_stages(
