@@ -197,13 +197,21 @@ def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_pa
                                            "id": "unknown-function"})}
     for name, text in bad.items():
         (queue_dir / "queue" / f"0--{name}.json").write_text(text)
+    # a file no task's file is named: taskqueue counted it as enqueued (a worker waiting for
+    # an empty queue never exited) and its `leased` count raised on it (queue status too)
+    stray = queue_dir / "queue" / "notes.txt"
+    stray.write_text("a file someone left")
+    os.utime(stray, (time.time() - 60, time.time() - 60))
+    assert "enqueued: 6  leased: 0" in run_cli("queue", "status", f"fq://{queue_dir}",
+                                               check=True).stdout
     worker = start_worker(f"fq://{queue_dir}", "--exit-when-empty", "--max-attempts", "2")
     _, log = worker.communicate(timeout=120)
     assert worker.returncode == 1, log  # the frame task raised
     assert done.read_text() == "done"
     assert tq.enqueued == 0
     reasons = {p.stem: p.read_text() for p in (queue_dir / "failed").glob("*.error")}
-    assert set(bad) <= set(reasons), (reasons, log)
+    assert set(bad) | {"notes.txt"} <= set(reasons), (reasons, log)
+    assert (queue_dir / "failed" / "notes.txt.json").read_text() == "a file someone left"
     for name in ("not-json", "a-list", "unknown-class"):  # kept as they came
         assert (queue_dir / "failed" / f"{name}.json").read_text() == bad[name]
         assert f"task {name} set aside" in log and "not a task" in reasons[name], log
@@ -217,7 +225,7 @@ def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_pa
     assert record["error"] == "RuntimeError: bug" and record["attempt"] == 2
     # `deepem3d queue status` lists what was set aside, the frame task with its error record
     shown = run_cli("queue", "status", f"fq://{queue_dir}", check=True).stdout
-    assert "set aside: 5" in shown, shown
+    assert "set aside: 6" in shown, shown
     assert "layer/broken  RuntimeError: bug (attempt 2 on" in shown, shown
     assert "not-json  -  not a task: JSONDecodeError" in shown, shown
 
@@ -573,4 +581,4 @@ def test_a_file_queue_refuses_a_lease_it_cannot_keep(tmp_path):
     assert_one_line_error(run_cli("worker", f"fq://{tmp_path / 'q'}", "--lease-seconds", "2"),
                           "--lease-seconds 2 is too short for a file queue", "at least 3")
     result = run_cli("run", "isbi2012-demo", "--lease-seconds", "2", "--output", tmp_path / "o")
-    assert result.returncode == 2 and "2 is not in the range x>=3" in result.stderr
+    assert result.returncode == 2 and "2 is not in the range 3<=x<=43200" in result.stderr

@@ -52,6 +52,8 @@ UNREADABLE_GRACE = 5.0
 #: seconds a renewal, release or delete waits for a task's lock (held for a rename and a line)
 LOCK_WAIT_SECONDS = 30.0
 LOCK_POLL_SECONDS = 0.005
+#: a task's file in queue/: STAMP--ID.json
+TASK_FILE = re.compile(r"(\d+)--(.+)\.json")
 
 
 def task_id(name: str) -> str:
@@ -131,6 +133,7 @@ class FileQueue:
         self.api = api
         self.queue_path = api.queue_path
         self.movement_path = api.movement_path
+        self.strays: list[str] = []  # what the last `candidates` found that is no task's file
 
     def _log(self, name: str) -> str:
         return os.path.join(self.movement_path, task_id(name))
@@ -181,13 +184,41 @@ class FileQueue:
         """Up to LEASE_CANDIDATES names of files free to lease now, in random order (so that
         workers reaching at once seldom reach for the same file)."""
         now = int(time.time())
-        names = []
+        names, self.strays = [], []
         for entry in os.scandir(self.queue_path):
-            stamp = entry.name.split("--")[0]
-            if "--" in entry.name and stamp.isdigit() and int(stamp) <= now:
+            match = TASK_FILE.fullmatch(entry.name)
+            if match is None:
+                self.strays.append(entry.name)  # no task's name: see `take_stray`
+            elif int(match[1]) <= now:
                 names.append(entry.name)
         random.shuffle(names)
         return names[:LEASE_CANDIDATES]
+
+    def take_stray(self, name: str) -> str | None:
+        """The text of `name`, a file in queue/ that no task's file is named (that taskqueue
+        counts as enqueued, so a queue holding one is never empty), removed from queue/; None
+        when it is young (an editor's, a copy under way: looked at again later) or gone."""
+        path = os.path.join(self.queue_path, name)
+        try:
+            if time.time() - os.path.getmtime(path) < UNREADABLE_GRACE or os.path.isdir(path):
+                return None
+            with open(path, errors="replace") as f:
+                text = f.read(2**20)
+            os.remove(path)
+        except FileNotFoundError:
+            return None
+        return text
+
+    def counts(self) -> tuple[int, int]:
+        """(enqueued, leased) of the task files in queue/ (taskqueue's own counts fail on a
+        file that no task's file is named)."""
+        now, enqueued, leased = int(time.time()), 0, 0
+        for entry in os.scandir(self.queue_path):
+            match = TASK_FILE.fullmatch(entry.name)
+            if match is not None:
+                enqueued += 1
+                leased += int(match[1]) > now
+        return enqueued, leased
 
     def lease(self, name: str, seconds: int) -> tuple[str, str] | None:
         """(the leased name, the file's text) of the queued file `name`, renamed to expire

@@ -167,12 +167,14 @@ def queue_counts(queue: TaskQueue) -> QueueCounts:
         value = value if value == value else None  # SQS reports NaN
         return None if value is None else int(value)
 
-    return QueueCounts(
-        inserted=known(queue.inserted),
-        enqueued=int(queue.enqueued),
-        leased=int(queue.leased),
-        completed=known(queue.completed),
-    )
+    if queue.path.protocol == "fq":  # taskqueue's counts fail on a file not a task's
+        from deepem3d.run.file_queue import FileQueue
+
+        enqueued, leased = FileQueue(queue.api).counts()
+    else:
+        enqueued, leased = int(queue.enqueued), int(queue.leased)
+    return QueueCounts(inserted=known(queue.inserted), enqueued=enqueued, leased=leased,
+                       completed=known(queue.completed))
 
 
 def insert_tasks(url: str, tasks: Iterable) -> int:

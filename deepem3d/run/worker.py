@@ -396,6 +396,11 @@ class Worker:
                     self._files.renew(self._held.pop(task_id(leased)), 1)
                     continue
                 self._set_aside(task_id(leased), text, f"not a task: {_last_line(err)}")
+        for name in self._files.strays:
+            text = self._files.take_stray(name)
+            if text is not None:
+                self._set_aside(name, text, "not a task: a file in queue/ not named "
+                                "STAMP--ID.json")
         raise QueueEmptyError
 
     def _set_aside(self, identifier: str, text: str, reason: str) -> None:
