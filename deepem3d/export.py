@@ -18,7 +18,9 @@ absent, and an existing OUT is replaced only with `overwrite`.
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -31,6 +33,7 @@ from deepem3d.axes import zyx_from_xyz
 from deepem3d.errors import InputError
 from deepem3d.ingest import SLAB_BYTES, TIFF_SUFFIXES, split_hdf5
 from deepem3d.storage import layers
+from deepem3d.units import format_bytes
 
 #: the dataset an HDF5 export writes when OUT names none
 DEFAULT_DATASET = "/data"
@@ -72,6 +75,11 @@ def export(
     folder = os.path.dirname(os.path.abspath(file))
     if not os.path.isdir(folder):
         raise InputError(f"{folder}: no such folder for {file}")
+    need = math.prod(shape) * dtype.itemsize
+    free = shutil.disk_usage(folder).free
+    if kind != "hdf5" and need > free:  # HDF5 is written gzipped: its size is unknown here
+        raise InputError(f"{file} would take {format_bytes(need)} and {folder} has "
+                         f"{format_bytes(free)} free: export a smaller --bounds, or to HDF5")
     partial = os.path.join(folder, f".{os.path.basename(file)}.partial-{os.getpid()}")
     try:
         with _Writer(kind, partial, dataset, shape, dtype) as write, tqdm(
@@ -91,6 +99,8 @@ def export(
                 write(start, stop, slab if channels > 1 else slab[..., 0])
                 bar.update(stop - start)
         os.replace(partial, file)
+    except OSError as err:  # the disk filled, a file system's size limit
+        raise InputError(f"cannot write {file}: {err}") from None
     finally:
         if os.path.exists(partial):
             os.remove(partial)

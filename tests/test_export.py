@@ -92,3 +92,20 @@ def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
     run_cli("export", paths["image"], tmp_path / "there.npy", "--overwrite", "--no-progress",
             check=True)
     np.testing.assert_array_equal(np.load(tmp_path / "there.npy"), layers["image"])
+
+
+def test_an_export_larger_than_the_free_disk_is_refused_first(tmp_path, monkeypatch):
+    """A 40 TB region made numpy's memmap raise OSError (a traceback) after the command had
+    read the layer; the size is now checked against the folder's free space first."""
+    from collections import namedtuple
+
+    from deepem3d import export as export_module
+    from deepem3d.errors import InputError
+    from tests.conftest import make_layer
+
+    layer = make_layer(tmp_path / "layer")  # 256 x 256 x 20 uint8: 1.25 MiB
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(export_module.shutil, "disk_usage", lambda path: usage(0, 0, 2**20))
+    with pytest.raises(InputError, match="would take 1.25 MiB .* 1 MiB free"):
+        export_module.export(layer, str(tmp_path / "out.npy"), progress=False)
+    assert not list(tmp_path.glob("*out.npy*"))
