@@ -201,6 +201,16 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["segmentation.max_task_memory", "24GiB"]),
     ("sharded", {"segmentation:\n": "segmentation:\n  sharded: yes please\n"},
      ["segmentation.sharded", "true or false"]),
+    ("version true", {"version: 1": "version: true"}, ["version", "True"]),
+    ("version 1.0", {"version: 1": "version: 1.0"}, ["version", "1.0"]),
+    ("no model", {"model: isbi2012-small-affinity": "model: []"},
+     ["inference.model", "an empty list"]),
+    ("a product twice", {"products: [map, ": "products: [map, map, "},
+     ["products", "map is listed twice"]),
+    ("downsample options, no downsampling", {
+        "products: [map, segmentation, downsample, meshes]": "products: [map, segmentation]",
+        "  layers: [segmentation]\n": "  num_mips: 2\n", "meshes:\n  mip: 1\n": ""},
+     ["downsample", "not among the products"]),
     ("dust past int64", {"segmentation:\n": f"segmentation:\n  dust_size: {2**64}\n"},
      ["segmentation.dust_size", "from 0 to"]),
     ("a flag not true or false", {"model: isbi2012-small-affinity": "model: "

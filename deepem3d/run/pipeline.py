@@ -248,7 +248,8 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping of {', '.join(TOP_KEYS)}")
     _mapping(source, "", data, TOP_KEYS)
-    if data.get("version") != VERSION:
+    version = data.get("version")
+    if not (type(version) is int and version == VERSION):  # not true, not 1.0
         _fail(source, "version", f"{data.get('version')!r}: this deepem3d reads version "
               f"{VERSION} (write `version: {VERSION}`)")
     for key in ("output", "image"):
@@ -258,10 +259,12 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
     products = data.get("products", ["map", "segmentation"])
     if not isinstance(products, list) or not products:
         _fail(source, "products", f"expected a list of {', '.join(PRODUCTS)}")
-    for product in products:
-        if product not in PRODUCTS:
+    for i, product in enumerate(products):
+        if not isinstance(product, str) or product not in PRODUCTS:
             _fail(source, "products", f"unknown product {product!r} (choose from "
                   f"{', '.join(PRODUCTS)})")
+        if product in products[:i]:
+            _fail(source, "products", f"{product} is listed twice")
     root = _path(output or data["output"]).rstrip("/")
     pipeline = Pipeline(
         source=source, output=root,
@@ -335,7 +338,7 @@ def _check_products(p: Pipeline) -> None:
                 _fail(p.source, "products", f"downsampling the {name} needs the {name} "
                       "product")
         p.downsample["layers"] = layers
-    elif layers is not None:
+    elif p.downsample:
         _fail(p.source, "downsample", "given, but `downsample` is not among the products")
     for product in OBJECT_PRODUCTS:
         _check_object_product(p, product)
@@ -386,6 +389,9 @@ def _check_sections(p: Pipeline) -> None:
     inf, seg = p.inference, p.segmentation
     models = inf.get("model", [None])
     models = models if isinstance(models, list) else [models]
+    if not models:
+        _fail(p.source, "inference.model", "an empty list: name a model, or leave the key out "
+              "for the default")
     for model in models:
         if model is None:
             continue
