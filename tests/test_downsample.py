@@ -87,6 +87,18 @@ def test_levels_stop_where_the_voxel_offset_leaves_their_grid(tmp_path):
     assert not (tmp_path / "odd" / "8_8_50").exists()
 
 
+def test_fewer_levels_than_asked_say_why(tmp_path):
+    """--num-mips 20 was cut to what memory or the layer's size allows without a word, and
+    --num-mips 100 on a layer at offset 0 was refused as off the offset's grid."""
+    layer = make_layer(tmp_path / "layer")  # 256 x 256 x 20 in 64 x 64 x 10 chunks
+    plan = plan_downsample(layer, num_mips=100)
+    assert plan.num_mips == 2 and "no larger than a chunk" in plan.describe(), plan.describe()
+    plan = plan_downsample(layer, num_mips=2, memory_target=200_000)
+    assert plan.num_mips == 1, plan.describe()
+    assert "--memory allows 1; downsample again from --mip 1" in plan.describe()
+    assert plan_downsample(layer, num_mips=2).offset_note == ""
+
+
 def test_downsample_bad_input(tmp_path):
     assert_one_line_error(run_cli("downsample", tmp_path / "nothing"), "no precomputed layer")
     layer = make_layer(tmp_path / "layer")

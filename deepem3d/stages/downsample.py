@@ -51,7 +51,8 @@ class DownsamplePlan:
     new_resolutions: list = field(default_factory=list)
     #: the source is sharded: igneous's ImageShardDownsampleTask makes sharded levels
     sharded: bool = False
-    #: why there are fewer levels than memory allows, when the voxel offset limits them
+    #: why there are fewer levels than memory allows (the voxel offset limits them), or than
+    #: asked for (memory limits them)
     offset_note: str = ""
 
     @property
@@ -120,6 +121,12 @@ def plan_downsample(
         offset_note = f"{_offset_grid(offset, factor, mip, aligned)}: fewer levels"
     shape = Vec(*(int(c) * int(f) ** viable for c, f in zip(chunk, factor)))
     resolutions = downsample_scales.compute_scales(vol, mip, shape, "z", factor, None)
+    if asked is not None and min(len(resolutions), num_mips) < asked and not offset_note:
+        made = min(len(resolutions), num_mips)
+        offset_note = (f"{asked} level(s) asked for: " + (
+            f"one task's --memory allows {viable}; downsample again from --mip {mip + made} "
+            "for the rest" if made == viable else
+            "the layer is no larger than a chunk at the last"))
     resolutions = resolutions[:num_mips]
     if not resolutions:
         raise InputError(
@@ -165,7 +172,8 @@ def check_offset(layer_path: str, offset: Sequence[int], factor: Sequence[int], 
     error when that is none, or fewer than the `asked` number (a level off its grid is drawn
     shifted). Needs only the offset, so a run checks the layers it has yet to write first."""
     aligned = aligned_levels(offset, factor)
-    if aligned == 0 or (asked is not None and asked > aligned):
+    limited = aligned < ALIGNED_LEVELS_LIMIT  # else the offset is 0: no limit
+    if aligned == 0 or (asked is not None and asked > aligned and limited):
         raise InputError(f"{layer_path}: {_offset_grid(offset, factor, mip, aligned)}, and a "
                          "level off its grid is drawn shifted: "
                          + (f"ask for --num-mips {aligned} or fewer, or " if aligned else "")
@@ -179,7 +187,12 @@ def _offset_grid(offset, factor, mip: int, aligned: int) -> str:
             f"grid of only {aligned} level(s) of factor {','.join(map(str, factor))}")
 
 
-def aligned_levels(offset: Sequence[int], factor: Sequence[int], most: int = 64) -> int:
+#: aligned_levels stops counting here (a zero offset lies on every level's grid)
+ALIGNED_LEVELS_LIMIT = 64
+
+
+def aligned_levels(offset: Sequence[int], factor: Sequence[int],
+                   most: int = ALIGNED_LEVELS_LIMIT) -> int:
     """How many levels of `factor` keep `offset` on each level's grid: the largest k with
     offset a multiple of factor**k on every axis (at most `most`)."""
     levels = 0
