@@ -116,3 +116,15 @@ def test_an_unsharded_merge_is_split_by_the_volume_size(labels):
     assert prefix_digits(2000 * VOXELS_PER_SEGMENT * 99) == 2  # 99 tasks' worth: 2 digits
     _, merge = skeleton_stages(plan_skeletons(labels))
     assert merge.task_count == 9 and len(list(merge.make_tasks())) == 9
+
+
+def test_a_missing_chunk_fails_the_mesh_once_in_one_line(tmp_path):
+    """igneous's EmptyVolumeException was retried five times, each a traceback on stderr,
+    before the run stopped: a missing chunk is bad input, the same on every attempt."""
+    from tests.conftest import make_layer
+
+    make_layer(tmp_path / "seg", "segmentation")
+    next((tmp_path / "seg" / "4_4_50").glob("0-64_0-64_0-10*")).unlink()
+    result = run_cli("mesh", tmp_path / "seg", "--mip", "0")
+    assert_one_line_error(result, "met a missing chunk", "0-64_0-64_0-10")
+    assert result.stderr.count("Traceback") == 0, result.stderr

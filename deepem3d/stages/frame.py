@@ -363,7 +363,14 @@ def _run_marked(task: list | dict) -> dict:
     module = type(wrapped).__module__ if isinstance(task, dict) else wrapped.key[0]
     if module != WRAPPED_MODULE and not module.startswith(WRAPPED_MODULE + "."):
         raise InputError(f"MarkedTask refuses {name} of {module}: not igneous's")
-    wrapped.execute()
+    from cloudvolume.exceptions import EmptyVolumeException
+
+    try:
+        wrapped.execute()
+    except EmptyVolumeException as err:  # the same on every retry: bad input, failed once
+        raise InputError(f"{name} met a missing chunk ({str(err).splitlines()[0]}): finish "
+                         "writing the layer, or read missing chunks as 0 with --fill-missing "
+                         "where the command has it") from None
     return {"wrapped": name if isinstance(task, dict) else task[0]}
 
 
