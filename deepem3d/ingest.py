@@ -30,6 +30,7 @@ from tqdm import tqdm
 from deepem3d.axes import LARGEST_COORDINATE, xyz_from_zyx
 from deepem3d.errors import InputError
 from deepem3d.storage import layers
+from deepem3d.storage.paths import enclosing_layer
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
@@ -535,6 +536,10 @@ def ingest(
     if chunk_size is not None:
         chunk_size = _triple(chunk_size, "chunk size", int, positive=True)
     dest = layers.cloudpath(dest)
+    above = enclosing_layer(dest, itself=False)
+    if above is not None:
+        raise InputError(f"{dest} lies inside the layer {above}: give the new layer a folder "
+                         "of its own")
 
     with open_source(src, axes=axes) as source:
         if to_uint8:

@@ -471,6 +471,15 @@ def test_overwrite_with_a_layer_that_cannot_be_made_keeps_the_old_one(tmp_path, 
     assert (layer / "info").read_bytes() == info
 
 
+def test_a_layer_inside_another_layer_is_refused(tmp_path):
+    source = tmp_path / "in.npy"
+    np.save(source, np.zeros((4, 64, 64), np.uint8))
+    run_cli("sample", tmp_path / "s", check=True)
+    assert_one_line_error(cli(source, tmp_path / "s" / "image" / "sub", "--resolution",
+                              "4,4,40"), "lies inside the layer")
+    assert not (tmp_path / "s" / "image" / "sub").exists()
+
+
 def test_a_destination_that_cannot_be_written_is_one_line(tmp_path):
     source = tmp_path / "in.npy"
     np.save(source, np.zeros((4, 64, 64), np.uint8))

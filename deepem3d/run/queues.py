@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from deepem3d.errors import InputError
 from deepem3d.storage.cloud import boto_config
+from deepem3d.storage.paths import enclosing_layer
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient
@@ -53,16 +54,11 @@ def check_queue_url(url: str) -> str:
         raise InputError(f"{url}: an SQS queue's name is 1 to 68 letters, digits, - and _ "
                          "(80 with the dead-letter queue's suffix)")
     if scheme == "fq":
-        where = os.path.abspath(rest)
-        while True:  # the folder and every folder above it
-            if os.path.isfile(os.path.join(where, "info")):
-                raise InputError(f"{url} is or lies in the precomputed layer {where}, not a "
-                                 "file queue: give the queue a folder of its own (a run's is "
-                                 "OUTPUT/queue)")
-            above = os.path.dirname(where)
-            if above == where:
-                break
-            where = above
+        where = enclosing_layer(rest)
+        if where is not None:
+            raise InputError(f"{url} is or lies in the precomputed layer {where}, not a "
+                             "file queue: give the queue a folder of its own (a run's is "
+                             "OUTPUT/queue)")
     return url
 
 
