@@ -450,7 +450,7 @@ def capacity(isbi_result: dict | None, synthetic_results: list[dict]) -> None:
         if "octree (watershed)" in m:
             measured["watershed, ISBI (measured here)"] = (
                 m["octree (watershed)"]["added"] / isbi_result["edges"])
-    from deepem3d.stages.segmentation import NODE_BYTES_PER_EDGE
+    from deepem3d.stages.segment_costs import NODE_BYTES_PER_EDGE
 
     for method, per_edge in NODE_BYTES_PER_EDGE.items():
         measured[f"{method} (the planner's per node task, all included)"] = per_edge

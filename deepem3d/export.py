@@ -18,6 +18,7 @@ absent, and an existing OUT is replaced only with `overwrite`.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import shutil
@@ -99,12 +100,19 @@ def export(
                 write(start, stop, slab if channels > 1 else slab[..., 0])
                 bar.update(stop - start)
         os.replace(partial, file)
-    except OSError as err:  # the disk filled, a file system's size limit
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:  # a read's (a network error is an OSError too)
+            raise
         raise InputError(f"cannot write {file}: {err}") from None
     finally:
         if os.path.exists(partial):
             os.remove(partial)
     return shape, dtype
+
+
+#: what writing the file can meet: a full disk, a file system's size limit or quota, a
+#: read-only mount, an offset past what it holds (numpy's memmap: EINVAL)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EINVAL)
 
 
 def _target(out: str) -> tuple[str, str, str | None]:

@@ -97,6 +97,8 @@ DAMAGED_INFOS = [  # (what is changed in a sound info, the words of the message)
     ({"scales": None}, "scales is not a list"),
     ({"type": "mesh"}, "type 'mesh'"),
     ({"data_type": "banana"}, "data_type 'banana'"),
+    ({"data_type": None}, "data_type None"),  # np.dtype(None) is float64
+    ({"data_type": "bool"}, "data_type 'bool'"),
     ({"num_channels": 0}, "num_channels 0"),
     ({"key": None}, "scales[0] has no key"),
     ({"resolution": None}, "scales[0].resolution None"),
@@ -133,6 +135,20 @@ def test_a_damaged_info_is_one_line_not_a_traceback(tmp_path, change, words):
         open_layer(str(path))
 
 
+def test_whole_numbers_written_as_floats_are_a_sound_info(tmp_path):
+    import json
+
+    from deepem3d.storage.layers import open_layer
+
+    path = tmp_path / "layer"
+    make_layer(path)
+    info = json.loads((path / "info").read_text())
+    info["num_channels"] = 1.0
+    info["scales"][0]["voxel_offset"] = [0.0, 0, 0]
+    (path / "info").write_text(json.dumps(info))
+    assert open_layer(str(path)).num_channels == 1
+
+
 def test_a_damaged_info_through_the_commands(tmp_path):
     path = tmp_path / "layer"
     make_layer(path)
@@ -150,7 +166,8 @@ def test_a_damaged_info_through_the_commands(tmp_path):
     (("tune", "seg", "gt", "--dust-sizes", f"0,{2**64}"), ["--dust-sizes", "at most"]),
     (("worker", "fq://q", "--lease-seconds", str(10**17)), ["--lease-seconds", "1<=x<=43200"]),
     (("worker", "fq://q", "--import", ""), ["--import", "Empty module name"]),
-    (("queue", "create", "sqs://a b"), ["sqs://a b", "1 to 68 letters"]),
+    (("queue", "create", "sqs://a b"), ["sqs://a b", "1 to 80 letters"]),
+    (("queue", "create", f"sqs://{'q' * 69}"), ["at most 68 characters", "dead-letter"]),
     (("view", "layer", "--bind-address", ""), ["--bind-address", "0.0.0.0"]),
 ])
 def test_values_past_what_the_tools_hold_are_refused(tmp_path, args, words):

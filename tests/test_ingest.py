@@ -478,6 +478,10 @@ def test_a_layer_inside_another_layer_is_refused(tmp_path):
     assert_one_line_error(cli(source, tmp_path / "s" / "image" / "sub", "--resolution",
                               "4,4,40"), "lies inside the layer")
     assert not (tmp_path / "s" / "image" / "sub").exists()
+    (tmp_path / "notes").mkdir()  # a folder whose `info` is no layer's
+    (tmp_path / "notes" / "info").write_text("read me first")
+    run_cli("ingest", source, tmp_path / "notes" / "layer", "--resolution", "4,4,40",
+            "--no-progress", check=True)
 
 
 def test_a_destination_that_cannot_be_written_is_one_line(tmp_path):

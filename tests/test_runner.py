@@ -113,3 +113,27 @@ def test_the_wait_asks_for_its_last_markers_one_by_one(tmp_path, monkeypatch):
     assert markers.unfinished(ids, 5) == ids[2:] and listed == [1]
     markers.mark_done("t4", {"seconds": 0})
     assert markers.unfinished(ids[2:], 5000) == ["t2", "t3"]
+
+
+def test_a_cuda_stage_is_refused_to_local_workers_without_cuda_only_while_unfinished(
+        tmp_path, monkeypatch):
+    """Refused before it ran (its tasks would fail on every local worker), but a pipeline
+    whose CUDA inference finished elsewhere goes on with local workers for the rest."""
+    import pytest
+    import torch
+
+    from deepem3d.errors import InputError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    stage = flag_stage(tmp_path, 2)
+    stage.hardware = "gpu"
+    runner = Runner(lambda s: f"fq://{tmp_path / 'q'}", parallel=1, echo=lambda line: None)
+    with pytest.raises(InputError, match="planned for CUDA"):
+        runner.run([stage])
+    assert not (tmp_path / "layer").exists()  # nothing recorded or prepared
+    stage.start()  # run elsewhere, say on GPU workers
+    for task in stage.tasks():
+        task()
+    assert stage.is_complete()
+    (summary,) = runner.run([stage])
+    assert summary.tasks == 2 and summary.ran == 0

@@ -201,7 +201,10 @@ def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_pa
     # an empty queue never exited) and its `leased` count raised on it (queue status too)
     stray = queue_dir / "queue" / "notes.txt"
     stray.write_text("a file someone left")
-    os.utime(stray, (time.time() - 60, time.time() - 60))
+    folder = queue_dir / "queue" / "folder"  # a folder too
+    folder.mkdir()
+    for path in (stray, folder):
+        os.utime(path, (time.time() - 60, time.time() - 60))
     assert "enqueued: 6  leased: 0" in run_cli("queue", "status", f"fq://{queue_dir}",
                                                check=True).stdout
     worker = start_worker(f"fq://{queue_dir}", "--exit-when-empty", "--max-attempts", "2")
@@ -210,8 +213,9 @@ def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_pa
     assert done.read_text() == "done"
     assert tq.enqueued == 0
     reasons = {p.stem: p.read_text() for p in (queue_dir / "failed").glob("*.error")}
-    assert set(bad) | {"notes.txt"} <= set(reasons), (reasons, log)
+    assert set(bad) | {"notes.txt", "folder"} <= set(reasons), (reasons, log)
     assert (queue_dir / "failed" / "notes.txt.json").read_text() == "a file someone left"
+    assert not list((queue_dir / "queue").iterdir())
     for name in ("not-json", "a-list", "unknown-class"):  # kept as they came
         assert (queue_dir / "failed" / f"{name}.json").read_text() == bad[name]
         assert f"task {name} set aside" in log and "not a task" in reasons[name], log
@@ -225,7 +229,7 @@ def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_pa
     assert record["error"] == "RuntimeError: bug" and record["attempt"] == 2
     # `deepem3d queue status` lists what was set aside, the frame task with its error record
     shown = run_cli("queue", "status", f"fq://{queue_dir}", check=True).stdout
-    assert "set aside: 6" in shown, shown
+    assert "set aside: 7" in shown, shown
     assert "layer/broken  RuntimeError: bug (attempt 2 on" in shown, shown
     assert "not-json  -  not a task: JSONDecodeError" in shown, shown
 

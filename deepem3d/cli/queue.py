@@ -14,7 +14,7 @@ from deepem3d.cli.options import Number
 from deepem3d.errors import InputError
 from deepem3d.run.queue_admin import DEAD_LETTER_SUFFIX
 from deepem3d.run.queues import (
-    MAX_LEASE_SECONDS,
+    SQS_MAX_VISIBILITY,
     check_existing_queue,
     open_queue,
     queue_counts,
@@ -24,7 +24,7 @@ from deepem3d.run.queues import (
 @click.command()
 @click.argument("queue")
 @click.option(
-    "--lease-seconds", type=click.IntRange(min=1, max=MAX_LEASE_SECONDS), default=600,
+    "--lease-seconds", type=click.IntRange(min=1, max=SQS_MAX_VISIBILITY), default=600,
     show_default=True,
     help="Lease per task; renewed in the background while a task runs (fq://: at least 3).",
 )
@@ -123,11 +123,11 @@ def queue() -> None:
               help="sqs:// only: a message received this many times goes to the dead-letter "
               "queue; workers on it take this limit (fq:// workers count attempts with their "
               "own --max-attempts).")
-@click.option("--visibility-seconds", type=click.IntRange(min=1, max=MAX_LEASE_SECONDS),
+@click.option("--visibility-seconds", type=click.IntRange(min=1, max=SQS_MAX_VISIBILITY),
               default=900,
               show_default=True,
               help="sqs:// only: the queue's visibility timeout; at least the workers' lease.")
-@click.option("--lease-seconds", type=click.IntRange(min=1, max=MAX_LEASE_SECONDS),
+@click.option("--lease-seconds", type=click.IntRange(min=1, max=SQS_MAX_VISIBILITY),
               default=None, help="The lease the workers will take: refused when above "
               "--visibility-seconds.")
 def create(url: str, max_attempts: int, visibility_seconds: int,

@@ -6,7 +6,7 @@ import click
 
 from deepem3d.cli.options import dry_run_option
 from deepem3d.errors import warn
-from deepem3d.run.queues import MAX_LEASE_SECONDS, MIN_FILE_LEASE_SECONDS
+from deepem3d.run.queues import MIN_FILE_LEASE_SECONDS, SQS_MAX_VISIBILITY
 
 
 @click.command()
@@ -20,7 +20,7 @@ from deepem3d.run.queues import MAX_LEASE_SECONDS, MIN_FILE_LEASE_SECONDS
               "the run creates each stage's tasks and waits for workers elsewhere (`deepem3d "
               "worker QUEUE`); a file that names no queue runs on 1 local worker.")
 @click.option("--lease-seconds",
-              type=click.IntRange(min=MIN_FILE_LEASE_SECONDS, max=MAX_LEASE_SECONDS), default=60,
+              type=click.IntRange(min=MIN_FILE_LEASE_SECONDS, max=SQS_MAX_VISIBILITY), default=60,
               show_default=True,
               help="Lease of the local workers' tasks (renewed while a task runs; at least 3 s, "
               "which a file queue needs): how soon the task of a worker that died goes to "

@@ -194,20 +194,18 @@ class FileQueue:
         random.shuffle(names)
         return names[:LEASE_CANDIDATES]
 
-    def take_stray(self, name: str) -> str | None:
-        """The text of `name`, a file in queue/ that no task's file is named (that taskqueue
-        counts as enqueued, so a queue holding one is never empty), removed from queue/; None
-        when it is young (an editor's, a copy under way: looked at again later) or gone."""
+    def take_stray(self, name: str, destination: str) -> bool:
+        """Move `name`, an entry of queue/ that no task's file is named (taskqueue counts it
+        as enqueued), to `destination` as it is; False when it is young (an editor's, a copy
+        under way: looked at again later) or gone (another worker moved it)."""
         path = os.path.join(self.queue_path, name)
         try:
-            if time.time() - os.path.getmtime(path) < UNREADABLE_GRACE or os.path.isdir(path):
-                return None
-            with open(path, errors="replace") as f:
-                text = f.read(2**20)
-            os.remove(path)
+            if time.time() - os.path.getmtime(path) < UNREADABLE_GRACE:
+                return False
+            os.replace(path, destination)
         except FileNotFoundError:
-            return None
-        return text
+            return False
+        return True
 
     def counts(self) -> tuple[int, int]:
         """(enqueued, leased) of the task files in queue/ (taskqueue's own counts fail on a

@@ -24,11 +24,10 @@ import shutil
 from dataclasses import dataclass
 
 from deepem3d.errors import InputError
-from deepem3d.run.queues import check_queue_url, sqs_call, sqs_client
+from deepem3d.run.queues import SQS_MAX_VISIBILITY, check_queue_url, sqs_call, sqs_client
 
 RETENTION_SECONDS = 14 * 24 * 3600  # SQS's maximum; its default (4 days) loses slow stages
 DEAD_LETTER_SUFFIX = "-dead-letter"
-MAX_VISIBILITY = 12 * 3600  # SQS's limit
 PEEK_BATCHES = 10  # receive calls (10 messages each) `set_aside` makes on a dead-letter queue
 
 
@@ -36,13 +35,18 @@ def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 9
                  lease_seconds: int | None = None) -> str:
     """Create the queue (see the module docstring); returns what was made, in words."""
     check_queue_url(url)
+    name = url.removeprefix("sqs://")
+    if url.startswith("sqs://") and len(name + DEAD_LETTER_SUFFIX) > 80:
+        raise InputError(f"{url}: a name of at most {80 - len(DEAD_LETTER_SUFFIX)} characters "
+                         f"leaves room for its dead-letter queue's ({DEAD_LETTER_SUFFIX}) within "
+                         "SQS's 80")
     if lease_seconds is not None and visibility_seconds < lease_seconds:
         raise InputError(f"--visibility-seconds {visibility_seconds} is below the workers' "
                          f"lease ({lease_seconds} s): a task would be handed to a second "
                          "worker while the first still runs it")
-    if not 1 <= visibility_seconds <= MAX_VISIBILITY:
+    if not 1 <= visibility_seconds <= SQS_MAX_VISIBILITY:
         raise InputError(f"--visibility-seconds {visibility_seconds}: SQS takes 1 to "
-                         f"{MAX_VISIBILITY}")
+                         f"{SQS_MAX_VISIBILITY}")
     if url.startswith("fq://"):
         from deepem3d.run.queues import open_queue
 
@@ -149,8 +153,12 @@ def set_aside(url: str) -> list[SetAside]:
         task_id = name[: -len(".json")]
         error = os.path.join(folder, f"{task_id}.error")
         reason = open(error).read().strip() if os.path.exists(error) else ""
-        with open(os.path.join(folder, name), errors="replace") as f:
-            found.append(_joined(task_id, f.read(), reason))
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):  # a folder a worker found in queue/ and moved here
+            found.append(_joined(task_id, "", reason))
+            continue
+        with open(path, errors="replace") as f:
+            found.append(_joined(task_id, f.read(2**20), reason))
     return found
 
 

@@ -33,14 +33,14 @@ INSERT_BATCH = 1000  # tasks inserted per call: planning never holds a whole sta
 #: every third of L, 3 s is the shortest that leaves a renewal a second to spare (at 1 s, two
 #: workers ran one task at once in 9 of 17 runs of a 4-task, 2-worker queue)
 MIN_FILE_LEASE_SECONDS = 3
-#: SQS's longest visibility timeout (12 h); a file lease stamps its end in the file's mtime,
-#: which a lease of 10^17 s overflowed
-MAX_LEASE_SECONDS = 43200
+#: SQS's longest visibility timeout (12 h), and so the longest lease (a file lease stamps its
+#: end in its file's name, where 10^17 s overflowed the clock)
+SQS_MAX_VISIBILITY = 12 * 3600
 
 
-#: an SQS queue's name: 1 to 80 letters, digits, - and _, and the dead-letter queue's adds
-#: its 12-character suffix (queue_admin.DEAD_LETTER_SUFFIX)
-SQS_NAME = re.compile(r"[A-Za-z0-9_-]{1,68}")
+#: an SQS queue's name: 1 to 80 letters, digits, - and _ (`queue create` leaves room for the
+#: dead-letter queue's suffix)
+SQS_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
 
 
 def check_queue_url(url: str) -> str:
@@ -51,8 +51,7 @@ def check_queue_url(url: str) -> str:
             f"unknown queue {url!r}: use fq://DIRECTORY (a file queue) or sqs://QUEUE_NAME"
         )
     if scheme == "sqs" and not SQS_NAME.fullmatch(rest):
-        raise InputError(f"{url}: an SQS queue's name is 1 to 68 letters, digits, - and _ "
-                         "(80 with the dead-letter queue's suffix)")
+        raise InputError(f"{url}: an SQS queue's name is 1 to 80 letters, digits, - and _")
     if scheme == "fq":
         where = enclosing_layer(rest)
         if where is not None:
@@ -158,6 +157,16 @@ class QueueCounts:
     completed: int | None
 
 
+def enqueued(queue: TaskQueue) -> int:
+    """Tasks on the queue, leased or not; of a file queue, its task files only (taskqueue
+    counts any entry in queue/, so a stray file or folder kept it from ever emptying)."""
+    if queue.path.protocol == "fq":
+        from deepem3d.run.file_queue import FileQueue
+
+        return FileQueue(queue.api).counts()[0]
+    return int(queue.enqueued)
+
+
 def queue_counts(queue: TaskQueue) -> QueueCounts:
     def known(value: float) -> int | None:
         value = value if value == value else None  # SQS reports NaN
@@ -166,10 +175,10 @@ def queue_counts(queue: TaskQueue) -> QueueCounts:
     if queue.path.protocol == "fq":  # taskqueue's counts fail on a file not a task's
         from deepem3d.run.file_queue import FileQueue
 
-        enqueued, leased = FileQueue(queue.api).counts()
+        waiting, leased = FileQueue(queue.api).counts()
     else:
-        enqueued, leased = int(queue.enqueued), int(queue.leased)
-    return QueueCounts(inserted=known(queue.inserted), enqueued=enqueued, leased=leased,
+        waiting, leased = int(queue.enqueued), int(queue.leased)
+    return QueueCounts(inserted=known(queue.inserted), enqueued=waiting, leased=leased,
                        completed=known(queue.completed))
 
 

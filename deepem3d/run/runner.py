@@ -27,6 +27,7 @@ from deepem3d.errors import InputError, warn
 from deepem3d.run.queues import (
     check_queue,
     check_queue_url,
+    enqueued,
     insert_tasks,
     open_queue,
     spawn_workers,
@@ -202,7 +203,8 @@ class Runner:
         return ran
 
     def run_stage(self, stage: Stage) -> StageSummary:
-        if self.parallel and stage.hardware == "gpu" and stage.task_count:
+        if (self.parallel and stage.hardware == "gpu" and stage.task_count
+                and not stage.is_complete()):
             _check_local_gpu(stage)  # before prepare, which may replace an old layer
         if stage.prepare is not None:
             stage.prepare()
@@ -292,10 +294,10 @@ class Runner:
                 if procs is not None:
                     self._replace_dead(stage, url, procs, log_path)
                 dead_letters.check(remaining)
-                if queue is not None and queue.enqueued == 0:
+                if queue is not None and enqueued(queue) == 0:
                     wave.top_up(len(remaining), empty=True)
                     remaining = markers.unfinished(remaining, total)  # marked, then left
-                    if remaining and wave.exhausted and queue.enqueued == 0:
+                    if remaining and wave.exhausted and enqueued(queue) == 0:
                         if log_path and os.path.exists(log_path):
                             self._show_log(log_path)
                         where = f"the workers' log {log_path}" if log_path else "the worker logs"
@@ -373,9 +375,10 @@ def _check_local_gpu(stage: Stage) -> None:
     import torch
 
     if not torch.cuda.is_available():
-        raise InputError(f"stage {stage.label} was planned for CUDA (--device cuda) and this "
-                         "machine, where its local workers run, has none: run it on a queue "
-                         "that GPU workers drain (--queue), or with --device cpu or auto")
+        raise InputError(f"stage {stage.label} was planned for CUDA (--device cuda; a "
+                         "pipeline's inference.device) and this machine, where its local "
+                         "workers run, has none: leave its tasks to GPU workers on a queue, or "
+                         "plan it for cpu or auto")
 
 
 def run_stages(

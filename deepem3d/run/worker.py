@@ -57,7 +57,13 @@ from deepem3d.errors import InputError
 from deepem3d.memory import peak_rss
 from deepem3d.run.admission import Refused, admit, normal_path
 from deepem3d.run.file_queue import UNREADABLE_GRACE, FileQueue, task_id
-from deepem3d.run.queues import check_lease, open_queue, sqs_call
+from deepem3d.run.queues import (
+    SQS_MAX_VISIBILITY,
+    check_lease,
+    enqueued,
+    open_queue,
+    sqs_call,
+)
 from deepem3d.stages.frame import Markers, frame_run, stage_label
 
 if TYPE_CHECKING:
@@ -84,7 +90,6 @@ def register_tasks() -> None:
 SQS_WAIT_SECONDS = 2
 #: the longest SQS visibility timeout: a refused message on a queue without a dead-letter
 #: queue is hidden this long instead of coming back at once
-SQS_MAX_VISIBILITY = 12 * 3600
 #: the termination grace Kubernetes gives a pod by default, and about what a GKE Spot node
 #: gives before it goes
 GRACE_SECONDS = 30
@@ -397,10 +402,11 @@ class Worker:
                     continue
                 self._set_aside(task_id(leased), text, f"not a task: {_last_line(err)}")
         for name in self._files.strays:
-            text = self._files.take_stray(name)
-            if text is not None:
-                self._set_aside(name, text, "not a task: a file in queue/ not named "
-                                "STAMP--ID.json")
+            failed_dir = os.path.join(self._file_queue_dir, "failed")
+            os.makedirs(failed_dir, exist_ok=True)
+            if self._files.take_stray(name, os.path.join(failed_dir, f"{name}.json")):
+                self._note_set_aside(name, failed_dir, "not a task: an entry of queue/ not "
+                                     "named STAMP--ID.json (moved here as it was)")
         raise QueueEmptyError
 
     def _set_aside(self, identifier: str, text: str, reason: str) -> None:
@@ -411,11 +417,14 @@ class Worker:
         os.makedirs(failed_dir, exist_ok=True)
         with open(os.path.join(failed_dir, f"{identifier}.json"), "w") as f:
             f.write(text)
-        with open(os.path.join(failed_dir, f"{identifier}.error"), "w") as f:
-            f.write(reason + "\n")
         held = self._held.pop(identifier, None)
         if held is not None:
             self._files.delete(held)
+        self._note_set_aside(identifier, failed_dir, reason)
+
+    def _note_set_aside(self, identifier: str, failed_dir: str, reason: str) -> None:
+        with open(os.path.join(failed_dir, f"{identifier}.error"), "w") as f:
+            f.write(reason + "\n")
         log.error("task %s set aside in %s: %s", identifier, failed_dir, reason)
 
     def _set_aside_sqs(self, handle: str, body: str, reason: str) -> None:
@@ -506,7 +515,7 @@ class Worker:
                     # the queue was there at start (and took locks): a blip, an NFS hiccup
                     if not isinstance(err, QueueEmptyError):
                         log.warning("%s; trying again", err)
-                    elif self.exit_when_empty and self.queue.enqueued == 0:
+                    elif self.exit_when_empty and enqueued(self.queue) == 0:
                         break
                     idle += 1
                     # back off while idle, up to ten polls' time

@@ -114,12 +114,15 @@ def info_problem(info: dict) -> str | None:
     that a damaged info is one line, not a traceback later."""
     if info.get("type") not in ("image", "segmentation"):
         return f"type {info.get('type')!r} is not image or segmentation"
+    data_type = info.get("data_type")
     try:
-        np.dtype(info.get("data_type"))
-    except TypeError:
-        return f"data_type {info.get('data_type')!r} is not a numeric type"
+        numeric = isinstance(data_type, str) and np.dtype(data_type).kind in "uif"
+    except (TypeError, ValueError):
+        numeric = False
+    if not numeric:
+        return f"data_type {data_type!r} is not a numeric type"
     channels = info.get("num_channels")
-    if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+    if not _whole(channels) or isinstance(channels, bool) or channels < 1:
         return f"num_channels {channels!r} is not a positive whole number"
     scales = info.get("scales")
     if not isinstance(scales, list) or not scales:

@@ -3,21 +3,34 @@ for a command's first checks)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 
 def enclosing_layer(folder: str, *, itself: bool = True) -> str | None:
     """The local folder of a layer that `folder` is (with `itself`) or lies in: the nearest
-    folder above, or the folder, holding an info file. Remote paths: None (not looked up)."""
+    folder above, or the folder, whose info file is a layer's (JSON with scales). Remote
+    paths: None (not looked up)."""
     if "://" in folder and not folder.startswith("file://"):
         return None
     where = os.path.abspath(folder.removeprefix("file://"))
     if not itself:
         where = os.path.dirname(where)
     while True:
-        if os.path.isfile(os.path.join(where, "info")):
+        if _is_layer_info(os.path.join(where, "info")):
             return where
         above = os.path.dirname(where)
         if above == where:
             return None
         where = above
+
+
+def _is_layer_info(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            info = json.loads(f.read(2**20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and "scales" in info
