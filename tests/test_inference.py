@@ -691,5 +691,5 @@ def test_cuda_tasks_for_local_workers_without_cuda_are_refused_first(tmp_path):
     image = make_layer(tmp_path / "image")
     output = tmp_path / "map"
     assert_one_line_error(run_cli("infer", image, output, "--bounds", "0,0,0,64,64,4",
-                                  "--device", "cuda"), "planned for CUDA", "--queue")
+                                  "--device", "cuda"), "planned for CUDA", "on a queue")
     assert not output.exists()

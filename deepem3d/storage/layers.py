@@ -88,7 +88,7 @@ def open_layer(path: str, mip: int = 0, **kwargs: Any) -> CloudVolume:
         ) from None
     except ScaleUnavailableError as err:  # "MIP N not found. M available: ..."
         raise InputError(f"cannot open {path} at mip {mip}: {err}") from None
-    except OSError as err:  # an info that is a folder, an unreadable file
+    except IsADirectoryError as err:  # (a file in the way, no permission: cli.main's words)
         raise InputError(f"cannot read {path}/info: {err}") from None
     except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError,
             OverflowError) as err:  # an info CloudVolume cannot read
@@ -362,7 +362,8 @@ def create_layer(
         delete_layer_data(path)
     try:
         vol.commit_info()
-    except OSError as err:  # a folder that cannot be made or written
+    except FileNotFoundError as err:  # a folder that cannot be made (a file in the way, no
+        # permission: cli.main's words)
         raise InputError(f"cannot write the layer at {path}: {err}") from None
     if provenance is not None:
         record_provenance(vol, provenance, replace=overwrite)
