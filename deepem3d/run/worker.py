@@ -401,8 +401,8 @@ class Worker:
                     self._files.renew(self._held.pop(task_id(leased)), 1)
                     continue
                 self._set_aside(task_id(leased), text, f"not a task: {_last_line(err)}")
+        failed_dir = os.path.join(self._file_queue_dir, "failed")
         for name in self._files.strays:
-            failed_dir = os.path.join(self._file_queue_dir, "failed")
             os.makedirs(failed_dir, exist_ok=True)
             if self._files.take_stray(name, os.path.join(failed_dir, f"{name}.json")):
                 self._note_set_aside(name, failed_dir, "not a task: an entry of queue/ not "
