@@ -128,3 +128,20 @@ def test_a_missing_chunk_fails_the_mesh_once_in_one_line(tmp_path):
     result = run_cli("mesh", tmp_path / "seg", "--mip", "0")
     assert_one_line_error(result, "met a missing chunk", "0-64_0-64_0-10")
     assert result.stderr.count("Traceback") == 0, result.stderr
+
+
+def test_mesh_fill_missing_meshes_an_incomplete_layer(labels):
+    """`mesh --fill-missing` reads a missing chunk as background: the other chunks' segments
+    are meshed, and the info names the meshes. (`skeleton` has no such option: CloudVolume's
+    renumbering read, which igneous's SkeletonTask uses, fails on a missing chunk.)"""
+    from pathlib import Path
+
+    folder = Path(labels.removeprefix("file://"))
+    next((folder / "16_16_50").glob("0-64_0-64_0-10*")).unlink()
+    assert_one_line_error(run_cli("mesh", labels), "met a missing chunk", "0-64_0-64_0-10")
+    run_cli("mesh", labels, "--fill-missing", check=True)
+    assert info(labels)["mesh"] == "mesh"
+    kept = np.asarray(CloudVolume(labels, fill_missing=True)[:, :, :])
+    assert not kept[:64, :64].any()
+    largest = np.bincount(kept.ravel())[1:].argmax() + 1
+    assert len(CloudVolume(labels).mesh.get(int(largest)).vertices) > 0

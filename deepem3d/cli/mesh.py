@@ -48,9 +48,12 @@ def _run(plan, stages, queue: str | None, parallel: int | None, dry_run: bool) -
 
 @click.command()
 @object_options("448,448,448")
+@click.option("--fill-missing", is_flag=True,
+              help="Read missing chunks as zeros (default: a missing chunk stops the run, in "
+              "one line).")
 def mesh(layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip: int | None,
          task_shape: tuple[int, int, int] | None, sharded: bool,
-         spatial_index: bool | None) -> None:
+         spatial_index: bool | None, fill_missing: bool) -> None:
     """Make a mesh per segment of the segmentation LAYER.
 
     Two stages: MeshTask per block, then the merge: one legacy mesh per segment, or with
@@ -63,7 +66,7 @@ def mesh(layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip
     if queue is not None:
         check_queue_url(queue)
     plan = plan_meshes(layer, mip=mip, task_shape=task_shape, sharded=sharded,
-                       spatial_index=spatial_index)
+                       spatial_index=spatial_index, fill_missing=fill_missing)
     _run(plan, mesh_stages, queue, parallel, dry_run)
 
 

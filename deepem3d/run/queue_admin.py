@@ -24,7 +24,13 @@ import shutil
 from dataclasses import dataclass
 
 from deepem3d.errors import InputError
-from deepem3d.run.queues import SQS_MAX_VISIBILITY, check_queue_url, sqs_call, sqs_client
+from deepem3d.run.queues import (
+    SQS_MAX_NAME,
+    SQS_MAX_VISIBILITY,
+    check_queue_url,
+    sqs_call,
+    sqs_client,
+)
 
 RETENTION_SECONDS = 14 * 24 * 3600  # SQS's maximum; its default (4 days) loses slow stages
 DEAD_LETTER_SUFFIX = "-dead-letter"
@@ -36,10 +42,10 @@ def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 9
     """Create the queue (see the module docstring); returns what was made, in words."""
     check_queue_url(url)
     name = url.removeprefix("sqs://")
-    if url.startswith("sqs://") and len(name + DEAD_LETTER_SUFFIX) > 80:
-        raise InputError(f"{url}: a name of at most {80 - len(DEAD_LETTER_SUFFIX)} characters "
-                         f"leaves room for its dead-letter queue's ({DEAD_LETTER_SUFFIX}) within "
-                         "SQS's 80")
+    if url.startswith("sqs://") and len(name + DEAD_LETTER_SUFFIX) > SQS_MAX_NAME:
+        raise InputError(f"{url}: a name of at most {SQS_MAX_NAME - len(DEAD_LETTER_SUFFIX)} "
+                         f"characters leaves room for its dead-letter queue's "
+                         f"({DEAD_LETTER_SUFFIX}) within SQS's {SQS_MAX_NAME}")
     if lease_seconds is not None and visibility_seconds < lease_seconds:
         raise InputError(f"--visibility-seconds {visibility_seconds} is below the workers' "
                          f"lease ({lease_seconds} s): a task would be handed to a second "

@@ -38,9 +38,10 @@ MIN_FILE_LEASE_SECONDS = 3
 SQS_MAX_VISIBILITY = 12 * 3600
 
 
-#: an SQS queue's name: 1 to 80 letters, digits, - and _ (`queue create` leaves room for the
-#: dead-letter queue's suffix)
-SQS_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}")
+#: SQS's longest queue name (`queue create` leaves room in it for the dead-letter queue's suffix)
+SQS_MAX_NAME = 80
+#: an SQS queue's name: 1 to SQS_MAX_NAME letters, digits, - and _
+SQS_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{SQS_MAX_NAME}}}")
 
 
 def check_queue_url(url: str) -> str:
@@ -51,7 +52,8 @@ def check_queue_url(url: str) -> str:
             f"unknown queue {url!r}: use fq://DIRECTORY (a file queue) or sqs://QUEUE_NAME"
         )
     if scheme == "sqs" and not SQS_NAME.fullmatch(rest):
-        raise InputError(f"{url}: an SQS queue's name is 1 to 80 letters, digits, - and _")
+        raise InputError(f"{url}: an SQS queue's name is 1 to {SQS_MAX_NAME} letters, digits, "
+                         "- and _")
     if scheme == "fq":
         where = enclosing_layer(rest)
         if where is not None:

@@ -43,10 +43,10 @@ class MeshPlan(ObjectPlan):
 
 def plan_meshes(layer_path: str, *, mip: int | None = None,
                 task_shape: tuple[int, int, int] | None = None, sharded: bool = False,
-                spatial_index: bool | None = None) -> MeshPlan:
+                spatial_index: bool | None = None, fill_missing: bool = False) -> MeshPlan:
     """Check the layer, mip and sharding; work out the MeshTasks. Reads the info only."""
     return plan_objects(MeshPlan, layer_path, mip, task_shape, TASK_SHAPE, sharded,
-                        spatial_index, "meshes", "mesh")
+                        spatial_index, "meshes", "mesh", fill_missing)
 
 
 def mesh_stages(plan: MeshPlan, *, source_key: str = "",
@@ -58,13 +58,15 @@ def mesh_stages(plan: MeshPlan, *, source_key: str = "",
                   "task_shape": list(plan.task_shape), "mesh_dir": MESH_DIR,
                   "sharded": plan.sharded, "spatial_index": plan.spatial_index,
                   "source_key": source_key, "merge_prefix_digits": digits}
+    if plan.fill_missing:  # only when set: meshes forged before the option keep their key
+        parameters["fill_missing"] = True
 
     def forge() -> Iterable:
         from igneous.task_creation import create_meshing_tasks
 
         return create_meshing_tasks(plan.layer_path, plan.mip, shape=plan.task_shape,
                                     mesh_dir=MESH_DIR, spatial_index=plan.spatial_index,
-                                    sharded=plan.sharded)
+                                    sharded=plan.sharded, fill_missing=plan.fill_missing)
 
     def merge() -> Iterable:
         from igneous.task_creation import (

@@ -80,6 +80,9 @@ class ObjectPlan:
     spatial_index: bool = False
     #: voxels of the layer at `mip` (the unsharded merge's task count follows from it)
     voxels: int = 0
+    #: the forge reads missing chunks as zeros (meshes only: CloudVolume's renumbering read,
+    #: which igneous's SkeletonTask uses, fails on a missing chunk, cloud-volume 12.15.2)
+    fill_missing: bool = False
 
     #: spelled by subclasses: the forge task's name, what the merge makes, where
     TASK = ""
@@ -100,7 +103,7 @@ _PlanT = TypeVar("_PlanT", bound=ObjectPlan)  # plan_objects returns the subclas
 def plan_objects(cls: type[_PlanT], layer_path: str, mip: int | None,
                  task_shape: Sequence[int] | None, default_shape: Sequence[int],
                  sharded: bool, spatial_index: bool | None, product: str, noun: str,
-                 **extra: Any) -> _PlanT:
+                 fill_missing: bool = False, **extra: Any) -> _PlanT:
     """A `cls` plan after checking the layer, its mip and the sharding. Reads the info only."""
     layer_path, vol, mip = segmentation_at(layer_path, mip, product, noun)
     index = spatial_index_for(product, sharded, spatial_index)
@@ -109,7 +112,7 @@ def plan_objects(cls: type[_PlanT], layer_path: str, mip: int | None,
     count = math.prod(-(-s // t) for s, t in zip(size, shape))
     resolution = tuple(float(r) for r in vol.meta.resolution(mip))
     return cls(layer_path, mip, shape, count, resolution, sharded, index, math.prod(size),
-               **extra)
+               fill_missing, **extra)
 
 
 #: voxels per segment at the mip meshes and skeletons are made at, for planning their merge:
