@@ -126,6 +126,26 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
                           "--write", "no such pipeline file")
 
 
+def test_sigmas_rows_score_what_the_run_gives_on_a_labelled_part(finished):
+    """--sigmas on a labelled part of the run's region: the map over the whole region is
+    segmented, so the row at the run's own sigma and setting scores the layer as written,
+    the row the kept supervoxels give (the part alone, as if it were the volume, would let no
+    segment merge through its faces)."""
+    part = ["--bounds", "8,8,2,40,40,8", "--methods", "mean", "--thresholds", "0.5",
+            "--dust-sizes", "20", "--json"]
+    kept = json.loads(run_cli("tune", finished["seg"], finished["gt"], *part,
+                              check=True).stdout)["rows"]
+    swept = json.loads(run_cli("tune", finished["seg"], finished["gt"], *part, "--sigmas", "0",
+                               check=True).stdout)["rows"]
+    written = evaluate(read(finished["seg"])[8:40, 8:40, 2:8],
+                       finished["labels"][8:40, 8:40, 2:8].astype(np.uint64))
+    assert kept[0]["adapted_rand_error"] == pytest.approx(written["adapted_rand_error"],
+                                                          abs=1e-12)
+    assert swept[0]["adapted_rand_error"] == pytest.approx(written["adapted_rand_error"],
+                                                           abs=1e-12)
+    assert swept[0]["voi_merge"] == pytest.approx(written["voi_merge"], abs=1e-12)
+
+
 def test_sigmas_segment_the_labelled_region_again_per_sigma(finished, maps):
     """--sigmas: the region's map segmented in memory per sigma (its supervoxels and graph
     once per sigma), each row scoring `pipeline.segment` of that map, sigma and setting."""

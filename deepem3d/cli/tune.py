@@ -59,8 +59,8 @@ def _ints(text: str, name: str) -> list[int]:
               "e.g. 8GiB (default: the memory available now).")
 @click.option("--sigmas", default=None,
               help="Also sweep the in-plane Gaussian (voxels, in [0, 16], e.g. 0,1,2,4): the "
-              "labelled region's map is segmented in memory per sigma, as if it were the "
-              "volume (the run's kept supervoxels are not used then).")
+              "map over the region the run segmented is segmented again in memory per sigma "
+              "(the run's kept supervoxels are not used then).")
 def tune(segmentation: str, gt: str,
          bounds: tuple[tuple[int, int, int], tuple[int, int, int]] | None, methods: str,
          thresholds: str | None, dust_sizes: str, pipeline: str | None, as_json: bool,
@@ -68,9 +68,9 @@ def tune(segmentation: str, gt: str,
     """Choose method, threshold and dust size for SEGMENTATION's map on GT's labelled voxels.
 
     Reuses the run's kept supervoxels and region graphs: per setting only the agglomeration,
-    the dust removal and the remap run, in memory. With --sigmas, the region's map is
-    segmented again per sigma instead. Prints adapted Rand error and VOI per setting and the
-    best one's flags for `deepem3d segment`.
+    the dust removal and the remap run, in memory. With --sigmas, the map over the run's
+    region is segmented again per sigma instead. Prints adapted Rand error and VOI per
+    setting and the best one's flags for `deepem3d segment`.
     """
     from deepem3d.stages.segmentation import MAX_SIGMA
     from deepem3d.stages.tune import (
@@ -101,10 +101,10 @@ def tune(segmentation: str, gt: str,
         source = (f"the run's supervoxels: sigma {own.get('sigma', 0)}, dust mode "
                   f"{own.get('dust_mode', 'merge')}")
     else:
-        check_sweep_memory(box, max_memory)
+        check_sweep_memory(segmentation, box, max_memory)
         own = segment_settings(segmentation)
         path, rows = segmentation, tune_sigmas(segmentation, box, labels, grid, swept)
-        source = (f"the region's map segmented per sigma, dust mode "
+        source = (f"the run's region of the map segmented per sigma, dust mode "
                   f"{own.get('dust_mode', 'merge')}")
     count = len(grid) * (1 if swept is None else len(swept))
     rows = list(tqdm(rows, total=count, desc="settings", disable=as_json, leave=False))
