@@ -314,14 +314,18 @@ def test_a_layer_the_run_reads_where_it_writes_is_refused_first(tmp_path, crop_l
     assert sorted(p.name for p in output.iterdir()) == ["segmentation"]
 
 
-@pytest.mark.parametrize("offset,num_mips,fragments", [
-    ("3, 0, 0", None, ["voxel offset 3,0,0", "--voxel-offset"]),
-    ("2, 0, 0", 2, ["voxel offset 2,0,0", "num_mips 1 or fewer"]),
-])
+@pytest.mark.parametrize("offset,extra,fragments", [
+    ("3, 0, 0", {}, ["voxel offset 3,0,0", "--voxel-offset"]),
+    ("2, 0, 0", {"  layers: [segmentation]\n": "  layers: [segmentation]\n  num_mips: 2\n"},
+     ["voxel offset 2,0,0", "num_mips 1 or fewer"]),
+    ("0, 0, 0", {"  chunk_size: [32, 32, 2]\n": "  chunk_size: [64, 64, 2]\n"},
+     ["out/segmentation at mip 0 is too small", "x spans 1 of 64", "chunks of at most 32,32,2"]),
+], ids=["offset", "offset-num-mips", "chunks"])
 def test_mip_levels_off_the_offsets_grid_are_refused_before_the_inference(
-        tmp_path, crop_layers, offset, num_mips, fragments):
+        tmp_path, crop_layers, offset, extra, fragments):
     """The map's and the segmentation's levels were planned, and refused, once those layers
-    were written: after the inference and the segmentation had run."""
+    were written: after the inference and the segmentation had run. A layer too small for
+    its levels is refused as early, by the name the run gives it (not its stand-in's)."""
     image = f"file://{tmp_path / 'image'}"
     vol = create_layer(image, layer_type="image", dtype="uint8", resolution=(4, 4, 50),
                        size=(64, 64, 4), chunk_size=(64, 64, 4),
@@ -332,10 +336,7 @@ def test_mip_levels_off_the_offsets_grid_are_refused_before_the_inference(
                "products: [map, segmentation, downsample, meshes]":
                "products: [map, segmentation, downsample]", "meshes:\n  mip: 1\n": "",
                f"ground_truth: {crop_layers['gt']}\n": "",
-               "evaluate:\n  bounds: [0, 0, 6, 128, 128, 10]\n": ""}
-    if num_mips:
-        replace["  layers: [segmentation]\n"] = (f"  layers: [segmentation]\n"
-                                                f"  num_mips: {num_mips}\n")
+               "evaluate:\n  bounds: [0, 0, 6, 128, 128, 10]\n": "", **extra}
     pipeline = pipeline_file(tmp_path, crop_layers, output, **replace)
     assert_one_line_error(run_cli("run", pipeline, "--parallel", "1"), "downsample",
                           *fragments)
@@ -547,3 +548,19 @@ def test_a_planners_message_names_the_files_keys_but_keeps_commands_and_run_opti
     assert str(_in_key("f.yaml", "inference", err)) == (
         "f.yaml: inference: off; resample it (`deepem3d resample IMAGE OUTPUT --resolution "
         "4,4,50`) or set force: true; task_shape 48,64,2 is off the grid; pass --overwrite")
+
+
+def test_a_map_the_run_reads_is_among_its_layers(tmp_path, maps):
+    """A pipeline that segments an existing `map:` left the map out of the run's layers, so
+    the report and `deepem3d view RUN` showed no map."""
+    from deepem3d.run.pipeline import add_local_queue, load_pipeline
+    from deepem3d.run.plan import plan_run
+
+    pipeline = tmp_path / "segment.yaml"
+    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'out'}\nimage: {maps['affinity'][0]}"
+                        f"\nmap: {maps['affinity'][0]}\nproducts: [segmentation]\n"
+                        "segmentation:\n  method: mean\n  threshold: 0.5\n")
+    p = load_pipeline(str(pipeline))
+    add_local_queue(p)
+    plan = plan_run(p, dry_run=True)
+    assert plan.layers["map"] == maps["affinity"][0]

@@ -167,6 +167,8 @@ class _RunPlanner:
             layers["image"] = p.image
         if p.ground_truth and p.ground_truth != SAMPLE:
             layers["ground_truth"] = p.ground_truth
+        if p.map and "map" not in p.products:  # read, not made: the report and view name it
+            layers["map"] = p.map
 
     def inference(self) -> None:
         from deepem3d.stages.inference import inference_stage
@@ -274,15 +276,14 @@ class _RunPlanner:
         ready = {"image": True, "map": self.map_ready,
                  "segmentation": self.segmentation_ready}[name]
         if not ready:
-            if not self.dry_run:  # planned once the layer is complete; its offset checked now
-                _check_offset_early(p, name, self.iplan if self.iplan is not None
-                                    else open_layer(self.map_path))
-                return
+            if not self.dry_run:  # planned once the layer is complete (run_pipeline has
+                return  # planned it on a stand-in before anything ran)
             path = self.map_path if name == "map" else self.segmentation_stand_in
         try:
             dplan = plan_downsample(
                 path, num_mips=down.get("num_mips"), factor=down.get("factor"),
-                memory_target=down.get("memory", MEMORY_TARGET), bounds=self.written.get(name))
+                memory_target=down.get("memory", MEMORY_TARGET), bounds=self.written.get(name),
+                shown_as=layers[name])
         except InputError as err:
             raise _in_key(p.source, "downsample", err) from None
         self.plan.lines.append(f"downsample {name}: {dplan.describe()}")
@@ -325,20 +326,6 @@ class _RunPlanner:
         source = next((s.key for s in plan.stages if s.name == "remap"), "")
         for stage in stages(oplan, source_key=source, needs=("remap",)):
             self.add(stage, product)
-
-
-def _check_offset_early(p: Pipeline, name: str, geometry) -> None:
-    """Refuse now, not after hours of inference, mip levels of a layer the run has yet to
-    write that its voxel offset (the map's, for the segmentation too) would leave off their
-    grid. `geometry`: the inference plan or the map layer, with a voxel offset and resolution."""
-    from deepem3d.stages.downsample import check_offset, default_factor
-
-    factor = p.downsample.get("factor") or default_factor(geometry.resolution)
-    try:
-        check_offset(p.layer(name), geometry.voxel_offset, factor, 0,
-                     p.downsample.get("num_mips"))
-    except InputError as err:
-        raise _in_key(p.source, "downsample", err) from None
 
 
 def _stand_in(folder: str, name: str, plan) -> str:
@@ -441,6 +428,9 @@ def run_pipeline(
     if add_local_queue(p):
         parallel = parallel or 1  # nobody else would drain a queue the file does not name
     check_queues(p)  # before the sample or any layer is written
+    # every stage planned now, the later ones on stand-ins of the layers they read: a problem
+    # of the last stage (a layer too small for its mip levels) is refused before the first runs
+    plan_run(p, overwrite=overwrite, dry_run=True)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     routes: dict[str, str] = {}

@@ -94,14 +94,17 @@ def plan_downsample(
     factor: tuple[int, int, int] | None = None,
     bounds: Bbox | None = None,
     memory_target: int = MEMORY_TARGET,
+    shown_as: str | None = None,
 ) -> DownsamplePlan:
-    """Mirror igneous's task geometry so `--dry-run` can report it without touching the info."""
+    """Mirror igneous's task geometry so `--dry-run` can report it without touching the info.
+    `shown_as` names the layer in messages (a run plans layers it has yet to write on
+    stand-ins of their geometry)."""
     from igneous import downsample_scales
     from igneous.task_creation.common import get_bounds
     from igneous.task_creation.image import num_mips_from_memory_target
 
-    layer_path = cloudpath(layer_path)
-    vol = open_layer(layer_path, mip=mip)
+    vol = open_layer(cloudpath(layer_path), mip=mip)
+    layer_path = cloudpath(shown_as or layer_path)
     factor = tuple(factor) if factor else default_factor(vol.meta.resolution(mip))
     if any(f < 1 for f in factor):
         raise InputError(f"--factor {factor} must be at least 1 on every axis")
@@ -129,10 +132,7 @@ def plan_downsample(
             "the layer is no larger than a chunk at the last"))
     resolutions = resolutions[:num_mips]
     if not resolutions:
-        raise InputError(
-            f"{layer_path} at mip {mip} is too small to downsample by {factor}: "
-            "no new mip level would be made"
-        )
+        raise InputError(too_small(layer_path, mip, vol.meta.volume_size(mip), chunk, factor))
     sharded = vol.meta.sharding(mip) is not None
     if sharded:
         shape, resolutions = _shard_geometry(vol, mip, factor, len(resolutions), memory_target)
@@ -164,6 +164,27 @@ def plan_downsample(
         sharded=sharded,
         offset_note=offset_note,
     )
+
+
+def too_small(layer_path: str, mip: int, size: Sequence[int], chunk: Sequence[int],
+              factor: Sequence[int]) -> str:
+    """Why igneous makes no level: its levels keep the chunk size, so an axis it downsamples
+    must span `factor` chunks (`downsample_scales.compute_factors`). Names the axis and the
+    chunk size that would do."""
+    short = [a for a in range(3)
+             if factor[a] > 1 and int(size[a]) < int(factor[a]) * int(chunk[a])]
+    if not short:  # igneous counted the chunks of a level the layer already has
+        return (f"{layer_path} at mip {mip} is too small to downsample by "
+                f"{','.join(map(str, factor))}: no new mip level would be made")
+    spans = ", ".join(f"{'xyz'[a]} spans {int(size[a]) / int(chunk[a]):.3g} of {int(chunk[a])} "
+                      f"({int(size[a])} voxels)" for a in short)
+    fits = ",".join(str(max(1, int(size[a]) // int(factor[a])) if a in short else int(chunk[a]))
+                    for a in range(3))
+    return (f"{layer_path} at mip {mip} is too small to downsample by "
+            f"{','.join(map(str, factor))}: new levels keep the chunk size, so an axis "
+            f"downsampled by f must span f chunks, and {spans}; write the layer with chunks "
+            f"of at most {fits} (--chunk-size), or give a factor of 1 on "
+            f"{'that axis' if len(short) == 1 else 'those axes'}")
 
 
 def check_offset(layer_path: str, offset: Sequence[int], factor: Sequence[int], mip: int,

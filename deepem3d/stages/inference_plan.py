@@ -152,11 +152,14 @@ class InferencePlan:
         shape = " x ".join(str(s) for s in self.task_shape)
         g = self.geometry
         names = ", ".join(os.path.basename(m.location) for m in self.models)
+        windows = (f"tiles {g.size} px in, {g.output} px out, abutting (a margin of {g.margin} "
+                   f"px each side; no blending), batch {g.batch}" if g.overlap == 0 else
+                   f"patches {g.size} px in, {g.output} px out, overlap {g.overlap}, "
+                   f"batch {g.batch}, {g.window} window")
         return (
             f"{self.task_count} InferenceTask(s) of {shape} voxels (x,y,z) at mip {self.mip}, "
             f"{self.head} map ({self.channels} channel(s), {self.dtype}) from {names}; "
-            f"tta {self.tta}; patches {g.size} px in, {g.output} px out, overlap {g.overlap}, "
-            f"batch {g.batch}, {g.window} window; about {self.memory_bytes / 2**20:.0f} MiB "
+            f"tta {self.tta}; {windows}; about {self.memory_bytes / 2**20:.0f} MiB "
             f"per task; patch compute x{self.compute_factor:.2f} of one whole-volume pass\n"
             f"evaluations per output voxel: {self.evaluations:.2f}"
             + (f"\neach task predicts up to {self.slabs} slabs of {self.chunk_size[2]} "
@@ -476,12 +479,15 @@ def plan_inference(
                          f"models' training resolution (mip 0 is "
                          f"{_fmt(vol.meta.resolution(0))} nm); the map has mip {mip}'s")
     warnings = []
+    segmentation = recommended_settings(models, tta)
     for ref in refs:
         problem = check_resolution(ref, vol, mip)
         if problem is None:
             continue
         if force or "records no training resolution" in problem:
             warnings.append(problem.replace(", or pass --force to run anyway", ""))
+            if segmentation and ref.meta.get("resolution"):  # forced: say where they hold
+                segmentation["resolution"] = [float(r) for r in ref.meta["resolution"]]
         else:
             raise InputError(problem)
     offset = tuple(int(v) for v in vol.voxel_offset)
@@ -542,7 +548,7 @@ def plan_inference(
         fill_missing=fill_missing,
         mask=cloudpath(mask) if mask else None, mask_mip=mask_mip, threads=threads,
         device=device, amp=amp, warnings=warnings,
-        segmentation=recommended_settings(models, tta), sharding=sharding, notes=notes,
+        segmentation=segmentation, sharding=sharding, notes=notes,
     )
     if mask:
         open_layer(plan.mask, mip=mask_mip)  # fails now, not in every task

@@ -343,13 +343,21 @@ def choose_settings(given: dict, recorded: dict | None,
         if recorded is None:
             raise InputError(f"{where} records no segmentation settings (its model is not a "
                              "shipped one, or another tool made it): give --method and "
-                             "--threshold")
+                             "--threshold (e.g. mean 0.5; `deepem3d tune` then chooses them "
+                             "on a labelled region)")
         keys = ("method", "threshold", "sigma", "dust_size")
         chosen = {k: given[k] if given.get(k) is not None else recorded[k] for k in keys}
         what = ", ".join(f"{k} {chosen[k]}" for k in keys if given.get(k) is None)
         line = f"settings recorded by the map's model: {what}"
         mine = ", ".join(f"{k} {chosen[k]}" for k in keys if given.get(k) is not None)
-        return chosen, line + (f"; given: {mine}" if mine else "")
+        if mine:
+            line += f"; given: {mine}"
+        if recorded.get("resolution"):  # the model ran at another resolution (--force)
+            line += ("; they were chosen at the model's "
+                     f"{','.join(f'{r:g}' for r in recorded['resolution'])} nm and the map was "
+                     "made at another with --force: choose them on a labelled region with "
+                     "`deepem3d tune`")
+        return chosen, line
     missing = [f"--{k}" for k in ("method", "threshold") if given.get(k) is None]
     if missing:
         raise InputError(f"give {' and '.join(missing)} too (or neither, to use the settings "
