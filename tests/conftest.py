@@ -6,10 +6,12 @@ Test modules import helpers from here (never from one another)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,22 @@ def run_cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def cli_here(*args: object) -> subprocess.CompletedProcess:
+    """`deepem3d ARGS` through the same entry point, in this process: no interpreter start-up
+    (about 2 s with torch's import) per call. run_cli where a real process matters: what is
+    written below Python (a library's own prints), worker processes, signals."""
+    from deepem3d.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

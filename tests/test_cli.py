@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deepem3d.cli.options import Bounds, ByteSize, Number, Triple
-from tests.conftest import assert_one_line_error, make_layer, run_cli
+from tests.conftest import assert_one_line_error, cli_here, make_layer, run_cli
 
 
 def test_help_lists_every_command():
@@ -174,7 +174,7 @@ def test_values_past_what_the_tools_hold_are_refused(tmp_path, args, words):
     """A dust size past int64 failed in orjson after the segmentation was written, a lease
     of 10^17 s killed the renewal thread, an empty --import or bind address was a traceback
     or a URL with no host, an SQS name with a space waited for AWS to refuse it."""
-    assert_one_line_error(run_cli(*args), *words)
+    assert_one_line_error(cli_here(*args), *words)
 
 
 def test_option_types():

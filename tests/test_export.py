@@ -12,7 +12,7 @@ import tifffile
 from deepem3d.axes import xyz_from_zyx
 from deepem3d.export import export
 from deepem3d.storage.layers import create_layer
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, cli_here, run_cli
 
 SHAPE = (6, 40, 56)  # z, y, x
 
@@ -74,7 +74,7 @@ def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
         ((paths["image"], f"{tmp_path / 'a.h5'}:/"), ["name the HDF5 dataset"]),
         ((paths["image"], tmp_path / "folder.npy", "--overwrite"), ["is a folder"]),
     ):
-        assert_one_line_error(run_cli("export", *args, "--no-progress"), *fragments)
+        assert_one_line_error(cli_here("export", *args, "--no-progress"), *fragments)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.npy", "there.npy"]
     assert (tmp_path / "there.npy").read_bytes() == b"mine"
     missing = tmp_path / "missing"

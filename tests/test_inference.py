@@ -11,11 +11,8 @@ to bound.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
-import subprocess
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,6 @@ from cloudvolume.lib import Bbox
 
 import deepem3d.models.sliding as core
 from deepem3d.axes import xyz_from_zyx, zyx_from_xyz
-from deepem3d.cli.main import main
 from deepem3d.errors import InputError
 from deepem3d.models import build_model
 from deepem3d.models.checkpoint import save_checkpoint
@@ -49,7 +45,7 @@ from deepem3d.stages.frame import Markers
 from deepem3d.stages.inference import inference_stage
 from deepem3d.stages.inference_plan import plan_inference
 from deepem3d.storage.layers import create_layer
-from tests.conftest import assert_one_line_error, run_cli, start_stage
+from tests.conftest import assert_one_line_error, cli_here, run_cli, start_stage
 
 GEOMETRY = PatchGeometry(size=64, output=32, overlap=8, batch=4)
 PATCH_ARGS = ("--patch-size", "64", "--patch-output", "32", "--overlap", "8", "--batch-size", "4")
@@ -98,19 +94,6 @@ def setup(tmp_path_factory, crop):
     ckpt, model = make_model(root / "tiny.pt")
     reference = predict_volume(ModelPredictor(model), crop, GEOMETRY)
     return {"root": root, "image": image, "ckpt": ckpt, "model": model, "reference": reference}
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    """`deepem3d ARGS` through the same entry point, in this process (no interpreter start-up
-    per call; run_cli is used where real processes matter)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def read_map(path: str) -> np.ndarray:
@@ -261,7 +244,7 @@ def test_cli_with_worker_processes(setup, tmp_path):
     second, second_model = make_model(tmp_path / "second.pt", seed=1)
     args = ("infer", setup["image"], output, "--model", setup["ckpt"], "--model", second,
             "--task-shape", "48,48,4", "--chunk-size", "16,16,2", *PATCH_ARGS)
-    dry = cli(*args, "--dry-run")
+    dry = cli_here(*args, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "8 InferenceTask(s) of 48 x 48 x 4 voxels" in dry.stdout, dry.stdout
     assert "MiB per task" in dry.stdout
@@ -286,7 +269,7 @@ def test_cli_with_worker_processes(setup, tmp_path):
         hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (setup["ckpt"], second)]
     assert provenance["patch"] == GEOMETRY.to_dict() and provenance["tta"] == 1
 
-    again = cli(*args, "--parallel", "2")
+    again = cli_here(*args, "--parallel", "2")
     assert "(0 run now)" in again.stdout
 
 
@@ -364,7 +347,7 @@ def test_the_image_spelled_another_way_is_refused_as_output(setup, tmp_path, mon
     monkeypatch.chdir(Path(folder).parent)
     for output in (f"precomputed://{image}", f"file://{Path(folder).name}", link, f"{folder}/",
                    f"{folder}/map"):
-        result = cli("infer", image, output, "--model", setup["ckpt"], "--chunk-size",
+        result = cli_here("infer", image, output, "--model", setup["ckpt"], "--chunk-size",
                      "16,16,2", *PATCH_ARGS, "--overwrite")
         assert_one_line_error(result, "overlaps the image layer")
     assert sorted(p.name for p in Path(folder).rglob("*")) == before
@@ -423,7 +406,7 @@ def test_dry_run_counts_evaluations_per_output_voxel(setup, tmp_path):
     old = plan_inference(layer, f"file://{tmp_path / 'out'}", models=[setup["ckpt"]],
                          patch={"size": 512, "output": 384, "overlap": 64})
     assert 3.8 < old.evaluations < 4.6
-    result = cli("infer", layer, f"file://{tmp_path / 'out'}", "--model", setup["ckpt"],
+    result = cli_here("infer", layer, f"file://{tmp_path / 'out'}", "--model", setup["ckpt"],
                  "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "evaluations per output voxel: 1.52" in result.stdout
@@ -586,33 +569,33 @@ def test_bad_input(setup, tmp_path, crop):
     assert_one_line_error(run_cli("infer", wide, tmp_path / "o", "--model", ckpt, *base),
                           "holds uint16")
     two = make_image(tmp_path / "two", crop, channels=2)
-    assert_one_line_error(cli("infer", two, tmp_path / "o", "--model", ckpt, *base),
+    assert_one_line_error(cli_here("infer", two, tmp_path / "o", "--model", ckpt, *base),
                           "2 channels")
 
     coarse, _ = make_model(tmp_path / "coarse.pt", resolution=(4, 4, 40))
-    assert_one_line_error(cli("infer", image, tmp_path / "o", "--model", coarse, *base),
+    assert_one_line_error(cli_here("infer", image, tmp_path / "o", "--model", coarse, *base),
                           "anisotropy differs", "--force")
     far, _ = make_model(tmp_path / "far.pt", resolution=(40, 40, 50))  # 10x: not resampled
-    result = cli("infer", image, tmp_path / "o", "--model", far, *base)
+    result = cli_here("infer", image, tmp_path / "o", "--model", far, *base)
     assert_one_line_error(result, "anisotropy differs", "deepem3d train --init", "--force")
     assert "resample" not in result.stderr
-    forced = cli("infer", image, tmp_path / "o", "--model", coarse, *base, "--force")
+    forced = cli_here("infer", image, tmp_path / "o", "--model", coarse, *base, "--force")
     assert forced.returncode == 0 and "warning: model coarse.pt was trained at 4x4x40" in \
         forced.stderr, forced.stderr
 
     other = tmp_path / "other"
     create_layer(f"file://{other}", layer_type="image", dtype="uint8", resolution=(4, 4, 50),
                  size=(96, 80, 7), voxel_offset=OFFSET, chunk_size=(32, 32, 4))
-    assert_one_line_error(cli("infer", image, other, "--model", ckpt, *base),
+    assert_one_line_error(cli_here("infer", image, other, "--model", ckpt, *base),
                           "exists with another geometry", "chunk_size")
 
     assert_one_line_error(
-        cli("infer", image, tmp_path / "o", "--model", ckpt, *base,
+        cli_here("infer", image, tmp_path / "o", "--model", ckpt, *base,
                 "--bounds", "10,20,3,200,100,10"), "--bounds", "reach outside")
 
     broken = tmp_path / "broken.pt"
     broken.write_bytes(Path(ckpt).read_bytes()[:5000])
-    assert_one_line_error(cli("infer", image, tmp_path / "o", "--model", broken, *base),
+    assert_one_line_error(cli_here("infer", image, tmp_path / "o", "--model", broken, *base),
                           "not a readable deepem3d checkpoint")
     foreign = tmp_path / "foreign.pt"  # torch warned (two lines) before the error
     foreign.write_bytes(pickle.dumps({"weights": [1, 2]}, protocol=4))
@@ -620,7 +603,7 @@ def test_bad_input(setup, tmp_path, crop):
                           "holds objects besides tensors")
 
     assert_one_line_error(
-        cli("infer", image, tmp_path / "o", "--model", ckpt, *base, "--task-shape", "20,16,2"),
+        cli_here("infer", image, tmp_path / "o", "--model", ckpt, *base, "--task-shape", "20,16,2"),
         "not a multiple of the output chunk size")
     assert not (tmp_path / "o").exists()
     assert os.path.exists(ckpt)

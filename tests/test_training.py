@@ -15,7 +15,7 @@ from deepem3d.models.data import PatchSampler, load_pair
 from deepem3d.models.losses import balanced_cross_entropy
 from deepem3d.models.train import TrainConfig, Trainer
 from deepem3d.sample import load_sample
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import assert_one_line_error, cli_here, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -176,39 +176,39 @@ def test_train_bad_input(sample_h5, tmp_path):
         "differ in shape",
     )
     assert_one_line_error(
-        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:60"), "outside"
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:60"), "outside"
     )
     assert_one_line_error(
-        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0-6"), "malformed"
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0-6"), "malformed"
     )
     assert_one_line_error(
-        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
                 "--val-sections", "5:8"), "overlap"
     )
     assert_one_line_error(
-        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--preset", "huge"),
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--preset", "huge"),
         "preset",
     )
     assert_one_line_error(
-        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--init",
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--init",
                 tmp_path / "missing.pt"), "no checkpoint at",
     )
     assert_one_line_error(  # the shipped default is the small preset, not tiny
-        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--init",
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--init",
                 "isbi2012-small-affinity", "--preset", "tiny"),
         "--init isbi2012-small-affinity holds",
     )
     assert_one_line_error(
-        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--patch-size",
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--patch-size",
                 "16", "--batch-size", "1"), "one value per channel",
     )
     layer = tmp_path / "image"  # checkpoints written into an input layer's folder
     run_cli("ingest", f"{h5}:/raw", layer, "--resolution", "4,4,50", check=True)
     assert_one_line_error(
-        run_cli("train", "--image", layer, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
+        cli_here("train", "--image", layer, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
                 "--out", layer / "run"), "--out", "overlaps the image layer")
     assert_one_line_error(
-        run_cli(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--lr", "nan"),
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--lr", "nan"),
         "--lr 'nan' must be a finite number",
     )
     with h5py.File(h5, "r") as f:
@@ -216,11 +216,11 @@ def test_train_bad_input(sample_h5, tmp_path):
     with h5py.File(tmp_path / "signed.h5", "w") as f:
         f["ids"] = np.full(shape, -3, dtype=np.int32)
     assert_one_line_error(
-        run_cli(*args, "--labels", f"{tmp_path / 'signed.h5'}:/ids", "--train-sections", "0:6"),
+        cli_here(*args, "--labels", f"{tmp_path / 'signed.h5'}:/ids", "--train-sections", "0:6"),
         "hold negative ids (min -3)",
     )
     assert_one_line_error(
-        run_cli(*args, "--labels", f"{h5}:/raw", "--train-sections", "0:6"),
+        cli_here(*args, "--labels", f"{h5}:/raw", "--train-sections", "0:6"),
         "--labels is the image",
     )
     assert not (tmp_path / "o").exists()

@@ -17,7 +17,7 @@ from deepem3d.segmentation.agglomeration import agglomerate, remap
 from deepem3d.segmentation.metrics import evaluate
 from deepem3d.stages.tune import load_kept, read_ground_truth
 from deepem3d.storage.layers import create_layer
-from tests.conftest import CHUNK, SHAPE, assert_one_line_error, read, run, run_cli
+from tests.conftest import CHUNK, SHAPE, assert_one_line_error, cli_here, read, run, run_cli
 
 OWN = {"method": "mean", "threshold": 0.5, "dust_size": 20}
 
@@ -95,34 +95,34 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
     create_layer(empty, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 40),
                  size=SHAPE, chunk_size=CHUNK)[:, :, :] = np.zeros(SHAPE, np.uint64)
     assert_one_line_error(run_cli("tune", seg, empty), "GT is 0 everywhere")
-    assert_one_line_error(run_cli("tune", seg, gt, "--thresholds", "0.5,1.5"),
+    assert_one_line_error(cli_here("tune", seg, gt, "--thresholds", "0.5,1.5"),
                           "threshold 1.5 is outside [0, 1]")
-    assert_one_line_error(run_cli("tune", seg, gt, "--methods", "median"), "median")
-    assert_one_line_error(run_cli("tune", seg, gt, "--dust-sizes", ""), "at least one")
-    assert_one_line_error(run_cli("tune", seg, gt, "--bounds", "0,0,0,200,80,10"),
+    assert_one_line_error(cli_here("tune", seg, gt, "--methods", "median"), "median")
+    assert_one_line_error(cli_here("tune", seg, gt, "--dust-sizes", ""), "at least one")
+    assert_one_line_error(cli_here("tune", seg, gt, "--bounds", "0,0,0,200,80,10"),
                           "reach outside SEG's bounds")
-    assert_one_line_error(run_cli("tune", seg, gt, "--sigmas", "1,20"), "--sigmas", "[0, 16]")
+    assert_one_line_error(cli_here("tune", seg, gt, "--sigmas", "1,20"), "--sigmas", "[0, 16]")
     # the whole region graph would not fit: refused before any graph is read
-    assert_one_line_error(run_cli("tune", seg, gt, "--max-memory", "32MiB"),
+    assert_one_line_error(cli_here("tune", seg, gt, "--max-memory", "32MiB"),
                           "whole region graph", "above --max-memory (32 MiB)", "--bounds")
     # a segmentation whose work files are gone
     files = CloudFiles(seg)
     kept = {k: files.get(k) for k in files.list(prefix="segmentation/graphs/")}
     files.delete(list(kept))
     try:
-        assert_one_line_error(run_cli("tune", seg, gt), "no kept region graphs")
+        assert_one_line_error(cli_here("tune", seg, gt), "no kept region graphs")
     finally:
         files.puts([(k, v) for k, v in kept.items()], raw=True)
-    assert_one_line_error(run_cli("tune", finished["gt"], gt), "not written by `deepem3d segment`")
+    assert_one_line_error(cli_here("tune", finished["gt"], gt), "not written by `deepem3d segment`")
     # a pipeline file to write into is checked before the sweep, and left as it was
     typo = tmp_path / "typo.yaml"
     typo.write_text(f"version: 1\noutput: {tmp_path}\nimage: {gt}\nsegmentation:\n  "
                     "task_shap: [32, 32, 4]\n")
     before = typo.read_text()
-    assert_one_line_error(run_cli("tune", seg, gt, "--write", typo), "segmentation.task_shap",
+    assert_one_line_error(cli_here("tune", seg, gt, "--write", typo), "segmentation.task_shap",
                           "unknown key")
     assert typo.read_text() == before
-    assert_one_line_error(run_cli("tune", seg, gt, "--write", tmp_path / "none.yaml"),
+    assert_one_line_error(cli_here("tune", seg, gt, "--write", tmp_path / "none.yaml"),
                           "--write", "no such pipeline file")
 
 
