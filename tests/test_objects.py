@@ -137,8 +137,7 @@ def test_mesh_fill_missing_meshes_an_incomplete_layer(labels):
     from pathlib import Path
 
     folder = Path(labels.removeprefix("file://"))
-    next((folder / "16_16_50").glob("0-64_0-64_0-10*")).unlink()
-    assert_one_line_error(run_cli("mesh", labels), "met a missing chunk", "0-64_0-64_0-10")
+    next((folder / "16_16_50").glob("0-64_0-64_0-10*")).unlink()  # without: the test above
     run_cli("mesh", labels, "--fill-missing", check=True)
     assert info(labels)["mesh"] == "mesh"
     kept = np.asarray(CloudVolume(labels, fill_missing=True)[:, :, :])

@@ -133,10 +133,9 @@ def test_sigmas_rows_score_what_the_run_gives_on_a_labelled_part(finished):
     segment merge through its faces)."""
     part = ["--bounds", "8,8,2,40,40,8", "--methods", "mean", "--thresholds", "0.5",
             "--dust-sizes", "20", "--json"]
-    kept = json.loads(run_cli("tune", finished["seg"], finished["gt"], *part,
-                              check=True).stdout)["rows"]
-    swept = json.loads(run_cli("tune", finished["seg"], finished["gt"], *part, "--sigmas", "0",
-                               check=True).stdout)["rows"]
+    kept = json.loads(cli_here("tune", finished["seg"], finished["gt"], *part).stdout)["rows"]
+    swept = json.loads(cli_here("tune", finished["seg"], finished["gt"], *part, "--sigmas",
+                                "0").stdout)["rows"]
     written = evaluate(read(finished["seg"])[8:40, 8:40, 2:8],
                        finished["labels"][8:40, 8:40, 2:8].astype(np.uint64))
     assert kept[0]["adapted_rand_error"] == pytest.approx(written["adapted_rand_error"],
