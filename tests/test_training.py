@@ -130,6 +130,27 @@ def test_refuses_to_clobber_or_resume_with_other_settings(sample_h5, tmp_path):
         Trainer(config(sample_h5, tmp_path, lr=0.5), resume=True, progress=False)
 
 
+def test_sources_are_recorded_absolute_and_relative_records_resume(sample_h5, tmp_path,
+                                                                   monkeypatch):
+    """Checkpoints recorded `--image sample.h5:/raw` as given, which names nothing from
+    another folder: they record absolute paths, and a run that recorded relative ones still
+    resumes from the folder it ran in."""
+    import json
+
+    monkeypatch.chdir(sample_h5.parent)
+    Trainer(config(sample_h5.name, tmp_path, iterations=3), progress=False).run()
+    recorded = load_checkpoint(str(tmp_path / "last.pt"))["meta"]["training"]["config"]
+    assert (recorded["image"], recorded["labels"]) == (f"{sample_h5}:/raw", f"{sample_h5}:/ids")
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    meta = json.loads(payload["meta"])
+    meta["training"]["config"].update(image="sample.h5:/raw", labels="sample.h5:/ids")
+    payload["meta"] = json.dumps(meta, sort_keys=True)
+    torch.save(payload, tmp_path / "last.pt")
+    resumed = Trainer(config(sample_h5.name, tmp_path, iterations=4), resume=True,
+                      progress=False)
+    assert resumed.iteration == 3
+
+
 def test_init_starts_from_another_checkpoints_weights(sample_h5, tmp_path):
     Trainer(config(sample_h5, tmp_path / "a"), progress=False).run()
     source = str(tmp_path / "a" / "last.pt")

@@ -26,6 +26,17 @@ def is_file_source(source: str) -> bool:
     )
 
 
+def absolute_source(source: str) -> str:
+    """`source` as a checkpoint records it: a local path made absolute (a relative one names
+    nothing once the checkpoint is read elsewhere), a cloud path as given."""
+    scheme, sep, rest = source.partition("://")
+    if sep:
+        return f"file://{os.path.abspath(os.path.expanduser(rest))}" if scheme == "file" \
+            else source
+    path, colon, dataset = source.partition(":/")  # FILE.h5:/DATASET
+    return os.path.abspath(os.path.expanduser(path)) + (f":/{dataset}" if colon else "")
+
+
 def parse_sections(text: str, name: str) -> tuple[int, int]:
     """'0:15' -> (0, 15), end exclusive."""
     try:

@@ -26,7 +26,7 @@ import deepem3d
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.errors import InputError
 from deepem3d.models.checkpoint import load_checkpoint, save_checkpoint
-from deepem3d.models.data import PatchSampler, load_pair
+from deepem3d.models.data import PatchSampler, absolute_source, load_pair
 from deepem3d.models.losses import loss_for
 from deepem3d.models.predict import predict_sections
 
@@ -56,6 +56,10 @@ class TrainConfig:
     threads: int | None = None
     init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
     workers: int = 0  # processes preparing batches ahead of the step (0: the step's own)
+
+    def __post_init__(self) -> None:
+        # recorded in the checkpoint: a relative path names nothing once it is read elsewhere
+        self.image, self.labels = absolute_source(self.image), absolute_source(self.labels)
 
     def run_identity(self) -> dict:
         """What must match for a resume to continue the same run."""
@@ -190,7 +194,10 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         payload = load_checkpoint(str(path))
         meta = payload["meta"]
-        if meta["training"]["config"] != self.cfg.run_identity():
+        recorded = dict(meta["training"]["config"])
+        for key in ("image", "labels"):  # runs before paths were recorded absolute, resumed
+            recorded[key] = absolute_source(recorded[key])  # from the folder they ran in
+        if recorded != self.cfg.run_identity():
             raise InputError(
                 f"{path} was trained with other settings: resume with the same ones, "
                 "or choose another --out"
