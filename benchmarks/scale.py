@@ -385,7 +385,7 @@ def insert_rate(work: Path, count: int = 20000) -> float:
 
 
 def paper(work: Path) -> None:
-    from deepem3d.stages.segment_costs import NOISY_EDGES_PER_VOXEL
+    from deepem3d.stages.segment_costs import NOISY_EDGES_PER_VOXEL, SMOOTH_EDGES_PER_VOXEL
     from deepem3d.stages.segmentation import plan_segment
     from deepem3d.storage.layers import create_layer
     from deepem3d.units import format_bytes
@@ -399,7 +399,7 @@ def paper(work: Path) -> None:
                      overwrite=True, provenance={"task": "deepem3d infer"})
         start = time.perf_counter()
         plans[side] = plan_segment(path, f"file://{work / f'seg{side}'}", method="mean",
-                                   threshold=0.5)
+                                   threshold=0.5, edges_per_voxel=SMOOTH_EDGES_PER_VOXEL)
         plans[side].describe()  # what --dry-run prints: every level sized
         plans[side].seconds = time.perf_counter() - start
     print("== on paper: the planner's formulas (what `segment --dry-run` prints), default task "

@@ -339,27 +339,27 @@ def _info_only_map(path: Path, size: int) -> str:
 
 def test_dry_run_plans_each_octree_level_of_an_info_only_layer(tmp_path):
     """No data read: the plan names every level with its tasks and largest task, sized at the
-    default edge density and a noisy one, and a --max-task-memory it cannot meet is refused
-    in one line that names the stage."""
+    default edge density (a real map's) and a smooth map's, and a --max-task-memory it cannot
+    meet is refused in one line that names the stage."""
     url = _info_only_map(tmp_path / "map", 2048)
     args = ("segment", url, f"file://{tmp_path / 'seg'}", "--method", "mean", "--threshold",
             "0.5", "--dry-run")
-    result = run_cli(*args, "--max-task-memory", "24GiB")
+    result = run_cli(*args, "--max-task-memory", "24GiB", "--edges-per-voxel", "0.02")
     assert result.returncode == 0, result.stderr
     plan = plan_segment(url, f"file://{tmp_path / 'seg'}", method="mean", threshold=0.5)
+    assert plan.edges_per_voxel == 0.3  # real maps: the shipped model's measured 0.14-0.29
     levels = [s for s in plan.stages if s.startswith(("agglomerate-L", "segments-L"))]
     assert len(levels) == 2 * plan.octree.height + 1 and plan.octree.height >= 3
     for stage in levels + [s for s in plan.stages if s.startswith(("reduce-L", "tables-L"))]:
         assert f"  {stage} " in result.stdout, (stage, result.stdout)
     assert "sized at 0.02 region-graph edges per voxel" in result.stdout
+    assert "and for a smooth map at 0.02" in result.stdout
     assert not (tmp_path / "seg").exists()  # a dry run writes nothing
-    noisy = plan_segment(url, f"file://{tmp_path / 'seg'}", method="mean", threshold=0.5,
-                         edges_per_voxel=0.3)
-    need = {s: noisy.stage_memory_bytes(s) for s in levels}
-    limit = max(max(noisy.stage_memory_bytes(s) for s in noisy.chunk_stages()),
-                noisy.task_memory_bytes) + 1
-    first = next(s for s in noisy.stages if s in need and need[s] > limit)
-    refused = run_cli(*args, "--max-task-memory", str(limit), "--edges-per-voxel", "0.3")
+    need = {s: plan.stage_memory_bytes(s) for s in levels}
+    limit = max(max(plan.stage_memory_bytes(s) for s in plan.chunk_stages()),
+                plan.task_memory_bytes) + 1
+    first = next(s for s in plan.stages if s in need and need[s] > limit)
+    refused = run_cli(*args, "--max-task-memory", str(limit))
     assert_one_line_error(refused, f"stage {first} needs about", "above --max-task-memory")
     # 10,000^3 (1 Tvox): planned in seconds, every level printed
     big = _info_only_map(tmp_path / "big", 10000)

@@ -34,7 +34,7 @@
     queues:
       default: fq://results/run1/queue
       inference: sqs://em-gpu
-      large: {url: sqs://em-highmem, min_memory: 8GiB}   # `default` stages whose largest
+      large: {url: sqs://em-highmem, min_memory: 6GiB}   # `default` stages whose largest
                                                           # task needs more go here
 
 Each step's keys are the tuples below (INFERENCE_KEYS and its peers): its command's options

@@ -35,9 +35,14 @@ SMOOTH_BYTES_PER_VOXEL = 17
 NODE_BYTES_PER_EDGE = {"mean": 400, "watershed": 270}
 NODE_BASE_BYTES = 64 * 2**20
 # Region-graph edges per voxel: 0.0186 on benchmarks/segmentation.py's synthetic cells (a smooth
-# map), 0.3 on its ISBI map (white noise on the ground truth), 0.35 on a noisy 96^3 synthetic map
-DEFAULT_EDGES_PER_VOXEL = 0.02
+# map), 0.3 on its ISBI map (white noise on the ground truth), 0.35 on a noisy 96^3 synthetic map;
+# the shipped model's real maps 0.14-0.29 (below). The plan sizes tasks for real maps by
+# default: sized for a smooth one, the upper octree nodes of a real run needed ten times what
+# was planned (vnc_gerhard2013: 750 MiB against 77), and a cluster worker's pod is killed for
+# memory, retried and set aside without a word of why.
+SMOOTH_EDGES_PER_VOXEL = 0.02
 NOISY_EDGES_PER_VOXEL = 0.3
+DEFAULT_EDGES_PER_VOXEL = NOISY_EDGES_PER_VOXEL
 # What an octree node hands its parent: about this many voxels deep of edges along its faces
 # (residual edges / (face voxels x edges per voxel), the largest node of each level, mean 0.5
 # and 0.9, watershed 0.19): 9.0 to 13.7 for nodes of 16^3 to 128^3 voxels of

@@ -46,8 +46,8 @@ from deepem3d.stages.octree import OctreeDownTask, OctreeNodeTask, RemapTask
 from deepem3d.stages.segment_costs import (
     AGGLOMERATE_SECONDS_PER_VOXEL,
     DEFAULT_EDGES_PER_VOXEL,
-    NOISY_EDGES_PER_VOXEL,
     SECONDS_PER_VOXEL,
+    SMOOTH_EDGES_PER_VOXEL,
     SegmentCosts,
 )
 from deepem3d.stages.supervoxels import (
@@ -299,12 +299,13 @@ class SegmentPlan(SegmentCosts):
                      " blocks (children per level: "
                      + (", ".join("x".join(map(str, f)) for f in tree.factors) or "none") + "); "
                      f"sized at {self.edges_per_voxel:g} region-graph edges per voxel "
-                     f"(--edges-per-voxel), and for a noisy map at {NOISY_EDGES_PER_VOXEL:g}:")
+                     f"(--edges-per-voxel), and for a smooth map at {SMOOTH_EDGES_PER_VOXEL:g}:")
         for stage in (*(s for s in self.chunk_stages() if s.startswith(REDUCE_STAGES)),
                       *(s for s in self.tuning_stages() if s != "remap")):
+            smooth = self.stage_memory_bytes(stage, SMOOTH_EDGES_PER_VOXEL)
             lines.append(f"  {stage:<22}{self.task_count(stage):>9} task(s), largest about "
-                         f"{format_bytes(self.stage_memory_bytes(stage))}; noisy "
-                         f"{format_bytes(self.stage_memory_bytes(stage, NOISY_EDGES_PER_VOXEL))}")
+                         f"{format_bytes(self.stage_memory_bytes(stage))}; smooth "
+                         f"{format_bytes(smooth)}")
         return "\n".join(lines + self.notes)
 
     def check_task_memory(self, limit: int) -> None:
@@ -447,7 +448,8 @@ def plan_segment(
         raise InputError(f"--dust-mode {dust_mode!r}: choose merge or zero")
     if not (math.isfinite(edges_per_voxel) and 0 < edges_per_voxel <= 3):
         raise InputError(f"--edges-per-voxel {edges_per_voxel} must lie in (0, 3]: a voxel "
-                         "has 3 pairs it can count (about 0.02 for a smooth map, 0.3 noisy)")
+                         "has 3 pairs it can count (about 0.02 for a smooth map, 0.14-0.3 for "
+                         "real ones)")
     if not (isinstance(sigma, int | float) and not isinstance(sigma, bool)
             and math.isfinite(sigma) and 0 <= sigma <= MAX_SIGMA):
         raise InputError(f"--sigma {sigma} must lie in [0, {MAX_SIGMA}]: the in-plane "
