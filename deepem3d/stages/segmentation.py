@@ -122,7 +122,7 @@ class SegmentPlan(SegmentCosts):
     sharding: dict | None = None
     #: region-graph edges per voxel the plan sizes the octree's tasks with (a map's density is
     #: unknown before its supervoxels exist: --edges-per-voxel)
-    edges_per_voxel: float = 0.02
+    edges_per_voxel: float = DEFAULT_EDGES_PER_VOXEL
     #: "new" (nothing there), "resume" (same parameters), "retune" (keep the supervoxels and
     #: graph, redo agglomerate + remap), "rebuild" (everything again)
     action: str = "new"
