@@ -115,6 +115,8 @@ def test_fault_campaign_of_three_kills_ends_with_the_content_of_an_undisturbed_r
     assert 0 <= report["adapted_rand_error"] < 1
     out = (tmp_path / "reference.out").read_text()
     assert "stage remap:" in out and "largest task peak" in out
+    # planned again after each stage: each plan printed once (not again as "resuming")
+    assert out.count(" region-graph edges per voxel") == 1, out
     # meshes and skeletons are made at mip 2, where a thin end of a segment may be lost to the
     # downsampling (measured: up to 3.1 voxels of mip 2 on this crop); the crop is 0.5 micron
     # thick, so many segments are too short for a skeleton

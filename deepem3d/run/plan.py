@@ -438,7 +438,7 @@ def run_pipeline(
                     progress=progress, log_path=_log_path(p), lease_seconds=lease_seconds)
     previous = (CloudFiles(p.output).get_json(REPORT) or {}).get("stage_seconds", {})
     done: set[str] = set()
-    shown: set[str] = set()
+    shown: set[tuple[str, str]] = set()
     replace = {"inference", "segmentation", "downsample"} if overwrite else set()
     plan = None
     try:
@@ -451,9 +451,9 @@ def run_pipeline(
                 for warning in plan.warnings:
                     warn(warning)
             for line in plan.lines:
-                if line not in shown:
+                if _shown_as(line) not in shown:
                     echo(line)
-                    shown.add(line)
+                    shown.add(_shown_as(line))
             routes.update(plan.routes)
             for summary in runner.run(todo):
                 # a stage finished by an earlier invocation keeps the seconds it took then
@@ -470,6 +470,14 @@ def run_pipeline(
         report.update(score(p, plan.layers))
     CloudFiles(p.output).put_json(REPORT, report, compress=None)
     return report
+
+
+def _shown_as(line: str) -> tuple[str, str]:
+    """A plan's lines less the last clause of the first, which says what the plan does with
+    what is there: planned again within one run, the segmentation's "computing every stage"
+    became "resuming: finished tasks are skipped" and was printed a second time."""
+    first, _, rest = line.partition("\n")
+    return first.rsplit("; ", 1)[0], rest
 
 
 def check_queues(p: Pipeline, *, warn_only: bool = False) -> None:
