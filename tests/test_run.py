@@ -25,6 +25,7 @@ from cloudvolume.lib import Bbox
 from taskqueue.queueables import totask
 
 from deepem3d.axes import xyz_from_zyx
+from deepem3d.run.runner import execute_here, run_stages
 from deepem3d.sample import load_sample
 from deepem3d.stages.downsample import downsample_stage, plan_downsample
 from deepem3d.stages.frame import Markers, payload_of
@@ -566,3 +567,36 @@ def test_a_map_the_run_reads_is_among_its_layers(tmp_path, maps):
     add_local_queue(p)
     plan = plan_run(p, dry_run=True)
     assert plan.layers["map"] == maps["affinity"][0]
+
+
+def test_octree_stages_are_sized_at_the_density_the_region_graph_measures(tmp_path, maps):
+    """The upper octree nodes were sized (and routed to a queue) at a guessed edge density;
+    a run plans them once the region-graph tasks have counted the map's edges."""
+    from deepem3d.run.pipeline import add_local_queue, load_pipeline
+    from deepem3d.run.plan import plan_run
+    from deepem3d.stages.segmentation import plan_segment
+
+    pipeline = tmp_path / "segment.yaml"
+    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'out'}\nimage: {maps['affinity'][0]}"
+                        f"\nmap: {maps['affinity'][0]}\nproducts: [segmentation]\n"
+                        "segmentation:\n  method: mean\n  threshold: 0.5\n"
+                        "  task_shape: [32, 32, 4]\n")
+    p = load_pipeline(str(pipeline))
+    add_local_queue(p)
+    first = plan_run(p)
+    assert [s.name for s in first.stages][-1] == "region-graph"
+    assert any("planned once the region graph exists" in line for line in first.lines)
+    run_stages(first.stages, execute=execute_here, progress=False)
+    records = next(s for s in first.stages if s.name == "region-graph").markers.records()
+    measured = sum(r["edges"] for r in records) / sum(r["voxels"] for r in records)
+    second = plan_run(p)
+    assert second.stages[-1].name == "remap"
+    assert any(f"sized at {measured:.3g} region-graph edges per voxel (measured by the "
+               "region-graph tasks)" in line for line in second.lines), second.lines
+    top = [s for s in second.stages if s.name.startswith("agglomerate-L")][-1]
+    expected = plan_segment(maps["affinity"][0], p.layer("segmentation"), method="mean",
+                            threshold=0.5, task_shape=(32, 32, 4), edges_per_voxel=measured)
+    guessed = plan_segment(maps["affinity"][0], p.layer("segmentation"), method="mean",
+                           threshold=0.5, task_shape=(32, 32, 4))
+    assert top.memory_bytes == expected.stage_memory_bytes(top.name)
+    assert top.memory_bytes != guessed.stage_memory_bytes(top.name)

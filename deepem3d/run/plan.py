@@ -220,6 +220,7 @@ class _RunPlanner:
         from deepem3d.stages.segment_costs import DEFAULT_EDGES_PER_VOXEL
         from deepem3d.stages.segmentation import (
             choose_settings,
+            measured_edges_per_voxel,
             plan_segment,
             segment_stages,
             settings_for_map,
@@ -255,14 +256,34 @@ class _RunPlanner:
         if self.dry_run:  # planned on stand-ins: name the layers the run will write
             splan.map_path = plan.layers.get("map", splan.map_path)
             splan.output_path = p.layer("segmentation")
+        needs = ("inference",) if self.inference_key else ()
+        stages = segment_stages(splan, needs=needs)
+        self.segmentation_ready = (stages[-1].is_complete()
+                                   and "segmentation" not in self.overwrite)
+        if "edges_per_voxel" not in seg:
+            # the octree's nodes are sized at the density the region-graph tasks measure: its
+            # stages are planned (and routed) once they have (a dry run plans them at the
+            # default, a real map's)
+            graph = next(s for s in stages if s.name == "region-graph")
+            measured = measured_edges_per_voxel(graph) if graph.is_complete() else None
+            if measured is not None:
+                splan.edges_per_voxel = measured
+                splan.density_source = "measured by the region-graph tasks"
+                if seg.get("max_task_memory") is not None:
+                    try:
+                        splan.check_task_memory(seg["max_task_memory"])
+                    except InputError as err:
+                        raise _in_key(p.source, "segmentation", err) from None
+                stages = segment_stages(splan, needs=needs)
+            elif not self.dry_run:
+                stages = stages[:stages.index(graph) + 1]
+                plan.lines.append("the segmentation's octree stages: planned once the region "
+                                  "graph exists, their tasks sized at the density it measures")
         plan.lines.append(splan.describe())
         plan.warnings += splan.warnings
         self.written["segmentation"] = splan.bounds
-        stages = segment_stages(splan, needs=("inference",) if self.inference_key else ())
         for stage in stages:
             self.add(stage, "segmentation")
-        self.segmentation_ready = (stages[-1].is_complete()
-                                   and "segmentation" not in self.overwrite)
         if self.dry_run and not self.segmentation_ready:
             self.segmentation_stand_in = _stand_in(self.scratch_dir(), "segmentation", splan)
 

@@ -123,6 +123,8 @@ class SegmentPlan(SegmentCosts):
     #: region-graph edges per voxel the plan sizes the octree's tasks with (a map's density is
     #: unknown before its supervoxels exist: --edges-per-voxel)
     edges_per_voxel: float = DEFAULT_EDGES_PER_VOXEL
+    #: where that density comes from, in describe()'s words
+    density_source: str = "--edges-per-voxel"
     #: "new" (nothing there), "resume" (same parameters), "retune" (keep the supervoxels and
     #: graph, redo agglomerate + remap), "rebuild" (everything again)
     action: str = "new"
@@ -298,8 +300,9 @@ class SegmentPlan(SegmentCosts):
         lines.append(f"tree of {tree.height + 1} level(s) over {'x'.join(map(str, self.grid))}"
                      " blocks (children per level: "
                      + (", ".join("x".join(map(str, f)) for f in tree.factors) or "none") + "); "
-                     f"sized at {self.edges_per_voxel:g} region-graph edges per voxel "
-                     f"(--edges-per-voxel), and for a smooth map at {SMOOTH_EDGES_PER_VOXEL:g}:")
+                     f"sized at {self.edges_per_voxel:.3g} region-graph edges per voxel "
+                     f"({self.density_source}), and for a smooth map at "
+                     f"{SMOOTH_EDGES_PER_VOXEL:g}:")
         for stage in (*(s for s in self.chunk_stages() if s.startswith(REDUCE_STAGES)),
                       *(s for s in self.tuning_stages() if s != "remap")):
             smooth = self.stage_memory_bytes(stage, SMOOTH_EDGES_PER_VOXEL)
@@ -322,6 +325,15 @@ class SegmentPlan(SegmentCosts):
                 raise InputError(f"stage {stage} needs about {format_bytes(need)} per task, "
                                  f"above --max-task-memory {format_bytes(limit)} ({fix}, or "
                                  "workers with more memory)")
+
+
+def measured_edges_per_voxel(region_graph: Stage) -> float | None:
+    """Region-graph edges per voxel as the finished region-graph tasks counted them (their
+    completion markers), or None before any finished."""
+    records = region_graph.markers.records()
+    voxels = sum(int(r.get("voxels", 0)) for r in records)
+    edges = sum(int(r.get("edges", 0)) for r in records)
+    return edges / voxels if voxels and edges else None
 
 
 def recorded_settings(map_path: str) -> dict | None:
