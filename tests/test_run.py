@@ -571,8 +571,9 @@ def test_a_map_the_run_reads_is_among_its_layers(tmp_path, maps):
 
 def test_octree_stages_are_sized_at_the_density_the_region_graph_measures(tmp_path, maps):
     """The upper octree nodes were sized (and routed to a queue) at a guessed edge density;
-    a run plans them once the region-graph tasks have counted the map's edges."""
-    from deepem3d.run.pipeline import add_local_queue, load_pipeline
+    where a queue takes stages by their memory, a run plans them once the region-graph tasks
+    have counted the map's edges."""
+    from deepem3d.run.pipeline import load_pipeline
     from deepem3d.run.plan import plan_run
     from deepem3d.stages.segmentation import plan_segment
 
@@ -580,9 +581,9 @@ def test_octree_stages_are_sized_at_the_density_the_region_graph_measures(tmp_pa
     pipeline.write_text(f"version: 1\noutput: {tmp_path / 'out'}\nimage: {maps['affinity'][0]}"
                         f"\nmap: {maps['affinity'][0]}\nproducts: [segmentation]\n"
                         "segmentation:\n  method: mean\n  threshold: 0.5\n"
-                        "  task_shape: [32, 32, 4]\n")
+                        f"  task_shape: [32, 32, 4]\nqueues:\n  default: fq://{tmp_path / 'q'}\n"
+                        f"  large: {{url: 'fq://{tmp_path / 'big'}', min_memory: 1GiB}}\n")
     p = load_pipeline(str(pipeline))
-    add_local_queue(p)
     first = plan_run(p)
     assert [s.name for s in first.stages][-1] == "region-graph"
     assert any("planned once the region graph exists" in line for line in first.lines)

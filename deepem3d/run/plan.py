@@ -261,11 +261,12 @@ class _RunPlanner:
         self.segmentation_ready = (stages[-1].is_complete()
                                    and "segmentation" not in self.overwrite)
         if "edges_per_voxel" not in seg:
-            # the octree's nodes are sized at the density the region-graph tasks measure: its
-            # stages are planned (and routed) once they have (a dry run plans them at the
-            # default, a real map's)
+            # the octree's nodes are sized at the density the region-graph tasks measure; where
+            # a queue takes stages by their memory, its stages are planned (and routed) once
+            # they have (a dry run plans them at the default, a real map's)
             graph = next(s for s in stages if s.name == "region-graph")
-            measured = measured_edges_per_voxel(graph) if graph.is_complete() else None
+            measured = (measured_edges_per_voxel(graph)  # (a finished one needs no sizes)
+                        if graph.is_complete() and not self.segmentation_ready else None)
             if measured is not None:
                 splan.edges_per_voxel = measured
                 splan.density_source = "measured by the region-graph tasks"
@@ -275,7 +276,8 @@ class _RunPlanner:
                     except InputError as err:
                         raise _in_key(p.source, "segmentation", err) from None
                 stages = segment_stages(splan, needs=needs)
-            elif not self.dry_run:
+            elif not self.dry_run and any(q.min_memory is not None
+                                          for q in p.queues.values()):
                 stages = stages[:stages.index(graph) + 1]
                 plan.lines.append("the segmentation's octree stages: planned once the region "
                                   "graph exists, their tasks sized at the density it measures")

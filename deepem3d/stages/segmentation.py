@@ -275,7 +275,7 @@ class SegmentPlan(SegmentCosts):
             "new": "computing every stage",
             "resume": "resuming: finished tasks are skipped",
             "retune": ("reusing the smoothed map, " if self.smoothed else "reusing ")
-            + "the supervoxels and region graphs; redoing the octree's stages and remap",
+            + "the supervoxels and region graphs, redoing the octree's stages and remap",
             "rebuild": "replacing everything OUTPUT held",
         }[self.action]
         dust = f", dust < {self.dust_size} voxels ({self.dust_mode})" if self.dust_size else ""
