@@ -569,17 +569,26 @@ def test_a_map_the_run_reads_is_among_its_layers(tmp_path, maps):
     assert plan.layers["map"] == maps["affinity"][0]
 
 
-def test_octree_stages_are_sized_at_the_density_the_region_graph_measures(tmp_path, maps):
+@pytest.mark.parametrize("blank", [False, True], ids=["map", "blank-map"])
+def test_octree_stages_are_sized_at_the_density_the_region_graph_measures(tmp_path, maps,
+                                                                          blank):
     """The upper octree nodes were sized (and routed to a queue) at a guessed edge density;
     where a queue takes stages by their memory, a run plans them once the region-graph tasks
-    have counted the map's edges."""
+    have counted the map's edges. A map with no edge keeps the default; a finished run plans
+    every stage again (it had lost its octree and remap, which later stages need)."""
     from deepem3d.run.pipeline import load_pipeline
     from deepem3d.run.plan import plan_run
     from deepem3d.stages.segmentation import plan_segment
 
+    source = maps["affinity"][0]
+    if blank:
+        source = f"file://{tmp_path / 'blank'}"
+        create_layer(source, layer_type="image", dtype="uint8", resolution=(4, 4, 40),
+                     size=(96, 80, 10), chunk_size=(8, 8, 2), num_channels=3)[:, :, :] = \
+            np.zeros((96, 80, 10, 3), np.uint8)
     pipeline = tmp_path / "segment.yaml"
-    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'out'}\nimage: {maps['affinity'][0]}"
-                        f"\nmap: {maps['affinity'][0]}\nproducts: [segmentation]\n"
+    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'out'}\nimage: {source}\n"
+                        f"map: {source}\nproducts: [segmentation, downsample]\n"
                         "segmentation:\n  method: mean\n  threshold: 0.5\n"
                         f"  task_shape: [32, 32, 4]\nqueues:\n  default: fq://{tmp_path / 'q'}\n"
                         f"  large: {{url: 'fq://{tmp_path / 'big'}', min_memory: 1GiB}}\n")
@@ -589,15 +598,24 @@ def test_octree_stages_are_sized_at_the_density_the_region_graph_measures(tmp_pa
     assert any("planned once the region graph exists" in line for line in first.lines)
     run_stages(first.stages, execute=execute_here, progress=False)
     records = next(s for s in first.stages if s.name == "region-graph").markers.records()
-    measured = sum(r["edges"] for r in records) / sum(r["voxels"] for r in records)
+    edges = sum(r["edges"] for r in records)
+    measured = edges / sum(r["voxels"] for r in records)
     second = plan_run(p)
     assert second.stages[-1].name == "remap"
-    assert any(f"sized at {measured:.3g} region-graph edges per voxel (measured by the "
-               "region-graph tasks)" in line for line in second.lines), second.lines
     top = [s for s in second.stages if s.name.startswith("agglomerate-L")][-1]
-    expected = plan_segment(maps["affinity"][0], p.layer("segmentation"), method="mean",
-                            threshold=0.5, task_shape=(32, 32, 4), edges_per_voxel=measured)
-    guessed = plan_segment(maps["affinity"][0], p.layer("segmentation"), method="mean",
-                           threshold=0.5, task_shape=(32, 32, 4))
+    expected = plan_segment(source, p.layer("segmentation"), method="mean", threshold=0.5,
+                            task_shape=(32, 32, 4), edges_per_voxel=measured or 0.3)
     assert top.memory_bytes == expected.stage_memory_bytes(top.name)
-    assert top.memory_bytes != guessed.stage_memory_bytes(top.name)
+    if blank:
+        assert edges == 0
+    else:
+        assert any(f"sized at {measured:.3g} region-graph edges per voxel (measured by the "
+                   "region-graph tasks)" in line for line in second.lines), second.lines
+        guessed = plan_segment(source, p.layer("segmentation"), method="mean", threshold=0.5,
+                               task_shape=(32, 32, 4))
+        assert top.memory_bytes != guessed.stage_memory_bytes(top.name)
+    run_stages(second.stages, execute=execute_here, progress=False)
+    run_stages(plan_run(p).stages, execute=execute_here, progress=False)  # + the mip levels
+    finished = plan_run(p)
+    assert {"remap", "downsample-mip0"} <= {s.name for s in finished.stages}
+    assert all(s.is_complete() for s in finished.stages)

@@ -30,6 +30,8 @@ def absolute_source(source: str) -> str:
     """`source` as a checkpoint records it: a local path made absolute (a relative one names
     nothing once the checkpoint is read elsewhere), a cloud path as given."""
     scheme, sep, rest = source.partition("://")
+    if scheme == "precomputed" and sep:
+        return f"precomputed://{absolute_source(rest)}"
     if sep:
         return f"file://{os.path.abspath(os.path.expanduser(rest))}" if scheme == "file" \
             else source

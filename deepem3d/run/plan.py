@@ -254,19 +254,23 @@ class _RunPlanner:
         except InputError as err:
             raise _in_key(p.source, "segmentation", err) from None
         if self.dry_run:  # planned on stand-ins: name the layers the run will write
-            splan.map_path = plan.layers.get("map", splan.map_path)
+            if not self.map_ready:
+                splan.map_path = plan.layers["map"]
             splan.output_path = p.layer("segmentation")
+        splan.density_source = ("segmentation.edges_per_voxel" if "edges_per_voxel" in seg
+                                 else "the default: a real map's")
         needs = ("inference",) if self.inference_key else ()
         stages = segment_stages(splan, needs=needs)
         self.segmentation_ready = (stages[-1].is_complete()
                                    and "segmentation" not in self.overwrite)
-        if "edges_per_voxel" not in seg:
+        if "edges_per_voxel" not in seg and not self.segmentation_ready:
             # the octree's nodes are sized at the density the region-graph tasks measure; where
             # a queue takes stages by their memory, its stages are planned (and routed) once
-            # they have (a dry run plans them at the default, a real map's)
+            # they have (a dry run plans them at the default, a real map's; a map with no edge
+            # keeps the default)
             graph = next(s for s in stages if s.name == "region-graph")
-            measured = (measured_edges_per_voxel(graph)  # (a finished one needs no sizes)
-                        if graph.is_complete() and not self.segmentation_ready else None)
+            done = graph.is_complete()
+            measured = measured_edges_per_voxel(graph) if done else None
             if measured is not None:
                 splan.edges_per_voxel = measured
                 splan.density_source = "measured by the region-graph tasks"
@@ -276,8 +280,8 @@ class _RunPlanner:
                     except InputError as err:
                         raise _in_key(p.source, "segmentation", err) from None
                 stages = segment_stages(splan, needs=needs)
-            elif not self.dry_run and any(q.min_memory is not None
-                                          for q in p.queues.values()):
+            elif not (done or self.dry_run) and any(q.min_memory is not None
+                                                    for q in p.queues.values()):
                 stages = stages[:stages.index(graph) + 1]
                 plan.lines.append("the segmentation's octree stages: planned once the region "
                                   "graph exists, their tasks sized at the density it measures")

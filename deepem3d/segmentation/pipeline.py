@@ -13,7 +13,7 @@ Arrays are x, y, z (CloudVolume order): a boundary map is (x, y, z), an affinity
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -81,15 +81,16 @@ def segment_each(
     *,
     dust_mode: Literal["merge", "zero"] = "merge",
     sigma: float = 0.0,
-) -> list[list[np.ndarray]]:
+) -> Iterator[list[np.ndarray]]:
     """`segment` for several (method, thresholds, dust size) groups of one map and sigma:
-    per group, the list `segment` gives for those thresholds, from one pass of supervoxels
-    and region graph."""
+    per group, in order, the list `segment` gives for those thresholds, from one pass of
+    supervoxels and region graph. Yielded one group at a time, so a caller that keeps only a
+    part of each holds one group's segmentations at once."""
     values = smooth_map(boundary_or_affinity, sigma)
     sv = supervoxels(values)
     graph = region_graph(sv, values)
-    return [_finish(sv, graph, method, list(thresholds), dust, dust_mode)
-            for method, thresholds, dust in groups]
+    for method, thresholds, dust in groups:
+        yield _finish(sv, graph, method, list(thresholds), dust, dust_mode)
 
 
 def smooth_chunked(

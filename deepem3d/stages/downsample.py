@@ -183,7 +183,7 @@ def too_small(layer_path: str, mip: int, size: Sequence[int], chunk: Sequence[in
     return (f"{layer_path} at mip {mip} is too small to downsample by "
             f"{','.join(map(str, factor))}: new levels keep the chunk size, so an axis "
             f"downsampled by f must span f chunks, and {spans}; write the layer with chunks "
-            f"of at most {fits} (--chunk-size), or give a factor of 1 on "
+            f"of at most {fits} (--chunk-size, a pipeline's chunk_size), or give a factor of 1 on "
             f"{'that axis' if len(short) == 1 else 'those axes'}")
 
 

@@ -252,8 +252,10 @@ def tune_sigmas(seg_path: str, box: Bbox, gt: np.ndarray, settings: Sequence[Set
         results = segment_each(values, [(m, t, d) for (m, d), t in groups.items()],
                                dust_mode=own.get("dust_mode", "merge"), sigma=float(sigma))
         for ((method, dust), thresholds), segs in zip(groups.items(), results):
-            for threshold, seg in zip(thresholds, segs):
-                yield _row(Setting(method, threshold, dust, float(sigma)), seg[labelled], gt)
+            rows = [_row(Setting(method, threshold, dust, float(sigma)), seg[labelled], gt)
+                    for threshold, seg in zip(thresholds, segs)]
+            del segs  # one group's segmentations of the whole region at a time
+            yield from rows
 
 
 def _row(setting: Setting, seg: np.ndarray, gt: np.ndarray) -> Row:
@@ -262,11 +264,13 @@ def _row(setting: Setting, seg: np.ndarray, gt: np.ndarray) -> Row:
                scores["voi_split"], scores["voi_merge"])
 
 
-def check_sweep_memory(seg_path: str, box: Bbox, limit: int | None) -> None:
+def check_sweep_memory(seg_path: str, box: Bbox, settings: Sequence[Setting],
+                       limit: int | None) -> None:
     """An InputError when segmenting the run's region (which holds `box`) in memory would need
     more than `limit` bytes (default: what is available now): a block task's bytes per voxel
-    (`BYTES_PER_VOXEL`) and a noisy map's region graph (`NOISY_EDGES_PER_VOXEL` x
-    `NODE_BYTES_PER_EDGE`)."""
+    (`BYTES_PER_VOXEL`), a noisy map's region graph (`NOISY_EDGES_PER_VOXEL` x
+    `NODE_BYTES_PER_EDGE`), and one group's segmentations (8 bytes per voxel per threshold of
+    the largest method and dust size group)."""
     from deepem3d.stages.segment_costs import (
         BYTES_PER_VOXEL,
         NODE_BYTES_PER_EDGE,
@@ -280,7 +284,9 @@ def check_sweep_memory(seg_path: str, box: Bbox, limit: int | None) -> None:
             return
     region = segmented_region(seg_path, segment_settings(seg_path), box)
     voxels = math.prod(int(s) for s in region.size3())
-    need = int(voxels * (BYTES_PER_VOXEL + NOISY_EDGES_PER_VOXEL * NODE_BYTES_PER_EDGE["mean"]))
+    group = max(len(t) for t in _groups(settings).values())
+    need = int(voxels * (BYTES_PER_VOXEL + NOISY_EDGES_PER_VOXEL * NODE_BYTES_PER_EDGE["mean"]
+                         + 8 * group))
     if need > limit:
         raise InputError(f"--sigmas segments the region {seg_path} segmented ({voxels:,} "
                          f"voxels) in memory: about {format_bytes(need)}, above {what} "
