@@ -8,6 +8,8 @@ into its stage.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 import weakref
@@ -258,13 +260,19 @@ def _zyx_box(bbox: Bbox, offset) -> tuple:
 def activation_bytes(config: dict, size: int, batch: int) -> int:
     """Peak bytes of the activations alive at once in one forward pass (float32), found by
     following tensor lifetimes on a shape-only (meta) copy of the module as trained; a task
-    plans ACTIVATION_FACTOR times this."""
+    plans ACTIVATION_FACTOR times this. Remembered per process: a plan asks for the same
+    shapes for several blocks, and a run plans again after each stage (0.2 s each)."""
+    return _activation_bytes(json.dumps(config, sort_keys=True), int(size), int(batch))
+
+
+@functools.lru_cache(maxsize=64)
+def _activation_bytes(config_json: str, size: int, batch: int) -> int:
     import torch
 
     from deepem3d.models import build_model
 
     with torch.device("meta"):
-        model = build_model(**config).eval()
+        model = build_model(**json.loads(config_json)).eval()
         x = torch.empty(batch, 1, model.in_sections, size, size)
     live: dict[int, int] = {}
     peak = 0
