@@ -191,7 +191,7 @@ def check_offset(layer_path: str, offset: Sequence[int], factor: Sequence[int], 
                  asked: int | None) -> int:
     """How many levels of `factor` the voxel offset at `mip` lies on the grid of; a one-line
     error when that is none, or fewer than the `asked` number (a level off its grid is drawn
-    shifted). Needs only the offset, so a run checks the layers it has yet to write first."""
+    shifted)."""
     aligned = aligned_levels(offset, factor)
     limited = aligned < ALIGNED_LEVELS_LIMIT  # else the offset is 0: no limit
     if aligned == 0 or (asked is not None and asked > aligned and limited):
