@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from deepem3d.axes import zyx_from_xyz
 from deepem3d.errors import InputError
-from deepem3d.ingest import SLAB_BYTES, TIFF_SUFFIXES, split_hdf5
+from deepem3d.ingest import SLAB_BYTES
+from deepem3d.sources import TIFF_SUFFIXES, split_hdf5
 from deepem3d.storage import layers
 from deepem3d.units import format_bytes
 

@@ -1,45 +1,26 @@
 """Ingest a 3D volume from a file into a precomputed layer, slab by slab along z.
 
-Sources (`open_source`), each read a slab of z at a time, never whole:
-
-- a multi-page TIFF file, one page per z (`stack.tif`);
-- a directory of single-page TIFF files, one per z, in natural name order (`slices/`);
-- an HDF5 dataset (`volume.h5:/path/to/dataset`);
-- a NumPy file (`volume.npy`, memory-mapped).
-
-Files on disk are z,y,x; HDF5 and .npy may say `axes="xyz"` when already x,y,z. Every source
-hands out x,y,z slabs (CloudVolume order); the one transposition is `deepem3d.axes`.
-Sources are opened read-only and never modified. `ingest` writes slabs whose z extent is a
-multiple of the layer's chunk z, so every write covers whole chunks of the chunk grid.
+The files it reads are `deepem3d.sources`'s. `ingest` writes slabs whose z extent is a
+multiple of the layer's chunk z, so every write covers whole chunks of the chunk grid. The
+voxel size is the caller's, else the one the file records, else an error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import re
 import sys
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from cloudvolume import CloudVolume
 from tqdm import tqdm
 
-from deepem3d.axes import LARGEST_COORDINATE, xyz_from_zyx
+from deepem3d.axes import LARGEST_COORDINATE
 from deepem3d.errors import InputError
+from deepem3d.sources import VolumeSource, open_source
 from deepem3d.storage import layers
 from deepem3d.storage.paths import enclosing_layer
-
-TIFF_SUFFIXES = (".tif", ".tiff")
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
-NPY_SUFFIXES = (".npy",)
-AXES = ("zyx", "xyz")
-SUPPORTED = (
-    "a multi-page .tif/.tiff file, a directory of .tif/.tiff files, "
-    "FILE.h5:/DATASET, or a .npy file"
-)
 
 DEFAULT_CHUNK_SIZE = {"image": (128, 128, 16), "segmentation": (128, 128, 16)}
 #: Which layer types and dtypes each encoding can hold (Neuroglancer reads all four).
@@ -56,392 +37,20 @@ ENCODINGS = {
 SLAB_BYTES = 256 * 2**20
 
 
-# ---------------------------------------------------------------------------------------------
-# sources
-
-
-@contextlib.contextmanager
-def quiet_tifffile() -> Iterator[None]:
-    """tifffile's own log lines on a damaged file ("invalid page offset"), silenced while a
-    TIFF is read: they would precede the one-line error that names the damage."""
-    import logging
-
-    log = logging.getLogger("tifffile")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-class VolumeSource(ABC):
-    """A 3D volume on disk, read slab by slab along z. Shapes and slabs are x,y,z."""
-
-    #: short name of the reader, recorded in provenance
-    kind: str = ""
-
-    def __init__(self, name: str, stored_shape: Sequence[int], dtype: np.dtype, axes: str):
-        self.name = name  # the source as the user named it (absolute path), for messages
-        self.stored_shape = tuple(int(s) for s in stored_shape)  # in the file's own order
-        self.axes = axes
-        _check_3d(self.stored_shape, name)
-        self.shape = (
-            tuple(reversed(self.stored_shape)) if axes == "zyx" else self.stored_shape
-        )  # x,y,z
-        self.dtype = np.dtype(dtype).newbyteorder("=")  # native byte order
-
-    def read(self, z0: int, z1: int) -> np.ndarray:
-        """Voxels [z0, z1) of the whole x,y extent as an x,y,z array in native byte order."""
-        if not 0 <= z0 < z1 <= self.shape[2]:
-            raise IndexError(f"slab [{z0}, {z1}) outside 0..{self.shape[2]}")
-        slab = np.asarray(self._read(z0, z1), dtype=self.dtype)
-        expected = (self.shape[0], self.shape[1], z1 - z0)
-        if slab.shape != expected:  # a reader bug, not a user mistake
-            raise RuntimeError(f"{self.kind} reader returned {slab.shape}, expected {expected}")
-        return slab
-
-    @abstractmethod
-    def _read(self, z0: int, z1: int) -> np.ndarray: ...
-
-    def close(self) -> None:  # noqa: B027 (optional hook)
-        """Release the file handles."""
-
-    def describe(self) -> dict:
-        """What provenance records about the source."""
-        return {
-            "source": self.name,
-            "format": self.kind,
-            "axes": self.axes,
-            "shape": list(self.stored_shape),
-            "dtype": self.dtype.name,
-        }
-
-    def __enter__(self) -> VolumeSource:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class ArraySource(VolumeSource):
-    """Any array that slices lazily: an h5py dataset or a memory-mapped .npy."""
-
-    def __init__(self, name: str, data, axes: str, kind: str, handle=None):
-        self._data = data
-        self._handle = handle
-        self.kind = kind
-        try:
-            super().__init__(name, data.shape, data.dtype, axes)
-        except BaseException:
-            self.close()
-            raise
-
-    def _read(self, z0: int, z1: int) -> np.ndarray:
-        if self.axes == "xyz":
-            return np.asarray(self._data[:, :, z0:z1])
-        return xyz_from_zyx(np.asarray(self._data[z0:z1]))
-
-    def close(self) -> None:
-        self._data = None
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
-class TiffStackSource(VolumeSource):
-    """A multi-page TIFF file: page i is z = i. Reads page ranges (or a read-only memmap)."""
-
-    kind = "tiff"
-
-    def __init__(self, path: str):
-        import tifffile
-
-        with quiet_tifffile():
-            try:
-                self._tif = tifffile.TiffFile(path)
-            except (tifffile.TiffFileError, OSError, ValueError) as err:
-                raise InputError(f"cannot read {path} as TIFF: {err}") from None
-            try:
-                self._open(path)
-            except BaseException:
-                self.close()
-                raise
-
-    def _open(self, path: str) -> None:
-        tif = self._tif
-        series = tif.series
-        if not series:
-            raise InputError(f"{path} holds no images")
-        if len(series) > 1:
-            shapes = ", ".join("x".join(map(str, s.shape)) for s in series[:4])
-            raise InputError(
-                f"{path} holds {len(series)} image series of different shapes ({shapes}"
-                f"{', ...' if len(series) > 4 else ''}): deepem3d reads a stack of equal-size "
-                "2D grayscale pages"
-            )
-        s = series[0]
-        axes, shape = s.axes, tuple(s.shape)
-        if len(shape) == 2:
-            raise InputError(
-                f"{path} holds a single 2D image ({shape[1]}x{shape[0]}): deepem3d takes a 3D "
-                "stack, a multi-page TIFF or a directory of TIFF files"
-            )
-        if any(ax in "CS" and n > 1 for ax, n in zip(axes, shape)):
-            raise InputError(
-                f"{path} has channels or samples per pixel (axes {axes}, shape {shape}): "
-                "deepem3d reads one grayscale channel; save one channel as its own stack first"
-            )
-        _check_3d(shape, path)
-        depth, height, width = shape
-        self._memmap = None
-        if s.dataoffset is not None and s.keyframe.is_memmappable:
-            # uncompressed and contiguous (also ImageJ stacks over 4 GB, which have one IFD)
-            try:
-                self._memmap = tif.filehandle.memmap_array(
-                    tif.byteorder + s.dtype.char, shape, s.dataoffset
-                )
-            except ValueError:  # numpy's "mmap length is greater than file size"
-                raise InputError(f"{path} is truncated: its {depth} pages of {width}x{height} "
-                                 "run past the end of the file") from None
-        elif len(s) != depth or tuple(s.keyframe.shape) != (height, width):
-            raise InputError(
-                f"{path}: pages of shape {tuple(s.keyframe.shape)} do not stack into "
-                f"{shape}: deepem3d reads a stack of 2D grayscale pages"
-            )
-        self._series = s
-        super().__init__(path, shape, s.dtype, "zyx")
-
-    def _read(self, z0: int, z1: int) -> np.ndarray:
-        if self._memmap is not None:
-            return xyz_from_zyx(np.asarray(self._memmap[z0:z1]))
-        import tifffile
-
-        try:
-            with quiet_tifffile():
-                pages = self._tif.asarray(key=slice(z0, z1), series=0)
-        except (tifffile.TiffFileError, OSError, ValueError) as err:
-            raise InputError(f"cannot read pages {z0}..{z1 - 1} of {self.name} as TIFF: "
-                             f"{err}") from None
-        return xyz_from_zyx(pages.reshape(z1 - z0, *self.stored_shape[1:]))
-
-    def close(self) -> None:
-        self._memmap = None
-        tif = getattr(self, "_tif", None)
-        if tif is not None:
-            tif.close()
-            self._tif = None
-
-
-class TiffDirectorySource(VolumeSource):
-    """A directory of single-page TIFF files, one per z, sorted by name (natural order)."""
-
-    kind = "tiff-directory"
-
-    def __init__(self, path: str):
-        import tifffile
-
-        self._tifffile = tifffile
-        files = sorted(
-            (
-                entry.path
-                for entry in os.scandir(path)
-                if entry.is_file()
-                and not entry.name.startswith(".")  # hidden files, macOS ._ resource forks
-                and entry.name.lower().endswith(TIFF_SUFFIXES)
-            ),
-            key=lambda p: natural_key(os.path.basename(p)),
-        )
-        if not files:
-            raise InputError(f"{path} holds no .tif/.tiff files: deepem3d reads {SUPPORTED}")
-        shape = dtype = None
-        for file in files:  # headers only: every file must be one 2D page of the same kind
-            page_shape, page_dtype = self._header(file)
-            if shape is None:
-                shape, dtype = page_shape, page_dtype
-            elif (page_shape, page_dtype) != (shape, dtype):
-                raise InputError(
-                    f"{file} is {_shape_text(page_shape)} {page_dtype.name} but "
-                    f"{files[0]} is {_shape_text(shape)} {dtype.name}: every file of a "
-                    "TIFF directory must have the same size and dtype"
-                )
-        self._files = files
-        super().__init__(path, (len(files), *shape), dtype, "zyx")
-
-    def _header(self, file: str) -> tuple[tuple[int, ...], np.dtype]:
-        tifffile = self._tifffile
-        try:
-            with quiet_tifffile(), tifffile.TiffFile(file) as tif:
-                npages = len(tif.pages)
-                page = tif.pages.first
-                shape, dtype = tuple(page.shape), np.dtype(page.dtype)
-        except (tifffile.TiffFileError, OSError, ValueError) as err:
-            raise InputError(f"cannot read {file} as TIFF: {err}") from None
-        if npages != 1 or len(shape) != 2:
-            raise InputError(
-                f"{file} holds {npages} page(s) of shape {shape}: a TIFF directory must hold "
-                "one 2D grayscale image per file"
-            )
-        return shape, dtype
-
-    def _read(self, z0: int, z1: int) -> np.ndarray:
-        out = np.empty((z1 - z0, *self.stored_shape[1:]), dtype=self.dtype)
-        for i, file in enumerate(self._files[z0:z1]):
-            try:
-                with quiet_tifffile(), self._tifffile.TiffFile(file) as tif:
-                    out[i] = tif.pages.first.asarray()
-            except (self._tifffile.TiffFileError, OSError, ValueError) as err:
-                raise InputError(f"cannot read {file} as TIFF: {err}") from None
-        return xyz_from_zyx(out)
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that puts 'z2.tif' before 'z10.tif'."""
-    parts = re.split(r"(\d+)", name)
-    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), name
-
-
-def open_source(src: str, axes: str = "zyx") -> VolumeSource:
-    """Open `src` read-only as a 3D volume: TIFF file or directory, FILE.h5:/DATASET (or
-    FILE.h5 when it holds one dataset), .npy.
-
-    `axes` is the order of the array in the file: "zyx" (the default) or "xyz" (HDF5 and
-    .npy only; TIFF pages are always z). Use it as a context manager to close the file.
-    """
-    if axes not in AXES:
-        raise InputError(f"axes must be zyx or xyz, not {axes!r}")
-    hdf5 = split_hdf5(src)
-    if hdf5 is not None:
-        return _open_hdf5(*hdf5, axes=axes)
-    path = os.path.abspath(os.path.expanduser(src))
-    if not os.path.exists(path):
-        raise InputError(f"no such file or directory: {src}")
-    lower = path.lower()
-    if os.path.isdir(path):
-        _tiff_axes(axes, src)
-        return TiffDirectorySource(path)
-    if lower.endswith(TIFF_SUFFIXES):
-        _tiff_axes(axes, src)
-        return TiffStackSource(path)
-    if lower.endswith(NPY_SUFFIXES):
-        return _open_npy(path, axes)
-    raise InputError(f"cannot tell what {src} is from its name: deepem3d reads {SUPPORTED}")
-
-
-def split_hdf5(src: str) -> tuple[str, str | None] | None:
-    """'a/v.h5:/raw' -> ('a/v.h5', '/raw'); 'v.h5' -> ('v.h5', None); not HDF5 -> None."""
-    lower = src.lower()
-    hits = [(lower.find(s + ":"), s) for s in HDF5_SUFFIXES if s + ":" in lower]
-    if hits:
-        i, suffix = min(hits)
-        dataset = src[i + len(suffix) + 1 :].strip()
-        if dataset and not dataset.startswith("/"):
-            dataset = "/" + dataset
-        return src[: i + len(suffix)], (dataset or None)
-    if lower.endswith(HDF5_SUFFIXES):
-        return src, None
-    return None
-
-
-def _open_hdf5(file: str, dataset: str | None, axes: str) -> ArraySource:
-    import h5py
-
-    path = os.path.abspath(os.path.expanduser(file))
-    if not os.path.isfile(path):
-        raise InputError(f"no such file: {file}")
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as err:
-        raise InputError(f"cannot read {file} as HDF5: {err}") from None
-    try:
-        if dataset is None:
-            found = _hdf5_datasets(h5, limit=1)
-            if len(found) != 1:  # none, or a choice to make
-                raise InputError(
-                    f"name the dataset to read: {file}:/DATASET ({_hdf5_contents(h5)})"
-                )
-            dataset = found[0].name
-        try:
-            obj = h5[dataset]
-        except KeyError:
-            raise InputError(
-                f"{file} has no dataset {dataset} ({_hdf5_contents(h5)})"
-            ) from None
-        if not isinstance(obj, h5py.Dataset):
-            raise InputError(
-                f"{file}:{dataset} is a group, not a dataset ({_hdf5_contents(obj)})"
-            )
-        return ArraySource(f"{path}:{dataset}", obj, axes, kind="hdf5", handle=h5)
-    except BaseException:
-        h5.close()
-        raise
-
-
-def _hdf5_datasets(group, limit: int) -> list:
-    """The group's datasets (h5py objects) in visiting order, at most `limit` + 1 of them."""
-    import h5py
-
-    found: list = []
-
-    def visit(name: str, obj: object) -> bool | None:
-        if isinstance(obj, h5py.Dataset):
-            found.append(obj)
-            if len(found) > limit:
-                return True  # stop walking
-        return None
-
-    group.visititems(visit)
-    return found
-
-
-def _hdf5_contents(group, limit: int = 6) -> str:
-    """'it holds /raw 7x33x50 uint8, /labels ...' — shortened to `limit` datasets."""
-    found = [f"{obj.name} {_shape_text(obj.shape)} {obj.dtype}"
-             for obj in _hdf5_datasets(group, limit)]
-    if not found:
-        return "it holds no datasets"
-    more = ", ..." if len(found) > limit else ""
-    return "it holds " + ", ".join(found[:limit]) + more
-
-
-def _open_npy(path: str, axes: str) -> ArraySource:
-    try:
-        data = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise InputError(f"cannot read {path} as a .npy array: {err}") from None
-    if not isinstance(data, np.ndarray):
-        raise InputError(f"{path} is not a .npy array")
-    return ArraySource(path, data, axes, kind="npy")
-
-
-def _tiff_axes(axes: str, src: str) -> None:
-    if axes != "zyx":
-        raise InputError(
-            f"{src}: TIFF pages are z, so a TIFF stack is always z,y,x: drop --axes {axes}"
-        )
-
-
-def _check_3d(shape: Sequence[int], name: str) -> None:
-    if len(shape) != 3:
-        hint = ""
-        if len(shape) == 4:
-            hint = ": take one channel first (deepem3d reads one-channel 3D volumes)"
-        raise InputError(f"{name} is {len(shape)}D (shape {tuple(shape)}), not 3D{hint}")
-    if 0 in shape:
-        raise InputError(f"{name} is empty (shape {tuple(shape)})")
-
-
-def _shape_text(shape: Sequence[int]) -> str:
-    return "x".join(str(int(s)) for s in shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# ingest
+#: The smallest in-plane chunk the default halves down to (`default_chunk_size`).
+SMALLEST_DEFAULT_CHUNK = 32
 
 
 def default_chunk_size(layer_type: str, size: Sequence[int]) -> tuple[int, int, int]:
-    """DEFAULT_CHUNK_SIZE for the layer type, clamped to the volume's size (x,y,z)."""
-    return tuple(min(int(c), int(s)) for c, s in zip(DEFAULT_CHUNK_SIZE[layer_type], size))
+    """DEFAULT_CHUNK_SIZE for the layer type, its x and y halved (down to
+    SMALLEST_DEFAULT_CHUNK) until the volume spans two chunks, then clamped to the volume's
+    size (x,y,z). A mip level keeps the chunk size, so an axis shorter than two chunks gets no
+    2x2 level (the `downsample image` stage of a run, Neuroglancer's zoomed-out view)."""
+    chunk = [int(c) for c in DEFAULT_CHUNK_SIZE[layer_type]]
+    for axis in (0, 1):
+        while chunk[axis] > SMALLEST_DEFAULT_CHUNK and int(size[axis]) < 2 * chunk[axis]:
+            chunk[axis] //= 2
+    return tuple(min(c, int(s)) for c, s in zip(chunk, size))
 
 
 def slab_ranges(depth: int, chunk_z: int, chunks_per_slab: int = 1) -> list[tuple[int, int]]:
@@ -462,7 +71,8 @@ def output_dtype(source_dtype: np.dtype, layer_type: str, dtype: str | None = No
             )
             raise InputError(
                 f"an image layer holds {', '.join(layers.IMAGE_DTYPES)}; the source is "
-                f"{src.name}: convert it first{hint}"
+                f"{src.name}: convert it first"
+                f"{' or store it as uint8 with --to-uint8' if src.kind in 'iuf' else ''}{hint}"
             )
         if dtype is not None and np.dtype(dtype) != src:
             raise InputError(
@@ -505,11 +115,11 @@ def ingest(
     src: str,
     dest: str,
     *,
-    resolution: Sequence[float],
+    resolution: Sequence[float] | None = None,
     layer_type: str = "image",
     chunk_size: Sequence[int] | None = None,
     encoding: str | None = None,
-    axes: str = "zyx",
+    axes: str | None = None,
     voxel_offset: Sequence[int] = (0, 0, 0),
     dtype: str | None = None,
     overwrite: bool = False,
@@ -519,8 +129,9 @@ def ingest(
 ) -> CloudVolume:
     """Write the 3D volume `src` to a new precomputed layer at `dest` and return it.
 
-    src: a multi-page TIFF, a directory of TIFFs, FILE.h5:/DATASET or a .npy file, z,y,x
-    unless `axes="xyz"` (HDF5/.npy). resolution, chunk_size, voxel_offset: x,y,z.
+    src: any file `deepem3d.sources.open_source` reads, z,y,x unless `axes="xyz"` (HDF5, .npy,
+    zarr) or an OME-Zarr says otherwise. resolution, chunk_size, voxel_offset: x,y,z;
+    resolution None takes the voxel size the file records (`ingested_resolution`).
     Images keep the source dtype (uint8, uint16, uint32 or float32); segmentations take any
     non-negative integers (or bool) and are stored as `dtype` (uint64 by default, or
     uint32). The source is read slab by slab, each slab a whole number of chunk rows of
@@ -531,7 +142,8 @@ def ingest(
     """
     if layer_type not in layers.DEFAULT_ENCODING:
         raise InputError(f"layer type must be image or segmentation, not {layer_type!r}")
-    resolution = _triple(resolution, "resolution", float, positive=True)
+    if resolution is not None:
+        resolution = _triple(resolution, "resolution", float, positive=True)
     voxel_offset = _triple(voxel_offset, "voxel offset", int, positive=False)
     if chunk_size is not None:
         chunk_size = _triple(chunk_size, "chunk size", int, positive=True)
@@ -542,6 +154,7 @@ def ingest(
                          "of its own")
 
     with open_source(src, axes=axes) as source:
+        resolution = ingested_resolution(source, resolution)
         if to_uint8:
             if layer_type != "image" or dtype is not None:
                 raise InputError("--to-uint8 rescales an image: not with --layer-type "
@@ -597,6 +210,17 @@ def ingest(
                 layers.remove_layer(dest)
             raise
     return vol
+
+
+def ingested_resolution(source: VolumeSource, given: Sequence[float] | None
+                        ) -> tuple[float, float, float]:
+    """The voxel size a layer from `source` gets: the one given, else the file's."""
+    if given is not None:
+        return tuple(given)
+    if source.resolution is None:
+        raise InputError(f"{source.name} does not record its voxel size: give it with "
+                         "--resolution X,Y,Z (nm)")
+    return source.resolution
 
 
 def _write_slabs(source: VolumeSource, vol, out: np.dtype, voxel_offset, slabs,

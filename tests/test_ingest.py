@@ -13,7 +13,8 @@ import tifffile
 
 from deepem3d import ingest as ingest_module
 from deepem3d.errors import InputError
-from deepem3d.ingest import ingest, natural_key, open_source, slab_ranges, split_hdf5
+from deepem3d.ingest import ingest, slab_ranges
+from deepem3d.sources import natural_key, open_source, split_hdf5
 from deepem3d.storage.layers import open_layer
 from tests.conftest import assert_one_line_error, run_cli
 
@@ -33,9 +34,9 @@ def xyz(zyx: np.ndarray) -> np.ndarray:
 
 
 def fingerprint(path) -> list:
-    """Bytes and mtime of a file, or of every file under a directory."""
+    """Bytes and mtime of a file, or of every file under a directory (at any depth)."""
     paths = [path] if os.path.isfile(path) else sorted(
-        os.path.join(path, n) for n in os.listdir(path)
+        os.path.join(top, n) for top, _, names in os.walk(path) for n in names
     )
     return [
         (p, hashlib.sha256(open(p, "rb").read()).hexdigest(), os.stat(p).st_mtime_ns)
@@ -228,11 +229,20 @@ def test_slab_ranges():
 def test_default_chunk_clamped_and_encodings(tmp_path):
     src = write_npy(tmp_path, volume())
     vol = ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), progress=False)
-    assert list(vol.chunk_size) == [50, 33, 7]
+    assert list(vol.chunk_size) == [32, 32, 7]  # halved to the floor, then clamped
     assert vol.encoding == "raw"
     with pytest.raises(InputError, match="jpeg encoding cannot hold a uint16"):
         ingest(write_npy(tmp_path, volume(dtype=np.uint16), "u16.npy"),
                str(tmp_path / "j"), resolution=(4, 4, 40), encoding="jpeg", progress=False)
+
+
+def test_default_chunk_leaves_room_for_a_mip_level():
+    from deepem3d.ingest import default_chunk_size
+
+    assert default_chunk_size("image", (4096, 4096, 100)) == (128, 128, 16)
+    assert default_chunk_size("image", (256, 255, 100)) == (128, 64, 16)
+    assert default_chunk_size("segmentation", (200, 90, 5)) == (64, 32, 5)
+    assert default_chunk_size("image", (20, 40, 5)) == (20, 32, 5)
 
 
 def test_hdf5_of_one_dataset_needs_no_name(tmp_path):
@@ -300,7 +310,7 @@ def test_tiff_directory_with_mismatched_slices(tmp_path):
 
 def test_image_dtype_refused(tmp_path):
     src = write_npy(tmp_path, np.zeros(SHAPE_ZYX, np.int16))
-    with pytest.raises(InputError, match="int16: convert it first.*segmentation"):
+    with pytest.raises(InputError, match="int16: convert it first or store it as uint8 with --to-uint8.*segmentation"):
         ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), progress=False)
     src = write_npy(tmp_path, np.zeros(SHAPE_ZYX, np.float32), "f.npy")
     with pytest.raises(InputError, match="integer labels"):
@@ -491,3 +501,133 @@ def test_a_destination_that_cannot_be_written_is_one_line(tmp_path):
     assert_one_line_error(cli(source, "/proc/deepem3d-test", "--resolution", "4,4,40"),
                           "cannot write the layer")
     assert_one_line_error(cli(source, "file://", "--resolution", "4,4,40"), "names no folder")
+
+
+# --- zarr, OME-Zarr, MRC, recorded voxel sizes ---------------------------------------------------
+
+
+def write_ome_zarr(tmp_path, data, axes, scale, unit="micrometer", name="img.ome.zarr"):
+    """An OME-Zarr 0.4 image of one level, written with zarr's own API."""
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / name), mode="w", zarr_format=2)
+    group.create_array("0", data=data, chunks=data.shape)
+    group.create_array("1", data=data[..., ::2, ::2], chunks=data[..., ::2, ::2].shape)
+    group.attrs["multiscales"] = [{
+        "version": "0.4",
+        "axes": [{"name": a, "type": "space" if a in "zyx" else "other",
+                  **({"unit": unit} if a in "zyx" else {})} for a in axes],
+        "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]},
+            {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": scale}]},
+        ],
+    }]
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_zarr_array_round_trip(tmp_path, zarr_format):
+    import zarr
+
+    data = volume(dtype=np.uint16)
+    path = str(tmp_path / "vol.zarr")
+    zarr.create_array(path, data=data, chunks=(3, 16, 16), zarr_format=zarr_format)
+    ingest(path, str(tmp_path / "layer"), resolution=(4, 4, 40), progress=False)
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(data))
+    with open_source(path, axes="xyz") as source:  # an array without metadata takes --axes
+        assert source.shape == SHAPE_ZYX and source.kind == "zarr"
+    from deepem3d.models.data import read_sections  # training reads it as a file source
+
+    np.testing.assert_array_equal(read_sections(path, (2, 5), "--image"), data[2:5])
+
+
+def test_ome_zarr_reads_its_full_level_axes_and_voxel_size(tmp_path):
+    data = volume()
+    five = data[None, None]  # t, c, z, y, x
+    src = write_ome_zarr(tmp_path, five, "tczyx", [1, 1, 0.04, 0.008, 0.008])
+    before = fingerprint(src)
+    vol = ingest(src, str(tmp_path / "layer"), progress=False)  # no resolution: the file's
+    assert list(vol.resolution) == pytest.approx([8, 8, 40])
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(data))
+    assert fingerprint(src) == before
+    # x,y,z order is read from the axes; --axes that disagrees is refused
+    src = write_ome_zarr(tmp_path, xyz(data), "xyz", [4, 4, 30], unit="nanometer", name="x.zarr")
+    with open_source(src) as source:
+        assert source.axes == "xyz" and source.resolution == pytest.approx((4, 4, 30))
+        np.testing.assert_array_equal(source.read(0, 7), xyz(data))
+    with pytest.raises(InputError, match="drop --axes zyx"):
+        open_source(src, axes="zyx")
+
+
+def test_zarr_that_is_not_one_grayscale_volume(tmp_path):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "two.zarr"), mode="w")
+    group.create_array("raw", data=volume())
+    group.create_array("labels", data=volume(dtype=np.uint32))
+    with pytest.raises(InputError, match="name the array to read.*raw 7x33x50 uint8"):
+        open_source(str(tmp_path / "two.zarr"))
+    with open_source(str(tmp_path / "two.zarr" / "labels")) as source:
+        assert source.dtype == np.uint32
+    two_channels = np.stack([volume(), volume(seed=1)])[None]
+    src = write_ome_zarr(tmp_path, two_channels, "tczyx", [1, 1, 40, 4, 4], name="c.zarr")
+    with pytest.raises(InputError, match="one channel and time point"):
+        open_source(src)
+    (tmp_path / "n5").mkdir()
+    (tmp_path / "n5" / "attributes.json").write_text('{"n5": "2.0.0"}')
+    with pytest.raises(InputError, match="N5 container"):
+        open_source(str(tmp_path / "n5"))
+
+
+def write_mrc(tmp_path, data, voxel_size_angstrom=None, name="vol.mrc"):
+    import mrcfile
+
+    path = str(tmp_path / name)
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+        if voxel_size_angstrom is not None:
+            mrc.voxel_size = voxel_size_angstrom
+    return path
+
+
+def test_mrc_round_trip_with_its_voxel_size(tmp_path):
+    data = volume(dtype=np.uint16)
+    src = write_mrc(tmp_path, data, (40.0, 40.0, 300.0))  # x, y, z in angstrom
+    result = cli(src, tmp_path / "layer", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "at 4,4,30 nm, as the file records it" in result.stdout
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(data))
+    assert list(open_layer(str(tmp_path / "layer")).resolution) == [4, 4, 30]
+    # an explicit --resolution wins over the header
+    vol = ingest(src, str(tmp_path / "other"), resolution=(5, 5, 50), progress=False)
+    assert list(vol.resolution) == [5, 5, 50]
+    assert_one_line_error(cli(src, tmp_path / "xyz", "--axes", "xyz"), "MRC", "drop --axes")
+
+
+def test_mrc_bytes_imod_wrote_unsigned(tmp_path):
+    import mrcfile
+
+    data = volume()  # uint8, values up to 255
+    src = write_mrc(tmp_path, data.view(np.int8), (10.0, 10.0, 10.0))
+    with mrcfile.open(src, mode="r+") as mrc:  # IMOD's stamp, flag bit 0 clear: unsigned
+        extra = bytearray(mrc.header.extra2.tobytes())
+        extra[40:48] = np.array([1146047817, 0], "<i4").tobytes()  # bytes 152..159
+        mrc.header.extra2 = bytes(extra)
+    with open_source(src) as source:
+        assert source.dtype == np.uint8
+        np.testing.assert_array_equal(source.read(0, 7), xyz(data))
+    plain = write_mrc(tmp_path, data.view(np.int8), name="signed.mrc")
+    with open_source(plain) as source:  # no stamp: the standard's signed bytes
+        assert source.dtype == np.int8 and source.resolution is None
+
+
+def test_a_file_without_its_voxel_size_needs_resolution(tmp_path):
+    src = write_npy(tmp_path, volume())
+    assert_one_line_error(cli(src, tmp_path / "layer"), "does not record its voxel size",
+                          "--resolution")
+    assert not (tmp_path / "layer").exists()
+    h5 = write_h5(tmp_path, volume())
+    with h5py.File(h5, "a") as f:  # CREMI's attribute, in the dataset's z,y,x order
+        f["/volumes/raw"].attrs["resolution"] = (40.0, 4.0, 4.0)
+    vol = ingest(h5, str(tmp_path / "cremi"), progress=False)
+    assert list(vol.resolution) == [4, 4, 40]

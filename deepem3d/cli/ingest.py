@@ -5,25 +5,29 @@ from __future__ import annotations
 import click
 
 from deepem3d.cli.options import Triple
-from deepem3d.ingest import AXES, ENCODINGS
+from deepem3d.ingest import ENCODINGS
 from deepem3d.ingest import ingest as ingest_volume
+from deepem3d.sources import AXES
 from deepem3d.storage.layers import cloudpath
 
 
 @click.command()
 @click.argument("src")
 @click.argument("dest")
-@click.option("--resolution", type=Triple(float, example="4,4,40"), required=True,
-              help="Voxel size in nm, x,y,z (e.g. 4,4,40).")
+@click.option("--resolution", type=Triple(float, example="4,4,40"), default=None,
+              help="Voxel size in nm, x,y,z (e.g. 4,4,40). Default: the one the file records "
+              "(OME-Zarr scale, MRC header, an HDF5 dataset's resolution attribute).")
 @click.option("--layer-type", type=click.Choice(["image", "segmentation"]), default="image",
               show_default=True, help="Image (grayscale) or segmentation (integer labels).")
 @click.option("--chunk-size", type=Triple(int), default=None,
-              help="Storage chunk, x,y,z (default 128,128,16, clamped to the volume).")
+              help="Storage chunk, x,y,z (default 128,128,16; x and y halved down to 32 "
+              "until the volume spans two chunks, so it gets mip levels).")
 @click.option("--encoding", type=click.Choice(list(ENCODINGS)), default=None,
               help="Chunk encoding (default: raw for images, compressed_segmentation for "
               "segmentations).")
-@click.option("--axes", type=click.Choice(list(AXES)), default="zyx", show_default=True,
-              help="Axis order of an HDF5 or .npy array (TIFF pages are always z).")
+@click.option("--axes", type=click.Choice(list(AXES)), default=None,
+              help="Axis order of an HDF5, .npy or zarr array (default zyx, or what an "
+              "OME-Zarr's metadata says; TIFF pages and MRC sections are always z).")
 @click.option("--voxel-offset", type=Triple(int, positive=False, example="0,0,100"),
               default="0,0,0", show_default=True,
               help="Position of the first voxel, x,y,z in voxels.")
@@ -36,8 +40,8 @@ from deepem3d.storage.layers import cloudpath
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar on stderr.")
 def ingest(
-    src: str, dest: str, resolution: tuple[float, float, float], layer_type: str,
-    chunk_size: tuple[int, int, int] | None, encoding: str | None, axes: str,
+    src: str, dest: str, resolution: tuple[float, float, float] | None, layer_type: str,
+    chunk_size: tuple[int, int, int] | None, encoding: str | None, axes: str | None,
     voxel_offset: tuple[int, int, int], dtype: str | None, to_uint8: bool, overwrite: bool,
     progress: bool,
 ) -> None:
@@ -45,9 +49,11 @@ def ingest(
 
     SRC is a multi-page TIFF (pages are z), a directory of single-page TIFFs (sorted by
     name, numbers in natural order), FILE.h5:/DATASET (FILE.h5 alone when it holds one
-    dataset), or a .npy file; HDF5 and .npy are
-    z,y,x unless --axes xyz. DEST is any CloudVolume path (file://, gs://, s3://) or a local
-    directory. SRC is only read; it is streamed slab by slab along z.
+    dataset), a .npy file, a zarr array (v2 or v3; DIR.zarr/ARRAY in a group of several), an
+    OME-Zarr image (its full-resolution level), or an MRC file (.mrc, .rec, .st, .ali, .map,
+    .mrcs). HDF5, .npy and zarr are z,y,x unless --axes xyz. DEST is any CloudVolume path
+    (file://, gs://, s3://) or a local directory. SRC is only read; it is streamed slab by slab
+    along z.
     """
     vol = ingest_volume(
         src,
@@ -64,8 +70,10 @@ def ingest(
         to_uint8=to_uint8,
     )
     size = ",".join(str(int(s)) for s in vol.volume_size)
+    nm = ",".join(f"{float(r):g}" for r in vol.resolution)
+    told = "" if resolution else ", as the file records it"
     chunks = ",".join(str(int(c)) for c in vol.chunk_size)
     click.echo(
-        f"ingested {src} -> {vol.cloudpath}: {layer_type} {size} (x,y,z) {vol.dtype}, "
-        f"chunks {chunks}, {vol.encoding}"
+        f"ingested {src} -> {vol.cloudpath}: {layer_type} {size} (x,y,z) {vol.dtype} at "
+        f"{nm} nm{told}, chunks {chunks}, {vol.encoding}"
     )

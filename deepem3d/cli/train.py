@@ -11,7 +11,8 @@ from deepem3d.models.presets import PRESETS
 
 @click.command()
 @click.option("--image", required=True,
-              help="EM image: a layer path, `file.h5:/dataset`, a .npy or a TIFF stack.")
+              help="EM image: a layer path, `file.h5:/dataset`, a .npy, a TIFF stack, a zarr "
+              "array or an MRC file.")
 @click.option("--labels", required=True, help="Dense neuron ids (0 = boundary), same geometry.")
 @click.option("--train-sections", required=True, help="START:END (end exclusive), e.g. 0:15.")
 @click.option("--val-sections", default=None, help="START:END for validation, e.g. 15:20.")

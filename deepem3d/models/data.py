@@ -15,8 +15,7 @@ from deepem3d.axes import zyx_from_xyz
 from deepem3d.errors import InputError
 from deepem3d.models.augment import augment
 from deepem3d.models.targets import affinity_target, boundary_target
-
-FILE_SUFFIXES = (".h5", ".hdf5", ".hdf", ".npy", ".tif", ".tiff")
+from deepem3d.sources import FILE_SUFFIXES, open_source
 
 
 def is_file_source(source: str) -> bool:
@@ -52,8 +51,6 @@ def parse_sections(text: str, name: str) -> tuple[int, int]:
 
 def volume_depth(source: str) -> int:
     if is_file_source(source):
-        from deepem3d.ingest import open_source
-
         with open_source(source) as src:
             return src.shape[2]
     from deepem3d.storage.layers import open_layer
@@ -62,15 +59,13 @@ def volume_depth(source: str) -> int:
 
 
 def read_sections(source: str, sections: tuple[int, int], name: str) -> np.ndarray:
-    """Sections [start, end) of a layer (any CloudVolume path) or a file (HDF5 `file.h5:/path`,
-    .npy, TIFF stack) as a z,y,x array."""
+    """Sections [start, end) of a layer (any CloudVolume path) or a file `open_source` reads
+    (HDF5 `file.h5:/path`, .npy, TIFF, zarr, MRC) as a z,y,x array."""
     depth = volume_depth(source)
     start, end = sections
     if end > depth:
         raise InputError(f"{name} {start}:{end} is outside {source}, which has {depth} sections")
     if is_file_source(source):
-        from deepem3d.ingest import open_source
-
         with open_source(source) as src:
             return np.ascontiguousarray(zyx_from_xyz(src.read(start, end)))
     from deepem3d.storage.layers import open_layer

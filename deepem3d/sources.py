@@ -1,0 +1,611 @@
+"""Volumes in files, read slab by slab along z, never whole (`open_source`):
+
+- a multi-page TIFF file, one page per z (`stack.tif`);
+- a directory of single-page TIFF files, one per z, in natural name order (`slices/`);
+- an HDF5 dataset (`volume.h5:/path/to/dataset`);
+- a NumPy file (`volume.npy`, memory-mapped);
+- a zarr array, v2 or v3 (`volume.zarr`, `volume.zarr/raw`), or an OME-Zarr image, whose first
+  (full-resolution) level is read and whose size-1 time and channel axes are dropped;
+- an MRC file (`volume.mrc`, `.rec`, `.st`, `.ali`, `.map`, `.mrcs`; memory-mapped).
+
+Files on disk are z,y,x; HDF5, .npy and zarr may say `axes="xyz"` when already x,y,z, and an
+OME-Zarr says which by its axes. Every source hands out x,y,z slabs (CloudVolume order); the one
+transposition is `deepem3d.axes`. Where the file records its voxel size (OME-Zarr's scale, the
+MRC header, an HDF5 dataset's `resolution` attribute as CREMI writes it, in the array's own
+axis order), the source keeps it as `resolution` (nm, x,y,z). Sources are opened read-only and
+never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from deepem3d.axes import xyz_from_zyx
+from deepem3d.errors import InputError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
+NPY_SUFFIXES = (".npy",)
+ZARR_SUFFIXES = (".zarr",)
+MRC_SUFFIXES = (".mrc", ".mrcs", ".rec", ".st", ".ali", ".map")
+#: A directory holding one of these is a zarr array or group (v3; v2 array; v2 group).
+ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+#: Every file name `open_source` reads by its suffix (a TIFF directory and zarr by content).
+FILE_SUFFIXES = TIFF_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES + ZARR_SUFFIXES + MRC_SUFFIXES
+AXES = ("zyx", "xyz")
+SUPPORTED = (
+    "a multi-page .tif/.tiff file, a directory of .tif/.tiff files, "
+    "FILE.h5:/DATASET, a .npy file, a zarr array or OME-Zarr image, or an MRC file"
+)
+
+
+@contextlib.contextmanager
+def quiet_tifffile() -> Iterator[None]:
+    """tifffile's own log lines on a damaged file ("invalid page offset"), silenced while a
+    TIFF is read: they would precede the one-line error that names the damage."""
+    import logging
+
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+class VolumeSource(ABC):
+    """A 3D volume on disk, read slab by slab along z. Shapes and slabs are x,y,z."""
+
+    #: short name of the reader, recorded in provenance
+    kind: str = ""
+    #: voxel size in nm, x,y,z, where the file records one, and where it was found
+    resolution: tuple[float, float, float] | None = None
+    resolution_from: str = ""
+
+    def __init__(self, name: str, stored_shape: Sequence[int], dtype: np.dtype, axes: str):
+        self.name = name  # the source as the user named it (absolute path), for messages
+        self.stored_shape = tuple(int(s) for s in stored_shape)  # in the file's own order
+        self.axes = axes
+        _check_3d(self.stored_shape, name)
+        self.shape = (
+            tuple(reversed(self.stored_shape)) if axes == "zyx" else self.stored_shape
+        )  # x,y,z
+        self.dtype = np.dtype(dtype).newbyteorder("=")  # native byte order
+
+    def read(self, z0: int, z1: int) -> np.ndarray:
+        """Voxels [z0, z1) of the whole x,y extent as an x,y,z array in native byte order."""
+        if not 0 <= z0 < z1 <= self.shape[2]:
+            raise IndexError(f"slab [{z0}, {z1}) outside 0..{self.shape[2]}")
+        slab = np.asarray(self._read(z0, z1), dtype=self.dtype)
+        expected = (self.shape[0], self.shape[1], z1 - z0)
+        if slab.shape != expected:  # a reader bug, not a user mistake
+            raise RuntimeError(f"{self.kind} reader returned {slab.shape}, expected {expected}")
+        return slab
+
+    @abstractmethod
+    def _read(self, z0: int, z1: int) -> np.ndarray: ...
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        """Release the file handles."""
+
+    def describe(self) -> dict:
+        """What provenance records about the source."""
+        return {
+            "source": self.name,
+            "format": self.kind,
+            "axes": self.axes,
+            "shape": list(self.stored_shape),
+            "dtype": self.dtype.name,
+            **({"recorded_resolution": list(self.resolution),
+                "recorded_resolution_from": self.resolution_from} if self.resolution else {}),
+        }
+
+    def record_resolution(self, stored: Sequence[float] | None, where: str) -> None:
+        """Keep a voxel size the file records in its own axis order (nm), if it is one."""
+        values = _positive_triple(stored)
+        if values is not None:
+            self.resolution = values if self.axes == "xyz" else tuple(reversed(values))
+            self.resolution_from = where
+
+    def __enter__(self) -> VolumeSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ArraySource(VolumeSource):
+    """Any array that slices lazily: an h5py dataset, a memory-mapped .npy or MRC, a zarr
+    array. `fixed` indexes leading axes of size 1 that are not space (OME-Zarr's t and c)."""
+
+    def __init__(self, name: str, data, axes: str, kind: str, handle=None,
+                 fixed: tuple[int, ...] = ()):
+        self._data = data
+        self._handle = handle
+        self._fixed = fixed
+        self.kind = kind
+        try:
+            super().__init__(name, data.shape[len(fixed):], data.dtype, axes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        if self.axes == "xyz":
+            return np.asarray(self._data[(*self._fixed, slice(None), slice(None),
+                                          slice(z0, z1))])
+        return xyz_from_zyx(np.asarray(self._data[(*self._fixed, slice(z0, z1))]))
+
+    def close(self) -> None:
+        self._data = None
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class TiffStackSource(VolumeSource):
+    """A multi-page TIFF file: page i is z = i. Reads page ranges (or a read-only memmap)."""
+
+    kind = "tiff"
+
+    def __init__(self, path: str):
+        import tifffile
+
+        with quiet_tifffile():
+            try:
+                self._tif = tifffile.TiffFile(path)
+            except (tifffile.TiffFileError, OSError, ValueError) as err:
+                raise InputError(f"cannot read {path} as TIFF: {err}") from None
+            try:
+                self._open(path)
+            except BaseException:
+                self.close()
+                raise
+
+    def _open(self, path: str) -> None:
+        tif = self._tif
+        series = tif.series
+        if not series:
+            raise InputError(f"{path} holds no images")
+        if len(series) > 1:
+            shapes = ", ".join("x".join(map(str, s.shape)) for s in series[:4])
+            raise InputError(
+                f"{path} holds {len(series)} image series of different shapes ({shapes}"
+                f"{', ...' if len(series) > 4 else ''}): deepem3d reads a stack of equal-size "
+                "2D grayscale pages"
+            )
+        s = series[0]
+        axes, shape = s.axes, tuple(s.shape)
+        if len(shape) == 2:
+            raise InputError(
+                f"{path} holds a single 2D image ({shape[1]}x{shape[0]}): deepem3d takes a 3D "
+                "stack, a multi-page TIFF or a directory of TIFF files"
+            )
+        if any(ax in "CS" and n > 1 for ax, n in zip(axes, shape)):
+            raise InputError(
+                f"{path} has channels or samples per pixel (axes {axes}, shape {shape}): "
+                "deepem3d reads one grayscale channel; save one channel as its own stack first"
+            )
+        _check_3d(shape, path)
+        depth, height, width = shape
+        self._memmap = None
+        if s.dataoffset is not None and s.keyframe.is_memmappable:
+            # uncompressed and contiguous (also ImageJ stacks over 4 GB, which have one IFD)
+            try:
+                self._memmap = tif.filehandle.memmap_array(
+                    tif.byteorder + s.dtype.char, shape, s.dataoffset
+                )
+            except ValueError:  # numpy's "mmap length is greater than file size"
+                raise InputError(f"{path} is truncated: its {depth} pages of {width}x{height} "
+                                 "run past the end of the file") from None
+        elif len(s) != depth or tuple(s.keyframe.shape) != (height, width):
+            raise InputError(
+                f"{path}: pages of shape {tuple(s.keyframe.shape)} do not stack into "
+                f"{shape}: deepem3d reads a stack of 2D grayscale pages"
+            )
+        self._series = s
+        super().__init__(path, shape, s.dtype, "zyx")
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        if self._memmap is not None:
+            return xyz_from_zyx(np.asarray(self._memmap[z0:z1]))
+        import tifffile
+
+        try:
+            with quiet_tifffile():
+                pages = self._tif.asarray(key=slice(z0, z1), series=0)
+        except (tifffile.TiffFileError, OSError, ValueError) as err:
+            raise InputError(f"cannot read pages {z0}..{z1 - 1} of {self.name} as TIFF: "
+                             f"{err}") from None
+        return xyz_from_zyx(pages.reshape(z1 - z0, *self.stored_shape[1:]))
+
+    def close(self) -> None:
+        self._memmap = None
+        tif = getattr(self, "_tif", None)
+        if tif is not None:
+            tif.close()
+            self._tif = None
+
+
+class TiffDirectorySource(VolumeSource):
+    """A directory of single-page TIFF files, one per z, sorted by name (natural order)."""
+
+    kind = "tiff-directory"
+
+    def __init__(self, path: str):
+        import tifffile
+
+        self._tifffile = tifffile
+        files = sorted(
+            (
+                entry.path
+                for entry in os.scandir(path)
+                if entry.is_file()
+                and not entry.name.startswith(".")  # hidden files, macOS ._ resource forks
+                and entry.name.lower().endswith(TIFF_SUFFIXES)
+            ),
+            key=lambda p: natural_key(os.path.basename(p)),
+        )
+        if not files:
+            raise InputError(f"{path} holds no .tif/.tiff files: deepem3d reads {SUPPORTED}")
+        shape = dtype = None
+        for file in files:  # headers only: every file must be one 2D page of the same kind
+            page_shape, page_dtype = self._header(file)
+            if shape is None:
+                shape, dtype = page_shape, page_dtype
+            elif (page_shape, page_dtype) != (shape, dtype):
+                raise InputError(
+                    f"{file} is {_shape_text(page_shape)} {page_dtype.name} but "
+                    f"{files[0]} is {_shape_text(shape)} {dtype.name}: every file of a "
+                    "TIFF directory must have the same size and dtype"
+                )
+        self._files = files
+        super().__init__(path, (len(files), *shape), dtype, "zyx")
+
+    def _header(self, file: str) -> tuple[tuple[int, ...], np.dtype]:
+        tifffile = self._tifffile
+        try:
+            with quiet_tifffile(), tifffile.TiffFile(file) as tif:
+                npages = len(tif.pages)
+                page = tif.pages.first
+                shape, dtype = tuple(page.shape), np.dtype(page.dtype)
+        except (tifffile.TiffFileError, OSError, ValueError) as err:
+            raise InputError(f"cannot read {file} as TIFF: {err}") from None
+        if npages != 1 or len(shape) != 2:
+            raise InputError(
+                f"{file} holds {npages} page(s) of shape {shape}: a TIFF directory must hold "
+                "one 2D grayscale image per file"
+            )
+        return shape, dtype
+
+    def _read(self, z0: int, z1: int) -> np.ndarray:
+        out = np.empty((z1 - z0, *self.stored_shape[1:]), dtype=self.dtype)
+        for i, file in enumerate(self._files[z0:z1]):
+            try:
+                with quiet_tifffile(), self._tifffile.TiffFile(file) as tif:
+                    out[i] = tif.pages.first.asarray()
+            except (self._tifffile.TiffFileError, OSError, ValueError) as err:
+                raise InputError(f"cannot read {file} as TIFF: {err}") from None
+        return xyz_from_zyx(out)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts 'z2.tif' before 'z10.tif'."""
+    parts = re.split(r"(\d+)", name)
+    return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), name
+
+
+def open_source(src: str, axes: str | None = None) -> VolumeSource:
+    """Open `src` read-only as a 3D volume: TIFF file or directory, FILE.h5:/DATASET (or
+    FILE.h5 when it holds one dataset), .npy, a zarr array or group (OME-Zarr: its first,
+    full-resolution level), MRC.
+
+    `axes` is the order of the array in the file: "zyx" or "xyz" (HDF5, .npy and zarr; TIFF
+    pages and MRC sections are always z). None: what an OME-Zarr's metadata says, else zyx.
+    Use it as a context manager to close the file.
+    """
+    if axes is not None and axes not in AXES:
+        raise InputError(f"axes must be zyx or xyz, not {axes!r}")
+    hdf5 = split_hdf5(src)
+    if hdf5 is not None:
+        return _open_hdf5(*hdf5, axes=axes or "zyx")
+    path = os.path.abspath(os.path.expanduser(src))
+    if not os.path.exists(path):
+        raise InputError(f"no such file or directory: {src}")
+    lower = path.lower()
+    if os.path.isdir(path):
+        if lower.endswith(ZARR_SUFFIXES) or any(
+                os.path.exists(os.path.join(path, m)) for m in ZARR_MARKERS):
+            return _open_zarr(path, axes)
+        if _is_n5(path):
+            raise InputError(f"{src} is an N5 container, which deepem3d does not read: save it "
+                             f"as zarr, HDF5 or TIFF first (deepem3d reads {SUPPORTED})")
+        _sections_axes(axes, src, "TIFF pages are z, so a TIFF stack")
+        return TiffDirectorySource(path)
+    if lower.endswith(TIFF_SUFFIXES):
+        _sections_axes(axes, src, "TIFF pages are z, so a TIFF stack")
+        return TiffStackSource(path)
+    if lower.endswith(NPY_SUFFIXES):
+        return _open_npy(path, axes or "zyx")
+    if lower.endswith(MRC_SUFFIXES):
+        _sections_axes(axes, src, "MRC sections are z, so an MRC volume")
+        return _open_mrc(path)
+    raise InputError(f"cannot tell what {src} is from its name: deepem3d reads {SUPPORTED}")
+
+
+def split_hdf5(src: str) -> tuple[str, str | None] | None:
+    """'a/v.h5:/raw' -> ('a/v.h5', '/raw'); 'v.h5' -> ('v.h5', None); not HDF5 -> None."""
+    lower = src.lower()
+    hits = [(lower.find(s + ":"), s) for s in HDF5_SUFFIXES if s + ":" in lower]
+    if hits:
+        i, suffix = min(hits)
+        dataset = src[i + len(suffix) + 1 :].strip()
+        if dataset and not dataset.startswith("/"):
+            dataset = "/" + dataset
+        return src[: i + len(suffix)], (dataset or None)
+    if lower.endswith(HDF5_SUFFIXES):
+        return src, None
+    return None
+
+
+def _open_hdf5(file: str, dataset: str | None, axes: str) -> ArraySource:
+    import h5py
+
+    path = os.path.abspath(os.path.expanduser(file))
+    if not os.path.isfile(path):
+        raise InputError(f"no such file: {file}")
+    try:
+        h5 = h5py.File(path, "r")
+    except OSError as err:
+        raise InputError(f"cannot read {file} as HDF5: {err}") from None
+    try:
+        if dataset is None:
+            found = _hdf5_datasets(h5, limit=1)
+            if len(found) != 1:  # none, or a choice to make
+                raise InputError(
+                    f"name the dataset to read: {file}:/DATASET ({_hdf5_contents(h5)})"
+                )
+            dataset = found[0].name
+        try:
+            obj = h5[dataset]
+        except KeyError:
+            raise InputError(
+                f"{file} has no dataset {dataset} ({_hdf5_contents(h5)})"
+            ) from None
+        if not isinstance(obj, h5py.Dataset):
+            raise InputError(
+                f"{file}:{dataset} is a group, not a dataset ({_hdf5_contents(obj)})"
+            )
+        source = ArraySource(f"{path}:{dataset}", obj, axes, kind="hdf5", handle=h5)
+        source.record_resolution(obj.attrs.get("resolution"),
+                                 f"the dataset's `resolution` attribute, read as {axes}")
+        return source
+    except BaseException:
+        h5.close()
+        raise
+
+
+def _hdf5_datasets(group, limit: int) -> list:
+    """The group's datasets (h5py objects) in visiting order, at most `limit` + 1 of them."""
+    import h5py
+
+    found: list = []
+
+    def visit(name: str, obj: object) -> bool | None:
+        if isinstance(obj, h5py.Dataset):
+            found.append(obj)
+            if len(found) > limit:
+                return True  # stop walking
+        return None
+
+    group.visititems(visit)
+    return found
+
+
+def _hdf5_contents(group, limit: int = 6) -> str:
+    """'it holds /raw 7x33x50 uint8, /labels ...' — shortened to `limit` datasets."""
+    found = [f"{obj.name} {_shape_text(obj.shape)} {obj.dtype}"
+             for obj in _hdf5_datasets(group, limit)]
+    if not found:
+        return "it holds no datasets"
+    more = ", ..." if len(found) > limit else ""
+    return "it holds " + ", ".join(found[:limit]) + more
+
+
+def _open_npy(path: str, axes: str) -> ArraySource:
+    try:
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"cannot read {path} as a .npy array: {err}") from None
+    if not isinstance(data, np.ndarray):
+        raise InputError(f"{path} is not a .npy array")
+    return ArraySource(path, data, axes, kind="npy")
+
+
+def _sections_axes(axes: str | None, src: str, why: str) -> None:
+    if axes not in (None, "zyx"):
+        raise InputError(f"{src}: {why} is always z,y,x: drop --axes {axes}")
+
+
+def _check_3d(shape: Sequence[int], name: str) -> None:
+    if len(shape) != 3:
+        hint = ""
+        if len(shape) == 4:
+            hint = ": take one channel first (deepem3d reads one-channel 3D volumes)"
+        raise InputError(f"{name} is {len(shape)}D (shape {tuple(shape)}), not 3D{hint}")
+    if 0 in shape:
+        raise InputError(f"{name} is empty (shape {tuple(shape)})")
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+
+
+def _positive_triple(values) -> tuple[float, float, float] | None:
+    """Three positive finite numbers as floats, or None (absent, unset or malformed)."""
+    try:
+        floats = tuple(float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1))
+    except (TypeError, ValueError):
+        return None
+    if len(floats) != 3 or not all(math.isfinite(v) and v > 0 for v in floats):
+        return None
+    return floats
+
+
+# zarr (v2 and v3, OME-Zarr) ------------------------------------------------------------------
+
+
+def _open_zarr(path: str, axes: str | None) -> ArraySource:
+    try:
+        import zarr
+        import zarr.errors
+    except Exception as err:  # noqa: BLE001 - an environment fault, named in one line
+        # numcodecs 0.16 (zarr's codecs) fails to import beside zfpy 1.0.1.post0, which
+        # cloud-volume's optional zfpc codec installs: it parses zfpy's version as integers
+        raise InputError(f"reading {path} needs zarr, which fails to import here ({err!r}); "
+                         "if zfpy 1.0.1.post0 is installed, pip install zfpy==1.0.1") from None
+    try:
+        node = zarr.open(store=path, mode="r")
+    except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError) as err:
+        raise InputError(f"cannot read {path} as zarr: {err}") from None
+    scale, fixed, ome_axes = None, (), None
+    if isinstance(node, zarr.Group):
+        multiscale = _ome_multiscale(node)
+        if multiscale is not None:
+            node, scale, fixed, ome_axes = _ome_level(path, node, multiscale)
+        else:
+            arrays = [(name, a) for name, a in node.members(max_depth=None)
+                      if isinstance(a, zarr.Array)]
+            if len(arrays) != 1:
+                listed = ", ".join(f"{name} {_shape_text(a.shape)} {a.dtype}"
+                                   for name, a in arrays[:6]) or "none"
+                raise InputError(f"name the array to read: {path}/ARRAY (its arrays: "
+                                 f"{listed}{', ...' if len(arrays) > 6 else ''})")
+            name, node = arrays[0]
+            path = os.path.join(path, name)
+    if ome_axes is not None and axes not in (None, ome_axes):
+        raise InputError(f"{path}: its OME-Zarr metadata says its axes are "
+                         f"{','.join(ome_axes)}: drop --axes {axes}")
+    source = ArraySource(path, node, ome_axes or axes or "zyx", kind="zarr", fixed=fixed)
+    if scale is not None:
+        source.record_resolution(scale, "the OME-Zarr metadata")
+    return source
+
+
+#: nanometres per unit of OME-Zarr's spatial axes (UDUNITS names, as the spec has them)
+OME_UNITS_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6,
+                "centimeter": 1e7, "meter": 1e9}
+
+
+def _ome_multiscale(group) -> dict | None:
+    """The first multiscale of an OME-Zarr group (version 0.4: in the attributes; 0.5: under
+    their "ome" key), or None."""
+    attrs = dict(group.attrs)
+    found = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+    return found[0] if isinstance(found, list) and found else None
+
+
+def _ome_level(path: str, group, multiscale: dict) -> tuple:
+    """(array, voxel size in nm in the array's spatial order or None, indices of the leading
+    size-1 axes, "zyx" or "xyz") of an OME-Zarr's full-resolution level."""
+    import zarr
+
+    try:
+        level = multiscale["datasets"][0]
+        array = group[level["path"]]
+        names = [a["name"] if isinstance(a, dict) else str(a) for a in multiscale["axes"]]
+        units = [a.get("unit") if isinstance(a, dict) else None for a in multiscale["axes"]]
+    except (KeyError, IndexError, TypeError) as err:
+        raise InputError(f"{path}: malformed OME-Zarr multiscales metadata ({err!r})") from None
+    if not isinstance(array, zarr.Array) or len(names) != array.ndim:
+        raise InputError(f"{path}: its OME-Zarr metadata names {len(names)} axes "
+                         f"({','.join(names)}) for its level {level['path']}")
+    spatial = [i for i, n in enumerate(names) if n in ("x", "y", "z")]
+    order = "".join(names[i] for i in spatial)
+    lead = len(names) - 3
+    if order not in AXES or spatial != list(range(lead, len(names))) or any(
+            array.shape[i] != 1 for i in range(lead)):
+        raise InputError(
+            f"{path}: its axes are {','.join(names)} (shape {_shape_text(array.shape)}): "
+            "deepem3d reads one-channel 3D volumes whose last axes are z,y,x (or x,y,z); "
+            "save one channel and time point as its own array first")
+    scale = None
+    try:
+        factors = np.ones(len(names))
+        for transforms in (multiscale.get("coordinateTransformations") or [],
+                           level.get("coordinateTransformations") or []):
+            for t in transforms:
+                if t.get("type") == "scale":
+                    factors = factors * np.asarray(t["scale"], dtype=np.float64)
+        per_nm = [OME_UNITS_NM.get(units[i]) for i in spatial]
+        if all(per_nm):
+            scale = [float(factors[i]) * u for i, u in zip(spatial, per_nm)]
+    except (KeyError, TypeError, ValueError):
+        scale = None  # no usable scale: the user gives --resolution
+    return array, scale, (0,) * lead, order
+
+
+def _is_n5(path: str) -> bool:
+    attributes = os.path.join(path, "attributes.json")
+    if not os.path.isfile(attributes):
+        return False
+    import json
+
+    try:
+        with open(attributes) as f:
+            return "n5" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+# MRC ------------------------------------------------------------------------------------------
+
+#: IMOD's stamp in an MRC header (bytes 152..155, then its flags): with it, mode 0 bytes are
+#: unsigned unless flag bit 0 is set
+IMOD_STAMP = 1146047817
+IMOD_STAMP_OFFSET = 152 - 112  # within mrcfile's `extra2` field, which starts at byte 112
+
+
+def _imod_unsigned_bytes(header) -> bool:
+    """Whether IMOD wrote this mode-0 file's bytes unsigned (mrcfile reads them as int8)."""
+    order = header.dtype["nx"].str[0]  # the header's byte order
+    extra = bytes(header.extra2.tobytes())
+    stamp, flags = np.frombuffer(extra, dtype=order + "i4", count=2,
+                                 offset=IMOD_STAMP_OFFSET)
+    return int(stamp) == IMOD_STAMP and not int(flags) & 1
+
+
+def _open_mrc(path: str) -> ArraySource:
+    import mrcfile
+
+    try:
+        mrc = mrcfile.mmap(path, mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise InputError(f"cannot read {path} as MRC: {err}") from None
+    try:
+        header = mrc.header
+        mapping = (int(header.mapc), int(header.mapr), int(header.maps))
+        if mapping != (1, 2, 3):
+            raise InputError(f"{path}: its columns, rows and sections are axes {mapping}; "
+                             "deepem3d reads MRC files stored x,y,z (1,2,3)")
+        data = mrc.data
+        if int(header.mode) == 0 and _imod_unsigned_bytes(header):
+            data = data.view(np.uint8)
+        source = ArraySource(path, data, "zyx", kind="mrc", handle=mrc)
+        size = mrc.voxel_size
+        # Angstrom in the header; 0 where the file leaves it unset
+        source.record_resolution([size.z / 10, size.y / 10, size.x / 10], "the MRC header")
+        return source
+    except BaseException:
+        mrc.close()
+        raise
