@@ -9,11 +9,15 @@ the layer back:
 - `FILE.h5:/DATASET` (or `.hdf5`, `.hdf`): an HDF5 dataset, gzip-compressed, the file written
   whole (default dataset `/data`);
 - `.tif` / `.tiff`: a multi-page TIFF, one page per section (one channel only; BigTIFF past
-  2 GB).
+  2 GB);
+- `.zarr`: an OME-Zarr 0.4 image of one level (zarr format 2, the layer's chunks, zarr's default
+  compression) whose scale and translation are the layer's voxel size and the box's position in
+  nm; a map's channels come first (c, z, y, x), as OME-Zarr orders its axes.
 
 The layer is read in slabs along z (at most about SLAB_BYTES each), never whole. The file is
 written under a temporary name beside OUT and renamed when complete: it is complete or
-absent, and an existing OUT is replaced only with `overwrite`.
+absent, and an existing OUT is replaced only with `overwrite` (a zarr folder is removed just
+before the new one takes its name).
 """
 
 from __future__ import annotations
@@ -51,10 +55,10 @@ def export(
     progress: bool = True,
     slab_bytes: int = SLAB_BYTES,
     fill_missing: bool = False,
-) -> tuple[tuple[int, ...], np.dtype]:
+) -> tuple[tuple[int, ...], np.dtype, str]:
     """Write `bounds` (x,y,z voxels at `mip`, end exclusive; default the whole layer) of the
-    layer to `out`; returns the array's shape (z, y, x[, c]) and dtype. A missing chunk is an
-    InputError unless `fill_missing` (read as zeros)."""
+    layer to `out`; returns the array's shape, dtype and axes as written ("zyx", "zyxc" or, in
+    zarr, "czyx"). A missing chunk is an InputError unless `fill_missing` (read as zeros)."""
     vol = layers.open_layer(layer_path, mip=mip, fill_missing=fill_missing)
     box = Bbox(*bounds) if bounds is not None else Bbox(vol.bounds.minpt, vol.bounds.maxpt)
     if not vol.bounds.contains_bbox(box):
@@ -66,25 +70,39 @@ def export(
     if kind == "tiff" and channels != 1:
         raise InputError(f"{vol.cloudpath} has {channels} channels: a TIFF export holds one; "
                          "write .npy or HDF5 (z, y, x, c)")
-    if os.path.isdir(file):
+    if os.path.isdir(file) and kind != "zarr":
         raise InputError(f"{file} is a folder: give a file name")
     if os.path.exists(file) and not overwrite:
         raise InputError(f"{file} exists: pass --overwrite to replace it")
+    if kind == "zarr" and os.path.isfile(file):
+        raise InputError(f"{file} is a file: a zarr export is a folder")
     x, y, z = (int(s) for s in box.size3())
     shape = (z, y, x) + ((channels,) if channels > 1 else ())
+    axes = "zyx" + ("c" if channels > 1 else "")
     dtype = np.dtype(vol.dtype)
     rows = max(1, slab_bytes // max(1, x * y * channels * dtype.itemsize))
+    ome = None
+    if kind == "zarr":
+        chunk = [int(c) for c in vol.chunk_size[::-1]]  # z, y, x
+        rows = max(1, rows // chunk[0]) * chunk[0]  # whole zarr chunks per write
+        nm = [float(r) for r in vol.resolution[::-1]]
+        ome = {"chunks": ([1] if channels > 1 else []) + chunk,
+               "scale": ([1.0] if channels > 1 else []) + nm,
+               "translation": ([0.0] if channels > 1 else []) +
+               [float(o) * r for o, r in zip(box.minpt.tolist()[::-1], nm)]}
+        if channels > 1:
+            shape, axes = (channels, z, y, x), "czyx"
     folder = os.path.dirname(os.path.abspath(file))
     if not os.path.isdir(folder):
         raise InputError(f"{folder}: no such folder for {file}")
     need = math.prod(shape) * dtype.itemsize
     free = shutil.disk_usage(folder).free
-    if kind != "hdf5" and need > free:  # HDF5 is written gzipped: its size is unknown here
+    if kind in ("npy", "tiff") and need > free:  # HDF5 and zarr are compressed: sizes unknown
         raise InputError(f"{file} would take {format_bytes(need)} and {folder} has "
                          f"{format_bytes(free)} free: export a smaller --bounds, or to HDF5")
     partial = os.path.join(folder, f".{os.path.basename(file)}.partial-{os.getpid()}")
     try:
-        with _Writer(kind, partial, dataset, shape, dtype) as write, tqdm(
+        with _Writer(kind, partial, dataset, shape, dtype, ome) as write, tqdm(
             total=z, unit="z", desc=f"export {os.path.basename(file)}", file=sys.stderr,
             disable=not progress,
         ) as bar:
@@ -100,15 +118,19 @@ def export(
                 slab = zyx_from_xyz(slab)
                 write(start, stop, slab if channels > 1 else slab[..., 0])
                 bar.update(stop - start)
+        if kind == "zarr" and os.path.isdir(file):  # --overwrite: a folder is not replaced
+            shutil.rmtree(file)
         os.replace(partial, file)
     except OSError as err:
         if err.errno not in WRITE_ERRNOS:  # a read's (a network error is an OSError too)
             raise
         raise InputError(f"cannot write {file}: {err}") from None
     finally:
-        if os.path.exists(partial):
+        if os.path.isdir(partial):
+            shutil.rmtree(partial)
+        elif os.path.exists(partial):
             os.remove(partial)
-    return shape, dtype
+    return shape, dtype, axes
 
 
 #: what writing the file can meet: a full disk, a file system's size limit or quota, a
@@ -129,16 +151,20 @@ def _target(out: str) -> tuple[str, str, str | None]:
         return "npy", out, None
     if out.lower().endswith(TIFF_SUFFIXES):
         return "tiff", out, None
+    if out.rstrip("/").lower().endswith(".zarr"):
+        return "zarr", out.rstrip("/"), None
     raise InputError(f"cannot tell what to write from the name {out}: give FILE.npy, "
-                     "FILE.h5[:/DATASET] or FILE.tif")
+                     "FILE.h5[:/DATASET], FILE.tif or FOLDER.zarr")
 
 
 class _Writer:
     """A context whose value writes sections [start, stop) of the array into the file."""
 
-    def __init__(self, kind: str, path: str, dataset: str | None, shape, dtype):
+    def __init__(self, kind: str, path: str, dataset: str | None, shape, dtype,
+                 ome: dict | None = None):
         self.kind, self.path, self.dataset, self.shape, self.dtype = (
             kind, path, dataset, shape, dtype)
+        self.ome = ome  # zarr: chunks, scale and translation in the array's axis order
 
     def __enter__(self):
         if self.kind == "npy":
@@ -156,6 +182,8 @@ class _Writer:
 
             def write(start: int, stop: int, slab: np.ndarray) -> None:
                 data[start:stop] = slab
+        elif self.kind == "zarr":
+            write = self._open_zarr()
         else:
             import tifffile
 
@@ -167,7 +195,35 @@ class _Writer:
                     self.handle.write(page, contiguous=True)
         return write
 
+    def _open_zarr(self):
+        import zarr
+
+        ome = self.ome
+        group = zarr.open_group(self.path, mode="w-", zarr_format=2)
+        data = group.create_array("0", shape=self.shape, dtype=self.dtype,
+                                  chunks=[min(c, n) for c, n in zip(ome["chunks"], self.shape)],
+                                  fill_value=0)
+        names = "czyx" if len(self.shape) == 4 else "zyx"
+        group.attrs["multiscales"] = [{
+            "version": "0.4",
+            "axes": [{"name": "c", "type": "channel"} if a == "c" else
+                     {"name": a, "type": "space", "unit": "nanometer"} for a in names],
+            "datasets": [{"path": "0", "coordinateTransformations": [
+                {"type": "scale", "scale": ome["scale"]},
+                {"type": "translation", "translation": ome["translation"]}]}],
+        }]
+        self.handle = None
+
+        def write(start: int, stop: int, slab: np.ndarray) -> None:
+            if slab.ndim == 4:  # z, y, x, c -> c, z, y, x
+                data[:, start:stop] = np.moveaxis(slab, -1, 0)
+            else:
+                data[start:stop] = slab
+        return write
+
     def __exit__(self, *exc) -> None:
+        if self.handle is None:  # zarr: every write is already on disk
+            return
         if self.kind == "npy":
             self.handle.flush()
             del self.handle

@@ -1,4 +1,4 @@
-"""`deepem3d export`: layers back out to .npy, HDF5 and TIFF, as ingest reads them."""
+"""`deepem3d export`: layers back out to .npy, HDF5, TIFF and zarr, as ingest reads them."""
 
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ def test_every_kind_round_trips_in_slabs(layers, tmp_path):
         np.testing.assert_array_equal(f["labels/ids"][:], layers["ids"])
     export(paths["image"], str(tmp_path / "image.tif"), slab_bytes=3000, progress=False)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "image.tif"), layers["image"])
-    shape, _ = export(paths["map"], str(tmp_path / "map.h5"), progress=False)
+    shape, _, axes = export(paths["map"], str(tmp_path / "map.h5"), progress=False)
     with h5py.File(tmp_path / "map.h5") as f:
         np.testing.assert_array_equal(f["data"][:], layers["map"])
-    assert shape == (*SHAPE, 3)
+    assert shape == (*SHAPE, 3) and axes == "zyxc"
     box = ((5 + 10, 6 + 3, 7 + 1), (5 + 50, 6 + 30, 7 + 5))
     export(paths["ids"], str(tmp_path / "box.npy"), bounds=box, progress=False)
     np.testing.assert_array_equal(np.load(tmp_path / "box.npy"), layers["ids"][1:5, 3:30, 10:50])
@@ -59,6 +59,39 @@ def test_every_kind_round_trips_in_slabs(layers, tmp_path):
     done = run_cli("export", back, tmp_path / "again.npy", "--no-progress", check=True)
     assert "6x40x56 (z,y,x) uint8" in done.stdout
     np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), layers["image"])
+
+
+def test_zarr_exports_are_ome_zarr_images_that_ingest_reads_back(layers, tmp_path):
+    """Written in slabs of whole zarr chunks; the voxel size and the box's position in nm are
+    the OME-Zarr scale and translation, so ingest needs no --resolution to read it back."""
+    import zarr
+
+    paths = layers["paths"]
+    box = ((5 + 10, 6 + 3, 7 + 1), (5 + 50, 6 + 30, 7 + 6))
+    shape, dtype, axes = export(paths["ids"], str(tmp_path / "ids.zarr"), bounds=box,
+                                slab_bytes=1, progress=False)
+    assert (shape, dtype, axes) == ((5, 27, 40), np.uint64, "zyx")
+    group = zarr.open_group(str(tmp_path / "ids.zarr"), mode="r")
+    np.testing.assert_array_equal(group["0"][:], layers["ids"][1:6, 3:30, 10:50])
+    (level,) = group.attrs["multiscales"][0]["datasets"]
+    assert level["coordinateTransformations"] == [
+        {"type": "scale", "scale": [40.0, 4.0, 4.0]},
+        {"type": "translation", "translation": [320.0, 36.0, 60.0]}]
+    done = run_cli("ingest", tmp_path / "ids.zarr", tmp_path / "back", "--layer-type",
+                   "segmentation", "--no-progress", check=True)
+    assert "at 4,4,40 nm, as the file records it" in done.stdout
+    shape, _, axes = export(paths["map"], str(tmp_path / "map.zarr"), progress=False)
+    assert shape == (3, *SHAPE) and axes == "czyx"
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "map.zarr" / "0"))[:],
+                                  np.moveaxis(layers["map"], -1, 0))
+    assert_one_line_error(cli_here("export", paths["image"], tmp_path / "map.zarr",
+                                   "--no-progress"), "map.zarr exists", "--overwrite")
+    done = cli_here("export", paths["image"], tmp_path / "map.zarr", "--overwrite",
+                    "--no-progress")
+    assert done.returncode == 0 and "6x40x56 (z,y,x) uint8" in done.stdout
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "map.zarr" / "0"))[:],
+                                  layers["image"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "ids.zarr", "map.zarr"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):

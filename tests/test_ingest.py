@@ -310,7 +310,8 @@ def test_tiff_directory_with_mismatched_slices(tmp_path):
 
 def test_image_dtype_refused(tmp_path):
     src = write_npy(tmp_path, np.zeros(SHAPE_ZYX, np.int16))
-    with pytest.raises(InputError, match="int16: convert it first or store it as uint8 with --to-uint8.*segmentation"):
+    with pytest.raises(InputError, match="int16: convert it first or store it as uint8 "
+                       "with --to-uint8.*segmentation"):
         ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), progress=False)
     src = write_npy(tmp_path, np.zeros(SHAPE_ZYX, np.float32), "f.npy")
     with pytest.raises(InputError, match="integer labels"):

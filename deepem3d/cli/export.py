@@ -1,4 +1,4 @@
-"""`deepem3d export LAYER OUT`: a layer, or a box of it, to .npy, HDF5 or TIFF."""
+"""`deepem3d export LAYER OUT`: a layer, or a box of it, to .npy, HDF5, TIFF or zarr."""
 
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ from deepem3d.cli.options import Bounds
 def export(layer: str, out: str, bounds: tuple | None, mip: int, fill_missing: bool,
            overwrite: bool, progress: bool) -> None:
     """Write LAYER (an image, a map or a segmentation) to OUT for other tools: FILE.npy,
-    FILE.h5[:/DATASET] (default /data) or FILE.tif (one channel). Arrays are z,y,x (maps
-    z,y,x,c), in the order `deepem3d ingest` reads. OUT is complete or absent."""
+    FILE.h5[:/DATASET] (default /data), FILE.tif (one channel) or FOLDER.zarr (OME-Zarr, with
+    the voxel size and position in nm). Arrays are z,y,x (maps z,y,x,c; in zarr c,z,y,x), in
+    the order `deepem3d ingest` reads. OUT is complete or absent."""
     from deepem3d.export import export as export_layer
 
-    shape, dtype = export_layer(layer, out, bounds=bounds, mip=mip, overwrite=overwrite,
-                                progress=progress, fill_missing=fill_missing)
-    click.echo(f"exported {layer} -> {out}: {'x'.join(map(str, shape))} (z,y,x"
-               f"{',c' if len(shape) == 4 else ''}) {dtype}")
+    shape, dtype, axes = export_layer(layer, out, bounds=bounds, mip=mip, overwrite=overwrite,
+                                      progress=progress, fill_missing=fill_missing)
+    click.echo(f"exported {layer} -> {out}: {'x'.join(map(str, shape))} ({','.join(axes)}) "
+               f"{dtype}")
