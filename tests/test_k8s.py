@@ -367,7 +367,7 @@ inference:
 queues:
   inference: sqs://deepem3d-inference
   default: sqs://deepem3d-default
-  large: {{url: sqs://deepem3d-large, min_memory: 6GiB}}
+  large: {{url: sqs://deepem3d-large, min_memory: 6GiB, max_memory: 55GiB}}
 """
 ROW = re.compile(r"^(?P<label>.+?)\s+(?P<tasks>\d+)\s+(?P<memory>[\d.]+ \w+)\s+\S+\s+"
                  r"(?:GPU|core)\s+(?:-|[\d.]+ \w+)\s+sqs://deepem3d-(?P<pool>\w+)$")

@@ -33,7 +33,14 @@ from deepem3d.stages.inference import inference_stage
 from deepem3d.stages.inference_plan import plan_inference
 from deepem3d.stages.segmentation import plan_segment, segment_stages
 from deepem3d.storage.layers import create_layer
-from tests.conftest import ROOT, assert_one_line_error, check_objects, run_cli, start_stage
+from tests.conftest import (
+    ROOT,
+    assert_one_line_error,
+    check_objects,
+    cli_here,
+    run_cli,
+    start_stage,
+)
 
 SHAPE = (128, 128, 10)  # x, y, z
 PIPELINE = """\
@@ -510,6 +517,28 @@ def test_a_plan_over_the_task_memory_limit_is_refused_by_name(tmp_path, crop_lay
         "segmentation:\n": "segmentation:\n  max_task_memory: 1MiB\n"})
     assert_one_line_error(run_cli("run", pipeline, "--dry-run"), "segmentation",
                           "above max_task_memory 1 MiB")
+
+
+def test_a_task_above_its_queue_max_memory_is_refused_by_name(tmp_path, crop_layers):
+    """A queue's `max_memory` is what its pool's workers can give a task: a stage routed there
+    with a larger task is refused before anything runs, naming the stage and the key."""
+    queues = (f"queues:\n  default: {{url: 'fq://{tmp_path}/cpu', max_memory: 1MiB}}\n"
+              f"  inference: fq://{tmp_path}/gpu\n")
+    pipeline = pipeline_file(tmp_path, crop_layers, tmp_path / "out",
+                             **{"evaluate:": queues + "evaluate:"})
+    assert_one_line_error(cli_here("run", pipeline, "--dry-run"), "stage ",
+                          "above queues.default.max_memory 1 MiB", "min_memory")
+    large = queues + f"  large: {{url: 'fq://{tmp_path}/big', min_memory: 1MiB}}\n"
+    routed = pipeline_file(tmp_path, crop_layers, tmp_path / "out",
+                           **{"evaluate:": large + "evaluate:"})
+    done = cli_here("run", routed, "--dry-run")  # every CPU stage goes to `large` instead
+    assert done.returncode == 0, done.stderr
+    below = pipeline_file(tmp_path, crop_layers, tmp_path / "out", **{
+        "evaluate:": large.replace("min_memory: 1MiB", "min_memory: 1MiB, max_memory: 1KiB")
+        + "evaluate:"})
+    assert_one_line_error(cli_here("run", below, "--dry-run"),
+                          "queues.large.max_memory: is below its min_memory")
+    assert not (tmp_path / "out").exists()
 
 
 def test_mesh_bad_input_is_one_line(crop_layers):

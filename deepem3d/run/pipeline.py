@@ -36,6 +36,8 @@
       inference: sqs://em-gpu
       large: {url: sqs://em-highmem, min_memory: 6GiB}   # `default` stages whose largest
                                                           # task needs more go here
+      # max_memory: the most a task may add to a worker of the queue's pool (its pods' limit
+      # less the worker itself and /tmp): a stage routed there with a larger task is refused
 
 Each step's keys are the tuples below (INFERENCE_KEYS and its peers): its command's options
 spelled with underscores, `amp: false` for `--no-amp`, and `queue`; the layers a step reads and
@@ -88,7 +90,7 @@ SECTION_KEYS = {"inference": INFERENCE_KEYS, "segmentation": SEGMENTATION_KEYS,
                 "skeletons": SKELETONS_KEYS, "evaluate": EVALUATE_KEYS}
 #: keys that are a command's on/off flags: true or false
 FLAG_KEYS = ("amp", "float32", "fill_missing", "force", "sharded", "sparse")
-QUEUE_KEYS = ("url", "min_memory")
+QUEUE_KEYS = ("url", "min_memory", "max_memory")
 SHIPPED_DIR = "pipelines"
 
 
@@ -97,6 +99,7 @@ class Queue:
     name: str
     url: str
     min_memory: int | None = None
+    max_memory: int | None = None
 
 
 @dataclass
@@ -131,8 +134,8 @@ class Pipeline:
             return "inference"
         return "default"
 
-    def route(self, section: str, memory_bytes: int) -> str:
-        """The queue URL of a stage: its section's queue; a stage bound for `default` goes
+    def route(self, section: str, memory_bytes: int) -> Queue:
+        """The queue of a stage: its section's queue; a stage bound for `default` goes
         instead to the queue with the largest `min_memory` that its largest task reaches (a
         section's own queue, such as inference's GPU queue, is kept)."""
         name = self.routed(section)
@@ -140,7 +143,7 @@ class Pipeline:
                   if q.min_memory is not None and memory_bytes >= q.min_memory]
         if larger and name == "default":
             name = max(larger, key=lambda q: q.min_memory).name
-        return self.queues[name].url
+        return self.queues[name]
 
 
 def shipped_pipelines() -> list[str]:
@@ -503,14 +506,17 @@ def _check_queues(p: Pipeline, value, default: str | None) -> None:
             url = check_queue_url(spec["url"])
         except InputError as err:
             _fail(p.source, f"queues.{name}", str(err))
-        minimum = None
-        if "min_memory" in spec:
-            try:
-                minimum = parse_bytes(spec["min_memory"])
-            except ValueError:
-                _fail(p.source, f"queues.{name}.min_memory", f"{spec['min_memory']!r}: give "
-                      "bytes such as 8GiB")
-        p.queues[name] = Queue(name, _path(url) if url.startswith("fq://") else url, minimum)
+        sizes = {}
+        for key in ("min_memory", "max_memory"):
+            if key in spec:
+                try:
+                    sizes[key] = parse_bytes(spec[key])
+                except ValueError:
+                    _fail(p.source, f"queues.{name}.{key}", f"{spec[key]!r}: give bytes such "
+                          "as 8GiB")
+        if sizes.get("max_memory", math.inf) < sizes.get("min_memory", 0):
+            _fail(p.source, f"queues.{name}.max_memory", "is below its min_memory")
+        p.queues[name] = Queue(name, _path(url) if url.startswith("fq://") else url, **sizes)
     if default:
         try:
             url = check_queue_url(default)

@@ -145,8 +145,15 @@ class _RunPlanner:
             self._scratch.cleanup()
 
     def add(self, stage: Stage, section: str) -> None:
+        queue = self.p.route(section, stage.memory_bytes)
+        if queue.max_memory is not None and stage.memory_bytes > queue.max_memory:
+            raise InputError(
+                f"{self.p.source}: stage {stage.label}: its largest task needs about "
+                f"{format_bytes(stage.memory_bytes)}, above queues.{queue.name}.max_memory "
+                f"{format_bytes(queue.max_memory)}: route it to a queue of larger workers "
+                "(min_memory), or make its tasks smaller")
         self.plan.stages.append(stage)
-        self.plan.routes[stage.label] = self.p.route(section, stage.memory_bytes)
+        self.plan.routes[stage.label] = queue.url
 
     def sample(self) -> None:
         """The layers the run reads: the sample's written (or, dry, copied to scratch)."""
