@@ -132,6 +132,7 @@ class _RunPlanner:
         self.written: dict[str, Bbox] = {}  # the region of each layer this run writes
         self.segmentation_ready = "segmentation" not in p.products
         self.segmentation_stand_in = ""
+        self.segmentation_mips = None  # the segmentation's downsampling plan, when planned
 
     def scratch_dir(self) -> str:
         import tempfile
@@ -321,6 +322,8 @@ class _RunPlanner:
         except InputError as err:
             raise _in_key(p.source, "downsample", err) from None
         self.plan.lines.append(f"downsample {name}: {dplan.describe()}")
+        if name == "segmentation":
+            self.segmentation_mips = dplan
         # igneous's tasks read whole task boxes from the region's start: beyond a part
         # the run wrote they meet chunks never written, which are zeros
         partial = name in self.written and self.written[name] != open_layer(path).bounds
@@ -344,22 +347,43 @@ class _RunPlanner:
         wants_mips = "segmentation" in (p.downsample.get("layers") or [])
         ready = self.segmentation_ready and (
             not wants_mips or (downsampled is not None and downsampled.is_complete()))
+        path = plan.layers["segmentation"]
         if not ready:
-            plan.lines.append(f"{product}: planned once the segmentation"
-                              + (" and its mip levels exist" if wants_mips else " exists"))
-            return
+            if not self.dry_run:  # planned once they exist (run_pipeline has planned it on
+                return  # a stand-in with the planned mip levels before anything ran)
+            path = self._segmentation_with_planned_mips(wants_mips)
         options = dict(getattr(p, product))
         options.pop("queue", None)
         planner, stages = ((plan_meshes, mesh_stages) if product == "meshes"
                            else (plan_skeletons, skeleton_stages))
         try:
-            oplan = planner(plan.layers["segmentation"], **options)
+            oplan = planner(path, **options)
         except InputError as err:
             raise _in_key(p.source, product, err) from None
+        oplan.layer_path = plan.layers["segmentation"]
         plan.lines.append(f"{product}: {oplan.describe()}")
         source = next((s.key for s in plan.stages if s.name == "remap"), "")
         for stage in stages(oplan, source_key=source, needs=("remap",)):
             self.add(stage, product)
+
+
+    def _segmentation_with_planned_mips(self, wants_mips: bool) -> str:
+        """An info-only copy of the segmentation (or its stand-in) with the mip levels its
+        downsampling plan adds (dry run): meshes and skeletons are planned on it."""
+        from deepem3d.storage.layers import open_layer
+
+        path = f"file://{self.scratch_dir()}/segmentation-with-mips"
+        source = open_layer(self.segmentation_stand_in or self.plan.layers["segmentation"])
+        vol = open_layer(path, info=source.info)
+        vol.commit_info()
+        dplan = self.segmentation_mips if wants_mips else None
+        base = [float(r) for r in source.resolution]
+        for resolution in dplan.new_resolutions if dplan else ():
+            factor = [round(float(r) / b) for r, b in zip(resolution, base)]
+            if not any(s["resolution"] == list(resolution) for s in vol.info["scales"]):
+                vol.add_scale(factor)
+        vol.commit_info()
+        return path
 
 
 def _stand_in(folder: str, name: str, plan) -> str:
