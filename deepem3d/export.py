@@ -10,9 +10,10 @@ the layer back:
   whole (default dataset `/data`);
 - `.tif` / `.tiff`: a multi-page TIFF, one page per section (one channel only; BigTIFF past
   2 GB);
-- `.zarr`: an OME-Zarr 0.4 image of one level (zarr format 2, the layer's chunks, zarr's default
-  compression) whose scale and translation are the layer's voxel size and the box's position in
-  nm; a map's channels come first (c, z, y, x), as OME-Zarr orders its axes.
+- `.zarr`: an OME-Zarr 0.4 image of one level (zarr format 2, the layer's chunks, at most as
+  deep as a slab, zarr's default compression) whose scale and translation are the layer's
+  voxel size and the box's position in nm; a map's channels come first (c, z, y, x), as
+  OME-Zarr orders its axes. Ingest takes the scale back, not the position (--voxel-offset).
 
 The layer is read in slabs along z (at most about SLAB_BYTES each), never whole. The file is
 written under a temporary name beside OUT and renamed when complete: it is complete or
@@ -72,10 +73,10 @@ def export(
                          "write .npy or HDF5 (z, y, x, c)")
     if os.path.isdir(file) and kind != "zarr":
         raise InputError(f"{file} is a folder: give a file name")
-    if os.path.exists(file) and not overwrite:
-        raise InputError(f"{file} exists: pass --overwrite to replace it")
-    if kind == "zarr" and os.path.isfile(file):
+    if kind == "zarr" and os.path.lexists(file) and not os.path.isdir(file):
         raise InputError(f"{file} is a file: a zarr export is a folder")
+    if os.path.lexists(file) and not overwrite:
+        raise InputError(f"{file} exists: pass --overwrite to replace it")
     x, y, z = (int(s) for s in box.size3())
     shape = (z, y, x) + ((channels,) if channels > 1 else ())
     axes = "zyx" + ("c" if channels > 1 else "")
@@ -84,7 +85,8 @@ def export(
     ome = None
     if kind == "zarr":
         chunk = [int(c) for c in vol.chunk_size[::-1]]  # z, y, x
-        rows = max(1, rows // chunk[0]) * chunk[0]  # whole zarr chunks per write
+        chunk[0] = min(chunk[0], rows)  # a slab is whole zarr chunks, and at most slab_bytes
+        rows -= rows % chunk[0]
         nm = [float(r) for r in vol.resolution[::-1]]
         ome = {"chunks": ([1] if channels > 1 else []) + chunk,
                "scale": ([1.0] if channels > 1 else []) + nm,
@@ -118,19 +120,28 @@ def export(
                 slab = zyx_from_xyz(slab)
                 write(start, stop, slab if channels > 1 else slab[..., 0])
                 bar.update(stop - start)
-        if kind == "zarr" and os.path.isdir(file):  # --overwrite: a folder is not replaced
-            shutil.rmtree(file)
-        os.replace(partial, file)
+        if kind == "zarr" and os.path.lexists(file):  # --overwrite: a folder is not replaced
+            old = f"{partial}-replaced"  # so: moved aside, the new one named, the old removed
+            os.replace(file, old)
+            os.replace(partial, file)
+            _remove(old)
+        else:
+            os.replace(partial, file)
     except OSError as err:
         if err.errno not in WRITE_ERRNOS:  # a read's (a network error is an OSError too)
             raise
         raise InputError(f"cannot write {file}: {err}") from None
     finally:
-        if os.path.isdir(partial):
-            shutil.rmtree(partial)
-        elif os.path.exists(partial):
-            os.remove(partial)
+        _remove(partial)
     return shape, dtype, axes
+
+
+def _remove(path: str) -> None:
+    """Remove a file, a link or a folder, if there."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 #: what writing the file can meet: a full disk, a file system's size limit or quota, a

@@ -218,7 +218,8 @@ def ingested_resolution(source: VolumeSource, given: Sequence[float] | None
     if given is not None:
         return tuple(given)
     if source.resolution is None:
-        raise InputError(f"{source.name} does not record its voxel size: give it with "
+        why = f" ({source.resolution_from})" if source.resolution_from else ""
+        raise InputError(f"{source.name} does not record its voxel size{why}: give it with "
                          "--resolution X,Y,Z (nm)")
     return source.resolution
 

@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
@@ -40,6 +41,8 @@ ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 #: Every file name `open_source` reads by its suffix (a TIFF directory and zarr by content).
 FILE_SUFFIXES = TIFF_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES + ZARR_SUFFIXES + MRC_SUFFIXES
 AXES = ("zyx", "xyz")
+#: significant digits a recorded voxel size keeps (float32 headers hold about 7)
+RESOLUTION_DIGITS = 6
 SUPPORTED = (
     "a multi-page .tif/.tiff file, a directory of .tif/.tiff files, "
     "FILE.h5:/DATASET, a .npy file, a zarr array or OME-Zarr image, or an MRC file"
@@ -66,7 +69,8 @@ class VolumeSource(ABC):
 
     #: short name of the reader, recorded in provenance
     kind: str = ""
-    #: voxel size in nm, x,y,z, where the file records one, and where it was found
+    #: voxel size in nm, x,y,z, where the file records one, and where it was found (or, with
+    #: no resolution, why what the file holds is not taken)
     resolution: tuple[float, float, float] | None = None
     resolution_from: str = ""
 
@@ -109,9 +113,11 @@ class VolumeSource(ABC):
         }
 
     def record_resolution(self, stored: Sequence[float] | None, where: str) -> None:
-        """Keep a voxel size the file records in its own axis order (nm), if it is one."""
+        """Keep a voxel size the file records in its own axis order (nm), if it is one, to
+        RESOLUTION_DIGITS significant digits (a header's float32 13.7 A is 1.3700000047 nm)."""
         values = _positive_triple(stored)
         if values is not None:
+            values = tuple(float(f"{v:.{RESOLUTION_DIGITS}g}") for v in values)
             self.resolution = values if self.axes == "xyz" else tuple(reversed(values))
             self.resolution_from = where
 
@@ -478,11 +484,20 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
         node = zarr.open(store=path, mode="r")
     except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError) as err:
         raise InputError(f"cannot read {path} as zarr: {err}") from None
-    scale, fixed, ome_axes = None, (), None
+    scale, fixed, ome_axes, no_unit = None, (), None, False
+    if isinstance(node, zarr.Group) and _ome_multiscale(node) is None:
+        images = [(name, g) for name, g in node.members(max_depth=None)
+                  if isinstance(g, zarr.Group) and _ome_multiscale(g) is not None]
+        if len(images) > 1:  # bioformats2raw writes a series per group: 0/, 1/, ...
+            raise InputError(f"name the OME-Zarr image to read: {path}/IMAGE (its images: "
+                             f"{', '.join(name for name, _ in images[:6])}"
+                             f"{', ...' if len(images) > 6 else ''})")
+        if images:
+            path, node = os.path.join(path, images[0][0]), images[0][1]
     if isinstance(node, zarr.Group):
         multiscale = _ome_multiscale(node)
         if multiscale is not None:
-            node, scale, fixed, ome_axes = _ome_level(path, node, multiscale)
+            node, scale, fixed, ome_axes, no_unit = _ome_level(path, node, multiscale)
         else:
             arrays = [(name, a) for name, a in node.members(max_depth=None)
                       if isinstance(a, zarr.Array)]
@@ -499,33 +514,39 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
     source = ArraySource(path, node, ome_axes or axes or "zyx", kind="zarr", fixed=fixed)
     if scale is not None:
         source.record_resolution(scale, "the OME-Zarr metadata")
+    elif no_unit:
+        source.resolution_from = "its OME-Zarr scale names no unit of length"
     return source
 
 
 #: nanometres per unit of OME-Zarr's spatial axes (UDUNITS names, as the spec has them)
-OME_UNITS_NM = {"angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6,
-                "centimeter": 1e7, "meter": 1e9}
+OME_UNITS_NM = {"picometer": 1e-3, "angstrom": 0.1, "nanometer": 1.0, "micrometer": 1e3,
+                "millimeter": 1e6, "centimeter": 1e7, "decimeter": 1e8, "meter": 1e9}
 
 
 def _ome_multiscale(group) -> dict | None:
     """The first multiscale of an OME-Zarr group (version 0.4: in the attributes; 0.5: under
     their "ome" key), or None."""
     attrs = dict(group.attrs)
-    found = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
-    return found[0] if isinstance(found, list) and found else None
+    ome = attrs.get("ome")
+    found = attrs.get("multiscales") or (ome.get("multiscales") if isinstance(ome, dict)
+                                         else None)
+    return found[0] if isinstance(found, list) and found and isinstance(found[0], dict) else None
 
 
 def _ome_level(path: str, group, multiscale: dict) -> tuple:
     """(array, voxel size in nm in the array's spatial order or None, indices of the leading
-    size-1 axes, "zyx" or "xyz") of an OME-Zarr's full-resolution level."""
+    size-1 axes, "zyx" or "xyz", whether a scale was dropped for want of a unit) of an
+    OME-Zarr's full-resolution level. Versions before 0.3 name no axes: t,c,z,y,x."""
     import zarr
 
     try:
         level = multiscale["datasets"][0]
         array = group[level["path"]]
-        names = [a["name"] if isinstance(a, dict) else str(a) for a in multiscale["axes"]]
-        units = [a.get("unit") if isinstance(a, dict) else None for a in multiscale["axes"]]
-    except (KeyError, IndexError, TypeError) as err:
+        axes = multiscale.get("axes") or list("tczyx")
+        names = [a["name"] if isinstance(a, dict) else str(a) for a in axes]
+        units = [a.get("unit") if isinstance(a, dict) else None for a in axes]
+    except (KeyError, IndexError, TypeError, AttributeError) as err:
         raise InputError(f"{path}: malformed OME-Zarr multiscales metadata ({err!r})") from None
     if not isinstance(array, zarr.Array) or len(names) != array.ndim:
         raise InputError(f"{path}: its OME-Zarr metadata names {len(names)} axes "
@@ -539,20 +560,22 @@ def _ome_level(path: str, group, multiscale: dict) -> tuple:
             f"{path}: its axes are {','.join(names)} (shape {_shape_text(array.shape)}): "
             "deepem3d reads one-channel 3D volumes whose last axes are z,y,x (or x,y,z); "
             "save one channel and time point as its own array first")
-    scale = None
+    scale, no_unit = None, False
     try:
-        factors = np.ones(len(names))
+        factors, scaled = np.ones(len(names)), False
         for transforms in (multiscale.get("coordinateTransformations") or [],
                            level.get("coordinateTransformations") or []):
             for t in transforms:
                 if t.get("type") == "scale":
                     factors = factors * np.asarray(t["scale"], dtype=np.float64)
+                    scaled = True
         per_nm = [OME_UNITS_NM.get(units[i]) for i in spatial]
         if all(per_nm):
             scale = [float(factors[i]) * u for i, u in zip(spatial, per_nm)]
-    except (KeyError, TypeError, ValueError):
+        no_unit = scaled and scale is None
+    except (KeyError, TypeError, ValueError, AttributeError):
         scale = None  # no usable scale: the user gives --resolution
-    return array, scale, (0,) * lead, order
+    return array, scale, (0,) * lead, order, no_unit
 
 
 def _is_n5(path: str) -> bool:
@@ -588,11 +611,16 @@ def _imod_unsigned_bytes(header) -> bool:
 def _open_mrc(path: str) -> ArraySource:
     import mrcfile
 
-    try:
-        mrc = mrcfile.mmap(path, mode="r")
+    try:  # permissive: older files lack the "MAP " ID; the shape, mode and axes are checked
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mrc = mrcfile.mmap(path, mode="r", permissive=True)
     except (ValueError, OSError, EOFError) as err:
         raise InputError(f"cannot read {path} as MRC: {err}") from None
     try:
+        if mrc.data is None:
+            raise InputError(f"cannot read {path} as MRC: its header gives no data mode "
+                             f"and shape mrcfile reads (mode {int(mrc.header.mode)})")
         header = mrc.header
         mapping = (int(header.mapc), int(header.mapr), int(header.maps))
         if mapping != (1, 2, 3):
@@ -602,9 +630,15 @@ def _open_mrc(path: str) -> ArraySource:
         if int(header.mode) == 0 and _imod_unsigned_bytes(header):
             data = data.view(np.uint8)
         source = ArraySource(path, data, "zyx", kind="mrc", handle=mrc)
-        size = mrc.voxel_size
-        # Angstrom in the header; 0 where the file leaves it unset
-        source.record_resolution([size.z / 10, size.y / 10, size.x / 10], "the MRC header")
+        # the cell's size in Angstrom over its sampling, z,y,x; 0 where the file leaves it unset
+        cell = [float(header.cella[a]) for a in "zyx"]
+        samples = [int(header[m]) for m in ("mz", "my", "mx")]
+        angstrom = [c / n if n > 0 else 0.0 for c, n in zip(cell, samples)]
+        if angstrom == [1.0, 1.0, 1.0]:  # what IMOD, EMAN2 and others write when unknown
+            source.resolution_from = ("its MRC header gives 1 A on every axis, what programs "
+                                      "write when the voxel size is unknown")
+        else:
+            source.record_resolution([a / 10 for a in angstrom], "the MRC header")
         return source
     except BaseException:
         mrc.close()

@@ -72,6 +72,7 @@ def test_zarr_exports_are_ome_zarr_images_that_ingest_reads_back(layers, tmp_pat
                                 slab_bytes=1, progress=False)
     assert (shape, dtype, axes) == ((5, 27, 40), np.uint64, "zyx")
     group = zarr.open_group(str(tmp_path / "ids.zarr"), mode="r")
+    assert group["0"].chunks == (1, 16, 16)  # a slab of one section: zarr chunks no deeper
     np.testing.assert_array_equal(group["0"][:], layers["ids"][1:6, 3:30, 10:50])
     (level,) = group.attrs["multiscales"][0]["datasets"]
     assert level["coordinateTransformations"] == [
@@ -91,7 +92,12 @@ def test_zarr_exports_are_ome_zarr_images_that_ingest_reads_back(layers, tmp_pat
     assert done.returncode == 0 and "6x40x56 (z,y,x) uint8" in done.stdout
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "map.zarr" / "0"))[:],
                                   layers["image"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "ids.zarr", "map.zarr"]
+    (tmp_path / "file.zarr").write_text("mine")
+    for flags in ((), ("--overwrite",)):
+        assert_one_line_error(cli_here("export", paths["image"], tmp_path / "file.zarr", *flags,
+                                       "--no-progress"), "is a file", "zarr export is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "file.zarr", "ids.zarr",
+                                                          "map.zarr"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):

@@ -517,7 +517,7 @@ def write_ome_zarr(tmp_path, data, axes, scale, unit="micrometer", name="img.ome
     group.attrs["multiscales"] = [{
         "version": "0.4",
         "axes": [{"name": a, "type": "space" if a in "zyx" else "other",
-                  **({"unit": unit} if a in "zyx" else {})} for a in axes],
+                  **({"unit": unit} if a in "zyx" and unit else {})} for a in axes],
         "datasets": [
             {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]},
             {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": scale}]},
@@ -632,3 +632,40 @@ def test_a_file_without_its_voxel_size_needs_resolution(tmp_path):
         f["/volumes/raw"].attrs["resolution"] = (40.0, 4.0, 4.0)
     vol = ingest(h5, str(tmp_path / "cremi"), progress=False)
     assert list(vol.resolution) == [4, 4, 40]
+
+
+def test_recorded_voxel_sizes_are_rounded_and_defaults_refused(tmp_path):
+    """A float32 header's 13.7 A is 1.37 nm, as a user would type it; a 1 A MRC (what programs
+    write when the size is unknown) and an OME-Zarr scale without a unit are not taken."""
+    with open_source(write_mrc(tmp_path, volume(), (13.7, 13.7, 27.4))) as source:
+        assert source.resolution == (1.37, 1.37, 2.74)
+    unknown = write_mrc(tmp_path, volume(), (1.0, 1.0, 1.0), name="one.mrc")
+    assert_one_line_error(cli(unknown, tmp_path / "layer"), "gives 1 A on every axis",
+                          "--resolution")
+    no_unit = write_ome_zarr(tmp_path, volume(), "zyx", [40, 4, 4], unit=None)
+    with pytest.raises(InputError, match="scale names no unit of length"):
+        ingest(no_unit, str(tmp_path / "layer"), progress=False)
+    assert not (tmp_path / "layer").exists()
+
+
+def test_an_ome_zarr_image_inside_a_bioformats2raw_container(tmp_path):
+    import zarr
+
+    root = zarr.open_group(str(tmp_path / "plate.zarr"), mode="w", zarr_format=2)
+    root.attrs["bioformats2raw.layout"] = 3
+    write_ome_zarr(tmp_path / "plate.zarr", volume(), "zyx", [50, 4, 4], unit="nanometer",
+                   name="0")
+    with open_source(str(tmp_path / "plate.zarr")) as source:
+        assert source.name.endswith("plate.zarr/0")  # the image group
+        assert source.resolution == (4, 4, 50)
+        np.testing.assert_array_equal(source.read(0, 7), xyz(volume()))
+
+
+def test_a_layer_folder_is_not_a_file_source_whatever_its_name(tmp_path):
+    from deepem3d.models.data import is_file_source
+
+    layer = tmp_path / "em.zarr"
+    ingest(write_npy(tmp_path, volume()), str(layer), resolution=(4, 4, 40), progress=False)
+    assert not is_file_source(str(layer)) and not is_file_source(f"gs://b/{layer.name}")
+    assert is_file_source(write_npy(tmp_path, volume(), "v.npy"))
+    assert is_file_source(f"{write_h5(tmp_path, volume())}:/volumes/raw")

@@ -34,7 +34,8 @@ from deepem3d.models.presets import PRESETS
 @click.option("--val-every", type=click.IntRange(min=1), default=200, show_default=True,
               help="Validate, checkpoint and plot every N iterations.")
 @click.option("--resolution", type=Triple(float), default=None,
-              help="Voxel size x,y,z in nm (default: the image layer's; required for files).")
+              help="Voxel size x,y,z in nm (default: the image layer's, or the one a file "
+              "records: OME-Zarr, MRC, an HDF5 resolution attribute).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to train (auto: CUDA when this machine has it).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -88,7 +89,11 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
     if resolution:
         res = resolution
     elif is_file_source(image):
-        raise InputError("--resolution is required when --image is a file (e.g. 4,4,50)")
+        from deepem3d.ingest import ingested_resolution
+        from deepem3d.sources import open_source
+
+        with open_source(image) as source:
+            res = ingested_resolution(source, None)
     else:
         from deepem3d.storage.layers import open_layer
 

@@ -19,10 +19,11 @@ from deepem3d.sources import FILE_SUFFIXES, open_source
 
 
 def is_file_source(source: str) -> bool:
-    base = source.split(":/")[0] if ":/" in source and "://" not in source else source
-    return base.lower().endswith(FILE_SUFFIXES) or os.path.isdir(source) and not os.path.exists(
-        os.path.join(source, "info")
-    )
+    if "://" in source:  # a CloudVolume path: files are read from local disk only
+        return False
+    if os.path.isdir(source):  # a layer has its info; a TIFF directory or zarr does not
+        return not os.path.exists(os.path.join(source, "info"))
+    return source.split(":/")[0].lower().endswith(FILE_SUFFIXES)
 
 
 def absolute_source(source: str) -> str:
