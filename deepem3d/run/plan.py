@@ -493,7 +493,8 @@ def run_pipeline(
     seconds: dict[str, float] = {}
     routes: dict[str, str] = {}
     runner = Runner(lambda stage: routes[stage.label], parallel=parallel, echo=echo,
-                    progress=progress, log_path=_log_path(p), lease_seconds=lease_seconds)
+                    progress=progress, log_path=_log_path(p), lease_seconds=lease_seconds,
+                    keep_workers=True)  # stopped below, once every stage has run
     previous = (CloudFiles(p.output).get_json(REPORT) or {}).get("stage_seconds", {})
     done: set[str] = set()
     shown: set[tuple[str, str]] = set()

@@ -143,18 +143,22 @@ def execute_here(stage: Stage, tasks: Iterator) -> int:
 
 class Runner:
     """Runs stages in order. `route(stage)` names the queue of each stage; `parallel` local
-    workers drain it (None: workers elsewhere do); `execute` replaces the queue altogether."""
+    workers drain it (None: workers elsewhere do); `execute` replaces the queue altogether.
+    The local workers are stopped when `run` returns, or with `keep_workers` when the caller
+    calls `stop_workers` (a pipeline runs its stages in several calls: a worker's start, its
+    imports and its model cost about 3 s)."""
 
     def __init__(
         self, route: Route, *, parallel: int | None = None, echo: Callable[[str], None] = print,
         progress: bool = True, execute: Execute | None = None, poll: float | None = None,
         log_path: str | None = None, lease_seconds: int = 60, wait: bool = True,
-        wave: int = WAVE_TASKS,
+        wave: int = WAVE_TASKS, keep_workers: bool = False,
     ):
         if wave < 1:
             raise ValueError(f"wave must be at least 1 task, got {wave}")
         self.wave = wave
         self.wait = wait
+        self.keep_workers = keep_workers
         self.route = route
         self.lease_seconds = lease_seconds
         self._workers: dict[str, list] = {}  # queue url -> its local worker processes
@@ -174,8 +178,12 @@ class Runner:
             self._log_file, self._log_path = log, path
             try:
                 return self._run(stages)
-            finally:
+            except BaseException:
                 self.stop_workers()
+                raise
+            finally:
+                if not self.keep_workers:
+                    self.stop_workers()
 
     def stop_workers(self) -> None:
         """SIGTERM every local worker (each finishes its task at hand), then wait."""
