@@ -1,7 +1,8 @@
 """The worker manifests (k8s/): the base and each cloud's overlay render with kustomize
 (kubectl's, offline), and every rendered resource validates strictly against its schema:
 Kubernetes' own (kubernetes-validate) and, for KEDA's resources, the CRDs vendored under
-tests/data/keda/ (see its README). Then each pool is checked for what a run needs."""
+tests/data/keda/ (see its README). Then each pool is checked for what a run needs, and the
+run's driver Job (k8s/run/) for what it runs."""
 
 from __future__ import annotations
 
@@ -371,6 +372,47 @@ queues:
 """
 ROW = re.compile(r"^(?P<label>.+?)\s+(?P<tasks>\d+)\s+(?P<memory>[\d.]+ \w+)\s+\S+\s+"
                  r"(?:GPU|core)\s+(?:-|[\d.]+ \w+)\s+sqs://deepem3d-(?P<pool>\w+)$")
+
+
+@pytest.mark.parametrize("cloud", OVERLAYS)
+def test_a_run_inside_the_cluster(cloud, tmp_path):
+    """k8s/run/CLOUD: the cloud's workers and a Job that runs `deepem3d run` on the folder's
+    pipeline file. Every resource validates; the Job runs the default pool's image with the
+    workers' identity and settings, mounts the pipeline file, fails at once on exit status 2
+    (a bad input, a stage for a person to look at), and the file routes every stage to the
+    pools' queues."""
+    from deepem3d.run.pipeline import load_pipeline
+
+    docs = render(K8S / "run" / cloud)
+    for doc in docs:
+        validate(doc)
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted([d["kind"] for d in render(cloud)] + ["Job", "ConfigMap"])
+    job = named(docs, "Job", "deepem3d-run")
+    assert job["metadata"]["namespace"] == "deepem3d"
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    default = named(docs, "Deployment", "deepem3d-worker-default")["spec"]["template"]["spec"]
+    assert container["image"] == default["containers"][0]["image"]
+    assert not container["image"].startswith("deepem3d-cpu")  # the overlay's, not the base's
+    assert pod["serviceAccountName"] == default["serviceAccountName"]
+    assert pod["restartPolicy"] == "Never"
+    maps = {d["metadata"]["name"]: d["data"] for d in of_kind(docs, "ConfigMap")}
+    refs = [e["configMapRef"]["name"] for e in container["envFrom"] if "configMapRef" in e]
+    assert len(refs) == 1 and "AWS_DEFAULT_REGION" in maps[refs[0]]  # the workers' settings
+    (volume,) = [v for v in pod["volumes"] if "configMap" in v]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert container["command"][:3] == ["deepem3d", "run", f"{mount['mountPath']}/pipeline.yaml"]
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "run", "operator": "In",
+                                                 "values": [2]}} in rules
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(maps[volume["configMap"]["name"]]["pipeline.yaml"])
+    p = load_pipeline(str(pipeline))
+    assert p.output.startswith("gs://" if cloud == "gke" else "s3://")
+    pools = {q.url for q in p.queues.values()}
+    assert pools == {f"sqs://deepem3d-{pool}" for pool in POOLS}
+    assert p.inference["device"] == "cuda"  # `auto` would be decided in the CPU pod
 
 
 def test_each_pool_holds_the_largest_task_the_planner_routes_to_it(tmp_path):
