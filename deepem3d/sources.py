@@ -477,7 +477,7 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
         import zarr.errors
     except Exception as err:  # noqa: BLE001 - an environment fault, named in one line
         # numcodecs 0.16 (zarr's codecs) fails to import beside zfpy 1.0.1.post0, which
-        # cloud-volume's optional zfpc codec installs: it parses zfpy's version as integers
+        # pyproject.toml excludes; another environment may still hold it
         raise InputError(f"reading {path} needs zarr, which fails to import here ({err!r}); "
                          "if zfpy 1.0.1.post0 is installed, pip install zfpy==1.0.1") from None
     try:
