@@ -384,24 +384,28 @@ def test_a_bad_queue_or_a_binary_file_is_one_line_before_anything_is_written(
 
 def test_a_run_that_infers_part_of_the_image_segments_and_scores_that_part(
         tmp_path, crop_layers):
-    """Bounds given for inference alone are the segmentation's, the score's and the
-    downsampling's too: without them the segmentation was refused after inference ran, a
-    score covered unsegmented voxels, and the downsampling read chunks never written."""
+    """Bounds given for inference alone are the segmentation's, the score's, the
+    downsampling's and the meshes' too: without them the segmentation was refused after
+    inference ran, a score covered unsegmented voxels, and the downsampling and the meshes
+    read chunks never written (MeshTask's "missing chunk"). Skeletons, which cannot read
+    missing chunks as 0, are refused before anything runs."""
     output = tmp_path / "out"
-    pipeline = pipeline_file(tmp_path, crop_layers, output, **{
-        "products: [map, segmentation, downsample, meshes]":
-            "products: [map, segmentation, downsample]",
-        "downsample:\n  layers: [segmentation]\nmeshes:\n  mip: 1\n":
-            "downsample:\n  layers: [segmentation]\n",
-        "task_shape: [64, 64, 2]": "task_shape: [64, 64, 2]\n  bounds: [0, 0, 0, 64, 64, 4]",
-        "  bounds: [0, 0, 6, 128, 128, 10]\n": ""})
-    run_cli("run", pipeline, "--parallel", "1", check=True)
+    replace = {"task_shape: [64, 64, 2]": "task_shape: [64, 64, 2]\n  bounds: [0, 0, 0, 64, 64, 4]",
+               "  bounds: [0, 0, 6, 128, 128, 10]\n": ""}
+    skeletons = pipeline_file(tmp_path, crop_layers, output, **{
+        **replace, "downsample, meshes]": "downsample, meshes, skeletons]"})
+    assert_one_line_error(cli_here("run", skeletons, "--dry-run"), "skeletons: the run segments "
+                          "0,0,0,64,64,4 of the layer", "drop the skeletons product")
+    run_cli("run", pipeline_file(tmp_path, crop_layers, output, **replace), "--parallel", "1",
+            check=True)
     report = json.loads((output / "report.json").read_text())
     assert report["evaluated_bounds"] == [0, 0, 0, 64, 64, 4]
     assert 0 <= report["adapted_rand_error"] < 1
     assert Markers(f"file://{output / 'segmentation'}", "downsample-mip0").is_complete()
     seg = CloudVolume(f"file://{output / 'segmentation'}", mip=1)
     assert np.asarray(seg[0:32, 0:32, 0:4]).any()
+    assert {"mesh forge", "mesh merge"} <= set(report["stage_seconds"])
+    assert any((output / "segmentation" / "mesh").glob("*:0*"))  # a segment's manifest
 
 
 def test_the_scored_region_is_the_ground_truth_within_the_segmentation(tmp_path, crop_layers):

@@ -45,7 +45,8 @@ writes are the file's own (`image`, `output`, `map`), so their options (a segmen
 downsample's `bounds`) are not keys.
 
 Bounds given for inference alone are the segmentation's too (a run segments what it
-inferred). A product needs the one before it (a segmentation needs a map: the `map` product or
+inferred; its meshes read the rest of the layer as 0, and skeletons, which cannot, are
+refused). A product needs the one before it (a segmentation needs a map: the `map` product or
 a `map` layer; downsampling the segmentation needs it). Every mistake is a one-line InputError
 naming the key, raised before any layer is written or any task is created (but the embedded
 sample's two layers, which a run over `sample:isbi2012` writes first, complete, to read its

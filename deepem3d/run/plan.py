@@ -340,6 +340,7 @@ class _RunPlanner:
         """The mesh or skeleton stages, once the segmentation and the mips they read exist."""
         from deepem3d.stages.meshes import mesh_stages, plan_meshes
         from deepem3d.stages.skeletons import plan_skeletons, skeleton_stages
+        from deepem3d.storage.layers import open_layer
 
         p, plan = self.p, self.plan
         downsampled = next((s for s in plan.stages if s.label == "downsample segmentation"),
@@ -356,6 +357,18 @@ class _RunPlanner:
         options.pop("queue", None)
         planner, stages = ((plan_meshes, mesh_stages) if product == "meshes"
                            else (plan_skeletons, skeleton_stages))
+        # igneous's tasks cover the whole layer: beyond a part the run segmented they meet
+        # chunks never written, which a MeshTask reads as 0 when told; a SkeletonTask cannot
+        # (CloudVolume 12.15's fill_missing fails in its renumbering), so that is refused
+        written = self.written.get("segmentation")
+        if written is not None and written != open_layer(path).bounds:
+            if product == "skeletons":
+                raise InputError(
+                    f"{p.source}: skeletons: the run segments {format_bounds(written)} of the "
+                    "layer, and skeletons are made of the whole layer, whose other chunks it "
+                    "never writes: segment the whole image (no bounds), or drop the "
+                    "skeletons product")
+            options["fill_missing"] = True
         try:
             oplan = planner(path, **options)
         except InputError as err:
@@ -365,7 +378,6 @@ class _RunPlanner:
         source = next((s.key for s in plan.stages if s.name == "remap"), "")
         for stage in stages(oplan, source_key=source, needs=("remap",)):
             self.add(stage, product)
-
 
     def _segmentation_with_planned_mips(self, wants_mips: bool) -> str:
         """An info-only copy of the segmentation (or its stand-in) with the mip levels its
