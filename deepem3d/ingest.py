@@ -131,7 +131,7 @@ def ingest(
 
     src: any file `deepem3d.sources.open_source` reads, z,y,x unless `axes="xyz"` (HDF5, .npy,
     zarr) or an OME-Zarr says otherwise. resolution, chunk_size, voxel_offset: x,y,z;
-    resolution None takes the voxel size the file records (`ingested_resolution`).
+    resolution None takes the voxel size the file records (`recorded_resolution`).
     Images keep the source dtype (uint8, uint16, uint32 or float32); segmentations take any
     non-negative integers (or bool) and are stored as `dtype` (uint64 by default, or
     uint32). The source is read slab by slab, each slab a whole number of chunk rows of
@@ -154,7 +154,8 @@ def ingest(
                          "of its own")
 
     with open_source(src, axes=axes) as source:
-        resolution = ingested_resolution(source, resolution)
+        if resolution is None:
+            resolution = source.recorded_resolution()
         if to_uint8:
             if layer_type != "image" or dtype is not None:
                 raise InputError("--to-uint8 rescales an image: not with --layer-type "
@@ -210,18 +211,6 @@ def ingest(
                 layers.remove_layer(dest)
             raise
     return vol
-
-
-def ingested_resolution(source: VolumeSource, given: Sequence[float] | None
-                        ) -> tuple[float, float, float]:
-    """The voxel size a layer from `source` gets: the one given, else the file's."""
-    if given is not None:
-        return tuple(given)
-    if source.resolution is None:
-        why = f" ({source.resolution_from})" if source.resolution_from else ""
-        raise InputError(f"{source.name} does not record its voxel size{why}: give it with "
-                         "--resolution X,Y,Z (nm)")
-    return source.resolution
 
 
 def _write_slabs(source: VolumeSource, vol, out: np.dtype, voxel_offset, slabs,

@@ -121,6 +121,15 @@ class VolumeSource(ABC):
             self.resolution = values if self.axes == "xyz" else tuple(reversed(values))
             self.resolution_from = where
 
+    def recorded_resolution(self) -> tuple[float, float, float]:
+        """The voxel size the file records (nm, x,y,z), or a one-line InputError saying why
+        there is none to take."""
+        if self.resolution is None:
+            why = f" ({self.resolution_from})" if self.resolution_from else ""
+            raise InputError(f"{self.name} does not record its voxel size{why}: give it with "
+                             "--resolution X,Y,Z (nm)")
+        return self.resolution
+
     def __enter__(self) -> VolumeSource:
         return self
 
@@ -455,8 +464,6 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
-
-
 def _positive_triple(values) -> tuple[float, float, float] | None:
     """Three positive finite numbers as floats, or None (absent, unset or malformed)."""
     try:
@@ -485,22 +492,20 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
     except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError) as err:
         raise InputError(f"cannot read {path} as zarr: {err}") from None
     scale, fixed, ome_axes, no_unit = None, (), None, False
-    if isinstance(node, zarr.Group) and _ome_multiscale(node) is None:
-        images = [(name, g) for name, g in node.members(max_depth=None)
-                  if isinstance(g, zarr.Group) and _ome_multiscale(g) is not None]
+    multiscale = _ome_multiscale(node) if isinstance(node, zarr.Group) else None
+    if isinstance(node, zarr.Group) and multiscale is None:
+        members = list(node.members(max_depth=None))
+        images = [(name, g, m) for name, g in members if isinstance(g, zarr.Group)
+                  and (m := _ome_multiscale(g)) is not None]
         if len(images) > 1:  # bioformats2raw writes a series per group: 0/, 1/, ...
             raise InputError(f"name the OME-Zarr image to read: {path}/IMAGE (its images: "
-                             f"{', '.join(name for name, _ in images[:6])}"
+                             f"{', '.join(name for name, _, _ in images[:6])}"
                              f"{', ...' if len(images) > 6 else ''})")
         if images:
-            path, node = os.path.join(path, images[0][0]), images[0][1]
-    if isinstance(node, zarr.Group):
-        multiscale = _ome_multiscale(node)
-        if multiscale is not None:
-            node, scale, fixed, ome_axes, no_unit = _ome_level(path, node, multiscale)
+            name, node, multiscale = images[0]
+            path = os.path.join(path, name)
         else:
-            arrays = [(name, a) for name, a in node.members(max_depth=None)
-                      if isinstance(a, zarr.Array)]
+            arrays = [(name, a) for name, a in members if isinstance(a, zarr.Array)]
             if len(arrays) != 1:
                 listed = ", ".join(f"{name} {_shape_text(a.shape)} {a.dtype}"
                                    for name, a in arrays[:6]) or "none"
@@ -508,6 +513,8 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
                                  f"{listed}{', ...' if len(arrays) > 6 else ''})")
             name, node = arrays[0]
             path = os.path.join(path, name)
+    if multiscale is not None:
+        node, scale, fixed, ome_axes, no_unit = _ome_level(path, node, multiscale)
     if ome_axes is not None and axes not in (None, ome_axes):
         raise InputError(f"{path}: its OME-Zarr metadata says its axes are "
                          f"{','.join(ome_axes)}: drop --axes {axes}")

@@ -89,11 +89,10 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
     if resolution:
         res = resolution
     elif is_file_source(image):
-        from deepem3d.ingest import ingested_resolution
         from deepem3d.sources import open_source
 
         with open_source(image) as source:
-            res = ingested_resolution(source, None)
+            res = source.recorded_resolution()
     else:
         from deepem3d.storage.layers import open_layer
 
