@@ -304,7 +304,6 @@ class _RunPlanner:
     def downsample(self, name: str) -> None:
         """Mip levels of one layer; of a layer the run writes, over the region it writes."""
         from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
-        from deepem3d.storage.layers import open_layer
 
         p, down, layers = self.p, self.p.downsample, self.plan.layers
         path = self.image if name == "image" else layers[name]
@@ -326,7 +325,7 @@ class _RunPlanner:
             self.segmentation_mips = dplan
         # igneous's tasks read whole task boxes from the region's start: beyond a part
         # the run wrote they meet chunks never written, which are zeros
-        partial = name in self.written and self.written[name] != open_layer(path).bounds
+        partial = self._writes_part_of(name, path)
         dplan.layer_path = layers[name]
         source = next((s.key for s in self.plan.stages if s.layer == dplan.layer_path
                        and s.name in ("inference", "remap")), "")
@@ -340,7 +339,6 @@ class _RunPlanner:
         """The mesh or skeleton stages, once the segmentation and the mips they read exist."""
         from deepem3d.stages.meshes import mesh_stages, plan_meshes
         from deepem3d.stages.skeletons import plan_skeletons, skeleton_stages
-        from deepem3d.storage.layers import open_layer
 
         p, plan = self.p, self.plan
         downsampled = next((s for s in plan.stages if s.label == "downsample segmentation"),
@@ -360,11 +358,11 @@ class _RunPlanner:
         # igneous's tasks cover the whole layer: beyond a part the run segmented they meet
         # chunks never written, which a MeshTask reads as 0 when told; a SkeletonTask cannot
         # (CloudVolume 12.15's fill_missing fails in its renumbering), so that is refused
-        written = self.written.get("segmentation")
-        if written is not None and written != open_layer(path).bounds:
+        if self._writes_part_of("segmentation", path):
             if product == "skeletons":
                 raise InputError(
-                    f"{p.source}: skeletons: the run segments {format_bounds(written)} of the "
+                    f"{p.source}: skeletons: the run segments "
+                    f"{format_bounds(self.written['segmentation'])} of the "
                     "layer, and skeletons are made of the whole layer, whose other chunks it "
                     "never writes: segment the whole image (no bounds), or drop the "
                     "skeletons product")
@@ -379,6 +377,13 @@ class _RunPlanner:
         for stage in stages(oplan, source_key=source, needs=("remap",)):
             self.add(stage, product)
 
+    def _writes_part_of(self, name: str, path: str) -> bool:
+        """Whether the run writes only part of layer `name` (at `path`, or a copy of its
+        geometry): igneous's tasks over the whole layer meet chunks it never writes."""
+        from deepem3d.storage.layers import open_layer
+
+        return name in self.written and self.written[name] != open_layer(path).bounds
+
     def _segmentation_with_planned_mips(self, wants_mips: bool) -> str:
         """An info-only copy of the segmentation (or its stand-in) with the mip levels its
         downsampling plan adds (dry run): meshes and skeletons are planned on it."""
@@ -387,7 +392,6 @@ class _RunPlanner:
         path = f"file://{self.scratch_dir()}/segmentation-with-mips"
         source = open_layer(self.segmentation_stand_in or self.plan.layers["segmentation"])
         vol = open_layer(path, info=source.info)
-        vol.commit_info()
         dplan = self.segmentation_mips if wants_mips else None
         base = [float(r) for r in source.resolution]
         for resolution in dplan.new_resolutions if dplan else ():

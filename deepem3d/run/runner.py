@@ -177,13 +177,13 @@ class Runner:
         with self._log() as (log, path):
             self._log_file, self._log_path = log, path
             try:
-                return self._run(stages)
+                ran = self._run(stages)
             except BaseException:
                 self.stop_workers()
                 raise
-            finally:
-                if not self.keep_workers:
-                    self.stop_workers()
+            if not self.keep_workers:
+                self.stop_workers()
+            return ran
 
     def stop_workers(self) -> None:
         """SIGTERM every local worker (each finishes its task at hand), then wait."""
