@@ -17,8 +17,8 @@ the layer back:
 
 The layer is read in slabs along z (at most about SLAB_BYTES each), never whole. The file is
 written under a temporary name beside OUT and renamed when complete: it is complete or
-absent, and an existing OUT is replaced only with `overwrite` (a zarr folder is removed just
-before the new one takes its name).
+absent, and an existing OUT is replaced only with `overwrite` (a zarr folder, which no rename
+replaces, is moved aside, the new one takes its name, then the old one is removed).
 """
 
 from __future__ import annotations
@@ -88,10 +88,8 @@ def export(
         chunk[0] = min(chunk[0], rows)  # a slab is whole zarr chunks, and at most slab_bytes
         rows -= rows % chunk[0]
         nm = [float(r) for r in vol.resolution[::-1]]
-        ome = {"chunks": ([1] if channels > 1 else []) + chunk,
-               "scale": ([1.0] if channels > 1 else []) + nm,
-               "translation": ([0.0] if channels > 1 else []) +
-               [float(o) * r for o, r in zip(box.minpt.tolist()[::-1], nm)]}
+        ome = {"chunks": chunk, "scale": nm,
+               "translation": [float(o) * r for o, r in zip(box.minpt.tolist()[::-1], nm)]}
         if channels > 1:
             shape, axes = (channels, z, y, x), "czyx"
     folder = os.path.dirname(os.path.abspath(file))
@@ -175,7 +173,7 @@ class _Writer:
                  ome: dict | None = None):
         self.kind, self.path, self.dataset, self.shape, self.dtype = (
             kind, path, dataset, shape, dtype)
-        self.ome = ome  # zarr: chunks, scale and translation in the array's axis order
+        self.ome = ome  # zarr: chunks, scale and translation, z,y,x
 
     def __enter__(self):
         if self.kind == "npy":
@@ -209,19 +207,24 @@ class _Writer:
     def _open_zarr(self):
         import zarr
 
-        ome = self.ome
+        channel = len(self.shape) == 4  # c, z, y, x: one channel per chunk, unscaled
+
+        def axes(channel_value, zyx: list) -> list:
+            return ([channel_value] if channel else []) + zyx
+
+        chunks = axes(1, self.ome["chunks"])
         group = zarr.open_group(self.path, mode="w-", zarr_format=2)
         data = group.create_array("0", shape=self.shape, dtype=self.dtype,
-                                  chunks=[min(c, n) for c, n in zip(ome["chunks"], self.shape)],
+                                  chunks=[min(c, n) for c, n in zip(chunks, self.shape)],
                                   fill_value=0)
-        names = "czyx" if len(self.shape) == 4 else "zyx"
+        names = "czyx" if channel else "zyx"
         group.attrs["multiscales"] = [{
             "version": "0.4",
             "axes": [{"name": "c", "type": "channel"} if a == "c" else
                      {"name": a, "type": "space", "unit": "nanometer"} for a in names],
             "datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": ome["scale"]},
-                {"type": "translation", "translation": ome["translation"]}]}],
+                {"type": "scale", "scale": axes(1.0, self.ome["scale"])},
+                {"type": "translation", "translation": axes(0.0, self.ome["translation"])}]}],
         }]
         self.handle = None
 
