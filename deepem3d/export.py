@@ -13,7 +13,7 @@ the layer back:
 - `.zarr`: an OME-Zarr 0.4 image of one level (zarr format 2, the layer's chunks, at most as
   deep as a slab, zarr's default compression) whose scale and translation are the layer's
   voxel size and the box's position in nm; a map's channels come first (c, z, y, x), as
-  OME-Zarr orders its axes. Ingest takes the scale back, not the position (--voxel-offset).
+  OME-Zarr orders its axes. Ingest takes both back: the layer it makes is where this one was.
 
 The layer is read in slabs along z (at most about SLAB_BYTES each), never whole. The file is
 written under a temporary name beside OUT and renamed when complete: it is complete or

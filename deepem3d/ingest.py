@@ -120,7 +120,7 @@ def ingest(
     chunk_size: Sequence[int] | None = None,
     encoding: str | None = None,
     axes: str | None = None,
-    voxel_offset: Sequence[int] = (0, 0, 0),
+    voxel_offset: Sequence[int] | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -131,7 +131,9 @@ def ingest(
 
     src: any file `deepem3d.sources.open_source` reads, z,y,x unless `axes="xyz"` (HDF5, .npy,
     zarr) or an OME-Zarr says otherwise. resolution, chunk_size, voxel_offset: x,y,z;
-    resolution None takes the voxel size the file records (`recorded_resolution`).
+    resolution None takes the voxel size the file records (`recorded_resolution`), voxel_offset
+    None the position it records (`recorded_offset`: an OME-Zarr's translation, a CREMI HDF5's
+    `offset`), else 0,0,0.
     Images keep the source dtype (uint8, uint16, uint32 or float32); segmentations take any
     non-negative integers (or bool) and are stored as `dtype` (uint64 by default, or
     uint32). The source is read slab by slab, each slab a whole number of chunk rows of
@@ -144,7 +146,8 @@ def ingest(
         raise InputError(f"layer type must be image or segmentation, not {layer_type!r}")
     if resolution is not None:
         resolution = _triple(resolution, "resolution", float, positive=True)
-    voxel_offset = _triple(voxel_offset, "voxel offset", int, positive=False)
+    if voxel_offset is not None:
+        voxel_offset = _triple(voxel_offset, "voxel offset", int, positive=False)
     if chunk_size is not None:
         chunk_size = _triple(chunk_size, "chunk size", int, positive=True)
     dest = layers.cloudpath(dest)
@@ -156,6 +159,8 @@ def ingest(
     with open_source(src, axes=axes) as source:
         if resolution is None:
             resolution = source.recorded_resolution()
+        if voxel_offset is None:
+            voxel_offset = source.recorded_offset(resolution)
         if to_uint8:
             if layer_type != "image" or dtype is not None:
                 raise InputError("--to-uint8 rescales an image: not with --layer-type "

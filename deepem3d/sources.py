@@ -43,6 +43,9 @@ FILE_SUFFIXES = TIFF_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES + ZARR_SUFFIXES + M
 AXES = ("zyx", "xyz")
 #: significant digits a recorded voxel size keeps (float32 headers hold about 7)
 RESOLUTION_DIGITS = 6
+#: how far from a whole number of voxels (in voxels) a recorded position may lie: a float32
+#: header's 4,000,004 nm is off by about 0.25 nm, 0.06 of a 4 nm voxel
+POSITION_TOLERANCE = 0.1
 SUPPORTED = (
     "a multi-page .tif/.tiff file, a directory of .tif/.tiff files, "
     "FILE.h5:/DATASET, a .npy file, a zarr array or OME-Zarr image, or an MRC file"
@@ -73,6 +76,9 @@ class VolumeSource(ABC):
     #: no resolution, why what the file holds is not taken)
     resolution: tuple[float, float, float] | None = None
     resolution_from: str = ""
+    #: position of the first voxel's corner in nm, x,y,z, where the file records one
+    position: tuple[float, float, float] | None = None
+    position_from: str = ""
 
     def __init__(self, name: str, stored_shape: Sequence[int], dtype: np.dtype, axes: str):
         self.name = name  # the source as the user named it (absolute path), for messages
@@ -110,6 +116,8 @@ class VolumeSource(ABC):
             "dtype": self.dtype.name,
             **({"recorded_resolution": list(self.resolution),
                 "recorded_resolution_from": self.resolution_from} if self.resolution else {}),
+            **({"recorded_position": list(self.position),
+                "recorded_position_from": self.position_from} if self.position else {}),
         }
 
     def record_resolution(self, stored: Sequence[float] | None, where: str) -> None:
@@ -120,6 +128,31 @@ class VolumeSource(ABC):
             values = tuple(float(f"{v:.{RESOLUTION_DIGITS}g}") for v in values)
             self.resolution = values if self.axes == "xyz" else tuple(reversed(values))
             self.resolution_from = where
+
+    def record_position(self, stored: Sequence[float] | None, where: str) -> None:
+        """Keep the position (nm) of the first voxel the file records in its own axis order,
+        if it is one (not rounded: a position is a multiple of the voxel size, which can be
+        past RESOLUTION_DIGITS digits)."""
+        values = _finite_triple(stored)
+        if values is not None:
+            self.position = values if self.axes == "xyz" else tuple(reversed(values))
+            self.position_from = where
+
+    def recorded_offset(self, resolution: Sequence[float]) -> tuple[int, int, int]:
+        """The voxel offset, x,y,z, at which the file places its first voxel at `resolution`
+        (nm): 0,0,0 where it records no position; a one-line InputError where the position is
+        not a whole number of voxels."""
+        if self.position is None:
+            return (0, 0, 0)
+        voxels = [p / r for p, r in zip(self.position, resolution)]
+        offset = tuple(round(v) for v in voxels)
+        if any(abs(v - o) > POSITION_TOLERANCE for v, o in zip(voxels, offset)):
+            nm = ",".join(f"{p:g}" for p in self.position)
+            at = ",".join(f"{r:g}" for r in resolution)
+            raise InputError(f"{self.name} places its first voxel at {nm} nm ({self.position_from}"
+                             f"), not a whole number of {at} nm voxels: give --voxel-offset "
+                             "X,Y,Z (voxels)")
+        return offset
 
     def recorded_resolution(self) -> tuple[float, float, float]:
         """The voxel size the file records (nm, x,y,z), or a one-line InputError saying why
@@ -402,6 +435,8 @@ def _open_hdf5(file: str, dataset: str | None, axes: str) -> ArraySource:
         source = ArraySource(f"{path}:{dataset}", obj, axes, kind="hdf5", handle=h5)
         source.record_resolution(obj.attrs.get("resolution"),
                                  f"the dataset's `resolution` attribute, read as {axes}")
+        source.record_position(obj.attrs.get("offset"),
+                               f"the dataset's `offset` attribute (nm), read as {axes}")
         return source
     except BaseException:
         h5.close()
@@ -464,15 +499,21 @@ def _shape_text(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
-def _positive_triple(values) -> tuple[float, float, float] | None:
-    """Three positive finite numbers as floats, or None (absent, unset or malformed)."""
+def _finite_triple(values) -> tuple[float, float, float] | None:
+    """Three finite numbers as floats, or None (absent, unset or malformed)."""
     try:
-        floats = tuple(float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1))
+        floats = tuple(float(v) + 0.0 for v in np.asarray(values, dtype=np.float64).reshape(-1))
     except (TypeError, ValueError):
         return None
-    if len(floats) != 3 or not all(math.isfinite(v) and v > 0 for v in floats):
+    if len(floats) != 3 or not all(math.isfinite(v) for v in floats):
         return None
     return floats
+
+
+def _positive_triple(values) -> tuple[float, float, float] | None:
+    """Three positive finite numbers as floats, or None (absent, unset or malformed)."""
+    floats = _finite_triple(values)
+    return floats if floats is not None and all(v > 0 for v in floats) else None
 
 
 # zarr (v2 and v3, OME-Zarr) ------------------------------------------------------------------
@@ -491,7 +532,7 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
         node = zarr.open(store=path, mode="r")
     except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError) as err:
         raise InputError(f"cannot read {path} as zarr: {err}") from None
-    scale, fixed, ome_axes, no_unit = None, (), None, False
+    scale, position, fixed, ome_axes, no_unit = None, None, (), None, False
     multiscale = _ome_multiscale(node) if isinstance(node, zarr.Group) else None
     if isinstance(node, zarr.Group) and multiscale is None:
         members = list(node.members(max_depth=None))
@@ -514,13 +555,14 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
             name, node = arrays[0]
             path = os.path.join(path, name)
     if multiscale is not None:
-        node, scale, fixed, ome_axes, no_unit = _ome_level(path, node, multiscale)
+        node, scale, position, fixed, ome_axes, no_unit = _ome_level(path, node, multiscale)
     if ome_axes is not None and axes not in (None, ome_axes):
         raise InputError(f"{path}: its OME-Zarr metadata says its axes are "
                          f"{','.join(ome_axes)}: drop --axes {axes}")
     source = ArraySource(path, node, ome_axes or axes or "zyx", kind="zarr", fixed=fixed)
     if scale is not None:
         source.record_resolution(scale, "the OME-Zarr metadata")
+        source.record_position(position, "the OME-Zarr metadata")
     elif no_unit:
         source.resolution_from = "its OME-Zarr scale names no unit of length"
     return source
@@ -542,7 +584,8 @@ def _ome_multiscale(group) -> dict | None:
 
 
 def _ome_level(path: str, group, multiscale: dict) -> tuple:
-    """(array, voxel size in nm in the array's spatial order or None, indices of the leading
+    """(array, voxel size and first voxel's position in nm in the array's spatial order or
+    None, indices of the leading
     size-1 axes, "zyx" or "xyz", whether a scale was dropped for want of a unit) of an
     OME-Zarr's full-resolution level. Versions before 0.3 name no axes: t,c,z,y,x."""
     import zarr
@@ -567,22 +610,25 @@ def _ome_level(path: str, group, multiscale: dict) -> tuple:
             f"{path}: its axes are {','.join(names)} (shape {_shape_text(array.shape)}): "
             "deepem3d reads one-channel 3D volumes whose last axes are z,y,x (or x,y,z); "
             "save one channel and time point as its own array first")
-    scale, no_unit = None, False
-    try:
-        factors, scaled = np.ones(len(names)), False
-        for transforms in (multiscale.get("coordinateTransformations") or [],
-                           level.get("coordinateTransformations") or []):
+    scale, position, no_unit = None, None, False
+    try:  # the level's transforms, then the multiscale's, applied to index 0 and to a step
+        factors, start, scaled = np.ones(len(names)), np.zeros(len(names)), False
+        for transforms in (level.get("coordinateTransformations") or [],
+                           multiscale.get("coordinateTransformations") or []):
             for t in transforms:
                 if t.get("type") == "scale":
-                    factors = factors * np.asarray(t["scale"], dtype=np.float64)
-                    scaled = True
+                    step = np.asarray(t["scale"], dtype=np.float64)
+                    factors, start, scaled = factors * step, start * step, True
+                elif t.get("type") == "translation":
+                    start = start + np.asarray(t["translation"], dtype=np.float64)
         per_nm = [OME_UNITS_NM.get(units[i]) for i in spatial]
         if all(per_nm):
             scale = [float(factors[i]) * u for i, u in zip(spatial, per_nm)]
+            position = [float(start[i]) * u for i, u in zip(spatial, per_nm)]
         no_unit = scaled and scale is None
     except (KeyError, TypeError, ValueError, AttributeError):
-        scale = None  # no usable scale: the user gives --resolution
-    return array, scale, (0,) * lead, order, no_unit
+        scale = position = None  # no usable scale: the user gives --resolution
+    return array, scale, position, (0,) * lead, order, no_unit
 
 
 def _is_n5(path: str) -> bool:

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
+from cloudvolume import CloudVolume
 
 from deepem3d.axes import xyz_from_zyx
 from deepem3d.export import export
@@ -80,7 +81,11 @@ def test_zarr_exports_are_ome_zarr_images_that_ingest_reads_back(layers, tmp_pat
         {"type": "translation", "translation": [320.0, 36.0, 60.0]}]
     done = run_cli("ingest", tmp_path / "ids.zarr", tmp_path / "back", "--layer-type",
                    "segmentation", "--no-progress", check=True)
-    assert "at 4,4,40 nm, as the file records it" in done.stdout
+    assert "at 4,4,40 nm, as the file records it, first voxel at 15,9,8" in done.stdout
+    back = CloudVolume(f"file://{tmp_path / 'back'}")  # at the box's place: where it was
+    assert list(back.voxel_offset) == [15, 9, 8]
+    np.testing.assert_array_equal(np.asarray(back[15:55, 9:36, 8:13])[..., 0],
+                                  np.transpose(layers["ids"][1:6, 3:30, 10:50]))
     shape, _, axes = export(paths["map"], str(tmp_path / "map.zarr"), progress=False)
     assert shape == (3, *SHAPE) and axes == "czyx"
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "map.zarr" / "0"))[:],

@@ -631,7 +631,39 @@ def test_a_file_without_its_voxel_size_needs_resolution(tmp_path):
     with h5py.File(h5, "a") as f:  # CREMI's attribute, in the dataset's z,y,x order
         f["/volumes/raw"].attrs["resolution"] = (40.0, 4.0, 4.0)
     vol = ingest(h5, str(tmp_path / "cremi"), progress=False)
-    assert list(vol.resolution) == [4, 4, 40]
+    assert list(vol.resolution) == [4, 4, 40] and list(vol.voxel_offset) == [0, 0, 0]
+
+
+def test_ingest_places_the_volume_where_the_file_does(tmp_path):
+    """A CREMI label volume's `offset` (nm, z,y,x) and an OME-Zarr translation (the level's,
+    then the multiscale's) give the voxel offset; --voxel-offset overrides them, and a
+    position that is no whole number of voxels is refused in one line."""
+    h5 = write_h5(tmp_path, volume())
+    with h5py.File(h5, "a") as f:
+        f["/volumes/raw"].attrs["resolution"] = (40.0, 4.0, 4.0)
+        f["/volumes/raw"].attrs["offset"] = (80.0, 48.0, -16.0)
+    vol = ingest(h5, str(tmp_path / "cremi"), progress=False)
+    assert list(vol.voxel_offset) == [-4, 12, 2]
+    vol = ingest(h5, str(tmp_path / "mine"), voxel_offset=(1, 2, 3), progress=False)
+    assert list(vol.voxel_offset) == [1, 2, 3]
+    src = write_ome_zarr(tmp_path, volume(), "zyx", [0.04, 0.004, 0.004], name="t.zarr")
+    import zarr
+
+    group = zarr.open_group(src, mode="r+")
+    meta = group.attrs["multiscales"]
+    meta[0]["datasets"][0]["coordinateTransformations"].append(
+        {"type": "translation", "translation": [0.08, 0.0, 0.008]})
+    meta[0]["coordinateTransformations"] = [{"type": "scale", "scale": [1, 2, 2]},
+                                            {"type": "translation", "translation": [0, 0.4, 0]}]
+    group.attrs["multiscales"] = meta
+    vol = ingest(src, str(tmp_path / "ome"), progress=False)
+    assert list(vol.resolution) == pytest.approx([8, 8, 40])
+    assert list(vol.voxel_offset) == [2, 50, 2]  # x 16 nm, y 400 nm, z 80 nm
+    with h5py.File(h5, "a") as f:
+        f["/volumes/raw"].attrs["offset"] = (80.0, 50.0, 0.0)
+    assert_one_line_error(cli(h5, tmp_path / "half"), "places its first voxel at 0,50,80 nm",
+                          "not a whole number of 4,4,40 nm voxels", "--voxel-offset")
+    assert not (tmp_path / "half").exists()
 
 
 def test_recorded_voxel_sizes_are_rounded_and_defaults_refused(tmp_path):

@@ -29,8 +29,9 @@ from deepem3d.storage.layers import cloudpath
               help="Axis order of an HDF5, .npy or zarr array (default zyx, or what an "
               "OME-Zarr's metadata says; TIFF pages and MRC sections are always z).")
 @click.option("--voxel-offset", type=Triple(int, positive=False, example="0,0,100"),
-              default="0,0,0", show_default=True,
-              help="Position of the first voxel, x,y,z in voxels.")
+              default=None,
+              help="Position of the first voxel, x,y,z in voxels (default: where the file "
+              "places it, an OME-Zarr's translation or a CREMI HDF5's offset; else 0,0,0).")
 @click.option("--dtype", type=click.Choice(["uint32", "uint64"]), default=None,
               help="Stored dtype of a segmentation (default uint64); images keep theirs.")
 @click.option("--to-uint8", is_flag=True,
@@ -42,7 +43,7 @@ from deepem3d.storage.layers import cloudpath
 def ingest(
     src: str, dest: str, resolution: tuple[float, float, float] | None, layer_type: str,
     chunk_size: tuple[int, int, int] | None, encoding: str | None, axes: str | None,
-    voxel_offset: tuple[int, int, int], dtype: str | None, to_uint8: bool, overwrite: bool,
+    voxel_offset: tuple[int, int, int] | None, dtype: str | None, to_uint8: bool, overwrite: bool,
     progress: bool,
 ) -> None:
     """Write the 3D volume SRC to a new precomputed layer at DEST.
@@ -72,8 +73,11 @@ def ingest(
     size = ",".join(str(int(s)) for s in vol.volume_size)
     nm = ",".join(f"{float(r):g}" for r in vol.resolution)
     told = "" if resolution else ", as the file records it"
+    offset = tuple(int(o) for o in vol.voxel_offset)
+    placed = "" if voxel_offset or not any(offset) else (
+        f", first voxel at {','.join(map(str, offset))} as the file places it")
     chunks = ",".join(str(int(c)) for c in vol.chunk_size)
     click.echo(
         f"ingested {src} -> {vol.cloudpath}: {layer_type} {size} (x,y,z) {vol.dtype} at "
-        f"{nm} nm{told}, chunks {chunks}, {vol.encoding}"
+        f"{nm} nm{told}{placed}, chunks {chunks}, {vol.encoding}"
     )
