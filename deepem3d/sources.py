@@ -6,14 +6,17 @@
 - a NumPy file (`volume.npy`, memory-mapped);
 - a zarr array, v2 or v3 (`volume.zarr`, `volume.zarr/raw`), or an OME-Zarr image, whose first
   (full-resolution) level is read and whose size-1 time and channel axes are dropped;
+- an N5 dataset (`volume.n5/raw`), or the one a container or group holds (a multiscale's
+  full-resolution `s0`), read by `deepem3d.n5`;
 - an MRC file (`volume.mrc`, `.rec`, `.st`, `.ali`, `.map`, `.mrcs`; memory-mapped).
 
 Files on disk are z,y,x; HDF5, .npy and zarr may say `axes="xyz"` when already x,y,z, and an
 OME-Zarr says which by its axes. Every source hands out x,y,z slabs (CloudVolume order); the one
 transposition is `deepem3d.axes`. Where the file records its voxel size (OME-Zarr's scale, the
 MRC header, an HDF5 dataset's `resolution` attribute as CREMI writes it, in the array's own
-axis order), the source keeps it as `resolution` (nm, x,y,z). Sources are opened read-only and
-never modified.
+axis order, N5's attributes as `deepem3d.n5` reads them), the source keeps it as `resolution`
+(nm, x,y,z), and the position of its first voxel (OME-Zarr's translation, CREMI's `offset`,
+N5's) as `position`. Sources are opened read-only and never modified.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from deepem3d import n5
 from deepem3d.axes import xyz_from_zyx
 from deepem3d.errors import InputError
 
@@ -35,11 +39,14 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")
 NPY_SUFFIXES = (".npy",)
 ZARR_SUFFIXES = (".zarr",)
+N5_SUFFIXES = (".n5",)
 MRC_SUFFIXES = (".mrc", ".mrcs", ".rec", ".st", ".ali", ".map")
 #: A directory holding one of these is a zarr array or group (v3; v2 array; v2 group).
 ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
-#: Every file name `open_source` reads by its suffix (a TIFF directory and zarr by content).
-FILE_SUFFIXES = TIFF_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES + ZARR_SUFFIXES + MRC_SUFFIXES
+#: Every file name `open_source` reads by its suffix (a TIFF directory, zarr and N5 also by
+#: content).
+FILE_SUFFIXES = (TIFF_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES + ZARR_SUFFIXES + N5_SUFFIXES
+                 + MRC_SUFFIXES)
 AXES = ("zyx", "xyz")
 #: significant digits a recorded voxel size keeps (float32 headers hold about 7)
 RESOLUTION_DIGITS = 6
@@ -48,7 +55,8 @@ RESOLUTION_DIGITS = 6
 POSITION_TOLERANCE = 0.1
 SUPPORTED = (
     "a multi-page .tif/.tiff file, a directory of .tif/.tiff files, "
-    "FILE.h5:/DATASET, a .npy file, a zarr array or OME-Zarr image, or an MRC file"
+    "FILE.h5:/DATASET, a .npy file, a zarr array or OME-Zarr image, an N5 dataset, or an MRC "
+    "file"
 )
 
 
@@ -373,9 +381,8 @@ def open_source(src: str, axes: str | None = None) -> VolumeSource:
         if lower.endswith(ZARR_SUFFIXES) or any(
                 os.path.exists(os.path.join(path, m)) for m in ZARR_MARKERS):
             return _open_zarr(path, axes)
-        if _is_n5(path):
-            raise InputError(f"{src} is an N5 container, which deepem3d does not read: save it "
-                             f"as zarr, HDF5 or TIFF first (deepem3d reads {SUPPORTED})")
+        if lower.endswith(N5_SUFFIXES) or n5.attributes(path):
+            return _open_n5(path, axes)
         _sections_axes(axes, src, "TIFF pages are z, so a TIFF stack")
         return TiffDirectorySource(path)
     if lower.endswith(TIFF_SUFFIXES):
@@ -631,17 +638,28 @@ def _ome_level(path: str, group, multiscale: dict) -> tuple:
     return array, scale, position, (0,) * lead, order, no_unit
 
 
-def _is_n5(path: str) -> bool:
-    attributes = os.path.join(path, "attributes.json")
-    if not os.path.isfile(attributes):
-        return False
-    import json
-
-    try:
-        with open(attributes) as f:
-            return "n5" in json.load(f)
-    except (OSError, ValueError):
-        return False
+def _open_n5(path: str, axes: str | None) -> ArraySource:
+    """An N5 dataset, or the one a container or group holds (a multiscale's full-resolution
+    `s0`)."""
+    if not n5.is_dataset(n5.attributes(path)):
+        found = n5.datasets(path)
+        full = [d for d in found if os.path.basename(d) == "s0"]
+        if not found:
+            raise InputError(f"{path} is an N5 container or group that holds no dataset")
+        if len(full) == 1 or len(found) == 1:
+            path = os.path.join(path, (full or found)[0])
+        else:
+            listed = ", ".join(found[:6]) or "none"
+            raise InputError(f"name the N5 dataset to read: {path}/DATASET (its datasets: "
+                             f"{listed}{', ...' if len(found) > 6 else ''})")
+    source = ArraySource(path, n5.N5Array(path), axes or "zyx", kind="n5")
+    scale, position, where = n5.voxel_size(path)
+    if scale is None:
+        source.resolution_from = where
+    else:  # in C order, the array's own
+        source.record_resolution(scale, where)
+        source.record_position(position, where)
+    return source
 
 
 # MRC ------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 
@@ -576,8 +577,89 @@ def test_zarr_that_is_not_one_grayscale_volume(tmp_path):
         open_source(src)
     (tmp_path / "n5").mkdir()
     (tmp_path / "n5" / "attributes.json").write_text('{"n5": "2.0.0"}')
-    with pytest.raises(InputError, match="N5 container"):
+    with pytest.raises(InputError, match="N5 container or group that holds no dataset"):
         open_source(str(tmp_path / "n5"))
+
+
+def write_n5(path, data, compression="gzip", block=(16, 16, 3), attributes=None):
+    """`data` (z,y,x) as an N5 dataset written by tensorstore (another implementation than
+    the one under test), with extra attributes."""
+    import tensorstore
+
+    codec = {"type": compression, **({"cname": "zstd", "clevel": 3, "shuffle": 1}
+                                     if compression == "blosc" else {})}
+    store = tensorstore.open({
+        "driver": "n5", "kvstore": {"driver": "file", "path": str(path)},
+        "metadata": {"dimensions": list(data.shape[::-1]), "blockSize": list(block),
+                     "dataType": data.dtype.name, "compression": codec}},
+        create=True, delete_existing=True).result()
+    store[...] = data.T
+    if attributes:
+        meta = json.loads((path / "attributes.json").read_text())
+        (path / "attributes.json").write_text(json.dumps({**meta, **attributes}))
+    return str(path)
+
+
+@pytest.mark.parametrize("compression", ["raw", "gzip", "bzip2", "xz", "blosc", "zstd"])
+def test_n5_datasets_read_as_written(tmp_path, compression):
+    data = volume(dtype=np.uint16)
+    src = write_n5(tmp_path / "vol.n5" / "raw", data, compression)
+    before = fingerprint(src)
+    with open_source(src) as source:
+        assert source.kind == "n5" and source.shape == SHAPE_ZYX[::-1]
+        np.testing.assert_array_equal(source.read(2, 6), xyz(data)[..., 2:6])
+        assert source.resolution is None
+    assert fingerprint(src) == before
+
+
+def test_n5_blocks_absent_truncated_and_the_voxel_size_its_attributes_record(tmp_path):
+    """An absent block reads as zeros, a far-edge block stored truncated (as N5's Java
+    writer stores it) reads as whole; a multiscale's s0 is found, and its group's
+    `pixelResolution` gives the voxel size; COSEM's `transform` gives size and position."""
+    data = volume(dtype=np.uint16) + 1
+    root = tmp_path / "vol.n5"
+    src = write_n5(root / "em" / "s0", data, "raw")
+    write_n5(root / "em" / "s1", data[:, ::2, ::2], "raw")
+    (root / "attributes.json").write_text('{"n5": "4.0.0"}')
+    (root / "em" / "attributes.json").write_text(json.dumps(
+        {"pixelResolution": {"unit": "nm", "dimensions": [8, 8, 40]}, "scales": [[1, 1, 1]]}))
+    os.remove(os.path.join(src, "1", "0", "0"))  # x 16..31, y 0..15, z 0..2
+    edge = os.path.join(src, "3", "2", "2")  # x 48..49, y 32, z 6 of a 16 x 16 x 3 block
+    block = data[6:7, 32:33, 48:50]
+    header = np.array([0, 3], ">u2").tobytes() + np.array([2, 1, 1], ">u4").tobytes()
+    with open(edge, "wb") as f:
+        f.write(header + block.astype(">u2").tobytes())
+    expected = data.copy()
+    expected[0:3, 0:16, 16:32] = 0
+    vol = ingest(str(root), str(tmp_path / "layer"), progress=False)
+    assert list(vol.resolution) == [8, 8, 40] and list(vol.voxel_offset) == [0, 0, 0]
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(expected))
+    cosem = write_n5(tmp_path / "c.n5" / "s0", data, attributes={"transform": {
+        "axes": ["z", "y", "x"], "ordering": "C", "scale": [0.04, 0.004, 0.004],
+        "translate": [0.4, 0.0, 0.04], "units": ["um", "um", "um"]}})
+    with open_source(cosem) as source:
+        assert source.resolution == pytest.approx((4, 4, 40))
+        assert source.recorded_offset(source.resolution) == (10, 0, 10)
+
+
+def test_n5_refusals(tmp_path):
+    data = volume()
+    unitless = write_n5(tmp_path / "p.n5" / "raw", data, attributes={"resolution": [4, 4, 40]})
+    assert_one_line_error(cli(unitless, tmp_path / "layer"), "`resolution` names no unit",
+                          "--resolution")
+    write_n5(tmp_path / "p.n5" / "labels", data)
+    with pytest.raises(InputError, match="name the N5 dataset to read.*labels, raw"):
+        open_source(str(tmp_path / "p.n5"))
+    lz4 = write_n5(tmp_path / "l.n5", data, attributes={"compression": {"type": "lz4"}})
+    assert_one_line_error(cli(lz4, tmp_path / "layer", "--resolution", "4,4,40"),
+                          "N5 compression 'lz4' is not read here")
+    broken = write_n5(tmp_path / "b.n5", data, "gzip")
+    with open(os.path.join(broken, "0", "0", "0"), "r+b") as f:
+        f.truncate(40)  # the header and a part of the gzip stream
+    assert_one_line_error(cli(broken, tmp_path / "layer", "--resolution", "4,4,40",
+                              "--no-progress"),
+                          "cannot read the N5 block")
+    assert not (tmp_path / "layer").exists()
 
 
 def write_mrc(tmp_path, data, voxel_size_angstrom=None, name="vol.mrc"):

@@ -1,0 +1,215 @@
+"""N5, read-only: the array view of one dataset that `deepem3d.sources` slices.
+
+zarr 3 dropped N5, which Janelia's tools (BigDataViewer, Paintera, BigStitcher, the COSEM /
+OpenOrganelle volumes) still write, so deepem3d reads it itself. The format, as the N5
+specification (saalfeldlab/n5) states it:
+
+- a dataset is a folder whose `attributes.json` holds `dimensions` and `blockSize` (fastest
+  axis first: x,y,z for a volume), `dataType` and `compression` (`{"type": ...}`; before N5
+  2.0 a `compressionType` string);
+- block (i, j, k) is the file `i/j/k` below it, absent where the block holds only zeros;
+- a block file is a big-endian header (mode uint16, number of dimensions uint16, the block's
+  size per dimension uint32; mode 1 adds the element count uint32) and the compressed
+  elements, big-endian, fastest axis first. A block at the volume's far edge may be stored
+  truncated or whole; either is read.
+
+`N5Array` presents the dataset in C order (z,y,x: the dimensions reversed) and reads, for a
+slice, only the blocks it touches. Where the file records them, `voxel_size` gives the voxel
+size and position in nm (the COSEM `transform`, BigDataViewer's `pixelResolution`, or
+`resolution` with `units`; `offset` beside either), the dataset's own first, then its parent
+group's (a multiscale's `s0` takes them from there).
+"""
+
+from __future__ import annotations
+
+import bz2
+import json
+import lzma
+import os
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from deepem3d.errors import InputError
+
+ATTRIBUTES = "attributes.json"
+#: `compression.type` values read here (N5's own codecs, plus the blosc and zstd plug-ins)
+CODECS = ("raw", "gzip", "bzip2", "xz", "blosc", "zstd")
+#: nanometres per unit of length, as N5 writers spell the units
+UNITS_NM = {"pm": 1e-3, "picometer": 1e-3, "a": 0.1, "å": 0.1, "angstrom": 0.1, "nm": 1.0,
+            "nanometer": 1.0, "um": 1e3, "µm": 1e3, "μm": 1e3, "micrometer": 1e3,
+            "micron": 1e3, "mm": 1e6, "millimeter": 1e6, "m": 1e9, "meter": 1e9}
+
+
+def attributes(path: str) -> dict:
+    """The folder's N5 attributes ({} where it has none or they do not parse)."""
+    try:
+        with open(os.path.join(path, ATTRIBUTES)) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def is_dataset(attrs: dict) -> bool:
+    return "dimensions" in attrs and "dataType" in attrs
+
+
+def datasets(root: str, limit: int = 7) -> list[str]:
+    """Paths (relative to `root`) of the N5 datasets below it, in name order, at most
+    `limit`; a dataset's block folders are not walked."""
+    found: list[str] = []
+    for folder, subfolders, _ in os.walk(root):
+        subfolders.sort()
+        if folder != root and is_dataset(attributes(folder)):
+            found.append(os.path.relpath(folder, root))
+            subfolders.clear()
+            if len(found) >= limit:
+                break
+    return found
+
+
+class N5Array:
+    """One N5 dataset as a read-only array in C order (shape, dtype, ndim, [slices])."""
+
+    def __init__(self, path: str):
+        attrs = attributes(path)
+        self.path = path
+        try:
+            self._dims = [int(d) for d in attrs["dimensions"]]  # fastest first
+            self._block = [int(b) for b in attrs["blockSize"]]
+            dtype = np.dtype(str(attrs["dataType"])).newbyteorder(">")
+            compression = attrs.get("compression") or {"type": attrs.get("compressionType",
+                                                                          "raw")}
+            self._codec = str(compression["type"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{path}: malformed N5 dataset attributes ({err!r})") from None
+        if dtype.kind not in "uif" or len(self._block) != len(self._dims):
+            raise InputError(f"{path}: N5 dataType {attrs['dataType']} with blocks "
+                             f"{self._block} is not a volume deepem3d reads")
+        if self._codec not in CODECS:
+            raise InputError(f"{path}: N5 compression {self._codec!r} is not read here "
+                             f"(deepem3d reads {', '.join(CODECS)})")
+        self.dtype = dtype
+        self.shape = tuple(reversed(self._dims))
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        starts, stops = [], []
+        for k, size in zip(key, self.shape):
+            if not isinstance(k, slice) or k.step not in (None, 1):
+                raise TypeError("N5Array reads ranges only")
+            start, stop, _ = k.indices(size)
+            starts.append(start)
+            stops.append(max(start, stop))
+        out = np.zeros([b - a for a, b in zip(starts, stops)], self.dtype)
+        if out.size == 0:
+            return out
+        block = self._block[::-1]  # C order, as the shape
+        ranges = [range(a // b, (e - 1) // b + 1) for a, e, b in zip(starts, stops, block)]
+        for index in np.ndindex(*(len(r) for r in ranges)):
+            grid = [r[i] for r, i in zip(ranges, index)]
+            data = self._read_block(grid)
+            if data is None:
+                continue  # absent: zeros
+            lo = [g * b for g, b in zip(grid, block)]
+            src, dst = [], []
+            for a, e, low, n in zip(starts, stops, lo, data.shape):
+                first, last = max(a, low), min(e, low + n)
+                src.append(slice(first - low, last - low))
+                dst.append(slice(first - a, last - a))
+            out[tuple(dst)] = data[tuple(src)]
+        return out
+
+    def _read_block(self, grid: Sequence[int]) -> np.ndarray | None:
+        """Block at C-order grid position `grid`, C order, as stored (maybe truncated)."""
+        file = os.path.join(self.path, *(str(g) for g in reversed(grid)))
+        try:
+            with open(file, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            mode, ndim = np.frombuffer(raw, ">u2", count=2)
+            sizes = [int(s) for s in np.frombuffer(raw, ">u4", count=int(ndim), offset=4)]
+            start = 4 + 4 * int(ndim) + (4 if mode == 1 else 0)
+            if mode not in (0, 1) or ndim != self.ndim:
+                raise ValueError(f"block mode {mode} with {ndim} dimensions")
+            count = int(np.prod(sizes))
+            data = np.frombuffer(_decompress(self._codec, raw[start:]), self.dtype, count=count)
+        except (ValueError, OSError, RuntimeError, zlib.error, lzma.LZMAError) as err:
+            raise InputError(f"cannot read the N5 block {file}: {err}") from None
+        return data.reshape(sizes[::-1])
+
+
+def _decompress(codec: str, payload: bytes) -> bytes:
+    if codec == "raw":
+        return payload
+    if codec == "gzip":  # gzip or zlib framing (`useZlib`): the header says which
+        return zlib.decompress(payload, 32 + zlib.MAX_WBITS)
+    if codec == "bzip2":
+        return bz2.decompress(payload)
+    if codec == "xz":
+        return lzma.decompress(payload)
+    from numcodecs import Blosc, Zstd
+
+    return bytes((Blosc() if codec == "blosc" else Zstd()).decode(payload))
+
+
+def voxel_size(path: str) -> tuple[list[float] | None, list[float], str]:
+    """(voxel size or None, position of the first voxel) in nm, C order (z,y,x), and where
+    they were found (with no size: why what was found is not taken, or ""). Read from the
+    dataset at `path`, else from the groups above it, up to the container's root."""
+    folder = os.path.normpath(path)
+    while True:
+        attrs = attributes(folder)
+        found = _recorded(attrs)
+        if found is not None:
+            return found
+        parent = os.path.dirname(folder)
+        if not attrs or "n5" in attrs or parent == folder:
+            return None, [0.0] * 3, ""
+        folder = parent
+
+
+def _recorded(attrs: dict) -> tuple[list[float] | None, list[float], str] | None:
+    """What one attributes.json records of the voxel size, or None where it says nothing."""
+    try:
+        transform = attrs.get("transform")
+        if isinstance(transform, dict) and "scale" in transform:  # COSEM, in its `axes` order
+            axes = [str(a) for a in transform.get("axes", ["z", "y", "x"])]
+            units = transform.get("units") or [None] * len(axes)
+            order = [axes.index(a) for a in "zyx"]
+            scale = [float(transform["scale"][i]) for i in order]
+            translate = [float((transform.get("translate") or [0] * len(axes))[i])
+                         for i in order]
+            return _in_nm(scale, translate, [units[i] for i in order], "its N5 `transform`")
+        pixel = attrs.get("pixelResolution")  # BigDataViewer: x,y,z and one unit
+        if isinstance(pixel, dict) and "dimensions" in pixel:
+            scale = [float(v) for v in pixel["dimensions"]][::-1]
+            return _in_nm(scale, _offset(attrs), [pixel.get("unit")] * 3,
+                          "its N5 `pixelResolution`")
+        if "resolution" in attrs:  # Paintera and others: x,y,z, unit in `units` if any
+            scale = [float(v) for v in attrs["resolution"]][::-1]
+            units = attrs.get("units")
+            units = list(units)[::-1] if isinstance(units, list) else [units] * 3
+            return _in_nm(scale, _offset(attrs), units, "its N5 `resolution`")
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return None
+
+
+def _offset(attrs: dict) -> list[float]:
+    offset = attrs.get("offset")
+    return [float(v) for v in offset][::-1] if isinstance(offset, list) else [0.0] * 3
+
+
+def _in_nm(scale: list[float], position: list[float], units: list, where: str):
+    per_nm = [UNITS_NM.get(str(u).strip().lower()) if u is not None else None for u in units]
+    if len(scale) != 3 or len(position) != 3 or not all(per_nm):
+        return None, [0.0] * 3, f"{where} names no unit of length"
+    return ([s * u for s, u in zip(scale, per_nm)],
+            [p * u for p, u in zip(position, per_nm)], f"{where} (the N5 attributes)")
