@@ -237,6 +237,29 @@ def test_a_run_on_sqs_stops_on_its_task_in_the_dead_letter_queue(tmp_path, moto_
     assert time.time() - started < 60
 
 
+def test_a_look_into_a_dead_letter_queue_reads_all_and_leaves_them_there(moto_endpoint):
+    """Past a hundred messages (a receive that hides nothing returns the same ones again),
+    every one is listed once; afterwards all are visible again, at once."""
+    from deepem3d.run.queue_admin import set_aside
+
+    run_cli("queue", "create", "sqs://many", check=True)
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint)
+    dead = sqs.get_queue_url(QueueName="many-dead-letter")["QueueUrl"]
+    for start in range(0, 130, 10):
+        sqs.send_message_batch(QueueUrl=dead, Entries=[
+            {"Id": str(i), "MessageBody": "{}", "MessageAttributes": {
+                "task": {"DataType": "String", "StringValue": f"t{i:03d}"},
+                "error": {"DataType": "String", "StringValue": "bug"}}}
+            for i in range(start, start + 10)])
+    found = set_aside("sqs://many")
+    assert [f.task_id for f in found] == [f"t{i:03d}" for i in range(130)]
+    assert {f.reason for f in found} == {"bug"}
+    again = set_aside("sqs://many")  # not hidden by the first look
+    assert len(again) == 130
+    shown = run_cli("queue", "status", "sqs://many", check=True).stdout
+    assert "set aside: 130 (in many-dead-letter)" in shown, shown
+
+
 def test_a_queues_redrive_limit_is_the_workers_limit(tmp_path, moto_endpoint):
     """A queue made with more attempts than a worker's default (5) gets them all: the worker
     takes the queue's receive limit instead of setting the task aside after its own 5."""

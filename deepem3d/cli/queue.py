@@ -171,7 +171,7 @@ def status(url: str, watch: bool, poll_seconds: float) -> None:
     SQS keeps no inserted or completed counts and its enqueued count is approximate: whether
     a stage is finished is decided by its tasks' completion markers, not by this.
     """
-    from deepem3d.run.queue_admin import set_aside
+    from deepem3d.run.queue_admin import PEEK_LIMIT, set_aside
 
     tq = open_queue(check_existing_queue(url))
     counts = queue_counts(tq)
@@ -183,7 +183,9 @@ def status(url: str, watch: bool, poll_seconds: float) -> None:
     if aside:
         where = (f"{url[len('fq://'):]}/failed/" if url.startswith("fq://")
                  else f"{url[len('sqs://'):]}{DEAD_LETTER_SUFFIX}")
-        click.echo(f"set aside: {len(aside)} (in {where})")
+        capped = url.startswith("sqs://") and len(aside) >= PEEK_LIMIT  # one look's most
+        most = "at least " if capped else ""
+        click.echo(f"set aside: {most}{len(aside)} (in {where})")
         for task in aside[:SHOWN_SET_ASIDE]:
             click.echo(f"  {task.task_id}  {task.stage}  {task.reason}")
         if len(aside) > SHOWN_SET_ASIDE:

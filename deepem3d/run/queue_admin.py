@@ -34,7 +34,12 @@ from deepem3d.run.queues import (
 
 RETENTION_SECONDS = 14 * 24 * 3600  # SQS's maximum; its default (4 days) loses slow stages
 DEAD_LETTER_SUFFIX = "-dead-letter"
-PEEK_BATCHES = 10  # receive calls (10 messages each) `set_aside` makes on a dead-letter queue
+# `set_aside` on a dead-letter queue: it reads up to PEEK_LIMIT messages, each hidden from
+# other readers for PEEK_HIDE_SECONDS so that the next receive returns new ones (a receive
+# that hides nothing returns the same ten again and again: at most 100 were ever seen), then
+# shows them all again at once. A look that dies midway leaves them hidden that long.
+PEEK_LIMIT = 2000
+PEEK_HIDE_SECONDS = 60
 
 
 def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 900,
@@ -148,7 +153,7 @@ def _joined(task_id: str, text: str, reason: str) -> SetAside:
 
 def set_aside(url: str) -> list[SetAside]:
     """The tasks in DIR/failed/ of an fq:// queue, or (a look that leaves them there, up to
-    PEEK_BATCHES x 10 of them) in the dead-letter queue of an sqs:// one."""
+    PEEK_LIMIT of them) in the dead-letter queue of an sqs:// one."""
     if url.startswith("sqs://"):
         return _dead_letters(url[len("sqs://"):])
     folder = os.path.join(url[len("fq://"):], "failed")
@@ -176,20 +181,47 @@ def _dead_letters(name: str) -> list[SetAside]:
     if dead is None:
         return []
     seen: dict[str, SetAside] = {}
-    for _ in range(PEEK_BATCHES):
-        reply = sqs_call("reading the dead-letter queue", sqs.receive_message, QueueUrl=dead,
-                         MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=0,
-                         MessageAttributeNames=["All"], AttributeNames=["SentTimestamp"])
-        messages = reply.get("Messages", [])
-        if not messages or all(m["MessageId"] in seen for m in messages):
-            break
-        for message in messages:
-            # a worker's set-aside carries why and the task's id; a redrive carries nothing
-            attributes = message.get("MessageAttributes", {})
-            reason = attributes.get("error", {}).get("StringValue", "in the dead-letter queue")
-            task_id = attributes.get("task", {}).get("StringValue", message["MessageId"])
-            found_one = _joined(task_id, message["Body"], reason)
-            sent = message.get("Attributes", {}).get("SentTimestamp")
-            found_one.sent_ms = int(sent) if sent is not None else None
-            seen[message["MessageId"]] = found_one
+    handles: list[str] = []
+    try:
+        wait = 0
+        while len(seen) < PEEK_LIMIT:
+            reply = sqs_call("reading the dead-letter queue", sqs.receive_message,
+                             QueueUrl=dead, MaxNumberOfMessages=10,
+                             VisibilityTimeout=PEEK_HIDE_SECONDS, WaitTimeSeconds=wait,
+                             MessageAttributeNames=["All"], AttributeNames=["SentTimestamp"])
+            messages = reply.get("Messages", [])
+            if not messages:
+                if wait:
+                    break
+                wait = 1  # a short poll can miss messages: a long one asks every server
+                continue
+            for message in messages:
+                handles.append(message["ReceiptHandle"])
+                seen.setdefault(message["MessageId"], _dead_letter(message))
+    finally:
+        _show_again(sqs, dead, handles)
     return sorted(seen.values(), key=lambda s: s.task_id)
+
+
+def _dead_letter(message: dict) -> SetAside:
+    # a worker's set-aside carries why and the task's id; a redrive carries nothing
+    attributes = message.get("MessageAttributes", {})
+    reason = attributes.get("error", {}).get("StringValue", "in the dead-letter queue")
+    task_id = attributes.get("task", {}).get("StringValue", message["MessageId"])
+    found = _joined(task_id, message["Body"], reason)
+    sent = message.get("Attributes", {}).get("SentTimestamp")
+    found.sent_ms = int(sent) if sent is not None else None
+    return found
+
+
+def _show_again(sqs, queue_url: str, handles: list[str]) -> None:
+    """Make peeked messages visible again; where that fails they reappear when their
+    PEEK_HIDE_SECONDS end."""
+    for start in range(0, len(handles), 10):
+        entries = [{"Id": str(i), "ReceiptHandle": h, "VisibilityTimeout": 0}
+                   for i, h in enumerate(handles[start:start + 10])]
+        try:
+            sqs_call("showing the dead-letter queue's messages again",
+                     sqs.change_message_visibility_batch, QueueUrl=queue_url, Entries=entries)
+        except InputError:
+            return

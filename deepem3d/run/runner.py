@@ -48,7 +48,7 @@ WAVE_TASKS = 1_000_000
 LOG_TAIL = 20  # lines of the workers' log shown when a stage fails
 #: how often a run waiting on an SQS queue looks into its dead-letter queue for this stage's
 #: tasks (a task set aside there never gets its marker: without the look the run would wait
-#: for ever); a look is a list and at most PEEK_BATCHES receives
+#: for ever); a look is a list, up to PEEK_LIMIT / 10 receives and as many releases
 DEAD_LETTER_CHECK_SECONDS = 30
 SENT_CLOCK_MARGIN_MS = 60_000  # a laptop's clock ahead of the queue's by up to a minute
 MAX_RESTARTS = 3  # per local worker and run: more deaths than that stop the run
