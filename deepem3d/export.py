@@ -31,7 +31,6 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-from cloudvolume.exceptions import EmptyVolumeException
 from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
@@ -109,13 +108,9 @@ def export(
             (x0, y0, z0), (x1, y1, _) = box.minpt.tolist(), box.maxpt.tolist()
             for start in range(0, z, rows):
                 stop = min(z, start + rows)
-                try:
-                    slab = np.asarray(vol[x0:x1, y0:y1, z0 + start:z0 + stop])
-                except EmptyVolumeException as err:
-                    raise InputError(f"{vol.cloudpath} has missing chunks ({err}): finish "
-                                     "writing the layer, or pass --fill-missing to read them "
-                                     "as 0") from None
-                slab = zyx_from_xyz(slab)
+                slab = zyx_from_xyz(layers.read_block(
+                    vol, (x0, y0, z0 + start), (x1, y1, z0 + stop), "finish writing the "
+                    "layer, or pass --fill-missing to read them as 0"))
                 write(start, stop, slab if channels > 1 else slab[..., 0])
                 bar.update(stop - start)
         if kind == "zarr" and os.path.lexists(file):  # --overwrite: a folder is not replaced

@@ -101,9 +101,9 @@ def tune(segmentation: str, gt: str,
         source = (f"the run's supervoxels: sigma {own.get('sigma', 0)}, dust mode "
                   f"{own.get('dust_mode', 'merge')}")
     else:
-        check_sweep_memory(segmentation, box, grid, max_memory)
         own = segment_settings(segmentation)
-        path, rows = segmentation, tune_sigmas(segmentation, box, labels, grid, swept)
+        check_sweep_memory(segmentation, own, box, grid, max_memory)
+        path, rows = segmentation, tune_sigmas(segmentation, own, box, labels, grid, swept)
         source = (f"the run's region of the map segmented per sigma, dust mode "
                   f"{own.get('dust_mode', 'merge')}")
     count = len(grid) * (1 if swept is None else len(swept))

@@ -24,11 +24,9 @@ from functools import partial
 
 import numpy as np
 from cloudvolume import CloudVolume
-from cloudvolume.exceptions import EmptyVolumeException
 from cloudvolume.lib import Bbox
 
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
-from deepem3d.errors import InputError
 from deepem3d.memory import reusing_freed_memory
 from deepem3d.models.sliding import (
     COMBINE,
@@ -50,7 +48,7 @@ from deepem3d.stages.model_refs import (
     resolve_device,
     torch_release,
 )
-from deepem3d.storage.layers import create_layer, write_block
+from deepem3d.storage.layers import create_layer, read_block, write_block
 
 # torch and deepem3d.models load inside the functions that need them: every worker imports
 # this module (it registers InferenceTask), most never predict.
@@ -165,12 +163,9 @@ class _Sections:
         vol, offset = self.vol, np.asarray(self.vol.voxel_offset, dtype=int)
         lo = offset + np.asarray((self.yx_lo[1], self.yx_lo[0], z0))
         hi = offset + np.asarray((self.yx_hi[1], self.yx_hi[0], z1))
-        try:
-            cutout = vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-        except EmptyVolumeException:
-            raise InputError(f"{vol.cloudpath} has missing chunks in {lo}..{hi}: re-create the "
-                             "tasks with --fill-missing to read them as zeros") from None
-        return np.ascontiguousarray(zyx_from_xyz(np.asarray(cutout)[..., 0]))
+        cutout = read_block(vol, lo, hi, "re-create the tasks with --fill-missing to read "
+                            "them as zeros")
+        return np.ascontiguousarray(zyx_from_xyz(cutout[..., 0]))
 
     def prefetch(self, hi: int) -> None:
         """Start reading every piece below section `hi` not asked for yet."""

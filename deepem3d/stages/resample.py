@@ -27,7 +27,6 @@ from functools import partial
 
 import numpy as np
 from cloudvolume import CloudVolume
-from cloudvolume.exceptions import EmptyVolumeException
 from cloudvolume.lib import Bbox
 
 from deepem3d.errors import InputError
@@ -45,6 +44,7 @@ from deepem3d.storage.layers import (
     create_layer,
     layer_holds_data,
     open_layer,
+    read_block,
     write_block,
 )
 
@@ -122,11 +122,8 @@ def ResampleTask(  # noqa: N802  (taskqueue registers tasks by function name)
     size = [int(v) for v in src.volume_size]
     block = Bbox(bounds[:3], bounds[3:])
     box = source_box(block, resolution, offset, size, target)
-    try:
-        source = np.asarray(src[box.to_slices()])[..., 0]
-    except EmptyVolumeException:
-        raise InputError(f"{image_path} has missing chunks in {box}: pass --fill-missing to "
-                         "read them as zeros") from None
+    source = read_block(src, box.minpt, box.maxpt, "pass --fill-missing to read them as "
+                        "zeros")[..., 0]
     data = resample_block(source, box.minpt, block, resolution, offset, size, target)
     out = CloudVolume(output_path, mip=0, progress=False, non_aligned_writes=False)
     write_block(out, bounds[:3], data)

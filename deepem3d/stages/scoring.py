@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 from cloudvolume import CloudVolume
-from cloudvolume.exceptions import EmptyVolumeException
 from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
 from deepem3d.errors import InputError
 from deepem3d.segmentation.metrics import Contingency, accumulate, contingency, scores
+from deepem3d.storage.layers import read_block
 from deepem3d.units import format_bounds
 
 # Voxels read per block: 2**24 uint64 voxels are 128 MiB per layer, and counting the pairs
@@ -112,10 +112,4 @@ def read_table(seg_vol: CloudVolume, gt_vol: CloudVolume, blocks: list[Bbox],
 
 
 def _download(vol: CloudVolume, name: str, block: Bbox, missing_hint: str) -> np.ndarray:
-    try:
-        return np.asarray(vol[block.to_slices()])[..., 0]
-    except EmptyVolumeException:
-        raise InputError(
-            f"{name} {vol.cloudpath} has missing chunks in {format_bounds(block)}: "
-            f"{missing_hint}"
-        ) from None
+    return read_block(vol, block.minpt, block.maxpt, missing_hint, what=name)[..., 0]

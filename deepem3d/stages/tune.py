@@ -231,16 +231,16 @@ def _groups(settings: Sequence[Setting]) -> dict[tuple[str, int], list[float]]:
     return groups
 
 
-def tune_sigmas(seg_path: str, box: Bbox, gt: np.ndarray, settings: Sequence[Setting],
-                sigmas: Sequence[float]) -> Iterator[Row]:
+def tune_sigmas(seg_path: str, own: dict, box: Bbox, gt: np.ndarray,
+                settings: Sequence[Setting], sigmas: Sequence[float]) -> Iterator[Row]:
     """Score each setting at each sigma on `box`: the map over the whole region the run
-    segmented is segmented in memory (`pipeline.segment_each`: supervoxels and graph once per
-    sigma), so each row scores what the run would write with that setting and sigma."""
+    (whose `segment_settings` are `own`) segmented is segmented in memory
+    (`pipeline.segment_each`: supervoxels and graph once per sigma), so each row scores what
+    the run would write with that setting and sigma."""
     from cloudvolume import CloudVolume
 
     from deepem3d.segmentation.pipeline import segment_each
 
-    own = segment_settings(seg_path)
     region = segmented_region(seg_path, own, box)
     vol = CloudVolume(own["map"], mip=int(own.get("mip", 0)), progress=False)
     values = np.asarray(vol[region.to_slices()])
@@ -264,9 +264,10 @@ def _row(setting: Setting, seg: np.ndarray, gt: np.ndarray) -> Row:
                scores["voi_split"], scores["voi_merge"])
 
 
-def check_sweep_memory(seg_path: str, box: Bbox, settings: Sequence[Setting],
+def check_sweep_memory(seg_path: str, own: dict, box: Bbox, settings: Sequence[Setting],
                        limit: int | None) -> None:
-    """An InputError when segmenting the run's region (which holds `box`) in memory would need
+    """An InputError when segmenting the region of the run whose `segment_settings` are `own`
+    (which holds `box`) in memory would need
     more than `limit` bytes (default: what is available now): a block task's bytes per voxel
     (`BYTES_PER_VOXEL`), a noisy map's region graph (`NOISY_EDGES_PER_VOXEL` x
     `NODE_BYTES_PER_EDGE`), and one group's segmentations (8 bytes per voxel per threshold of
@@ -282,7 +283,7 @@ def check_sweep_memory(seg_path: str, box: Bbox, settings: Sequence[Setting],
         limit, what = available_bytes(), "the memory available here"
         if limit is None:
             return
-    region = segmented_region(seg_path, segment_settings(seg_path), box)
+    region = segmented_region(seg_path, own, box)
     voxels = math.prod(int(s) for s in region.size3())
     group = max(len(t) for t in _groups(settings).values())
     need = int(voxels * (BYTES_PER_VOXEL + NOISY_EDGES_PER_VOXEL * NODE_BYTES_PER_EDGE["mean"]

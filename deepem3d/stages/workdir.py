@@ -25,11 +25,9 @@ from collections.abc import Sequence
 import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
-from cloudvolume.exceptions import EmptyVolumeException
 
-from deepem3d.errors import InputError
 from deepem3d.segmentation.chunks import Chunk
-from deepem3d.storage.layers import cloudpath
+from deepem3d.storage.layers import cloudpath, read_block
 from deepem3d.storage.npz import COMPRESS
 
 WORK = "segmentation"
@@ -69,12 +67,8 @@ def map_volume(path: str, mip: int) -> CloudVolume:
 
 def map_box(vol: CloudVolume, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
     """The map over [lo, hi): x, y, z for a boundary map, x, y, z, 3 for affinities."""
-    try:
-        box = np.asarray(vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
-    except EmptyVolumeException:
-        raise InputError(f"{vol.cloudpath} has missing chunks in {list(lo)}..{list(hi)}: "
-                         "complete that layer first (or segment only the --bounds it covers)"
-                         ) from None
+    box = read_block(vol, lo, hi, "complete that layer first (or segment only the --bounds "
+                     "it covers)")
     return box[..., 0] if box.shape[3] == 1 else box
 
 

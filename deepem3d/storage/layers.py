@@ -180,6 +180,21 @@ def _stored_info(path: str) -> object:
 GZIP_LEVEL = 6
 
 
+def read_block(vol: CloudVolume, lo: Sequence[int], hi: Sequence[int], fix: str,
+               what: str = "") -> np.ndarray:
+    """`vol[lo:hi]` (absolute voxels, x,y,z) as an x,y,z,c array. A missing chunk (a layer not
+    finished, read without fill_missing) is the same on every retry: bad input, the one-line
+    InputError that names the box and says `fix`, not CloudVolume's traceback."""
+    from cloudvolume.exceptions import EmptyVolumeException
+
+    try:
+        return np.asarray(vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    except EmptyVolumeException:
+        box = ",".join(str(int(v)) for v in (*lo, *hi))
+        raise InputError(f"{what + ' ' if what else ''}{vol.cloudpath} has missing chunks in "
+                         f"{box}: {fix}") from None
+
+
 def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
     """`vol[lo:lo + shape] = array` for a block of whole chunks (clipped at the layer's end),
     gzipped at `GZIP_LEVEL`: the chunk files CloudVolume writes, byte for byte, encoded by
