@@ -92,8 +92,54 @@ def test_infer_reads_the_resampled_image_and_bad_input_is_one_line(image, tmp_pa
                           "must be positive")
     assert_one_line_error(run_cli("resample", path, tmp_path / "x", "--resolution", "1,1,50"),
                           "more than 4 times", "deepem3d downsample")
-    with pytest.raises(InputError, match="one-channel uint8"):
-        seg = f"file://{tmp_path / 'seg'}"
-        create_layer(seg, layer_type="segmentation", dtype="uint64", resolution=SOURCE,
-                     size=(8, 8, 2))
-        plan_resample(seg, f"file://{tmp_path / 'y'}", resolution=(4, 4, 50))
+    with pytest.raises(InputError, match="one-channel uint8 EM images .* and uint32/uint64"):
+        two = f"file://{tmp_path / 'two'}"
+        create_layer(two, layer_type="image", dtype="uint8", resolution=SOURCE,
+                     size=(8, 8, 2), num_channels=2)
+        plan_resample(two, f"file://{tmp_path / 'y'}", resolution=(4, 4, 50))
+    assert_one_line_error(run_cli("resample", path, tmp_path / "x"), "--resolution X,Y,Z or "
+                          "--like LAYER")
+    assert_one_line_error(run_cli("resample", path, tmp_path / "x", "--resolution", "4,4,50",
+                                  "--like", path), "--resolution X,Y,Z or --like LAYER")
+
+
+def test_a_segmentation_goes_back_onto_the_image_grid_by_nearest_neighbour(image, tmp_path):
+    """The way back for a user's own resolution: a segmentation made at 4 nm onto the 4.6 nm
+    image's grid (--like), each voxel the id of the 4 nm voxel holding its centre (exact
+    fractions: 4.6 is 23/5), 0 outside; the same bytes whatever the task shape."""
+    path, array = image
+    at4 = tmp_path / "at4"
+    run_cli("resample", path, at4, "--resolution", "4,4,50", "--parallel", "1", check=True)
+    vol4 = CloudVolume(f"file://{at4}")
+    offset4, size4 = vol4.voxel_offset.tolist(), vol4.volume_size.tolist()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 2**40, size=(7, 6, 2), dtype=np.uint64)  # 16 x 16 x 4 voxel cells
+    labels = np.repeat(np.repeat(np.repeat(ids, 16, 0), 16, 1), 4, 2)[
+        :size4[0], :size4[1], :size4[2]].copy()
+    labels[:5] = 0  # background stays background
+    seg = f"file://{tmp_path / 'seg4'}"
+    create_layer(seg, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 50),
+                 size=size4, voxel_offset=offset4, chunk_size=(32, 32, 2))[:, :, :] = labels
+    outputs = []
+    for shape in ((96, 80, 8), (16, 32, 2)):
+        out = tmp_path / f"back{shape[1]}"
+        done = run_cli("resample", seg, out, "--like", path, "--task-shape",
+                       ",".join(map(str, shape)), "--parallel", "1", check=True)
+        assert "(4x4x50 nm, nearest)" in done.stdout and "segmentation written" in done.stdout
+        back = CloudVolume(f"file://{out}")
+        assert back.layer_type == "segmentation" and back.dtype == np.uint64
+        assert back.voxel_offset.tolist() == list(OFFSET)
+        assert back.volume_size.tolist() == list(array.shape)
+        assert back.resolution.tolist() == list(SOURCE)
+        assert back.chunk_size.tolist() == [16, 16, 2]  # the image's chunks
+        outputs.append(np.asarray(back[:, :, :])[..., 0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    expected = np.zeros(array.shape, np.uint64)
+    for i in range(array.shape[0]):  # the 4 nm voxel holding each 4.6 nm voxel's centre
+        kx = int((OFFSET[0] + i + 0.5) * 46 // 40) - offset4[0]
+        for j in range(array.shape[1]):
+            ky = int((OFFSET[1] + j + 0.5) * 46 // 40) - offset4[1]
+            if 0 <= kx < size4[0] and 0 <= ky < size4[1]:
+                expected[i, j] = labels[kx, ky]
+    np.testing.assert_array_equal(outputs[0], expected)
+    assert (outputs[0] == 0).any() and np.unique(outputs[0]).size > 10

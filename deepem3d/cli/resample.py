@@ -1,4 +1,5 @@
-"""`deepem3d resample IMAGE OUTPUT --resolution X,Y,Z`: the image at another resolution."""
+"""`deepem3d resample LAYER OUTPUT (--resolution X,Y,Z | --like LAYER)`: an image or a
+segmentation at another resolution."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from deepem3d.run.queues import check_queue_url
 
 
 @click.command()
-@click.argument("image")
+@click.argument("layer")
 @click.argument("output")
 @queue_option
 @parallel_option
 @dry_run_option
-@click.option("--resolution", type=Triple(float, example="4,4,50"), required=True,
+@click.option("--resolution", type=Triple(float, example="4,4,50"), default=None,
               help="The target voxel size in nm, x,y,z (e.g. a model's training resolution).")
+@click.option("--like", default=None, metavar="LAYER",
+              help="Take the target grid (voxel size, offset, size, chunks) from this layer: "
+              "a segmentation made at a model's resolution back onto the image it came from.")
 @click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
               help="Read the image at this mip.")
 @click.option("--task-shape", type=Triple(int, example="512,512,64"), default=None,
@@ -25,27 +29,29 @@ from deepem3d.run.queues import check_queue_url
               help="Chunk size of OUTPUT, x,y,z (default: the image's at --mip).")
 @click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros.")
 @click.option("--overwrite", is_flag=True, help="Replace an OUTPUT that holds data.")
-def resample(image: str, output: str, queue: str | None, parallel: int | None, dry_run: bool,
-             resolution: tuple[float, float, float], mip: int,
+def resample(layer: str, output: str, queue: str | None, parallel: int | None, dry_run: bool,
+             resolution: tuple[float, float, float] | None, like: str | None, mip: int,
              task_shape: tuple[int, int, int] | None, chunk_size: tuple[int, int, int] | None,
              fill_missing: bool, overwrite: bool) -> None:
-    """Resample the uint8 EM image IMAGE to --resolution into a new layer OUTPUT.
+    """Resample LAYER to --resolution (or onto --like's grid) into a new layer OUTPUT.
 
-    Linear interpolation, axis by axis, voxel centres aligned in nm; meant for factors near 1
-    (a 4.6 nm image for a model trained at 4 nm); the layer is the same bytes whatever
-    --task-shape. Each task writes a marker under OUTPUT/tasks/resample/; a re-run skips
-    finished tasks.
+    A uint8 EM image by linear interpolation, axis by axis; a segmentation by nearest
+    neighbour (0 outside LAYER). Voxel centres are aligned in nm. Meant for factors near 1:
+    a 4.6 nm image for a model trained at 4 nm, and its segmentation back with --like IMAGE.
+    The layer is the same bytes whatever --task-shape. Each task writes a marker under
+    OUTPUT/tasks/resample/; a re-run skips finished tasks.
     """
     from deepem3d.run.runner import run_stages
     from deepem3d.stages.resample import plan_resample, resample_stage
 
     if queue is not None:
         check_queue_url(queue)
-    plan = plan_resample(image, output, resolution=resolution, mip=mip, task_shape=task_shape,
-                         chunk_size=chunk_size, fill_missing=fill_missing, overwrite=overwrite)
+    plan = plan_resample(layer, output, resolution=resolution, like=like, mip=mip,
+                         task_shape=task_shape, chunk_size=chunk_size,
+                         fill_missing=fill_missing, overwrite=overwrite)
     click.echo(plan.describe())
     if dry_run:
         return
     run_stages([resample_stage(plan, overwrite=overwrite)], queue=queue, parallel=parallel,
                echo=click.echo)
-    click.echo(f"resampled image written to {plan.output_path}")
+    click.echo(f"resampled {plan.layer_type} written to {plan.output_path}")

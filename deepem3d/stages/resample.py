@@ -1,20 +1,26 @@
-"""image -> the image at another resolution: linear interpolation as queue tasks, one per block.
+"""A layer at another resolution, as queue tasks, one per block: an image by linear
+interpolation, a segmentation by nearest neighbour.
 
 For a user whose EM image is not at a model's training resolution by a factor no mip level
-gives (a 4.6 nm image for a 4 nm model). Per axis, with the source's resolution r_s, voxel
-offset o_s and size n_s, and the target resolution r_t:
+gives (a 4.6 nm image for a 4 nm model), and for the way back: the segmentation made at the
+model's resolution onto the user's own grid (`like`: another layer's resolution, offset and
+size). Per axis, with the source's resolution r_s, voxel offset o_s and size n_s, and the
+target resolution r_t:
 
-    target offset  o_t = floor(o_s r_s / r_t + 1/2)
-    target size    n_t = max(1, floor((o_s + n_s) r_s / r_t) - o_t)
-    target voxel a (absolute) samples the source at j = (a + 0.5) r_t / r_s - 0.5 - o_s,
-                   clamped to [0, n_s - 1] (voxel centres line up in nm)
+    target offset  o_t = floor(o_s r_s / r_t + 1/2)   (or the `like` layer's)
+    target size    n_t = max(1, floor((o_s + n_s) r_s / r_t) - o_t)   (or the `like` layer's)
+    target voxel a (absolute) samples the source at j = (a + 0.5) r_t / r_s - 0.5 - o_s
+                   (voxel centres line up in nm)
 
-and its value is the linear interpolation between the two source voxels around j, axis by axis
-(x, then y, then z) in float64, rounded to uint8. Each output voxel is computed from its own
-absolute coordinate and the source voxels around it, the same operations in the same order
-whatever block holds it, so the layer is the same bytes whatever the task shape (tested), and
-equal to `resample_block` over the whole volume. Linear interpolation suits factors near 1;
-for integer downsampling `deepem3d downsample` averages (no aliasing).
+An image's value is the linear interpolation between the two source voxels around j (j
+clamped to [0, n_s - 1]), axis by axis (x, then y, then z) in float64, rounded to uint8. A
+segmentation's is the id of the source voxel holding the target voxel's centre, k =
+floor(j + 1/2), in exact integer arithmetic on the resolutions as written; 0 (background)
+where k is outside [0, n_s - 1]. Each output voxel is computed from its own absolute
+coordinate and the source voxels around it, the same operations in the same order whatever
+block holds it, so the layer is the same bytes whatever the task shape (tested), and equal to
+`resample_block` over the whole volume. Interpolation suits factors near 1; for integer
+downsampling `deepem3d downsample` averages (no aliasing).
 """
 
 from __future__ import annotations
@@ -70,6 +76,20 @@ def target_geometry(resolution: Sequence[float], offset: Sequence[int], size: Se
     return lo, [max(1, h - o) for h, o in zip(hi, lo)]
 
 
+def _ratio(r_t: float, r_s: float) -> tuple[int, int]:
+    """r_t / r_s as integers (numerator, denominator), exact on the resolutions as written."""
+    q = Fraction(str(float(r_t))) / Fraction(str(float(r_s)))
+    return q.numerator, q.denominator
+
+
+def _nearest(lo: int, hi: int, r_s: float, r_t: float, o_s: int) -> np.ndarray:
+    """For target voxels lo..hi (absolute) along one axis: the source voxel (relative to the
+    source's offset) holding each one's centre, floor((a + 1/2) r_t / r_s) - o_s, exactly."""
+    p, d = _ratio(r_t, r_s)
+    a = np.arange(lo, hi, dtype=np.int64)
+    return (2 * a + 1) * p // (2 * d) - o_s
+
+
 def _samples(lo: int, hi: int, r_s: float, r_t: float, o_s: int, n_s: int):
     """For target voxels lo..hi (absolute) along one axis: the lower source voxel (relative
     to the source's offset) and the weight of the upper one."""
@@ -80,15 +100,47 @@ def _samples(lo: int, hi: int, r_s: float, r_t: float, o_s: int, n_s: int):
 
 
 def source_box(target: Bbox, resolution: Sequence[float], offset: Sequence[int],
-               size: Sequence[int], target_res: Sequence[float]) -> Bbox:
-    """The source voxels (absolute) a target block reads."""
+               size: Sequence[int], target_res: Sequence[float],
+               interpolation: str = "linear") -> Bbox | None:
+    """The source voxels (absolute) a target block reads; None where it reads none (nearest
+    neighbour, a block wholly outside the source)."""
     lo, hi = [], []
     for axis in range(3):
-        below, _ = _samples(int(target.minpt[axis]), int(target.maxpt[axis]),
-                            resolution[axis], target_res[axis], offset[axis], size[axis])
+        a, b = int(target.minpt[axis]), int(target.maxpt[axis])
+        if interpolation == "nearest":
+            k = _nearest(a, b, resolution[axis], target_res[axis], offset[axis])
+            k = k[(k >= 0) & (k < size[axis])]
+            if not k.size:
+                return None
+            lo.append(offset[axis] + int(k.min()))
+            hi.append(offset[axis] + int(k.max()) + 1)
+            continue
+        below, _ = _samples(a, b, resolution[axis], target_res[axis], offset[axis],
+                            size[axis])
         lo.append(offset[axis] + int(below.min()))
         hi.append(offset[axis] + min(int(below.max()) + 2, size[axis]))
     return Bbox(lo, hi)
+
+
+def nearest_block(source: np.ndarray, source_lo: Sequence[int], target: Bbox,
+                  resolution: Sequence[float], offset: Sequence[int], size: Sequence[int],
+                  target_res: Sequence[float]) -> np.ndarray:
+    """The target block (x, y, z, `source`'s dtype) from `source` (x, y, z, starting at the
+    absolute source voxel `source_lo`; None where the block reads none): each voxel the id of
+    the source voxel holding its centre, 0 outside the source, as the module says."""
+    shape = tuple(int(s) for s in target.size3())
+    if source is None:
+        return np.zeros(shape, np.uint64)
+    out = np.zeros(shape, source.dtype)
+    picks, inside = [], []
+    for axis in range(3):
+        k = _nearest(int(target.minpt[axis]), int(target.maxpt[axis]), resolution[axis],
+                     target_res[axis], offset[axis])
+        ok = (k >= 0) & (k < size[axis])
+        picks.append(k[ok] - (int(source_lo[axis]) - int(offset[axis])))
+        inside.append(np.flatnonzero(ok))
+    out[np.ix_(*inside)] = source[np.ix_(*picks)]
+    return out
 
 
 def resample_block(source: np.ndarray, source_lo: Sequence[int], target: Bbox,
@@ -113,7 +165,7 @@ def resample_block(source: np.ndarray, source_lo: Sequence[int], target: Bbox,
 @stage_task
 def ResampleTask(  # noqa: N802  (taskqueue registers tasks by function name)
     image_path: str, output_path: str, bounds: list[int], mip: int, target: list[float],
-    fill_missing: bool = False,
+    fill_missing: bool = False, interpolation: str = "linear",
 ) -> dict:
     """Write one block of the resampled layer (bounds: absolute target voxels)."""
     src = CloudVolume(image_path, mip=mip, fill_missing=fill_missing, progress=False)
@@ -121,13 +173,17 @@ def ResampleTask(  # noqa: N802  (taskqueue registers tasks by function name)
     offset = [int(v) for v in src.voxel_offset]
     size = [int(v) for v in src.volume_size]
     block = Bbox(bounds[:3], bounds[3:])
-    box = source_box(block, resolution, offset, size, target)
-    source = read_block(src, box.minpt, box.maxpt, "pass --fill-missing to read them as "
-                        "zeros")[..., 0]
-    data = resample_block(source, box.minpt, block, resolution, offset, size, target)
+    box = source_box(block, resolution, offset, size, target, interpolation)
+    source = None if box is None else read_block(
+        src, box.minpt, box.maxpt, "pass --fill-missing to read them as zeros")[..., 0]
+    if interpolation == "nearest":
+        data = nearest_block(source, None if box is None else box.minpt, block, resolution,
+                             offset, size, target).astype(src.dtype, copy=False)
+    else:
+        data = resample_block(source, box.minpt, block, resolution, offset, size, target)
     out = CloudVolume(output_path, mip=0, progress=False, non_aligned_writes=False)
     write_block(out, bounds[:3], data)
-    return {"voxels": int(data.size), "read_voxels": int(source.size)}
+    return {"voxels": int(data.size), "read_voxels": 0 if source is None else int(source.size)}
 
 
 @dataclass
@@ -146,13 +202,21 @@ class ResamplePlan:
     blocks: BlockGrid
     fill_missing: bool = False
     resume: bool = False
+    #: "linear" (an image) or "nearest" (a segmentation), and the layer's type and dtype
+    interpolation: str = "linear"
+    dtype: str = "uint8"
+    like: str | None = None
 
     def parameters(self) -> dict:
         return {"task": "deepem3d resample", "image": self.image_path, "mip": self.mip,
                 "source_resolution": list(self.source_resolution),
-                "resolution": list(self.resolution), "interpolation": "linear",
+                "resolution": list(self.resolution), "interpolation": self.interpolation,
                 "task_shape": list(self.task_shape), "chunk_size": list(self.chunk_size),
-                "fill_missing": self.fill_missing}
+                "fill_missing": self.fill_missing, **({"like": self.like} if self.like else {})}
+
+    @property
+    def layer_type(self) -> str:
+        return "segmentation" if self.interpolation == "nearest" else "image"
 
     def describe(self) -> str:
         def nm(values: Sequence[float]) -> str:
@@ -160,7 +224,8 @@ class ResamplePlan:
 
         return (f"{len(self.blocks)} ResampleTask(s) of up to "
                 f"{' x '.join(map(str, self.task_shape))} voxels: {self.image_path} at mip "
-                f"{self.mip} ({nm(self.source_resolution)} nm, linear) into {self.output_path} "
+                f"{self.mip} ({nm(self.source_resolution)} nm, {self.interpolation}) into "
+                f"{self.output_path} "
                 f"({nm(self.resolution)} nm, {' x '.join(map(str, self.size))} voxels from "
                 f"{','.join(map(str, self.voxel_offset))}); about "
                 f"{BYTES_PER_VOXEL * math.prod(self.task_shape) / 2**20:.0f} MiB per task"
@@ -177,22 +242,36 @@ def within_resample_range(source: Sequence[float], target: Sequence[float]) -> b
                for s, t in zip(source, target))
 
 
-def plan_resample(image_path: str, output_path: str, *, resolution: Sequence[float],
+def plan_resample(image_path: str, output_path: str, *,
+                  resolution: Sequence[float] | None = None, like: str | None = None,
                   mip: int = 0, task_shape: Sequence[int] | None = None,
                   chunk_size: Sequence[int] | None = None, fill_missing: bool = False,
                   overwrite: bool = False) -> ResamplePlan:
-    """Check the inputs and work out the target grid and blocks; reads infos only."""
+    """Check the inputs and work out the target grid (at `resolution`, or `like` another
+    layer's grid) and blocks; reads infos only. An image (one uint8 channel) is resampled
+    linearly, a segmentation layer by nearest neighbour."""
     image_path, output_path = cloudpath(image_path), cloudpath(output_path)
     check_output_apart(output_path, {"image": image_path})
+    if (resolution is None) == (like is None):
+        raise InputError("give the target grid: --resolution X,Y,Z or --like LAYER (one)")
+    grid = None
+    if like is not None:
+        like = cloudpath(like)
+        other = open_layer(like)
+        resolution = tuple(float(r) for r in other.resolution)
+        grid = ([int(v) for v in other.voxel_offset], [int(v) for v in other.volume_size],
+                tuple(int(c) for c in other.chunk_size))
     target = tuple(float(r) for r in resolution)
     if len(target) != 3 or not all(math.isfinite(r) and r > 0 for r in target):
         raise InputError(f"--resolution {','.join(map(str, resolution))}: give three "
                          "positive numbers of nm, x,y,z")
     vol = open_layer(image_path, mip=mip)
-    if vol.dtype != np.uint8 or vol.num_channels != 1:
+    segmentation = vol.layer_type == "segmentation"
+    if vol.num_channels != 1 or (vol.dtype != np.uint8 and not (
+            segmentation and vol.dtype in (np.uint32, np.uint64))):
         raise InputError(f"{image_path} holds {vol.num_channels} channel(s) of {vol.dtype}: "
                          "resample reads one-channel uint8 EM images (`deepem3d ingest` makes "
-                         "them)")
+                         "them) and uint32/uint64 segmentations")
     source = tuple(float(r) for r in vol.resolution)
     if not within_resample_range(source, target):
         raise InputError(f"--resolution {','.join(f'{r:g}' for r in target)} is more than "
@@ -200,9 +279,13 @@ def plan_resample(image_path: str, output_path: str, *, resolution: Sequence[flo
                          f"times off {','.join(f'{r:g}' for r in source)} nm: linear "
                          "interpolation is for small factors (`deepem3d downsample` averages "
                          "by whole factors)")
-    offset, size = target_geometry(source, [int(v) for v in vol.voxel_offset],
-                                   [int(v) for v in vol.volume_size], target)
-    chunk = tuple(int(c) for c in (chunk_size or vol.meta.chunk_size(mip)))
+    if grid is None:
+        offset, size = target_geometry(source, [int(v) for v in vol.voxel_offset],
+                                       [int(v) for v in vol.volume_size], target)
+        chunk = tuple(int(c) for c in (chunk_size or vol.meta.chunk_size(mip)))
+    else:  # the other layer's grid and, unless told, its chunks: blocks align with its own
+        offset, size, like_chunk = grid
+        chunk = tuple(int(c) for c in (chunk_size or like_chunk))
     if task_shape is None:
         task_shape = tuple(-(-t // c) * c for t, c in zip(DEFAULT_TASK_SHAPE, chunk))
     task_shape = tuple(min(int(t), s) for t, s in zip(check_task_shape(task_shape, chunk),
@@ -210,7 +293,8 @@ def plan_resample(image_path: str, output_path: str, *, resolution: Sequence[flo
     plan = ResamplePlan(
         image_path=image_path, output_path=output_path, mip=mip, source_resolution=source,
         resolution=target, voxel_offset=tuple(offset), size=tuple(size), chunk_size=chunk,
-        task_shape=task_shape, fill_missing=fill_missing,
+        task_shape=task_shape, fill_missing=fill_missing, like=like,
+        interpolation="nearest" if segmentation else "linear", dtype=str(vol.dtype),
         blocks=block_grid(Bbox(offset, [o + s for o, s in zip(offset, size)]), task_shape))
     if layer_holds_data(output_path) and not overwrite:
         if Markers(output_path, STAGE).current_key() != resample_key(plan):
@@ -228,7 +312,8 @@ def resample_key(plan: ResamplePlan) -> str:
 def resample_stage(plan: ResamplePlan, *, overwrite: bool = False) -> Stage:
     """The resample stage: one ResampleTask per output block."""
     common = dict(image_path=plan.image_path, output_path=plan.output_path, mip=plan.mip,
-                  target=list(plan.resolution), fill_missing=plan.fill_missing)
+                  target=list(plan.resolution), fill_missing=plan.fill_missing,
+                  interpolation=plan.interpolation)
 
     def make_tasks() -> Iterator[tuple[str, partial]]:
         return ((block_id(b), partial(ResampleTask, bounds=bounds_list(b), **common))
@@ -236,7 +321,7 @@ def resample_stage(plan: ResamplePlan, *, overwrite: bool = False) -> Stage:
 
     def prepare() -> None:
         if not plan.resume:
-            create_layer(plan.output_path, layer_type="image", dtype="uint8",
+            create_layer(plan.output_path, layer_type=plan.layer_type, dtype=plan.dtype,
                          resolution=plan.resolution, size=plan.size,
                          voxel_offset=plan.voxel_offset, chunk_size=plan.chunk_size,
                          overwrite=overwrite, provenance=plan.parameters())
