@@ -133,7 +133,7 @@ def ingest(
     zarr) or an OME-Zarr says otherwise. resolution, chunk_size, voxel_offset: x,y,z;
     resolution None takes the voxel size the file records (`recorded_resolution`), voxel_offset
     None the position it records (`recorded_offset`: an OME-Zarr's translation, a CREMI HDF5's
-    `offset`), else 0,0,0.
+    `offset`, N5's), else 0,0,0.
     Images keep the source dtype (uint8, uint16, uint32 or float32); segmentations take any
     non-negative integers (or bool) and are stored as `dtype` (uint64 by default, or
     uint32). The source is read slab by slab, each slab a whole number of chunk rows of

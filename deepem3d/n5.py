@@ -11,13 +11,15 @@ specification (saalfeldlab/n5) states it:
 - a block file is a big-endian header (mode uint16, number of dimensions uint16, the block's
   size per dimension uint32; mode 1 adds the element count uint32) and the compressed
   elements, big-endian, fastest axis first. A block at the volume's far edge may be stored
-  truncated or whole; either is read.
+  truncated or whole; either is read. A mode-1 block whose count is not its size's product
+  holds something else than voxels (Paintera's label multisets): refused.
 
 `N5Array` presents the dataset in C order (z,y,x: the dimensions reversed) and reads, for a
 slice, only the blocks it touches. Where the file records them, `voxel_size` gives the voxel
 size and position in nm (the COSEM `transform`, BigDataViewer's `pixelResolution`, or
-`resolution` with `units`; `offset` beside either), the dataset's own first, then its parent
-group's (a multiscale's `s0` takes them from there).
+`resolution` with `units`, nm where it names none as Paintera and funlib write it; `offset`
+beside either), the dataset's own first, then its parent group's, times the dataset's
+`downsamplingFactors` (a multiscale group records its `s0`'s).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import numpy as np
 from deepem3d.errors import InputError
 
 ATTRIBUTES = "attributes.json"
-#: `compression.type` values read here (N5's own codecs, plus the blosc and zstd plug-ins)
+#: `compression.type` values read here (N5's own codecs but lz4, whose Java block stream
+#: nothing here decodes, plus the blosc and zstd plug-ins)
 CODECS = ("raw", "gzip", "bzip2", "xz", "blosc", "zstd")
 #: nanometres per unit of length, as N5 writers spell the units
 UNITS_NM = {"pm": 1e-3, "picometer": 1e-3, "a": 0.1, "å": 0.1, "angstrom": 0.1, "nm": 1.0,
@@ -85,6 +88,9 @@ class N5Array:
             self._codec = str(compression["type"])
         except (KeyError, TypeError, ValueError) as err:
             raise InputError(f"{path}: malformed N5 dataset attributes ({err!r})") from None
+        if attrs.get("isLabelMultiset"):
+            raise InputError(f"{path} holds Paintera label multisets, not voxels: export it "
+                             "as a plain N5, zarr or HDF5 label volume first")
         if dtype.kind not in "uif" or len(self._block) != len(self._dims):
             raise InputError(f"{path}: N5 dataType {attrs['dataType']} with blocks "
                              f"{self._block} is not a volume deepem3d reads")
@@ -133,12 +139,15 @@ class N5Array:
         except FileNotFoundError:
             return None
         try:
-            mode, ndim = np.frombuffer(raw, ">u2", count=2)
-            sizes = [int(s) for s in np.frombuffer(raw, ">u4", count=int(ndim), offset=4)]
-            start = 4 + 4 * int(ndim) + (4 if mode == 1 else 0)
+            mode, ndim = (int(v) for v in np.frombuffer(raw, ">u2", count=2))
+            sizes = [int(s) for s in np.frombuffer(raw, ">u4", count=ndim, offset=4)]
+            start = 4 + 4 * ndim + (4 if mode == 1 else 0)
+            count = int(np.prod(sizes))
             if mode not in (0, 1) or ndim != self.ndim:
                 raise ValueError(f"block mode {mode} with {ndim} dimensions")
-            count = int(np.prod(sizes))
+            if mode == 1 and int(np.frombuffer(raw, ">u4", count=1, offset=start - 4)[0]) \
+                    != count:
+                raise ValueError("a varlength block: its elements are not its voxels")
             data = np.frombuffer(_decompress(self._codec, raw[start:]), self.dtype, count=count)
         except (ValueError, OSError, RuntimeError, zlib.error, lzma.LZMAError) as err:
             raise InputError(f"cannot read the N5 block {file}: {err}") from None
@@ -164,11 +173,19 @@ def voxel_size(path: str) -> tuple[list[float] | None, list[float], str]:
     they were found (with no size: why what was found is not taken, or ""). Read from the
     dataset at `path`, else from the groups above it, up to the container's root."""
     folder = os.path.normpath(path)
+    factors = attributes(folder).get("downsamplingFactors")
     while True:
         attrs = attributes(folder)
         found = _recorded(attrs)
         if found is not None:
-            return found
+            scale, position, where = found
+            if scale is not None and folder != os.path.normpath(path) and factors:
+                try:  # the group's size is its s0's: this level's is that times its factors
+                    scale = [s * float(f) for s, f in zip(scale, list(factors)[::-1])]
+                except (TypeError, ValueError):
+                    return None, [0.0] * 3, "its N5 `downsamplingFactors` are not numbers"
+                where += ", times the dataset's `downsamplingFactors`"
+            return scale, position, where
         parent = os.path.dirname(folder)
         if not attrs or "n5" in attrs or parent == folder:
             return None, [0.0] * 3, ""
@@ -192,9 +209,12 @@ def _recorded(attrs: dict) -> tuple[list[float] | None, list[float], str] | None
             scale = [float(v) for v in pixel["dimensions"]][::-1]
             return _in_nm(scale, _offset(attrs), [pixel.get("unit")] * 3,
                           "its N5 `pixelResolution`")
-        if "resolution" in attrs:  # Paintera and others: x,y,z, unit in `units` if any
+        if "resolution" in attrs:  # Paintera, funlib: x,y,z, in nm unless `units` says
             scale = [float(v) for v in attrs["resolution"]][::-1]
             units = attrs.get("units")
+            if units is None:
+                return _in_nm(scale, _offset(attrs), ["nm"] * 3,
+                              "its N5 `resolution` (no `units`: nm)")
             units = list(units)[::-1] if isinstance(units, list) else [units] * 3
             return _in_nm(scale, _offset(attrs), units, "its N5 `resolution`")
     except (KeyError, IndexError, TypeError, ValueError):

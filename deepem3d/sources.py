@@ -147,11 +147,14 @@ class VolumeSource(ABC):
             self.position_from = where
 
     def recorded_offset(self, resolution: Sequence[float]) -> tuple[int, int, int]:
-        """The voxel offset, x,y,z, at which the file places its first voxel at `resolution`
-        (nm): 0,0,0 where it records no position; a one-line InputError where the position is
-        not a whole number of voxels."""
+        """The voxel offset, x,y,z, at which the file places its first voxel: its position
+        over the voxel size the file records (where the user gives another, the file's own
+        voxels are still what its position counts), else over `resolution` (nm); 0,0,0 where
+        it records no position; a one-line InputError where the position is not a whole
+        number of voxels."""
         if self.position is None:
             return (0, 0, 0)
+        resolution = self.resolution or resolution
         voxels = [p / r for p, r in zip(self.position, resolution)]
         offset = tuple(round(v) for v in voxels)
         if any(abs(v - o) > POSITION_TOLERANCE for v, o in zip(voxels, offset)):
@@ -382,7 +385,8 @@ def open_source(src: str, axes: str | None = None) -> VolumeSource:
                 os.path.exists(os.path.join(path, m)) for m in ZARR_MARKERS):
             return _open_zarr(path, axes)
         if lower.endswith(N5_SUFFIXES) or n5.attributes(path):
-            return _open_n5(path, axes)
+            _sections_axes(axes, src, "N5 orders its dimensions x,y,z, so an N5 dataset")
+            return _open_n5(path)
         _sections_axes(axes, src, "TIFF pages are z, so a TIFF stack")
         return TiffDirectorySource(path)
     if lower.endswith(TIFF_SUFFIXES):
@@ -638,21 +642,28 @@ def _ome_level(path: str, group, multiscale: dict) -> tuple:
     return array, scale, position, (0,) * lead, order, no_unit
 
 
-def _open_n5(path: str, axes: str | None) -> ArraySource:
-    """An N5 dataset, or the one a container or group holds (a multiscale's full-resolution
-    `s0`)."""
+#: datasets of an N5 group looked at to find its one multiscale (more: name the dataset)
+N5_LISTED = 32
+
+
+def _open_n5(path: str) -> ArraySource:
+    """An N5 dataset, or the one a container or group holds: its only dataset, or the
+    full-resolution `s0` of its only multiscale group."""
     if not n5.is_dataset(n5.attributes(path)):
-        found = n5.datasets(path)
-        full = [d for d in found if os.path.basename(d) == "s0"]
+        found = n5.datasets(path, limit=N5_LISTED + 1)
         if not found:
             raise InputError(f"{path} is an N5 container or group that holds no dataset")
-        if len(full) == 1 or len(found) == 1:
-            path = os.path.join(path, (full or found)[0])
+        groups = {os.path.dirname(d) for d in found}
+        full = os.path.join(*groups, "s0") if len(groups) == 1 else None
+        if len(found) == 1:
+            path = os.path.join(path, found[0])
+        elif full in found and len(found) <= N5_LISTED:  # one multiscale: s0, s1, ...
+            path = os.path.join(path, full)
         else:
-            listed = ", ".join(found[:6]) or "none"
+            listed = ", ".join(found[:6])
             raise InputError(f"name the N5 dataset to read: {path}/DATASET (its datasets: "
                              f"{listed}{', ...' if len(found) > 6 else ''})")
-    source = ArraySource(path, n5.N5Array(path), axes or "zyx", kind="n5")
+    source = ArraySource(path, n5.N5Array(path), "zyx", kind="n5")
     scale, position, where = n5.voxel_size(path)
     if scale is None:
         source.resolution_from = where

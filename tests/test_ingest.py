@@ -642,14 +642,49 @@ def test_n5_blocks_absent_truncated_and_the_voxel_size_its_attributes_record(tmp
         assert source.recorded_offset(source.resolution) == (10, 0, 10)
 
 
-def test_n5_refusals(tmp_path):
+def test_n5_levels_units_and_choices(tmp_path):
+    """A level named explicitly scales its group's voxel size by its `downsamplingFactors`; a
+    `resolution` without `units` is nm (Paintera, funlib); a container of two volumes, or of
+    a multiscale beside another dataset, is not guessed."""
     data = volume()
-    unitless = write_n5(tmp_path / "p.n5" / "raw", data, attributes={"resolution": [4, 4, 40]})
-    assert_one_line_error(cli(unitless, tmp_path / "layer"), "`resolution` names no unit",
-                          "--resolution")
+    root = tmp_path / "m.n5"
+    write_n5(root / "em" / "s0", data)
+    write_n5(root / "em" / "s1", data[:, ::2, ::2], attributes={"downsamplingFactors": [2, 2, 1]})
+    (root / "em" / "attributes.json").write_text(json.dumps(
+        {"pixelResolution": {"unit": "um", "dimensions": [0.004, 0.004, 0.04]}}))
+    with open_source(str(root / "em" / "s1")) as source:
+        assert source.resolution == pytest.approx((8, 8, 40))
+        assert "downsamplingFactors" in source.resolution_from
+    with open_source(str(root)) as source:  # one multiscale: its s0
+        assert source.name.endswith("em/s0") and source.resolution == pytest.approx((4, 4, 40))
+    write_n5(root / "raw", data)
+    with pytest.raises(InputError, match="name the N5 dataset to read.*em/s0, em/s1, raw"):
+        open_source(str(root))
+    unitless = write_n5(tmp_path / "p.n5" / "raw", data,
+                        attributes={"resolution": [4, 4, 40], "offset": [8, 0, 400]})
+    vol = ingest(unitless, str(tmp_path / "layer"), progress=False)
+    assert list(vol.resolution) == [4, 4, 40] and list(vol.voxel_offset) == [2, 0, 10]
     write_n5(tmp_path / "p.n5" / "labels", data)
     with pytest.raises(InputError, match="name the N5 dataset to read.*labels, raw"):
         open_source(str(tmp_path / "p.n5"))
+
+
+def test_n5_refusals(tmp_path):
+    data = volume()
+    src = write_n5(tmp_path / "a.n5", data)
+    assert_one_line_error(cli(src, tmp_path / "layer", "--axes", "xyz"),
+                          "N5 orders its dimensions x,y,z", "drop --axes xyz")
+    multiset = write_n5(tmp_path / "ms.n5", data, attributes={"isLabelMultiset": True})
+    assert_one_line_error(cli(multiset, tmp_path / "layer", "--resolution", "4,4,40"),
+                          "label multisets")
+    varlength = write_n5(tmp_path / "v.n5", data, "raw")
+    block = os.path.join(varlength, "0", "0", "0")
+    header = (np.array([1, 3], ">u2").tobytes() + np.array([16, 16, 3], ">u4").tobytes()
+              + np.array([40], ">u4").tobytes())
+    with open(block, "wb") as f:  # 40 elements of something else than 16 x 16 x 3 voxels
+        f.write(header + bytes(40))
+    assert_one_line_error(cli(varlength, tmp_path / "layer", "--resolution", "4,4,40",
+                              "--no-progress"), "a varlength block")
     lz4 = write_n5(tmp_path / "l.n5", data, attributes={"compression": {"type": "lz4"}})
     assert_one_line_error(cli(lz4, tmp_path / "layer", "--resolution", "4,4,40"),
                           "N5 compression 'lz4' is not read here")
@@ -728,6 +763,9 @@ def test_ingest_places_the_volume_where_the_file_does(tmp_path):
     assert list(vol.voxel_offset) == [-4, 12, 2]
     vol = ingest(h5, str(tmp_path / "mine"), voxel_offset=(1, 2, 3), progress=False)
     assert list(vol.voxel_offset) == [1, 2, 3]
+    # another voxel size given: the position still counts the file's own voxels
+    vol = ingest(h5, str(tmp_path / "told"), resolution=(5, 5, 50), progress=False)
+    assert list(vol.voxel_offset) == [-4, 12, 2]
     src = write_ome_zarr(tmp_path, volume(), "zyx", [0.04, 0.004, 0.004], name="t.zarr")
     import zarr
 

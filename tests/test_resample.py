@@ -4,6 +4,8 @@ ramp), and read by `infer` as a model's resolution."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from cloudvolume import CloudVolume
@@ -101,6 +103,17 @@ def test_infer_reads_the_resampled_image_and_bad_input_is_one_line(image, tmp_pa
                           "--like LAYER")
     assert_one_line_error(run_cli("resample", path, tmp_path / "x", "--resolution", "4,4,50",
                                   "--like", path), "--resolution X,Y,Z or --like LAYER")
+
+
+def test_nearest_is_exact_on_resolutions_of_many_digits():
+    """25/3 nm is written 8.333333333333334: a 16-digit ratio, past int64 once multiplied."""
+    from fractions import Fraction
+
+    from deepem3d.stages.resample import _nearest
+
+    q = Fraction(str(25 / 3)) / Fraction(8)
+    expected = [math.floor((a + Fraction(1, 2)) * q) - 5 for a in range(2000, 2003)]
+    assert _nearest(2000, 2003, 8.0, 25 / 3, 5).tolist() == expected == [2078, 2079, 2080]
 
 
 def test_a_segmentation_goes_back_onto_the_image_grid_by_nearest_neighbour(image, tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 
 from deepem3d.errors import InputError
@@ -37,7 +38,9 @@ DEAD_LETTER_SUFFIX = "-dead-letter"
 # `set_aside` on a dead-letter queue: it reads up to PEEK_LIMIT messages, each hidden from
 # other readers for PEEK_HIDE_SECONDS so that the next receive returns new ones (a receive
 # that hides nothing returns the same ten again and again: at most 100 were ever seen), then
-# shows them all again at once. A look that dies midway leaves them hidden that long.
+# shows them all again at once. A look that dies midway leaves them hidden that long. It ends
+# within half that time, before the first it hid can come round again, or on a reply of
+# messages it has seen.
 PEEK_LIMIT = 2000
 PEEK_HIDE_SECONDS = 60
 
@@ -182,9 +185,10 @@ def _dead_letters(name: str) -> list[SetAside]:
         return []
     seen: dict[str, SetAside] = {}
     handles: list[str] = []
+    until = time.monotonic() + PEEK_HIDE_SECONDS / 2
     try:
         wait = 0
-        while len(seen) < PEEK_LIMIT:
+        while len(seen) < PEEK_LIMIT and time.monotonic() < until:
             reply = sqs_call("reading the dead-letter queue", sqs.receive_message,
                              QueueUrl=dead, MaxNumberOfMessages=10,
                              VisibilityTimeout=PEEK_HIDE_SECONDS, WaitTimeSeconds=wait,
@@ -195,8 +199,10 @@ def _dead_letters(name: str) -> list[SetAside]:
                     break
                 wait = 1  # a short poll can miss messages: a long one asks every server
                 continue
+            handles += [message["ReceiptHandle"] for message in messages]
+            if all(message["MessageId"] in seen for message in messages):
+                break  # come round again: every message is seen
             for message in messages:
-                handles.append(message["ReceiptHandle"])
                 seen.setdefault(message["MessageId"], _dead_letter(message))
     finally:
         _show_again(sqs, dead, handles)

@@ -84,10 +84,10 @@ def _ratio(r_t: float, r_s: float) -> tuple[int, int]:
 
 def _nearest(lo: int, hi: int, r_s: float, r_t: float, o_s: int) -> np.ndarray:
     """For target voxels lo..hi (absolute) along one axis: the source voxel (relative to the
-    source's offset) holding each one's centre, floor((a + 1/2) r_t / r_s) - o_s, exactly."""
+    source's offset) holding each one's centre, floor((a + 1/2) r_t / r_s) - o_s, exactly
+    (in Python's integers: a resolution written with 16 digits makes a 16-digit ratio)."""
     p, d = _ratio(r_t, r_s)
-    a = np.arange(lo, hi, dtype=np.int64)
-    return (2 * a + 1) * p // (2 * d) - o_s
+    return np.array([(2 * a + 1) * p // (2 * d) - o_s for a in range(lo, hi)], np.int64)
 
 
 def _samples(lo: int, hi: int, r_s: float, r_t: float, o_s: int, n_s: int):
@@ -251,12 +251,12 @@ def plan_resample(image_path: str, output_path: str, *,
     layer's grid) and blocks; reads infos only. An image (one uint8 channel) is resampled
     linearly, a segmentation layer by nearest neighbour."""
     image_path, output_path = cloudpath(image_path), cloudpath(output_path)
-    check_output_apart(output_path, {"image": image_path})
     if (resolution is None) == (like is None):
         raise InputError("give the target grid: --resolution X,Y,Z or --like LAYER (one)")
+    like = cloudpath(like) if like is not None else None
+    check_output_apart(output_path, {"input": image_path, "--like": like})
     grid = None
     if like is not None:
-        like = cloudpath(like)
         other = open_layer(like)
         resolution = tuple(float(r) for r in other.resolution)
         grid = ([int(v) for v in other.voxel_offset], [int(v) for v in other.volume_size],
@@ -274,11 +274,11 @@ def plan_resample(image_path: str, output_path: str, *,
                          "them) and uint32/uint64 segmentations")
     source = tuple(float(r) for r in vol.resolution)
     if not within_resample_range(source, target):
-        raise InputError(f"--resolution {','.join(f'{r:g}' for r in target)} is more than "
+        asked = (f"--like {like}'s voxel size" if like else "--resolution")
+        raise InputError(f"{asked} {','.join(f'{r:g}' for r in target)} is more than "
                          f"{RESAMPLE_FACTOR:g} "
-                         f"times off {','.join(f'{r:g}' for r in source)} nm: linear "
-                         "interpolation is for small factors (`deepem3d downsample` averages "
-                         "by whole factors)")
+                         f"times off {','.join(f'{r:g}' for r in source)} nm: resampling is "
+                         "for small factors (`deepem3d downsample` reduces by whole factors)")
     if grid is None:
         offset, size = target_geometry(source, [int(v) for v in vol.voxel_offset],
                                        [int(v) for v in vol.volume_size], target)
