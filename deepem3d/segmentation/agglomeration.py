@@ -297,7 +297,9 @@ def _mean(n, ea, eb, cnt, tot, tie, thresholds, frozen):
     pushed is below the last one popped (IEEE rounding is monotone too). Hence a bucket queue
     on the score (`_BINS` bins) with an exact (score, tie) heap only for the current bin: the
     same order as one global heap, at O(1) per push into a later bin. Edges scoring at or
-    above the largest threshold are never queued: they can only enter through a merge.
+    above the largest threshold are never queued: they can only enter through a merge. The
+    slots of a bin moved to the heap take later pushes, so the bins' rows rarely grow past
+    the edges first queued (a growth holds the old rows and twice as many at once).
     """
     rows = _edge_rows(ea, eb, cnt, tot, tie)
     m = rows.shape[0]
@@ -309,6 +311,7 @@ def _mean(n, ea, eb, cnt, tot, tie, thresholds, frozen):
     items = np.empty((max(m, 16), 5), np.int64)
     itemf = items.view(np.float64)
     nitems = 0
+    free = -1  # slots of bins already moved to the heap, reused before the rows grow
     hf, hi = _heap(4096)  # holds one bin at a time; grows if a bin is larger
     hn = 0
     current = 0
@@ -346,7 +349,10 @@ def _mean(n, ea, eb, cnt, tot, tie, thresholds, frozen):
                     if hn == hi.shape[0]:
                         hf, hi = _grow_heap(hi, 2 * hn)
                     hn = _push(hf, hi, hn, itemf[k, 0], items[k, 1], items[k, 2], items[k, 3])
-                    k = items[k, 4]
+                    following = items[k, 4]
+                    items[k, 4] = free  # the slot is free for a later push
+                    free = k
+                    k = following
                 continue
             e = hi[0, 2]
             if alive[e] == 0 or hi[0, 3] != rows[e, _VER]:
@@ -381,16 +387,21 @@ def _mean(n, ea, eb, cnt, tot, tie, thresholds, frozen):
                         hf, hi = _grow_heap(hi, 2 * hn)
                     hn = _push(hf, hi, hn, score, rows[f, _TIE], f, rows[f, _VER])
                 else:
-                    if nitems == items.shape[0]:
-                        items = _grow_rows(items, 2 * nitems)
-                        itemf = items.view(np.float64)
-                    itemf[nitems, 0] = score
-                    items[nitems, 1] = rows[f, _TIE]
-                    items[nitems, 2] = f
-                    items[nitems, 3] = rows[f, _VER]
-                    items[nitems, 4] = head[b]
-                    head[b] = nitems
-                    nitems += 1
+                    if free >= 0:
+                        slot = free
+                        free = items[slot, 4]
+                    else:
+                        if nitems == items.shape[0]:
+                            items = _grow_rows(items, 2 * nitems)
+                            itemf = items.view(np.float64)
+                        slot = nitems
+                        nitems += 1
+                    itemf[slot, 0] = score
+                    items[slot, 1] = rows[f, _TIE]
+                    items[slot, 2] = f
+                    items[slot, 3] = rows[f, _VER]
+                    items[slot, 4] = head[b]
+                    head[b] = slot
         for i in range(n):
             out[ti, i] = minidx[find_root(parent, i)]
     for i in range(n):

@@ -299,21 +299,32 @@ def _first_of_runs(*keys: np.ndarray) -> np.ndarray:
     return np.flatnonzero(new)
 
 
-def _group_edges(ru, rv, tu, tv, cnt, tot, sad, method: str):
-    """Edges of equal key as one: mean by region pair, watershed by supervoxel pair."""
-    if method == "mean":
-        order = np.lexsort((tv, tu, rv, ru))
-        key = (ru[order], rv[order])
-    else:
-        order = np.lexsort((tv, tu))
-        key = (tu[order], tv[order])
-    ru, rv, tu, tv = ru[order], rv[order], tu[order], tv[order]
-    cnt, tot, sad = cnt[order], tot[order], sad[order]
-    starts = _first_of_runs(*key)
-    if starts.size == ru.size:
-        return ru, rv, tu, tv, cnt, tot, sad
-    return (ru[starts], rv[starts], tu[starts], tv[starts], np.add.reduceat(cnt, starts),
-            np.add.reduceat(tot, starts), np.minimum.reduceat(sad, starts))
+#: a residual's edge columns, in the order `Residual` and `_group_edges` take them
+_EDGE_FIELDS = ("ru", "rv", "tie_u", "tie_v", "count", "affinity_sum", "saddle")
+_REGION_FIELDS = ("ids", "min_ids", "voxels", "touch_low", "touch_high", "sizes", "floors",
+                  "deepest")
+
+
+def _group_edges(columns: list[np.ndarray], method: str) -> list[np.ndarray]:
+    """Edges of equal key as one: mean by region pair, watershed by supervoxel pair.
+
+    `columns` (`_EDGE_FIELDS`) is sorted and grouped in place, one column at a time, so that
+    no more than one column is held twice (the caller passes its only reference)."""
+    ru, rv, tu, tv = columns[:4]
+    order = np.lexsort((tv, tu, rv, ru) if method == "mean" else (tv, tu))
+    del ru, rv, tu, tv
+    for i in range(len(columns)):
+        columns[i] = columns[i][order]
+    del order
+    starts = _first_of_runs(*(columns[:2] if method == "mean" else columns[2:4]))
+    if starts.size == columns[0].size:
+        return columns
+    for i in range(4):
+        columns[i] = columns[i][starts]
+    columns[4] = np.add.reduceat(columns[4], starts)
+    columns[5] = np.add.reduceat(columns[5], starts)
+    columns[6] = np.minimum.reduceat(columns[6], starts)
+    return columns
 
 
 def _group_regions(name, min_id, voxels, touch_low, touch_high, sizes, floors, deepest):
@@ -331,16 +342,25 @@ def _group_regions(name, min_id, voxels, touch_low, touch_high, sizes, floors, d
             np.add.reduceat(sizes[order], starts), floors[order][starts], deepest[order][starts])
 
 
-def _combine(residuals: Sequence[Residual], method: str) -> Residual:
+def _combine(residuals: list[Residual], method: str) -> tuple[Residual, dict]:
     """Children's residuals as one graph: a region met in several children (named by the same
-    open supervoxel in each) sums its sizes and takes the lowest floor; equal edges combine."""
-    cat = [np.concatenate([getattr(r, name) for r in residuals])
-           for name in ("ids", "min_ids", "voxels", "touch_low", "touch_high", "sizes", "floors",
-                        "deepest")]
-    nodes = _group_regions(*cat)
-    edges = _group_edges(*(np.concatenate([getattr(r, name) for r in residuals]) for name in (
-        "ru", "rv", "tie_u", "tie_v", "count", "affinity_sum", "saddle")), method)
-    return Residual(*nodes, *edges)
+    open supervoxel in each) sums its sizes and takes the lowest floor; equal edges combine.
+    Returns the regions (a Residual without edges) and the edge columns by name.
+
+    The list is emptied and each child's columns dropped as they are joined, so that, unless
+    the caller keeps the children elsewhere, the children and their join are never held
+    whole at once (a node's peak: benchmarks/agglomerate_nodes.py)."""
+    parts = [dict(vars(r)) for r in residuals]
+    residuals.clear()
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([p.pop(name) for p in parts])
+
+    nodes = _group_regions(*(joined(name) for name in _REGION_FIELDS))
+    edges = _group_edges([joined(name) for name in _EDGE_FIELDS], method)
+    none = np.zeros(0, _U64)
+    return (Residual(*nodes, none, none, none, none, none, none, np.zeros(0, np.uint8)),
+            dict(zip(_EDGE_FIELDS, edges)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -357,7 +377,7 @@ class NodeResult:
 
 
 def agglomerate_node(
-    children: Sequence[Residual],
+    children: list[Residual],
     blocks: tuple[np.ndarray, np.ndarray],
     grid: Sequence[int],
     method: Method,
@@ -365,26 +385,36 @@ def agglomerate_node(
 ) -> NodeResult:
     """One octree node over `blocks` ([low, high) of a `grid`): combine the children,
     agglomerate with the regions open here frozen; docs/octree.md says why every merge it
-    makes is the global run's."""
-    g = _combine(children, method)
+    makes is the global run's. The list `children` is emptied as they are combined, so that,
+    unless the caller keeps them elsewhere, their arrays are freed as they are joined (a
+    node's peak memory: benchmarks/agglomerate_nodes.py)."""
+    if method not in ("mean", "watershed"):
+        raise ValueError(f"method must be 'mean' or 'watershed', not {method!r}")
+    g, edge = _combine(children, method)
     n = g.ids.size
-    ea = np.searchsorted(g.ids, g.ru)
-    eb = np.searchsorted(g.ids, g.rv)
+    m = edge["ru"].size
+    # int32 node indices (the kernel holds below 2**31), the region ends dropped once they
+    # are indices, and the uint64 sums viewed, not copied, as the kernel's int64: 40 bytes
+    # less per edge while it runs
+    index = np.int32 if n < 2**31 else np.int64
+    ea = np.searchsorted(g.ids, edge.pop("ru")).astype(index)
+    eb = np.searchsorted(g.ids, edge.pop("rv")).astype(index)
     is_open = g.open_at(*blocks, grid)
     frozen = is_open.astype(np.uint8)
     if method == "mean":
-        tie = np.empty(g.ru.size, np.int64)
-        tie[np.lexsort((g.tie_v, g.tie_u))] = np.arange(g.ru.size)
-        label = _mean(n, ea, eb, g.count.astype(np.int64), g.affinity_sum.astype(np.int64), tie,
+        tie = np.empty(m, np.int64)
+        tie[np.lexsort((edge["tie_v"], edge["tie_u"]))] = np.arange(m)
+        label = _mean(n, ea, eb, np.asarray(edge["count"], _U64).view(np.int64),
+                      np.asarray(edge["affinity_sum"], _U64).view(np.int64), tie,
                       np.asarray([threshold], np.float64), frozen)[0]
+        del tie
         deferred = None
-    elif method == "watershed":
-        order = np.lexsort((g.tie_v, g.tie_u, g.saddle))
-        deferred = np.zeros(g.ru.size, np.uint8)
-        label = _watershed(n, ea, eb, order, g.saddle, g.floors, g.deepest.astype(np.int64),
-                           threshold * 255.0, frozen, deferred)
     else:
-        raise ValueError(f"method must be 'mean' or 'watershed', not {method!r}")
+        order = np.lexsort((edge["tie_v"], edge["tie_u"], edge["saddle"]))
+        deferred = np.zeros(m, np.uint8)
+        label = _watershed(n, ea, eb, order, edge["saddle"], g.floors,
+                           g.deepest.astype(np.int64), threshold * 255.0, frozen, deferred)
+        del order
     # a region's new name: its open member's (one at most), else its smallest supervoxel id
     smallest = np.full(n, np.iinfo(np.uint64).max, _U64)
     np.minimum.at(smallest, label, g.min_ids)
@@ -404,11 +434,14 @@ def agglomerate_node(
     # edges between frozen regions stay (mean: all of them; watershed: those not yet taken)
     a, b = name[ea], name[eb]
     keep = (frozen[ea] == 1) & (frozen[eb] == 1) & (a != b)
+    del ea, eb
     if deferred is not None:
         keep &= deferred == 1
-    ru, rv = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
-    edges = _group_edges(ru, rv, g.tie_u[keep], g.tie_v[keep], g.count[keep],
-                         g.affinity_sum[keep], g.saddle[keep], method)
+    a, b = a[keep], b[keep]
+    columns = [np.minimum(a, b), np.maximum(a, b)]
+    del a, b
+    columns += [edge.pop(name)[keep] for name in _EDGE_FIELDS[2:]]
+    edges = _group_edges(columns, method)
     f = rfrozen
     residual = Residual(rname[f], rmin[f], rvoxels[f], rlow[f], rhigh[f], rsizes[f], rfloors[f],
                         rdeepest[f], *edges)

@@ -119,11 +119,12 @@ def OctreeNodeTask(  # noqa: N802  (taskqueue registers tasks by function name)
         else:
             children = [node_from_arrays(get_npz(files, _key(run, sweep, level - 1, c))).residual
                         for c in tree.children(level, node)]
+        regions = int(sum(c.ids.size for c in children))
+        edges = int(sum(c.ru.size for c in children))
         result = agglomerate_node(children, tree.bounds(level, node), tree.grid, method,
-                                  float(threshold))
+                                  float(threshold))  # empties `children`: freed before it peaks
         stored = put_npz(files, _key(run, sweep, level, node), node_arrays(result))
-        return {"regions": int(sum(c.ids.size for c in children)),
-                "edges": int(sum(c.ru.size for c in children)),
+        return {"regions": regions, "edges": edges,
                 "final": int(result.final.size), "residual_bytes": result.residual.nbytes,
                 "stored_bytes": stored}
     if level == 0:

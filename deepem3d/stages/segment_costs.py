@@ -26,13 +26,14 @@ SMOOTH_BYTES_PER_VOXEL = 17
 # Peak bytes of an agglomeration octree node task: NODE_BASE_BYTES + these per region-graph
 # edge its children hand it (at level 0, its block's graph). Fitted above the peak RSS of the
 # task's work (reading its children, the kernel, its stored result) by
-# benchmarks/agglomerate_nodes.py on white-noise affinities (192^3 in 48^3 blocks, 0.16-3.4
-# million edges per node): slopes of 312 (mean, 1 - mean affinity 0.5), 376 (0.95: merged
-# edge lists grow), 250 (watershed 0.19) bytes per edge above 35-42 MiB, and on the smooth
-# cell map (256^3 in 64^3 blocks): 340. (The kernel alone, as benchmarks/segmentation.py
-# traces it on level-0 tasks, is 199-252 and 79: a node also holds its children's residuals,
-# their combination and its own.)
-NODE_BYTES_PER_EDGE = {"mean": 400, "watershed": 270}
+# benchmarks/agglomerate_nodes.py on white-noise affinities (192^3 in 48^3 blocks, 0.16-3.0
+# million edges per node), bytes per edge above 38 MiB at levels 0, 1 and 2: 224, 206, 261
+# (mean, 1 - mean affinity 0.5), 341, 284, 312 (0.95: merged edge lists grow), 92, 169, 135
+# (watershed 0.19). Before the node joined its children column by column, freeing each as it
+# went, and its kernel reused its queue's slots, the same runs gave 321-330, 379-395 and
+# 171-269 (the constants were 400 and 270). The kernel alone, as benchmarks/segmentation.py
+# traces it on level-0 tasks, is 199-252 and 79.
+NODE_BYTES_PER_EDGE = {"mean": 360, "watershed": 190}
 NODE_BASE_BYTES = 64 * 2**20
 # Region-graph edges per voxel: 0.0186 on benchmarks/segmentation.py's synthetic cells (a smooth
 # map), 0.3 on its ISBI map (white noise on the ground truth), 0.35 on a noisy 96^3 synthetic map;
