@@ -121,9 +121,9 @@ def test_a_segmentation_goes_back_onto_the_image_grid_by_nearest_neighbour(image
     image's grid (--like), each voxel the id of the 4 nm voxel holding its centre (exact
     fractions: 4.6 is 23/5), 0 outside; the same bytes whatever the task shape."""
     path, array = image
-    at4 = tmp_path / "at4"
-    run_cli("resample", path, at4, "--resolution", "4,4,50", "--parallel", "1", check=True)
-    vol4 = CloudVolume(f"file://{at4}")
+    at4 = f"file://{tmp_path / 'at4'}"
+    run_resample(path, at4, (4.0, 4.0, 50.0))
+    vol4 = CloudVolume(at4)
     offset4, size4 = vol4.voxel_offset.tolist(), vol4.volume_size.tolist()
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 2**40, size=(7, 6, 2), dtype=np.uint64)  # 16 x 16 x 4 voxel cells
@@ -136,9 +136,13 @@ def test_a_segmentation_goes_back_onto_the_image_grid_by_nearest_neighbour(image
     outputs = []
     for shape in ((96, 80, 8), (16, 32, 2)):
         out = tmp_path / f"back{shape[1]}"
-        done = run_cli("resample", seg, out, "--like", path, "--task-shape",
-                       ",".join(map(str, shape)), "--parallel", "1", check=True)
-        assert "(4x4x50 nm, nearest)" in done.stdout and "segmentation written" in done.stdout
+        if shape[2] == 8:  # the command, once; then the same plan in this process
+            done = run_cli("resample", seg, out, "--like", path, "--task-shape",
+                           ",".join(map(str, shape)), "--parallel", "1", check=True)
+            assert "(4x4x50 nm, nearest)" in done.stdout, done.stdout
+            assert "segmentation written" in done.stdout
+        else:
+            run_resample(seg, f"file://{out}", None, like=path, task_shape=shape)
         back = CloudVolume(f"file://{out}")
         assert back.layer_type == "segmentation" and back.dtype == np.uint64
         assert back.voxel_offset.tolist() == list(OFFSET)
