@@ -137,7 +137,9 @@ def ingest(
     Images keep the source dtype (uint8, uint16, uint32 or float32); segmentations take any
     non-negative integers (or bool) and are stored as `dtype` (uint64 by default, or
     uint32). The source is read slab by slab, each slab a whole number of chunk rows of
-    z (at most about `slab_bytes`), so every write is aligned to the chunk grid.
+    z (at most about `slab_bytes`), so every write is aligned to the chunk grid, and, where
+    that fits, of the sections the file stores together (`z_step`: zarr chunks, N5 blocks,
+    HDF5 chunks), so each stored block is decompressed once.
     Refuses a destination that already holds data unless `overwrite`. `to_uint8` stores an
     image of any number type as uint8 (what the network reads): `uint8_window`'s intensity
     window mapped linearly onto 0..255, clipped, rounded.
@@ -175,7 +177,9 @@ def ingest(
         check_encoding(encoding, layer_type, out)
         chunk = chunk_size or default_chunk_size(layer_type, source.shape)
         plane = source.shape[0] * source.shape[1] * max(out.itemsize, source.dtype.itemsize)
-        slabs = slab_ranges(source.shape[2], chunk[2], slab_bytes // (plane * chunk[2]))
+        rows = slab_bytes // (plane * chunk[2])  # chunk rows a slab holds
+        whole = math.lcm(chunk[2], source.z_step) // chunk[2]  # rows that end on both grids
+        slabs = slab_ranges(source.shape[2], chunk[2], rows // whole * whole or rows)
 
         ends = [o + s for o, s in zip(voxel_offset, source.shape)]
         if any(abs(v) > LARGEST_COORDINATE for v in (*voxel_offset, *ends, *chunk)):

@@ -100,6 +100,7 @@ class N5Array:
         self.dtype = dtype
         self.shape = tuple(reversed(self._dims))
         self.ndim = len(self.shape)
+        self.chunks = tuple(reversed(self._block))  # as zarr and h5py name their blocks
 
     def __getitem__(self, key) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)

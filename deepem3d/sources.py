@@ -87,6 +87,9 @@ class VolumeSource(ABC):
     #: position of the first voxel's corner in nm, x,y,z, where the file records one
     position: tuple[float, float, float] | None = None
     position_from: str = ""
+    #: sections the file stores (and decompresses) together: a slab that starts and ends on
+    #: a multiple of it decodes each stored block once
+    z_step: int = 1
 
     def __init__(self, name: str, stored_shape: Sequence[int], dtype: np.dtype, axes: str):
         self.name = name  # the source as the user named it (absolute path), for messages
@@ -196,6 +199,9 @@ class ArraySource(VolumeSource):
         except BaseException:
             self.close()
             raise
+        chunks = getattr(data, "chunks", None)  # zarr, N5, a chunked HDF5 dataset
+        if isinstance(chunks, tuple) and len(chunks) == data.ndim:
+            self.z_step = int(chunks[len(fixed)] if axes == "zyx" else chunks[-1])
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
         if self.axes == "xyz":

@@ -642,6 +642,24 @@ def test_n5_blocks_absent_truncated_and_the_voxel_size_its_attributes_record(tmp
         assert source.recorded_offset(source.resolution) == (10, 0, 10)
 
 
+def test_slabs_end_on_the_files_own_blocks_so_each_is_decoded_once(tmp_path, monkeypatch):
+    """N5 blocks 6 sections deep, layer chunks 2 deep, room for 4 chunk rows a slab: slabs of 6
+    sections (8 would split every other block between two slabs, each read twice)."""
+    from deepem3d import n5
+
+    data = volume(shape=(24, 33, 50), dtype=np.uint16)
+    src = write_n5(tmp_path / "deep.n5", data, "gzip", block=(16, 16, 6))
+    reads = []
+    original = n5.N5Array._read_block
+    monkeypatch.setattr(n5.N5Array, "_read_block",
+                        lambda self, grid: reads.append(tuple(grid)) or original(self, grid))
+    plane = 50 * 33 * 2
+    ingest(src, str(tmp_path / "layer"), resolution=(4, 4, 40), chunk_size=(16, 16, 2),
+           slab_bytes=4 * plane * 2, progress=False)
+    assert len(reads) == len(set(reads)) == 4 * 3 * 4  # z, y, x blocks: each once
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(data))
+
+
 def test_n5_levels_units_and_choices(tmp_path):
     """A level named explicitly scales its group's voxel size by its `downsamplingFactors`; a
     `resolution` without `units` is nm (Paintera, funlib); a container of two volumes, or of
