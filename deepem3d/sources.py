@@ -27,7 +27,7 @@ import os
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -136,8 +136,7 @@ class VolumeSource(ABC):
         RESOLUTION_DIGITS significant digits (a header's float32 13.7 A is 1.3700000047 nm)."""
         values = _positive_triple(stored)
         if values is not None:
-            values = tuple(float(f"{v:.{RESOLUTION_DIGITS}g}") for v in values)
-            self.resolution = values if self.axes == "xyz" else tuple(reversed(values))
+            self.resolution = self._xyz(float(f"{v:.{RESOLUTION_DIGITS}g}") for v in values)
             self.resolution_from = where
 
     def record_position(self, stored: Sequence[float] | None, where: str) -> None:
@@ -146,8 +145,13 @@ class VolumeSource(ABC):
         past RESOLUTION_DIGITS digits)."""
         values = _finite_triple(stored)
         if values is not None:
-            self.position = values if self.axes == "xyz" else tuple(reversed(values))
+            self.position = self._xyz(values)
             self.position_from = where
+
+    def _xyz(self, stored: Iterable[float]) -> tuple[float, float, float]:
+        """Three values the file gives in its own axis order, x,y,z."""
+        values = tuple(stored)
+        return values if self.axes == "xyz" else values[::-1]
 
     def recorded_offset(self, resolution: Sequence[float]) -> tuple[int, int, int]:
         """The voxel offset, x,y,z, at which the file places its first voxel: its position

@@ -90,6 +90,17 @@ def _nearest(lo: int, hi: int, r_s: float, r_t: float, o_s: int) -> np.ndarray:
     return np.array([(2 * a + 1) * p // (2 * d) - o_s for a in range(lo, hi)], np.int64)
 
 
+def _nearest_inside(target: Bbox, axis: int, resolution: Sequence[float],
+                    offset: Sequence[int], size: Sequence[int], target_res: Sequence[float]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Along one axis of a target block: its voxels (relative to the block) whose centre lies
+    in the source, and the source voxel (relative to the source's offset) each takes."""
+    k = _nearest(int(target.minpt[axis]), int(target.maxpt[axis]), resolution[axis],
+                 target_res[axis], offset[axis])
+    ok = (k >= 0) & (k < size[axis])
+    return np.flatnonzero(ok), k[ok]
+
+
 def _samples(lo: int, hi: int, r_s: float, r_t: float, o_s: int, n_s: int):
     """For target voxels lo..hi (absolute) along one axis: the lower source voxel (relative
     to the source's offset) and the weight of the upper one."""
@@ -106,17 +117,15 @@ def source_box(target: Bbox, resolution: Sequence[float], offset: Sequence[int],
     neighbour, a block wholly outside the source)."""
     lo, hi = [], []
     for axis in range(3):
-        a, b = int(target.minpt[axis]), int(target.maxpt[axis])
         if interpolation == "nearest":
-            k = _nearest(a, b, resolution[axis], target_res[axis], offset[axis])
-            k = k[(k >= 0) & (k < size[axis])]
+            _, k = _nearest_inside(target, axis, resolution, offset, size, target_res)
             if not k.size:
                 return None
             lo.append(offset[axis] + int(k.min()))
             hi.append(offset[axis] + int(k.max()) + 1)
             continue
-        below, _ = _samples(a, b, resolution[axis], target_res[axis], offset[axis],
-                            size[axis])
+        below, _ = _samples(int(target.minpt[axis]), int(target.maxpt[axis]), resolution[axis],
+                            target_res[axis], offset[axis], size[axis])
         lo.append(offset[axis] + int(below.min()))
         hi.append(offset[axis] + min(int(below.max()) + 2, size[axis]))
     return Bbox(lo, hi)
@@ -132,13 +141,11 @@ def nearest_block(source: np.ndarray, source_lo: Sequence[int], target: Bbox,
     if source is None:
         return np.zeros(shape, np.uint64)
     out = np.zeros(shape, source.dtype)
-    picks, inside = [], []
+    inside, picks = [], []
     for axis in range(3):
-        k = _nearest(int(target.minpt[axis]), int(target.maxpt[axis]), resolution[axis],
-                     target_res[axis], offset[axis])
-        ok = (k >= 0) & (k < size[axis])
-        picks.append(k[ok] - (int(source_lo[axis]) - int(offset[axis])))
-        inside.append(np.flatnonzero(ok))
+        voxels, k = _nearest_inside(target, axis, resolution, offset, size, target_res)
+        inside.append(voxels)
+        picks.append(k - (int(source_lo[axis]) - int(offset[axis])))
     out[np.ix_(*inside)] = source[np.ix_(*picks)]
     return out
 
