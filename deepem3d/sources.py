@@ -5,7 +5,8 @@
 - an HDF5 dataset (`volume.h5:/path/to/dataset`);
 - a NumPy file (`volume.npy`, memory-mapped);
 - a zarr array, v2 or v3 (`volume.zarr`, `volume.zarr/raw`), or an OME-Zarr image, whose first
-  (full-resolution) level is read and whose size-1 time and channel axes are dropped;
+  (full-resolution) level is read, or the level its path names (`image.zarr/1`, with that
+  level's scale and translation), and whose size-1 time and channel axes are dropped;
 - an N5 dataset (`volume.n5/raw`), or the one a container or group holds (a multiscale's
   full-resolution `s0`), read by `deepem3d.n5`;
 - an MRC file (`volume.mrc`, `.rec`, `.st`, `.ali`, `.map`, `.mrcs`; memory-mapped).
@@ -375,7 +376,7 @@ def natural_key(name: str) -> tuple:
 def open_source(src: str, axes: str | None = None) -> VolumeSource:
     """Open `src` read-only as a 3D volume: TIFF file or directory, FILE.h5:/DATASET (or
     FILE.h5 when it holds one dataset), .npy, a zarr array or group (OME-Zarr: its first,
-    full-resolution level), MRC.
+    full-resolution level, or a level named by its path), N5, MRC.
 
     `axes` is the order of the array in the file: "zyx" or "xyz" (HDF5, .npy and zarr; TIFF
     pages and MRC sections are always z). None: what an OME-Zarr's metadata says, else zyx.
@@ -577,6 +578,8 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
             path = os.path.join(path, name)
     if multiscale is not None:
         node, scale, position, fixed, ome_axes, no_unit = _ome_level(path, node, multiscale)
+    elif (listed := _ome_level_named(path)) is not None:  # a level by its path: img.zarr/1
+        node, scale, position, fixed, ome_axes, no_unit = _ome_level(*listed)
     if ome_axes is not None and axes not in (None, ome_axes):
         raise InputError(f"{path}: its OME-Zarr metadata says its axes are "
                          f"{','.join(ome_axes)}: drop --axes {axes}")
@@ -604,15 +607,38 @@ def _ome_multiscale(group) -> dict | None:
     return found[0] if isinstance(found, list) and found and isinstance(found[0], dict) else None
 
 
-def _ome_level(path: str, group, multiscale: dict) -> tuple:
+def _ome_level_named(path: str) -> tuple | None:
+    """(image path, image group, multiscale, level index) when the array at `path` is a level
+    an OME-Zarr image above it lists (`img.zarr/1`, `img.zarr/scale/1`); else None."""
+    import zarr
+    import zarr.errors
+
+    parts = os.path.normpath(path).split(os.sep)
+    for up in (1, 2):  # the image group is the array's parent, or its grandparent
+        image, below = os.sep.join(parts[:-up]), "/".join(parts[-up:])
+        if not image or not any(os.path.exists(os.path.join(image, m)) for m in ZARR_MARKERS):
+            continue
+        try:
+            group = zarr.open_group(store=image, mode="r")
+        except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError, TypeError):
+            continue
+        multiscale = _ome_multiscale(group)
+        datasets = multiscale.get("datasets") if multiscale else None
+        paths = [d.get("path") if isinstance(d, dict) else None for d in datasets or []]
+        if below in paths:
+            return image, group, multiscale, paths.index(below)
+    return None
+
+
+def _ome_level(path: str, group, multiscale: dict, index: int = 0) -> tuple:
     """(array, voxel size and first voxel's position in nm in the array's spatial order or
-    None, indices of the leading
-    size-1 axes, "zyx" or "xyz", whether a scale was dropped for want of a unit) of an
-    OME-Zarr's full-resolution level. Versions before 0.3 name no axes: t,c,z,y,x."""
+    None, indices of the leading size-1 axes, "zyx" or "xyz", whether a scale was dropped for
+    want of a unit) of an OME-Zarr's level `index` (0: full resolution). Versions before 0.3
+    name no axes: t,c,z,y,x."""
     import zarr
 
     try:
-        level = multiscale["datasets"][0]
+        level = multiscale["datasets"][index]
         array = group[level["path"]]
         axes = multiscale.get("axes") or list("tczyx")
         names = [a["name"] if isinstance(a, dict) else str(a) for a in axes]

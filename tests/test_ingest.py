@@ -804,6 +804,30 @@ def test_ingest_places_the_volume_where_the_file_does(tmp_path):
     assert not (tmp_path / "half").exists()
 
 
+def test_an_ome_zarr_level_named_by_its_path_takes_that_levels_voxel_size(tmp_path):
+    """`img.zarr/1` is the image's level 1 with its own scale and translation (a user who
+    wants a coarser level than the full-resolution one); an array no image lists has none."""
+    import zarr
+
+    data = volume()
+    src = write_ome_zarr(tmp_path, data, "zyx", [0.04, 0.004, 0.004], name="l.zarr")
+    group = zarr.open_group(src, mode="r+")
+    meta = group.attrs["multiscales"]
+    meta[0]["datasets"][1]["coordinateTransformations"] = [
+        {"type": "scale", "scale": [0.04, 0.008, 0.008]},
+        {"type": "translation", "translation": [0.0, 0.016, 0.008]}]
+    group.attrs["multiscales"] = meta
+    group.create_array("loose", data=data, chunks=data.shape)
+    vol = ingest(f"{src}/1", str(tmp_path / "coarse"), progress=False)
+    assert list(vol.resolution) == pytest.approx([8, 8, 40])
+    assert list(vol.voxel_offset) == [1, 2, 0]  # x 8 nm, y 16 nm: in voxels of level 1
+    np.testing.assert_array_equal(read_back(tmp_path / "coarse"), xyz(data[:, ::2, ::2]))
+    with open_source(f"{src}/0") as source:
+        assert source.resolution == pytest.approx((4, 4, 40))
+    with open_source(f"{src}/loose") as source:
+        assert source.resolution is None
+
+
 def test_recorded_voxel_sizes_are_rounded_and_defaults_refused(tmp_path):
     """A float32 header's 13.7 A is 1.37 nm, as a user would type it; a 1 A MRC (what programs
     write when the size is unknown) and an OME-Zarr scale without a unit are not taken."""

@@ -52,8 +52,8 @@ def ingest(
     SRC is a multi-page TIFF (pages are z), a directory of single-page TIFFs (sorted by
     name, numbers in natural order), FILE.h5:/DATASET (FILE.h5 alone when it holds one
     dataset), a .npy file, a zarr array (v2 or v3; DIR.zarr/ARRAY in a group of several), an
-    OME-Zarr image (its full-resolution level), an N5 dataset (or a multiscale's s0), or an
-    MRC file (.mrc, .rec, .st, .ali, .map,
+    OME-Zarr image (its full-resolution level; DIR.zarr/1 names level 1, read at its own voxel
+    size), an N5 dataset (or a multiscale's s0), or an MRC file (.mrc, .rec, .st, .ali, .map,
     .mrcs). HDF5, .npy and zarr are z,y,x unless --axes xyz. DEST is any CloudVolume path
     (file://, gs://, s3://) or a local directory. SRC is only read; it is streamed slab by slab
     along z.
