@@ -15,6 +15,7 @@ from deepem3d.axes import xyz_from_zyx
 from deepem3d.errors import InputError
 from deepem3d.run.runner import execute_here, run_stages
 from deepem3d.sample import load_sample
+from deepem3d.stages.blocks import block_id, parse_block_id
 from deepem3d.stages.resample import (
     plan_resample,
     resample_block,
@@ -63,6 +64,40 @@ def test_blocks_of_any_shape_give_the_whole_volume_call(image, tmp_path):
     assert vol.resolution.tolist() == [4, 4, 50] and vol.voxel_offset.tolist() == [12, 23, 3]
 
 
+def test_a_layer_that_starts_below_zero_passes_the_workers_checks(image, tmp_path):
+    """Blocks that start below x = 0 have ids that begin with "-" ("-16-0_..."): a worker
+    admits them (execute_here runs the same checks) and they give the whole-volume call."""
+    _, array = image
+    crop = np.asfortranarray(array[:40, :30, :3])
+    start = (-21, -9, -2)
+    path = f"file://{tmp_path / 'below'}"
+    create_layer(path, layer_type="image", dtype="uint8", resolution=SOURCE, size=crop.shape,
+                 voxel_offset=start, chunk_size=(16, 16, 2))[:, :, :] = crop
+    target = (4.0, 4.0, 50.0)
+    offset, size = target_geometry(SOURCE, start, crop.shape, target)
+    whole = resample_block(crop, start, Bbox(offset, np.add(offset, size)), SOURCE, start,
+                           crop.shape, target)
+    _, out = run_resample(path, f"file://{tmp_path / 'out'}", target, task_shape=(16, 16, 2))
+    np.testing.assert_array_equal(out, whole)
+    for box in (Bbox((-32, -16, -4), (-16, 0, -2)), Bbox((-3, 5, 0), (7, 12, 1))):
+        assert parse_block_id(block_id(box)) == box
+
+
+def test_a_uint8_segmentation_is_written_as_uint32(tmp_path):
+    """Neuroglancer allows uint8 segmentation layers (other tools write them); deepem3d's
+    hold uint32 or uint64, so the ids widen, each voxel the nearest source voxel's."""
+    ids = np.random.default_rng(1).integers(0, 256, size=(20, 12, 2), dtype=np.uint8)
+    info = CloudVolume.create_new_info(1, "segmentation", "uint8", "raw", [8, 8, 50],
+                                       [0, 0, 0], list(ids.shape), chunk_size=[16, 16, 2])
+    path = f"file://{tmp_path / 'seg8'}"
+    vol = CloudVolume(path, info=info, progress=False)
+    vol.commit_info()
+    vol[:, :, :] = ids
+    _, out = run_resample(path, f"file://{tmp_path / 'out'}", (4.0, 4.0, 50.0))
+    assert out.dtype == np.uint32 and out.shape == (40, 24, 2)
+    np.testing.assert_array_equal(out, np.repeat(np.repeat(ids, 2, 0), 2, 1))
+
+
 def test_the_same_resolution_is_the_image_and_a_ramp_stays_a_ramp(image, tmp_path):
     path, array = image
     _, same = run_resample(path, f"file://{tmp_path / 'same'}", SOURCE)
@@ -94,7 +129,7 @@ def test_infer_reads_the_resampled_image_and_bad_input_is_one_line(image, tmp_pa
                           "must be positive")
     assert_one_line_error(run_cli("resample", path, tmp_path / "x", "--resolution", "1,1,50"),
                           "more than 4 times", "deepem3d downsample")
-    with pytest.raises(InputError, match="one-channel uint8 EM images .* and uint32/uint64"):
+    with pytest.raises(InputError, match="one-channel uint8 EM images .* uint32 or uint64 ids"):
         two = f"file://{tmp_path / 'two'}"
         create_layer(two, layer_type="image", dtype="uint8", resolution=SOURCE,
                      size=(8, 8, 2), num_channels=2)

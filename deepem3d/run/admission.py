@@ -119,8 +119,9 @@ def _registered(key: tuple[str, str]) -> Callable | None:
 
 
 #: a name a task joins onto a path (a stage, a task id, a product's directory): one plain
-#: path component, so that it cannot climb out of the layer or name another bucket
-COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:-]*")
+#: path component, so that it cannot climb out of the layer or name another bucket; a block id
+#: begins with "-" where the block starts below x = 0 ("-16-0_0-16_0-4")
+COMPONENT = re.compile(r"-?[A-Za-z0-9_][A-Za-z0-9._:-]*")
 #: arguments of stage tasks that name such a component (the octree's work folders)
 STAGE_COMPONENTS = ("table", "sweep")
 #: arguments of wrapped igneous tasks that name a directory under their layer

@@ -128,15 +128,18 @@ def summarise(stage: Stage, ran: int, seconds: float) -> StageSummary:
 
 
 def execute_here(stage: Stage, tasks: Iterator) -> int:
-    """Run a stage's tasks in this process, each through its JSON payload as a worker would
-    (tests and benchmarks)."""
+    """Run a stage's tasks in this process, each through its JSON payload and the worker's
+    admission checks as a worker would (tests and benchmarks)."""
     from taskqueue.queueables import totask
 
+    from deepem3d.run.admission import admit
     from deepem3d.stages.frame import payload_of
 
     count = 0
     for task in tasks:
-        totask(payload_of(task)).execute()
+        received = totask(payload_of(task))
+        admit(received)
+        received.execute()
         count += 1
     return count
 

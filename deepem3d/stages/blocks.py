@@ -6,6 +6,7 @@ of the chunk size and the region is grown to the chunk grid (anchored at the vox
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -99,9 +100,18 @@ def block_id(bounds: Bbox) -> str:
     return "_".join(f"{int(a)}-{int(b)}" for a, b in zip(bounds.minpt, bounds.maxpt))
 
 
+#: one axis of a block id: "x0-x1", either end possibly negative ("-16-0", "-32--16")
+ID_RANGE = re.compile(r"(-?\d+)-(-?\d+)")
+
+
 def parse_block_id(task_id: str) -> Bbox:
     """The inverse of `block_id`."""
-    ranges = [tuple(int(v) for v in part.split("-")) for part in task_id.split("_")]
+    ranges = []
+    for part in task_id.split("_"):
+        found = ID_RANGE.fullmatch(part)
+        if found is None:
+            raise ValueError(f"{task_id!r} is not a block id (x0-x1_y0-y1_z0-z1)")
+        ranges.append((int(found[1]), int(found[2])))
     return Bbox([r[0] for r in ranges], [r[1] for r in ranges])
 
 

@@ -183,12 +183,12 @@ def ResampleTask(  # noqa: N802  (taskqueue registers tasks by function name)
     box = source_box(block, resolution, offset, size, target, interpolation)
     source = None if box is None else read_block(
         src, box.minpt, box.maxpt, "pass --fill-missing to read them as zeros")[..., 0]
+    out = CloudVolume(output_path, mip=0, progress=False, non_aligned_writes=False)
     if interpolation == "nearest":
         data = nearest_block(source, None if box is None else box.minpt, block, resolution,
-                             offset, size, target).astype(src.dtype, copy=False)
+                             offset, size, target).astype(out.dtype, copy=False)
     else:
         data = resample_block(source, box.minpt, block, resolution, offset, size, target)
-    out = CloudVolume(output_path, mip=0, progress=False, non_aligned_writes=False)
     write_block(out, bounds[:3], data)
     return {"voxels": int(data.size), "read_voxels": 0 if source is None else int(source.size)}
 
@@ -278,7 +278,7 @@ def plan_resample(image_path: str, output_path: str, *,
             segmentation and vol.dtype in (np.uint32, np.uint64))):
         raise InputError(f"{image_path} holds {vol.num_channels} channel(s) of {vol.dtype}: "
                          "resample reads one-channel uint8 EM images (`deepem3d ingest` makes "
-                         "them) and uint32/uint64 segmentations")
+                         "them) and segmentations of uint8, uint32 or uint64 ids")
     source = tuple(float(r) for r in vol.resolution)
     if not within_resample_range(source, target):
         asked = (f"--like {like}'s voxel size" if like else "--resolution")
@@ -301,7 +301,9 @@ def plan_resample(image_path: str, output_path: str, *,
         image_path=image_path, output_path=output_path, mip=mip, source_resolution=source,
         resolution=target, voxel_offset=tuple(offset), size=tuple(size), chunk_size=chunk,
         task_shape=task_shape, fill_missing=fill_missing, like=like,
-        interpolation="nearest" if segmentation else "linear", dtype=str(vol.dtype),
+        interpolation="nearest" if segmentation else "linear",
+        # a segmentation layer holds uint32 or uint64: a uint8 one's ids widen to uint32
+        dtype="uint32" if segmentation and vol.dtype == np.uint8 else str(vol.dtype),
         blocks=block_grid(Bbox(offset, [o + s for o, s in zip(offset, size)]), task_shape))
     if layer_holds_data(output_path) and not overwrite:
         if Markers(output_path, STAGE).current_key() != resample_key(plan):
