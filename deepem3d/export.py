@@ -76,6 +76,8 @@ def export(
         raise InputError(f"{file} is a file: a zarr export is a folder")
     if os.path.lexists(file) and not overwrite:
         raise InputError(f"{file} exists: pass --overwrite to replace it")
+    layers.check_output_apart(f"file://{os.path.abspath(file)}", {"exported": vol.cloudpath},
+                              name="OUT")  # replacing a folder that holds LAYER deletes it
     x, y, z = (int(s) for s in box.size3())
     shape = (z, y, x) + ((channels,) if channels > 1 else ())
     axes = "zyx" + ("c" if channels > 1 else "")
@@ -99,7 +101,8 @@ def export(
     if kind in ("npy", "tiff") and need > free:  # HDF5 and zarr are compressed: sizes unknown
         raise InputError(f"{file} would take {format_bytes(need)} and {folder} has "
                          f"{format_bytes(free)} free: export a smaller --bounds, or to HDF5")
-    partial = os.path.join(folder, f".{os.path.basename(file)}.partial-{os.getpid()}")
+    # beside OUT, its name cut so that a name as long as the file system allows still fits
+    partial = os.path.join(folder, f".{os.path.basename(file)[:128]}.partial-{os.getpid()}")
     try:
         with _Writer(kind, partial, dataset, shape, dtype, ome) as write, tqdm(
             total=z, unit="z", desc=f"export {os.path.basename(file)}", file=sys.stderr,

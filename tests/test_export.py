@@ -136,6 +136,15 @@ def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
     run_cli("export", paths["image"], tmp_path / "there.npy", "--overwrite", "--no-progress",
             check=True)
     np.testing.assert_array_equal(np.load(tmp_path / "there.npy"), layers["image"])
+    # a zarr folder that holds the layer itself is not replaced (that would delete the layer)
+    holder = tmp_path / "w.zarr"
+    shutil.copytree(paths["image"].removeprefix("file://"), holder / "img")
+    assert_one_line_error(run_cli("export", holder / "img", holder, "--overwrite",
+                                  "--no-progress"), "overlaps the exported layer")
+    assert (holder / "img" / "info").exists()
+    long = tmp_path / ("a" * 251 + ".npy")  # as long as a file name may be
+    run_cli("export", paths["image"], long, "--no-progress", check=True)
+    np.testing.assert_array_equal(np.load(long), layers["image"])
 
 
 def test_an_export_larger_than_the_free_disk_is_refused_first(tmp_path, monkeypatch):
