@@ -250,6 +250,23 @@ def test_an_image_layer_without_provenance_is_scored_with_a_warning(
     assert json.loads(out)["voi"] == pytest.approx(expected["voi"], rel=1e-12)
 
 
+def test_negative_ids_of_a_signed_layer_are_one_line(
+    layers: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Other tools write signed segmentation layers: a negative id is named, not a crash."""
+    info = CloudVolume.create_new_info(1, "segmentation", "int32", "raw", [4, 4, 40],
+                                       list(OFFSET), list(SIZE), chunk_size=list(CHUNK))
+    vol = CloudVolume(f"file://{tmp_path / 'signed'}", info=info, progress=False)
+    vol.commit_info()
+    signed = layers["gt_array"].astype(np.int32)
+    signed[3, 4, 5] = -1
+    vol[:, :, :] = signed
+    for argv, name in (([vol.cloudpath, layers["gt"]], "SEG"),
+                       ([layers["gt"], vol.cloudpath], "GT")):
+        code, _, err = run(["evaluate", *argv], capsys)
+        assert_one_line_stderr(code, err, name, "negative ids (min -1")
+
+
 def test_gt_all_zero_in_bounds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     seg, gt = labels()
     gt_path = make_layer(tmp_path / "gt", np.zeros_like(gt))

@@ -112,4 +112,8 @@ def read_table(seg_vol: CloudVolume, gt_vol: CloudVolume, blocks: list[Bbox],
 
 
 def _download(vol: CloudVolume, name: str, block: Bbox, missing_hint: str) -> np.ndarray:
-    return read_block(vol, block.minpt, block.maxpt, missing_hint, what=name)[..., 0]
+    ids = read_block(vol, block.minpt, block.maxpt, missing_hint, what=name)[..., 0]
+    if ids.dtype.kind == "i" and ids.size and ids.min() < 0:  # a signed layer's
+        raise InputError(f"{name} {vol.cloudpath} holds negative ids (min {ids.min()} in "
+                         f"{block.minpt.tolist()}..{block.maxpt.tolist()}): ids are >= 0")
+    return ids
