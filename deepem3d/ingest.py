@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from deepem3d.axes import LARGEST_COORDINATE
 from deepem3d.errors import InputError
-from deepem3d.sources import VolumeSource, open_source
+from deepem3d.sources import VolumeSource, open_source, source_root
 from deepem3d.storage import layers
 from deepem3d.storage.paths import enclosing_layer
 
@@ -157,6 +157,9 @@ def ingest(
     if above is not None:
         raise InputError(f"{dest} lies inside the layer {above}: give the new layer a folder "
                          "of its own")
+    if layers.same_place(dest, f"file://{source_root(src)}"):  # it would modify (or delete) SRC
+        raise InputError(f"{dest} is, holds or lies inside the source {src}: give the new "
+                         "layer a folder of its own")
 
     with open_source(src, axes=axes) as source:
         if resolution is None:
@@ -190,7 +193,6 @@ def ingest(
         if layer_type == "segmentation" and _needs_label_check(source.dtype, out):
             _check_labels(source, out, slabs, progress)
         window = uint8_window(source, slabs, progress) if to_uint8 else None
-        fresh = not layers.info_exists(dest)
         vol = layers.create_layer(
             dest,
             layer_type=layer_type,
@@ -215,9 +217,8 @@ def ingest(
         )
         try:
             _write_slabs(source, vol, out, voxel_offset, slabs, progress, window)
-        except BaseException:
-            if fresh:  # a layer this call made is removed whole, not left part-written
-                layers.remove_layer(dest)
+        except BaseException:  # the layer is this call's (--overwrite has emptied the old
+            layers.remove_layer(dest)  # one): removed whole, not left part-written
             raise
     return vol
 

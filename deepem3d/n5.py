@@ -91,7 +91,8 @@ class N5Array:
         if attrs.get("isLabelMultiset"):
             raise InputError(f"{path} holds Paintera label multisets, not voxels: export it "
                              "as a plain N5, zarr or HDF5 label volume first")
-        if dtype.kind not in "uif" or len(self._block) != len(self._dims):
+        if dtype.kind not in "uif" or len(self._block) != len(self._dims) or min(
+                self._block, default=0) < 1 or min(self._dims, default=0) < 0:
             raise InputError(f"{path}: N5 dataType {attrs['dataType']} with blocks "
                              f"{self._block} is not a volume deepem3d reads")
         if self._codec not in CODECS:
@@ -180,8 +181,12 @@ def voxel_size(path: str) -> tuple[list[float] | None, list[float], str]:
         found = _recorded(attrs)
         if found is not None:
             scale, position, where = found
-            if scale is not None and folder != os.path.normpath(path) and factors:
-                try:  # the group's size is its s0's: this level's is that times its factors
+            # a group's size is its s0's, and so is a `pixelResolution` (the N5 viewer's
+            # reader multiplies a dataset's own by its own factors, as n5-spark writes them):
+            # this level's is that times its factors
+            full = folder != os.path.normpath(path) or "pixelResolution" in where
+            if scale is not None and full and factors:
+                try:
                     scale = [s * float(f) for s, f in zip(scale, list(factors)[::-1])]
                 except (TypeError, ValueError):
                     return None, [0.0] * 3, "its N5 `downsamplingFactors` are not numbers"

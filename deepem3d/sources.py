@@ -11,13 +11,14 @@
   full-resolution `s0`), read by `deepem3d.n5`;
 - an MRC file (`volume.mrc`, `.rec`, `.st`, `.ali`, `.map`, `.mrcs`; memory-mapped).
 
-Files on disk are z,y,x; HDF5, .npy and zarr may say `axes="xyz"` when already x,y,z, and an
-OME-Zarr says which by its axes. Every source hands out x,y,z slabs (CloudVolume order); the one
-transposition is `deepem3d.axes`. Where the file records its voxel size (OME-Zarr's scale, the
-MRC header, an HDF5 dataset's `resolution` attribute as CREMI writes it, in the array's own
-axis order, N5's attributes as `deepem3d.n5` reads them), the source keeps it as `resolution`
-(nm, x,y,z), and the position of its first voxel (OME-Zarr's translation, CREMI's `offset`,
-N5's) as `position`. Sources are opened read-only and never modified.
+Files on disk are z,y,x; HDF5, .npy and zarr may say `axes="xyz"` when already x,y,z, and an OME-
+Zarr says which by its axes (a plain zarr array by zarr 3's `dimension_names` or xarray's
+`_ARRAY_DIMENSIONS`, where they are z,y,x or x,y,z). Every source hands out x,y,z slabs (CloudVolume
+order); the one transposition is `deepem3d.axes`. Where the file records its voxel size (OME-Zarr's
+scale, the MRC header, an HDF5 dataset's `resolution` attribute as CREMI writes it, in the array's
+own axis order, N5's attributes as `deepem3d.n5` reads them), the source keeps it as `resolution`
+(nm, x,y,z), and the position of its first voxel (OME-Zarr's translation, CREMI's `offset`, N5's) as
+`position`. Sources are opened read-only and never modified.
 """
 
 from __future__ import annotations
@@ -94,13 +95,18 @@ class VolumeSource(ABC):
 
     def __init__(self, name: str, stored_shape: Sequence[int], dtype: np.dtype, axes: str):
         self.name = name  # the source as the user named it (absolute path), for messages
+        if stored_shape is None:  # an HDF5 dataset with a null dataspace
+            raise InputError(f"{name} holds no array (its dataspace is empty)")
         self.stored_shape = tuple(int(s) for s in stored_shape)  # in the file's own order
         self.axes = axes
         _check_3d(self.stored_shape, name)
         self.shape = (
             tuple(reversed(self.stored_shape)) if axes == "zyx" else self.stored_shape
         )  # x,y,z
-        self.dtype = np.dtype(dtype).newbyteorder("=")  # native byte order
+        try:
+            self.dtype = np.dtype(dtype).newbyteorder("=")  # native byte order
+        except (TypeError, ValueError):  # zarr 3's variable-length strings
+            raise InputError(f"{name} holds {dtype}, not numbers") from None
 
     def read(self, z0: int, z1: int) -> np.ndarray:
         """Voxels [z0, z1) of the whole x,y extent as an x,y,z array in native byte order."""
@@ -163,9 +169,8 @@ class VolumeSource(ABC):
         if self.position is None:
             return (0, 0, 0)
         resolution = self.resolution or resolution
-        voxels = [p / r for p, r in zip(self.position, resolution)]
-        offset = tuple(round(v) for v in voxels)
-        if any(abs(v - o) > POSITION_TOLERANCE for v, o in zip(voxels, offset)):
+        offset = tuple(round(p / r) for p, r in zip(self.position, resolution))
+        if not _whole(self.position, resolution):
             nm = ",".join(f"{p:g}" for p in self.position)
             at = ",".join(f"{r:g}" for r in resolution)
             raise InputError(f"{self.name} places its first voxel at {nm} nm ({self.position_from}"
@@ -209,10 +214,18 @@ class ArraySource(VolumeSource):
             self.z_step = int(chunks[len(fixed)] if axes == "zyx" else chunks[-1])
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
-        if self.axes == "xyz":
-            return np.asarray(self._data[(*self._fixed, slice(None), slice(None),
-                                          slice(z0, z1))])
-        return xyz_from_zyx(np.asarray(self._data[(*self._fixed, slice(z0, z1))]))
+        try:
+            if self.axes == "xyz":
+                return np.asarray(self._data[(*self._fixed, slice(None), slice(None),
+                                              slice(z0, z1))])
+            return xyz_from_zyx(np.asarray(self._data[(*self._fixed, slice(z0, z1))]))
+        except InputError:
+            raise
+        except (OSError, RuntimeError, ValueError) as err:  # a damaged chunk, an HDF5 filter
+            # plugin that is not installed, a missing external file: the library's words
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"cannot read sections {z0}..{z1 - 1} of {self.name}: "
+                             f"{first}") from None
 
     def close(self) -> None:
         self._data = None
@@ -411,6 +424,20 @@ def open_source(src: str, axes: str | None = None) -> VolumeSource:
     raise InputError(f"cannot tell what {src} is from its name: deepem3d reads {SUPPORTED}")
 
 
+def source_root(src: str) -> str:
+    """The absolute path of what reading `src` reads from: the HDF5 file, or the zarr or N5
+    container an array lies in (its outermost folder that zarr or N5 metadata marks), or the
+    file or folder itself. A layer written inside it would modify the user's input."""
+    hdf5 = split_hdf5(src)
+    path = os.path.abspath(os.path.expanduser(hdf5[0] if hdf5 else src))
+    while True:
+        parent = os.path.dirname(path)
+        if parent == path or not any(os.path.exists(os.path.join(parent, m))
+                                     for m in (*ZARR_MARKERS, "attributes.json")):
+            return path
+        path = parent
+
+
 def split_hdf5(src: str) -> tuple[str, str | None] | None:
     """'a/v.h5:/raw' -> ('a/v.h5', '/raw'); 'v.h5' -> ('v.h5', None); not HDF5 -> None."""
     lower = src.lower()
@@ -554,10 +581,13 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
         node = zarr.open(store=path, mode="r")
     except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError) as err:
         raise InputError(f"cannot read {path} as zarr: {err}") from None
-    scale, position, fixed, ome_axes, no_unit = None, None, (), None, False
+    scale, position, fixed, file_axes, no_unit = None, None, (), None, False
     multiscale = _ome_multiscale(node) if isinstance(node, zarr.Group) else None
     if isinstance(node, zarr.Group) and multiscale is None:
-        members = list(node.members(max_depth=None))
+        try:
+            members = list(node.members(max_depth=None))
+        except (zarr.errors.BaseZarrError, OSError, ValueError, KeyError) as err:
+            raise InputError(f"cannot read {path} as zarr: {err}") from None
         images = [(name, g, m) for name, g in members if isinstance(g, zarr.Group)
                   and (m := _ome_multiscale(g)) is not None]
         if len(images) > 1:  # bioformats2raw writes a series per group: 0/, 1/, ...
@@ -576,20 +606,36 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
                                  f"{listed}{', ...' if len(arrays) > 6 else ''})")
             name, node = arrays[0]
             path = os.path.join(path, name)
+    said = "OME-Zarr metadata"
     if multiscale is not None:
-        node, scale, position, fixed, ome_axes, no_unit = _ome_level(path, node, multiscale)
+        node, scale, position, fixed, file_axes, no_unit = _ome_level(path, node, multiscale)
     elif (listed := _ome_level_named(path)) is not None:  # a level by its path: img.zarr/1
-        node, scale, position, fixed, ome_axes, no_unit = _ome_level(*listed)
-    if ome_axes is not None and axes not in (None, ome_axes):
-        raise InputError(f"{path}: its OME-Zarr metadata says its axes are "
-                         f"{','.join(ome_axes)}: drop --axes {axes}")
-    source = ArraySource(path, node, ome_axes or axes or "zyx", kind="zarr", fixed=fixed)
+        node, scale, position, fixed, file_axes, no_unit = _ome_level(*listed)
+    else:  # zarr 3's dimension_names, or xarray's _ARRAY_DIMENSIONS in zarr 2
+        said, file_axes = "zarr metadata", _named_axes(node)
+    if file_axes is not None and axes not in (None, file_axes):
+        raise InputError(f"{path}: its {said} says its axes are "
+                         f"{','.join(file_axes)}: drop --axes {axes}")
+    source = ArraySource(path, node, file_axes or axes or "zyx", kind="zarr", fixed=fixed)
     if scale is not None:
         source.record_resolution(scale, "the OME-Zarr metadata")
         source.record_position(position, "the OME-Zarr metadata")
     elif no_unit:
         source.resolution_from = "its OME-Zarr scale names no unit of length"
     return source
+
+
+def _named_axes(array) -> str | None:
+    """"zyx" or "xyz" where a plain zarr array names its dimensions so (zarr 3's
+    `dimension_names`, xarray's `_ARRAY_DIMENSIONS` attribute); else None."""
+    names = getattr(getattr(array, "metadata", None), "dimension_names", None)
+    if not names:
+        names = dict(array.attrs).get("_ARRAY_DIMENSIONS")
+    if isinstance(names, (list, tuple)) and len(names) == 3 and all(
+            isinstance(n, str) for n in names):
+        order = "".join(n.lower() for n in names)
+        return order if order in AXES else None
+    return None
 
 
 #: nanometres per unit of OME-Zarr's spatial axes (UDUNITS names, as the spec has them)
@@ -624,7 +670,8 @@ def _ome_level_named(path: str) -> tuple | None:
             continue
         multiscale = _ome_multiscale(group)
         datasets = multiscale.get("datasets") if multiscale else None
-        paths = [d.get("path") if isinstance(d, dict) else None for d in datasets or []]
+        paths = [d.get("path") if isinstance(d, dict) else None
+                 for d in (datasets if isinstance(datasets, list) else [])]
         if below in paths:
             return image, group, multiscale, paths.index(below)
     return None
@@ -658,24 +705,42 @@ def _ome_level(path: str, group, multiscale: dict, index: int = 0) -> tuple:
             "deepem3d reads one-channel 3D volumes whose last axes are z,y,x (or x,y,z); "
             "save one channel and time point as its own array first")
     scale, position, no_unit = None, None, False
-    try:  # the level's transforms, then the multiscale's, applied to index 0 and to a step
-        factors, start, scaled = np.ones(len(names)), np.zeros(len(names)), False
-        for transforms in (level.get("coordinateTransformations") or [],
-                           multiscale.get("coordinateTransformations") or []):
-            for t in transforms:
-                if t.get("type") == "scale":
-                    step = np.asarray(t["scale"], dtype=np.float64)
-                    factors, start, scaled = factors * step, start * step, True
-                elif t.get("type") == "translation":
-                    start = start + np.asarray(t["translation"], dtype=np.float64)
+    try:
+        factors, start, scaled = _ome_transform(level, multiscale, len(names))
         per_nm = [OME_UNITS_NM.get(units[i]) for i in spatial]
         if all(per_nm):
             scale = [float(factors[i]) * u for i, u in zip(spatial, per_nm)]
             position = [float(start[i]) * u for i, u in zip(spatial, per_nm)]
         no_unit = scaled and scale is None
-    except (KeyError, TypeError, ValueError, AttributeError):
+        if index > 0 and scale is not None:
+            full, _, _ = _ome_transform(multiscale["datasets"][0], multiscale, len(names))
+            centred = [p - (s - float(full[i]) * u) / 2
+                       for p, s, i, u in zip(position, scale, spatial, per_nm)]
+            if not _whole(position, scale) and _whole(centred, scale):
+                position = centred  # the level's translation names its first voxel's centre
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         scale = position = None  # no usable scale: the user gives --resolution
     return array, scale, position, (0,) * lead, order, no_unit
+
+
+def _ome_transform(level: dict, multiscale: dict, ndim: int) -> tuple:
+    """(scale, translation, whether a scale was given) of an OME-Zarr level: its transforms,
+    then the multiscale's, applied to index 0 and to a step."""
+    factors, start, scaled = np.ones(ndim), np.zeros(ndim), False
+    for transforms in (level.get("coordinateTransformations") or [],
+                       multiscale.get("coordinateTransformations") or []):
+        for t in transforms:
+            if t.get("type") == "scale":
+                step = np.asarray(t["scale"], dtype=np.float64)
+                factors, start, scaled = factors * step, start * step, True
+            elif t.get("type") == "translation":
+                start = start + np.asarray(t["translation"], dtype=np.float64)
+    return factors, start, scaled
+
+
+def _whole(position: Sequence[float], scale: Sequence[float]) -> bool:
+    """Whether a position in nm is a whole number of voxels (as `recorded_offset` takes it)."""
+    return all(abs(p / s - round(p / s)) <= POSITION_TOLERANCE for p, s in zip(position, scale))
 
 
 #: datasets of an N5 group looked at to find its one multiscale (more: name the dataset)

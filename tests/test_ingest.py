@@ -675,6 +675,12 @@ def test_n5_levels_units_and_choices(tmp_path):
         assert "downsamplingFactors" in source.resolution_from
     with open_source(str(root)) as source:  # one multiscale: its s0
         assert source.name.endswith("em/s0") and source.resolution == pytest.approx((4, 4, 40))
+    # n5-spark writes s0's pixelResolution on every level: the N5 viewer scales it too
+    write_n5(tmp_path / "spark.n5" / "s1", data[:, ::2, ::2], attributes={
+        "downsamplingFactors": [2, 2, 1],
+        "pixelResolution": {"unit": "nm", "dimensions": [4, 4, 40]}})
+    with open_source(str(tmp_path / "spark.n5" / "s1")) as source:
+        assert source.resolution == pytest.approx((8, 8, 40))
     write_n5(root / "raw", data)
     with pytest.raises(InputError, match="name the N5 dataset to read.*em/s0, em/s1, raw"):
         open_source(str(root))
@@ -706,6 +712,9 @@ def test_n5_refusals(tmp_path):
     lz4 = write_n5(tmp_path / "l.n5", data, attributes={"compression": {"type": "lz4"}})
     assert_one_line_error(cli(lz4, tmp_path / "layer", "--resolution", "4,4,40"),
                           "N5 compression 'lz4' is not read here")
+    zero = write_n5(tmp_path / "z.n5", data, attributes={"blockSize": [16, 0, 3]})
+    assert_one_line_error(cli(zero, tmp_path / "layer", "--resolution", "4,4,40"),
+                          "with blocks [16, 0, 3] is not a volume deepem3d reads")
     broken = write_n5(tmp_path / "b.n5", data, "gzip")
     with open(os.path.join(broken, "0", "0", "0"), "r+b") as f:
         f.truncate(40)  # the header and a part of the gzip stream
@@ -824,8 +833,47 @@ def test_an_ome_zarr_level_named_by_its_path_takes_that_levels_voxel_size(tmp_pa
     np.testing.assert_array_equal(read_back(tmp_path / "coarse"), xyz(data[:, ::2, ::2]))
     with open_source(f"{src}/0") as source:
         assert source.resolution == pytest.approx((4, 4, 40))
+    # the voxel-centre convention (ngff-zarr's): level 1 moved by half its voxel less level 0's
+    meta[0]["datasets"][1]["coordinateTransformations"][1]["translation"] = [0, 0.018, 0.002]
+    group.attrs["multiscales"] = meta
+    with open_source(f"{src}/1") as source:
+        assert source.recorded_offset(source.resolution) == (0, 2, 0)  # y 16 nm, x 0
     with open_source(f"{src}/loose") as source:
         assert source.resolution is None
+
+
+def test_damaged_files_and_a_layer_inside_its_source_are_one_line_and_leave_no_layer(tmp_path):
+    """A chunk that does not decompress is a one-line error and the layer is removed, also one
+    --overwrite had emptied; a layer inside the source's folder or container is refused before
+    anything is written; a zarr 3 array's dimension_names give its axes."""
+    import zarr
+
+    data = volume()
+    path = str(tmp_path / "vol.zarr")
+    zarr.create_array(path, data=data, chunks=(3, 16, 16), zarr_format=3,
+                      dimension_names=["z", "y", "x"])
+    run_cli("ingest", path, tmp_path / "layer", "--resolution", "4,4,40", check=True)
+    chunk = max((p for p in (tmp_path / "vol.zarr").rglob("*") if p.is_file()
+                 and p.name != "zarr.json"), key=lambda p: str(p))
+    chunk.write_bytes(b"not a chunk" * 10)
+    assert_one_line_error(cli(path, tmp_path / "layer", "--resolution", "4,4,40",
+                              "--overwrite", "--no-progress"), "cannot read sections",
+                          "vol.zarr")
+    assert not (tmp_path / "layer").exists()  # not left with an info and part of the chunks
+    xyz_array = str(tmp_path / "xyz.zarr")
+    zarr.create_array(xyz_array, data=xyz(data), zarr_format=3, dimension_names=["x", "y", "z"])
+    with open_source(xyz_array) as source:
+        assert source.axes == "xyz" and source.shape == xyz(data).shape
+    assert_one_line_error(cli(xyz_array, tmp_path / "l", "--axes", "zyx"), "drop --axes zyx")
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w", zarr_format=2)
+    group.create_array("raw", data=data, chunks=data.shape)
+    slices = write_tiff_dir(tmp_path, data)
+    before = fingerprint(str(tmp_path / "g.zarr")), fingerprint(slices)
+    for src, dest in ((f"{tmp_path / 'g.zarr'}/raw", tmp_path / "g.zarr" / "layer"),
+                      (slices, slices), (slices, tmp_path)):
+        assert_one_line_error(cli(src, dest, "--resolution", "4,4,40", "--overwrite"),
+                              "inside the source")
+    assert (fingerprint(str(tmp_path / "g.zarr")), fingerprint(slices)) == before
 
 
 def test_recorded_voxel_sizes_are_rounded_and_defaults_refused(tmp_path):

@@ -27,7 +27,8 @@ from deepem3d.storage.layers import cloudpath
               "segmentations).")
 @click.option("--axes", type=click.Choice(list(AXES)), default=None,
               help="Axis order of an HDF5, .npy or zarr array (default zyx, or what an "
-              "OME-Zarr's metadata says; TIFF pages and MRC sections are always z).")
+              "OME-Zarr's axes or a zarr array's dimension names say; TIFF pages and MRC "
+              "sections are always z).")
 @click.option("--voxel-offset", type=Triple(int, positive=False, example="0,0,100"),
               default=None,
               help="Position of the first voxel, x,y,z in voxels (default: where the file "
@@ -49,14 +50,13 @@ def ingest(
 ) -> None:
     """Write the 3D volume SRC to a new precomputed layer at DEST.
 
-    SRC is a multi-page TIFF (pages are z), a directory of single-page TIFFs (sorted by
-    name, numbers in natural order), FILE.h5:/DATASET (FILE.h5 alone when it holds one
-    dataset), a .npy file, a zarr array (v2 or v3; DIR.zarr/ARRAY in a group of several), an
-    OME-Zarr image (its full-resolution level; DIR.zarr/1 names level 1, read at its own voxel
-    size), an N5 dataset (or a multiscale's s0), or an MRC file (.mrc, .rec, .st, .ali, .map,
-    .mrcs). HDF5, .npy and zarr are z,y,x unless --axes xyz. DEST is any CloudVolume path
-    (file://, gs://, s3://) or a local directory. SRC is only read; it is streamed slab by slab
-    along z.
+    SRC is a multi-page TIFF (pages are z), a directory of single-page TIFFs (sorted by name,
+    numbers in natural order), FILE.h5:/DATASET (FILE.h5 alone when it holds one dataset), a .npy
+    file, a zarr array (v2 or v3; DIR.zarr/ARRAY in a group of several), an OME-Zarr image (its
+    full-resolution level; DIR.zarr/1 names level 1, read at its own voxel size), an N5 dataset (or
+    a multiscale's s0), or an MRC file (.mrc, .rec, .st, .ali, .map, .mrcs). HDF5, .npy and zarr are
+    z,y,x unless --axes xyz (or the zarr names its axes). DEST is any CloudVolume path (file://,
+    gs://, s3://) or a local directory. SRC is only read; it is streamed slab by slab along z.
     """
     vol = ingest_volume(
         src,
