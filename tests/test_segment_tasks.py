@@ -145,7 +145,13 @@ def test_bounds_segment_the_crop_with_whole_volume_ids(tmp_path, maps):
 
 
 def test_cli_with_two_worker_processes(tmp_path, maps):
-    path, array = maps["affinity"]
+    """On a map that starts below 0 on every axis: block ids such as '-24-24_-8-32_-2-4',
+    which the workers admit."""
+    _, array = maps["affinity"]
+    path = f"file://{tmp_path / 'below'}"
+    create_layer(path, layer_type="image", dtype="uint8", resolution=(4, 4, 40),
+                 size=array.shape[:3], voxel_offset=(-24, -8, -2), chunk_size=CHUNK,
+                 num_channels=3)[:, :, :] = array
     output = tmp_path / "seg"
     args = ["segment", path, output, "--method", "mean", "--threshold", "0.6", "--dust-size",
             "10", "--task-shape", "48,40,6", "--chunk-size", "8,8,2"]
