@@ -6,6 +6,7 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from deepem3d.errors import InputError
@@ -186,6 +187,24 @@ def test_fine_tuning_takes_the_network_of_its_init(sample_h5, tmp_path):
     assert (model["preset"], model["head"], model["in_sections"]) == ("small", "affinity", 5)
 
 
+def test_a_fine_tuned_run_resumes_after_its_init_file_is_gone(sample_h5, tmp_path):
+    """The network of a resumed run is the one its own last.pt holds: its --init file is not
+    read again (it may be gone, or hold other weights since)."""
+    common = ["--image", f"{sample_h5}:/raw", "--labels", f"{sample_h5}:/ids",
+              "--train-sections", "0:6", "--resolution", "4,4,50", "--patch-size", "32",
+              "--batch-size", "2", "--threads", "1", "--val-every", "1"]
+    run_cli("train", *common, "--out", tmp_path / "a", "--iterations", "1", "--preset", "tiny",
+            "--head", "affinity", check=True)
+    init = tmp_path / "init.pt"
+    init.write_bytes((tmp_path / "a" / "last.pt").read_bytes())
+    tune = [*common, "--out", tmp_path / "b", "--init", init]
+    run_cli("train", *tune, "--iterations", "1", check=True)
+    init.unlink()
+    run_cli("train", *tune, "--iterations", "2", "--resume", check=True)
+    meta = load_checkpoint(str(tmp_path / "b" / "last.pt"))["meta"]
+    assert meta["training"]["iteration"] == 2 and meta["model"]["head"] == "affinity"
+
+
 def test_train_bad_input(sample_h5, tmp_path):
     h5 = sample_h5
     with h5py.File(tmp_path / "short.h5", "w") as f:
@@ -244,7 +263,34 @@ def test_train_bad_input(sample_h5, tmp_path):
         cli_here(*args, "--labels", f"{h5}:/raw", "--train-sections", "0:6"),
         "--labels is the image",
     )
+    with h5py.File(tmp_path / "zero.h5", "w") as f:  # segments in 0..5, none in 6..9
+        f["ids"] = np.where(np.arange(shape[0])[:, None, None] < 6, 7, 0) * np.ones(
+            shape, np.uint16)
+        f["other"] = f["ids"][:]
+        f["other"].attrs["resolution"] = (40.0, 8.0, 8.0)
+        f["raw"] = np.zeros(shape, np.uint8)
+        f["raw"].attrs["resolution"] = (50.0, 4.0, 4.0)
+    zero = tmp_path / "zero.h5"
+    assert_one_line_error(
+        cli_here(*args, "--labels", f"{zero}:/ids", "--train-sections", "0:6",
+                 "--val-sections", "6:10"), "are all 0 (background) in --val-sections 6:10")
+    assert_one_line_error(
+        cli_here(*args[:2], f"{zero}:/raw", *args[3:], "--labels", f"{zero}:/other",
+                 "--train-sections", "0:6"), "differ in voxel size: 4,4,50 vs 8,8,40 nm")
+    assert_one_line_error(cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
+                                   "--out", "gs://bucket/run"), "written to a local folder")
+    assert_one_line_error(cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
+                                   "--seed", "-1"), "--seed")
     assert not (tmp_path / "o").exists()
+    slices = tmp_path / "slices"  # checkpoints written into the input's TIFF folder
+    slices.mkdir()
+    for z in range(shape[0]):
+        tifffile.imwrite(slices / f"z{z}.tif", np.zeros(shape[1:], np.uint8))
+    assert_one_line_error(
+        cli_here(*args[:2], slices, *args[3:4], slices / "run", *args[5:],
+                 "--labels", f"{h5}:/ids", "--train-sections", "0:6"), "overlaps the image")
+    assert sorted(p.name for p in slices.iterdir()) == [f"z{z}.tif" for z in sorted(
+        range(shape[0]), key=str)]
 
 
 def test_corrupted_and_incompatible_checkpoints(tmp_path):
@@ -272,3 +318,16 @@ def test_corrupted_and_incompatible_checkpoints(tmp_path):
     with pytest.raises(InputError, match="holds objects besides tensors") as err:
         load_checkpoint(str(pickled))
     assert "weights_only" not in str(err.value)
+    for name, change in (("no-model", lambda p: p.update(meta="{}")),
+                         ("not-json", lambda p: p.update(meta="{model")),
+                         ("no-weights", lambda p: p.pop("state_dict"))):
+        payload = torch.load(good, weights_only=True)
+        change(payload)
+        torch.save(payload, tmp_path / f"{name}.pt")
+        with pytest.raises(InputError, match="records no network settings or weights"):
+            load_checkpoint(str(tmp_path / f"{name}.pt"))
+    payload = torch.load(good, weights_only=True)
+    payload["state_dict"].pop(next(iter(payload["state_dict"])))
+    torch.save(payload, tmp_path / "missing-key.pt")
+    with pytest.raises(InputError, match="weights do not fit"):
+        load_model(str(tmp_path / "missing-key.pt"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from deepem3d.cli.options import Number, Triple
@@ -30,7 +32,7 @@ from deepem3d.models.presets import PRESETS
               help="Network input per training patch, in-plane (multiple of 16).")
 @click.option("--lr", type=Number(min=0, min_open=True), default=0.01, show_default=True,
               help="Base learning rate (poly schedule, power 0.8).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--val-every", type=click.IntRange(min=1), default=200, show_default=True,
               help="Validate, checkpoint and plot every N iterations.")
 @click.option("--resolution", type=Triple(float), default=None,
@@ -63,10 +65,14 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
 
     network = {"preset": preset, "head": head,
                "in_sections": int(in_sections) if in_sections else None}
-    if init and None in network.values():  # fine-tuning: the network the checkpoint holds
+    last = os.path.join(out_dir, "last.pt")
+    # resuming: the network the run's own checkpoint holds (its --init may be gone since);
+    # fine-tuning: the one --init holds
+    held_by = last if resume and os.path.exists(last) else init
+    if held_by and None in network.values():
         from deepem3d.models.checkpoint import load_checkpoint
 
-        held = load_checkpoint(init)["meta"]["model"]
+        held = load_checkpoint(held_by)["meta"]["model"]
         network = {k: held[k] if v is None else v for k, v in network.items()}
     preset, head, in_sections = (network[k] if network[k] is not None else fallback
                                  for k, fallback in (("preset", "tiny"), ("head", "boundary"),
@@ -81,11 +87,17 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
     val_range = parse_sections(val_sections, "--val-sections") if val_sections else None
     if val_range and max(train_range[0], val_range[0]) < min(train_range[1], val_range[1]):
         raise InputError("--train-sections and --val-sections overlap: keep them apart")
+    if "://" in out_dir and not out_dir.startswith("file://"):
+        raise InputError(f"--out {out_dir}: checkpoints are written to a local folder (copy "
+                         "them to a bucket afterwards)")
+    out_dir = out_dir.removeprefix("file://")
+    from deepem3d.sources import source_root
     from deepem3d.storage.layers import check_output_apart
 
-    check_output_apart(out_dir, {what: path for what, path in (("image", image),
-                                                              ("labels", labels))
-                                 if not is_file_source(path)}, name="--out")
+    check_output_apart(out_dir, {what: f"file://{source_root(path)}" if is_file_source(path)
+                                 else path for what, path in (("image", image),
+                                                              ("labels", labels))},
+                       name="--out")
     if resolution:
         res = resolution
     elif is_file_source(image):

@@ -35,6 +35,7 @@ __all__ = ["DEFAULT_MODEL", "ENSEMBLES", "PRETRAINED", "expand_models"]  # re-ex
 def save_checkpoint(
     path: str | os.PathLike, model: torch.nn.Module, meta: dict, *,
     optimizer: torch.optim.Optimizer | None = None, iteration: int = 0,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Write atomically (temp file + rename) so an interrupted save leaves the old file."""
     payload = {
@@ -47,6 +48,8 @@ def save_checkpoint(
     }
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+    if scaler is not None:  # mixed precision's loss scale: a resume continues from it
+        payload["scaler"] = scaler.state_dict()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -131,7 +134,14 @@ def load_checkpoint(name_or_path: str | None) -> dict:
             f"{location} is checkpoint format {payload.get('version')}; this deepem3d "
             f"({deepem3d.__version__}) reads format {VERSION}: retrain or use a matching version"
         )
-    payload["meta"] = json.loads(payload["meta"])
+    try:
+        payload["meta"] = json.loads(payload["meta"])
+    except (KeyError, TypeError, ValueError):
+        payload["meta"] = None
+    if not isinstance(payload["meta"], dict) or not isinstance(
+            payload["meta"].get("model"), dict) or not isinstance(payload.get("state_dict"), dict):
+        raise InputError(f"{location} is not a deepem3d checkpoint (it records no network "
+                         "settings or weights)")
     payload["sha256"] = hashlib.sha256(data).hexdigest()
     payload["location"] = location
     return payload
@@ -144,13 +154,22 @@ def load_model(name_or_path: str | None = None, device: str = "cpu"
 
     payload = load_checkpoint(name_or_path)
     meta = payload["meta"]
-    model = build_model(**meta["model"])
+    try:
+        model = build_model(**meta["model"])
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{payload['location']}: its network settings {meta['model']} are "
+                         f"not one deepem3d builds ({err})") from None
+    load_weights(model, payload)
+    model.to(device).eval()
+    return model, meta
+
+
+def load_weights(model: torch.nn.Module, payload: dict) -> None:
+    """The checkpoint's weights into `model`; a one-line InputError where they do not fit."""
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:
         raise InputError(
-            f"{payload['location']}: weights do not fit the {meta['model']} network "
-            f"({str(err).splitlines()[0]})"
+            f"{payload['location']}: weights do not fit the {payload['meta']['model']} "
+            f"network ({str(err).splitlines()[0]})"
         ) from None
-    model.to(device).eval()
-    return model, meta

@@ -79,10 +79,37 @@ def read_sections(source: str, sections: tuple[int, int], name: str) -> np.ndarr
     return np.ascontiguousarray(zyx_from_xyz(np.asarray(cutout)))
 
 
+def _real(source: str) -> str:
+    """`source` with links resolved, however spelled (relative, file://, a symbolic link)."""
+    path = absolute_source(source)
+    scheme, sep, rest = path.partition("://")
+    if scheme == "file" and sep:
+        return f"file://{os.path.realpath(rest)}"
+    if sep:
+        return path
+    file, colon, dataset = path.partition(":/")
+    return ("file://" if os.path.isdir(file) else "") + os.path.realpath(file) + (
+        f":/{dataset}" if colon else "")
+
+
+def _placement(source: str) -> tuple[str, tuple | None, tuple | None]:
+    """("file" or "layer", voxel size in nm or None, first voxel's position or None): a
+    file's as it records them (position in nm), a layer's (position in voxels)."""
+    if is_file_source(source):
+        with open_source(source) as src:
+            return "file", src.resolution, src.position
+    from deepem3d.storage.layers import open_layer
+
+    vol = open_layer(source)
+    return ("layer", tuple(float(r) for r in vol.resolution),
+            tuple(int(o) for o in vol.voxel_offset))
+
+
 def load_pair(image: str, labels: str, sections: tuple[int, int], name: str
               ) -> tuple[np.ndarray, np.ndarray]:
-    """(image uint8, ids int64), both z,y,x, checked to agree."""
-    if labels == image:
+    """(image uint8, ids int64), both z,y,x, checked to agree: the same shape, voxel size and
+    placement (where both record them), and some voxel that is not background."""
+    if _real(labels) == _real(image):
         raise InputError(f"--labels is the image ({image}): give the ground-truth segmentation")
     img = read_sections(image, sections, name)
     ids = read_sections(labels, sections, name)
@@ -91,6 +118,16 @@ def load_pair(image: str, labels: str, sections: tuple[int, int], name: str
             f"image {image} and labels {labels} differ in shape: "
             f"{img.shape[::-1]} vs {ids.shape[::-1]} (x,y,z)"
         )
+    (kind, size, at), (other, label_size, label_at) = _placement(image), _placement(labels)
+    if kind == other and size is not None and label_size is not None and not np.allclose(
+            size, label_size):
+        raise InputError(f"image {image} and labels {labels} differ in voxel size: "
+                         f"{_text(size)} vs {_text(label_size)} nm (x,y,z)")
+    if kind == other and at is not None and label_at is not None and not np.allclose(
+            at, label_at):
+        where = "voxel offset" if kind == "layer" else "first voxel's position (nm)"
+        raise InputError(f"image {image} and labels {labels} lie in other places: "
+                         f"{where} {_text(at)} vs {_text(label_at)} (x,y,z)")
     if img.dtype != np.uint8:
         raise InputError(f"image {image} is {img.dtype}: deepem3d trains on uint8 EM images")
     if not np.issubdtype(ids.dtype, np.integer):
@@ -98,7 +135,14 @@ def load_pair(image: str, labels: str, sections: tuple[int, int], name: str
     if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
         raise InputError(f"labels {labels} hold negative ids (min {ids.min()}): a segmentation "
                          "needs ids >= 0 (0 is background)")
+    if not ids.any():
+        raise InputError(f"labels {labels} are all 0 (background) in {name} "
+                         f"{sections[0]}:{sections[1]}: give sections that hold segments")
     return img, ids.astype(np.int64)
+
+
+def _text(values) -> str:
+    return ",".join(f"{float(v):g}" for v in values)
 
 
 def reflect_sections(volume: np.ndarray, half: int) -> np.ndarray:

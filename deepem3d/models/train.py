@@ -25,7 +25,7 @@ from tqdm import tqdm
 import deepem3d
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.errors import InputError
-from deepem3d.models.checkpoint import load_checkpoint, save_checkpoint
+from deepem3d.models.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from deepem3d.models.data import PatchSampler, absolute_source, load_pair
 from deepem3d.models.losses import loss_for
 from deepem3d.models.predict import predict_sections
@@ -188,7 +188,7 @@ class Trainer:
                 f"--init {name_or_path} holds a {theirs} network, not {ours}: "
                 "give the same --preset, --head and --in-sections"
             )
-        self.model.load_state_dict(payload["state_dict"])  # float16 weights copy in as float32
+        load_weights(self.model, payload)  # float16 weights copy in as float32
         return payload["sha256"]
 
     def _resume(self, path: Path) -> None:
@@ -202,8 +202,13 @@ class Trainer:
                 f"{path} was trained with other settings: resume with the same ones, "
                 "or choose another --out"
             )
-        self.model.load_state_dict(payload["state_dict"])
+        if "optimizer" not in payload:
+            raise InputError(f"{path} holds no optimizer state (a best.pt or an exported "
+                             "checkpoint): a run resumes from the last.pt it wrote")
+        load_weights(self.model, payload)
         self.optimizer.load_state_dict(payload["optimizer"])
+        if self.scaler is not None and "scaler" in payload:
+            self.scaler.load_state_dict(payload["scaler"])
         self.iteration = payload["iteration"]
         self.history = meta["training"]["history"]
         self.init_sha256 = meta["training"].get("init_sha256")
@@ -314,13 +319,15 @@ class Trainer:
         return self.history[-1] if self.history else {}
 
     def save(self, record: dict) -> None:
+        """best.pt first, then last.pt: a run stopped between them resumes from the last.pt
+        before, and writes best.pt again (the other way, it would keep a stale best.pt)."""
         meta = self.meta()
-        save_checkpoint(self.out / LAST, self.model, meta, optimizer=self.optimizer,
-                        iteration=self.iteration)
         are = record.get("val_are")
         if are is None or are <= self.best:
             self.best = are if are is not None else self.best
             save_checkpoint(self.out / BEST, self.model, meta, iteration=self.iteration)
+        save_checkpoint(self.out / LAST, self.model, meta, optimizer=self.optimizer,
+                        iteration=self.iteration, scaler=self.scaler)
         (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
         plot_learning_curve(self.history, self.out / "learning_curve.png")
 
