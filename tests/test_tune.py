@@ -111,8 +111,22 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
     files.delete(list(kept))
     try:
         assert_one_line_error(cli_here("tune", seg, gt), "no kept region graphs")
+        # one graph gone, or cut short: the scores would be another segmentation's
+        files.puts([(k, v) for k, v in list(kept.items())[1:]], raw=True)
+        assert_one_line_error(cli_here("tune", seg, gt), f"1 of {len(kept)} blocks have no "
+                              "kept region graph", "run the segmentation again")
+        first, data = next(iter(kept.items()))
+        files.put(first, data[: len(data) // 2], raw=True)
+        assert_one_line_error(cli_here("tune", seg, gt), "no readable kept region graph")
     finally:
         files.puts([(k, v) for k, v in kept.items()], raw=True)
+    marker = next(iter(files.list(prefix="tasks/region-graph/done/")))
+    record = files.get(marker)
+    files.delete(marker)  # a run stopped before its region-graph stage finished
+    try:
+        assert_one_line_error(cli_here("tune", seg, gt), "have no finished region graph")
+    finally:
+        files.put(marker, record, raw=True)
     assert_one_line_error(cli_here("tune", finished["gt"], gt), "not written by `deepem3d segment`")
     # a pipeline file to write into is checked before the sweep, and left as it was
     typo = tmp_path / "typo.yaml"

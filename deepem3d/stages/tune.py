@@ -21,10 +21,12 @@ on gala_fib_small's train crop scored a setting 0.21 there and 0.52 in the whole
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import zstandard
 from cloudfiles import CloudFiles
 from cloudvolume.lib import Bbox
 
@@ -35,9 +37,10 @@ from deepem3d.segmentation.metrics import evaluate
 from deepem3d.segmentation.region_graph import RegionGraph, merge_graphs
 from deepem3d.segmentation.supervoxels import relabel
 from deepem3d.stages.blocks import parse_block_id
+from deepem3d.stages.frame import Markers
 from deepem3d.stages.workdir import WORK, get_table, work_files
 from deepem3d.storage.labels import check_same_resolution, open_labels, scored_region
-from deepem3d.storage.layers import cloudpath, layer_processing
+from deepem3d.storage.layers import cloudpath, layer_processing, open_layer
 from deepem3d.storage.npz import get_npz
 from deepem3d.units import format_bounds, format_bytes
 
@@ -116,12 +119,24 @@ def segment_settings(seg_path: str) -> dict:
 
 
 def _blocks(files: CloudFiles, seg_path: str) -> list[str]:
+    """The blocks of the run's region-graph stage, each with its kept graph: a stage left
+    unfinished, or a graph gone, would make every score that of another segmentation."""
     names = sorted(k.rsplit("/", 1)[-1][: -len(".npz")]
                    for k in files.list(prefix="graphs/") if k.endswith(".npz"))
     if not names:
         raise InputError(f"{seg_path} has no kept region graphs ({WORK}/graphs/): segment it "
                          "again (without removing its work files) before tuning")
-    return names
+    markers = Markers(cloudpath(seg_path), "region-graph")
+    blocks = markers.task_ids()
+    unfinished = markers.remaining(blocks) if blocks else names
+    missing = sorted(set(blocks) - set(names))
+    if unfinished or missing:
+        lacking = unfinished or missing
+        raise InputError(f"{seg_path}: {len(lacking)} of {len(blocks) or len(names)} blocks "
+                         f"have {'no finished' if unfinished else 'no kept'} region graph (such "
+                         f"as {lacking[0]}): run the segmentation again to finish it before "
+                         "tuning")
+    return blocks
 
 
 def tune_memory_bytes(seg_path: str, bounds: Bbox) -> tuple[int, int]:
@@ -164,6 +179,11 @@ def segmented_region(seg_path: str, settings: dict, bounds: Bbox) -> Bbox:
     return region
 
 
+#: how a kept work file that is missing, cut short or not an npz fails to read
+KEPT_READ_ERRORS = (FileNotFoundError, ValueError, OSError, zipfile.BadZipFile,
+                    zstandard.ZstdError)
+
+
 def load_kept(seg_path: str, bounds: Bbox) -> KeptRun:
     """The run's merged graph and its supervoxels over `bounds` (absolute voxels, mip 0)."""
     settings = segment_settings(seg_path)
@@ -173,7 +193,11 @@ def load_kept(seg_path: str, bounds: Bbox) -> KeptRun:
     graphs = []
     supervoxels = np.zeros(tuple(int(s) for s in bounds.size3()), dtype=np.uint64, order="F")
     for name in names:
-        arrays = get_npz(files, f"graphs/{name}.npz")
+        try:
+            arrays = get_npz(files, f"graphs/{name}.npz")
+        except KEPT_READ_ERRORS as err:
+            raise InputError(f"{seg_path} has no readable kept region graph for block {name} "
+                             f"({type(err).__name__}): segment it again") from None
         graphs.append(RegionGraph.from_arrays(arrays))
         block = parse_block_id(name)
         overlap = Bbox.intersection(block, bounds)
@@ -182,7 +206,7 @@ def load_kept(seg_path: str, bounds: Bbox) -> KeptRun:
         try:
             labels = get_npz(files, f"labels/{name}.npz")["labels"]
             table = get_table(files, name)
-        except (FileNotFoundError, KeyError, TypeError):
+        except (KeyError, TypeError, *KEPT_READ_ERRORS):
             raise InputError(f"{seg_path} has no kept supervoxels for block {name} "
                              f"({WORK}/labels/, {WORK}/tables/): segment it again") from None
         ids = relabel(labels, table)
@@ -237,12 +261,10 @@ def tune_sigmas(seg_path: str, own: dict, box: Bbox, gt: np.ndarray,
     (whose `segment_settings` are `own`) segmented is segmented in memory
     (`pipeline.segment_each`: supervoxels and graph once per sigma), so each row scores what
     the run would write with that setting and sigma."""
-    from cloudvolume import CloudVolume
-
     from deepem3d.segmentation.pipeline import segment_each
 
     region = segmented_region(seg_path, own, box)
-    vol = CloudVolume(own["map"], mip=int(own.get("mip", 0)), progress=False)
+    vol = open_layer(own["map"], mip=int(own.get("mip", 0)))  # the run's map, gone: one line
     values = np.asarray(vol[region.to_slices()])
     values = values[..., 0] if values.shape[3] == 1 else values
     labelled = tuple(slice(int(a - o), int(b - o))
