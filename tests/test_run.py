@@ -253,6 +253,23 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
     ("score outside the segmentation", {"segmentation:\n": "segmentation:\n  bounds: "
                                         "[0, 0, 0, 64, 64, 10]\n"},
      ["evaluate.bounds", "reach outside segmentation.bounds"]),
+    ("keys of two types", {"segmentation:\n": "1: 2\nsegmentation:\n"}, ["1: unknown key"]),
+    ("sigma true", {"segmentation:\n": "segmentation:\n  sigma: true\n"},
+     ["segmentation.sigma", "True"]),
+    ("a layer downsampled twice", {"  layers: [segmentation]\n":
+                                   "  layers: [segmentation, segmentation]\n"},
+     ["downsample.layers", "segmentation is listed twice"]),
+    ("a negative queue size", {"evaluate:\n": "queues:\n  big: {url: sqs://big, min_memory: "
+                               "-1}\nevaluate:\n"}, ["queues.big.min_memory", "give bytes"]),
+    ("a section without its product", {"products: [map, segmentation, downsample, meshes]":
+                                       "products: [map]"},
+     ["segmentation: given, but `segmentation` is not among the products"]),
+    ("a queue no stage goes to", {"evaluate:\n": "queues:\n  inferance: sqs://gpu\nevaluate:\n"},
+     ["queues.inferance", "no stage goes to it"]),
+    ("aliases of aliases", {"version: 1": "version: 1\na0: &a0 [1, 1, 1, 1, 1, 1, 1, 1]\n"
+                            + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 8)}]\n"
+                                      for i in range(1, 8)),
+        "task_shape: [64, 64, 2]": "task_shape: *a7"}, ["aliases expand to more than"]),
 ])
 def test_a_bad_pipeline_file_is_one_line_before_anything_is_written(
         tmp_path, crop_layers, case, replace, fragments):
@@ -286,6 +303,44 @@ def test_a_run_over_the_sample_leaves_another_layer_at_its_place_alone(tmp_path)
     run_cli("run", pipeline, "--parallel", "1", "--overwrite", check=True)
     info = json.loads((output / "image" / "info").read_text())
     assert info["scales"][0]["size"] == [512, 512, 30]
+
+
+def test_a_sample_cut_short_is_written_again_and_layers_at_its_place_are_not_inputs(
+        tmp_path, crop_layers):
+    """A run stopped while it wrote the sample left a layer with some of its chunks, which
+    every later run took as written; a layer at the sample's place given as an input is
+    refused (with --overwrite the sample replaced it); a ground truth at another voxel size
+    than the segmentation's is refused before the run."""
+    from deepem3d.run.pipeline import load_pipeline
+    from deepem3d.run.plan import sample_layers
+
+    output = tmp_path / "out"
+    run_cli("sample", output, check=True)
+    chunk = next((output / "ground_truth" / "4_4_50").iterdir())
+    chunk.unlink()
+    pipeline = tmp_path / "sample.yaml"
+    pipeline.write_text(f"version: 1\noutput: {output}\nimage: sample:isbi2012\n"
+                        "products: [map]\n")
+    sample_layers(load_pipeline(str(pipeline)), write=True)
+    assert chunk.exists()
+    pipeline.write_text(f"version: 1\noutput: {output}\nimage: sample:isbi2012\n"
+                        f"ground_truth: {output / 'ground_truth'}\n"
+                        "products: [map, segmentation]\n")
+    for extra in (("--dry-run",), ("--overwrite", "--parallel", "1")):
+        assert_one_line_error(run_cli("run", pipeline, *extra), "ground_truth",
+                              "which this run writes")
+    pipeline.write_text(f"version: 1\noutput: {output}\nimage: sample:isbi2012\n"
+                        f"products: [map]\nqueues:\n  default: fq://{output}/map/queue\n")
+    assert_one_line_error(run_cli("run", pipeline, "--dry-run"), "queues.default",
+                          f"lies in file://{output}/map, which this run writes")
+    coarse = f"file://{tmp_path / 'coarse_gt'}"
+    create_layer(coarse, layer_type="segmentation", dtype="uint64", resolution=(8, 8, 50),
+                 size=SHAPE, chunk_size=(64, 64, 10))[:, :, :] = np.ones(SHAPE, np.uint64)
+    other = pipeline_file(tmp_path, crop_layers, tmp_path / "o",
+                          **{f"ground_truth: {crop_layers['gt']}": f"ground_truth: {coarse}"})
+    assert_one_line_error(run_cli("run", other, "--dry-run"), "ground_truth",
+                          "8,8,50 nm and the segmentation's will be 4,4,50 nm")
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_run_overwritten_with_other_segmentation_settings_keeps_its_map(

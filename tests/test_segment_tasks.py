@@ -172,9 +172,13 @@ def test_cli_with_two_worker_processes(tmp_path, maps):
                           "--overwrite")
 
 
-def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch):
-    """--queue without --parallel: the run waits on the markers while a worker drains it."""
+@pytest.mark.parametrize("local", [False, True], ids=["no-local-workers", "another-queue-local"])
+def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch, local):
+    """--queue without --parallel: the run waits on the markers while a worker drains it; so
+    does a run whose local workers drain only another queue (a pipeline's own, while the
+    queues the file names have their workers elsewhere)."""
     monkeypatch.setattr(runner_module, "POLL_SECONDS", 0.1)
+    monkeypatch.setattr(runner_module, "LOCAL_MARKER_POLL_SECONDS", 0.1)
     path, array = maps["boundary"]
     output = f"file://{tmp_path / 'seg'}"
     queue = f"fq://{tmp_path / 'queue'}"
@@ -184,9 +188,15 @@ def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch):
     lines: list[str] = []
     failure: list[BaseException] = []
 
+    runner = Runner(lambda stage: queue, parallel=1, progress=False, echo=lines.append,
+                    local_queues={f"fq://{tmp_path / 'local'}"})
+
     def drive() -> None:
         try:
-            run_stages(segment_stages(plan), queue=queue, progress=False, echo=lines.append)
+            if local:
+                runner.run(segment_stages(plan))
+            else:
+                run_stages(segment_stages(plan), queue=queue, progress=False, echo=lines.append)
         except BaseException as err:  # reported by the test below
             failure.append(err)
         finally:
@@ -200,6 +210,7 @@ def test_waits_for_workers_elsewhere(tmp_path, maps, monkeypatch):
     # halo, supervoxels, reduce-L0, -L1, tables-L1, region-graph, agglomerate-L0, -L1,
     # segments-L1, remap
     assert report.executed == 4 + 4 + 4 + 1 + 1 + 4 + 4 + 1 + 1 + 4 and report.errors == 0
+    # every stage but smooth (off) waited: no local worker was started on the queue
     assert sum("waiting for workers" in line for line in lines) == len(plan.stages) - 1
     assert "stage smooth: off (--sigma 0)" in lines
     np.testing.assert_array_equal(read(output), segment(array, "watershed", 0.19))

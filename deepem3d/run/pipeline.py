@@ -175,7 +175,7 @@ def _mapping(source: str, key: str, value, allowed: tuple[str, ...]) -> dict:
         return {}
     if not isinstance(value, dict):
         _fail(source, key, f"expected a mapping of {', '.join(allowed)}")
-    unknown = sorted(set(value) - set(allowed))
+    unknown = sorted(set(value) - set(allowed), key=str)  # keys of any type: 1, ~
     if unknown:
         _fail(source, f"{key}.{unknown[0]}" if key else unknown[0],
               f"unknown key (allowed: {', '.join(allowed)})")
@@ -213,6 +213,27 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: values a pipeline file may hold once its aliases are expanded (a real one holds hundreds)
+MAX_NODES = 100_000
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values `node` stands for with every alias expanded (an alias is the node it
+    names, composed once: counted here without expanding it)."""
+    if node is None or id(node) in sizes:
+        return 0 if node is None else sizes[id(node)]
+    sizes[id(node)] = 1  # a node that contains itself (a recursive alias) counts once
+    children = node.value if isinstance(node.value, list) else []
+    total = 1
+    for child in children:
+        for part in child if isinstance(child, tuple) else (child,):
+            total += _expanded_size(part, sizes)
+            if total > MAX_NODES:
+                break
+    sizes[id(node)] = total
+    return total
+
+
 def unique_keys_loader() -> type[yaml.SafeLoader]:
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
     last silently: a second `inference:` would replace the first)."""
@@ -246,6 +267,9 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
 
     text, source = locate(name)
     try:
+        node = yaml.compose(text, Loader=unique_keys_loader())
+        if _expanded_size(node, {}) > MAX_NODES:  # aliases of aliases: a "billion laughs"
+            raise InputError(f"{source}: its aliases expand to more than {MAX_NODES:,} values")
         data = yaml.load(text, Loader=unique_keys_loader())
     except yaml.YAMLError as err:
         raise InputError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
@@ -302,7 +326,7 @@ def _check_inputs_apart(p: Pipeline) -> None:
     OUTPUT/segmentation was found only after inference had run)."""
     from deepem3d.storage.layers import same_place
 
-    written = [p.layer(name) for name in ("map", "segmentation") if name in p.products]
+    written = _written_layers(p)
     mask = p.inference.get("mask")
     for key, path in (("image", p.image), ("ground_truth", p.ground_truth), ("map", p.map),
                       ("inference.mask", mask if isinstance(mask, str) and mask else None)):
@@ -314,6 +338,19 @@ def _check_inputs_apart(p: Pipeline) -> None:
                       "writes: give the run another output")
 
 
+def _number(value, kind=int | float) -> bool:
+    """A number of `kind` that YAML's true and false (bool is an int) are not."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _written_layers(p: Pipeline) -> list[str]:
+    """The layers the run writes under its output root."""
+    written = [p.layer(name) for name in ("map", "segmentation") if name in p.products]
+    if SAMPLE in (p.image, p.ground_truth):  # the sample writes both of its layers
+        written += [p.layer("image"), p.layer("ground_truth")]
+    return written
+
+
 def _check_products(p: Pipeline) -> None:
     if "segmentation" in p.products and "map" not in p.products and not p.map:
         _fail(p.source, "products", "segmentation needs a map: add the `map` product, or name "
@@ -321,6 +358,9 @@ def _check_products(p: Pipeline) -> None:
     if "map" in p.products and p.map:
         _fail(p.source, "map", "the file names a map layer and asks for the `map` product: "
               "keep one")
+    for section, product in (("inference", "map"), ("segmentation", "segmentation")):
+        if getattr(p, section) and product not in p.products:  # else silently not used
+            _fail(p.source, section, f"given, but `{product}` is not among the products")
     layers = p.downsample.get("layers")
     if "downsample" in p.products:
         if layers is None:  # the layers under the output root: an input is named, not assumed
@@ -332,12 +372,14 @@ def _check_products(p: Pipeline) -> None:
                       "levels in place)")
         if not isinstance(layers, list) or not layers:
             _fail(p.source, "downsample.layers", "expected a list of layer names")
-        for name in layers:
+        for i, name in enumerate(layers):
             made = {"image": True, "map": "map" in p.products,
                     "segmentation": "segmentation" in p.products}
             if not isinstance(name, str) or name not in made:
                 _fail(p.source, "downsample.layers", f"unknown layer {name!r} (image, map, "
                       "segmentation)")
+            if name in layers[:i]:
+                _fail(p.source, "downsample.layers", f"{name} is listed twice")
             if not made[name]:
                 _fail(p.source, "products", f"downsampling the {name} needs the {name} "
                       "product")
@@ -375,7 +417,7 @@ def _check_object_product(p: Pipeline, product: str) -> None:
         spatial_index_for(product, options.get("sharded", False), options.get("spatial_index"))
     except InputError as err:
         _fail(p.source, f"{product}.spatial_index", str(err))
-    if "dust_threshold" in options and not (isinstance(options["dust_threshold"], int)
+    if "dust_threshold" in options and not (_number(options["dust_threshold"], int)
                                             and options["dust_threshold"] >= 0):
         _fail(p.source, f"{product}.dust_threshold", f"{options['dust_threshold']!r} must be "
               "a number of voxels (0 or more)")
@@ -407,7 +449,7 @@ def _check_sections(p: Pipeline) -> None:
             _fail(p.source, "inference.model", f"{model!r} is neither a shipped model "
                   f"({', '.join([*PRETRAINED, *ENSEMBLES])}) nor a checkpoint file")
     inf["model"] = models
-    if "tta" in inf and (isinstance(inf["tta"], bool) or inf["tta"] not in TTA_CHOICES):
+    if "tta" in inf and (not _number(inf["tta"], int) or inf["tta"] not in TTA_CHOICES):
         _fail(p.source, "inference.tta", f"{inf['tta']!r}: choose one of "
               f"{', '.join(map(str, TTA_CHOICES))}")
     if "window" in inf and inf["window"] not in WINDOWS:
@@ -453,8 +495,7 @@ def _check_sections(p: Pipeline) -> None:
         if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
                 and 0 <= t <= 1):
             _fail(p.source, "segmentation.threshold", f"{t!r} is outside [0, 1]")
-    if "sigma" in seg and not (isinstance(seg["sigma"], int | float)
-                               and 0 <= seg["sigma"] <= 16):
+    if "sigma" in seg and not (_number(seg["sigma"]) and 0 <= seg["sigma"] <= 16):
         _fail(p.source, "segmentation.sigma", f"{seg['sigma']!r} must lie in [0, 16] voxels")
     if "dust_size" in seg and not (isinstance(seg["dust_size"], int)
                                    and not isinstance(seg["dust_size"], bool)
@@ -463,7 +504,7 @@ def _check_sections(p: Pipeline) -> None:
               f"number from 0 to {INT64_MAX}")
     if "dust_mode" in seg and seg["dust_mode"] not in ("merge", "zero"):
         _fail(p.source, "segmentation.dust_mode", f"{seg['dust_mode']!r}: choose merge or zero")
-    if "edges_per_voxel" in seg and not (isinstance(seg["edges_per_voxel"], int | float)
+    if "edges_per_voxel" in seg and not (_number(seg["edges_per_voxel"])
                                          and 0 < seg["edges_per_voxel"] <= 3):
         _fail(p.source, "segmentation.edges_per_voxel",
               f"{seg['edges_per_voxel']!r} must lie in (0, 3]")
@@ -513,6 +554,8 @@ def _check_queues(p: Pipeline, value, default: str | None) -> None:
                 try:
                     sizes[key] = parse_bytes(spec[key])
                 except ValueError:
+                    sizes[key] = -1
+                if sizes[key] < 0:
                     _fail(p.source, f"queues.{name}.{key}", f"{spec[key]!r}: give bytes such "
                           "as 8GiB")
         if sizes.get("max_memory", math.inf) < sizes.get("min_memory", 0):
@@ -533,6 +576,19 @@ def _check_queues(p: Pipeline, value, default: str | None) -> None:
         if name not in p.queues and (name != "default" or getattr(p, section).get("queue")):
             _fail(p.source, f"{section}.queue", f"routes to queue {name!r}, which `queues:` "
                   "does not define")
+    from deepem3d.storage.layers import same_place
+
+    for name, queue in p.queues.items():  # found only once the layer exists, mid-run
+        for layer in _written_layers(p) if queue.url.startswith("fq://") else []:
+            if same_place("file://" + queue.url[len("fq://"):], layer):
+                _fail(p.source, f"queues.{name}", f"{queue.url} lies in {layer}, which this "
+                      "run writes: give the queue a folder of its own")
+    used = {"default", *(p.routed(section) for section in sections)}
+    for name, queue in p.queues.items():  # a typo (`inferance:`, `Default:`) sent nothing
+        if name not in used and queue.min_memory is None:
+            _fail(p.source, f"queues.{name}", "no stage goes to it: a section names it with "
+                  "`queue:`, `inference` takes inference, `default` the rest, and one with "
+                  "`min_memory` the larger tasks")
 
 
 def add_local_queue(p: Pipeline) -> bool:

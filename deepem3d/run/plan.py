@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +24,7 @@ from cloudvolume.lib import Bbox
 from deepem3d.errors import InputError, warn
 from deepem3d.run.pipeline import SAMPLE, Pipeline, add_local_queue
 from deepem3d.stages.frame import Stage
-from deepem3d.units import format_bounds, format_bytes
+from deepem3d.units import format_bounds, format_bytes, format_triple
 
 REPORT = "report.json"
 SECTION = {"inference": "inference", "downsample-mip0": "downsample", "mesh-merge": "meshes"}
@@ -80,9 +80,28 @@ def sample_layers(p: Pipeline, *, write: bool, overwrite: bool = False) -> dict[
         raise InputError(f"{foreign[0]} holds a layer that `deepem3d sample` did not write, "
                          "where this run puts the sample: pass --overwrite to replace it, or "
                          "give another output")
-    if write and (foreign or len(held) < len(paths)):
+    # a run stopped while it wrote the sample left a layer with some of its chunks
+    if write and (foreign or not all(_every_chunk_written(path) for path in paths.values())):
         write_sample(p.output, overwrite=True, progress=False)
     return paths
+
+
+def _every_chunk_written(path: str) -> bool:
+    """Whether a layer holds every chunk of its full-resolution scale."""
+    import math
+
+    from cloudfiles import CloudFiles
+
+    from deepem3d.storage.layers import cloudpath
+
+    files = CloudFiles(cloudpath(path))
+    info = files.get_json("info")
+    if not isinstance(info, dict) or not info.get("scales"):
+        return False
+    scale = info["scales"][0]
+    expected = math.prod(-(-int(s) // int(c)) for s, c in zip(scale["size"],
+                                                              scale["chunk_sizes"][0]))
+    return sum(1 for _ in files.list(prefix=scale["key"].rstrip("/") + "/")) >= expected
 
 
 def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
@@ -218,11 +237,15 @@ class _RunPlanner:
         from deepem3d.storage.layers import open_layer
 
         iplan = self.iplan
-        map_bounds = (Bbox(iplan.voxel_offset, np.add(iplan.voxel_offset, iplan.size))
-                      if iplan is not None else open_layer(self.map_path).bounds)
+        if iplan is not None:
+            map_bounds = Bbox(iplan.voxel_offset, np.add(iplan.voxel_offset, iplan.size))
+            map_resolution = tuple(iplan.resolution)
+        else:
+            vol = open_layer(self.map_path)
+            map_bounds, map_resolution = vol.bounds, tuple(float(r) for r in vol.resolution)
         check_scoring(self.p, self.temporary["ground_truth"]
                       if self.dry_run and self.p.ground_truth == SAMPLE
-                      else self.plan.layers["ground_truth"], map_bounds)
+                      else self.plan.layers["ground_truth"], map_bounds, map_resolution)
 
     def segmentation(self) -> None:
         from deepem3d.stages.segment_costs import DEFAULT_EDGES_PER_VOXEL
@@ -445,15 +468,22 @@ def evaluated_region(p: Pipeline, gt_bounds: Bbox) -> Bbox:
     return Bbox.intersection(gt_bounds, segmented) if segmented is not None else gt_bounds
 
 
-def check_scoring(p: Pipeline, ground_truth: str, map_bounds: Bbox) -> None:
-    """Before anything runs: the ground truth holds labels, and the region scored lies inside
-    it and the region segmented (a late OutOfBoundsError would come after hours)."""
+def check_scoring(p: Pipeline, ground_truth: str, map_bounds: Bbox,
+                  map_resolution: Sequence[float]) -> None:
+    """Before anything runs: the ground truth holds labels at the map's voxel size, and the
+    region scored lies inside it and the region segmented (a late OutOfBoundsError would come
+    after hours)."""
     from deepem3d.storage.labels import open_labels
 
     try:
         gt = open_labels(ground_truth, "ground_truth")
     except InputError as err:
         raise _in_key(p.source, "ground_truth", err) from None
+    if not np.allclose(np.asarray(gt.resolution, dtype=float), map_resolution):
+        raise InputError(f"{p.source}: ground_truth: its voxels are "
+                         f"{format_triple(gt.resolution)} nm and the segmentation's will be "
+                         f"{format_triple(map_resolution)} nm: score at one voxel size (a "
+                         "ground truth of the image's mip, or inference.mip)")
     region = evaluated_region(p, gt.bounds)
     key = "evaluate.bounds" if p.evaluate.get("bounds") else "ground_truth"
     if np.any(np.asarray(region.size3()) <= 0):
@@ -499,8 +529,11 @@ def run_pipeline(
 
     from deepem3d.run.runner import Runner
 
-    if add_local_queue(p):
-        parallel = parallel or 1  # nobody else would drain a queue the file does not name
+    local_queues = None
+    if add_local_queue(p):  # nobody else would drain a queue the file does not name; the
+        if not parallel:  # queues it names have their workers elsewhere (a GPU pool)
+            local_queues = {p.queues["default"].url}
+        parallel = parallel or 1
     check_queues(p)  # before the sample or any layer is written
     # every stage planned now, the later ones on stand-ins of the layers they read: a problem
     # of the last stage (a layer too small for its mip levels) is refused before the first runs
@@ -510,8 +543,13 @@ def run_pipeline(
     routes: dict[str, str] = {}
     runner = Runner(lambda stage: routes[stage.label], parallel=parallel, echo=echo,
                     progress=progress, log_path=_log_path(p), lease_seconds=lease_seconds,
-                    keep_workers=True)  # stopped below, once every stage has run
-    previous = (CloudFiles(p.output).get_json(REPORT) or {}).get("stage_seconds", {})
+                    keep_workers=True,  # stopped below, once every stage has run
+                    local_queues=local_queues)
+    try:  # a report cut short by a stop while it was written is as good as none
+        previous = CloudFiles(p.output).get_json(REPORT)
+    except ValueError:
+        previous = None
+    previous = (previous if isinstance(previous, dict) else {}).get("stage_seconds") or {}
     done: set[str] = set()
     shown: set[tuple[str, str]] = set()
     replace = {"inference", "segmentation", "downsample"} if overwrite else set()

@@ -156,6 +156,7 @@ class Runner:
         progress: bool = True, execute: Execute | None = None, poll: float | None = None,
         log_path: str | None = None, lease_seconds: int = 60, wait: bool = True,
         wave: int = WAVE_TASKS, keep_workers: bool = False,
+        local_queues: set[str] | None = None,
     ):
         if wave < 1:
             raise ValueError(f"wave must be at least 1 task, got {wave}")
@@ -168,6 +169,9 @@ class Runner:
         self._restarts = 0
         self._done: set[str] = set()  # stage names and labels completed by this runner
         self.parallel = parallel
+        # the queues `parallel` local workers drain (None: every one); the others' workers are
+        # elsewhere (a pipeline's GPU pool while local workers drain the queue it was given)
+        self.local_queues = local_queues
         self.echo = echo
         self.progress = progress
         self.execute = execute
@@ -214,8 +218,8 @@ class Runner:
         return ran
 
     def run_stage(self, stage: Stage) -> StageSummary:
-        if (self.parallel and stage.hardware == "gpu" and stage.task_count
-                and not stage.is_complete()):
+        if (self.parallel and stage.hardware == "gpu" and self._drained_here(self.route(stage))
+                and stage.task_count and not stage.is_complete()):
             _check_local_gpu(stage)  # before prepare, which may replace an old layer
         if stage.prepare is not None:
             stage.prepare()
@@ -245,7 +249,7 @@ class Runner:
     def _queue_stage(self, stage: Stage) -> int:
         url = check_queue_url(self.route(stage))
         wave = _Wave(url, stage.tasks(), self.wave, len(stage.markers.remaining()))
-        if self.parallel:
+        if self._drained_here(url):
             if url not in self._workers:  # started once per queue, kept for later stages
                 self._workers[url] = spawn_workers(url, self.parallel, self.lease_seconds,
                                                    log_file=self._log_file)
@@ -257,6 +261,10 @@ class Runner:
                           f"waiting for workers (`deepem3d worker {url}`)")
             self._wait(stage, url, None, None, wave)
         return wave.inserted
+
+    def _drained_here(self, url: str | None) -> bool:
+        """Whether local workers drain the queue at `url`."""
+        return bool(self.parallel) and (self.local_queues is None or url in self.local_queues)
 
     @contextlib.contextmanager
     def _log(self):
