@@ -254,6 +254,9 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
                                         "[0, 0, 0, 64, 64, 10]\n"},
      ["evaluate.bounds", "reach outside segmentation.bounds"]),
     ("keys of two types", {"segmentation:\n": "1: 2\nsegmentation:\n"}, ["1: unknown key"]),
+    ("the root as output", {"output: ": "output: /\n#"}, ["output", "names no folder"]),
+    ("an empty ground truth", {"ground_truth: file://": "ground_truth: ''  # file://"},
+     ["ground_truth", "expected a path"]),
     ("sigma true", {"segmentation:\n": "segmentation:\n  sigma: true\n"},
      ["segmentation.sigma", "True"]),
     ("a layer downsampled twice", {"  layers: [segmentation]\n":

@@ -294,6 +294,8 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
         if product in products[:i]:
             _fail(source, "products", f"{product} is listed twice")
     root = _path(output or data["output"]).rstrip("/")
+    if "://" not in root or not root.split("://", 1)[1]:  # `/`, `file:///`, `s3://`
+        _fail(source, "output", f"{output or data['output']!r} names no folder: give one")
     pipeline = Pipeline(
         source=source, output=root,
         image=data["image"] if data["image"] == SAMPLE else _path(data["image"]),
@@ -308,8 +310,8 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
     )
     for key in ("ground_truth", "map"):
         value = data.get(key)
-        if value is not None and not isinstance(value, str):
-            _fail(source, key, "expected a path")
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            _fail(source, key, "expected a path")  # '' too: as `image: ''`, not dropped
         if value:
             setattr(pipeline, key, value if value == SAMPLE else _path(value))
     if pipeline.map == SAMPLE:
