@@ -41,6 +41,11 @@ def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
     make_layer(layer)
     for command in (["queue", "status"], ["worker"], ["queue", "create"]):  # nor made one
         assert_one_line_error(run_cli(*command, f"fq://{layer}"), "precomputed layer")
+    plain = tmp_path / "plain"  # a folder that is no queue: status neither reads nor makes one
+    plain.mkdir()
+    assert_one_line_error(run_cli("queue", "status", f"fq://{plain}"), "not a file queue",
+                          "nothing read")
+    assert list(plain.iterdir()) == []
     assert_one_line_error(run_cli("queue", "create", f"fq://{layer}/4_4_40/queue"),
                           "lies in the precomputed layer")
     assert_one_line_error(run_cli("downsample", layer, "--queue", f"fq://{layer}/queue",

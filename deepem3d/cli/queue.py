@@ -171,9 +171,12 @@ def status(url: str, watch: bool, poll_seconds: float) -> None:
     SQS keeps no inserted or completed counts and its enqueued count is approximate: whether
     a stage is finished is decided by its tasks' completion markers, not by this.
     """
-    from deepem3d.run.queue_admin import PEEK_LIMIT, set_aside
+    from deepem3d.run.queue_admin import PEEK_LIMIT, check_file_queue, set_aside
 
-    tq = open_queue(check_existing_queue(url))
+    check_existing_queue(url)
+    if url.startswith("fq://"):
+        check_file_queue(url, "nothing read")
+    tq = open_queue(url)
     counts = queue_counts(tq)
     click.echo(
         f"inserted: {_show(counts.inserted)}  enqueued: {counts.enqueued}  "

@@ -91,14 +91,20 @@ FILE_QUEUE_ENTRIES = ("queue", "movement", "completions", "insertions", "attempt
                       "workers.log")
 
 
+def check_file_queue(url: str, done: str) -> None:
+    """InputError unless the fq:// folder holds a file queue's queue/ and movement/ (opening
+    one lays them out: a command that reads a queue must not make one of any folder)."""
+    folder = url[len("fq://"):]
+    if not os.path.isdir(os.path.join(folder, "queue")) or not os.path.isdir(
+            os.path.join(folder, "movement")):
+        raise InputError(f"{url}: not a file queue (no queue/ and movement/ inside): {done}")
+
+
 def delete_queue(url: str) -> str:
     check_queue_url(url)
     if url.startswith("fq://"):
         folder = url[len("fq://"):]
-        if not os.path.isdir(os.path.join(folder, "queue")) or not os.path.isdir(
-                os.path.join(folder, "movement")):
-            raise InputError(f"{url}: not a file queue (no queue/ and movement/ inside): "
-                             "nothing deleted")
+        check_file_queue(url, "nothing deleted")
         others = sorted(set(os.listdir(folder)) - set(FILE_QUEUE_ENTRIES))
         if others:  # a layer or a run's folder that a queue was opened on: not ours to delete
             raise InputError(f"{url} holds more than a file queue ({', '.join(others[:3])}"
