@@ -16,6 +16,7 @@ from deepem3d.errors import InputError
 from deepem3d.models.augment import augment
 from deepem3d.models.targets import affinity_target, boundary_target
 from deepem3d.sources import FILE_SUFFIXES, open_source
+from deepem3d.units import format_triple
 
 
 def is_file_source(source: str) -> bool:
@@ -122,12 +123,12 @@ def load_pair(image: str, labels: str, sections: tuple[int, int], name: str
     if kind == other and size is not None and label_size is not None and not np.allclose(
             size, label_size):
         raise InputError(f"image {image} and labels {labels} differ in voxel size: "
-                         f"{_text(size)} vs {_text(label_size)} nm (x,y,z)")
+                         f"{format_triple(size)} vs {format_triple(label_size)} nm (x,y,z)")
     if kind == other and at is not None and label_at is not None and not np.allclose(
             at, label_at):
         where = "voxel offset" if kind == "layer" else "first voxel's position (nm)"
         raise InputError(f"image {image} and labels {labels} lie in other places: "
-                         f"{where} {_text(at)} vs {_text(label_at)} (x,y,z)")
+                         f"{where} {format_triple(at)} vs {format_triple(label_at)} (x,y,z)")
     if img.dtype != np.uint8:
         raise InputError(f"image {image} is {img.dtype}: deepem3d trains on uint8 EM images")
     if not np.issubdtype(ids.dtype, np.integer):
@@ -139,10 +140,6 @@ def load_pair(image: str, labels: str, sections: tuple[int, int], name: str
         raise InputError(f"labels {labels} are all 0 (background) in {name} "
                          f"{sections[0]}:{sections[1]}: give sections that hold segments")
     return img, ids.astype(np.int64)
-
-
-def _text(values) -> str:
-    return ",".join(f"{float(v):g}" for v in values)
 
 
 def reflect_sections(volume: np.ndarray, half: int) -> np.ndarray:

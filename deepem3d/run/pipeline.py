@@ -194,8 +194,7 @@ def _path(value: str, base: str | None = None) -> str:
 
 def _triple(source: str, key: str, value, kind=int, count: int = 3) -> list:
     if (not isinstance(value, list | tuple) or len(value) != count
-            or not all(isinstance(v, int | float) and not isinstance(v, bool)
-                       and math.isfinite(v) for v in value)):
+            or not all(_number(v) and math.isfinite(v) for v in value)):
         _fail(source, key, f"expected a list of {count} numbers, got {value!r}")
     if any(abs(v) > LARGEST_COORDINATE for v in value):
         _fail(source, key, f"{value!r}: coordinates are at most {LARGEST_COORDINATE:,}")
@@ -207,10 +206,6 @@ def _triple(source: str, key: str, value, kind=int, count: int = 3) -> list:
     if count == 6 and any(hi <= lo for lo, hi in zip(values[:3], values[3:])):
         _fail(source, key, f"{value!r}: each of x1, y1, z1 must exceed x0, y0, z0")
     return values
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 #: values a pipeline file may hold once its aliases are expanded (a real one holds hundreds)
@@ -407,7 +402,7 @@ def _check_object_product(p: Pipeline, product: str) -> None:
     if options and product not in p.products:
         _fail(p.source, product, f"given, but `{product}` is not among the products")
     mip = options.get("mip")
-    if mip is not None and (not isinstance(mip, int) or isinstance(mip, bool) or mip < 0):
+    if mip is not None and (not _number(mip, int) or mip < 0):
         _fail(p.source, f"{product}.mip", f"{mip!r} must be a mip level (0 or more)")
     if mip and "segmentation" not in (p.downsample.get("layers") or []):
         _fail(p.source, f"{product}.mip", f"mip {mip} of the segmentation needs the "
@@ -425,8 +420,7 @@ def _check_object_product(p: Pipeline, product: str) -> None:
               "a number of voxels (0 or more)")
     for key in ("min_cable_nm", "tick_threshold"):
         value = options.get(key, 0)
-        if not (isinstance(value, int | float) and not isinstance(value, bool)
-                and math.isfinite(value) and value >= 0):
+        if not (_number(value) and math.isfinite(value) and value >= 0):
             _fail(p.source, f"{product}.{key}", f"{value!r} must be a length in nm (0 or more)")
 
 
@@ -460,12 +454,12 @@ def _check_sections(p: Pipeline) -> None:
     if "device" in inf and inf["device"] not in ("auto", "cpu", "cuda"):
         _fail(p.source, "inference.device", f"{inf['device']!r}: choose auto, cpu or cuda")
     for key in ("patch_size", "patch_output", "batch_size", "threads"):
-        if key in inf and (not _is_int(inf[key]) or inf[key] < 1):
+        if key in inf and (not _number(inf[key], int) or inf[key] < 1):
             _fail(p.source, f"inference.{key}", f"{inf[key]!r} must be a positive integer")
     for section, values, keys in (("inference", inf, ("overlap", "mip", "mask_mip")),
                                   ("downsample", p.downsample, ("num_mips",))):
         for key in keys:
-            if key in values and values[key] is not None and (not _is_int(values[key])
+            if key in values and values[key] is not None and (not _number(values[key], int)
                                                               or values[key] < 0):
                 _fail(p.source, f"{section}.{key}",
                       f"{values[key]!r} must be an integer, 0 or more")
@@ -494,13 +488,11 @@ def _check_sections(p: Pipeline) -> None:
         _fail(p.source, "segmentation.method", f"{seg['method']!r}: choose mean or watershed")
     if "threshold" in seg:
         t = seg["threshold"]
-        if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
-                and 0 <= t <= 1):
+        if not (_number(t) and math.isfinite(t) and 0 <= t <= 1):
             _fail(p.source, "segmentation.threshold", f"{t!r} is outside [0, 1]")
     if "sigma" in seg and not (_number(seg["sigma"]) and 0 <= seg["sigma"] <= 16):
         _fail(p.source, "segmentation.sigma", f"{seg['sigma']!r} must lie in [0, 16] voxels")
-    if "dust_size" in seg and not (isinstance(seg["dust_size"], int)
-                                   and not isinstance(seg["dust_size"], bool)
+    if "dust_size" in seg and not (_number(seg["dust_size"], int)
                                    and 0 <= seg["dust_size"] <= INT64_MAX):
         _fail(p.source, "segmentation.dust_size", f"{seg['dust_size']!r} must be a whole "
               f"number from 0 to {INT64_MAX}")
