@@ -17,7 +17,7 @@ from cloudvolume import CloudVolume
 from tqdm import tqdm
 
 from deepem3d.axes import LARGEST_COORDINATE
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, warn
 from deepem3d.sources import VolumeSource, open_source, source_root
 from deepem3d.storage import layers
 from deepem3d.storage.paths import enclosing_layer
@@ -166,6 +166,8 @@ def ingest(
             resolution = source.recorded_resolution()
         if voxel_offset is None:
             voxel_offset = source.recorded_offset(resolution)
+            if source.placement_note:
+                warn(source.placement_note)
         if to_uint8:
             if layer_type != "image" or dtype is not None:
                 raise InputError("--to-uint8 rescales an image: not with --layer-type "

@@ -18,7 +18,8 @@ order); the one transposition is `deepem3d.axes`. Where the file records its vox
 scale, the MRC header, an HDF5 dataset's `resolution` attribute as CREMI writes it, in the array's
 own axis order, N5's attributes as `deepem3d.n5` reads them), the source keeps it as `resolution`
 (nm, x,y,z), and the position of its first voxel (OME-Zarr's translation, CREMI's `offset`, N5's) as
-`position`. Sources are opened read-only and never modified.
+`position`, or its index where the file counts it in voxels (an MRC header's start) as `start`.
+Sources are opened read-only and never modified.
 """
 
 from __future__ import annotations
@@ -89,6 +90,12 @@ class VolumeSource(ABC):
     #: position of the first voxel's corner in nm, x,y,z, where the file records one
     position: tuple[float, float, float] | None = None
     position_from: str = ""
+    #: or the first voxel's index, x,y,z, where the file records it in voxels (an MRC's
+    #: nxstart, nystart, nzstart)
+    start: tuple[int, int, int] | None = None
+    #: what the file records about its place that the reader does not apply, and why
+    #: (ingest says so when it takes the file's placement)
+    placement_note: str = ""
     #: sections the file stores (and decompresses) together: a slab that starts and ends on
     #: a multiple of it decodes each stored block once
     z_step: int = 1
@@ -136,6 +143,7 @@ class VolumeSource(ABC):
                 "recorded_resolution_from": self.resolution_from} if self.resolution else {}),
             **({"recorded_position": list(self.position),
                 "recorded_position_from": self.position_from} if self.position else {}),
+            **({"recorded_start": list(self.start)} if self.start else {}),
         }
 
     def record_resolution(self, stored: Sequence[float] | None, where: str) -> None:
@@ -165,7 +173,9 @@ class VolumeSource(ABC):
         over the voxel size the file records (where the user gives another, the file's own
         voxels are still what its position counts), else over `resolution` (nm); 0,0,0 where
         it records no position; a one-line InputError where the position is not a whole
-        number of voxels."""
+        number of voxels. A start recorded in voxels is the offset itself."""
+        if self.start is not None:
+            return self.start
         if self.position is None:
             return (0, 0, 0)
         resolution = self.resolution or resolution
@@ -791,6 +801,23 @@ def _imod_unsigned_bytes(header) -> bool:
     return int(stamp) == IMOD_STAMP and not int(flags) & 1
 
 
+def _mrc_placement(source: ArraySource, header) -> None:
+    """nxstart, nystart, nzstart: the first voxel's index, a number of voxels whatever the
+    program. The origin (in A) is not applied: programs differ in its sign (IMOD's first
+    voxel lies at minus the origin, UCSF Chimera's at plus it); the note says it was seen."""
+    start = tuple(int(header[k]) for k in ("nxstart", "nystart", "nzstart"))
+    if any(start):
+        source.start = start
+    origin = tuple(float(header.origin[a]) for a in "xyz")
+    if any(origin) and all(math.isfinite(v) for v in origin):
+        at = ",".join(f"{v:g}" for v in origin)
+        source.placement_note = (
+            f"{source.name}: its MRC header's origin {at} A is not applied (programs differ "
+            "in its sign); the layer starts at voxel "
+            f"{','.join(map(str, start))} (nxstart, nystart, nzstart): give --voxel-offset "
+            "X,Y,Z to place it elsewhere")
+
+
 def _open_mrc(path: str) -> ArraySource:
     import mrcfile
 
@@ -822,6 +849,7 @@ def _open_mrc(path: str) -> ArraySource:
                                       "write when the voxel size is unknown")
         else:
             source.record_resolution([a / 10 for a in angstrom], "the MRC header")
+        _mrc_placement(source, header)
         return source
     except BaseException:
         mrc.close()

@@ -45,6 +45,9 @@ def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
     plain.mkdir()
     assert_one_line_error(run_cli("queue", "status", f"fq://{plain}"), "not a file queue",
                           "nothing read")
+    # without --yes and off a terminal: the path's problem, not a request for --yes
+    assert_one_line_error(cli_here("queue", "delete", f"fq://{plain}"), "not a file queue",
+                          "nothing deleted")
     assert list(plain.iterdir()) == []
     assert_one_line_error(run_cli("queue", "create", f"fq://{layer}/4_4_40/queue"),
                           "lies in the precomputed layer")

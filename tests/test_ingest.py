@@ -749,6 +749,34 @@ def test_mrc_round_trip_with_its_voxel_size(tmp_path):
     assert_one_line_error(cli(src, tmp_path / "xyz", "--axes", "xyz"), "MRC", "drop --axes")
 
 
+def test_an_mrc_file_is_placed_at_its_start_and_its_origin_is_said_not_applied(tmp_path):
+    """nxstart, nystart, nzstart (voxels) place the layer; the origin, whose sign programs
+    read differently, is not applied, and ingest says so where it takes the file's place."""
+    import mrcfile
+
+    data = volume(dtype=np.uint16)
+    src = write_mrc(tmp_path, data, (40.0, 40.0, 300.0))
+    with mrcfile.open(src, mode="r+") as mrc:
+        mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = 10, -3, 2
+    result = cli(src, tmp_path / "start", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    vol = open_layer(str(tmp_path / "start"))
+    assert list(vol.voxel_offset) == [10, -3, 2]
+    np.testing.assert_array_equal(read_back(tmp_path / "start"), xyz(data))
+    with mrcfile.open(src, mode="r+") as mrc:
+        mrc.header.origin = (400.0, 0.0, -600.0)
+    result = cli(src, tmp_path / "origin", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("deepem3d: warning: ") == 1
+    assert "origin 400,0,-600 A is not applied" in result.stderr
+    assert "starts at voxel 10,-3,2" in result.stderr
+    assert list(open_layer(str(tmp_path / "origin")).voxel_offset) == [10, -3, 2]
+    result = cli(src, tmp_path / "given", "--no-progress", "--voxel-offset", "0,0,0")
+    assert result.returncode == 0 and "warning" not in result.stderr  # placed by the user
+    assert list(open_layer(str(tmp_path / "given")).voxel_offset) == [0, 0, 0]
+
+
 def test_mrc_bytes_imod_wrote_unsigned(tmp_path):
     import mrcfile
 

@@ -660,6 +660,17 @@ def test_a_map_the_run_reads_is_among_its_layers(tmp_path, maps):
     assert plan.layers["map"] == maps["affinity"][0]
 
 
+def test_a_missing_map_layer_is_named_by_its_key(tmp_path, maps):
+    """A `map:` with no layer there was reported under `segmentation:`, a key the file may
+    not even have."""
+    pipeline = tmp_path / "segment.yaml"
+    pipeline.write_text(f"version: 1\noutput: {tmp_path / 'out'}\nimage: {maps['affinity'][0]}"
+                        f"\nmap: {tmp_path / 'nowhere'}\nproducts: [segmentation]\n")
+    assert_one_line_error(cli_here("run", pipeline, "--dry-run"), "segment.yaml: map: no "
+                          f"precomputed layer at file://{tmp_path / 'nowhere'}")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("blank", [False, True], ids=["map", "blank-map"])
 def test_octree_stages_are_sized_at_the_density_the_region_graph_measures(tmp_path, maps,
                                                                           blank):
@@ -710,3 +721,19 @@ def test_octree_stages_are_sized_at_the_density_the_region_graph_measures(tmp_pa
     finished = plan_run(p)
     assert {"remap", "downsample-mip0"} <= {s.name for s in finished.stages}
     assert all(s.is_complete() for s in finished.stages)
+
+
+def test_the_report_is_replaced_whole(tmp_path):
+    """report.json was written in place: a run stopped while writing it left a file cut short.
+    A write that fails half-way (here: a value JSON cannot hold, met after many bytes were
+    written) leaves the previous report as it was, and nothing beside it."""
+    from deepem3d.storage.paths import put_json_whole
+
+    put_json_whole(str(tmp_path / "run"), "report.json", {"seconds": 1.0})
+    with pytest.raises(TypeError):
+        put_json_whole(str(tmp_path / "run"), "report.json",
+                       {"layers": "x" * 2**20, "scores": object()})
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == {"seconds": 1.0}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["report.json"]
+    put_json_whole(f"file://{tmp_path / 'run'}", "report.json", {"seconds": 2.0})
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == {"seconds": 2.0}

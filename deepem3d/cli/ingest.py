@@ -32,8 +32,8 @@ from deepem3d.storage.layers import cloudpath
 @click.option("--voxel-offset", type=Triple(int, positive=False, example="0,0,100"),
               default=None,
               help="Position of the first voxel, x,y,z in voxels (default: where the file "
-              "places it, an OME-Zarr's translation, a CREMI HDF5's or N5's offset; else "
-              "0,0,0).")
+              "places it, an OME-Zarr's translation, a CREMI HDF5's or N5's offset, an MRC "
+              "header's nxstart, nystart, nzstart; else 0,0,0).")
 @click.option("--dtype", type=click.Choice(["uint32", "uint64"]), default=None,
               help="Stored dtype of a segmentation (default uint64); images keep theirs.")
 @click.option("--to-uint8", is_flag=True,

@@ -148,8 +148,9 @@ def create(url: str, max_attempts: int, visibility_seconds: int,
               "terminal).")
 def delete(url: str, yes: bool) -> None:
     """Delete the queue URL and what it holds (on SQS, its dead-letter queue too)."""
-    from deepem3d.run.queue_admin import delete_queue
+    from deepem3d.run.queue_admin import check_deletable, delete_queue
 
+    check_deletable(url)  # before asking: a path that is no queue is said at once
     if not yes:
         if not sys.stdin.isatty():
             raise InputError(f"deleting {url} loses the tasks on it: add --yes")

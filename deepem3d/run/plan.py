@@ -24,6 +24,7 @@ from cloudvolume.lib import Bbox
 from deepem3d.errors import InputError, warn
 from deepem3d.run.pipeline import SAMPLE, Pipeline, add_local_queue
 from deepem3d.stages.frame import Stage
+from deepem3d.storage.paths import put_json_whole
 from deepem3d.units import format_bounds, format_bytes, format_triple
 
 REPORT = "report.json"
@@ -195,6 +196,12 @@ class _RunPlanner:
         if p.ground_truth and p.ground_truth != SAMPLE:
             layers["ground_truth"] = p.ground_truth
         if p.map and "map" not in p.products:  # read, not made: the report and view name it
+            from deepem3d.storage.layers import open_layer
+
+            try:
+                open_layer(p.map)
+            except InputError as err:  # said here, where the key that names it is known
+                raise _in_key(p.source, "map", err) from None
             layers["map"] = p.map
 
     def inference(self) -> None:
@@ -581,7 +588,7 @@ def run_pipeline(
               "layers": plan.layers, "pipeline": p.source}
     if p.ground_truth:
         report.update(score(p, plan.layers))
-    CloudFiles(p.output).put_json(REPORT, report, compress=None)
+    put_json_whole(p.output, REPORT, report)
     return report
 
 

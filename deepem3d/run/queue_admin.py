@@ -100,7 +100,9 @@ def check_file_queue(url: str, done: str) -> None:
         raise InputError(f"{url}: not a file queue (no queue/ and movement/ inside): {done}")
 
 
-def delete_queue(url: str) -> str:
+def check_deletable(url: str) -> None:
+    """InputError unless URL is a queue that `delete_queue` may remove: said before a user
+    is asked to confirm (a file queue's folder is checked here; an SQS queue when deleted)."""
     check_queue_url(url)
     if url.startswith("fq://"):
         folder = url[len("fq://"):]
@@ -109,7 +111,12 @@ def delete_queue(url: str) -> str:
         if others:  # a layer or a run's folder that a queue was opened on: not ours to delete
             raise InputError(f"{url} holds more than a file queue ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}): nothing deleted")
-        shutil.rmtree(folder)
+
+
+def delete_queue(url: str) -> str:
+    check_deletable(url)
+    if url.startswith("fq://"):
+        shutil.rmtree(url[len("fq://"):])
         return f"deleted {url}"
     name = url[len("sqs://"):]
     sqs = sqs_client()

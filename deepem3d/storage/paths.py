@@ -1,5 +1,5 @@
 """Local folders and the layers they lie in, looked at without a layer library (cheap enough
-for a command's first checks)."""
+for a command's first checks), and small files written whole."""
 
 from __future__ import annotations
 
@@ -34,3 +34,25 @@ def _is_layer_info(path: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(info, dict) and "scales" in info
+
+
+def put_json_whole(folder: str, name: str, content: object) -> None:
+    """folder/name as JSON, which a reader finds old or new, never cut short: locally written
+    beside and renamed over (CloudFiles writes a local file in place); an object store
+    replaces an object whole."""
+    if "://" in folder and not folder.startswith("file://"):
+        from cloudfiles import CloudFiles
+
+        CloudFiles(folder).put_json(name, content, compress=None)
+        return
+    where = os.path.abspath(folder.removeprefix("file://"))
+    os.makedirs(where, exist_ok=True)
+    target = os.path.join(where, name)
+    partial = f"{target}.partial"
+    try:
+        with open(partial, "w") as f:
+            json.dump(content, f)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
