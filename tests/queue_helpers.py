@@ -31,6 +31,24 @@ def AlwaysFails(message: str) -> None:  # noqa: N802
 
 
 @queueable
+def Exits(path: str) -> None:  # noqa: N802
+    """A task that calls sys.exit(0) (a library's, say) after writing `path`."""
+    with open(path, "w") as f:
+        f.write("started")
+    raise SystemExit(0)
+
+
+@queueable
+def SleepThenTouch(flag_path: str, seconds: float, path: str) -> None:  # noqa: N802
+    """Writes flag_path, sleeps `seconds`, writes `path`."""
+    with open(flag_path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    with open(path, "w") as f:
+        f.write("done")
+
+
+@queueable
 def Touch(path: str) -> None:  # noqa: N802
     """A task that works: writes `path`."""
     with open(path, "w") as f:

@@ -33,6 +33,7 @@ from deepem3d.storage.layers import create_layer
 from tests.conftest import (
     CHUNK,
     SHAPE,
+    InProcess,
     assert_one_line_error,
     assert_same_mips,
     chunk_files,
@@ -126,6 +127,52 @@ def test_another_threshold_redoes_only_agglomerate_and_remap(tmp_path, maps):
     assert set(other.ran) == {"supervoxels", "reduce-L0", "region-graph", "agglomerate-L0",
                               "remap"}
     np.testing.assert_array_equal(read(output), segment(array, "watershed", 0.1))
+
+
+def test_a_run_stopped_in_the_octree_resumes_without_redoing_its_finished_levels(tmp_path,
+                                                                                   maps):
+    """Resuming compared only remap's manifest, which the stopped run had not reached: every
+    finished octree level was reset and done again (hours, on a large volume)."""
+    path, array = maps["affinity"]
+    output = f"file://{tmp_path / 'seg'}"
+
+    class Stop(Exception):
+        pass
+
+    first = InProcess()
+
+    def until_segments(stage: Stage, tasks) -> int:
+        if stage.name.startswith("segments-L"):
+            raise Stop
+        return first(stage, tasks)
+
+    plan = plan_segment(path, output, method="mean", threshold=0.5, task_shape=(40, 24, 6),
+                        chunk_size=CHUNK)
+    with pytest.raises(Stop):
+        run_stages(segment_stages(plan), execute=until_segments, echo=lambda line: None)
+    octree_levels = {s for s in first.ran if s.startswith("agglomerate-L")}
+    assert len(octree_levels) >= 2, first.ran
+    again = plan_segment(path, output, method="mean", threshold=0.5, task_shape=(40, 24, 6),
+                         chunk_size=CHUNK)
+    assert again.action == "resume"
+    resumed = run(path, output, "mean", 0.5, (40, 24, 6))
+    assert not set(resumed.ran) & (octree_levels | set(CHUNK_STAGES)), resumed.ran
+    assert "remap" in resumed.ran
+    np.testing.assert_array_equal(read(output), segment(array, "mean", 0.5))
+
+
+def test_a_stage_record_cut_short_is_a_stage_to_run_again(tmp_path, maps):
+    """A run.json cut short (written in place, before the frame wrote its files whole) made
+    every later run fail with a JSON traceback; now the stage is run again."""
+    path, array = maps["affinity"]
+    output = f"file://{tmp_path / 'seg'}"
+    run(path, output, "mean", 0.5, (40, 24, 6))
+    record = tmp_path / "seg" / "tasks" / "remap" / "run.json"
+    record.write_bytes(record.read_bytes()[:7])
+    again = run(path, output, "mean", 0.5, (40, 24, 6))
+    assert "remap" in again.ran
+    np.testing.assert_array_equal(read(output), segment(array, "mean", 0.5))
+    assert not list((tmp_path / "seg" / "tasks").rglob("*.partial"))
 
 
 def test_bounds_segment_the_crop_with_whole_volume_ids(tmp_path, maps):

@@ -31,7 +31,15 @@ from tests.conftest import (
     run_cli,
     start_stage,
 )
-from tests.queue_helpers import AlwaysFails, FailsInFrame, SleepInFrame, StallOnce, Touch
+from tests.queue_helpers import (
+    AlwaysFails,
+    Exits,
+    FailsInFrame,
+    SleepInFrame,
+    SleepThenTouch,
+    StallOnce,
+    Touch,
+)
 
 
 def start_worker(queue: str, *extra: str) -> subprocess.Popen:
@@ -232,6 +240,60 @@ def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_pa
     assert "set aside: 7" in shown, shown
     assert "layer/broken  RuntimeError: bug (attempt 2 on" in shown, shown
     assert "not-json  -  not a task: JSONDecodeError" in shown, shown
+
+
+def test_a_worker_on_the_folder_above_a_queue_is_refused_and_the_queue_kept(tmp_path):
+    """Pointed at a run's output folder instead of its queue inside, a worker laid out a new
+    queue there, took the real queue's folders for stray entries, moved them (and the tasks
+    in them) to failed/, and exited 0."""
+    queue_dir = tmp_path / "out" / "queue"
+    tq = TaskQueue(f"fq://{queue_dir}", progress=False)
+    tq.insert([partial(Touch, path=str(tmp_path / "done"))])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert_one_line_error(run_cli("worker", f"fq://{tmp_path / 'out'}", "--exit-when-empty"),
+                          "not a file queue", "nothing run")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert tq.enqueued == 1
+
+
+def test_a_worker_that_set_aside_a_message_or_met_a_task_exiting_exits_1(tmp_path):
+    """Exit status 1 when anything was set aside or raised: a message that is not a task
+    was set aside with status 0, and a task calling sys.exit(0) stopped the worker with
+    status 0, its task left leased."""
+    queue_dir = tmp_path / "queue"
+    tq = TaskQueue(f"fq://{queue_dir}", progress=False)
+    (queue_dir / "queue" / "0--garbage.json").write_text("{not json")
+    (queue_dir / "movement" / "garbage").write_text("0--garbage.json\n")
+    os.utime(queue_dir / "queue" / "0--garbage.json", (time.time() - 60,) * 2)
+    worker = start_worker(f"fq://{queue_dir}", "--exit-when-empty")
+    _, log = worker.communicate(timeout=60)
+    assert worker.returncode == 1, log
+    assert "1 given up" in log and (queue_dir / "failed" / "garbage.json").exists()
+
+    tq.insert([partial(Exits, path=str(tmp_path / "started"))])
+    tq.insert([partial(Touch, path=str(tmp_path / "done"))])
+    worker = start_worker(f"fq://{queue_dir}", "--exit-when-empty", "--max-attempts", "1")
+    _, log = worker.communicate(timeout=60)
+    assert worker.returncode == 1, log
+    assert "SystemExit" in log and (tmp_path / "done").exists()  # it went on
+    assert tq.enqueued == 0  # set aside after its one attempt, not left leased
+
+
+def test_a_worker_whose_queue_is_deleted_stops(tmp_path):
+    """`queue delete` while a worker ran a task: the worker logged 'trying again' forever,
+    even with --exit-when-empty."""
+    queue_dir = tmp_path / "queue"
+    tq = TaskQueue(f"fq://{queue_dir}", progress=False)
+    flag = tmp_path / "flag"
+    tq.insert([partial(SleepThenTouch, flag_path=str(flag), seconds=3,
+                       path=str(tmp_path / "done"))])
+    worker = start_worker(f"fq://{queue_dir}", "--exit-when-empty", "--poll-seconds", "0.2")
+    wait_for(flag)
+    assert run_cli("queue", "delete", f"fq://{queue_dir}", "--yes").returncode == 0
+    _, log = worker.communicate(timeout=60)
+    assert worker.returncode == 1, log
+    assert "the queue's folders are gone" in log
+    assert (tmp_path / "done").exists()
 
 
 def test_a_marker_being_rewritten_reads_as_an_empty_record(tmp_path):

@@ -87,7 +87,7 @@ def worker(
         except (ImportError, ValueError) as err:  # ValueError: an empty name
             raise InputError(f"--import {module}: {err}") from None
 
-    check_existing_queue(queue)
+    check_existing_queue(queue, "nothing run")
     from deepem3d.run.admission import allow_prefixes as normal_prefixes
 
     report = Worker(
@@ -172,11 +172,9 @@ def status(url: str, watch: bool, poll_seconds: float) -> None:
     SQS keeps no inserted or completed counts and its enqueued count is approximate: whether
     a stage is finished is decided by its tasks' completion markers, not by this.
     """
-    from deepem3d.run.queue_admin import PEEK_LIMIT, check_file_queue, set_aside
+    from deepem3d.run.queue_admin import PEEK_LIMIT, set_aside
 
-    check_existing_queue(url)
-    if url.startswith("fq://"):
-        check_file_queue(url, "nothing read")
+    check_existing_queue(url, "nothing read")
     tq = open_queue(url)
     counts = queue_counts(tq)
     click.echo(

@@ -28,6 +28,7 @@ from deepem3d.errors import InputError
 from deepem3d.run.queues import (
     SQS_MAX_NAME,
     SQS_MAX_VISIBILITY,
+    check_file_queue,
     check_queue_url,
     sqs_call,
     sqs_client,
@@ -91,21 +92,15 @@ FILE_QUEUE_ENTRIES = ("queue", "movement", "completions", "insertions", "attempt
                       "workers.log")
 
 
-def check_file_queue(url: str, done: str) -> None:
-    """InputError unless the fq:// folder holds a file queue's queue/ and movement/ (opening
-    one lays them out: a command that reads a queue must not make one of any folder)."""
-    folder = url[len("fq://"):]
-    if not os.path.isdir(os.path.join(folder, "queue")) or not os.path.isdir(
-            os.path.join(folder, "movement")):
-        raise InputError(f"{url}: not a file queue (no queue/ and movement/ inside): {done}")
-
-
 def check_deletable(url: str) -> None:
     """InputError unless URL is a queue that `delete_queue` may remove: said before a user
     is asked to confirm (a file queue's folder is checked here; an SQS queue when deleted)."""
     check_queue_url(url)
     if url.startswith("fq://"):
         folder = url[len("fq://"):]
+        if os.path.islink(folder.rstrip("/")):  # rmtree refuses a link, or empties its target
+            raise InputError(f"{url} is a symbolic link: give the folder it points to "
+                             f"({os.path.realpath(folder)}): nothing deleted")
         check_file_queue(url, "nothing deleted")
         others = sorted(set(os.listdir(folder)) - set(FILE_QUEUE_ENTRIES))
         if others:  # a layer or a run's folder that a queue was opened on: not ours to delete

@@ -80,14 +80,27 @@ def look_up_sqs_queue(url: str) -> BaseClient:
     return sqs
 
 
-def check_existing_queue(url: str) -> str:
+def check_existing_queue(url: str, done: str) -> str:
     """For commands that read a queue (worker, status): a file queue must exist already;
     a mistyped directory would otherwise be created and waited on forever in silence."""
     check_queue_url(url)
-    if url.startswith("fq://") and not os.path.isdir(url[len("fq://"):]):
-        raise InputError(f"{url}: no such file queue (the directory does not exist); tasks "
-                         "create it: check the path, or create the tasks first")
+    if url.startswith("fq://"):
+        if not os.path.isdir(url[len("fq://"):]):
+            raise InputError(f"{url}: no such file queue (the directory does not exist); "
+                             "tasks create it: check the path, or create the tasks first")
+        check_file_queue(url, done)
     return url
+
+
+def check_file_queue(url: str, done: str) -> None:
+    """InputError unless the fq:// folder holds a file queue's queue/ and movement/ (opening
+    one lays them out: a command that reads a queue must not make one of any folder, and a
+    worker opened on the folder above a queue would take the queue's own folders for stray
+    tasks)."""
+    folder = url[len("fq://"):]
+    if not os.path.isdir(os.path.join(folder, "queue")) or not os.path.isdir(
+            os.path.join(folder, "movement")):
+        raise InputError(f"{url}: not a file queue (no queue/ and movement/ inside): {done}")
 
 
 def sqs_client() -> BaseClient:

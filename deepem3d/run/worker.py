@@ -245,6 +245,8 @@ class Worker:
         #: SQS: receipt handle -> the message in hand
         self._messages: dict[str, _Message] = {}
         self._redrive_policy: tuple[str | None, int | None] | None = None
+        #: messages set aside as they were leased (not tasks): given up, for the exit status
+        self._refused_messages = 0
 
     # signals -------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -371,6 +373,7 @@ class Worker:
             raise
         except BaseException as err:  # noqa: BLE001  (taskqueue raises BaseExceptions)
             self._set_aside(handle, body, f"not a task: {_last_line(err)}")
+            self._refused_messages += 1
         raise QueueEmptyError
 
     def _lease_file(self):
@@ -401,12 +404,14 @@ class Worker:
                     self._files.renew(self._held.pop(task_id(leased)), 1)
                     continue
                 self._set_aside(task_id(leased), text, f"not a task: {_last_line(err)}")
+                self._refused_messages += 1
         failed_dir = os.path.join(self._file_queue_dir, "failed")
         for name in self._files.strays:
             os.makedirs(failed_dir, exist_ok=True)
             if self._files.take_stray(name, os.path.join(failed_dir, f"{name}.json")):
                 self._note_set_aside(name, failed_dir, "not a task: an entry of queue/ not "
                                      "named STAMP--ID.json (moved here as it was)")
+                self._refused_messages += 1
         raise QueueEmptyError
 
     def _set_aside(self, identifier: str, text: str, reason: str) -> None:
@@ -514,6 +519,11 @@ class Worker:
                 except (QueueEmptyError, InputError, OSError) as err:
                     # the queue was there at start (and took locks): a blip, an NFS hiccup
                     if not isinstance(err, QueueEmptyError):
+                        if self._queue_gone():
+                            log.error("%s: the queue's folders are gone (deleted?): stopping",
+                                      self.url)
+                            report.errors += 1
+                            break
                         log.warning("%s; trying again", err)
                     elif self.exit_when_empty and enqueued(self.queue) == 0:
                         break
@@ -531,7 +541,13 @@ class Worker:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
         report.stopped_by_signal = self.stop_requested.is_set()
+        report.given_up += self._refused_messages
         return report
+
+    def _queue_gone(self) -> bool:
+        """Whether a file queue's queue/ or movement/ folder is gone: no blip, for good."""
+        return self._files is not None and not (
+            os.path.isdir(self._files.queue_path) and os.path.isdir(self._files.movement_path))
 
     def _execute(self, task, report: WorkerReport) -> None:
         label = self._label(task)
@@ -567,7 +583,7 @@ class Worker:
             report.released += 1
             self._release(task)
             return
-        except (KeyboardInterrupt, SystemExit):
+        except KeyboardInterrupt:
             keeper.stop()
             raise
         except InputError as err:

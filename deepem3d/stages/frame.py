@@ -54,6 +54,7 @@ from taskqueue.queueables import totask
 from deepem3d.errors import InputError
 from deepem3d.memory import peak_rss, reset_peak
 from deepem3d.storage.layers import cloudpath, info_naming
+from deepem3d.storage.paths import put_json_whole
 
 if TYPE_CHECKING:
     from taskqueue.queueablefns import FunctionTask
@@ -81,7 +82,10 @@ class Markers:
 
     # the run ------------------------------------------------------------------------------
     def run_record(self) -> dict | None:
-        return self._files.get_json(f"{self.prefix}/run.json")
+        """The stage's run, or None: none started, or its record unreadable (written whole
+        since, but an older version wrote it in place), which resets the stage."""
+        record = self._record(f"{self.prefix}/run.json")
+        return record if isinstance(record, dict) else None
 
     def current_key(self) -> str | None:
         record = self.run_record()
@@ -91,11 +95,12 @@ class Markers:
         return (self.run_record() or {}).get("parameters", {})
 
     def start_run(self, key: str, parameters: dict, task_ids: list[str]) -> None:
-        """Record a run: its task ids, then its key (tasks check the key, so it goes last)."""
-        self._files.put_json(f"{self.prefix}/manifest.json",
-                             {"stage": self.name, "tasks": sorted(task_ids)}, compress=None)
-        self._files.put_json(f"{self.prefix}/run.json",
-                             {"key": key, "parameters": parameters}, compress=None)
+        """Record a run: its task ids, then its key (tasks check the key, so it goes last),
+        each file replaced whole (a stop while writing one left it cut short, and every
+        later run failed on it)."""
+        folder = f"{self.layer_path}/{self.prefix}"
+        put_json_whole(folder, "manifest.json", {"stage": self.name, "tasks": sorted(task_ids)})
+        put_json_whole(folder, "run.json", {"key": key, "parameters": parameters})
 
     def _delete_under(self, prefix: str) -> None:
         keys = list(self._files.list(prefix=prefix))

@@ -575,8 +575,11 @@ def _decide(plan: SegmentPlan, overwrite: bool) -> None:
                    and not smoothed_differs)
     # --overwrite replaces the segmentation even when made the same way; the chunk stages are
     # a cache of the map, kept whenever their key matches
-    tuning_same = (_manifest_key(out, "remap") == plan.tuning_key and chunks_same
-                   and not overwrite)
+    # so is the first tuning stage's (remap's, the last, is None until the octree is done)
+    first_tuning = plan.tuning_stages()[0]
+    tuning_same = (_manifest_key(out, first_tuning) == plan.tuning_key
+                   and _manifest_key(out, "remap") in (None, plan.tuning_key)
+                   and chunks_same and not overwrite)
     if holds and not tuning_same and not overwrite:
         if Markers(out, "remap").run_record() is None:
             raise InputError(f"{out} holds data that `deepem3d segment` did not write: pass "

@@ -45,13 +45,16 @@ def put_json_whole(folder: str, name: str, content: object) -> None:
 
         CloudFiles(folder).put_json(name, content, compress=None)
         return
+    from cloudfiles.lib import jsonify  # CloudFiles' own JSON (numpy numbers too)
+
+    data = jsonify(content)
     where = os.path.abspath(folder.removeprefix("file://"))
     os.makedirs(where, exist_ok=True)
     target = os.path.join(where, name)
     partial = f"{target}.partial"
     try:
-        with open(partial, "w") as f:
-            json.dump(content, f)
+        with open(partial, "wb") as f:
+            f.write(data)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
