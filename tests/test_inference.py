@@ -412,6 +412,22 @@ def test_dry_run_counts_evaluations_per_output_voxel(setup, tmp_path):
     assert "evaluations per output voxel: 1.52" in result.stdout
 
 
+@pytest.mark.parametrize("head, tta", [("boundary", 8), ("affinity", 16)])
+def test_the_plans_patch_count_is_what_the_tasks_compute(setup, tmp_path, head, tta):
+    """The plan's patches (behind `--dry-run`'s evaluations and hours) against the patches
+    the tasks record: affinity with tta 16 also predicts the section below each slab in its
+    8 z-reversed variants, which the plan left out (a third of the work at slabs of 1)."""
+    ckpt, _ = make_model(tmp_path / f"{head}.pt", head=head)
+    output = f"file://{tmp_path / 'map'}"
+    plan = plan_inference(setup["image"], output, models=[ckpt], task_shape=(48, 32, 2),
+                          chunk_size=(16, 16, 1), patch=GEOMETRY, tta=tta,
+                          bounds=Bbox((10, 20, 3), (74, 52, 7)))
+    for _, task in start_stage(inference_stage(plan)):
+        task()
+    recorded = sum(r["patches"] for r in Markers(output, "inference").records())
+    assert recorded == plan.patches * tta
+
+
 def test_default_tasks_partition_any_bounds_on_whole_chunks(setup, tmp_path):
     """Tasks on the tile grid, for layers with an offset and sizes off the chunk grid, bounds
     anywhere, explicit task shapes or none: every block starts on the chunk grid and ends on
@@ -601,6 +617,10 @@ def test_bad_input(setup, tmp_path, crop):
     foreign.write_bytes(pickle.dumps({"weights": [1, 2]}, protocol=4))
     assert_one_line_error(run_cli("infer", image, tmp_path / "o", "--model", foreign, *base),
                           "holds objects besides tensors")
+    for i, resolution in enumerate(("4,4,50", [0, 0, 0], [4, 4], [4, 4, float("nan")])):
+        odd, _ = make_model(tmp_path / f"odd{i}.pt", resolution=resolution)
+        assert_one_line_error(cli_here("infer", image, tmp_path / "o", "--model", odd, *base),
+                              "records the training resolution", "three positive numbers")
 
     assert_one_line_error(
         cli_here("infer", image, tmp_path / "o", "--model", ckpt, *base, "--task-shape", "20,16,2"),
@@ -651,6 +671,30 @@ def test_sharded_maps_hold_the_same_voxels_a_shard_per_task(setup, crop):
     np.testing.assert_array_equal(read_map(output), expected)
     assert len(digests(output)) == plan.task_count
     assert CloudVolume(output).meta.sharding(0) is not None
+
+
+def test_sharded_runs_with_other_bounds_keep_each_others_shards(setup):
+    """A task writes its shard whole: with --bounds ending inside a shard, a later run with
+    other bounds replaced the shard and erased what the first had written there. Bounds are
+    on the shard grid (or at the layer's ends), or refused; runs on it add up to the map."""
+    output = f"file://{setup['root'] / 'bounded_sharded'}"
+    with pytest.raises(InputError, match=r"--bounds ends at 26 on x, off the shard grid"):
+        run_in_process(setup, output, (32, 32, 4), sharded=True,
+                       bounds=Bbox((10, 20, 3), (26, 52, 7)))
+    run_in_process(setup, output, (32, 32, 4), sharded=True,
+                   bounds=Bbox((10, 20, 3), (42, 52, 7)))
+    run_in_process(setup, output, (32, 32, 4), sharded=True,
+                   bounds=Bbox((42, 20, 3), (106, 100, 10)))
+    # (C, z, y, x) from the offset; x < 42 beyond the first run's bounds was never written
+    found = np.moveaxis(zyx_from_xyz(np.asarray(CloudVolume(output, fill_missing=True)[:])),
+                        -1, 0)
+    expected = quantize(setup["reference"])
+    np.testing.assert_array_equal(found[:, :4, :32, :32], expected[:, :4, :32, :32])
+    np.testing.assert_array_equal(found[:, :, :, 32:], expected[:, :, :, 32:])
+    # each run says what it did (the second run's bounds were missing from the provenance)
+    records = CloudVolume(output).provenance.processing
+    assert [r["method"]["bounds"] for r in records] == [[10, 20, 3, 42, 52, 7],
+                                                        [42, 20, 3, 106, 100, 10]]
 
 
 def test_the_mip_at_the_models_resolution_is_read_without_mip(setup, crop, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import warnings
 from importlib import resources
@@ -142,9 +143,20 @@ def load_checkpoint(name_or_path: str | None) -> dict:
             payload["meta"].get("model"), dict) or not isinstance(payload.get("state_dict"), dict):
         raise InputError(f"{location} is not a deepem3d checkpoint (it records no network "
                          "settings or weights)")
+    resolution = payload["meta"].get("resolution")
+    if resolution is not None and not _voxel_size(resolution):
+        raise InputError(f"{location} records the training resolution {resolution!r}: "
+                         "expected three positive numbers (nm, x,y,z), or none")
     payload["sha256"] = hashlib.sha256(data).hexdigest()
     payload["location"] = location
     return payload
+
+
+def _voxel_size(value: object) -> bool:
+    """Three finite positive numbers (not true or false)."""
+    return (isinstance(value, list | tuple) and len(value) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool)
+                    and math.isfinite(v) and v > 0 for v in value))
 
 
 def load_model(name_or_path: str | None = None, device: str = "cpu"

@@ -48,7 +48,13 @@ from deepem3d.stages.model_refs import (
     resolve_device,
     torch_release,
 )
-from deepem3d.storage.layers import create_layer, read_block, write_block
+from deepem3d.storage.layers import (
+    create_layer,
+    open_layer,
+    read_block,
+    record_provenance,
+    write_block,
+)
 
 # torch and deepem3d.models load inside the functions that need them: every worker imports
 # this module (it registers InferenceTask), most never predict.
@@ -320,6 +326,10 @@ def inference_stage(plan: InferencePlan, *, overwrite: bool = False) -> Stage:
                 chunk_size=plan.chunk_size, num_channels=plan.channels, overwrite=overwrite,
                 provenance=provenance(plan), sharding=plan.sharding,
             )
+        elif Markers(plan.output_path, STAGE).current_key() != key:
+            # another run over the layer (other bounds, threads, device): said beside the
+            # first's record, not left to it
+            record_provenance(open_layer(plan.output_path), provenance(plan))
 
     hardware = "gpu" if device == "cuda" else "cpu"
     voxels = math.prod(int(s) for s in plan.bounds.size3())

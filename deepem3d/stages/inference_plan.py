@@ -119,8 +119,9 @@ class InferencePlan:
     #: network input pixels x sections over all tasks' forward passes (one model, one TTA
     #: variant) per output voxel: what a voxel costs, context and recomputed patches included
     evaluations: float = 0.0
-    #: in-plane patches every task together computes, summed over sections (one variant)
-    patches: int = 0
+    #: in-plane patches every task together computes, summed over sections, in one variant's
+    #: units (affinity with tta 16 computes half a section more per slab: not whole)
+    patches: float = 0.0
     fill_missing: bool = False
     mask: str | None = None
     mask_mip: int = 0
@@ -525,8 +526,7 @@ def plan_inference(
     sharding = None
     if sharded:
         sharding = block_sharding(size, chunk, task_shape)
-        if not tiled:
-            check_on_shards(bounds.minpt, offset, size, task_shape)
+        check_on_shards(bounds.minpt, offset, size, task_shape, region_hi=bounds.maxpt)
     if tiled:
         # default tiles: tasks are the cells of the tile grid anchored at the layer's offset,
         # clipped to the bounds, however these lie (a block straddling tiles would compute each
@@ -537,10 +537,18 @@ def plan_inference(
         task_shape = tuple(min(t, int(b)) for t, b in zip(task_shape, bounds.size3()))
         blocks = block_grid(bounds, task_shape)
     whole = _zyx_box(bounds, offset)
-    computed = sum(patch_count(dataset, _zyx_box(b, offset), geometry) * int(b.size3()[2])
+    slab_depth = int(task_shape[2]) if sharded else int(chunk[2])  # predict_slabs' slabs
+    # affinity with z-reversed variants (tta 16): those 8 of the 16 also predict the section
+    # below each slab (sliding's `extra`), half a section per slab in one variant's units
+    below = 0.5 if head == "affinity" and tta == 16 else 0.0
+
+    def sections(b: Bbox) -> float:
+        depth = int(b.size3()[2])
+        return depth + below * -(-depth // slab_depth)
+
+    computed = sum(patch_count(dataset, _zyx_box(b, offset), geometry) * sections(b)
                    for b in blocks)
     single = patch_count(dataset, whole, geometry) * int(bounds.size3()[2])
-    slab_depth = int(task_shape[2]) if sharded else int(chunk[2])  # predict_slabs' slabs
     image_chunk_depth = int(vol.meta.chunk_size(mip)[2])
     memory = max(_task_memory(refs, shapes, _zyx_box(b, offset), dataset, geometry, tta, dtype,
                               slab_depth, image_chunk_depth)

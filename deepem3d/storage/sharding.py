@@ -100,13 +100,20 @@ def default_chunk(task_shape: Sequence[int]) -> tuple[int, int, int]:
 
 
 def check_on_shards(region_lo: Sequence[int], offset: Sequence[int], size: Sequence[int],
-                    task_shape: Sequence[int]) -> None:
+                    task_shape: Sequence[int], region_hi: Sequence[int] | None = None) -> None:
     """The blocks start on the shard grid: where the region starts on an axis its blocks split,
-    a multiple of the block from the voxel offset; elsewhere at the offset."""
-    for axis, (lo, o, s, t) in enumerate(zip(region_lo, offset, size, task_shape)):
-        start = int(lo) - int(o)
-        if start % int(t) if int(t) < int(s) else start:
-            raise InputError(
-                f"--sharded: --bounds starts at {int(lo)} on {'xyz'[axis]}, off the shard grid "
-                f"(multiples of {int(t)} from the voxel offset {int(o)}): move --bounds onto "
-                "it, or write the layer unsharded")
+    a multiple of the block from the voxel offset; elsewhere at the offset. With `region_hi`
+    (a layer that later runs with other bounds fill in), they end on it too, or at the
+    layer's end: a task writes its shard whole, so a shard cut by the bounds would replace
+    the part another run wrote."""
+    ends = [("starts", region_lo)] + ([("ends", region_hi)] if region_hi is not None else [])
+    for word, region in ends:
+        for axis, (at, o, s, t) in enumerate(zip(region, offset, size, task_shape)):
+            start = int(at) - int(o)
+            if word == "ends" and start == int(s):
+                continue
+            if start % int(t) if int(t) < int(s) else start:
+                raise InputError(
+                    f"--sharded: --bounds {word} at {int(at)} on {'xyz'[axis]}, off the shard "
+                    f"grid (multiples of {int(t)} from the voxel offset {int(o)}): move "
+                    "--bounds onto it, or write the layer unsharded")
