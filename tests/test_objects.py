@@ -19,7 +19,7 @@ from deepem3d.sample import load_sample
 from deepem3d.stages.meshes import mesh_stages, plan_meshes
 from deepem3d.stages.skeletons import plan_skeletons, skeleton_stages
 from deepem3d.storage.layers import create_layer
-from tests.conftest import assert_one_line_error, check_objects, run_cli
+from tests.conftest import assert_one_line_error, check_objects, cli_here, run_cli
 
 SHAPE = (128, 128, 10)
 
@@ -144,3 +144,91 @@ def test_mesh_fill_missing_meshes_an_incomplete_layer(labels):
     assert not kept[:64, :64].any()
     largest = np.bincount(kept.ravel())[1:].argmax() + 1
     assert len(CloudVolume(labels).mesh.get(int(largest)).vertices) > 0
+
+
+def test_another_mip_and_back_forges_again(labels):
+    """Meshes at mip 1, then 0, then 1 again: the third run forged nothing (its stage, named
+    by the mip, still had its markers), so the merge took in the mip-0 fragments under an
+    info that says mip 1. Another mip is another run of the one forge stage."""
+    from deepem3d.stages.downsample import downsample_stage, plan_downsample
+
+    run_stages([downsample_stage(plan_downsample(labels, num_mips=1))], execute=execute_here,
+               progress=False)
+
+    def run(mip: int) -> tuple[list[int], list[str]]:
+        summaries = run_stages(mesh_stages(plan_meshes(labels, mip=mip)),
+                               execute=execute_here, progress=False)
+        return [s.ran for s in summaries], sorted(CloudFiles(labels).list(prefix="mesh/"))
+
+    ran, first = run(1)
+    assert run(0)[0] == ran == [1, 1]
+    assert run(1) == (ran, first)
+    assert CloudFiles(f"{labels}/mesh").get_json("info")["mip"] == 1
+
+
+def test_products_deepem3d_did_not_make_are_refused_and_kept(labels, tmp_path, maps):
+    """Meshes in mesh/ with no run of deepem3d recorded were deleted by the run's prepare
+    (and gone for good when the run then failed); an info key naming another directory
+    (igneous's mesh_mip_0_err_40) was dropped. Both are refused at planning, --dry-run too,
+    by `mesh`, `skeleton` and a pipeline, and left as they are."""
+    files = CloudFiles(labels)
+    files.put("mesh/7:0", b"igneous's", compress=None)
+    files.put("skeletons/7", b"igneous's", compress=None)
+
+    def held() -> dict:
+        return {path: files.get(path) for path in files.list()}
+
+    before = held()
+    for command, product in (("mesh", "mesh"), ("skeleton", "skeletons")):
+        for dry in (("--dry-run",), ()):
+            assert_one_line_error(cli_here(command, labels, *dry), f"{labels}/{product} holds "
+                                  f"files that no {command} run of deepem3d made",
+                                  "move or delete them first")
+    assert held() == before
+    # a pipeline, on the segmentation it writes, before anything is written
+    output = tmp_path / "out"
+    CloudFiles(f"file://{output / 'segmentation'}").put("mesh/7:0", b"igneous's")
+    pipeline = tmp_path / "meshes.yaml"
+    pipeline.write_text(f"version: 1\noutput: {output}\nimage: {maps['affinity'][0]}\n"
+                        f"map: {maps['affinity'][0]}\nproducts: [segmentation, meshes]\n"
+                        "segmentation:\n  method: mean\n  threshold: 0.5\n")
+    assert_one_line_error(cli_here("run", pipeline, "--dry-run"), "meshes.yaml: meshes: ",
+                          "holds files that no mesh run of deepem3d made")
+    assert [p.name for p in output.iterdir()] == ["segmentation"]
+    assert [p.name for p in (output / "segmentation").iterdir()] == ["mesh"]
+
+    files.delete(["mesh/7:0", "skeletons/7"])
+    stored = files.get_json("info")
+    files.put_json("info", {**stored, "mesh": "mesh_mip_0_err_40"})
+    before = held()
+    for dry in (("--dry-run",), ()):
+        assert_one_line_error(cli_here("mesh", labels, *dry), "info names meshes in "
+                              "mesh_mip_0_err_40/ that deepem3d did not make",
+                              "remove the info's \"mesh\" key first")
+    assert held() == before
+    # a product deepem3d made is its own to replace
+    files.put_json("info", stored)
+    run_stages(skeleton_stages(plan_skeletons(labels, dust_threshold=100)),
+               execute=execute_here, progress=False)
+    assert cli_here("skeleton", labels, "--dust-threshold", "50", "--dry-run").returncode == 0
+    run_stages(skeleton_stages(plan_skeletons(labels, dust_threshold=50)),
+               execute=execute_here, progress=False)
+    assert info(labels)["skeletons"] == "skeletons"
+
+
+def test_one_skeleton_task_is_pruned_like_several(labels):
+    """igneous's lone SkeletonTask (the volume no larger than a task) uploaded final
+    skeletons, which the merge passes over: --min-cable-nm and --tick-threshold were not
+    applied. A cable minimum no skeleton reaches leaves none, in one task as in four."""
+    kept = {}
+    for shape in ((128, 128, 10), (64, 64, 10)):
+        plan = plan_skeletons(labels, task_shape=shape, dust_threshold=100,
+                              min_cable_nm=1e6, tick_threshold=1e6)
+        run_stages(skeleton_stages(plan), execute=execute_here, progress=False)
+        names = [k.split("/")[1] for k in CloudFiles(labels).list(prefix="skeletons/")]
+        merged = [int(n) for n in names if n.isdigit()]
+        skeletons = CloudVolume(labels).skeleton
+        kept[plan.task_count] = (len(merged),
+                                 sum(len(skeletons.get(i).vertices) > 0 for i in merged))
+    assert kept[1][0] > 20 and kept[4][0] > 20, kept
+    assert kept[1][1] == kept[4][1] == 0, kept

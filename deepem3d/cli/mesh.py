@@ -41,6 +41,7 @@ def object_options(default_shape: str) -> Callable:
 def _run(plan, stages, queue: str | None, parallel: int | None, dry_run: bool) -> None:
     from deepem3d.run.runner import run_stages
 
+    plan.check_products()  # before anything is written, --dry-run too
     click.echo(plan.describe())
     if not dry_run:
         run_stages(stages(plan), queue=queue, parallel=parallel, echo=click.echo)

@@ -402,6 +402,11 @@ class _RunPlanner:
         except InputError as err:
             raise _in_key(p.source, product, err) from None
         oplan.layer_path = plan.layers["segmentation"]
+        if "segmentation" not in self.overwrite:  # replacing it deletes its products too
+            try:
+                oplan.check_products()
+            except InputError as err:
+                raise _in_key(p.source, product, err) from None
         plan.lines.append(f"{product}: {oplan.describe()}")
         source = next((s.key for s in plan.stages if s.name == "remap"), "")
         for stage in stages(oplan, source_key=source, needs=("remap",)):

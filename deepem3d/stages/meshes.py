@@ -39,6 +39,9 @@ class MeshPlan(ObjectPlan):
     TASK = "MeshTask"
     MERGED = ("one mesh per segment", "sharded multi-resolution meshes")
     DIRECTORY = MESH_DIR
+    KIND = "mesh"
+    INFO_KEY = "mesh"
+    PRODUCT = "meshes"
 
 
 def plan_meshes(layer_path: str, *, mip: int | None = None,
@@ -82,8 +85,8 @@ def mesh_stages(plan: MeshPlan, *, source_key: str = "",
 
     voxels = math.prod(plan.task_shape)
     return ObjectStages(
-        kind="mesh", info_key="mesh", directory=MESH_DIR, layer_path=plan.layer_path,
-        mip=plan.mip, parameters=parameters, forge=forge, merge=merge,
+        kind=plan.KIND, info_key=plan.INFO_KEY, directory=MESH_DIR, product=plan.PRODUCT,
+        layer_path=plan.layer_path, parameters=parameters, forge=forge, merge=merge,
         forge_count=plan.task_count,
         # planned (the real count is in the merge's manifest): a shard per few thousand
         # segments; one filesystem task on file://, a task per id prefix elsewhere

@@ -13,6 +13,13 @@ per segment), at a mip near isotropy. Two pieces of bookkeeping are shared:
   `storage.layers.info_naming`, which adds the key in memory for that layer only.
 - **Sharding.** Sharded merges find each segment's fragments through the spatial index that
   the forge writes: sharded without a spatial index is refused before anything runs.
+
+A product has one forge stage (`mesh-forge`, `skeleton-forge`) whose key covers every setting,
+the mip included: a run of other settings deletes the product's files before it forges (the
+merge would take in the fragments of the earlier settings). Products deepem3d did not make
+are never deleted: files in the product's directory, with no forge or merge run of deepem3d
+recorded on the layer, or an info key naming another directory, are refused when the run is
+planned (`check_products`), before anything is written.
 """
 
 from __future__ import annotations
@@ -84,10 +91,14 @@ class ObjectPlan:
     #: which igneous's SkeletonTask uses, fails on a missing chunk, cloud-volume 12.15.2)
     fill_missing: bool = False
 
-    #: spelled by subclasses: the forge task's name, what the merge makes, where
+    #: spelled by subclasses: the forge task's name, what the merge makes, where; the stage
+    #: names' prefix, the info key and the product in messages ("mesh", "mesh", "meshes")
     TASK = ""
     MERGED = ("", "")  # (unsharded, sharded)
     DIRECTORY = ""
+    KIND = ""
+    INFO_KEY = ""
+    PRODUCT = ""
 
     def describe(self) -> str:
         shape = " x ".join(map(str, self.task_shape))
@@ -95,6 +106,12 @@ class ObjectPlan:
         return (f"{self.task_count} {self.TASK}(s) of {shape} voxels at mip {self.mip} ({res} "
                 f"nm), then their merge into {self.MERGED[self.sharded]} under "
                 f"{self.layer_path}/{self.DIRECTORY}")
+
+    def check_products(self) -> None:
+        """Refuse (InputError) products of the layer that deepem3d did not make: the run
+        would delete or unname them. Called where the run is planned, on the layer written."""
+        check_products(self.layer_path, self.KIND, self.INFO_KEY, self.DIRECTORY,
+                       self.PRODUCT)
 
 
 _PlanT = TypeVar("_PlanT", bound=ObjectPlan)  # plan_objects returns the subclass it is given
@@ -156,6 +173,32 @@ def set_info_name(layer_path: str, key: str, directory: str | None) -> None:
     files.put_json("info", info, cache_control="no-cache")  # as CloudVolume's commit_info
 
 
+def made_here(layer_path: str, kind: str, mips: int) -> bool:
+    """Whether a forge or merge run of `kind` is recorded on the layer (before the forge
+    stage's key covered the mip, its name did: `mesh-forge-mip2`)."""
+    names = [f"{kind}-forge", f"{kind}-merge", *(f"{kind}-forge-mip{m}" for m in range(mips))]
+    return any(Markers(layer_path, name).run_record() is not None for name in names)
+
+
+def check_products(layer_path: str, kind: str, info_key: str, directory: str,
+                   product: str) -> None:
+    """An InputError for what the run's prepare would delete or unname and deepem3d did not
+    make: files under `directory` with no run of `kind` recorded on the layer (igneous's
+    meshes in mesh/), or an info key naming another directory (deepem3d names only its own)."""
+    files = CloudFiles(layer_path)
+    info = files.get_json("info") or {}
+    named = str(info.get(info_key) or directory).rstrip("/")
+    if named != directory:
+        raise InputError(f"{layer_path}/info names {product} in {named}/ that deepem3d did "
+                         f"not make, and this run would unname them: remove the info's "
+                         f"\"{info_key}\" key first (their files are left as they are)")
+    held = next(iter(files.list(prefix=f"{directory}/")), None)
+    if held is not None and not made_here(layer_path, kind, len(info.get("scales", []))):
+        raise InputError(f"{layer_path}/{directory} holds files that no {kind} run of "
+                         f"deepem3d made (none is recorded under {layer_path}/tasks), and "
+                         f"this run would delete them: move or delete them first")
+
+
 @contextlib.contextmanager
 def creating(layer_path: str, names: dict[str, str]) -> Iterator[None]:
     """Around an igneous task-creation function: the info named in memory, its progress bars
@@ -177,9 +220,9 @@ class ObjectStages:
     kind: str  # "mesh" or "skeleton": the stage names and labels
     info_key: str  # the segmentation info's key for the product: "mesh", "skeletons"
     directory: str
+    product: str  # in messages: "meshes", "skeletons"
     layer_path: str
-    mip: int
-    parameters: dict
+    parameters: dict  # the mip among them: the forge's key covers it
     forge: Callable[[], Iterable]
     merge: Callable[[], Iterable]
     forge_count: int
@@ -195,7 +238,10 @@ class ObjectStages:
         def prepare() -> None:
             """Before the forge: a product already merged by this same run stays named; one
             of other settings (another mip, task shape, sharding) is removed with its files,
-            whose fragments the merge would otherwise take in."""
+            whose fragments the merge would otherwise take in. One that deepem3d did not
+            make is refused (planning refused it already, unless it came since)."""
+            check_products(self.layer_path, self.kind, self.info_key, self.directory,
+                           self.product)
             merged = Markers(self.layer_path, f"{self.kind}-merge")
             if merged.current_key() == merge_key and merged.is_complete():
                 return
@@ -207,7 +253,7 @@ class ObjectStages:
                     files.delete(stale)
 
         forge = Stage(
-            name=f"{self.kind}-forge-mip{self.mip}", layer=self.layer_path,
+            name=f"{self.kind}-forge", layer=self.layer_path,
             key=digest(self.parameters), parameters=self.parameters,
             make_tasks=self._created(self.forge, names), task_count=self.forge_count,
             memory_bytes=self.forge_memory, needs=needs, label=f"{self.kind} forge",

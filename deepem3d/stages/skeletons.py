@@ -11,13 +11,16 @@ stages of the frame.
 The segmentation's info names the `skeletons` directory only once the merge is complete
 (stages/objects.py says how). igneous's own README passes `mip` into the unsharded merge's
 `crop` (a margin in voxels): deepem3d passes crop 0, and turns the spatial index on at forge
-time for sharded skeletons, which igneous's sharded merge needs and does not check.
+time for sharded skeletons, which igneous's sharded merge needs and does not check. Every
+SkeletonTask writes fragments, also where one task covers the layer: igneous's lone task
+would upload final skeletons, which the merge passes over, unpruned (--min-cable-nm and
+--tick-threshold not applied).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from deepem3d.stages.frame import Stage
@@ -54,6 +57,9 @@ class SkeletonPlan(ObjectPlan):
     TASK = "SkeletonTask"
     MERGED = ("one skeleton per segment", "shard files")
     DIRECTORY = SKELETON_DIR
+    KIND = "skeleton"
+    INFO_KEY = "skeletons"
+    PRODUCT = "skeletons"
 
 
 def plan_skeletons(layer_path: str, *, mip: int | None = None,
@@ -78,14 +84,21 @@ def skeleton_stages(plan: SkeletonPlan, *, source_key: str = "",
                   "teasar_params": TEASAR_PARAMS, "dust_threshold": plan.dust_threshold,
                   "min_cable_nm": plan.min_cable_nm, "tick_threshold": plan.tick_threshold,
                   "source_key": source_key, "merge_prefix_digits": digits}
+    if plan.task_count == 1:  # igneous's lone task wrote final skeletons, unpruned: such a
+        parameters["will_postprocess"] = True  # run is made again (several: unchanged)
 
-    def forge() -> Iterable:
+    def forge() -> Iterator:
+        """igneous's SkeletonTasks, each writing fragments for the merge: igneous sets
+        `will_postprocess` only where the volume is larger than one task, and a lone task
+        uploads its skeletons as final, which the merge passes over unpruned."""
         from igneous.task_creation import create_skeletonizing_tasks
 
-        return create_skeletonizing_tasks(
-            plan.layer_path, plan.mip, shape=plan.task_shape,
-            teasar_params=dict(TEASAR_PARAMS), dust_threshold=plan.dust_threshold,
-            sharded=plan.sharded, spatial_index=plan.spatial_index)
+        for task in create_skeletonizing_tasks(
+                plan.layer_path, plan.mip, shape=plan.task_shape,
+                teasar_params=dict(TEASAR_PARAMS), dust_threshold=plan.dust_threshold,
+                sharded=plan.sharded, spatial_index=plan.spatial_index):
+            task.will_postprocess = True  # its payload reads the attribute
+            yield task
 
     def merge() -> Iterable:
         from igneous.task_creation import (
@@ -103,8 +116,8 @@ def skeleton_stages(plan: SkeletonPlan, *, source_key: str = "",
 
     voxels = math.prod(t + 1 for t in plan.task_shape)  # one voxel of overlap
     return ObjectStages(
-        kind="skeleton", info_key="skeletons", directory=SKELETON_DIR,
-        layer_path=plan.layer_path, mip=plan.mip, parameters=parameters, forge=forge,
+        kind=plan.KIND, info_key=plan.INFO_KEY, directory=SKELETON_DIR,
+        product=plan.PRODUCT, layer_path=plan.layer_path, parameters=parameters, forge=forge,
         merge=merge, forge_count=plan.task_count,
         # planned (the real count is in the merge's manifest): a shard per few thousand
         # segments; a task per id prefix
