@@ -6,15 +6,21 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cloudfiles import CloudFiles
 from cloudvolume.lib import Bbox
 
-from deepem3d.stages.downsample import plan_downsample
+from deepem3d.errors import InputError
+from deepem3d.run.runner import execute_here, run_stages
+from deepem3d.stages.downsample import downsample_stage, plan_downsample
 from deepem3d.stages.frame import Markers
+from deepem3d.storage.layers import create_layer
+from deepem3d.storage.sharding import block_sharding
 from tests.conftest import (
     assert_one_line_error,
     assert_same_mips,
+    cli_here,
     file_digests,
     igneous_reference,
     make_layer,
@@ -130,3 +136,57 @@ def test_tasks_that_fail_leave_their_queue_and_log_where_the_message_says(tmp_pa
         assert "Traceback" in Path(log).read_text()
     finally:
         shutil.rmtree(queue, ignore_errors=True)
+
+
+def test_another_factor_is_refused_where_levels_exist(tmp_path, monkeypatch):
+    """--factor 2,2,2 on a layer with a 2,2,1 mip 1: igneous appended its level as mip 2 while
+    its tasks wrote mip 1 over, and exited 0. Each planned level must be new or the scale
+    already at its index, as igneous would write it; refused before the info is touched."""
+    make_layer(tmp_path / "source")
+    layer = igneous_reference(tmp_path / "source", tmp_path / "layer", 1, (2, 2, 1))
+    info, mip1 = CloudFiles(layer).get_json("info"), file_digests(tmp_path / "layer" / "8_8_50")
+    assert_one_line_error(
+        cli_here("downsample", layer, "--factor", "2,2,2", "--num-mips", "1", "--parallel", "1"),
+        "mip 1 exists at 8,8,50 nm", "makes 8,8,100 nm", "--factor 2,2,1", "--mip 1")
+    assert CloudFiles(layer).get_json("info") == info
+    assert file_digests(tmp_path / "layer" / "8_8_50") == mip1
+    # the same factor again, more levels of it, or the new factor above the existing levels
+    assert plan_downsample(layer, factor=(2, 2, 1), num_mips=2).num_mips == 2
+    assert plan_downsample(layer, mip=1, factor=(2, 2, 2), num_mips=1).num_mips == 1
+    # mip 1 made with other chunks: igneous would give it the chunks of mip 0
+    info["scales"][1]["chunk_sizes"] = [[32, 32, 10]]
+    CloudFiles(layer).put_json("info", info)
+    with pytest.raises(InputError, match=r"mip 1 \(8_8_50\) exists with another chunk_sizes"):
+        plan_downsample(layer, factor=(2, 2, 1), num_mips=1)
+
+    # a failure while igneous lists the tasks, after it added the scales: the info is put back
+    import igneous.task_creation.image as image
+
+    def fails(*args, **kwargs):
+        image_create(*args, **kwargs)
+        raise OSError("listing failed")
+
+    fresh = make_layer(tmp_path / "fresh")
+    before = CloudFiles(fresh).get_json("info")
+    image_create = image.create_downsampling_tasks
+    monkeypatch.setattr(image, "create_downsampling_tasks", fails)
+    with pytest.raises(OSError, match="listing failed"):
+        list(downsample_stage(plan_downsample(fresh, num_mips=1)).make_tasks())
+    assert CloudFiles(fresh).get_json("info") == before
+
+
+def test_sharded_levels_above_those_planned_are_not_dropped(tmp_path):
+    """igneous's sharded downsampling cuts the info's scales to those it makes: --num-mips 1 on
+    a layer with two sharded levels took mip 2 out of the info."""
+    size, chunk = (128, 128, 32), (32, 32, 8)
+    layer = f"file://{tmp_path / 'layer'}"
+    vol = create_layer(layer, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 4),
+                       size=size, chunk_size=chunk, sharding=block_sharding(size, chunk, size))
+    vol[vol.bounds] = np.arange(np.prod(size), dtype=np.uint64).reshape((*size, 1)) // 1000
+    run_stages([downsample_stage(plan_downsample(layer, num_mips=2))], execute=execute_here,
+               echo=lambda line: None)
+    assert plan_downsample(layer, num_mips=2).num_mips == 2  # the same levels again
+    with pytest.raises(InputError, match="mip 2 exists above the 1 level"):
+        plan_downsample(layer, num_mips=1)
+    with pytest.raises(InputError, match=r"mip 1 exists at 8,8,8 nm.*--factor 2,2,2"):
+        plan_downsample(layer, num_mips=1, factor=(2, 2, 1))

@@ -6,6 +6,11 @@ written: the full-resolution data is left as it was. A level is made only where 
 voxel offset is a multiple of the level's total factor: igneous averages blocks that start at
 the offset, while the precomputed format places a level's voxel i at floor(offset / factor) + i,
 so a layer at offset 3 would have its level-1 voxels drawn one full-resolution voxel off.
+Each planned level must be new or the very scale already at its index (resolution, geometry,
+encoding, sharding): igneous adds a level by its resolution, appending one the info lacks,
+while its tasks write mips mip + 1, mip + 2, ..., so another factor wrote over the existing
+levels. That is refused at planning, before the info is touched; the info is put back if
+listing the tasks fails after igneous added the scales.
 A sharded layer (`deepem3d segment --sharded`) gets sharded levels from igneous's
 ImageShardDownsampleTask, one task per shard of the first new level, each shard holding about
 a quarter of `memory_target` before compression (the task reads the shard's source box,
@@ -15,7 +20,9 @@ a quarter of `memory_target` before compression (the task reads the shard's sour
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
+import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +35,8 @@ from deepem3d.errors import InputError
 from deepem3d.stages.blocks import check_bounds
 from deepem3d.stages.frame import Stage, digest, marked
 from deepem3d.storage.layers import cloudpath, open_layer
+from deepem3d.storage.paths import put_json_whole
+from deepem3d.units import format_triple
 
 # igneous is imported where it is used: importing it costs a worker ~0.3 s at start-up, and
 # every local stage starts its own workers (a DownsampleTask payload imports it when run).
@@ -135,8 +144,12 @@ def plan_downsample(
         raise InputError(too_small(layer_path, mip, vol.meta.volume_size(mip), chunk, factor))
     sharded = vol.meta.sharding(mip) is not None
     if sharded:
-        shape, resolutions = _shard_geometry(vol, mip, factor, len(resolutions), memory_target)
+        shape, resolutions, scales = _shard_geometry(vol, mip, factor, len(resolutions),
+                                                     memory_target)
         chunk = Vec(*vol.meta.chunk_size(mip))  # igneous's bounds: whole chunks of mip + 1
+    else:
+        scales = _new_scales(vol, mip, resolutions)
+    check_levels(layer_path, vol.info["scales"], mip, factor, scales, resolutions, sharded)
     if bounds is not None:  # refused as infer and segment refuse them (igneous would clip)
         check_bounds(bounds, vol.meta.voxel_offset(mip), vol.meta.volume_size(mip), layer_path,
                      mip)
@@ -224,18 +237,98 @@ def aligned_levels(offset: Sequence[int], factor: Sequence[int],
     return levels
 
 
-def _shard_geometry(vol, mip: int, factor, num_mips: int, memory_target: int):
-    """(task shape at `mip`, the new levels' resolutions) of igneous's sharded downsampling,
-    worked out as create_image_shard_downsample_tasks does, on a copy of the info: each new
-    level's shards hold `memory_target` / (4 x the factor's volume) bytes before compression;
-    a task spans a shard of every new level; fewer levels when the shards of the first do
-    not hold whole chunks of the last."""
-    import copy
+#: the fields of a scale whose change makes its chunks another level's or unreadable
+SCALE_FIELDS = ("key", "resolution", "voxel_offset", "size", "chunk_sizes", "encoding",
+                "compressed_segmentation_block_size", "sharding")
 
+
+def check_levels(layer_path: str, existing: list[dict], mip: int, factor: Sequence[int],
+                 scales: list[dict], resolutions: list, sharded: bool) -> None:
+    """Refuse a plan whose levels are neither new nor the very scales already at their index:
+    igneous adds a level by its resolution (appending one the info lacks) while its tasks
+    write mips mip + 1, mip + 2, ..., so another factor wrote over the existing levels.
+    `scales` are the info's scales as igneous will leave them; checked before it writes."""
+    top = len(existing) - 1
+    above = f"or add levels above the existing ones (--mip {top})"
+    factor = ",".join(map(str, factor))
+    for index, resolution in enumerate(resolutions, mip + 1):
+        here = existing[index] if index <= top else None
+        if here is not None and _numbers(here["resolution"]) != _numbers(resolution):
+            made_with = _ratio(here["resolution"], existing[index - 1]["resolution"])
+            raise InputError(
+                f"{layer_path}: mip {index} exists at {format_triple(here['resolution'])} nm, "
+                f"where downsampling mip {mip} by {factor} makes {format_triple(resolution)} "
+                f"nm, and its tasks would write over mip {index}: downsample by the factor "
+                "that made it" + (f" (--factor {format_triple(made_with)})" if made_with else "")
+                + f", {above}")
+        made = scales[index] if index < len(scales) else None
+        if made is None or _numbers(made["resolution"]) != _numbers(resolution):
+            raise InputError(  # igneous would replace the scale of that resolution
+                f"{layer_path}: downsampling mip {mip} by {factor} makes "
+                f"{format_triple(resolution)} nm as mip {index}, a resolution another mip of "
+                "the layer has already: downsample from another --mip or by another --factor")
+        changed = [f for f in SCALE_FIELDS
+                   if here is not None and _plain(here.get(f)) != _plain(made.get(f))]
+        if changed:
+            name, was, then = changed[0], here.get(changed[0]), made.get(changed[0])
+            if name != "sharding":
+                values = f" ({_plain(was)} here, {_plain(then)} made)"
+            else:
+                values = "" if was and then else (f" ({'un' * (not was)}sharded here, "
+                                                  f"{'un' * (not then)}sharded made)")
+            raise InputError(
+                f"{layer_path}: mip {index} ({here['key']}) exists with another {name} than "
+                f"downsampling mip {mip} gives it{values}: its info would be replaced and its "
+                f"chunks written over; leave it as it is, {above}")
+    first = mip + len(resolutions) + 1
+    if sharded and top >= first:
+        raise InputError(
+            f"{layer_path}: mip{f's {first} to' if top > first else ''} {top} exist"
+            f"{'' if top > first else 's'} above the {len(resolutions)} level(s) planned, and "
+            "igneous's sharded downsampling drops the levels above those it makes from the "
+            f"info: ask for --num-mips {top - mip}, {above}")
+
+
+def _numbers(values) -> list[float]:
+    return [float(v) for v in values]
+
+
+def _plain(value):
+    """A scale's field as JSON reads it back (tuples as lists, numpy numbers as numbers)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist()))
+
+
+def _ratio(a, b) -> list[int] | None:
+    """a / b axis by axis when whole numbers (a factor between resolutions), else None."""
+    ratio = [float(x) / float(y) for x, y in zip(a, b)]
+    return [round(r) for r in ratio] if all(r >= 1 and r == round(r) for r in ratio) else None
+
+
+def _new_scales(vol, mip: int, resolutions: list) -> list[dict]:
+    """The info's scales as igneous's create_downsample_scales leaves them, on a copy: each
+    level added by its resolution (replacing a scale of that resolution, else appended), then
+    mips mip + 1 .. mip + n given the chunk size of `mip`."""
+    meta = copy.deepcopy(vol.meta)
+    for resolution in resolutions:
+        meta.add_resolution(resolution)
+    scales = meta.info["scales"]
+    for index in range(mip + 1, min(mip + len(resolutions) + 1, len(scales))):
+        scales[index]["chunk_sizes"] = scales[mip]["chunk_sizes"]
+    return scales
+
+
+def _shard_geometry(vol, mip: int, factor, num_mips: int, memory_target: int):
+    """(task shape at `mip`, the new levels' resolutions, the info's scales as igneous leaves
+    them) of igneous's sharded downsampling, worked out as create_image_shard_downsample_tasks
+    does, on a copy of the info: the scales above `mip` dropped; each new level's shards hold
+    `memory_target` / (4 x the factor's volume) bytes before compression; a task spans a shard
+    of every new level; fewer levels when the shards of the first do not hold whole chunks of
+    the last."""
     from igneous.shards import image_shard_shape_from_spec
     from igneous.task_creation.image import create_sharded_image_info
 
     meta = copy.deepcopy(vol.meta)
+    meta.info["scales"] = meta.info["scales"][:mip + 1]
     shapes, resolutions = [], []
     for i in range(1, num_mips + 1):
         resolution = [r * f for r, f in zip(meta.resolution(mip + i - 1), factor)]
@@ -244,6 +337,7 @@ def _shard_geometry(vol, mip: int, factor, num_mips: int, memory_target: int):
             dataset_size=meta.volume_size(mip + i), chunk_size=meta.chunk_size(mip + i),
             encoding=meta.encoding(mip), dtype=vol.dtype,
             uncompressed_shard_bytesize=shard_bytes(memory_target, factor))
+        meta.info["scales"][mip + i]["sharding"] = spec
         shapes.append(image_shard_shape_from_spec(spec, meta.volume_size(mip + i),
                                                   meta.chunk_size(mip + i)))
         resolutions.append(resolution)
@@ -254,7 +348,8 @@ def _shard_geometry(vol, mip: int, factor, num_mips: int, memory_target: int):
         if factor[a] > 1:
             chunks = shape[a] / meta.chunk_size(mip + num_mips)[a]
             levels = min(levels, int(round(math.log2(chunks) / math.log2(factor[a]))))
-    return Vec(*shape), resolutions[:max(levels, 1)]
+    levels = max(levels, 1)
+    return Vec(*shape), resolutions[:levels], meta.info["scales"][:mip + levels + 1]
 
 
 def shard_bytes(memory_target: int, factor: Sequence[int]) -> int:
@@ -267,6 +362,17 @@ def shard_bytes(memory_target: int, factor: Sequence[int]) -> int:
 #: the demo's run, this machine: 20 ns for the uint8 image, 150 for the uint64 segmentation;
 #: the larger is used)
 SECONDS_PER_VOXEL = 150e-9
+
+
+@contextlib.contextmanager
+def _info_restored_on_error(layer_path: str, info: dict) -> Iterator[None]:
+    """The info put back as it was when listing the tasks fails after igneous added the new
+    scales to it: no level is left in the info that no task will write."""
+    try:
+        yield
+    except BaseException:
+        put_json_whole(layer_path, "info", info)
+        raise
 
 
 def downsample_stage(
@@ -289,12 +395,15 @@ def downsample_stage(
         # igneous adds the scales to the info when asked for the tasks, and appends its
         # provenance when they have all been listed: list them once
         if not made:
+            from cloudfiles import CloudFiles
             from igneous.task_creation.image import (
                 create_downsampling_tasks,
                 create_image_shard_downsample_tasks,
             )
 
-            with contextlib.redirect_stdout(io.StringIO()):
+            info = CloudFiles(plan.layer_path).get_json("info")
+            with contextlib.redirect_stdout(io.StringIO()), _info_restored_on_error(
+                    plan.layer_path, info):
                 if plan.sharded:
                     tasks = create_image_shard_downsample_tasks(
                         plan.layer_path, mip=plan.mip, num_mips=plan.num_mips,
