@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cloudfiles import CloudFiles
+from cloudvolume import CloudVolume
 from cloudvolume.lib import Bbox
 
 from deepem3d.errors import InputError
@@ -74,7 +75,7 @@ def test_downsample_on_a_queue_without_local_workers(tmp_path):
     assert "enqueued: 0" in run_cli("queue", "status", queue, "--watch", check=True).stdout
     # --bounds are at --mip: a plan from mip 1 covers those voxels of mip 1 (they were read
     # as mip-0 voxels, halved in x and y)
-    region = Bbox((64, 64, 0), (128, 128, 10))
+    region = Bbox((0, 0, 0), (128, 128, 10))
     assert plan_downsample(layer, mip=1, bounds=region).bounds == region
 
 
@@ -190,3 +191,37 @@ def test_sharded_levels_above_those_planned_are_not_dropped(tmp_path):
         plan_downsample(layer, num_mips=1)
     with pytest.raises(InputError, match=r"mip 1 exists at 8,8,8 nm.*--factor 2,2,2"):
         plan_downsample(layer, num_mips=1, factor=(2, 2, 1))
+
+
+def test_bounds_keep_the_tasks_inside_them(tmp_path):
+    """--bounds 0,0,0,128,128,20 of a 256 x 256 layer: igneous's tasks, 256 x 256 from the
+    bounds' start, wrote the levels over the whole layer (and failed on a chunk missing outside
+    the bounds), while the plan showed, and sized the memory of, 128 x 128 tasks. The task
+    shape is now what the bounds hold whole, with the levels that allows."""
+    layer = make_layer(tmp_path / "layer")  # 256 x 256 x 20 in 64 x 64 x 10 chunks
+    reference = igneous_reference(tmp_path / "layer", tmp_path / "reference", 1, (2, 2, 1))
+    next((tmp_path / "layer" / "4_4_50").glob("192-256_192-256_10-20*")).unlink()
+    plan = plan_downsample(layer, bounds=Bbox((0, 0, 0), (128, 128, 20)))
+    assert plan.num_mips == 1 and plan.task_shape == (128, 128, 10), plan.describe()
+    assert plan.task_count == 2 and plan.memory_bytes == 128 * 128 * 10 * 4 // 3
+    assert "hold whole tasks of only 1 level(s) of factor 2,2,1 (blocks of 128,128,10" \
+        in plan.describe()
+    run_cli("downsample", layer, "--bounds", "0,0,0,128,128,20", "--parallel", "1", check=True)
+    written = {p.name.split(".")[0] for p in (tmp_path / "layer" / "8_8_50").iterdir()}
+    assert written == {"0-64_0-64_0-10", "0-64_0-64_10-20"}
+    assert (CloudVolume(layer, mip=1)[0:64, 0:64, 0:20]
+            == CloudVolume(reference, mip=1)[0:64, 0:64, 0:20]).all()
+    assert_one_line_error(cli_here("downsample", layer, "--bounds", "0,0,0,128,128,20",
+                                   "--num-mips", "2", "--dry-run"), "--num-mips 1 or fewer")
+    assert_one_line_error(cli_here("downsample", layer, "--bounds", "64,64,0,128,128,20",
+                                   "--dry-run"), "hold no whole task of factor 2,2,1",
+                          "blocks of 128,128,10 voxels from the voxel offset 0,0,0")
+    # bounds ending at the layer's end hold the last, clipped task
+    assert plan_downsample(layer, bounds=Bbox((128, 128, 0), (256, 256, 20))).num_mips == 1
+
+
+def test_the_offset_note_only_where_the_offset_is_the_limit(tmp_path):
+    """At offset 8,16,4 the grid allows 3 levels, the layer's size 2: the plan said the
+    offset had made fewer levels."""
+    plan = plan_downsample(make_layer(tmp_path / "layer", voxel_offset=(8, 16, 4)))
+    assert plan.num_mips == 2 and plan.offset_note == "", plan.describe()

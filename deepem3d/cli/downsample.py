@@ -30,7 +30,8 @@ from deepem3d.storage.layers import cloudpath
 @click.option("--factor", type=Triple(int, example="2,2,1"), default=None,
               help="Downsampling factor per level, x,y,z (default 2,2,1 for anisotropic data).")
 @click.option("--bounds", type=Bounds(), default=None,
-              help="x0,y0,z0,x1,y1,z1 at --mip (default: all).")
+              help="x0,y0,z0,x1,y1,z1 at --mip (default: all). The tasks must lie inside, "
+              "which may allow fewer levels.")
 @click.option("--memory", type=ByteSize(), default="3.5e9", show_default=True,
               help="Memory target of one task in bytes, as igneous's --memory (3.5e9, 3500MB, "
               "3.5GB or 2GiB): larger tasks make more levels at once.")

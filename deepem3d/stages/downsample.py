@@ -11,10 +11,18 @@ encoding, sharding): igneous adds a level by its resolution, appending one the i
 while its tasks write mips mip + 1, mip + 2, ..., so another factor wrote over the existing
 levels. That is refused at planning, before the info is touched; the info is put back if
 listing the tasks fails after igneous added the scales.
+igneous's tasks are blocks of chunk x factor^levels from the region's start, clipped only to
+the layer, and each writes all its levels: with `bounds` (grown to whole chunks, as igneous
+grows them) the blocks are those the bounds hold whole on the levels' chunk grids (the bounds
+start on the grid from the voxel offset and end on it or at the layer's end), with the levels
+that allows (igneous is given the memory target that sizes its tasks so); bounds that hold
+no task of one level, or fewer levels than asked for, are refused.
 A sharded layer (`deepem3d segment --sharded`) gets sharded levels from igneous's
 ImageShardDownsampleTask, one task per shard of the first new level, each shard holding about
 a quarter of `memory_target` before compression (the task reads the shard's source box,
-`factor` times as many voxels, and holds both).
+`factor` times as many voxels, and holds both). Its tasks write whole shards: `bounds` off
+their grid are refused, and so is a plan that would drop existing levels above the new ones
+(igneous cuts the info's scales to those it makes).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from deepem3d.stages.blocks import check_bounds
 from deepem3d.stages.frame import Stage, digest, marked
 from deepem3d.storage.layers import cloudpath, open_layer
 from deepem3d.storage.paths import put_json_whole
-from deepem3d.units import format_triple
+from deepem3d.units import format_bounds, format_triple
 
 # igneous is imported where it is used: importing it costs a worker ~0.3 s at start-up, and
 # every local stage starts its own workers (a DownsampleTask payload imports it when run).
@@ -55,13 +63,18 @@ class DownsamplePlan:
     task_count: int
     memory_bytes: int
     bounds: Bbox
+    #: the first task's block, the largest: the task shape from the region's start, clipped to
+    #: the layer (as igneous clips it)
+    task_extent: tuple[int, int, int]
+    #: igneous's memory target, which sizes its tasks: --memory, or less where --bounds hold
+    #: only smaller tasks whole
     memory_target: int = MEMORY_TARGET
     itemsize: int = 1
     new_resolutions: list = field(default_factory=list)
     #: the source is sharded: igneous's ImageShardDownsampleTask makes sharded levels
     sharded: bool = False
-    #: why there are fewer levels than memory allows (the voxel offset limits them), or than
-    #: asked for (memory limits them)
+    #: why there are fewer levels than memory allows (the voxel offset or --bounds limit
+    #: them), or than asked for (memory or the layer's size limit them)
     offset_note: str = ""
 
     @property
@@ -72,11 +85,6 @@ class DownsamplePlan:
             voxels //= math.prod(self.factor)
             total += voxels
         return total * self.itemsize
-
-    @property
-    def task_extent(self) -> list[int]:
-        """The largest task's block: the task shape, clipped to the region."""
-        return [min(int(t), int(s)) for t, s in zip(self.task_shape, self.bounds.size3())]
 
     def describe(self) -> str:
         shape = " x ".join(str(s) for s in self.task_extent)
@@ -124,44 +132,67 @@ def plan_downsample(
         memory_target, vol.dtype, chunk, vol.num_channels, factor
     )
     asked = num_mips
-    num_mips = viable if num_mips is None else min(num_mips, viable)
     offset = vol.meta.voxel_offset(mip)
     aligned = check_offset(layer_path, offset, factor, mip, asked)
-    offset_note = ""
-    if num_mips > aligned:
-        num_mips = aligned
-        offset_note = f"{_offset_grid(offset, factor, mip, aligned)}: fewer levels"
-    shape = Vec(*(int(c) * int(f) ** viable for c, f in zip(chunk, factor)))
+    sharded = vol.meta.sharding(mip) is not None
+    if bounds is not None:  # refused as infer and segment refuse them (igneous would clip)
+        check_bounds(bounds, offset, vol.meta.volume_size(mip), layer_path, mip)
+    with contextlib.redirect_stdout(io.StringIO()):  # igneous prints the bounds it chose
+        region = get_bounds(vol, bounds, mip, bounds_mip=mip, chunk_size=chunk)
+    volume = vol.meta.bounds(mip)
+    # igneous's tasks are boxes of chunk x factor^levels from the region's start: with
+    # --bounds, no larger than the region holds whole on the levels' chunk grids
+    fits = viable if bounds is None or sharded else grid_levels(region, volume, chunk, factor,
+                                                                viable)
+    shape = _levels_shape(chunk, factor, viable)
+    room = downsample_scales.compute_scales(vol, mip, shape, "z", factor, None)
+    if not room:
+        raise InputError(too_small(layer_path, mip, vol.meta.volume_size(mip), chunk, factor))
+    if fits < viable:
+        shape = _levels_shape(chunk, factor, fits)
+        memory_target = _memory_target_for(fits, vol, chunk, factor)
     resolutions = downsample_scales.compute_scales(vol, mip, shape, "z", factor, None)
-    if asked is not None and min(len(resolutions), num_mips) < asked and not offset_note:
-        made = min(len(resolutions), num_mips)
+    want = min(asked or len(room), len(room))
+    if len(resolutions) < want and (asked is not None or not resolutions):
+        raise InputError(  # the bounds keep the levels asked for, or any, from being made
+            f"{layer_path}: "
+            + _bounds_grid(bounds, mip, offset, chunk, factor, len(resolutions), want) + ": "
+            + (f"ask for --num-mips {len(resolutions)} or fewer, or " if resolutions else "")
+            + "give bounds on the grid of such blocks (or ending at the layer's end, "
+            + f"{format_triple(volume.maxpt)})")
+    made = min(asked or aligned, aligned, len(resolutions))
+    offset_note = ""
+    if asked is None and aligned < len(resolutions):
+        offset_note = f"{_offset_grid(offset, factor, mip, aligned)}: fewer levels"
+    elif asked is None and len(resolutions) < len(room):
+        offset_note = _bounds_grid(bounds, mip, offset, chunk, factor, len(resolutions),
+                                   len(room)) + ": fewer levels"
+    elif asked is not None and made < asked:
         offset_note = (f"{asked} level(s) asked for: " + (
             f"one task's --memory allows {viable}; downsample again from --mip {mip + made} "
             "for the rest" if made == viable else
             "the layer is no larger than a chunk at the last"))
-    resolutions = resolutions[:num_mips]
-    if not resolutions:
-        raise InputError(too_small(layer_path, mip, vol.meta.volume_size(mip), chunk, factor))
-    sharded = vol.meta.sharding(mip) is not None
+    resolutions = resolutions[:made]
     if sharded:
         shape, resolutions, scales = _shard_geometry(vol, mip, factor, len(resolutions),
                                                      memory_target)
-        chunk = Vec(*vol.meta.chunk_size(mip))  # igneous's bounds: whole chunks of mip + 1
+        if bounds is not None and not on_grid(region, volume, shape):
+            raise InputError(
+                f"{layer_path}: --bounds {format_bounds(bounds)} at mip {mip} are off the grid "
+                f"of the sharded tasks, which write whole shards, blocks of "
+                f"{format_triple(shape)} voxels from the voxel offset: give bounds on that grid "
+                f"(or ending at the layer's end, {format_triple(volume.maxpt)})")
     else:
         scales = _new_scales(vol, mip, resolutions)
     check_levels(layer_path, vol.info["scales"], mip, factor, scales, resolutions, sharded)
-    if bounds is not None:  # refused as infer and segment refuse them (igneous would clip)
-        check_bounds(bounds, vol.meta.voxel_offset(mip), vol.meta.volume_size(mip), layer_path,
-                     mip)
-    with contextlib.redirect_stdout(io.StringIO()):  # igneous prints the bounds it chose
-        region = get_bounds(vol, bounds, mip, bounds_mip=mip, chunk_size=chunk)
     count = int(np.prod(np.ceil(np.asarray(region.size3()) / np.asarray(shape))))
     # igneous's own memory model: the source box and its levels (a sharded task also holds
     # the encoded shards: counted as a second copy of the first level)
     stack = math.prod(factor) / (math.prod(factor) - 1) + (1 / math.prod(factor) if sharded
                                                               else 0)
-    voxels = math.prod(min(int(s), int(r)) for s, r in zip(shape, region.size3()))
-    memory = int(voxels * np.dtype(vol.dtype).itemsize * vol.num_channels * stack)
+    extent = tuple(min(int(s), int(end) - int(lo))
+                   for s, end, lo in zip(shape, volume.maxpt, region.minpt))
+    memory = int(math.prod(extent) * np.dtype(vol.dtype).itemsize * vol.num_channels * stack)
     return DownsamplePlan(
         layer_path=layer_path,
         mip=mip,
@@ -172,11 +203,67 @@ def plan_downsample(
         memory_target=memory_target,
         memory_bytes=memory,
         bounds=region,
+        task_extent=extent,
         itemsize=int(np.dtype(vol.dtype).itemsize * vol.num_channels),
         new_resolutions=[list(r) for r in resolutions],
         sharded=sharded,
         offset_note=offset_note,
     )
+
+
+def _levels_shape(chunk: Sequence[int], factor: Sequence[int], levels: int) -> Vec:
+    """igneous's task shape for `levels` levels at once: chunk x factor^levels."""
+    return Vec(*(int(c) * int(f) ** levels for c, f in zip(chunk, factor)))
+
+
+def on_grid(region: Bbox, volume: Bbox, step: Sequence[int]) -> bool:
+    """Whether boxes of `step` from the region's start, clipped to the volume, tile the
+    region on the grid of `step` from the volume's start (its voxel offset): the region
+    starts on that grid and ends on it or at the volume's end."""
+    lo, hi, start, end, step = (np.asarray(v, dtype=int) for v in (
+        region.minpt, region.maxpt, volume.minpt, volume.maxpt, step))
+    return bool(np.all((lo - start) % step == 0)
+                and np.all(((hi - start) % step == 0) | (hi == end)))
+
+
+def grid_levels(region: Bbox, volume: Bbox, chunk: Sequence[int], factor: Sequence[int],
+                most: int) -> int:
+    """How many levels' tasks (chunk x factor^levels) the region holds whole, on the chunk
+    grids of those levels: the largest such k, at most `most`."""
+    levels = 0
+    while levels < most and on_grid(region, volume, _levels_shape(chunk, factor, levels + 1)):
+        levels += 1
+    return levels
+
+
+def _memory_target_for(levels: int, vol, chunk: Sequence[int], factor: Sequence[int]) -> int:
+    """The least memory target for which igneous's tasks span `levels` levels
+    (num_mips_from_memory_target: the factor's volume^levels chunks, times its stack)."""
+    from igneous.task_creation.image import num_mips_from_memory_target
+
+    total = math.prod(factor)
+    unit = np.dtype(vol.dtype).itemsize * vol.num_channels * math.prod(int(c) for c in chunk)
+    count = math.ceil(total ** (levels + 1) / (total - 1))
+    while num_mips_from_memory_target(count * unit, vol.dtype, chunk, vol.num_channels,
+                                      factor) < levels:
+        count += 1
+    return int(count * unit)
+
+
+def _bounds_grid(bounds: Bbox, mip: int, offset: Sequence[int], chunk: Sequence[int],
+                 factor: Sequence[int], levels: int, want: int) -> str:
+    """Why --bounds allow `levels` levels where `want` were possible."""
+    if not levels:
+        return (f"--bounds {format_bounds(bounds)} at mip {mip} hold no whole task of factor "
+                f"{','.join(map(str, factor))}: one level's tasks are blocks of "
+                f"{format_triple(_levels_shape(chunk, factor, 1))} voxels from the voxel offset "
+                f"{format_triple(offset)}" + (f" ({want} levels': "
+                f"{format_triple(_levels_shape(chunk, factor, want))})" if want > 1 else ""))
+    return (f"--bounds {format_bounds(bounds)} at mip {mip} hold whole tasks of only {levels} "
+            f"level(s) of factor {','.join(map(str, factor))} (blocks of "
+            f"{format_triple(_levels_shape(chunk, factor, levels))} voxels from the voxel "
+            f"offset {format_triple(offset)}; {want} level(s) need blocks of "
+            f"{format_triple(_levels_shape(chunk, factor, want))})")
 
 
 def too_small(layer_path: str, mip: int, size: Sequence[int], chunk: Sequence[int],
