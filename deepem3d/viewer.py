@@ -465,20 +465,47 @@ SHOWN_SEGMENTS = 5
 
 
 def run_layers(paths: Sequence[str]) -> list[str]:
-    """A run's output folder (one holding report.json) stands for its layers, in RUN_ORDER;
-    any other path stands for itself."""
+    """A run's output folder (one holding report.json, local or in a bucket) stands for its
+    layers, in RUN_ORDER; any other path stands for itself. Layers the run wrote under its
+    output folder are read under the folder given (a run moved, copied or pulled from a
+    bucket); those it read from elsewhere stay where the report says."""
     out = []
     for path in paths:
-        folder = _local_dir(path)
-        report = os.path.join(folder, "report.json") if folder else None
-        if report and os.path.isfile(report):
-            with open(report) as f:
-                layers = json.load(f).get("layers", {})
-            out += [layers[k] for k in RUN_ORDER if k in layers]
-            out += [v for k, v in layers.items() if k not in RUN_ORDER]
-        else:
+        report = _run_report(path)
+        if report is None:
             out.append(path)
+            continue
+        layers = report.get("layers") or {}
+        root = report.get("output")
+        if isinstance(root, str):
+            root = root.rstrip("/") + "/"
+            here = path.rstrip("/") + "/"
+            layers = {k: here + v[len(root):] if isinstance(v, str) and v.startswith(root)
+                      else v for k, v in layers.items()}
+        out += [layers[k] for k in RUN_ORDER if k in layers]
+        out += [v for k, v in layers.items() if k not in RUN_ORDER]
     return out
+
+
+def _run_report(path: str) -> dict | None:
+    """The report.json of a run's output folder at `path`, or None (no run folder there)."""
+    folder = _local_dir(path)
+    try:
+        if folder is not None:
+            report_path = os.path.join(folder, "report.json")
+            if not os.path.isfile(report_path):
+                return None
+            with open(report_path) as f:
+                report = json.load(f)
+        else:
+            from cloudfiles import CloudFiles
+
+            report = CloudFiles(path).get_json("report.json")
+    except ValueError:  # cut short: no run to stand for
+        return None
+    except Exception:  # noqa: BLE001  (a bucket out of reach: the path is opened as a layer)
+        return None
+    return report if isinstance(report, dict) else None
 
 
 #: the box, in voxels of the coarsest mip, in which the shown segments are counted: about
@@ -607,6 +634,8 @@ def serve(
             ) from None
         _show(neuroglancer, viewer, viewed, layout)
         url = viewer.get_viewer_url()
+        if ":" in bind_address and f"//{bind_address}:" in url:  # an IPv6 host, bracketed
+            url = url.replace(f"//{bind_address}:", f"//{_host_for_url(bind_address)}:", 1)
     except BaseException:
         if file_server is not None:
             file_server.stop()
@@ -642,6 +671,7 @@ def _show(neuroglancer, viewer, viewed: Sequence[ViewedLayer], layout: str | Non
         s.cross_section_scale = _zoom(first)
         s.projection_scale = 2.5 * 320 * _zoom(first)
         first_segmentation = True
+        image_shown = False
         for layer in viewed:
             if layer.kind == "segmentation":
                 s.layers[layer.name] = neuroglancer.SegmentationLayer(source=layer.source)
@@ -657,6 +687,8 @@ def _show(neuroglancer, viewer, viewed: Sequence[ViewedLayer], layout: str | Non
                 )
             else:
                 s.layers[layer.name] = neuroglancer.ImageLayer(source=layer.source)
-            if layer.kind == "image" and layer is not first:
-                s.layers[layer.name].visible = False  # a map would cover the image
+            if layer.kind == "image":
+                # the first image is shown; one after it (a map) would cover it
+                s.layers[layer.name].visible = not image_shown
+                image_shown = True
         s.layout = layout

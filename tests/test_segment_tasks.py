@@ -37,6 +37,7 @@ from tests.conftest import (
     assert_one_line_error,
     assert_same_mips,
     chunk_files,
+    cli_here,
     read,
     run,
     run_cli,
@@ -173,6 +174,27 @@ def test_a_stage_record_cut_short_is_a_stage_to_run_again(tmp_path, maps):
     assert "remap" in again.ran
     np.testing.assert_array_equal(read(output), segment(array, "mean", 0.5))
     assert not list((tmp_path / "seg" / "tasks").rglob("*.partial"))
+
+
+def test_levels_and_meshes_are_made_again_over_a_retuned_segmentation(tmp_path, maps):
+    """`segment --overwrite` with other settings deleted the levels and meshes but kept their
+    stages' markers, so `deepem3d downsample` and `deepem3d mesh` found them complete and ran
+    nothing: the info named a level of zeros and meshes with no files."""
+    path, _ = maps["affinity"]
+    output = f"file://{tmp_path / 'seg'}"
+    run(path, output, "mean", 0.5, (40, 24, 6))
+    for command in (["downsample", output, "--num-mips", "1"], ["mesh", output, "--mip", "0"]):
+        assert cli_here(*command).returncode == 0
+    run(path, output, "mean", 0.3, (40, 24, 6), overwrite=True)
+    retuned = read(output)
+    downsampled = cli_here("downsample", output, "--num-mips", "1")
+    assert downsampled.returncode == 0 and "(0 run now)" not in downsampled.stdout, (
+        downsampled.stdout)
+    level = np.asarray(CloudVolume(output, mip=1, progress=False)[:, :, :])[..., 0]
+    np.testing.assert_array_equal(level, retuned[::2, ::2, :])  # every other voxel: striding
+    meshed = cli_here("mesh", output, "--mip", "0")
+    assert meshed.returncode == 0 and "(0 run now)" not in meshed.stdout, meshed.stdout
+    assert len(CloudFiles(output).list(prefix="mesh/")) > 1
 
 
 def test_bounds_segment_the_crop_with_whole_volume_ids(tmp_path, maps):

@@ -15,6 +15,7 @@ import queue
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -368,6 +369,40 @@ def test_a_run_folder_stands_for_its_layers(tmp_path):
         assert state["image"].visible is not False and state["image-2"].visible is False
         # 16 blocks of 16 x 16 x 8: all the same size, so any five of them
         assert len(state["seg"].layer.segments) == 5
+    finally:
+        session.stop()
+
+
+def test_a_run_folder_moved_or_in_a_bucket_stands_for_its_own_layers(tmp_path):
+    """The report records absolute paths: a run folder moved or copied was shown at (or
+    failed on) its old place, and one in a bucket was not read as a run at all. Layers the
+    run wrote are read under the folder given; those it read from elsewhere stay."""
+    image, seg = make_layers(tmp_path / "moved")
+    elsewhere = "file:///data/ground_truth"
+    report = {"output": "file:///old/run", "layers": {
+        "image": "file:///old/run/image", "segmentation": "file:///old/run/seg",
+        "ground_truth": elsewhere}}
+    (tmp_path / "moved" / "report.json").write_text(json.dumps(report))
+    assert viewer.run_layers([str(tmp_path / "moved")]) == [
+        f"{tmp_path / 'moved'}/image", f"{tmp_path / 'moved'}/seg", elsewhere]
+    with LayerFileServer({"run": str(tmp_path / "moved")}) as remote:
+        assert viewer.run_layers([f"{remote.url}/run"]) == [
+            f"{remote.url}/run/image", f"{remote.url}/run/seg", elsewhere]
+        assert viewer.run_layers([f"{remote.url}/run/image"]) == [f"{remote.url}/run/image"]
+
+
+def test_an_image_after_a_segmentation_is_shown_and_an_ipv6_url_bracketed(tmp_path):
+    """`deepem3d view SEG IMAGE` hid the only image (every image but the first layer was
+    hidden, meant for maps over an image); `--bind-address ::1` printed http://::1:PORT."""
+    image, seg = make_layers(tmp_path)
+    session = serve([str(seg), str(image), str(image)], bind_address="::1")
+    try:
+        state = {layer.name: layer for layer in session.viewer.state.layers}
+        assert state["image"].visible is not False and state["image-2"].visible is False
+        assert session.url.startswith("http://[::1]:"), session.url
+        port = int(session.url.split("]:", 1)[1].split("/", 1)[0])
+        with socket.create_connection(("::1", port), timeout=10):
+            pass  # the viewer answers where the URL says
     finally:
         session.stop()
 

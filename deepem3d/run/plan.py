@@ -590,7 +590,7 @@ def run_pipeline(
     finally:
         runner.stop_workers()
     report = {"stage_seconds": seconds, "seconds": round(time.perf_counter() - started, 3),
-              "layers": plan.layers, "pipeline": p.source}
+              "layers": plan.layers, "pipeline": p.source, "output": p.output}
     if p.ground_truth:
         report.update(score(p, plan.layers))
     put_json_whole(p.output, REPORT, report)

@@ -630,6 +630,12 @@ def _delete_prefixes(path: str, prefixes: Iterable[str]) -> None:
         files.delete(keys)
 
 
+#: the markers of the stages that made the segmentation's levels, meshes and skeletons: reset
+#: with the segments they were made of (the standalone commands, which record no source key,
+#: found them complete and ran nothing over the new segments)
+PRODUCT_STAGES = ("tasks/downsample-", "tasks/mesh-", "tasks/skeleton-")
+
+
 def _segmentation_prefixes(info: dict | None) -> list[str]:
     """What a segmentation layer's data occupies: every scale, its meshes and skeletons."""
     info = info or {}
@@ -648,7 +654,7 @@ def prepare_output(plan: SegmentPlan) -> None:
     if plan.reset_tuning_stages:
         _delete_prefixes(out, [f"tasks/{s}" for s in OCTREE_STAGES] + ["tasks/remap/",
                                                                        OCTREE_WORK]
-                         + _segmentation_prefixes(info))
+                         + _segmentation_prefixes(info) + list(PRODUCT_STAGES))
     if plan.reset_layer or plan.reset_tuning_stages:
         vol = create_layer(
             out, layer_type="segmentation", dtype="uint64", resolution=plan.resolution,
