@@ -154,6 +154,16 @@ def test_another_factor_is_refused_where_levels_exist(tmp_path, monkeypatch):
     # the same factor again, more levels of it, or the new factor above the existing levels
     assert plan_downsample(layer, factor=(2, 2, 1), num_mips=2).num_mips == 2
     assert plan_downsample(layer, mip=1, factor=(2, 2, 2), num_mips=1).num_mips == 1
+    # once mip 2 is made by 2,2,2 above mip 1, more 2,2,1 levels stop short of it (the advice
+    # was the factor between mips 1 and 2, which the first level then refused)
+    grown = {**info, "scales": [*info["scales"], {  # as `--mip 1 --factor 2,2,2` leaves it
+        **info["scales"][1], "key": "16_16_100", "resolution": [16, 16, 100]}]}
+    CloudFiles(layer).put_json("info", grown)
+    with pytest.raises(InputError, match=r"mip 2 exists at 16,16,100 nm.*ask for --num-mips 1, "
+                                         r"or add levels above"):
+        plan_downsample(layer, factor=(2, 2, 1), num_mips=2)
+    assert plan_downsample(layer, factor=(2, 2, 1), num_mips=1).num_mips == 1
+    CloudFiles(layer).put_json("info", info)
     # mip 1 made with other chunks: igneous would give it the chunks of mip 0
     info["scales"][1]["chunk_sizes"] = [[32, 32, 10]]
     CloudFiles(layer).put_json("info", info)

@@ -462,6 +462,9 @@ def test_a_run_that_infers_part_of_the_image_segments_and_scores_that_part(
     assert Markers(f"file://{output / 'segmentation'}", "downsample-mip0").is_complete()
     seg = CloudVolume(f"file://{output / 'segmentation'}", mip=1)
     assert np.asarray(seg[0:32, 0:32, 0:4]).any()
+    # the written part grown to whole tasks: the levels of the whole layer, not fewer
+    whole = plan_downsample(f"file://{output / 'segmentation'}", memory_target=2**20)
+    assert len(seg.available_mips) - 1 == whole.num_mips >= 2
     assert {"mesh forge", "mesh merge"} <= set(report["stage_seconds"])
     assert any((output / "segmentation" / "mesh").glob("*:0*"))  # a segment's manifest
 

@@ -347,14 +347,14 @@ class _RunPlanner:
             dplan = plan_downsample(
                 path, num_mips=down.get("num_mips"), factor=down.get("factor"),
                 memory_target=down.get("memory", MEMORY_TARGET), bounds=self.written.get(name),
-                shown_as=layers[name])
+                shown_as=layers[name], grow=True)
         except InputError as err:
             raise _in_key(p.source, "downsample", err) from None
         self.plan.lines.append(f"downsample {name}: {dplan.describe()}")
         if name == "segmentation":
             self.segmentation_mips = dplan
-        # igneous's tasks read whole task boxes from the region's start: beyond a part
-        # the run wrote they meet chunks never written, which are zeros
+        # the region the run wrote, grown to whole tasks: beyond it they meet chunks never
+        # written, which are zeros
         partial = self._writes_part_of(name, path)
         dplan.layer_path = layers[name]
         source = next((s.key for s in self.plan.stages if s.layer == dplan.layer_path

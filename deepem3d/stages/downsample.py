@@ -112,10 +112,13 @@ def plan_downsample(
     bounds: Bbox | None = None,
     memory_target: int = MEMORY_TARGET,
     shown_as: str | None = None,
+    grow: bool = False,
 ) -> DownsamplePlan:
     """Mirror igneous's task geometry so `--dry-run` can report it without touching the info.
     `shown_as` names the layer in messages (a run plans layers it has yet to write on
-    stand-ins of their geometry)."""
+    stand-ins of their geometry). With `grow`, `bounds` (the part of its own layer a run
+    wrote) grow to the tasks' grid instead of limiting the levels: what lies beyond them in
+    those tasks was never written and reads as zeros."""
     from igneous import downsample_scales
     from igneous.task_creation.common import get_bounds
     from igneous.task_creation.image import num_mips_from_memory_target
@@ -140,6 +143,8 @@ def plan_downsample(
     with contextlib.redirect_stdout(io.StringIO()):  # igneous prints the bounds it chose
         region = get_bounds(vol, bounds, mip, bounds_mip=mip, chunk_size=chunk)
     volume = vol.meta.bounds(mip)
+    if grow and bounds is not None:
+        region = grown(region, volume, _levels_shape(chunk, factor, viable))
     # igneous's tasks are boxes of chunk x factor^levels from the region's start: with
     # --bounds, no larger than the region holds whole on the levels' chunk grids
     fits = viable if bounds is None or sharded else grid_levels(region, volume, chunk, factor,
@@ -176,12 +181,15 @@ def plan_downsample(
     if sharded:
         shape, resolutions, scales = _shard_geometry(vol, mip, factor, len(resolutions),
                                                      memory_target)
+        if grow and bounds is not None:
+            region = grown(region, volume, shape)
         if bounds is not None and not on_grid(region, volume, shape):
             raise InputError(
                 f"{layer_path}: --bounds {format_bounds(bounds)} at mip {mip} are off the grid "
                 f"of the sharded tasks, which write whole shards, blocks of "
                 f"{format_triple(shape)} voxels from the voxel offset: give bounds on that grid "
-                f"(or ending at the layer's end, {format_triple(volume.maxpt)})")
+                f"(or ending at the layer's end, {format_triple(volume.maxpt)}), or a smaller "
+                "--memory, which makes smaller shards")
     else:
         scales = _new_scales(vol, mip, resolutions)
     check_levels(layer_path, vol.info["scales"], mip, factor, scales, resolutions, sharded)
@@ -224,6 +232,15 @@ def on_grid(region: Bbox, volume: Bbox, step: Sequence[int]) -> bool:
         region.minpt, region.maxpt, volume.minpt, volume.maxpt, step))
     return bool(np.all((lo - start) % step == 0)
                 and np.all(((hi - start) % step == 0) | (hi == end)))
+
+
+def grown(region: Bbox, volume: Bbox, step: Sequence[int]) -> Bbox:
+    """The region grown to the grid of `step` from the volume's start, clipped to the volume:
+    the least region that holds whole the blocks of `step` it touches."""
+    lo, hi, start, end, step = (np.asarray(v, dtype=int) for v in (
+        region.minpt, region.maxpt, volume.minpt, volume.maxpt, step))
+    return Bbox(start + (lo - start) // step * step,
+                np.minimum(start - (start - hi) // step * step, end))
 
 
 def grid_levels(region: Bbox, volume: Bbox, chunk: Sequence[int], factor: Sequence[int],
@@ -341,13 +358,16 @@ def check_levels(layer_path: str, existing: list[dict], mip: int, factor: Sequen
     for index, resolution in enumerate(resolutions, mip + 1):
         here = existing[index] if index <= top else None
         if here is not None and _numbers(here["resolution"]) != _numbers(resolution):
-            made_with = _ratio(here["resolution"], existing[index - 1]["resolution"])
+            if index > mip + 1:  # the levels below it agree: stop short of it
+                fix = f"ask for --num-mips {index - mip - 1}"
+            else:
+                made_with = _ratio(here["resolution"], existing[index - 1]["resolution"])
+                fix = "downsample by the factor that made it" + (
+                    f" (--factor {format_triple(made_with)})" if made_with else "")
             raise InputError(
                 f"{layer_path}: mip {index} exists at {format_triple(here['resolution'])} nm, "
                 f"where downsampling mip {mip} by {factor} makes {format_triple(resolution)} "
-                f"nm, and its tasks would write over mip {index}: downsample by the factor "
-                "that made it" + (f" (--factor {format_triple(made_with)})" if made_with else "")
-                + f", {above}")
+                f"nm, and its tasks would write over mip {index}: {fix}, {above}")
         made = scales[index] if index < len(scales) else None
         if made is None or _numbers(made["resolution"]) != _numbers(resolution):
             raise InputError(  # igneous would replace the scale of that resolution
