@@ -192,7 +192,7 @@ def forward_rows(args, device: torch.device, part: str = "forward") -> None:
                 first, second = forward(x).clone(), forward(x).clone()
             except Exception as err:  # a setting this torch or chip lacks: say so, go on
                 emit({"part": "forward", "preset": preset, "setting": name,
-                      "error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"})
+                      "error": error_text(err)})
                 continue
             if reference is None:
                 reference = first.float()
@@ -227,10 +227,23 @@ def volume_repeats(args) -> int:
     return max(1, min(args.repeats, 3))
 
 
+def error_text(err: BaseException) -> str:
+    """An exception as one short line of a row (first line of its message)."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:160] if lines else ''}"
+
+
 def inference_rows(args, device: torch.device, part: str = "inference") -> None:
-    """Per setting: the patch grid against MONAI on the same patches; for the first setting
-    also the tasks' default tiles against MONAI at its default overlap (0.25)."""
+    """The shipped model's `--dry-run` rate first (what EFFECTIVE_FLOPS waits for); then per
+    setting the patch grid against MONAI on the same patches, and for the first setting the
+    tasks' default tiles against MONAI at its default overlap (0.25). A setting or run that
+    fails is an error row; the others go on."""
     image = sample_volume(args)
+    if part == "inference":
+        try:
+            shipped_rate_row(args, device, image)
+        except Exception as err:  # noqa: BLE001  (said in its row; the rest still runs)
+            emit({"part": "inference", "method": "--dry-run's rate", "error": error_text(err)})
     preset = "full" if not args.quick else "tiny"
     size, output, overlap, batch = (512, 384, 64, 16) if not args.quick else (128, 96, 16, 2)
     patches = PatchGeometry(size=size, output=output, overlap=overlap, batch=batch)
@@ -243,24 +256,34 @@ def inference_rows(args, device: torch.device, part: str = "inference") -> None:
     for index, (name, keywords) in enumerate(settings):
         torch.manual_seed(0)
         model = build_model(preset, "affinity", 5).to(device).eval()
-        predictor = ModelPredictor(model, device, **keywords)
-        reset_memory(device)
+        try:
+            predictor = ModelPredictor(model, device, **keywords)
+        except Exception as err:  # noqa: BLE001  (a setting this torch or chip lacks)
+            emit({"part": "inference", "setting": name, "error": error_text(err)})
+            continue
         runs = [("patches", patches, patches)]
         if index == 0 and part == "inference":
             tiles = abutting_tiles(max(image.shape[1:]), max(model.context[:2]),
                                    divisor=model.divisor, batch=1)
             runs.append(("tiles (the tasks' default)", tiles, monai_default))
         for label, geometry, theirs in runs:
-            predict_volume(predictor, image[:warm_up_sections(args)], geometry,
-                           quantized=True)  # warm-up
-            ours = None
-            for _ in range(volume_repeats(args)):
-                stats = Stats()
-                sync(device)
-                start = time.perf_counter()
-                out = predict_volume(predictor, image, geometry, stats=stats, quantized=True)
-                seconds = time.perf_counter() - start
-                ours = seconds if ours is None else min(ours, seconds)
+            reset_memory(device)  # each run's own peak (not the one before's, nor MONAI's)
+            try:
+                predict_volume(predictor, image[:warm_up_sections(args)], geometry,
+                               quantized=True)  # warm-up
+                ours = None
+                for _ in range(volume_repeats(args)):
+                    stats = Stats()
+                    sync(device)
+                    start = time.perf_counter()
+                    out = predict_volume(predictor, image, geometry, stats=stats,
+                                         quantized=True)
+                    seconds = time.perf_counter() - start
+                    ours = seconds if ours is None else min(ours, seconds)
+            except Exception as err:  # noqa: BLE001  (said in its row; the rest still runs)
+                emit({"part": "inference", "method": f"deepem3d predict_volume, {label}",
+                      "setting": name, "error": error_text(err)})
+                continue
             emit({"part": "inference", "method": f"deepem3d predict_volume, {label}",
                   "setting": name, "geometry": f"{geometry.size} px in, {geometry.output} out, "
                   f"overlap {geometry.overlap}, batch {geometry.batch}",
@@ -271,14 +294,17 @@ def inference_rows(args, device: torch.device, part: str = "inference") -> None:
                   "forward_share": round(stats.predict_seconds / stats.seconds, 3)
                   if device.type == "cpu" else None,
                   "peak_gib": peak_gib(device)})
-            monai_seconds = monai_row(args, device, predictor, image, theirs, name, out)
+            try:
+                monai_seconds = monai_row(args, device, predictor, image, theirs, name, out)
+            except Exception as err:  # noqa: BLE001
+                emit({"part": "inference", "method": "MONAI sliding_window_inference",
+                      "setting": name, "error": error_text(err)})
+                continue
             if monai_seconds:
                 emit({"part": "inference", "method": f"ratio deepem3d {label} / MONAI "
                       f"(overlap {1 - theirs.stride / theirs.size:g})", "setting": name,
                       "throughput": round(monai_seconds / ours, 2)})
         del predictor, model
-    if part == "inference":
-        shipped_rate_row(args, device, image)
 
 
 def forward_flops(model, geometry: PatchGeometry, stats: Stats) -> float:
@@ -457,12 +483,15 @@ def determinism_rows(args, device: torch.device) -> None:
             cmd = [sys.executable, __file__, "--device", str(device), "--child", name,
                    *(["--quick"] if args.quick else [])]
             done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode:
-                results.append({"error": done.stderr.strip().splitlines()[-1][:160]})
+            if done.returncode:  # (a child killed for memory says nothing on stderr)
+                said = done.stderr.strip().splitlines()
+                results.append({"error": said[-1][:160] if said else f"exit {done.returncode}"})
             else:
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        hashes = [r.get("sha256") for r in results]
         emit({"part": "determinism", "setting": name, "processes": results,
-              "same_bytes_across_processes": len({r.get("sha256") for r in results}) == 1})
+              # failed children are no evidence of the same bytes
+              "same_bytes_across_processes": None not in hashes and len(set(hashes)) == 1})
 
 
 PARTS = {"forward": forward_rows, "inference": inference_rows, "training": training_rows,

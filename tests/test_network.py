@@ -243,6 +243,22 @@ def test_inference_form_computes_the_same_function(preset, head, sections):
     assert all(p.requires_grad for p in model.parameters())  # the model itself is untouched
 
 
+def test_the_inference_form_keeps_the_models_device_and_dtype():
+    """The form is made of a model already moved to its device (ModelPredictor): its first
+    two convolutions were made with torch's defaults, on the CPU in float32, so every form
+    forward on a GPU failed. Seen here through the dtype: a float64 model's form is float64
+    throughout and computes its function."""
+    from deepem3d.models.inference_form import inference_form
+
+    torch.manual_seed(0)
+    model = build_model("tiny", "boundary", 5).double().eval()
+    form = inference_form(model)
+    assert {p.dtype for p in form.parameters()} == {torch.float64}
+    x = torch.rand(1, 1, 5, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(form(x), model(x), rtol=0, atol=1e-12)
+
+
 def test_side_outputs_by_bands_equal_one_col2im_and_do_not_depend_on_the_bands(monkeypatch):
     """A side output on the CPU (matrix products over bands of rows, shifted adds) gives what
     one matrix product and col2im per dilation give (the path other devices, autocast and

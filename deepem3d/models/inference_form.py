@@ -84,12 +84,17 @@ class _SectionsAsChannels(nn.Module):
                 s = sz * k - pz + t
                 if 0 <= s < sections:
                     weight[:, k, s] = w1[:, 0, t]
-        self.first = nn.Conv2d(sections, c1 * depth, 3, stride=(sy, sx), padding=(py, px))
+        # on the trained convs' device and dtype (a model already moved to the GPU: default
+        # ones would sit on the CPU and every forward fail)
+        like = {"device": w1.device, "dtype": w1.dtype}
+        self.first = nn.Conv2d(sections, c1 * depth, 3, stride=(sy, sx), padding=(py, px),
+                               **like)
         self.first.weight.copy_((weight * scale1.reshape(-1, 1, 1, 1, 1)).reshape(
             c1 * depth, sections, 3, 3))
         self.first.bias.copy_((first.conv.bias * scale1 + shift1).repeat_interleave(depth))
         scale2, shift2 = _bn_affine(second.bn)
-        self.second = nn.Conv2d(c1 * depth, w2.shape[0], 3, padding=second.conv.padding[1:])
+        self.second = nn.Conv2d(c1 * depth, w2.shape[0], 3, padding=second.conv.padding[1:],
+                                **like)
         self.second.weight.copy_((w2 * scale2.reshape(-1, 1, 1, 1, 1)).reshape(
             w2.shape[0], c1 * depth, 3, 3))
         self.second.bias.copy_(second.conv.bias * scale2 + shift2)
