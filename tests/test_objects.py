@@ -164,6 +164,12 @@ def test_another_mip_and_back_forges_again(labels):
     assert run(0)[0] == ran == [1, 1]
     assert run(1) == (ran, first)
     assert CloudFiles(f"{labels}/mesh").get_json("info")["mip"] == 1
+    # a run at mip 0 stopped once its forge had started (and deleted the mip-1 files), then
+    # mip 1 again: the merge, recorded complete for mip 1, was skipped and no mesh was left
+    forge = mesh_stages(plan_meshes(labels, mip=0))[0]
+    forge.prepare()
+    forge.start()
+    assert run(1) == (ran, first)
 
 
 def test_products_deepem3d_did_not_make_are_refused_and_kept(labels, tmp_path, maps):
@@ -198,6 +204,11 @@ def test_products_deepem3d_did_not_make_are_refused_and_kept(labels, tmp_path, m
     assert [p.name for p in (output / "segmentation").iterdir()] == ["mesh"]
 
     files.delete(["mesh/7:0", "skeletons/7"])
+    # igneous's mesh/info alone, written as a first run's task creation started and was
+    # stopped before the run recorded itself: no product, and the run goes on
+    files.put_json("mesh/info", {"@type": "neuroglancer_legacy_mesh"})
+    assert cli_here("mesh", labels, "--dry-run").returncode == 0
+    files.delete("mesh/info")
     stored = files.get_json("info")
     files.put_json("info", {**stored, "mesh": "mesh_mip_0_err_40"})
     before = held()

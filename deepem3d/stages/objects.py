@@ -192,7 +192,10 @@ def check_products(layer_path: str, kind: str, info_key: str, directory: str,
         raise InputError(f"{layer_path}/info names {product} in {named}/ that deepem3d did "
                          f"not make, and this run would unname them: remove the info's "
                          f"\"{info_key}\" key first (their files are left as they are)")
-    held = next(iter(files.list(prefix=f"{directory}/")), None)
+    # igneous writes DIR/info as its task creation starts: a first run stopped before it
+    # recorded itself leaves that file alone, which is no product
+    held = next((k for k in files.list(prefix=f"{directory}/") if k != f"{directory}/info"),
+                None)
     if held is not None and not made_here(layer_path, kind, len(info.get("scales", []))):
         raise InputError(f"{layer_path}/{directory} holds files that no {kind} run of "
                          f"deepem3d made (none is recorded under {layer_path}/tasks), and "
@@ -243,10 +246,14 @@ class ObjectStages:
             check_products(self.layer_path, self.kind, self.info_key, self.directory,
                            self.product)
             merged = Markers(self.layer_path, f"{self.kind}-merge")
-            if merged.current_key() == merge_key and merged.is_complete():
+            if (merged.current_key() == merge_key and merged.is_complete()
+                    and forge.markers.current_key() == forge.key):
                 return
             set_info_name(self.layer_path, self.info_key, None)
             if forge.markers.current_key() != forge.key:
+                # the merge's record goes first: it would stand, complete, for files deleted
+                # here (a run of other settings stopped, then these settings again)
+                merged.reset()
                 files = CloudFiles(self.layer_path)
                 stale = list(files.list(prefix=f"{self.directory}/"))
                 if stale:
