@@ -44,6 +44,7 @@ from deepem3d.stages.blocks import check_bounds
 from deepem3d.stages.frame import Stage, digest, marked
 from deepem3d.storage.layers import cloudpath, open_layer
 from deepem3d.storage.paths import put_json_whole
+from deepem3d.storage.sharding import on_task_grid
 from deepem3d.units import format_bounds, format_triple
 
 # igneous is imported where it is used: importing it costs a worker ~0.3 s at start-up, and
@@ -228,10 +229,9 @@ def on_grid(region: Bbox, volume: Bbox, step: Sequence[int]) -> bool:
     """Whether boxes of `step` from the region's start, clipped to the volume, tile the
     region on the grid of `step` from the volume's start (its voxel offset): the region
     starts on that grid and ends on it or at the volume's end."""
-    lo, hi, start, end, step = (np.asarray(v, dtype=int) for v in (
-        region.minpt, region.maxpt, volume.minpt, volume.maxpt, step))
-    return bool(np.all((lo - start) % step == 0)
-                and np.all(((hi - start) % step == 0) | (hi == end)))
+    return all(on_task_grid(at, start, end, s)
+               for face in (region.minpt, region.maxpt)
+               for at, start, end, s in zip(face, volume.minpt, volume.maxpt, step))
 
 
 def grown(region: Bbox, volume: Bbox, step: Sequence[int]) -> Bbox:

@@ -99,6 +99,14 @@ def default_chunk(task_shape: Sequence[int]) -> tuple[int, int, int]:
     return tuple(int(t) >> k for t in task_shape)
 
 
+def on_task_grid(at: int, origin: int, end: int, step: int) -> bool:
+    """Whether a region's face at `at` (on one axis) lies on the grid of blocks of `step` from
+    `origin` (a layer's voxel offset), or at the layer's `end`: where blocks of `step` from
+    the region's start, clipped to the layer, tile the region (a step past the layer's size
+    leaves only the offset and the end)."""
+    return (int(at) - int(origin)) % int(step) == 0 or int(at) == int(end)
+
+
 def check_on_shards(region_lo: Sequence[int], offset: Sequence[int], size: Sequence[int],
                     task_shape: Sequence[int], region_hi: Sequence[int] | None = None) -> None:
     """The blocks start on the shard grid: where the region starts on an axis its blocks split,
@@ -109,10 +117,7 @@ def check_on_shards(region_lo: Sequence[int], offset: Sequence[int], size: Seque
     ends = [("starts", region_lo)] + ([("ends", region_hi)] if region_hi is not None else [])
     for word, region in ends:
         for axis, (at, o, s, t) in enumerate(zip(region, offset, size, task_shape)):
-            start = int(at) - int(o)
-            if word == "ends" and start == int(s):
-                continue
-            if start % int(t) if int(t) < int(s) else start:
+            if not on_task_grid(at, o, int(o) + int(s), t):
                 raise InputError(
                     f"--sharded: --bounds {word} at {int(at)} on {'xyz'[axis]}, off the shard "
                     f"grid (multiples of {int(t)} from the voxel offset {int(o)}): move "
