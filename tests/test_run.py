@@ -308,6 +308,26 @@ def test_a_run_over_the_sample_leaves_another_layer_at_its_place_alone(tmp_path)
     assert info["scales"][0]["size"] == [512, 512, 30]
 
 
+def test_a_run_over_the_sample_runs_again_and_names_the_layers_it_writes(tmp_path):
+    """A second run over `sample:isbi2012` (the demo's resume) was refused: the check before
+    the run compared the map's recorded image with the sample's temporary copy; a planning
+    error named that deleted copy instead of the run's image."""
+    output = tmp_path / "out"
+    pipeline = tmp_path / "sample.yaml"
+    pipeline.write_text(f"version: 1\noutput: {output}\nimage: sample:isbi2012\n"
+                        "products: [map]\ninference: {bounds: [0, 0, 0, 128, 128, 2]}\n")
+    run_cli("run", pipeline, "--parallel", "1", check=True)
+    assert "(0 run now)" in run_cli("run", pipeline, "--parallel", "1", check=True).stdout
+    run_cli("run", pipeline, "--dry-run", check=True)
+    fresh = tmp_path / "mip.yaml"
+    fresh.write_text(f"version: 1\noutput: {tmp_path / 'o'}\nimage: sample:isbi2012\n"
+                     "products: [map]\ninference: {mip: 5}\n")
+    for extra in (("--dry-run",), ("--parallel", "1")):
+        result = run_cli("run", fresh, *extra)
+        assert_one_line_error(result, f"{tmp_path / 'o'}/image", "mip 5")
+        assert "dry-run" not in result.stderr, result.stderr
+
+
 def test_a_sample_cut_short_is_written_again_and_layers_at_its_place_are_not_inputs(
         tmp_path, crop_layers):
     """A run stopped while it wrote the sample left a layer with some of its chunks, which
@@ -324,6 +344,7 @@ def test_a_sample_cut_short_is_written_again_and_layers_at_its_place_are_not_inp
     pipeline = tmp_path / "sample.yaml"
     pipeline.write_text(f"version: 1\noutput: {output}\nimage: sample:isbi2012\n"
                         "products: [map]\n")
+    assert sample_layers(load_pipeline(str(pipeline)), write=False)[1] is False
     sample_layers(load_pipeline(str(pipeline)), write=True)
     assert chunk.exists()
     pipeline.write_text(f"version: 1\noutput: {output}\nimage: sample:isbi2012\n"
@@ -354,12 +375,22 @@ def test_a_run_overwritten_with_other_segmentation_settings_keeps_its_map(
     replace = {"products: [map, segmentation, downsample, meshes]": "products: [map, "
                "segmentation]", "downsample:\n  layers: [segmentation]\nmeshes:\n  mip: 1\n": "",
                "task_shape: [64, 64, 2]": "task_shape: [64, 64, 2]\n  bounds: [0, 0, 0, 64, 64, 4]",
-               "  bounds: [0, 0, 6, 128, 128, 10]\n": ""}
+               "  bounds: [0, 0, 6, 128, 128, 10]\n": "", "segmentation:\n": "segmentation:\n"
+               "  sigma: 1\n"}
     first = run_cli("run", pipeline_file(tmp_path, crop_layers, output, **replace),
                     "--parallel", "1", check=True)
     assert "stage inference: 2 task(s) (2 run now)" in first.stdout, first.stdout
     chunks = {p: p.stat().st_mtime_ns for p in (output / "map").rglob("*-*_*-*_*-*")}
-    replace["segmentation:\n"] = "segmentation:\n  method: mean\n  threshold: 0.3\n"
+    replace["segmentation:\n"] = "segmentation:\n  method: mean\n  threshold: 0.3\n  sigma: 1\n"
+    # --dry-run counts the tasks the run will run: it planned the segmentation on a stand-in
+    # of the kept map and counted every task of every stage
+    dry = run_cli("run", pipeline_file(tmp_path, crop_layers, output, **replace),
+                  "--dry-run", "--overwrite", check=True).stdout
+    rows = {line.split()[0]: line.split()[1:3] for line in dry.splitlines()
+            if line.split() and line.split()[0] in ("inference", "supervoxels", "remap")}
+    assert rows["inference"] == ["2", "0"] and rows["supervoxels"] == ["1", "0"], dry
+    assert rows["remap"][0] == rows["remap"][1] != "0", dry
+    assert "reusing" in dry and "computing every stage" not in dry, dry
     second = run_cli("run", pipeline_file(tmp_path, crop_layers, output, **replace),
                      "--parallel", "1", "--overwrite", check=True)
     assert "stage inference: 2 task(s) (0 run now)" in second.stdout, second.stdout

@@ -67,9 +67,11 @@ def _bbox(values) -> Bbox | None:
     return None if values is None else Bbox(values[:3], values[3:])
 
 
-def sample_layers(p: Pipeline, *, write: bool, overwrite: bool = False) -> dict[str, str]:
-    """The embedded sample's layers under the output root (written once; kept after). A layer
-    there that `deepem3d sample` did not write is replaced only with `overwrite`."""
+def sample_layers(p: Pipeline, *, write: bool,
+                  overwrite: bool = False) -> tuple[dict[str, str], bool]:
+    """The embedded sample's layers under the output root (written once; kept after), and
+    whether they are there whole. A layer there that `deepem3d sample` did not write is
+    replaced only with `overwrite`."""
     from deepem3d.sample import write_sample
     from deepem3d.storage.layers import layer_holds_data, layer_processing, layer_writer
 
@@ -82,9 +84,10 @@ def sample_layers(p: Pipeline, *, write: bool, overwrite: bool = False) -> dict[
                          "where this run puts the sample: pass --overwrite to replace it, or "
                          "give another output")
     # a run stopped while it wrote the sample left a layer with some of its chunks
-    if write and (foreign or not all(_every_chunk_written(path) for path in paths.values())):
+    whole = not foreign and all(_every_chunk_written(path) for path in paths.values())
+    if write and not whole:
         write_sample(p.output, overwrite=True, progress=False)
-    return paths
+    return paths, whole or write
 
 
 def _every_chunk_written(path: str) -> bool:
@@ -130,6 +133,8 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
         for product in ("meshes", "skeletons"):
             if product in p.products:
                 planner.objects(product)
+    except InputError as err:
+        raise planner.named(err) from None
     finally:
         planner.clean_up()
     return planner.plan
@@ -142,8 +147,9 @@ class _RunPlanner:
     def __init__(self, p: Pipeline, overwrite: set[str], dry_run: bool) -> None:
         self.p, self.overwrite, self.dry_run = p, overwrite, dry_run
         self.plan = RunPlan(p, [], {}, {})
-        self.image = p.image  # what the planners read: in a dry run, the sample's copy
-        self.temporary: dict[str, str] = {}  # the sample's temporary copy (dry run)
+        self.image = p.image  # what the planners read: in a dry run, maybe the sample's copy
+        #: the sample's temporary copy (a dry run before the sample is written whole)
+        self.temporary: dict[str, str] = {}
         self._scratch = None
         self.map_path = p.map
         self.map_ready = True
@@ -165,6 +171,15 @@ class _RunPlanner:
         if self._scratch is not None:
             self._scratch.cleanup()
 
+    def named(self, err: InputError) -> InputError:
+        """The error with the sample's temporary copy named as the layers the run writes."""
+        message = str(err)
+        for name, copy in self.temporary.items():
+            real = self.plan.layers.get(name, self.p.layer(name))
+            message = message.replace(copy, real).replace(copy.removeprefix("file://"),
+                                                          real.removeprefix("file://"))
+        return err if message == str(err) else InputError(message)
+
     def add(self, stage: Stage, section: str) -> None:
         queue = self.p.route(section, stage.memory_bytes)
         if queue.max_memory is not None and stage.memory_bytes > queue.max_memory:
@@ -180,15 +195,15 @@ class _RunPlanner:
         """The layers the run reads: the sample's written (or, dry, copied to scratch)."""
         p, layers = self.p, self.plan.layers
         if SAMPLE in (p.image, p.ground_truth):
-            if self.dry_run:
+            written, whole = sample_layers(p, write=not self.dry_run,
+                                           overwrite="inference" in self.overwrite)
+            if not whole:  # a dry run reads a copy: the run will write the sample first
                 from deepem3d.sample import write_sample
 
                 self.temporary = write_sample(f"{self.scratch_dir()}/sample", progress=False)
-            written = sample_layers(p, write=not self.dry_run,
-                                    overwrite="inference" in self.overwrite)
             if p.image == SAMPLE:
                 layers["image"] = written["image"]
-                self.image = self.temporary["image"] if self.dry_run else written["image"]
+                self.image = self.temporary.get("image", written["image"])
             if p.ground_truth == SAMPLE:
                 layers["ground_truth"] = written["ground_truth"]
         else:
@@ -227,7 +242,7 @@ class _RunPlanner:
             )
         except InputError as err:
             raise _in_key(p.source, "inference", err) from None
-        if self.dry_run:  # the plan was read from the sample's temporary copy
+        if self.temporary:  # the plan was read from the sample's temporary copy
             iplan.image_path = plan.layers["image"]
         plan.warnings += iplan.warnings
         plan.lines.append(iplan.describe())
@@ -236,7 +251,8 @@ class _RunPlanner:
         self.iplan, self.inference_key = iplan, stage.key
         self.written["map"] = iplan.bounds
         self.map_path = plan.layers["map"] = p.layer("map")
-        self.map_ready = stage.is_complete() and "inference" not in self.overwrite
+        # a map kept (its settings unchanged, even under --overwrite) that is complete
+        self.map_ready = iplan.output_exists and stage.is_complete()
         if self.dry_run and not self.map_ready:
             self.map_path = _stand_in(self.scratch_dir(), "map", iplan)
 
@@ -250,9 +266,10 @@ class _RunPlanner:
         else:
             vol = open_layer(self.map_path)
             map_bounds, map_resolution = vol.bounds, tuple(float(r) for r in vol.resolution)
-        check_scoring(self.p, self.temporary["ground_truth"]
-                      if self.dry_run and self.p.ground_truth == SAMPLE
-                      else self.plan.layers["ground_truth"], map_bounds, map_resolution)
+        ground_truth = self.plan.layers["ground_truth"]
+        if self.p.ground_truth == SAMPLE:
+            ground_truth = self.temporary.get("ground_truth", ground_truth)
+        check_scoring(self.p, ground_truth, map_bounds, map_resolution)
 
     def segmentation(self) -> None:
         from deepem3d.stages.segment_costs import DEFAULT_EDGES_PER_VOXEL
@@ -459,15 +476,17 @@ def _stand_in(folder: str, name: str, plan) -> str:
 
 
 def describe_costs(plan: RunPlan) -> list[str]:
-    """--dry-run's table: per stage, tasks, largest task memory, hours and output bytes."""
-    rows = [f"{'stage':<24}{'tasks':>8}{'largest task':>14}{'hours':>10}  {'on':<5}"
-            f"{'output':>12}  queue"]
+    """--dry-run's table: per stage, its tasks and those still to run (a resumed run's done
+    ones left out), the largest task's memory, the hours of those to run and output bytes."""
+    rows = [f"{'stage':<24}{'tasks':>8}{'to run':>8}{'largest task':>14}{'hours':>10}  "
+            f"{'on':<5}{'output':>12}  queue"]
     for stage in plan.stages:
-        hours = stage.task_count * stage.seconds_per_task / 3600
+        to_run = stage.tasks_to_run()
+        hours = to_run * stage.seconds_per_task / 3600
         unit = "GPU" if stage.hardware == "gpu" else "core"
-        rows.append(f"{stage.label:<24}{stage.task_count:>8}{format_bytes(stage.memory_bytes):>14}"
-                    f"{hours:>10.3g}  {unit:<5}{format_bytes(stage.output_bytes):>12}  "
-                    f"{plan.routes[stage.label]}")
+        rows.append(f"{stage.label:<24}{stage.task_count:>8}{to_run:>8}"
+                    f"{format_bytes(stage.memory_bytes):>14}{hours:>10.3g}  {unit:<5}"
+                    f"{format_bytes(stage.output_bytes):>12}  {plan.routes[stage.label]}")
     return rows
 
 

@@ -421,6 +421,8 @@ class Stage:
     note: str | None = None
     #: the label runners and reports use (several stages may share a name on different layers)
     label: str = ""
+    #: its prepare deletes its markers whatever its key (a segmentation redone by --overwrite)
+    starts_over: bool = False
     markers: Markers = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -446,3 +448,10 @@ class Stage:
 
     def is_complete(self) -> bool:
         return self.markers.current_key() == self.key and not self.markers.remaining()
+
+    def tasks_to_run(self) -> int:
+        """How many of its tasks a run would run now (--dry-run's count): those without a
+        marker when its markers are this run's and kept, else all."""
+        if self.starts_over or self.markers.current_key() != self.key:
+            return self.task_count
+        return len(self.markers.remaining())

@@ -752,6 +752,8 @@ def segment_stages(plan: SegmentPlan, *, needs: tuple[str, ...] = ()) -> list[St
             needs=tuple(previous), note=note, seconds_per_task=plan.stage_seconds(name),
             output_bytes=(plan.segmentation_bytes if name == "remap" else 0),
             finish=partial(clean_intermediates, plan),
+            starts_over=(plan.reset_chunk_stages if is_chunk_stage(name)
+                         else plan.reset_tuning_stages),
         )
         stages.append(stage)
         previous = (name,)
