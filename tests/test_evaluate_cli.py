@@ -151,6 +151,35 @@ def test_mip_level(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert result["voxels"] == seg[::2, ::2].size
 
 
+def test_gt_at_one_of_segs_mips_is_compared_at_that_resolution(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """GT labelled at 8,8,40 nm against SEG with a mip at 8,8,40: --mip names SEG's mip and GT
+    is read at its mip of the same resolution (the same --mip index for both could never
+    work: GT has no mip 1); without --mip, the finest resolution GT has."""
+    seg, gt = labels()
+    seg_path = make_layer(tmp_path / "seg", seg)
+    vol = CloudVolume("file://" + seg_path, progress=False)
+    vol.add_scale((2, 2, 1), chunk_size=CHUNK)
+    vol.commit_info()
+    CloudVolume("file://" + seg_path, mip=1, progress=False)[:, :, :] = seg[::2, ::2]
+    offset = (OFFSET[0] // 2, OFFSET[1] // 2, OFFSET[2])
+    gt_path = make_layer(tmp_path / "gt8", gt[::2, ::2], resolution=(8, 8, 40), offset=offset)
+    expected = evaluate(seg[::2, ::2], gt[::2, ::2])
+    for flags in ([], ["--mip", "1"]):
+        code, out, err = run(["evaluate", seg_path, gt_path, "--json", *flags], capsys)
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["voi"] == pytest.approx(expected["voi"], rel=1e-12)
+        assert (result["mip"], result["gt_mip"], result["resolution"]) == (1, 0, [8, 8, 40])
+    code, _, err = run(["evaluate", seg_path, gt_path, "--mip", "0"], capsys)
+    assert_one_line_stderr(code, err, "GT has no mip at SEG's mip 0 (4,4,40 nm)", "--mip 1")
+    # the other way round: the 8 nm layer as SEG, GT's mip 1 is read
+    code, out, err = run(["evaluate", gt_path, seg_path, "--json"], capsys)
+    assert code == 0, err
+    assert (json.loads(out)["mip"], json.loads(out)["gt_mip"]) == (0, 1)
+
+
 def test_python_dash_m_end_to_end(layers: dict) -> None:
     proc = run_cli("evaluate", layers["seg"], layers["gt"], "--json", check=True)
     result = json.loads(proc.stdout)
@@ -186,7 +215,8 @@ def test_bounds_outside_the_volume(layers: dict, capsys: pytest.CaptureFixture) 
 def test_resolution_mismatch(layers: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     other = make_layer(tmp_path / "coarse", layers["gt_array"], resolution=(8, 8, 40))
     code, _, err = run(["evaluate", layers["seg"], other], capsys)
-    assert_one_line_stderr(code, err, "resolution", "--mip")
+    assert_one_line_stderr(code, err, "GT has no mip at any of SEG's resolutions (4,4,40 nm)",
+                           "8,8,40", "deepem3d downsample")
 
 
 def test_missing_mip(layers: dict, capsys: pytest.CaptureFixture) -> None:

@@ -140,6 +140,33 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
                           "--write", "no such pipeline file")
 
 
+def test_gt_is_read_at_its_mip_of_the_segmentations_resolution(finished, tmp_path):
+    """Tune scores the run's own voxels: GT with a mip at the segmentation's resolution is
+    read there; GT without one is refused with a fix the user can follow (tune has no --mip,
+    so evaluate's "compare them at a --mip" would not be one)."""
+    from cloudvolume import CloudVolume
+
+    labels = finished["labels"].astype(np.uint64)
+    fine = f"file://{tmp_path / 'gt2'}"
+    vol = create_layer(fine, layer_type="segmentation", dtype="uint64", resolution=(2, 2, 40),
+                       size=(2 * SHAPE[0], 2 * SHAPE[1], SHAPE[2]), chunk_size=CHUNK)
+    vol[:, :, :] = labels.repeat(2, axis=0).repeat(2, axis=1)
+    vol.add_scale((2, 2, 1), chunk_size=CHUNK)
+    vol.commit_info()
+    CloudVolume(fine, mip=1, progress=False)[:, :, :] = labels
+    read_labels, box = read_ground_truth(fine, finished["seg"], None)
+    np.testing.assert_array_equal(read_labels, labels)
+    assert [*box.minpt, *box.maxpt] == [0, 0, 0, *SHAPE]
+    coarse = f"file://{tmp_path / 'gt8'}"
+    create_layer(coarse, layer_type="segmentation", dtype="uint64", resolution=(8, 8, 40),
+                 size=(SHAPE[0] // 2, SHAPE[1] // 2, SHAPE[2]),
+                 chunk_size=CHUNK)[:, :, :] = labels[::2, ::2]
+    assert_one_line_error(cli_here("tune", finished["seg"], coarse),
+                          "GT has no mip at SEG's mip 0 (4,4,40 nm)",
+                          "tune scores the segmentation's own 4,4,40 nm voxels: give GT at "
+                          "4,4,40 nm")
+
+
 def test_sigmas_rows_score_what_the_run_gives_on_a_labelled_part(finished):
     """--sigmas on a labelled part of the run's region: the map over the whole region is
     segmented, so the row at the run's own sigma and setting scores the layer as written,

@@ -39,10 +39,10 @@ from deepem3d.segmentation.supervoxels import relabel
 from deepem3d.stages.blocks import parse_block_id
 from deepem3d.stages.frame import Markers
 from deepem3d.stages.workdir import WORK, get_table, work_files
-from deepem3d.storage.labels import check_same_resolution, open_labels, scored_region
+from deepem3d.storage.labels import compare_at, open_labels, scored_region
 from deepem3d.storage.layers import cloudpath, layer_processing, open_layer
 from deepem3d.storage.npz import get_npz
-from deepem3d.units import format_bounds, format_bytes
+from deepem3d.units import format_bounds, format_bytes, format_triple
 
 #: thresholds tried by default: around the shipped models' settings (mean 0.55; watershed h
 #: 0.1 and DeepEM3D's 0.19), wide enough that a fine-tuned model's best on its own data lay
@@ -320,13 +320,17 @@ def check_sweep_memory(seg_path: str, own: dict, box: Bbox, settings: Sequence[S
 def read_ground_truth(gt_path: str, seg_path: str, bounds: Bbox | None,
                       warn: Callable[[str], None] | None = None) -> tuple[np.ndarray, Bbox]:
     """GT over `bounds` (default: all of GT) as x,y,z uint64, with evaluate's checks (one
-    channel of integer ids, the segmentation's resolution, inside both layers) and holding
-    labelled voxels."""
+    channel of integer ids, read at its mip of the segmentation's resolution, inside both
+    layers) and holding labelled voxels. Tuning scores the run's own voxels (its mip 0: the
+    kept supervoxels'), so unlike evaluate there is no --mip to name."""
     seg = open_labels(seg_path, "SEG", warn=warn)
     gt = open_labels(gt_path, "GT", fill_missing=True, warn=warn)
-    check_same_resolution(seg, gt, 0)
+    res = format_triple(seg.resolution)
+    compare_at(seg, gt, 0, fix=f"tune scores the segmentation's own {res} nm voxels: give GT "
+               f"at {res} nm (`deepem3d downsample` adds that mip to a finer GT), or tune a "
+               "segmentation made at GT's resolution")
     region = None if bounds is None else (tuple(bounds.minpt), tuple(bounds.maxpt))
-    bounds = scored_region(region, seg, gt, 0)
+    bounds = scored_region(region, seg, gt)
     labels = np.asarray(gt[bounds])[..., 0].astype(np.uint64)
     if not labels.any():
         raise InputError(f"GT is 0 everywhere in {format_bounds(bounds)}: nothing to tune on; pick "

@@ -45,24 +45,47 @@ def open_labels(path: str, name: str, mip: int = 0, fill_missing: bool = False,
     return vol
 
 
-def check_same_resolution(seg_vol: CloudVolume, gt_vol: CloudVolume, mip: int) -> None:
-    if not np.array_equal(np.asarray(seg_vol.resolution), np.asarray(gt_vol.resolution)):
-        raise InputError(
-            f"SEG and GT differ in resolution at mip {mip}: {format_triple(seg_vol.resolution)}"
-            f" and {format_triple(gt_vol.resolution)} nm; compare them at a --mip where they "
-            "agree"
-        )
+def compare_at(seg_vol: CloudVolume, gt_vol: CloudVolume, mip: int | None = None,
+               fix: str | None = None) -> int:
+    """The one rule for the voxels a score compares (evaluate's and tune's): SEG at `mip`
+    (None: SEG's finest mip whose resolution GT has too), GT at its mip of that same
+    resolution, so that GT labelled at one of SEG's downsampled resolutions is scored there.
+    Sets both layers' mip and returns SEG's. An InputError when there is no such pair, ending
+    in `fix` (default: evaluate's, which names the --mip values that would do)."""
+    seg_res = {m: _resolution(seg_vol, m) for m in sorted(seg_vol.available_mips)}
+    gt_mips: dict[tuple[float, ...], int] = {}
+    for m in sorted(gt_vol.available_mips):
+        gt_mips.setdefault(_resolution(gt_vol, m), m)
+    for m in [mip] if mip is not None else list(seg_res):
+        if seg_res[m] in gt_mips:
+            seg_vol.mip, gt_vol.mip = m, gt_mips[seg_res[m]]
+            return m
+    shared = [m for m, r in seg_res.items() if r in gt_mips]
+    if fix is None:
+        fix = (f"pass --mip {shared[0]} (SEG's {format_triple(seg_res[shared[0]])} nm)"
+               if shared else "give the layers a resolution in common (`deepem3d downsample` "
+               "adds mips to the finer one)")
+    gt_has = ", ".join(format_triple(r) for r in gt_mips)
+    what = (f"SEG's mip {mip} ({format_triple(seg_res[mip])} nm)" if mip is not None else
+            f"any of SEG's resolutions ({', '.join(format_triple(r) for r in seg_res.values())}"
+            " nm)")
+    raise InputError(f"GT has no mip at {what}: GT's voxels are {gt_has} nm; {fix}")
 
 
-def scored_region(region: Region | None, seg_vol: CloudVolume, gt_vol: CloudVolume,
-                  mip: int) -> Bbox:
-    """The region to score: `region` (--bounds), or all of GT; it must lie inside both."""
+def _resolution(vol: CloudVolume, mip: int) -> tuple[float, ...]:
+    return tuple(float(r) for r in vol.meta.resolution(mip))
+
+
+def scored_region(region: Region | None, seg_vol: CloudVolume, gt_vol: CloudVolume) -> Bbox:
+    """The region to score, in voxels of the resolution `compare_at` chose: `region`
+    (--bounds), or all of GT; it must lie inside both."""
+    at = f"at {format_triple(seg_vol.resolution)} nm"
     if region is None:
         bbox = gt_vol.bounds.clone()
         if not seg_vol.bounds.contains_bbox(bbox):
             raise InputError(
                 f"GT's bounds {format_bounds(bbox)} are not inside SEG's bounds "
-                f"{format_bounds(seg_vol.bounds)} at mip {mip}: pass --bounds "
+                f"{format_bounds(seg_vol.bounds)} {at}: pass --bounds "
                 "x0,y0,z0,x1,y1,z1 inside both"
             )
         return bbox
@@ -71,7 +94,6 @@ def scored_region(region: Region | None, seg_vol: CloudVolume, gt_vol: CloudVolu
         if not vol.bounds.contains_bbox(bbox):
             raise InputError(
                 f"--bounds {format_bounds(bbox)} reach outside {name}'s bounds "
-                f"{format_bounds(vol.bounds)} at mip {mip}: pass bounds inside both layers"
+                f"{format_bounds(vol.bounds)} {at}: pass bounds inside both layers"
             )
     return bbox
-
