@@ -167,6 +167,23 @@ def test_gt_is_read_at_its_mip_of_the_segmentations_resolution(finished, tmp_pat
                           "4,4,40 nm")
 
 
+def test_negative_ids_in_gt_are_refused_as_evaluate_refuses_them(finished, tmp_path):
+    """A signed GT's -1 read as uint64 would be scored as an object: refused in one line, by
+    the check evaluate makes."""
+    from cloudvolume import CloudVolume
+
+    info = CloudVolume.create_new_info(1, "segmentation", "int32", "raw", [4, 4, 40],
+                                       [0, 0, 0], list(SHAPE), chunk_size=list(CHUNK))
+    vol = CloudVolume(f"file://{tmp_path / 'signed'}", info=info, progress=False)
+    vol.commit_info()
+    signed = finished["labels"].astype(np.int32)
+    signed[3, 4, 5] = -1
+    vol[:, :, :] = signed
+    for command in ("tune", "evaluate"):
+        assert_one_line_error(cli_here(command, finished["seg"], vol.cloudpath),
+                              f"GT {vol.cloudpath} holds negative ids (min -1")
+
+
 def test_sigmas_rows_score_what_the_run_gives_on_a_labelled_part(finished):
     """--sigmas on a labelled part of the run's region: the map over the whole region is
     segmented, so the row at the run's own sigma and setting scores the layer as written,

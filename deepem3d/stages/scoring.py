@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from deepem3d.errors import InputError
 from deepem3d.segmentation.metrics import Contingency, accumulate, contingency, scores
+from deepem3d.storage.labels import check_ids
 from deepem3d.storage.layers import read_block
 from deepem3d.units import format_bounds
 
@@ -113,7 +114,4 @@ def read_table(seg_vol: CloudVolume, gt_vol: CloudVolume, blocks: list[Bbox],
 
 def _download(vol: CloudVolume, name: str, block: Bbox, missing_hint: str) -> np.ndarray:
     ids = read_block(vol, block.minpt, block.maxpt, missing_hint, what=name)[..., 0]
-    if ids.dtype.kind == "i" and ids.size and ids.min() < 0:  # a signed layer's
-        raise InputError(f"{name} {vol.cloudpath} holds negative ids (min {ids.min()} in "
-                         f"{block.minpt.tolist()}..{block.maxpt.tolist()}): ids are >= 0")
-    return ids
+    return check_ids(ids, name, vol, block)

@@ -39,7 +39,7 @@ from deepem3d.segmentation.supervoxels import relabel
 from deepem3d.stages.blocks import parse_block_id
 from deepem3d.stages.frame import Markers
 from deepem3d.stages.workdir import WORK, get_table, work_files
-from deepem3d.storage.labels import compare_at, open_labels, scored_region
+from deepem3d.storage.labels import check_ids, compare_at, open_labels, scored_region
 from deepem3d.storage.layers import cloudpath, layer_processing, open_layer
 from deepem3d.storage.npz import get_npz
 from deepem3d.units import format_bounds, format_bytes, format_triple
@@ -331,7 +331,7 @@ def read_ground_truth(gt_path: str, seg_path: str, bounds: Bbox | None,
                "segmentation made at GT's resolution")
     region = None if bounds is None else (tuple(bounds.minpt), tuple(bounds.maxpt))
     bounds = scored_region(region, seg, gt)
-    labels = np.asarray(gt[bounds])[..., 0].astype(np.uint64)
+    labels = check_ids(np.asarray(gt[bounds])[..., 0], "GT", gt, bounds).astype(np.uint64)
     if not labels.any():
         raise InputError(f"GT is 0 everywhere in {format_bounds(bounds)}: nothing to tune on; pick "
                          "--bounds that hold labelled voxels")

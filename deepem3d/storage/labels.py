@@ -45,6 +45,16 @@ def open_labels(path: str, name: str, mip: int = 0, fill_missing: bool = False,
     return vol
 
 
+def check_ids(ids: np.ndarray, name: str, vol: CloudVolume, box: Bbox) -> np.ndarray:
+    """`ids` as read from `vol` over `box`, refused in one line when a signed layer's hold a
+    negative id (as uint64, -1 would be scored as an object): evaluate's blocks and tune's
+    ground truth are checked here alike."""
+    if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
+        raise InputError(f"{name} {vol.cloudpath} holds negative ids (min {ids.min()} in "
+                         f"{box.minpt.tolist()}..{box.maxpt.tolist()}): ids are >= 0")
+    return ids
+
+
 def compare_at(seg_vol: CloudVolume, gt_vol: CloudVolume, mip: int | None = None,
                fix: str | None = None) -> int:
     """The one rule for the voxels a score compares (evaluate's and tune's): SEG at `mip`
