@@ -184,6 +184,25 @@ def test_negative_ids_in_gt_are_refused_as_evaluate_refuses_them(finished, tmp_p
                               f"GT {vol.cloudpath} holds negative ids (min -1")
 
 
+def test_sigmas_with_a_map_that_no_longer_covers_the_run_is_one_line(finished, maps, tmp_path):
+    """--sigmas reads the run's recorded map over the region it segmented: a map made again,
+    smaller, at that path is named in one line (it was an OutOfBoundsError traceback)."""
+    import shutil
+
+    copy = tmp_path / "seg"
+    shutil.copytree(finished["seg"][len("file://"):], copy)
+    small = f"file://{tmp_path / 'map'}"
+    array = maps["affinity"][1][: SHAPE[0] // 2]
+    create_layer(small, layer_type="image", dtype="uint8", resolution=(4, 4, 40),
+                 size=array.shape[:3], chunk_size=CHUNK, num_channels=3)[:, :, :] = array
+    provenance = json.loads((copy / "provenance").read_text())
+    provenance["processing"][-1]["method"]["map"] = small
+    (copy / "provenance").write_text(json.dumps(provenance))
+    assert_one_line_error(cli_here("tune", f"file://{copy}", finished["gt"], "--sigmas", "1"),
+                          f"the run's map {small} spans 0,0,0,48,80,10", "no longer the region "
+                          "the run segmented (0,0,0,96,80,10)", "tune without --sigmas")
+
+
 def test_sigmas_rows_score_what_the_run_gives_on_a_labelled_part(finished):
     """--sigmas on a labelled part of the run's region: the map over the whole region is
     segmented, so the row at the run's own sigma and setting scores the layer as written,

@@ -260,15 +260,26 @@ def tune_sigmas(seg_path: str, own: dict, box: Bbox, gt: np.ndarray,
     """Score each setting at each sigma on `box`: the map over the whole region the run
     (whose `segment_settings` are `own`) segmented is segmented in memory
     (`pipeline.segment_each`: supervoxels and graph once per sigma), so each row scores what
-    the run would write with that setting and sigma."""
-    from deepem3d.segmentation.pipeline import segment_each
-
+    the run would write with that setting and sigma. The map is read (and checked) here, before
+    the first row is asked for."""
     region = segmented_region(seg_path, own, box)
     vol = open_layer(own["map"], mip=int(own.get("mip", 0)))  # the run's map, gone: one line
+    if not vol.bounds.contains_bbox(region):  # made again, smaller, at the same path
+        raise InputError(f"the run's map {vol.cloudpath} spans {format_bounds(vol.bounds)} at "
+                         f"mip {vol.mip}, no longer the region the run segmented "
+                         f"({format_bounds(region)}): segment the map again before tuning "
+                         "--sigmas, or tune without --sigmas")
     values = np.asarray(vol[region.to_slices()])
     values = values[..., 0] if values.shape[3] == 1 else values
     labelled = tuple(slice(int(a - o), int(b - o))
                      for a, b, o in zip(box.minpt, box.maxpt, region.minpt))
+    return _sweep(values, own, labelled, gt, settings, sigmas)
+
+
+def _sweep(values: np.ndarray, own: dict, labelled: tuple[slice, ...], gt: np.ndarray,
+           settings: Sequence[Setting], sigmas: Sequence[float]) -> Iterator[Row]:
+    from deepem3d.segmentation.pipeline import segment_each
+
     groups = _groups(settings)
     for sigma in sigmas:
         results = segment_each(values, [(m, t, d) for (m, d), t in groups.items()],
