@@ -168,6 +168,24 @@ def test_a_damaged_info_through_the_commands(tmp_path):
     assert_one_line_error(run_cli("downsample", path, "--dry-run"), "cannot read", "/info")
 
 
+@pytest.mark.parametrize("text,words", [
+    ('{"processing": "x"}', "its 'processing' is \"x\", not a list of objects"),
+    ('{"sources": [1]}', "its 'sources' is [1], not a list of distinct strings"),
+    ("[]", "it is not a JSON object"),
+    ("not json {", "it is not JSON"),
+])
+def test_a_damaged_provenance_is_one_line_naming_it(tmp_path, text, words):
+    """CloudVolume reads the provenance file as it opens a layer: one it refuses was a
+    python_jsonschema_objects traceback, or (not JSON) an error blaming the sound info."""
+    path = tmp_path / "layer"
+    make_layer(path)
+    (path / "provenance").write_text(text)
+    for command in ("evaluate", "tune"):
+        assert_one_line_error(cli_here(command, path, path),
+                              f"file://{path}/provenance is not a provenance file CloudVolume "
+                              f"can read: {words}")
+
+
 @pytest.mark.parametrize("args,words", [
     (("segment", "map", "out", "--method", "mean", "--threshold", "0.5", "--dust-size",
       str(2**64), "--dry-run"), ["--dust-size", "0<=x<=9223372036854775807"]),

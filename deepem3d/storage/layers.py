@@ -20,6 +20,7 @@ import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 from cloudvolume.exceptions import InfoUnavailableError, ScaleUnavailableError
+from python_jsonschema_objects.validators import ValidationError  # (cloudvolume's provenance)
 
 import deepem3d
 from deepem3d.errors import InputError
@@ -90,10 +91,14 @@ def open_layer(path: str, mip: int = 0, **kwargs: Any) -> CloudVolume:
         raise InputError(f"cannot open {path} at mip {mip}: {err}") from None
     except IsADirectoryError as err:  # (a file in the way, no permission: cli.main's words)
         raise InputError(f"cannot read {path}/info: {err}") from None
-    except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError,
-            OverflowError) as err:  # an info CloudVolume cannot read
+    except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError, OverflowError,
+            ValidationError) as err:  # an info, or a provenance, CloudVolume cannot read
         info = _stored_info(path)
         problem = info_problem(info) if isinstance(info, dict) else "not a JSON object"
+        damaged = None if problem else provenance_problem(path)  # read after the info
+        if damaged:
+            raise InputError(f"{path}/provenance is not a provenance file CloudVolume can "
+                             f"read: {damaged}; correct it, or remove the file") from None
         raise InputError(f"{path}/info is not a precomputed info CloudVolume can read: "
                          f"{problem or f'{type(err).__name__}: {err}'}") from None
     problem = info_problem(vol.meta.info)
@@ -172,6 +177,46 @@ def _stored_info(path: str) -> object:
         return CloudFiles(path).get_json("info")
     except Exception:  # noqa: BLE001 - only for a message: the caller refuses the layer anyway
         return None
+
+
+#: what each key of a layer's provenance file holds (CloudVolume's schema, cloudvolume.provenance)
+PROVENANCE_KEYS = {"description": "a string", "sources": "a list of distinct strings",
+                   "processing": "a list of objects", "owners": "a list of distinct strings"}
+
+
+def provenance_problem(path: str) -> str | None:
+    """What makes the layer's provenance file one CloudVolume refuses to open the layer with,
+    in a few words; None when it has none, or CloudVolume reads it."""
+    import json
+
+    import json5
+    from cloudvolume.provenance import DataLayerProvenance
+
+    try:
+        raw = CloudFiles(path).get("provenance")
+        if not raw:
+            return None
+        text = raw.decode("utf-8")
+    except Exception:  # noqa: BLE001 - only for a message: the caller refuses the layer anyway
+        return "it cannot be read as text"
+    try:
+        provenance = json.loads(text)
+    except ValueError:
+        try:
+            provenance = json5.loads(text)  # as CloudVolume falls back to
+        except ValueError:
+            return "it is not JSON"
+    if not isinstance(provenance, dict):
+        return "it is not a JSON object"
+    for key, value in provenance.items():
+        try:
+            DataLayerProvenance(**{key: value}).validate()
+        except Exception:  # noqa: BLE001 - the schema's errors, for a message
+            what = PROVENANCE_KEYS.get(key, "what the provenance schema allows")
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            return f"its {key!r} is {shown}, not {what}"
+    return None
 
 
 #: gzip level of the chunks `write_block` writes: zlib's default. CloudVolume's own upload
