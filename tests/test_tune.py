@@ -203,6 +203,33 @@ def test_sigmas_with_a_map_that_no_longer_covers_the_run_is_one_line(finished, m
                           "the run segmented (0,0,0,96,80,10)", "tune without --sigmas")
 
 
+def test_the_readme_gives_the_sigma_sweeps_memory_model_the_code_uses():
+    """The README's bytes per voxel for --sigmas are check_sweep_memory's constants (it said
+    190, the figure before NODE_BYTES_PER_EDGE went from 400/270 to 360/190)."""
+    import re
+
+    from deepem3d.stages.segment_costs import (
+        BYTES_PER_VOXEL,
+        NODE_BYTES_PER_EDGE,
+        NOISY_EDGES_PER_VOXEL,
+    )
+    from tests.conftest import ROOT
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    found = re.search(r"more than `--max-memory`, at (\d+) bytes per voxel \(a block task's "
+                      r"(\d+), and a noisy map's region graph: ([\d.]+) edges per voxel at the "
+                      r"mean agglomeration's (\d+) bytes per edge\)", text)
+    assert found, "the README's --sigmas memory sentence changed: update this test"
+    total, block, edges, per_edge = found.groups()
+    assert (int(block), float(edges), int(per_edge)) == (
+        BYTES_PER_VOXEL, NOISY_EDGES_PER_VOXEL, NODE_BYTES_PER_EDGE["mean"])
+    assert int(total) == BYTES_PER_VOXEL + NOISY_EDGES_PER_VOXEL * NODE_BYTES_PER_EDGE["mean"]
+    # and the sizing section's node figures, which had kept 400 and 270 too
+    found = re.search(r"at about (\d+) bytes per edge for mean and (\d+) for watershed", text)
+    assert found and tuple(map(int, found.groups())) == (NODE_BYTES_PER_EDGE["mean"],
+                                                         NODE_BYTES_PER_EDGE["watershed"])
+
+
 def test_sigmas_rows_score_what_the_run_gives_on_a_labelled_part(finished):
     """--sigmas on a labelled part of the run's region: the map over the whole region is
     segmented, so the row at the run's own sigma and setting scores the layer as written,
