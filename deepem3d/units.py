@@ -62,3 +62,11 @@ def format_bounds(box: _Box) -> str:
 def format_triple(values: Iterable[float]) -> str:
     """Three numbers (a resolution) as "4,4,40"."""
     return ",".join(f"{float(v):g}" for v in values)
+
+
+def format_number(value: float) -> str:
+    """A number as the shortest text that reads back as the same float (Python's repr), whole
+    ones without ".0": 0.4444444, 0.5, 4. For flags that must reproduce a setting exactly
+    (`:g` keeps 6 digits: 0.4444444 would print as 0.444444)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() else repr(value)

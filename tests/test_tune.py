@@ -230,6 +230,24 @@ def test_the_readme_gives_the_sigma_sweeps_memory_model_the_code_uses():
                                                          NODE_BYTES_PER_EDGE["watershed"])
 
 
+def test_printed_flags_reproduce_the_setting_and_the_path_has_one_spelling(finished):
+    """The best's flags give back the exact threshold and sigma scored (`:g` printed 0.4444444
+    as 0.444444), and the layer is named file://... with --sigmas as without (it was the path
+    as typed with --sigmas)."""
+    typed, gt = (finished[k][len("file://"):] for k in ("seg", "gt"))
+    args = ("tune", typed, gt, "--methods", "mean", "--thresholds", "0.4444444",
+            "--dust-sizes", "20")
+    table = cli_here(*args, "--sigmas", "0.3333333")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.startswith(f"{finished['seg']} on {finished['gt']}, ")
+    assert "mean       0.4444444    20 0.3333333" in table.stdout, table.stdout
+    assert ("best: deepem3d segment ... --method mean --threshold 0.4444444 --dust-size 20 "
+            "--dust-mode merge --sigma 0.3333333") in table.stdout, table.stdout
+    paths = {json.loads(cli_here(*args, *sigmas, "--json").stdout)["segmentation"]
+             for sigmas in ((), ("--sigmas", "0"))}
+    assert paths == {finished["seg"]}
+
+
 def test_sigmas_rows_score_what_the_run_gives_on_a_labelled_part(finished):
     """--sigmas on a labelled part of the run's region: the map over the whole region is
     segmented, so the row at the run's own sigma and setting scores the layer as written,

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from deepem3d.cli.options import Bounds, ByteSize
 from deepem3d.errors import InputError, warn
-from deepem3d.units import INT64_MAX
+from deepem3d.units import INT64_MAX, format_bounds, format_number
 
 if TYPE_CHECKING:
     from deepem3d.stages.tune import Row
@@ -84,6 +84,7 @@ def tune(segmentation: str, gt: str,
         tune_sigmas,
     )
     from deepem3d.stages.tune import tune as run_tune
+    from deepem3d.storage.layers import cloudpath
 
     pipeline_data = read_pipeline(pipeline) if pipeline else None  # checked before the sweep
     grid = settings_grid([m.strip() for m in methods.split(",") if m.strip()],
@@ -103,7 +104,8 @@ def tune(segmentation: str, gt: str,
     else:
         own = segment_settings(segmentation)
         check_sweep_memory(segmentation, own, box, grid, max_memory)
-        path, rows = segmentation, tune_sigmas(segmentation, own, box, labels, grid, swept)
+        rows = tune_sigmas(segmentation, own, box, labels, grid, swept)
+        path = cloudpath(segmentation)  # as load_kept spells it, with or without --sigmas
         source = (f"the run's region of the map segmented per sigma, dust mode "
                   f"{own.get('dust_mode', 'merge')}")
     count = len(grid) * (1 if swept is None else len(swept))
@@ -121,7 +123,7 @@ def tune(segmentation: str, gt: str,
                      "dust_size": top.setting.dust_size, "sigma": top.setting.values(own)["sigma"]},
         }))
     else:
-        click.echo(f"{path} on {gt}, voxels {','.join(map(str, (*box.minpt, *box.maxpt)))}"
+        click.echo(f"{path} on {cloudpath(gt)}, voxels {format_bounds(box)}"
                    f" ({source})")
         sigma_column = f"{'sigma':>7}" if swept is not None else ""
         click.echo(f"{'method':<10}{'threshold':>10}{'dust':>6}{sigma_column}{'segments':>10}"
@@ -132,8 +134,9 @@ def tune(segmentation: str, gt: str,
                 own.get("method"), own.get("threshold"), own.get("dust_size")) and (
                 s.sigma is None or s.sigma == own.get("sigma", 0)) else ""
             mark += " <- best" if r is top else ""
-            sigma = f"{s.sigma:>7g}" if swept is not None else ""
-            click.echo(f"{s.method:<10}{s.threshold:>10g}{s.dust_size:>6}{sigma}"
+            # exact numbers may be longer than a column: a space before each keeps them apart
+            sigma = f" {format_number(s.sigma):>6}" if swept is not None else ""
+            click.echo(f"{s.method:<10} {format_number(s.threshold):>9}{s.dust_size:>6}{sigma}"
                        f"{r.segments:>10}{r.adapted_rand_error:>8.4f}{r.voi:>8.3f}"
                        f"{r.voi_split:>8.3f}{r.voi_merge:>8.3f}{mark}")
         click.echo(f"best: deepem3d segment ... {top.setting.flags(own)}")

@@ -42,7 +42,7 @@ from deepem3d.stages.workdir import WORK, get_table, work_files
 from deepem3d.storage.labels import check_ids, compare_at, open_labels, scored_region
 from deepem3d.storage.layers import cloudpath, layer_processing, open_layer
 from deepem3d.storage.npz import get_npz
-from deepem3d.units import format_bounds, format_bytes, format_triple
+from deepem3d.units import format_bounds, format_bytes, format_number, format_triple
 
 #: thresholds tried by default: around the shipped models' settings (mean 0.55; watershed h
 #: 0.1 and DeepEM3D's 0.19), wide enough that a fine-tuned model's best on its own data lay
@@ -80,8 +80,9 @@ class Setting:
     def flags(self, run: dict) -> str:
         """`deepem3d segment`'s flags for `values(run)`."""
         v = self.values(run)
-        return (f"--method {v['method']} --threshold {v['threshold']:g} --dust-size "
-                f"{v['dust_size']} --dust-mode {v['dust_mode']} --sigma {v['sigma']:g}")
+        return (f"--method {v['method']} --threshold {format_number(v['threshold'])} "
+                f"--dust-size {v['dust_size']} --dust-mode {v['dust_mode']} "
+                f"--sigma {format_number(v['sigma'])}")
 
 
 @dataclass(frozen=True)
