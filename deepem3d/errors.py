@@ -1,7 +1,13 @@
 """The one exception type for expected mistakes: the CLI turns it into a one-line error, exit 2;
-and the one spelling of a warning, a line on stderr that lets the command go on."""
+the one spelling of a warning, a line on stderr that lets the command go on; and the write
+errors (a full disk) reported the same way."""
 
+import errno
 import sys
+
+#: what writing a file can meet that is no bug: a full disk, a file system's size limit or
+#: quota, a read-only mount, an offset past what it holds (numpy's memmap: EINVAL)
+WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EINVAL)
 
 
 class InputError(ValueError):

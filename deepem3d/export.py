@@ -23,7 +23,6 @@ replaces, is moved aside, the new one takes its name, then the old one is remove
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import shutil
@@ -35,7 +34,7 @@ from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
 from deepem3d.axes import zyx_from_xyz
-from deepem3d.errors import InputError
+from deepem3d.errors import WRITE_ERRNOS, InputError
 from deepem3d.ingest import SLAB_BYTES
 from deepem3d.sources import TIFF_SUFFIXES, split_hdf5
 from deepem3d.storage import layers
@@ -138,11 +137,6 @@ def _remove(path: str) -> None:
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.remove(path)
-
-
-#: what writing the file can meet: a full disk, a file system's size limit or quota, a
-#: read-only mount, an offset past what it holds (numpy's memmap: EINVAL)
-WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EINVAL)
 
 
 def _target(out: str) -> tuple[str, str, str | None]:

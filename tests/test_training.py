@@ -3,6 +3,10 @@ and bad input is refused with one line."""
 
 from __future__ import annotations
 
+import errno
+import subprocess
+import sys
+
 import h5py
 import numpy as np
 import pytest
@@ -11,12 +15,17 @@ import torch
 
 from deepem3d.errors import InputError
 from deepem3d.models import build_model
-from deepem3d.models.checkpoint import load_checkpoint, load_model, save_checkpoint
+from deepem3d.models.checkpoint import (
+    export_checkpoint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from deepem3d.models.data import PatchSampler, load_pair
 from deepem3d.models.losses import balanced_cross_entropy
 from deepem3d.models.train import TrainConfig, Trainer
 from deepem3d.sample import load_sample
-from tests.conftest import assert_one_line_error, cli_here, run_cli
+from tests.conftest import ROOT, assert_one_line_error, cli_here, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +340,49 @@ def test_corrupted_and_incompatible_checkpoints(tmp_path):
     torch.save(payload, tmp_path / "missing-key.pt")
     with pytest.raises(InputError, match="weights do not fit"):
         load_model(str(tmp_path / "missing-key.pt"))
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
+                                     RuntimeError("[enforce fail] unexpected pos 704 vs 598")])
+def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch, failure):
+    """A full disk (Python's OSError, or torch's writer's RuntimeError) while saving or
+    exporting: the old file stays whole, no temp file stays beside it, and the error is one
+    line (export_checkpoint wrote in place: a truncated model.pt)."""
+    model = build_model("tiny")
+    save_checkpoint(tmp_path / "last.pt", model, {"model": model.config})
+    export_checkpoint(str(tmp_path / "last.pt"), tmp_path / "model.pt")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full_disk(payload, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 truncated")
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(InputError, match=r"cannot write .*model\.pt: .* free in "):
+        export_checkpoint(str(tmp_path / "last.pt"), tmp_path / "model.pt")
+    with pytest.raises(InputError, match=r"cannot write .*last\.pt: "):
+        save_checkpoint(tmp_path / "last.pt", model, {"model": model.config})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_training_on_a_full_disk_is_one_line_error(sample_h5, tmp_path):
+    """`deepem3d train` whose first checkpoint does not fit (a file size limit stands in for
+    a full disk): one line, exit 2, and no best.pt.tmp left."""
+    import resource
+    import signal
+
+    def small_files() -> None:  # writes past 64 KiB fail (EFBIG) rather than kill the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "deepem3d", "train", "--image", f"{sample_h5}:/raw",
+         "--labels", f"{sample_h5}:/ids", "--train-sections", "0:6", "--resolution", "4,4,50",
+         "--iterations", "1", "--patch-size", "32", "--batch-size", "2", "--threads", "1",
+         "--out", tmp_path / "o"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300, preexec_fn=small_files)
+    bars = [line for line in result.stderr.splitlines() if line.startswith("training:")]
+    result.stderr = "\n".join(line for line in result.stderr.splitlines() if line not in bars)
+    assert_one_line_error(result, f"cannot write {tmp_path / 'o' / 'best.pt'}: ")
+    assert list((tmp_path / "o").iterdir()) == []

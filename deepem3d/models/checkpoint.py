@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import shutil
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 
 import deepem3d
-from deepem3d.errors import InputError
+from deepem3d.errors import WRITE_ERRNOS, InputError
 from deepem3d.models.shipped import DEFAULT_MODEL, ENSEMBLES, PRETRAINED, expand_models
+from deepem3d.units import format_bytes
 
 if TYPE_CHECKING:
     from deepem3d.models.network import DeepEM3DNet
@@ -38,7 +40,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None, iteration: int = 0,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Write atomically (temp file + rename) so an interrupted save leaves the old file."""
+    """Write a training checkpoint (`write_atomically`: a failed save leaves the old file)."""
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -51,11 +53,28 @@ def save_checkpoint(
         payload["optimizer"] = optimizer.state_dict()
     if scaler is not None:  # mixed precision's loss scale: a resume continues from it
         payload["scaler"] = scaler.state_dict()
+    write_atomically(payload, path)
+
+
+def write_atomically(payload: dict, path: str | os.PathLike) -> None:
+    """torch.save to PATH.tmp, then rename: an interrupted or failed write leaves the old file
+    and no partial one. A full disk (torch's writer raises a RuntimeError, Python's an
+    OSError) is a one-line InputError, as `deepem3d export` reports it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, OSError) and err.errno not in WRITE_ERRNOS:
+            raise
+        why = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
+        free = shutil.disk_usage(path.parent).free
+        raise InputError(f"cannot write {path}: {why} ({format_bytes(free) if free else '0 B'} "
+                         f"free in {path.parent})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_checkpoint(src: str, dest: str | os.PathLike, *, half: bool = True) -> None:
@@ -69,9 +88,7 @@ def export_checkpoint(src: str, dest: str | os.PathLike, *, half: bool = True) -
     out = {key: payload[key] for key in ("format", "version", "deepem3d", "iteration")}
     meta = dict(payload["meta"], exported_from={"sha256": payload["sha256"], "half": half})
     out.update(meta=json.dumps(meta, sort_keys=True), state_dict=state)
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, dest)
+    write_atomically(out, dest)  # a failed export leaves no truncated model
 
 
 def resolve_model(name_or_path: str | None) -> str:

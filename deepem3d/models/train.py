@@ -296,26 +296,26 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         start = time.time()
         losses: list[float] = []
-        bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="training",
-                   disable=not self.progress, dynamic_ncols=True)
-        for images, targets in self.batches():
-            losses.append(self.step(images, targets))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations:
-                record = {"iteration": self.iteration, "train_loss": float(np.mean(losses)),
-                          "seconds": round(time.time() - start, 1)}
-                losses = []
-                if self.val is not None:
-                    record.update(self.validate())
-                    bar.write(
-                        f"iteration {self.iteration}: train loss {record['train_loss']:.4f}, "
-                        f"val loss {record['val_loss']:.4f}, val adapted Rand error "
-                        f"{record['val_are']:.4f}"
-                    )
-                self.history.append(record)
-                self.save(record)
-        bar.close()
+        # closed however the loop ends, so that an error is a line of its own, not the bar's
+        with tqdm(total=cfg.iterations, initial=self.iteration, desc="training",
+                  disable=not self.progress, dynamic_ncols=True) as bar:
+            for images, targets in self.batches():
+                losses.append(self.step(images, targets))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if self.iteration % cfg.val_every == 0 or self.iteration == cfg.iterations:
+                    record = {"iteration": self.iteration, "train_loss": float(np.mean(losses)),
+                              "seconds": round(time.time() - start, 1)}
+                    losses = []
+                    if self.val is not None:
+                        record.update(self.validate())
+                        bar.write(
+                            f"iteration {self.iteration}: train loss "
+                            f"{record['train_loss']:.4f}, val loss {record['val_loss']:.4f}, "
+                            f"val adapted Rand error {record['val_are']:.4f}"
+                        )
+                    self.history.append(record)
+                    self.save(record)
         return self.history[-1] if self.history else {}
 
     def save(self, record: dict) -> None:
