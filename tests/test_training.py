@@ -136,8 +136,9 @@ def test_refuses_to_clobber_or_resume_with_other_settings(sample_h5, tmp_path):
     Trainer(config(sample_h5, tmp_path), progress=False).run()
     with pytest.raises(InputError, match="--resume"):
         Trainer(config(sample_h5, tmp_path), progress=False)
-    with pytest.raises(InputError, match="other settings"):
-        Trainer(config(sample_h5, tmp_path, lr=0.5), resume=True, progress=False)
+    with pytest.raises(InputError, match=r"other settings \(--lr 0.01, given 0.5; --seed 0, "
+                       r"given 1\): resume with the same ones"):
+        Trainer(config(sample_h5, tmp_path, lr=0.5, seed=1), resume=True, progress=False)
 
 
 def test_sources_are_recorded_absolute_and_relative_records_resume(sample_h5, tmp_path,
@@ -159,6 +160,40 @@ def test_sources_are_recorded_absolute_and_relative_records_resume(sample_h5, tm
     resumed = Trainer(config(sample_h5.name, tmp_path, iterations=4), resume=True,
                       progress=False)
     assert resumed.iteration == 3
+
+
+def test_a_resume_compares_places_not_spellings(sample_h5, tmp_path, monkeypatch):
+    """A run resumes however its paths are spelled now: --out file://DIR (its last.pt was
+    looked for under the spelling), a layer plain or file://, an --init given relative (it
+    was recorded so) and then absolute from another folder."""
+    common = ["--image", f"{sample_h5}:/raw", "--labels", f"{sample_h5}:/ids",
+              "--train-sections", "0:6", "--resolution", "4,4,50", "--patch-size", "32",
+              "--batch-size", "2", "--threads", "1", "--val-every", "1"]
+    out = f"file://{tmp_path / 'a'}"
+    assert cli_here("train", *common, "--out", out, "--iterations", "1", "--head",
+                    "affinity").returncode == 0
+    resumed = cli_here("train", *common, "--out", out, "--iterations", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr  # the network is the one last.pt holds
+    assert load_checkpoint(str(tmp_path / "a" / "last.pt"))["iteration"] == 2
+
+    for name in ("raw", "ids"):
+        assert cli_here("ingest", f"{sample_h5}:/{name}", tmp_path / "layers" / name,
+                        "--resolution", "4,4,50", "--no-progress").returncode == 0
+    monkeypatch.chdir(tmp_path)
+    on_layers = dict(image="layers/raw", labels="layers/ids", val_every=1)
+    Trainer(config(sample_h5, tmp_path / "l", iterations=1, **on_layers), progress=False).run()
+    on_layers.update(image=f"file://{tmp_path}/layers/raw",
+                     labels=f"precomputed://file://{tmp_path}/layers/ids/")
+    assert Trainer(config(sample_h5, tmp_path / "l", iterations=2, **on_layers), resume=True,
+                   progress=False).iteration == 1
+
+    tuned = dict(head="affinity", val_every=1)
+    Trainer(config(sample_h5, tmp_path / "t", iterations=1, init="a/last.pt", **tuned),
+            progress=False).run()
+    monkeypatch.chdir(tmp_path / "layers")
+    resumed = Trainer(config(sample_h5, tmp_path / "t", iterations=2, **tuned,
+                             init=f"file://{tmp_path}/a/last.pt"), resume=True, progress=False)
+    assert resumed.iteration == 1 and resumed.cfg.init == str(tmp_path / "a" / "last.pt")
 
 
 def test_init_starts_from_another_checkpoints_weights(sample_h5, tmp_path):

@@ -63,6 +63,10 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
     from deepem3d.models.data import is_file_source, parse_sections
     from deepem3d.models.train import TrainConfig, Trainer, default_workers
 
+    if "://" in out_dir and not out_dir.startswith("file://"):
+        raise InputError(f"--out {out_dir}: checkpoints are written to a local folder (copy "
+                         "them to a bucket afterwards)")
+    out_dir = out_dir.removeprefix("file://")
     network = {"preset": preset, "head": head,
                "in_sections": int(in_sections) if in_sections else None}
     last = os.path.join(out_dir, "last.pt")
@@ -87,10 +91,6 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
     val_range = parse_sections(val_sections, "--val-sections") if val_sections else None
     if val_range and max(train_range[0], val_range[0]) < min(train_range[1], val_range[1]):
         raise InputError("--train-sections and --val-sections overlap: keep them apart")
-    if "://" in out_dir and not out_dir.startswith("file://"):
-        raise InputError(f"--out {out_dir}: checkpoints are written to a local folder (copy "
-                         "them to a bucket afterwards)")
-    out_dir = out_dir.removeprefix("file://")
     from deepem3d.sources import source_root
     from deepem3d.storage.layers import check_output_apart
 

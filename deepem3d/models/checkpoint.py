@@ -103,6 +103,15 @@ def resolve_model(name_or_path: str | None) -> str:
     return name
 
 
+def absolute_location(name_or_path: str) -> str:
+    """A checkpoint as a run records it, one spelling per file (a resume compares them): a
+    shipped name or cloud path as given, a local path (plain or file://) absolute and plain."""
+    if name_or_path in PRETRAINED or name_or_path in ENSEMBLES or (
+            "://" in name_or_path and not name_or_path.startswith("file://")):
+        return name_or_path
+    return os.path.abspath(name_or_path.removeprefix("file://"))
+
+
 def read_bytes(location: str) -> bytes:
     if "://" in location and not location.startswith("file://"):
         from cloudfiles import CloudFile

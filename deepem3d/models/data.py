@@ -28,14 +28,14 @@ def is_file_source(source: str) -> bool:
 
 
 def absolute_source(source: str) -> str:
-    """`source` as a checkpoint records it: a local path made absolute (a relative one names
-    nothing once the checkpoint is read elsewhere), a cloud path as given."""
-    scheme, sep, rest = source.partition("://")
-    if scheme == "precomputed" and sep:
-        return f"precomputed://{absolute_source(rest)}"
-    if sep:
-        return f"file://{os.path.abspath(os.path.expanduser(rest))}" if scheme == "file" \
-            else source
+    """`source` as a checkpoint records it, one spelling per place (a resume compares them): a
+    local path made absolute (a relative one names nothing once the checkpoint is read
+    elsewhere), a layer as `cloudpath` spells it (local ones file://, plain or not), a cloud
+    path as given."""
+    if not is_file_source(source):
+        from deepem3d.storage.layers import cloudpath
+
+        return cloudpath(source)
     path, colon, dataset = source.partition(":/")  # FILE.h5:/DATASET
     return os.path.abspath(os.path.expanduser(path)) + (f":/{dataset}" if colon else "")
 
@@ -80,7 +80,7 @@ def read_sections(source: str, sections: tuple[int, int], name: str) -> np.ndarr
     return np.ascontiguousarray(zyx_from_xyz(np.asarray(cutout)))
 
 
-def _real(source: str) -> str:
+def real_source(source: str) -> str:
     """`source` with links resolved, however spelled (relative, file://, a symbolic link)."""
     path = absolute_source(source)
     scheme, sep, rest = path.partition("://")
@@ -110,7 +110,7 @@ def load_pair(image: str, labels: str, sections: tuple[int, int], name: str
               ) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8, ids int64), both z,y,x, checked to agree: the same shape, voxel size and
     placement (where both record them), and some voxel that is not background."""
-    if _real(labels) == _real(image):
+    if real_source(labels) == real_source(image):
         raise InputError(f"--labels is the image ({image}): give the ground-truth segmentation")
     img = read_sections(image, sections, name)
     ids = read_sections(labels, sections, name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -25,10 +26,16 @@ from tqdm import tqdm
 import deepem3d
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
 from deepem3d.errors import InputError
-from deepem3d.models.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from deepem3d.models.data import PatchSampler, absolute_source, load_pair
+from deepem3d.models.checkpoint import (
+    absolute_location,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
+from deepem3d.models.data import PatchSampler, absolute_source, load_pair, real_source
 from deepem3d.models.losses import loss_for
 from deepem3d.models.predict import predict_sections
+from deepem3d.units import format_triple
 
 LAST, BEST = "last.pt", "best.pt"
 
@@ -60,6 +67,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # recorded in the checkpoint: a relative path names nothing once it is read elsewhere
         self.image, self.labels = absolute_source(self.image), absolute_source(self.labels)
+        self.init = absolute_location(self.init) if self.init else self.init
 
     def run_identity(self) -> dict:
         """What must match for a resume to continue the same run."""
@@ -67,6 +75,48 @@ class TrainConfig:
         for k in ("out_dir", "iterations", "val_every", "threads", "workers"):
             d.pop(k)
         return json.loads(json.dumps(d))
+
+
+#: run_identity's keys that are no option of `deepem3d train` (the rest are, `--` + dashes)
+NOT_OPTIONS = {"momentum", "weight_decay", "power"}
+
+
+def comparable_identity(identity: dict) -> dict:
+    """A run's identity with each path spelled one way, links resolved, so that a resume
+    compares places, not spellings (relative, file://, a link; a relative path recorded before
+    paths were recorded absolute is read from the folder the resume runs in)."""
+    d = dict(identity)
+    for key in ("image", "labels"):
+        if isinstance(d.get(key), str):
+            d[key] = real_source(d[key])
+    if isinstance(d.get("init"), str):
+        init = absolute_location(d["init"])
+        d["init"] = os.path.realpath(init) if os.path.isabs(init) else init
+    return d
+
+
+def identity_differences(recorded: dict, given: dict) -> list[str]:
+    """Where two run identities differ, as `--lr 0.01, given 0.5` (the option, what the run
+    recorded, what was given), in the order of the options."""
+    a, b = comparable_identity(recorded), comparable_identity(given)
+
+    def show(key: str, value: object) -> str:
+        if value is None:
+            return "none"
+        if key.endswith("_sections") and isinstance(value, list | tuple) and len(value) == 2:
+            return f"{value[0]}:{value[1]}"
+        if key == "resolution" and isinstance(value, list | tuple) and len(value) == 3:
+            return format_triple(value)
+        return str(value)
+
+    differences = []
+    for key in [*given, *(k for k in recorded if k not in given)]:
+        if a.get(key) != b.get(key):
+            name = key if key in NOT_OPTIONS else "--patch-size" if key == "patch" else \
+                "--" + key.replace("_", "-")
+            differences.append(f"{name} {show(key, recorded.get(key))}, given "
+                               f"{show(key, given.get(key))}")
+    return differences
 
 
 def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
@@ -114,8 +164,6 @@ def default_workers(device: str | None) -> int:
     """Batch-preparing processes for `--device`: on a GPU one per core but one (at most 8:
     the full preset's step on an H200 needs about 6 at 16 x 256^2, docs/gpu.md); on the CPU
     none, since the step's own threads use the cores."""
-    import os
-
     if _device(device).type != "cuda":
         return 0
     return max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -194,14 +242,10 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         payload = load_checkpoint(str(path))
         meta = payload["meta"]
-        recorded = dict(meta["training"]["config"])
-        for key in ("image", "labels"):  # runs before paths were recorded absolute, resumed
-            recorded[key] = absolute_source(recorded[key])  # from the folder they ran in
-        if recorded != self.cfg.run_identity():
-            raise InputError(
-                f"{path} was trained with other settings: resume with the same ones, "
-                "or choose another --out"
-            )
+        differences = identity_differences(meta["training"]["config"], self.cfg.run_identity())
+        if differences:
+            raise InputError(f"{path} was trained with other settings ({'; '.join(differences)})"
+                             ": resume with the same ones, or choose another --out")
         if "optimizer" not in payload:
             raise InputError(f"{path} holds no optimizer state (a best.pt or an exported "
                              "checkpoint): a run resumes from the last.pt it wrote")
