@@ -141,6 +141,36 @@ def test_refuses_to_clobber_or_resume_with_other_settings(sample_h5, tmp_path):
         Trainer(config(sample_h5, tmp_path, lr=0.5, seed=1), resume=True, progress=False)
 
 
+def test_refuses_to_write_over_files_of_another_run_or_its_init(sample_h5, tmp_path):
+    """Not only last.pt: a kept best.pt or history.json is refused (with --resume too, there
+    being no run to continue), and always an --init that is one of the files the run writes;
+    nothing is written. best.pt alone of this very run (stopped before its first last.pt)
+    is what --resume starts over."""
+    Trainer(config(sample_h5, tmp_path, iterations=3), progress=False).run()
+    (tmp_path / "last.pt").unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for resume in (False, True):
+        with pytest.raises(InputError, match="holds best.pt, history.json, learning_curve.png "
+                           "and no last.pt to resume from: choose another --out"):
+            Trainer(config(sample_h5, tmp_path, iterations=3), resume=resume, progress=False)
+    common = ["train", "--image", f"{sample_h5}:/raw", "--labels", f"{sample_h5}:/ids",
+              "--train-sections", "0:6", "--resolution", "4,4,50", "--patch-size", "32",
+              "--out", tmp_path, "--init", tmp_path / "best.pt"]
+    assert_one_line_error(cli_here(*common), f"--init {tmp_path / 'best.pt'} is a file this "
+                          "run writes")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    (tmp_path / "history.json").unlink()
+    (tmp_path / "learning_curve.png").unlink()
+    with pytest.raises(InputError, match="no last.pt"):  # another run's best.pt
+        Trainer(config(sample_h5, tmp_path, iterations=3, seed=1), resume=True, progress=False)
+    assert Trainer(config(sample_h5, tmp_path, iterations=3), resume=True,
+                   progress=False).iteration == 0
+    Trainer(config(sample_h5, tmp_path / "run", iterations=3), progress=False).run()
+    with pytest.raises(InputError, match="is a file this run writes"):
+        Trainer(config(sample_h5, tmp_path / "run", iterations=3,
+                       init=str(tmp_path / "run" / "last.pt")), resume=True, progress=False)
+
+
 def test_sources_are_recorded_absolute_and_relative_records_resume(sample_h5, tmp_path,
                                                                    monkeypatch):
     """Checkpoints recorded `--image sample.h5:/raw` as given, which names nothing from

@@ -18,7 +18,9 @@ from deepem3d.models.presets import PRESETS
 @click.option("--labels", required=True, help="Dense neuron ids (0 = boundary), same geometry.")
 @click.option("--train-sections", required=True, help="START:END (end exclusive), e.g. 0:15.")
 @click.option("--val-sections", default=None, help="START:END for validation, e.g. 15:20.")
-@click.option("--out", "out_dir", required=True, help="Directory for checkpoints and plots.")
+@click.option("--out", "out_dir", required=True,
+              help="Directory for checkpoints and plots: one that holds none of them, or this "
+              "run's own with --resume.")
 @click.option("--preset", type=click.Choice(PRESETS), default=None,
               help="Network size (README: parameters and multiply-adds of each). Default: "
               "--init's, else tiny.")

@@ -37,7 +37,8 @@ from deepem3d.models.losses import loss_for
 from deepem3d.models.predict import predict_sections
 from deepem3d.units import format_triple
 
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, HISTORY, CURVE = "last.pt", "best.pt", "history.json", "learning_curve.png"
+OUTPUTS = (LAST, BEST, HISTORY, CURVE)  # what a run writes in its folder
 
 
 @dataclass
@@ -191,6 +192,7 @@ class Trainer:
         if cfg.iterations < 1:
             raise InputError("--iterations must be at least 1")
         self.out = Path(cfg.out_dir)
+        resuming = self._check_out(resume)
         image, ids = load_pair(cfg.image, cfg.labels, cfg.train_sections, "--train-sections")
         self.sampler = PatchSampler(image, ids, in_sections=cfg.in_sections, patch=cfg.patch,
                                     head=cfg.head)
@@ -202,13 +204,6 @@ class Trainer:
             self.val_batch = val_sampler.batch(np.random.default_rng([cfg.seed, 2**31]), 8)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.preset, head=cfg.head, in_sections=cfg.in_sections)
-        last = self.out / LAST
-        resuming = last.exists()
-        if resuming and not resume:
-            raise InputError(
-                f"{self.out} already holds a training run: pass --resume to continue it, "
-                "or choose another --out"
-            )
         # a resumed run keeps the sha256 its start recorded (a shipped name may since hold others)
         self.init_sha256 = self._load_init(cfg.init) if cfg.init and not resuming else None
         self.model.to(self.device)
@@ -223,7 +218,37 @@ class Trainer:
         self.amp = self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         if resuming:
-            self._resume(last)
+            self._resume(self.out / LAST)
+
+    def _check_out(self, resume: bool) -> bool:
+        """Whether this run continues the one in OUT. One rule: a run writes over OUT's files
+        only when it continues the run that wrote them (--resume), and never over its --init
+        (fine-tuning from OUT/best.pt replaced the model it started from)."""
+        init = self.cfg.init
+        if init and os.path.isabs(init):  # a local file (absolute_location)
+            for name in OUTPUTS:
+                if os.path.realpath(init) == os.path.realpath(self.out / name):
+                    raise InputError(f"--init {init} is a file this run writes in {self.out}: "
+                                     "give a copy of it elsewhere, or choose another --out")
+        held = [name for name in OUTPUTS if (self.out / name).exists()]
+        if LAST in held:
+            if not resume:
+                raise InputError(f"{self.out} already holds a training run: pass --resume to "
+                                 "continue it, or choose another --out")
+            return True
+        if held and not (resume and held == [BEST] and self._stopped_before_last()):
+            raise InputError(f"{self.out} already holds {', '.join(held)} and no {LAST} to "
+                             "resume from: choose another --out, or move them away")
+        return False
+
+    def _stopped_before_last(self) -> bool:
+        """Whether OUT/best.pt alone is this run's own, stopped between its first best.pt and
+        last.pt (`save` writes best.pt first): --resume then starts over and writes it again."""
+        try:
+            recorded = load_checkpoint(str(self.out / BEST))["meta"]["training"]["config"]
+        except (InputError, KeyError, TypeError):
+            return False
+        return not identity_differences(recorded, self.cfg.run_identity())
 
     def _load_init(self, name_or_path: str) -> str:
         """Start from another checkpoint's weights (a fresh optimizer and schedule): the
@@ -372,8 +397,8 @@ class Trainer:
             save_checkpoint(self.out / BEST, self.model, meta, iteration=self.iteration)
         save_checkpoint(self.out / LAST, self.model, meta, optimizer=self.optimizer,
                         iteration=self.iteration, scaler=self.scaler)
-        (self.out / "history.json").write_text(json.dumps(self.history, indent=1))
-        plot_learning_curve(self.history, self.out / "learning_curve.png")
+        (self.out / HISTORY).write_text(json.dumps(self.history, indent=1))
+        plot_learning_curve(self.history, self.out / CURVE)
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:
