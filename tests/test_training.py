@@ -321,6 +321,10 @@ def test_train_bad_input(sample_h5, tmp_path):
     assert_one_line_error(
         cli_here("train", "--image", layer, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
                 "--out", layer / "run"), "--out", "overlaps the image layer")
+    assert_one_line_error(  # the model would refuse the layer it was trained on
+        cli_here("train", "--image", layer, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
+                 "--out", tmp_path / "o", "--resolution", "8,8,40"),
+        "--resolution 8,8,40 nm contradicts the image layer", "which is 4,4,50 nm")
     assert_one_line_error(
         cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--lr", "nan"),
         "--lr 'nan' must be a finite number",

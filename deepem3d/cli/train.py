@@ -38,8 +38,9 @@ from deepem3d.models.presets import PRESETS
 @click.option("--val-every", type=click.IntRange(min=1), default=200, show_default=True,
               help="Validate, checkpoint and plot every N iterations.")
 @click.option("--resolution", type=Triple(float), default=None,
-              help="Voxel size x,y,z in nm (default: the image layer's, or the one a file "
-              "records: OME-Zarr, MRC, an HDF5 resolution attribute).")
+              help="Voxel size x,y,z in nm (default: the image layer's, which it may not "
+              "contradict, or the one a file records: OME-Zarr, MRC, an HDF5 resolution "
+              "attribute).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to train (auto: CUDA when this machine has it).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -100,17 +101,27 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
                                  else path for what, path in (("image", image),
                                                               ("labels", labels))},
                        name="--out")
-    if resolution:
-        res = resolution
-    elif is_file_source(image):
+    if is_file_source(image):  # --resolution gives (or corrects) what a file records
         from deepem3d.sources import open_source
 
-        with open_source(image) as source:
-            res = source.recorded_resolution()
+        res = resolution
+        if not res:
+            with open_source(image) as source:
+                res = source.recorded_resolution()
     else:
+        from deepem3d.stages.inference_plan import RESOLUTION_TOLERANCE
         from deepem3d.storage.layers import open_layer
+        from deepem3d.units import format_triple
 
-        res = tuple(float(r) for r in open_layer(image).resolution)
+        own = tuple(float(r) for r in open_layer(image).resolution)
+        # a layer's own voxel size is the one infer checks a model against: a model recording
+        # another would refuse the very layer it was trained on
+        if resolution and any(abs(a - b) > RESOLUTION_TOLERANCE * b
+                              for a, b in zip(resolution, own)):
+            raise InputError(f"--resolution {format_triple(resolution)} nm contradicts the "
+                             f"image layer {image}, which is {format_triple(own)} nm: leave "
+                             "--resolution out, or resample the layer (`deepem3d resample`)")
+        res = resolution or own
     cfg = TrainConfig(
         image=image, labels=labels, train_sections=train_range, val_sections=val_range,
         out_dir=out_dir, preset=preset, head=head, in_sections=int(in_sections),
