@@ -56,7 +56,8 @@ def main() -> None:
                            parse_sections(args.train_sections, "--train-sections"),
                            "--train-sections")
     sampler = PatchSampler(image, ids, in_sections=config["in_sections"],
-                           patch=meta["training"]["config"]["patch"], head=config["head"])
+                           patch=meta["training"]["config"]["patch"], head=config["head"],
+                           name=f"--train-sections {args.train_sections}")
     batch_size = meta["training"]["config"]["batch_size"]
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

@@ -299,6 +299,14 @@ def test_train_bad_input(sample_h5, tmp_path):
         cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6",
                 "--val-sections", "5:8"), "overlap"
     )
+    assert_one_line_error(  # the model reads 5 sections, its affinity target 1 more each side
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:3", "--head",
+                 "affinity"), "--train-sections 0:3 holds 3 sections, too short for the "
+        "5-section model and its affinity head's z neighbour: give at least 4")
+    assert_one_line_error(
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--val-sections",
+                 "6:8"), "--val-sections 6:8 holds 2 sections, too short for the 5-section "
+        "model: give at least 3")
     assert_one_line_error(
         cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--preset", "huge"),
         "preset",

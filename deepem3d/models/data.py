@@ -160,8 +160,9 @@ class PatchSampler:
 
     def __init__(
         self, image: np.ndarray, ids: np.ndarray, *, in_sections: int, patch: int,
-        head: str = "boundary", augment: bool = True,
+        head: str = "boundary", augment: bool = True, name: str = "the section range",
     ):
+        """`name`: the sections as the user gave them (`--train-sections 0:15`), for errors."""
         self.half = in_sections // 2
         self.in_sections = in_sections
         self.patch = patch
@@ -172,9 +173,15 @@ class PatchSampler:
             raise InputError(f"--patch-size {patch} is larger than the sections (y, x "
                              f"{image.shape[1]}, {image.shape[2]}): give a multiple of 16 of at "
                              f"most {min(image.shape[1:]) // 16 * 16}")
-        self.image = reflect_sections(image, self.half + (head == "affinity"))
-        self.ids = reflect_sections(ids, self.half + (head == "affinity"))
+        # the affinity head's z affinity reads one more section each side than the model
         self.pad = self.half + (head == "affinity")
+        if self.depth <= self.pad:  # reflection needs more sections than it pads
+            extra = " and its affinity head's z neighbour" if head == "affinity" else ""
+            raise InputError(f"{name} holds {self.depth} section{'s' * (self.depth > 1)}, "
+                             f"too short for the "
+                             f"{in_sections}-section model{extra}: give at least {self.pad + 1}")
+        self.image = reflect_sections(image, self.pad)
+        self.ids = reflect_sections(ids, self.pad)
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         z = int(rng.integers(self.depth)) + self.pad  # the middle section, in padded indices

@@ -120,6 +120,10 @@ def identity_differences(recorded: dict, given: dict) -> list[str]:
     return differences
 
 
+def _sections(option: str, sections: tuple[int, int]) -> str:
+    return f"{option} {sections[0]}:{sections[1]}"
+
+
 def poly_lr(base: float, iteration: int, total: int, power: float) -> float:
     return base * (1 - iteration / total) ** power
 
@@ -195,12 +199,14 @@ class Trainer:
         resuming = self._check_out(resume)
         image, ids = load_pair(cfg.image, cfg.labels, cfg.train_sections, "--train-sections")
         self.sampler = PatchSampler(image, ids, in_sections=cfg.in_sections, patch=cfg.patch,
-                                    head=cfg.head)
+                                    head=cfg.head, name=_sections("--train-sections",
+                                                                  cfg.train_sections))
         self.val = None
         if cfg.val_sections:
             self.val = load_pair(cfg.image, cfg.labels, cfg.val_sections, "--val-sections")
             val_sampler = PatchSampler(*self.val, in_sections=cfg.in_sections, patch=cfg.patch,
-                                       head=cfg.head, augment=False)
+                                       head=cfg.head, augment=False,
+                                       name=_sections("--val-sections", cfg.val_sections))
             self.val_batch = val_sampler.batch(np.random.default_rng([cfg.seed, 2**31]), 8)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.preset, head=cfg.head, in_sections=cfg.in_sections)
