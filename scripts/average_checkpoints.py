@@ -23,6 +23,17 @@ from deepem3d.models.checkpoint import load_checkpoint, save_checkpoint
 from deepem3d.models.data import PatchSampler, load_pair, parse_sections
 
 
+def _at_least_one(text: str) -> int:
+    """--batches: with none, the statistics stay reset (mean 0, variance 1), not estimated."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: at least 1 batch estimates the statistics")
+    return n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
@@ -30,7 +41,7 @@ def main() -> None:
     parser.add_argument("--image", required=True)
     parser.add_argument("--labels", required=True)
     parser.add_argument("--train-sections", required=True)
-    parser.add_argument("--batches", type=int, default=200,
+    parser.add_argument("--batches", type=_at_least_one, default=200,
                         help="training batches to estimate BatchNorm statistics on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)

@@ -139,6 +139,8 @@ def test_refuses_to_clobber_or_resume_with_other_settings(sample_h5, tmp_path):
     with pytest.raises(InputError, match=r"other settings \(--lr 0.01, given 0.5; --seed 0, "
                        r"given 1\): resume with the same ones"):
         Trainer(config(sample_h5, tmp_path, lr=0.5, seed=1), resume=True, progress=False)
+    with pytest.raises(InputError, match="is at iteration 6, past --iterations 4"):
+        Trainer(config(sample_h5, tmp_path, iterations=4), resume=True, progress=False)
 
 
 def test_refuses_to_write_over_files_of_another_run_or_its_init(sample_h5, tmp_path):
@@ -463,3 +465,19 @@ def test_training_on_a_full_disk_is_one_line_error(sample_h5, tmp_path):
     result.stderr = "\n".join(line for line in result.stderr.splitlines() if line not in bars)
     assert_one_line_error(result, f"cannot write {tmp_path / 'o' / 'best.pt'}: ")
     assert list((tmp_path / "o").iterdir()) == []
+
+
+@pytest.mark.parametrize("batches", ["0", "-3"])
+def test_averaging_refuses_no_batches_for_batchnorm(sample_h5, tmp_path, batches):
+    """scripts/average_checkpoints.py --batches 0 wrote BatchNorm statistics reset to mean 0,
+    variance 1 (none estimated): refused before anything is read or written."""
+    model = build_model("tiny")
+    save_checkpoint(tmp_path / "a.pt", model, {"model": model.config, "training": {
+        "config": {"patch": 32, "batch_size": 2}}})
+    result = subprocess.run(
+        [sys.executable, ROOT / "scripts" / "average_checkpoints.py", tmp_path / "avg.pt",
+         tmp_path / "a.pt", "--image", f"{sample_h5}:/raw", "--labels", f"{sample_h5}:/ids",
+         "--train-sections", "0:6", "--batches", batches],
+        capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 2 and f"--batches: {batches}: at least 1" in result.stderr
+    assert not (tmp_path / "avg.pt").exists()

@@ -285,6 +285,10 @@ class Trainer:
         if self.scaler is not None and "scaler" in payload:
             self.scaler.load_state_dict(payload["scaler"])
         self.iteration = payload["iteration"]
+        if self.iteration > self.cfg.iterations:  # it would end at once, doing nothing
+            raise InputError(f"the run in {self.out} is at iteration {self.iteration}, past "
+                             f"--iterations {self.cfg.iterations}: give more to train on, or "
+                             "choose another --out")
         self.history = meta["training"]["history"]
         self.init_sha256 = meta["training"].get("init_sha256")
         self.best = min(
