@@ -445,6 +445,20 @@ def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch, failure
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_a_full_disk_after_the_checkpoints_is_one_line_error(sample_h5, tmp_path,
+                                                             monkeypatch):
+    """history.json and the learning curve are written after the checkpoints: a full disk
+    there is the same one-line error, not a traceback."""
+    import deepem3d.models.train as train_module
+
+    def full_disk(history, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(train_module, "plot_learning_curve", full_disk)
+    with pytest.raises(InputError, match="cannot write in .*: No space left on device"):
+        Trainer(config(sample_h5, tmp_path, iterations=1), progress=False).run()
+
+
 def test_training_on_a_full_disk_is_one_line_error(sample_h5, tmp_path):
     """`deepem3d train` whose first checkpoint does not fit (a file size limit stands in for
     a full disk): one line, exit 2, and no best.pt.tmp left."""
