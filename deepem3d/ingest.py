@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from deepem3d.axes import LARGEST_COORDINATE
 from deepem3d.errors import InputError, warn
-from deepem3d.sources import VolumeSource, open_source, source_root
+from deepem3d.sources import VolumeSource, canonical_dtype, open_source, source_root
 from deepem3d.storage import layers
 from deepem3d.storage.paths import enclosing_layer
 
@@ -61,7 +61,7 @@ def slab_ranges(depth: int, chunk_z: int, chunks_per_slab: int = 1) -> list[tupl
 
 def output_dtype(source_dtype: np.dtype, layer_type: str, dtype: str | None = None) -> np.dtype:
     """The dtype the layer stores, or an InputError saying what is refused and why."""
-    src = np.dtype(source_dtype).newbyteorder("=")
+    src = canonical_dtype(source_dtype)
     if layer_type == "image":
         if src.name not in layers.IMAGE_DTYPES:
             hint = (

@@ -63,6 +63,16 @@ SUPPORTED = (
 )
 
 
+def canonical_dtype(dtype) -> np.dtype:
+    """numpy's own dtype of that name, in native byte order: tifffile's uint64 is type code
+    'Q' where numpy's is 'L' (int64 'q', and uint32 'I' vs 'L' on other platforms); they
+    compare equal, and astype keeps them, but CloudVolume's np.issubdtype refuses the other
+    one ("Volume: uint64 Image: uint64"). Numbers only: a string or record dtype's name is no
+    dtype."""
+    found = np.dtype(dtype)
+    return np.dtype(found.name) if found.kind in "biufc" else found.newbyteorder("=")
+
+
 @contextlib.contextmanager
 def quiet_tifffile() -> Iterator[None]:
     """tifffile's own log lines on a damaged file ("invalid page offset"), silenced while a
@@ -111,7 +121,7 @@ class VolumeSource(ABC):
             tuple(reversed(self.stored_shape)) if axes == "zyx" else self.stored_shape
         )  # x,y,z
         try:
-            self.dtype = np.dtype(dtype).newbyteorder("=")  # native byte order
+            self.dtype = canonical_dtype(dtype)
         except (TypeError, ValueError):  # zarr 3's variable-length strings
             raise InputError(f"{name} holds {dtype}, not numbers") from None
 

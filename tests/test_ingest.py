@@ -939,3 +939,37 @@ def test_a_layer_folder_is_not_a_file_source_whatever_its_name(tmp_path):
     assert not is_file_source(str(layer)) and not is_file_source(f"gs://b/{layer.name}")
     assert is_file_source(write_npy(tmp_path, volume(), "v.npy"))
     assert is_file_source(f"{write_h5(tmp_path, volume())}:/volumes/raw")
+
+
+def test_canonical_dtype_is_numpys_own_by_name():
+    """tifffile's uint64 is code 'Q', numpy's 'L': equal dtypes that CloudVolume's
+    np.issubdtype tells apart; a source hands out numpy's own, in native byte order."""
+    from deepem3d.sources import canonical_dtype
+
+    for code in ("Q", "q", "I", "i", "L", "l", ">u8", "<i8", ">f4", "?"):
+        found = canonical_dtype(code)
+        assert found == np.dtype(code).newbyteorder("=") and found.isnative
+        assert found.type is np.dtype(np.dtype(code).name).type, code
+    assert canonical_dtype("U5") == np.dtype("U5")  # not a number: as it is
+
+
+def test_every_reader_hands_out_numpys_own_uint64(tmp_path):
+    """A uint64 segmentation from any reader ingests (the TIFF's failed with CloudVolume's
+    "Volume: uint64 Image: uint64"), and every reader's dtype is numpy's own."""
+    labels = volume(dtype=np.uint64, seed=5) + np.uint64(2**40)
+    tifffile.imwrite(tmp_path / "seg.tif", labels)
+    sources = {
+        "tiff": str(tmp_path / "seg.tif"),
+        "tiff-directory": write_tiff_dir(tmp_path, labels),
+        "npy": write_npy(tmp_path, labels),
+        "hdf5": write_h5(tmp_path, labels) + ":/volumes/raw",
+        "n5": write_n5(tmp_path / "seg.n5" / "ids", labels),
+    }
+    for kind, src in sources.items():
+        with open_source(src) as source:
+            assert source.dtype.type is np.uint64, (kind, source.dtype.char)
+            assert source.read(0, 2).dtype.type is np.uint64, kind
+    vol = ingest(sources["tiff"], str(tmp_path / "layer"), resolution=(4, 4, 40),
+                 layer_type="segmentation", progress=False)
+    assert vol.dtype == "uint64"
+    np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(labels))
