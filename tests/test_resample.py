@@ -53,7 +53,7 @@ def test_blocks_of_any_shape_give_the_whole_volume_call(image, tmp_path):
     offset, size = target_geometry(SOURCE, OFFSET, array.shape, target)
     whole = resample_block(array, OFFSET, Bbox(offset, np.add(offset, size)), SOURCE, OFFSET,
                            array.shape, target)
-    assert whole.shape == tuple(size) == (109, 92, 7) and tuple(offset) == (12, 23, 3)
+    assert whole.shape == tuple(size) == (111, 92, 7) and tuple(offset) == (11, 23, 3)
     outputs = {}
     for shape in ((112, 96, 8), (32, 16, 2), (48, 32, 4)):
         plan, outputs[shape] = run_resample(path, f"file://{tmp_path / str(shape[1])}", target,
@@ -61,7 +61,7 @@ def test_blocks_of_any_shape_give_the_whole_volume_call(image, tmp_path):
         np.testing.assert_array_equal(outputs[shape], whole, err_msg=str(shape))
     assert len(plan.blocks) == 3 * 3 * 2  # the last shape, 48 x 32 x 4
     vol = CloudVolume(f"file://{tmp_path / '32'}")
-    assert vol.resolution.tolist() == [4, 4, 50] and vol.voxel_offset.tolist() == [12, 23, 3]
+    assert vol.resolution.tolist() == [4, 4, 50] and vol.voxel_offset.tolist() == [11, 23, 3]
 
 
 def test_a_layer_that_starts_below_zero_passes_the_workers_checks(image, tmp_path):
@@ -195,3 +195,36 @@ def test_a_segmentation_goes_back_onto_the_image_grid_by_nearest_neighbour(image
                 expected[i, j] = labels[kx, ky]
     np.testing.assert_array_equal(outputs[0], expected)
     assert (outputs[0] == 0).any() and np.unique(outputs[0]).size > 10
+
+
+@pytest.mark.parametrize("source_res,target_res", [
+    ((4.6, 4.0, 50.0), (4.0, 4.6, 50.0)),  # the README's way, finer in x, coarser in y
+    ((4.0, 3.5, 8.0), (3.5, 4.0, 25 / 3)),
+    ((4.0, 4.0, 40.0), (15.9, 8.0, 10.0)),  # nearly 4 times coarser, 2, 4 times finer
+    ((7.0, 3.3, 50.0), (2.0, 10.0, 50.0)),
+])
+def test_the_round_trip_gives_every_voxel_an_id_whatever_the_sizes_and_offsets(
+        source_res, target_res):
+    """Source -> target grid -> back onto the source's grid (--like), by nearest neighbour:
+    the target grid covers every source voxel's centre (rounding its far end down lost the
+    partial last voxel: a strip of 0 on the way back), and each of its voxels has an id (a
+    coarser grid's edge voxel whose centre lies outside the source takes the nearest); where
+    the target is finer, the way back is exact."""
+    from itertools import product
+
+    from deepem3d.stages.resample import nearest_block
+
+    for offset, size in product(((0, 0, 0), (3, -7, 11), (-13, 5, -1), (1, 1, 1)),
+                                ((1, 2, 5), (13, 9, 3), (26, 17, 2))):
+        ids = np.arange(1, math.prod(size) + 1, dtype=np.uint64).reshape(size)
+        t_off, t_size = target_geometry(source_res, offset, size, target_res)
+        there = nearest_block(ids, offset, Bbox(t_off, np.add(t_off, t_size)), source_res,
+                              offset, size, target_res)
+        back = nearest_block(there, t_off, Bbox(offset, np.add(offset, size)), target_res,
+                             t_off, t_size, source_res)
+        case = f"offset {offset}, size {size} -> {t_off}, {t_size}"
+        assert there.all() and back.all(), case
+        came_from = np.unravel_index((back - 1).astype(np.int64), size)  # ids count voxels
+        for axis, here in enumerate(np.indices(size)):
+            if target_res[axis] <= source_res[axis]:  # finer there: each voxel its own id
+                np.testing.assert_array_equal(came_from[axis], here, err_msg=case)

@@ -36,8 +36,10 @@ def resample(layer: str, output: str, queue: str | None, parallel: int | None, d
     """Resample LAYER to --resolution (or onto --like's grid) into a new layer OUTPUT.
 
     A uint8 EM image by linear interpolation, axis by axis; a segmentation by nearest
-    neighbour (0 outside LAYER). Voxel centres are aligned in nm. Meant for factors near 1:
-    a 4.6 nm image for a model trained at 4 nm, and its segmentation back with --like IMAGE.
+    neighbour (0 outside LAYER). Voxel centres are aligned in nm; with --resolution, OUTPUT is
+    the smallest grid that covers LAYER's extent, so every voxel of LAYER comes back with
+    --like. Meant for factors near 1: a 4.6 nm image for a model trained at 4 nm, and its
+    segmentation back with --like IMAGE.
     The layer is the same bytes whatever --task-shape. Each task writes a marker under
     OUTPUT/tasks/resample/; a re-run skips finished tasks.
     """

@@ -7,16 +7,23 @@ model's resolution onto the user's own grid (`like`: another layer's resolution,
 size). Per axis, with the source's resolution r_s, voxel offset o_s and size n_s, and the
 target resolution r_t:
 
-    target offset  o_t = floor(o_s r_s / r_t + 1/2)   (or the `like` layer's)
-    target size    n_t = max(1, floor((o_s + n_s) r_s / r_t) - o_t)   (or the `like` layer's)
+    target offset  o_t = floor(o_s r_s / r_t)   (or the `like` layer's)
+    target size    n_t = ceil((o_s + n_s) r_s / r_t) - o_t   (or the `like` layer's)
     target voxel a (absolute) samples the source at j = (a + 0.5) r_t / r_s - 0.5 - o_s
                    (voxel centres line up in nm)
+
+that is, the smallest target grid that covers the source's extent in nm: every target voxel
+that overlaps the source, so every source voxel's centre lies in one, and the way back (`like`
+the source) finds an id for every voxel (a grid that rounded the far end down lost the partial
+last voxel, and the way back left a strip of 0 there).
 
 An image's value is the linear interpolation between the two source voxels around j (j
 clamped to [0, n_s - 1]), axis by axis (x, then y, then z) in float64, rounded to uint8. A
 segmentation's is the id of the source voxel holding the target voxel's centre, k =
-floor(j + 1/2), in exact integer arithmetic on the resolutions as written; 0 (background)
-where k is outside [0, n_s - 1]. Each output voxel is computed from its own absolute
+floor(j + 1/2), in exact integer arithmetic on the resolutions as written, and where that
+centre lies outside the source in a target voxel that still overlaps it (an edge voxel), the
+nearest source voxel's (k clamped to [0, n_s - 1]); 0 (background) in a target voxel that
+does not overlap the source. Each output voxel is computed from its own absolute
 coordinate and the source voxels around it, the same operations in the same order whatever
 block holds it, so the layer is the same bytes whatever the task shape (tested), and equal to
 `resample_block` over the whole volume. Interpolation suits factors near 1; for integer
@@ -66,13 +73,13 @@ SECONDS_PER_VOXEL = 56e-9
 
 def target_geometry(resolution: Sequence[float], offset: Sequence[int], size: Sequence[int],
                     target: Sequence[float]) -> tuple[list[int], list[int]]:
-    """(voxel offset, size) of the target grid, per axis (see the module's formulas; round
-    is half up), in exact fractions of the resolutions as written (4.6 is 23/5: 100 x 4.6 /
-    4 is 115, not the 114.99999999999999 of floats)."""
+    """(voxel offset, size) of the target grid, per axis: every target voxel that overlaps
+    the source (see the module's formulas), in exact fractions of the resolutions as written
+    (4.6 is 23/5: 100 x 4.6 / 4 is 115, not the 114.99999999999999 of floats)."""
     ratio = [Fraction(str(float(r))) / Fraction(str(float(t)))
              for r, t in zip(resolution, target)]
-    lo = [math.floor(int(o) * q + Fraction(1, 2)) for o, q in zip(offset, ratio)]
-    hi = [math.floor((int(o) + int(n)) * q) for o, n, q in zip(offset, size, ratio)]
+    lo = [math.floor(int(o) * q) for o, q in zip(offset, ratio)]
+    hi = [math.ceil((int(o) + int(n)) * q) for o, n, q in zip(offset, size, ratio)]
     return lo, [max(1, h - o) for h, o in zip(hi, lo)]
 
 
@@ -93,12 +100,16 @@ def _nearest(lo: int, hi: int, r_s: float, r_t: float, o_s: int) -> np.ndarray:
 def _nearest_inside(target: Bbox, axis: int, resolution: Sequence[float],
                     offset: Sequence[int], size: Sequence[int], target_res: Sequence[float]
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Along one axis of a target block: its voxels (relative to the block) whose centre lies
-    in the source, and the source voxel (relative to the source's offset) each takes."""
-    k = _nearest(int(target.minpt[axis]), int(target.maxpt[axis]), resolution[axis],
-                 target_res[axis], offset[axis])
-    ok = (k >= 0) & (k < size[axis])
-    return np.flatnonzero(ok), k[ok]
+    """Along one axis of a target block: its voxels (relative to the block) that overlap the
+    source, and the source voxel (relative to the source's offset) each takes: the one
+    holding its centre, or the nearest where an edge voxel's centre lies outside (so a
+    coarser grid's edge voxel, which holds a source voxel's centre, is not left 0)."""
+    lo, hi = int(target.minpt[axis]), int(target.maxpt[axis])
+    k = _nearest(lo, hi, resolution[axis], target_res[axis], offset[axis])
+    p, d = _ratio(target_res[axis], resolution[axis])  # exact: voxel a spans [a, a+1) p/d
+    start, end = int(offset[axis]) * d, (int(offset[axis]) + int(size[axis])) * d
+    ok = np.array([a * p < end and (a + 1) * p > start for a in range(lo, hi)], bool)
+    return np.flatnonzero(ok), np.clip(k[ok], 0, int(size[axis]) - 1)
 
 
 def _samples(lo: int, hi: int, r_s: float, r_t: float, o_s: int, n_s: int):
