@@ -3,11 +3,14 @@
 The file kinds are the ones `deepem3d ingest` reads, in the same order (z, y, x; a layer of
 several channels, such as an affinity map, as z, y, x, c, which ingest does not read back), so
 that ingesting a one-channel export (an HDF5 one named with its dataset, FILE.h5:/data) gives
-the layer back:
+the layer back: its values, and from HDF5 and zarr, which record them, its voxel size and the
+box's place (.npy and TIFF record neither: give ingest --resolution and --voxel-offset):
 
 - `.npy`: NumPy's format;
-- `FILE.h5:/DATASET` (or `.hdf5`, `.hdf`): an HDF5 dataset, gzip-compressed, the file written
-  whole (default dataset `/data`);
+- `FILE.h5:/DATASET` (or `.hdf5`, `.hdf`): an HDF5 dataset, gzip-compressed (default dataset
+  `/data`), with CREMI's `resolution` and `offset` attributes (z, y, x, nm: the layer's voxel
+  size and the box's position), which ingest takes back. The file is written whole: it holds
+  that one dataset, and `overwrite` replaces an existing file, its other datasets included;
 - `.tif` / `.tiff`: a multi-page TIFF, one page per section (one channel only; BigTIFF past
   2 GB);
 - `.zarr`: an OME-Zarr 0.4 image of one level (zarr format 2, the layer's chunks, at most as
@@ -82,14 +85,14 @@ def export(
     axes = "zyx" + ("c" if channels > 1 else "")
     dtype = np.dtype(vol.dtype)
     rows = max(1, slab_bytes // max(1, x * y * channels * dtype.itemsize))
-    ome = None
+    nm = [float(r) for r in vol.resolution[::-1]]  # z, y, x: the voxel size and the box's
+    place = {"scale": nm,  # position, which zarr's OME metadata and HDF5's attributes record
+             "translation": [float(o) * r for o, r in zip(box.minpt.tolist()[::-1], nm)]}
     if kind == "zarr":
         chunk = [int(c) for c in vol.chunk_size[::-1]]  # z, y, x
         chunk[0] = min(chunk[0], rows)  # a slab is whole zarr chunks, and at most slab_bytes
         rows -= rows % chunk[0]
-        nm = [float(r) for r in vol.resolution[::-1]]
-        ome = {"chunks": chunk, "scale": nm,
-               "translation": [float(o) * r for o, r in zip(box.minpt.tolist()[::-1], nm)]}
+        place["chunks"] = chunk
         if channels > 1:
             shape, axes = (channels, z, y, x), "czyx"
     folder = os.path.dirname(os.path.abspath(file))
@@ -103,7 +106,7 @@ def export(
     # beside OUT, its name cut so that a name as long as the file system allows still fits
     partial = os.path.join(folder, f".{os.path.basename(file)[:128]}.partial-{os.getpid()}")
     try:
-        with _Writer(kind, partial, dataset, shape, dtype, ome) as write, tqdm(
+        with _Writer(kind, partial, dataset, shape, dtype, place) as write, tqdm(
             total=z, unit="z", desc=f"export {os.path.basename(file)}", file=sys.stderr,
             disable=not progress,
         ) as bar:
@@ -161,11 +164,10 @@ def _target(out: str) -> tuple[str, str, str | None]:
 class _Writer:
     """A context whose value writes sections [start, stop) of the array into the file."""
 
-    def __init__(self, kind: str, path: str, dataset: str | None, shape, dtype,
-                 ome: dict | None = None):
+    def __init__(self, kind: str, path: str, dataset: str | None, shape, dtype, place: dict):
         self.kind, self.path, self.dataset, self.shape, self.dtype = (
             kind, path, dataset, shape, dtype)
-        self.ome = ome  # zarr: chunks, scale and translation, z,y,x
+        self.place = place  # scale and translation (nm), zarr's chunks; z,y,x
 
     def __enter__(self):
         if self.kind == "npy":
@@ -180,6 +182,9 @@ class _Writer:
             self.handle = h5py.File(self.path, "w")
             data = self.handle.create_dataset(self.dataset, shape=self.shape, dtype=self.dtype,
                                               chunks=True, compression="gzip")
+            # CREMI's attributes, as `deepem3d.sources` reads them back (the array's order)
+            data.attrs["resolution"] = np.asarray(self.place["scale"], np.float64)
+            data.attrs["offset"] = np.asarray(self.place["translation"], np.float64)
 
             def write(start: int, stop: int, slab: np.ndarray) -> None:
                 data[start:stop] = slab
@@ -204,7 +209,7 @@ class _Writer:
         def axes(channel_value, zyx: list) -> list:
             return ([channel_value] if channel else []) + zyx
 
-        chunks = axes(1, self.ome["chunks"])
+        chunks = axes(1, self.place["chunks"])
         group = zarr.open_group(self.path, mode="w-", zarr_format=2)
         data = group.create_array("0", shape=self.shape, dtype=self.dtype,
                                   chunks=[min(c, n) for c, n in zip(chunks, self.shape)],
@@ -215,8 +220,8 @@ class _Writer:
             "axes": [{"name": "c", "type": "channel"} if a == "c" else
                      {"name": a, "type": "space", "unit": "nanometer"} for a in names],
             "datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": axes(1.0, self.ome["scale"])},
-                {"type": "translation", "translation": axes(0.0, self.ome["translation"])}]}],
+                {"type": "scale", "scale": axes(1.0, self.place["scale"])},
+                {"type": "translation", "translation": axes(0.0, self.place["translation"])}]}],
         }]
         self.handle = None
 

@@ -162,3 +162,41 @@ def test_an_export_larger_than_the_free_disk_is_refused_first(tmp_path, monkeypa
     with pytest.raises(InputError, match="would take 1.25 MiB .* 1 MiB free"):
         export_module.export(layer, str(tmp_path / "out.npy"), progress=False)
     assert not list(tmp_path.glob("*out.npy*"))
+
+
+def test_hdf5_exports_record_the_voxel_size_and_place_that_ingest_takes_back(tmp_path):
+    """CREMI's `resolution` and `offset` attributes (z, y, x, nm), at the box's place and at
+    --mip: ingest needs no --resolution and puts the layer where it was (it refused the file
+    for want of a voxel size). --overwrite replaces the whole file, other datasets too."""
+    rng = np.random.default_rng(2)
+    ids = rng.integers(1, 2**40, (5, 40, 60), dtype=np.uint64)  # z, y, x
+    path = f"file://{tmp_path / 'ids'}"
+    vol = create_layer(path, layer_type="segmentation", dtype="uint64", resolution=(4, 6, 40),
+                       size=ids.shape[::-1], voxel_offset=(10, 20, 30), chunk_size=(16, 16, 1))
+    vol[:, :, :] = xyz_from_zyx(ids)
+    vol.add_scale((2, 2, 1), chunk_size=(16, 16, 1))
+    vol.commit_info()
+    half = ids[:, ::2, ::2]
+    CloudVolume(path, mip=1, progress=False)[5:35, 10:30, 30:35] = xyz_from_zyx(half)
+    for mip, box, expected in ((0, ((15, 25, 31), (45, 55, 34)), ids[1:4, 5:35, 5:35]),
+                               (1, ((6, 12, 32), (30, 29, 35)), half[2:5, 2:19, 1:25])):
+        out = tmp_path / f"mip{mip}.h5"
+        export(path, str(out), bounds=box, mip=mip, progress=False)
+        res = [4.0 * 2**mip, 6.0 * 2**mip, 40.0]
+        with h5py.File(out) as f:
+            assert f["data"].attrs["resolution"].tolist() == res[::-1]
+            assert f["data"].attrs["offset"].tolist() == [
+                b * r for b, r in zip(box[0][::-1], res[::-1])]
+        back = tmp_path / f"back{mip}"
+        run_cli("ingest", out, back, "--layer-type", "segmentation", "--no-progress",
+                check=True)
+        layer = CloudVolume(f"file://{back}")
+        assert layer.resolution.tolist() == res and layer.voxel_offset.tolist() == list(box[0])
+        assert layer.volume_size.tolist() == [b - a for a, b in zip(*box)]
+        np.testing.assert_array_equal(np.asarray(layer[:, :, :])[..., 0],
+                                      xyz_from_zyx(expected))
+    with h5py.File(tmp_path / "mip0.h5", "a") as f:
+        f["mine"] = np.zeros(3)
+    export(path, f"{tmp_path / 'mip0.h5'}:/again", overwrite=True, progress=False)
+    with h5py.File(tmp_path / "mip0.h5") as f:
+        assert list(f) == ["again"]  # the file is written whole

@@ -17,15 +17,18 @@ from deepem3d.cli.options import Bounds
               help="The mip level to read.")
 @click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros (default: "
               "a missing chunk is an error, and nothing is written).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT whole (an HDF5 "
+              "file with all its datasets, not only DATASET).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar on stderr.")
 def export(layer: str, out: str, bounds: tuple | None, mip: int, fill_missing: bool,
            overwrite: bool, progress: bool) -> None:
     """Write LAYER (an image, a map or a segmentation) to OUT for other tools: FILE.npy,
-    FILE.h5[:/DATASET] (default /data), FILE.tif (one channel) or FOLDER.zarr (OME-Zarr, with
-    the voxel size and position in nm). Arrays are z,y,x (maps z,y,x,c; in zarr c,z,y,x), in
-    the order `deepem3d ingest` reads. OUT is complete or absent."""
+    FILE.h5[:/DATASET] (default /data; the file holds that one dataset, with CREMI's
+    resolution and offset attributes), FILE.tif (one channel) or FOLDER.zarr (OME-Zarr). HDF5
+    and zarr record the voxel size and the box's position in nm, which ingest takes back.
+    Arrays are z,y,x (maps z,y,x,c; in zarr c,z,y,x), in the order `deepem3d ingest` reads.
+    OUT is complete or absent."""
     from deepem3d.export import export as export_layer
 
     shape, dtype, axes = export_layer(layer, out, bounds=bounds, mip=mip, overwrite=overwrite,
