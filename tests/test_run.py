@@ -238,6 +238,8 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["inference.mip", "0 or more"]),
     ("a queue that is a list", {"segmentation:\n": "segmentation:\n  queue: [a]\n"},
      ["segmentation.queue", "expected the name"]),
+    ("an empty queue name", {"segmentation:\n": "segmentation:\n  queue: ''\n"},
+     ["segmentation.queue", "expected the name"]),
     ("a layer that is a list", {"  layers: [segmentation]\n": "  layers: [[segmentation]]\n"},
      ["downsample.layers", "unknown layer"]),
     ("sharded blocks", {"chunk_size: [32, 32, 2]": "chunk_size: [32, 16, 2]\n  sharded: true"},

@@ -466,7 +466,8 @@ def _check_sections(p: Pipeline) -> None:
     for section, values in (("inference", inf), ("segmentation", seg),
                             ("downsample", p.downsample), ("meshes", p.meshes),
                             ("skeletons", p.skeletons)):
-        if "queue" in values and not isinstance(values["queue"], str):
+        if "queue" in values and not (isinstance(values["queue"], str)
+                                      and values["queue"].strip()):
             _fail(p.source, f"{section}.queue", f"{values['queue']!r}: expected the name of "
                   "a queue that `queues:` defines")
     if "mask" in inf and not (isinstance(inf["mask"], str) and inf["mask"].strip()):
