@@ -369,6 +369,25 @@ def test_a_sample_cut_short_is_written_again_and_layers_at_its_place_are_not_inp
     assert not (tmp_path / "o").exists()
 
 
+def test_dry_run_counts_a_redone_segmentations_products_in_full(tmp_path, crop_layers):
+    """--overwrite makes the segmentation again, with the same keys, and deletes its levels',
+    meshes' and skeletons' markers: the dry run counted those stages' old markers as done."""
+    output = tmp_path / "out"
+    pipeline = pipeline_file(tmp_path, crop_layers, output)
+    run_cli("run", pipeline, "--parallel", "1", check=True)
+    dry = run_cli("run", pipeline, "--dry-run", "--overwrite", check=True).stdout
+    rows = {line[:24].strip(): line[24:].split()[:2] for line in dry.splitlines()
+            if line[:24].strip() in ("inference", "downsample segmentation", "mesh forge",
+                                     "mesh merge", "remap")}
+    assert rows["inference"][1] == "0", dry
+    for label in ("remap", "downsample segmentation", "mesh forge", "mesh merge"):
+        assert rows[label][0] == rows[label][1] != "0", (label, dry)
+    redo = run_cli("run", pipeline, "--parallel", "1", "--overwrite", check=True).stdout
+    for label in ("downsample segmentation", "mesh forge", "mesh merge"):
+        tasks = rows[label][0]
+        assert f"stage {label}: {tasks} task(s) ({tasks} run now)" in redo, (label, redo)
+
+
 def test_a_run_overwritten_with_other_segmentation_settings_keeps_its_map(
         tmp_path, crop_layers):
     """`tune --write`, then `run --overwrite`: --overwrite replaced every layer of the run, so

@@ -158,6 +158,8 @@ class _RunPlanner:
         self.written: dict[str, Bbox] = {}  # the region of each layer this run writes
         self.segmentation_ready = "segmentation" not in p.products
         self.segmentation_stand_in = ""
+        #: the segmentation is made again: its levels, meshes and skeletons' markers go with it
+        self.segmentation_redone = False
         self.segmentation_mips = None  # the segmentation's downsampling plan, when planned
 
     def scratch_dir(self) -> str:
@@ -343,6 +345,7 @@ class _RunPlanner:
         plan.lines.append(splan.describe())
         plan.warnings += splan.warnings
         self.written["segmentation"] = splan.bounds
+        self.segmentation_redone = splan.reset_tuning_stages
         for stage in stages:
             self.add(stage, "segmentation")
         if self.dry_run and not self.segmentation_ready:
@@ -376,11 +379,12 @@ class _RunPlanner:
         dplan.layer_path = layers[name]
         source = next((s.key for s in self.plan.stages if s.layer == dplan.layer_path
                        and s.name in ("inference", "remap")), "")
-        self.add(downsample_stage(dplan, source_key=source, label=f"downsample {name}",
-                                  fill_missing=down.get("fill_missing", False) or partial,
-                                  sparse=down.get("sparse", False),
-                                  needs=("remap",) if name == "segmentation" else ()),
-                 "downsample")
+        stage = downsample_stage(dplan, source_key=source, label=f"downsample {name}",
+                                 fill_missing=down.get("fill_missing", False) or partial,
+                                 sparse=down.get("sparse", False),
+                                 needs=("remap",) if name == "segmentation" else ())
+        stage.starts_over = name == "segmentation" and self.segmentation_redone
+        self.add(stage, "downsample")
 
     def objects(self, product: str) -> None:
         """The mesh or skeleton stages, once the segmentation and the mips they read exist."""
@@ -427,6 +431,7 @@ class _RunPlanner:
         plan.lines.append(f"{product}: {oplan.describe()}")
         source = next((s.key for s in plan.stages if s.name == "remap"), "")
         for stage in stages(oplan, source_key=source, needs=("remap",)):
+            stage.starts_over = self.segmentation_redone
             self.add(stage, product)
 
     def _writes_part_of(self, name: str, path: str) -> bool:

@@ -421,7 +421,8 @@ class Stage:
     note: str | None = None
     #: the label runners and reports use (several stages may share a name on different layers)
     label: str = ""
-    #: its prepare deletes its markers whatever its key (a segmentation redone by --overwrite)
+    #: its markers are deleted before it runs, whatever its key (a segmentation redone by
+    #: --overwrite: its own stages, and its levels', meshes' and skeletons')
     starts_over: bool = False
     markers: Markers = field(init=False, repr=False)
 
