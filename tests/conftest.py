@@ -64,10 +64,11 @@ def cli_here(*args: object) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit status 2, a single `deepem3d: error: ` line on stderr, no traceback, naming the
-    problem."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str,
+                          status: int = 2) -> None:
+    """Exit status 2 (or `status`: 75 for a service that did not answer), a single
+    `deepem3d: error: ` line on stderr, no traceback, naming the problem."""
+    assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("deepem3d: error: "), lines[0]

@@ -11,6 +11,7 @@ import time
 from taskqueue import queueable
 from taskqueue.queueables import totask
 
+from deepem3d.errors import ServiceUnavailable
 from deepem3d.stages.frame import stage_task
 
 
@@ -59,6 +60,15 @@ def Touch(path: str) -> None:  # noqa: N802
 def FailsInFrame(message: str) -> None:  # noqa: N802
     """A frame task with a bug that no retry fixes."""
     raise RuntimeError(message)
+
+
+@stage_task
+def UnavailableOnceInFrame(flag_path: str) -> None:  # noqa: N802
+    """A frame task whose first attempt meets a service that does not answer."""
+    if not os.path.exists(flag_path):
+        with open(flag_path, "w") as f:
+            f.write(str(os.getpid()))
+        raise ServiceUnavailable("s3://bucket: the S3 endpoint does not answer")
 
 
 @stage_task

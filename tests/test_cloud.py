@@ -486,8 +486,9 @@ def test_whole_pipeline_on_s3_and_sqs_equals_the_local_run(tmp_path, moto_endpoi
 
 def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, monkeypatch):
     """A queue or bucket that does not exist, an endpoint that does not answer, missing
-    credentials: each a one-line error with exit status 2 after a bounded retry, in seconds
-    (botocore's and CloudFiles' own retries take minutes)."""
+    credentials: each a one-line error with exit status 2 (75 for a service that does not
+    answer, which may a minute later) after a bounded retry, in seconds (botocore's and
+    CloudFiles' own retries take minutes)."""
     # a bucket of its own: CloudFiles keeps one connection pool per bucket in a process, and
     # an earlier test's pool for the same name points at that test's server
     boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="em-mistakes")
@@ -495,9 +496,9 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     np.save(npy, np.zeros((4, 32, 32), np.uint8))
     ingest = ("ingest", npy, "--resolution", "4,4,40")
 
-    def quick(*args, fragments):
+    def quick(*args, fragments, status=2):
         started = time.time()
-        assert_one_line_error(run_cli(*args), *fragments)
+        assert_one_line_error(run_cli(*args), *fragments, status=status)
         assert time.time() - started < 30, args
 
     quick("worker", "sqs://nope", fragments=["sqs://nope", "no such SQS queue"])
@@ -523,11 +524,13 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", closed)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", closed)
-    quick("worker", "sqs://work", fragments=["sqs://work", "Could not connect"])
-    quick("queue", "create", "sqs://work", fragments=["Could not connect"])
-    quick(*ingest, "s3://em-mistakes/image", fragments=["s3://em-mistakes", "does not answer"])
+    # a service that does not answer: exit 75, which the driver Job retries (2 ends it)
+    quick("worker", "sqs://work", fragments=["sqs://work", "Could not connect"], status=75)
+    quick("queue", "create", "sqs://work", fragments=["Could not connect"], status=75)
+    quick(*ingest, "s3://em-mistakes/image", fragments=["s3://em-mistakes", "does not answer"],
+          status=75)
     quick("infer", f"{closed}/image", tmp_path / "map", "--dry-run",
-          fragments=[closed, "does not answer"])  # http(s) layers and models
+          fragments=[closed, "does not answer"], status=75)  # http(s) layers and models
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)

@@ -370,7 +370,7 @@ queues:
   default: sqs://deepem3d-default
   large: {{url: sqs://deepem3d-large, min_memory: 6GiB, max_memory: 55GiB}}
 """
-ROW = re.compile(r"^(?P<label>.+?)\s+(?P<tasks>\d+)\s+(?P<memory>[\d.]+ \w+)\s+\S+\s+"
+ROW = re.compile(r"^(?P<label>.+?)\s+(?P<tasks>\d+)\s+\d+\s+(?P<memory>[\d.]+ \w+)\s+\S+\s+"
                  r"(?:GPU|core)\s+(?:-|[\d.]+ \w+)\s+sqs://deepem3d-(?P<pool>\w+)$")
 
 

@@ -39,6 +39,7 @@ from tests.queue_helpers import (
     SleepThenTouch,
     StallOnce,
     Touch,
+    UnavailableOnceInFrame,
 )
 
 
@@ -184,6 +185,24 @@ def test_a_task_that_always_fails_is_set_aside(tmp_path):
     assert "AlwaysFails" in failed.read_text()
     assert "2 times" in failed.with_suffix(".error").read_text()
     assert os.listdir(queue_dir / "attempts") == []
+
+
+def test_a_service_that_did_not_answer_is_retried_not_set_aside(tmp_path):
+    """A task that met a bucket or queue that did not answer (ServiceUnavailable, an
+    InputError) was failed as bad input: set aside at once, its stage's failure recorded, the
+    run stopped. It is released and runs again."""
+    queue_dir = tmp_path / "queue"
+    tq = TaskQueue(f"fq://{queue_dir}", progress=False)
+    layer = f"file://{tmp_path / 'layer'}"
+    markers = Markers(layer, "cloud")
+    markers.start_run("k1", {}, ["t1"])
+    tq.insert([partial(UnavailableOnceInFrame, flag_path=str(tmp_path / "flag"),
+                       run={"layer": layer, "stage": "cloud", "id": "t1", "key": "k1"})])
+    worker = start_worker(f"fq://{queue_dir}", "--exit-when-empty", "--max-attempts", "3")
+    _, log = worker.communicate(timeout=120)
+    assert (tmp_path / "flag").exists() and markers.is_done("t1"), log
+    assert "did not answer" in log and not markers.failures(), log
+    assert tq.enqueued == 0 and not list((queue_dir / "failed").glob("*")), log
 
 
 def test_messages_that_are_not_tasks_are_set_aside_and_the_worker_goes_on(tmp_path):

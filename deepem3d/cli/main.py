@@ -2,7 +2,8 @@
 
 Expected mistakes (InputError, click usage errors, a path that runs through a file where a
 folder is needed, a path the user may not read or write) print one line and exit with status
-2; anything else is a bug and keeps its traceback.
+2 (75 where a bucket or queue service did not answer: trying again may work); anything else is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from deepem3d.cli.segment import segment
 from deepem3d.cli.train import train
 from deepem3d.cli.tune import tune
 from deepem3d.cli.view import view
-from deepem3d.errors import InputError
+from deepem3d.errors import EXIT_UNAVAILABLE, InputError, ServiceUnavailable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         rv = cli.main(args=argv, prog_name="deepem3d", standalone_mode=False)
     except InputError as err:
         click.echo(f"deepem3d: error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_UNAVAILABLE if isinstance(err, ServiceUnavailable) else 2)
     except (NotADirectoryError, FileExistsError) as err:
         if not _file_in_the_way(err):
             raise

@@ -116,12 +116,15 @@ def sqs_client() -> BaseClient:
 
 def sqs_call(what: str, fn: Callable[..., dict], **kwargs: Any) -> dict:
     """One SQS call, its failures (no credentials, no answer, no such queue) as one-line
-    InputErrors that name no credential."""
+    InputErrors that name no credential (ServiceUnavailable where SQS did not answer)."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    from deepem3d.storage.cloud import unavailable
 
     try:
         return fn(**kwargs)
     except ClientError as err:
+        unavailable(what, err)
         error = err.response.get("Error", {})
         code = str(error.get("Code"))
         region = getattr(getattr(getattr(fn, "__self__", None), "meta", None), "region_name",
@@ -139,6 +142,7 @@ def sqs_call(what: str, fn: Callable[..., dict], **kwargs: Any) -> dict:
         raise InputError(f"{what}: no AWS credentials found (set AWS_ACCESS_KEY_ID and "
                          "AWS_SECRET_ACCESS_KEY, a profile, or the pod's role)") from None
     except BotoCoreError as err:
+        unavailable(what, err)
         raise InputError(f"{what}: {err}") from None
 
 

@@ -53,7 +53,7 @@ from taskqueue import QueueEmptyError
 from taskqueue.lib import jsonify
 from taskqueue.queueables import totask
 
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, ServiceUnavailable
 from deepem3d.memory import peak_rss
 from deepem3d.run.admission import Refused, admit, normal_path
 from deepem3d.run.file_queue import UNREADABLE_GRACE, FileQueue, task_id
@@ -587,6 +587,14 @@ class Worker:
             keeper.stop()
             raise
         except InputError as err:
+            if isinstance(err, ServiceUnavailable):  # a service that may answer on a retry
+                keeper.stop()
+                report.errors += 1
+                log.error("task %s (%s) met a service that did not answer: %s", label,
+                          stage_of(task), err)
+                record_error(task, err, attempts)
+                self._release(task)
+                return
             # bad input fails the same way on every retry: once, visibly (the task's stage
             # has its failure record, which the runner reports)
             keeper.stop()

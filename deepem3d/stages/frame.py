@@ -51,7 +51,7 @@ from taskqueue import queueable
 from taskqueue.lib import jsonify
 from taskqueue.queueables import totask
 
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, ServiceUnavailable
 from deepem3d.memory import peak_rss, reset_peak
 from deepem3d.storage.layers import cloudpath, info_naming
 from deepem3d.storage.paths import put_json_whole
@@ -232,7 +232,8 @@ def run_in_frame(fn: Callable, run: dict, args: tuple, kwargs: dict) -> None:
     try:
         record = fn(*args, **kwargs) or {}
     except InputError as err:
-        markers.mark_failed(task_id, str(err))
+        if not isinstance(err, ServiceUnavailable):  # that one may pass: the task is retried
+            markers.mark_failed(task_id, str(err))
         raise
     seconds = time.perf_counter() - start
     markers.mark_done(task_id, {

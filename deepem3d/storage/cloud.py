@@ -21,7 +21,7 @@ import functools
 import os
 from typing import TYPE_CHECKING
 
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, ServiceUnavailable
 
 if TYPE_CHECKING:
     from botocore.config import Config
@@ -101,8 +101,8 @@ def _check_host(host: str, port: int, where: str) -> None:
     try:
         socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
     except OSError as err:
-        raise InputError(f"{where}: the server does not answer ({err.strerror or err})") \
-            from None
+        raise ServiceUnavailable(f"{where}: the server does not answer "
+                                 f"({err.strerror or err})") from None
 
 
 @functools.cache
@@ -139,8 +139,9 @@ def _check_s3(bucket: str) -> None:
                          "AWS_SECRET_ACCESS_KEY, a profile, CloudVolume's aws-secret.json, or "
                          "the pod's role)") from None
     except EndpointConnectionError as err:
-        raise InputError(f"{where}: the S3 endpoint does not answer ({err})") from None
+        raise ServiceUnavailable(f"{where}: the S3 endpoint does not answer ({err})") from None
     except ClientError as err:
+        unavailable(where, err)
         code = str(err.response.get("Error", {}).get("Code"))
         if code in ("404", "NoSuchBucket", "NotFound"):
             raise InputError(f"{where}: no such bucket (create it, or check the path)") \
@@ -151,7 +152,29 @@ def _check_s3(bucket: str) -> None:
         raise InputError(f"{where}: {code}: {err.response.get('Error', {}).get('Message')}") \
             from None
     except BotoCoreError as err:
+        unavailable(where, err)
         raise InputError(f"{where}: {err}") from None
+
+
+#: AWS error codes of a service that may answer a moment later
+THROTTLED = ("Throttling", "ThrottlingException", "RequestThrottled", "SlowDown",
+             "RequestLimitExceeded", "ServiceUnavailable", "InternalError", "InternalFailure")
+
+
+def unavailable(where: str, err: Exception) -> None:
+    """ServiceUnavailable for a botocore error of a service that did not answer (no
+    connection, a timeout, throttling, a 5xx); else nothing: the caller words the rest."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(err, BotoConnectionError | HTTPClientError):
+        raise ServiceUnavailable(f"{where}: {err}") from None
+    if isinstance(err, ClientError):
+        error = err.response.get("Error", {})
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if str(error.get("Code")) in THROTTLED or int(status) >= 500:
+            raise ServiceUnavailable(f"{where}: {error.get('Code')}: "
+                                     f"{error.get('Message')}") from None
 
 
 def _check_gs(bucket: str) -> None:
@@ -183,6 +206,10 @@ def _check_gs(bucket: str) -> None:
     except google_errors.Forbidden:
         raise InputError(f"{where}: access denied (the credentials found may not use this "
                          "bucket)") from None
-    except (google_errors.GoogleAPIError, OSError) as err:
-        raise InputError(f"{where}: the storage endpoint does not answer "
-                         f"({type(err).__name__})") from None
+    except (google_errors.ServerError, google_errors.TooManyRequests, google_errors.RetryError,
+            OSError) as err:
+        raise ServiceUnavailable(f"{where}: the storage endpoint does not answer "
+                                 f"({type(err).__name__})") from None
+    except google_errors.GoogleAPIError as err:
+        raise InputError(f"{where}: the storage endpoint refused the request "
+                         f"({type(err).__name__}: {err})") from None
