@@ -285,6 +285,10 @@ def test_pool(target, pool):
     grace = pod["terminationGracePeriodSeconds"]
     assert grace >= (1800 if pool == "inference" else 600)
     assert {"name": "DEEPEM3D_GRACE_SECONDS", "value": str(grace)} in container["env"]
+    # a node autoscaler emptying a node grants 10 minutes at most: it leaves workers alone
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    assert annotations["karpenter.sh/do-not-disrupt"] == "true"
 
     # the Dockerfile's target for the pool: CUDA for inference, CPU for the others
     target_image = "cuda" if pool == "inference" else "cpu"
