@@ -10,12 +10,13 @@ setup: $(VENV)/.installed
 
 # torch first, pinned: the CPU wheel where pip finds it locally (README: elsewhere, PyTorch's
 # CPU index); the project then asks for a range that 2.13.0 satisfies, so pip installs nothing
-# bigger.
-$(VENV)/.installed: pyproject.toml
+# bigger. Its dependencies at the versions the worker images install (docker/constraints.txt):
+# the tests run what the workers run.
+$(VENV)/.installed: pyproject.toml docker/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --constraint docker/constraints.txt -e '.[test]'
 	touch $@
 
 # The main job on the embedded ISBI 2012 sample: `deepem3d demo`, one run of the pipeline file
