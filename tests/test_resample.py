@@ -123,8 +123,11 @@ def test_infer_reads_the_resampled_image_and_bad_input_is_one_line(image, tmp_pa
     assert run_cli("infer", out, tmp_path / "map", "--dry-run", check=True).returncode == 0
     again = run_cli("resample", path, out, "--resolution", "4,4,50", check=True)
     assert "resuming" in again.stdout  # the same run: its finished tasks are skipped
+    # another resample's output: what it holds and what this plan wants, both named (a grid
+    # made before the far end was rounded up differs only there)
     assert_one_line_error(run_cli("resample", path, out, "--resolution", "4.2,4.2,50"),
-                          "already holds data", "--overwrite")
+                          "already holds data, resampled with other settings or onto another "
+                          "grid (at 4,4,50 nm", "this plan: 4.2,4.2,50 nm", "--overwrite")
     assert_one_line_error(run_cli("resample", path, tmp_path / "x", "--resolution", "0,4,50"),
                           "must be positive")
     assert_one_line_error(run_cli("resample", path, tmp_path / "x", "--resolution", "1,1,50"),

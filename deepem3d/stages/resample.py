@@ -55,11 +55,13 @@ from deepem3d.storage.layers import (
     check_output_apart,
     cloudpath,
     create_layer,
+    layer_geometry,
     layer_holds_data,
     open_layer,
     read_block,
     write_block,
 )
+from deepem3d.units import format_triple
 
 STAGE = "resample"
 DEFAULT_TASK_SHAPE = (512, 512, 64)  # rounded up to whole output chunks
@@ -317,9 +319,22 @@ def plan_resample(image_path: str, output_path: str, *,
         dtype="uint32" if segmentation and vol.dtype == np.uint8 else str(vol.dtype),
         blocks=block_grid(Bbox(offset, [o + s for o, s in zip(offset, size)]), task_shape))
     if layer_holds_data(output_path) and not overwrite:
-        if Markers(output_path, STAGE).current_key() != resample_key(plan):
-            raise InputError(f"{output_path} already holds data: pass --overwrite to replace "
-                             "it, or choose another OUTPUT")
+        made = Markers(output_path, STAGE).current_key()
+        if made != resample_key(plan):
+            if made is None:
+                raise InputError(f"{output_path} already holds data: pass --overwrite to "
+                                 "replace it, or choose another OUTPUT")
+            # another resample's: other settings, or the same under the former grid rule (its
+            # far end rounded down)
+            have = layer_geometry(output_path) or {}
+            raise InputError(
+                f"{output_path} already holds data, resampled with other settings or onto "
+                f"another grid (at {format_triple(have.get('resolution', []))} nm, offset "
+                f"{format_triple(have.get('voxel_offset', []))}, size "
+                f"{format_triple(have.get('size', []))}; this plan: "
+                f"{format_triple(plan.resolution)} nm, offset "
+                f"{format_triple(plan.voxel_offset)}, size {format_triple(plan.size)}): pass "
+                "--overwrite to replace it, or choose another OUTPUT")
         plan.resume = True
     return plan
 
