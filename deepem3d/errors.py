@@ -1,4 +1,5 @@
-"""The one exception type for expected mistakes: the CLI turns it into a one-line error, exit 2;
+"""The one exception type for expected mistakes: the CLI turns it into a one-line error, exit 2
+(its kind for a service that did not answer, 75);
 the one spelling of a warning, a line on stderr that lets the command go on; and the write
 errors (a full disk) reported the same way."""
 

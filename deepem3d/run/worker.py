@@ -587,21 +587,17 @@ class Worker:
             keeper.stop()
             raise
         except InputError as err:
-            if isinstance(err, ServiceUnavailable):  # a service that may answer on a retry
-                keeper.stop()
-                report.errors += 1
-                log.error("task %s (%s) met a service that did not answer: %s", label,
-                          stage_of(task), err)
-                record_error(task, err, attempts)
-                self._release(task)
-                return
-            # bad input fails the same way on every retry: once, visibly (the task's stage
-            # has its failure record, which the runner reports)
             keeper.stop()
             report.errors += 1
-            log.error("task %s (%s) failed on its input: %s", label, name, err)
+            passing = isinstance(err, ServiceUnavailable)  # a service may answer on a retry
+            log.error("task %s (%s) %s: %s", label, name, "met a service that did not answer"
+                      if passing else "failed on its input", err)
             record_error(task, err, attempts)
-            self._give_up(task, _last_line(err))
+            if passing:
+                self._release(task)
+            else:  # bad input fails the same way on every retry: once, visibly (the task's
+                # stage has its failure record, which the runner reports)
+                self._give_up(task, _last_line(err))
             return
         except BaseException as err:  # noqa: BLE001  (taskqueue raises BaseExceptions)
             keeper.stop()
