@@ -37,7 +37,7 @@ from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
 from deepem3d.axes import zyx_from_xyz
-from deepem3d.errors import WRITE_ERRNOS, InputError
+from deepem3d.errors import InputError, write_errors_reported
 from deepem3d.ingest import SLAB_BYTES
 from deepem3d.sources import TIFF_SUFFIXES, split_hdf5
 from deepem3d.storage import layers
@@ -106,29 +106,26 @@ def export(
     # beside OUT, its name cut so that a name as long as the file system allows still fits
     partial = os.path.join(folder, f".{os.path.basename(file)[:128]}.partial-{os.getpid()}")
     try:
-        with _Writer(kind, partial, dataset, shape, dtype, place) as write, tqdm(
-            total=z, unit="z", desc=f"export {os.path.basename(file)}", file=sys.stderr,
-            disable=not progress,
-        ) as bar:
-            (x0, y0, z0), (x1, y1, _) = box.minpt.tolist(), box.maxpt.tolist()
-            for start in range(0, z, rows):
-                stop = min(z, start + rows)
-                slab = zyx_from_xyz(layers.read_block(
-                    vol, (x0, y0, z0 + start), (x1, y1, z0 + stop), "finish writing the "
-                    "layer, or pass --fill-missing to read them as 0"))
-                write(start, stop, slab if channels > 1 else slab[..., 0])
-                bar.update(stop - start)
-        if kind == "zarr" and os.path.lexists(file):  # --overwrite: a folder is not replaced
-            old = f"{partial}-replaced"  # so: moved aside, the new one named, the old removed
-            os.replace(file, old)
-            os.replace(partial, file)
-            _remove(old)
-        else:
-            os.replace(partial, file)
-    except OSError as err:
-        if err.errno not in WRITE_ERRNOS:  # a read's (a network error is an OSError too)
-            raise
-        raise InputError(f"cannot write {file}: {err}") from None
+        with write_errors_reported(file):
+            with _Writer(kind, partial, dataset, shape, dtype, place) as write, tqdm(
+                total=z, unit="z", desc=f"export {os.path.basename(file)}", file=sys.stderr,
+                disable=not progress,
+            ) as bar:
+                (x0, y0, z0), (x1, y1, _) = box.minpt.tolist(), box.maxpt.tolist()
+                for start in range(0, z, rows):
+                    stop = min(z, start + rows)
+                    slab = zyx_from_xyz(layers.read_block(
+                        vol, (x0, y0, z0 + start), (x1, y1, z0 + stop), "finish writing the "
+                        "layer, or pass --fill-missing to read them as 0"))
+                    write(start, stop, slab if channels > 1 else slab[..., 0])
+                    bar.update(stop - start)
+            if kind == "zarr" and os.path.lexists(file):  # --overwrite: a folder is not replaced
+                old = f"{partial}-replaced"  # so: moved aside, the new one named, the old removed
+                os.replace(file, old)
+                os.replace(partial, file)
+                _remove(old)
+            else:
+                os.replace(partial, file)
     finally:
         _remove(partial)
     return shape, dtype, axes

@@ -164,6 +164,37 @@ def test_an_export_larger_than_the_free_disk_is_refused_first(tmp_path, monkeypa
     assert not list(tmp_path.glob("*out.npy*"))
 
 
+@pytest.mark.parametrize("kind", ["npy", "h5"])
+def test_a_disk_that_fills_during_an_export_is_one_line_error_and_leaves_nothing(
+        tmp_path, monkeypatch, kind):
+    """A write that meets a full disk mid-way is `cannot write OUT: WHY (N free in FOLDER)`,
+    the words a training checkpoint uses, and no partial file stays; an OSError that is not a
+    write's (a read's) passes unchanged."""
+    import errno
+
+    from deepem3d import export as export_module
+    from deepem3d.errors import InputError
+    from tests.conftest import make_layer
+
+    layer = make_layer(tmp_path / "layer")
+    out = tmp_path / f"out.{kind}"
+    for failure, expected in ((OSError(errno.ENOSPC, "No space left on device"), InputError),
+                              (OSError(errno.ECONNRESET, "Connection reset"), OSError)):
+        def fail(*args, failure=failure, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(export_module, "zyx_from_xyz", fail)
+        with pytest.raises(expected) as caught:
+            export_module.export(layer, str(out), progress=False)
+        if expected is InputError:
+            assert str(caught.value).startswith(
+                f"cannot write {out}: No space left on device (")
+            assert f"free in {tmp_path})" in str(caught.value)
+        else:
+            assert caught.value is failure
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["layer"]
+
+
 def test_hdf5_exports_record_the_voxel_size_and_place_that_ingest_takes_back(tmp_path):
     """CREMI's `resolution` and `offset` attributes (z, y, x, nm), at the box's place and at
     --mip: ingest needs no --resolution and puts the layer where it was (it refused the file

@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import shutil
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -23,9 +22,8 @@ from typing import TYPE_CHECKING
 import torch
 
 import deepem3d
-from deepem3d.errors import WRITE_ERRNOS, InputError
+from deepem3d.errors import InputError, write_errors_reported
 from deepem3d.models.shipped import DEFAULT_MODEL, ENSEMBLES, PRETRAINED, expand_models
-from deepem3d.units import format_bytes
 
 if TYPE_CHECKING:
     from deepem3d.models.network import DeepEM3DNet
@@ -64,15 +62,9 @@ def write_atomically(payload: dict, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        if isinstance(err, OSError) and err.errno not in WRITE_ERRNOS:
-            raise
-        why = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
-        free = shutil.disk_usage(path.parent).free
-        raise InputError(f"cannot write {path}: {why} ({format_bytes(free) if free else '0 B'} "
-                         f"free in {path.parent})") from None
+        with write_errors_reported(path, also=(RuntimeError,)):
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import deepem3d
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
-from deepem3d.errors import WRITE_ERRNOS, InputError
+from deepem3d.errors import InputError, write_errors_reported
 from deepem3d.models.checkpoint import (
     absolute_location,
     load_checkpoint,
@@ -407,13 +407,10 @@ class Trainer:
             save_checkpoint(self.out / BEST, self.model, meta, iteration=self.iteration)
         save_checkpoint(self.out / LAST, self.model, meta, optimizer=self.optimizer,
                         iteration=self.iteration, scaler=self.scaler)
-        try:
+        with write_errors_reported(self.out / HISTORY):
             (self.out / HISTORY).write_text(json.dumps(self.history, indent=1))
+        with write_errors_reported(self.out / CURVE):
             plot_learning_curve(self.history, self.out / CURVE)
-        except OSError as err:  # a full disk, as the checkpoints report it
-            if err.errno not in WRITE_ERRNOS:
-                raise
-            raise InputError(f"cannot write in {self.out}: {err.strerror}") from None
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:
