@@ -540,6 +540,35 @@ def test_the_scored_region_is_the_ground_truth_within_the_segmentation(tmp_path,
     assert merged.skeletons == {"mip": 1, "min_cable_nm": 900}
 
 
+def test_a_ground_truth_with_a_mip_at_the_maps_voxel_size_is_scored_there(tmp_path,
+                                                                            crop_layers):
+    """`deepem3d evaluate`'s rule: a ground truth labelled at 2,2,50 nm whose mip 1 holds
+    the map's 4,4,50 is scored at that mip, as its mip 1 alone would be (a run refused it
+    before anything ran, since its mip 0 is finer)."""
+    from deepem3d.run.pipeline import load_pipeline
+    from deepem3d.run.plan import check_scoring, score
+
+    gt = np.asarray(CloudVolume(crop_layers["gt"])[:, :, :])[..., 0]  # x, y, z
+    fine = f"file://{tmp_path / 'fine_gt'}"
+    vol = create_layer(fine, layer_type="segmentation", dtype="uint64", resolution=(2, 2, 50),
+                       size=(256, 256, 10), chunk_size=(64, 64, 10))
+    vol[:, :, :] = gt.repeat(2, axis=0).repeat(2, axis=1)
+    vol.add_scale((2, 2, 1), chunk_size=(64, 64, 10))
+    vol.commit_info()
+    CloudVolume(fine, mip=1)[:, :, :] = gt
+    seg = f"file://{tmp_path / 'seg'}"  # pairs of ground-truth segments merged
+    create_layer(seg, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 50),
+                 size=SHAPE, chunk_size=(64, 64, 10))[:, :, :] = gt // 2
+    scores = []
+    for ground_truth in (fine, crop_layers["gt"]):
+        p = load_pipeline(str(pipeline_file(tmp_path, crop_layers, tmp_path / "o", **{
+            f"ground_truth: {crop_layers['gt']}": f"ground_truth: {ground_truth}"})))
+        check_scoring(p, ground_truth, Bbox((0, 0, 0), SHAPE), (4.0, 4.0, 50.0))
+        scores.append(score(p, {"segmentation": seg, "ground_truth": ground_truth}))
+    assert scores[0] == scores[1] and scores[0]["evaluated_bounds"] == [0, 0, 6, 128, 128, 10]
+    assert 0 < scores[0]["adapted_rand_error"] < 1
+
+
 def test_a_task_that_fails_on_bad_input_fails_once_and_stops_the_run(tmp_path):
     """A map with a chunk missing: the task that reads it fails once, visibly, and the command
     stops with its one-line message (no retries, no tracebacks)."""

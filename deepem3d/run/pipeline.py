@@ -5,7 +5,8 @@
                                        # (relative paths: from the current folder, as on the
                                        # command line, not from the file's)
     image: gs://bucket/em/image        # or `sample:isbi2012`, the embedded sample (written first)
-    ground_truth: gs://bucket/em/gt    # optional: scores in report.json (`sample:isbi2012` too)
+    ground_truth: gs://bucket/em/gt    # optional: scores in report.json (`sample:isbi2012` too),
+                                       # at its mip of the map's voxel size
     map: gs://bucket/em/affinity       # optional: segment an existing map instead of inferring
     products: [map, segmentation, downsample]   # default: [map, segmentation]
     inference:                         # the `deepem3d infer` options, spelled with underscores

@@ -506,20 +506,23 @@ def evaluated_region(p: Pipeline, gt_bounds: Bbox) -> Bbox:
 
 def check_scoring(p: Pipeline, ground_truth: str, map_bounds: Bbox,
                   map_resolution: Sequence[float]) -> None:
-    """Before anything runs: the ground truth holds labels at the map's voxel size, and the
-    region scored lies inside it and the region segmented (a late OutOfBoundsError would come
-    after hours)."""
-    from deepem3d.storage.labels import open_labels
+    """Before anything runs: the ground truth holds labels at the map's voxel size (at any of
+    its mips: `deepem3d evaluate`'s rule), and the region scored lies inside it and the region
+    segmented (a late OutOfBoundsError would come after hours)."""
+    from deepem3d.storage.labels import mip_at, open_labels
 
     try:
         gt = open_labels(ground_truth, "ground_truth")
     except InputError as err:
         raise _in_key(p.source, "ground_truth", err) from None
-    if not np.allclose(np.asarray(gt.resolution, dtype=float), map_resolution):
-        raise InputError(f"{p.source}: ground_truth: its voxels are "
-                         f"{format_triple(gt.resolution)} nm and the segmentation's will be "
-                         f"{format_triple(map_resolution)} nm: score at one voxel size (a "
-                         "ground truth of the image's mip, or inference.mip)")
+    gt_mip = mip_at(gt, map_resolution)
+    if gt_mip is None:
+        held = ", ".join(dict.fromkeys(format_triple(gt.meta.resolution(m))
+                                       for m in sorted(gt.available_mips)))
+        raise InputError(f"{p.source}: ground_truth: its voxels are {held} nm and the "
+                         f"segmentation's will be {format_triple(map_resolution)} nm: score at "
+                         "one voxel size (a ground truth of the image's mip, or inference.mip)")
+    gt.mip = gt_mip
     region = evaluated_region(p, gt.bounds)
     key = "evaluate.bounds" if p.evaluate.get("bounds") else "ground_truth"
     if np.any(np.asarray(region.size3()) <= 0):
@@ -542,9 +545,11 @@ def score(p: Pipeline, layers: dict[str, str]) -> dict:
     from cloudvolume import CloudVolume
 
     from deepem3d.stages.scoring import score_layers
+    from deepem3d.storage.labels import mip_at
 
     seg = CloudVolume(layers["segmentation"], progress=False)
     gt = CloudVolume(layers["ground_truth"], progress=False)
+    gt.mip = mip_at(gt, seg.resolution)  # the mip check_scoring found
     region = evaluated_region(p, gt.bounds)
     x0, y0, z0, x1, y1, z1 = (int(v) for v in (*region.minpt, *region.maxpt))
     _, result = score_layers(seg, gt, region, progress=False, missing_hint=(

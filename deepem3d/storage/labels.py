@@ -1,9 +1,9 @@
-"""Label layers opened for scoring (`deepem3d evaluate`, `deepem3d tune`): the checks both make,
-each a one-line InputError, in one place."""
+"""Label layers opened for scoring (`deepem3d evaluate`, `deepem3d tune`, a pipeline's
+`ground_truth`): the checks they make, each a one-line InputError, in one place."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from cloudvolume import CloudVolume
@@ -63,23 +63,30 @@ def compare_at(seg_vol: CloudVolume, gt_vol: CloudVolume, mip: int | None = None
     Sets both layers' mip and returns SEG's. An InputError when there is no such pair, ending
     in `fix` (default: evaluate's, which names the --mip values that would do)."""
     seg_res = {m: _resolution(seg_vol, m) for m in sorted(seg_vol.available_mips)}
-    gt_mips: dict[tuple[float, ...], int] = {}
-    for m in sorted(gt_vol.available_mips):
-        gt_mips.setdefault(_resolution(gt_vol, m), m)
     for m in [mip] if mip is not None else list(seg_res):
-        if seg_res[m] in gt_mips:
-            seg_vol.mip, gt_vol.mip = m, gt_mips[seg_res[m]]
+        gt_mip = mip_at(gt_vol, seg_res[m])
+        if gt_mip is not None:
+            seg_vol.mip, gt_vol.mip = m, gt_mip
             return m
-    shared = [m for m, r in seg_res.items() if r in gt_mips]
+    shared = [m for m, r in seg_res.items() if mip_at(gt_vol, r) is not None]
     if fix is None:
         fix = (f"pass --mip {shared[0]} (SEG's {format_triple(seg_res[shared[0]])} nm)"
                if shared else "give the layers a resolution in common (`deepem3d downsample` "
                "adds mips to the finer one)")
-    gt_has = ", ".join(format_triple(r) for r in gt_mips)
+    gt_has = ", ".join(dict.fromkeys(format_triple(_resolution(gt_vol, m))
+                                     for m in sorted(gt_vol.available_mips)))
     what = (f"SEG's mip {mip} ({format_triple(seg_res[mip])} nm)" if mip is not None else
             f"any of SEG's resolutions ({', '.join(format_triple(r) for r in seg_res.values())}"
             " nm)")
     raise InputError(f"GT has no mip at {what}: GT's voxels are {gt_has} nm; {fix}")
+
+
+def mip_at(vol: CloudVolume, resolution: Sequence[float]) -> int | None:
+    """VOL's finest mip whose voxels are `resolution` (nm, to float rounding), or None."""
+    for m in sorted(vol.available_mips):
+        if np.allclose(_resolution(vol, m), resolution, rtol=1e-6, atol=0):
+            return m
+    return None
 
 
 def _resolution(vol: CloudVolume, mip: int) -> tuple[float, ...]:
