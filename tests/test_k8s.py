@@ -269,9 +269,13 @@ def test_pool(target, pool):
         selector = {"base": set(), "gke": {"cloud.google.com/gke-accelerator"},
                     "eks": {"node.kubernetes.io/instance-type"}}[target]
         assert set(pod.get("nodeSelector", {})) == selector
-    else:
+    else:  # on the node pool labelled for it (docs/kubernetes.md), so that the 8Gi pods
+        # do not take the room on highmem nodes that the 64Gi ones need
         assert "nvidia.com/gpu" not in resources["limits"]
-        assert "nodeSelector" not in pod and "tolerations" not in pod
+        assert pod["nodeSelector"] == {"deepem3d/pool": pool} and "tolerations" not in pod
+        doc = (ROOT / "docs" / "kubernetes.md").read_text()
+        assert doc.count(f"--node-labels=deepem3d/pool={pool}") == 1
+        assert doc.count(f"labels: {{deepem3d/pool: {pool}}}") == 1
     assert resources["requests"]["memory"] == resources["limits"]["memory"] == POOLS[pool]
     assert float(resources["requests"]["cpu"]) >= 1
 
