@@ -45,7 +45,8 @@ for command in (
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors with exit status 2 for expected mistakes."""
+    """Console entry point: one-line errors with exit status 2 for expected mistakes (75 for
+    a service that did not answer)."""
     from deepem3d.storage.cloud import prepare_environment
 
     prepare_environment()
