@@ -22,7 +22,8 @@ def object_options(default_shape: str) -> Callable:
             dry_run_option,
             click.option("--mip", type=click.IntRange(min=0), default=None,
                          help="Work at this mip (default: the first whose in-plane voxel "
-                         "reaches 0.3 of its z: near isotropic; downsample the layer first)."),
+                         "reaches 0.3 of its z: near isotropic, else the coarsest the layer "
+                         "has; downsample the layer first)."),
             click.option("--task-shape", type=Triple(int, example=default_shape), default=None,
                          help=f"Block per forge task at --mip, x,y,z (default {default_shape})."),
             click.option("--sharded", is_flag=True,

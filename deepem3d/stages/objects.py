@@ -47,7 +47,8 @@ ISOTROPY = 0.3
 
 
 def near_isotropic_mip(vol: CloudVolume) -> int:
-    """The first mip whose in-plane resolution reaches ISOTROPY of its z resolution."""
+    """The first mip whose in-plane resolution reaches ISOTROPY of its z resolution; with
+    none, the coarsest mip the layer has."""
     for mip in vol.available_mips:
         x, y, z = (float(r) for r in vol.meta.resolution(mip))
         if min(x, y) >= ISOTROPY * z:
