@@ -17,9 +17,9 @@
       queue: inference                 # routes the stage to that queue (default: `inference`
                                        # when the file defines it, else `default`)
     segmentation:                      # the `deepem3d segment` options; without method and
-      method: mean                     # threshold, all four settings are those the model
-      threshold: 0.55                  # records (shipped models do); with them, sigma and
-      sigma: 4                         # dust_size not given are 0
+      method: mean                     # threshold, the settings not given are those the
+      threshold: 0.55                  # model records (shipped models do); with them, sigma
+      sigma: 4                         # and dust_size not given are 0
       max_task_memory: 24GiB           # refuse a plan whose largest task needs more
       sharded: true                    # a shard file per block (segmentation, smoothed map)
     downsample:
