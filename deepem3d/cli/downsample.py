@@ -28,7 +28,8 @@ from deepem3d.storage.layers import cloudpath
               help="Mip levels to add (default: as many as one task's memory and the voxel "
               "offset's grid allow).")
 @click.option("--factor", type=Triple(int, example="2,2,1"), default=None,
-              help="Downsampling factor per level, x,y,z (default 2,2,1 for anisotropic data).")
+              help="Downsampling factor per level, x,y,z (default 2,2,1 for anisotropic data, "
+              "z coarser than 1.5 times the finer of x and y; else 2,2,2).")
 @click.option("--bounds", type=Bounds(), default=None,
               help="x0,y0,z0,x1,y1,z1 at --mip (default: all). The tasks must lie inside, "
               "which may allow fewer levels.")
