@@ -18,7 +18,8 @@ from deepem3d.run.queues import MIN_FILE_LEASE_SECONDS, SQS_MAX_VISIBILITY
 @click.option("--parallel", type=click.IntRange(min=0), default=None,
               help="Start N local workers per queue and drain the stages here. Without it, "
               "the run creates each stage's tasks and waits for workers elsewhere (`deepem3d "
-              "worker QUEUE`); a file that names no queue runs on 1 local worker.")
+              "worker QUEUE`); a file that names no `default` queue runs its default stages on 1 "
+              "local worker.")
 @click.option("--lease-seconds",
               type=click.IntRange(min=MIN_FILE_LEASE_SECONDS, max=SQS_MAX_VISIBILITY), default=60,
               show_default=True,
