@@ -358,6 +358,24 @@ def test_bad_input_is_one_line_exit_2(tmp_path, maps, bad_maps, case, fragments)
     assert_one_line_error(result, *fragments)
 
 
+@pytest.mark.parametrize("bad", [np.nan, 1.5], ids=["nan", "above-1"])
+@pytest.mark.parametrize("sigma", ["0", "1"])
+def test_a_float_map_outside_0_1_is_one_line_exit_2(tmp_path, bad, sigma):
+    """A float32 map with a NaN or a value above 1 (logits, a failed inference) failed its
+    task with a ValueError, retried 5 times with tracebacks on stderr: the same on every try,
+    bad input, refused in one line naming the layer and the box."""
+    path = f"file://{tmp_path / 'map'}"
+    array = np.random.default_rng(0).random((16, 16, 4), dtype=np.float32)
+    array[9, 3, 2] = bad
+    create_layer(path, layer_type="image", dtype="float32", resolution=(4, 4, 40),
+                 size=array.shape, chunk_size=CHUNK, provenance={"task": "InferenceTask"}
+                 )[:, :, :] = array
+    result = cli_here("segment", path, tmp_path / "seg", "--method", "mean", "--threshold",
+                      "0.5", "--sigma", sigma)
+    assert_one_line_error(result, path, "outside [0, 1]", "0,0,0,16,16,4")
+    assert not list((tmp_path / "seg").glob("4_4_40/*")), "wrote segmentation chunks"
+
+
 @pytest.fixture(scope="module")
 def sample_layers(tmp_path_factory) -> Path:
     """DEST of `deepem3d sample`: DEST/image (the EM image), DEST/ground_truth."""

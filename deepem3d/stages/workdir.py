@@ -26,6 +26,7 @@ import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 
+from deepem3d.errors import InputError
 from deepem3d.segmentation.chunks import Chunk
 from deepem3d.storage.layers import cloudpath, read_block
 from deepem3d.storage.npz import COMPRESS
@@ -66,9 +67,17 @@ def map_volume(path: str, mip: int) -> CloudVolume:
 
 
 def map_box(vol: CloudVolume, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
-    """The map over [lo, hi): x, y, z for a boundary map, x, y, z, 3 for affinities."""
+    """The map over [lo, hi): x, y, z for a boundary map, x, y, z, 3 for affinities. A float
+    map's values outside [0, 1] (NaN, logits) are the same on every retry: bad input, the
+    one-line InputError naming the layer and the box."""
     box = read_block(vol, lo, hi, "complete that layer first (or segment only the --bounds "
                      "it covers)")
+    if box.dtype.kind == "f" and not (np.isfinite(box).all() and box.min() >= 0
+                                      and box.max() <= 1):
+        where = ",".join(str(int(v)) for v in (*lo, *hi))
+        raise InputError(f"{vol.cloudpath} holds values outside [0, 1] (or NaN) in {where}: a "
+                         "float32 map holds probabilities; write it as such (or as uint8 "
+                         "round(255 p))")
     return box[..., 0] if box.shape[3] == 1 else box
 
 
