@@ -4,13 +4,16 @@ and a wait that asks for its last few markers one by one instead of listing them
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from functools import partial
 from pathlib import Path
 
+import pytest
 from taskqueue import TaskQueue
 from taskqueue.queueables import totask
 
+from deepem3d.errors import InputError
 from deepem3d.run.queues import insert_tasks
 from deepem3d.run.runner import Runner
 from deepem3d.stages.frame import Markers, Stage
@@ -137,3 +140,19 @@ def test_a_cuda_stage_is_refused_to_local_workers_without_cuda_only_while_unfini
     assert stage.is_complete()
     (summary,) = runner.run([stage])
     assert summary.tasks == 2 and summary.ran == 0
+
+
+def test_a_file_queue_deleted_while_a_run_waits_is_a_one_line_error(tmp_path, monkeypatch):
+    """The queue's folder removed while the run waits for workers: an InputError (it was a
+    FileNotFoundError's traceback from the count of its tasks)."""
+    url = f"fq://{tmp_path / 'queue'}"
+    stage = flag_stage(tmp_path, 2)
+    unfinished = stage.markers.unfinished
+
+    def deleted_then_unfinished(*args):
+        shutil.rmtree(tmp_path / "queue", ignore_errors=True)
+        return unfinished(*args)
+
+    monkeypatch.setattr(stage.markers, "unfinished", deleted_then_unfinished)
+    with pytest.raises(InputError, match="is gone .*run the same command again"):
+        Runner(lambda s: url, progress=False, poll=0.01, echo=lambda line: None).run([stage])

@@ -209,9 +209,16 @@ class FileQueue:
 
     def counts(self) -> tuple[int, int]:
         """(enqueued, leased) of the task files in queue/ (taskqueue's own counts fail on a
-        file that no task's file is named)."""
+        file that no task's file is named). An InputError when queue/ is gone (the queue
+        deleted while a run waits on it): a run stopped so is run again, and queues anew."""
         now, enqueued, leased = int(time.time()), 0, 0
-        for entry in os.scandir(self.queue_path):
+        try:
+            entries = list(os.scandir(self.queue_path))
+        except FileNotFoundError:
+            raise InputError(f"{self.queue_path} is gone (the file queue deleted?): run the "
+                             "same command again: finished tasks are kept, the rest are "
+                             "queued anew") from None
+        for entry in entries:
             match = TASK_FILE.fullmatch(entry.name)
             if match is not None:
                 enqueued += 1
