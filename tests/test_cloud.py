@@ -31,7 +31,7 @@ from cloudvolume import CloudVolume
 from taskqueue import TaskQueue
 
 from deepem3d.axes import xyz_from_zyx
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, ServiceUnavailable
 from deepem3d.models.checkpoint import resolve_model
 from deepem3d.sample import load_sample
 from deepem3d.stages.frame import Markers
@@ -195,6 +195,23 @@ def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path
     assert "deleted work and work-dead-letter" in run_cli(
         "queue", "delete", "sqs://work", "--yes", check=True).stdout
     assert_one_line_error(run_cli("queue", "delete", "sqs://work", "--yes"), "no such SQS")
+
+
+def test_an_sqs_endpoint_lost_while_tasks_go_on_is_exit_75(tmp_path, moto_endpoint,
+                                                           monkeypatch):
+    """The endpoint answers the queue's look-up, then not the insert (lost mid-stage, or
+    while a run's later wave goes on): ServiceUnavailable, which the CLI turns into exit 75
+    (it was botocore's EndpointConnectionError with a traceback, exit 1, which a driver Job
+    does not retry)."""
+    from deepem3d.run import queues
+
+    boto3.client("sqs", endpoint_url=moto_endpoint).create_queue(QueueName="work")
+    found = queues.open_queue("sqs://work")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://127.0.0.1:{free_port()}")
+    found.api.sqs = queues.sqs_client()  # the endpoint gone after the look-up
+    monkeypatch.setattr(queues, "open_queue", lambda url: found)
+    with pytest.raises(ServiceUnavailable, match="inserting tasks into sqs://work"):
+        queues.insert_tasks("sqs://work", [partial(Touch, path=str(tmp_path / "t"))])
 
 
 def test_a_run_on_sqs_stops_on_its_task_in_the_dead_letter_queue(tmp_path, moto_endpoint,

@@ -114,9 +114,10 @@ def sqs_client() -> BaseClient:
         raise InputError(f"cannot reach SQS: {err} (set AWS_DEFAULT_REGION)") from None
 
 
-def sqs_call(what: str, fn: Callable[..., dict], **kwargs: Any) -> dict:
-    """One SQS call, its failures (no credentials, no answer, no such queue) as one-line
-    InputErrors that name no credential (ServiceUnavailable where SQS did not answer)."""
+def sqs_call(what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """One SQS call (or taskqueue's, which makes them), its failures (no credentials, no
+    answer, no such queue) as one-line InputErrors that name no credential
+    (ServiceUnavailable where SQS did not answer)."""
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     from deepem3d.storage.cloud import unavailable
@@ -214,7 +215,9 @@ def insert_tasks(url: str, tasks: Iterable) -> int:
         if url.startswith("fq://"):
             total += FileQueue(queue.api).insert(batch, queue.path.path)
         else:
-            total += queue.insert(batch, total=len(batch))
+            # an endpoint lost after the look-up: exit 75 and a rerun, not a traceback
+            total += sqs_call(f"inserting tasks into {url}", queue.insert, tasks=batch,
+                              total=len(batch))
     return total
 
 
