@@ -197,6 +197,21 @@ def test_queue_create_sets_a_dead_letter_queue_that_takes_a_poison_task(tmp_path
     assert_one_line_error(run_cli("queue", "delete", "sqs://work", "--yes"), "no such SQS")
 
 
+def test_an_sqs_endpoint_lost_while_a_queue_is_counted_is_exit_75(moto_endpoint, monkeypatch):
+    """The queue found, then its endpoint gone (`queue status --watch`, a worker with
+    --exit-when-empty between an empty receive and its count): ServiceUnavailable, exit 75
+    (it was botocore's EndpointConnectionError with a traceback)."""
+    from deepem3d.run import queues
+
+    boto3.client("sqs", endpoint_url=moto_endpoint).create_queue(QueueName="work")
+    found = queues.open_queue("sqs://work")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", f"http://127.0.0.1:{free_port()}")
+    found.api.sqs = queues.sqs_client()
+    for count in (queues.enqueued, queues.queue_counts):
+        with pytest.raises(ServiceUnavailable, match="counting the tasks of sqs://work"):
+            count(found)
+
+
 def test_an_sqs_endpoint_lost_while_tasks_go_on_is_exit_75(tmp_path, moto_endpoint,
                                                            monkeypatch):
     """The endpoint answers the queue's look-up, then not the insert (lost mid-stage, or

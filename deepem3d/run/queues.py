@@ -184,7 +184,9 @@ def enqueued(queue: TaskQueue) -> int:
         from deepem3d.run.file_queue import FileQueue
 
         return FileQueue(queue.api).counts()[0]
-    return int(queue.enqueued)
+    # an endpoint lost since the queue was opened: one line and exit 75, not a traceback
+    return int(sqs_call(f"counting the tasks of sqs://{queue.path.path}",
+                        lambda: queue.enqueued))
 
 
 def queue_counts(queue: TaskQueue) -> QueueCounts:
@@ -197,7 +199,8 @@ def queue_counts(queue: TaskQueue) -> QueueCounts:
 
         waiting, leased = FileQueue(queue.api).counts()
     else:
-        waiting, leased = int(queue.enqueued), int(queue.leased)
+        waiting, leased = sqs_call(f"counting the tasks of sqs://{queue.path.path}",
+                                   lambda: (int(queue.enqueued), int(queue.leased)))
     return QueueCounts(inserted=known(queue.inserted), enqueued=waiting, leased=leased,
                        completed=known(queue.completed))
 
