@@ -24,8 +24,11 @@ from python_jsonschema_objects.validators import ValidationError  # (cloudvolume
 
 import deepem3d
 from deepem3d.errors import InputError
+from deepem3d.storage import whole_files
 from deepem3d.storage.cloud import check_bucket
 from deepem3d.units import format_triple
+
+whole_files.install()  # every layer this process writes locally: chunks whole or absent
 
 IMAGE_DTYPES = ("uint8", "uint16", "uint32", "float32")
 SEGMENTATION_DTYPES = ("uint32", "uint64")

@@ -1,0 +1,76 @@
+"""Local files written whole: the old file or the new one, never part of one.
+
+CloudFiles writes a file:// object in place (open the final name, write), so a process killed
+mid-write leaves a truncated chunk under its final name, which every later read takes as
+whole: a layer's chunk cut short after its task's marker was written by another attempt of the
+task (a lease that ran out), or a chunk of a run given up. `install()` makes CloudFiles' local
+interface write beside the target, `.NAME.partial-PID-THREAD` (hidden, so no listing of a
+prefix takes it for an object), and rename it over the target: atomic on a POSIX file system,
+NFS included. Object stores (gs://, s3://) replace an object whole already.
+
+It replaces `FileInterface.put_file` of cloud-files 6.4 (the version docker/constraints.txt
+pins) with the same steps but the write: the test suite checks that the original's source is
+still the one this copy follows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from typing import Any
+
+#: a digest of the source of cloud-files' FileInterface.put_file that `_put_file_whole` follows
+FOLLOWED_SOURCE_SHA256 = "3defb34baa809142cf292d34ebf4350e02290b107f6421651527a69addf333a3"
+
+_lock = threading.Lock()
+_original: Any = None
+
+
+def install() -> None:
+    """Make every file:// write of this process whole (idempotent, thread-safe)."""
+    global _original
+    from cloudfiles.interfaces import FileInterface
+
+    with _lock:
+        if _original is None:
+            _original = FileInterface.put_file
+            FileInterface.put_file = _put_file_whole
+
+
+def original_put_file() -> Any:
+    """cloud-files' own FileInterface.put_file (after install())."""
+    return _original
+
+
+def _put_file_whole(self: Any, file_path: str, content: Any, content_type: str | None,
+                    compress: Any, cache_control: Any = None, storage_class: Any = None) -> Any:
+    """FileInterface.put_file's path and content handling, then a write beside and a rename."""
+    path = self.get_path_to_file(file_path)
+    lock_path = path
+    compress_ext = self.get_extension(compress)
+    _, ext = os.path.splitext(path)
+    if ext != compress_ext:
+        path += compress_ext
+    if (content and type(content) is str and content_type
+            and re.search("json|te?xt", content_type)):
+        content = content.encode("utf-8")
+
+    def put() -> None:
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        partial = os.path.join(folder, f".{name[:200]}.partial-{os.getpid()}-"
+                                       f"{threading.get_ident()}")
+        try:
+            with open(partial, "wb") as f:
+                if hasattr(content, "read") and hasattr(content, "seek"):
+                    shutil.copyfileobj(content, f)
+                else:
+                    f.write(content)
+            os.replace(partial, path)
+        finally:
+            if os.path.lexists(partial):
+                os.remove(partial)
+
+    return self.io_with_lock(put, lock_path, exclusive=True)

@@ -1,0 +1,110 @@
+"""file:// writes whole (deepem3d.storage.whole_files): a write that fails, or a process killed
+while it writes, leaves the file that was there (or none), never part of the new one."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from cloudfiles import CloudFiles
+from cloudvolume import CloudVolume
+
+from deepem3d.storage import whole_files
+from deepem3d.storage.layers import create_layer
+from tests.conftest import ROOT
+
+OLD = b"old chunk " * 1000
+
+
+class FailingContent:
+    """File-like content (CloudFiles copies it block by block) whose third read fails."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        if self.reads > 2:
+            raise OSError(5, "Input/output error")
+        return b"x" * 65536
+
+    def seek(self, *args: object) -> int:
+        return 0
+
+
+def test_the_copied_put_file_is_the_one_cloud_files_has():
+    """_put_file_whole repeats cloud-files' put_file but for the write: a cloud-files whose
+    put_file changed needs the copy read again (and FOLLOWED_SOURCE_SHA256 updated)."""
+    source = inspect.getsource(whole_files.original_put_file())
+    assert hashlib.sha256(source.encode()).hexdigest() == whole_files.FOLLOWED_SOURCE_SHA256
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_nothing_else(tmp_path):
+    files = CloudFiles(f"file://{tmp_path}")
+    files.put("chunk", OLD, raw=True, compress=None)
+    with pytest.raises(OSError, match="Input/output error"):
+        files.put("chunk", FailingContent(), raw=True, compress=None)
+    assert (tmp_path / "chunk").read_bytes() == OLD  # cloud-files' own: 128 KiB of the new
+    assert sorted(os.listdir(tmp_path)) == ["chunk"]
+    files.put_json("chunk.json", {"a": 1}, compress=None)  # a str (JSON) and compressed bytes
+    files.put("gz", b"abc" * 100, compress="gzip")
+    assert files.get_json("chunk.json") == {"a": 1} and files.get("gz") == b"abc" * 100
+    assert sorted(os.listdir(tmp_path)) == ["chunk", "chunk.json", "gz.gz"]
+
+
+KILLED_WRITER = """
+import sys, time
+from cloudfiles import CloudFiles
+import deepem3d.storage.layers  # installs whole_files
+
+class Stalls:
+    reads = 0
+    def read(self, size=-1):
+        self.reads += 1
+        if self.reads > 1:
+            open(sys.argv[2], "w").close()  # half written: tell the test, wait to be killed
+            time.sleep(120)
+        return b"x" * 65536
+    def seek(self, *args):
+        return 0
+
+CloudFiles(sys.argv[1]).put("chunk", Stalls(), raw=True, compress=None)
+"""
+
+
+def test_a_writer_killed_midway_leaves_the_old_chunk_which_reads_whole(tmp_path):
+    """SIGKILL in the middle of a write (a worker's pod evicted, a lease's second attempt
+    killed after the first marked the task done): the chunk is the old one, and a layer's
+    chunk read afterwards decodes; what is left is a hidden partial file no listing of a
+    chunk's name takes for it."""
+    layer = f"file://{tmp_path / 'layer'}"
+    vol = create_layer(layer, layer_type="image", dtype="uint8", resolution=(4, 4, 40),
+                       size=(32, 32, 4), chunk_size=(32, 32, 4))
+    data = np.arange(32 * 32 * 4, dtype=np.uint8).reshape(32, 32, 4)
+    vol[:, :, :] = data
+    folder = tmp_path / "layer" / "4_4_40"
+    (chunk,) = os.listdir(folder)
+    before = (folder / chunk).read_bytes()
+    flag = tmp_path / "half-written"
+    script = KILLED_WRITER.replace('put("chunk"', f'put("{chunk}"')
+    writer = subprocess.Popen([sys.executable, "-c", script, f"file://{folder}", str(flag)],
+                              cwd=ROOT)
+    deadline = time.time() + 60
+    while not flag.exists() and writer.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), "the writer did not reach the middle of its write"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert (folder / chunk).read_bytes() == before
+    np.testing.assert_array_equal(
+        np.asarray(CloudVolume(layer, progress=False)[:, :, :])[..., 0], data)
+    left = [name for name in os.listdir(folder) if name != chunk]
+    assert len(left) == 1 and left[0].startswith(f".{chunk}.partial-"), left
+    assert list(CloudFiles(f"file://{folder}").list(prefix=chunk)) == [chunk.removesuffix(".gz")]
