@@ -194,7 +194,8 @@ CHUNK = (8, 8, 2)
 
 @pytest.fixture(scope="module")
 def maps(tmp_path_factory) -> dict[str, tuple[str, np.ndarray]]:
-    """Map layers by name: (path, the array in it)."""
+    """Map layers by name: (path, the array in it), with the provenance `deepem3d infer`
+    records (a map without one is not kept under `segment --overwrite`)."""
     root = tmp_path_factory.mktemp("maps")
     _, ids = load_sample()
     labels = np.asfortranarray(xyz_from_zyx(ids[: SHAPE[2], : SHAPE[1], : SHAPE[0]]))
@@ -205,7 +206,8 @@ def maps(tmp_path_factory) -> dict[str, tuple[str, np.ndarray]]:
     for name, array in arrays.items():
         path = f"file://{root / name}"
         vol = create_layer(path, layer_type="image", dtype=str(array.dtype), resolution=(4, 4, 40),
-                           size=SHAPE, chunk_size=CHUNK, num_channels=1 if array.ndim == 3 else 3)
+                           size=SHAPE, chunk_size=CHUNK, num_channels=1 if array.ndim == 3 else 3,
+                           provenance={"task": "InferenceTask"})
         vol[:, :, :] = array
         out[name] = (path, array)
     return out

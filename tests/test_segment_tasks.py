@@ -402,14 +402,31 @@ def test_an_em_image_is_refused_as_a_map(tmp_path, sample_layers, maps):
     assert plan.warnings == []
 
 
-def test_a_map_without_provenance_is_segmented_with_a_warning(tmp_path, maps):
-    path, _ = maps["boundary"]  # create_layer without provenance: as other tools make maps
-    result = run_cli("segment", path, tmp_path / "seg", "--method", "mean", "--threshold", "0.5",
+def test_a_map_without_provenance_is_segmented_with_a_warning_and_not_kept(tmp_path, maps):
+    """As other tools make maps: a warning; and since nothing shows such a map's data
+    unchanged (its fingerprint is its info alone), --overwrite makes its supervoxels again:
+    a map rewritten in place was segmented from the supervoxels of its former data."""
+    _, array = maps["boundary"]
+    path = f"file://{tmp_path / 'map'}"  # create_layer without provenance
+    create_layer(path, layer_type="image", dtype="uint8", resolution=(4, 4, 40), size=SHAPE,
+                 chunk_size=CHUNK)[:, :, :] = array
+    output = tmp_path / "seg"
+    result = run_cli("segment", path, output, "--method", "mean", "--threshold", "0.5",
                      "--dry-run", check=True)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("deepem3d:")]
     assert len(warnings) == 1, result.stderr
     assert warnings[0].startswith("deepem3d: warning: ") and "no provenance" in warnings[0]
     assert "1 block(s)" in result.stdout, result.stdout
+
+    run(path, f"file://{output}", "mean", 0.5, (40, 24, 6))
+    rewritten = np.ascontiguousarray(array[::-1])  # in place, same geometry
+    CloudVolume(path, progress=False)[:, :, :] = rewritten
+    plan = plan_segment(path, f"file://{output}", method="mean", threshold=0.3,
+                        task_shape=(40, 24, 6), chunk_size=CHUNK, overwrite=True)
+    assert plan.action == "rebuild" and plan.reset_chunk_stages
+    assert any("--overwrite makes them again" in w for w in plan.warnings), plan.warnings
+    run(path, f"file://{output}", "mean", 0.3, (40, 24, 6), overwrite=True)
+    np.testing.assert_array_equal(read(f"file://{output}"), segment(rewritten, "mean", 0.3))
 
 
 def test_work_files_are_stored_narrow_and_read_back_in_full(tmp_path):

@@ -115,6 +115,9 @@ class SegmentPlan(SegmentCosts):
     bounds: Bbox
     blocks: BlockGrid
     map_fingerprint: str
+    #: the map's provenance records what wrote its data: without it, nothing shows that data
+    #: unchanged since the kept supervoxels were made, and --overwrite makes them again
+    map_recorded: bool = True
     #: DeepEM3D's in-plane Gaussian on the map before the watershed, in voxels; 0: none
     sigma: float = 0.0
     #: the output layers' sharding spec (a shard per block: deepem3d.storage.sharding); None:
@@ -399,9 +402,15 @@ def map_fingerprint(map_path: str, mip: int = 0) -> str:
     files = CloudFiles(cloudpath(map_path))
     info = files.get_json("info") or {}
     info = {**info, "scales": (info.get("scales") or [])[mip:mip + 1]}
-    processing = [entry for entry in layer_processing(map_path)
-                  if (entry.get("method") or {}).get("task") not in DOWNSAMPLING_TASKS]
-    return digest({"info": info, "processing": processing})[:20]
+    return digest({"info": info, "processing": map_processing(map_path)})[:20]
+
+
+def map_processing(map_path: str) -> list[dict]:
+    """What the map's provenance says wrote its full-resolution data: its processing, less
+    downsampling. Empty for a map another tool wrote without provenance, whose fingerprint is
+    then its info alone (the same after its voxels are rewritten in place)."""
+    return [entry for entry in layer_processing(map_path)
+            if (entry.get("method") or {}).get("task") not in DOWNSAMPLING_TASKS]
 
 
 def _manifest_key(output_path: str, stage: str) -> str | None:
@@ -499,6 +508,7 @@ def plan_segment(
         chunk_size=chunk, task_shape=task_shape, bounds=bounds,
         blocks=block_grid(bounds, task_shape),
         map_fingerprint=map_fingerprint(map_path, mip),
+        map_recorded=bool(map_processing(map_path)),
         sigma=float(sigma), warnings=[warning] if warning else [],
         edges_per_voxel=float(edges_per_voxel), sharding=sharding,
     )
@@ -573,6 +583,12 @@ def _decide(plan: SegmentPlan, overwrite: bool) -> None:
     chunks_same = (_manifest_key(out, CHUNK_STAGES[0]) == plan.chunk_key
                    and _manifest_key(out, "supervoxels") in (None, plan.chunk_key)
                    and not smoothed_differs)
+    if chunks_same and overwrite and not plan.map_recorded:
+        chunks_same = False
+        plan.warnings.append(
+            f"{plan.map_path} records no provenance, so nothing shows its data unchanged "
+            "since the kept supervoxels were made: --overwrite makes them again (a map "
+            "whose provenance records what wrote it keeps them)")
     # --overwrite replaces the segmentation even when made the same way; the chunk stages are
     # a cache of the map, kept whenever their key matches
     # so is the first tuning stage's (remap's, the last, is None until the octree is done)
