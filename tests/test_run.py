@@ -599,6 +599,11 @@ def test_segmenting_beyond_what_was_predicted_is_refused_at_planning(tmp_path, c
     assert_one_line_error(result, "was predicted over 0,0,0,64,64,2 only", "--bounds")
     inside = run_cli("segment", output, tmp_path / "seg", "--bounds", "0,0,0,64,64,2")
     assert_one_line_error(inside, "is incomplete", "inference task(s) have not finished")
+    # bounds inside, grown past the predicted region by OUTPUT's chunks: said so
+    grown = run_cli("segment", output, tmp_path / "seg", "--bounds", "0,0,0,64,64,2",
+                    "--chunk-size", "48,48,2")
+    assert_one_line_error(grown, "region to segment is 0,0,0,96,96,2 (--bounds 0,0,0,64,64,2 "
+                          "grown to OUTPUT's chunks of 48,48,2)", "--chunk-size")
 
 
 @pytest.mark.parametrize("command", [["worker"], ["queue", "status"]])

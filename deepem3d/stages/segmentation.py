@@ -18,7 +18,7 @@ deepem3d.stages.segment_costs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -73,7 +73,7 @@ from deepem3d.storage.layers import (
 from deepem3d.storage.sharding import block_sharding, check_on_shards
 from deepem3d.storage.sharding import default_chunk as sharded_chunk
 from deepem3d.storage.sharding import shard_shape as shape_of
-from deepem3d.units import format_bytes
+from deepem3d.units import format_bounds, format_bytes
 
 #: the stages that depend only on the map, sigma and the chunking, in order, the reduce's octree
 #: (`REDUCE_STAGES`: a stage per level up, per level down) between supervoxels and region-graph;
@@ -492,14 +492,14 @@ def plan_segment(
     if task_shape is None:
         task_shape = tuple(-(-t // c) * c for t, c in zip(DEFAULT_TASK_SHAPE, chunk))
     task_shape = check_task_shape(task_shape, chunk)
-    bounds = check_bounds(bounds, offset, size, map_path, mip)
+    asked = bounds = check_bounds(bounds, offset, size, map_path, mip)
     bounds = align_to_chunks(bounds, offset, size, chunk)
     sharding = None
     if sharded:
         sharding = block_sharding(size, chunk, task_shape)
         check_on_shards(bounds.minpt, offset, size, task_shape)
     if mip == 0:
-        _check_map_covers(map_path, bounds)
+        _check_map_covers(map_path, bounds, asked, chunk)
     plan = SegmentPlan(
         map_path=map_path, output_path=output_path, mip=mip,
         kind="boundary" if channels == 1 else "affinity", map_dtype=dtype, method=method,
@@ -519,20 +519,27 @@ def plan_segment(
     return plan
 
 
-def _check_map_covers(map_path: str, bounds: Bbox) -> None:
-    """A map `deepem3d infer` wrote must be complete over the region: its tasks would otherwise
-    fail one by one on missing chunks. Checked from the map's inference run record."""
+def _check_map_covers(map_path: str, bounds: Bbox, asked: Bbox,
+                      chunk: Sequence[int]) -> None:
+    """A map `deepem3d infer` wrote must be complete over the region (`asked`, grown to
+    OUTPUT's `chunk` grid: `bounds`): its tasks would otherwise fail one by one on missing
+    chunks. Checked from the map's inference run record."""
     markers = Markers(map_path, "inference")
     record = markers.run_record()
     if record is None:
         return  # made by another tool: the tasks read what is there
     made = record.get("parameters", {}).get("bounds")
-    box = [int(v) for v in (*bounds.minpt, *bounds.maxpt)]
-    if made and not (all(a >= b for a, b in zip(box[:3], made[:3]))
-                     and all(a <= b for a, b in zip(box[3:], made[3:]))):
+
+    def predicted(box: Bbox) -> bool:
+        return Bbox(made[:3], made[3:]).contains_bbox(box)
+
+    if made and not predicted(bounds):
+        fix = (f" (--bounds {format_bounds(asked)} grown to OUTPUT's chunks of "
+               f"{','.join(map(str, chunk))}): give a --chunk-size whose grid the predicted "
+               "region follows, or --bounds a chunk inside it" if predicted(asked) else
+               ": pass --bounds within it (or predict the rest of the map first)")
         raise InputError(f"{map_path} was predicted over {','.join(map(str, made))} only, "
-                         f"and the region to segment is {','.join(map(str, box))}: pass "
-                         "--bounds within it (or predict the rest of the map first)")
+                         f"and the region to segment is {format_bounds(bounds)}{fix}")
     remaining = markers.remaining()
     if remaining:
         raise InputError(f"{map_path} is incomplete: {len(remaining)} of "
