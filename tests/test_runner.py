@@ -142,6 +142,25 @@ def test_a_cuda_stage_is_refused_to_local_workers_without_cuda_only_while_unfini
     assert summary.tasks == 2 and summary.ran == 0
 
 
+def test_a_file_queue_emptied_while_a_run_waits_says_so_not_that_tasks_failed(tmp_path,
+                                                                              monkeypatch):
+    """Its tasks removed (the queue emptied or deleted and made again) while the run waits:
+    the message said they failed, with nothing in failed/ to see."""
+    url = f"fq://{tmp_path / 'queue'}"
+    stage = flag_stage(tmp_path, 2)
+    unfinished = stage.markers.unfinished
+
+    def emptied_then_unfinished(*args):
+        for task in (tmp_path / "queue" / "queue").iterdir():
+            task.unlink()
+        return unfinished(*args)
+
+    monkeypatch.setattr(stage.markers, "unfinished", emptied_then_unfinished)
+    with pytest.raises(InputError, match="2 task.* holds none: the queue was emptied or "
+                                         "deleted while the run waited; run the same command"):
+        Runner(lambda s: url, progress=False, poll=0.01, echo=lambda line: None).run([stage])
+
+
 def test_a_file_queue_deleted_while_a_run_waits_is_a_one_line_error(tmp_path, monkeypatch):
     """The queue's folder removed while the run waits for workers: an InputError (it was a
     FileNotFoundError's traceback from the count of its tasks)."""

@@ -320,11 +320,15 @@ class Runner:
                         if log_path and os.path.exists(log_path):
                             self._show_log(log_path)
                         where = f"the workers' log {log_path}" if log_path else "the worker logs"
+                        failed = os.path.join(url[len("fq://"):], "failed")
+                        why = (f"they failed (see {failed}/ and {where}); fix the cause and "
+                               if os.path.isdir(failed) and os.listdir(failed) else
+                               f"{failed}/ holds none: the queue was emptied or deleted while "
+                               "the run waited; ")
                         raise InputError(
                             f"stage {stage.label}: {url} is empty but {len(remaining)} task(s) "
-                            f"have no completion marker: they failed (see "
-                            f"{url[len('fq://'):]}/failed/ and {where}); fix the cause "
-                            "and run the same command again: finished stages are kept")
+                            f"have no completion marker: {why}run the same command again: "
+                            "finished stages are kept")
                 time.sleep(poll)
 
     def _replace_dead(self, stage: Stage, url: str, procs: list, log_path: str | None) -> None:
