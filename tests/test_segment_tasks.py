@@ -299,6 +299,10 @@ def test_an_empty_queue_with_unfinished_tasks_fails_instead_of_waiting(tmp_path,
                   memory_bytes=0)
     stage.start()
     runner = Runner(lambda s: queue, progress=False, poll=0.01, echo=lambda line: None)
+    with pytest.raises(InputError, match="have no completion marker: .*failed/ holds none"):
+        runner._wait(stage, queue, None, None)
+    (tmp_path / "queue" / "failed").mkdir()  # a worker set it aside
+    (tmp_path / "queue" / "failed" / "task.json").write_text("{}")
     with pytest.raises(InputError, match="have no completion marker: they failed"):
         runner._wait(stage, queue, None, None)
 
