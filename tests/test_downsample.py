@@ -12,9 +12,16 @@ from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
 from cloudvolume.lib import Bbox
 
+from deepem3d.axes import xyz_from_zyx
 from deepem3d.errors import InputError
 from deepem3d.run.runner import execute_here, run_stages
-from deepem3d.stages.downsample import downsample_stage, plan_downsample
+from deepem3d.sample import load_sample
+from deepem3d.stages.downsample import (
+    AVERAGING_EXTRA,
+    TASK_BASE_BYTES,
+    downsample_stage,
+    plan_downsample,
+)
 from deepem3d.stages.frame import Markers
 from deepem3d.storage.layers import create_layer
 from deepem3d.storage.sharding import block_sharding
@@ -213,7 +220,8 @@ def test_bounds_keep_the_tasks_inside_them(tmp_path):
     next((tmp_path / "layer" / "4_4_50").glob("192-256_192-256_10-20*")).unlink()
     plan = plan_downsample(layer, bounds=Bbox((0, 0, 0), (128, 128, 20)))
     assert plan.num_mips == 1 and plan.task_shape == (128, 128, 10), plan.describe()
-    assert plan.task_count == 2 and plan.memory_bytes == 128 * 128 * 10 * 4 // 3
+    assert plan.task_count == 2 and plan.memory_bytes == int(
+        128 * 128 * 10 * (4 / 3 + AVERAGING_EXTRA) + TASK_BASE_BYTES)
     assert "hold whole tasks of only 1 level(s) of factor 2,2,1 (blocks of 128,128,10" \
         in plan.describe()
     run_cli("downsample", layer, "--bounds", "0,0,0,128,128,20", "--parallel", "1", check=True)
@@ -235,3 +243,22 @@ def test_the_offset_note_only_where_the_offset_is_the_limit(tmp_path):
     offset had made fewer levels."""
     plan = plan_downsample(make_layer(tmp_path / "layer", voxel_offset=(8, 16, 4)))
     assert plan.num_mips == 2 and plan.offset_note == "", plan.describe()
+
+
+@pytest.mark.parametrize("layer_type", ["image", "segmentation"])
+def test_a_task_peaks_within_its_plan(tmp_path, layer_type):
+    """A task's own peak (its marker's peak_added_mib) stays within the plan's memory. One
+    1024 x 1024 x 8 task of 3 levels: the uint8 image's peaked at 16.2 MiB where the plan, then
+    igneous's model alone (the source box and its levels), said 10.7."""
+    image, ids = (a[:8, :256, :256] for a in load_sample())
+    array = (image if layer_type == "image" else ids).astype(
+        "uint8" if layer_type == "image" else "uint64")
+    path = f"file://{tmp_path / 'layer'}"
+    vol = create_layer(path, layer_type=layer_type, dtype=str(array.dtype),
+                       resolution=(4, 4, 50), size=(1024, 1024, 8), chunk_size=(128, 128, 8))
+    vol[vol.bounds] = np.tile(xyz_from_zyx(array), (4, 4, 1))
+    plan = plan_downsample(path)
+    assert plan.task_count == 1 and plan.num_mips == 3, plan.describe()
+    run_cli("downsample", path, "--parallel", "1", check=True)
+    peak = max(m["peak_added_mib"] for m in Markers(path, "downsample-mip0").records())
+    assert peak * 2**20 <= plan.memory_bytes, (peak, plan.memory_bytes / 2**20)

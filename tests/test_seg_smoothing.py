@@ -9,6 +9,8 @@ The map layers are tests/conftest.py's `maps` fixture (an ISBI 2012 crop, 96 x 8
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ from deepem3d.stages.workdir import smoothed_layer_path
 from deepem3d.storage.layers import create_layer
 from tests.conftest import (
     CHUNK,
+    ROOT,
     SHAPE,
     assert_one_line_error,
     check_invariance,
@@ -282,3 +285,36 @@ def test_cli_bad_sigma_is_one_line_exit_2(tmp_path, maps, sigma):
                      "--threshold", "0.5", "--sigma", sigma)
     assert_one_line_error(result, f"--sigma {float(sigma)}", "must lie in [0, 16.0]")
     assert not output.exists()
+
+
+SMOOTH_ONLY = """
+import sys
+from deepem3d.run.runner import execute_here, run_stages
+from deepem3d.stages.segmentation import plan_segment, segment_stages
+plan = plan_segment(sys.argv[1], sys.argv[2], method="mean", threshold=0.5, sigma=16.0,
+                    task_shape=(128, 128, 10))
+run_stages(segment_stages(plan)[:1], execute=execute_here, echo=lambda line: None)
+"""
+
+
+def test_a_smooth_task_peaks_within_its_plan(tmp_path):
+    """The smooth stage's largest task (its marker's peak_added_mib, in a fresh process) stays
+    within the plan's memory: the middle block of 3 x 3 reads 128 voxels of halo around its
+    128 x 128, so the smooth term of the plan decides. At 17 bytes per voxel and channel of the
+    box the plan said 31.9 MiB; the task peaked near 48 (three float64 arrays at once)."""
+    from deepem3d.stages.frame import Markers
+
+    rng = np.random.default_rng(0)
+    path = f"file://{tmp_path / 'map'}"
+    vol = create_layer(path, layer_type="image", dtype="uint8", resolution=(4, 4, 40),
+                       size=(384, 384, 10), chunk_size=(128, 128, 10), num_channels=3)
+    vol[vol.bounds] = rng.integers(0, 256, (384, 384, 10, 3), dtype=np.uint8)
+    output = f"file://{tmp_path / 'seg'}"
+    plan = plan_segment(path, output, method="mean", threshold=0.5, sigma=16.0,
+                        task_shape=(128, 128, 10))
+    done = subprocess.run([sys.executable, "-c", SMOOTH_ONLY, path, output], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    peak = max(m["peak_added_mib"] for m in Markers(output, "smooth").records())
+    assert peak * 2**20 <= plan.stage_memory_bytes("smooth"), (
+        peak, plan.stage_memory_bytes("smooth") / 2**20)

@@ -50,6 +50,16 @@ from deepem3d.units import format_bounds, format_triple
 # igneous is imported where it is used: importing it costs a worker ~0.3 s at start-up, and
 # every local stage starts its own workers (a DownsampleTask payload imports it when run).
 MEMORY_TARGET = int(3.5e9)  # igneous.task_creation.image.MEMORY_TARGET, its default
+# What igneous's memory model (the source box and its levels) leaves out, in source boxes:
+# measured as the markers' peak_added_mib (`deepem3d downsample --parallel 1`, this machine),
+# averaging (an image layer: uint8 and float32, 1 and 3 channels, boxes of 512^2 x 10 to
+# 2048^2 x 8, factor 2,2,1 making 3-4 levels, 2,2,2 making 1) peaked at 1.47-2.03 source boxes
+# where that model says 1.14-1.33 (a 2048^2 x 8 uint8 task: 62.1 MiB, planned 42.7); the mode
+# (uint64 segmentation, 256^2 x 8 and 1024^2 x 8) at 1.37 (87.4 MiB, planned 85.3); and each
+# task about 1 MiB more whatever its size (the demo's 512^2 x 10 uint8 tasks: 6.6 MiB, 3.3)
+AVERAGING_EXTRA = 1.0
+MODE_EXTRA = 0.125
+TASK_BASE_BYTES = 2 * 2**20
 
 
 @dataclass
@@ -196,12 +206,14 @@ def plan_downsample(
     check_levels(layer_path, vol.info["scales"], mip, factor, scales, resolutions, sharded)
     count = int(np.prod(np.ceil(np.asarray(region.size3()) / np.asarray(shape))))
     # igneous's own memory model: the source box and its levels (a sharded task also holds
-    # the encoded shards: counted as a second copy of the first level)
+    # the encoded shards: counted as a second copy of the first level), and what it leaves out
     stack = math.prod(factor) / (math.prod(factor) - 1) + (1 / math.prod(factor) if sharded
                                                               else 0)
     extent = tuple(min(int(s), int(end) - int(lo))
                    for s, end, lo in zip(shape, volume.maxpt, region.minpt))
-    memory = int(math.prod(extent) * np.dtype(vol.dtype).itemsize * vol.num_channels * stack)
+    stack += MODE_EXTRA if vol.layer_type == "segmentation" else AVERAGING_EXTRA
+    memory = int(math.prod(extent) * np.dtype(vol.dtype).itemsize * vol.num_channels * stack
+                 + TASK_BASE_BYTES)
     return DownsamplePlan(
         layer_path=layer_path,
         mip=mip,

@@ -20,9 +20,15 @@ import numpy as np
 # white-noise map with 0.3 graph edges per voxel), 19 (remap) on a smooth map with 0.02.
 # A float32 map adds 4 bytes per channel and voxel.
 BYTES_PER_VOXEL = 70
-# Peak bytes per voxel (and channel) of a smooth task's box with its halo: the uint8 map, its
-# float64 copy and scipy's float64 output; a float32 map read adds 4 + 8 (its quantisation)
-SMOOTH_BYTES_PER_VOXEL = 17
+# Peak bytes per voxel (and channel) of a smooth task's box with its halo: the uint8 map and
+# three float64 arrays at once (scipy's output, np.rint's and np.clip's: smooth_map); a float32
+# map read adds its own 4. Measured (markers' peak_added_mib, `deepem3d segment --parallel 1`,
+# a 512 x 512 x 20 affinity map in 64 x 64 x 10 chunks, 256^2 and 512^2 x 20 blocks, sigma 4
+# and 16): 25.1-25.3 per voxel and channel of the box read for uint8, 29.2-29.4 for float32.
+# It was 17 (and + 12 for float32): the smooth tasks of uint8 affinity maps measured above
+# their plan (107 MiB against 103, 147 against 143, where the block model was the larger)
+SMOOTH_BYTES_PER_VOXEL = 27
+SMOOTH_FLOAT_BYTES_PER_VOXEL = 4
 # Peak bytes of an agglomeration octree node task: NODE_BASE_BYTES + these per region-graph
 # edge its children hand it (at level 0, its block's graph). Fitted above the peak RSS of the
 # task's work (reading its children, the kernel, its stored result) by
@@ -180,7 +186,8 @@ class SegmentCosts:
         if self.smoothed:
             halo = 2 * smoothing_halo(self.sigma)
             box = (extent[0] + halo) * (extent[1] + halo) * extent[2]
-            per_voxel = channels * (SMOOTH_BYTES_PER_VOXEL + (12 if float_map else 0))
+            read = SMOOTH_FLOAT_BYTES_PER_VOXEL if float_map else 0
+            per_voxel = channels * (SMOOTH_BYTES_PER_VOXEL + read)
             peak = max(peak, per_voxel * box)
         return peak
 
