@@ -23,6 +23,7 @@ from deepem3d.stages.downsample import (
     plan_downsample,
 )
 from deepem3d.stages.frame import Markers
+from deepem3d.stages.meshes import mesh_stages, plan_meshes
 from deepem3d.storage.layers import create_layer
 from deepem3d.storage.sharding import block_sharding
 from tests.conftest import (
@@ -208,6 +209,26 @@ def test_sharded_levels_above_those_planned_are_not_dropped(tmp_path):
         plan_downsample(layer, num_mips=1)
     with pytest.raises(InputError, match=r"mip 1 exists at 8,8,8 nm.*--factor 2,2,2"):
         plan_downsample(layer, num_mips=1, factor=(2, 2, 1))
+
+
+def test_a_sharded_layer_meshed_above_its_mip_downsamples_again(tmp_path):
+    """igneous's sharded downsampling cuts the info's scales to `mip` before it opens the
+    layer, which then fails where meshes (or skeletons) are made at a mip above: a second
+    downsample (a resumed run's) of a sharded segmentation meshed at mip 2 was a traceback."""
+    size, chunk = (128, 128, 32), (32, 32, 8)
+    layer = f"file://{tmp_path / 'layer'}"
+    vol = create_layer(layer, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 4),
+                       size=size, chunk_size=chunk, sharding=block_sharding(size, chunk, size))
+    vol[vol.bounds] = np.arange(np.prod(size), dtype=np.uint64).reshape((*size, 1)) // 5000
+    run_stages([downsample_stage(plan_downsample(layer, num_mips=2))], execute=execute_here,
+               echo=lambda line: None)
+    run_stages(mesh_stages(plan_meshes(layer, mip=2, sharded=True)), execute=execute_here,
+               echo=lambda line: None)
+    before = CloudFiles(layer).get_json("info")
+    again = cli_here("downsample", layer, "--num-mips", "2")
+    assert again.returncode == 0, again.stderr
+    assert "(0 run now)" in again.stdout
+    assert CloudFiles(layer).get_json("info") == before
 
 
 def test_bounds_keep_the_tasks_inside_them(tmp_path):

@@ -524,10 +524,14 @@ def downsample_stage(
             with contextlib.redirect_stdout(io.StringIO()), _info_restored_on_error(
                     plan.layer_path, info):
                 if plan.sharded:
+                    # truncate_scales=False: igneous would commit the info cut to `mip`
+                    # before it opens the layer, which then fails where meshes or skeletons
+                    # are made at a mip above (a downsample run again); the plan refuses the
+                    # levels above the new ones that the cut would drop, so it drops none
                     tasks = create_image_shard_downsample_tasks(
                         plan.layer_path, mip=plan.mip, num_mips=plan.num_mips,
                         factor=plan.factor, fill_missing=fill_missing, sparse=sparse,
-                        bounds=plan.bounds, bounds_mip=plan.mip,
+                        bounds=plan.bounds, bounds_mip=plan.mip, truncate_scales=False,
                         memory_target=shard_bytes(plan.memory_target, plan.factor))
                 else:
                     tasks = create_downsampling_tasks(
