@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from deepem3d import viewer
 from deepem3d.storage.layers import create_layer
 from deepem3d.storage.sharding import block_sharding
 from deepem3d.viewer import LayerFileServer, serve
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, cli_here, run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -228,6 +229,24 @@ def test_serve_remote_layers_as_they_are(tmp_path):
 def test_view_missing_layer(tmp_path):
     assert_one_line_error(run_cli("view", str(tmp_path / "nope"), timeout=60), "no layer")
     assert_one_line_error(run_cli("view", str(tmp_path), timeout=60), "no precomputed layer")
+
+
+def test_the_printed_view_command_can_be_pasted(tmp_path, monkeypatch):
+    """`deepem3d demo` and `deepem3d run` end with the command that views their output: an
+    output folder with a space in its name was printed unquoted (two layers to the shell)."""
+    from deepem3d import picture
+    from deepem3d.run import plan
+
+    report = {"layers": {}, "stage_seconds": {}, "seconds": 0.0}
+    monkeypatch.setattr(plan, "run_pipeline", lambda *args, **kwargs: report)
+    monkeypatch.setattr(plan, "describe_scores", lambda report: "")
+    monkeypatch.setattr(picture, "draw_run", lambda *args, **kwargs: 25)
+    folder = tmp_path / "my runs" / "demo"
+    for result in (cli_here("demo", folder),
+                   cli_here("run", "isbi2012-demo", "--output", folder)):
+        assert result.returncode == 0, result.stderr
+        line = next(line for line in result.stdout.splitlines() if "deepem3d view" in line)
+        assert shlex.split(line.split(": ", 1)[1])[2:] == [str(folder)], line
 
 
 # --------------------------------------------------------------------------- browser

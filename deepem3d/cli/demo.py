@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 import click
 
@@ -36,4 +37,4 @@ def demo(directory: str, parallel: int) -> None:
     click.echo("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["stage_seconds"].items())
                + f"; this command {report['seconds']:.0f} s")
     click.echo(f"report: {folder}/{REPORT}; picture (section {section}): {picture}")
-    click.echo(f"view it: deepem3d view {folder}")
+    click.echo(f"view it: deepem3d view {shlex.quote(folder)}")  # a command to paste

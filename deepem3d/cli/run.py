@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
 from deepem3d.cli.options import dry_run_option
@@ -65,4 +67,4 @@ def run(pipeline: str, output: str | None, queue: str | None, parallel: int | No
     if "adapted_rand_error" in report:
         click.echo(describe_scores(report))
     where = p.output[len("file://"):] if p.output.startswith("file://") else p.output
-    click.echo(f"view the layers: deepem3d view {where}")
+    click.echo(f"view the layers: deepem3d view {shlex.quote(where)}")  # a command to paste
