@@ -10,9 +10,9 @@ only once the merged meshes are written (stages/objects.py says how).
                   shard files, one task per shard, found through the forge's spatial index
 
 Sharded meshes are for large volumes (millions of segments: a few files instead of one per
-segment). The sharded merge drops a segment whose mesh lies within one voxel along an axis
-(igneous's multires.py `process_mesh`: e.g. a single voxel, or a segment one section thick
-on the volume's last section); the README says more. igneous is GPL-3.0 and calls itself a
+segment). The sharded merge drops a segment whose mesh crosses no voxel boundary along an
+axis (a single voxel, or a segment one section thick on the volume's last section: igneous's
+`process_mesh`); the README says more. igneous is GPL-3.0 and calls itself a
 pipeline, not a library: deepem3d calls its task-creation functions and runs its tasks, as it
 does for downsampling.
 """
