@@ -213,6 +213,37 @@ def test_retried_and_duplicated_tasks_rewrite_the_same_bytes(setup):
     assert start_stage(inference_stage(plan)) == []  # a re-run skips finished tasks
 
 
+
+def test_an_overwrite_stopped_while_deleting_leaves_no_marker_over_a_hole(setup, monkeypatch):
+    """--overwrite deletes the old map's chunks and markers before it writes; stopped part-way
+    (Ctrl-C on a large layer), the markers outlived the chunks they vouch for, and a re-run
+    without --overwrite skipped every task and left the holes."""
+    output = f"file://{setup['root'] / 'out_stopped'}"
+    run_in_process(setup, output, SHAPES["one"])
+    real = CloudFiles.delete
+
+    def stopped(self, paths, *args, **kwargs):  # deletes half of the first prefix, then stops
+        paths = list(paths)
+        real(self, paths[: len(paths) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    plan = plan_inference(setup["image"], output, models=[setup["ckpt"]],
+                          task_shape=SHAPES["one"], chunk_size=CHUNK, patch=GEOMETRY,
+                          overwrite=True)
+    monkeypatch.setattr(CloudFiles, "delete", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        inference_stage(plan, overwrite=True).prepare()
+    monkeypatch.setattr(CloudFiles, "delete", real)
+    try:
+        plan = plan_inference(setup["image"], output, models=[setup["ckpt"]],
+                              task_shape=SHAPES["one"], chunk_size=CHUNK, patch=GEOMETRY)
+    except InputError as err:  # refused: the user is told to --overwrite
+        assert "--overwrite" in str(err)
+        return
+    for _, task in start_stage(inference_stage(plan)):
+        task()
+    np.testing.assert_array_equal(read_map(output), quantize(setup["reference"]))
+
 def test_a_run_keyed_by_the_full_torch_version_resumes_under_that_key(setup, monkeypatch):
     """Runs once keyed their inference by torch.__version__ (2.13.0+cpu), now by the release
     (2.13.0): such a run, resumed, skips its finished tasks instead of starting again."""

@@ -338,13 +338,15 @@ def delete_layer_data(path: str) -> None:
     """Remove what a layer holds (chunks of every scale, meshes, skeletons, task markers).
 
     Called only by an explicit overwrite, so stale chunks or completion markers of the old
-    layer can never be mistaken for the new one's.
+    layer can never be mistaken for the new one's. The markers go first: a deletion stopped
+    part-way (Ctrl-C on a large layer) left them vouching for chunks already deleted, and a
+    re-run without --overwrite skipped every task over the holes.
     """
     path = cloudpath(path)
     cf = CloudFiles(path)
     info = cf.get_json("info") or {}
-    prefixes = [scale["key"].rstrip("/") + "/" for scale in info.get("scales", [])]
-    prefixes += [f"{info.get(k) or k}/" for k in ("mesh", "skeletons")] + ["tasks/"]
+    prefixes = ["tasks/"] + [scale["key"].rstrip("/") + "/" for scale in info.get("scales", [])]
+    prefixes += [f"{info.get(k) or k}/" for k in ("mesh", "skeletons")]
     for prefix in prefixes:
         cf.delete(cf.list(prefix=prefix))
 
