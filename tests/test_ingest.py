@@ -973,3 +973,23 @@ def test_every_reader_hands_out_numpys_own_uint64(tmp_path):
                  layer_type="segmentation", progress=False)
     assert vol.dtype == "uint64"
     np.testing.assert_array_equal(read_back(tmp_path / "layer"), xyz(labels))
+
+
+def test_a_16_bit_layer_is_refused_by_infer_with_a_way_to_uint8_that_works(tmp_path):
+    """infer's advice for a uint16 layer (ingest --to-uint8 reads files, not layers): export
+    the layer, then ingest the export with --to-uint8; the result keeps the layer's place."""
+    from deepem3d.storage.layers import create_layer
+
+    image = f"file://{tmp_path / 'img16'}"
+    vol = create_layer(image, layer_type="image", dtype="uint16", resolution=(4, 4, 50),
+                       size=(64, 64, 6), voxel_offset=(8, 16, 2), chunk_size=(32, 32, 6))
+    vol[:, :, :] = np.random.default_rng(0).integers(0, 4000, (64, 64, 6), dtype=np.uint16)
+    assert_one_line_error(run_cli("infer", image, f"file://{tmp_path / 'map'}", "--dry-run"),
+                          "holds uint16", "`deepem3d export LAYER OUT.zarr` writes first")
+    run_cli("export", image, tmp_path / "img16.zarr", check=True)
+    image8 = f"file://{tmp_path / 'img8'}"
+    run_cli("ingest", tmp_path / "img16.zarr", image8, "--to-uint8", check=True)
+    converted = open_layer(image8)
+    assert converted.dtype == np.uint8 and list(converted.resolution) == [4, 4, 50]
+    assert list(converted.voxel_offset) == [8, 16, 2]
+    run_cli("infer", image8, f"file://{tmp_path / 'map'}", "--dry-run", check=True)

@@ -439,7 +439,8 @@ def plan_inference(
     vol = open_layer(image_path, mip=mip or 0)
     if vol.dtype != np.uint8:
         raise InputError(f"{image_path} holds {vol.dtype}: deepem3d infers on uint8 EM images "
-                         "(`deepem3d ingest SRC DEST --to-uint8` rescales it to uint8)")
+                         "(`deepem3d ingest FILES DEST --to-uint8` rescales the source files "
+                         "to uint8; a layer's, `deepem3d export LAYER OUT.zarr` writes first)")
     if vol.num_channels != 1:
         raise InputError(f"{image_path} has {vol.num_channels} channels: the network reads "
                          "one-channel (grey) EM images")
