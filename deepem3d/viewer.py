@@ -33,6 +33,7 @@ import brotli  # a dependency of cloud-files, which stores .br files
 import numpy as np
 
 from deepem3d.errors import InputError
+from deepem3d.storage.cloud import check_bucket
 
 REMOTE_SCHEMES = ("gs://", "s3://", "http://", "https://")
 ENCODINGS = (("gzip", ".gz"), ("br", ".br"))  # (Content-Encoding, file suffix)
@@ -490,6 +491,8 @@ def run_layers(paths: Sequence[str]) -> list[str]:
 def _run_report(path: str) -> dict | None:
     """The report.json of a run's output folder at `path`, or None (no run folder there)."""
     folder = _local_dir(path)
+    if folder is None:  # a bucket out of reach: one line in seconds (CloudFiles retries for
+        check_bucket(path)  # tens of seconds, which the except below would hide)
     try:
         if folder is not None:
             report_path = os.path.join(folder, "report.json")

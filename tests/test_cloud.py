@@ -583,6 +583,22 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
     assert CloudVolume("s3://em-mistakes/image").shape[:3] == (32, 32, 4)
 
 
+def test_view_of_a_bucket_out_of_reach_is_one_line_within_seconds(tmp_path, moto_endpoint,
+                                                                    monkeypatch):
+    """`view` first looks for a run's report.json under each path: for a bucket that does
+    not exist or an endpoint that does not answer, that look was CloudFiles' own retries
+    (22 s and 28 s here) before the one-line error."""
+    def quick(*fragments, status=2):
+        started = time.time()
+        assert_one_line_error(run_cli("view", "s3://no-such-bucket/run"), *fragments,
+                              status=status)
+        assert time.time() - started < 10
+
+    quick("s3://no-such-bucket", "no such bucket")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    quick("does not answer", status=75)
+
+
 # ---------------------------------------------------------------------------------------------
 # gs:// on the GCS emulator
 
