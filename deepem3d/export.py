@@ -141,6 +141,9 @@ def _remove(path: str) -> None:
 
 def _target(out: str) -> tuple[str, str, str | None]:
     """(kind, file, HDF5 dataset) of OUT, or an InputError naming the kinds."""
+    if "://" in out:  # (s3://B/x.npy was read as the local folder s3:/B, "no such folder")
+        raise InputError(f"{out}: export writes a local file; give a local path (and copy it "
+                         "to a bucket afterwards)")
     hdf5 = split_hdf5(out)
     if hdf5 is not None:
         dataset = hdf5[1] or DEFAULT_DATASET

@@ -115,6 +115,7 @@ def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
         ((paths["image"], tmp_path / "image.png"), ["cannot tell what to write"]),
         ((paths["image"], tmp_path / "a.npy", "--bounds", "0,0,0,10,10,2"), ["reach outside"]),
         ((paths["image"], tmp_path / "no" / "a.npy"), ["no such folder"]),
+        ((paths["image"], "s3://bucket/a.npy"), ["s3://bucket/a.npy", "a local file"]),
         ((paths["image"], f"{tmp_path / 'a.h5'}:/"), ["name the HDF5 dataset"]),
         ((paths["image"], tmp_path / "folder.npy", "--overwrite"), ["is a folder"]),
     ):
