@@ -269,6 +269,36 @@ def test_a_run_on_sqs_stops_on_its_task_in_the_dead_letter_queue(tmp_path, moto_
     assert time.time() - started < 60
 
 
+def test_a_run_whose_s3_endpoint_is_lost_while_it_waits_is_exit_75(moto_endpoint, monkeypatch):
+    """The bucket and queue found, the stage queued, then the endpoint gone while the run
+    reads the stage's markers: ServiceUnavailable (exit 75, which the driver Job retries); it
+    was botocore's EndpointConnectionError with a traceback, exit 1."""
+    from deepem3d.run.runner import Runner
+    from deepem3d.stages.frame import Stage
+
+    server, url = local_endpoint("moto.server", "-H", "127.0.0.1", "-p", probe="moto-api/")
+    try:
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_SQS"):
+            monkeypatch.setenv(name, url)
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="em-lost")
+        boto3.client("sqs", endpoint_url=url).create_queue(QueueName="lost")
+        stage = Stage(name="waits", layer="s3://em-lost/layer", key="k1", parameters={},
+                      task_count=1, memory_bytes=0, make_tasks=lambda: iter(
+                          [("t1", partial(FailsInFrame, message="never run"))]))
+
+        def echo(line):  # the stage's tasks are on the queue: the endpoint goes
+            if "waiting for workers" in line:
+                server.kill()
+                server.wait()
+
+        runner = Runner(lambda s: "sqs://lost", progress=False, poll=0.2, echo=echo)
+        with pytest.raises(ServiceUnavailable, match="stage waits: Could not connect"):
+            runner.run([stage])
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_a_look_into_a_dead_letter_queue_reads_all_and_leaves_them_there(moto_endpoint):
     """Past a hundred messages (a receive that hides nothing returns the same ones again),
     every one is listed once; afterwards all are visible again, at once."""

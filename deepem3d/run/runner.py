@@ -33,6 +33,7 @@ from deepem3d.run.queues import (
     spawn_workers,
 )
 from deepem3d.stages.frame import Stage, stage_label
+from deepem3d.storage.cloud import answered
 
 POLL_SECONDS = 1.0  # how often a run waiting for workers elsewhere reads the markers
 #: the same with local workers (the demo's short stages took 1 s each at 1.0)
@@ -210,7 +211,8 @@ class Runner:
             if missing:
                 raise InputError(f"stage {stage.label} needs {', '.join(missing)}, which this "
                                  "run has not completed: list the stages in order")
-            summary = self.run_stage(stage)
+            with answered(f"stage {stage.label}"):  # an endpoint lost: exit 75, a rerun
+                summary = self.run_stage(stage)
             ran.append(summary)
             self.echo(summary.line())
             done.add(stage.name)

@@ -17,8 +17,10 @@ Where things come from, as CloudVolume and boto3 read them:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from deepem3d.errors import InputError, ServiceUnavailable
@@ -175,6 +177,19 @@ def unavailable(where: str, err: Exception) -> None:
         if str(error.get("Code")) in THROTTLED or int(status) >= 500:
             raise ServiceUnavailable(f"{where}: {error.get('Code')}: "
                                      f"{error.get('Message')}") from None
+
+
+@contextlib.contextmanager
+def answered(where: str) -> Iterator[None]:
+    """Within it, a botocore error of a service that did not answer (CloudFiles raises its S3
+    calls' once its retries are spent: a bucket's endpoint lost after its check) is
+    ServiceUnavailable naming `where`; any other error passes unchanged."""
+    try:
+        yield
+    except Exception as err:
+        if type(err).__module__.startswith("botocore."):
+            unavailable(where, err)
+        raise
 
 
 def _check_gs(bucket: str) -> None:
