@@ -580,6 +580,12 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
                         "queues:\n  default: sqs://deepem3d-defualt\n")  # first) warns
     quick("run", pipeline, fragments=["queues.default", "no such SQS queue"])
     assert not (tmp_path / "out").exists()
+    for key, text in (("output", f"output: {tmp_path / 'out'}"), ("image", f"image: {local}")):
+        elsewhere = tmp_path / f"no-bucket-{key}.yaml"  # named by its own key, not a stage's
+        elsewhere.write_text(pipeline.read_text().replace(
+            text, f"{key}: s3://no-such-bucket/x").replace("sqs://deepem3d-defualt", "fq://q"))
+        quick("run", elsewhere, "--dry-run",
+              fragments=[f"{elsewhere}: {key}: s3://no-such-bucket", "no such bucket"])
     dry = run_cli("run", pipeline, "--dry-run", check=True)
     assert "deepem3d: warning:" in dry.stderr and "queues.default" in dry.stderr, dry.stderr
 
@@ -593,6 +599,12 @@ def test_cloud_mistakes_are_one_line_within_seconds(tmp_path, moto_endpoint, mon
           status=75)
     quick("infer", f"{closed}/image", tmp_path / "map", "--dry-run",
           fragments=[closed, "does not answer"], status=75)  # http(s) layers and models
+    unanswered = tmp_path / "unanswered.yaml"  # a pipeline's key keeps the exit status
+    unanswered.write_text(pipeline.read_text().replace(
+        f"image: {local}", "image: s3://em-mistakes/image").replace("sqs://deepem3d-defualt",
+                                                                    "fq://q"))
+    quick("run", unanswered, "--dry-run", fragments=["image: s3://em-mistakes",
+                                                     "does not answer"], status=75)
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)

@@ -60,7 +60,22 @@ def _in_key(source: str, section: str, err: InputError) -> InputError:
     parts = str(err).split("`")
     for i in range(0, len(parts), 2):  # outside backticks
         parts[i] = re.sub(r"(pass )?--([a-z][a-z0-9-]*)", as_key, parts[i])
-    return InputError(f"{source}: {section}: {'`'.join(parts)}")
+    # its kind kept: a service that did not answer stays ServiceUnavailable (exit 75)
+    return type(err)(f"{source}: {section}: {'`'.join(parts)}")
+
+
+def check_buckets(p: Pipeline) -> None:
+    """Each bucket the file names, asked once before any plan, its error under its own key
+    (a stage's plan named an output bucket that did not exist under `inference`)."""
+    from deepem3d.storage.cloud import check_bucket
+
+    for key in ("output", "image", "ground_truth", "map"):
+        path = getattr(p, key)
+        if path and path != SAMPLE:
+            try:
+                check_bucket(path)
+            except InputError as err:
+                raise _in_key(p.source, key, err) from None
 
 
 def _bbox(values) -> Bbox | None:
@@ -121,6 +136,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
         overwrite = {"inference", "segmentation", "downsample"} if overwrite else set()
     planner = _RunPlanner(p, overwrite, dry_run)
     try:
+        check_buckets(p)
         planner.sample()
         if "map" in p.products:
             planner.inference()
