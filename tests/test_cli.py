@@ -189,6 +189,8 @@ def test_a_damaged_provenance_is_one_line_naming_it(tmp_path, text, words):
 @pytest.mark.parametrize("args,words", [
     (("segment", "map", "out", "--method", "mean", "--threshold", "0.5", "--dust-size",
       str(2**64), "--dry-run"), ["--dust-size", "0<=x<=9223372036854775807"]),
+    (("skeleton", "seg", "--dust-threshold", str(2**64)),
+     ["--dust-threshold", "0<=x<=9223372036854775807"]),
     (("tune", "seg", "gt", "--dust-sizes", f"0,{2**64}"), ["--dust-sizes", "at most"]),
     (("worker", "fq://q", "--lease-seconds", str(10**17)), ["--lease-seconds", "1<=x<=43200"]),
     (("worker", "fq://q", "--import", ""), ["--import", "Empty module name"]),
@@ -197,7 +199,8 @@ def test_a_damaged_provenance_is_one_line_naming_it(tmp_path, text, words):
     (("view", "layer", "--bind-address", ""), ["--bind-address", "0.0.0.0"]),
 ])
 def test_values_past_what_the_tools_hold_are_refused(tmp_path, args, words):
-    """A dust size past int64 failed in orjson after the segmentation was written, a lease
+    """A dust size past int64 failed in orjson after the segmentation was written (a skeleton
+    dust threshold when the stage's run.json was written), a lease
     of 10^17 s killed the renewal thread, an empty --import or bind address was a traceback
     or a URL with no host, an SQS name with a space waited for AWS to refuse it."""
     assert_one_line_error(cli_here(*args), *words)

@@ -223,6 +223,9 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["downsample", "not among the products"]),
     ("dust past int64", {"segmentation:\n": f"segmentation:\n  dust_size: {2**64}\n"},
      ["segmentation.dust_size", "from 0 to"]),
+    ("skeleton dust past int64", {"meshes]": "meshes, skeletons]", "meshes:\n  mip: 1\n":
+                                  f"meshes:\n  mip: 1\nskeletons:\n  dust_threshold: {2**64}\n"},
+     ["skeletons.dust_threshold", "from 0 to"]),
     ("a flag not true or false", {"model: isbi2012-small-affinity": "model: "
                                   "isbi2012-small-affinity\n  fill_missing: 'no'"},
      ["inference.fill_missing", "true or false"]),

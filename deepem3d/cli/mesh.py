@@ -9,6 +9,7 @@ import click
 
 from deepem3d.cli.options import Number, Triple, dry_run_option, parallel_option, queue_option
 from deepem3d.run.queues import check_queue_url
+from deepem3d.units import INT64_MAX
 
 
 def object_options(default_shape: str) -> Callable:
@@ -74,7 +75,7 @@ def mesh(layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip
 
 @click.command()
 @object_options("512,512,512")
-@click.option("--dust-threshold", type=click.IntRange(min=0), default=None,
+@click.option("--dust-threshold", type=click.IntRange(min=0, max=INT64_MAX), default=None,
               help="Skip segments smaller than this many voxels within a task (default 1000).")
 @click.option("--min-cable-nm", type=Number(min=0), default=None,
               help="At the merge, drop skeletons with less cable than this, in nm "

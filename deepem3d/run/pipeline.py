@@ -416,9 +416,9 @@ def _check_object_product(p: Pipeline, product: str) -> None:
     except InputError as err:
         _fail(p.source, f"{product}.spatial_index", str(err))
     if "dust_threshold" in options and not (_number(options["dust_threshold"], int)
-                                            and options["dust_threshold"] >= 0):
+                                            and 0 <= options["dust_threshold"] <= INT64_MAX):
         _fail(p.source, f"{product}.dust_threshold", f"{options['dust_threshold']!r} must be "
-              "a number of voxels (0 or more)")
+              f"a number of voxels from 0 to {INT64_MAX}")
     for key in ("min_cable_nm", "tick_threshold"):
         value = options.get(key, 0)
         if not (_number(value) and math.isfinite(value) and value >= 0):
