@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 #: the largest count the segmentation's kernels (int64) and the provenance's JSON hold
 INT64_MAX = 2**63 - 1
 
+#: the most CPU threads torch.set_num_threads takes (a C int)
+MAX_THREADS = 2**31 - 1
+
 #: byte units, case-insensitive: SI (powers of 1000, as igneous's --memory counts) and IEC
 #: (powers of 1024)
 BYTE_UNITS = {

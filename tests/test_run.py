@@ -223,6 +223,11 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["downsample", "not among the products"]),
     ("dust past int64", {"segmentation:\n": f"segmentation:\n  dust_size: {2**64}\n"},
      ["segmentation.dust_size", "from 0 to"]),
+    ("threads past a C int", {"model: isbi2012-small-affinity": "model: "
+                              f"isbi2012-small-affinity\n  threads: {2**64}"},
+     ["inference", "threads", "from 1 to 2147483647"]),
+    ("a patch past any device", {"patch_size: 64": f"patch_size: {16 * 2**60}"},
+     ["inference", "patch size", "at most 32768"]),
     ("skeleton dust past int64", {"meshes]": "meshes, skeletons]", "meshes:\n  mip: 1\n":
                                   f"meshes:\n  mip: 1\nskeletons:\n  dust_threshold: {2**64}\n"},
      ["skeletons.dust_threshold", "from 0 to"]),

@@ -13,8 +13,9 @@ from deepem3d.cli.options import (
     queue_option,
 )
 from deepem3d.errors import warn
-from deepem3d.models.sliding import TTA_CHOICES, WINDOWS, PatchGeometry
+from deepem3d.models.sliding import MAX_BATCH, MAX_PATCH_SIZE, TTA_CHOICES, WINDOWS, PatchGeometry
 from deepem3d.run.queues import check_queue_url
+from deepem3d.units import MAX_THREADS
 
 
 @click.command()
@@ -44,20 +45,20 @@ from deepem3d.run.queues import check_queue_url
 @click.option("--tta", type=click.Choice([str(t) for t in TTA_CHOICES]), default="1",
               show_default=True, help="Test-time augmentation: 1, 8 (in-plane rotations and "
               "flips) or 16 (x z-reversal) variants, undone and averaged.")
-@click.option("--patch-size", type=click.IntRange(min=16), default=None,
+@click.option("--patch-size", type=click.IntRange(min=16, max=MAX_PATCH_SIZE), default=None,
               help="Network input per patch, in-plane (multiple of 16). Default: abutting "
               "tiles of up to 2048 px, each read with the models' receptive field around it "
               "(about 1.5 evaluations per output voxel on a large volume); giving --patch-size, "
               f"--patch-output or --overlap selects overlapping blended patches (defaults "
               f"{PatchGeometry.size}, {PatchGeometry.output}, {PatchGeometry.overlap}).")
-@click.option("--patch-output", type=click.IntRange(min=1), default=None,
+@click.option("--patch-output", type=click.IntRange(min=1, max=MAX_PATCH_SIZE), default=None,
               help="Output window in the middle of each patch; the rest is context.")
-@click.option("--overlap", type=click.IntRange(min=0), default=None,
+@click.option("--overlap", type=click.IntRange(min=0, max=MAX_PATCH_SIZE), default=None,
               help="Pixels shared by neighbouring output windows (0: abutting, unblended; "
               "with the default 512 / 384 patches that reads only 64 px of context around "
               "each tile, less than the models' receptive field: leave the patch options out "
               "for abutting tiles with the whole field).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=click.IntRange(min=1, max=MAX_BATCH), default=None,
               help="Patches per forward pass (default: 1 for the tiles, "
               f"{PatchGeometry.batch} for overlapping patches).")
 @click.option("--window", type=click.Choice(WINDOWS), default=PatchGeometry.window,
@@ -65,7 +66,8 @@ from deepem3d.run.queues import check_queue_url
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where workers run the model (auto: CUDA when this "
               "machine has it; plan GPU runs from a laptop with cuda).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1,
+              show_default=True,
               help="CPU threads per task. Fixed on purpose: identical bytes across tasks need "
               "one thread setting; run one worker per core instead.")
 @click.option("--no-amp", is_flag=True, help="On CUDA, run in float32 instead of float16 "

@@ -9,6 +9,8 @@ import click
 from deepem3d.cli.options import Number, Triple
 from deepem3d.errors import InputError
 from deepem3d.models.presets import PRESETS
+from deepem3d.models.sliding import MAX_BATCH, MAX_PATCH_SIZE
+from deepem3d.units import MAX_THREADS
 
 
 @click.command()
@@ -29,8 +31,10 @@ from deepem3d.models.presets import PRESETS
 @click.option("--in-sections", type=click.Choice(["1", "3", "5"]), default=None,
               help="Input sections per prediction. Default: --init's, else 5.")
 @click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--patch-size", type=click.IntRange(min=16), default=128, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1, max=MAX_BATCH), default=4,
+              show_default=True)
+@click.option("--patch-size", type=click.IntRange(min=16, max=MAX_PATCH_SIZE), default=128,
+              show_default=True,
               help="Network input per training patch, in-plane (multiple of 16).")
 @click.option("--lr", type=Number(min=0, min_open=True), default=0.01, show_default=True,
               help="Base learning rate (poly schedule, power 0.8).")
@@ -43,7 +47,7 @@ from deepem3d.models.presets import PRESETS
               "attribute).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to train (auto: CUDA when this machine has it).")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
               help="CPU threads (default: torch's, one per core). A run resumes exactly on the "
               "same device and thread count.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,

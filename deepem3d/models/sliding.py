@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 WINDOWS: tuple[str, ...] = ("gaussian", "bump")
 TTA_CHOICES: tuple[int, ...] = (1, 8, 16)
+#: the largest patch (in-plane px) and batch a plan takes: far past any device's memory, and
+#: below what numpy's and torch's index arithmetic holds
+MAX_PATCH_SIZE = 2**15
+MAX_BATCH = 2**15
 HEAD_CHANNELS = {"boundary": 1, "affinity": 3}
 WINDOW_FLOOR = 1e-3  # MONAI's floor: every pixel of a window keeps a positive weight
 GAUSSIAN_SIGMA = 0.125  # sigma as a fraction of the window (MONAI's and nnU-Net's default)
@@ -169,14 +173,16 @@ class PatchGeometry:
         """Raise ValueError naming the fix for a geometry the sliding window cannot use."""
         if self.size < divisor or self.size % divisor:
             raise ValueError(f"patch size {self.size} must be a positive multiple of {divisor}")
+        if self.size > MAX_PATCH_SIZE:
+            raise ValueError(f"patch size {self.size} must be at most {MAX_PATCH_SIZE}")
         if not 0 < self.output <= self.size or (self.size - self.output) % 2:
             raise ValueError(f"patch output {self.output} must be at most the patch size "
                              f"{self.size} and differ from it by an even number")
         if not 0 <= self.overlap < self.output:
             raise ValueError(f"overlap {self.overlap} must be at least 0 and less than the "
                              f"patch output {self.output}")
-        if self.batch < 1:
-            raise ValueError(f"batch size {self.batch} must be at least 1")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise ValueError(f"batch size {self.batch} must be from 1 to {MAX_BATCH}")
         if self.window not in WINDOWS:
             raise ValueError(f"window {self.window!r}: choose one of {', '.join(WINDOWS)}")
 

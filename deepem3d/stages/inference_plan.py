@@ -50,6 +50,7 @@ from deepem3d.storage.layers import (
 )
 from deepem3d.storage.sharding import block_sharding, check_on_shards
 from deepem3d.storage.sharding import default_chunk as sharded_chunk
+from deepem3d.units import MAX_THREADS
 
 if TYPE_CHECKING:
     import torch
@@ -448,8 +449,8 @@ def plan_inference(
         raise InputError(f"--tta {tta}: choose one of {', '.join(map(str, TTA_CHOICES))}")
     if device not in DEVICES:
         raise InputError(f"--device {device}: choose one of {', '.join(DEVICES)}")
-    if threads < 1:
-        raise InputError(f"--threads {threads} must be at least 1")
+    if not 1 <= threads <= MAX_THREADS:
+        raise InputError(f"--threads {threads} must be from 1 to {MAX_THREADS}")
     patch = patch.to_dict() if isinstance(patch, PatchGeometry) else dict(patch or {})
     unknown = set(patch) - set(PatchGeometry.__dataclass_fields__)
     if unknown:
