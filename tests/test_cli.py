@@ -264,3 +264,15 @@ def test_an_http_layer_behind_a_proxy_is_not_checked_directly(monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "")
     check_bucket("http://layers.invalid/image")
+
+
+@pytest.mark.parametrize("args,words", [
+    (("run", "isbi2012-demo", "--output", "", "--dry-run"), ["output: ''", "names no folder"]),
+    (("run", "isbi2012-demo", "--output", "out", "--queue", "", "--dry-run"),
+     ["--queue", "unknown queue ''"]),
+])
+def test_run_refuses_empty_values_as_other_commands_do(args, words):
+    """`run --output ''` ran into the file's output (the shipped pipeline's: ./demo) and
+    `run --queue ''` on local workers, where `infer --queue ''` and `train --out ''` refuse
+    the empty value."""
+    assert_one_line_error(cli_here(*args), *words)

@@ -278,7 +278,8 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
               f"{VERSION} (write `version: {VERSION}`)")
     for key in ("output", "image"):
         value = data.get(key)
-        if not (isinstance(value, str) and value.strip()) and not (key == "output" and output):
+        if not (isinstance(value, str) and value.strip()) and not (key == "output"
+                                                                   and output is not None):
             _fail(source, key, "missing: give a path")
     products = data.get("products", ["map", "segmentation"])
     if not isinstance(products, list) or not products:
@@ -289,9 +290,10 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
                   f"{', '.join(PRODUCTS)})")
         if product in products[:i]:
             _fail(source, "products", f"{product} is listed twice")
-    root = _path(output or data["output"]).rstrip("/")
+    given = data["output"] if output is None else output  # --output '' is no folder either
+    root = _path(given).rstrip("/") if given.strip() else ""
     if "://" not in root or not root.split("://", 1)[1]:  # `/`, `file:///`, `s3://`
-        _fail(source, "output", f"{output or data['output']!r} names no folder: give one")
+        _fail(source, "output", f"{given!r} names no folder: give one")
     pipeline = Pipeline(
         source=source, output=root,
         image=data["image"] if data["image"] == SAMPLE else _path(data["image"]),
@@ -557,7 +559,7 @@ def _check_queues(p: Pipeline, value, default: str | None) -> None:
         if sizes.get("max_memory", math.inf) < sizes.get("min_memory", 0):
             _fail(p.source, f"queues.{name}.max_memory", "is below its min_memory")
         p.queues[name] = Queue(name, _path(url) if url.startswith("fq://") else url, **sizes)
-    if default:
+    if default is not None:  # --queue '' is refused, as every command's --queue
         try:
             url = check_queue_url(default)
         except InputError as err:
