@@ -276,3 +276,20 @@ def test_run_refuses_empty_values_as_other_commands_do(args, words):
     `run --queue ''` on local workers, where `infer --queue ''` and `train --out ''` refuse
     the empty value."""
     assert_one_line_error(cli_here(*args), *words)
+
+
+@pytest.mark.parametrize("args", [
+    ("infer", "image", "map", "--model", "", "--dry-run"),
+    ("infer", "image", "map", "--mask", " ", "--dry-run"),
+    ("tune", "seg", "gt", "--write", ""),
+    ("train", "--image", "i", "--labels", "l", "--train-sections", "0:1", "--out", "o",
+     "--val-sections", ""),
+    ("train", "--image", "i", "--labels", "l", "--train-sections", "0:1", "--out", "o",
+     "--init", ""),
+])
+def test_an_empty_option_value_is_refused_not_taken_as_left_out(args):
+    """`infer --model ''` ran the default model, `--mask ''` masked nothing, `tune --write ''`
+    wrote nothing, train's `--val-sections ''` validated nothing and `--init ''` started from
+    scratch: each silently, as if the option were left out."""
+    option = args[-2] if args[-1] != "--dry-run" else args[-3]
+    assert_one_line_error(cli_here(*args), f"{option} ", "an empty value")

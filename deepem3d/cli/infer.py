@@ -9,6 +9,7 @@ from deepem3d.cli.options import (
     Bounds,
     Triple,
     dry_run_option,
+    not_empty,
     parallel_option,
     queue_option,
 )
@@ -21,7 +22,7 @@ from deepem3d.units import MAX_THREADS
 @click.command()
 @click.argument("image")
 @click.argument("output")
-@click.option("--model", "models", multiple=True, metavar="CKPT|NAME",
+@click.option("--model", "models", multiple=True, metavar="CKPT|NAME", callback=not_empty,
               help="Checkpoint file, cloud path or shipped model name (default: the shipped "
               "model; isbi2012-small-affinity-x3 names three, best with --tta 16). Repeat to "
               "combine models: boundary maps by voxel-wise maximum, affinities by their mean.")
@@ -72,8 +73,9 @@ from deepem3d.units import MAX_THREADS
               "one thread setting; run one worker per core instead.")
 @click.option("--no-amp", is_flag=True, help="On CUDA, run in float32 instead of float16 "
               "autocast (slower, closer to CPU results).")
-@click.option("--mask", default=None, help="Layer whose non-zero voxels are tissue: blocks "
-              "without any are written as background without running the model.")
+@click.option("--mask", default=None, callback=not_empty,
+              help="Layer whose non-zero voxels are tissue: blocks without any are written "
+              "as background without running the model.")
 @click.option("--mask-mip", type=click.IntRange(min=0), default=0, show_default=True,
               help="Mip of --mask to read.")
 @click.option("--fill-missing", is_flag=True, help="Read missing image chunks as zeros "

@@ -183,6 +183,16 @@ def argparse_type(param_type: click.ParamType, option: str) -> Callable[[str], A
     return convert
 
 
+def not_empty(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Callback refusing an empty value (a path, a name, a range) given to an option whose
+    absence means something else: `--mask ''` is a mistake, not `--mask` left out."""
+    for item in value if isinstance(value, tuple) else (value,):
+        if item is not None and not str(item).strip():
+            raise OptionValueError(f"{_option_name(param)} {item!r}: an empty value; give one, "
+                                   "or leave the option out", ctx=ctx, param=param)
+    return value
+
+
 queue_option = click.option(
     "--queue",
     "queue",

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from deepem3d.cli.options import Number, Triple
+from deepem3d.cli.options import Number, Triple, not_empty
 from deepem3d.errors import InputError
 from deepem3d.models.presets import PRESETS
 from deepem3d.models.sliding import MAX_BATCH, MAX_PATCH_SIZE
@@ -19,7 +19,8 @@ from deepem3d.units import MAX_THREADS
               "array or an MRC file.")
 @click.option("--labels", required=True, help="Dense neuron ids (0 = boundary), same geometry.")
 @click.option("--train-sections", required=True, help="START:END (end exclusive), e.g. 0:15.")
-@click.option("--val-sections", default=None, help="START:END for validation, e.g. 15:20.")
+@click.option("--val-sections", default=None, callback=not_empty,
+              help="START:END for validation, e.g. 15:20.")
 @click.option("--out", "out_dir", required=True,
               help="Directory for checkpoints and plots: one that holds none of them, or this "
               "run's own with --resume.")
@@ -56,7 +57,7 @@ from deepem3d.units import MAX_THREADS
               "not depend on it, so a run may resume with another count.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt "
               "(with none there it starts: one command for a job restarted after preemption).")
-@click.option("--init", default=None,
+@click.option("--init", default=None, callback=not_empty,
               help="Start from this checkpoint's weights (a shipped name, file or cloud path) "
                    "with a fresh optimizer and schedule: fine-tuning. Its --preset, --head and "
                    "--in-sections unless given.")

@@ -11,7 +11,7 @@ import click
 from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
-from deepem3d.cli.options import Bounds, ByteSize
+from deepem3d.cli.options import Bounds, ByteSize, not_empty
 from deepem3d.errors import InputError, warn
 from deepem3d.units import INT64_MAX, format_bounds, format_number
 
@@ -50,6 +50,7 @@ def _ints(text: str, name: str) -> list[int]:
 @click.option("--dust-sizes", default="0,100,200,400,800", show_default=True,
               help="Dust sizes to try (voxels; 0: none).")
 @click.option("--write", "pipeline", default=None, type=click.Path(dir_okay=False),
+              callback=not_empty,
               help="Write the best setting into this pipeline file's `segmentation:` keys "
               "(checked first; only those keys' lines change, its comments kept, unless the "
               "section cannot be edited so: then the file is rewritten whole, and it says so).")
