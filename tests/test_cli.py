@@ -196,6 +196,10 @@ def test_a_damaged_provenance_is_one_line_naming_it(tmp_path, text, words):
     (("infer", "image", "map", "--patch-size", str(2**64)), ["--patch-size", "16<=x<=32768"]),
     (("train", "--image", "i", "--labels", "l", "--train-sections", "0:1", "--out", "o",
       "--threads", str(2**31)), ["--threads", "1<=x<=2147483647"]),
+    (("train", "--image", "i", "--labels", "l", "--train-sections", "0:1", "--out", "o",
+      "--workers", str(10**6)), ["--workers", "0<=x<=256"]),
+    (("train", "--image", "i", "--labels", "l", "--train-sections", "0:1", "--out", "o",
+      "--seed", str(2**64)), ["--seed", "0<=x<=9223372036854775807"]),
     (("tune", "seg", "gt", "--dust-sizes", f"0,{2**64}"), ["--dust-sizes", "at most"]),
     (("worker", "fq://q", "--lease-seconds", str(10**17)), ["--lease-seconds", "1<=x<=43200"]),
     (("worker", "fq://q", "--import", ""), ["--import", "Empty module name"]),
@@ -207,7 +211,8 @@ def test_values_past_what_the_tools_hold_are_refused(tmp_path, args, words):
     """A dust size past int64 failed in orjson after the segmentation was written (a skeleton
     dust threshold when the stage's run.json was written; infer's --threads in its tasks'
     JSON, a huge --batch-size or --patch-size in numpy or torch; train's --threads was
-    "Overflow when unpacking long long"), a lease of 10^17 s killed the renewal thread, an
+    "Overflow when unpacking long long", and so was its --seed past 2^64, and a million
+    --workers hung), a lease of 10^17 s killed the renewal thread, an
     empty --import or bind address was a traceback or a URL with no host, an SQS name with a
     space waited for AWS to refuse it."""
     assert_one_line_error(cli_here(*args), *words)

@@ -12,6 +12,10 @@ from deepem3d.models.presets import PRESETS
 from deepem3d.models.sliding import MAX_BATCH, MAX_PATCH_SIZE
 from deepem3d.units import MAX_THREADS
 
+#: --workers' bound: processes that each hold batches ahead of the step; far past any machine's
+#: cores (a count of millions hung forking)
+MAX_WORKERS = 256
+
 
 @click.command()
 @click.option("--image", required=True,
@@ -39,7 +43,7 @@ from deepem3d.units import MAX_THREADS
               help="Network input per training patch, in-plane (multiple of 16).")
 @click.option("--lr", type=Number(min=0, min_open=True), default=0.01, show_default=True,
               help="Base learning rate (poly schedule, power 0.8).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
 @click.option("--val-every", type=click.IntRange(min=1), default=200, show_default=True,
               help="Validate, checkpoint and plot every N iterations.")
 @click.option("--resolution", type=Triple(float), default=None,
@@ -51,7 +55,7 @@ from deepem3d.units import MAX_THREADS
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
               help="CPU threads (default: torch's, one per core). A run resumes exactly on the "
               "same device and thread count.")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
+@click.option("--workers", type=click.IntRange(min=0, max=MAX_WORKERS), default=None,
               help="Processes preparing batches ahead of the step (default: on a GPU, one per "
               "core but one, at most 8; on the CPU none, the step uses the cores). Batches do "
               "not depend on it, so a run may resume with another count.")
