@@ -36,7 +36,8 @@ from deepem3d.storage.layers import cloudpath
 @click.option("--memory", type=ByteSize(), default="3.5e9", show_default=True,
               help="Memory target of one task in bytes, as igneous's --memory (3.5e9, 3500MB, "
               "3.5GB or 2GiB): larger tasks make more levels at once.")
-@click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros.")
+@click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros (default: a "
+              "missing chunk is an error).")
 @click.option("--sparse", is_flag=True, help="Segmentation: ignore 0 when taking the mode.")
 def downsample(
     layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip: int,

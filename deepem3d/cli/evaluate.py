@@ -27,7 +27,8 @@ from deepem3d.units import format_bounds, format_triple
 @click.option("--mip", type=click.IntRange(min=0), default=None,
               help="SEG's mip level to compare at; GT is read at its mip of the same "
               "resolution (default: SEG's finest mip whose resolution GT has).")
-@click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros.")
+@click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros (default: a "
+              "missing chunk is an error).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def evaluate(
     seg: str, gt: str, bounds: tuple[tuple[int, int, int], tuple[int, int, int]] | None,

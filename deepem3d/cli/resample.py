@@ -27,7 +27,8 @@ from deepem3d.run.queues import check_queue_url
               "512 x 512 x 64). The result does not depend on it.")
 @click.option("--chunk-size", type=Triple(int), default=None,
               help="Chunk size of OUTPUT, x,y,z (default: the image's at --mip).")
-@click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros.")
+@click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros (default: a "
+              "missing chunk is an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an OUTPUT that holds data.")
 def resample(layer: str, output: str, queue: str | None, parallel: int | None, dry_run: bool,
              resolution: tuple[float, float, float] | None, like: str | None, mip: int,
