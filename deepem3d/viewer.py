@@ -3,7 +3,10 @@
 `serve(layers)` starts the Neuroglancer viewer of the `neuroglancer` Python package (it
 bundles the client, so nothing is fetched from the internet) with one Neuroglancer layer per
 precomputed layer. Remote layers (gs://, s3://, http(s)://) are handed to Neuroglancer as
-``precomputed://`` sources that the browser fetches itself. Local layers (file:// or plain
+``precomputed://`` sources that the browser fetches itself; an s3:// layer on an S3-compatible
+endpoint of its own (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL: MinIO, Ceph, moto) as that
+endpoint's path-style http(s) URL, which Neuroglancer reads unsigned (the bucket must allow
+anonymous reads), where an s3:// source would ask AWS. Local layers (file:// or plain
 paths) are served read-only by `LayerFileServer`, a threaded HTTP server on the same bind
 address: CloudVolume stores their chunks gzipped as ``NAME.gz`` while Neuroglancer asks for
 ``NAME``, so such files go out as they are with ``Content-Encoding: gzip`` (``br`` for
@@ -531,6 +534,15 @@ def largest_segments(path: str, count: int = SHOWN_SEGMENTS) -> list[int]:
     return [int(i) for i in ids[np.argsort(sizes)[::-1][:count]]]
 
 
+def browser_url(path: str) -> str:
+    """The URL the browser fetches a remote layer from: an s3:// path on an endpoint of its own
+    (boto3's variables, as CloudVolume reads them) is that endpoint's path-style URL."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and path.startswith("s3://"):
+        return f"{endpoint.rstrip('/')}/{path.removeprefix('s3://')}"
+    return path
+
+
 def describe_layers(paths: Sequence[str]) -> list[tuple[ViewedLayer, dict | None]]:
     """Check every layer and give each a unique name (from its directory name)."""
     if not paths:
@@ -617,7 +629,7 @@ def serve(
         if layer.local_dir is not None:
             source = "precomputed://" + file_server.layer_url(layer.name)
         else:
-            source = "precomputed://" + layer.path
+            source = "precomputed://" + browser_url(layer.path)
         viewed.append(dataclasses.replace(layer, source=source))
 
     try:

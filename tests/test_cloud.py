@@ -641,6 +641,33 @@ def test_view_of_a_bucket_out_of_reach_is_one_line_within_seconds(tmp_path, moto
     quick("does not answer", status=75)
 
 
+def test_an_s3_layer_on_an_endpoint_of_its_own_is_viewed_through_that_endpoint(
+        tmp_path, moto_endpoint, monkeypatch):
+    """Neuroglancer reads an s3:// source from AWS: a layer on MinIO or moto is handed to it
+    as the endpoint's path-style URL, from which its info reads unsigned, as the browser's."""
+    import urllib.request
+
+    from deepem3d.viewer import browser_url
+
+    s3 = boto3.client("s3", endpoint_url=moto_endpoint)
+    s3.create_bucket(Bucket="em-view")
+    s3.put_bucket_policy(Bucket="em-view", Policy=json.dumps({  # anonymous reads, as the docs
+        "Version": "2012-10-17", "Statement": [{  # say a bucket viewed so needs
+            "Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
+            "Resource": "arn:aws:s3:::em-view/*"}]}))
+    np.save(tmp_path / "crop.npy", np.zeros((4, 32, 32), np.uint8))
+    run_cli("ingest", tmp_path / "crop.npy", "s3://em-view/image", "--resolution", "4,4,40",
+            check=True)
+    url = browser_url("s3://em-view/image")
+    assert url == f"{moto_endpoint}/em-view/image"
+    with urllib.request.urlopen(f"{url}/info", timeout=10) as answer:  # no signature
+        assert json.loads(answer.read())["scales"][0]["resolution"] == [4, 4, 40]
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert browser_url("s3://em-view/image") == "s3://em-view/image"  # AWS's own
+    assert browser_url("gs://b/image") == "gs://b/image"
+
+
 # ---------------------------------------------------------------------------------------------
 # gs:// on the GCS emulator
 
