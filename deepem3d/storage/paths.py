@@ -37,25 +37,14 @@ def _is_layer_info(path: str) -> bool:
 
 
 def put_json_whole(folder: str, name: str, content: object) -> None:
-    """folder/name as JSON, which a reader finds old or new, never cut short: locally written
-    beside and renamed over (CloudFiles writes a local file in place); an object store
+    """folder/name as JSON, which a reader finds old or new, never cut short: CloudFiles' local
+    writes made whole by `whole_files` (it writes a local file in place); an object store
     replaces an object whole."""
-    if "://" in folder and not folder.startswith("file://"):
-        from cloudfiles import CloudFiles
+    from cloudfiles import CloudFiles
 
-        CloudFiles(folder).put_json(name, content, compress=None)
-        return
-    from cloudfiles.lib import jsonify  # CloudFiles' own JSON (numpy numbers too)
+    from deepem3d.storage import whole_files
 
-    data = jsonify(content)
-    where = os.path.abspath(folder.removeprefix("file://"))
-    os.makedirs(where, exist_ok=True)
-    target = os.path.join(where, name)
-    partial = f"{target}.partial"
-    try:
-        with open(partial, "wb") as f:
-            f.write(data)
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    whole_files.install()
+    if "://" not in folder:
+        folder = f"file://{os.path.abspath(folder)}"
+    CloudFiles(folder).put_json(name, content, compress=None)
