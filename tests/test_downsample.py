@@ -194,16 +194,24 @@ def test_another_factor_is_refused_where_levels_exist(tmp_path, monkeypatch):
     assert CloudFiles(fresh).get_json("info") == before
 
 
-def test_sharded_levels_above_those_planned_are_not_dropped(tmp_path):
-    """igneous's sharded downsampling cuts the info's scales to those it makes: --num-mips 1 on
-    a layer with two sharded levels took mip 2 out of the info."""
+def _sharded_segmentation_downsampled(tmp_path, segment_voxels: int) -> str:
+    """A 128 x 128 x 32 sharded segmentation (runs of `segment_voxels` voxels in x order),
+    downsampled by two levels."""
     size, chunk = (128, 128, 32), (32, 32, 8)
     layer = f"file://{tmp_path / 'layer'}"
     vol = create_layer(layer, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 4),
                        size=size, chunk_size=chunk, sharding=block_sharding(size, chunk, size))
-    vol[vol.bounds] = np.arange(np.prod(size), dtype=np.uint64).reshape((*size, 1)) // 1000
+    vol[vol.bounds] = np.arange(np.prod(size), dtype=np.uint64).reshape((*size, 1)) // \
+        segment_voxels
     run_stages([downsample_stage(plan_downsample(layer, num_mips=2))], execute=execute_here,
                echo=lambda line: None)
+    return layer
+
+
+def test_sharded_levels_above_those_planned_are_not_dropped(tmp_path):
+    """igneous's sharded downsampling cuts the info's scales to those it makes: --num-mips 1 on
+    a layer with two sharded levels took mip 2 out of the info."""
+    layer = _sharded_segmentation_downsampled(tmp_path, segment_voxels=1000)
     assert plan_downsample(layer, num_mips=2).num_mips == 2  # the same levels again
     with pytest.raises(InputError, match="mip 2 exists above the 1 level"):
         plan_downsample(layer, num_mips=1)
@@ -215,13 +223,7 @@ def test_a_sharded_layer_meshed_above_its_mip_downsamples_again(tmp_path):
     """igneous's sharded downsampling cuts the info's scales to `mip` before it opens the
     layer, which then fails where meshes (or skeletons) are made at a mip above: a second
     downsample (a resumed run's) of a sharded segmentation meshed at mip 2 was a traceback."""
-    size, chunk = (128, 128, 32), (32, 32, 8)
-    layer = f"file://{tmp_path / 'layer'}"
-    vol = create_layer(layer, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 4),
-                       size=size, chunk_size=chunk, sharding=block_sharding(size, chunk, size))
-    vol[vol.bounds] = np.arange(np.prod(size), dtype=np.uint64).reshape((*size, 1)) // 5000
-    run_stages([downsample_stage(plan_downsample(layer, num_mips=2))], execute=execute_here,
-               echo=lambda line: None)
+    layer = _sharded_segmentation_downsampled(tmp_path, segment_voxels=5000)
     run_stages(mesh_stages(plan_meshes(layer, mip=2, sharded=True)), execute=execute_here,
                echo=lambda line: None)
     before = CloudFiles(layer).get_json("info")

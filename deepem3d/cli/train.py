@@ -10,7 +10,7 @@ from deepem3d.cli.options import Number, Triple, not_empty
 from deepem3d.errors import InputError
 from deepem3d.models.presets import PRESETS
 from deepem3d.models.sliding import MAX_BATCH, MAX_PATCH_SIZE
-from deepem3d.units import MAX_THREADS
+from deepem3d.units import INT64_MAX, MAX_THREADS
 
 #: --workers' bound: processes that each hold batches ahead of the step; far past any machine's
 #: cores (a count of millions hung forking)
@@ -43,7 +43,7 @@ MAX_WORKERS = 256
               help="Network input per training patch, in-plane (multiple of 16).")
 @click.option("--lr", type=Number(min=0, min_open=True), default=0.01, show_default=True,
               help="Base learning rate (poly schedule, power 0.8).")
-@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0, max=INT64_MAX), default=0, show_default=True)
 @click.option("--val-every", type=click.IntRange(min=1), default=200, show_default=True,
               help="Validate, checkpoint and plot every N iterations.")
 @click.option("--resolution", type=Triple(float), default=None,

@@ -525,7 +525,7 @@ def check_scoring(p: Pipeline, ground_truth: str, map_bounds: Bbox,
     """Before anything runs: the ground truth holds labels at the map's voxel size (at any of
     its mips: `deepem3d evaluate`'s rule), and the region scored lies inside it and the region
     segmented (a late OutOfBoundsError would come after hours)."""
-    from deepem3d.storage.labels import mip_at, open_labels
+    from deepem3d.storage.labels import mip_at, open_labels, resolutions_held
 
     try:
         gt = open_labels(ground_truth, "ground_truth")
@@ -533,11 +533,10 @@ def check_scoring(p: Pipeline, ground_truth: str, map_bounds: Bbox,
         raise _in_key(p.source, "ground_truth", err) from None
     gt_mip = mip_at(gt, map_resolution)
     if gt_mip is None:
-        held = ", ".join(dict.fromkeys(format_triple(gt.meta.resolution(m))
-                                       for m in sorted(gt.available_mips)))
-        raise InputError(f"{p.source}: ground_truth: its voxels are {held} nm and the "
-                         f"segmentation's will be {format_triple(map_resolution)} nm: score at "
-                         "one voxel size (a ground truth of the image's mip, or inference.mip)")
+        raise InputError(f"{p.source}: ground_truth: its voxels are {resolutions_held(gt)} nm "
+                         f"and the segmentation's will be {format_triple(map_resolution)} nm: "
+                         "score at one voxel size (a ground truth of the image's mip, or "
+                         "inference.mip)")
     gt.mip = gt_mip
     region = evaluated_region(p, gt.bounds)
     key = "evaluate.bounds" if p.evaluate.get("bounds") else "ground_truth"

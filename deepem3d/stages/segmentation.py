@@ -394,7 +394,8 @@ def settings_for_map(map_path: str, given: dict) -> tuple[dict, str | None]:
 DOWNSAMPLING_TASKS = ("DownsampleTask", "ImageShardDownsampleTask")
 
 
-def map_fingerprint(map_path: str, mip: int = 0) -> str:
+def map_fingerprint(map_path: str, mip: int = 0,
+                    processing: list[dict] | None = None) -> str:
     """A digest of what the map layer's data at `mip` comes from: its info less the other
     scales, and what its provenance says processed it, less downsampling. A re-made map is
     another map; the same map with mip levels added (igneous adds those to the info and to
@@ -402,7 +403,9 @@ def map_fingerprint(map_path: str, mip: int = 0) -> str:
     files = CloudFiles(cloudpath(map_path))
     info = files.get_json("info") or {}
     info = {**info, "scales": (info.get("scales") or [])[mip:mip + 1]}
-    return digest({"info": info, "processing": map_processing(map_path)})[:20]
+    if processing is None:  # (`map_processing`, read once by a caller that needs it too)
+        processing = map_processing(map_path)
+    return digest({"info": info, "processing": processing})[:20]
 
 
 def map_processing(map_path: str) -> list[dict]:
@@ -493,6 +496,7 @@ def plan_segment(
         task_shape = tuple(-(-t // c) * c for t, c in zip(DEFAULT_TASK_SHAPE, chunk))
     task_shape = check_task_shape(task_shape, chunk)
     asked = bounds = check_bounds(bounds, offset, size, map_path, mip)
+    processing = map_processing(map_path)
     bounds = align_to_chunks(bounds, offset, size, chunk)
     sharding = None
     if sharded:
@@ -507,8 +511,8 @@ def plan_segment(
         resolution=tuple(float(r) for r in vol.resolution), voxel_offset=offset, size=size,
         chunk_size=chunk, task_shape=task_shape, bounds=bounds,
         blocks=block_grid(bounds, task_shape),
-        map_fingerprint=map_fingerprint(map_path, mip),
-        map_recorded=bool(map_processing(map_path)),
+        map_fingerprint=map_fingerprint(map_path, mip, processing),
+        map_recorded=bool(processing),
         sigma=float(sigma), warnings=[warning] if warning else [],
         edges_per_voxel=float(edges_per_voxel), sharding=sharding,
     )

@@ -25,11 +25,13 @@ from collections.abc import Sequence
 import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
+from cloudvolume.lib import Bbox
 
 from deepem3d.errors import InputError
 from deepem3d.segmentation.chunks import Chunk
 from deepem3d.storage.layers import cloudpath, read_block
 from deepem3d.storage.npz import COMPRESS
+from deepem3d.units import format_bounds
 
 WORK = "segmentation"
 #: where the supervoxels are kept: per block, local labels and their table to supervoxel ids
@@ -74,8 +76,8 @@ def map_box(vol: CloudVolume, lo: Sequence[int], hi: Sequence[int]) -> np.ndarra
                      "it covers)")
     if box.dtype.kind == "f" and not (np.isfinite(box).all() and box.min() >= 0
                                       and box.max() <= 1):
-        where = ",".join(str(int(v)) for v in (*lo, *hi))
-        raise InputError(f"{vol.cloudpath} holds values outside [0, 1] (or NaN) in {where}: a "
+        raise InputError(f"{vol.cloudpath} holds values outside [0, 1] (or NaN) in "
+                         f"{format_bounds(Bbox(lo, hi))}: a "
                          "float32 map holds probabilities; write it as such (or as uint8 "
                          "round(255 p))")
     return box[..., 0] if box.shape[3] == 1 else box

@@ -73,8 +73,7 @@ def compare_at(seg_vol: CloudVolume, gt_vol: CloudVolume, mip: int | None = None
         fix = (f"pass --mip {shared[0]} (SEG's {format_triple(seg_res[shared[0]])} nm)"
                if shared else "give the layers a resolution in common (`deepem3d downsample` "
                "adds mips to the finer one)")
-    gt_has = ", ".join(dict.fromkeys(format_triple(_resolution(gt_vol, m))
-                                     for m in sorted(gt_vol.available_mips)))
+    gt_has = resolutions_held(gt_vol)
     what = (f"SEG's mip {mip} ({format_triple(seg_res[mip])} nm)" if mip is not None else
             f"any of SEG's resolutions ({', '.join(format_triple(r) for r in seg_res.values())}"
             " nm)")
@@ -87,6 +86,12 @@ def mip_at(vol: CloudVolume, resolution: Sequence[float]) -> int | None:
         if np.allclose(_resolution(vol, m), resolution, rtol=1e-6, atol=0):
             return m
     return None
+
+
+def resolutions_held(vol: CloudVolume) -> str:
+    """VOL's voxel sizes, finest first, each once: `4,4,40, 8,8,40` (for a message)."""
+    return ", ".join(dict.fromkeys(format_triple(_resolution(vol, m))
+                                   for m in sorted(vol.available_mips)))
 
 
 def _resolution(vol: CloudVolume, mip: int) -> tuple[float, ...]:
