@@ -339,6 +339,26 @@ def test_a_queues_redrive_limit_is_the_workers_limit(tmp_path, moto_endpoint):
         "queue", "status", "sqs://patient", check=True).stdout
 
 
+def test_a_worker_stops_when_its_sqs_queue_is_deleted(moto_endpoint):
+    """A queue deleted under a polling worker is gone for good: the worker says so in one
+    line and exits 1 (it used to poll the missing queue forever, warning each time)."""
+    run_cli("queue", "create", "sqs://doomed", check=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "deepem3d", "worker", "sqs://doomed", "--poll-seconds", "0.2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)  # polling
+        assert worker.poll() is None, worker.communicate()[0]
+        run_cli("queue", "delete", "sqs://doomed", "--yes", check=True)
+        status = worker.wait(timeout=60)
+    finally:
+        worker.kill()
+        log = worker.communicate()[0]
+    assert status == 1, log
+    assert "no such SQS queue in region us-east-1" in log and "stopping" in log, log
+    assert "Traceback" not in log and "trying again" not in log, log
+
+
 def test_a_failed_read_of_the_redrive_policy_is_asked_again_not_taken_for_none(
         moto_endpoint, monkeypatch):
     """One failed read of the queue's policy (a throttled call) falls back to the worker's

@@ -44,6 +44,11 @@ SQS_MAX_NAME = 80
 SQS_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{SQS_MAX_NAME}}}")
 
 
+class QueueMissing(InputError):
+    """An SQS queue that does not exist (not yet, or no longer: deleted while workers poll
+    it), which no retry brings back."""
+
+
 def check_queue_url(url: str) -> str:
     """Return the URL, or an InputError naming the schemes deepem3d takes."""
     scheme, sep, rest = url.partition("://")
@@ -131,7 +136,7 @@ def sqs_call(what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
         region = getattr(getattr(getattr(fn, "__self__", None), "meta", None), "region_name",
                          None)
         if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
-            raise InputError(f"{what}: no such SQS queue in region {region} (check "
+            raise QueueMissing(f"{what}: no such SQS queue in region {region} (check "
                              "AWS_DEFAULT_REGION, or create it with `deepem3d queue create`)"
                              ) from None
         if "QueueAlreadyExists" in code or "QueueNameExists" in code:

@@ -59,6 +59,7 @@ from deepem3d.run.admission import Refused, admit, normal_path
 from deepem3d.run.file_queue import UNREADABLE_GRACE, FileQueue, task_id
 from deepem3d.run.queues import (
     SQS_MAX_VISIBILITY,
+    QueueMissing,
     check_lease,
     enqueued,
     open_queue,
@@ -519,9 +520,10 @@ class Worker:
                 except (QueueEmptyError, InputError, OSError) as err:
                     # the queue was there at start (and took locks): a blip, an NFS hiccup
                     if not isinstance(err, QueueEmptyError):
-                        if self._queue_gone():
-                            log.error("%s: the queue's folders are gone (deleted?): stopping",
-                                      self.url)
+                        if self._queue_gone() or isinstance(err, QueueMissing):
+                            log.error("%s: stopping", err if isinstance(err, QueueMissing)
+                                      else f"{self.url}: the queue's folders are gone "
+                                      "(deleted?)")
                             report.errors += 1
                             break
                         log.warning("%s; trying again", err)
