@@ -667,3 +667,12 @@ def test_a_file_queue_refuses_a_lease_it_cannot_keep(tmp_path):
                           "--lease-seconds 2 is too short for a file queue", "at least 3")
     result = run_cli("run", "isbi2012-demo", "--lease-seconds", "2", "--output", tmp_path / "o")
     assert result.returncode == 2 and "2 is not in the range 3<=x<=43200" in result.stderr
+
+
+def test_queue_create_refuses_a_lease_a_file_queue_cannot_keep(tmp_path):
+    """`queue create fq://DIR --lease-seconds 1` made a queue whose workers would all refuse
+    that lease; it is refused as the worker refuses it, and nothing is made."""
+    queue = tmp_path / "q"
+    assert_one_line_error(run_cli("queue", "create", f"fq://{queue}", "--lease-seconds", "1"),
+                          "--lease-seconds 1 is too short for a file queue", "at least 3")
+    assert not queue.exists()

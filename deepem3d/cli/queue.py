@@ -129,7 +129,7 @@ def queue() -> None:
               help="sqs:// only: the queue's visibility timeout; at least the workers' lease.")
 @click.option("--lease-seconds", type=click.IntRange(min=1, max=SQS_MAX_VISIBILITY),
               default=None, help="The lease the workers will take: refused when above "
-              "--visibility-seconds.")
+              "--visibility-seconds (sqs://) or below 3 (fq://, as a worker refuses it).")
 def create(url: str, max_attempts: int, visibility_seconds: int,
            lease_seconds: int | None) -> None:
     """Create the queue URL: on SQS with a dead-letter queue (URL-dead-letter), its redrive

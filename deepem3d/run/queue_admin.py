@@ -29,6 +29,7 @@ from deepem3d.run.queues import (
     SQS_MAX_NAME,
     SQS_MAX_VISIBILITY,
     check_file_queue,
+    check_lease,
     check_queue_url,
     sqs_call,
     sqs_client,
@@ -55,6 +56,8 @@ def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 9
         raise InputError(f"{url}: a name of at most {SQS_MAX_NAME - len(DEAD_LETTER_SUFFIX)} "
                          f"characters leaves room for its dead-letter queue's "
                          f"({DEAD_LETTER_SUFFIX}) within SQS's {SQS_MAX_NAME}")
+    if lease_seconds is not None:
+        check_lease(url, lease_seconds)  # the workers of a file queue would refuse it
     if lease_seconds is not None and visibility_seconds < lease_seconds:
         raise InputError(f"--visibility-seconds {visibility_seconds} is below the workers' "
                          f"lease ({lease_seconds} s): a task would be handed to a second "
