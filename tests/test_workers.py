@@ -676,3 +676,10 @@ def test_queue_create_refuses_a_lease_a_file_queue_cannot_keep(tmp_path):
     assert_one_line_error(run_cli("queue", "create", f"fq://{queue}", "--lease-seconds", "1"),
                           "--lease-seconds 1 is too short for a file queue", "at least 3")
     assert not queue.exists()
+
+
+def test_queue_create_takes_a_long_lease_on_a_file_queue(tmp_path):
+    """--visibility-seconds is SQS's: its default (900) refused a file queue's lease of 1000."""
+    result = run_cli("queue", "create", f"fq://{tmp_path / 'q'}", "--lease-seconds", "1000")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "q" / "queue").is_dir()

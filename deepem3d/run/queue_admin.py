@@ -58,7 +58,8 @@ def create_queue(url: str, *, max_attempts: int = 5, visibility_seconds: int = 9
                          f"({DEAD_LETTER_SUFFIX}) within SQS's {SQS_MAX_NAME}")
     if lease_seconds is not None:
         check_lease(url, lease_seconds)  # the workers of a file queue would refuse it
-    if lease_seconds is not None and visibility_seconds < lease_seconds:
+    if (url.startswith("sqs://") and lease_seconds is not None
+            and visibility_seconds < lease_seconds):  # a file queue has no visibility timeout
         raise InputError(f"--visibility-seconds {visibility_seconds} is below the workers' "
                          f"lease ({lease_seconds} s): a task would be handed to a second "
                          "worker while the first still runs it")
