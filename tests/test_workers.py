@@ -683,3 +683,14 @@ def test_queue_create_takes_a_long_lease_on_a_file_queue(tmp_path):
     result = run_cli("queue", "create", f"fq://{tmp_path / 'q'}", "--lease-seconds", "1000")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "q" / "queue").is_dir()
+
+
+def test_poll_seconds_takes_one_range_in_worker_and_queue_status(tmp_path):
+    """`queue status --poll-seconds` refused 0.05, which the runner's own workers poll at."""
+    queue = f"fq://{tmp_path / 'q'}"
+    TaskQueue(queue, progress=False)
+    for command in (("worker", queue, "--exit-when-empty"), ("queue", "status", queue, "--watch")):
+        assert_one_line_error(run_cli(*command, "--poll-seconds", "0.001"),
+                              "--poll-seconds", "x>=0.01")
+        result = run_cli(*command, "--poll-seconds", "0.05")
+        assert result.returncode == 0, result.stderr

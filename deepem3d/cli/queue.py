@@ -14,6 +14,7 @@ from deepem3d.cli.options import Number
 from deepem3d.errors import InputError
 from deepem3d.run.queue_admin import DEAD_LETTER_SUFFIX
 from deepem3d.run.queues import (
+    MIN_POLL_SECONDS,
     SQS_MAX_VISIBILITY,
     check_existing_queue,
     open_queue,
@@ -39,7 +40,7 @@ from deepem3d.run.queues import (
     "--import", "imports", multiple=True, metavar="MODULE",
     help="Also import MODULE, which registers tasks of your own (repeatable).",
 )
-@click.option("--poll-seconds", type=Number(min=0.01), default=1.0,
+@click.option("--poll-seconds", type=Number(min=MIN_POLL_SECONDS), default=1.0,
               show_default=True, help="Wait between polls of an empty queue (it grows to ten "
               "times this while the queue stays empty).")
 @click.option("--parent-pid", type=int, default=None, hidden=True,
@@ -162,7 +163,7 @@ def delete(url: str, yes: bool) -> None:
 @click.argument("url")
 @click.option("--watch", is_flag=True, help="Show a progress bar until the queue is empty.")
 @click.option(
-    "--poll-seconds", type=Number(min=0.1), default=2.0, show_default=True,
+    "--poll-seconds", type=Number(min=MIN_POLL_SECONDS), default=2.0, show_default=True,
     help="Seconds between polls with --watch."
 )
 def status(url: str, watch: bool, poll_seconds: float) -> None:

@@ -231,6 +231,9 @@ def insert_tasks(url: str, tasks: Iterable) -> int:
 
 #: how often a runner's local workers poll an empty queue (they stay up between stages)
 WORKER_IDLE_POLL_SECONDS = 0.05
+#: the shortest --poll-seconds a command takes (`worker`, `queue status --watch`): below the
+#: runner's own WORKER_IDLE_POLL_SECONDS
+MIN_POLL_SECONDS = 0.01
 
 
 def spawn_workers(url: str, count: int, lease_seconds: int = 600,
