@@ -33,6 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from deepem3d import n5
 from deepem3d.axes import xyz_from_zyx
@@ -63,7 +64,7 @@ SUPPORTED = (
 )
 
 
-def canonical_dtype(dtype) -> np.dtype:
+def canonical_dtype(dtype: DTypeLike) -> np.dtype:
     """numpy's own dtype of that name, in native byte order: tifffile's uint64 is type code
     'Q' where numpy's is 'L' (int64 'q', and uint32 'I' vs 'L' on other platforms); they
     compare equal, and astype keeps them, but CloudVolume's np.issubdtype refuses the other
