@@ -9,11 +9,13 @@ import click
 
 from deepem3d.cli.options import Number, Triple, dry_run_option, parallel_option, queue_option
 from deepem3d.run.queues import check_queue_url
-from deepem3d.units import INT64_MAX
+from deepem3d.stages import meshes, skeletons
+from deepem3d.units import INT64_MAX, format_number
 
 
-def object_options(default_shape: str) -> Callable:
+def object_options(default_task_shape: tuple[int, int, int]) -> Callable:
     """The options meshes and skeletons share: where, at which mip, in which blocks, sharded."""
+    default_shape = ",".join(map(str, default_task_shape))
 
     def decorate(command: Callable) -> Callable:
         for option in reversed([
@@ -50,7 +52,7 @@ def _run(plan, stages, queue: str | None, parallel: int | None, dry_run: bool) -
 
 
 @click.command()
-@object_options("448,448,448")
+@object_options(meshes.TASK_SHAPE)
 @click.option("--fill-missing", is_flag=True,
               help="Read missing chunks as zeros (default: a missing chunk stops the run, in "
               "one line).")
@@ -74,14 +76,16 @@ def mesh(layer: str, queue: str | None, parallel: int | None, dry_run: bool, mip
 
 
 @click.command()
-@object_options("512,512,512")
+@object_options(skeletons.TASK_SHAPE)
 @click.option("--dust-threshold", type=click.IntRange(min=0, max=INT64_MAX), default=None,
-              help="Skip segments smaller than this many voxels within a task (default 1000).")
+              help="Skip segments smaller than this many voxels within a task "
+              f"(default {skeletons.DUST_THRESHOLD}).")
 @click.option("--min-cable-nm", type=Number(min=0), default=None,
               help="At the merge, drop skeletons with less cable than this, in nm "
-              "(default 500).")
+              f"(default {format_number(skeletons.MIN_CABLE_NM)}).")
 @click.option("--tick-threshold", type=Number(min=0), default=None,
-              help="At the merge, prune branches shorter than this, in nm (default 500).")
+              help="At the merge, prune branches shorter than this, in nm "
+              f"(default {format_number(skeletons.TICK_THRESHOLD)}).")
 def skeleton(layer: str, queue: str | None, parallel: int | None, dry_run: bool,
              mip: int | None, task_shape: tuple[int, int, int] | None, sharded: bool,
              spatial_index: bool | None, dust_threshold: int | None,
