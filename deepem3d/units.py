@@ -35,7 +35,10 @@ _BYTES = re.compile(r"^\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", r
 def parse_bytes(value: str | int | float) -> int:
     """3500000000, 3.5e9, '3500MB', '3.5GB', '2GiB' -> bytes; ValueError otherwise."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        number, unit = float(value), ""
+        try:
+            number, unit = float(value), ""
+        except OverflowError:  # an int past a float's range (a YAML key's 400 digits)
+            raise ValueError(f"{value!r} is not a finite number of bytes") from None
     else:
         match = _BYTES.match(str(value))
         if not match or match.group(2).lower() not in BYTE_UNITS:

@@ -283,6 +283,19 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
                             + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 8)}]\n"
                                       for i in range(1, 8)),
         "task_shape: [64, 64, 2]": "task_shape: *a7"}, ["aliases expand to more than"]),
+    ("a number past a float", {"task_shape: [64, 64, 2]": f"task_shape: [{'9' * 400}, 64, 2]"},
+     ["inference.task_shape", "expected a list of 3 numbers"]),
+    ("a threshold past a float", {"segmentation:\n": "segmentation:\n  method: mean\n  "
+                                  f"threshold: {'9' * 400}\n"}, ["segmentation.threshold"]),
+    ("a size past a float", {"segmentation:\n": "segmentation:\n  max_task_memory: "
+                             f"{'9' * 400}\n"}, ["segmentation.max_task_memory", "24GiB"]),
+    ("a length past a float", {"meshes]": "meshes, skeletons]", "meshes:\n  mip: 1\n":
+                               f"meshes:\n  mip: 1\nskeletons:\n  min_cable_nm: {'9' * 400}\n"},
+     ["skeletons.min_cable_nm", "length in nm"]),
+    ("nested too deeply", {"segmentation:\n": f"x: {'[' * 5000}{']' * 5000}\nsegmentation:\n"},
+     ["not valid YAML", "nested too deeply"]),
+    ("a NUL in a path", {"evaluate:\n": 'map: "a\\0b"\nevaluate:\n'},
+     ["not valid YAML", "NUL character"]),
 ])
 def test_a_bad_pipeline_file_is_one_line_before_anything_is_written(
         tmp_path, crop_layers, case, replace, fragments):

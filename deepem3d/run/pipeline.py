@@ -195,7 +195,7 @@ def _path(value: str, base: str | None = None) -> str:
 
 def _triple(source: str, key: str, value, kind=int, count: int = 3) -> list:
     if (not isinstance(value, list | tuple) or len(value) != count
-            or not all(_number(v) and math.isfinite(v) for v in value)):
+            or not all(_finite(v) for v in value)):
         _fail(source, key, f"expected a list of {count} numbers, got {value!r}")
     if any(abs(v) > LARGEST_COORDINATE for v in value):
         _fail(source, key, f"{value!r}: coordinates are at most {LARGEST_COORDINATE:,}")
@@ -253,6 +253,13 @@ def unique_keys_loader() -> type[yaml.SafeLoader]:
                     seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+        def construct_scalar(self, node: yaml.Node):
+            value = super().construct_scalar(node)
+            if isinstance(value, str) and "\0" in value:  # os calls: "embedded null byte"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{value!r}: a NUL character in a value", node.start_mark)
+            return value
+
     return UniqueKeys
 
 
@@ -269,6 +276,8 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
         data = yaml.load(text, Loader=unique_keys_loader())
     except yaml.YAMLError as err:
         raise InputError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
+    except RecursionError:  # PyYAML composes and constructs recursively: [[[[...]]]]
+        raise InputError(f"{source}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a mapping of {', '.join(TOP_KEYS)}")
     _mapping(source, "", data, TOP_KEYS)
@@ -341,6 +350,15 @@ def _check_inputs_apart(p: Pipeline) -> None:
 def _number(value, kind=int | float) -> bool:
     """A number of `kind` that YAML's true and false (bool is an int) are not."""
     return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    """A number that is a finite float: not inf, nan, or an int past a float's range (400
+    digits, on which math.isfinite raises OverflowError)."""
+    try:
+        return _number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _written_layers(p: Pipeline) -> list[str]:
@@ -423,7 +441,7 @@ def _check_object_product(p: Pipeline, product: str) -> None:
               f"a number of voxels from 0 to {INT64_MAX}")
     for key in ("min_cable_nm", "tick_threshold"):
         value = options.get(key, 0)
-        if not (_number(value) and math.isfinite(value) and value >= 0):
+        if not (_finite(value) and value >= 0):
             _fail(p.source, f"{product}.{key}", f"{value!r} must be a length in nm (0 or more)")
 
 
@@ -492,7 +510,7 @@ def _check_sections(p: Pipeline) -> None:
         _fail(p.source, "segmentation.method", f"{seg['method']!r}: choose mean or watershed")
     if "threshold" in seg:
         t = seg["threshold"]
-        if not (_number(t) and math.isfinite(t) and 0 <= t <= 1):
+        if not (_finite(t) and 0 <= t <= 1):
             _fail(p.source, "segmentation.threshold", f"{t!r} is outside [0, 1]")
     if "sigma" in seg and not (_number(seg["sigma"]) and 0 <= seg["sigma"] <= 16):
         _fail(p.source, "segmentation.sigma", f"{seg['sigma']!r} must lie in [0, 16] voxels")
