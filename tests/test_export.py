@@ -148,6 +148,41 @@ def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
     np.testing.assert_array_equal(np.load(long), layers["image"])
 
 
+@pytest.mark.parametrize("damage, fragments", [
+    ("not gzip", ["has a chunk in", "cannot be decoded", "DecompressionError"]),
+    ("another size", ["has a chunk in", "cannot be decoded", "cannot reshape"]),
+    ("a folder", ["has a chunk in", "cannot be decoded", "Is a directory"]),
+    ("sharding without its bits", ["scales[0].sharding", "not a sharding specification"]),
+])
+def test_a_damaged_chunk_or_sharding_spec_is_one_line_and_writes_nothing(
+        layers, tmp_path, damage, fragments):
+    """A chunk file that does not decode as the info says (not gzip, another dtype's size, a
+    folder), or a sharding specification without its keys, failed CloudVolume's read with a
+    traceback (DecompressionError, ValueError, IsADirectoryError, TypeError)."""
+    import gzip
+    import json
+
+    layer = tmp_path / "layer"
+    shutil.copytree(layers["paths"]["image"].removeprefix("file://"), layer)
+    chunk = sorted((layer / "4_4_40").iterdir())[0]
+    if damage == "not gzip":
+        chunk.write_bytes(b"garbage")
+    elif damage == "another size":
+        chunk.write_bytes(gzip.compress(bytes(7)))
+    elif damage == "a folder":
+        chunk.unlink()
+        chunk.mkdir()
+    else:
+        info = json.loads((layer / "info").read_text())
+        info["scales"][0]["sharding"] = {"@type": "neuroglancer_uint64_sharded_v1"}
+        (layer / "info").write_text(json.dumps(info))
+    before = {p: p.read_bytes() for p in layer.rglob("*") if p.is_file()}
+    result = cli_here("export", layer, tmp_path / "out.npy", "--no-progress")
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out.npy").exists()
+    assert {p: p.read_bytes() for p in layer.rglob("*") if p.is_file()} == before
+
+
 def test_an_export_larger_than_the_free_disk_is_refused_first(tmp_path, monkeypatch):
     """A 40 TB region made numpy's memmap raise OSError (a traceback) after the command had
     read the layer; the size is now checked against the folder's free space first."""

@@ -167,7 +167,27 @@ def info_problem(info: dict) -> str | None:
                     "the volume?)")
         if scale.get("encoding") not in ENCODINGS:
             return f"{where}.encoding {scale.get('encoding')!r} is none CloudVolume reads"
+        if "sharding" in scale and not _sharding_spec(scale["sharding"]):
+            return (f"{where}.sharding {scale['sharding']!r} is not a sharding specification "
+                    "CloudVolume reads")
     return None
+
+
+def _sharding_spec(spec: object) -> bool:
+    """Whether `spec` is a neuroglancer_uint64_sharded_v1 specification CloudVolume's
+    ShardingSpecification takes (it fails on a missing key with a TypeError, and loops a
+    minishard_bits times)."""
+    bits = ("preshift_bits", "minishard_bits", "shard_bits")
+    encodings = ("minishard_index_encoding", "data_encoding")  # optional: raw
+    return (isinstance(spec, dict)
+            and spec.get("@type") == "neuroglancer_uint64_sharded_v1"
+            and {"@type", *bits, "hash"} <= set(spec) <= {"@type", *bits, "hash", *encodings}
+            and all(isinstance(spec[b], int | np.integer) and not isinstance(spec[b], bool)
+                    and 0 <= spec[b] <= 64
+                    for b in bits)
+            and spec["minishard_bits"] + spec["shard_bits"] <= 64
+            and spec["hash"] in ("identity", "murmurhash3_x86_128")
+            and all(spec.get(e, "raw") in ("raw", "gzip") for e in encodings))
 
 
 def _whole(value: object) -> bool:
@@ -235,12 +255,31 @@ def read_block(vol: CloudVolume, lo: Sequence[int], hi: Sequence[int], fix: str,
     InputError that names the box and says `fix`, not CloudVolume's traceback."""
     from cloudvolume.exceptions import EmptyVolumeException
 
+    box = ",".join(str(int(v)) for v in (*lo, *hi))
     try:
         return np.asarray(vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
     except EmptyVolumeException:
-        box = ",".join(str(int(v)) for v in (*lo, *hi))
         raise InputError(f"{what + ' ' if what else ''}{vol.cloudpath} has missing chunks in "
                          f"{box}: {fix}") from None
+    except Exception as err:
+        if not damaged_chunk(err):
+            raise
+        raise InputError(f"{what + ' ' if what else ''}{vol.cloudpath} has a chunk in {box} "
+                         f"that cannot be decoded as its info says "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                         "): write the layer again") from None
+
+
+def damaged_chunk(err: Exception) -> bool:
+    """Whether CloudVolume's error reading a box is a chunk file its info does not describe
+    (not gzip, truncated, another dtype or shape, a folder), not a bug: the same on every
+    retry, bad input."""
+    from cloudfiles.exceptions import DecompressionError
+    from cloudvolume.exceptions import AlignmentError, DecodingError, OutOfBoundsError
+
+    if isinstance(err, OutOfBoundsError | AlignmentError):  # a box outside: the caller's bug
+        return False
+    return isinstance(err, DecompressionError | DecodingError | IsADirectoryError | ValueError)
 
 
 def write_block(vol: CloudVolume, lo: Sequence[int], array: np.ndarray) -> None:
