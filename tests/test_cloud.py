@@ -703,6 +703,42 @@ def gcs_endpoint(monkeypatch):
     server.wait(timeout=10)
 
 
+def test_a_gs_endpoint_lost_after_its_check_is_service_unavailable(monkeypatch):
+    """As on S3 (above), a gs:// endpoint lost after its bucket was checked: what CloudFiles
+    raises once its retries are spent (requests' ConnectionError for a lookup, within
+    seconds; Google's RetryError for a read, after Google's own retries, minutes) is
+    ServiceUnavailable within `answered` (a run: exit 75), not a traceback."""
+    from google.api_core.exceptions import RetryError
+    from google.api_core.exceptions import ServiceUnavailable as GoogleUnavailable
+
+    from deepem3d.storage.cloud import answered
+
+    server, url = local_endpoint("tests.gcs_emulator", "start", "--host", "127.0.0.1",
+                                 "--in-memory", "--default-bucket", "em-lost", "--port",
+                                 probe="storage/v1/b")
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", url)
+        files = CloudFiles("gs://em-lost/layer")
+        files.put("tasks/a", b"x")
+        server.kill()
+        server.wait()
+        with pytest.raises(ServiceUnavailable,
+                           match="stage s: the storage endpoint does not answer"):
+            with answered("stage s"):
+                files.exists("tasks/a")
+    finally:
+        server.kill()
+        server.wait()
+    for spent in (RetryError("Timeout of 120.0s exceeded", cause=None),
+                  GoogleUnavailable("503 backend")):
+        with pytest.raises(ServiceUnavailable, match="stage s: .*does not answer"):
+            with answered("stage s"):
+                raise spent
+    with pytest.raises(KeyError):  # anything else passes unchanged
+        with answered("stage s"):
+            raise KeyError("a bug")
+
+
 def test_gs_layer_round_trips_and_downsamples_as_igneous_does(tmp_path, gcs_endpoint):
     """A layer ingested to gs:// reads back as written, and its mip levels, made by queue
     tasks that read and write gs://, equal igneous's run in-process on a local copy; a bucket

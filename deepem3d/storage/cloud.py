@@ -181,15 +181,41 @@ def unavailable(where: str, err: Exception) -> None:
 
 @contextlib.contextmanager
 def answered(where: str) -> Iterator[None]:
-    """Within it, a botocore error of a service that did not answer (CloudFiles raises its S3
-    calls' once its retries are spent: a bucket's endpoint lost after its check) is
-    ServiceUnavailable naming `where`; any other error passes unchanged."""
+    """Within it, the error of a service that did not answer (CloudFiles raises it once its
+    retries are spent: a bucket's endpoint lost after its check) is ServiceUnavailable naming
+    `where`: botocore's (S3), and requests', urllib3's and Google's (GCS: CloudFiles reads
+    gs:// through requests and google-cloud-storage); any other error passes unchanged."""
     try:
         yield
     except Exception as err:
         if type(err).__module__.startswith("botocore."):
             unavailable(where, err)
+        if _google_did_not_answer(err):
+            raise ServiceUnavailable(f"{where}: the storage endpoint does not answer "
+                                     f"({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0] if str(err) else ''})") from None
         raise
+
+
+def _google_did_not_answer(err: Exception) -> bool:
+    """Whether `err` is a gs:// read's or write's that no answer caused: no connection or a
+    timeout (requests', urllib3's, google-auth's transport), a 5xx or throttling (google's
+    api_core), or Google's retries spent on one of those."""
+    module = type(err).__module__
+    if module.startswith(("requests.", "urllib3.")):
+        import requests
+        import urllib3.exceptions
+
+        return isinstance(err, requests.ConnectionError | requests.Timeout
+                          | urllib3.exceptions.MaxRetryError | urllib3.exceptions.TimeoutError
+                          | urllib3.exceptions.ProtocolError)
+    if module.startswith("google."):
+        from google.api_core import exceptions as google_errors
+        from google.auth.exceptions import TransportError
+
+        return isinstance(err, google_errors.ServerError | google_errors.TooManyRequests
+                          | google_errors.RetryError | TransportError)
+    return False
 
 
 def _check_gs(bucket: str) -> None:
