@@ -261,6 +261,19 @@ def test_bounds_keep_the_tasks_inside_them(tmp_path):
     assert plan_downsample(layer, bounds=Bbox((128, 128, 0), (256, 256, 20))).num_mips == 1
 
 
+def test_a_factor_not_a_power_of_two_keeps_the_dry_runs_output_its_own(tmp_path):
+    """--factor 3,3,1 --dry-run printed CloudVolume's `WARNING: adding scale with a
+    non-power-of-two scale factor: [3 3 1]This is very uncommon...` (no line break) on stdout,
+    from the plan's copy of the info, before the plan's own line."""
+    layer = make_layer(tmp_path / "layer")  # 256 x 256 x 20 in 64 x 64 x 10 chunks
+    info = CloudFiles(layer).get_json("info")
+    done = cli_here("downsample", layer, "--factor", "3,3,1", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "WARNING" not in done.stdout and done.stdout.startswith("2 DownsampleTask"), \
+        done.stdout
+    assert CloudFiles(layer).get_json("info") == info
+
+
 def test_the_offset_note_only_where_the_offset_is_the_limit(tmp_path):
     """At offset 8,16,4 the grid allows 3 levels, the layer's size 2: the plan said the
     offset had made fewer levels."""

@@ -429,7 +429,8 @@ def _new_scales(vol, mip: int, resolutions: list) -> list[dict]:
     mips mip + 1 .. mip + n given the chunk size of `mip`."""
     meta = copy.deepcopy(vol.meta)
     for resolution in resolutions:
-        meta.add_resolution(resolution)
+        with contextlib.redirect_stdout(io.StringIO()):  # CloudVolume prints a warning for
+            meta.add_resolution(resolution)  # a factor not a power of two: not --dry-run's
     scales = meta.info["scales"]
     for index in range(mip + 1, min(mip + len(resolutions) + 1, len(scales))):
         scales[index]["chunk_sizes"] = scales[mip]["chunk_sizes"]
@@ -451,7 +452,8 @@ def _shard_geometry(vol, mip: int, factor, num_mips: int, memory_target: int):
     shapes, resolutions = [], []
     for i in range(1, num_mips + 1):
         resolution = [r * f for r, f in zip(meta.resolution(mip + i - 1), factor)]
-        meta.add_resolution(resolution, chunk_size=meta.chunk_size(mip))
+        with contextlib.redirect_stdout(io.StringIO()):  # as in _new_scales
+            meta.add_resolution(resolution, chunk_size=meta.chunk_size(mip))
         spec = create_sharded_image_info(
             dataset_size=meta.volume_size(mip + i), chunk_size=meta.chunk_size(mip + i),
             encoding=meta.encoding(mip), dtype=vol.dtype,
