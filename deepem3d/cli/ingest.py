@@ -16,7 +16,8 @@ from deepem3d.storage.layers import cloudpath
 @click.argument("dest")
 @click.option("--resolution", type=Triple(float, example="4,4,40"), default=None,
               help="Voxel size in nm, x,y,z (e.g. 4,4,40). Default: the one the file records "
-              "(OME-Zarr scale, MRC header, an HDF5 dataset's resolution attribute).")
+              "(OME-Zarr scale, MRC header, N5 attributes, an HDF5 dataset's resolution "
+              "attribute).")
 @click.option("--layer-type", type=click.Choice(["image", "segmentation"]), default="image",
               show_default=True, help="Image (grayscale) or segmentation (integer labels).")
 @click.option("--chunk-size", type=Triple(int), default=None,

@@ -20,7 +20,7 @@ MAX_WORKERS = 256
 @click.command()
 @click.option("--image", required=True,
               help="EM image: a layer path, `file.h5:/dataset`, a .npy, a TIFF stack, a zarr "
-              "array or an MRC file.")
+              "array, an N5 dataset or an MRC file.")
 @click.option("--labels", required=True, help="Dense neuron ids (0 = boundary), same geometry.")
 @click.option("--train-sections", required=True, help="START:END (end exclusive), e.g. 0:15.")
 @click.option("--val-sections", default=None, callback=not_empty,
@@ -48,8 +48,8 @@ MAX_WORKERS = 256
               help="Validate, checkpoint and plot every N iterations.")
 @click.option("--resolution", type=Triple(float), default=None,
               help="Voxel size x,y,z in nm (default: the image layer's, which it may not "
-              "contradict, or the one a file records: OME-Zarr, MRC, an HDF5 resolution "
-              "attribute).")
+              "contradict, or the one a file records: OME-Zarr, MRC, N5 attributes, an HDF5 "
+              "resolution attribute).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True, help="Where to train (auto: CUDA when this machine has it).")
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
