@@ -60,6 +60,21 @@ def test_queue_delete_removes_a_file_queue_and_nothing_else(tmp_path):
     assert sorted(p.relative_to(layer) for p in layer.rglob("*")) == before
 
 
+def test_a_volume_file_where_a_layer_goes_is_sent_to_ingest(tmp_path):
+    """`deepem3d infer my.h5 map`, a new user's first try, said only that "a path runs through
+    a file where a folder (a layer, a queue, an output) is needed"; now it names ingest, in
+    each command that opens a layer."""
+    for name in ("volume.h5", "stack.tif"):
+        volume = tmp_path / name
+        volume.write_bytes(b"not read")
+        for args in (("infer", volume, tmp_path / "map", "--dry-run"),
+                     ("segment", volume, tmp_path / "seg", "--dry-run"),
+                     ("evaluate", volume, volume)):
+            assert_one_line_error(cli_here(*args), f"{volume} is a file where a precomputed "
+                                  f"layer (a folder) goes", f"deepem3d ingest {volume} LAYER")
+    assert not (tmp_path / "map").exists() and not (tmp_path / "seg").exists()
+
+
 def test_paths_through_files_and_unknown_schemes(tmp_path):
     """A file where a folder goes (a layer given as its info file, an output under a file), a
     scheme no reader knows and an empty path are one-line mistakes, and nothing is written."""
