@@ -52,6 +52,20 @@ ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 FILE_SUFFIXES = (TIFF_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES + ZARR_SUFFIXES + N5_SUFFIXES
                  + MRC_SUFFIXES)
 AXES = ("zyx", "xyz")
+
+
+def file_in_the_way(filename: str) -> str:
+    """What to say of a path that runs through a file where a folder goes: a volume file
+    `ingest` reads (an EM image given where its layer goes, the first step a new user misses)
+    is named with the command that makes a layer of it."""
+    path = str(filename).removeprefix("file://")
+    while path and not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if os.path.isfile(path) and path.lower().endswith(FILE_SUFFIXES):
+        return (f"{path} is a file where a precomputed layer (a folder) goes: make a layer of "
+                f"it with `deepem3d ingest {path} LAYER` and give LAYER")
+    return (f"{filename}: a path runs through a file where a folder (a layer, a queue, an "
+            "output) is needed")
 #: significant digits a recorded voxel size keeps (float32 headers hold about 7)
 RESOLUTION_DIGITS = 6
 #: how far from a whole number of voxels (in voxels) a recorded position may lie: a float32

@@ -72,7 +72,12 @@ def test_a_volume_file_where_a_layer_goes_is_sent_to_ingest(tmp_path):
                      ("evaluate", volume, volume)):
             assert_one_line_error(cli_here(*args), f"{volume} is a file where a precomputed "
                                   f"layer (a folder) goes", f"deepem3d ingest {volume} LAYER")
+        pipeline = tmp_path / "p.yaml"  # in a pipeline file, under the key that names it
+        pipeline.write_text(f"version: 1\noutput: {tmp_path / 'run'}\nimage: {volume}\n")
+        assert_one_line_error(cli_here("run", pipeline, "--dry-run"),
+                              f"p.yaml: image: {volume} is a file where a precomputed layer")
     assert not (tmp_path / "map").exists() and not (tmp_path / "seg").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_paths_through_files_and_unknown_schemes(tmp_path):

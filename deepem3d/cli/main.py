@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     except (NotADirectoryError, FileExistsError) as err:
         if not _file_in_the_way(err):
             raise
-        click.echo(f"deepem3d: error: {_file_in_the_way_message(err.filename)}", err=True)
+        from deepem3d.sources import file_in_the_way
+
+        click.echo(f"deepem3d: error: {file_in_the_way(err.filename)}", err=True)
         sys.exit(2)
     except PermissionError as err:
         if not err.filename:
@@ -77,24 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
-
-
-def _file_in_the_way_message(filename: str) -> str:
-    """What to say of a path that runs through a file: a volume file `ingest` reads (an EM
-    image given where its layer goes, the first step a new user misses) is named with the
-    command that makes a layer of it."""
-    import os
-
-    from deepem3d.sources import FILE_SUFFIXES
-
-    path = str(filename)
-    while path and not os.path.lexists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    if os.path.isfile(path) and path.lower().endswith(FILE_SUFFIXES):
-        return (f"{path} is a file where a precomputed layer (a folder) goes: make a layer of "
-                f"it with `deepem3d ingest {path} LAYER` and give LAYER")
-    return (f"{filename}: a path runs through a file where a folder (a layer, a queue, an "
-            "output) is needed")
 
 
 def _file_in_the_way(err: OSError) -> bool:

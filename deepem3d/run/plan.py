@@ -13,6 +13,7 @@ downsampling, meshes, skeletons. `run_pipeline` runs them with the runner and wr
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +68,7 @@ def _in_key(source: str, section: str, err: InputError) -> InputError:
 def check_buckets(p: Pipeline) -> None:
     """Each bucket the file names, asked once before any plan, its error under its own key
     (a stage's plan named an output bucket that did not exist under `inference`)."""
+    from deepem3d.sources import file_in_the_way
     from deepem3d.storage.cloud import check_bucket
 
     for key in ("output", "image", "ground_truth", "map"):
@@ -74,6 +76,9 @@ def check_buckets(p: Pipeline) -> None:
         if path and path != SAMPLE:
             try:
                 check_bucket(path)
+                local = path.removeprefix("file://")
+                if "://" not in local and os.path.isfile(local):  # a volume file: ingest it
+                    raise InputError(file_in_the_way(local))
             except InputError as err:
                 raise _in_key(p.source, key, err) from None
 
