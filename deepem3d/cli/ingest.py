@@ -39,7 +39,8 @@ from deepem3d.storage.layers import cloudpath
               help="Stored dtype of a segmentation (default uint64); images keep theirs.")
 @click.option("--to-uint8", is_flag=True,
               help="Store an image of 16-bit, 32-bit or float values as uint8, what the "
-              "network reads: its 0.1 and 99.9 percentiles map linearly to 0 and 255.")
+              "network reads: its 0.1 and 99.9 percentiles map linearly to 0 and 255 (a "
+              "uint8 image's too: a contrast stretch).")
 @click.option("--overwrite", is_flag=True, help="Replace a layer that already holds data.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar on stderr.")
