@@ -108,3 +108,67 @@ def test_a_writer_killed_midway_leaves_the_old_chunk_which_reads_whole(tmp_path)
     left = [name for name in os.listdir(folder) if name != chunk]
     assert len(left) == 1 and left[0].startswith(f".{chunk}.partial-"), left
     assert list(CloudFiles(f"file://{folder}").list(prefix=chunk)) == [chunk.removesuffix(".gz")]
+
+
+def test_a_tasks_next_attempt_removes_the_partial_a_killed_attempt_left(tmp_path):
+    """A worker killed mid-write within its task's attempt 1 leaves that attempt's partial;
+    attempt 2 of the same task removes it before it writes the chunk: the folder then holds
+    what an undisturbed run leaves (the fault campaign found `.NAME.partial-PID-THREAD` files
+    of killed workers in a finished run's layer)."""
+    folder = tmp_path / "objects"
+    flag = tmp_path / "half-written"
+    script = KILLED_WRITER.replace(
+        'CloudFiles(sys.argv[1]).put("chunk", Stalls(), raw=True, compress=None)',
+        'from deepem3d.storage.whole_files import task_attempt\n'
+        'with task_attempt("task-7", 1):\n'
+        '    CloudFiles(sys.argv[1]).put("chunk", Stalls(), raw=True, compress=None)')
+    writer = subprocess.Popen([sys.executable, "-c", script, f"file://{folder}", str(flag)],
+                              cwd=ROOT)
+    deadline = time.time() + 60
+    while not flag.exists() and writer.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), "the writer did not reach the middle of its write"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    (left,) = os.listdir(folder)
+    assert left.startswith(".chunk.partial-") and left.endswith("-1"), left
+    files = CloudFiles(f"file://{folder}")
+    with whole_files.task_attempt("task-8", 2):  # another task's attempt: not its partial
+        files.put("other", b"y", raw=True, compress=None)
+    assert sorted(os.listdir(folder)) == [left, "other"]
+    with whole_files.task_attempt("task-7", 2):
+        files.put("chunk", OLD, raw=True, compress=None)
+    assert sorted(os.listdir(folder)) == ["chunk", "other"]
+    assert (folder / "chunk").read_bytes() == OLD
+
+
+class NextAttemptWritesMeanwhile:
+    """Content of attempt 1 whose second read happens while attempt 2 of the same task (its
+    lease ran out) writes the same object whole, removing attempt 1's partial."""
+
+    def __init__(self, files: CloudFiles) -> None:
+        self.files, self.reads = files, 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.reads += 1
+        if self.reads == 2:
+            first = whole_files._attempt
+            with whole_files.task_attempt("task-7", 2):
+                self.files.put("chunk", OLD, raw=True, compress=None)
+            whole_files._attempt = first  # back in attempt 1's write
+        return OLD[:65536] if self.reads == 1 else b""
+
+    def seek(self, *args: object) -> int:
+        return 0
+
+
+def test_an_attempt_overtaken_by_the_next_keeps_the_next_ones_object(tmp_path):
+    """Attempt 1 still writing after attempt 2 wrote the object (and removed attempt 1's
+    partial): attempt 1's rename finds no partial, takes the object written as its own and
+    raises nothing; the object is attempt 2's, whole, and no partial is left."""
+    folder = tmp_path / "objects"
+    files = CloudFiles(f"file://{folder}")
+    with whole_files.task_attempt("task-7", 1):
+        files.put("chunk", NextAttemptWritesMeanwhile(files), raw=True, compress=None)
+    assert os.listdir(folder) == ["chunk"]
+    assert (folder / "chunk").read_bytes() == OLD

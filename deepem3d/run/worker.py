@@ -66,6 +66,7 @@ from deepem3d.run.queues import (
     sqs_call,
 )
 from deepem3d.stages.frame import Markers, frame_run, stage_label
+from deepem3d.storage.whole_files import task_attempt
 
 if TYPE_CHECKING:
     from taskqueue.queueablefns import FunctionTask
@@ -575,7 +576,8 @@ class Worker:
                 if self.stop_requested.is_set() and not running.signalled:
                     log.info("releasing task %s: stopped before it started", label)
                     raise Preempted
-                task.execute()
+                with task_attempt(label, attempts):  # its id: the same on every attempt
+                    task.execute()
             finally:
                 self._running = None
                 if threading.current_thread() is threading.main_thread():

@@ -8,6 +8,14 @@ interface write beside the target, `.NAME.partial-PID-THREAD` (hidden, so no lis
 prefix takes it for an object), and rename it over the target: atomic on a POSIX file system,
 NFS included. Object stores (gs://, s3://) replace an object whole already.
 
+A process killed mid-write leaves its partial file behind. Within a queue task
+(`task_attempt(TASK, N)`, which the worker holds around each attempt) the partial is named
+after the task and the attempt instead, `.NAME.partial-DIGEST-N`, so that attempt N removes,
+before it writes NAME, the partials attempts 1..N-1 may have left (no listing: their names
+are known): a killed worker's retry leaves the layer as an undisturbed run does. An attempt
+still writing after its lease ran out (its partial removed by the next) finds its target
+written by the next attempt and takes it as its own: a task writes the same bytes each time.
+
 It replaces `FileInterface.put_file` of cloud-files 6.4 (the version docker/constraints.txt
 pins) with the same steps but the write: the test suite checks that the original's source is
 still the one this copy follows.
@@ -15,10 +23,13 @@ still the one this copy follows.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 #: a digest of the source of cloud-files' FileInterface.put_file that `_put_file_whole` follows
@@ -26,6 +37,38 @@ FOLLOWED_SOURCE_SHA256 = "3defb34baa809142cf292d34ebf4350e02290b107f6421651527a6
 
 _lock = threading.Lock()
 _original: Any = None
+#: the queue task this process runs now and its attempt (a worker runs one at a time)
+_attempt: tuple[str, int] | None = None
+
+
+@contextlib.contextmanager
+def task_attempt(task: str, attempt: int) -> Iterator[None]:
+    """Within it, this process's writes are attempt `attempt` (from 1) of the task whose id,
+    the same on every attempt, is `task`."""
+    global _attempt
+    digest = hashlib.sha256(task.encode()).hexdigest()[:16]
+    _attempt = (digest, int(attempt))
+    try:
+        yield
+    finally:
+        _attempt = None
+
+
+def _partial_name(name: str) -> str:
+    """`.NAME.partial-DIGEST-N` within a task's attempt, else `.NAME.partial-PID-THREAD`."""
+    if _attempt is not None:
+        return f".{name[:200]}.partial-{_attempt[0]}-{_attempt[1]}"
+    return f".{name[:200]}.partial-{os.getpid()}-{threading.get_ident()}"
+
+
+def _remove_earlier_attempts(folder: str, name: str) -> None:
+    """The partials of NAME the earlier attempts of this process's task may have left."""
+    if _attempt is None:
+        return
+    digest, attempt = _attempt
+    for earlier in range(1, attempt):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, f".{name[:200]}.partial-{digest}-{earlier}"))
 
 
 def install() -> None:
@@ -60,15 +103,19 @@ def _put_file_whole(self: Any, file_path: str, content: Any, content_type: str |
     def put() -> None:
         folder, name = os.path.split(path)
         os.makedirs(folder, exist_ok=True)
-        partial = os.path.join(folder, f".{name[:200]}.partial-{os.getpid()}-"
-                                       f"{threading.get_ident()}")
+        _remove_earlier_attempts(folder, name)
+        partial = os.path.join(folder, _partial_name(name))
         try:
             with open(partial, "wb") as f:
                 if hasattr(content, "read") and hasattr(content, "seek"):
                     shutil.copyfileobj(content, f)
                 else:
                     f.write(content)
-            os.replace(partial, path)
+            try:
+                os.replace(partial, path)
+            except FileNotFoundError:  # removed by a later attempt, which wrote the target
+                if _attempt is None or not os.path.exists(path):
+                    raise
         finally:
             if os.path.lexists(partial):
                 os.remove(partial)
