@@ -243,3 +243,26 @@ def test_one_skeleton_task_is_pruned_like_several(labels):
                                  sum(len(skeletons.get(i).vertices) > 0 for i in merged))
     assert kept[1][0] > 20 and kept[4][0] > 20, kept
     assert kept[1][1] == kept[4][1] == 0, kept
+
+
+def test_a_products_name_gives_the_info_cloudvolumes_bytes_whatever_its_key_order(tmp_path):
+    """Naming a product's directory writes the info as CloudVolume's commit_info does: the
+    same info is the same bytes whether its keys were read in CloudVolume's sorted order (a
+    run resumed after its runner was killed) or in the order they were added (the
+    undisturbed run), which the fault campaign compared and found differing."""
+    from deepem3d.stages.objects import set_info_name
+
+    layer = f"file://{tmp_path / 'labels'}"
+    vol = create_layer(layer, layer_type="segmentation", dtype="uint64", resolution=(4, 4, 40),
+                       size=(32, 32, 4), chunk_size=(32, 32, 4))
+    info = dict(vol.info)
+    written = []
+    for order in (list(info) + ["mesh"], ["mesh", *sorted(info)]):
+        content = {key: info.get(key, "mesh") for key in order}
+        CloudFiles(layer).put_json("info", content, compress=None)
+        set_info_name(layer, "skeletons", "skeletons")
+        written.append(CloudFiles(layer).get("info"))
+    vol = CloudVolume(layer)
+    vol.commit_info()
+    assert written[0] == written[1] == CloudFiles(layer).get("info")
+    assert vol.info["mesh"] == "mesh" and vol.info["skeletons"] == "skeletons"

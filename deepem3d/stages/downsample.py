@@ -42,8 +42,7 @@ from cloudvolume.lib import Bbox, Vec
 from deepem3d.errors import InputError
 from deepem3d.stages.blocks import check_bounds
 from deepem3d.stages.frame import Stage, digest, marked
-from deepem3d.storage.layers import cloudpath, open_layer
-from deepem3d.storage.paths import put_json_whole
+from deepem3d.storage.layers import cloudpath, open_layer, put_info
 from deepem3d.storage.sharding import on_task_grid
 from deepem3d.units import format_bounds, format_triple
 
@@ -492,7 +491,7 @@ def _info_restored_on_error(layer_path: str, info: dict) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        put_json_whole(layer_path, "info", info)
+        put_info(layer_path, info)
         raise
 
 

@@ -36,7 +36,7 @@ from cloudfiles import CloudFiles
 
 from deepem3d.errors import InputError
 from deepem3d.stages.frame import Markers, Stage, digest, marked
-from deepem3d.storage.layers import cloudpath, info_naming, open_layer
+from deepem3d.storage.layers import cloudpath, info_naming, open_layer, put_info
 
 if TYPE_CHECKING:
     from cloudvolume import CloudVolume
@@ -171,7 +171,7 @@ def set_info_name(layer_path: str, key: str, directory: str | None) -> None:
         return
     else:
         info[key] = directory
-    files.put_json("info", info, cache_control="no-cache")  # as CloudVolume's commit_info
+    put_info(layer_path, info)
 
 
 def made_here(layer_path: str, kind: str, mips: int) -> bool:

@@ -74,6 +74,18 @@ def check_output_apart(output_path: str, inputs: dict[str, str | None],
                              "give a path of its own")
 
 
+def put_info(path: str, info: dict) -> None:
+    """PATH/info written as CloudVolume's commit_info writes it (keys sorted, indented): the
+    same info is the same bytes whichever writer, CloudVolume's or deepem3d's, came last and
+    in whatever order the keys were added (a run resumed after its runner was killed added a
+    product's key to an info CloudVolume had sorted; the undisturbed run, to one it had not)."""
+    from cloudvolume.lib import jsonify
+
+    CloudFiles(cloudpath(path)).put(
+        "info", jsonify(info, sort_keys=True, indent=2, separators=(",", ": ")),
+        cache_control="no-cache", content_type="application/json", compress=None)
+
+
 def info_exists(path: str) -> bool:
     check_bucket(path)
     return CloudFiles(cloudpath(path)).exists("info")
