@@ -79,6 +79,19 @@ CloudFiles(sys.argv[1]).put("chunk", Stalls(), raw=True, compress=None)
 """
 
 
+def kill_mid_write(script: str, folder, tmp_path) -> None:
+    """Run the writer SCRIPT on FOLDER and SIGKILL it in the middle of its write."""
+    flag = tmp_path / "half-written"
+    writer = subprocess.Popen([sys.executable, "-c", script, f"file://{folder}", str(flag)],
+                              cwd=ROOT)
+    deadline = time.time() + 60
+    while not flag.exists() and writer.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), "the writer did not reach the middle of its write"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+
+
 def test_a_writer_killed_midway_leaves_the_old_chunk_which_reads_whole(tmp_path):
     """SIGKILL in the middle of a write (a worker's pod evicted, a lease's second attempt
     killed after the first marked the task done): the chunk is the old one, and a layer's
@@ -92,16 +105,7 @@ def test_a_writer_killed_midway_leaves_the_old_chunk_which_reads_whole(tmp_path)
     folder = tmp_path / "layer" / "4_4_40"
     (chunk,) = os.listdir(folder)
     before = (folder / chunk).read_bytes()
-    flag = tmp_path / "half-written"
-    script = KILLED_WRITER.replace('put("chunk"', f'put("{chunk}"')
-    writer = subprocess.Popen([sys.executable, "-c", script, f"file://{folder}", str(flag)],
-                              cwd=ROOT)
-    deadline = time.time() + 60
-    while not flag.exists() and writer.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert flag.exists(), "the writer did not reach the middle of its write"
-    writer.send_signal(signal.SIGKILL)
-    writer.wait()
+    kill_mid_write(KILLED_WRITER.replace('put("chunk"', f'put("{chunk}"'), folder, tmp_path)
     assert (folder / chunk).read_bytes() == before
     np.testing.assert_array_equal(
         np.asarray(CloudVolume(layer, progress=False)[:, :, :])[..., 0], data)
@@ -116,20 +120,12 @@ def test_a_tasks_next_attempt_removes_the_partial_a_killed_attempt_left(tmp_path
     what an undisturbed run leaves (the fault campaign found `.NAME.partial-PID-THREAD` files
     of killed workers in a finished run's layer)."""
     folder = tmp_path / "objects"
-    flag = tmp_path / "half-written"
-    script = KILLED_WRITER.replace(
+    kill_mid_write(KILLED_WRITER.replace(
         'CloudFiles(sys.argv[1]).put("chunk", Stalls(), raw=True, compress=None)',
         'from deepem3d.storage.whole_files import task_attempt\n'
         'with task_attempt("task-7", 1):\n'
-        '    CloudFiles(sys.argv[1]).put("chunk", Stalls(), raw=True, compress=None)')
-    writer = subprocess.Popen([sys.executable, "-c", script, f"file://{folder}", str(flag)],
-                              cwd=ROOT)
-    deadline = time.time() + 60
-    while not flag.exists() and writer.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert flag.exists(), "the writer did not reach the middle of its write"
-    writer.send_signal(signal.SIGKILL)
-    writer.wait()
+        '    CloudFiles(sys.argv[1]).put("chunk", Stalls(), raw=True, compress=None)'),
+        folder, tmp_path)
     (left,) = os.listdir(folder)
     assert left.startswith(".chunk.partial-") and left.endswith("-1"), left
     files = CloudFiles(f"file://{folder}")
