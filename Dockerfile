@@ -25,13 +25,15 @@ COPY deepem3d ./deepem3d
 FROM common AS cpu
 RUN TORCH_INDEX=https://download.pytorch.org/whl/cpu sh docker/install.sh
 USER deepem3d
-RUN python -m deepem3d.run.kernels
+# warmed from HOME, not from the source folder: `python -m` there would import that copy, and
+# numba keys its cache by the module's path, so the installed package would compile again
 WORKDIR /home/deepem3d
+RUN python -m deepem3d.run.kernels
 CMD ["deepem3d", "worker", "--help"]
 
 FROM common AS cuda
 RUN sh docker/install.sh
 USER deepem3d
-RUN python -m deepem3d.run.kernels
 WORKDIR /home/deepem3d
+RUN python -m deepem3d.run.kernels
 CMD ["deepem3d", "worker", "--help"]

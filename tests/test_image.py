@@ -130,12 +130,25 @@ def test_the_dockerfile_does_what_the_image_test_checks():
     targets = text.split("\nFROM ")[1:]
     built = [t for t in targets if " AS cpu" in t.split("\n")[0] or " AS cuda" in t.split("\n")[0]]
     assert len(built) == 2
+    (common,) = [t for t in targets if " AS common" in t.split("\n")[0]]
+    workdir = None  # the folder the package's source is copied into
+    for line in common.splitlines():
+        if line.startswith("WORKDIR "):
+            workdir = line.split()[1]
+        if line.startswith("COPY deepem3d "):
+            source = workdir
     for target in built:
         lines = [line.strip() for line in target.splitlines()]
         install = next(i for i, line in enumerate(lines) if "sh docker/install.sh" in line)
         user = lines.index("USER deepem3d")
         warm = lines.index("RUN python -m deepem3d.run.kernels")
         assert install < user < warm
+        # warmed outside the source folder: `python -m` there imports that copy, whose kernels
+        # numba caches under another path than the installed package's (compiled again in
+        # every pod)
+        at = ([line.split()[1] for line in lines[:warm] if line.startswith("WORKDIR ")]
+              or [workdir])[-1]
+        assert at != source, f"the cache is warmed in {source}, the source's folder"
     assert "--uid 10001 " in text and "RUNTIME_UID=10001" in text
     (cache,) = [w.split("=", 1)[1] for w in text.split() if w.startswith("NUMBA_CACHE_DIR=")]
     assert not cache.startswith("/tmp")
