@@ -4,6 +4,7 @@ and bad input is refused with one line."""
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import sys
 
@@ -496,3 +497,35 @@ def test_averaging_refuses_no_batches_for_batchnorm(sample_h5, tmp_path, batches
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2 and f"--batches: {batches}: at least 1" in result.stderr
     assert not (tmp_path / "avg.pt").exists()
+
+
+def test_history_and_curve_are_whole_and_a_resume_restores_them(sample_h5, tmp_path,
+                                                                 monkeypatch):
+    """history.json and learning_curve.png are written beside and renamed: a write that fails
+    midway leaves the previous files whole. A run stopped after its last last.pt, before
+    these, left them cut or absent, and --resume (with nothing left to train) restored
+    nothing: it now writes those of its last.pt."""
+    import deepem3d.models.train as train_module
+
+    Trainer(config(sample_h5, tmp_path, iterations=2, val_every=1), progress=False).run()
+    whole = (tmp_path / "history.json").read_text()
+    (tmp_path / "history.json").write_text(whole[:20])  # cut mid-write
+    whole = json.loads(whole)
+    (tmp_path / "learning_curve.png").unlink()
+    Trainer(config(sample_h5, tmp_path, iterations=2, val_every=1), resume=True,
+            progress=False).run()
+    assert json.loads((tmp_path / "history.json").read_text()) == whole
+    assert (tmp_path / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+
+    def cut(history, path):
+        path.write_bytes(b"\x89PNG cut")
+        raise KeyboardInterrupt  # stopped mid-write
+
+    curve = (tmp_path / "learning_curve.png").read_bytes()
+    monkeypatch.setattr(train_module, "plot_learning_curve", cut)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config(sample_h5, tmp_path, iterations=3, val_every=1), resume=True,
+                progress=False).run()
+    assert (tmp_path / "learning_curve.png").read_bytes() == curve
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt", "history.json", "last.pt", "learning_curve.png"]

@@ -15,7 +15,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -373,6 +373,10 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        # resumed: write the history last.pt holds first (a run stopped between its last.pt and
+        # these left them stale or absent, and one stopped at its end would never rewrite them)
+        if self.history:
+            self.write_history()
         start = time.time()
         losses: list[float] = []
         # closed however the loop ends, so that an error is a line of its own, not the bar's
@@ -407,10 +411,25 @@ class Trainer:
             save_checkpoint(self.out / BEST, self.model, meta, iteration=self.iteration)
         save_checkpoint(self.out / LAST, self.model, meta, optimizer=self.optimizer,
                         iteration=self.iteration, scaler=self.scaler)
-        with write_errors_reported(self.out / HISTORY):
-            (self.out / HISTORY).write_text(json.dumps(self.history, indent=1))
-        with write_errors_reported(self.out / CURVE):
-            plot_learning_curve(self.history, self.out / CURVE)
+        self.write_history()
+
+    def write_history(self) -> None:
+        """history.json and the learning curve, each whole (`write_whole`)."""
+        write_whole(self.out / HISTORY,
+                    lambda path: path.write_text(json.dumps(self.history, indent=1)))
+        write_whole(self.out / CURVE, lambda path: plot_learning_curve(self.history, path))
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """write(a partial file beside PATH), then rename it to PATH: a run stopped mid-write
+    leaves the previous file whole, not a truncated one; a full disk is one line."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with write_errors_reported(path):
+            write(partial)
+            os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:
@@ -434,5 +453,5 @@ def plot_learning_curve(history: list[dict], path: Path) -> None:
         ax2.legend(loc="upper center")
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # PATH may be a partial file's name
     plt.close(fig)
