@@ -529,3 +529,18 @@ def test_history_and_curve_are_whole_and_a_resume_restores_them(sample_h5, tmp_p
     assert (tmp_path / "learning_curve.png").read_bytes() == curve
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "best.pt", "history.json", "last.pt", "learning_curve.png"]
+
+
+def test_checkpoints_without_a_network_key_or_a_run_are_one_line(sample_h5, tmp_path):
+    """An --init whose network settings lack a key (here the head), and a last.pt that
+    records no training run (a model saved by hand): one line, not a KeyError."""
+    model = build_model("tiny")
+    save_checkpoint(tmp_path / "nohead.pt", model, {"model": {"preset": "tiny"}})
+    common = ("--image", f"{sample_h5}:/raw", "--labels", f"{sample_h5}:/ids",
+              "--train-sections", "0:6", "--resolution", "4,4,50", "--iterations", "1",
+              "--patch-size", "32", "--batch-size", "2", "--threads", "1")
+    assert_one_line_error(cli_here("train", *common, "--init", tmp_path / "nohead.pt",
+                                   "--out", tmp_path / "a"), "nohead.pt holds a")
+    save_checkpoint(tmp_path / "b" / "last.pt", model, {"model": model.config})
+    assert_one_line_error(cli_here("train", *common, "--resume", "--out", tmp_path / "b"),
+                          "records no training run")

@@ -89,7 +89,8 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
         from deepem3d.models.checkpoint import load_checkpoint
 
         held = load_checkpoint(held_by)["meta"]["model"]
-        network = {k: held[k] if v is None else v for k, v in network.items()}
+        # a key it lacks is left to the default (and --init then refuses it in one line)
+        network = {k: held.get(k) if v is None else v for k, v in network.items()}
     preset, head, in_sections = (network[k] if network[k] is not None else fallback
                                  for k, fallback in (("preset", "tiny"), ("head", "boundary"),
                                                      ("in_sections", 5)))

@@ -273,7 +273,12 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         payload = load_checkpoint(str(path))
         meta = payload["meta"]
-        differences = identity_differences(meta["training"]["config"], self.cfg.run_identity())
+        training = meta.get("training")
+        if not (isinstance(training, dict) and isinstance(training.get("config"), dict)
+                and isinstance(training.get("history"), list)):
+            raise InputError(f"{path} records no training run (its settings and history): a "
+                             "run resumes from the last.pt it wrote")
+        differences = identity_differences(training["config"], self.cfg.run_identity())
         if differences:
             raise InputError(f"{path} was trained with other settings ({'; '.join(differences)})"
                              ": resume with the same ones, or choose another --out")
@@ -289,8 +294,8 @@ class Trainer:
             raise InputError(f"the run in {self.out} is at iteration {self.iteration}, past "
                              f"--iterations {self.cfg.iterations}: give more to train on, or "
                              "choose another --out")
-        self.history = meta["training"]["history"]
-        self.init_sha256 = meta["training"].get("init_sha256")
+        self.history = training["history"]
+        self.init_sha256 = training.get("init_sha256")
         self.best = min(
             (h["val_are"] for h in self.history if h.get("val_are") is not None),
             default=math.inf,
