@@ -544,3 +544,18 @@ def test_checkpoints_without_a_network_key_or_a_run_are_one_line(sample_h5, tmp_
     save_checkpoint(tmp_path / "b" / "last.pt", model, {"model": model.config})
     assert_one_line_error(cli_here("train", *common, "--resume", "--out", tmp_path / "b"),
                           "records no training run")
+
+
+def test_a_resumed_runs_seconds_go_on_from_its_last_record(sample_h5, tmp_path):
+    """history.json's seconds are the run's training time: a resumed run's records count on
+    from its last.pt's last one (they restarted at 0, so the time axis went back)."""
+    Trainer(config(sample_h5, tmp_path, iterations=1), progress=False).run()
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    meta = json.loads(payload["meta"])
+    meta["training"]["history"][-1]["seconds"] = 1000.0  # an hour-long first part
+    payload["meta"] = json.dumps(meta, sort_keys=True)
+    torch.save(payload, tmp_path / "last.pt")
+    Trainer(config(sample_h5, tmp_path, iterations=2, val_every=1), resume=True,
+            progress=False).run()
+    seconds = [h["seconds"] for h in json.loads((tmp_path / "history.json").read_text())]
+    assert seconds[0] == 1000.0 and 1000.0 <= seconds[1] < 1100, seconds

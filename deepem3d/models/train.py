@@ -382,7 +382,8 @@ class Trainer:
         # these left them stale or absent, and one stopped at its end would never rewrite them)
         if self.history:
             self.write_history()
-        start = time.time()
+        # a record's seconds count the run's training time, a resumed run's from its last record's
+        start = time.time() - (self.history[-1].get("seconds", 0.0) if self.history else 0.0)
         losses: list[float] = []
         # closed however the loop ends, so that an error is a line of its own, not the bar's
         with tqdm(total=cfg.iterations, initial=self.iteration, desc="training",
