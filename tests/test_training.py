@@ -463,7 +463,7 @@ def test_a_full_disk_after_the_checkpoints_is_one_line_error(sample_h5, tmp_path
 
 def test_training_on_a_full_disk_is_one_line_error(sample_h5, tmp_path):
     """`deepem3d train` whose first checkpoint does not fit (a file size limit stands in for
-    a full disk): one line, exit 2, and no best.pt.tmp left."""
+    a full disk): one line, exit 2, and no partial best.pt left."""
     import resource
     import signal
 

@@ -16,14 +16,14 @@ import math
 import os
 import warnings
 from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 import deepem3d
-from deepem3d.errors import InputError, write_errors_reported
+from deepem3d.errors import InputError
 from deepem3d.models.shipped import DEFAULT_MODEL, ENSEMBLES, PRETRAINED, expand_models
+from deepem3d.storage.paths import write_whole
 
 if TYPE_CHECKING:
     from deepem3d.models.network import DeepEM3DNet
@@ -55,18 +55,10 @@ def save_checkpoint(
 
 
 def write_atomically(payload: dict, path: str | os.PathLike) -> None:
-    """torch.save to PATH.tmp, then rename: an interrupted or failed write leaves the old file
-    and no partial one. A full disk (torch's writer raises a RuntimeError, Python's an
-    OSError) is a one-line InputError, as `deepem3d export` reports it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        with write_errors_reported(path, also=(RuntimeError,)):
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save, whole (`write_whole`): an interrupted or failed write leaves the old file.
+    A full disk (torch's writer raises a RuntimeError, Python's an OSError) is a one-line
+    InputError, as `deepem3d export` reports it."""
+    write_whole(path, lambda partial: torch.save(payload, partial), also=(RuntimeError,))
 
 
 def export_checkpoint(src: str, dest: str | os.PathLike, *, half: bool = True) -> None:

@@ -15,7 +15,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import deepem3d
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
-from deepem3d.errors import InputError, write_errors_reported
+from deepem3d.errors import InputError
 from deepem3d.models.checkpoint import (
     absolute_location,
     load_checkpoint,
@@ -35,6 +35,7 @@ from deepem3d.models.checkpoint import (
 from deepem3d.models.data import PatchSampler, absolute_source, load_pair, real_source
 from deepem3d.models.losses import loss_for
 from deepem3d.models.predict import predict_sections
+from deepem3d.storage.paths import write_whole
 from deepem3d.units import format_triple
 
 LAST, BEST, HISTORY, CURVE = "last.pt", "best.pt", "history.json", "learning_curve.png"
@@ -424,18 +425,6 @@ class Trainer:
         write_whole(self.out / HISTORY,
                     lambda path: path.write_text(json.dumps(self.history, indent=1)))
         write_whole(self.out / CURVE, lambda path: plot_learning_curve(self.history, path))
-
-
-def write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """write(a partial file beside PATH), then rename it to PATH: a run stopped mid-write
-    leaves the previous file whole, not a truncated one; a full disk is one line."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with write_errors_reported(path):
-            write(partial)
-            os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:

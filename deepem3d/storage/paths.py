@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from pathlib import Path
+
+from deepem3d.errors import write_errors_reported
 
 
 def enclosing_layer(folder: str, *, itself: bool = True) -> str | None:
@@ -48,3 +52,19 @@ def put_json_whole(folder: str, name: str, content: object) -> None:
     if "://" not in folder:
         folder = f"file://{os.path.abspath(folder)}"
     CloudFiles(folder).put_json(name, content, compress=None)
+
+
+def write_whole(path: str | os.PathLike, write: Callable[[Path], object], *,
+                also: tuple[type[Exception], ...] = ()) -> None:
+    """write(a hidden partial file beside PATH), then rename it to PATH: a process stopped
+    mid-write leaves the previous file whole, not a truncated one; a full disk is one line
+    (`write_errors_reported`, with ALSO)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with write_errors_reported(path, also=also):
+            write(partial)
+            os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
