@@ -8,6 +8,8 @@ mip 0 is the near-isotropic mip and no downsampling is needed.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from cloudfiles import CloudFiles
@@ -128,6 +130,21 @@ def test_a_missing_chunk_fails_the_mesh_once_in_one_line(tmp_path):
     result = run_cli("mesh", tmp_path / "seg", "--mip", "0")
     assert_one_line_error(result, "met a missing chunk", "0-64_0-64_0-10")
     assert result.stderr.count("Traceback") == 0, result.stderr
+
+
+def test_a_chunk_that_does_not_decode_fails_downsampling_once_in_one_line(tmp_path):
+    """A chunk file that is not what the info says (here not gzip) was retried five times,
+    each a traceback in the workers' log, before the run stopped: it is bad input, the same on
+    every attempt, like a missing chunk."""
+    from tests.conftest import make_layer
+
+    make_layer(tmp_path / "image")
+    next((tmp_path / "image" / "4_4_50").glob("0-64_0-64_0-10*")).write_bytes(b"garbage")
+    result = run_cli("downsample", tmp_path / "image", "--num-mips", "1", "--parallel", "1")
+    assert_one_line_error(result, "met a chunk that cannot be decoded", "write the layer again")
+    log = (tmp_path / "image" / "tasks").rglob("errors/*.json")
+    attempts = [json.loads(p.read_text()).get("attempt") for p in log]
+    assert attempts == [1], attempts
 
 
 def test_mesh_fill_missing_meshes_an_incomplete_layer(labels):

@@ -369,7 +369,8 @@ def _run_marked(task: list | dict) -> dict:
     module = type(wrapped).__module__ if isinstance(task, dict) else wrapped.key[0]
     if module != WRAPPED_MODULE and not module.startswith(WRAPPED_MODULE + "."):
         raise InputError(f"MarkedTask refuses {name} of {module}: not igneous's")
-    from cloudvolume.exceptions import EmptyVolumeException
+    from cloudfiles.exceptions import DecompressionError
+    from cloudvolume.exceptions import DecodingError, EmptyVolumeException
 
     try:
         wrapped.execute()
@@ -377,6 +378,10 @@ def _run_marked(task: list | dict) -> dict:
         raise InputError(f"{name} met a missing chunk ({str(err).splitlines()[0]}): finish "
                          "writing the layer, or read missing chunks as 0 with --fill-missing "
                          "where the command has it") from None
+    except (DecompressionError, DecodingError) as err:  # a chunk not as its info says: too
+        raise InputError(f"{name} met a chunk that cannot be decoded as its layer's info says "
+                         f"({type(err).__name__}: {str(err).splitlines()[0]}): write the "
+                         "layer again") from None
     return {"wrapped": name if isinstance(task, dict) else task[0]}
 
 
