@@ -140,6 +140,33 @@ def test_bad_input_is_one_line_exit_2(finished, tmp_path):
                           "--write", "no such pipeline file")
 
 
+
+def test_a_pipeline_file_it_cannot_replace_is_refused_before_the_sweep(finished, tmp_path,
+                                                                        monkeypatch):
+    """--write replaces the file by a rename: a read-only file (which the rename would replace
+    all the same) or a folder it cannot write in is refused in one line before any setting is
+    scored, the file left as it was (a folder was found only after the sweep)."""
+    import os
+
+    seg, gt = finished["seg"], finished["gt"]
+    text = f"version: 1\noutput: {tmp_path / 'run'}\nimage: {gt}\nsegmentation:\n  sigma: 0\n"
+    locked = tmp_path / "locked.yaml"
+    locked.write_text(text)
+    locked.chmod(0o444)
+    assert_one_line_error(cli_here("tune", seg, gt, "--write", locked), f"--write {locked}",
+                          "read-only")
+    assert locked.read_text() == text and (locked.stat().st_mode & 0o777) == 0o444
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    inside = folder / "pipeline.yaml"
+    inside.write_text(text)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: os.path.realpath(path) != str(
+        folder.resolve()) and access(path, mode, **kw))  # root may write anywhere
+    assert_one_line_error(cli_here("tune", seg, gt, "--write", inside),
+                          f"cannot write in its folder {folder.resolve()}")
+    assert inside.read_text() == text
+
 def test_gt_is_read_at_its_mip_of_the_segmentations_resolution(finished, tmp_path):
     """Tune scores the run's own voxels: GT with a mip at the segmentation's resolution is
     read there; GT without one is refused with a fix the user can follow (tune has no --mip,

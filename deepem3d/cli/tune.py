@@ -159,6 +159,15 @@ def read_pipeline(pipeline: str) -> dict:
     if not os.path.isfile(pipeline):
         raise InputError(f"--write {pipeline}: no such pipeline file")
     load_pipeline(pipeline)
+    # the file is replaced by a rename from a file beside it: refused now, not after the sweep
+    target = os.path.realpath(pipeline)
+    if not os.stat(target).st_mode & 0o222 or not os.access(target, os.W_OK):
+        raise InputError(f"--write {pipeline}: the file is read-only; make it writable "
+                         "(chmod u+w) to write the best setting into it")
+    folder = os.path.dirname(target)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--write {pipeline}: cannot write in its folder {folder}, where the "
+                         "file is written anew and renamed over the old one")
     with open(pipeline) as f:
         return yaml.safe_load(f)
 
