@@ -309,3 +309,39 @@ def test_sigmas_segment_the_labelled_region_again_per_sigma(finished, maps):
         seg = segment(array, "mean", 0.5, dust_size=r["dust_size"], sigma=r["sigma"])
         assert r["adapted_rand_error"] == evaluate(seg, finished["labels"])["adapted_rand_error"]
     assert len({r["adapted_rand_error"] for r in rows}) > 1
+
+
+def test_a_failed_write_leaves_the_file_and_nothing_beside_it(tmp_path, monkeypatch):
+    """--write writes a hidden file of its own beside the pipeline and renames it over: a
+    user's NAME.partial is left alone, and a write that fails (a full disk) is one line
+    naming the file, with the file as it was and no partial one left (it was a traceback and
+    a NAME.partial left behind)."""
+    import errno
+    import os
+
+    from deepem3d.cli.tune import write_setting
+    from deepem3d.errors import InputError
+    from deepem3d.stages.tune import Row, Setting
+
+    row = Row(Setting("mean", 0.4, 20), 3, 0.1, 0.2, 0.3)
+    pipeline = tmp_path / "pipeline.yaml"
+    text = "version: 1  # mine\nsegmentation:\n  method: watershed\n"
+    pipeline.write_text(text)
+    users = tmp_path / "pipeline.yaml.partial"
+    users.write_text("the user's own\n")
+    assert write_setting(str(pipeline), yaml.safe_load(text), row, {})
+    assert yaml.safe_load(pipeline.read_text())["segmentation"]["threshold"] == 0.4
+    assert users.read_text() == "the user's own\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml",
+                                                          "pipeline.yaml.partial"]
+    pipeline.write_text(text)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(InputError, match=f"cannot write {pipeline}: No space left on device"):
+        write_setting(str(pipeline), yaml.safe_load(text), row, {})
+    assert pipeline.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml",
+                                                          "pipeline.yaml.partial"]
