@@ -345,3 +345,18 @@ def test_a_failed_write_leaves_the_file_and_nothing_beside_it(tmp_path, monkeypa
     assert pipeline.read_text() == text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml",
                                                           "pipeline.yaml.partial"]
+
+
+def test_json_says_on_stderr_when_the_file_was_rewritten_whole(finished, tmp_path):
+    """--write's promise, a file rewritten whole says so, holds with --json too: stdout is
+    the JSON object alone, the lost comments a warning on stderr (it said nothing)."""
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(f"# mine\nversion: 1\noutput: {tmp_path / 'run'}\nimage: {finished['gt']}\n"
+                    "segmentation: {method: watershed}\n")
+    result = cli_here("tune", finished["seg"], finished["gt"], "--methods", "mean",
+                      "--thresholds", "0.5", "--dust-sizes", "20", "--json", "--write", flow)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["best"]["method"] == "mean"
+    assert f"deepem3d: warning: --write {flow} (rewritten whole" in result.stderr
+    assert "comments are lost" in result.stderr
+    assert "# mine" not in flow.read_text()

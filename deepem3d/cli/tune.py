@@ -143,10 +143,13 @@ def tune(segmentation: str, gt: str,
         click.echo(f"best: deepem3d segment ... {top.setting.flags(own)}")
     if pipeline:
         kept = write_setting(pipeline, pipeline_data, top, own)
+        whole = ("" if kept else " (rewritten whole: its segmentation section is not a block "
+                 "this can edit in place, and its comments are lost)")
         if not as_json:
             click.echo(f"wrote method, threshold, dust_size, sigma and dust_mode into {pipeline}"
-                       + ("" if kept else " (rewritten whole: its segmentation section is "
-                          "not a block this can edit in place, and its comments are lost)"))
+                       + whole)
+        elif whole:  # stdout is the JSON object alone: the lost comments said on stderr
+            warn(f"--write {pipeline}{whole}")
 
 
 def read_pipeline(pipeline: str) -> dict:
