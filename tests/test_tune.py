@@ -360,3 +360,20 @@ def test_json_says_on_stderr_when_the_file_was_rewritten_whole(finished, tmp_pat
     assert f"deepem3d: warning: --write {flow} (rewritten whole" in result.stderr
     assert "comments are lost" in result.stderr
     assert "# mine" not in flow.read_text()
+
+
+def test_a_region_graph_marker_left_empty_is_read_as_the_run_reads_it(finished, tmp_path):
+    """A task killed while writing its completion marker (a file:// write is not atomic)
+    leaves it empty or cut short; the run reads such a marker as no record, and tune's memory
+    estimate does too (it was a JSONDecodeError traceback)."""
+    import shutil
+
+    copy = tmp_path / "seg"
+    shutil.copytree(finished["seg"][len("file://"):], copy)
+    markers = sorted((copy / "tasks" / "region-graph" / "done").iterdir())
+    markers[0].write_text("")
+    markers[1].write_text('{"edg')
+    result = cli_here("tune", f"file://{copy}", finished["gt"], "--methods", "mean",
+                      "--thresholds", "0.5", "--dust-sizes", "20", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rows"][0]["method"] == "mean"

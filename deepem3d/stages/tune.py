@@ -142,10 +142,9 @@ def _blocks(files: CloudFiles, seg_path: str) -> list[str]:
 
 def tune_memory_bytes(seg_path: str, bounds: Bbox) -> tuple[int, int]:
     """(bytes tuning needs, the region graph's edges), from the region-graph markers: read
-    before any graph is."""
-    files = CloudFiles(cloudpath(seg_path))
-    edges = sum(int(files.get_json(k).get("edges", 0))
-                for k in files.list(prefix="tasks/region-graph/done/"))
+    before any graph is (as the run reads them: a marker a killed task left empty counts 0)."""
+    edges = sum(int(r.get("edges", 0))
+                for r in Markers(cloudpath(seg_path), "region-graph").records())
     voxels = math.prod(int(s) for s in bounds.size3())
     return TUNE_BASE_BYTES + TUNE_BYTES_PER_EDGE * edges + TUNE_BYTES_PER_VOXEL * voxels, edges
 
