@@ -12,10 +12,13 @@ from cloudvolume.lib import Bbox
 from tqdm import tqdm
 
 from deepem3d.cli.options import Bounds, ByteSize, not_empty
-from deepem3d.errors import InputError, warn, write_errors_reported
+from deepem3d.errors import InputError, warn
+from deepem3d.storage.paths import write_whole
 from deepem3d.units import INT64_MAX, format_bounds, format_number
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from deepem3d.stages.tune import Row
 
 
@@ -194,17 +197,10 @@ def write_setting(pipeline: str, data: dict, row: Row, run_settings: dict) -> bo
     except ValueError:
         data["segmentation"] = {**(data.get("segmentation") or {}), **values}
         text, kept = yaml.safe_dump(data, sort_keys=False), False
-    # hidden and this process's own, as deepem3d's other whole-file writes name theirs: a
-    # user's NAME.partial is not overwritten, and a failed write leaves nothing beside the file
-    folder, name = os.path.split(target)
-    partial = os.path.join(folder, f".{name[:200]}.partial-{os.getpid()}")
-    try:
-        with write_errors_reported(pipeline):
-            with open(partial, "w", newline="") as f:
-                f.write(text)
-            shutil.copymode(target, partial)
-            os.replace(partial, target)
-    finally:
-        if os.path.lexists(partial):
-            os.remove(partial)
+    def write(partial: Path) -> None:
+        with open(partial, "w", newline="") as f:
+            f.write(text)
+        shutil.copymode(target, partial)
+
+    write_whole(target, write)  # a user's NAME.partial is not touched; a failed write is one line
     return kept
