@@ -311,7 +311,13 @@ def test_unwritten_chunks(layers: dict, tmp_path: Path, capsys: pytest.CaptureFi
         resolution=(4, 4, 40), size=SIZE, voxel_offset=OFFSET, chunk_size=CHUNK,
     )
     code, _, err = run(["evaluate", empty.cloudpath, layers["gt"]], capsys)
+    # without --bounds: perhaps a layer segmented with --bounds, complete for its region
+    assert_one_line_stderr(code, err, "missing chunks", "--fill-missing",
+                           "score the region it covers with --bounds")
+    bounds = ",".join(str(v) for v in (*OFFSET, *(o + s for o, s in zip(OFFSET, SIZE))))
+    code, _, err = run(["evaluate", empty.cloudpath, layers["gt"], "--bounds", bounds], capsys)
     assert_one_line_stderr(code, err, "missing chunks", "--fill-missing")
+    assert "score the region" not in err
     code, out, err = run(
         ["evaluate", empty.cloudpath, layers["gt"], "--fill-missing", "--json"], capsys
     )

@@ -13,7 +13,7 @@ from cloudvolume.lib import Bbox
 from deepem3d.cli.options import Bounds
 from deepem3d.errors import warn
 from deepem3d.segmentation.metrics import Contingency
-from deepem3d.stages.scoring import score_layers
+from deepem3d.stages.scoring import MISSING_HINT, score_layers
 from deepem3d.storage.labels import compare_at, open_labels, scored_region
 from deepem3d.units import format_bounds, format_triple
 
@@ -47,7 +47,10 @@ def evaluate(
     mip = compare_at(seg_vol, gt_vol, mip)
     bbox = scored_region(bounds, seg_vol, gt_vol)
 
-    table, result = score_layers(seg_vol, gt_vol, bbox)
+    hint = MISSING_HINT if bounds else (f"{MISSING_HINT}, or score the region it covers with "
+                                        "--bounds (a layer segmented with --bounds holds that "
+                                        "region only)")
+    table, result = score_layers(seg_vol, gt_vol, bbox, missing_hint=hint)
 
     if as_json:
         click.echo(json.dumps({
