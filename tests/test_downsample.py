@@ -129,11 +129,14 @@ def test_downsample_bad_input(tmp_path):
 
 
 def test_tasks_that_fail_leave_their_queue_and_log_where_the_message_says(tmp_path):
-    """A layer with a chunk that does not decode: the local workers retry its task, then set it
-    aside, and the one-line message names the temporary queue's failed/ folder and the
-    workers' log, which are kept. (A missing chunk is bad input: test_objects.)"""
+    """A layer with a folder where a chunk goes (an error the frame does not take for bad
+    input): the local workers retry its task, then set it aside, and the one-line message
+    names the temporary queue's failed/ folder and the workers' log, which are kept. (A
+    missing chunk, or one that does not decode, is bad input: test_objects.)"""
     make_layer(tmp_path / "layer", "segmentation")
-    next((tmp_path / "layer" / "4_4_50").glob("0-64_0-64_0-10*")).write_bytes(b"not a chunk")
+    chunk = next((tmp_path / "layer" / "4_4_50").glob("0-64_0-64_0-10*"))
+    chunk.unlink()
+    chunk.mkdir()
     result = run_cli("downsample", tmp_path / "layer", "--num-mips", "1", "--parallel", "1")
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
