@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import os
 import signal
 import subprocess
@@ -138,33 +139,78 @@ def test_a_tasks_next_attempt_removes_the_partial_a_killed_attempt_left(tmp_path
     assert (folder / "chunk").read_bytes() == OLD
 
 
-class NextAttemptWritesMeanwhile:
-    """Content of attempt 1 whose second read happens while attempt 2 of the same task (its
-    lease ran out) writes the same object whole, removing attempt 1's partial."""
+class Meanwhile:
+    """File-like content, NEW, whose second read (its first copy read whole) runs `then`:
+    what another writer does while this one writes."""
 
-    def __init__(self, files: CloudFiles) -> None:
-        self.files, self.reads = files, 0
+    def __init__(self, then) -> None:
+        self.data, self.then, self.reads = io.BytesIO(NEW), then, 0
 
     def read(self, size: int = -1) -> bytes:
         self.reads += 1
         if self.reads == 2:
             first = whole_files._attempt
-            with whole_files.task_attempt("task-7", 2):
-                self.files.put("chunk", OLD, raw=True, compress=None)
-            whole_files._attempt = first  # back in attempt 1's write
-        return OLD[:65536] if self.reads == 1 else b""
+            self.then()
+            whole_files._attempt = first  # back in this writer's attempt
+        return self.data.read(size)
 
-    def seek(self, *args: object) -> int:
-        return 0
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.data.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.data.tell()
 
 
-def test_an_attempt_overtaken_by_the_next_keeps_the_next_ones_object(tmp_path):
+NEW = b"new chunk " * 1000
+
+
+def test_an_attempt_overtaken_by_the_next_keeps_the_same_bytes(tmp_path):
     """Attempt 1 still writing after attempt 2 wrote the object (and removed attempt 1's
-    partial): attempt 1's rename finds no partial, takes the object written as its own and
-    raises nothing; the object is attempt 2's, whole, and no partial is left."""
+    partial): attempt 1 raises nothing, the object is whole, and no partial is left."""
     folder = tmp_path / "objects"
     files = CloudFiles(f"file://{folder}")
+
+    def next_attempt() -> None:
+        with whole_files.task_attempt("task-7", 2):
+            files.put("chunk", NEW, raw=True, compress=None)
+
     with whole_files.task_attempt("task-7", 1):
-        files.put("chunk", NextAttemptWritesMeanwhile(files), raw=True, compress=None)
+        files.put("chunk", Meanwhile(next_attempt), raw=True, compress=None)
     assert os.listdir(folder) == ["chunk"]
-    assert (folder / "chunk").read_bytes() == OLD
+    assert (folder / "chunk").read_bytes() == NEW
+
+
+def test_an_overtaken_attempt_does_not_take_an_older_file_for_the_next_attempts(tmp_path):
+    """Attempt 2 removed attempt 1's partial, then was killed before it wrote its own: the
+    target still held an older file, which attempt 1 took for attempt 2's and reported
+    written (its task's marker would then have said done over the old chunk)."""
+    folder = tmp_path / "objects"
+    files = CloudFiles(f"file://{folder}")
+    files.put("chunk", OLD, raw=True, compress=None)
+
+    def next_attempt_killed() -> None:
+        with whole_files.task_attempt("task-7", 2):
+            whole_files._remove_earlier_attempts(str(folder), "chunk")
+
+    with whole_files.task_attempt("task-7", 1):
+        files.put("chunk", Meanwhile(next_attempt_killed), raw=True, compress=None)
+    assert (folder / "chunk").read_bytes() == NEW
+    assert os.listdir(folder) == ["chunk"]
+
+
+def test_two_writers_of_one_attempt_never_share_a_partial(tmp_path):
+    """An SQS message delivered twice at once can carry one ApproximateReceiveCount: both
+    writers of the same task and attempt named the same partial, the second truncated the
+    first's file and, failing, removed it; the first then took the older file for its own."""
+    folder = tmp_path / "objects"
+    files = CloudFiles(f"file://{folder}")
+    files.put("chunk", OLD, raw=True, compress=None)
+
+    def duplicate_that_fails() -> None:
+        with whole_files.task_attempt("task-7", 1), pytest.raises(OSError):
+            files.put("chunk", FailingContent(), raw=True, compress=None)
+
+    with whole_files.task_attempt("task-7", 1):
+        files.put("chunk", Meanwhile(duplicate_that_fails), raw=True, compress=None)
+    assert (folder / "chunk").read_bytes() == NEW
+    assert os.listdir(folder) == ["chunk"]

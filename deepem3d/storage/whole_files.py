@@ -13,8 +13,11 @@ A process killed mid-write leaves its partial file behind. Within a queue task
 after the task and the attempt instead, `.NAME.partial-DIGEST-N`, so that attempt N removes,
 before it writes NAME, the partials attempts 1..N-1 may have left (no listing: their names
 are known): a killed worker's retry leaves the layer as an undisturbed run does. An attempt
-still writing after its lease ran out (its partial removed by the next) finds its target
-written by the next attempt and takes it as its own: a task writes the same bytes each time.
+still writing after its lease ran out (its partial removed by the next) writes the same bytes
+again under `.NAME.partial-PID-THREAD` (the target may still hold an older file: the next
+attempt may not have renamed its own yet, or never will, killed), as does a second writer of
+the same attempt's name (an SQS message delivered twice with one receive count, two threads):
+an attempt's partial is created exclusively, never written by two.
 
 It replaces `FileInterface.put_file` of cloud-files 6.4 (the version docker/constraints.txt
 pins) with the same steps but the write: the test suite checks that the original's source is
@@ -58,7 +61,20 @@ def _partial_name(name: str) -> str:
     """`.NAME.partial-DIGEST-N` within a task's attempt, else `.NAME.partial-PID-THREAD`."""
     if _attempt is not None:
         return f".{name[:200]}.partial-{_attempt[0]}-{_attempt[1]}"
+    return _own_partial_name(name)
+
+
+def _own_partial_name(name: str) -> str:
+    """`.NAME.partial-PID-THREAD`: no other writer's."""
     return f".{name[:200]}.partial-{os.getpid()}-{threading.get_ident()}"
+
+
+def _same_file(path: str, stat: os.stat_result) -> bool:
+    try:
+        now = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (stat.st_dev, stat.st_ino)
 
 
 def _remove_earlier_attempts(folder: str, name: str) -> None:
@@ -100,24 +116,48 @@ def _put_file_whole(self: Any, file_path: str, content: Any, content_type: str |
             and re.search("json|te?xt", content_type)):
         content = content.encode("utf-8")
 
-    def put() -> None:
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        _remove_earlier_attempts(folder, name)
-        partial = os.path.join(folder, _partial_name(name))
+    file_like = hasattr(content, "read") and hasattr(content, "seek")
+    start = content.tell() if file_like and hasattr(content, "tell") else 0
+
+    def write(partial: str, mode: str) -> None:
+        """Content into `partial` (mode "xb": only a partial this call creates), renamed over
+        the target; FileNotFoundError when another writer removed it meanwhile."""
+        mine = None
         try:
-            with open(partial, "wb") as f:
-                if hasattr(content, "read") and hasattr(content, "seek"):
+            with open(partial, mode) as f:
+                mine = os.fstat(f.fileno())
+                if file_like:
                     shutil.copyfileobj(content, f)
                 else:
                     f.write(content)
-            try:
-                os.replace(partial, path)
-            except FileNotFoundError:  # removed by a later attempt, which wrote the target
-                if _attempt is None or not os.path.exists(path):
-                    raise
+            if not _same_file(partial, mine):  # removed (and made again by another)
+                raise FileNotFoundError(2, "removed by another writer", partial)
+            os.replace(partial, path)
         finally:
-            if os.path.lexists(partial):
+            if mine is not None and _same_file(partial, mine):
                 os.remove(partial)
+
+    def put() -> None:
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        own = os.path.join(folder, _own_partial_name(name))
+        if _attempt is None:
+            write(own, "wb")
+            return
+        _remove_earlier_attempts(folder, name)
+        try:  # exclusive: a name another writer of this attempt holds is not shared (an SQS
+            # message delivered twice, its ApproximateReceiveCount the same; two threads)
+            write(os.path.join(folder, _partial_name(name)), "xb")
+        except FileExistsError:
+            write(own, "wb")
+        except FileNotFoundError:
+            # removed by a later attempt, which may not have written the target yet (or may
+            # never: killed): whatever is there could be an older file, so write it again,
+            # the same bytes, under this process's own name
+            if not os.path.isdir(folder):
+                raise
+            if file_like:
+                content.seek(start)
+            write(own, "wb")
 
     return self.io_with_lock(put, lock_path, exclusive=True)
