@@ -64,3 +64,18 @@ def test_a_local_cache_is_written_by_cloudvolume(tmp_path):
     write_block(cached, (5, 6, 7), data)
     assert any((tmp_path / "cache").rglob("5-37_6-38_7-15*"))  # CloudVolume kept its copy
     np.testing.assert_array_equal(np.asarray(CloudVolume(ours.cloudpath)[5:37, 6:38, 7:15]), data)
+
+
+def test_an_empty_box_read_is_the_callers_error_not_a_damaged_chunk(tmp_path):
+    """read_block took every ValueError for a chunk its info does not describe: an empty box
+    (CloudVolume's SubvoxelVolumeError, a ValueError), a caller's bug, was reported as bad
+    input ("has a chunk ... that cannot be decoded: write the layer again")."""
+    from cloudvolume.exceptions import SubvoxelVolumeError
+
+    from deepem3d.storage.layers import read_block
+
+    vol = create_layer(f"file://{tmp_path}/layer", layer_type="image", dtype="uint8",
+                       resolution=(4, 4, 40), size=(32, 32, 8), chunk_size=(32, 32, 8))
+    vol[:, :, :] = np.ones((32, 32, 8, 1), np.uint8)
+    with pytest.raises(SubvoxelVolumeError):
+        read_block(vol, (10, 0, 0), (10, 32, 8), "fix")

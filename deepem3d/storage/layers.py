@@ -287,9 +287,17 @@ def damaged_chunk(err: Exception) -> bool:
     (not gzip, truncated, another dtype or shape, a folder), not a bug: the same on every
     retry, bad input."""
     from cloudfiles.exceptions import DecompressionError
-    from cloudvolume.exceptions import AlignmentError, DecodingError, OutOfBoundsError
+    from cloudvolume.exceptions import (
+        AlignmentError,
+        DecodingError,
+        EmptyRequestException,
+        OutOfBoundsError,
+        SubvoxelVolumeError,
+    )
 
-    if isinstance(err, OutOfBoundsError | AlignmentError):  # a box outside: the caller's bug
+    # a box outside, or empty: the caller's bug (CloudVolume's ValueErrors about the request)
+    if isinstance(err, OutOfBoundsError | AlignmentError | SubvoxelVolumeError
+                  | EmptyRequestException):
         return False
     return isinstance(err, DecompressionError | DecodingError | IsADirectoryError | ValueError)
 
