@@ -214,3 +214,21 @@ def test_two_writers_of_one_attempt_never_share_a_partial(tmp_path):
         files.put("chunk", Meanwhile(duplicate_that_fails), raw=True, compress=None)
     assert (folder / "chunk").read_bytes() == NEW
     assert os.listdir(folder) == ["chunk"]
+
+
+def test_write_whole_names_its_partial_after_the_process_unless_shared(tmp_path):
+    """Two processes writing one file at once (two `tune --write` on one pipeline) never share
+    a partial (one would truncate, then remove, the other's); a training run's files, written
+    by one process at a time, share `.NAME.partial`, so a preempted run leaves one at most."""
+    from deepem3d.storage.paths import write_whole
+
+    seen = []
+
+    def write(partial) -> None:
+        seen.append(partial.name)
+        partial.write_text("new")
+
+    write_whole(tmp_path / "p.yaml", write)
+    write_whole(tmp_path / "last.pt", write, shared=True)
+    assert seen == [f".p.yaml.partial-{os.getpid()}", ".last.pt.partial"]
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "p.yaml"]

@@ -58,7 +58,8 @@ def write_atomically(payload: dict, path: str | os.PathLike) -> None:
     """torch.save, whole (`write_whole`): an interrupted or failed write leaves the old file.
     A full disk (torch's writer raises a RuntimeError, Python's an OSError) is a one-line
     InputError, as `deepem3d export` reports it."""
-    write_whole(path, lambda partial: torch.save(payload, partial), also=(RuntimeError,))
+    write_whole(path, lambda partial: torch.save(payload, partial), also=(RuntimeError,),
+                shared=True)
 
 
 def export_checkpoint(src: str, dest: str | os.PathLike, *, half: bool = True) -> None:

@@ -423,8 +423,9 @@ class Trainer:
     def write_history(self) -> None:
         """history.json and the learning curve, each whole (`write_whole`)."""
         write_whole(self.out / HISTORY,
-                    lambda path: path.write_text(json.dumps(self.history, indent=1)))
-        write_whole(self.out / CURVE, lambda path: plot_learning_curve(self.history, path))
+                    lambda path: path.write_text(json.dumps(self.history, indent=1)), shared=True)
+        write_whole(self.out / CURVE, lambda path: plot_learning_curve(self.history, path),
+                    shared=True)
 
 
 def plot_learning_curve(history: list[dict], path: Path) -> None:

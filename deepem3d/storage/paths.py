@@ -55,13 +55,16 @@ def put_json_whole(folder: str, name: str, content: object) -> None:
 
 
 def write_whole(path: str | os.PathLike, write: Callable[[Path], object], *,
-                also: tuple[type[Exception], ...] = ()) -> None:
+                also: tuple[type[Exception], ...] = (), shared: bool = False) -> None:
     """write(a hidden partial file beside PATH), then rename it to PATH: a process stopped
     mid-write leaves the previous file whole, not a truncated one; a full disk is one line
-    (`write_errors_reported`, with ALSO)."""
+    (`write_errors_reported`, with ALSO). The partial is `.NAME.partial-PID`, no other
+    process's; with `shared` (a file one process at a time writes: a training run's, whose
+    checkpoints a preempted run would otherwise leave behind one per kill) `.NAME.partial`,
+    which the next write replaces."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.partial" + ("" if shared else f"-{os.getpid()}"))
     try:
         with write_errors_reported(path, also=also):
             write(partial)
