@@ -206,6 +206,9 @@ def _google_did_not_answer(err: Exception) -> bool:
         import requests
         import urllib3.exceptions
 
+        if isinstance(err, requests.exceptions.SSLError | urllib3.exceptions.SSLError) or \
+                isinstance(getattr(err, "reason", None), urllib3.exceptions.SSLError):
+            return False  # a certificate refused: the same on every retry
         return isinstance(err, requests.ConnectionError | requests.Timeout
                           | urllib3.exceptions.MaxRetryError | urllib3.exceptions.TimeoutError
                           | urllib3.exceptions.ProtocolError)
