@@ -434,6 +434,10 @@ def test_dry_run_counts_evaluations_per_output_voxel(setup, tmp_path):
     assert off.geometry == tiles.geometry and off.task_count == 4 * 4 * 4
     assert {tuple(b.minpt)[:2] for b in off.blocks} >= {(1024, 1024), (2048, 2048)}
     assert off.evaluations == pytest.approx(16 * 2528**2 / 7168**2)  # 1.99
+    small = plan_inference(layer, f"file://{tmp_path / 'out'}", models=[setup["ckpt"]],
+                           bounds=Bbox((0, 0, 0), (200, 200, 10)))  # within one tile cell
+    # what its task writes: the bounds grown to whole chunks, not the tile cell (2048 x 2048)
+    assert "1 InferenceTask(s) of 256 x 256 x 16 voxels" in small.describe()
     old = plan_inference(layer, f"file://{tmp_path / 'out'}", models=[setup["ckpt"]],
                          patch={"size": 512, "output": 384, "overlap": 64})
     # 8 tasks a side, 7 touching 4 patches and one 5: 33 patches of 512 px a side, 4.25

@@ -153,7 +153,9 @@ class InferencePlan:
         return 1 if self.sharding else -(-int(self.task_shape[2]) // int(self.chunk_size[2]))
 
     def describe(self) -> str:
-        shape = " x ".join(str(s) for s in self.task_shape)
+        # a task writes no more than the bounds hold (a region smaller than one tile)
+        shape = " x ".join(str(min(int(s), int(b)))
+                           for s, b in zip(self.task_shape, self.bounds.size3()))
         g = self.geometry
         names = ", ".join(os.path.basename(m.location) for m in self.models)
         windows = (f"tiles {g.size} px in, {g.output} px out, abutting (a margin of {g.margin} "
