@@ -175,3 +175,23 @@ def test_a_file_queue_deleted_while_a_run_waits_is_a_one_line_error(tmp_path, mo
     monkeypatch.setattr(stage.markers, "unfinished", deleted_then_unfinished)
     with pytest.raises(InputError, match="is gone .*run the same command again"):
         Runner(lambda s: url, progress=False, poll=0.01, echo=lambda line: None).run([stage])
+
+
+def test_a_finished_stage_run_again_lists_no_tasks(tmp_path):
+    """Listing a stage's tasks is no free read: igneous's task creators append the layer's
+    provenance each time (a finished run started again grew the input image's)."""
+    url = f"fq://{tmp_path / 'queue'}"
+    stop, depths = threading.Event(), []
+    worker = threading.Thread(target=drain, args=(url, stop, depths), daemon=True)
+    worker.start()
+    try:
+        Runner(lambda s: url, progress=False, poll=0.01).run([flag_stage(tmp_path, 2)])
+    finally:
+        stop.set()
+        worker.join(10)
+    again, listed = flag_stage(tmp_path, 2), []
+    make_tasks = again.make_tasks
+    again.make_tasks = lambda: listed.append(1) or make_tasks()
+    [summary] = Runner(lambda s: url, progress=False, poll=0.01).run([again])
+    assert summary.ran == 0 and again.is_complete()
+    assert listed == []
