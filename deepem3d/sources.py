@@ -52,6 +52,16 @@ ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 FILE_SUFFIXES = (TIFF_SUFFIXES + HDF5_SUFFIXES + NPY_SUFFIXES + ZARR_SUFFIXES + N5_SUFFIXES
                  + MRC_SUFFIXES)
 AXES = ("zyx", "xyz")
+#: significant digits a recorded voxel size keeps (float32 headers hold about 7)
+RESOLUTION_DIGITS = 6
+#: how far from a whole number of voxels (in voxels) a recorded position may lie: a float32
+#: header's 4,000,004 nm is off by about 0.25 nm, 0.06 of a 4 nm voxel
+POSITION_TOLERANCE = 0.1
+SUPPORTED = (
+    "a multi-page .tif/.tiff file, a directory of .tif/.tiff files, "
+    "FILE.h5:/DATASET, a .npy file, a zarr array or OME-Zarr image, an N5 dataset, or an MRC "
+    "file"
+)
 
 
 def file_in_the_way(filename: str) -> str:
@@ -66,16 +76,6 @@ def file_in_the_way(filename: str) -> str:
                 f"it with `deepem3d ingest {path} LAYER` and give LAYER")
     return (f"{filename}: a path runs through a file where a folder (a layer, a queue, an "
             "output) is needed")
-#: significant digits a recorded voxel size keeps (float32 headers hold about 7)
-RESOLUTION_DIGITS = 6
-#: how far from a whole number of voxels (in voxels) a recorded position may lie: a float32
-#: header's 4,000,004 nm is off by about 0.25 nm, 0.06 of a 4 nm voxel
-POSITION_TOLERANCE = 0.1
-SUPPORTED = (
-    "a multi-page .tif/.tiff file, a directory of .tif/.tiff files, "
-    "FILE.h5:/DATASET, a .npy file, a zarr array or OME-Zarr image, an N5 dataset, or an MRC "
-    "file"
-)
 
 
 def canonical_dtype(dtype: DTypeLike) -> np.dtype:

@@ -190,7 +190,7 @@ def test_an_overtaken_attempt_does_not_take_an_older_file_for_the_next_attempts(
 
     def next_attempt_killed() -> None:
         with whole_files.task_attempt("task-7", 2):
-            whole_files._remove_earlier_attempts(str(folder), "chunk")
+            whole_files._remove_earlier_attempts(str(folder), "chunk", *whole_files._attempt)
 
     with whole_files.task_attempt("task-7", 1):
         files.put("chunk", Meanwhile(next_attempt_killed), raw=True, compress=None)

@@ -267,15 +267,16 @@ def read_block(vol: CloudVolume, lo: Sequence[int], hi: Sequence[int], fix: str,
     InputError that names the box and says `fix`, not CloudVolume's traceback."""
     from cloudvolume.exceptions import EmptyVolumeException
 
-    box = ",".join(str(int(v)) for v in (*lo, *hi))
     try:
         return np.asarray(vol[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
     except EmptyVolumeException:
+        box = ",".join(str(int(v)) for v in (*lo, *hi))
         raise InputError(f"{what + ' ' if what else ''}{vol.cloudpath} has missing chunks in "
                          f"{box}: {fix}") from None
     except Exception as err:
         if not damaged_chunk(err):
             raise
+        box = ",".join(str(int(v)) for v in (*lo, *hi))
         raise InputError(f"{what + ' ' if what else ''}{vol.cloudpath} has a chunk in {box} "
                          f"that cannot be decoded as its info says "
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -57,11 +57,16 @@ def task_attempt(task: str, attempt: int) -> Iterator[None]:
         _attempt = None
 
 
-def _partial_name(name: str) -> str:
-    """`.NAME.partial-DIGEST-N` within a task's attempt, else `.NAME.partial-PID-THREAD`."""
-    if _attempt is not None:
-        return f".{name[:200]}.partial-{_attempt[0]}-{_attempt[1]}"
-    return _own_partial_name(name)
+def _attempt_partial_name(name: str, digest: str, attempt: int) -> str:
+    """`.NAME.partial-DIGEST-N`: attempt N's of the task whose id's digest is DIGEST."""
+    return f".{name[:200]}.partial-{digest}-{attempt}"
+
+
+def _remove_earlier_attempts(folder: str, name: str, digest: str, attempt: int) -> None:
+    """The partials of NAME attempts 1..ATTEMPT-1 of the task may have left."""
+    for earlier in range(1, attempt):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, _attempt_partial_name(name, digest, earlier)))
 
 
 def _own_partial_name(name: str) -> str:
@@ -75,16 +80,6 @@ def _same_file(path: str, stat: os.stat_result) -> bool:
     except FileNotFoundError:
         return False
     return (now.st_dev, now.st_ino) == (stat.st_dev, stat.st_ino)
-
-
-def _remove_earlier_attempts(folder: str, name: str) -> None:
-    """The partials of NAME the earlier attempts of this process's task may have left."""
-    if _attempt is None:
-        return
-    digest, attempt = _attempt
-    for earlier in range(1, attempt):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, f".{name[:200]}.partial-{digest}-{earlier}"))
 
 
 def install() -> None:
@@ -141,13 +136,15 @@ def _put_file_whole(self: Any, file_path: str, content: Any, content_type: str |
         folder, name = os.path.split(path)
         os.makedirs(folder, exist_ok=True)
         own = os.path.join(folder, _own_partial_name(name))
-        if _attempt is None:
+        attempt = _attempt
+        if attempt is None:
             write(own, "wb")
             return
-        _remove_earlier_attempts(folder, name)
+        digest, number = attempt
+        _remove_earlier_attempts(folder, name, digest, number)
         try:  # exclusive: a name another writer of this attempt holds is not shared (an SQS
             # message delivered twice, its ApproximateReceiveCount the same; two threads)
-            write(os.path.join(folder, _partial_name(name)), "xb")
+            write(os.path.join(folder, _attempt_partial_name(name, digest, number)), "xb")
         except FileExistsError:
             write(own, "wb")
         except FileNotFoundError:
