@@ -327,6 +327,15 @@ def test_train_bad_input(sample_h5, tmp_path):
         cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--patch-size",
                 "16", "--batch-size", "1"), "one value per channel",
     )
+    shipped = torch.load(ROOT / "deepem3d/models/pretrained/isbi2012-small.pt", weights_only=True)
+    meta = json.loads(shipped["meta"])
+    meta["model"]["in_sections"] = "five"  # a hand-edited checkpoint
+    torch.save({**shipped, "meta": json.dumps(meta)}, tmp_path / "edited.pt")
+    assert_one_line_error(
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:6", "--init",
+                 tmp_path / "edited.pt"), "edited.pt records the network's in_sections as "
+        "'five', which no deepem3d network has (one of 1, 3, 5): give --in-sections",
+    )
     layer = tmp_path / "image"  # checkpoints written into an input layer's folder
     run_cli("ingest", f"{h5}:/raw", layer, "--resolution", "4,4,50", check=True)
     assert_one_line_error(

@@ -91,6 +91,7 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
         held = load_checkpoint(held_by)["meta"]["model"]
         # a key it lacks is left to the default (and --init then refuses it in one line)
         network = {k: held.get(k) if v is None else v for k, v in network.items()}
+        _check_held(held_by, network)
     preset, head, in_sections = (network[k] if network[k] is not None else fallback
                                  for k, fallback in (("preset", "tiny"), ("head", "boundary"),
                                                      ("in_sections", 5)))
@@ -147,3 +148,16 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
         raise InputError(str(err)) from None
     final = trainer.run()
     click.echo(f"checkpoints in {out_dir}: last.pt, best.pt; final {final}")
+
+
+def _check_held(held_by: str, network: dict) -> None:
+    """A one-line error for network settings a checkpoint records that no deepem3d network has
+    (a damaged or hand-edited file): they would fail later, as a traceback."""
+    from deepem3d.models.network import HEADS, SECTIONS
+
+    allowed = {"preset": PRESETS, "head": HEADS, "in_sections": SECTIONS}
+    for key, value in network.items():
+        if value is not None and (isinstance(value, bool) or value not in allowed[key]):
+            raise InputError(f"{held_by} records the network's {key} as {value!r}, which no "
+                             f"deepem3d network has (one of {', '.join(map(str, allowed[key]))})"
+                             f": give --{key.replace('_', '-')}, or another checkpoint")
