@@ -33,6 +33,7 @@ from taskqueue import TaskQueue
 from deepem3d.axes import xyz_from_zyx
 from deepem3d.errors import InputError, ServiceUnavailable
 from deepem3d.models.checkpoint import resolve_model
+from deepem3d.run.worker import QUEUE_MISSING_SECONDS
 from deepem3d.sample import load_sample
 from deepem3d.stages.frame import Markers
 from deepem3d.storage.layers import create_layer
@@ -341,7 +342,8 @@ def test_a_queues_redrive_limit_is_the_workers_limit(tmp_path, moto_endpoint):
 
 def test_a_worker_stops_when_its_sqs_queue_is_deleted(moto_endpoint):
     """A queue deleted under a polling worker is gone for good: the worker says so in one
-    line and exits 1 (it used to poll the missing queue forever, warning each time)."""
+    line and exits 1 (it used to poll the missing queue forever, warning each time), once SQS
+    has said so for QUEUE_MISSING_SECONDS (one answer may be a new queue not yet known)."""
     run_cli("queue", "create", "sqs://doomed", check=True)
     worker = subprocess.Popen(
         [sys.executable, "-m", "deepem3d", "worker", "sqs://doomed", "--poll-seconds", "0.2"],
@@ -350,13 +352,16 @@ def test_a_worker_stops_when_its_sqs_queue_is_deleted(moto_endpoint):
         time.sleep(3)  # polling
         assert worker.poll() is None, worker.communicate()[0]
         run_cli("queue", "delete", "sqs://doomed", "--yes", check=True)
+        deleted = time.monotonic()
         status = worker.wait(timeout=60)
+        waited = time.monotonic() - deleted
     finally:
         worker.kill()
         log = worker.communicate()[0]
     assert status == 1, log
     assert "no such SQS queue in region us-east-1" in log and "stopping" in log, log
-    assert "Traceback" not in log and "trying again" not in log, log
+    assert "Traceback" not in log, log
+    assert waited >= QUEUE_MISSING_SECONDS, waited  # retried meanwhile ("trying again")
 
 
 def test_a_failed_read_of_the_redrive_policy_is_asked_again_not_taken_for_none(

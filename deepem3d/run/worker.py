@@ -90,8 +90,10 @@ def register_tasks() -> None:
 
 #: seconds an SQS receive waits for a message (a long poll: fewer empty receives)
 SQS_WAIT_SECONDS = 2
-#: the longest SQS visibility timeout: a refused message on a queue without a dead-letter
-#: queue is hidden this long instead of coming back at once
+#: how long SQS may answer "no such queue" before the worker takes the queue for deleted and
+#: stops: AWS asks for at least a second between a queue's creation and its use, and a queue
+#: seen at the worker's start that one endpoint does not know yet is that lag, not a deletion
+QUEUE_MISSING_SECONDS = 10
 #: the termination grace Kubernetes gives a pod by default, and about what a GKE Spot node
 #: gives before it goes
 GRACE_SECONDS = 30
@@ -509,6 +511,7 @@ class Worker:
         report = WorkerReport()
         previous = self._install_handlers()
         idle = 0
+        missing_since = None  # the first of consecutive "no such queue" answers
         try:
             while not self.stop_requested.is_set():
                 if self.parent is not None and os.getppid() != self.parent:
@@ -520,8 +523,12 @@ class Worker:
                     task = self._lease()
                 except (QueueEmptyError, InputError, OSError) as err:
                     # the queue was there at start (and took locks): a blip, an NFS hiccup
+                    missing_since = ((missing_since or time.monotonic())
+                                     if isinstance(err, QueueMissing) else None)
                     if not isinstance(err, QueueEmptyError):
-                        if self._queue_gone() or isinstance(err, QueueMissing):
+                        if self._queue_gone() or (isinstance(err, QueueMissing) and
+                                                  time.monotonic() - missing_since
+                                                  >= QUEUE_MISSING_SECONDS):
                             log.error("%s: stopping", err if isinstance(err, QueueMissing)
                                       else f"{self.url}: the queue's folders are gone "
                                       "(deleted?)")
@@ -534,7 +541,7 @@ class Worker:
                     # back off while idle, up to ten polls' time
                     self.stop_requested.wait(self.poll_seconds * min(10, idle))
                     continue
-                idle = 0
+                idle, missing_since = 0, None
                 if self.stop_requested.is_set():  # stopped while the message came in
                     self._release(task)
                     report.released += 1
