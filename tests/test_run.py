@@ -32,12 +32,15 @@ from deepem3d.stages.frame import Markers, payload_of
 from deepem3d.stages.inference import inference_stage
 from deepem3d.stages.inference_plan import plan_inference
 from deepem3d.stages.segmentation import plan_segment, segment_stages
-from deepem3d.storage.layers import create_layer
+from deepem3d.storage.layers import create_layer, remove_levels
 from tests.conftest import (
     ROOT,
     assert_one_line_error,
+    assert_same_mips,
     check_objects,
     cli_here,
+    file_digests,
+    igneous_reference,
     run_cli,
     start_stage,
 )
@@ -340,7 +343,12 @@ def test_a_run_over_the_sample_runs_again_and_names_the_layers_it_writes(tmp_pat
     pipeline.write_text(f"version: 1\noutput: {output}\nimage: sample:isbi2012\n"
                         "products: [map]\ninference: {bounds: [0, 0, 0, 128, 128, 2]}\n")
     run_cli("run", pipeline, "--parallel", "1", check=True)
+    first = json.loads((output / "report.json").read_text())["stage_seconds"]["inference"]
+    (output / "report.json").unlink()  # as a run stopped after its stages, before its report
     assert "(0 run now)" in run_cli("run", pipeline, "--parallel", "1", check=True).stdout
+    # the stage keeps the time its tasks took then (it was this invocation's ~0 s)
+    again = json.loads((output / "report.json").read_text())["stage_seconds"]["inference"]
+    assert 0.2 < again <= first, (again, first)
     run_cli("run", pipeline, "--dry-run", check=True)
     fresh = tmp_path / "mip.yaml"
     fresh.write_text(f"version: 1\noutput: {tmp_path / 'o'}\nimage: sample:isbi2012\n"
@@ -407,6 +415,54 @@ def test_dry_run_counts_a_redone_segmentations_products_in_full(tmp_path, crop_l
     for label in ("downsample segmentation", "mesh forge", "mesh merge"):
         tasks = rows[label][0]
         assert f"stage {label}: {tasks} task(s) ({tasks} run now)" in redo, (label, redo)
+
+
+def test_levels_of_another_factor_are_replaced_by_overwrite_for_the_runs_own_layers(
+        tmp_path, crop_layers):
+    """A pipeline's downsample.factor changed after a run was refused with a way out the file
+    lacks (`--mip`), and --overwrite refused it too when the map was kept: the run's own
+    layers' levels are now replaced, chunks and scales (no folder of the old level left);
+    an input's never are."""
+    shutil.copytree(crop_layers["image"].removeprefix("file://"), tmp_path / "image")
+    output, image = tmp_path / "out", f"file://{tmp_path / 'image'}"
+
+    def pipeline(layers: str, factor: str) -> Path:
+        path = tmp_path / f"p-{len(list(tmp_path.glob('p-*')))}.yaml"
+        path.write_text(f"version: 1\noutput: {output}\nimage: {image}\n"
+                        "products: [map, downsample]\ninference:\n"
+                        "  model: isbi2012-small-affinity\n  patch_size: 64\n"
+                        "  patch_output: 32\n  overlap: 8\n  chunk_size: [32, 32, 2]\n"
+                        f"downsample:\n  layers: [{layers}]\n  factor: {factor}\n"
+                        "  num_mips: 1\n")
+        return path
+
+    run_cli("run", pipeline("image, map", "[2, 2, 1]"), "--parallel", "1", check=True)
+    mip0 = {p: p.stat().st_mtime_ns for p in (output / "map" / "4_4_50").iterdir()}
+    image_files = file_digests(tmp_path / "image" / "8_8_50")
+    for extra in ((), ("--overwrite",)):
+        assert_one_line_error(
+            run_cli("run", pipeline("image, map", "[2, 1, 1]"), "--parallel", "1", *extra),
+            f"{image}: mip 1 exists at 8,8,50 nm", "by the factor that made it (factor "
+            "2,2,1), or leave image out of downsample.layers")
+    changed = pipeline("map", "[2, 2, 2]")
+    assert_one_line_error(run_cli("run", changed, "--parallel", "1"),
+                          "downsample: file://", "/out/map: mip 1 exists at 8,8,50 nm",
+                          "(factor 2,2,1), or pass --overwrite to make the map's levels again")
+    dry = run_cli("run", changed, "--dry-run", "--overwrite", check=True).stdout
+    assert "replacing the levels there, 8_8_50" in dry, dry
+    assert sorted(p.name for p in (output / "map").iterdir()) == [
+        "4_4_50", "8_8_50", "info", "provenance", "tasks"]
+    run_cli("run", changed, "--parallel", "1", "--overwrite", check=True)
+    assert sorted(p.name for p in (output / "map").iterdir()) == [
+        "4_4_50", "8_8_100", "info", "provenance", "tasks"]
+    assert {p: p.stat().st_mtime_ns for p in mip0} == mip0  # the map itself was kept
+    assert file_digests(tmp_path / "image" / "8_8_50") == image_files
+    reference = tmp_path / "mip0"
+    shutil.copytree(output / "map", reference)
+    assert remove_levels(f"file://{reference}", 0) == ["8_8_100"]
+    assert not (reference / "8_8_100").exists()
+    assert_same_mips(f"file://{output / 'map'}",
+                     igneous_reference(reference, tmp_path / "ref", 1, (2, 2, 2)), range(2))
 
 
 def test_a_run_overwritten_with_other_segmentation_settings_keeps_its_map(

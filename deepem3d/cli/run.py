@@ -30,7 +30,8 @@ from deepem3d.run.queues import MIN_FILE_LEASE_SECONDS, SQS_MAX_VISIBILITY
               "another.")
 @dry_run_option
 @click.option("--overwrite", is_flag=True,
-              help="Replace layers a run with other settings wrote under the output root.")
+              help="Replace layers a run with other settings wrote under the output root, "
+              "and the map's and the segmentation's mip levels of another downsample factor.")
 def run(pipeline: str, output: str | None, queue: str | None, parallel: int | None,
         lease_seconds: int, dry_run: bool, overwrite: bool) -> None:
     """Run PIPELINE (a YAML file, or a shipped pipeline's name such as isbi2012-demo).

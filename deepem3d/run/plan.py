@@ -29,7 +29,10 @@ from deepem3d.storage.paths import put_json_whole
 from deepem3d.units import format_bounds, format_bytes, format_triple
 
 REPORT = "report.json"
-SECTION = {"inference": "inference", "downsample-mip0": "downsample", "mesh-merge": "meshes"}
+SECTION = {"inference": "inference", "mesh-merge": "meshes"}
+#: what --overwrite replaces: the map, the segmentation, and the levels of each (by the label
+#: of its downsampling stage: the map's may be planned in another round than the segmentation's)
+OVERWRITE = ("inference", "segmentation", "downsample map", "downsample segmentation")
 
 
 @dataclass
@@ -138,7 +141,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
     is written (the sample's geometry is read from a temporary copy). `overwrite` is a flag,
     or the sections (inference, segmentation, downsample) whose outputs may be replaced."""
     if isinstance(overwrite, bool):
-        overwrite = {"inference", "segmentation", "downsample"} if overwrite else set()
+        overwrite = set(OVERWRITE) if overwrite else set()
     planner = _RunPlanner(p, overwrite, dry_run)
     try:
         check_buckets(p)
@@ -374,7 +377,12 @@ class _RunPlanner:
 
     def downsample(self, name: str) -> None:
         """Mip levels of one layer; of a layer the run writes, over the region it writes."""
-        from deepem3d.stages.downsample import MEMORY_TARGET, downsample_stage, plan_downsample
+        from deepem3d.stages.downsample import (
+            MEMORY_TARGET,
+            LevelsInTheWay,
+            downsample_stage,
+            plan_downsample,
+        )
 
         p, down, layers = self.p, self.p.downsample, self.plan.layers
         path = self.image if name == "image" else layers[name]
@@ -388,7 +396,14 @@ class _RunPlanner:
             dplan = plan_downsample(
                 path, num_mips=down.get("num_mips"), factor=down.get("factor"),
                 memory_target=down.get("memory", MEMORY_TARGET), bounds=self.written.get(name),
-                shown_as=layers[name], grow=True)
+                shown_as=layers[name], grow=True,
+                replace_levels=name != "image" and f"downsample {name}" in self.overwrite)
+        except LevelsInTheWay as err:  # a file has no --mip: its ways out are its own
+            other = ("leave image out of downsample.layers (the run does not replace the "
+                     "levels of an input)" if name == "image" else
+                     f"pass --overwrite to make the {name}'s levels again")
+            raise _in_key(p.source, "downsample", InputError(
+                f"{err.problem}: {err.fix}, or {other}")) from None
         except InputError as err:
             raise _in_key(p.source, "downsample", err) from None
         self.plan.lines.append(f"downsample {name}: {dplan.describe()}")
@@ -471,6 +486,8 @@ class _RunPlanner:
         source = open_layer(self.segmentation_stand_in or self.plan.layers["segmentation"])
         vol = open_layer(path, info=source.info)
         dplan = self.segmentation_mips if wants_mips else None
+        if dplan and dplan.replaced_levels:  # the levels it makes, not those it removes
+            vol.info["scales"] = vol.info["scales"][:dplan.mip + 1]
         base = [float(r) for r in source.resolution]
         for resolution in dplan.new_resolutions if dplan else ():
             factor = [round(float(r) / b) for r, b in zip(resolution, base)]
@@ -613,7 +630,7 @@ def run_pipeline(
     previous = (previous if isinstance(previous, dict) else {}).get("stage_seconds") or {}
     done: set[str] = set()
     shown: set[tuple[str, str]] = set()
-    replace = {"inference", "segmentation", "downsample"} if overwrite else set()
+    replace = set(OVERWRITE) if overwrite else set()
     plan = None
     try:
         while True:
@@ -630,12 +647,19 @@ def run_pipeline(
                     shown.add(_shown_as(line))
             routes.update(plan.routes)
             for summary in runner.run(todo):
-                # a stage finished by an earlier invocation keeps the seconds it took then
-                kept = previous.get(summary.label) if not summary.ran else None
-                seconds[summary.label] = kept if kept is not None else round(summary.seconds, 3)
+                # a stage finished by an earlier invocation keeps the seconds it took then: the
+                # earlier report's, or its tasks' span where that invocation wrote none (stopped)
+                if summary.ran:
+                    took = summary.seconds
+                else:
+                    took = previous.get(summary.label)
+                    if not isinstance(took, int | float) or isinstance(took, bool):
+                        took = summary.span
+                seconds[summary.label] = round(took, 3)
                 done.add(summary.label)
             # what this run has planned is not replaced again when it plans the next stages
-            replace -= {SECTION[s.name] if s.name in SECTION else "segmentation" for s in todo}
+            replace -= {s.label if s.name.startswith("downsample") else
+                        SECTION.get(s.name, "segmentation") for s in todo}
     finally:
         runner.stop_workers()
     report = {"stage_seconds": seconds, "seconds": round(time.perf_counter() - started, 3),

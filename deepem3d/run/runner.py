@@ -108,6 +108,9 @@ class StageSummary:
     peak_mib: float = 0.0
     peak_added_mib: float = 0.0
     note: str | None = None
+    #: from its first task's start to its last task's end, by the markers' clocks: the time a
+    #: stage took whichever invocation ran it (a run stopped and started again)
+    span: float = 0.0
 
     def line(self) -> str:
         if self.note:
@@ -123,9 +126,12 @@ def summarise(stage: Stage, ran: int, seconds: float) -> StageSummary:
     times = [float(r.get("seconds", 0)) for r in records]
     peaks = [float(r.get("peak_mib", 0)) for r in records]
     added = [float(r.get("peak_added_mib", 0)) for r in records]
+    starts = [float(r["started"]) for r in records if "started" in r]
+    ends = [float(r["started"]) + float(r.get("seconds", 0)) for r in records if "started" in r]
     return StageSummary(stage.label, len(records), ran, seconds, sum(times),
                         max(times, default=0.0), max(peaks, default=0.0),
-                        max(added, default=0.0))
+                        max(added, default=0.0),
+                        span=max(ends) - min(starts) if starts else 0.0)
 
 
 def execute_here(stage: Stage, tasks: Iterator) -> int:

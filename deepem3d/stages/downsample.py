@@ -86,6 +86,9 @@ class DownsamplePlan:
     #: why there are fewer levels than memory allows (the voxel offset or --bounds limit
     #: them), or than asked for (memory or the layer's size limit them)
     offset_note: str = ""
+    #: the keys of the existing levels above `mip` the stage removes first (a run replacing
+    #: its own layer's levels, made by another factor: plan_downsample's `replace_levels`)
+    replaced_levels: list[str] = field(default_factory=list)
 
     @property
     def output_bytes(self) -> int:
@@ -104,6 +107,8 @@ class DownsamplePlan:
             f"adding {len(self.new_resolutions)} mip level(s) by factor "
             f"{','.join(map(str, self.factor))}; about {self.memory_bytes / 2**20:.1f} MiB "
             "per task" + (f" ({self.offset_note})" if self.offset_note else "")
+            + (f"; replacing the levels there, {', '.join(self.replaced_levels)}"
+               if self.replaced_levels else "")
         )
 
 
@@ -123,18 +128,38 @@ def plan_downsample(
     memory_target: int = MEMORY_TARGET,
     shown_as: str | None = None,
     grow: bool = False,
+    replace_levels: bool = False,
 ) -> DownsamplePlan:
     """Mirror igneous's task geometry so `--dry-run` can report it without touching the info.
     `shown_as` names the layer in messages (a run plans layers it has yet to write on
     stand-ins of their geometry). With `grow`, `bounds` (the part of its own layer a run
     wrote) grow to the tasks' grid instead of limiting the levels: what lies beyond them in
-    those tasks was never written and reads as zeros."""
+    those tasks was never written and reads as zeros. With `replace_levels`, existing levels
+    above `mip` that the plan would write over are not refused but planned away: the stage
+    removes them all (chunks, then scales) before its tasks add the new ones."""
+    vol = open_layer(cloudpath(layer_path), mip=mip)
+    options = dict(mip=mip, num_mips=num_mips, factor=factor, bounds=bounds,
+                   memory_target=memory_target, grow=grow)
+    try:
+        return _plan(vol, cloudpath(shown_as or layer_path), **options)
+    except LevelsInTheWay:
+        if not replace_levels:
+            raise
+    replaced = [scale["key"] for scale in vol.info["scales"][mip + 1:]]
+    vol.info["scales"] = vol.info["scales"][:mip + 1]  # this copy of the info only
+    plan = _plan(vol, cloudpath(shown_as or layer_path), **options)
+    plan.replaced_levels = replaced
+    return plan
+
+
+def _plan(vol, layer_path: str, *, mip: int, num_mips: int | None,
+          factor: tuple[int, int, int] | None, bounds: Bbox | None, memory_target: int,
+          grow: bool) -> DownsamplePlan:
+    """plan_downsample's plan of the layer `vol` (opened at `mip`), named `layer_path`."""
     from igneous import downsample_scales
     from igneous.task_creation.common import get_bounds
     from igneous.task_creation.image import num_mips_from_memory_target
 
-    vol = open_layer(cloudpath(layer_path), mip=mip)
-    layer_path = cloudpath(shown_as or layer_path)
     factor = tuple(factor) if factor else default_factor(vol.meta.resolution(mip))
     if any(f < 1 for f in factor):
         raise InputError(f"--factor {factor} must be at least 1 on every axis")
@@ -357,6 +382,16 @@ SCALE_FIELDS = ("key", "resolution", "voxel_offset", "size", "chunk_sizes", "enc
                 "compressed_segmentation_block_size", "sharding")
 
 
+class LevelsInTheWay(InputError):
+    """Existing levels above `mip` that a plan would write over (`check_levels`): `problem`
+    says which, `fix` what the plan could ask instead; the message adds `deepem3d downsample`'s
+    other way out, levels above the existing ones. A run replaces its own layers' levels."""
+
+    def __init__(self, problem: str, fix: str, above: str = "") -> None:
+        super().__init__(f"{problem}: {fix}" + (f", {above}" if above else ""))
+        self.problem, self.fix = problem, fix
+
+
 def check_levels(layer_path: str, existing: list[dict], mip: int, factor: Sequence[int],
                  scales: list[dict], resolutions: list, sharded: bool) -> None:
     """Refuse a plan whose levels are neither new nor the very scales already at their index:
@@ -375,16 +410,16 @@ def check_levels(layer_path: str, existing: list[dict], mip: int, factor: Sequen
                 made_with = _ratio(here["resolution"], existing[index - 1]["resolution"])
                 fix = "downsample by the factor that made it" + (
                     f" (--factor {format_triple(made_with)})" if made_with else "")
-            raise InputError(
+            raise LevelsInTheWay(
                 f"{layer_path}: mip {index} exists at {format_triple(here['resolution'])} nm, "
                 f"where downsampling mip {mip} by {factor} makes {format_triple(resolution)} "
-                f"nm, and its tasks would write over mip {index}: {fix}, {above}")
+                f"nm, and its tasks would write over mip {index}", fix, above)
         made = scales[index] if index < len(scales) else None
         if made is None or _numbers(made["resolution"]) != _numbers(resolution):
-            raise InputError(  # igneous would replace the scale of that resolution
+            raise LevelsInTheWay(  # igneous would replace the scale of that resolution
                 f"{layer_path}: downsampling mip {mip} by {factor} makes "
                 f"{format_triple(resolution)} nm as mip {index}, a resolution another mip of "
-                "the layer has already: downsample from another --mip or by another --factor")
+                "the layer has already", "downsample from another --mip or by another --factor")
         changed = [f for f in SCALE_FIELDS
                    if here is not None and _plain(here.get(f)) != _plain(made.get(f))]
         if changed:
@@ -394,17 +429,17 @@ def check_levels(layer_path: str, existing: list[dict], mip: int, factor: Sequen
             else:
                 values = "" if was and then else (f" ({'un' * (not was)}sharded here, "
                                                   f"{'un' * (not then)}sharded made)")
-            raise InputError(
+            raise LevelsInTheWay(
                 f"{layer_path}: mip {index} ({here['key']}) exists with another {name} than "
                 f"downsampling mip {mip} gives it{values}: its info would be replaced and its "
-                f"chunks written over; leave it as it is, {above}")
+                f"chunks written over", "leave it as it is", above)
     first = mip + len(resolutions) + 1
     if sharded and top >= first:
-        raise InputError(
+        raise LevelsInTheWay(
             f"{layer_path}: mip{f's {first} to' if top > first else ''} {top} exist"
             f"{'' if top > first else 's'} above the {len(resolutions)} level(s) planned, and "
             "igneous's sharded downsampling drops the levels above those it makes from the "
-            f"info: ask for --num-mips {top - mip}, {above}")
+            "info", f"ask for --num-mips {top - mip}", above)
 
 
 def _numbers(values) -> list[float]:
@@ -544,10 +579,19 @@ def downsample_stage(
                 made.extend(marked(task) for task in tasks)
         return iter(made)
 
+    def replace_levels() -> None:
+        """The levels the plan replaces removed. (A run replaces the levels of its own map or
+        segmentation only, under --overwrite, which makes the segmentation's meshes and
+        skeletons again in any case.)"""
+        from deepem3d.storage.layers import remove_levels
+
+        remove_levels(plan.layer_path, plan.mip)
+
     return Stage(
         name=f"downsample-mip{plan.mip}", layer=plan.layer_path, key=digest(parameters),
         parameters=parameters, make_tasks=make_tasks, task_count=plan.task_count,
         memory_bytes=plan.memory_bytes, needs=needs, label=label,
         seconds_per_task=SECONDS_PER_VOXEL * math.prod(plan.task_extent),
         output_bytes=plan.output_bytes,
+        prepare=replace_levels if plan.replaced_levels else None,
     )

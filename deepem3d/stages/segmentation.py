@@ -18,7 +18,7 @@ deepem3d.stages.segment_costs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -63,6 +63,7 @@ from deepem3d.storage.layers import (
     check_output_apart,
     cloudpath,
     create_layer,
+    delete_prefixes,
     info_exists,
     layer_geometry,
     layer_holds_data,
@@ -650,13 +651,6 @@ def provenance(plan: SegmentPlan) -> dict:
     }
 
 
-def _delete_prefixes(path: str, prefixes: Iterable[str]) -> None:
-    files = CloudFiles(path)
-    keys = [key for prefix in prefixes for key in files.list(prefix=prefix)]
-    if keys:  # deleting nothing still starts a thread pool
-        files.delete(keys)
-
-
 #: the markers of the stages that made the segmentation's levels, meshes and skeletons: reset
 #: with the segments they were made of (the standalone commands, which record no source key,
 #: found them complete and ran nothing over the new segments)
@@ -676,10 +670,10 @@ def prepare_output(plan: SegmentPlan) -> None:
     out = plan.output_path
     info = CloudFiles(out).get_json("info")
     if plan.reset_chunk_stages:
-        _delete_prefixes(out, [f"tasks/{s}/" for s in CHUNK_STAGES]
+        delete_prefixes(out, [f"tasks/{s}/" for s in CHUNK_STAGES]
                          + [f"tasks/{s}" for s in REDUCE_STAGES] + [f"{WORK}/"])
     if plan.reset_tuning_stages:
-        _delete_prefixes(out, [f"tasks/{s}" for s in OCTREE_STAGES] + ["tasks/remap/",
+        delete_prefixes(out, [f"tasks/{s}" for s in OCTREE_STAGES] + ["tasks/remap/",
                                                                        OCTREE_WORK]
                          + _segmentation_prefixes(info) + list(PRODUCT_STAGES))
     if plan.reset_layer or plan.reset_tuning_stages:
@@ -815,8 +809,8 @@ def clean_intermediates(plan: SegmentPlan) -> None:
     input of a retune, and a result to view."""
     out = plan.output_path
     if Markers(out, "supervoxels").is_complete():
-        _delete_prefixes(out, [f"{WORK}/halo/"])
+        delete_prefixes(out, [f"{WORK}/halo/"])
     if Markers(out, plan.chunk_stages()[-2]).is_complete():  # the reduce's last stage
-        _delete_prefixes(out, [f"{WORK}/exits/", f"{WORK}/reduce/", f"{WORK}/reduce-down/"])
+        delete_prefixes(out, [f"{WORK}/exits/", f"{WORK}/reduce/", f"{WORK}/reduce-down/"])
     if Markers(out, "region-graph").is_complete():
-        _delete_prefixes(out, [f"{WORK}/local_graphs/", f"{WORK}/faces/"])
+        delete_prefixes(out, [f"{WORK}/local_graphs/", f"{WORK}/faces/"])

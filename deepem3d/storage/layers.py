@@ -13,7 +13,7 @@ import os
 import platform
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -407,8 +407,33 @@ def delete_layer_data(path: str) -> None:
     info = cf.get_json("info") or {}
     prefixes = ["tasks/"] + [scale["key"].rstrip("/") + "/" for scale in info.get("scales", [])]
     prefixes += [f"{info.get(k) or k}/" for k in ("mesh", "skeletons")]
+    delete_prefixes(path, prefixes)
+
+
+def remove_levels(path: str, mip: int) -> list[str]:
+    """Remove the layer's levels above `mip`: their chunks, then their scales in the info (a
+    stop in between leaves levels the info still lists, which a run replacing them removes
+    again, not chunks no info lists). Returns the removed levels' keys."""
+    path = cloudpath(path)
+    files = CloudFiles(path)
+    info = files.get_json("info")
+    keys = [scale["key"] for scale in info["scales"][mip + 1:]]
+    delete_prefixes(path, [key.rstrip("/") + "/" for key in keys])
+    put_info(path, {**info, "scales": info["scales"][:mip + 1]})
+    return keys
+
+
+def delete_prefixes(path: str, prefixes: Iterable[str]) -> None:
+    """Delete every file under each prefix, and a local layer's folders a prefix ending in /
+    names once they are empty (an old level the new info lacks is no folder left behind)."""
+    path, prefixes = cloudpath(path), list(prefixes)
+    files = CloudFiles(path)
+    keys = [key for prefix in prefixes for key in files.list(prefix=prefix)]
+    if keys:  # deleting nothing still starts a thread pool
+        files.delete(keys)
     for prefix in prefixes:
-        cf.delete(cf.list(prefix=prefix))
+        if prefix.endswith("/"):
+            _remove_empty_folders(path, prefix)
 
 
 def remove_layer(path: str) -> None:
@@ -417,8 +442,14 @@ def remove_layer(path: str) -> None:
     delete_layer_data(path)
     path = cloudpath(path)
     CloudFiles(path).delete(["info", "provenance"])
+    _remove_empty_folders(path)
+
+
+def _remove_empty_folders(path: str, under: str = "") -> None:
+    """A local layer's folders under `under` (all: "") that hold nothing, deepest first; a
+    bucket has no folders to leave behind."""
     if path.startswith("file://"):
-        folder = path[len("file://"):]
+        folder = os.path.join(path[len("file://"):], under)
         for where, _, _ in sorted(os.walk(folder), key=lambda w: -len(w[0])):
             if not os.listdir(where):
                 os.rmdir(where)
