@@ -33,7 +33,7 @@ def absolute_source(source: str) -> str:
     elsewhere), a layer as `cloudpath` spells it (local ones file://, plain or not), a cloud
     path as given."""
     if not is_file_source(source):
-        from deepem3d.storage.layers import cloudpath
+        from deepem3d.storage.paths import cloudpath
 
         return cloudpath(source)
     path, colon, dataset = source.partition(":/")  # FILE.h5:/DATASET

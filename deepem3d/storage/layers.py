@@ -26,6 +26,7 @@ import deepem3d
 from deepem3d.errors import InputError
 from deepem3d.storage import whole_files
 from deepem3d.storage.cloud import check_bucket
+from deepem3d.storage.paths import cloudpath
 from deepem3d.units import format_triple
 
 whole_files.install()  # every layer this process writes locally: chunks whole or absent
@@ -33,21 +34,6 @@ whole_files.install()  # every layer this process writes locally: chunks whole o
 IMAGE_DTYPES = ("uint8", "uint16", "uint32", "float32")
 SEGMENTATION_DTYPES = ("uint32", "uint64")
 DEFAULT_ENCODING = {"image": "raw", "segmentation": "compressed_segmentation"}
-
-
-def cloudpath(path: str) -> str:
-    """A CloudVolume path: `precomputed://` dropped, local paths (plain or file://, relative
-    or not) absolute file:// paths."""
-    path = str(path).removeprefix("precomputed://")
-    if not path.strip():  # would name the working directory
-        raise InputError("an empty path where a layer goes: give the layer's path")
-    if path.startswith("file://"):
-        path = path[len("file://"):]
-        if not path.strip():
-            raise InputError("file:// names no folder: give the layer's path")
-    elif "://" in path:
-        return path
-    return "file://" + os.path.abspath(os.path.expanduser(path))
 
 
 def same_place(a: str, b: str) -> bool:

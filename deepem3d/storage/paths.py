@@ -8,7 +8,22 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from deepem3d.errors import write_errors_reported
+from deepem3d.errors import InputError, write_errors_reported
+
+
+def cloudpath(path: str) -> str:
+    """A CloudVolume path: `precomputed://` dropped, local paths (plain or file://, relative
+    or not) absolute file:// paths."""
+    path = str(path).removeprefix("precomputed://")
+    if not path.strip():  # would name the working directory
+        raise InputError("an empty path where a layer goes: give the layer's path")
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+        if not path.strip():
+            raise InputError("file:// names no folder: give the layer's path")
+    elif "://" in path:
+        return path
+    return "file://" + os.path.abspath(os.path.expanduser(path))
 
 
 def enclosing_layer(folder: str, *, itself: bool = True) -> str | None:
