@@ -167,7 +167,25 @@ def _decompress(codec: str, payload: bytes) -> bytes:
         return lzma.decompress(payload)
     from numcodecs import Blosc, Zstd
 
+    if codec == "blosc":  # c-blosc trusts its header's sizes: a cut stream decodes to garbage
+        _check_blosc_size(payload)
     return bytes((Blosc() if codec == "blosc" else Zstd()).decode(payload))
+
+
+#: a blosc stream's header: version, format version, flags, type size (a byte each), then the
+#: decompressed size, the block size and the compressed size (uint32, little-endian)
+BLOSC_HEADER = 16
+
+
+def _check_blosc_size(payload: bytes) -> None:
+    """A ValueError where the stream is shorter than its header says (a block file cut short
+    by an interrupted copy): c-blosc would read past its end, not refuse it."""
+    if len(payload) < BLOSC_HEADER:
+        raise ValueError(f"a blosc stream of {len(payload)} bytes, shorter than its header")
+    stored = int(np.frombuffer(payload, "<u4", count=1, offset=12)[0])
+    if stored > len(payload):
+        raise ValueError(f"its blosc stream is cut short ({len(payload)} of its {stored} "
+                         "bytes)")
 
 
 def voxel_size(path: str) -> tuple[list[float] | None, list[float], str]:

@@ -724,6 +724,21 @@ def test_n5_refusals(tmp_path):
     assert not (tmp_path / "layer").exists()
 
 
+@pytest.mark.parametrize("keep", [-5, 60])
+def test_a_blosc_n5_block_cut_short_is_refused_not_read_as_garbage(tmp_path, keep):
+    """A block file cut short (an interrupted copy): c-blosc trusts its header's sizes and
+    decoded such a stream without a word, into other values than the file's."""
+    src = write_n5(tmp_path / "cut.n5", volume(dtype=np.uint16), "blosc")
+    block = os.path.join(src, "0", "0", "0")
+    with open(block, "rb") as f:
+        whole = f.read()
+    with open(block, "wb") as f:
+        f.write(whole[:keep])
+    assert_one_line_error(cli(src, tmp_path / "layer", "--resolution", "4,4,40",
+                              "--no-progress"), "cannot read the N5 block", "cut short")
+    assert not (tmp_path / "layer").exists()
+
+
 def write_mrc(tmp_path, data, voxel_size_angstrom=None, name="vol.mrc"):
     import mrcfile
 
