@@ -231,3 +231,39 @@ def test_the_round_trip_gives_every_voxel_an_id_whatever_the_sizes_and_offsets(
         for axis, here in enumerate(np.indices(size)):
             if target_res[axis] <= source_res[axis]:  # finer there: each voxel its own id
                 np.testing.assert_array_equal(came_from[axis], here, err_msg=case)
+
+
+@pytest.mark.parametrize("layer_type, dtype, target", [
+    ("image", "uint8", (16.0, 16.0, 40.0)),  # 4 times coarser in x and y: 16 read a voxel
+    ("image", "uint8", (4.0, 4.0, 160.0)),
+    ("segmentation", "uint64", (16.0, 16.0, 40.0)),
+])
+def test_the_memory_a_task_is_planned_with_covers_what_it_holds(tmp_path, layer_type, dtype,
+                                                                target):
+    """A block at a coarser target reads more source voxels than it writes: the plan's (and
+    --dry-run's) memory per task, which routes the stage to a queue, counts them (it was 40
+    bytes per output voxel whatever the factor, an eighth of the peak from 4 to 16 nm)."""
+    import tracemalloc
+
+    from deepem3d.stages.blocks import bounds_list
+    from deepem3d.stages.resample import ResampleTask
+
+    values = np.random.default_rng(2).integers(1, 200, size=(264, 264, 34)).astype(dtype)
+    path = f"file://{tmp_path / 'source'}"
+    create_layer(path, layer_type=layer_type, dtype=dtype, resolution=(4, 4, 40),
+                 size=values.shape, chunk_size=(64, 64, 8))[:, :, :] = values
+    plan = plan_resample(path, f"file://{tmp_path / 'out'}", resolution=target,
+                         task_shape=(64, 64, 8))
+    stage = resample_stage(plan)
+    stage.prepare()
+    block = dict(image_path=path, output_path=plan.output_path, mip=0, target=list(target),
+                 bounds=bounds_list(plan.blocks[0]), interpolation=plan.interpolation)
+    ResampleTask.__wrapped__(**block)  # once before: the libraries' first-call allocations
+    tracemalloc.start()
+    try:
+        ResampleTask.__wrapped__(**block)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= stage.memory_bytes <= 2 * peak
+    assert f"about {stage.memory_bytes / 2**20:.0f} MiB per task" in plan.describe()

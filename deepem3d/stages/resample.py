@@ -65,10 +65,11 @@ from deepem3d.units import format_triple
 
 STAGE = "resample"
 DEFAULT_TASK_SHAPE = (512, 512, 64)  # rounded up to whole output chunks
-#: peak bytes per output voxel of a task (the float64 passes and the source box): measured
-#: on this project's 2-core machine resampling the ISBI 2012 sample from 4 to 3.5 nm in x and
-#: y in 512 x 512 x 16 blocks, the largest task peaked 161 MiB above its worker, 38 per voxel
-BYTES_PER_VOXEL = 40
+#: a task's peak over the bytes of the arrays `task_memory_bytes` counts: resampling the ISBI
+#: 2012 sample from 4 to 3.5 nm in x and y in 512 x 512 x 16 blocks on this project's 2-core
+#: machine, the largest task peaked 161 MiB above its worker (38 bytes per output voxel), 1.04
+#: times those arrays (with the copy a Fortran-ordered source then cost np.take)
+MEMORY_MARGIN = 1.1
 #: seconds of a task per output voxel, for --dry-run's core-hours (the same run: 56 ns)
 SECONDS_PER_VOXEL = 56e-9
 
@@ -163,12 +164,33 @@ def nearest_block(source: np.ndarray, source_lo: Sequence[int], target: Bbox,
     return out
 
 
+def task_memory_bytes(task_shape: Sequence[int], resolution: Sequence[float],
+                      source_size: Sequence[int], target_res: Sequence[float],
+                      interpolation: str = "linear", itemsize: int = 1) -> int:
+    """The peak bytes of a task that writes a `task_shape` block: the source box it reads
+    (`itemsize` bytes a voxel, box at most `source_size`) and what `resample_block` holds,
+    per pass the float64 input and three float64 arrays of its output (its two takes and
+    their weighted sum; tracemalloc's peak to the byte), or `nearest_block`'s output and its
+    gathered values. A block at a coarser target reads more source voxels than it writes
+    (16 per voxel from 4 to 16 nm in x and y), so the output's size alone does not say."""
+    t = [int(v) for v in task_shape]
+    s = [min(math.ceil(v * Fraction(str(float(r_t))) / Fraction(str(float(r_s)))) + 2, int(n))
+         for v, r_s, r_t, n in zip(t, resolution, target_res, source_size)]
+    box, out = math.prod(s), math.prod(t)
+    if interpolation == "nearest":
+        arrays = box * itemsize + 3 * out * 8
+    else:  # x, then y, then z: each pass's input and output
+        stages = [box, t[0] * s[1] * s[2], t[0] * t[1] * s[2], out]
+        arrays = box * itemsize + out + max(8 * a + 24 * b for a, b in zip(stages, stages[1:]))
+    return int(MEMORY_MARGIN * arrays)
+
+
 def resample_block(source: np.ndarray, source_lo: Sequence[int], target: Bbox,
                    resolution: Sequence[float], offset: Sequence[int], size: Sequence[int],
                    target_res: Sequence[float]) -> np.ndarray:
     """The target block (x, y, z uint8) from `source` (x, y, z, starting at the absolute
     source voxel `source_lo`): linear, axis by axis, as the module says."""
-    values = source.astype(np.float64)
+    values = np.ascontiguousarray(source, dtype=np.float64)  # np.take copies other orders
     for axis in range(3):
         below, weight = _samples(int(target.minpt[axis]), int(target.maxpt[axis]),
                                  resolution[axis], target_res[axis], offset[axis], size[axis])
@@ -226,6 +248,8 @@ class ResamplePlan:
     interpolation: str = "linear"
     dtype: str = "uint8"
     like: str | None = None
+    #: the peak bytes of the largest task (`task_memory_bytes`)
+    memory_bytes: int = 0
 
     def parameters(self) -> dict:
         return {"task": "deepem3d resample", "image": self.image_path, "mip": self.mip,
@@ -248,7 +272,7 @@ class ResamplePlan:
                 f"{self.output_path} "
                 f"({nm(self.resolution)} nm, {' x '.join(map(str, self.size))} voxels from "
                 f"{','.join(map(str, self.voxel_offset))}); about "
-                f"{BYTES_PER_VOXEL * math.prod(self.task_shape) / 2**20:.0f} MiB per task"
+                f"{self.memory_bytes / 2**20:.0f} MiB per task"
                 + ("; resuming: finished tasks are skipped" if self.resume else ""))
 
 
@@ -317,7 +341,10 @@ def plan_resample(image_path: str, output_path: str, *,
         interpolation="nearest" if segmentation else "linear",
         # a segmentation layer holds uint32 or uint64: a uint8 one's ids widen to uint32
         dtype="uint32" if segmentation and vol.dtype == np.uint8 else str(vol.dtype),
-        blocks=block_grid(Bbox(offset, [o + s for o, s in zip(offset, size)]), task_shape))
+        blocks=block_grid(Bbox(offset, [o + s for o, s in zip(offset, size)]), task_shape),
+        memory_bytes=task_memory_bytes(task_shape, source, [int(v) for v in vol.volume_size],
+                                       target, "nearest" if segmentation else "linear",
+                                       np.dtype(vol.dtype).itemsize))
     if layer_holds_data(output_path) and not overwrite:
         made = Markers(output_path, STAGE).current_key()
         if made != resample_key(plan):
@@ -365,6 +392,6 @@ def resample_stage(plan: ResamplePlan, *, overwrite: bool = False) -> Stage:
     return Stage(
         name=STAGE, layer=plan.output_path, key=resample_key(plan),
         parameters=plan.parameters(), make_tasks=make_tasks, task_count=len(plan.blocks),
-        memory_bytes=BYTES_PER_VOXEL * math.prod(plan.task_shape),
+        memory_bytes=plan.memory_bytes,
         seconds_per_task=SECONDS_PER_VOXEL * math.prod(plan.task_shape),
         output_bytes=voxels, prepare=prepare)
