@@ -294,11 +294,12 @@ class TiffStackSource(VolumeSource):
         if not series:
             raise InputError(f"{path} holds no images")
         if len(series) > 1:
-            shapes = ", ".join("x".join(map(str, s.shape)) for s in series[:4])
+            # tifffile splits pages of another shape or data type into series of their own
+            kinds = ", ".join(f"{'x'.join(map(str, s.shape))} {s.dtype}" for s in series[:4])
             raise InputError(
-                f"{path} holds {len(series)} image series of different shapes ({shapes}"
-                f"{', ...' if len(series) > 4 else ''}): deepem3d reads a stack of equal-size "
-                "2D grayscale pages"
+                f"{path} holds {len(series)} image series of different shapes or data types "
+                f"({kinds}{', ...' if len(series) > 4 else ''}): deepem3d reads a stack of "
+                "equal-size 2D grayscale pages of one data type"
             )
         s = series[0]
         axes, shape = s.axes, tuple(s.shape)

@@ -309,6 +309,17 @@ def test_tiff_directory_with_mismatched_slices(tmp_path):
         open_source(src)
 
 
+def test_a_multipage_tiff_of_pages_of_two_data_types_says_so(tmp_path):
+    """Pages of one shape and two data types were refused as series 'of different shapes
+    (10x12, 10x12)'."""
+    with tifffile.TiffWriter(tmp_path / "mixed.tif") as tif:
+        tif.write(np.zeros((10, 12), np.uint8), contiguous=False)
+        tif.write(np.zeros((10, 12), np.uint16), contiguous=False)
+    with pytest.raises(InputError, match=r"2 image series of different shapes or data types "
+                       r"\(10x12 uint8, 10x12 uint16\)"):
+        open_source(str(tmp_path / "mixed.tif"))
+
+
 def test_image_dtype_refused(tmp_path):
     src = write_npy(tmp_path, np.zeros(SHAPE_ZYX, np.int16))
     with pytest.raises(InputError, match="int16: convert it first or store it as uint8 "
