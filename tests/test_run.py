@@ -465,6 +465,51 @@ def test_levels_of_another_factor_are_replaced_by_overwrite_for_the_runs_own_lay
                      igneous_reference(reference, tmp_path / "ref", 1, (2, 2, 2)), range(2))
 
 
+def test_levels_whose_removal_was_stopped_are_made_again_by_the_factor_that_made_them(
+        tmp_path, crop_layers, monkeypatch):
+    """A run --overwrite of another downsample.factor stopped while it removed the map's
+    levels (their chunks gone, the info not yet cut), then the factor put back and the run
+    started again without --overwrite: the levels' downsample stage kept the markers of the
+    levels it had made, so it ran nothing and the map's mip 1 lacked its chunks."""
+    import deepem3d.storage.layers
+    from deepem3d.run.pipeline import add_local_queue, load_pipeline
+    from deepem3d.run.plan import plan_run
+
+    output = tmp_path / "out"
+
+    def pipeline(factor: str) -> Path:
+        path = tmp_path / f"p-{len(list(tmp_path.glob('p-*')))}.yaml"
+        path.write_text(f"version: 1\noutput: {output}\nimage: {crop_layers['image']}\n"
+                        "products: [map, downsample]\ninference:\n"
+                        "  model: isbi2012-small-affinity\n  patch_size: 64\n"
+                        "  patch_output: 32\n  overlap: 8\n  chunk_size: [32, 32, 2]\n"
+                        f"downsample:\n  layers: [map]\n  factor: {factor}\n  num_mips: 1\n")
+        return path
+
+    first = pipeline("[2, 2, 1]")
+    run_cli("run", first, "--parallel", "1", check=True)
+    p = load_pipeline(str(pipeline("[2, 2, 2]")))
+    add_local_queue(p)
+    stage = next(s for s in plan_run(p, overwrite=True).stages if s.label == "downsample map")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # a stop once the chunks are deleted, before the info is cut
+
+    monkeypatch.setattr(deepem3d.storage.layers, "put_info", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        stage.prepare()
+    monkeypatch.undo()
+    assert not (output / "map" / "8_8_50").exists()
+    assert "8_8_50" in (output / "map" / "info").read_text()
+    again = run_cli("run", first, "--parallel", "1", check=True).stdout
+    assert "stage downsample map: 5 task(s) (5 run now)" in again, again
+    reference = tmp_path / "mip0"
+    shutil.copytree(output / "map", reference)
+    remove_levels(f"file://{reference}", 0)
+    assert_same_mips(f"file://{output / 'map'}",
+                     igneous_reference(reference, tmp_path / "ref", 1, (2, 2, 1)), range(2))
+
+
 def test_a_run_overwritten_with_other_segmentation_settings_keeps_its_map(
         tmp_path, crop_layers):
     """`tune --write`, then `run --overwrite`: --overwrite replaced every layer of the run, so

@@ -582,9 +582,12 @@ def downsample_stage(
     def replace_levels() -> None:
         """The levels the plan replaces removed. (A run replaces the levels of its own map or
         segmentation only, under --overwrite, which makes the segmentation's meshes and
-        skeletons again in any case.)"""
-        from deepem3d.storage.layers import remove_levels
+        skeletons again in any case.) The markers of the stages that made them go first: kept
+        by a stop during the removal, they would find the levels made (a run started again
+        with the factor that made them ran no task over their deleted chunks)."""
+        from deepem3d.storage.layers import delete_prefixes, remove_levels
 
+        delete_prefixes(plan.layer_path, ["tasks/downsample-"])
         remove_levels(plan.layer_path, plan.mip)
 
     return Stage(
