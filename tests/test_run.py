@@ -510,6 +510,36 @@ def test_levels_whose_removal_was_stopped_are_made_again_by_the_factor_that_made
                      igneous_reference(reference, tmp_path / "ref", 1, (2, 2, 1)), range(2))
 
 
+def test_a_stage_done_again_keeps_its_own_seconds_not_an_earlier_reports(
+        tmp_path, crop_layers):
+    """A stage done again by a run --overwrite that stopped before its report, then run once
+    more: the report left was of the run before, and its seconds were taken for the stage's."""
+    output = tmp_path / "out"
+
+    def pipeline(overlap: int) -> Path:
+        path = tmp_path / f"p-{overlap}.yaml"
+        path.write_text(f"version: 1\noutput: {output}\nimage: {crop_layers['image']}\n"
+                        "products: [map]\ninference:\n  model: isbi2012-small-affinity\n"
+                        f"  patch_size: 64\n  patch_output: 32\n  overlap: {overlap}\n"
+                        "  chunk_size: [32, 32, 2]\n")
+        return path
+
+    run_cli("run", pipeline(8), "--parallel", "1", check=True)
+    earlier = json.loads((output / "report.json").read_text())
+    earlier["stage_seconds"]["inference"] = 999.0
+    run_cli("run", pipeline(16), "--parallel", "1", "--overwrite", check=True)
+    (output / "report.json").write_text(json.dumps(earlier))  # as if stopped before it
+    assert "(0 run now)" in run_cli("run", pipeline(16), "--parallel", "1", check=True).stdout
+    report = json.loads((output / "report.json").read_text())
+    assert 0.2 < report["stage_seconds"]["inference"] < 999, report
+    # and a report of this run of the stage is kept as it is
+    report["stage_seconds"]["inference"] = 998.0
+    (output / "report.json").write_text(json.dumps(report))
+    run_cli("run", pipeline(16), "--parallel", "1", check=True)
+    assert json.loads((output / "report.json").read_text())["stage_seconds"] == {
+        "inference": 998.0}
+
+
 def test_a_run_overwritten_with_other_segmentation_settings_keeps_its_map(
         tmp_path, crop_layers):
     """`tune --write`, then `run --overwrite`: --overwrite replaced every layer of the run, so

@@ -5,7 +5,8 @@ shapes) and then into stages in order: inference (image -> map), the segmentatio
 downsampling, meshes, skeletons. `run_pipeline` runs them with the runner and writes
 `OUTPUT/report.json`:
 
-    {"stage_seconds": {stage: seconds}, "seconds": this command's, "layers": {name: path},
+    {"stage_seconds": {stage: seconds}, "stage_began": {stage: its first task's start, by
+     its markers' clock}, "seconds": this command's, "layers": {name: path},
      "pipeline": the file,
      "adapted_rand_error": ..., "voi_split": ..., "voi_merge": ...,
      "evaluated_bounds": [x0, y0, z0, x1, y1, z1]                    (with ground truth)}
@@ -618,6 +619,7 @@ def run_pipeline(
     plan_run(p, overwrite=overwrite, dry_run=True)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
+    stage_began: dict[str, float | None] = {}
     routes: dict[str, str] = {}
     runner = Runner(lambda stage: routes[stage.label], parallel=parallel, echo=echo,
                     progress=progress, log_path=_log_path(p), lease_seconds=lease_seconds,
@@ -627,7 +629,10 @@ def run_pipeline(
         previous = CloudFiles(p.output).get_json(REPORT)
     except ValueError:
         previous = None
-    previous = (previous if isinstance(previous, dict) else {}).get("stage_seconds") or {}
+    previous = previous if isinstance(previous, dict) else {}
+    # when each stage the earlier report timed began (an older report's: not said)
+    began = previous.get("stage_began") if isinstance(previous.get("stage_began"), dict) else None
+    previous = previous.get("stage_seconds") or {}
     done: set[str] = set()
     shown: set[tuple[str, str]] = set()
     replace = set(OVERWRITE) if overwrite else set()
@@ -648,21 +653,26 @@ def run_pipeline(
             routes.update(plan.routes)
             for summary in runner.run(todo):
                 # a stage finished by an earlier invocation keeps the seconds it took then: the
-                # earlier report's, or its tasks' span where that invocation wrote none (stopped)
+                # earlier report's, or its tasks' span where that invocation wrote none
+                # (stopped), or where the report timed another run of the stage (a run
+                # --overwrite stopped before its report: the report is of the run before)
                 if summary.ran:
                     took = summary.seconds
                 else:
                     took = previous.get(summary.label)
-                    if not isinstance(took, int | float) or isinstance(took, bool):
+                    if (not isinstance(took, int | float) or isinstance(took, bool)
+                            or (began is not None and began.get(summary.label) != summary.began)):
                         took = summary.span
                 seconds[summary.label] = round(took, 3)
+                stage_began[summary.label] = summary.began
                 done.add(summary.label)
             # what this run has planned is not replaced again when it plans the next stages
             replace -= {s.label if s.name.startswith("downsample") else
                         SECTION.get(s.name, "segmentation") for s in todo}
     finally:
         runner.stop_workers()
-    report = {"stage_seconds": seconds, "seconds": round(time.perf_counter() - started, 3),
+    report = {"stage_seconds": seconds, "stage_began": stage_began,
+              "seconds": round(time.perf_counter() - started, 3),
               "layers": plan.layers, "pipeline": p.source, "output": p.output}
     if p.ground_truth:
         report.update(score(p, plan.layers))

@@ -111,6 +111,9 @@ class StageSummary:
     #: from its first task's start to its last task's end, by the markers' clocks: the time a
     #: stage took whichever invocation ran it (a run stopped and started again)
     span: float = 0.0
+    #: its first task's start, by the markers' clock (None: no marker says): which run of the
+    #: stage its markers hold, for a report's seconds of an earlier invocation to be its own
+    began: float | None = None
 
     def line(self) -> str:
         if self.note:
@@ -131,7 +134,8 @@ def summarise(stage: Stage, ran: int, seconds: float) -> StageSummary:
     return StageSummary(stage.label, len(records), ran, seconds, sum(times),
                         max(times, default=0.0), max(peaks, default=0.0),
                         max(added, default=0.0),
-                        span=max(ends) - min(starts) if starts else 0.0)
+                        span=max(ends) - min(starts) if starts else 0.0,
+                        began=min(starts) if starts else None)
 
 
 def execute_here(stage: Stage, tasks: Iterator) -> int:
