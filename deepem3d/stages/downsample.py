@@ -419,7 +419,8 @@ def check_levels(layer_path: str, existing: list[dict], mip: int, factor: Sequen
             raise LevelsInTheWay(  # igneous would replace the scale of that resolution
                 f"{layer_path}: downsampling mip {mip} by {factor} makes "
                 f"{format_triple(resolution)} nm as mip {index}, a resolution another mip of "
-                "the layer has already", "downsample from another --mip or by another --factor")
+                "the layer has already", "downsample by another --factor",
+                "or from another --mip")
         changed = [f for f in SCALE_FIELDS
                    if here is not None and _plain(here.get(f)) != _plain(made.get(f))]
         if changed:
