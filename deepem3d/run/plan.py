@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from cloudvolume.lib import Bbox
@@ -28,6 +29,9 @@ from deepem3d.run.pipeline import SAMPLE, Pipeline, add_local_queue
 from deepem3d.stages.frame import Stage
 from deepem3d.storage.paths import put_json_whole
 from deepem3d.units import format_bounds, format_bytes, format_triple
+
+if TYPE_CHECKING:
+    from deepem3d.run.runner import StageSummary
 
 REPORT = "report.json"
 SECTION = {"inference": "inference", "mesh-merge": "meshes"}
@@ -140,7 +144,7 @@ def plan_run(p: Pipeline, *, overwrite: bool | set[str] = False,
     downsampling after the segmentation) are planned once it is. With `dry_run` every stage
     is planned, the later ones on empty stand-in layers of the planned geometry, and nothing
     is written (the sample's geometry is read from a temporary copy). `overwrite` is a flag,
-    or the sections (inference, segmentation, downsample) whose outputs may be replaced."""
+    or the parts of OVERWRITE whose outputs may be replaced."""
     if isinstance(overwrite, bool):
         overwrite = set(OVERWRITE) if overwrite else set()
     planner = _RunPlanner(p, overwrite, dry_run)
@@ -630,7 +634,6 @@ def run_pipeline(
     except ValueError:
         previous = None
     previous = previous if isinstance(previous, dict) else {}
-    # when each stage the earlier report timed began (an older report's: not said)
     began = previous.get("stage_began") if isinstance(previous.get("stage_began"), dict) else None
     previous = previous.get("stage_seconds") or {}
     done: set[str] = set()
@@ -652,18 +655,7 @@ def run_pipeline(
                     shown.add(_shown_as(line))
             routes.update(plan.routes)
             for summary in runner.run(todo):
-                # a stage finished by an earlier invocation keeps the seconds it took then: the
-                # earlier report's, or its tasks' span where that invocation wrote none
-                # (stopped), or where the report timed another run of the stage (a run
-                # --overwrite stopped before its report: the report is of the run before)
-                if summary.ran:
-                    took = summary.seconds
-                else:
-                    took = previous.get(summary.label)
-                    if (not isinstance(took, int | float) or isinstance(took, bool)
-                            or (began is not None and began.get(summary.label) != summary.began)):
-                        took = summary.span
-                seconds[summary.label] = round(took, 3)
+                seconds[summary.label] = _stage_seconds(summary, previous, began)
                 stage_began[summary.label] = summary.began
                 done.add(summary.label)
             # what this run has planned is not replaced again when it plans the next stages
@@ -678,6 +670,21 @@ def run_pipeline(
         report.update(score(p, plan.layers))
     put_json_whole(p.output, REPORT, report)
     return report
+
+
+def _stage_seconds(summary: StageSummary, previous: dict, began: dict | None) -> float:
+    """A stage's seconds for the report. A stage finished by an earlier invocation keeps the
+    seconds it took then: the earlier report's, or its tasks' span where that invocation wrote
+    none (stopped), or where the report timed another run of the stage (a run --overwrite
+    stopped before its report: the report is of the run before). `began`: when each stage the
+    earlier report timed began (None: an older report, which does not say)."""
+    if summary.ran:
+        return round(summary.seconds, 3)
+    took = previous.get(summary.label)
+    if (not isinstance(took, int | float) or isinstance(took, bool)
+            or (began is not None and began.get(summary.label) != summary.began)):
+        took = summary.span
+    return round(took, 3)
 
 
 def _shown_as(line: str) -> tuple[str, str]:
