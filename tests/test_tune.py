@@ -377,3 +377,27 @@ def test_a_region_graph_marker_left_empty_is_read_as_the_run_reads_it(finished, 
                       "--thresholds", "0.5", "--dust-sizes", "20", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["rows"][0]["method"] == "mean"
+
+
+def test_a_missing_gt_chunk_is_an_error_unless_fill_missing(finished, tmp_path):
+    """evaluate refuses a GT chunk that is missing; tune read it as 0 and scored fewer
+    labelled voxels (another table than evaluate's) without a word."""
+    import shutil
+
+    gt_dir = tmp_path / "gt"
+    shutil.copytree(str(finished["gt"]).removeprefix("file://"), gt_dir)
+    chunk = sorted(p for p in gt_dir.glob("4_4_40/*") if p.is_file())[0]
+    chunk.unlink()
+    gt = f"file://{gt_dir}"
+    args = ("tune", finished["seg"], gt, "--methods", "mean", "--thresholds", "0.5",
+            "--dust-sizes", "20", "--json")
+    assert_one_line_error(cli_here(*args), "GT", "missing chunks", "--fill-missing")
+    result = cli_here(*args, "--fill-missing")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout)["rows"]
+    labels = finished["labels"].astype(np.uint64)
+    x0, x1, y0, y1, z0, z1 = (int(v) for v in chunk.name.split(".")[0].replace("_", "-")
+                              .split("-"))
+    labels[x0:x1, y0:y1, z0:z1] = 0
+    expected = evaluate(read(finished["seg"]), labels)
+    assert row["adapted_rand_error"] == pytest.approx(expected["adapted_rand_error"], abs=1e-12)

@@ -57,6 +57,8 @@ def _ints(text: str, name: str) -> list[int]:
               help="Write the best setting into this pipeline file's `segmentation:` keys "
               "(checked first; only those keys' lines change, its comments kept, unless the "
               "section cannot be edited so: then the file is rewritten whole, and it says so).")
+@click.option("--fill-missing", is_flag=True, help="Read GT's missing chunks as zeros, as "
+              "`evaluate --fill-missing` does (default: a missing chunk is an error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.option("--max-memory", type=ByteSize(), default=None,
               help="Refuse, before reading any graph, a run whose region graph would need more, "
@@ -67,8 +69,8 @@ def _ints(text: str, name: str) -> list[int]:
               "(the run's kept supervoxels are not used then).")
 def tune(segmentation: str, gt: str,
          bounds: tuple[tuple[int, int, int], tuple[int, int, int]] | None, methods: str,
-         thresholds: str | None, dust_sizes: str, pipeline: str | None, as_json: bool,
-         max_memory: int | None, sigmas: str | None) -> None:
+         thresholds: str | None, dust_sizes: str, pipeline: str | None, fill_missing: bool,
+         as_json: bool, max_memory: int | None, sigmas: str | None) -> None:
     """Choose method, threshold and dust size for SEGMENTATION's map on GT's labelled voxels.
 
     Reuses the run's kept supervoxels and region graphs: per setting only the agglomeration,
@@ -98,7 +100,7 @@ def tune(segmentation: str, gt: str,
         raise InputError(f"--sigmas {sigmas!r}: give sigmas in [0, {MAX_SIGMA:g}] voxels, "
                          "separated by commas")
     labels, box = read_ground_truth(gt, segmentation, Bbox(*bounds) if bounds else None,
-                                    warn=warn)
+                                    warn=warn, fill_missing=fill_missing)
     if swept is None:
         check_tune_memory(segmentation, box, max_memory)
         run = load_kept(segmentation, box)

@@ -38,9 +38,10 @@ from deepem3d.segmentation.region_graph import RegionGraph, merge_graphs
 from deepem3d.segmentation.supervoxels import relabel
 from deepem3d.stages.blocks import parse_block_id
 from deepem3d.stages.frame import Markers
+from deepem3d.stages.scoring import MISSING_HINT
 from deepem3d.stages.workdir import WORK, get_table, work_files
 from deepem3d.storage.labels import check_ids, compare_at, open_labels, scored_region
-from deepem3d.storage.layers import cloudpath, layer_processing, open_layer
+from deepem3d.storage.layers import cloudpath, layer_processing, open_layer, read_block
 from deepem3d.storage.npz import get_npz
 from deepem3d.units import format_bounds, format_bytes, format_number, format_triple
 
@@ -329,20 +330,23 @@ def check_sweep_memory(seg_path: str, own: dict, box: Bbox, settings: Sequence[S
 
 
 def read_ground_truth(gt_path: str, seg_path: str, bounds: Bbox | None,
-                      warn: Callable[[str], None] | None = None) -> tuple[np.ndarray, Bbox]:
+                      warn: Callable[[str], None] | None = None,
+                      fill_missing: bool = False) -> tuple[np.ndarray, Bbox]:
     """GT over `bounds` (default: all of GT) as x,y,z uint64, with evaluate's checks (one
     channel of integer ids, read at its mip of the segmentation's resolution, inside both
-    layers) and holding labelled voxels. Tuning scores the run's own voxels (its mip 0: the
-    kept supervoxels'), so unlike evaluate there is no --mip to name."""
+    layers, a missing chunk an error unless `fill_missing`) and holding labelled voxels.
+    Tuning scores the run's own voxels (its mip 0: the kept supervoxels'), so unlike
+    evaluate there is no --mip to name."""
     seg = open_labels(seg_path, "SEG", warn=warn)
-    gt = open_labels(gt_path, "GT", fill_missing=True, warn=warn)
+    gt = open_labels(gt_path, "GT", fill_missing=fill_missing, warn=warn)
     res = format_triple(seg.resolution)
     compare_at(seg, gt, 0, fix=f"tune scores the segmentation's own {res} nm voxels: give GT "
                f"at {res} nm (`deepem3d downsample` adds that mip to a finer GT), or tune a "
                "segmentation made at GT's resolution")
     region = None if bounds is None else (tuple(bounds.minpt), tuple(bounds.maxpt))
     bounds = scored_region(region, seg, gt)
-    labels = check_ids(np.asarray(gt[bounds])[..., 0], "GT", gt, bounds).astype(np.uint64)
+    ids = read_block(gt, bounds.minpt, bounds.maxpt, MISSING_HINT, what="GT")[..., 0]
+    labels = check_ids(ids, "GT", gt, bounds).astype(np.uint64)
     if not labels.any():
         raise InputError(f"GT is 0 everywhere in {format_bounds(bounds)}: nothing to tune on; pick "
                          "--bounds that hold labelled voxels")
