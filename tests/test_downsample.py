@@ -26,6 +26,7 @@ from deepem3d.stages.frame import Markers
 from deepem3d.stages.meshes import mesh_stages, plan_meshes
 from deepem3d.storage.layers import create_layer
 from deepem3d.storage.sharding import block_sharding
+from deepem3d.units import format_triple
 from tests.conftest import (
     assert_one_line_error,
     assert_same_mips,
@@ -126,6 +127,20 @@ def test_downsample_bad_input(tmp_path):
     assert_one_line_error(run_cli("downsample", layer, "--bounds", "0,0,0,512,512,20"),
                           "--bounds", "reach outside")  # the layer is 256 x 256 x 20
     assert CloudFiles(layer).get_json("info") == info
+
+
+def test_a_segmentation_factor_igneous_fails_on_is_refused_at_planning(tmp_path):
+    """2,1,1 on a segmentation passed planning and failed in every task (tinybrain's mode
+    pooling: "Factors less than one"), 5 leases each; an image takes it."""
+    segmentation = make_layer(tmp_path / "seg", "segmentation")
+    for factor in ((2, 1, 1), (1, 1, 2), (4, 2, 1)):
+        with pytest.raises(InputError, match=f"fails on --factor {format_triple(factor)}: "
+                           "with a factor of 1 on an axis, the other two must be equal"):
+            plan_downsample(segmentation, factor=factor, num_mips=1)
+    for factor in ((2, 2, 1), (2, 1, 2), (4, 4, 1), (2, 2, 2), (3, 1, 1)):
+        assert plan_downsample(segmentation, factor=factor, num_mips=1).num_mips == 1
+    image = make_layer(tmp_path / "image")
+    assert plan_downsample(image, factor=(2, 1, 1), num_mips=1).num_mips == 1
 
 
 def test_tasks_that_fail_leave_their_queue_and_log_where_the_message_says(tmp_path):

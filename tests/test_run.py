@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -398,23 +399,61 @@ def test_a_sample_cut_short_is_written_again_and_layers_at_its_place_are_not_inp
     assert not (tmp_path / "o").exists()
 
 
-def test_dry_run_counts_a_redone_segmentations_products_in_full(tmp_path, crop_layers):
-    """--overwrite makes the segmentation again, with the same keys, and deletes its levels',
-    meshes' and skeletons' markers: the dry run counted those stages' old markers as done."""
+def test_overwrite_redoes_what_changed_and_the_products_made_of_it(tmp_path, crop_layers):
+    """--overwrite makes a segmentation of other settings again, with its levels', meshes' and
+    skeletons' markers deleted (the dry run counted those stages' old markers as done), and
+    keeps one of the same settings (it made the whole octree again); a segmentation kept
+    whose levels another factor replaces has its meshes of those levels made again."""
     output = tmp_path / "out"
-    pipeline = pipeline_file(tmp_path, crop_layers, output)
-    run_cli("run", pipeline, "--parallel", "1", check=True)
-    dry = run_cli("run", pipeline, "--dry-run", "--overwrite", check=True).stdout
-    rows = {line[:24].strip(): line[24:].split()[:2] for line in dry.splitlines()
-            if line[:24].strip() in ("inference", "downsample segmentation", "mesh forge",
-                                     "mesh merge", "remap")}
-    assert rows["inference"][1] == "0", dry
-    for label in ("remap", "downsample segmentation", "mesh forge", "mesh merge"):
-        assert rows[label][0] == rows[label][1] != "0", (label, dry)
-    redo = run_cli("run", pipeline, "--parallel", "1", "--overwrite", check=True).stdout
-    for label in ("downsample segmentation", "mesh forge", "mesh merge"):
-        tasks = rows[label][0]
+    labels = ("inference", "remap", "downsample segmentation", "mesh forge", "mesh merge")
+
+    def rows(dry: str) -> dict[str, list[str]]:  # label -> [tasks, to run]
+        return {line[:24].strip(): line[24:].split()[:2] for line in dry.splitlines()
+                if line[:24].strip() in labels}
+
+    run_cli("run", pipeline_file(tmp_path, crop_layers, output), "--parallel", "1", check=True)
+    again = run_cli("run", pipeline_file(tmp_path, crop_layers, output), "--parallel", "1",
+                    "--overwrite", check=True).stdout
+    for label in labels:  # the same settings: nothing made again
+        assert f"stage {label}: " in again and f"stage {label}: 0 " not in again, again
+        assert "(0 run now)" in again.split(f"stage {label}: ")[1].splitlines()[0], again
+    # meshes of one task shape at either factor's mip 1: their forge's key stays the same
+    tuned = {"segmentation:\n": "segmentation:\n  method: mean\n  threshold: 0.3\n",
+             "  mip: 1\n": "  mip: 1\n  task_shape: [32, 32, 4]\n"}
+    retuned = pipeline_file(tmp_path, crop_layers, output, **tuned)
+    counted = rows(run_cli("run", retuned, "--dry-run", "--overwrite", check=True).stdout)
+    assert counted["inference"][1] == "0", counted
+    for label in labels[1:]:
+        assert counted[label][0] == counted[label][1] != "0", (label, counted)
+    redo = run_cli("run", retuned, "--parallel", "1", "--overwrite", check=True).stdout
+    for label in labels[2:]:
+        tasks = counted[label][0]
         assert f"stage {label}: {tasks} task(s) ({tasks} run now)" in redo, (label, redo)
+    meshes = file_digests(output / "segmentation" / "mesh")
+    factor = pipeline_file(tmp_path, crop_layers, output, **tuned, **{
+        "  layers: [segmentation]\n": "  layers: [segmentation]\n  factor: [2, 1, 2]\n"})
+    dry = run_cli("run", factor, "--dry-run", "--overwrite", check=True).stdout
+    counted = rows(dry)
+    assert counted["remap"][1] == "0" and "replacing the levels there, 8_8_50" in dry, dry
+    for label in labels[2:]:
+        assert counted[label][0] == counted[label][1] != "0", (label, counted)
+    replaced = time.time()
+    redo = run_cli("run", factor, "--parallel", "1", "--overwrite", check=True).stdout
+    assert "(0 run now)" in redo.split("stage remap: ")[1].splitlines()[0], redo
+    # the old level's mesh fragments are gone, not taken into the new merge
+    old = [p for p in (output / "segmentation" / "mesh").rglob("*")
+           if p.is_file() and p.stat().st_mtime < replaced]
+    assert not old, old
+    for label in labels[2:]:
+        tasks = counted[label][0]
+        assert f"stage {label}: {tasks} task(s) ({tasks} run now)" in redo, (label, redo)
+    assert sorted(p.name for p in (output / "segmentation").iterdir()
+                  if p.name[0].isdigit()) == ["16_4_200", "4_4_50", "8_4_100"]
+    assert file_digests(output / "segmentation" / "mesh") != meshes  # of the 8,4,100 nm level
+    vol = CloudVolume(f"file://{output / 'segmentation'}", progress=False)
+    assert vol.info["mesh"] == "mesh" and vol.mesh.meta.mip == 1
+    assert list(vol.meta.resolution(1)) == [8, 4, 100]
+    assert len(vol.mesh.get(int(np.unique(vol[:, :, :])[-1]))) > 0
 
 
 def test_levels_of_another_factor_are_replaced_by_overwrite_for_the_runs_own_layers(

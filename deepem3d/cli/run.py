@@ -30,8 +30,9 @@ from deepem3d.run.queues import MIN_FILE_LEASE_SECONDS, SQS_MAX_VISIBILITY
               "another.")
 @dry_run_option
 @click.option("--overwrite", is_flag=True,
-              help="Replace layers a run with other settings wrote under the output root, "
-              "and the map's and the segmentation's mip levels of another downsample factor.")
+              help="Replace what a run of other settings wrote under the output root (the "
+              "map, the segmentation, their mip levels of another downsample factor, and "
+              "what was made of them); what the same settings made is kept.")
 def run(pipeline: str, output: str | None, queue: str | None, parallel: int | None,
         lease_seconds: int, dry_run: bool, overwrite: bool) -> None:
     """Run PIPELINE (a YAML file, or a shipped pipeline's name such as isbi2012-demo).

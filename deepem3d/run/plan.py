@@ -335,7 +335,7 @@ class _RunPlanner:
                 overwrite="segmentation" in self.overwrite, sigma=chosen["sigma"],
                 edges_per_voxel=seg.get("edges_per_voxel", DEFAULT_EDGES_PER_VOXEL),
                 max_task_memory=seg.get("max_task_memory"),
-                sharded=seg.get("sharded", False),
+                sharded=seg.get("sharded", False), keep_unchanged=True,
             )
         except InputError as err:
             raise _in_key(p.source, "segmentation", err) from None
@@ -347,8 +347,7 @@ class _RunPlanner:
                                  else "the default: a real map's")
         needs = ("inference",) if self.inference_key else ()
         stages = segment_stages(splan, needs=needs)
-        self.segmentation_ready = (stages[-1].is_complete()
-                                   and "segmentation" not in self.overwrite)
+        self.segmentation_ready = stages[-1].is_complete() and not splan.reset_tuning_stages
         if "edges_per_voxel" not in seg and not self.segmentation_ready:
             # the octree's nodes are sized at the density the region-graph tasks measure; where
             # a queue takes stages by their memory, its stages are planned (and routed) once
@@ -472,7 +471,10 @@ class _RunPlanner:
         plan.lines.append(f"{product}: {oplan.describe()}")
         source = next((s.key for s in plan.stages if s.name == "remap"), "")
         for stage in stages(oplan, source_key=source, needs=("remap",)):
-            stage.starts_over = self.segmentation_redone
+            # made again: of a segmentation redone, or of its levels replaced (a dry run's count)
+            stage.starts_over = self.segmentation_redone or bool(
+                self.segmentation_mips is not None and self.segmentation_mips.replaced_levels
+                and oplan.mip > self.segmentation_mips.mip)
             self.add(stage, product)
 
     def _writes_part_of(self, name: str, path: str) -> bool:

@@ -165,6 +165,8 @@ def _plan(vol, layer_path: str, *, mip: int, num_mips: int | None,
         raise InputError(f"--factor {factor} must be at least 1 on every axis")
     if math.prod(factor) == 1:
         raise InputError("--factor 1,1,1 would not downsample: use e.g. 2,2,1")
+    if vol.layer_type == "segmentation":
+        check_mode_factor(layer_path, factor)
     chunk = Vec(*vol.meta.chunk_size(mip))
     viable = num_mips_from_memory_target(
         memory_target, vol.dtype, chunk, vol.num_channels, factor
@@ -254,6 +256,23 @@ def _plan(vol, layer_path: str, *, mip: int, num_mips: int | None,
         sharded=sharded,
         offset_note=offset_note,
     )
+
+
+def check_mode_factor(layer_path: str, factor: Sequence[int]) -> None:
+    """Refuse a factor igneous's mode downsampling of a segmentation fails on in every task:
+    tinybrain takes a factor with an axis of 1 and a power-of-two product for a square in a
+    plane, and a factor that downsamples one axis only, or two by different amounts, raises
+    there ("Factors less than one", measured for 2,1,1, 1,1,2, 4,1,1 and 4,2,1)."""
+    f = [int(v) for v in factor]
+    product = math.prod(f)
+    downsampled = [v for v in f if v > 1]
+    if (1 in f and product & (product - 1) == 0
+            and not (len(downsampled) == 2 and downsampled[0] == downsampled[1])):
+        raise InputError(
+            f"{layer_path}: igneous downsamples a segmentation by the mode of each block and "
+            f"fails on --factor {format_triple(f)}: with a factor of 1 on an axis, the other "
+            "two must be equal (such as 2,2,1); give such a factor, or one above 1 on every "
+            "axis (such as 2,2,2)")
 
 
 def _levels_shape(chunk: Sequence[int], factor: Sequence[int], levels: int) -> Vec:
@@ -581,13 +600,15 @@ def downsample_stage(
         return iter(made)
 
     def replace_levels() -> None:
-        """The levels the plan replaces removed. (A run replaces the levels of its own map or
-        segmentation only, under --overwrite, which makes the segmentation's meshes and
-        skeletons again in any case.) The markers of the stages that made them go first: kept
-        by a stop during the removal, they would find the levels made (a run started again
-        with the factor that made them ran no task over their deleted chunks)."""
+        """The levels the plan replaces removed (a run's own map or segmentation, under
+        --overwrite). First the meshes and skeletons made of them are marked outdated, and
+        the markers of the stages that made them go: kept by a stop during the removal, those
+        would find the levels made (a run started again with the factor that made them ran no
+        task over their deleted chunks), and these would keep objects of the old levels."""
+        from deepem3d.stages.objects import outdate_objects
         from deepem3d.storage.layers import delete_prefixes, remove_levels
 
+        outdate_objects(plan.layer_path, plan.mip)
         delete_prefixes(plan.layer_path, ["tasks/downsample-"])
         remove_levels(plan.layer_path, plan.mip)
 

@@ -68,6 +68,10 @@ def digest(value: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+#: the run key Markers.outdate leaves: no stage's
+OUTDATED = "outdated"
+
+
 class Markers:
     """The bookkeeping files of one stage under `LAYER/tasks/NAME/`."""
 
@@ -93,6 +97,15 @@ class Markers:
 
     def parameters(self) -> dict:
         return (self.run_record() or {}).get("parameters", {})
+
+    def outdate(self) -> None:
+        """Keep the record of the stage's run but not its key: what it read was replaced, so
+        its next run starts over whatever its key, while the layer still records that a run
+        of deepem3d made its files (which that run then deletes, not refuses)."""
+        record = self.run_record()
+        if record is not None:
+            put_json_whole(f"{self.layer_path}/{self.prefix}", "run.json",
+                           {**record, "key": OUTDATED})
 
     def start_run(self, key: str, parameters: dict, task_ids: list[str]) -> None:
         """Record a run: its task ids, then its key (tasks check the key, so it goes last),

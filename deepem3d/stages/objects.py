@@ -216,6 +216,20 @@ def creating(layer_path: str, names: dict[str, str]) -> Iterator[None]:
         set_info_name(layer_path, key, before.get(key))
 
 
+#: ObjectStages' kinds: their stages are KIND-forge and KIND-merge
+OBJECT_KINDS = ("mesh", "skeleton")
+
+
+def outdate_objects(layer_path: str, above_mip: int) -> None:
+    """Mark the meshes and skeletons made of the layer's levels above `above_mip` outdated
+    (those levels are being replaced): their next run makes them again, deleting the old
+    files first, though their settings did not change."""
+    for kind in OBJECT_KINDS:
+        forged = Markers(layer_path, f"{kind}-forge")
+        if int(forged.parameters().get("mip", 0)) > above_mip:
+            forged.outdate()
+
+
 @dataclass
 class ObjectStages:
     """What the forge and merge stages of one product declare; `forge` and `merge` create

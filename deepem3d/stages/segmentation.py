@@ -449,8 +449,11 @@ def plan_segment(
     edges_per_voxel: float = DEFAULT_EDGES_PER_VOXEL,
     max_task_memory: int | None = None,
     sharded: bool = False,
+    keep_unchanged: bool = False,
 ) -> SegmentPlan:
     """Check every input and decide what the run does; reads infos and manifests only.
+    `overwrite` replaces what OUTPUT holds, even a segmentation made the same way; with
+    `keep_unchanged`, only one made otherwise (`deepem3d run --overwrite`).
 
     `sigma` > 0 adds the smooth stage: DeepEM3D's in-plane Gaussian (in voxels) on the map,
     written to OUTPUT/segmentation/smoothed, which the later stages then segment. The octree's
@@ -520,7 +523,7 @@ def plan_segment(
     _check_block_size(plan)
     if max_task_memory is not None:
         plan.check_task_memory(max_task_memory)
-    _decide(plan, overwrite)
+    _decide(plan, overwrite, keep_unchanged)
     return plan
 
 
@@ -579,7 +582,7 @@ def _check_geometry(path: str, wanted: dict, overwrite: bool) -> tuple[bool, boo
     return differs, holds
 
 
-def _decide(plan: SegmentPlan, overwrite: bool) -> None:
+def _decide(plan: SegmentPlan, overwrite: bool, keep_unchanged: bool = False) -> None:
     """Fill in plan.action and the resets, or refuse (InputError) what would lose data."""
     out = plan.output_path
     differs, holds = _check_geometry(out, _layer_geometry(plan, "segmentation"), overwrite)
@@ -601,13 +604,14 @@ def _decide(plan: SegmentPlan, overwrite: bool) -> None:
             f"{plan.map_path} records no provenance, so nothing shows its data unchanged "
             "since the kept supervoxels were made: --overwrite makes them again (a map "
             "whose provenance records what wrote it keeps them)")
-    # --overwrite replaces the segmentation even when made the same way; the chunk stages are
-    # a cache of the map, kept whenever their key matches
-    # so is the first tuning stage's (remap's, the last, is None until the octree is done)
+    # --overwrite replaces the segmentation even when made the same way (unless it is to keep
+    # what is unchanged); the chunk stages are a cache of the map, kept whenever their key
+    # matches; so is the first tuning stage's (remap's, the last, is None until the octree is
+    # done)
     first_tuning = plan.tuning_stages()[0]
     tuning_same = (_manifest_key(out, first_tuning) == plan.tuning_key
                    and _manifest_key(out, "remap") in (None, plan.tuning_key)
-                   and chunks_same and not overwrite)
+                   and chunks_same and (keep_unchanged or not overwrite))
     if holds and not tuning_same and not overwrite:
         if Markers(out, "remap").run_record() is None:
             raise InputError(f"{out} holds data that `deepem3d segment` did not write: pass "
