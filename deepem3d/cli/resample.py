@@ -21,12 +21,13 @@ from deepem3d.run.queues import check_queue_url
               help="Take the target grid (voxel size, offset, size, chunks) from this layer: "
               "a segmentation made at a model's resolution back onto the image it came from.")
 @click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Read the image at this mip.")
+              help="Read LAYER at this mip.")
 @click.option("--task-shape", type=Triple(int, example="512,512,64"), default=None,
               help="Output block per task, x,y,z, a multiple of the chunk size (default: about "
               "512 x 512 x 64). The result does not depend on it.")
 @click.option("--chunk-size", type=Triple(int), default=None,
-              help="Chunk size of OUTPUT, x,y,z (default: the image's at --mip).")
+              help="Chunk size of OUTPUT, x,y,z (default: LAYER's at --mip; with --like, that "
+              "layer's).")
 @click.option("--fill-missing", is_flag=True, help="Read missing chunks as zeros (default: a "
               "missing chunk is an error).")
 @click.option("--overwrite", is_flag=True, help="Replace an OUTPUT that holds data.")
