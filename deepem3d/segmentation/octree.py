@@ -84,8 +84,9 @@ def _halvings(count: int) -> tuple[np.ndarray, ...]:
 # has two. Eight children make fewer levels, each handing its shell of frozen regions up once:
 # benchmarks/scale.py (128^3 blocks) measured 190, 227 and 229 ns per voxel at 256^3, 512^3
 # and 1024^3 with eight children per node, and 262, 314 and 373 with two. Two children hold
-# one plane of faces instead of three: the top node of a 10,000^3 plan needs 21 GiB, not 63.
-# A node of 2048 voxels a side with eight children needs about 5.6 GiB at 0.02 edges per voxel.
+# one plane of faces instead of three: the largest node of a 10,000^3 plan needs 19.1 GiB, not
+# 56.4. A node of 2048 voxels a side with eight children is planned at about 3.6 GiB at 0.02
+# edges per voxel (docs/octree.md).
 BINARY_ABOVE = 2048
 
 
