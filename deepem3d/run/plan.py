@@ -7,7 +7,7 @@ downsampling, meshes, skeletons. `run_pipeline` runs them with the runner and wr
 
     {"stage_seconds": {stage: seconds}, "stage_began": {stage: its first task's start, by
      its markers' clock}, "seconds": this command's, "layers": {name: path},
-     "pipeline": the file,
+     "pipeline": the file, "output": the output root,
      "adapted_rand_error": ..., "voi_split": ..., "voi_merge": ...,
      "evaluated_bounds": [x0, y0, z0, x1, y1, z1]                    (with ground truth)}
 """
