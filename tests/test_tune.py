@@ -15,7 +15,7 @@ from deepem3d.axes import xyz_from_zyx
 from deepem3d.sample import load_sample
 from deepem3d.segmentation.agglomeration import agglomerate, remap
 from deepem3d.segmentation.metrics import evaluate
-from deepem3d.stages.tune import load_kept, read_ground_truth
+from deepem3d.stages.tune import Setting, _row, load_kept, read_ground_truth
 from deepem3d.storage.layers import create_layer
 from tests.conftest import CHUNK, SHAPE, assert_one_line_error, cli_here, read, run, run_cli
 
@@ -45,6 +45,13 @@ def test_the_runs_own_setting_gives_the_layer_it_wrote(finished):
     (table,) = agglomerate(run_.graph, "mean", [0.5], 20, "merge")
     np.testing.assert_array_equal(remap(run_.supervoxels, run_.graph.ids, table),
                                   read(finished["seg"]))
+
+
+def test_a_rows_segments_do_not_count_the_dust_zeroed():
+    """--dust-mode zero leaves 0 on labelled voxels: the segments column counted it as one."""
+    gt = np.array([1, 1, 2, 2, 3, 0], np.uint64)
+    seg = np.array([5, 5, 0, 7, 0, 9], np.uint64)
+    assert _row(Setting("mean", 0.5, 20), seg, gt).segments == 2
 
 
 def test_tune_prints_scores_and_writes_the_best_setting(finished, tmp_path):
