@@ -137,8 +137,13 @@ def test_a_segmentation_factor_igneous_fails_on_is_refused_at_planning(tmp_path)
         with pytest.raises(InputError, match=f"fails on --factor {format_triple(factor)}: "
                            "with a factor of 1 on an axis, the other two must be equal"):
             plan_downsample(segmentation, factor=factor, num_mips=1)
-    for factor in ((2, 2, 1), (2, 1, 2), (4, 4, 1), (2, 2, 2), (3, 1, 1)):
+    for factor in ((2, 2, 1), (2, 1, 2), (4, 4, 1), (2, 2, 2), (3, 1, 1), (4, 4, 2)):
         assert plan_downsample(segmentation, factor=factor, num_mips=1).num_mips == 1
+    # above 1 on every axis: tinybrain halves each first (2,2,4 leaves 1,1,2), then fails
+    for factor, left in (((2, 2, 4), "1,1,2"), ((4, 2, 2), "2,1,1"), ((4, 4, 8), "1,1,2")):
+        with pytest.raises(InputError, match=f"fails on --factor {format_triple(factor)}: .* "
+                           f"first halved on each, which leaves {left} here"):
+            plan_downsample(segmentation, factor=factor, num_mips=1)
     image = make_layer(tmp_path / "image")
     assert plan_downsample(image, factor=(2, 1, 1), num_mips=1).num_mips == 1
 

@@ -262,17 +262,30 @@ def check_mode_factor(layer_path: str, factor: Sequence[int]) -> None:
     """Refuse a factor igneous's mode downsampling of a segmentation fails on in every task:
     tinybrain takes a factor with an axis of 1 and a power-of-two product for a square in a
     plane, and a factor that downsamples one axis only, or two by different amounts, raises
-    there ("Factors less than one", measured for 2,1,1, 1,1,2, 4,1,1 and 4,2,1)."""
+    there ("Factors less than one", measured for 2,1,1, 1,1,2, 4,1,1 and 4,2,1). A
+    power-of-two factor above 1 on every axis is halved on each (countless3d, on a task of
+    even shape: all but the layer's last ones) until an axis is 1, and what is left must pass
+    the same rule: 2,2,4 leaves 1,1,2 and fails; 4,4,2 leaves 2,2,1."""
     f = [int(v) for v in factor]
-    product = math.prod(f)
-    downsampled = [v for v in f if v > 1]
-    if (1 in f and product & (product - 1) == 0
+    rest = list(f)
+    while min(rest) > 1 and _power_of_two(math.prod(rest)):
+        rest = [v // 2 for v in rest]
+    downsampled = [v for v in rest if v > 1]
+    if (1 in rest and _power_of_two(math.prod(rest))
             and not (len(downsampled) == 2 and downsampled[0] == downsampled[1])):
+        halved = "" if rest == f else (
+            f"; a factor above 1 on every axis is first halved on each, which leaves "
+            f"{format_triple(rest)} here")
         raise InputError(
             f"{layer_path}: igneous downsamples a segmentation by the mode of each block and "
             f"fails on --factor {format_triple(f)}: with a factor of 1 on an axis, the other "
-            "two must be equal (such as 2,2,1); give such a factor, or one above 1 on every "
-            "axis (such as 2,2,2)")
+            f"two must be equal (such as 2,2,1){halved}; give such a factor, or one above 1 on "
+            "every axis that halving brings to such a factor or to 1,1,1 (such as 2,2,2 or "
+            "4,4,2)")
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 1 and value & (value - 1) == 0
 
 
 def _levels_shape(chunk: Sequence[int], factor: Sequence[int], levels: int) -> Vec:
