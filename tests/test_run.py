@@ -417,6 +417,16 @@ def test_overwrite_redoes_what_changed_and_the_products_made_of_it(tmp_path, cro
     for label in labels:  # the same settings: nothing made again
         assert f"stage {label}: " in again and f"stage {label}: 0 " not in again, again
         assert "(0 run now)" in again.split(f"stage {label}: ")[1].splitlines()[0], again
+    # meshes no run of deepem3d made, under a segmentation --overwrite keeps: refused when
+    # the run is planned (the forge's prepare refused them, after the stages before it ran)
+    tasks, aside = output / "segmentation" / "tasks", tmp_path / "aside"
+    for name in ("mesh-forge", "mesh-merge"):
+        shutil.move(tasks / name, aside / name)
+    assert_one_line_error(
+        run_cli("run", pipeline_file(tmp_path, crop_layers, output), "--dry-run",
+                "--overwrite"), "meshes: ", "holds files that no mesh run of deepem3d made")
+    for name in ("mesh-forge", "mesh-merge"):
+        shutil.move(aside / name, tasks / name)
     # meshes of one task shape at either factor's mip 1: their forge's key stays the same
     tuned = {"segmentation:\n": "segmentation:\n  method: mean\n  threshold: 0.3\n",
              "  mip: 1\n": "  mip: 1\n  task_shape: [32, 32, 4]\n"}

@@ -463,7 +463,9 @@ class _RunPlanner:
         except InputError as err:
             raise _in_key(p.source, product, err) from None
         oplan.layer_path = plan.layers["segmentation"]
-        if "segmentation" not in self.overwrite:  # replacing it deletes its products too
+        # replacing it deletes its products too; one --overwrite keeps (of the same settings
+        # and map) keeps them, and only the forge's prepare would find those it may not delete
+        if "segmentation" not in self.overwrite or not self.segmentation_redone:
             try:
                 oplan.check_products()
             except InputError as err:
