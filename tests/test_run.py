@@ -464,6 +464,18 @@ def test_overwrite_redoes_what_changed_and_the_products_made_of_it(tmp_path, cro
     assert vol.info["mesh"] == "mesh" and vol.mesh.meta.mip == 1
     assert list(vol.meta.resolution(1)) == [8, 4, 100]
     assert len(vol.mesh.get(int(np.unique(vol[:, :, :])[-1]))) > 0
+    # a chunk deleted from a segmentation --overwrite keeps: the hint's way out writes it again
+    # (it said to run with --overwrite, which kept the segmentation and stopped on it again)
+    chunks = output / "segmentation" / "4_4_50"
+    written = file_digests(chunks)
+    (chunks / "96-128_96-128_8-10.gz").unlink()
+    stopped = run_cli("run", factor, "--parallel", "1", "--overwrite")
+    remap = f"file://{output / 'segmentation'}/tasks/remap/"
+    assert_one_line_error(stopped, "has missing chunks", f"delete {remap} and run the same "
+                          "command again")
+    shutil.rmtree(remap.removeprefix("file://"))
+    run_cli("run", factor, "--parallel", "1", check=True)
+    assert file_digests(chunks) == written
 
 
 def test_levels_of_another_factor_are_replaced_by_overwrite_for_the_runs_own_layers(

@@ -598,9 +598,12 @@ def score(p: Pipeline, layers: dict[str, str]) -> dict:
     gt.mip = mip_at(gt, seg.resolution)  # the mip check_scoring found
     region = evaluated_region(p, gt.bounds)
     x0, y0, z0, x1, y1, z1 = (int(v) for v in (*region.minpt, *region.maxpt))
+    # (--overwrite keeps a segmentation of the same settings and map: its remap, run again,
+    # writes every chunk again)
     _, result = score_layers(seg, gt, region, progress=False, missing_hint=(
-        "its tasks are marked done: was a chunk deleted? run the same command with "
-        "--overwrite to write it again"))
+        f"its tasks are marked done: was a chunk deleted? delete "
+        f"{layers['segmentation']}/tasks/remap/ and run the same command again, whose remap "
+        "writes it again"))
     return {"adapted_rand_error": result["adapted_rand_error"],
             "voi_split": result["voi_split"], "voi_merge": result["voi_merge"],
             "evaluated_bounds": [x0, y0, z0, x1, y1, z1]}
