@@ -105,7 +105,7 @@ def main() -> None:
     rows = []
     for t, seg in zip(thresholds, segs):
         scores = evaluate(np.ascontiguousarray(zyx_from_xyz(seg)), ids)
-        rows.append({"threshold": t, "segments": int(len(np.unique(seg))), **scores})
+        rows.append({"threshold": t, "segments": int(np.count_nonzero(np.unique(seg))), **scores})
     result = {
         "model": meta.get("model"), "sections": args.sections, "tta": args.tta,
         "geometry": geometry.to_dict(),

@@ -61,8 +61,9 @@ def _ints(text: str, name: str) -> list[int]:
               "`evaluate --fill-missing` does (default: a missing chunk is an error).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.option("--max-memory", type=ByteSize(), default=None,
-              help="Refuse, before reading any graph, a run whose region graph would need more, "
-              "e.g. 8GiB (default: the memory available now).")
+              help="Refuse, before reading any graph, a run whose region graph would need more "
+              "(with --sigmas: whose segmentations of the region would), e.g. 8GiB (default: "
+              "the memory available now).")
 @click.option("--sigmas", default=None,
               help="Also sweep the in-plane Gaussian (voxels, in [0, 16], e.g. 0,1,2,4): the "
               "map over the region the run segmented is segmented again in memory per sigma "
