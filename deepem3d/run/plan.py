@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from deepem3d.run.runner import StageSummary
 
 REPORT = "report.json"
-SECTION = {"inference": "inference", "mesh-merge": "meshes"}
 #: what --overwrite replaces: the map, the segmentation, and the levels of each (by the label
 #: of its downsampling stage: the map's may be planned in another round than the segmentation's)
 OVERWRITE = ("inference", "segmentation", "downsample map", "downsample segmentation")
@@ -463,8 +462,8 @@ class _RunPlanner:
         except InputError as err:
             raise _in_key(p.source, product, err) from None
         oplan.layer_path = plan.layers["segmentation"]
-        # replacing it deletes its products too; one --overwrite keeps (of the same settings
-        # and map) keeps them, and only the forge's prepare would find those it may not delete
+        # a segmentation made again deletes its products too; one --overwrite keeps (of the
+        # same settings and map) keeps them, and its products are checked as without it
         if "segmentation" not in self.overwrite or not self.segmentation_redone:
             try:
                 oplan.check_products()
@@ -667,7 +666,7 @@ def run_pipeline(
                 done.add(summary.label)
             # what this run has planned is not replaced again when it plans the next stages
             replace -= {s.label if s.name.startswith("downsample") else
-                        SECTION.get(s.name, "segmentation") for s in todo}
+                        "inference" if s.name == "inference" else "segmentation" for s in todo}
     finally:
         runner.stop_workers()
     report = {"stage_seconds": seconds, "stage_began": stage_began,

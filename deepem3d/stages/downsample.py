@@ -138,16 +138,17 @@ def plan_downsample(
     above `mip` that the plan would write over are not refused but planned away: the stage
     removes them all (chunks, then scales) before its tasks add the new ones."""
     vol = open_layer(cloudpath(layer_path), mip=mip)
+    shown = cloudpath(shown_as or layer_path)
     options = dict(mip=mip, num_mips=num_mips, factor=factor, bounds=bounds,
                    memory_target=memory_target, grow=grow)
     try:
-        return _plan(vol, cloudpath(shown_as or layer_path), **options)
+        return _plan(vol, shown, **options)
     except LevelsInTheWay:
         if not replace_levels:
             raise
     replaced = [scale["key"] for scale in vol.info["scales"][mip + 1:]]
     vol.info["scales"] = vol.info["scales"][:mip + 1]  # this copy of the info only
-    plan = _plan(vol, cloudpath(shown_as or layer_path), **options)
+    plan = _plan(vol, shown, **options)
     plan.replaced_levels = replaced
     return plan
 
