@@ -70,8 +70,14 @@ DEFAULT_TASK_SHAPE = (512, 512, 64)  # rounded up to whole output chunks
 #: machine, the largest task peaked 161 MiB above its worker (38 bytes per output voxel), 1.04
 #: times those arrays (with the copy a Fortran-ordered source then cost np.take)
 MEMORY_MARGIN = 1.1
-#: seconds of a task per output voxel, for --dry-run's core-hours (the same run: 56 ns)
-SECONDS_PER_VOXEL = 56e-9
+#: seconds of a task per output voxel and per source voxel it reads, for --dry-run's
+#: core-hours: least squares over the fastest of four runs of each of six targets of the ISBI
+#: 2012 sample (4 x 4 x 50 nm to 2..8 nm in x and y, 25..100 nm in z; one worker on this
+#: project's 2-core machine): 80 and 30 ns. A coarser target reads many source voxels per
+#: voxel it writes (`task_memory_bytes`): per output voxel alone, 4 to 14 nm was 3 to 12 times
+#: over its estimate.
+SECONDS_PER_VOXEL = 80e-9
+SECONDS_PER_SOURCE_VOXEL = 30e-9
 
 
 def target_geometry(resolution: Sequence[float], offset: Sequence[int], size: Sequence[int],
@@ -164,6 +170,21 @@ def nearest_block(source: np.ndarray, source_lo: Sequence[int], target: Bbox,
     return out
 
 
+def _source_box_shape(task_shape: Sequence[int], resolution: Sequence[float],
+                      source_size: Sequence[int], target_res: Sequence[float]) -> list[int]:
+    """The most source voxels, per axis, a `task_shape` block reads (at most the source)."""
+    return [min(math.ceil(int(v) * Fraction(str(float(r_t))) / Fraction(str(float(r_s)))) + 2,
+                int(n))
+            for v, r_s, r_t, n in zip(task_shape, resolution, target_res, source_size)]
+
+
+def task_seconds(task_shape: Sequence[int], resolution: Sequence[float],
+                 source_size: Sequence[int], target_res: Sequence[float]) -> float:
+    """The planning estimate of one task's seconds: what it writes and what it reads."""
+    return (SECONDS_PER_VOXEL * math.prod(int(v) for v in task_shape) + SECONDS_PER_SOURCE_VOXEL
+            * math.prod(_source_box_shape(task_shape, resolution, source_size, target_res)))
+
+
 def task_memory_bytes(task_shape: Sequence[int], resolution: Sequence[float],
                       source_size: Sequence[int], target_res: Sequence[float],
                       interpolation: str = "linear", itemsize: int = 1) -> int:
@@ -174,8 +195,7 @@ def task_memory_bytes(task_shape: Sequence[int], resolution: Sequence[float],
     gathered values. A block at a coarser target reads more source voxels than it writes
     (16 per voxel from 4 to 16 nm in x and y), so the output's size alone does not say."""
     t = [int(v) for v in task_shape]
-    s = [min(math.ceil(v * Fraction(str(float(r_t))) / Fraction(str(float(r_s)))) + 2, int(n))
-         for v, r_s, r_t, n in zip(t, resolution, target_res, source_size)]
+    s = _source_box_shape(t, resolution, source_size, target_res)
     box, out = math.prod(s), math.prod(t)
     if interpolation == "nearest":
         arrays = box * itemsize + 3 * out * 8
@@ -248,8 +268,9 @@ class ResamplePlan:
     interpolation: str = "linear"
     dtype: str = "uint8"
     like: str | None = None
-    #: the peak bytes of the largest task (`task_memory_bytes`)
+    #: the peak bytes of the largest task (`task_memory_bytes`) and its seconds (`task_seconds`)
     memory_bytes: int = 0
+    seconds_per_task: float = 0.0
 
     def parameters(self) -> dict:
         return {"task": "deepem3d resample", "image": self.image_path, "mip": self.mip,
@@ -344,7 +365,9 @@ def plan_resample(image_path: str, output_path: str, *,
         blocks=block_grid(Bbox(offset, [o + s for o, s in zip(offset, size)]), task_shape),
         memory_bytes=task_memory_bytes(task_shape, source, [int(v) for v in vol.volume_size],
                                        target, "nearest" if segmentation else "linear",
-                                       np.dtype(vol.dtype).itemsize))
+                                       np.dtype(vol.dtype).itemsize),
+        seconds_per_task=task_seconds(task_shape, source, [int(v) for v in vol.volume_size],
+                                      target))
     if layer_holds_data(output_path) and not overwrite:
         made = Markers(output_path, STAGE).current_key()
         if made != resample_key(plan):
@@ -393,5 +416,4 @@ def resample_stage(plan: ResamplePlan, *, overwrite: bool = False) -> Stage:
         name=STAGE, layer=plan.output_path, key=resample_key(plan),
         parameters=plan.parameters(), make_tasks=make_tasks, task_count=len(plan.blocks),
         memory_bytes=plan.memory_bytes,
-        seconds_per_task=SECONDS_PER_VOXEL * math.prod(plan.task_shape),
-        output_bytes=voxels, prepare=prepare)
+        seconds_per_task=plan.seconds_per_task, output_bytes=voxels, prepare=prepare)
