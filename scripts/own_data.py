@@ -4,7 +4,7 @@
     python scripts/own_data.py [--iterations 300] [--work DIR] [--data DIR]
 
 --data is the folder holding gala_fib_small/gala_fib_small.h5 (default: $DEEPEM3D_DATA, else
-a shared/data folder beside the repository).
+the fallback tests/conftest.py uses).
 
 For each model, the fine-tuned one and the shipped one as it is (the baseline, run with
 --force at the data's resolution), with the CLI a user would type:
