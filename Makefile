@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml docker/constraints.txt
 # The main job on the embedded ISBI 2012 sample: `deepem3d demo`, one run of the pipeline file
 # shipped in the package (deepem3d/pipelines/isbi2012-demo.yaml): the sample's layers,
 # affinities from the shipped default weights, the segmentation (the settings the model
-# records), mip levels, meshes, scores on sections 20..29, $(DEMO)/report.json and
+# records), mip levels, meshes and skeletons, scores on sections 20..29, $(DEMO)/report.json and
 # $(DEMO)/demo.png; two local worker processes drain the stages.
 demo: setup
 	rm -rf $(DEMO)
