@@ -44,7 +44,8 @@ LOCAL_MARKER_POLL_SECONDS = 0.1
 POLL_BACKOFF = 30
 # Tasks a stage keeps on its queue ahead of its markers: the runner inserts this many, then
 # tops the queue up as they finish, so a stage of 1e8 tasks never sits on SQS for longer than
-# its retention (4 days by default) and planning streams rather than holds them
+# its retention (4 days on a queue made elsewhere with SQS's default; `deepem3d queue create`
+# sets 14) and planning streams rather than holds them
 WAVE_TASKS = 1_000_000
 LOG_TAIL = 20  # lines of the workers' log shown when a stage fails
 #: how often a run waiting on an SQS queue looks into its dead-letter queue for this stage's
