@@ -168,7 +168,7 @@ def _decompress(codec: str, payload: bytes) -> bytes:
     from numcodecs import Blosc, Zstd
 
     if codec == "blosc":  # c-blosc trusts its header's sizes: a cut stream decodes to garbage
-        _check_blosc_size(payload)
+        check_blosc_size(payload[:BLOSC_HEADER], len(payload))
     return bytes((Blosc() if codec == "blosc" else Zstd()).decode(payload))
 
 
@@ -177,15 +177,16 @@ def _decompress(codec: str, payload: bytes) -> bytes:
 BLOSC_HEADER = 16
 
 
-def _check_blosc_size(payload: bytes) -> None:
-    """A ValueError where the stream is shorter than its header says (a block file cut short
-    by an interrupted copy): c-blosc would read past its end, not refuse it."""
-    if len(payload) < BLOSC_HEADER:
-        raise ValueError(f"a blosc stream of {len(payload)} bytes, shorter than its header")
-    stored = int(np.frombuffer(payload, "<u4", count=1, offset=12)[0])
-    if stored > len(payload):
-        raise ValueError(f"its blosc stream is cut short ({len(payload)} of its {stored} "
-                         "bytes)")
+def check_blosc_size(header: bytes, length: int) -> None:
+    """A ValueError where a blosc stream of `length` bytes, which begins with `header`, is
+    shorter than that header says (a file cut short by an interrupted copy): c-blosc reads
+    past its end, and may decode it to wrong values rather than refuse it (zarr's lz4 blosc
+    cut by a few bytes did)."""
+    if length < BLOSC_HEADER or len(header) < BLOSC_HEADER:
+        raise ValueError(f"a blosc stream of {length} bytes, shorter than its header")
+    stored = int(np.frombuffer(header, "<u4", count=1, offset=12)[0])
+    if stored > length:
+        raise ValueError(f"its blosc stream is cut short ({length} of its {stored} bytes)")
 
 
 def voxel_size(path: str) -> tuple[list[float] | None, list[float], str]:

@@ -25,12 +25,13 @@ Sources are opened read-only and never modified.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from numpy.typing import DTypeLike
@@ -234,8 +235,9 @@ class ArraySource(VolumeSource):
     array. `fixed` indexes leading axes of size 1 that are not space (OME-Zarr's t and c)."""
 
     def __init__(self, name: str, data, axes: str, kind: str, handle=None,
-                 fixed: tuple[int, ...] = ()):
+                 fixed: tuple[int, ...] = (), check: Callable[[int, int], None] | None = None):
         self._data = data
+        self._check = check  # of the stored chunks sections z0..z1 - 1 read, before reading
         self._handle = handle
         self._fixed = fixed
         self.kind = kind
@@ -250,6 +252,8 @@ class ArraySource(VolumeSource):
 
     def _read(self, z0: int, z1: int) -> np.ndarray:
         try:
+            if self._check is not None:
+                self._check(z0, z1)
             if self.axes == "xyz":
                 return np.asarray(self._data[(*self._fixed, slice(None), slice(None),
                                               slice(z0, z1))])
@@ -652,13 +656,46 @@ def _open_zarr(path: str, axes: str | None) -> ArraySource:
     if file_axes is not None and axes not in (None, file_axes):
         raise InputError(f"{path}: its {said} says its axes are "
                          f"{','.join(file_axes)}: drop --axes {axes}")
-    source = ArraySource(path, node, file_axes or axes or "zyx", kind="zarr", fixed=fixed)
+    source = ArraySource(path, node, file_axes or axes or "zyx", kind="zarr", fixed=fixed,
+                         check=_blosc_chunk_check(path, node, fixed, file_axes or axes or "zyx"))
     if scale is not None:
         source.record_resolution(scale, "the OME-Zarr metadata")
         source.record_position(position, "the OME-Zarr metadata")
     elif no_unit:
         source.resolution_from = "its OME-Zarr scale names no unit of length"
     return source
+
+
+def _blosc_chunk_check(path: str, array, fixed: tuple[int, ...],
+                       axes: str) -> Callable[[int, int], None] | None:
+    """Where the array's chunk files on this disk are blosc streams (zarr 2's compressor, or
+    zarr 3's last codec, unsharded): a check of each stored chunk that sections z0..z1 - 1
+    read against its stream's header (`n5.check_blosc_size`), or None."""
+    meta = array.metadata
+    codecs = [meta.compressor] if hasattr(meta, "compressor") else list(meta.codecs)
+    last = type(codecs[-1]).__name__ if codecs and codecs[-1] is not None else ""
+    if last not in ("Blosc", "BloscCodec") or not os.path.isdir(path):
+        return None  # numcodecs' Blosc (zarr 2), zarr 3's BloscCodec; sharded ends otherwise
+    chunks, shape = [int(c) for c in array.chunks], [int(n) for n in array.shape]
+    z_axis = len(fixed) if axes == "zyx" else array.ndim - 1
+
+    def check(z0: int, z1: int) -> None:
+        ranges = [range(-(-n // c)) for n, c in zip(shape, chunks)]
+        for axis, index in enumerate(fixed):
+            ranges[axis] = range(index // chunks[axis], index // chunks[axis] + 1)
+        ranges[z_axis] = range(z0 // chunks[z_axis], -(-z1 // chunks[z_axis]))
+        for position in itertools.product(*ranges):
+            file = os.path.join(path, *meta.encode_chunk_key(position).split("/"))
+            try:
+                with open(file, "rb") as f:
+                    header, length = f.read(n5.BLOSC_HEADER), os.fstat(f.fileno()).st_size
+            except FileNotFoundError:
+                continue  # not stored: the fill value
+            try:
+                n5.check_blosc_size(header, length)
+            except ValueError as err:
+                raise InputError(f"cannot read the zarr chunk {file}: {err}") from None
+    return check
 
 
 def _named_axes(array) -> str | None:
