@@ -340,6 +340,18 @@ def test_a_queues_redrive_limit_is_the_workers_limit(tmp_path, moto_endpoint):
         "queue", "status", "sqs://patient", check=True).stdout
 
 
+def test_deleting_a_missing_sqs_queue_deletes_nothing(moto_endpoint):
+    """`queue delete sqs://NAME` of a NAME that does not exist is one line, exit 2, and
+    leaves NAME-dead-letter and what it holds alone (it deleted it, then said "no such SQS
+    queue")."""
+    sqs = boto3.client("sqs", endpoint_url=moto_endpoint)
+    dead = sqs.create_queue(QueueName="lone-dead-letter")["QueueUrl"]
+    sqs.send_message(QueueUrl=dead, MessageBody="a task set aside")
+    assert_one_line_error(run_cli("queue", "delete", "sqs://lone", "--yes"),
+                          "sqs://lone: no such SQS queue", "nothing deleted")
+    assert sqs.get_queue_url(QueueName="lone-dead-letter")["QueueUrl"] == dead
+
+
 def test_a_worker_stops_when_its_sqs_queue_is_deleted(moto_endpoint):
     """A queue deleted under a polling worker is gone for good: the worker says so in one
     line and exits 1 (it used to poll the missing queue forever, warning each time), once SQS

@@ -119,17 +119,19 @@ def delete_queue(url: str) -> str:
         return f"deleted {url}"
     name = url[len("sqs://"):]
     sqs = sqs_client()
-    deleted = []
+    urls = {}
     for queue in (name, f"{name}{DEAD_LETTER_SUFFIX}"):
         found = sqs_call("listing queues", sqs.list_queues,
                       QueueNamePrefix=queue).get("QueueUrls", [])
         for queue_url in found:
             if queue_url.rstrip("/").rsplit("/", 1)[-1] == queue:
-                sqs_call(f"deleting {queue}", sqs.delete_queue, QueueUrl=queue_url)
-                deleted.append(queue)
-    if name not in deleted:
-        raise InputError(f"{url}: no such SQS queue")
-    return f"deleted {' and '.join(deleted)}"
+                urls[queue] = queue_url
+    if name not in urls:  # before any delete: a mistyped name must not cost a dead-letter
+        # queue (NAME-dead-letter of a queue deleted by other means keeps what it holds)
+        raise InputError(f"{url}: no such SQS queue: nothing deleted")
+    for queue, queue_url in urls.items():
+        sqs_call(f"deleting {queue}", sqs.delete_queue, QueueUrl=queue_url)
+    return f"deleted {' and '.join(urls)}"
 
 
 @dataclass
