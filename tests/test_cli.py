@@ -107,6 +107,22 @@ def test_unknown_command_and_missing_argument():
     assert_one_line_error(run_cli("worker"), "Missing argument")
 
 
+@pytest.mark.parametrize("secret, words", [
+    ("not json", "Expecting value"),
+    ('{"type": "authorized_user"}', "no 'project_id'"),  # a user's login, not a key
+])
+def test_a_cloudfiles_secret_that_is_not_a_key_is_one_line(tmp_path, monkeypatch, secret, words):
+    """CloudFiles reads ~/.cloudvolume/secrets/google-secret.json when imported: a file that
+    is not a service account's key ended every command, `--help` too, in a traceback."""
+    secrets = tmp_path / "cloudvolume" / "secrets"
+    secrets.mkdir(parents=True)
+    (secrets / "google-secret.json").write_text(secret)
+    monkeypatch.setenv("CLOUD_VOLUME_DIR", str(tmp_path / "cloudvolume"))
+    assert_one_line_error(run_cli("--help"), str(secrets / "google-secret.json"), words)
+    (secrets / "google-secret.json").write_text('{"project_id": "lab"}')
+    assert run_cli("--help").returncode == 0
+
+
 def test_worker_import_of_a_missing_module(tmp_path):
     assert_one_line_error(
         run_cli("worker", f"fq://{tmp_path}", "--import", "no_such_module_here"), "--import"

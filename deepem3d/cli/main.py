@@ -1,7 +1,8 @@
-"""The `deepem3d` command group.
+"""The `deepem3d` entry point around the command group (`deepem3d.cli.commands`).
 
 Expected mistakes (InputError, click usage errors, a path that runs through a file where a
-folder is needed, a path the user may not read or write) print one line and exit with status
+folder is needed, a path the user may not read or write, a CloudFiles secret file that is not
+one) print one line and exit with status
 2 (75 where a bucket or queue service did not answer: trying again may work); anything else is
 a bug and keeps its traceback.
 """
@@ -12,44 +13,23 @@ import sys
 
 import click
 
-import deepem3d
-from deepem3d.cli.demo import demo
-from deepem3d.cli.downsample import downsample
-from deepem3d.cli.evaluate import evaluate
-from deepem3d.cli.export import export
-from deepem3d.cli.infer import infer
-from deepem3d.cli.ingest import ingest
-from deepem3d.cli.mesh import mesh, skeleton
-from deepem3d.cli.queue import queue, worker
-from deepem3d.cli.resample import resample
-from deepem3d.cli.run import run
-from deepem3d.cli.sample import sample
-from deepem3d.cli.segment import segment
-from deepem3d.cli.train import train
-from deepem3d.cli.tune import tune
-from deepem3d.cli.view import view
 from deepem3d.errors import EXIT_UNAVAILABLE, InputError, ServiceUnavailable
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(deepem3d.__version__, prog_name="deepem3d")
-def cli() -> None:
-    """DeepEM3D neuron segmentation of EM volumes, as queue tasks over precomputed layers."""
-
-
-for command in (
-    demo, run, sample, ingest, worker, queue, downsample, resample, infer, segment, mesh,
-    skeleton, evaluate, tune, view, train, export,
-):
-    cli.add_command(command)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors with exit status 2 for expected mistakes (75 for
     a service that did not answer)."""
-    from deepem3d.storage.cloud import prepare_environment
+    from deepem3d.storage.cloud import prepare_environment, unreadable_secret
 
     prepare_environment()
+    try:  # the commands import CloudVolume, and CloudFiles reads a secret file when imported
+        from deepem3d.cli.commands import cli
+    except Exception as err:
+        message = unreadable_secret(err)
+        if message is None:
+            raise
+        click.echo(f"deepem3d: error: {message}", err=True)
+        sys.exit(2)
     try:
         rv = cli.main(args=argv, prog_name="deepem3d", standalone_mode=False)
     except InputError as err:

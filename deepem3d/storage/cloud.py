@@ -52,6 +52,24 @@ def prepare_environment() -> None:
         os.environ.setdefault("AWS_SESSION_TOKEN", "")
 
 
+def unreadable_secret(err: BaseException) -> str | None:
+    """Where importing CloudFiles failed on a secret file of its own (it reads
+    google-secret.json when imported, for its project_id): one line naming that file; else
+    None. Without it every command, `--help` too, ended in a JSON or KeyError traceback."""
+    import traceback
+
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)
+              if frame.f_code.co_filename.endswith(os.path.join("cloudfiles", "secrets.py"))]
+    if not frames or not isinstance(err, (ValueError, KeyError)):  # JSONDecodeError: a Value
+        return None
+    files = [v for k, v in frames[-1].f_locals.items()  # the reading function's own path
+             if k != "__file__" and isinstance(v, str) and os.path.isfile(v)]
+    detail = f"no {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+    return (f"{files[0] if files else 'a CloudFiles secret file'} is not a readable secret "
+            f"({detail}): CloudVolume's google-secret.json is a service account's JSON key, "
+            "with its project_id")
+
+
 def bucket_of(path: str) -> tuple[str, str] | None:
     """(scheme, bucket) of an s3:// or gs:// path (precomputed:// dropped), else None."""
     path = str(path)
