@@ -361,6 +361,7 @@ class ViewedLayer:
     local_dir: str | None = None
     note: str | None = None  # something the user should know (e.g. what was left out)
     meshes: bool = False  # the info names a mesh directory
+    skeletons: bool = False  # the info names a skeleton directory Neuroglancer can load
 
     @property
     def center(self) -> tuple[float, float, float]:
@@ -457,6 +458,7 @@ def _describe(path: str, name: str) -> tuple[ViewedLayer, dict | None]:
         local_dir=local,
         note=note,
         meshes=kind == "segmentation" and bool(info.get("mesh")),
+        skeletons=kind == "segmentation" and bool(info.get("skeletons")),
     )
     return layer, (info if changed else None)
 
@@ -688,9 +690,9 @@ def _show(neuroglancer, viewer, viewed: Sequence[ViewedLayer], layout: str | Non
         for layer in viewed:
             if layer.kind == "segmentation":
                 s.layers[layer.name] = neuroglancer.SegmentationLayer(source=layer.source)
-                if first_segmentation and layer.meshes:
-                    # the largest segments' meshes in the 3D panel (every segment is
-                    # coloured in the slices whatever is selected)
+                if first_segmentation and (layer.meshes or layer.skeletons):
+                    # the largest segments' meshes and skeletons in the 3D panel (every
+                    # segment is coloured in the slices whatever is selected)
                     s.layers[layer.name].segments = set(largest_segments(layer.path))
                 first_segmentation = False
                 continue

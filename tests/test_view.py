@@ -392,6 +392,30 @@ def test_a_run_folder_stands_for_its_layers(tmp_path):
         session.stop()
 
 
+def test_skeletons_alone_select_the_largest_segments(tmp_path):
+    """A segmentation with skeletons and no meshes (a run's `skeletons` product alone) had no
+    segment selected, so its 3D panel drew nothing; a skeleton directory without its info
+    (left out of the view) still selects none."""
+    _, seg = make_layers(tmp_path)
+    info = json.loads((seg / "info").read_text())
+    info["skeletons"] = "skeletons"  # as the skeleton stages leave it
+    (seg / "info").write_text(json.dumps(info))
+    session = serve([str(seg)])
+    try:
+        assert len(session.viewer.state.layers["seg"].segments) == 0  # no skeletons/info yet
+    finally:
+        session.stop()
+    (seg / "skeletons").mkdir()
+    (seg / "skeletons" / "info").write_text(json.dumps({
+        "@type": "neuroglancer_skeletons", "transform": [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+        "vertex_attributes": []}))
+    session = serve([str(seg)])
+    try:
+        assert len(session.viewer.state.layers["seg"].segments) == 5
+    finally:
+        session.stop()
+
+
 def test_a_run_folder_moved_or_in_a_bucket_stands_for_its_own_layers(tmp_path):
     """The report records absolute paths: a run folder moved or copied was shown at (or
     failed on) its old place, and one in a bucket was not read as a run at all. Layers the

@@ -38,7 +38,8 @@ def view(
 
     RUN, the output folder of `deepem3d run` (it holds report.json; local or in a bucket,
     where it was written or moved since), stands for its layers: image, map (hidden: tick it
-    to see it), segmentation (its largest segments' meshes in the 3D panel) and ground truth.
+    to see it), segmentation (its largest segments' meshes and skeletons in the 3D panel) and
+    ground truth.
 
     Prints the viewer's URL and serves until Ctrl-C or SIGTERM. Local layers are served
     read-only by a small file server; remote ones are fetched by the browser itself.
