@@ -71,7 +71,7 @@ def export(
     channels = int(vol.num_channels)
     if kind == "tiff" and channels != 1:
         raise InputError(f"{vol.cloudpath} has {channels} channels: a TIFF export holds one; "
-                         "write .npy or HDF5 (z, y, x, c)")
+                         "write .npy or HDF5 (z, y, x, c), or zarr (c, z, y, x)")
     if os.path.isdir(file) and kind != "zarr":
         raise InputError(f"{file} is a folder: give a file name")
     if kind == "zarr" and os.path.lexists(file) and not os.path.isdir(file):

@@ -111,7 +111,8 @@ def test_bad_input_is_one_line_and_writes_nothing(layers, tmp_path):
     (tmp_path / "folder.npy").mkdir()
     for args, fragments in (
         ((paths["image"], tmp_path / "there.npy"), ["there.npy exists", "--overwrite"]),
-        ((paths["map"], tmp_path / "map.tif"), ["3 channels", "TIFF export holds one"]),
+        ((paths["map"], tmp_path / "map.tif"), ["3 channels", "TIFF export holds one",
+                                                      "or zarr (c, z, y, x)"]),
         ((paths["image"], tmp_path / "image.png"), ["cannot tell what to write"]),
         ((paths["image"], tmp_path / "a.npy", "--bounds", "0,0,0,10,10,2"), ["reach outside"]),
         ((paths["image"], tmp_path / "no" / "a.npy"), ["no such folder"]),
