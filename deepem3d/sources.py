@@ -29,6 +29,7 @@ import itertools
 import math
 import os
 import re
+import shlex
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -74,7 +75,7 @@ def file_in_the_way(filename: str) -> str:
         path = os.path.dirname(path)
     if os.path.isfile(path) and path.lower().endswith(FILE_SUFFIXES):
         return (f"{path} is a file where a precomputed layer (a folder) goes: make a layer of "
-                f"it with `deepem3d ingest {path} LAYER` and give LAYER")
+                f"it with `deepem3d ingest {shlex.quote(path)} LAYER` and give LAYER")
     return (f"{filename}: a path runs through a file where a folder (a layer, a queue, an "
             "output) is needed")
 

@@ -334,3 +334,21 @@ def test_an_empty_option_value_is_refused_not_taken_as_left_out(args):
     scratch: each silently, as if the option were left out."""
     option = args[-2] if args[-1] != "--dry-run" else args[-3]
     assert_one_line_error(cli_here(*args), f"{option} ", "an empty value")
+
+
+def test_commands_to_paste_quote_paths_with_spaces(tmp_path):
+    """A command a message tells the user to run, for a path with a space in it (`my data/`),
+    was printed unquoted (`deepem3d worker fq:///x/my data/q`): pasted, it ran on another
+    path and an extra argument. Now the path is quoted as a shell reads it."""
+    import shlex
+
+    folder = tmp_path / "my data"
+    folder.mkdir()
+    volume = folder / "volume.h5"
+    volume.write_bytes(b"not read")
+    assert_one_line_error(cli_here("infer", volume, folder / "map", "--dry-run"),
+                          f"deepem3d ingest {shlex.quote(str(volume))} LAYER")
+    layer = make_layer(folder / "layer")
+    queue = f"fq://{folder / 'queue'}"
+    out = run_cli("downsample", layer, "--queue", queue, "--num-mips", "1", check=True)
+    assert f"deepem3d worker {shlex.quote(queue)}`" in out.stdout, out.stdout

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -246,7 +247,8 @@ class Runner:
             url = check_queue_url(self.route(stage))
             ran = insert_tasks(url, stage.tasks())
             return StageSummary(stage.label, ran, 0, 0.0, note=(
-                f"{ran} task(s) on {url}; run `deepem3d worker {url}` to execute them"))
+                f"{ran} task(s) on {url}; run `deepem3d worker {shlex.quote(url)}` to execute "
+                "them"))
         else:
             ran = self._queue_stage(stage)
         if not stage.is_complete():
@@ -271,7 +273,7 @@ class Runner:
             if wave.inserted:
                 more = "" if wave.exhausted else " (more as they finish)"
                 self.echo(f"stage {stage.label}: {wave.inserted} task(s) on {url}{more}; "
-                          f"waiting for workers (`deepem3d worker {url}`)")
+                          f"waiting for workers (`deepem3d worker {shlex.quote(url)}`)")
             self._wait(stage, url, None, None, wave)
         return wave.inserted
 
