@@ -352,3 +352,16 @@ def test_commands_to_paste_quote_paths_with_spaces(tmp_path):
     queue = f"fq://{folder / 'queue'}"
     out = run_cli("downsample", layer, "--queue", queue, "--num-mips", "1", check=True)
     assert f"deepem3d worker {shlex.quote(queue)}`" in out.stdout, out.stdout
+
+
+def test_the_worker_command_to_paste_names_a_file_queue_by_its_absolute_path(tmp_path,
+                                                                            monkeypatch):
+    """A file queue given relative to this folder was printed so: a worker started, as the
+    message says, from another folder would drain another queue."""
+    import shlex
+
+    layer = make_layer(tmp_path / "layer")
+    monkeypatch.chdir(tmp_path)
+    out = cli_here("downsample", layer, "--queue", "fq://q 2", "--num-mips", "1")
+    assert out.returncode == 0, out.stderr
+    assert f"deepem3d worker {shlex.quote(f'fq://{tmp_path}/q 2')}`" in out.stdout, out.stdout

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -66,6 +67,14 @@ def check_queue_url(url: str) -> str:
                              "file queue: give the queue a folder of its own (a run's is "
                              "OUTPUT/queue)")
     return url
+
+
+def worker_command(url: str) -> str:
+    """`deepem3d worker URL` to paste: the path shell-quoted, and a file queue's made absolute
+    (a worker started in another folder would drain another queue)."""
+    if url.startswith("fq://"):
+        url = "fq://" + os.path.abspath(os.path.expanduser(url[len("fq://"):]))
+    return f"deepem3d worker {shlex.quote(url)}"
 
 
 def check_queue(url: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from deepem3d.run.queues import (
     insert_tasks,
     open_queue,
     spawn_workers,
+    worker_command,
 )
 from deepem3d.stages.frame import Stage, stage_label
 from deepem3d.storage.cloud import answered
@@ -247,8 +247,7 @@ class Runner:
             url = check_queue_url(self.route(stage))
             ran = insert_tasks(url, stage.tasks())
             return StageSummary(stage.label, ran, 0, 0.0, note=(
-                f"{ran} task(s) on {url}; run `deepem3d worker {shlex.quote(url)}` to execute "
-                "them"))
+                f"{ran} task(s) on {url}; run `{worker_command(url)}` to execute them"))
         else:
             ran = self._queue_stage(stage)
         if not stage.is_complete():
@@ -273,7 +272,7 @@ class Runner:
             if wave.inserted:
                 more = "" if wave.exhausted else " (more as they finish)"
                 self.echo(f"stage {stage.label}: {wave.inserted} task(s) on {url}{more}; "
-                          f"waiting for workers (`deepem3d worker {shlex.quote(url)}`)")
+                          f"waiting for workers (`{worker_command(url)}`)")
             self._wait(stage, url, None, None, wave)
         return wave.inserted
 
