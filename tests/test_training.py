@@ -293,7 +293,8 @@ def test_train_bad_input(sample_h5, tmp_path):
         "differ in shape",
     )
     assert_one_line_error(
-        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:60"), "outside"
+        cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0:60"), "outside",
+        "counted from its first",  # not a layer's z offset, as --bounds elsewhere
     )
     assert_one_line_error(
         cli_here(*args, "--labels", f"{h5}:/ids", "--train-sections", "0-6"), "malformed"

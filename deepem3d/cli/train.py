@@ -22,9 +22,11 @@ MAX_WORKERS = 256
               help="EM image: a layer path, `file.h5:/dataset`, a .npy, a TIFF stack, a zarr "
               "array, an N5 dataset or an MRC file.")
 @click.option("--labels", required=True, help="Dense neuron ids (0 = boundary), same geometry.")
-@click.option("--train-sections", required=True, help="START:END (end exclusive), e.g. 0:15.")
+@click.option("--train-sections", required=True,
+              help="START:END (end exclusive), e.g. 0:15, counted from the volume's first "
+              "section (0), whatever a layer's z offset.")
 @click.option("--val-sections", default=None, callback=not_empty,
-              help="START:END for validation, e.g. 15:20.")
+              help="START:END for validation, e.g. 15:20, counted the same way.")
 @click.option("--out", "out_dir", required=True,
               help="Directory for checkpoints and plots: one that holds none of them, or this "
               "run's own with --resume.")

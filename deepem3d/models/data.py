@@ -66,7 +66,8 @@ def read_sections(source: str, sections: tuple[int, int], name: str) -> np.ndarr
     depth = volume_depth(source)
     start, end = sections
     if end > depth:
-        raise InputError(f"{name} {start}:{end} is outside {source}, which has {depth} sections")
+        raise InputError(f"{name} {start}:{end} is outside {source}, which has {depth} sections "
+                         f"(counted from its first, 0..{depth - 1}, whatever a layer's z offset)")
     if is_file_source(source):
         with open_source(source) as src:
             return np.ascontiguousarray(zyx_from_xyz(src.read(start, end)))
