@@ -314,9 +314,15 @@ class TiffStackSource(VolumeSource):
                 "stack, a multi-page TIFF or a directory of TIFF files"
             )
         if any(ax in "CS" and n > 1 for ax, n in zip(axes, shape)):
+            # tifffile.imwrite stores 3 or 4 sections of y, x as one RGB(A) page unless told
+            # photometric="minisblack"
+            rgb = (" (a stack of 3 or 4 sections saved with tifffile.imwrite is stored so "
+                   "unless photometric='minisblack': save it with that)"
+                   if axes == "SYX" and shape[0] in (3, 4) else "")
             raise InputError(
                 f"{path} has channels or samples per pixel (axes {axes}, shape {shape}): "
-                "deepem3d reads one grayscale channel; save one channel as its own stack first"
+                "deepem3d reads one grayscale channel; save one channel as its own stack "
+                f"first{rgb}"
             )
         _check_3d(shape, path)
         depth, height, width = shape

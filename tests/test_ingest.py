@@ -276,6 +276,10 @@ def not_a_volume(tmp_path, kind: str) -> str:
     if kind == "one-page":
         tifffile.imwrite(tmp_path / "one.tif", np.zeros((5, 6), np.uint8))
         return str(tmp_path / "one.tif")
+    if kind == "three-sections":  # as tifffile's default stores it: one page of 3 samples
+        tifffile.imwrite(tmp_path / "three.tif", np.zeros((3, 40, 50), np.uint16),
+                         photometric="rgb", planarconfig="separate")
+        return str(tmp_path / "three.tif")
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((3, 5, 6, 3), np.uint8))
     return str(tmp_path / "rgb.tif")
 
@@ -289,6 +293,7 @@ def not_a_volume(tmp_path, kind: str) -> str:
         ("unknown", "cannot tell"),
         ("one-page", "single 2D image"),
         ("rgb", "channels"),
+        ("three-sections", "photometric='minisblack'"),
     ],
 )
 def test_sources_that_are_not_3d_volumes(tmp_path, kind, match):

@@ -286,6 +286,12 @@ def test_train_bad_input(sample_h5, tmp_path):
     h5 = sample_h5
     with h5py.File(tmp_path / "short.h5", "w") as f:
         f["ids"] = np.ones((8, 64, 96), dtype=np.uint16)
+    with h5py.File(h5) as f, h5py.File(tmp_path / "wide.h5", "w") as g:
+        g["raw"] = f["raw"][...].astype(np.uint16) * 200
+    assert_one_line_error(  # the way to uint8 named, as infer's refusal does
+        cli_here("train", "--image", f"{tmp_path / 'wide.h5'}:/raw", "--labels", f"{h5}:/ids",
+                 "--out", tmp_path / "o", "--resolution", "4,4,50", "--train-sections", "0:6"),
+        "is uint16", "--to-uint8")
     args = ["train", "--image", f"{h5}:/raw", "--out", tmp_path / "o", "--resolution", "4,4,50",
             "--iterations", "2", "--patch-size", "32"]
     assert_one_line_error(

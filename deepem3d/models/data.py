@@ -131,7 +131,9 @@ def load_pair(image: str, labels: str, sections: tuple[int, int], name: str
         raise InputError(f"image {image} and labels {labels} lie in other places: "
                          f"{where} {format_triple(at)} vs {format_triple(label_at)} (x,y,z)")
     if img.dtype != np.uint8:
-        raise InputError(f"image {image} is {img.dtype}: deepem3d trains on uint8 EM images")
+        raise InputError(f"image {image} is {img.dtype}: deepem3d trains on uint8 EM images "
+                         "(`deepem3d ingest FILE DEST --to-uint8` rescales it to uint8; give "
+                         "DEST)")
     if not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"labels {labels} are {ids.dtype}: expected integer ids")
     if ids.dtype.kind == "i" and ids.size and ids.min() < 0:
