@@ -270,7 +270,8 @@ def uint8_window(source: VolumeSource, slabs: Sequence[tuple[int, int]], progres
     low, high = (float(v) for v in np.percentile(values, WINDOW_PERCENTILES))
     if high <= low:  # (nearly) constant: keep what varies
         low, high = float(values.min()), float(values.max())
-    if high <= low:
+    if high <= low:  # one value everywhere: it has no contrast to keep
+        warn(f"--to-uint8: the source holds one value, {low:g}, everywhere: it is written as 0")
         high = low + 1
     return low, high
 

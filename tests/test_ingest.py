@@ -438,6 +438,14 @@ def test_to_uint8_rescales_16_bit_and_float_images(tmp_path):
     assert stored.min() == 0 and stored.max() == 255 and len(np.unique(stored)) > 200
     method = CloudFiles(f"file://{dest}").get_json("provenance")["processing"][-1]["method"]
     assert method["uint8_window"] == [low, high]
+    assert f"(the source's {low:g}..{high:g} mapped onto 0..255)" in done.stdout  # said
+
+    constant = np.full((4, 40, 50), 1234, np.uint16)  # no contrast: all 0, and said so
+    done = cli(write_npy(tmp_path, constant, "constant.npy"), tmp_path / "constant",
+               "--resolution", "4,4,40", "--to-uint8", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "holds one value, 1234, everywhere: it is written as 0" in done.stderr
+    assert not np.asarray(open_layer(f"file://{tmp_path / 'constant'}")[:]).any()
 
     floats = volume(dtype=np.float32, seed=4)
     floats[0, 0, :3] = (np.nan, -np.inf, np.inf)

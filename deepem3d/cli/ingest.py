@@ -81,7 +81,10 @@ def ingest(
     placed = "" if voxel_offset or not any(offset) else (
         f", first voxel at {','.join(map(str, offset))} as the file places it")
     chunks = ",".join(str(int(c)) for c in vol.chunk_size)
+    window = vol.provenance.processing[-1]["method"].get("uint8_window") if to_uint8 else None
+    rescaled = "" if window is None else (
+        f" (the source's {window[0]:g}..{window[1]:g} mapped onto 0..255)")
     click.echo(
-        f"ingested {src} -> {vol.cloudpath}: {layer_type} {size} (x,y,z) {vol.dtype} at "
-        f"{nm} nm{told}{placed}, chunks {chunks}, {vol.encoding}"
+        f"ingested {src} -> {vol.cloudpath}: {layer_type} {size} (x,y,z) {vol.dtype}"
+        f"{rescaled} at {nm} nm{told}{placed}, chunks {chunks}, {vol.encoding}"
     )
