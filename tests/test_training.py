@@ -438,6 +438,29 @@ def test_corrupted_and_incompatible_checkpoints(tmp_path):
         load_model(str(tmp_path / "missing-key.pt"))
 
 
+def test_a_damaged_checkpoint_is_refused_not_loaded(tmp_path):
+    """torch checks no checksum: a checkpoint with changed bytes in a tensor's record loaded
+    other weights without a word, and a truncated one was refused in torch's internal words,
+    cut mid-sentence. Both are one line that says the file is damaged."""
+    model = build_model("tiny")
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, model, {"model": model.config})
+    data = good.read_bytes()
+    load_model(str(good))
+    largest = max(model.state_dict().values(), key=torch.Tensor.numel).numpy().tobytes()
+    where = data.index(largest[:256]) + len(largest) // 2  # inside the record, not its header
+    changed = tmp_path / "changed.pt"
+    changed.write_bytes(data[:where] + bytes(64) + data[where + 64:])
+    with pytest.raises(InputError, match=r"changed.pt is not a readable deepem3d checkpoint "
+                       r"\(damaged: its record .* fails its checksum\)$"):
+        load_model(str(changed))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) - 100])
+    with pytest.raises(InputError, match=r"\(truncated or damaged: not a whole zip archive "
+                       r"\(an interrupted copy\?\)\)$"):
+        load_checkpoint(str(truncated))
+
+
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
                                      RuntimeError("[enforce fail] unexpected pos 704 vs 598")])
 def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch, failure):

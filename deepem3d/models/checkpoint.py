@@ -15,6 +15,7 @@ import json
 import math
 import os
 import warnings
+import zipfile
 from importlib import resources
 from typing import TYPE_CHECKING
 
@@ -128,10 +129,28 @@ def _unreadable(data: bytes, err: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
+def _damage(data: bytes) -> str | None:
+    """Why a torch zip archive is not whole, or None: torch reads a truncated one with an
+    internal error and a changed byte in a tensor's record not at all (it checks no
+    checksum), so such a checkpoint loaded other weights without a word."""
+    if not data.startswith(b"PK\x03\x04"):
+        return None  # torch's legacy format (a pickle) records no checksums
+    try:
+        bad = zipfile.ZipFile(io.BytesIO(data)).testzip()
+    except Exception:  # BadZipFile, or whatever a cut or changed directory makes zipfile raise
+        return "truncated or damaged: not a whole zip archive (an interrupted copy?)"
+    if bad is not None:
+        return f"damaged: its record {bad} fails its checksum"
+    return None
+
+
 def load_checkpoint(name_or_path: str | None) -> dict:
     """The checkpoint's contents, `meta` parsed, plus its `sha256` and `location`."""
     location = resolve_model(name_or_path)
     data = read_bytes(location)
+    damage = _damage(data)
+    if damage:
+        raise InputError(f"{location} is not a readable deepem3d checkpoint ({damage})")
     try:
         with warnings.catch_warnings():  # torch's on a foreign pickle: the error says it all
             warnings.simplefilter("ignore", UserWarning)
