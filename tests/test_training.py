@@ -398,6 +398,17 @@ def test_train_bad_input(sample_h5, tmp_path):
         range(shape[0]), key=str)]
 
 
+def test_the_readme_synopsis_names_every_train_option():
+    """The README's `deepem3d train` line left out --val-every."""
+    from deepem3d.cli.train import train
+
+    readme = (ROOT / "README.md").read_text()
+    synopsis = readme[readme.index("deepem3d train --image SRC"):]
+    synopsis = synopsis[:synopsis.index("train (or fine-tune)")]
+    options = {o for p in train.params for o in p.opts if o.startswith("--")}
+    assert [o for o in sorted(options) if o not in synopsis] == []
+
+
 def test_corrupted_and_incompatible_checkpoints(tmp_path):
     model = build_model("tiny")
     good = tmp_path / "good.pt"
