@@ -37,6 +37,19 @@ def test_shipped_ensembles_name_shipped_models_of_one_head(name):
         load_model(name)  # one network cannot hold it
 
 
+def test_a_checkpoint_under_home_loads_by_its_tilde_path(tmp_path, monkeypatch):
+    """`~/x.pt` (a pipeline's model: YAML expands no `~`) passed the checks that expand it,
+    then was not found by the loader, nor recorded whole as a fine-tuning run's --init."""
+    import shutil
+
+    from deepem3d.models.checkpoint import absolute_location, load_checkpoint, resolve_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copyfile(resolve_model(DEFAULT_MODEL), tmp_path / "mine.pt")
+    assert load_checkpoint("~/mine.pt")["sha256"] == load_checkpoint(DEFAULT_MODEL)["sha256"]
+    assert absolute_location("~/mine.pt") == str(tmp_path / "mine.pt")
+
+
 @pytest.mark.parametrize("name", sorted(PRETRAINED))
 def test_shipped_model_predicts_held_out_boundaries(name):
     torch.set_num_threads(1)

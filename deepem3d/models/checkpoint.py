@@ -82,7 +82,8 @@ def resolve_model(name_or_path: str | None) -> str:
     name = name_or_path or DEFAULT_MODEL
     if name in ENSEMBLES:
         raise InputError(f"{name} is an ensemble of {', '.join(ENSEMBLES[name])}: "
-                         "load one of them (commands that take --model expand it)")
+                         "give one of them here (infer --model and a pipeline's inference "
+                         "model take the ensemble)")
     if name in PRETRAINED:
         ref = resources.files("deepem3d") / "models" / "pretrained" / PRETRAINED[name]
         return str(ref)
@@ -95,7 +96,7 @@ def absolute_location(name_or_path: str) -> str:
     if name_or_path in PRETRAINED or name_or_path in ENSEMBLES or (
             "://" in name_or_path and not name_or_path.startswith("file://")):
         return name_or_path
-    return os.path.abspath(name_or_path.removeprefix("file://"))
+    return os.path.abspath(os.path.expanduser(name_or_path.removeprefix("file://")))
 
 
 def read_bytes(location: str) -> bytes:
@@ -110,7 +111,8 @@ def read_bytes(location: str) -> bytes:
         if data is None:
             raise InputError(f"no checkpoint at {location}")
         return data
-    path = location[len("file://"):] if location.startswith("file://") else location
+    # `~` too: a pipeline file's model (YAML expands none) passed the checks that expand it
+    path = os.path.expanduser(location.removeprefix("file://"))
     if not os.path.isfile(path):
         known = ", ".join(sorted({*PRETRAINED, *ENSEMBLES}))
         raise InputError(f"no checkpoint at {path}: give a file, a cloud path or one of {known}")
