@@ -125,6 +125,20 @@ def test_workers_prepare_the_same_batches(sample_h5, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_after_best_pt_was_lost_writes_it_again(sample_h5, tmp_path, capsys):
+    """best.pt is written on a better validation score only: deleted, a resumed run went on
+    without it (and said it wrote it) unless a later score beat the lost one."""
+    out = tmp_path / "run"
+    Trainer(config(sample_h5, out, val_sections=(7, 10), iterations=3), progress=False).run()
+    (out / "best.pt").unlink()
+    resumed = Trainer(config(sample_h5, out, val_sections=(7, 10), iterations=6), resume=True,
+                      progress=False)
+    assert "best.pt is gone (the best validation so far" in capsys.readouterr().err
+    resumed.run()
+    best = load_checkpoint(str(out / "best.pt"))
+    assert best["meta"]["training"]["iteration"] == 6
+
+
 def test_validation_scores_the_held_apart_sections(sample_h5, tmp_path):
     trainer = Trainer(config(sample_h5, tmp_path, val_sections=(7, 10)), progress=False)
     final = trainer.run()

@@ -75,7 +75,7 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
     """Train a DeepEM3D network; writes OUT/last.pt, OUT/best.pt, history.json and
     learning_curve.png."""
     from deepem3d.models.data import is_file_source, parse_sections
-    from deepem3d.models.train import TrainConfig, Trainer, default_workers
+    from deepem3d.models.train import BEST, LAST, TrainConfig, Trainer, default_workers
 
     if "://" in out_dir and not out_dir.startswith("file://"):
         raise InputError(f"--out {out_dir}: checkpoints are written to a local folder (copy "
@@ -149,7 +149,8 @@ def train(image: str, labels: str, train_sections: str, val_sections: str | None
             raise
         raise InputError(str(err)) from None
     final = trainer.run()
-    click.echo(f"checkpoints in {out_dir}: last.pt, best.pt; final {final}")
+    made = [name for name in (LAST, BEST) if (trainer.out / name).exists()]
+    click.echo(f"checkpoints in {out_dir}: {', '.join(made)}; final {final}")
 
 
 def _check_held(held_by: str, network: dict) -> None:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import deepem3d
 from deepem3d.axes import xyzc_from_czyx, zyx_from_xyz
-from deepem3d.errors import InputError
+from deepem3d.errors import InputError, warn
 from deepem3d.models.checkpoint import (
     absolute_location,
     load_checkpoint,
@@ -301,6 +301,14 @@ class Trainer:
             (h["val_are"] for h in self.history if h.get("val_are") is not None),
             default=math.inf,
         )
+        if self.best < math.inf and not (self.out / BEST).exists():
+            # deleted or lost: it was only written on a better score, so it stayed absent
+            at = min((h for h in self.history if h.get("val_are") is not None),
+                     key=lambda h: h["val_are"])["iteration"]
+            warn(f"{self.out / BEST} is gone (the best validation so far, adapted Rand error "
+                 f"{self.best:.4f} at iteration {at}): the next validation writes it, the "
+                 "best from here on")
+            self.best = math.inf
 
     def meta(self) -> dict:
         return {
