@@ -669,7 +669,7 @@ def test_n5_blocks_absent_truncated_and_the_voxel_size_its_attributes_record(tmp
 def test_slabs_end_on_the_files_own_blocks_so_each_is_decoded_once(tmp_path, monkeypatch):
     """N5 blocks 6 sections deep, layer chunks 2 deep, room for 4 chunk rows a slab: slabs of 6
     sections (8 would split every other block between two slabs, each read twice)."""
-    from deepem3d import n5
+    from deepem3d.sources import n5
 
     data = volume(shape=(24, 33, 50), dtype=np.uint16)
     src = write_n5(tmp_path / "deep.n5", data, "gzip", block=(16, 16, 6))

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from deepem3d.errors import InputError
+from deepem3d.sources.base import BLOSC_HEADER, ArraySource, check_blosc_size
 
 ATTRIBUTES = "attributes.json"
 #: `compression.type` values read here (N5's own codecs but lz4, whose Java block stream
@@ -172,21 +173,6 @@ def _decompress(codec: str, payload: bytes) -> bytes:
     return bytes((Blosc() if codec == "blosc" else Zstd()).decode(payload))
 
 
-#: a blosc stream's header: version, format version, flags, type size (a byte each), then the
-#: decompressed size, the block size and the compressed size (uint32, little-endian)
-BLOSC_HEADER = 16
-
-
-def check_blosc_size(header: bytes, length: int) -> None:
-    """A ValueError where a blosc stream of `length` bytes, which begins with `header`, is
-    shorter than that header says (a file cut short by an interrupted copy): c-blosc reads
-    past its end, and may decode it to wrong values rather than refuse it (zarr's lz4 blosc
-    cut by a few bytes did)."""
-    if length < BLOSC_HEADER or len(header) < BLOSC_HEADER:
-        raise ValueError(f"a blosc stream of {length} bytes, shorter than its header")
-    stored = int(np.frombuffer(header, "<u4", count=1, offset=12)[0])
-    if stored > length:
-        raise ValueError(f"its blosc stream is cut short ({length} of its {stored} bytes)")
 
 
 def voxel_size(path: str) -> tuple[list[float] | None, list[float], str]:
@@ -258,3 +244,34 @@ def _in_nm(scale: list[float], position: list[float], units: list, where: str):
         return None, [0.0] * 3, f"{where} names no unit of length"
     return ([s * u for s, u in zip(scale, per_nm)],
             [p * u for p, u in zip(position, per_nm)], f"{where} (the N5 attributes)")
+
+
+#: datasets of an N5 group looked at to find its one multiscale (more: name the dataset)
+N5_LISTED = 32
+
+
+def open_n5(path: str) -> ArraySource:
+    """An N5 dataset, or the one a container or group holds: its only dataset, or the
+    full-resolution `s0` of its only multiscale group."""
+    if not is_dataset(attributes(path)):
+        found = datasets(path, limit=N5_LISTED + 1)
+        if not found:
+            raise InputError(f"{path} is an N5 container or group that holds no dataset")
+        groups = {os.path.dirname(d) for d in found}
+        full = os.path.join(*groups, "s0") if len(groups) == 1 else None
+        if len(found) == 1:
+            path = os.path.join(path, found[0])
+        elif full in found and len(found) <= N5_LISTED:  # one multiscale: s0, s1, ...
+            path = os.path.join(path, full)
+        else:
+            listed = ", ".join(found[:6])
+            raise InputError(f"name the N5 dataset to read: {path}/DATASET (its datasets: "
+                             f"{listed}{', ...' if len(found) > 6 else ''})")
+    source = ArraySource(path, N5Array(path), "zyx", kind="n5")
+    scale, position, where = voxel_size(path)
+    if scale is None:
+        source.resolution_from = where
+    else:  # in C order, the array's own
+        source.record_resolution(scale, where)
+        source.record_position(position, where)
+    return source
