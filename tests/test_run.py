@@ -933,6 +933,19 @@ def test_demo_refuses_a_folder_that_holds_something_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_later_stages_error_names_the_layer_not_the_dry_runs_stand_in(tmp_path, crop_layers):
+    """A mesh mip the downsampling will not make was refused naming the dry run's temporary
+    stand-in (file:///tmp/deepem3d-dry-run-.../segmentation-with-mips), gone once it exits."""
+    output = tmp_path / "out"
+    pipeline = pipeline_file(tmp_path, crop_layers, output, **{"  mip: 1": "  mip: 9"})
+    for args in (("--dry-run",), ("--parallel", "1")):
+        result = cli_here("run", pipeline, *args)
+        assert_one_line_error(result, "meshes: mesh mip 9 does not exist in "
+                              f"file://{output}/segmentation (its mips")
+        assert "deepem3d-dry-run" not in result.stderr
+    assert not output.exists()
+
+
 def test_a_planners_message_names_the_files_keys_but_keeps_commands_and_run_options():
     """Every `--option` was turned into a key: a suggested command lost its dashes
     (`deepem3d resample IMAGE OUTPUT resolution 4,4,50`) and so did `--overwrite`."""

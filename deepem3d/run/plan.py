@@ -178,6 +178,8 @@ class _RunPlanner:
         self.image = p.image  # what the planners read: in a dry run, maybe the sample's copy
         #: the sample's temporary copy (a dry run before the sample is written whole)
         self.temporary: dict[str, str] = {}
+        #: a dry run's stand-ins (and info-only copies) -> the layer each stands for
+        self.stand_ins: dict[str, str] = {}
         self._scratch = None
         self.map_path = p.map
         self.map_ready = True
@@ -204,8 +206,10 @@ class _RunPlanner:
     def named(self, err: InputError) -> InputError:
         """The error with the sample's temporary copy named as the layers the run writes."""
         message = str(err)
-        for name, copy in self.temporary.items():
-            real = self.plan.layers.get(name, self.p.layer(name))
+        copies = {copy: self.plan.layers.get(name, self.p.layer(name))
+                  for name, copy in self.temporary.items()} | self.stand_ins
+        for copy in sorted(copies, key=len, reverse=True):  # a copy's name may start another's
+            real = copies[copy]
             message = message.replace(copy, real).replace(copy.removeprefix("file://"),
                                                           real.removeprefix("file://"))
         return err if message == str(err) else InputError(message)
@@ -285,6 +289,7 @@ class _RunPlanner:
         self.map_ready = iplan.output_exists and stage.is_complete()
         if self.dry_run and not self.map_ready:
             self.map_path = _stand_in(self.scratch_dir(), "map", iplan)
+            self.stand_ins[self.map_path] = plan.layers["map"]
 
     def check_scoring(self) -> None:
         from deepem3d.storage.layers import open_layer
@@ -326,6 +331,7 @@ class _RunPlanner:
             output = p.layer("segmentation")
             if self.dry_run and not self.map_ready:
                 output = f"file://{self.scratch_dir()}/segmentation"
+                self.stand_ins[output] = p.layer("segmentation")
             splan = plan_segment(
                 self.map_path, output, method=chosen["method"],
                 threshold=chosen["threshold"], dust_size=chosen["dust_size"],
@@ -377,6 +383,7 @@ class _RunPlanner:
             self.add(stage, "segmentation")
         if self.dry_run and not self.segmentation_ready:
             self.segmentation_stand_in = _stand_in(self.scratch_dir(), "segmentation", splan)
+            self.stand_ins[self.segmentation_stand_in] = plan.layers["segmentation"]
 
     def downsample(self, name: str) -> None:
         """Mip levels of one layer; of a layer the run writes, over the region it writes."""
@@ -502,6 +509,7 @@ class _RunPlanner:
             if not any(s["resolution"] == list(resolution) for s in vol.info["scales"]):
                 vol.add_scale(factor)
         vol.commit_info()
+        self.stand_ins[path] = self.plan.layers["segmentation"]
         return path
 
 
