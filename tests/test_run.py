@@ -195,8 +195,8 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
 
 @pytest.mark.parametrize("case, replace, fragments", [
     ("unknown key", {"products:": "colour: red\nproducts:"}, ["colour", "unknown key"]),
-    ("missing layer", {"image: file://": "image: file:///nowhere/"}, ["inference",
-                                                                      "no precomputed layer"]),
+    ("missing layer", {"image: file://": "image: file:///nowhere/"},
+     ["image: no precomputed layer"]),
     ("no such model", {"model: isbi2012-small-affinity": "model: no-such-model"},
      ["inference.model", "no-such-model"]),
     ("threshold", {"segmentation:\n": "segmentation:\n  method: mean\n  threshold: 1.5\n"},
@@ -943,6 +943,17 @@ def test_a_later_stages_error_names_the_layer_not_the_dry_runs_stand_in(tmp_path
         assert_one_line_error(result, "meshes: mesh mip 9 does not exist in "
                               f"file://{output}/segmentation (its mips")
         assert "deepem3d-dry-run" not in result.stderr
+    assert not output.exists()
+
+
+def test_a_missing_image_layer_is_named_by_its_key(tmp_path, crop_layers):
+    """An `image:` with no layer there was reported under `inference:`, as the map's was
+    under `segmentation:`."""
+    output = tmp_path / "out"
+    pipeline = pipeline_file(tmp_path, crop_layers, output,
+                             **{crop_layers["image"]: str(tmp_path / "nowhere")})
+    assert_one_line_error(cli_here("run", pipeline, "--dry-run"), f"{pipeline.name}: image: no "
+                          f"precomputed layer at file://{tmp_path / 'nowhere'}")
     assert not output.exists()
 
 

@@ -242,6 +242,13 @@ class _RunPlanner:
                 layers["ground_truth"] = written["ground_truth"]
         else:
             layers["image"] = p.image
+            if "map" in p.products:  # named by its key here, not by the inference's section
+                from deepem3d.storage.layers import open_layer
+
+                try:
+                    open_layer(p.image)
+                except InputError as err:
+                    raise _in_key(p.source, "image", err) from None
         if p.ground_truth and p.ground_truth != SAMPLE:
             layers["ground_truth"] = p.ground_truth
         if p.map and "map" not in p.products:  # read, not made: the report and view name it
