@@ -291,6 +291,10 @@ def test_stale_tasks_of_every_stage_kind_refuse_to_write(tmp_path, crop_layers):
      ["inference.task_shape", "expected a list of 3 numbers"]),
     ("a threshold past a float", {"segmentation:\n": "segmentation:\n  method: mean\n  "
                                   f"threshold: {'9' * 400}\n"}, ["segmentation.threshold"]),
+    ("a threshold in quotes", {"segmentation:\n": "segmentation:\n  threshold: '0.5'\n"},
+     ["segmentation.threshold", "'0.5' is not a number"]),  # was 'outside [0, 1]'
+    ("an image that is a number", {"image: ": "image: 5\n#"},
+     ["image", "5 is not a path"]),  # was 'missing'
     ("a size past a float", {"segmentation:\n": "segmentation:\n  max_task_memory: "
                              f"{'9' * 400}\n"}, ["segmentation.max_task_memory", "24GiB"]),
     ("a length past a float", {"meshes]": "meshes, skeletons]", "meshes:\n  mip: 1\n":

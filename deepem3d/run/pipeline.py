@@ -289,7 +289,8 @@ def load_pipeline(name: str, *, output: str | None = None, queue: str | None = N
         value = data.get(key)
         if not (isinstance(value, str) and value.strip()) and not (key == "output"
                                                                    and output is not None):
-            _fail(source, key, "missing: give a path")
+            _fail(source, key, "missing: give a path" if value is None or value == "" else
+                  f"{value!r} is not a path: give one (quote it if it reads as a number)")
     products = data.get("products", ["map", "segmentation"])
     if not isinstance(products, list) or not products:
         _fail(source, "products", f"expected a list of {', '.join(PRODUCTS)}")
@@ -511,7 +512,8 @@ def _check_sections(p: Pipeline) -> None:
     if "threshold" in seg:
         t = seg["threshold"]
         if not (_finite(t) and 0 <= t <= 1):
-            _fail(p.source, "segmentation.threshold", f"{t!r} is outside [0, 1]")
+            _fail(p.source, "segmentation.threshold", f"{t!r} is outside [0, 1]" if _finite(t)
+                  else f"{t!r} is not a number: give one in [0, 1], unquoted")
     if "sigma" in seg and not (_number(seg["sigma"]) and 0 <= seg["sigma"] <= 16):
         _fail(p.source, "segmentation.sigma", f"{seg['sigma']!r} must lie in [0, 16] voxels")
     if "dust_size" in seg and not (_number(seg["dust_size"], int)
