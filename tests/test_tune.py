@@ -15,7 +15,7 @@ from deepem3d.axes import xyz_from_zyx
 from deepem3d.sample import load_sample
 from deepem3d.segmentation.agglomeration import agglomerate, remap
 from deepem3d.segmentation.metrics import evaluate
-from deepem3d.stages.tune import Setting, _row, load_kept, read_ground_truth
+from deepem3d.stages.tune import Setting, _row, load_kept, read_ground_truth, settings_grid
 from deepem3d.storage.layers import create_layer
 from tests.conftest import CHUNK, SHAPE, assert_one_line_error, cli_here, read, run, run_cli
 
@@ -45,6 +45,10 @@ def test_the_runs_own_setting_gives_the_layer_it_wrote(finished):
     (table,) = agglomerate(run_.graph, "mean", [0.5], 20, "merge")
     np.testing.assert_array_equal(remap(run_.supervoxels, run_.graph.ids, table),
                                   read(finished["seg"]))
+
+
+def test_a_setting_given_twice_is_scored_once():
+    assert settings_grid(["mean", "mean"], [0.5, 0.5, 0.50], [0, 0]) == [Setting("mean", 0.5, 0)]
 
 
 def test_a_rows_segments_do_not_count_the_dust_zeroed():

@@ -221,7 +221,8 @@ def load_kept(seg_path: str, bounds: Bbox) -> KeptRun:
 
 def settings_grid(methods: Sequence[str], thresholds: Sequence[float] | None,
                   dust_sizes: Sequence[int]) -> list[Setting]:
-    """Every method x threshold x dust size, thresholds checked to lie in [0, 1]."""
+    """Every method x threshold x dust size, each once (a value given twice was scored and
+    printed twice), thresholds checked to lie in [0, 1]."""
     if not methods or (thresholds is not None and not thresholds) or not dust_sizes:
         raise InputError("give at least one method, threshold and dust size to try")
     out = []
@@ -235,7 +236,7 @@ def settings_grid(methods: Sequence[str], thresholds: Sequence[float] | None,
                 if int(d) < 0:
                     raise InputError(f"dust size {d} is negative")
                 out.append(Setting(method, float(t), int(d)))
-    return out
+    return list(dict.fromkeys(out))
 
 
 def tune(run: KeptRun, gt: np.ndarray, settings: Sequence[Setting]) -> Iterator[Row]:
