@@ -486,6 +486,17 @@ def test_a_damaged_checkpoint_is_refused_not_loaded(tmp_path):
         load_checkpoint(str(truncated))
 
 
+def test_a_checkpoint_without_an_iteration_exports(tmp_path):
+    model = build_model("tiny")
+    save_checkpoint(tmp_path / "last.pt", model, {"model": model.config})
+    payload = torch.load(tmp_path / "last.pt", weights_only=True)
+    del payload["iteration"]  # as a checkpoint saved by other code may be
+    torch.save(payload, tmp_path / "other.pt")
+    export_checkpoint(str(tmp_path / "other.pt"), tmp_path / "model.pt")
+    exported = load_checkpoint(str(tmp_path / "model.pt"))
+    assert "iteration" not in exported and exported["meta"]["model"] == model.config
+
+
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
                                      RuntimeError("[enforce fail] unexpected pos 704 vs 598")])
 def test_a_failed_write_leaves_the_old_checkpoint(tmp_path, monkeypatch, failure):

@@ -71,7 +71,9 @@ def export_checkpoint(src: str, dest: str | os.PathLike, *, half: bool = True) -
         k: (v.half() if half and v.is_floating_point() else v)
         for k, v in payload["state_dict"].items()
     }
-    out = {key: payload[key] for key in ("format", "version", "deepem3d", "iteration")}
+    # a checkpoint saved by other code may lack the iteration (a bare KeyError before)
+    out = {key: payload[key] for key in ("format", "version", "deepem3d", "iteration")
+           if key in payload}
     meta = dict(payload["meta"], exported_from={"sha256": payload["sha256"], "half": half})
     out.update(meta=json.dumps(meta, sort_keys=True), state_dict=state)
     write_atomically(out, dest)  # a failed export leaves no truncated model
